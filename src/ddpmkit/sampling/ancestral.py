@@ -1,0 +1,65 @@
+"""DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), on all T steps or "every k-th step".
+
+    x_T ~ N(0, I)
+    for t = T, ..., 1:
+        z ~ N(0, I) if t > 1 else z = 0
+        x_{t-1} = 1/sqrt(alpha_t) (x_t - (1 - alpha_t)/sqrt(1 - alpha_bar_t) eps_theta(x_t, t)) + sigma_t z
+    return x_0
+
+With fewer steps the schedule is respaced (improved-diffusion): the betas are recomputed for
+the kept subsequence so every step is again an exact DDPM posterior step.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..parameterization import Denoiser
+from ..reverse import check_variance, p_mean_variance
+from ..schedules import NoiseSchedule, spaced_timesteps
+from .noise import NoiseSource
+
+StepCallback = Callable[[dict], None]
+
+
+def ddpm(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    noise: NoiseSource,
+    steps: int | None = None,
+    variance: str = "beta_tilde",
+    clip_x0: bool = False,
+    callback: StepCallback | None = None,
+    model_kwargs: dict | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Run Algorithm 2 from x = x_T: (B, ...) and return x_0.
+
+    variance: sigma_t^2 = beta-tilde_t ('beta_tilde'), beta_t ('beta') or the model's ('learned').
+    clip_x0: clip the predicted x_0 to [-1, 1] before forming the posterior mean (DDPM's code).
+    callback receives {'i', 't', 'x' (x_{t-1}), 'x0' (predicted x_0)} after every step.
+    """
+    check_variance(variance)
+    schedule = denoiser.schedule
+    if steps is not None and steps != schedule.T:
+        schedule = schedule.respace(spaced_timesteps(schedule.T, steps))
+    positions = range(schedule.T - 1, -1, -1)
+    if progress:
+        from tqdm.auto import tqdm
+
+        positions = tqdm(positions, desc="ddpm", leave=False)
+    batch = x.shape[0]
+    for i in positions:
+        i_vec = torch.full((batch,), i, device=x.device, dtype=torch.long)
+        t_model = schedule.timesteps[i].to(torch.float32).expand(batch).to(x.device)
+        out = denoiser(x, t_model, **(model_kwargs or {}))
+        x0 = out.x0.clamp(-1, 1) if clip_x0 else out.x0
+        mean, log_var = p_mean_variance(x0, x, i_vec, schedule, variance, out.var_frac)
+        if i > 0:
+            x = mean + (0.5 * log_var).exp() * noise.randn(x.shape[1:], x.dtype)
+        else:
+            x = mean  # DDPM: z = 0 at the last step, x_0 is the mean
+        if callback is not None:
+            callback({"i": i, "t": int(schedule.timesteps[i]), "x": x, "x0": x0})
+    return x

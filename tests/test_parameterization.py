@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from ddpmkit.parameterization import Denoiser, target_for, to_x0_eps
+from ddpmkit.process import q_posterior_mean_variance, q_sample
+from ddpmkit.schedules import NoiseSchedule
+
+
+@pytest.fixture
+def setup():
+    s = NoiseSchedule.from_name("cosine", 1000)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, 2, 4, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(6, 2, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 1, 50, 500, 900, 999])
+    return s, x0, eps, t, q_sample(x0, t, s, eps)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "mu"])
+def test_every_parameterization_round_trips(setup, prediction):
+    """The exact target of each parameterization converts back to the true (x0, eps)."""
+    s, x0, eps, t, x_t = setup
+    target = target_for(prediction, x0, eps, x_t, t, s)
+    x0_hat, eps_hat = to_x0_eps(prediction, target, x_t, t.double(), s)
+    assert torch.allclose(x0_hat, x0, atol=1e-6)
+    # at t=0 eps is barely identifiable (sqrt(1 - alpha_bar_0) ~ 6e-3), so compare from t=1 on
+    assert torch.allclose(eps_hat[1:], eps[1:], atol=1e-6)
+
+
+def test_v_definition(setup):
+    s, x0, eps, t, x_t = setup
+    ab = s.alpha_bar[t][:, None, None, None]
+    assert torch.allclose(target_for("v", x0, eps, x_t, t, s), ab.sqrt() * eps - (1 - ab).sqrt() * x0)
+
+
+def test_mu_target_is_posterior_mean_and_eq11(setup):
+    """mu-tilde(x_t, x0) = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t)  (DDPM eq. 11)."""
+    s, x0, eps, t, x_t = setup
+    mu = target_for("mu", x0, eps, x_t, t, s)
+    assert torch.allclose(mu, q_posterior_mean_variance(x0, x_t, t, s)[0])
+    b, a, ab = (v[t][:, None, None, None] for v in (s.betas, s.alphas, s.alpha_bar))
+    assert torch.allclose(mu, (x_t - b / (1 - ab).sqrt() * eps) / a.sqrt(), atol=1e-10)
+
+
+def test_denoiser_contract_and_errors():
+    s = NoiseSchedule.from_name("linear", 1000)
+    d = Denoiser(lambda x, t: torch.zeros_like(x), s, "eps")
+    out = d(torch.ones(3, 2), 10)
+    assert out.eps.shape == (3, 2) and d.nfe == 1 and out.var_frac is None
+    with pytest.raises(ValueError, match="choose one of"):
+        Denoiser(lambda x, t: x, s, "score")
+    bad = Denoiser(lambda x, t: torch.zeros(3, 5), s, "eps")
+    with pytest.raises(ValueError, match="returned shape"):
+        bad(torch.ones(3, 2), 10)
+    with pytest.raises(ValueError, match="integer"):
+        Denoiser(lambda x, t: x, s, "mu")(torch.ones(3, 2), 10.5)

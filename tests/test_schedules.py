@@ -1,0 +1,74 @@
+import math
+
+import pytest
+import torch
+
+from ddpmkit.schedules import NoiseSchedule, spaced_timesteps
+
+
+def test_linear_is_ddpm():
+    s = NoiseSchedule.from_name("linear", 1000)
+    assert s.T == 1000 and s.betas.dtype == torch.float64
+    assert s.betas[0].item() == pytest.approx(1e-4) and s.betas[-1].item() == pytest.approx(0.02)
+    # alpha_bar is the running product of alpha_t = 1 - beta_t
+    assert torch.allclose(s.alpha_bar[10], torch.prod(1 - s.betas[:11]))
+    assert s.alpha_bar[-1] < 1e-4  # x_T is nearly pure noise
+
+
+def test_cosine_matches_closed_form():
+    s = NoiseSchedule.from_name("cosine", 1000)
+    f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+    for t in [0, 100, 500, 900]:
+        # 0-indexed: alpha_bar[t] = f((t+1)/T) / f(0), unaffected by the 0.999 clip away from the end
+        assert s.alpha_bar[t].item() == pytest.approx(f((t + 1) / 1000) / f(0), rel=1e-9)
+    assert s.betas.max().item() <= 0.999
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "scaled_linear", "sigmoid"])
+def test_schedules_are_monotone(name):
+    s = NoiseSchedule.from_name(name, 200)
+    assert bool((s.alpha_bar[1:] < s.alpha_bar[:-1]).all())
+    assert bool((s.log_snr[1:] < s.log_snr[:-1]).all())
+
+
+def test_unknown_schedule_lists_options():
+    with pytest.raises(ValueError, match=r"unknown noise schedule 'cosin'.*cosine"):
+        NoiseSchedule.from_name("cosin")
+
+
+def test_zero_terminal_snr():
+    base = NoiseSchedule.from_name("scaled_linear", 1000)
+    s = NoiseSchedule.from_name("scaled_linear", 1000, zero_terminal_snr=True)
+    assert s.alpha_bar[-1].item() == 0.0
+    assert s.alpha_bar[0].item() == pytest.approx(base.alpha_bar[0].item(), rel=1e-12)
+    # sqrt(alpha_bar) is an affine map of the original one
+    a, b = base.alpha_bar.sqrt(), s.alpha_bar.sqrt()
+    slope = (b[0] - b[500]) / (a[0] - a[500])
+    assert torch.allclose(b, (a - a[-1]) * slope, atol=1e-12)
+
+
+@pytest.mark.parametrize("zt", [False, True])
+def test_continuous_alpha_bar_equals_table(zt):
+    s = NoiseSchedule.from_name("cosine", 100, zero_terminal_snr=zt)
+    t = torch.arange(100, dtype=torch.float64)
+    assert torch.allclose(s.alpha_bar_at(t), s.alpha_bar, rtol=1e-12, atol=0)
+    assert s.alpha_bar_at(-1.0).item() == 1.0
+    mid = s.alpha_bar_at(torch.tensor([10.5]))
+    assert s.alpha_bar[11] < mid < s.alpha_bar[10]
+    # geometric mean: log alpha_bar is linear inside a step
+    assert mid.item() == pytest.approx((s.alpha_bar[10] * s.alpha_bar[11]).sqrt().item(), rel=1e-12)
+    if not zt:
+        assert torch.allclose(s.log_snr_at(t), s.log_snr)
+    with pytest.raises(ValueError):
+        s.alpha_bar_at(100.0)
+
+
+def test_respace_keeps_marginals():
+    s = NoiseSchedule.from_name("linear", 1000)
+    keep = spaced_timesteps(1000, 50)
+    r = s.respace(keep)
+    assert r.T == 50 and keep[0] == 0 and keep[-1] == 999
+    assert torch.equal(r.timesteps, keep)
+    assert torch.allclose(r.alpha_bar, s.alpha_bar[keep], rtol=1e-12)
+    # respacing to every step is the identity
+    assert torch.allclose(s.respace(torch.arange(1000)).betas, s.betas, rtol=1e-10)
