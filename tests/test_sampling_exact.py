@@ -85,3 +85,34 @@ def test_unknown_sampler_lists_options():
     s = NoiseSchedule.from_name("linear", 10)
     with pytest.raises(ValueError, match=r"unknown sampler 'ddmp'.*ddpm"):
         ddpmkit.sample(lambda x, t: x, (2, 2), s, sampler="ddmp")
+
+
+def test_ddim_eta1_is_ddpm_with_beta_tilde():
+    """With the same noise, DDIM(eta=1) on every step reproduces ancestral DDPM (sigma^2 = beta-tilde) exactly."""
+    s = NoiseSchedule.from_name("cosine", 200)
+    gm = GaussianMixture.ring(4, radius=1.0, std=0.2)
+    a = ddpmkit.sample(gm.eps_model(s), (64, 2), s, sampler="ddpm", generator=5, variance="beta_tilde").x
+    b = ddpmkit.sample(gm.eps_model(s), (64, 2), s, sampler="ddim", generator=5, eta=1.0).x
+    assert torch.allclose(a, b, atol=1e-4)
+    c = ddpmkit.sample(gm.eps_model(s), (64, 2), s, sampler="ddpm", generator=5, variance="beta").x
+    assert not torch.allclose(a, c, atol=1e-2)
+
+
+def test_ddim_eta0_follows_the_exact_ode_for_gaussian_data():
+    """For N(mu, s^2 I) data the probability-flow ODE keeps z = (x_t - sqrt(a) mu) / sqrt(a s^2 + 1 - a)
+    fixed, so x_0 = mu + s z(x_T). DDIM(eta=0) converges to that map at first order in the step size."""
+    import math
+
+    s = NoiseSchedule.from_name("linear", 1000)
+    mu, std = torch.tensor([0.5, -1.0]), 0.3
+    gm = GaussianMixture.gaussian(mu, std)
+    x_T = torch.randn(256, 2, generator=gen(0))
+    a_T = s.alpha_bar[-1].item()
+    exact = mu + std * (x_T - a_T**0.5 * mu) / (a_T * std**2 + 1 - a_T) ** 0.5
+    errors = []
+    for steps in [10, 40, 160]:
+        x0 = ddpmkit.sample(gm.eps_model(s), (256, 2), s, sampler="ddim", steps=steps, x_T=x_T).x
+        errors.append((x0 - exact).abs().max().item())
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 0.05, errors
+    order = math.log(errors[1] / errors[2]) / math.log(4)
+    assert 0.8 < order < 1.3, (order, errors)

@@ -8,11 +8,11 @@ import torch
 
 from ..parameterization import Denoiser, ModelFn, Prediction
 from ..schedules import NoiseSchedule
-from .ancestral import ddpm
+from .ancestral import ddim, ddpm
 from .noise import GeneratorLike, NoiseSource
 
 # name -> sampler function; later samplers (DDIM, ODE/SDE solvers) register here
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddpm": ddpm}
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddpm": ddpm, "ddim": ddim}
 
 
 @dataclass

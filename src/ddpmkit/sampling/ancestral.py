@@ -63,3 +63,51 @@ def ddpm(
         if callback is not None:
             callback({"i": i, "t": int(schedule.timesteps[i]), "x": x, "x0": x0})
     return x
+
+
+def ddim(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    noise: NoiseSource,
+    steps: int | None = None,
+    eta: float = 0.0,
+    clip_x0: bool = False,
+    callback: StepCallback | None = None,
+    model_kwargs: dict | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12) on `steps` evenly spaced timesteps.
+
+        x_{s} = sqrt(alpha_bar_s) x0_hat + sqrt(1 - alpha_bar_s - sigma^2) eps_hat + sigma z
+        sigma = eta * sqrt((1 - alpha_bar_s) / (1 - alpha_bar_t)) * sqrt(1 - alpha_bar_t / alpha_bar_s)
+
+    eta = 0 is the deterministic sampler (an Euler step of the probability-flow ODE in
+    x / sqrt(alpha_bar)); eta = 1 is exactly DDPM ancestral sampling with sigma_t^2 = beta-tilde_t.
+    """
+    if not 0.0 <= eta:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    schedule = denoiser.schedule
+    if steps is not None and steps != schedule.T:
+        schedule = schedule.respace(spaced_timesteps(schedule.T, steps))
+    ab = schedule.alpha_bar
+    positions = range(schedule.T - 1, -1, -1)
+    if progress:
+        from tqdm.auto import tqdm
+
+        positions = tqdm(positions, desc=f"ddim(eta={eta:g})", leave=False)
+    batch = x.shape[0]
+    for i in positions:
+        t_model = schedule.timesteps[i].to(torch.float32).expand(batch).to(x.device)
+        out = denoiser(x, t_model, **(model_kwargs or {}))
+        x0, eps = out.x0, out.eps
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
+            eps = (x - ab[i].sqrt().item() * x0) / (1 - ab[i]).sqrt().item()  # keep eps consistent with the clipped x0
+        ab_t, ab_s = ab[i], (ab[i - 1] if i > 0 else ab.new_tensor(1.0))
+        sigma = eta * ((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)).sqrt()
+        x = ab_s.sqrt().item() * x0 + (1 - ab_s - sigma**2).clamp(min=0).sqrt().item() * eps
+        if i > 0 and eta > 0:
+            x = x + sigma.item() * noise.randn(x.shape[1:], x.dtype)
+        if callback is not None:
+            callback({"i": i, "t": int(schedule.timesteps[i]), "x": x, "x0": x0})
+    return x

@@ -1,0 +1,199 @@
+"""The command line: `ddpmkit train | sample | forward | demo`."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .data import DataError
+from .train import TrainingError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, ValueError, FileNotFoundError)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .train import train
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = train(cfg, resume=args.resume, progress=not args.quiet)
+    print(f"run folder: {run_dir}")
+
+
+def sample_to_files(ckpt: str, out: Path, n: int, steps: int | None, seed: int, variance: str, clip: bool,
+                    gif: bool, sampler: str = "ddpm", gif_frames: int = 50) -> Path:
+    """Sample a checkpoint and write grid.png, samples/*.png and (images) reverse_process.gif."""
+    from . import viz
+    from .checkpoint import load_model
+    from .sampling import sample
+
+    m = load_model(ckpt)
+    d = m.config.diffusion
+    total = steps or m.schedule.T
+    record = max(1, total // gif_frames) if gif else 0
+    t0 = time.time()
+    res = sample(m.network, (n, *m.data_shape), m.schedule, sampler=sampler, steps=steps, prediction=d.prediction,
+                 learned_variance=d.learned_variance, generator=seed, record_every=record, progress=True,
+                 variance="learned" if d.learned_variance and variance == "auto" else ("beta_tilde" if variance == "auto" else variance),
+                 clip_x0=clip and len(m.data_shape) == 3)
+    elapsed = time.time() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    if len(m.data_shape) == 3:
+        viz.save_grid(res.x, out / "grid.png")
+        (out / "samples").mkdir(exist_ok=True)
+        for i, image in enumerate(viz.to_uint8(res.x)):
+            viz.save_png(image, out / "samples" / f"{seed + i:06d}.png")  # named by its seed
+        if gif:
+            viz.reverse_process_gif(res.xs, out / "reverse_process.gif")
+            viz.reverse_process_gif(res.x0s, out / "predicted_x0.gif")
+    else:
+        viz.scatter_2d(res.x, out / "scatter.png", title=f"{n} samples, {res.nfe} NFE")
+    torch.save(res.x, out / "samples.pt")
+    print(f"{n} samples from {m.path} (step {m.step}) in {elapsed:.1f}s, {res.nfe} network evaluations -> {out}")
+    return out
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    sample_to_files(args.checkpoint, Path(args.out), args.n, args.steps, args.seed, args.variance, not args.no_clip, not args.no_gif, args.sampler)
+
+
+def load_image(spec: str, size: int | None) -> torch.Tensor:
+    """An image file, or 'mnist5k:INDEX' / 'digits:INDEX' from the built-in data: (1, C, H, W) in [-1, 1]."""
+    from .data import ImageFolder, load_dataset
+
+    if ":" in spec and not Path(spec).exists():
+        name, idx = spec.split(":", 1)
+        ds = load_dataset(name, split="all")
+        return ds.get_batch(torch.tensor([int(idx)]))
+    path = Path(spec)
+    if not path.is_file():
+        raise DataError(f"image not found: {path} (or use a built-in one such as mnist5k:0)")
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            mode = "L" if im.mode in ("L", "1", "I;16") else "RGB"
+            w, h = im.size
+    except Exception as e:
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+    folder = ImageFolder.__new__(ImageFolder)  # reuse the loader's crop/resize without scanning a folder
+    folder.files, folder.image_size, folder.channels = [path], size or min(min(w, h), 256), 1 if mode == "L" else 3
+    return folder.load(0)[None]
+
+
+def cmd_forward(args: argparse.Namespace) -> None:
+    """The forward process of one image at chosen t, and the power spectrum of x_t against t."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from . import viz
+    from .process import q_sample
+    from .schedules import NoiseSchedule
+
+    x0 = load_image(args.image, args.size)
+    schedule = NoiseSchedule.from_name(args.schedule, args.T)
+    ts = [int(t) for t in args.t.split(",")]
+    bad = [t for t in ts if not 0 <= t < schedule.T]
+    if bad:
+        raise ValueError(f"timesteps {bad} outside [0, {schedule.T - 1}]")
+    g = torch.Generator().manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    eps = torch.randn((1, *x0.shape[1:]), generator=g)
+    fig, axes = plt.subplots(1, len(ts) + 1, figsize=(1.6 * (len(ts) + 1), 1.9), dpi=120)
+    frames = [("x_0", x0)] + [(f"t={t}", q_sample(x0, torch.tensor([t]), schedule, eps)) for t in ts]
+    for ax, (label, x) in zip(axes, frames):
+        img = viz.to_uint8(x)[0]
+        ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(label, fontsize=8)
+        ax.axis("off")
+    fig.suptitle(f"q(x_t | x_0), {args.schedule} schedule, T={schedule.T}", fontsize=9)
+    fig.savefig(out / "forward_strip.png", bbox_inches="tight")
+    plt.close(fig)
+    # spectra averaged over several noise draws so the curves are smooth
+    many = torch.randn((16, *x0.shape[1:]), generator=g)
+    spectra = {"x_0": viz.radial_power_spectrum(x0)}
+    for t in ts:
+        spectra[f"t={t}"] = viz.radial_power_spectrum(q_sample(x0.expand_as(many), torch.full((16,), t), schedule, many))
+    viz.plot_spectra(spectra, out / "spectrum.png", "radially averaged power spectrum of x_t")
+    print(f"wrote {out / 'forward_strip.png'} and {out / 'spectrum.png'}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Train the digit model within a time budget, then draw 1,000-step ancestral samples."""
+    from .config import PRESET_DIR, load_config
+    from .train import train
+
+    overrides = [f"train.run_dir={args.run_dir}", f"train.max_minutes={args.minutes}"]
+    cfg = load_config(PRESET_DIR / "mnist.toml", overrides)
+    print(f"[demo] training a {cfg.network.kind} on {cfg.data.name} for up to {args.minutes} minutes -> {args.run_dir}")
+    train(cfg, resume=False)
+    out = Path(args.run_dir) / "demo_samples"
+    print(f"[demo] sampling {args.n} digits with 1,000-step ancestral sampling (Algorithm 2)")
+    sample_to_files(args.run_dir, out, args.n, None, 0, "auto", True, True)
+    print(f"[demo] look at {out / 'grid.png'} and {out / 'reverse_process.gif'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ddpmkit", description="Denoising diffusion models: train, sample, look.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a config file (presets in configs/)")
+    t.add_argument("config", help="a TOML config, e.g. configs/mnist.toml")
+    t.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-3")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.run_dir")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="draw samples from a checkpoint (grid, PNGs, reverse-process GIF)")
+    s.add_argument("checkpoint", help="a ckpt-XXXXXXX folder or a run folder (newest checkpoint)")
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--steps", type=int, default=None, help="network evaluations (default: all T steps)")
+    s.add_argument("--sampler", default="ddpm")
+    s.add_argument("--variance", default="auto", choices=["auto", "beta_tilde", "beta", "learned"], help="sigma_t^2 of Algorithm 2")
+    s.add_argument("--seed", type=int, default=0, help="sample k uses seed + k")
+    s.add_argument("--no-clip", action="store_true", help="do not clip predicted x_0 to [-1, 1]")
+    s.add_argument("--no-gif", action="store_true")
+    s.add_argument("--out", default="samples")
+    s.set_defaults(func=cmd_sample)
+
+    f = sub.add_parser("forward", help="show the forward process of an image and its Fourier spectrum")
+    f.add_argument("image", help="an image file, or mnist5k:INDEX")
+    f.add_argument("--t", default="0,50,100,200,400,700,999", help="comma-separated timesteps")
+    f.add_argument("--schedule", default="linear")
+    f.add_argument("--T", type=int, default=1000)
+    f.add_argument("--size", type=int, default=None, help="resize to this square size")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--out", default="forward")
+    f.set_defaults(func=cmd_forward)
+
+    d = sub.add_parser("demo", help="train on mnist5k for a few minutes, then sample (what `make demo` runs)")
+    d.add_argument("--minutes", type=float, default=9.0)
+    d.add_argument("--n", type=int, default=64)
+    d.add_argument("--run-dir", default="runs/demo")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as e:
+        print(f"ddpmkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Typed, frozen configuration: TOML presets plus `section.key=value` overrides.
+
+A misspelt key or a value outside its choices raises ConfigError naming the valid options.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .losses import LossType
+from .parameterization import Prediction
+
+
+class ConfigError(ValueError):
+    """A bad configuration file, key or value."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "mnist5k"  # mnist5k, digits, swiss_roll, moons, 8gaussians, checkerboard, folder, npz
+    path: str = ""  # for 'folder' and 'npz'
+    image_size: int = 64  # for 'folder'
+    channels: int = 3  # for 'folder': 1 (grey) or 3 (RGB)
+    hflip: bool = False  # random horizontal flips (not for digits)
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    schedule: Literal["linear", "cosine", "scaled_linear", "sigmoid"] = "linear"
+    T: int = 1000
+    zero_terminal_snr: bool = False
+    prediction: Prediction = "eps"
+    loss: LossType = "simple"
+    learned_variance: bool = False
+    min_snr_gamma: float = 0.0  # 0 = off
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    kind: Literal["unet", "mlp"] = "unet"
+    base_channels: int = 16
+    channel_mult: tuple[int, ...] = (1, 2, 4)
+    num_res_blocks: int = 1
+    attention_resolutions: tuple[int, ...] = (7,)
+    num_heads: int = 4
+    dropout: float = 0.0
+    mlp_hidden: int = 256
+    mlp_layers: int = 4
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str = "runs/mnist"
+    steps: int = 5000
+    max_minutes: float = 0.0  # stop (and checkpoint) after this long; 0 = no limit
+    batch_size: int = 128  # global batch, split across processes
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decay to 5% of lr at train.steps
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    log_every: int = 50
+    sample_every: int = 1000  # 0 = never
+    sample_steps: int = 100  # respaced ancestral steps for the periodic grids
+    num_samples: int = 64
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        options = typing.get_args(hint)
+        if value not in options:
+            close = difflib.get_close_matches(str(value), [str(o) for o in options], n=1)
+            hint_txt = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where} = {value!r} is not valid{hint_txt}; choose one of {list(options)}")
+        return value
+    if origin is tuple:
+        if isinstance(value, (int, float)):
+            value = [value]
+        if isinstance(value, str):
+            value = [int(v) for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return tuple(int(v) for v in value)
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} = {value!r} is not a valid {hint.__name__}") from None
+    return value
+
+
+def build_config(values: dict[str, Any]) -> Config:
+    """Config from a nested dict {section: {key: value}}, checking every key and value."""
+    classes = _section_classes()
+    sections = {}
+    for name, section_values in values.items():
+        if name not in classes:
+            raise ConfigError(_unknown("section", name, list(classes)))
+        if not isinstance(section_values, dict):
+            raise ConfigError(f"[{name}] must be a table of key = value pairs")
+        sections[name] = section_values
+    built = {}
+    for name, cls in classes.items():
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in sections.get(name, {}).items():
+            if key not in hints:
+                raise ConfigError(_unknown(f"key in [{name}]", key, list(hints), prefix=f"{name}."))
+            kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
+        built[name] = cls(**kwargs)
+    return Config(**built)
+
+
+def _unknown(what: str, name: str, options: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    hint = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
+    return f"unknown {what}: {prefix}{name!r}{hint}; valid: {', '.join(options)}"
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
+    """['train.lr=1e-3', 'network.channel_mult=1,2,2'] -> {'train': {'lr': 0.001}, ...}"""
+    out: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=1e-3")
+        key, raw = item.split("=", 1)
+        section, name = key.strip().split(".", 1)
+        try:  # TOML gives numbers, booleans and lists their types; anything else stays a string
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def merge(base: dict, extra: dict) -> dict:
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in extra.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section].update(values)
+        else:
+            merged[section] = values
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML (or JSON) config file, apply overrides, and validate everything."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            presets = sorted(p.stem for p in PRESET_DIR.glob("*.toml")) if PRESET_DIR.is_dir() else []
+            raise ConfigError(f"config file not found: {path}" + (f"; presets in configs/: {', '.join(presets)}" if presets else ""))
+        text = path.read_text()
+        try:
+            values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot parse {path}: {e}") from None
+        values.pop("step", None)  # checkpoint configs record the step too
+    return build_config(merge(values, parse_overrides(overrides or [])))
+
+
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs"

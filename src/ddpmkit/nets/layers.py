@@ -1,0 +1,92 @@
+"""Building blocks shared by the networks: time embedding, residual block, self-attention."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of float timesteps t: (B,) -> (B, dim)  (Transformer / DDPM)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([args.cos(), args.sin()], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with up to 32 groups that divide the channel count."""
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero a layer's parameters so the block it closes starts as the identity (ADM)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, time embedding as scale and shift of the second norm, dropout, conv; plus a skip.
+
+    x: (B, C_in, H, W), emb: (B, E) -> (B, C_out, H, W)
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * out_ch)
+        self.norm2 = group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift  # ADM's scale-shift norm
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the H*W positions, residual. x: (B, C, H, W) -> same."""
+
+    def __init__(self, channels: int, num_heads: int = 4):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"attention channels {channels} are not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj = zero_module(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x).reshape(B, C, H * W))  # (B, 3C, L)
+        q, k, v = qkv.reshape(B, 3, self.num_heads, C // self.num_heads, H * W).transpose(-1, -2).unbind(1)  # (B, nh, L, hs)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, nh, L, hs)
+        h = h.transpose(-1, -2).reshape(B, C, H * W)
+        return x + self.proj(h).reshape(B, C, H, W)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))

@@ -1,0 +1,80 @@
+"""The command line: outputs exist and look right; bad input ends in one clear line."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from ddpmkit.cli import main
+from ddpmkit.config import PRESET_DIR
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_forward_writes_strip_and_spectrum(tmp_path, capsys):
+    code, out, err = run(capsys, "forward", "mnist5k:7", "--out", str(tmp_path), "--t", "0,100,999")
+    assert code == 0, err
+    strip = Image.open(tmp_path / "forward_strip.png")
+    assert strip.width > 3 * strip.height / 2
+    assert (tmp_path / "spectrum.png").stat().st_size > 1000
+
+
+def test_forward_spectrum_whitens_with_t():
+    """The lectures' point: noise is flat in frequency, images are not, so x_t's spectrum flattens as t grows."""
+    import torch
+
+    from ddpmkit.data import load_dataset
+    from ddpmkit.process import q_sample
+    from ddpmkit.schedules import NoiseSchedule
+    from ddpmkit.viz import radial_power_spectrum
+
+    x0 = load_dataset("mnist5k").x[:16]
+    s = NoiseSchedule.from_name("linear", 1000)
+    slopes = []
+    for t in [0, 200, 999]:
+        f, p = radial_power_spectrum(q_sample(x0, torch.full((16,), t), s, torch.randn_like(x0)))
+        slopes.append(np.polyfit(np.log(f), np.log(p), 1)[0])
+    assert slopes[0] < -1.0 and slopes[0] < slopes[1] < slopes[2] and abs(slopes[2]) < 0.3
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "configs/mnist.toml", "data.name=folder", "data.path=/no/such/folder"], "image folder not found: /no/such/folder"),
+    (["train", "configs/mnist.toml", "diffusion.schedule=cosinus"], "choose one of ['linear', 'cosine', 'scaled_linear', 'sigmoid']"),
+    (["train", "configs/mnist.toml", "train.lr_rate=3"], "did you mean train.'lr'"),
+    (["forward", "missing.png"], "image not found: missing.png"),
+    (["forward", "mnist5k:0", "--schedule", "cosin"], "unknown noise schedule 'cosin'"),
+    (["sample", "/no/run"], "no checkpoint at /no/run"),
+])
+def test_bad_input_gives_one_clear_line(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+
+
+def test_corrupt_image_in_training_folder(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(folder / "ok.png")
+    (folder / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    code, out, err = run(capsys, "train", str(PRESET_DIR / "mnist.toml"), "data.name=folder", f"data.path={folder}",
+                         f"train.run_dir={tmp_path / 'run'}")
+    assert code == 2 and "bad.jpg" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("ckpt-*"))
+
+
+def test_train_then_sample_writes_grid_pngs_and_gif(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, _, err = run(capsys, "train", str(PRESET_DIR / "mnist.toml"), "data.name=digits", "network.base_channels=8",
+                       "network.channel_mult=1,2", "network.attention_resolutions=4", "train.steps=3", "train.batch_size=8",
+                       "train.sample_every=0", f"train.run_dir={run_dir}", "--quiet")
+    assert code == 0, err
+    code, out, err = run(capsys, "sample", str(run_dir), "--n", "4", "--steps", "20", "--out", str(tmp_path / "s"))
+    assert code == 0, err
+    assert "20 network evaluations" in out
+    assert Image.open(tmp_path / "s" / "grid.png").size[0] > 16
+    assert sorted(p.name for p in (tmp_path / "s" / "samples").iterdir()) == [f"{i:06d}.png" for i in range(4)]
+    gif = Image.open(tmp_path / "s" / "reverse_process.gif")
+    assert gif.n_frames >= 10

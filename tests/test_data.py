@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpmkit.data import DataError, ImageFolder, load_dataset, load_npz, make_toy
+
+
+def test_mnist5k_split_and_range():
+    train, test = load_dataset("mnist5k", split="train"), load_dataset("mnist5k", split="test")
+    assert train.shape == (1, 28, 28) and len(train) == 4500 and len(test) == 500
+    assert train.x.min() >= -1 and train.x.max() <= 1 and train.x.min() == -1 and train.x.max() == 1
+    assert torch.bincount(test.labels).tolist() == [50] * 10
+    # held-out digits are really held out: no test image appears in the train split
+    tr = {bytes(x.numpy().tobytes()) for x in train.x}
+    assert not any(bytes(x.numpy().tobytes()) in tr for x in test.x)
+
+
+def test_digits_and_toys():
+    d = load_dataset("digits")
+    assert d.shape == (1, 8, 8) and d.x.min() >= -1 and d.x.max() <= 1
+    for name in ["swiss_roll", "moons", "8gaussians", "checkerboard"]:
+        toy = make_toy(name, n=1000)
+        assert toy.shape == (2,) and toy.x.abs().max() < 5
+    with pytest.raises(DataError, match="choose one of"):
+        make_toy("spiral")
+
+
+def test_unknown_dataset_lists_options():
+    with pytest.raises(DataError, match=r"unknown dataset 'mnist'.*mnist5k"):
+        load_dataset("mnist")
+
+
+def test_image_folder(tmp_path):
+    for i in range(3):
+        Image.fromarray(np.full((40, 30, 3), 40 * i, dtype=np.uint8)).save(tmp_path / f"im{i}.png")
+    ds = ImageFolder(tmp_path, image_size=16, channels=3)
+    batch = ds.get_batch(torch.tensor([0, 2]))
+    assert batch.shape == (2, 3, 16, 16)
+    assert batch[0].max().item() == pytest.approx(-1.0) and batch[1].mean().item() == pytest.approx(80 / 127.5 - 1, abs=1e-2)
+
+
+def test_corrupt_image_is_reported_by_path(tmp_path):
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "good.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(DataError, match="broken.png"):
+        ImageFolder(tmp_path, 8)
+
+
+def test_missing_folder_and_empty_folder(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        ImageFolder(tmp_path / "nope", 8)
+    with pytest.raises(DataError, match="no images"):
+        ImageFolder(tmp_path, 8)
+    with pytest.raises(DataError, match="needs data.path"):
+        load_dataset("folder")
+
+
+def test_npz(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (5, 6, 6, 3), dtype=np.uint8)
+    np.savez(tmp_path / "a.npz", x=x, y=np.arange(5))
+    ds = load_npz(tmp_path / "a.npz")
+    assert ds.shape == (3, 6, 6) and ds.labels.tolist() == [0, 1, 2, 3, 4]
+    assert torch.allclose(ds.x[1, :, 2, 3], torch.tensor(x[1, 2, 3] / 127.5 - 1, dtype=torch.float32))
+    np.savez(tmp_path / "b.npz", x=np.full((3, 2), 4.0))
+    with pytest.raises(DataError, match=r"\[-1, 1\]"):
+        load_npz(tmp_path / "b.npz")
+    (tmp_path / "c.npz").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="cannot read"):
+        load_npz(tmp_path / "c.npz")

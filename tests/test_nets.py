@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+from ddpmkit.config import NetworkConfig
+from ddpmkit.nets import MLPDenoiser, UNet, build_network
+from ddpmkit.nets.layers import timestep_embedding
+
+
+@pytest.mark.parametrize("channels,size,mult,attn", [(1, 28, (1, 2, 4), (7,)), (3, 32, (1, 2, 2, 2), (8, 4)), (4, 8, (1, 2), ())])
+def test_unet_shapes(channels, size, mult, attn):
+    net = UNet(channels, image_size=size, base_channels=16, channel_mult=mult, num_res_blocks=1, attention_resolutions=attn)
+    x = torch.randn(2, channels, size, size)
+    out = net(x, torch.tensor([3.0, 999.0]))
+    assert out.shape == x.shape
+    assert torch.equal(out, torch.zeros_like(out))  # zero-initialised output layer
+    # once the zero-initialised layers are perturbed, the output depends on t
+    for p in net.parameters():
+        if not p.any():
+            torch.nn.init.normal_(p, std=0.1)
+    a, b = net(x, torch.tensor([3.0, 3.0])), net(x, torch.tensor([500.0, 500.0]))
+    assert not torch.allclose(a, b)
+
+
+def test_unet_errors():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        UNet(1, image_size=30, channel_mult=(1, 2, 2))
+    with pytest.raises(ValueError, match=r"not UNet resolutions; choose from \[28, 14, 7\]"):
+        UNet(1, image_size=28, channel_mult=(1, 2, 2), attention_resolutions=(16,))
+    with pytest.raises(ValueError, match="use network.kind='mlp'"):
+        build_network(NetworkConfig(kind="unet"), (2,))
+
+
+def test_learned_variance_doubles_channels():
+    net = build_network(NetworkConfig(kind="unet", channel_mult=(1, 2), attention_resolutions=(4,)), (1, 8, 8), learned_variance=True)
+    assert net(torch.randn(2, 1, 8, 8), torch.zeros(2)).shape == (2, 2, 8, 8)
+    mlp = build_network(NetworkConfig(kind="mlp"), (2,))
+    assert isinstance(mlp, MLPDenoiser) and mlp(torch.randn(5, 2), torch.zeros(5)).shape == (5, 2)
+
+
+def test_timestep_embedding():
+    e = timestep_embedding(torch.tensor([0.0, 10.0]), 8)
+    assert e.shape == (2, 8)
+    assert torch.allclose(e[0], torch.tensor([1.0] * 4 + [0.0] * 4))  # cos(0) = 1, sin(0) = 0
+    assert e[1, 0].item() == pytest.approx(torch.cos(torch.tensor(10.0)).item(), abs=1e-6)

@@ -1,0 +1,133 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ddpmkit
+from ddpmkit.analytic import GaussianMixture, nearest_component
+from ddpmkit.checkpoint import list_checkpoints, load_model
+from ddpmkit.config import PRESET_DIR, load_config
+from ddpmkit.train import TrainingError, batch_indices, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_batch_indices_are_epoch_permutations():
+    n, bs = 10, 4
+    stream = torch.cat([batch_indices(s, bs, n, seed=3) for s in range(5)])  # 20 = two epochs
+    assert sorted(stream[:10].tolist()) == list(range(10)) and sorted(stream[10:].tolist()) == list(range(10))
+    assert torch.equal(batch_indices(2, bs, n, 3), stream[8:12])  # a step's batch depends only on the step
+
+
+def test_toy_model_covers_all_8_modes(tmp_path):
+    t0 = time.time()
+    cfg = load_config(PRESET_DIR / "toy2d.toml", [f"train.run_dir={tmp_path}", "train.steps=1500"])
+    train(cfg, progress=False)
+    m = load_model(tmp_path)
+    out = ddpmkit.sample(m.network, (2000, 2), m.schedule, steps=200, generator=torch.Generator().manual_seed(0))
+    assert time.time() - t0 < 60
+    gm = GaussianMixture.ring(8, radius=2.0, std=0.1)
+    k = nearest_component(gm, out.x)
+    dist = (out.x.double() - gm.means[k]).norm(dim=1)
+    shares = torch.bincount(k[dist < 0.5], minlength=8).double() / len(k)
+    assert (dist < 0.5).double().mean() > 0.9, "most samples lie near a mode"
+    assert bool((shares > 0.07).all()), f"every mode gets its share (1/8 = 12.5%): {shares.tolist()}"
+
+
+def _weights(run_dir: Path) -> dict:
+    return load_file(list_checkpoints(run_dir)[-1] / "model.safetensors")
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ddpmkit.cli", *args]
+
+
+TINY = ["data.name=digits", "network.base_channels=8", "network.channel_mult=1,2", "network.attention_resolutions=4",
+        "train.batch_size=16", "train.sample_every=0", "train.lr=1e-3", "train.warmup_steps=5", "train.log_every=5"]
+
+
+def test_resume_after_kill_is_exact(tmp_path):
+    """N steps in one run == N/2 steps, a SIGKILL, and --resume for the rest."""
+    n = 30
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    base = [str(PRESET_DIR / "mnist.toml"), *TINY, f"train.steps={n}", "train.max_minutes=0", "train.keep_checkpoints=0"]
+    subprocess.run(_cli("train", *base, f"train.run_dir={straight}", "train.checkpoint_every=1000", "--quiet"), check=True, cwd=ROOT)
+
+    proc = subprocess.Popen(_cli("train", *base, f"train.run_dir={killed}", f"train.checkpoint_every={n // 2}", "--quiet"), cwd=ROOT)
+    half = killed / f"ckpt-{n // 2:07d}"
+    deadline = time.time() + 120
+    while not half.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert half.exists()
+    for later in list_checkpoints(killed):  # as if the kill came right after the half-way checkpoint
+        if later != half:
+            subprocess.run(["rm", "-rf", str(later)], check=True)
+    done = subprocess.run(_cli("train", *base, f"train.run_dir={killed}", f"train.checkpoint_every={n // 2}", "--resume", "--quiet"),
+                          cwd=ROOT, capture_output=True, text=True, check=True)
+    assert f"at step {n // 2}" in done.stdout + done.stderr
+    a, b = _weights(straight), _weights(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ea = load_file(list_checkpoints(straight)[-1] / "ema.safetensors")
+    eb = load_file(list_checkpoints(killed)[-1] / "ema.safetensors")
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
+def test_two_processes_train_like_one(tmp_path):
+    """torchrun with 2 CPU processes (gloo): synchronized weights, each process a different half of
+    every global batch, and the same result as one process with the same global batch."""
+    n = 6
+    common = [str(PRESET_DIR / "mnist.toml"), *TINY, f"train.steps={n}", "train.max_minutes=0", "train.checkpoint_every=1000"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(_cli("train", *common, f"train.run_dir={one}", "--quiet"), check=True, cwd=ROOT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "ddpmkit.cli"]
+    subprocess.run([*torchrun, "train", *common, f"train.run_dir={two}", "--quiet"], check=True, cwd=ROOT, env=env)
+    log = [json.loads(line) for line in (two / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["world_size"] == 2 and log[-1]["params_in_sync"] is True
+    a, b = _weights(one), _weights(two)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), k
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path):
+    cfg = load_config(PRESET_DIR / "toy2d.toml", [f"train.run_dir={tmp_path}", "train.steps=200", "train.lr=1e12",
+                                                  "train.warmup_steps=1", "train.grad_clip=0", "train.checkpoint_every=1000"])
+    with pytest.raises(TrainingError, match=r"loss became .* at step \d+.*Lower train.lr"):
+        train(cfg, progress=False)
+    assert list_checkpoints(tmp_path) == []
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    import ddpmkit.checkpoint as ck
+
+    cfg = load_config(PRESET_DIR / "toy2d.toml", [f"train.run_dir={tmp_path}", "train.steps=4", "train.checkpoint_every=2"])
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        train(cfg, progress=False)
+    assert list_checkpoints(tmp_path) == [] and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_lr_schedule():
+    from ddpmkit.config import TrainConfig
+    from ddpmkit.train import lr_at
+
+    c = TrainConfig(lr=1.0, warmup_steps=10, steps=110, lr_schedule="cosine")
+    assert lr_at(0, c) == pytest.approx(0.1) and lr_at(9, c) == pytest.approx(1.0)
+    assert lr_at(60, c) == pytest.approx(0.05 + 0.95 * 0.5)  # half-way through the decay
+    assert lr_at(110, c) == pytest.approx(0.05)
+    assert lr_at(50, TrainConfig(lr=1.0, warmup_steps=10, lr_schedule="constant")) == 1.0
