@@ -30,6 +30,7 @@ def main() -> int:
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--steps", type=int, default=None, help="default: all T steps")
     p.add_argument("--sampler", default="ddpm")
+    p.add_argument("--variance", default="beta_tilde", choices=["beta_tilde", "beta"], help="sigma_t^2 for ddpm")
     p.add_argument("--batch", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench/digits_quality")
@@ -49,24 +50,25 @@ def main() -> int:
         b = min(args.batch, args.n - start)
         res = sample(m.network, (b, *m.data_shape), m.schedule, sampler=args.sampler, steps=args.steps, prediction=d.prediction,
                      learned_variance=d.learned_variance, generator=list(range(args.seed + start, args.seed + start + b)),
-                     clip_x0=True, progress=True)
+                     clip_x0=True, progress=True, **({"variance": args.variance} if args.sampler == "ddpm" else {}))
         xs.append(res.x)
         nfe = res.nfe
     x = torch.cat(xs)
     elapsed = time.time() - t0
     verdict = judge(classifier, x)
     out = Path(args.out)
-    viz.save_grid(x[:100], out / f"grid_{args.sampler}_{nfe}nfe.png", nrow=10)
+    tag = f"{args.sampler}_{nfe}nfe" + (f"_{args.variance}" if args.sampler == "ddpm" else "")
+    viz.save_grid(x[:100], out / f"grid_{tag}.png", nrow=10)
     print(f"sampled {args.n} digits from {m.path} (step {m.step}) with {args.sampler}, {nfe} NFE, in {elapsed:.0f}s")
     print(verdict.table())
     ok_conf = verdict.confident_fraction >= 0.80
     ok_cover = all(0.05 <= s <= 0.15 for s in verdict.class_shares)
     print(f"targets: confident >= 80%: {'PASS' if ok_conf else 'FAIL'};  every class 5-15%: {'PASS' if ok_cover else 'FAIL'};"
           f"  judge >= 97%: {'PASS' if acc >= 0.97 else 'FAIL'}")
-    report = {"checkpoint": str(m.path), "step": m.step, "sampler": args.sampler, "nfe": nfe, "n": args.n,
+    report = {"checkpoint": str(m.path), "step": m.step, "sampler": args.sampler, "variance": args.variance, "nfe": nfe, "n": args.n,
               "judge_test_accuracy": acc, "real_confident_fraction": real.confident_fraction, "confident_fraction": verdict.confident_fraction,
               "class_shares": verdict.class_shares, "mean_confidence": verdict.mean_confidence, "seconds": elapsed}
-    (out / f"report_{args.sampler}_{nfe}nfe.json").write_text(json.dumps(report, indent=2))
+    (out / f"report_{tag}.json").write_text(json.dumps(report, indent=2))
     return 0 if ok_conf and ok_cover and acc >= 0.97 else 1
 
 

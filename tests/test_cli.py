@@ -42,7 +42,7 @@ def test_forward_spectrum_whitens_with_t():
 @pytest.mark.parametrize("argv,message", [
     (["train", "configs/mnist.toml", "data.name=folder", "data.path=/no/such/folder"], "image folder not found: /no/such/folder"),
     (["train", "configs/mnist.toml", "diffusion.schedule=cosinus"], "choose one of ['linear', 'cosine', 'scaled_linear', 'sigmoid']"),
-    (["train", "configs/mnist.toml", "train.lr_rate=3"], "did you mean train.'lr'"),
+    (["train", "configs/mnist.toml", "train.batchsize=3"], "did you mean 'train.batch_size'"),
     (["forward", "missing.png"], "image not found: missing.png"),
     (["forward", "mnist5k:0", "--schedule", "cosin"], "unknown noise schedule 'cosin'"),
     (["sample", "/no/run"], "no checkpoint at /no/run"),

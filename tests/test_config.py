@@ -13,9 +13,9 @@ def test_presets_load():
 def test_misspelt_key_suggests_the_right_one(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nlearning_rate = 0.1\nstep = 3\n")
-    with pytest.raises(ConfigError, match=r"unknown key in \[train\]: train.'learning_rate'.*valid: .*lr"):
+    with pytest.raises(ConfigError, match=r"unknown key in \[train\]: 'train.learning_rate'.*valid: .*lr"):
         load_config(bad)
-    with pytest.raises(ConfigError, match=r"did you mean train.'steps'"):
+    with pytest.raises(ConfigError, match=r"did you mean 'train.steps'"):
         load_config(None, ["train.stepz=5"])
     with pytest.raises(ConfigError, match="unknown section"):
         load_config(None, ["trian.lr=5"])

@@ -91,3 +91,18 @@ def test_unknown_loss_type():
     s = NoiseSchedule.from_name("linear", 10)
     with pytest.raises(ValueError, match="choose one of"):
         training_losses(lambda x, t: x, torch.zeros(1, 2), torch.tensor([1]), s, loss_type="l1")
+
+
+def test_hybrid_loss_trains_variance_only_through_vlb():
+    """L_hybrid = L_simple + lambda L_vlb with the mean stopped in L_vlb (Nichol & Dhariwal):
+    the VLB part sends gradient to the variance channels only."""
+    s = NoiseSchedule.from_name("cosine", 100)
+    x0 = torch.randn(4, 1, 4, 4)
+    t = torch.tensor([1, 10, 50, 99])
+    raw = torch.zeros(4, 2, 4, 4, requires_grad=True)  # [eps prediction | variance interpolation v]
+    model = lambda x, tt: raw
+    out = training_losses(model, x0, t, s, torch.randn_like(x0), "eps", "hybrid", learned_variance=True)
+    (g,) = torch.autograd.grad(out["vlb"].sum(), raw)
+    assert torch.equal(g[:, :1], torch.zeros_like(g[:, :1])) and g[:, 1:].abs().sum() > 0
+    (g_mse,) = torch.autograd.grad(out["mse"].sum(), raw)
+    assert g_mse[:, :1].abs().sum() > 0 and torch.equal(g_mse[:, 1:], torch.zeros_like(g_mse[:, 1:]))

@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_forward)
 
     d = sub.add_parser("demo", help="train on mnist5k for a few minutes, then sample (what `make demo` runs)")
-    d.add_argument("--minutes", type=float, default=9.0)
+    d.add_argument("--minutes", type=float, default=9.5, help="training time budget")
     d.add_argument("--n", type=int, default=64)
     d.add_argument("--run-dir", default="runs/demo")
     d.set_defaults(func=cmd_demo)

@@ -159,8 +159,8 @@ def build_config(values: dict[str, Any]) -> Config:
 
 def _unknown(what: str, name: str, options: list[str], prefix: str = "") -> str:
     close = difflib.get_close_matches(name, options, n=1)
-    hint = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
-    return f"unknown {what}: {prefix}{name!r}{hint}; valid: {', '.join(options)}"
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+    return f"unknown {what}: '{prefix}{name}'{hint}; valid: {', '.join(options)}"
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:

@@ -117,6 +117,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
     dataset = load_dataset(cfg.data.name, cfg.data.path or None, cfg.data.image_size, cfg.data.channels)
     shape = dataset.shape
     schedule = make_schedule(cfg)
+    torch.manual_seed(tc.seed)  # the initial weights come from the seed too
     model = build_network(cfg.network, shape, dc.learned_variance)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
