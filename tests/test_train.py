@@ -28,7 +28,7 @@ def test_batch_indices_are_epoch_permutations():
 
 def test_toy_model_covers_all_8_modes(tmp_path):
     t0 = time.time()
-    cfg = load_config(PRESET_DIR / "toy2d.toml", [f"train.run_dir={tmp_path}", "train.steps=1500"])
+    cfg = load_config(PRESET_DIR / "toy2d.toml", [f"train.run_dir={tmp_path}"])
     train(cfg, progress=False)
     m = load_model(tmp_path)
     out = ddpmkit.sample(m.network, (2000, 2), m.schedule, steps=200, generator=torch.Generator().manual_seed(0))
@@ -87,7 +87,8 @@ def test_two_processes_train_like_one(tmp_path):
     """torchrun with 2 CPU processes (gloo): synchronized weights, each process a different half of
     every global batch, and the same result as one process with the same global batch."""
     n = 6
-    common = [str(PRESET_DIR / "mnist.toml"), *TINY, f"train.steps={n}", "train.max_minutes=0", "train.checkpoint_every=1000"]
+    common = [str(PRESET_DIR / "mnist.toml"), *TINY, f"train.steps={n}", "train.max_minutes=0", "train.checkpoint_every=1000",
+              "train.mixed_precision=no"]  # fp32, so the only difference is the order of the gradient all-reduce
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(_cli("train", *common, f"train.run_dir={one}", "--quiet"), check=True, cwd=ROOT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -95,9 +96,19 @@ def test_two_processes_train_like_one(tmp_path):
     subprocess.run([*torchrun, "train", *common, f"train.run_dir={two}", "--quiet"], check=True, cwd=ROOT, env=env)
     log = [json.loads(line) for line in (two / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["world_size"] == 2 and log[-1]["params_in_sync"] is True
+    # Adam divides by sqrt(v), so in parameters whose gradients are ~0 (zero-initialised layers)
+    # the rounding of a different all-reduce order shows up at ~1e-5; compare against how far
+    # training moved the weights instead, which is ~1e-2 per coordinate
+    from ddpmkit.nets import build_network
+
+    cfg = load_config(PRESET_DIR / "mnist.toml", TINY)
+    torch.manual_seed(cfg.train.seed)
+    init = build_network(cfg.network, (1, 8, 8)).state_dict()
     a, b = _weights(one), _weights(two)
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), k
+    flat = lambda d: torch.cat([d[k].flatten() for k in sorted(d)])
+    moved = (flat(a) - flat(init)).norm()
+    assert moved > 0.1
+    assert (flat(a) - flat(b)).norm() / moved < 1e-3
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path):

@@ -106,7 +106,12 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
+    from accelerate.state import AcceleratorState
+
     tc, dc = cfg.train, cfg.diffusion
+    # accelerate keeps settings such as mixed precision in a process-wide singleton; forget them so
+    # train() can be called again with other settings (notebooks, tests). The process group stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
     if tc.batch_size % world:
