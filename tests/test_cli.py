@@ -78,3 +78,14 @@ def test_train_then_sample_writes_grid_pngs_and_gif(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "s" / "samples").iterdir()) == [f"{i:06d}.png" for i in range(4)]
     gif = Image.open(tmp_path / "s" / "reverse_process.gif")
     assert gif.n_frames >= 10
+
+
+def test_forward_on_an_image_file(tmp_path, capsys):
+    rgb = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "photo.png")
+    code, out, err = run(capsys, "forward", str(tmp_path / "photo.png"), "--size", "32", "--t", "10,500", "--out", str(tmp_path / "f"))
+    assert code == 0, err
+    assert (tmp_path / "f" / "forward_strip.png").is_file() and (tmp_path / "f" / "spectrum.png").is_file()
+    (tmp_path / "broken.png").write_bytes(b"nope")
+    code, out, err = run(capsys, "forward", str(tmp_path / "broken.png"))
+    assert code == 2 and "cannot read image" in err and len(err.strip().splitlines()) == 1

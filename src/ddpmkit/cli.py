@@ -64,7 +64,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 def load_image(spec: str, size: int | None) -> torch.Tensor:
     """An image file, or 'mnist5k:INDEX' / 'digits:INDEX' from the built-in data: (1, C, H, W) in [-1, 1]."""
-    from .data import ImageFolder, load_dataset
+    from PIL import Image
+
+    from .data import load_dataset, load_image_file
 
     if ":" in spec and not Path(spec).exists():
         name, idx = spec.split(":", 1)
@@ -73,17 +75,12 @@ def load_image(spec: str, size: int | None) -> torch.Tensor:
     path = Path(spec)
     if not path.is_file():
         raise DataError(f"image not found: {path} (or use a built-in one such as mnist5k:0)")
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
-            mode = "L" if im.mode in ("L", "1", "I;16") else "RGB"
-            w, h = im.size
+            grey, side = im.mode in ("L", "1", "I;16"), min(im.size)
     except Exception as e:
         raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
-    folder = ImageFolder.__new__(ImageFolder)  # reuse the loader's crop/resize without scanning a folder
-    folder.files, folder.image_size, folder.channels = [path], size or min(min(w, h), 256), 1 if mode == "L" else 3
-    return folder.load(0)[None]
+    return load_image_file(path, size or min(side, 256), 1 if grey else 3)[None]
 
 
 def cmd_forward(args: argparse.Namespace) -> None:

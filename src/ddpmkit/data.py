@@ -93,23 +93,27 @@ class ImageFolder:
         return len(self.files)
 
     def load(self, i: int) -> torch.Tensor:
-        from PIL import Image
-
-        path = self.files[i]
-        try:
-            with Image.open(path) as im:
-                im = im.convert("L" if self.channels == 1 else "RGB")
-                side = min(im.size)
-                left, top = (im.width - side) // 2, (im.height - side) // 2
-                im = im.crop((left, top, left + side, top + side)).resize((self.image_size,) * 2, Image.BICUBIC)
-                arr = np.asarray(im, dtype=np.uint8)
-        except Exception as e:
-            raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
-        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-        return torch.from_numpy(arr.astype(np.float32) / 127.5 - 1.0)
+        return load_image_file(self.files[i], self.image_size, self.channels)
 
     def get_batch(self, indices: torch.Tensor) -> torch.Tensor:
         return torch.stack([self.load(int(i)) for i in indices])
+
+
+def load_image_file(path: str | Path, image_size: int, channels: int = 3) -> torch.Tensor:
+    """One image file, centre-cropped to a square and resized: (C, image_size, image_size) in [-1, 1]."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            side = min(im.size)
+            left, top = (im.width - side) // 2, (im.height - side) // 2
+            im = im.crop((left, top, left + side, top + side)).resize((image_size,) * 2, Image.BICUBIC)
+            arr = np.asarray(im, dtype=np.uint8)
+    except Exception as e:  # Pillow raises many types for broken files
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return torch.from_numpy(arr.astype(np.float32) / 127.5 - 1.0)
 
 
 def _stratified_split(labels: np.ndarray, test_per_class: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
