@@ -72,3 +72,14 @@ def test_respace_keeps_marginals():
     assert torch.allclose(r.alpha_bar, s.alpha_bar[keep], rtol=1e-12)
     # respacing to every step is the identity
     assert torch.allclose(s.respace(torch.arange(1000)).betas, s.betas, rtol=1e-10)
+
+
+def test_scaled_linear_and_sigmoid_values():
+    s = NoiseSchedule.from_name("scaled_linear", 11)
+    # linear in sqrt(beta): the middle value is the mean of the end points' square roots, squared
+    assert s.betas[0].item() == pytest.approx(0.00085) and s.betas[-1].item() == pytest.approx(0.012)
+    assert s.betas[5].item() == pytest.approx(((0.00085**0.5 + 0.012**0.5) / 2) ** 2, rel=1e-12)
+    g = NoiseSchedule.from_name("sigmoid", 11)
+    # sigmoid(linspace(-6, 6)) scaled to [1e-4, 0.02]: the midpoint sits at sigmoid(0) = 1/2
+    assert g.betas[5].item() == pytest.approx(1e-4 + 0.5 * (0.02 - 1e-4), rel=1e-12)
+    assert g.betas[0].item() == pytest.approx(1e-4 + (0.02 - 1e-4) / (1 + math.exp(6)), rel=1e-12)

@@ -142,3 +142,17 @@ def test_lr_schedule():
     assert lr_at(60, c) == pytest.approx(0.05 + 0.95 * 0.5)  # half-way through the decay
     assert lr_at(110, c) == pytest.approx(0.05)
     assert lr_at(50, TrainConfig(lr=1.0, warmup_steps=10, lr_schedule="constant")) == 1.0
+
+
+def test_ema_update_and_warmup():
+    from ddpmkit.train import ema_decay_at, ema_update
+
+    ema, model = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.fill_(1.0)
+        for p in model.parameters():
+            p.fill_(3.0)
+    ema_update(ema, model, decay=0.75)  # 0.75 * 1 + 0.25 * 3
+    assert all(torch.allclose(p, torch.full_like(p, 1.5)) for p in ema.parameters())
+    assert ema_decay_at(0, 0.999) == pytest.approx(0.1) and ema_decay_at(10**6, 0.999) == 0.999

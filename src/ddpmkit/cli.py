@@ -30,6 +30,7 @@ def sample_to_files(ckpt: str, out: Path, n: int, steps: int | None, seed: int, 
     """Sample a checkpoint and write grid.png, samples/*.png and (images) reverse_process.gif."""
     from . import viz
     from .checkpoint import load_model
+    from .reverse import default_variance
     from .sampling import sample
 
     m = load_model(ckpt)
@@ -39,7 +40,7 @@ def sample_to_files(ckpt: str, out: Path, n: int, steps: int | None, seed: int, 
     t0 = time.time()
     res = sample(m.network, (n, *m.data_shape), m.schedule, sampler=sampler, steps=steps, prediction=d.prediction,
                  learned_variance=d.learned_variance, generator=seed, record_every=record, progress=True,
-                 variance="learned" if d.learned_variance and variance == "auto" else ("beta_tilde" if variance == "auto" else variance),
+                 variance=default_variance(d.learned_variance) if variance == "auto" else variance,
                  clip_x0=clip and len(m.data_shape) == 3)
     elapsed = time.time() - t0
     out.mkdir(parents=True, exist_ok=True)

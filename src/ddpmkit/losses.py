@@ -17,7 +17,7 @@ import torch
 
 from .parameterization import ModelFn, Prediction, target_for, to_x0_eps
 from .process import normal_kl, q_posterior_mean_variance, q_sample
-from .reverse import p_mean_variance
+from .reverse import default_variance, p_mean_variance
 from .schedules import NoiseSchedule
 from .utils import mean_flat
 
@@ -111,8 +111,7 @@ def training_losses(
         return terms
     mean_source = output.detach() if loss_type == "hybrid" else output
     pred_x0, _ = to_x0_eps(prediction, mean_source, x_t, t, schedule)
-    variance = "learned" if learned_variance else "beta_tilde"
-    mean, log_var = p_mean_variance(pred_x0, x_t, t, schedule, variance, var_frac)
+    mean, log_var = p_mean_variance(pred_x0, x_t, t, schedule, default_variance(learned_variance), var_frac)
     vlb = vlb_term(x0, x_t, t, mean, log_var, schedule)
     terms["vlb"] = vlb
     if loss_type == "hybrid":

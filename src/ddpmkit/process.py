@@ -4,8 +4,6 @@ All functions take integer timesteps t: (B,) (0-indexed, see schedules.py) and t
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .schedules import NoiseSchedule
@@ -79,5 +77,3 @@ def prior_kl(x0: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
     kl = normal_kl(mean, var.log(), torch.zeros_like(mean), torch.zeros_like(mean))
     return mean_flat(kl).to(x0.dtype)
 
-
-NATS_PER_BIT = math.log(2.0)

@@ -22,6 +22,11 @@ def check_variance(variance: str) -> None:
         raise ValueError(f"unknown variance {variance!r}; choose one of {list(VARIANCES)}")
 
 
+def default_variance(learned_variance: bool) -> str:
+    """The model's own variance if it learned one, else beta-tilde_t (DDPM's "fixed_small")."""
+    return "learned" if learned_variance else "beta_tilde"
+
+
 def p_log_variance(
     variance: str, i: torch.Tensor, like: torch.Tensor, schedule: NoiseSchedule, var_frac: torch.Tensor | None = None
 ) -> torch.Tensor:

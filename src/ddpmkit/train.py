@@ -27,6 +27,7 @@ from .config import Config
 from .data import Dataset, load_dataset
 from .losses import training_losses
 from .nets import build_network
+from .reverse import default_variance
 from .sampling import sample
 from .schedules import NoiseSchedule
 
@@ -91,7 +92,7 @@ def save_samples(model: nn.Module, cfg: Config, schedule: NoiseSchedule, shape: 
     n = cfg.train.num_samples
     out = sample(model, (n, *shape), schedule, steps=cfg.train.sample_steps, prediction=cfg.diffusion.prediction,
                  learned_variance=cfg.diffusion.learned_variance, generator=0, clip_x0=len(shape) == 3,
-                 variance="learned" if cfg.diffusion.learned_variance else "beta_tilde")
+                 variance=default_variance(cfg.diffusion.learned_variance))
     if len(shape) == 3:
         viz.save_grid(out.x, path)
     else:
