@@ -4,7 +4,9 @@
 
 1. Train (or load the cached) judge CNN on mnist5k's 4,500 training digits; report its accuracy
    on the 500 held-out digits (target >= 97%).
-2. Draw n samples from the checkpoint with `steps`-step ancestral sampling (Algorithm 2).
+2. Draw n samples from the checkpoint, by default with 1,000-step ancestral sampling
+   (Algorithm 2); --sampler/--steps/--grid/--order/--eta pick any other sampler, e.g.
+   --sampler unipc --steps 20 --grid logsnr, or a grid from `ddpmkit tune-grid`.
 3. Report the share judged with confidence >= 0.9 (target >= 80%) and each class's share of the
    samples (target 5-15% each), and save the grid.
 """
@@ -20,6 +22,7 @@ import torch
 
 from ddpmkit import sample, viz
 from ddpmkit.checkpoint import load_model
+from ddpmkit.cli import sampler_options
 from ddpmkit.data import load_dataset
 from ddpmkit.judge import judge, load_or_train_classifier
 
@@ -31,6 +34,10 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=None, help="default: all T steps")
     p.add_argument("--sampler", default="ddpm")
     p.add_argument("--variance", default="beta_tilde", choices=["beta_tilde", "beta"], help="sigma_t^2 for ddpm")
+    p.add_argument("--grid", default=None, help="a grid name or a JSON file from `ddpmkit tune-grid`")
+    p.add_argument("--eta", type=float, default=None)
+    p.add_argument("--order", type=int, default=None)
+    p.add_argument("--no-clip", action="store_true")
     p.add_argument("--batch", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench/digits_quality")
@@ -50,14 +57,14 @@ def main() -> int:
         b = min(args.batch, args.n - start)
         res = sample(m.network, (b, *m.data_shape), m.schedule, sampler=args.sampler, steps=args.steps, prediction=d.prediction,
                      learned_variance=d.learned_variance, generator=list(range(args.seed + start, args.seed + start + b)),
-                     clip_x0=True, progress=True, **({"variance": args.variance} if args.sampler == "ddpm" else {}))
+                     progress=True, **sampler_options(args))
         xs.append(res.x)
         nfe = res.nfe
     x = torch.cat(xs)
     elapsed = time.time() - t0
     verdict = judge(classifier, x)
     out = Path(args.out)
-    tag = f"{args.sampler}_{nfe}nfe" + (f"_{args.variance}" if args.sampler == "ddpm" else "")
+    tag = f"{args.sampler}_{nfe}nfe" + (f"_{args.variance}" if args.sampler == "ddpm" else "") + (f"_{Path(args.grid).stem}" if args.grid else "")
     viz.save_grid(x[:100], out / f"grid_{tag}.png", nrow=10)
     print(f"sampled {args.n} digits from {m.path} (step {m.step}) with {args.sampler}, {nfe} NFE, in {elapsed:.0f}s")
     print(verdict.table())
@@ -65,7 +72,7 @@ def main() -> int:
     ok_cover = all(0.05 <= s <= 0.15 for s in verdict.class_shares)
     print(f"targets: confident >= 80%: {'PASS' if ok_conf else 'FAIL'};  every class 5-15%: {'PASS' if ok_cover else 'FAIL'};"
           f"  judge >= 97%: {'PASS' if acc >= 0.97 else 'FAIL'}")
-    report = {"checkpoint": str(m.path), "step": m.step, "sampler": args.sampler, "variance": args.variance, "nfe": nfe, "n": args.n,
+    report = {"checkpoint": str(m.path), "step": m.step, "sampler": args.sampler, "options": {k: v for k, v in vars(args).items() if k in ("variance", "grid", "eta", "order")}, "nfe": nfe, "n": args.n,
               "judge_test_accuracy": acc, "real_confident_fraction": real.confident_fraction, "confident_fraction": verdict.confident_fraction,
               "class_shares": verdict.class_shares, "mean_confidence": verdict.mean_confidence, "seconds": elapsed}
     (out / f"report_{tag}.json").write_text(json.dumps(report, indent=2))

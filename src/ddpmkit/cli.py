@@ -1,4 +1,4 @@
-"""The command line: `ddpmkit train | sample | forward | demo`."""
+"""The command line: `ddpmkit train | sample | tune-grid | forward | demo`."""
 from __future__ import annotations
 
 import argparse
@@ -25,9 +25,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"run folder: {run_dir}")
 
 
-def sample_to_files(ckpt: str, out: Path, n: int, steps: int | None, seed: int, variance: str, clip: bool,
-                    gif: bool, sampler: str = "ddpm", gif_frames: int = 50) -> Path:
-    """Sample a checkpoint and write grid.png, samples/*.png and (images) reverse_process.gif."""
+def sample_to_files(ckpt: str, out: Path, n: int, steps: int | None, seed: int, sampler: str = "ddpm",
+                    options: dict | None = None, gif: bool = True, gif_frames: int = 50) -> Path:
+    """Sample a checkpoint and write grid.png, samples/*.png and (images) reverse_process.gif.
+
+    options: sampler options; variance='auto' means the model's own (learned or beta-tilde)."""
     from . import viz
     from .checkpoint import load_model
     from .reverse import default_variance
@@ -35,13 +37,14 @@ def sample_to_files(ckpt: str, out: Path, n: int, steps: int | None, seed: int, 
 
     m = load_model(ckpt)
     d = m.config.diffusion
+    options = dict(options or {})
+    if options.get("variance") == "auto":
+        options["variance"] = default_variance(d.learned_variance)
     total = steps or m.schedule.T
     record = max(1, total // gif_frames) if gif else 0
     t0 = time.time()
     res = sample(m.network, (n, *m.data_shape), m.schedule, sampler=sampler, steps=steps, prediction=d.prediction,
-                 learned_variance=d.learned_variance, generator=seed, record_every=record, progress=True,
-                 variance=default_variance(d.learned_variance) if variance == "auto" else variance,
-                 clip_x0=clip and len(m.data_shape) == 3)
+                 learned_variance=d.learned_variance, generator=seed, record_every=record, progress=True, **options)
     elapsed = time.time() - t0
     out.mkdir(parents=True, exist_ok=True)
     if len(m.data_shape) == 3:
@@ -55,12 +58,68 @@ def sample_to_files(ckpt: str, out: Path, n: int, steps: int | None, seed: int, 
     else:
         viz.scatter_2d(res.x, out / "scatter.png", title=f"{n} samples, {res.nfe} NFE")
     torch.save(res.x, out / "samples.pt")
-    print(f"{n} samples from {m.path} (step {m.step}) in {elapsed:.1f}s, {res.nfe} network evaluations -> {out}")
+    print(f"{n} samples from {m.path} (step {m.step}) with {sampler} in {elapsed:.1f}s, {res.nfe} network evaluations -> {out}")
     return out
 
 
+def read_grid(spec: str | None):
+    """--grid: a grid name, or a JSON file {"timesteps": [...]} written by `ddpmkit tune-grid`."""
+    if spec is None or not spec.endswith(".json"):
+        return spec
+    import json
+
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"grid file not found: {path}")
+    try:
+        return torch.tensor(json.loads(path.read_text())["timesteps"], dtype=torch.float64)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a grid file with a 'timesteps' list: {e}") from None
+
+
+def sampler_options(args: argparse.Namespace) -> dict:
+    """The options the chosen sampler takes, from the command line."""
+    options: dict = {}
+    grid = read_grid(args.grid)
+    if grid is not None:
+        options["grid"] = grid
+    if args.sampler == "ddpm":
+        options["variance"] = args.variance
+    if args.sampler not in ("euler_maruyama", "pc", "dopri5"):
+        options["clip_x0"] = not args.no_clip
+    if args.eta is not None:
+        options["eta"] = args.eta
+    if args.order is not None:
+        options["order"] = args.order
+    return options
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
-    sample_to_files(args.checkpoint, Path(args.out), args.n, args.steps, args.seed, args.variance, not args.no_clip, not args.no_gif, args.sampler)
+    sample_to_files(args.checkpoint, Path(args.out), args.n, args.steps, args.seed, args.sampler, sampler_options(args),
+                    not args.no_gif)
+
+
+def cmd_tune_grid(args: argparse.Namespace) -> None:
+    """Optimise a step grid for a checkpoint and a sampler, and write it as JSON for --grid."""
+    import json
+
+    from .checkpoint import load_model
+    from .sampling.optimize import optimize_grid
+
+    m = load_model(args.checkpoint)
+    d = m.config.diffusion
+    options = {"order": args.order} if args.order is not None else {}
+    t0 = time.time()
+    grid = optimize_grid(m.network, (args.n, *m.data_shape), m.schedule, sampler=args.sampler, steps=args.steps,
+                         prediction=d.prediction, seed=args.seed, max_evals=args.evals, progress=True, **options)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"sampler": args.sampler, "steps": args.steps, "options": options,
+                               "checkpoint": str(m.path), "timesteps": [round(t, 6) for t in grid.tolist()]}, indent=1))
+    tmp.replace(out)
+    print(f"{args.steps}-step grid for {args.sampler} in {time.time() - t0:.0f}s: {[round(t, 1) for t in grid.tolist()]} -> {out}")
+    print(f"use it with: ddpmkit sample {args.checkpoint} --sampler {args.sampler} --grid {out}")
 
 
 def load_image(spec: str, size: int | None) -> torch.Tensor:
@@ -135,11 +194,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
     train(cfg, resume=False)
     out = Path(args.run_dir) / "demo_samples"
     print(f"[demo] sampling {args.n} digits with 1,000-step ancestral sampling (Algorithm 2)")
-    sample_to_files(args.run_dir, out, args.n, None, 0, "auto", True, True)
+    sample_to_files(args.run_dir, out, args.n, None, 0, "ddpm", {"variance": "auto", "clip_x0": True})
     print(f"[demo] look at {out / 'grid.png'} and {out / 'reverse_process.gif'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .sampling import GRIDS, SAMPLERS
+
     p = argparse.ArgumentParser(prog="ddpmkit", description="Denoising diffusion models: train, sample, look.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -153,14 +214,28 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="draw samples from a checkpoint (grid, PNGs, reverse-process GIF)")
     s.add_argument("checkpoint", help="a ckpt-XXXXXXX folder or a run folder (newest checkpoint)")
     s.add_argument("--n", type=int, default=64)
-    s.add_argument("--steps", type=int, default=None, help="network evaluations (default: all T steps)")
-    s.add_argument("--sampler", default="ddpm")
+    s.add_argument("--steps", type=int, default=None, help="grid points, one network evaluation each (default: all T)")
+    s.add_argument("--sampler", default="ddpm", choices=sorted(SAMPLERS), help="ddpm = Algorithm 2; see the README")
+    s.add_argument("--grid", default=None, help=f"step grid: {', '.join(GRIDS)}, or a JSON file from tune-grid")
+    s.add_argument("--eta", type=float, default=None, help="noise of ddim and the *_sde samplers (0 = ODE)")
+    s.add_argument("--order", type=int, default=None, help="order of unipc / ipndm / dpmpp solvers")
     s.add_argument("--variance", default="auto", choices=["auto", "beta_tilde", "beta", "learned"], help="sigma_t^2 of Algorithm 2")
     s.add_argument("--seed", type=int, default=0, help="sample k uses seed + k")
     s.add_argument("--no-clip", action="store_true", help="do not clip predicted x_0 to [-1, 1]")
     s.add_argument("--no-gif", action="store_true")
     s.add_argument("--out", default="samples")
     s.set_defaults(func=cmd_sample)
+
+    g = sub.add_parser("tune-grid", help="optimise a few-step grid for a checkpoint and sampler (use with sample --grid)")
+    g.add_argument("checkpoint")
+    g.add_argument("--sampler", default="unipc", choices=sorted(set(SAMPLERS) - {"dopri5"}))
+    g.add_argument("--steps", type=int, default=10)
+    g.add_argument("--order", type=int, default=None)
+    g.add_argument("--n", type=int, default=16, help="training trajectories")
+    g.add_argument("--evals", type=int, default=300, help="sampler runs the search may spend")
+    g.add_argument("--seed", type=int, default=1000, help="seed of the training trajectories")
+    g.add_argument("--out", default="grid.json")
+    g.set_defaults(func=cmd_tune_grid)
 
     f = sub.add_parser("forward", help="show the forward process of an image and its Fourier spectrum")
     f.add_argument("image", help="an image file, or mnist5k:INDEX")

@@ -127,7 +127,9 @@ class Denoiser:
         self.nfe = 0  # network evaluations so far, one per call on a batch
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor | float, **extra) -> DenoiserOutput:
-        t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32)
+        t = torch.as_tensor(t, device=x_t.device)
+        if not t.is_floating_point():
+            t = t.float()  # float64 is kept: continuous-time solvers ask for exact noise levels
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         output = self.model(x_t, t, **extra)

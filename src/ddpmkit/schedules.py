@@ -193,6 +193,26 @@ class NoiseSchedule:
         ab = self.alpha_bar_at(t)
         return ab.log() - (-ab).log1p()
 
+    def sigma_at(self, t: torch.Tensor | float) -> torch.Tensor:
+        """sigma(t) = sqrt((1 - alpha_bar) / alpha_bar), the noise level of x_t / sqrt(alpha_bar_t).
+
+        In these (EDM / DDIM eq. 14) coordinates the probability-flow ODE is dx/dsigma = eps."""
+        return (-0.5 * self.log_snr_at(t)).exp()
+
+    def t_at_sigma(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        """The real timestep with ``sigma_at(t) == sigma``: the inverse of ``sigma_at`` (float64).
+
+        log alpha_bar = -log(1 + sigma^2) is piecewise linear in t, so the inverse is exact."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        neg_log_ab = torch.cat([self.betas.new_zeros(1), -self.alpha_bar.log()])  # increasing; index 0 is t = -1
+        target = torch.log1p(sigma**2)
+        if bool(((target < 0) | (target > neg_log_ab[-1] * (1 + 1e-12))).any()):
+            raise ValueError(f"sigma must lie in [0, {self.sigma_at(self.T - 1).item():.4g}] for this schedule")
+        hi = torch.searchsorted(neg_log_ab, target).clamp(1, self.T)
+        lo = hi - 1
+        w = ((target - neg_log_ab[lo]) / (neg_log_ab[hi] - neg_log_ab[lo])).clamp(0, 1)
+        return lo + w - 1.0
+
     def to(self, device: torch.device | str) -> "NoiseSchedule":
         return NoiseSchedule(self.betas.to(device), self.timesteps.to(device))
 

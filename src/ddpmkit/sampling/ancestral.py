@@ -17,10 +17,18 @@ import torch
 
 from ..parameterization import Denoiser
 from ..reverse import check_variance, p_mean_variance
-from ..schedules import NoiseSchedule, spaced_timesteps
+from ..schedules import NoiseSchedule
+from .grids import integer_grid
 from .noise import NoiseSource
 
 StepCallback = Callable[[dict], None]
+
+
+def _respaced(schedule: NoiseSchedule, steps: int | None, grid) -> NoiseSchedule:
+    """The schedule on the grid's integer timesteps (all T steps when steps is None or T)."""
+    if (steps is None or steps == schedule.T) and isinstance(grid, str):
+        return schedule
+    return schedule.respace(integer_grid(grid, schedule, steps))
 
 
 def ddpm(
@@ -28,6 +36,7 @@ def ddpm(
     x: torch.Tensor,
     noise: NoiseSource,
     steps: int | None = None,
+    grid: str = "uniform",
     variance: str = "beta_tilde",
     clip_x0: bool = False,
     callback: StepCallback | None = None,
@@ -41,9 +50,7 @@ def ddpm(
     callback receives {'i', 't', 'x' (x_{t-1}), 'x0' (predicted x_0)} after every step.
     """
     check_variance(variance)
-    schedule = denoiser.schedule
-    if steps is not None and steps != schedule.T:
-        schedule = schedule.respace(spaced_timesteps(schedule.T, steps))
+    schedule = _respaced(denoiser.schedule, steps, grid)
     positions = range(schedule.T - 1, -1, -1)
     if progress:
         from tqdm.auto import tqdm
@@ -70,6 +77,7 @@ def ddim(
     x: torch.Tensor,
     noise: NoiseSource,
     steps: int | None = None,
+    grid: str = "uniform",
     eta: float = 0.0,
     clip_x0: bool = False,
     callback: StepCallback | None = None,
@@ -86,9 +94,7 @@ def ddim(
     """
     if not 0.0 <= eta:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    schedule = denoiser.schedule
-    if steps is not None and steps != schedule.T:
-        schedule = schedule.respace(spaced_timesteps(schedule.T, steps))
+    schedule = _respaced(denoiser.schedule, steps, grid)
     ab = schedule.alpha_bar
     positions = range(schedule.T - 1, -1, -1)
     if progress:

@@ -1,0 +1,188 @@
+"""ODE and SDE samplers driven by exact denoisers: convergence order, agreement, distributions."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import ddpmkit
+from ddpmkit.analytic import GaussianMixture, nearest_component
+from ddpmkit.parameterization import v_from_x0_eps, x0_from_eps
+from ddpmkit.sampling import SAMPLERS, timestep_grid
+from ddpmkit.sampling.optimize import grid_from_gaps, optimize_grid
+from ddpmkit.schedules import NoiseSchedule
+
+S = NoiseSchedule.from_name("linear", 1000)
+MU, SD = torch.tensor([0.5, -1.0, 0.2], dtype=torch.float64), 0.3
+GAUSS = GaussianMixture.gaussian(MU, SD)
+X_T = torch.randn(64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+
+def exact_gaussian_endpoint(x_T: torch.Tensor, schedule: NoiseSchedule = S) -> torch.Tensor:
+    """The probability-flow ODE for N(mu, s^2 I) data in closed form: in x_bar = x / sqrt(alpha_bar)
+    x_bar(sigma) - mu = sqrt(s^2 + sigma^2) / sqrt(s^2 + sigma_max^2) (x_bar(sigma_max) - mu), from
+    t = T-1 to t = 0, then the denoiser's x_0 = mu + s^2 / (s^2 + sigma^2) (x_bar - mu) there."""
+    s_max, s_min = schedule.sigma_at(schedule.T - 1).item(), schedule.sigma_at(0).item()
+    x_bar = x_T * math.sqrt(1 + s_max**2)
+    x_min = MU + math.sqrt(SD**2 + s_min**2) / math.sqrt(SD**2 + s_max**2) * (x_bar - MU)
+    return MU + SD**2 / (SD**2 + s_min**2) * (x_min - MU)
+
+
+REF = exact_gaussian_endpoint(X_T)
+
+
+def error(sampler: str, steps: int, **options) -> float:
+    out = ddpmkit.sample(GAUSS.eps_model(S), X_T.shape, S, sampler=sampler, steps=steps, x_T=X_T, **options)
+    return (out.x - REF).norm(dim=1).median().item()
+
+
+@pytest.mark.parametrize(
+    "sampler, options, order",
+    [
+        ("ddim", {}, 1),
+        ("euler", {"grid": "logsnr"}, 1),
+        ("heun", {"grid": "logsnr"}, 2),
+        ("dpmpp_2m", {}, 2),
+        # the first step has no history and is first order: global order 2 (as in diffusers)
+        ("dpmpp_3m", {}, 2),
+        ("unipc", {"order": 1}, 2),  # the corrector raises the order by one at no extra NFE
+        ("unipc", {"order": 2}, 3),
+        ("ipndm", {"order": 2, "grid": "logsnr"}, 2),
+    ],
+)
+def test_deterministic_solvers_converge_at_their_order(sampler, options, order):
+    steps = np.array([20, 40, 80, 160])
+    errs = np.array([error(sampler, int(n), **options) for n in steps])
+    slope = -np.polyfit(np.log(steps), np.log(errs), 1)[0]
+    assert errs[-1] < 2e-2
+    assert slope == pytest.approx(order, abs=0.3), f"{sampler}: errors {errs}, fitted order {slope:.2f}"
+
+
+def test_dopri5_matches_the_closed_form():
+    out = ddpmkit.sample(GAUSS.eps_model(S), X_T.shape, S, sampler="dopri5", x_T=X_T, rtol=1e-9, atol=1e-9)
+    assert (out.x - REF).abs().max().item() < 1e-6
+    assert out.nfe > 10
+
+
+MIX = GaussianMixture(torch.tensor([[-1.5, 0.0], [1.5, 0.5], [0.0, -1.5]]), torch.tensor([0.2, 0.3, 0.15]),
+                      torch.tensor([0.5, 0.3, 0.2]))
+
+
+def test_ddim_eta0_and_the_ode_solvers_agree_as_steps_grow():
+    x_T = torch.randn(200, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    model = MIX.eps_model(S)
+    ref = ddpmkit.sample(model, x_T.shape, S, sampler="dopri5", x_T=x_T, rtol=1e-9, atol=1e-9).x
+    errs = [(ddpmkit.sample(model, x_T.shape, S, sampler="ddim", steps=n, x_T=x_T).x - ref).norm(dim=1).median().item()
+            for n in (10, 100, 1000)]
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 2e-3, errs
+    unipc = ddpmkit.sample(model, x_T.shape, S, sampler="unipc", steps=50, x_T=x_T).x
+    assert (unipc - ref).norm(dim=1).median().item() < 1e-3
+
+
+def test_ddim_eta1_is_ancestral_ddpm():
+    """DDIM's sigma with eta = 1 is sqrt(beta-tilde): the same update as Algorithm 2, draw for draw."""
+    model = MIX.eps_model(S)
+    a = ddpmkit.sample(model, (16, 2), S, sampler="ddim", steps=1000, eta=1.0, generator=5).x
+    b = ddpmkit.sample(model, (16, 2), S, sampler="ddpm", generator=5).x
+    assert torch.allclose(a, b, atol=1e-4)
+    a = ddpmkit.sample(model, (16, 2), S, sampler="ddim", steps=25, eta=1.0, generator=5).x
+    b = ddpmkit.sample(model, (16, 2), S, sampler="ddpm", steps=25, generator=5).x
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "sampler, steps, options",
+    [
+        ("euler_maruyama", 1000, {}),
+        ("pc", 250, {}),
+        ("dpmpp_2m_sde", 100, {}),
+        ("dpmpp_3m_sde", 100, {}),
+    ],
+)
+def test_stochastic_samplers_reproduce_the_mixture(sampler, steps, options):
+    n = 4000
+    out = ddpmkit.sample(MIX.eps_model(S), (n, 2), S, sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(9), **options)
+    k = nearest_component(MIX, out.x)
+    freq = torch.bincount(k, minlength=3).double() / n
+    assert torch.allclose(freq, MIX.weights, atol=4 * (0.25 / n) ** 0.5), freq
+    for j in range(3):
+        spread = (out.x[k == j].double() - MIX.means[j]).std().item()
+        assert spread == pytest.approx(MIX.stds[j].item(), rel=0.1), (j, spread)
+
+
+PREDICTORS = {
+    "x0": lambda eps_fn: lambda x, t: x0_from_eps(x, eps_fn(x, t), S.alpha_bar_at(t.double())),
+    "v": lambda eps_fn: lambda x, t: v_from_x0_eps(x0_from_eps(x, eps_fn(x, t), S.alpha_bar_at(t.double())), eps_fn(x, t),
+                                                 S.alpha_bar_at(t.double())),
+}
+
+
+@pytest.mark.parametrize("sampler", sorted(set(SAMPLERS) - {"dopri5"}))
+@pytest.mark.parametrize("prediction", ["x0", "v"])
+def test_every_sampler_drives_every_parameterization(sampler, prediction):
+    eps_fn = MIX.eps_model(S)
+    model = PREDICTORS[prediction](eps_fn)
+    kw = dict(steps=12, generator=3)
+    a = ddpmkit.sample(eps_fn, (8, 2), S, sampler=sampler, **kw)
+    b = ddpmkit.sample(model, (8, 2), S, sampler=sampler, prediction=prediction, **kw)
+    assert torch.allclose(a.x, b.x, atol=1e-4)
+    assert a.nfe == b.nfe
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_reproducible_and_batch_invariant(sampler):
+    model = MIX.eps_model(S)
+    kw = dict(sampler=sampler, steps=10, rtol=1e-4, atol=1e-4) if sampler == "dopri5" else dict(sampler=sampler, steps=10)
+    big = ddpmkit.sample(model, (6, 2), S, generator=7, **kw)
+    again = ddpmkit.sample(model, (6, 2), S, generator=7, **kw)
+    assert torch.equal(big.x, again.x)
+    small = ddpmkit.sample(model, (2, 2), S, generator=[11, 12], **kw)  # seeds 7+4, 7+5
+    if sampler != "dopri5":  # the adaptive step size depends on the whole batch
+        assert torch.allclose(big.x[4:6], small.x, atol=1e-5)
+
+
+def test_nfe_is_counted():
+    model = MIX.eps_model(S)
+    nfe = lambda sampler, **kw: ddpmkit.sample(model, (4, 2), S, sampler=sampler, steps=10, generator=0, **kw).nfe  # noqa: E731
+    assert nfe("euler") == nfe("dpmpp_2m") == nfe("unipc") == nfe("ddim") == nfe("ipndm") == 10
+    assert nfe("heun") == 19 and nfe("pc") == 19 and nfe("euler_maruyama") == 10
+
+
+@pytest.mark.parametrize("grid", ["uniform", "trailing", "leading", "quadratic", "karras", "logsnr"])
+def test_grids_are_decreasing_timesteps(grid):
+    t = timestep_grid(grid, S, 10)
+    assert t.shape == (10,) and bool((t[1:] < t[:-1]).all()) and t.min() >= 0 and t.max() <= 999
+    if grid in ("uniform", "quadratic", "karras", "logsnr"):
+        assert t[0] == 999 and t[-1] == 0
+
+
+def test_karras_and_logsnr_grids_follow_their_formulas():
+    sig = S.sigma_at(timestep_grid("karras", S, 8))
+    root = sig ** (1 / 7)
+    assert torch.allclose(root[1:] - root[:-1], (root[1] - root[0]).expand(7), rtol=1e-6)
+    lam = S.log_snr_at(timestep_grid("logsnr", S, 8))
+    assert torch.allclose(lam[1:] - lam[:-1], (lam[1] - lam[0]).expand(7), rtol=1e-6)
+
+
+def test_bad_grid_and_sampler_names_list_the_options():
+    with pytest.raises(ValueError, match="karras"):
+        timestep_grid("karas", S, 10)
+    with pytest.raises(ValueError, match="dpmpp_2m"):
+        ddpmkit.sample(MIX.eps_model(S), (2, 2), S, sampler="dpm")
+    with pytest.raises(ValueError, match="decreasing"):
+        timestep_grid(torch.tensor([0.0, 500.0]), S, None)
+
+
+def test_optimised_grid_beats_the_named_grids_on_fresh_trajectories():
+    model = MIX.eps_model(S)
+    grid = optimize_grid(model, (32, 2), S, sampler="unipc", steps=6, seed=100, max_evals=150, order=2)
+    assert grid[0] == 999 and grid[-1] == 0 and bool((grid[1:] < grid[:-1]).all())
+    x_T = torch.randn(200, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref = ddpmkit.sample(model, x_T.shape, S, sampler="dopri5", x_T=x_T, rtol=1e-9, atol=1e-9).x
+
+    def err(g):
+        return (ddpmkit.sample(model, x_T.shape, S, sampler="unipc", steps=6, grid=g, x_T=x_T, order=2).x - ref).norm(dim=1).median().item()
+
+    assert err(grid) < 0.7 * min(err(g) for g in ("logsnr", "karras", "uniform"))
+    # zero gaps parameters are the uniform-in-log-SNR grid
+    assert torch.allclose(S.log_snr_at(grid_from_gaps(torch.zeros(5), S)), S.log_snr_at(timestep_grid("logsnr", S, 6)), atol=1e-9)
