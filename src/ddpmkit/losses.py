@@ -11,6 +11,7 @@ The variational bound (DDPM eq. 5), with 0-indexed t:
 """
 from __future__ import annotations
 
+import math
 from typing import Literal, get_args
 
 import torch
@@ -42,13 +43,26 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log
     return torch.where(x < -edge, log_cdf_upper, torch.where(x > edge, log_sf_lower, mass.log()))
 
 
+def gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, e^log_var), elementwise: the L_0 decoder for continuous data."""
+    return -0.5 * (math.log(2 * math.pi) + log_var + (x - mean) ** 2 * torch.exp(-log_var))
+
+
 def vlb_term(
-    x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor, schedule: NoiseSchedule
+    x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor, schedule: NoiseSchedule,
+    decoder: str = "discretized",
 ) -> torch.Tensor:
-    """L_{t-1} for t > 0 and L_0 for t = 0, given p_theta's mean and log variance; nats/dim, (B,)."""
+    """L_{t-1} for t > 0 and L_0 for t = 0, given p_theta's mean and log variance; nats/dim, (B,).
+
+    decoder: 'discretized' (8-bit data in [-1, 1], DDPM eq. 13) or 'gaussian' (continuous data)."""
     true_mean, _, true_log_var = q_posterior_mean_variance(x0, x_t, t, schedule)
     kl = mean_flat(normal_kl(true_mean, true_log_var, mean, log_var))
-    decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, log_var))
+    if decoder == "discretized":
+        decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, log_var))
+    elif decoder == "gaussian":
+        decoder_nll = -mean_flat(gaussian_log_likelihood(x0, mean, log_var))
+    else:
+        raise ValueError(f"unknown decoder {decoder!r}; choose 'discretized' or 'gaussian'")
     return torch.where(t == 0, decoder_nll, kl)
 
 

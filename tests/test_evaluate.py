@@ -1,0 +1,135 @@
+"""Likelihoods against exact densities, and the sample-quality metrics against independent computations."""
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from ddpmkit.analytic import GaussianMixture
+from ddpmkit.evaluate.inception import FIDInceptionV3, inception_features, load_fid_inception
+from ddpmkit.evaluate.likelihood import dequantize, ode_nll, vlb
+from ddpmkit.evaluate.metrics import FeatureStats, fid_from_features, frechet_distance, inception_score, kernel_inception_distance
+from ddpmkit.schedules import NoiseSchedule
+
+S = NoiseSchedule.from_name("linear", 1000)
+MIX2 = GaussianMixture(torch.tensor([[-1.5, 0.0], [1.5, 0.5], [0.0, -1.5]]), torch.tensor([0.2, 0.3, 0.15]),
+                       torch.tensor([0.5, 0.3, 0.2]))
+
+
+def mixture_8d() -> GaussianMixture:
+    g = torch.Generator().manual_seed(0)
+    return GaussianMixture(torch.rand(4, 8, generator=g, dtype=torch.float64) * 2 - 1, torch.tensor([0.1, 0.2, 0.15, 0.3]), torch.ones(4))
+
+
+@pytest.mark.parametrize("gm, n", [(MIX2, 100), (mixture_8d(), 40)], ids=["2-D", "8-D"])
+def test_ode_nll_equals_the_true_density(gm, n):
+    x, _ = gm.sample(n, torch.Generator().manual_seed(1))
+    truth = -gm.log_prob(x) / gm.dim  # nats per dimension
+    t_start = S.t_at_sigma(1e-4).item()  # the exact model is defined below t = 0
+    out = ode_nll(gm.eps_model(S), x, S, t_start=t_start, divergence="exact", rtol=1e-7, atol=1e-7)
+    assert (out.nll - truth).abs().max().item() < 0.01
+
+
+def test_hutchinson_divergence_is_unbiased():
+    gm = mixture_8d()
+    x, _ = gm.sample(300, torch.Generator().manual_seed(2))
+    truth = -gm.log_prob(x) / gm.dim
+    t_start = S.t_at_sigma(1e-4).item()
+    out = ode_nll(gm.eps_model(S), x, S, t_start=t_start, divergence="hutchinson", rtol=1e-6, atol=1e-6,
+                  generator=torch.Generator().manual_seed(3))
+    err = out.nll - truth
+    assert abs(err.mean().item()) < 4 * err.std().item() / 300**0.5 + 1e-3
+
+
+def test_vlb_is_an_upper_bound_that_tightens_with_T():
+    x, _ = MIX2.sample(200, torch.Generator().manual_seed(4))
+    truth = (-MIX2.log_prob(x) / 2).mean().item()
+    bounds = []
+    for T in (50, 200, 1000):
+        s = NoiseSchedule.from_name("linear", T)
+        res = vlb(MIX2.eps_model(s), x, s, decoder="gaussian", generator=torch.Generator().manual_seed(5))
+        assert res.terms.shape == (200, T)
+        bounds.append(res.total.mean().item())
+    assert bounds[0] > bounds[1] > bounds[2] > truth, (bounds, truth)
+
+
+def test_vlb_terms_are_the_loss_terms():
+    """Column t of the breakdown is the training loss's vlb_term at t; the prior is L_T."""
+    from ddpmkit.losses import training_losses
+    from ddpmkit.process import prior_kl
+
+    s = NoiseSchedule.from_name("linear", 20)
+    x = torch.rand(8, 1, 4, 4) * 2 - 1
+    model = lambda x_t, t: torch.zeros_like(x_t)  # noqa: E731
+    res = vlb(model, x, s, generator=torch.Generator().manual_seed(0))
+    for t in (0, 7, 19):
+        g = torch.Generator().manual_seed(0)
+        # vlb draws one noise tensor per step from t = T-1 down: replay the stream up to t
+        for _ in range(s.T - 1 - t):
+            torch.randn(x.shape, generator=g)
+        noise = torch.randn(x.shape, generator=g)
+        terms = training_losses(model, x, torch.full((8,), t), s, noise=noise, loss_type="vlb")
+        assert torch.allclose(res.terms[:, t].float(), terms["vlb"], atol=1e-5)
+    assert torch.allclose(res.prior.float(), prior_kl(x, s))
+
+
+def test_dequantize_stays_in_the_bins():
+    k = torch.randint(0, 256, (100,)).float()
+    x = k / 127.5 - 1
+    d = dequantize(x, torch.Generator().manual_seed(0))
+    assert bool(((d + 1) * 128 >= k).all()) and bool(((d + 1) * 128 < k + 1).all())
+
+
+def test_frechet_distance_matches_scipy_sqrtm():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(300, 20)), rng.normal(size=(300, 20)) @ rng.normal(size=(20, 20)) * 0.3 + 0.5
+    s1, s2 = FeatureStats.of(a), FeatureStats.of(b)
+    covmean = scipy.linalg.sqrtm(s1.sigma @ s2.sigma).real
+    ref = ((s1.mu - s2.mu) ** 2).sum() + np.trace(s1.sigma + s2.sigma - 2 * covmean)
+    assert frechet_distance(s1.mu, s1.sigma, s2.mu, s2.sigma) == pytest.approx(ref, abs=1e-6)
+    assert abs(fid_from_features(a, a)) < 1e-6
+
+
+def test_fid_and_kid_grow_as_noise_replaces_samples():
+    rng = np.random.default_rng(1)
+    real = rng.normal(size=(1000, 16)) * np.linspace(0.5, 2, 16)
+    ref = FeatureStats.of(real)
+    other = rng.normal(size=(1000, 16)) * np.linspace(0.5, 2, 16)
+    fids, kids = [], []
+    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
+        fake = other.copy()
+        k = int(frac * 1000)
+        fake[:k] = rng.normal(size=(k, 16)) * 3 + 1
+        fids.append(fid_from_features(fake, ref))
+        kids.append(kernel_inception_distance(fake, real, subsets=10, subset_size=500)[0])
+    assert fids[0] < 0.5 and all(a < b for a, b in zip(fids, fids[1:])), fids
+    assert abs(kids[0]) < 0.01 and all(a < b for a, b in zip(kids, kids[1:])), kids
+
+
+def test_inception_score_limits():
+    confident = np.eye(10)[np.arange(1000) % 10] * 0.999 + 0.0001
+    assert inception_score(confident)[0] == pytest.approx(10, rel=0.02)
+    assert inception_score(np.full((1000, 10), 0.1))[0] == pytest.approx(1.0)
+
+
+def test_inception_network_loads_weights_from_a_file_and_computes_features(tmp_path):
+    torch.manual_seed(0)
+    net = FIDInceptionV3().eval()
+    for m in net.modules():  # non-trivial batch-norm statistics, as in the real checkpoint
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(net.state_dict(), path)
+    loaded = load_fid_inception(path)
+    images = torch.rand(2, 1, 28, 28) * 2 - 1
+    feats, probs = inception_features(loaded, images)
+    assert feats.shape == (2, 2048) and probs.shape == (2, 1008)
+    assert torch.allclose(probs.sum(1), torch.ones(2), atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(feats, net(images)[0], atol=1e-5)
+    bad = tmp_path / "bad.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, bad)
+    with pytest.raises(ValueError, match="not the FID Inception"):
+        load_fid_inception(bad)
+    with pytest.raises(FileNotFoundError):
+        load_fid_inception(tmp_path / "missing.pth")
