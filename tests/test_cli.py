@@ -68,7 +68,7 @@ def test_corrupt_image_in_training_folder(tmp_path, capsys):
 def test_train_then_sample_writes_grid_pngs_and_gif(tmp_path, capsys):
     run_dir = tmp_path / "run"
     code, _, err = run(capsys, "train", str(PRESET_DIR / "mnist.toml"), "data.name=digits", "network.base_channels=8",
-                       "network.channel_mult=1,2", "network.attention_resolutions=4", "train.steps=3", "train.batch_size=8",
+                       "network.channel_mult=1,2", "network.attention_resolutions=4", "train.steps=3", "train.batch_size=8", "diffusion.T=100",
                        "train.sample_every=0", f"train.run_dir={run_dir}", "--quiet")
     assert code == 0, err
     code, out, err = run(capsys, "sample", str(run_dir), "--n", "4", "--steps", "20", "--out", str(tmp_path / "s"))
@@ -78,6 +78,28 @@ def test_train_then_sample_writes_grid_pngs_and_gif(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "s" / "samples").iterdir()) == [f"{i:06d}.png" for i in range(4)]
     gif = Image.open(tmp_path / "s" / "reverse_process.gif")
     assert gif.n_frames >= 10
+
+    # a few-step ODE sampler, a grid tuned for this checkpoint, and the evaluation report
+    code, out, err = run(capsys, "sample", str(run_dir), "--n", "2", "--sampler", "unipc", "--steps", "5", "--grid", "karras",
+                         "--no-gif", "--out", str(tmp_path / "u"))
+    assert code == 0 and "5 network evaluations" in out, err
+    grid = tmp_path / "grid.json"
+    code, out, err = run(capsys, "tune-grid", str(run_dir), "--steps", "4", "--n", "2", "--evals", "8", "--out", str(grid))
+    assert code == 0 and grid.is_file(), err
+    code, out, err = run(capsys, "sample", str(run_dir), "--n", "2", "--sampler", "unipc", "--grid", str(grid), "--no-gif",
+                         "--out", str(tmp_path / "g"))
+    assert code == 0 and "4 network evaluations" in out, err
+    report = tmp_path / "eval.json"
+    code, out, err = run(capsys, "eval", str(run_dir), "--metrics", "bpd", "--n-bpd", "2", "--out", str(report))
+    assert code == 0, err
+    import json
+
+    metrics = json.loads(report.read_text())["metrics"]
+    assert metrics["bpd_vlb"]["value"] > 0 and metrics["bpd_ode"]["value"] > 0 and "bpd_vlb" in out
+    code, out, err = run(capsys, "eval", str(run_dir), "--metrics", "fd", "--out", str(report))
+    assert code == 2 and "use --features inception" in err
+    code, out, err = run(capsys, "eval", str(run_dir), "--metrics", "fid,psnr")
+    assert code == 2 and "unknown metric(s) ['psnr']" in err
 
 
 def test_forward_on_an_image_file(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""The command line: `ddpmkit train | sample | tune-grid | forward | demo`."""
+"""The command line: `ddpmkit train | sample | eval | tune-grid | forward | demo`."""
 from __future__ import annotations
 
 import argparse
@@ -99,6 +99,16 @@ def cmd_sample(args: argparse.Namespace) -> None:
                     not args.no_gif)
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluate.report import evaluate_checkpoint, format_report, parse_metrics
+
+    report = evaluate_checkpoint(args.checkpoint, parse_metrics(args.metrics), sampler=args.sampler, steps=args.steps,
+                                 n=args.n, n_bpd=args.n_bpd, seed=args.seed, features=args.features,
+                                 sampler_options=sampler_options(args), inception_path=args.inception, out=args.out)
+    print(format_report(report))
+    print(f"report: {args.out}")
+
+
 def cmd_tune_grid(args: argparse.Namespace) -> None:
     """Optimise a step grid for a checkpoint and a sampler, and write it as JSON for --grid."""
     import json
@@ -111,7 +121,8 @@ def cmd_tune_grid(args: argparse.Namespace) -> None:
     options = {"order": args.order} if args.order is not None else {}
     t0 = time.time()
     grid = optimize_grid(m.network, (args.n, *m.data_shape), m.schedule, sampler=args.sampler, steps=args.steps,
-                         prediction=d.prediction, seed=args.seed, max_evals=args.evals, progress=True, **options)
+                         prediction=d.prediction, seed=args.seed, max_evals=args.evals, progress=True,
+                         reference_tol=args.reference_tol, **options)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
@@ -226,6 +237,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="samples")
     s.set_defaults(func=cmd_sample)
 
+    e = sub.add_parser("eval", help="bits/dim on held-out data and FD/KID/IS of samples, as a table and JSON")
+    e.add_argument("checkpoint")
+    e.add_argument("--metrics", default="bpd,fd,kid,is", help="comma-separated: bpd (= bpd_vlb,bpd_ode), fd, kid, is")
+    e.add_argument("--features", default="classifier", choices=["classifier", "inception"],
+                   help="feature network for fd/kid/is: the project's digit classifier (offline, not comparable with papers) or the FID Inception")
+    e.add_argument("--inception", default=None, help=f"path of pt_inception-2015-12-05-6726825d.pth (else $DDPMKIT_INCEPTION / torch hub cache)")
+    e.add_argument("--n", type=int, default=1000, help="samples for fd/kid/is")
+    e.add_argument("--n-bpd", type=int, default=100, help="held-out examples for bits/dim")
+    e.add_argument("--sampler", default="ddpm", choices=sorted(SAMPLERS))
+    e.add_argument("--steps", type=int, default=None)
+    e.add_argument("--grid", default=None)
+    e.add_argument("--eta", type=float, default=None)
+    e.add_argument("--order", type=int, default=None)
+    e.add_argument("--variance", default="auto", choices=["auto", "beta_tilde", "beta", "learned"])
+    e.add_argument("--no-clip", action="store_true")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", default="eval_report.json")
+    e.set_defaults(func=cmd_eval)
+
     g = sub.add_parser("tune-grid", help="optimise a few-step grid for a checkpoint and sampler (use with sample --grid)")
     g.add_argument("checkpoint")
     g.add_argument("--sampler", default="unipc", choices=sorted(set(SAMPLERS) - {"dopri5"}))
@@ -234,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n", type=int, default=16, help="training trajectories")
     g.add_argument("--evals", type=int, default=300, help="sampler runs the search may spend")
     g.add_argument("--seed", type=int, default=1000, help="seed of the training trajectories")
+    g.add_argument("--reference-tol", type=float, default=1e-5, help="rtol = atol of the dopri5 reference solution")
     g.add_argument("--out", default="grid.json")
     g.set_defaults(func=cmd_tune_grid)
 

@@ -152,7 +152,7 @@ def _unipc_coefficients(rks: list[float], h: float, variant: str) -> tuple[torch
 
 
 def unipc(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int | None = None, grid="logsnr",
-          order: int = 3, corrector: bool = True, variant: str = "bh2", lower_order_final: bool = True,
+          order: int = 2, corrector: bool = True, variant: str = "bh2", lower_order_final: bool = True,
           callback=None, model_kwargs=None, progress=False, **grid_options) -> torch.Tensor:
     """UniPC (Zhao et al. 2023): a multistep predictor (UniP) plus a corrector (UniC) that reuses
     the network evaluation at the new point, so correcting costs no extra NFE and raises the order
