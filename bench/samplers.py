@@ -5,7 +5,7 @@ under DDPM's linear schedule, from the same x_T. The score is the median L2 dist
 endpoints from the exact probability-flow ODE solution (dopri5 at rtol = atol = 1e-10, from
 t = T-1 to t = 0, then the denoiser's x_0 there -- the limit every sampler converges to).
 
-    .venv/bin/python bench/samplers.py [--n 400] [--nfe 5,10,20,50] [--plot bench_samplers.png]
+    .venv/bin/python bench/samplers.py [--n 400] [--nfe 5,10,20,50] [--plot runs/bench/samplers.png]
 
 Prints, per problem and NFE, the best configuration of each family and the ratio of ddpmkit's
 best to diffusers' best (< 0.5 is the target at NFE 5, 10 and 20). Every named grid is tried for
@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -114,7 +116,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=400, help="trajectories per problem")
     p.add_argument("--nfe", default="5,10,20,50")
-    p.add_argument("--plot", default="bench_samplers.png")
+    p.add_argument("--plot", default="runs/bench/samplers.png")
     args = p.parse_args()
     nfes = [int(n) for n in args.nfe.split(",")]
     schedule = NoiseSchedule.from_name("linear", 1000)
@@ -174,25 +176,31 @@ def main() -> None:
         curves[pname] = {k: [v.get(n, (float('nan'),))[0] for n in nfes] for k, v in rows.items()}
     if args.plot:
         plot(curves, nfes, args.plot)
-        print(f"\nwrote {args.plot}")
+        Path(args.plot).with_suffix(".json").write_text(json.dumps({"nfe": nfes, "median_error": curves}, indent=1))
+        print(f"\nwrote {args.plot} and {Path(args.plot).with_suffix('.json')}")
 
 
 def plot(curves, nfes, path) -> None:
     import matplotlib
 
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.5), dpi=110)
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves) + 2.5, 4.5), dpi=90)
+    colors = plt.get_cmap("tab20").colors
     for ax, (pname, rows) in zip(np.atleast_1d(axes), curves.items()):
-        for name, errs in rows.items():
-            ax.loglog(nfes, errs, marker="o", ls="-" if name.startswith("ddpmkit") else "--", label=name)
+        for i, (name, errs) in enumerate(rows.items()):
+            ours = name.startswith("ddpmkit")
+            ax.loglog(nfes, errs, marker="o" if ours else "s", ls="-" if ours else "--", color=colors[i % 20],
+                      lw=2.2 if "optimised" in name else 1.2, label=name)
         ax.set_title(pname)
         ax.set_xlabel("network evaluations (NFE)")
         ax.set_ylabel("median endpoint error")
         ax.grid(True, which="both", alpha=0.3)
-    np.atleast_1d(axes)[-1].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
+    handles, labels = np.atleast_1d(axes)[-1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center right")
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
     fig.savefig(path)
     plt.close(fig)
 
