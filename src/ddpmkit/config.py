@@ -71,6 +71,7 @@ class TrainConfig:
     log_every: int = 50
     sample_every: int = 1000  # 0 = never
     sample_steps: int = 100  # respaced ancestral steps for the periodic grids
+    eval_every: int = 0  # log an unbiased bits/dim estimate of the VLB on held-out data; 0 = never
     num_samples: int = 64
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
