@@ -36,6 +36,17 @@ class VLBResult:
         return self.total / LN2
 
 
+def _term_at(denoiser: Denoiser, x0: torch.Tensor, t_vec: torch.Tensor, schedule: NoiseSchedule, variance: str,
+             decoder: str, clip_x0: bool, generator: torch.Generator | None, model_kwargs: dict | None) -> torch.Tensor:
+    """L_{t-1} (L_0 where t = 0) at one draw x_t ~ q(x_t | x_0), nats/dim, (B,) float64."""
+    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    x_t = q_sample(x0, t_vec, schedule, noise)
+    out = denoiser(x_t, t_vec.float(), **(model_kwargs or {}))
+    x0_hat = out.x0.clamp(-1, 1) if clip_x0 else out.x0
+    mean, log_var = p_mean_variance(x0_hat, x_t, t_vec, schedule, variance, out.var_frac)
+    return vlb_term(x0, x_t, t_vec, mean, log_var, schedule, decoder).to(torch.float64)
+
+
 def vlb(model: ModelFn, x0: torch.Tensor, schedule: NoiseSchedule, prediction: Prediction = "eps",
         learned_variance: bool = False, variance: str | None = None, decoder: str = "discretized", clip_x0: bool = False,
         generator: torch.Generator | None = None, model_kwargs: dict | None = None, progress: bool = False) -> VLBResult:
@@ -58,12 +69,7 @@ def vlb(model: ModelFn, x0: torch.Tensor, schedule: NoiseSchedule, prediction: P
     with torch.no_grad():
         for t in steps:
             t_vec = torch.full((B,), t, device=x0.device, dtype=torch.long)
-            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-            x_t = q_sample(x0, t_vec, schedule, noise)
-            out = denoiser(x_t, t_vec.float(), **(model_kwargs or {}))
-            x0_hat = out.x0.clamp(-1, 1) if clip_x0 else out.x0
-            mean, log_var = p_mean_variance(x0_hat, x_t, t_vec, schedule, variance, out.var_frac)
-            terms[:, t] = vlb_term(x0, x_t, t_vec, mean, log_var, schedule, decoder).to(torch.float64)
+            terms[:, t] = _term_at(denoiser, x0, t_vec, schedule, variance, decoder, clip_x0, generator, model_kwargs)
     return VLBResult(prior=prior_kl(x0, schedule).to(torch.float64), terms=terms)
 
 
@@ -78,12 +84,7 @@ def vlb_estimate(model: ModelFn, x0: torch.Tensor, schedule: NoiseSchedule, pred
     B = x0.shape[0]
 
     def term(t_vec: torch.Tensor) -> torch.Tensor:
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-        x_t = q_sample(x0, t_vec, schedule, noise)
-        out = denoiser(x_t, t_vec.float(), **(model_kwargs or {}))
-        x0_hat = out.x0.clamp(-1, 1) if clip_x0 else out.x0
-        mean, log_var = p_mean_variance(x0_hat, x_t, t_vec, schedule, variance, out.var_frac)
-        return vlb_term(x0, x_t, t_vec, mean, log_var, schedule, decoder).to(torch.float64)
+        return _term_at(denoiser, x0, t_vec, schedule, variance, decoder, clip_x0, generator, model_kwargs)
 
     with torch.no_grad():
         total = prior_kl(x0, schedule).to(torch.float64) + term(torch.zeros(B, dtype=torch.long, device=x0.device))
