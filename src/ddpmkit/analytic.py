@@ -103,6 +103,25 @@ class GaussianMixture:
 
         return model
 
+    def conditional_eps_model(self, schedule: NoiseSchedule):
+        """The exact class-conditional denoiser, classes = components: model(x_t, t, y) returns
+        E[eps | x_t, k = y] for y in 0..K-1 and the unconditional E[eps | x_t] for y = K (null)."""
+        K = self.means.shape[0]
+        parts = [GaussianMixture(self.means[k:k + 1], self.stds[k:k + 1], torch.ones(1)) for k in range(K)]
+
+        def model(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+            ab = schedule.alpha_bar_at(t.detach().to(torch.float64).cpu()).to(x_t.device)
+            flat = x_t.reshape(x_t.shape[0], -1)
+            y = torch.full((x_t.shape[0],), K) if y is None else torch.as_tensor(y).long().cpu().expand(x_t.shape[0])
+            out = self.eps_star(flat, ab)
+            for k in range(K):
+                rows = y == k
+                if bool(rows.any()):
+                    out[rows] = parts[k].eps_star(flat[rows], ab[rows])
+            return out.reshape(x_t.shape)
+
+        return model
+
     def covariance(self) -> torch.Tensor:
         """Cov[x] of the mixture: (D, D)."""
         mean = (self.weights[:, None] * self.means).sum(0)

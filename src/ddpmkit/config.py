@@ -52,6 +52,7 @@ class NetworkConfig:
     dropout: float = 0.0
     mlp_hidden: int = 256
     mlp_layers: int = 4
+    num_classes: int = 0  # > 0: class-conditional (label embedding + a null label for guidance)
 
 
 @dataclass(frozen=True)

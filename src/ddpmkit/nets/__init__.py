@@ -19,11 +19,13 @@ def build_network(cfg: NetworkConfig, data_shape: tuple[int, ...], learned_varia
             in_channels=C, out_channels=C * out_mult, image_size=H, base_channels=cfg.base_channels,
             channel_mult=cfg.channel_mult, num_res_blocks=cfg.num_res_blocks,
             attention_resolutions=cfg.attention_resolutions, num_heads=cfg.num_heads, dropout=cfg.dropout,
+            num_classes=cfg.num_classes,
         )
     if cfg.kind == "mlp":
         if len(data_shape) != 1:
             raise ValueError(f"the MLP needs vectors (D,); the data has shape {data_shape} (use network.kind='unet')")
-        return MLPDenoiser(dim=data_shape[0], hidden=cfg.mlp_hidden, num_layers=cfg.mlp_layers, out_dim=data_shape[0] * out_mult)
+        return MLPDenoiser(dim=data_shape[0], hidden=cfg.mlp_hidden, num_layers=cfg.mlp_layers, out_dim=data_shape[0] * out_mult,
+                            num_classes=cfg.num_classes)
     raise ValueError(f"unknown network kind {cfg.kind!r}; choose one of ['unet', 'mlp']")
 
 

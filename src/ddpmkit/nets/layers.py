@@ -90,3 +90,21 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class LabelEmbedding(nn.Module):
+    """Class labels 0..num_classes-1 plus a learned null label (index num_classes, also used for
+    y=None): the unconditional branch of classifier-free guidance. Added to the time embedding."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        if y is None:
+            y = torch.full((batch,), self.num_classes, device=device, dtype=torch.long)
+        y = torch.as_tensor(y, device=device).long()
+        if bool(((y < 0) | (y > self.num_classes)).any()):
+            raise ValueError(f"class labels must lie in [0, {self.num_classes - 1}] (or {self.num_classes} = null)")
+        return self.table(y)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Downsample, ResBlock, SelfAttention, Upsample, group_norm, timestep_embedding, zero_module
+from .layers import Downsample, LabelEmbedding, ResBlock, SelfAttention, Upsample, group_norm, timestep_embedding, zero_module
 
 
 class UNet(nn.Module):
@@ -28,6 +28,7 @@ class UNet(nn.Module):
         attention_resolutions: tuple[int, ...] = (7,),
         num_heads: int = 4,
         dropout: float = 0.1,
+        num_classes: int = 0,
     ):
         super().__init__()
         factor = 2 ** (len(channel_mult) - 1)
@@ -45,6 +46,7 @@ class UNet(nn.Module):
         emb_dim = 4 * base_channels
         self.base_channels = base_channels
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_emb = LabelEmbedding(num_classes, emb_dim) if num_classes > 0 else None
         self.input_conv = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         self.down = nn.ModuleList()
@@ -78,8 +80,13 @@ class UNet(nn.Module):
         self.out_norm = group_norm(ch)
         self.out_conv = zero_module(nn.Conv2d(ch, self.out_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """y: (B,) class labels for a class-conditional network (None = the null label)."""
         emb = self.time_mlp(timestep_embedding(t, self.base_channels))  # (B, E)
+        if self.label_emb is not None:
+            emb = emb + self.label_emb(y, x.shape[0], x.device)
+        elif y is not None:
+            raise ValueError("this network is not class-conditional (network.num_classes = 0)")
         h = self.input_conv(x)
         skips = [h]
         for layer in self.down:
