@@ -83,3 +83,15 @@ def test_scaled_linear_and_sigmoid_values():
     # sigmoid(linspace(-6, 6)) scaled to [1e-4, 0.02]: the midpoint sits at sigmoid(0) = 1/2
     assert g.betas[5].item() == pytest.approx(1e-4 + 0.5 * (0.02 - 1e-4), rel=1e-12)
     assert g.betas[0].item() == pytest.approx(1e-4 + (0.02 - 1e-4) / (1 + math.exp(6)), rel=1e-12)
+
+
+def test_sigma_at_and_its_inverse():
+    s = NoiseSchedule.from_name("cosine", 1000)
+    t = torch.tensor([0.0, 3.0, 250.0, 998.0], dtype=torch.float64)
+    ab = s.alpha_bar[t.long()]
+    assert torch.allclose(s.sigma_at(t), ((1 - ab) / ab).sqrt(), rtol=1e-12)
+    frac = torch.tensor([-0.75, 0.3, 17.6, 640.25, 999.0], dtype=torch.float64)
+    assert torch.allclose(s.t_at_sigma(s.sigma_at(frac)), frac, atol=1e-9)
+    assert s.t_at_sigma(0.0).item() == -1.0
+    with pytest.raises(ValueError, match="sigma must lie"):
+        s.t_at_sigma(1e9)

@@ -63,7 +63,7 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddp
     from ..checkpoint import load_model
     from ..data import load_dataset
     from ..sampling import sample
-    from .likelihood import dequantize, dequantized_bits_per_dim, ode_nll, vlb
+    from .likelihood import LN2, dequantize, dequantized_bits_per_dim, ode_nll, vlb
     from .metrics import FeatureStats, frechet_distance, inception_score, kernel_inception_distance
 
     m = load_model(checkpoint)
@@ -87,8 +87,8 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddp
         per_t = res.terms.mean(0)
         report["metrics"]["bpd_vlb"] = {
             "value": res.bits_per_dim.mean().item(), "n": len(x_test), "seconds": time.time() - t0,
-            "L_T": res.prior.mean().item() / 0.6931471805599453, "L_0": per_t[0].item() / 0.6931471805599453,
-            "largest_terms": [(int(t), per_t[t].item() / 0.6931471805599453) for t in per_t.argsort(descending=True)[:5]],
+            "L_T": res.prior.mean().item() / LN2, "L_0": per_t[0].item() / LN2,
+            "largest_terms": [(int(t), per_t[t].item() / LN2) for t in per_t.argsort(descending=True)[:5]],
             "unit": "bits/dim (discretised decoder)" if images else "bits/dim (continuous)"}
     if "bpd_ode" in metrics:
         t0 = time.time()

@@ -45,11 +45,11 @@ class Trajectory:
     the progress bar and the per-step callback (which sees x_t in the usual VP scale)."""
 
     def __init__(self, denoiser: Denoiser, x: torch.Tensor, steps: int | None, grid, model_kwargs: dict | None,
-                 callback: Callable[[dict], None] | None, progress: bool, name: str, grid_options: dict | None = None):
+                 callback: Callable[[dict], None] | None, progress: bool, name: str, options: dict | None = None):
         schedule = denoiser.schedule
-        grid_options = dict(grid_options or {})
-        self.D = SigmaDenoiser(denoiser, model_kwargs, clip_x0=grid_options.pop("clip_x0", False))
-        self.ts = timestep_grid(grid, schedule, steps, **grid_options)
+        options = dict(options or {})  # clip_x0 for the denoiser; the rest (rho) for the grid
+        self.D = SigmaDenoiser(denoiser, model_kwargs, clip_x0=options.pop("clip_x0", False))
+        self.ts = timestep_grid(grid, schedule, steps, **options)
         self.sigmas: list[float] = schedule.sigma_at(self.ts).tolist() + [0.0]
         self.n = len(self.ts)  # network evaluations on the grid
         self.x_bar = x * math.sqrt(1.0 + self.sigmas[0] ** 2)  # x is x_t at the first grid time

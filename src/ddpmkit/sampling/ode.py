@@ -16,10 +16,10 @@ from .noise import NoiseSource
 
 
 def euler(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int | None = None, grid="karras",
-          callback=None, model_kwargs=None, progress=False, **grid_options) -> torch.Tensor:
+          callback=None, model_kwargs=None, progress=False, **options) -> torch.Tensor:
     """Euler's method in sigma: x_bar <- x_bar + (sigma_next - sigma) eps. First order; on the
     same grid it is DDIM with eta = 0 (Song et al. 2021; Karras et al. 2022, Table 1)."""
-    tr = Trajectory(denoiser, x, steps, grid, model_kwargs, callback, progress, "euler", grid_options)
+    tr = Trajectory(denoiser, x, steps, grid, model_kwargs, callback, progress, "euler", options)
     x_bar, s = tr.x_bar, tr.sigmas
     for k in tr.steps():
         out = tr.D(x_bar, s[k])
@@ -29,10 +29,10 @@ def euler(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int | 
 
 
 def heun(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int | None = None, grid="karras",
-         callback=None, model_kwargs=None, progress=False, **grid_options) -> torch.Tensor:
+         callback=None, model_kwargs=None, progress=False, **options) -> torch.Tensor:
     """Heun's second-order method (EDM, Algorithm 1 without churn): an Euler step, then the
     average of the slopes at both ends; the last step (to sigma = 0) stays Euler. 2n - 1 NFE."""
-    tr = Trajectory(denoiser, x, steps, grid, model_kwargs, callback, progress, "heun", grid_options)
+    tr = Trajectory(denoiser, x, steps, grid, model_kwargs, callback, progress, "heun", options)
     x_bar, s = tr.x_bar, tr.sigmas
     for k in tr.steps():
         out = tr.D(x_bar, s[k])
@@ -50,13 +50,13 @@ AB_WEIGHTS = ([1.0], [3 / 2, -1 / 2], [23 / 12, -16 / 12, 5 / 12], [55 / 24, -59
 
 
 def ipndm(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int | None = None, grid="karras",
-          order: int = 4, callback=None, model_kwargs=None, progress=False, **grid_options) -> torch.Tensor:
+          order: int = 4, callback=None, model_kwargs=None, progress=False, **options) -> torch.Tensor:
     """Improved PNDM (Zhang & Chen 2023; Zhou et al. 2024): Adams-Bashforth in sigma on the
     slopes eps = dx_bar/dsigma, with the fixed equal-step weights and the order growing from 1 to
     `order` as past slopes become available. Strong at 5-10 NFE."""
     if order not in (1, 2, 3, 4):
         raise ValueError(f"iPNDM order must be 1..4, got {order}")
-    tr = Trajectory(denoiser, x, steps, grid, model_kwargs, callback, progress, "ipndm", grid_options)
+    tr = Trajectory(denoiser, x, steps, grid, model_kwargs, callback, progress, "ipndm", options)
     x_bar, s = tr.x_bar, tr.sigmas
     slopes: list[torch.Tensor] = []  # newest first
     for k in tr.steps():
@@ -70,7 +70,7 @@ def ipndm(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int | 
 
 def dpmpp(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int | None = None, grid="logsnr",
           order: int = 2, eta: float = 0.0, lower_order_final: bool = True, callback=None, model_kwargs=None,
-          progress=False, **grid_options) -> torch.Tensor:
+          progress=False, **options) -> torch.Tensor:
     """DPM-Solver++ multistep (Lu et al. 2022) in data prediction, of order 1, 2 or 3.
 
     With h = lambda_next - lambda and the exponential integrator for the linear part,
@@ -86,7 +86,7 @@ def dpmpp(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int | 
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     name = f"dpmpp_{order}m" + ("_sde" if eta else "")
-    tr = Trajectory(denoiser, x, steps, grid, model_kwargs, callback, progress, name, grid_options)
+    tr = Trajectory(denoiser, x, steps, grid, model_kwargs, callback, progress, name, options)
     x_bar, s, lam = tr.x_bar, tr.sigmas, tr.lambdas()
     past: list[tuple[torch.Tensor, float]] = []  # (D, h) of earlier steps, newest first
     for k in tr.steps():
@@ -153,7 +153,7 @@ def _unipc_coefficients(rks: list[float], h: float, variant: str) -> tuple[torch
 
 def unipc(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int | None = None, grid="logsnr",
           order: int = 2, corrector: bool = True, variant: str = "bh2", lower_order_final: bool = True,
-          callback=None, model_kwargs=None, progress=False, **grid_options) -> torch.Tensor:
+          callback=None, model_kwargs=None, progress=False, **options) -> torch.Tensor:
     """UniPC (Zhao et al. 2023): a multistep predictor (UniP) plus a corrector (UniC) that reuses
     the network evaluation at the new point, so correcting costs no extra NFE and raises the order
     by one. Data prediction, B(h) = e^h - 1 ('bh2') or h ('bh1')."""
@@ -161,7 +161,7 @@ def unipc(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int | 
         raise ValueError(f"UniPC order must be 1, 2 or 3, got {order}")
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"unknown UniPC variant {variant!r}; choose 'bh1' or 'bh2'")
-    tr = Trajectory(denoiser, x, steps, grid, model_kwargs, callback, progress, "unipc", grid_options)
+    tr = Trajectory(denoiser, x, steps, grid, model_kwargs, callback, progress, "unipc", options)
     x_bar, s, lam = tr.x_bar, tr.sigmas, tr.lambdas()
     Ds: list[torch.Tensor] = []  # D at grid points 0..k
     x_before, p_last = None, 0  # x_bar before the last predictor step, and that step's order
@@ -201,7 +201,7 @@ def unipc(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int | 
 
 def dopri5(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int | None = None, grid="karras",
            rtol: float = 1e-5, atol: float = 1e-5, callback=None, model_kwargs=None, progress=False,
-           **grid_options) -> torch.Tensor:
+           **options) -> torch.Tensor:
     """Adaptive Dormand-Prince 5(4) from torchdiffeq, in u = log sigma (dx_bar/du = x_bar - D) from
     the first to the last grid point, then x_0 = D(x_bar; sigma_min). The reference solution:
     NFE depends on the tolerances, not on `steps`."""
@@ -209,7 +209,7 @@ def dopri5(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int |
         from torchdiffeq import odeint
     except ImportError as e:  # pragma: no cover - torchdiffeq is a dependency
         raise ImportError("the dopri5 sampler needs torchdiffeq: pip install torchdiffeq") from e
-    tr = Trajectory(denoiser, x, 2, grid, model_kwargs, callback, progress, "dopri5", grid_options)
+    tr = Trajectory(denoiser, x, 2, grid, model_kwargs, callback, progress, "dopri5", options)
     s_max, s_min = tr.sigmas[0], tr.sigmas[-2]
 
     def f(u: torch.Tensor, x_bar: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,10 @@ def grid_from_gaps(z: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
     log_sigma = hi - (hi - lo) * torch.cat([fractions.new_zeros(1), fractions.cumsum(0)])
     t = schedule.t_at_sigma(log_sigma.exp().clamp(math.exp(lo), math.exp(hi)))
     t[0], t[-1] = schedule.T - 1, 0.0
-    # keep it strictly decreasing even if an optimiser squeezes two points together
-    return torch.maximum(t, torch.linspace(1e-6 * len(t), 0, len(t), dtype=torch.float64)).cummin(0).values
+    # strictly decreasing even where round-off squeezes two points together (samplers require it)
+    for i in range(1, len(t) - 1):
+        t[i] = min(t[i].item(), t[i - 1].item() - 1e-6)
+    return t
 
 
 def optimize_grid(model: ModelFn, shape: Sequence[int], schedule: NoiseSchedule, sampler: str = "unipc", steps: int = 10,
@@ -47,9 +49,9 @@ def optimize_grid(model: ModelFn, shape: Sequence[int], schedule: NoiseSchedule,
         raise ValueError("a grid with fewer than 3 points has nothing to optimise")
     common = dict(prediction=prediction, model_kwargs=model_kwargs)
     x_T = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    device = next(model.parameters()).device if hasattr(model, "parameters") else torch.device("cpu")
-    dtype = next(model.parameters()).dtype if hasattr(model, "parameters") else torch.float64
-    x_T = x_T.to(device, dtype)
+    first = next(model.parameters()) if hasattr(model, "parameters") else None
+    if first is not None:
+        x_T = x_T.to(first.device, first.dtype)
     ref = sample(model, shape, schedule, sampler="dopri5", x_T=x_T, rtol=reference_tol, atol=reference_tol, **common).x
 
     def loss(z) -> float:
