@@ -1,45 +1,88 @@
-"""Training throughput of the demo UNet (configs/mnist.toml) on this machine: fp32 vs bf16 autocast.
+"""Training throughput of the demo UNet on this machine: fp32 vs bf16 autocast, and the cost of
+conditioning (class labels, text cross-attention) per training step.
 
     .venv/bin/python bench/train_throughput.py
 
-Times full training steps (forward, L_simple, backward, AdamW) at the preset's batch size and
-prints images/s for each precision and the bf16/fp32 ratio, measured in one process.
+Times full training steps (batch lookup with conditions, forward, L_simple, backward, AdamW) at
+the presets' batch size (configs/mnist.toml, mnist_class.toml, mnist_text.toml: the same UNet)
+and prints images/s. Conditioning variants are measured in interleaved rounds in one process
+and compared by their median step time (target: at most 15% slower than unconditional).
 """
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
 
+from ddpmkit.conditioning import TrainingConditions
 from ddpmkit.config import PRESET_DIR, load_config
+from ddpmkit.data import load_dataset
 from ddpmkit.losses import training_losses
 from ddpmkit.nets import build_network
 from ddpmkit.schedules import NoiseSchedule
+from ddpmkit.train import batch_indices, step_generator
+
+PRESETS = {"unconditional": "mnist.toml", "class": "mnist_class.toml", "text": "mnist_text.toml"}
 
 
-def images_per_second(bf16: bool, steps: int = 12, warmup: int = 3) -> float:
-    cfg = load_config(PRESET_DIR / "mnist.toml")
-    torch.manual_seed(0)
-    net = build_network(cfg.network, (1, 28, 28))
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr)
-    schedule = NoiseSchedule.from_name(cfg.diffusion.schedule, cfg.diffusion.T)
-    bs = cfg.train.batch_size
-    x0 = torch.rand(bs, 1, 28, 28) * 2 - 1
-    for i in range(warmup + steps):
-        if i == warmup:
-            start = time.perf_counter()
-        t = torch.randint(0, schedule.T, (bs,))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = training_losses(net, x0, t, schedule).get("loss").float().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return steps * bs / (time.perf_counter() - start)
+class Trainer:
+    """One preset's network, optimizer and conditions, ready to time training steps."""
+
+    def __init__(self, preset: str, bf16: bool):
+        self.cfg = load_config(PRESET_DIR / preset)
+        self.data = load_dataset("mnist5k")
+        torch.manual_seed(0)
+        self.net = build_network(self.cfg.network, (1, 28, 28))
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=self.cfg.train.lr)
+        self.schedule = NoiseSchedule.from_name(self.cfg.diffusion.schedule, self.cfg.diffusion.T)
+        self.conditions = TrainingConditions.for_config(self.cfg, self.data)
+        self.bf16 = bf16
+        self.step = 0
+
+    def seconds_per_step(self, steps: int) -> float:
+        bs = self.cfg.train.batch_size
+        start = time.perf_counter()
+        for _ in range(steps):
+            g = step_generator(0, self.step)
+            idx = batch_indices(self.step, bs, len(self.data), 0)
+            cond = self.conditions.batch(idx, g)
+            t = torch.randint(0, self.schedule.T, (bs,), generator=g)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                loss = training_losses(self.net, self.data.get_batch(idx), t, self.schedule, model_kwargs=cond)["loss"].float().mean()
+            loss.backward()
+            self.opt.step()
+            self.opt.zero_grad()
+            self.step += 1
+        return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    bs = load_config(PRESET_DIR / "mnist.toml").train.batch_size
+    print(f"demo UNet, batch {bs}, {torch.get_num_threads()} threads")
+    fp32, bf16 = Trainer(PRESETS["unconditional"], False), Trainer(PRESETS["unconditional"], True)
+    for tr in (fp32, bf16):
+        tr.seconds_per_step(3)  # warm-up
+    fp32_s, bf16_s = fp32.seconds_per_step(12), bf16.seconds_per_step(12)
+    print(f"fp32: {bs / fp32_s:.0f} images/s")
+    print(f"bf16 autocast: {bs / bf16_s:.0f} images/s  (x{fp32_s / bf16_s:.2f} vs fp32)")
+
+    trainers = {kind: Trainer(preset, True) for kind, preset in PRESETS.items()}
+    times: dict[str, list[float]] = {kind: [] for kind in trainers}
+    for tr in trainers.values():
+        tr.seconds_per_step(3)
+    for _ in range(5):  # interleaved rounds: machine noise hits every variant alike
+        for kind, tr in trainers.items():
+            times[kind].append(tr.seconds_per_step(8))
+    base = statistics.median(times["unconditional"])
+    print("conditioning cost per training step (bf16, median of 5 interleaved rounds of 8 steps):")
+    for kind, ts in times.items():
+        med = statistics.median(ts)
+        params = sum(p.numel() for p in trainers[kind].net.parameters())
+        verdict = "" if kind == "unconditional" else ("  PASS (<= +15%)" if med <= 1.15 * base else "  FAIL (> +15%)")
+        print(f"  {kind:<13} {1000 * med:6.1f} ms/step  {bs / med:5.0f} images/s  {params / 1e6:.2f}M params  "
+              f"{100 * (med / base - 1):+5.1f}%{verdict}")
 
 
 if __name__ == "__main__":
-    fp32 = images_per_second(False)
-    bf16 = images_per_second(True)
-    print(f"demo UNet, batch {load_config(PRESET_DIR / 'mnist.toml').train.batch_size}, {torch.get_num_threads()} threads")
-    print(f"fp32: {fp32:.0f} images/s")
-    print(f"bf16 autocast: {bf16:.0f} images/s  (x{bf16 / fp32:.2f} vs fp32)")
+    main()

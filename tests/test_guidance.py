@@ -41,7 +41,7 @@ def test_guidance_is_linear_in_the_scale():
     cond = MIX.conditional_eps_model(S)
     x, t, y = torch.randn(5, 2), torch.full((5,), 300.0), torch.tensor([0, 1, 2, 0, 1])
     e_c, e_u = cond(x, t, y), cond(x, t, torch.full((5,), NULL))
-    assert torch.allclose(ClassifierFreeGuidance(cond, 3.0, NULL)(x, t, y), e_u + 3.0 * (e_c - e_u), atol=1e-6)
+    assert torch.allclose(ClassifierFreeGuidance(cond, 3.0, NULL)(x, t, y=y), e_u + 3.0 * (e_c - e_u), atol=1e-6)
 
 
 def test_large_scale_concentrates_samples_on_the_requested_class():
@@ -57,7 +57,7 @@ def test_learned_variance_channels_are_not_guided():
         return torch.cat([x * (y[:, None].float() + 1), y[:, None].float().expand_as(x)], dim=1)
 
     x, t, y = torch.randn(4, 2), torch.zeros(4), torch.tensor([0, 1, 2, 1])
-    out = ClassifierFreeGuidance(model, 2.0, NULL, learned_variance=True)(x, t, y)
+    out = ClassifierFreeGuidance(model, 2.0, NULL, learned_variance=True)(x, t, y=y)
     assert torch.allclose(out[:, 2:], y[:, None].float().expand(4, 2))
 
 
@@ -75,3 +75,100 @@ def test_class_conditional_networks(net):
     assert torch.equal(net(x, t), net(x, t, y=torch.full((3,), 10)))  # None is the null label
     with pytest.raises(ValueError, match="class labels"):
         net(x, t, y=torch.tensor([11, 0, 0]))
+
+
+# ---- classifier guidance, guidance rescale, dynamic thresholding
+
+
+def test_classifier_guidance_at_scale_one_with_the_exact_classifier_is_the_conditional_model():
+    from ddpmkit.guidance import ClassifierGuidance
+
+    cond = MIX.conditional_eps_model(S)
+    cg = ClassifierGuidance(MIX.eps_model(S), MIX.noisy_classifier(S), 1.0, S)
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(9, 2, generator=g, dtype=torch.float64), torch.tensor([10., 100., 300., 500., 700., 900., 999., 50., 400.]), torch.tensor([0, 1, 2] * 3)
+    assert torch.allclose(cg(x, t, y=y), cond(x, t, y), atol=1e-9)
+    # scale 2 moves twice as far from the unconditional model
+    cg2 = ClassifierGuidance(MIX.eps_model(S), MIX.noisy_classifier(S), 2.0, S)
+    uncond = MIX.eps_model(S)(x, t)
+    assert torch.allclose(cg2(x, t, y=y) - uncond, 2 * (cond(x, t, y) - uncond), atol=1e-9)
+
+
+@pytest.mark.parametrize("prediction", ["x0", "v"])
+def test_classifier_guidance_returns_the_models_own_parameterization(prediction):
+    from ddpmkit.guidance import ClassifierGuidance
+    from ddpmkit.parameterization import from_x0, to_x0_eps
+
+    def model_in(pred, eps_model):
+        def model(x, t):
+            x0 = to_x0_eps("eps", eps_model(x, t), x, t, S)[0]
+            return from_x0(pred, x0, x, t, S)
+        return model
+
+    x, t, y = torch.randn(6, 2, dtype=torch.float64), torch.tensor([20., 200., 400., 600., 800., 950.]), torch.tensor([2, 1, 0, 0, 1, 2])
+    guided = ClassifierGuidance(model_in(prediction, MIX.eps_model(S)), MIX.noisy_classifier(S), 1.0, S, prediction)(x, t, y=y)
+    assert torch.allclose(guided, model_in(prediction, lambda x, t: MIX.conditional_eps_model(S)(x, t, y))(x, t), atol=1e-8)
+
+
+def test_classifier_guidance_algorithm_1_mean_shift_samples_the_requested_class():
+    """Ancestral sampling with mean + Sigma * grad log p(y | x_t) (Dhariwal & Nichol Algorithm 1) from
+    the exact unconditional model and classifier reproduces the requested component: its share and spread."""
+    from ddpmkit.guidance import ClassifierGuidance
+
+    cg = ClassifierGuidance(MIX.eps_model(S), MIX.noisy_classifier(S), 1.0, S)
+    y = torch.full((400,), 2)
+    out = ddpmkit.sample(cg.unguided, (400, 2), S, sampler="ddpm", generator=0, model_kwargs={"y": y}, cond_fn=cg.cond_fn)
+    assert (nearest_component(MIX, out.x) == 2).float().mean() > 0.98
+    spread = (out.x.double() - MIX.means[2]).std(0)
+    assert torch.allclose(spread, MIX.stds[2].expand(2), rtol=0.15)
+
+
+def test_guidance_rescale_matches_the_conditional_std_of_x0():
+    from ddpmkit.parameterization import to_x0_eps
+
+    cond = MIX.conditional_eps_model(S)
+    x, t, y = torch.randn(5, 2, dtype=torch.float64) * 3, torch.full((5,), 600.0), torch.tensor([0, 1, 2, 0, 1])
+    plain = ClassifierFreeGuidance(cond, 4.0, NULL)(x, t, y=y)
+    assert torch.allclose(ClassifierFreeGuidance(cond, 4.0, NULL, rescale=0.0, schedule=S)(x, t, y=y), plain)
+    full = ClassifierFreeGuidance(cond, 4.0, NULL, rescale=1.0, schedule=S)(x, t, y=y)
+    x0_full, x0_cond, x0_plain = (to_x0_eps("eps", e, x, t, S)[0] for e in (full, cond(x, t, y), plain))
+    assert torch.allclose(x0_full.std(1), x0_cond.std(1), rtol=1e-9)
+    assert torch.allclose(x0_full / x0_plain, (x0_cond.std(1) / x0_plain.std(1))[:, None].expand(5, 2), rtol=1e-9)  # same direction
+    half = ClassifierFreeGuidance(cond, 4.0, NULL, rescale=0.5, schedule=S)(x, t, y=y)
+    assert torch.allclose(to_x0_eps("eps", half, x, t, S)[0], 0.5 * x0_full + 0.5 * x0_plain, atol=1e-9)
+
+
+def test_dynamic_thresholding():
+    from ddpmkit.guidance import DynamicThresholding
+
+    x0 = torch.tensor([[0.5, -0.2, 0.9, 0.1], [3.0, -1.0, 0.5, 2.0]], dtype=torch.float64)
+
+    def x0_model(x, t):
+        return x0
+
+    out = DynamicThresholding(x0_model, S, "x0", percentile=0.75)(torch.zeros(2, 4, dtype=torch.float64), torch.full((2,), 500.0))
+    assert torch.equal(out[0], x0[0])  # inside [-1, 1]: s = max(quantile, 1) = 1 leaves it alone
+    s = torch.quantile(x0[1].abs(), 0.75)  # 2.25
+    assert torch.allclose(out[1], x0[1].clamp(-s, s) / s)
+    assert out.abs().max() <= 1.0
+    # the same through an eps model: the thresholded x0 comes back as eps
+    x_t, t = torch.randn(2, 4, dtype=torch.float64), torch.full((2,), 500.0)
+    from ddpmkit.parameterization import from_x0, to_x0_eps
+    eps_out = DynamicThresholding(lambda x, t: from_x0("eps", x0, x, t, S), S, "eps", percentile=0.75)(x_t, t)
+    assert torch.allclose(to_x0_eps("eps", eps_out, x_t, t, S)[0], out, atol=1e-9)
+
+
+def test_classifier_free_guidance_with_a_text_like_condition():
+    """Any condition dict: the null entry is broadcast over the batch, other entries go to both branches."""
+    def model(x, t, context, context_mask, extra):
+        return x * context.sum((1, 2))[:, None] + extra[:, None]
+
+    x, t = torch.randn(3, 2), torch.zeros(3)
+    ctx = {"context": torch.randn(3, 4, 5), "context_mask": torch.ones(3, 4, dtype=torch.bool)}
+    null = {"context": torch.zeros(1, 4, 5), "context_mask": torch.ones(1, 4, dtype=torch.bool)}
+    extra = torch.tensor([1.0, 2.0, 3.0])
+    out = ClassifierFreeGuidance(model, 2.5, null=null)(x, t, extra=extra, **ctx)
+    e_c, e_u = model(x, t, extra=extra, **ctx), model(x, t, null["context"].expand(3, 4, 5), ctx["context_mask"], extra)
+    assert torch.allclose(out, e_u + 2.5 * (e_c - e_u), atol=1e-5)
+    with pytest.raises(ValueError, match="needs the condition"):
+        ClassifierFreeGuidance(model, 2.5, null=null)(x, t, extra=extra)

@@ -72,13 +72,27 @@ class GaussianMixture:
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         return self.log_prob_noisy(x, torch.ones(x.shape[0], dtype=torch.float64))
 
-    def responsibilities(self, x: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-        """q(k | x_t): (B, K)."""
+    def log_joint_noisy(self, x: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+        """log w_k + log N(x_t; sqrt(a) mu_k, (a s_k^2 + 1 - a) I) up to a constant: (B, K);
+        its softmax over k is q(k | x_t). Differentiable in x."""
         x = x.to(torch.float64)
         means, var = self._noisy(alpha_bar)
         sq = ((x[:, None] - means) ** 2).sum(-1)
-        comp = -0.5 * sq / var - 0.5 * self.dim * torch.log(var) + self.weights.log()[None]
-        return torch.softmax(comp, dim=1)
+        return -0.5 * sq / var - 0.5 * self.dim * torch.log(var) + self.weights.log()[None]
+
+    def responsibilities(self, x: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+        """q(k | x_t): (B, K)."""
+        return torch.softmax(self.log_joint_noisy(x, alpha_bar), dim=1)
+
+    def noisy_classifier(self, schedule: NoiseSchedule):
+        """The exact time-conditioned classifier of classifier guidance, classes = components:
+        classifier(x_t, t) -> logits (B, K) whose log-softmax is log q(y | x_t)."""
+
+        def classifier(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            ab = schedule.alpha_bar_at(t.detach().to(torch.float64).cpu()).to(x_t.device)
+            return self.log_joint_noisy(x_t.reshape(x_t.shape[0], -1), ab)
+
+        return classifier
 
     def eps_star(self, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
         """The optimal noise prediction E[eps | x_t] for x_t: (B, D) at alpha_bar: (B,).

@@ -11,6 +11,7 @@ never leaves a half-written checkpoint where resume or sampling would read it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from torch import nn
 
 from .config import Config, build_config
 from .nets import build_network
+from .nets.unet import upgrade_legacy_keys
 from .schedules import NoiseSchedule
 
 CKPT_RE = re.compile(r"^ckpt-(\d+)$")
@@ -34,28 +36,37 @@ class CheckpointError(ValueError):
     """A missing or unreadable checkpoint."""
 
 
-def save_checkpoint(
-    run_dir: str | Path, step: int, config: Config, data_shape: tuple[int, ...], model: nn.Module, ema: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None, keep: int = 0,
-) -> Path:
-    """Write run_dir/ckpt-{step:07d} atomically and keep only the newest `keep` (0 = all)."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    final = run_dir / f"ckpt-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-ckpt-{step:07d}-", dir=run_dir))
+@contextlib.contextmanager
+def atomic_folder(final: Path):
+    """Yield a temporary folder next to `final`; on success it replaces `final` in one rename, on
+    any error it is removed, so readers never see a half-written folder."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
-        meta = {**config.to_dict(), "step": step, "data_shape": list(data_shape)}
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        yield tmp
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_checkpoint(
+    run_dir: str | Path, step: int, config: Config, data_shape: tuple[int, ...], model: nn.Module, ema: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None, keep: int = 0,
+) -> Path:
+    """Write run_dir/ckpt-{step:07d} atomically and keep only the newest `keep` (0 = all)."""
+    run_dir = Path(run_dir)
+    final = run_dir / f"ckpt-{step:07d}"
+    with atomic_folder(final) as tmp:
+        meta = {**config.to_dict(), "step": step, "data_shape": list(data_shape)}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -112,7 +123,7 @@ def load_model(path: str | Path, weights: str = "ema", device: str | torch.devic
     if not file.is_file():
         raise CheckpointError(f"missing weights file {file}")
     try:
-        net.load_state_dict(load_file(file))
+        net.load_state_dict(upgrade_legacy_keys(load_file(file)))
     except Exception as e:
         raise CheckpointError(f"cannot load {file}: {e}") from None
     net.to(device).eval()

@@ -1,4 +1,4 @@
-"""The command line: `ddpmkit train | sample | eval | tune-grid | forward | demo`."""
+"""The command line: `ddpmkit train | train-classifier | sample | eval | tune-grid | forward | demo`."""
 from __future__ import annotations
 
 import argparse
@@ -26,25 +26,30 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def sample_to_files(ckpt: str, out: Path, n: int, steps: int | None, seed: int, sampler: str = "ddpm",
-                    options: dict | None = None, gif: bool = True, gif_frames: int = 50) -> Path:
+                    options: dict | None = None, gif: bool = True, gif_frames: int = 50,
+                    request: "GuidanceRequest | None" = None) -> Path:
     """Sample a checkpoint and write grid.png, samples/*.png and (images) reverse_process.gif.
 
-    options: sampler options; variance='auto' means the model's own (learned or beta-tilde)."""
+    options: sampler options; variance='auto' means the model's own (learned or beta-tilde).
+    request: classes, prompts and guidance for conditional models (pipeline.GuidanceRequest)."""
     from . import viz
     from .checkpoint import load_model
+    from .pipeline import guided_model
     from .reverse import default_variance
     from .sampling import sample
 
     m = load_model(ckpt)
     d = m.config.diffusion
-    options = dict(options or {})
+    model, model_kwargs, guidance_options = guided_model(m, n, request, sampler)
+    options = {**dict(options or {}), **guidance_options}
     if options.get("variance") == "auto":
         options["variance"] = default_variance(d.learned_variance)
     total = steps or m.schedule.T
     record = max(1, total // gif_frames) if gif else 0
     t0 = time.time()
-    res = sample(m.network, (n, *m.data_shape), m.schedule, sampler=sampler, steps=steps, prediction=d.prediction,
-                 learned_variance=d.learned_variance, generator=seed, record_every=record, progress=True, **options)
+    res = sample(model, (n, *m.data_shape), m.schedule, sampler=sampler, steps=steps, prediction=d.prediction,
+                 learned_variance=d.learned_variance, generator=seed, record_every=record, progress=True,
+                 model_kwargs=model_kwargs, **options)
     elapsed = time.time() - t0
     out.mkdir(parents=True, exist_ok=True)
     if len(m.data_shape) == 3:
@@ -58,7 +63,8 @@ def sample_to_files(ckpt: str, out: Path, n: int, steps: int | None, seed: int, 
     else:
         viz.scatter_2d(res.x, out / "scatter.png", title=f"{n} samples, {res.nfe} NFE")
     torch.save(res.x, out / "samples.pt")
-    print(f"{n} samples from {m.path} (step {m.step}) with {sampler} in {elapsed:.1f}s, {res.nfe} network evaluations -> {out}")
+    what = f" ({request.describe()})" if request is not None and request.describe() else ""
+    print(f"{n} samples from {m.path} (step {m.step}){what} with {sampler} in {elapsed:.1f}s, {res.nfe} network evaluations -> {out}")
     return out
 
 
@@ -94,9 +100,30 @@ def sampler_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def guidance_request(args: argparse.Namespace):
+    """--class/--prompt/--guidance/... as a GuidanceRequest."""
+    from .pipeline import GuidanceRequest
+
+    try:
+        classes = [int(c) for c in args.class_.split(",")] if args.class_ else []
+    except ValueError:
+        raise ValueError(f"--class takes class numbers, e.g. 7 or 0,1,2; got {args.class_!r}") from None
+    return GuidanceRequest(classes=classes, prompts=args.prompt or [], scale=args.guidance, rescale=args.guidance_rescale,
+                           threshold=args.dynamic_threshold, classifier=args.classifier, classifier_scale=args.classifier_scale)
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     sample_to_files(args.checkpoint, Path(args.out), args.n, args.steps, args.seed, args.sampler, sampler_options(args),
-                    not args.no_gif)
+                    not args.no_gif, request=guidance_request(args))
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .noisy_classifier import train_noisy_classifier
+
+    cfg = load_config(args.config, args.overrides)
+    out = train_noisy_classifier(cfg, progress=not args.quiet)
+    print(f"noisy classifier: {out}  (use it with: ddpmkit sample MODEL --classifier {out} --class 3 --classifier-scale 2)")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -104,7 +131,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     report = evaluate_checkpoint(args.checkpoint, parse_metrics(args.metrics), sampler=args.sampler, steps=args.steps,
                                  n=args.n, n_bpd=args.n_bpd, seed=args.seed, features=args.features,
-                                 sampler_options=sampler_options(args), inception_path=args.inception, out=args.out)
+                                 sampler_options=sampler_options(args), inception_path=args.inception, out=args.out,
+                                 request=guidance_request(args))
     print(format_report(report))
     print(f"report: {args.out}")
 
@@ -209,6 +237,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"[demo] look at {out / 'grid.png'} and {out / 'reverse_process.gif'}")
 
 
+def add_guidance_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--class", dest="class_", default=None, help="class label(s) for conditional models or classifier guidance, e.g. 7 or 0,1,2 (cycled)")
+    p.add_argument("--prompt", action="append", default=None, help="prompt for a text-conditional model (repeat for several, cycled)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale s (0 = unconditional, 1 = conditional; default 3, or 0 with --classifier)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi in [0, 1] (Lin et al.)")
+    p.add_argument("--dynamic-threshold", type=float, default=0.0, help="Imagen's dynamic thresholding percentile, e.g. 0.995 (0 = off)")
+    p.add_argument("--classifier", default=None, help="a noisy classifier from train-classifier: classifier guidance")
+    p.add_argument("--classifier-scale", type=float, default=1.0, help="classifier guidance scale s")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .sampling import GRIDS, SAMPLERS
 
@@ -235,7 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-clip", action="store_true", help="do not clip predicted x_0 to [-1, 1]")
     s.add_argument("--no-gif", action="store_true")
     s.add_argument("--out", default="samples")
+    add_guidance_args(s)
     s.set_defaults(func=cmd_sample)
+
+    c = sub.add_parser("train-classifier", help="train the noisy classifier p(y | x_t) of classifier guidance")
+    c.add_argument("config", help="a TOML config, e.g. configs/mnist_classifier.toml")
+    c.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=cmd_train_classifier)
 
     e = sub.add_parser("eval", help="bits/dim on held-out data and FD/KID/IS of samples, as a table and JSON")
     e.add_argument("checkpoint")
@@ -254,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-clip", action="store_true")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", default="eval_report.json")
+    add_guidance_args(e)
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("tune-grid", help="optimise a few-step grid for a checkpoint and sampler (use with sample --grid)")

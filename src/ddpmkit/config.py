@@ -53,6 +53,9 @@ class NetworkConfig:
     mlp_hidden: int = 256
     mlp_layers: int = 4
     num_classes: int = 0  # > 0: class-conditional (label embedding + a null label for guidance)
+    text_encoder: str = ""  # e.g. 'all-MiniLM-L6-v2': text-conditional (cross-attention on its token embeddings)
+    context_dim: int = 384  # width of the text encoder's token embeddings
+    text_max_tokens: int = 16  # prompts are padded or cut to this many tokens
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class TrainConfig:
     warmup_steps: int = 100
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decay to 5% of lr at train.steps
     weight_decay: float = 0.0
+    cond_drop_prob: float = 0.1  # conditional models: share of examples trained on the null label / empty prompt
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     seed: int = 0

@@ -146,3 +146,19 @@ class Denoiser:
             raise ValueError(f"the model returned shape {tuple(output.shape)} for input {tuple(x_t.shape)}")
         x0, eps = to_x0_eps(self.prediction, output, x_t, t, self.schedule)
         return DenoiserOutput(eps=eps, x0=x0, var_frac=var_frac)
+
+
+def from_x0(prediction: str, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+    """The network output in `prediction` that corresponds to the clean-data estimate x0 at (x_t, t):
+    the inverse of to_x0_eps, so wrappers that edit x0 (thresholding, guidance rescale) can hand the
+    result back in the model's own parameterization."""
+    check_prediction(prediction)
+    if prediction == "x0":
+        return x0
+    if prediction == "mu":
+        if not bool((t == t.round()).all()):
+            raise ValueError("prediction='mu' is only defined at integer timesteps; use a discrete sampler")
+        return mu_from_x0(x_t, x0, t.long(), schedule)
+    alpha_bar = schedule.alpha_bar_at(t.to(torch.float64).cpu()).to(t.device)
+    eps = eps_from_x0(x_t, x0, alpha_bar)
+    return eps if prediction == "eps" else v_from_x0_eps(x0, eps, alpha_bar)

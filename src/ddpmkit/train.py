@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .checkpoint import list_checkpoints, read_config, save_checkpoint
+from .conditioning import TrainingConditions
 from .config import Config
 from .data import Dataset, load_dataset
 from .losses import training_losses
@@ -84,15 +85,20 @@ def make_schedule(cfg: Config) -> NoiseSchedule:
     return NoiseSchedule.from_name(d.schedule, d.T, d.zero_terminal_snr)
 
 
-def save_samples(model: nn.Module, cfg: Config, schedule: NoiseSchedule, shape: tuple[int, ...], path: Path, dataset: Dataset | None = None):
-    """Draw cfg.train.num_samples samples with fixed seeds and save a grid (images) or scatter (2-D)."""
+def save_samples(model: nn.Module, cfg: Config, schedule: NoiseSchedule, shape: tuple[int, ...], path: Path, dataset: Dataset | None = None,
+                 conditioning: TrainingConditions | None = None):
+    """Draw cfg.train.num_samples samples with fixed seeds and save a grid (images) or scatter (2-D).
+    A conditional model draws classes 0, 1, 2, ... (or the first captions) without guidance."""
     from . import viz
 
     model.eval()
     n = cfg.train.num_samples
+    device = next(model.parameters()).device
+    model_kwargs = {k: v.to(device) for k, v in conditioning.preview(n).items()} if conditioning is not None else None
     out = sample(model, (n, *shape), schedule, steps=cfg.train.sample_steps, prediction=cfg.diffusion.prediction,
                  learned_variance=cfg.diffusion.learned_variance, generator=0, clip_x0=len(shape) == 3,
-                 variance=default_variance(cfg.diffusion.learned_variance))
+                 variance=default_variance(cfg.diffusion.learned_variance),
+                 model_kwargs=model_kwargs)
     if len(shape) == 3:
         viz.save_grid(out.x, path)
     else:
@@ -101,10 +107,11 @@ def save_samples(model: nn.Module, cfg: Config, schedule: NoiseSchedule, shape: 
     return out.x
 
 
-def held_out_bpd(model: nn.Module, cfg: Config, schedule: NoiseSchedule, train_set: Dataset, n: int = 64) -> float:
+def held_out_bpd(model: nn.Module, cfg: Config, schedule: NoiseSchedule, train_set: Dataset, n: int = 64,
+                 conditioning: TrainingConditions | None = None) -> float:
     """The cheap metric logged during training: an unbiased VLB estimate in bits/dim on the same
     n held-out examples, noise levels and noise every time (the training set for data without a
-    held-out split)."""
+    held-out split). Conditional models are scored unconditionally (null condition)."""
     from .evaluate.likelihood import LN2, vlb_estimate
 
     try:
@@ -114,9 +121,11 @@ def held_out_bpd(model: nn.Module, cfg: Config, schedule: NoiseSchedule, train_s
     device = next(model.parameters()).device
     x0 = data.get_batch(torch.arange(min(n, len(data)))).to(device)
     images = x0.ndim == 4
+    null = conditioning.null_batch(len(x0)) if conditioning is not None else {}
     est = vlb_estimate(model, x0, schedule, cfg.diffusion.prediction, cfg.diffusion.learned_variance, draws=8,
                        decoder="discretized" if images else "gaussian", clip_x0=images,
-                       generator=torch.Generator().manual_seed(cfg.train.seed))
+                       generator=torch.Generator().manual_seed(cfg.train.seed),
+                       model_kwargs={k: v.to(device) for k, v in null.items()})
     return est.mean().item() / LN2
 
 
@@ -142,6 +151,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
     dataset = load_dataset(cfg.data.name, cfg.data.path or None, cfg.data.image_size, cfg.data.channels)
     shape = dataset.shape
     schedule = make_schedule(cfg)
+    conditioning = TrainingConditions.for_config(cfg, dataset)
     torch.manual_seed(tc.seed)  # the initial weights come from the seed too
     model = build_network(cfg.network, shape, dc.learned_variance)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -191,18 +201,20 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
         t_all = torch.randint(0, schedule.T, (tc.batch_size,), generator=g)
         noise_all = torch.randn((tc.batch_size, *shape), generator=g)
         flip_all = torch.rand(tc.batch_size, generator=g) < 0.5
+        cond_all = conditioning.batch(idx, g)  # labels or prompt embeddings, some dropped to the null condition
         mine = slice(rank * local_bs, (rank + 1) * local_bs)
         x0 = dataset.get_batch(idx[mine])
         if cfg.data.hflip:
             x0 = torch.where(flip_all[mine, None, None, None], x0.flip(-1), x0)
         x0, t, noise = (v.to(accelerator.device) for v in (x0, t_all[mine], noise_all[mine]))
+        cond = {k: v[mine].to(accelerator.device) for k, v in cond_all.items()}
         torch.manual_seed((tc.seed * 1_000_003 + step) * 31 + rank)  # dropout masks
 
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, tc)
         with accelerator.autocast():
             losses = training_losses(model, x0, t, schedule, noise, dc.prediction, dc.loss, dc.learned_variance,
-                                     dc.min_snr_gamma or None)
+                                     dc.min_snr_gamma or None, model_kwargs=cond)
         loss = losses["loss"].float().mean()
         # one small all-gather per step: every process sees every loss and the stop flag
         out_of_time = tc.max_minutes > 0 and (time.time() - t_start) > 60 * tc.max_minutes
@@ -239,14 +251,14 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
                     f.write(json.dumps({"step": step, "loss": mean_loss, "examples_per_s": rate, "lr": lr_at(step - 1, tc), "world_size": world}) + "\n")
             t_window, n_window, loss_window = time.time(), 0, []
         if tc.sample_every and step % tc.sample_every == 0 and accelerator.is_main_process:
-            x = save_samples(ema, cfg, schedule, shape, run_dir / "samples" / f"step-{step:07d}.png", dataset)
+            x = save_samples(ema, cfg, schedule, shape, run_dir / "samples" / f"step-{step:07d}.png", dataset, conditioning)
             if writer is not None and len(shape) == 3:
                 from .viz import make_grid
 
                 writer.add_image("samples", make_grid(x), step, dataformats="HWC")
             model.train()
         if tc.eval_every and step % tc.eval_every == 0 and accelerator.is_main_process:
-            bpd = held_out_bpd(ema, cfg, schedule, dataset)
+            bpd = held_out_bpd(ema, cfg, schedule, dataset, conditioning=conditioning)
             if writer is not None:
                 writer.add_scalar("eval/bpd_vlb_estimate", bpd, step)
                 with open(log_file, "a") as f:

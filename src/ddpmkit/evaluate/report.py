@@ -59,8 +59,11 @@ class FeatureNet:
 def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddpm", steps: int | None = None,
                         n: int = 1000, n_bpd: int = 100, seed: int = 0, features: str = "classifier",
                         sampler_options: dict | None = None, batch_size: int = 250, inception_path: str | None = None,
-                        out: str | Path | None = None) -> dict:
+                        out: str | Path | None = None, request=None) -> dict:
+    """request: a pipeline.GuidanceRequest for conditional models (classes, prompts, guidance) used
+    for the samples; bits/dim of a conditional model is that of its unconditional branch."""
     from ..checkpoint import load_model
+    from ..pipeline import GuidanceRequest, guided_model, null_condition
     from ..data import load_dataset
     from ..sampling import sample
     from .likelihood import LN2, dequantize, dequantized_bits_per_dim, ode_nll, vlb
@@ -79,11 +82,12 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddp
     held_out = load_dataset(data.name, data.path or None, data.image_size, data.channels, split="test")
     x_test = held_out.x[:n_bpd]
     g = torch.Generator().manual_seed(seed)
+    null = null_condition(m, len(x_test))
     images = len(m.data_shape) == 3
     if "bpd_vlb" in metrics:
         t0 = time.time()
         res = vlb(m.network, x_test, m.schedule, d.prediction, d.learned_variance, clip_x0=images,
-                  decoder="discretized" if images else "gaussian", generator=g, progress=True)
+                  decoder="discretized" if images else "gaussian", generator=g, progress=True, model_kwargs=null)
         per_t = res.terms.mean(0)
         report["metrics"]["bpd_vlb"] = {
             "value": res.bits_per_dim.mean().item(), "n": len(x_test), "seconds": time.time() - t0,
@@ -93,7 +97,7 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddp
     if "bpd_ode" in metrics:
         t0 = time.time()
         x = dequantize(x_test, g) if images else x_test
-        res = ode_nll(m.network, x, m.schedule, d.prediction, generator=g)
+        res = ode_nll(m.network, x, m.schedule, d.prediction, generator=g, model_kwargs=null)
         value = dequantized_bits_per_dim(res.nll) if images else res.bits_per_dim
         report["metrics"]["bpd_ode"] = {"value": value.mean().item(), "n": len(x_test), "nfe": res.nfe,
                                         "seconds": time.time() - t0,
@@ -105,11 +109,14 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddp
         feature_net = FeatureNet(features, data.name, inception_path)
         t0 = time.time()
         xs, nfe = [], 0
+        request = request or GuidanceRequest()
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
-            r = sample(m.network, (b, *m.data_shape), m.schedule, sampler=sampler, steps=steps, prediction=d.prediction,
+            part = request.slice(start, b, m.config.network.num_classes)
+            model, kwargs, options = guided_model(m, b, part, sampler)
+            r = sample(model, (b, *m.data_shape), m.schedule, sampler=sampler, steps=steps, prediction=d.prediction,
                        learned_variance=d.learned_variance, generator=list(range(seed + start, seed + start + b)),
-                       progress=True, **sampler_options)
+                       progress=True, model_kwargs=kwargs, **sampler_options, **options)
             xs.append(r.x)
             nfe = r.nfe
         fake_f, fake_p = feature_net(torch.cat(xs))

@@ -19,9 +19,11 @@ def build_network(cfg: NetworkConfig, data_shape: tuple[int, ...], learned_varia
             in_channels=C, out_channels=C * out_mult, image_size=H, base_channels=cfg.base_channels,
             channel_mult=cfg.channel_mult, num_res_blocks=cfg.num_res_blocks,
             attention_resolutions=cfg.attention_resolutions, num_heads=cfg.num_heads, dropout=cfg.dropout,
-            num_classes=cfg.num_classes,
+            num_classes=cfg.num_classes, context_dim=cfg.context_dim if cfg.text_encoder else 0,
         )
     if cfg.kind == "mlp":
+        if cfg.text_encoder:
+            raise ValueError("text conditioning needs network.kind = 'unet' (cross-attention); the MLP takes class labels only")
         if len(data_shape) != 1:
             raise ValueError(f"the MLP needs vectors (D,); the data has shape {data_shape} (use network.kind='unet')")
         return MLPDenoiser(dim=data_shape[0], hidden=cfg.mlp_hidden, num_layers=cfg.mlp_layers, out_dim=data_shape[0] * out_mult,

@@ -37,3 +37,30 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
     dx = torch.randint(0, 2 * max_shift + 1, (B,), generator=generator)
     dy = torch.randint(0, 2 * max_shift + 1, (B,), generator=generator)
     return torch.stack([padded[i, :, dy[i]:dy[i] + H, dx[i]:dx[i] + W] for i in range(B)])
+
+
+class NoisyClassifier(nn.Module):
+    """p_phi(y | x_t) for classifier guidance: the UNet's down path and middle block with the time
+    embedding, then GroupNorm-SiLU, global average pooling and a linear head (ADM's encoder
+    classifier, with mean instead of attention pooling).
+
+    x: (B, C, H, W) noisy images, t: (B,) float timesteps -> logits (B, num_classes)
+    """
+
+    def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10, base_channels: int = 32,
+                 channel_mult: tuple[int, ...] = (1, 2, 4), num_res_blocks: int = 1, attention_resolutions: tuple[int, ...] = (7,),
+                 num_heads: int = 4, dropout: float = 0.0):
+        super().__init__()
+        from .layers import group_norm
+        from .unet import Conditioning, DownPath
+
+        emb_dim = 4 * base_channels
+        self.cond = Conditioning(base_channels, emb_dim)
+        self.down = DownPath(in_channels, image_size, base_channels, channel_mult, num_res_blocks, attention_resolutions,
+                             num_heads, emb_dim, dropout)
+        self.out_norm = group_norm(self.down.out_channels)
+        self.head = nn.Linear(self.down.out_channels, num_classes)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h, _ = self.down(x, self.cond(x, t))
+        return self.head(F.silu(self.out_norm(h)).mean(dim=(2, 3)))

@@ -74,6 +74,59 @@ class SelfAttention(nn.Module):
         return x + self.proj(h).reshape(B, C, H, W)
 
 
+class CrossAttention(nn.Module):
+    """Image positions attend to text tokens (Stable Diffusion, Imagen), residual.
+
+    x: (B, C, H, W), context: (B, L, D), mask: (B, L) True at real tokens -> (B, C, H, W)
+    """
+
+    def __init__(self, channels: int, context_dim: int, num_heads: int = 4):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"attention channels {channels} are not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.norm = group_norm(channels)
+        self.context_norm = nn.LayerNorm(context_dim)
+        self.q = nn.Conv1d(channels, channels, 1)
+        self.kv = nn.Linear(context_dim, 2 * channels)
+        self.proj = zero_module(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, C, H, W = x.shape
+        nh, hs = self.num_heads, C // self.num_heads
+        q = self.q(self.norm(x).reshape(B, C, H * W)).reshape(B, nh, hs, H * W).transpose(-1, -2)  # (B, nh, HW, hs)
+        k, v = self.kv(self.context_norm(context)).reshape(B, -1, 2, nh, hs).permute(2, 0, 3, 1, 4)  # (B, nh, L, hs) each
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L)
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, HW, hs)
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H * W)).reshape(B, C, H, W)
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention, then cross-attention to the context when the network is text-conditional."""
+
+    def __init__(self, channels: int, num_heads: int, context_dim: int = 0):
+        super().__init__()
+        self.self_attn = SelfAttention(channels, num_heads)
+        self.cross_attn = CrossAttention(channels, context_dim, num_heads) if context_dim > 0 else None
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.self_attn(x)
+        return x if self.cross_attn is None else self.cross_attn(x, context, mask)
+
+
+class NoAttention(nn.Module):
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return x
+
+
+def pooled_context(context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of the real tokens: (B, L, D), (B, L) -> (B, D)."""
+    if mask is None:
+        return context.mean(1)
+    w = mask.to(context.dtype)[..., None]
+    return (context * w).sum(1) / w.sum(1).clamp(min=1)
+
+
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()

@@ -42,12 +42,15 @@ def ddpm(
     callback: StepCallback | None = None,
     model_kwargs: dict | None = None,
     progress: bool = False,
+    cond_fn: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run Algorithm 2 from x = x_T: (B, ...) and return x_0.
 
     variance: sigma_t^2 = beta-tilde_t ('beta_tilde'), beta_t ('beta') or the model's ('learned').
     clip_x0: clip the predicted x_0 to [-1, 1] before forming the posterior mean (DDPM's code).
     callback receives {'i', 't', 'x' (x_{t-1}), 'x0' (predicted x_0)} after every step.
+    cond_fn(x_t, t, **model_kwargs) -> g shifts every mean by Sigma_t * g: classifier guidance's
+    Algorithm 1 with g = s * grad log p(y | x_t) (ClassifierGuidance.cond_fn).
     """
     check_variance(variance)
     schedule = _respaced(denoiser.schedule, steps, grid)
@@ -63,6 +66,8 @@ def ddpm(
         out = denoiser(x, t_model, **(model_kwargs or {}))
         x0 = out.x0.clamp(-1, 1) if clip_x0 else out.x0
         mean, log_var = p_mean_variance(x0, x, i_vec, schedule, variance, out.var_frac)
+        if cond_fn is not None:
+            mean = mean + log_var.exp() * cond_fn(x, t_model, **(model_kwargs or {}))
         if i > 0:
             x = mean + (0.5 * log_var).exp() * noise.randn(x.shape[1:], x.dtype)
         else:

@@ -1,0 +1,162 @@
+"""Conditional training end to end: label dropout, text encoders and captions, cross-attention,
+the noisy classifier, and the command line's --class / --prompt / --classifier."""
+import pytest
+import torch
+
+import ddpmkit
+from ddpmkit.analytic import GaussianMixture, nearest_component
+from ddpmkit.captions import PARAPHRASES, TRAIN_TEMPLATES, digit_captions, read_caption_files
+from ddpmkit.checkpoint import load_model
+from ddpmkit.cli import main
+from ddpmkit.conditioning import ConditioningError, TrainingConditions
+from ddpmkit.config import PRESET_DIR, load_config
+from ddpmkit.data import ArrayDataset, DataError
+from ddpmkit.guidance import ClassifierFreeGuidance
+from ddpmkit.nets import UNet
+from ddpmkit.train import train
+
+TINY_DIGITS = ["data.name=digits", "network.base_channels=8", "network.channel_mult=1,2", "network.attention_resolutions=4",
+               "train.batch_size=16", "train.sample_every=0", "train.warmup_steps=5", "train.log_every=5",
+               "train.checkpoint_every=0"]
+
+
+def test_label_dropout_replaces_a_share_of_labels_by_the_null_label():
+    labels = torch.arange(20000) % 7
+    cond = TrainingConditions("class", 0.2, labels=labels, null_label=7)
+    idx = torch.randperm(20000, generator=torch.Generator().manual_seed(0))
+    y = cond.batch(idx, torch.Generator().manual_seed(1))["y"]
+    dropped = y == 7
+    assert abs(dropped.float().mean().item() - 0.2) < 4 * (0.2 * 0.8 / 20000) ** 0.5
+    assert torch.equal(y[~dropped], labels[idx][~dropped])  # the rest keep their own label
+
+
+def test_conditioning_needs_labels(tmp_path):
+    cfg = load_config(PRESET_DIR / "toy2d.toml", ["data.name=swiss_roll", "network.num_classes=3"])
+    with pytest.raises(ConditioningError, match="has no labels"):
+        TrainingConditions.for_config(cfg, ArrayDataset(torch.zeros(4, 2)))
+    with pytest.raises(ConditioningError, match="num_classes = 3"):
+        TrainingConditions.for_config(cfg, ArrayDataset(torch.zeros(4, 2), torch.tensor([0, 1, 2, 5])))
+
+
+def test_class_conditional_toy_with_guidance_draws_the_requested_mode(tmp_path):
+    """8 Gaussians with the component as label: one network, trained with label dropout, samples the
+    requested mode when guided and every mode when unconditional (null label)."""
+    cfg = load_config(PRESET_DIR / "toy2d.toml", [f"train.run_dir={tmp_path}", "network.num_classes=8", "train.steps=1500",
+                                                  "train.cond_drop_prob=0.2"])
+    train(cfg, progress=False)
+    m = load_model(tmp_path)
+    gm = GaussianMixture.ring(8, radius=2.0, std=0.1)
+    y = torch.arange(800) % 8
+    guided = ddpmkit.sample(ClassifierFreeGuidance(m.network, 3.0, null_label=8), (800, 2), m.schedule, sampler="dpmpp_2m_sde",
+                            steps=20, generator=0, model_kwargs={"y": y})
+    assert (nearest_component(gm, guided.x) == y).float().mean() > 0.97
+    uncond = ddpmkit.sample(m.network, (800, 2), m.schedule, sampler="dpmpp_2m_sde", steps=20, generator=0)
+    shares = torch.bincount(nearest_component(gm, uncond.x), minlength=8) / 800.0
+    assert bool((shares > 0.06).all()), shares
+
+
+def test_digit_captions_and_held_out_paraphrases():
+    caps = digit_captions()
+    assert len(caps) == 10 and all(len(row) == len(TRAIN_TEMPLATES) for row in caps)
+    assert "a handwritten seven" in caps[7] and "the number 7, drawn thick" in caps[7]
+    assert not set(PARAPHRASES) & set(TRAIN_TEMPLATES)
+
+
+def test_caption_files_next_to_images(tmp_path):
+    (tmp_path / "a.png").touch(), (tmp_path / "b.png").touch()
+    (tmp_path / "a.txt").write_text("a red circle\n")
+    with pytest.raises(DataError, match="no caption file"):
+        read_caption_files([tmp_path / "a.png", tmp_path / "b.png"])
+    (tmp_path / "b.txt").write_text("")
+    assert read_caption_files([tmp_path / "a.png", tmp_path / "b.png"]) == ["a red circle", ""]
+
+
+needs_text = pytest.mark.skipif(__import__("importlib").util.find_spec("sentence_transformers") is None,
+                                reason="text conditioning needs the 'text' extra (make test installs it)")
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    from ddpmkit.text import TextEncoder
+
+    return TextEncoder("all-MiniLM-L6-v2", max_tokens=12)
+
+
+@needs_text
+def test_text_encoder_pads_masks_and_does_not_depend_on_the_batch(encoder):
+    out = encoder.encode(["a handwritten seven", "", "a very long prompt " * 10])
+    assert out["context"].shape == (3, 12, encoder.dim) and encoder.dim == 384
+    assert out["context_mask"].sum(1).tolist() == [6, 2, 12]  # [CLS] tokens [SEP]; cut at 12
+    assert (out["context"][0, 6:] == 0).all()
+    alone = encoder.encode("a handwritten seven")
+    assert torch.allclose(alone["context"][0], out["context"][0], atol=1e-5)
+
+
+@needs_text
+def test_unknown_text_encoder_is_one_clear_error():
+    from ddpmkit.text import TextEncoder, TextEncoderError
+
+    with pytest.raises(TextEncoderError, match="all-MiniLM-L6-v2"):
+        TextEncoder("/nonexistent/encoder")
+
+
+def test_cross_attention_unet_ignores_padding_and_listens_to_the_prompt():
+    torch.manual_seed(0)
+    net = UNet(1, image_size=8, base_channels=8, channel_mult=(1, 2), attention_resolutions=(4,), context_dim=6, dropout=0.0)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x, t = torch.randn(2, 1, 8, 8), torch.full((2,), 10.0)
+    ctx, mask = torch.randn(2, 5, 6), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    out = net(x, t, context=ctx, context_mask=mask)
+    changed = ctx.clone()
+    changed[0, 3:] = 100.0  # padding positions of example 0
+    assert torch.allclose(net(x, t, context=changed, context_mask=mask), out, atol=1e-5)
+    changed[0, 1] = 5.0  # a real token
+    assert not torch.allclose(net(x, t, context=changed, context_mask=mask)[0], out[0], atol=1e-3)
+    with pytest.raises(ValueError, match="text-conditional"):
+        net(x, t)
+
+
+@needs_text
+def test_text_conditional_training_on_digits_and_prompted_sampling(tmp_path, capsys):
+    run = tmp_path / "text"
+    overrides = [*TINY_DIGITS, f"train.run_dir={run}", "train.steps=6", "network.text_encoder=all-MiniLM-L6-v2",
+                 "network.text_max_tokens=8"]
+    cfg = load_config(PRESET_DIR / "mnist.toml", overrides)
+    cond = TrainingConditions.for_config(cfg, ddpmkit.data.load_dataset("digits"))
+    kw = cond.batch(torch.arange(64), torch.Generator().manual_seed(0))
+    assert kw["context"].shape == (64, 8, 384)
+    train(cfg, progress=False)
+    out = tmp_path / "samples"
+    code = main(["sample", str(run), "--n", "4", "--steps", "5", "--sampler", "ddim", "--prompt", "a handwritten three",
+                 "--guidance", "4", "--no-gif", "--out", str(out)])
+    assert code == 0 and (out / "grid.png").is_file()
+    assert "guidance 4" in capsys.readouterr().out
+    assert main(["sample", str(run), "--n", "2", "--steps", "2", "--no-gif", "--out", str(out), "--class", "3"]) == 2
+    assert "--class needs" in capsys.readouterr().err
+    assert main(["sample", str(run), "--n", "2", "--steps", "2", "--no-gif", "--out", str(out)]) == 2
+    assert "give --prompt" in capsys.readouterr().err
+
+
+def test_noisy_classifier_and_classifier_guidance_from_the_command_line(tmp_path, capsys):
+    clf_run, model_run = tmp_path / "clf", tmp_path / "model"
+    code = main(["train-classifier", str(PRESET_DIR / "mnist_classifier.toml"), "data.name=digits", "network.base_channels=8",
+                 "network.channel_mult=1,2", "network.attention_resolutions=4", "train.steps=30", "train.batch_size=32",
+                 "train.warmup_steps=5", f"train.run_dir={clf_run}", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    from ddpmkit.noisy_classifier import load_noisy_classifier
+
+    clf = load_noisy_classifier(clf_run)
+    assert set(clf.accuracy_by_t) == {"0", "250", "500", "750", "900"}
+    assert clf.network(torch.randn(3, 1, 8, 8), torch.full((3,), 5.0)).shape == (3, 10)
+    cfg = load_config(PRESET_DIR / "mnist.toml", [*TINY_DIGITS, f"train.run_dir={model_run}", "train.steps=4"])
+    train(cfg, progress=False)
+    for sampler in ("ddpm", "ddim"):  # Algorithm 1 and Algorithm 2
+        out = tmp_path / sampler
+        code = main(["sample", str(model_run), "--n", "3", "--steps", "4", "--sampler", sampler, "--classifier", str(clf_run),
+                     "--class", "1,2", "--classifier-scale", "2", "--no-gif", "--out", str(out)])
+        assert code == 0, capsys.readouterr().err
+        assert torch.load(out / "samples.pt").isfinite().all()
+    code = main(["sample", str(model_run), "--n", "2", "--steps", "2", "--classifier", str(tmp_path / "nothing"), "--class", "1",
+                 "--no-gif", "--out", str(tmp_path / "x")])
+    assert code == 2 and "no noisy classifier" in capsys.readouterr().err
