@@ -59,10 +59,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--class-model", default="runs/mnist_class")
     p.add_argument("--classifier", default=None, help="a train-classifier folder: sweep classifier guidance too")
+    p.add_argument("--classifier-base", default=None,
+                   help="the unconditional model classifier guidance steers (default: --class-model's null-label branch)")
     p.add_argument("--text-model", default=None, help="a text-conditional run: templates and paraphrases")
     p.add_argument("--scales", default="0,1,2,3,5,8")
     p.add_argument("--classifier-scales", default="1,2,4,8,16")
     p.add_argument("--text-scales", default="1,3,5")
+    p.add_argument("--rescale", type=float, default=0.0, help="guidance rescale phi for every classifier-free row")
+    p.add_argument("--threshold", type=float, default=0.0, help="dynamic thresholding percentile for every classifier-free row")
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--sampler", default="dpmpp_2m_sde")
     p.add_argument("--steps", type=int, default=20)
@@ -86,18 +90,20 @@ def main() -> int:
 
     print(f"{args.n} samples per row, {args.sampler} {args.steps} steps ({args.grid} grid); judge: held-out classifier")
     m = load_model(args.class_model)
-    for s in [float(v) for v in args.scales.split(",")]:
-        record("classifier-free", s, m, GuidanceRequest(scale=s))
+    for s in [float(v) for v in args.scales.split(",") if v]:
+        record("classifier-free", s, m, GuidanceRequest(scale=s, rescale=args.rescale, threshold=args.threshold),
+               note=("rescale" if args.rescale else "") + ("threshold" if args.threshold else ""))
     if args.classifier:
+        base = load_model(args.classifier_base) if args.classifier_base else m
+        note = "null branch" if base is m else Path(args.classifier_base).name
         for s in [float(v) for v in args.classifier_scales.split(",")]:
-            record("classifier", s, m, GuidanceRequest(scale=0.0, classifier=args.classifier, classifier_scale=s),
-                   note="uncond. base")
+            record("classifier", s, base, GuidanceRequest(scale=0.0, classifier=args.classifier, classifier_scale=s), note=note)
     if args.text_model:
         mt = load_model(args.text_model)
         for s in [float(v) for v in args.text_scales.split(",")]:
             for note, templates in (("templates", TRAIN_TEMPLATES), ("paraphrases", PARAPHRASES)):
                 prompts = [digit_caption(templates[(i // 10) % len(templates)], int(labels[i])) for i in range(args.n)]
-                record("text", s, mt, GuidanceRequest(prompts=prompts, scale=s), note=note)
+                record("text", s, mt, GuidanceRequest(prompts=prompts, scale=s, rescale=args.rescale, threshold=args.threshold), note=note)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "guidance.json").write_text(json.dumps({"sampler": args.sampler, "steps": args.steps, "grid": args.grid,

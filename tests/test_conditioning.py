@@ -117,17 +117,24 @@ def test_cross_attention_unet_ignores_padding_and_listens_to_the_prompt():
         net(x, t)
 
 
-@needs_text
-def test_text_conditional_training_on_digits_and_prompted_sampling(tmp_path, capsys):
-    run = tmp_path / "text"
+@pytest.fixture(scope="module")
+def tiny_text_run(tmp_path_factory):
+    """A text-conditional UNet on the 8x8 digits, trained for a few steps."""
+    pytest.importorskip("sentence_transformers")
+    run = tmp_path_factory.mktemp("text") / "run"
     overrides = [*TINY_DIGITS, f"train.run_dir={run}", "train.steps=6", "network.text_encoder=all-MiniLM-L6-v2",
                  "network.text_max_tokens=8"]
     cfg = load_config(PRESET_DIR / "mnist.toml", overrides)
     cond = TrainingConditions.for_config(cfg, ddpmkit.data.load_dataset("digits"))
     kw = cond.batch(torch.arange(64), torch.Generator().manual_seed(0))
-    assert kw["context"].shape == (64, 8, 384)
+    assert kw["context"].shape == (64, 8, 384) and kw["context_mask"].shape == (64, 8)
     train(cfg, progress=False)
-    out = tmp_path / "samples"
+    return run
+
+
+@needs_text
+def test_text_conditional_training_on_digits_and_prompted_sampling(tiny_text_run, tmp_path, capsys):
+    run, out = tiny_text_run, tmp_path / "samples"
     code = main(["sample", str(run), "--n", "4", "--steps", "5", "--sampler", "ddim", "--prompt", "a handwritten three",
                  "--guidance", "4", "--no-gif", "--out", str(out)])
     assert code == 0 and (out / "grid.png").is_file()
@@ -136,6 +143,25 @@ def test_text_conditional_training_on_digits_and_prompted_sampling(tmp_path, cap
     assert "--class needs" in capsys.readouterr().err
     assert main(["sample", str(run), "--n", "2", "--steps", "2", "--no-gif", "--out", str(out)]) == 2
     assert "give --prompt" in capsys.readouterr().err
+
+
+@needs_text
+def test_voyage_renders_the_same_gif_bytes_twice(tiny_text_run, tmp_path, capsys):
+    keyframes = tmp_path / "keys.py"
+    keyframes.write_text("seed_and_prompt_sequence = [\n" + "".join(
+        f"  {seed}, 'a handwritten {word}',\n" for seed, word in zip([3764, 1537, 6573, 1791, 9973, 736],
+                                                                     ["one", "two", "three", "four", "five", "six"])) + "]\n")
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        code = main(["voyage", str(keyframes), "--model", str(tiny_text_run), "--frames", "3", "--steps", "3",
+                     "--out", str(out)])
+        assert code == 0, capsys.readouterr().err
+    gifs = [(out / "voyage.gif").read_bytes() for out in outs]
+    assert gifs[0] == gifs[1]
+    from PIL import Image
+
+    with Image.open(outs[0] / "voyage.gif") as im:
+        assert im.n_frames == 5 * 3 + 1  # 6 keyframes, 3 frames per segment, and the last keyframe
 
 
 def test_noisy_classifier_and_classifier_guidance_from_the_command_line(tmp_path, capsys):
@@ -159,4 +185,4 @@ def test_noisy_classifier_and_classifier_guidance_from_the_command_line(tmp_path
         assert torch.load(out / "samples.pt").isfinite().all()
     code = main(["sample", str(model_run), "--n", "2", "--steps", "2", "--classifier", str(tmp_path / "nothing"), "--class", "1",
                  "--no-gif", "--out", str(tmp_path / "x")])
-    assert code == 2 and "no noisy classifier" in capsys.readouterr().err
+    assert code == 2 and "no classifier at" in capsys.readouterr().err

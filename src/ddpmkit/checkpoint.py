@@ -53,6 +53,28 @@ def atomic_folder(final: Path):
         raise
 
 
+def save_module_folder(final: Path, meta: dict, name: str, module: nn.Module) -> Path:
+    """A trained part (autoencoder, noisy classifier) as final/{config.json, name.safetensors}, atomically."""
+    with atomic_folder(final) as tmp:
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, tmp / f"{name}.safetensors")
+    return Path(final)
+
+
+def read_module_folder(path: str | Path, name: str, command: str) -> tuple[Path, dict, dict[str, torch.Tensor]]:
+    """(folder, config dict, weights) of a part saved by save_module_folder; path may be its run folder."""
+    path = Path(path)
+    if (path / name).is_dir():
+        path = path / name
+    if not (path / f"{name}.safetensors").is_file():
+        raise CheckpointError(f"no {name} at {path} (expected {name}.safetensors from `ddpmkit {command}`)")
+    try:
+        meta = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path / 'config.json'}: {e}") from None
+    return path, meta, load_file(path / f"{name}.safetensors")
+
+
 def save_checkpoint(
     run_dir: str | Path, step: int, config: Config, data_shape: tuple[int, ...], model: nn.Module, ema: nn.Module,
     optimizer: torch.optim.Optimizer | None = None, keep: int = 0,
@@ -103,6 +125,11 @@ class LoadedModel:
     data_shape: tuple[int, ...]
     step: int
     path: Path
+    autoencoder: "nn.Module | None" = None  # latent diffusion: decode samples with autoencoder.from_latent
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples in data space: decoded latents for a latent model, else x itself."""
+        return x if self.autoencoder is None else self.autoencoder.from_latent(x)
 
 
 def read_config(ckpt: Path) -> tuple[Config, int, tuple[int, ...]]:
@@ -129,4 +156,9 @@ def load_model(path: str | Path, weights: str = "ema", device: str | torch.devic
     net.to(device).eval()
     d = config.diffusion
     schedule = NoiseSchedule.from_name(d.schedule, d.T, d.zero_terminal_snr)
-    return LoadedModel(net, config, schedule, shape, step, ckpt)
+    autoencoder = None
+    if config.data.autoencoder:
+        from .autoencoder import load_autoencoder
+
+        autoencoder = load_autoencoder(config.data.autoencoder).model.to(device)
+    return LoadedModel(net, config, schedule, shape, step, ckpt, autoencoder)

@@ -1,4 +1,5 @@
-"""The command line: `ddpmkit train | train-classifier | sample | eval | tune-grid | forward | demo`."""
+"""The command line: `ddpmkit train | train-classifier | train-autoencoder | sample | eval | tune-grid | forward | demo`,
+and the editing commands of cli_edit (img2img, inpaint, posterior, interpolate, voyage)."""
 from __future__ import annotations
 
 import argparse
@@ -50,19 +51,20 @@ def sample_to_files(ckpt: str, out: Path, n: int, steps: int | None, seed: int, 
     res = sample(model, (n, *m.data_shape), m.schedule, sampler=sampler, steps=steps, prediction=d.prediction,
                  learned_variance=d.learned_variance, generator=seed, record_every=record, progress=True,
                  model_kwargs=model_kwargs, **options)
+    x = m.decode(res.x)  # latent diffusion decodes; pixel models return x as is
     elapsed = time.time() - t0
     out.mkdir(parents=True, exist_ok=True)
-    if len(m.data_shape) == 3:
-        viz.save_grid(res.x, out / "grid.png")
+    if x.ndim == 4:
+        viz.save_grid(x, out / "grid.png")
         (out / "samples").mkdir(exist_ok=True)
-        for i, image in enumerate(viz.to_uint8(res.x)):
+        for i, image in enumerate(viz.to_uint8(x)):
             viz.save_png(image, out / "samples" / f"{seed + i:06d}.png")  # named by its seed
         if gif:
-            viz.reverse_process_gif(res.xs, out / "reverse_process.gif")
-            viz.reverse_process_gif(res.x0s, out / "predicted_x0.gif")
+            viz.reverse_process_gif([m.decode(f) for f in res.xs], out / "reverse_process.gif")
+            viz.reverse_process_gif([m.decode(f) for f in res.x0s], out / "predicted_x0.gif")
     else:
-        viz.scatter_2d(res.x, out / "scatter.png", title=f"{n} samples, {res.nfe} NFE")
-    torch.save(res.x, out / "samples.pt")
+        viz.scatter_2d(x, out / "scatter.png", title=f"{n} samples, {res.nfe} NFE")
+    torch.save(x, out / "samples.pt")
     what = f" ({request.describe()})" if request is not None and request.describe() else ""
     print(f"{n} samples from {m.path} (step {m.step}){what} with {sampler} in {elapsed:.1f}s, {res.nfe} network evaluations -> {out}")
     return out
@@ -115,6 +117,14 @@ def guidance_request(args: argparse.Namespace):
 def cmd_sample(args: argparse.Namespace) -> None:
     sample_to_files(args.checkpoint, Path(args.out), args.n, args.steps, args.seed, args.sampler, sampler_options(args),
                     not args.no_gif, request=guidance_request(args))
+
+
+def cmd_train_autoencoder(args: argparse.Namespace) -> None:
+    from .autoencoder import train_autoencoder
+    from .config import load_config
+
+    out = train_autoencoder(load_config(args.config, args.overrides), progress=not args.quiet)
+    print(f"autoencoder: {out}  (latent diffusion: ddpmkit train configs/mnist_latent.toml data.autoencoder={out})")
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> None:
@@ -283,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_train_classifier)
 
+    a = sub.add_parser("train-autoencoder", help="train the KL autoencoder of latent diffusion")
+    a.add_argument("config", help="a TOML config, e.g. configs/mnist_autoencoder.toml")
+    a.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    a.add_argument("--quiet", action="store_true")
+    a.set_defaults(func=cmd_train_autoencoder)
+
     e = sub.add_parser("eval", help="bits/dim on held-out data and FD/KID/IS of samples, as a table and JSON")
     e.add_argument("checkpoint")
     e.add_argument("--metrics", default="bpd,fd,kid,is", help="comma-separated: bpd (= bpd_vlb,bpd_ode), fd, kid, is")
@@ -324,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--out", default="forward")
     f.set_defaults(func=cmd_forward)
+
+    from .cli_edit import add_edit_commands
+
+    add_edit_commands(sub, add_guidance_args)
 
     d = sub.add_parser("demo", help="train on mnist5k for a few minutes, then sample (what `make demo` runs)")
     d.add_argument("--minutes", type=float, default=9.5, help="training time budget")

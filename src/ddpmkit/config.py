@@ -28,6 +28,7 @@ class DataConfig:
     image_size: int = 64  # for 'folder'
     channels: int = 3  # for 'folder': 1 (grey) or 3 (RGB)
     hflip: bool = False  # random horizontal flips (not for digits)
+    autoencoder: str = ""  # a train-autoencoder folder: diffuse in its latent space (latent diffusion)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,18 @@ class NetworkConfig:
     text_encoder: str = ""  # e.g. 'all-MiniLM-L6-v2': text-conditional (cross-attention on its token embeddings)
     context_dim: int = 384  # width of the text encoder's token embeddings
     text_max_tokens: int = 16  # prompts are padded or cut to this many tokens
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """The KL autoencoder of latent diffusion (`ddpmkit train-autoencoder`)."""
+
+    z_channels: int = 3  # latent channels
+    base_channels: int = 32
+    channel_mult: tuple[int, ...] = (1, 2, 2)  # one level per entry; the latent is 2^(levels-1) times smaller per side
+    num_res_blocks: int = 1
+    kl_weight: float = 1e-3  # weight of KL(q(z|x) || N(0, I)) against the summed squared reconstruction error
+    pad_to: int = 32  # pad images (with the background value -1) to this size first; 0 = no padding
 
 
 @dataclass(frozen=True)
@@ -88,6 +101,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -6,15 +6,13 @@ saved like a diffusion checkpoint: classifier.safetensors and config.json, writt
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
-from .checkpoint import CheckpointError, atomic_folder
+from .checkpoint import read_module_folder, save_module_folder
 from .config import Config, build_config
 from .data import load_dataset
 from .nets.classifier import NoisyClassifier, random_shift
@@ -88,13 +86,10 @@ def train_noisy_classifier(cfg: Config, progress: bool = True) -> Path:
         acc = accuracy_by_t(model, test.get_batch(torch.arange(len(test))), test.labels, schedule)
     except Exception:  # data without a held-out split
         acc = {}
-    out = Path(tc.run_dir) / "classifier"
-    with atomic_folder(out) as tmp:
-        meta = {**cfg.to_dict(), "data_shape": list(data.shape), "held_out_accuracy_by_t": acc, "step": tc.steps}
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "classifier.safetensors")
-    if progress:
-        print("held-out accuracy by t: " + ", ".join(f"t={t}: {a:.1%}" for t, a in acc.items()))
+    meta = {**cfg.to_dict(), "data_shape": list(data.shape), "held_out_accuracy_by_t": acc, "step": tc.steps}
+    out = save_module_folder(Path(tc.run_dir) / "classifier", meta, "classifier", model)
+    if acc:
+        print("held-out accuracy on x_t: " + ", ".join(f"t={t}: {a:.1%}" for t, a in acc.items()))
     return out
 
 
@@ -108,15 +103,10 @@ class LoadedClassifier:
 
 def load_noisy_classifier(path: str | Path) -> LoadedClassifier:
     """A classifier folder from train-classifier (or its run folder)."""
-    path = Path(path)
-    if (path / "classifier").is_dir():
-        path = path / "classifier"
-    if not (path / "classifier.safetensors").is_file():
-        raise CheckpointError(f"no noisy classifier at {path} (expected classifier.safetensors from `ddpmkit train-classifier`)")
-    meta = json.loads((path / "config.json").read_text())
+    path, meta, weights = read_module_folder(path, "classifier", "train-classifier")
     shape, acc = tuple(meta.pop("data_shape")), meta.pop("held_out_accuracy_by_t", {})
     meta.pop("step", None)
     cfg = build_config(meta)
     net = build_classifier(cfg, shape)
-    net.load_state_dict(load_file(path / "classifier.safetensors"))
+    net.load_state_dict(weights)
     return LoadedClassifier(net.eval(), cfg, make_schedule(cfg), acc)

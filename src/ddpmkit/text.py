@@ -26,6 +26,13 @@ def _load(name: str, device: str):
         from sentence_transformers import SentenceTransformer
     except ImportError as e:
         raise TextEncoderError("text conditioning needs sentence-transformers: pip install 'ddpmkit[text]'") from e
+    try:  # the encoder is loaded often (training, sampling, tests): keep its progress bars quiet
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
     location = name
     if name.lower() in BUNDLED:
         try:

@@ -80,13 +80,24 @@ def lr_at(step: int, cfg) -> float:
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def load_training_data(cfg: Config, split: str = "train") -> Dataset:
+    """The configured dataset, or its latents when data.autoencoder names a trained autoencoder."""
+    d = cfg.data
+    dataset = load_dataset(d.name, d.path or None, d.image_size, d.channels, split=split)
+    if d.autoencoder:
+        from .autoencoder import encode_dataset, load_autoencoder
+
+        dataset = encode_dataset(load_autoencoder(d.autoencoder).model, dataset)
+    return dataset
+
+
 def make_schedule(cfg: Config) -> NoiseSchedule:
     d = cfg.diffusion
     return NoiseSchedule.from_name(d.schedule, d.T, d.zero_terminal_snr)
 
 
 def save_samples(model: nn.Module, cfg: Config, schedule: NoiseSchedule, shape: tuple[int, ...], path: Path, dataset: Dataset | None = None,
-                 conditioning: TrainingConditions | None = None):
+                 conditioning: TrainingConditions | None = None, decode=None):
     """Draw cfg.train.num_samples samples with fixed seeds and save a grid (images) or scatter (2-D).
     A conditional model draws classes 0, 1, 2, ... (or the first captions) without guidance."""
     from . import viz
@@ -99,12 +110,13 @@ def save_samples(model: nn.Module, cfg: Config, schedule: NoiseSchedule, shape: 
                  learned_variance=cfg.diffusion.learned_variance, generator=0, clip_x0=len(shape) == 3,
                  variance=default_variance(cfg.diffusion.learned_variance),
                  model_kwargs=model_kwargs)
-    if len(shape) == 3:
-        viz.save_grid(out.x, path)
+    x = out.x if decode is None else decode(out.x)  # latent diffusion: show decoded images
+    if x.ndim == 4:
+        viz.save_grid(x, path)
     else:
         ref = dataset.get_batch(torch.arange(min(len(dataset), 5000))) if dataset is not None else None
         viz.scatter_2d(out.x, path, ref)
-    return out.x
+    return x
 
 
 def held_out_bpd(model: nn.Module, cfg: Config, schedule: NoiseSchedule, train_set: Dataset, n: int = 64,
@@ -115,7 +127,7 @@ def held_out_bpd(model: nn.Module, cfg: Config, schedule: NoiseSchedule, train_s
     from .evaluate.likelihood import LN2, vlb_estimate
 
     try:
-        data = load_dataset(cfg.data.name, cfg.data.path or None, cfg.data.image_size, cfg.data.channels, split="test")
+        data = load_training_data(cfg, split="test")
     except Exception:
         data = train_set
     device = next(model.parameters()).device
@@ -148,10 +160,15 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
     local_bs = tc.batch_size // world
     run_dir = Path(tc.run_dir)
 
-    dataset = load_dataset(cfg.data.name, cfg.data.path or None, cfg.data.image_size, cfg.data.channels)
+    dataset = load_training_data(cfg)
     shape = dataset.shape
     schedule = make_schedule(cfg)
     conditioning = TrainingConditions.for_config(cfg, dataset)
+    decode = None
+    if cfg.data.autoencoder:
+        from .autoencoder import load_autoencoder
+
+        decode = load_autoencoder(cfg.data.autoencoder).model.from_latent
     torch.manual_seed(tc.seed)  # the initial weights come from the seed too
     model = build_network(cfg.network, shape, dc.learned_variance)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -251,8 +268,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
                     f.write(json.dumps({"step": step, "loss": mean_loss, "examples_per_s": rate, "lr": lr_at(step - 1, tc), "world_size": world}) + "\n")
             t_window, n_window, loss_window = time.time(), 0, []
         if tc.sample_every and step % tc.sample_every == 0 and accelerator.is_main_process:
-            x = save_samples(ema, cfg, schedule, shape, run_dir / "samples" / f"step-{step:07d}.png", dataset, conditioning)
-            if writer is not None and len(shape) == 3:
+            x = save_samples(ema, cfg, schedule, shape, run_dir / "samples" / f"step-{step:07d}.png", dataset, conditioning, decode)
+            if writer is not None and x.ndim == 4:
                 from .viz import make_grid
 
                 writer.add_image("samples", make_grid(x), step, dataformats="HWC")

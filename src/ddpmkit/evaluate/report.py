@@ -83,6 +83,8 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddp
     x_test = held_out.x[:n_bpd]
     g = torch.Generator().manual_seed(seed)
     null = null_condition(m, len(x_test))
+    if m.autoencoder is not None and any(k.startswith("bpd") for k in metrics):
+        raise ValueError("bits/dim of a latent diffusion model would be of its latents, not the images; use --metrics fd,kid,is")
     images = len(m.data_shape) == 3
     if "bpd_vlb" in metrics:
         t0 = time.time()
@@ -117,7 +119,7 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddp
             r = sample(model, (b, *m.data_shape), m.schedule, sampler=sampler, steps=steps, prediction=d.prediction,
                        learned_variance=d.learned_variance, generator=list(range(seed + start, seed + start + b)),
                        progress=True, model_kwargs=kwargs, **sampler_options, **options)
-            xs.append(r.x)
+            xs.append(m.decode(r.x))  # latent diffusion: judge decoded images
             nfe = r.nfe
         fake_f, fake_p = feature_net(torch.cat(xs))
         real_f, _ = feature_net(held_out.x)

@@ -62,5 +62,5 @@ class NoisyClassifier(nn.Module):
         self.head = nn.Linear(self.down.out_channels, num_classes)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        h, _ = self.down(x, self.cond(x, t))
+        h, _ = self.down(x, self.cond(x, t)[0])
         return self.head(F.silu(self.out_norm(h)).mean(dim=(2, 3)))

@@ -32,23 +32,24 @@ def zero_module(module: nn.Module) -> nn.Module:
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv, time embedding as scale and shift of the second norm, dropout, conv; plus a skip.
 
-    x: (B, C_in, H, W), emb: (B, E) -> (B, C_out, H, W)
+    x: (B, C_in, H, W), emb: (B, E) -> (B, C_out, H, W). emb_dim = 0: no embedding (the autoencoder).
     """
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0):
         super().__init__()
         self.norm1 = group_norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, 2 * out_ch)
+        self.emb = nn.Linear(emb_dim, 2 * out_ch) if emb_dim > 0 else None
         self.norm2 = group_norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift  # ADM's scale-shift norm
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.norm2(self.conv1(F.silu(self.norm1(x))))
+        if self.emb is not None:
+            scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+            h = h * (1 + scale) + shift  # ADM's scale-shift norm
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 

@@ -74,30 +74,39 @@ class DownPath(nn.Module):
 
 class Conditioning(nn.Module):
     """The time embedding plus what the network is conditioned on: a label embedding (class
-    conditioning) and the mean of the prompt's token embeddings (text; GLIDE and Imagen add this
-    pooled vector besides cross-attending to the tokens)."""
+    conditioning), or the prompt's token embeddings, projected once to the network's width for
+    every cross-attention block, whose mean is also added to the time embedding (GLIDE and
+    Imagen add such a pooled vector besides cross-attending to the tokens).
+
+    forward -> (emb (B, E), projected context (B, L, E) or None)
+    """
 
     def __init__(self, base_channels: int, emb_dim: int, num_classes: int = 0, context_dim: int = 0):
         super().__init__()
         self.base_channels = base_channels
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = LabelEmbedding(num_classes, emb_dim) if num_classes > 0 else None
-        self.context_emb = nn.Linear(context_dim, emb_dim) if context_dim > 0 else None
+        if context_dim > 0:
+            self.context_proj = nn.Sequential(nn.LayerNorm(context_dim), nn.Linear(context_dim, emb_dim))
+            self.context_emb = nn.Linear(emb_dim, emb_dim)
+        else:
+            self.context_proj = self.context_emb = None
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y=None, context=None, mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y=None, context=None, mask=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         emb = self.time_mlp(timestep_embedding(t, self.base_channels))  # (B, E)
         if self.label_emb is not None:
             emb = emb + self.label_emb(y, x.shape[0], x.device)
         elif y is not None:
             raise ValueError("this network is not class-conditional (network.num_classes = 0)")
-        if self.context_emb is not None:
+        if self.context_proj is not None:
             if context is None:
                 raise ValueError("this network is text-conditional: pass context= and context_mask= from TextEncoder.encode "
                                  "(the empty prompt '' is the unconditional branch)")
+            context = self.context_proj(context)  # (B, L, E): projected once, not in every block
             emb = emb + self.context_emb(pooled_context(context, mask))
         elif context is not None:
             raise ValueError("this network is not text-conditional (network.text_encoder is empty)")
-        return emb
+        return emb, context
 
 
 def upgrade_legacy_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -147,7 +156,7 @@ class UNet(nn.Module):
         emb_dim = 4 * base_channels
         self.cond = Conditioning(base_channels, emb_dim, num_classes, context_dim)
         self.down = DownPath(in_channels, image_size, base_channels, channel_mult, num_res_blocks, attention_resolutions,
-                             num_heads, emb_dim, dropout, context_dim)
+                             num_heads, emb_dim, dropout, emb_dim if context_dim > 0 else 0)
         skip_channels = list(self.down.skip_channels)
         ch = self.down.out_channels
         self.up = nn.ModuleList()
@@ -165,7 +174,7 @@ class UNet(nn.Module):
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
         """y: (B,) class labels for a class-conditional network (None = the null label);
         context: (B, L, D) prompt token embeddings and context_mask: (B, L) for a text-conditional one."""
-        emb = self.cond(x, t, y, context, context_mask)
+        emb, context = self.cond(x, t, y, context, context_mask)
         h, skips = self.down(x, emb, context, context_mask)
         for layer in self.up:
             if isinstance(layer, Upsample):

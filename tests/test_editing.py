@@ -1,0 +1,83 @@
+"""Editing and interpolation with exact denoisers: SDEdit's grid, p(x_0 | x_t) for Gaussian data,
+RePaint on a Gaussian mixture, slerp, and the voyage keyframe files."""
+import math
+
+import pytest
+import torch
+
+from ddpmkit.analytic import GaussianMixture
+from ddpmkit.editing import grid_from, img2img, inpaint, posterior_samples, slerp
+from ddpmkit.schedules import NoiseSchedule
+from ddpmkit.voyage import read_keyframes
+
+S = NoiseSchedule.from_name("linear", 1000)
+
+
+def test_grid_from_starts_at_the_strength_and_follows_the_named_grid():
+    g = grid_from(499.5, S, 10)
+    assert g[0] == 499.5 and bool((g[1:] < g[:-1]).all()) and g[-1] == 0
+    full = torch.linspace(999, 0, 10, dtype=torch.float64)
+    assert torch.equal(g[1:], full[full < 499.5])
+
+
+def test_posterior_samples_of_gaussian_data_match_the_closed_form():
+    """For data N(mu, s^2 I): p(x_0 | x_t) = N(mu + sqrt(a) s^2 / v (x_t - sqrt(a) mu), s^2 (1 - a) / v), v = a s^2 + 1 - a."""
+    mu, s = torch.tensor([0.5, -1.0]), 0.5
+    gm = GaussianMixture.gaussian(mu, s)
+    x_t, xs = posterior_samples(gm.eps_model(S), torch.tensor([[1.0, 0.0]]), t=300, n=3000, schedule=S, steps=300, seed=3)
+    a = S.alpha_bar[300].item()
+    v = a * s**2 + 1 - a
+    mean = mu.double() + math.sqrt(a) * s**2 / v * (x_t[0].double() - math.sqrt(a) * mu.double())
+    var = s**2 * (1 - a) / v
+    se = math.sqrt(var / 3000)
+    assert torch.allclose(xs.double().mean(0), mean, atol=4 * se)
+    assert torch.allclose(xs.double().var(0), torch.full((2,), var, dtype=torch.float64), rtol=0.1)
+
+
+def test_img2img_at_low_strength_stays_near_the_input_and_at_full_strength_forgets_it():
+    gm = GaussianMixture(torch.tensor([[-1.5, 0.0], [1.5, 0.0]]), torch.tensor([0.2, 0.2]), torch.tensor([0.5, 0.5]))
+    x0 = torch.tensor([[-1.5, 0.1]]).expand(400, 2)
+    low = img2img(gm.eps_model(S), x0, S, strength=0.1, sampler="ddim", steps=50, generator=0).x
+    assert (low[:, 0] < 0).float().mean() == 1.0  # keeps its mode
+    full = img2img(gm.eps_model(S), x0, S, strength=1.0, sampler="ddpm", steps=100, generator=0).x
+    assert 0.4 < (full[:, 0] < 0).float().mean() < 0.6  # the input is forgotten: both modes again
+
+
+def test_repaint_fills_in_the_conditional_of_a_gaussian_mixture():
+    """Known first coordinate -1.5 singles out the component at (-1.5, 0), std 0.2: RePaint's
+    filled-in second coordinate must follow N(0, 0.2^2)."""
+    mix = GaussianMixture(torch.tensor([[-1.5, 0.0], [1.5, 0.5], [0.0, -1.5]]), torch.tensor([0.2, 0.3, 0.15]),
+                          torch.tensor([0.5, 0.3, 0.2]))
+    x0 = torch.tensor([[-1.5, 3.0]]).expand(600, 2)  # the 3.0 is hidden by the mask
+    mask = torch.tensor([[1.0, 0.0]])
+    out = inpaint(mix.eps_model(S), x0, mask, S, steps=100, resample=1, generator=0, clip_x0=False)
+    assert torch.equal(out[:, 0], x0[:, 0])  # the known part is kept exactly
+    filled = out[:, 1].double()
+    # replacing the known part by q-samples is an approximation of conditioning: early, noisy steps
+    # still mix in the other components a little (a bias of about -0.04 here, a fifth of the std)
+    assert abs(filled.mean().item()) < 0.06 and 0.18 < filled.std().item() < 0.22
+    # resampling (noise back one step, denoise again) keeps the right component; with a coarse
+    # respaced chain each extra pass also trims a little variance, as ancestral steps do
+    again = inpaint(mix.eps_model(S), x0, mask, S, steps=100, resample=3, generator=0, clip_x0=False)[:, 1].double()
+    assert abs(again.mean().item()) < 0.06 and 0.13 < again.std().item() < 0.22
+
+
+def test_slerp_keeps_the_norm_and_hits_the_endpoints():
+    a, b = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0)), torch.randn(3, 1000, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(slerp(a, b, 0.0), a, atol=1e-5) and torch.allclose(slerp(a, b, 1.0), b, atol=1e-5)
+    mid = slerp(a, b, 0.5)
+    assert torch.allclose(mid.norm(dim=1), (a.norm(dim=1) + b.norm(dim=1)) / 2, rtol=0.03)  # a straight line would lose ~30%
+    assert ((a + b) / 2).norm(dim=1).mean() < 0.8 * mid.norm(dim=1).mean()
+
+
+def test_keyframe_files(tmp_path):
+    lecture = tmp_path / "seq.py"
+    lecture.write_text("seed_and_prompt_sequence = [  \n  3764, 'in the beginning there was nothing',  \n  1537, 'the big bang',\n]\n")
+    assert read_keyframes(lecture) == [(3764, "in the beginning there was nothing"), (1537, "the big bang")]
+    lines = tmp_path / "seq.txt"
+    lines.write_text("# keyframes\n3 a handwritten three\n\n7 'a seven'\n")
+    assert read_keyframes(lines) == [(3, "a handwritten three"), (7, "a seven")]
+    for bad, message in (("[3, 'a', 'b']", "alternate"), ("3 a\nx b\n", "SEED PROMPT"), ("3 only one\n", "at least 2")):
+        (tmp_path / "bad.txt").write_text(bad)
+        with pytest.raises(ValueError, match=message):
+            read_keyframes(tmp_path / "bad.txt")

@@ -1,0 +1,61 @@
+"""Latent diffusion: the KL autoencoder (its loss terms, latent scale, clear errors) and diffusion
+trained and sampled in its latent space from the command line."""
+import math
+
+import pytest
+import torch
+
+from ddpmkit.autoencoder import Autoencoder, load_autoencoder, psnr
+from ddpmkit.cli import main
+from ddpmkit.config import PRESET_DIR, AutoencoderConfig
+from ddpmkit.data import load_dataset
+
+
+def test_autoencoder_kl_is_the_closed_form_of_the_gaussian_posterior():
+    torch.manual_seed(0)
+    ae = Autoencoder((1, 8, 8), AutoencoderConfig(z_channels=2, base_channels=8, channel_mult=(1, 2), pad_to=8))
+    for p in ae.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.rand(3, 1, 8, 8) * 2 - 1
+    _, kl = ae(x)
+    mean, log_var = ae.encode(x)
+    q = torch.distributions.Normal(mean, (0.5 * log_var).exp())
+    reference = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).flatten(1).sum(1)
+    assert torch.allclose(kl, reference, rtol=1e-5)
+    assert ae.latent_shape == (2, 4, 4) and ae.decode(mean).shape == x.shape
+
+
+def test_padding_and_psnr():
+    ae = Autoencoder((1, 28, 28), AutoencoderConfig(channel_mult=(1, 2, 2), pad_to=32, base_channels=8))
+    assert ae.latent_shape == (3, 8, 8) and ae.decode(torch.zeros(2, 3, 8, 8)).shape == (2, 1, 28, 28)
+    x = torch.zeros(1, 1, 4, 4)
+    assert torch.allclose(psnr(x + 0.02, x), torch.tensor([10 * math.log10(4 / 0.0004)]))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        Autoencoder((1, 28, 28), AutoencoderConfig(channel_mult=(1, 2, 2), pad_to=30))
+
+
+def test_autoencoder_then_latent_diffusion_from_the_command_line(tmp_path, capsys):
+    ae_run, ldm_run = tmp_path / "ae", tmp_path / "ldm"
+    code = main(["train-autoencoder", str(PRESET_DIR / "mnist_autoencoder.toml"), "data.name=digits", "autoencoder.pad_to=8",
+                 "autoencoder.channel_mult=1,2", "autoencoder.base_channels=8", "train.steps=20", "train.batch_size=32",
+                 "train.warmup_steps=5", f"train.run_dir={ae_run}", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert "PSNR" in capsys.readouterr().out
+    ae = load_autoencoder(ae_run)
+    assert ae.metrics["latent_elements"] == 3 * 4 * 4 and ae.metrics["image_elements"] == 64
+    train_latents = ae.model.to_latent(load_dataset("digits").x)
+    assert abs(train_latents.std().item() - 1.0) < 1e-3  # the stored scale factor gives unit variance
+
+    code = main(["train", str(PRESET_DIR / "mnist_latent.toml"), "data.name=digits", f"data.autoencoder={ae_run}",
+                 "network.base_channels=8", "network.attention_resolutions=2", "train.steps=4", "train.batch_size=16",
+                 "train.sample_every=0", f"train.run_dir={ldm_run}", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    out = tmp_path / "samples"
+    code = main(["sample", str(ldm_run), "--n", "3", "--sampler", "dpmpp_2m_sde", "--steps", "4", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    x = torch.load(out / "samples.pt")
+    assert x.shape == (3, 1, 8, 8) and x.min() >= -1 and x.max() <= 1  # decoded images, not latents
+    assert (out / "reverse_process.gif").is_file()
+    code = main(["train", str(PRESET_DIR / "mnist_latent.toml"), "data.name=digits", f"data.autoencoder={tmp_path / 'none'}",
+                 f"train.run_dir={tmp_path / 'x'}", "--quiet"])
+    assert code == 2 and "no autoencoder" in capsys.readouterr().err
