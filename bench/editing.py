@@ -33,7 +33,8 @@ def main() -> int:
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--strengths", default="0.3,0.5,0.7")
     p.add_argument("--inpaint-steps", type=int, default=100)
-    p.add_argument("--resample", type=int, default=3)
+    p.add_argument("--resample", type=int, default=5)
+    p.add_argument("--skip", choices=["img2img", "inpaint"], default=None)
     p.add_argument("--out", default="runs/bench/editing")
     args = p.parse_args()
 
@@ -43,7 +44,7 @@ def main() -> int:
     m = load_model(args.checkpoint)
     d = m.config.diffusion
     print(f"{args.n} held-out digits, model {m.path} (step {m.step}); the judge reads the inputs right {(read(judge, x0) == labels).float().mean():.1%}")
-    for s in [float(v) for v in args.strengths.split(",")]:
+    for s in [float(v) for v in args.strengths.split(",") if args.skip != "img2img"]:
         t0 = time.time()
         out = torch.cat([img2img(m.network, x0[i:i + 250], m.schedule, s, sampler="ddpm", steps=50, prediction=d.prediction,
                                  generator=list(range(i, i + min(250, args.n - i))), clip_x0=True).x
@@ -53,6 +54,8 @@ def main() -> int:
         print(f"img2img strength {s:.1f}: class kept {kept:6.1%}  mean |change| {changed:.3f}  ({time.time() - t0:.0f}s)"
               + ("  target >= 95%" if s == min(float(v) for v in args.strengths.split(",")) else ""))
         viz.save_grid(torch.cat([x0[:10], out[:10]]), f"{args.out}/img2img_{s:.1f}.png", nrow=10)
+    if args.skip == "inpaint":
+        return 0
     t0 = time.time()
     mask = make_mask("right", x0.shape)
     filled = torch.cat([inpaint(m.network, x0[i:i + 250], mask, m.schedule, steps=args.inpaint_steps, resample=args.resample,

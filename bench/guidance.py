@@ -42,7 +42,7 @@ def run(m, request: GuidanceRequest, n: int, args, batch: int = 250) -> tuple[to
         grid = {"grid": args.grid} if args.grid else {}
         r = sample(model, (b, *m.data_shape), m.schedule, sampler=args.sampler, steps=args.steps, prediction=d.prediction,
                    generator=list(range(start, start + b)), model_kwargs=kwargs, **grid, **options)
-        xs.append(r.x)
+        xs.append(m.decode(r.x))  # latent models: judge decoded images
         nfe = r.nfe
     return torch.cat(xs), nfe, time.time() - t0
 

@@ -105,14 +105,15 @@ def test_cross_attention_unet_ignores_padding_and_listens_to_the_prompt():
     net = UNet(1, image_size=8, base_channels=8, channel_mult=(1, 2), attention_resolutions=(4,), context_dim=6, dropout=0.0)
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.1)
-    x, t = torch.randn(2, 1, 8, 8), torch.full((2,), 10.0)
-    ctx, mask = torch.randn(2, 5, 6), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    net.double()  # float64: masked-out tokens must change nothing, not just little
+    x, t = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.full((2,), 10.0)
+    ctx, mask = torch.randn(2, 5, 6, dtype=torch.float64), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     out = net(x, t, context=ctx, context_mask=mask)
     changed = ctx.clone()
     changed[0, 3:] = 100.0  # padding positions of example 0
-    assert torch.allclose(net(x, t, context=changed, context_mask=mask), out, atol=1e-5)
-    changed[0, 1] = 5.0  # a real token
-    assert not torch.allclose(net(x, t, context=changed, context_mask=mask)[0], out[0], atol=1e-3)
+    assert (net(x, t, context=changed, context_mask=mask) - out).abs().max() < 1e-12
+    changed[0, 1] = -ctx[0, 1] * 5  # a real token
+    assert (net(x, t, context=changed, context_mask=mask)[0] - out[0]).abs().max() > 1e-6
     with pytest.raises(ValueError, match="text-conditional"):
         net(x, t)
 

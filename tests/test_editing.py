@@ -81,3 +81,26 @@ def test_keyframe_files(tmp_path):
         (tmp_path / "bad.txt").write_text(bad)
         with pytest.raises(ValueError, match=message):
             read_keyframes(tmp_path / "bad.txt")
+
+
+def test_editing_commands(tmp_path, capsys):
+    from ddpmkit.cli import main
+    from ddpmkit.config import PRESET_DIR, load_config
+    from ddpmkit.train import train
+
+    run = tmp_path / "run"
+    cfg = load_config(PRESET_DIR / "mnist.toml", ["data.name=digits", "network.base_channels=8", "network.channel_mult=1,2",
+                                                  "network.attention_resolutions=4", "train.batch_size=16", "train.steps=3",
+                                                  "train.sample_every=0", "train.eval_every=0", f"train.run_dir={run}"])
+    train(cfg, progress=False)
+    out = tmp_path / "edits"
+    for argv, made in ((["img2img", str(run), "digits:3", "--strength", "0.3", "--steps", "10"], "img2img.png"),
+                       (["inpaint", str(run), "digits:3", "--mask", "left", "--steps", "5", "--resample", "2"], "inpaint.png"),
+                       (["posterior", str(run), "digits:3", "--t", "300", "--steps", "5"], "posterior_t300.png"),
+                       (["interpolate", str(run), "--seeds", "3,14", "--steps", "5"], "interpolate_seeds_3_14.png"),
+                       (["interpolate", str(run), "--images", "digits:0,digits:1", "--t", "300", "--steps", "5"],
+                        "interpolate_images_t300.png")):
+        assert main([*argv, "--n", "3", "--out", str(out)]) == 0, capsys.readouterr().err
+        assert (out / made).is_file(), made
+    assert main(["inpaint", str(run), "digits:3", "--mask", "middle", "--out", str(out)]) == 2
+    assert "--mask must be one of" in capsys.readouterr().err

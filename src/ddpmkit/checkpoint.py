@@ -26,7 +26,7 @@ from torch import nn
 
 from .config import Config, build_config
 from .nets import build_network
-from .nets.unet import upgrade_legacy_keys
+from .nets.unet import UNet, upgrade_legacy_keys
 from .schedules import NoiseSchedule
 
 CKPT_RE = re.compile(r"^ckpt-(\d+)$")
@@ -150,7 +150,8 @@ def load_model(path: str | Path, weights: str = "ema", device: str | torch.devic
     if not file.is_file():
         raise CheckpointError(f"missing weights file {file}")
     try:
-        net.load_state_dict(upgrade_legacy_keys(load_file(file)))
+        state = load_file(file)
+        net.load_state_dict(upgrade_legacy_keys(state) if isinstance(net, UNet) else state)
     except Exception as e:
         raise CheckpointError(f"cannot load {file}: {e}") from None
     net.to(device).eval()

@@ -181,7 +181,7 @@ def add_edit_commands(sub, add_guidance_args) -> None:
     common(p, "ddpm", 100)
     p.add_argument("image")
     p.add_argument("--mask", default="right", help="left, right, top, bottom (the half to fill) or a PNG (white = keep)")
-    p.add_argument("--resample", type=int, default=3, help="RePaint passes per step (1 = replace the known part only)")
+    p.add_argument("--resample", type=int, default=5, help="RePaint passes per step (1 = replace the known part only)")
     p.set_defaults(func=cmd_inpaint)
 
     p = sub.add_parser("posterior", help="noise an image to x_t once and draw several x_0 ~ p(x_0 | x_t)")

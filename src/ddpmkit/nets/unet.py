@@ -93,7 +93,7 @@ class Conditioning(nn.Module):
             self.context_proj = self.context_emb = None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y=None, context=None, mask=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        emb = self.time_mlp(timestep_embedding(t, self.base_channels))  # (B, E)
+        emb = self.time_mlp(timestep_embedding(t, self.base_channels).to(self.time_mlp[0].weight.dtype))  # (B, E)
         if self.label_emb is not None:
             emb = emb + self.label_emb(y, x.shape[0], x.device)
         elif y is not None:
