@@ -163,6 +163,9 @@ def test_voyage_renders_the_same_gif_bytes_twice(tiny_text_run, tmp_path, capsys
 
     with Image.open(outs[0] / "voyage.gif") as im:
         assert im.n_frames == 5 * 3 + 1  # 6 keyframes, 3 frames per segment, and the last keyframe
+    code = main(["interpolate", str(tiny_text_run), "--prompts", "a handwritten one", "a handwritten two", "--n", "4",
+                 "--steps", "3", "--out", str(tmp_path / "prompts")])
+    assert code == 0 and (tmp_path / "prompts" / "interpolate_prompts.png").is_file()
 
 
 def test_noisy_classifier_and_classifier_guidance_from_the_command_line(tmp_path, capsys):
