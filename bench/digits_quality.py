@@ -40,6 +40,7 @@ def main() -> int:
     p.add_argument("--no-clip", action="store_true")
     p.add_argument("--batch", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA or raw weights of the checkpoint")
     p.add_argument("--out", default="runs/bench/digits_quality")
     args = p.parse_args()
 
@@ -49,7 +50,7 @@ def main() -> int:
     real = judge(classifier, load_dataset("mnist5k", split="test").x)
     print(f"reference, real held-out digits: confident (p >= 0.9) {real.confident_fraction:.1%}, mean confidence {real.mean_confidence:.3f}")
 
-    m = load_model(args.checkpoint)
+    m = load_model(args.checkpoint, weights=args.weights)
     d = m.config.diffusion
     xs, nfe = [], 0
     t0 = time.time()

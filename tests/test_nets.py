@@ -42,3 +42,22 @@ def test_timestep_embedding():
     assert e.shape == (2, 8)
     assert torch.allclose(e[0], torch.tensor([1.0] * 4 + [0.0] * 4))  # cos(0) = 1, sin(0) = 0
     assert e[1, 0].item() == pytest.approx(torch.cos(torch.tensor(10.0)).item(), abs=1e-6)
+
+
+def test_patch_size_folds_pixels_into_channels():
+    # 28x28 digits in 2x2 patches: the levels run at 14 and 7, so attention at 7 is valid and 28 is not
+    net = build_network(NetworkConfig(kind="unet", base_channels=16, channel_mult=(1, 2), attention_resolutions=(7,), patch_size=2),
+                        (1, 28, 28), learned_variance=True)
+    assert net.out_conv.out_channels == 2 * 4  # (eps, variance) for each of the 4 pixels of a patch
+    for p in net.parameters():
+        if not p.any():
+            torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 1, 28, 28, requires_grad=True)
+    out = net(x, torch.tensor([10.0, 900.0]))
+    assert out.shape == (2, 2, 28, 28)
+    out[0, 0].sum().backward()
+    assert (x.grad[0].abs() > 0).all() and not x.grad[1].any()  # every pixel reaches the output; samples stay separate
+    with pytest.raises(ValueError, match="patch_size 3 must be a positive divisor of the image size 28"):
+        UNet(1, image_size=28, patch_size=3)
+    with pytest.raises(ValueError, match=r"choose from \[14, 7\]"):
+        UNet(1, image_size=28, channel_mult=(1, 2), attention_resolutions=(28,), patch_size=2)

@@ -19,7 +19,7 @@ def build_network(cfg: NetworkConfig, data_shape: tuple[int, ...], learned_varia
             in_channels=C, out_channels=C * out_mult, image_size=H, base_channels=cfg.base_channels,
             channel_mult=cfg.channel_mult, num_res_blocks=cfg.num_res_blocks,
             attention_resolutions=cfg.attention_resolutions, num_heads=cfg.num_heads, dropout=cfg.dropout,
-            num_classes=cfg.num_classes, context_dim=cfg.context_dim if cfg.text_encoder else 0,
+            num_classes=cfg.num_classes, context_dim=cfg.context_dim if cfg.text_encoder else 0, patch_size=cfg.patch_size,
         )
     if cfg.kind == "mlp":
         if cfg.text_encoder:

@@ -134,6 +134,11 @@ class UNet(nn.Module):
     num_res_blocks + 1 coming up (each taking a skip connection), with self-attention after the
     blocks of levels whose resolution is in attention_resolutions (and cross-attention to the
     prompt's tokens there when context_dim > 0).
+
+    patch_size p > 1 folds each p x p patch of pixels into channels first (pixel unshuffle) and
+    unfolds the output the same way, so the levels run at image_size / p: the UNet spends its
+    compute on wider channels at lower resolution (as in "simple diffusion", Hoogeboom et al. 2023).
+    attention_resolutions then refer to those reduced resolutions.
     """
 
     def __init__(
@@ -149,10 +154,15 @@ class UNet(nn.Module):
         dropout: float = 0.1,
         num_classes: int = 0,
         context_dim: int = 0,
+        patch_size: int = 1,
     ):
         super().__init__()
+        if patch_size < 1 or image_size % patch_size:
+            raise ValueError(f"patch_size {patch_size} must be a positive divisor of the image size {image_size}")
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
+        self.patch_size = patch_size
+        in_channels, image_size = in_channels * patch_size**2, image_size // patch_size
         emb_dim = 4 * base_channels
         self.cond = Conditioning(base_channels, emb_dim, num_classes, context_dim)
         self.down = DownPath(in_channels, image_size, base_channels, channel_mult, num_res_blocks, attention_resolutions,
@@ -168,12 +178,14 @@ class UNet(nn.Module):
             if level > 0:
                 self.up.append(Upsample(ch))
         self.out_norm = group_norm(ch)
-        self.out_conv = zero_module(nn.Conv2d(ch, self.out_channels, 3, padding=1))
+        self.out_conv = zero_module(nn.Conv2d(ch, self.out_channels * patch_size**2, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
         """y: (B,) class labels for a class-conditional network (None = the null label);
         context: (B, L, D) prompt token embeddings and context_mask: (B, L) for a text-conditional one."""
+        if self.patch_size > 1:
+            x = F.pixel_unshuffle(x, self.patch_size)
         emb, context = self.cond(x, t, y, context, context_mask)
         h, skips = self.down(x, emb, context, context_mask)
         for layer in self.up:
@@ -182,4 +194,5 @@ class UNet(nn.Module):
             else:
                 block, attn = layer
                 h = attn(block(torch.cat([h, skips.pop()], dim=1), emb), context, context_mask)
-        return self.out_conv(F.silu(self.out_norm(h)))
+        out = self.out_conv(F.silu(self.out_norm(h)))
+        return F.pixel_shuffle(out, self.patch_size) if self.patch_size > 1 else out
