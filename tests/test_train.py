@@ -156,3 +156,23 @@ def test_ema_update_and_warmup():
     ema_update(ema, model, decay=0.75)  # 0.75 * 1 + 0.25 * 3
     assert all(torch.allclose(p, torch.full_like(p, 1.5)) for p in ema.parameters())
     assert ema_decay_at(0, 0.999) == pytest.approx(0.1) and ema_decay_at(10**6, 0.999) == 0.999
+
+
+def test_timestep_sampling():
+    import math
+
+    from ddpmkit.config import DiffusionConfig
+    from ddpmkit.train import sample_timesteps
+
+    T, n = 1000, 200_000
+    g = torch.Generator().manual_seed(0)
+    # uniform: Algorithm 1's t ~ U{0..T-1}, the same draws as torch.randint (resumed runs stay exact)
+    assert torch.equal(sample_timesteps(DiffusionConfig(), T, 64, torch.Generator().manual_seed(3)),
+                       torch.randint(0, T, (64,), generator=torch.Generator().manual_seed(3)))
+    # logit-normal: P(t < k) = P(T sigmoid(u) < k) = Phi((logit(k / T) - mean) / std)
+    dc = DiffusionConfig(timestep_sampling="logit_normal", logit_normal_mean=0.5, logit_normal_std=0.8)
+    t = sample_timesteps(dc, T, n, g)
+    assert t.dtype == torch.long and 0 <= int(t.min()) and int(t.max()) <= T - 1
+    for k in (100, 300, 500, 700, 900):
+        p = 0.5 * (1 + math.erf((math.log(k / (T - k)) - 0.5) / (0.8 * math.sqrt(2))))
+        assert abs((t < k).double().mean().item() - p) < 4 * math.sqrt(p * (1 - p) / n), k

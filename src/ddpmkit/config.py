@@ -40,6 +40,11 @@ class DiffusionConfig:
     loss: LossType = "simple"
     learned_variance: bool = False
     min_snr_gamma: float = 0.0  # 0 = off
+    # training timesteps: "uniform" (Algorithm 1) or "logit_normal" (t/T = sigmoid(N(mean, std^2)), as in
+    # SD3: more of the training on the middle of the chain, less on the nearly clean and nearly pure-noise ends)
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
 
 
 @dataclass(frozen=True)

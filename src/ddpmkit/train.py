@@ -24,7 +24,7 @@ from torch import nn
 
 from .checkpoint import list_checkpoints, read_config, save_checkpoint
 from .conditioning import TrainingConditions
-from .config import Config
+from .config import Config, DiffusionConfig
 from .data import Dataset, load_dataset
 from .losses import training_losses
 from .nets import build_network
@@ -89,6 +89,15 @@ def load_training_data(cfg: Config, split: str = "train") -> Dataset:
 
         dataset = encode_dataset(load_autoencoder(d.autoencoder).model, dataset)
     return dataset
+
+
+def sample_timesteps(dc: DiffusionConfig, T: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n training timesteps in 0..T-1: uniform (Algorithm 1), or logit-normal, t = floor(T * sigmoid(u)),
+    u ~ N(mean, std^2) (Esser et al. 2024), which trains the middle of the chain more often."""
+    if dc.timestep_sampling == "uniform":
+        return torch.randint(0, T, (n,), generator=generator)
+    u = dc.logit_normal_mean + dc.logit_normal_std * torch.randn(n, generator=generator, dtype=torch.float64)
+    return (torch.sigmoid(u) * T).long().clamp(0, T - 1)
 
 
 def make_schedule(cfg: Config) -> NoiseSchedule:
@@ -215,7 +224,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
         # ---- the randomness of this step, for the global batch; this process takes its slice
         g = step_generator(tc.seed, step)
         idx = batch_indices(step, tc.batch_size, len(dataset), tc.seed)
-        t_all = torch.randint(0, schedule.T, (tc.batch_size,), generator=g)
+        t_all = sample_timesteps(dc, schedule.T, tc.batch_size, g)
         noise_all = torch.randn((tc.batch_size, *shape), generator=g)
         flip_all = torch.rand(tc.batch_size, generator=g) < 0.5
         cond_all = conditioning.batch(idx, g)  # labels or prompt embeddings, some dropped to the null condition
