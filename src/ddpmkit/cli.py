@@ -24,6 +24,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     run_dir = train(cfg, resume=args.resume, progress=not args.quiet)
     print(f"run folder: {run_dir}")
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # shut the process group down before exiting: a process that exits with gloo's threads
+        # still running can abort ("terminate called without an active exception")
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def sample_to_files(ckpt: str, out: Path, n: int, steps: int | None, seed: int, sampler: str = "ddpm",
