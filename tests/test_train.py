@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import ddpmkit
 from ddpmkit.analytic import GaussianMixture, nearest_component
 from ddpmkit.checkpoint import list_checkpoints, load_model
-from ddpmkit.config import PRESET_DIR, load_config
+from ddpmkit.config import PRESET_DIR, ConfigError, load_config
 from ddpmkit.train import TrainingError, batch_indices, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,6 +173,8 @@ def test_timestep_sampling():
     dc = DiffusionConfig(timestep_sampling="logit_normal", logit_normal_mean=0.5, logit_normal_std=0.8)
     t = sample_timesteps(dc, T, n, g)
     assert t.dtype == torch.long and 0 <= int(t.min()) and int(t.max()) <= T - 1
+    with pytest.raises(ConfigError, match="diffusion.logit_normal_std = 0.0 must be > 0"):
+        load_config(PRESET_DIR / "mnist.toml", ["diffusion.timestep_sampling=logit_normal", "diffusion.logit_normal_std=0"])
     for k in (100, 300, 500, 700, 900):
         p = 0.5 * (1 + math.erf((math.log(k / (T - k)) - 0.5) / (0.8 * math.sqrt(2))))
         assert abs((t < k).double().mean().item() - p) < 4 * math.sqrt(p * (1 - p) / n), k

@@ -18,14 +18,14 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, ValueErro
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    import torch.distributed as dist
+
     from .config import load_config
     from .train import train
 
     cfg = load_config(args.config, args.overrides)
     run_dir = train(cfg, resume=args.resume, progress=not args.quiet)
     print(f"run folder: {run_dir}")
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         # shut the process group down before exiting: a process that exits with gloo's threads
         # still running can abort ("terminate called without an active exception")

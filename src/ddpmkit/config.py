@@ -46,6 +46,10 @@ class DiffusionConfig:
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
 
+    def __post_init__(self) -> None:
+        if self.logit_normal_std <= 0:
+            raise ConfigError(f"diffusion.logit_normal_std = {self.logit_normal_std} must be > 0")
+
 
 @dataclass(frozen=True)
 class NetworkConfig:
