@@ -30,3 +30,5 @@ def test_bad_values():
         parse_overrides(["lr=3"])
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("nope.toml")
+    with pytest.raises(ConfigError, match=r"train.ema_decay = 1.0 must be in \[0, 1\)"):
+        load_config(None, ["train.ema_decay=1"])

@@ -156,22 +156,38 @@ def test_ema_update_and_warmup():
     ema_update(ema, model, decay=0.75)  # 0.75 * 1 + 0.25 * 3
     assert all(torch.allclose(p, torch.full_like(p, 1.5)) for p in ema.parameters())
     assert ema_decay_at(0, 0.999) == pytest.approx(0.1) and ema_decay_at(10**6, 0.999) == 0.999
+    # decay 0 (train.ema_decay = 0): the "EMA" is exactly the last weights, bit for bit
+    torch.manual_seed(0)
+    model = torch.nn.Linear(7, 5)
+    ema_update(ema := torch.nn.Linear(7, 5), model, decay=ema_decay_at(500, 0.0))
+    assert all(torch.equal(e, p) for e, p in zip(ema.parameters(), model.parameters()))
 
 
 def test_timestep_sampling():
     import math
 
     from ddpmkit.config import DiffusionConfig
+    from ddpmkit.schedules import NoiseSchedule
     from ddpmkit.train import sample_timesteps
 
     T, n = 1000, 200_000
+    schedule = NoiseSchedule.from_name("linear", T)
     g = torch.Generator().manual_seed(0)
     # uniform: Algorithm 1's t ~ U{0..T-1}, the same draws as torch.randint (resumed runs stay exact)
-    assert torch.equal(sample_timesteps(DiffusionConfig(), T, 64, torch.Generator().manual_seed(3)),
+    assert torch.equal(sample_timesteps(DiffusionConfig(), schedule, 64, torch.Generator().manual_seed(3)),
                        torch.randint(0, T, (64,), generator=torch.Generator().manual_seed(3)))
+    # asymmetric: log-SNR >= -4.6 holds exactly for t <= 673 of the linear schedule, and those 674 steps
+    # weigh k = 4 each against 1: P(t <= 673) = 4 * 674 / (4 * 674 + 326), and uniform within each part
+    dc = DiffusionConfig(timestep_sampling="asymmetric", asymmetric_log_snr=-4.6, asymmetric_k=4.0)
+    assert int((schedule.log_snr >= -4.6).sum()) == 674
+    t = sample_timesteps(dc, schedule, n, g)
+    for k, p in ((674, 4 * 674 / (4 * 674 + 326)), (300, 4 * 300 / (4 * 674 + 326)), (900, 1 - 100 / (4 * 674 + 326))):
+        assert abs((t < k).double().mean().item() - p) < 4 * math.sqrt(p * (1 - p) / n), k
+    with pytest.raises(ConfigError, match="diffusion.asymmetric_k = 0.0 must be > 0"):
+        load_config(PRESET_DIR / "mnist.toml", ["diffusion.timestep_sampling=asymmetric", "diffusion.asymmetric_k=0"])
     # logit-normal: P(t < k) = P(T sigmoid(u) < k) = Phi((logit(k / T) - mean) / std)
     dc = DiffusionConfig(timestep_sampling="logit_normal", logit_normal_mean=0.5, logit_normal_std=0.8)
-    t = sample_timesteps(dc, T, n, g)
+    t = sample_timesteps(dc, schedule, n, g)
     assert t.dtype == torch.long and 0 <= int(t.min()) and int(t.max()) <= T - 1
     with pytest.raises(ConfigError, match="diffusion.logit_normal_std = 0.0 must be > 0"):
         load_config(PRESET_DIR / "mnist.toml", ["diffusion.timestep_sampling=logit_normal", "diffusion.logit_normal_std=0"])

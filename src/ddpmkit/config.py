@@ -40,15 +40,21 @@ class DiffusionConfig:
     loss: LossType = "simple"
     learned_variance: bool = False
     min_snr_gamma: float = 0.0  # 0 = off
-    # training timesteps: "uniform" (Algorithm 1) or "logit_normal" (t/T = sigmoid(N(mean, std^2)), as in
-    # SD3: more of the training on the middle of the chain, less on the nearly clean and nearly pure-noise ends)
-    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    # training timesteps: "uniform" (Algorithm 1); "logit_normal" (t/T = sigmoid(N(mean, std^2)), as in
+    # SD3: more of the training on the middle of the chain, less on the nearly clean and nearly pure-noise ends);
+    # "asymmetric" (SpeeD, Wang et al. 2024): timesteps whose log-SNR is >= asymmetric_log_snr are drawn
+    # asymmetric_k times as often as the nearly pure-noise ones beyond it, whose loss is small and flat
+    timestep_sampling: Literal["uniform", "logit_normal", "asymmetric"] = "uniform"
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
+    asymmetric_log_snr: float = -4.6  # SNR 0.01: t >= 674 of the linear schedule's 1000
+    asymmetric_k: float = 4.0
 
     def __post_init__(self) -> None:
         if self.logit_normal_std <= 0:
             raise ConfigError(f"diffusion.logit_normal_std = {self.logit_normal_std} must be > 0")
+        if self.asymmetric_k <= 0:
+            raise ConfigError(f"diffusion.asymmetric_k = {self.asymmetric_k} must be > 0")
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     cond_drop_prob: float = 0.1  # conditional models: share of examples trained on the null label / empty prompt
     grad_clip: float = 1.0
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # 0 = the "EMA" weights are the last weights (no averaging)
     seed: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     log_every: int = 50
@@ -103,6 +109,10 @@ class TrainConfig:
     num_samples: int = 64
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay = {self.ema_decay} must be in [0, 1) (0 = no averaging)")
 
 
 @dataclass(frozen=True)

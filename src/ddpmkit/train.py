@@ -91,11 +91,17 @@ def load_training_data(cfg: Config, split: str = "train") -> Dataset:
     return dataset
 
 
-def sample_timesteps(dc: DiffusionConfig, T: int, n: int, generator: torch.Generator) -> torch.Tensor:
-    """n training timesteps in 0..T-1: uniform (Algorithm 1), or logit-normal, t = floor(T * sigmoid(u)),
-    u ~ N(mean, std^2) (Esser et al. 2024), which trains the middle of the chain more often."""
+def sample_timesteps(dc: DiffusionConfig, schedule: NoiseSchedule, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n training timesteps in 0..T-1: uniform (Algorithm 1); logit-normal, t = floor(T * sigmoid(u)),
+    u ~ N(mean, std^2) (Esser et al. 2024), which trains the middle of the chain more often; or
+    asymmetric (SpeeD, Wang et al. 2024): P(t) is asymmetric_k times larger where log-SNR(t) >=
+    asymmetric_log_snr than in the nearly pure-noise tail beyond it."""
+    T = schedule.T
     if dc.timestep_sampling == "uniform":
         return torch.randint(0, T, (n,), generator=generator)
+    if dc.timestep_sampling == "asymmetric":
+        weights = torch.where(schedule.log_snr >= dc.asymmetric_log_snr, dc.asymmetric_k, 1.0)
+        return torch.multinomial(weights, n, replacement=True, generator=generator)
     u = dc.logit_normal_mean + dc.logit_normal_std * torch.randn(n, generator=generator, dtype=torch.float64)
     return (torch.sigmoid(u) * T).long().clamp(0, T - 1)
 
@@ -224,7 +230,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
         # ---- the randomness of this step, for the global batch; this process takes its slice
         g = step_generator(tc.seed, step)
         idx = batch_indices(step, tc.batch_size, len(dataset), tc.seed)
-        t_all = sample_timesteps(dc, schedule.T, tc.batch_size, g)
+        t_all = sample_timesteps(dc, schedule, tc.batch_size, g)
         noise_all = torch.randn((tc.batch_size, *shape), generator=g)
         flip_all = torch.rand(tc.batch_size, generator=g) < 0.5
         cond_all = conditioning.batch(idx, g)  # labels or prompt embeddings, some dropped to the null condition
