@@ -20,11 +20,13 @@ from pathlib import Path
 
 import torch
 
-from ddpmkit import sample, viz
-from ddpmkit.checkpoint import load_model
-from ddpmkit.cli import sampler_options
+from ddpmkit import viz
 from ddpmkit.data import load_dataset
-from ddpmkit.judge import judge, load_or_train_classifier
+from ddpmkit.evaluate.cached_judge import load_judge
+from ddpmkit.evaluate.judge import judge
+from ddpmkit.models import load_diffusion
+from ddpmkit.pipelines import generate
+from ddpmkit.sampling.options import sampler_options
 
 
 def main() -> int:
@@ -45,23 +47,16 @@ def main() -> int:
     args = p.parse_args()
 
     t0 = time.time()
-    classifier, acc = load_or_train_classifier()
+    classifier, acc = load_judge()
     print(f"judge accuracy on 500 held-out real digits: {acc:.2%}  (target >= 97%)  [{time.time() - t0:.0f}s]")
     real = judge(classifier, load_dataset("mnist5k", split="test").x)
     print(f"reference, real held-out digits: confident (p >= 0.9) {real.confident_fraction:.1%}, mean confidence {real.mean_confidence:.3f}")
 
-    m = load_model(args.checkpoint, weights=args.weights)
-    d = m.config.diffusion
-    xs, nfe = [], 0
+    m = load_diffusion(args.checkpoint, weights=args.weights)
     t0 = time.time()
-    for start in range(0, args.n, args.batch):
-        b = min(args.batch, args.n - start)
-        res = sample(m.network, (b, *m.data_shape), m.schedule, sampler=args.sampler, steps=args.steps, prediction=d.prediction,
-                     learned_variance=d.learned_variance, generator=list(range(args.seed + start, args.seed + start + b)),
-                     progress=True, **sampler_options(args))
-        xs.append(res.x)
-        nfe = res.nfe
-    x = torch.cat(xs)
+    options = sampler_options(args.sampler, args.grid, args.variance, not args.no_clip, args.eta, args.order)
+    gen = generate(m, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed, options=options, batch_size=args.batch)
+    x, nfe = gen.images, gen.nfe
     elapsed = time.time() - t0
     verdict = judge(classifier, x)
     out = Path(args.out)

@@ -15,11 +15,11 @@ import time
 import torch
 
 from ddpmkit import viz
-from ddpmkit.checkpoint import load_model
-from ddpmkit.cli_edit import make_mask
 from ddpmkit.data import load_dataset
 from ddpmkit.editing import img2img, inpaint
-from ddpmkit.judge import load_or_train_classifier
+from ddpmkit.evaluate.cached_judge import load_judge
+from ddpmkit.images import make_mask
+from ddpmkit.models import load_diffusion
 
 
 @torch.no_grad()
@@ -38,10 +38,10 @@ def main() -> int:
     p.add_argument("--out", default="runs/bench/editing")
     args = p.parse_args()
 
-    judge, _ = load_or_train_classifier()
+    judge, _ = load_judge()
     test = load_dataset("mnist5k", split="test")
     x0, labels = test.x[:args.n], test.labels[:args.n]
-    m = load_model(args.checkpoint)
+    m = load_diffusion(args.checkpoint)
     d = m.config.diffusion
     print(f"{args.n} held-out digits, model {m.path} (step {m.step}); the judge reads the inputs right {(read(judge, x0) == labels).float().mean():.1%}")
     for s in [float(v) for v in args.strengths.split(",") if args.skip != "img2img"]:

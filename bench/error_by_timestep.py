@@ -13,8 +13,8 @@ import argparse
 
 import torch
 
-from ddpmkit.checkpoint import load_model
 from ddpmkit.data import load_dataset
+from ddpmkit.models import load_diffusion
 from ddpmkit.parameterization import to_x0_eps
 from ddpmkit.process import q_sample
 
@@ -23,7 +23,7 @@ EDGES = (0, 25, 50, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000)
 
 @torch.no_grad()
 def eps_mse_by_range(checkpoint: str, x0: torch.Tensor, weights: str, draws: int, seed: int) -> list[float]:
-    m = load_model(checkpoint, weights=weights)
+    m = load_diffusion(checkpoint, weights=weights)
     T = m.schedule.T
     edges = [round(e * T / 1000) for e in EDGES]
     g = torch.Generator().manual_seed(seed)

@@ -24,11 +24,11 @@ import torch
 
 from ddpmkit import sample, viz
 from ddpmkit.captions import PARAPHRASES, TRAIN_TEMPLATES, digit_caption
-from ddpmkit.checkpoint import load_model
 from ddpmkit.data import load_dataset
 from ddpmkit.evaluate.metrics import FeatureStats, frechet_distance
 from ddpmkit.evaluate.report import FeatureNet
-from ddpmkit.pipeline import GuidanceRequest, guided_model
+from ddpmkit.models import load_diffusion
+from ddpmkit.pipelines.guided import GuidanceRequest, guided_model
 
 
 def run(m, request: GuidanceRequest, n: int, args, batch: int = 250) -> tuple[torch.Tensor, int, float]:
@@ -89,17 +89,17 @@ def main() -> int:
         viz.save_grid(x[:100], out / "guidance" / f"{kind}_{note or 'all'}_{scale:g}.png", nrow=10)
 
     print(f"{args.n} samples per row, {args.sampler} {args.steps} steps ({args.grid} grid); judge: held-out classifier")
-    m = load_model(args.class_model)
+    m = load_diffusion(args.class_model)
     for s in [float(v) for v in args.scales.split(",") if v]:
         record("classifier-free", s, m, GuidanceRequest(scale=s, rescale=args.rescale, threshold=args.threshold),
                note=("rescale" if args.rescale else "") + ("threshold" if args.threshold else ""))
     if args.classifier:
-        base = load_model(args.classifier_base) if args.classifier_base else m
+        base = load_diffusion(args.classifier_base) if args.classifier_base else m
         note = "null branch" if base is m else Path(args.classifier_base).name
         for s in [float(v) for v in args.classifier_scales.split(",")]:
             record("classifier", s, base, GuidanceRequest(scale=0.0, classifier=args.classifier, classifier_scale=s), note=note)
     if args.text_model:
-        mt = load_model(args.text_model)
+        mt = load_diffusion(args.text_model)
         for s in [float(v) for v in args.text_scales.split(",")]:
             for note, templates in (("templates", TRAIN_TEMPLATES), ("paraphrases", PARAPHRASES)):
                 prompts = [digit_caption(templates[(i // 10) % len(templates)], int(labels[i])) for i in range(args.n)]

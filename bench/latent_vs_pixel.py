@@ -16,10 +16,10 @@ import time
 import torch
 
 from ddpmkit import sample, viz
-from ddpmkit.checkpoint import load_model
 from ddpmkit.data import load_dataset
 from ddpmkit.evaluate.metrics import FeatureStats, frechet_distance
 from ddpmkit.evaluate.report import FeatureNet
+from ddpmkit.models import load_diffusion
 
 
 def draw(m, n: int, args, batch: int = 250) -> tuple[torch.Tensor, float]:
@@ -50,7 +50,7 @@ def main() -> int:
     real = FeatureStats.of(features(load_dataset("mnist5k", split="test").x)[0])
     rows = {}
     for name, path in (("pixel", args.pixel), ("latent", args.latent)):
-        m = load_model(path)
+        m = load_diffusion(path)
         draw(m, 8, args)  # warm-up
         x, seconds = draw(m, args.n, args)
         f, prob = features(x)
@@ -60,7 +60,7 @@ def main() -> int:
                       "params": sum(q.numel() for q in m.network.parameters()), "shape": m.data_shape}
         viz.save_grid(x[:100], f"{args.out}/{name}.png", nrow=10)
         if m.autoencoder is not None:
-            from ddpmkit.autoencoder import load_autoencoder
+            from ddpmkit.models import load_autoencoder
 
             rows[name]["psnr_db"] = load_autoencoder(m.config.data.autoencoder).metrics.get("psnr_db")
         r = rows[name]

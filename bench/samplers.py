@@ -66,8 +66,14 @@ def run_ddpmkit(gm, schedule, x_T, sampler, grid, nfe, **options):
 # ---- diffusers --------------------------------------------------------------------------------
 def diffusers_configs():
     """(family, label, scheduler class, kwargs, NFE -> steps) for each configuration tried."""
-    from diffusers import (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                           HeunDiscreteScheduler, UniPCMultistepScheduler)
+    from diffusers import (
+        DDIMScheduler,
+        DEISMultistepScheduler,
+        DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+        HeunDiscreteScheduler,
+        UniPCMultistepScheduler,
+    )
 
     spacings = ["linspace", "leading", "trailing"]
     sigma_kinds = [{}, {"use_karras_sigmas": True}, {"use_exponential_sigmas": True}, {"use_beta_sigmas": True}]

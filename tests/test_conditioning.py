@@ -6,7 +6,7 @@ import torch
 import ddpmkit
 from ddpmkit.analytic import GaussianMixture, nearest_component
 from ddpmkit.captions import PARAPHRASES, TRAIN_TEMPLATES, digit_captions, read_caption_files
-from ddpmkit.checkpoint import load_model
+from ddpmkit.models import load_diffusion
 from ddpmkit.cli import main
 from ddpmkit.conditioning import ConditioningError, TrainingConditions
 from ddpmkit.config import PRESET_DIR, load_config
@@ -44,7 +44,7 @@ def test_class_conditional_toy_with_guidance_draws_the_requested_mode(tmp_path):
     cfg = load_config(PRESET_DIR / "toy2d.toml", [f"train.run_dir={tmp_path}", "network.num_classes=8", "train.steps=1500",
                                                   "train.cond_drop_prob=0.2"])
     train(cfg, progress=False)
-    m = load_model(tmp_path)
+    m = load_diffusion(tmp_path)
     gm = GaussianMixture.ring(8, radius=2.0, std=0.1)
     y = torch.arange(800) % 8
     guided = ddpmkit.sample(ClassifierFreeGuidance(m.network, 3.0, null_label=8), (800, 2), m.schedule, sampler="dpmpp_2m_sde",
@@ -174,10 +174,10 @@ def test_noisy_classifier_and_classifier_guidance_from_the_command_line(tmp_path
                  "network.channel_mult=1,2", "network.attention_resolutions=4", "train.steps=30", "train.batch_size=32",
                  "train.warmup_steps=5", f"train.run_dir={clf_run}", "--quiet"])
     assert code == 0, capsys.readouterr().err
-    from ddpmkit.noisy_classifier import load_noisy_classifier
+    from ddpmkit.models import load_classifier
 
-    clf = load_noisy_classifier(clf_run)
-    assert set(clf.accuracy_by_t) == {"0", "250", "500", "750", "900"}
+    clf = load_classifier(clf_run)
+    assert set(clf.metrics) == {f"accuracy_t{t}" for t in (0, 250, 500, 750, 900)}
     assert clf.network(torch.randn(3, 1, 8, 8), torch.full((3,), 5.0)).shape == (3, 10)
     cfg = load_config(PRESET_DIR / "mnist.toml", [*TINY_DIGITS, f"train.run_dir={model_run}", "train.steps=4"])
     train(cfg, progress=False)
@@ -189,4 +189,7 @@ def test_noisy_classifier_and_classifier_guidance_from_the_command_line(tmp_path
         assert torch.load(out / "samples.pt").isfinite().all()
     code = main(["sample", str(model_run), "--n", "2", "--steps", "2", "--classifier", str(tmp_path / "nothing"), "--class", "1",
                  "--no-gif", "--out", str(tmp_path / "x")])
-    assert code == 2 and "no classifier at" in capsys.readouterr().err
+    assert code == 2 and "no checkpoint at" in capsys.readouterr().err
+    code = main(["sample", str(model_run), "--n", "2", "--steps", "2", "--classifier", str(model_run), "--class", "1",
+                 "--no-gif", "--out", str(tmp_path / "x")])
+    assert code == 2 and "holds a denoiser" in capsys.readouterr().err

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from ddpmkit.autoencoder import Autoencoder, load_autoencoder, psnr
+from ddpmkit.evaluate.metrics import psnr
+from ddpmkit.models import load_autoencoder
+from ddpmkit.nets.autoencoder import Autoencoder
 from ddpmkit.cli import main
 from ddpmkit.config import PRESET_DIR, AutoencoderConfig
 from ddpmkit.data import load_dataset
@@ -43,7 +45,7 @@ def test_autoencoder_then_latent_diffusion_from_the_command_line(tmp_path, capsy
     assert "PSNR" in capsys.readouterr().out
     ae = load_autoencoder(ae_run)
     assert ae.metrics["latent_elements"] == 3 * 4 * 4 and ae.metrics["image_elements"] == 64
-    train_latents = ae.model.to_latent(load_dataset("digits").x)
+    train_latents = ae.network.to_latent(load_dataset("digits").x)
     assert abs(train_latents.std().item() - 1.0) < 1e-3  # the stored scale factor gives unit variance
 
     code = main(["train", str(PRESET_DIR / "mnist_latent.toml"), "data.name=digits", f"data.autoencoder={ae_run}",

@@ -12,8 +12,10 @@ from safetensors.torch import load_file
 
 import ddpmkit
 from ddpmkit.analytic import GaussianMixture, nearest_component
-from ddpmkit.checkpoint import list_checkpoints, load_model
+from ddpmkit.checkpoint import list_checkpoints
+from ddpmkit.models import load_diffusion
 from ddpmkit.config import PRESET_DIR, ConfigError, load_config
+from ddpmkit.train import DenoiserTask, run
 from ddpmkit.train import TrainingError, batch_indices, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +32,7 @@ def test_toy_model_covers_all_8_modes(tmp_path):
     t0 = time.time()
     cfg = load_config(PRESET_DIR / "toy2d.toml", [f"train.run_dir={tmp_path}"])
     train(cfg, progress=False)
-    m = load_model(tmp_path)
+    m = load_diffusion(tmp_path)
     out = ddpmkit.sample(m.network, (2000, 2), m.schedule, steps=200, generator=torch.Generator().manual_seed(0))
     assert time.time() - t0 < 60
     gm = GaussianMixture.ring(8, radius=2.0, std=0.1)
@@ -53,11 +55,21 @@ TINY = ["data.name=digits", "network.base_channels=8", "network.channel_mult=1,2
         "train.batch_size=16", "train.sample_every=0", "train.lr=1e-3", "train.warmup_steps=5", "train.log_every=5"]
 
 
-def test_resume_after_kill_is_exact(tmp_path):
-    """N steps in one run == N/2 steps, a SIGKILL, and --resume for the rest."""
-    n = 30
+# one tiny run of each kind the engine trains (digits, 8x8), fp32: bf16 autocast is slow on CPUs without bf16 units
+KINDS = {
+    "denoiser": ["mnist", *TINY],
+    "autoencoder": ["mnist_autoencoder", "data.name=digits", "autoencoder.pad_to=8", "autoencoder.channel_mult=1,2",
+                    "autoencoder.base_channels=8", "train.batch_size=16", "train.sample_every=0", "train.warmup_steps=5", "train.log_every=5"],
+    "classifier": ["mnist_classifier", *TINY],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_resume_after_kill_is_exact(tmp_path, kind):
+    """N steps in one run == N/2 steps, a SIGKILL, and --resume for the rest, for every kind of model."""
+    n = 20
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    base = [str(PRESET_DIR / "mnist.toml"), *TINY, f"train.steps={n}", "train.max_minutes=0", "train.keep_checkpoints=0"]
+    base = [*KINDS[kind], f"train.steps={n}", "train.max_minutes=0", "train.keep_checkpoints=0", "train.mixed_precision=no"]
     subprocess.run(_cli("train", *base, f"train.run_dir={straight}", "train.checkpoint_every=1000", "--quiet"), check=True, cwd=ROOT)
 
     proc = subprocess.Popen(_cli("train", *base, f"train.run_dir={killed}", f"train.checkpoint_every={n // 2}", "--quiet"), cwd=ROOT)
@@ -73,7 +85,7 @@ def test_resume_after_kill_is_exact(tmp_path):
             subprocess.run(["rm", "-rf", str(later)], check=True)
     done = subprocess.run(_cli("train", *base, f"train.run_dir={killed}", f"train.checkpoint_every={n // 2}", "--resume", "--quiet"),
                           cwd=ROOT, capture_output=True, text=True, check=True)
-    assert f"at step {n // 2}" in done.stdout + done.stderr
+    assert f"at step {n // 2}" in done.stdout + done.stderr and f"{kind} run folder" in done.stdout
     a, b = _weights(straight), _weights(killed)
     assert a.keys() == b.keys()
     for k in a:
@@ -81,41 +93,52 @@ def test_resume_after_kill_is_exact(tmp_path):
     ea = load_file(list_checkpoints(straight)[-1] / "ema.safetensors")
     eb = load_file(list_checkpoints(killed)[-1] / "ema.safetensors")
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    assert not list(killed.glob(".tmp-*"))
 
 
-def test_two_processes_train_like_one(tmp_path):
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_two_processes_train_like_one(tmp_path, kind):
     """torchrun with 2 CPU processes (gloo): synchronized weights, each process a different half of
     every global batch, and the same result as one process with the same global batch."""
     n = 6
-    common = [str(PRESET_DIR / "mnist.toml"), *TINY, f"train.steps={n}", "train.max_minutes=0", "train.checkpoint_every=1000",
+    common = [*KINDS[kind], f"train.steps={n}", "train.max_minutes=0", "train.checkpoint_every=1000",
               "train.mixed_precision=no"]  # fp32, so the only difference is the order of the gradient all-reduce
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(_cli("train", *common, f"train.run_dir={one}", "--quiet"), check=True, cwd=ROOT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "ddpmkit.cli"]
+    port = str(29533 + sorted(KINDS).index(kind))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, "-m", "ddpmkit.cli"]
     subprocess.run([*torchrun, "train", *common, f"train.run_dir={two}", "--quiet"], check=True, cwd=ROOT, env=env)
     log = [json.loads(line) for line in (two / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["world_size"] == 2 and log[-1]["params_in_sync"] is True
-    # Adam divides by sqrt(v), so in parameters whose gradients are ~0 (zero-initialised layers)
-    # the rounding of a different all-reduce order shows up at ~1e-5; compare against how far
-    # training moved the weights instead, which is ~1e-2 per coordinate
-    from ddpmkit.nets import build_network
+    # Adam divides by sqrt(v): in the zero-initialised layers, whose gradients are ~0 in the first steps,
+    # the rounding of another all-reduce order moves single weights by ~1e-3. Compare what the networks
+    # compute instead, against how far training moved it from the initial network.
+    from ddpmkit.nets import build_for_task
 
-    cfg = load_config(PRESET_DIR / "mnist.toml", TINY)
+    cfg = load_config(KINDS[kind][0], KINDS[kind][1:])
     torch.manual_seed(cfg.train.seed)
-    init = build_network(cfg.network, (1, 8, 8)).state_dict()
-    a, b = _weights(one), _weights(two)
-    flat = lambda d: torch.cat([d[k].flatten() for k in sorted(d)])
-    moved = (flat(a) - flat(init)).norm()
-    assert moved > 0.1
-    assert (flat(a) - flat(b)).norm() / moved < 1e-3
+    nets = [build_for_task(cfg, (1, 8, 8)) for _ in range(3)]
+    nets[1].load_state_dict(_weights(one))
+    nets[2].load_state_dict(_weights(two))
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.rand((32, 1, 8, 8), generator=g) * 2 - 1, torch.randint(0, 1000, (32,), generator=g).float()
+    with torch.no_grad():
+        if kind == "autoencoder":
+            init, a, b = (n.decode(n.encode(x)[0]) for n in nets)
+        else:
+            init, a, b = (n.eval()(x, t) for n in nets)
+    moved = (a - init).norm()
+    assert moved > 0.05 * init.norm()  # six steps change what the network computes
+    assert (a - b).norm() / moved < 1e-3, ((a - b).norm() / moved).item()
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
     cfg = load_config(PRESET_DIR / "toy2d.toml", [f"train.run_dir={tmp_path}", "train.steps=200", "train.lr=1e12",
                                                   "train.warmup_steps=1", "train.grad_clip=0", "train.checkpoint_every=1000"])
-    with pytest.raises(TrainingError, match=r"loss became .* at step \d+.*Lower train.lr"):
+    with pytest.raises(TrainingError, match=r"training stopped at step \d+: the (loss|gradient) was not finite .*lower train.lr") as e:
         train(cfg, progress=False)
+    assert "\n" not in str(e.value) and "last good checkpoint: none" in str(e.value)
     assert list_checkpoints(tmp_path) == []
 
 
@@ -196,3 +219,60 @@ def test_timestep_sampling():
     for k in (100, 300, 500, 700, 900):
         p = 0.5 * (1 + math.erf((math.log(k / (T - k)) - 0.5) / (0.8 * math.sqrt(2))))
         assert abs((t < k).double().mean().item() - p) < 4 * math.sqrt(p * (1 - p) / n), k
+
+
+class PoisonedTask(DenoiserTask):
+    """The real denoiser task, with non-finite losses (or gradients) injected at chosen steps:
+    what a bad batch or an fp16 overflow does to a run."""
+
+    def __init__(self, cfg, poisoned, where="loss"):
+        super().__init__(cfg)
+        self.poisoned, self.where = poisoned, where
+
+    def loss(self, model, batch):
+        loss = super().loss(model, batch)
+        if not self.poisoned(batch.step):
+            return loss
+        if self.where == "loss":
+            return loss * float("nan")
+        first = next(model.parameters())
+        return loss + 0.0 * (first.sum() * 0.0).sqrt()  # finite value, d sqrt(u)/du at 0 = inf: a NaN gradient
+
+
+def _log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+TOY = ["train.steps=12", "train.log_every=1", "train.checkpoint_every=4", "train.sample_every=0", "train.keep_checkpoints=0"]
+
+
+def test_non_finite_steps_are_skipped_and_logged(tmp_path):
+    cfg = load_config("toy2d", [f"train.run_dir={tmp_path / 'a'}", *TOY])
+    run(PoisonedTask(cfg, lambda s: s in (3, 7)), cfg, progress=False)
+    skipped = [e for e in _log(tmp_path / "a") if "skipped" in e]
+    assert [e["step"] for e in skipped] == [3, 7] and skipped[0]["skipped"] == "the loss was not finite"
+    m = load_diffusion(tmp_path / "a")
+    assert m.step == 12 and all(p.isfinite().all() for p in m.network.parameters())
+    # a skipped step changes nothing: the run equals one whose steps 3 and 7 never updated the weights
+    cfg_b = load_config("toy2d", [f"train.run_dir={tmp_path / 'b'}", *TOY])
+    run(PoisonedTask(cfg_b, lambda s: s in (3, 7), where="gradient"), cfg_b, progress=False)
+    assert {e["skipped"] for e in _log(tmp_path / "b") if "skipped" in e} == {"the gradient was not finite"}
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_persistent_non_finite_losses_roll_back_then_stop_with_one_line(tmp_path):
+    cfg = load_config("toy2d", [f"train.run_dir={tmp_path}", *TOY, "train.nan_patience=2", "train.max_rollbacks=2"])
+    with pytest.raises(TrainingError) as e:
+        run(PoisonedTask(cfg, lambda s: s >= 5), cfg, progress=False)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("training stopped at step 6: the loss was not finite for 2 steps in a row")
+    assert "after 2 rollback(s)" in message and "ckpt-0000004" in message
+    log = _log(tmp_path)
+    rollbacks = [e for e in log if "rollback_to" in e]
+    assert [(r["rollback_to"], r["lr_scale"]) for r in rollbacks] == [(4, 0.5), (4, 0.25)]
+    # after a rollback step 4 is trained again, at half the learning rate
+    from ddpmkit.train import lr_at
+
+    lrs = [e["lr"] for e in log if e.get("step") == 5 and "skipped" in e]
+    assert lrs == pytest.approx([lr_at(5, cfg.train), 0.5 * lr_at(5, cfg.train), 0.25 * lr_at(5, cfg.train)])

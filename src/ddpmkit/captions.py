@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .data import DataError
+
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 TRAIN_TEMPLATES = (
@@ -55,8 +57,6 @@ def read_caption_files(images: list[Path]) -> list[str]:
     an empty (unconditional) caption."""
     missing = [p for p in images if not p.with_suffix(".txt").is_file()]
     if missing:
-        from .data import DataError
-
         shown = ", ".join(str(p.with_suffix(".txt")) for p in missing[:3])
         raise DataError(f"{len(missing)} image(s) have no caption file next to them (e.g. {shown}); "
                         "write one .txt per image, with the image's stem")

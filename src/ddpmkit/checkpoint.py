@@ -1,13 +1,16 @@
 """Checkpoints: a folder with safetensors weights, a JSON config and the optimizer state.
 
     ckpt-0001000/
-        config.json        the full Config, the step and the data shape
+        config.json        the full Config (train.task says which kind of model), the step, the
+                           shape of one example, the learning-rate scale (NaN rollbacks) and, in
+                           a run's last checkpoint, the task's final metrics
         ema.safetensors    EMA weights (what sampling uses)
         model.safetensors  raw weights
         optimizer.pt       AdamW state (training only)
 
 Each checkpoint is written into a temporary folder and renamed into place, so a crash or kill
-never leaves a half-written checkpoint where resume or sampling would read it.
+never leaves a half-written checkpoint where resume or sampling would read it. Every kind of model
+(denoiser, autoencoder, classifier, judge) is saved the same way by the one training engine.
 """
 from __future__ import annotations
 
@@ -17,23 +20,30 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import Config, build_config
-from .nets import build_network
-from .nets.unet import UNet, upgrade_legacy_keys
-from .schedules import NoiseSchedule
+from .config import CHECKPOINT_KEYS, Config, ConfigError, build_config
 
 CKPT_RE = re.compile(r"^ckpt-(\d+)$")
 
 
 class CheckpointError(ValueError):
     """A missing or unreadable checkpoint."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What config.json records beside the config."""
+
+    step: int = 0
+    data_shape: tuple[int, ...] = ()
+    lr_scale: float = 1.0
+    metrics: dict = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -53,40 +63,32 @@ def atomic_folder(final: Path):
         raise
 
 
-def save_module_folder(final: Path, meta: dict, name: str, module: nn.Module) -> Path:
-    """A trained part (autoencoder, noisy classifier) as final/{config.json, name.safetensors}, atomically."""
-    with atomic_folder(final) as tmp:
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, tmp / f"{name}.safetensors")
-    return Path(final)
-
-
-def read_module_folder(path: str | Path, name: str, command: str) -> tuple[Path, dict, dict[str, torch.Tensor]]:
-    """(folder, config dict, weights) of a part saved by save_module_folder; path may be its run folder."""
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write a small text file (a report, a grid) through a temporary file and a rename."""
     path = Path(path)
-    if (path / name).is_dir():
-        path = path / name
-    if not (path / f"{name}.safetensors").is_file():
-        raise CheckpointError(f"no {name} at {path} (expected {name}.safetensors from `ddpmkit {command}`)")
-    try:
-        meta = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path / 'config.json'}: {e}") from None
-    return path, meta, load_file(path / f"{name}.safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
 
 
-def save_checkpoint(
-    run_dir: str | Path, step: int, config: Config, data_shape: tuple[int, ...], model: nn.Module, ema: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None, keep: int = 0,
-) -> Path:
+def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(run_dir: str | Path, config: Config, info: CheckpointInfo, model: nn.Module, ema: nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None, keep: int = 0) -> Path:
     """Write run_dir/ckpt-{step:07d} atomically and keep only the newest `keep` (0 = all)."""
     run_dir = Path(run_dir)
-    final = run_dir / f"ckpt-{step:07d}"
+    final = run_dir / f"ckpt-{info.step:07d}"
     with atomic_folder(final) as tmp:
-        meta = {**config.to_dict(), "step": step, "data_shape": list(data_shape)}
+        meta = {**config.to_dict(), "step": info.step, "data_shape": list(info.data_shape), "lr_scale": info.lr_scale}
+        if info.metrics:
+            meta["metrics"] = info.metrics
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
+        save_file(_weights(model), tmp / "model.safetensors")
+        save_file(_weights(ema), tmp / "ema.safetensors")
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if keep > 0:
@@ -115,51 +117,37 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"no checkpoint at {path} (expected a ckpt-XXXXXXX folder or a run folder containing one)")
 
 
-@dataclass
-class LoadedModel:
-    """A trained model ready for sampling: the network, its config and its noise schedule."""
-
-    network: nn.Module
-    config: Config
-    schedule: NoiseSchedule
-    data_shape: tuple[int, ...]
-    step: int
-    path: Path
-    autoencoder: "nn.Module | None" = None  # latent diffusion: decode samples with autoencoder.from_latent
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Samples in data space: decoded latents for a latent model, else x itself."""
-        return x if self.autoencoder is None else self.autoencoder.from_latent(x)
-
-
-def read_config(ckpt: Path) -> tuple[Config, int, tuple[int, ...]]:
+def read_config(ckpt: Path) -> tuple[Config, CheckpointInfo]:
+    """The config and the bookkeeping of a checkpoint folder."""
     try:
-        meta = json.loads((ckpt / "config.json").read_text())
+        meta = json.loads((Path(ckpt) / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {ckpt / 'config.json'}: {e}") from None
-    step, shape = meta.pop("step", 0), tuple(meta.pop("data_shape", ()))
-    return build_config(meta), step, shape
+        raise CheckpointError(f"cannot read {Path(ckpt) / 'config.json'}: {e}") from None
+    extra = {key: meta.pop(key) for key in CHECKPOINT_KEYS if key in meta}
+    try:
+        config = build_config(meta)
+    except ConfigError as e:
+        raise CheckpointError(f"{Path(ckpt) / 'config.json'}: {e}") from None
+    info = CheckpointInfo(int(extra.get("step", 0)), tuple(extra.get("data_shape", ())), float(extra.get("lr_scale", 1.0)),
+                          dict(extra.get("metrics", {})))
+    return config, info
 
 
-def load_model(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a checkpoint for sampling ('ema' or 'model' weights), in eval mode."""
-    ckpt = resolve_checkpoint(path)
-    config, step, shape = read_config(ckpt)
-    net = build_network(config.network, shape, config.diffusion.learned_variance)
-    file = ckpt / f"{weights}.safetensors"
+def read_weights(ckpt: Path, weights: str = "ema") -> dict[str, torch.Tensor]:
+    """The 'ema' or 'model' weights of a checkpoint folder."""
+    file = Path(ckpt) / f"{weights}.safetensors"
+    if weights not in ("ema", "model"):
+        raise CheckpointError(f"weights must be 'ema' or 'model', got {weights!r}")
     if not file.is_file():
         raise CheckpointError(f"missing weights file {file}")
     try:
-        state = load_file(file)
-        net.load_state_dict(upgrade_legacy_keys(state) if isinstance(net, UNet) else state)
-    except Exception as e:
-        raise CheckpointError(f"cannot load {file}: {e}") from None
-    net.to(device).eval()
-    d = config.diffusion
-    schedule = NoiseSchedule.from_name(d.schedule, d.T, d.zero_terminal_snr)
-    autoencoder = None
-    if config.data.autoencoder:
-        from .autoencoder import load_autoencoder
+        return load_file(file)
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise CheckpointError(f"cannot read {file}: {e}") from None
 
-        autoencoder = load_autoencoder(config.data.autoencoder).model.to(device)
-    return LoadedModel(net, config, schedule, shape, step, ckpt, autoencoder)
+
+def load_training_state(ckpt: Path, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Restore everything a resumed run needs from a checkpoint folder, in place."""
+    model.load_state_dict(read_weights(ckpt, "model"))
+    ema.load_state_dict(read_weights(ckpt, "ema"))
+    optimizer.load_state_dict(torch.load(Path(ckpt) / "optimizer.pt", weights_only=True))

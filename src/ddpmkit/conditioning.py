@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .captions import TRAIN_TEMPLATES, digit_captions, read_caption_files
 from .config import Config
+from .text import TextEncoder
 
 
 class ConditioningError(ValueError):
@@ -47,9 +49,6 @@ class TrainingConditions:
 
     @classmethod
     def _text(cls, cfg: Config, dataset) -> "TrainingConditions":
-        from .captions import TRAIN_TEMPLATES, digit_captions, read_caption_files
-        from .text import TextEncoder
-
         net = cfg.network
         encoder = TextEncoder(net.text_encoder, net.text_max_tokens)
         if encoder.dim != net.context_dim:

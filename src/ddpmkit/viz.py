@@ -5,8 +5,14 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+import matplotlib
 import numpy as np
 import torch
+from matplotlib.figure import Figure  # the object API: no pyplot, no global backend to set
+from PIL import Image
+
+from .process import q_sample
+from .schedules import NoiseSchedule
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -31,8 +37,6 @@ def make_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 2, upscale: i
 
 
 def _pil(arr: np.ndarray):
-    from PIL import Image
-
     return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
 
 
@@ -65,12 +69,8 @@ def reverse_process_gif(xs: Sequence[torch.Tensor], path: str | Path, nrow: int 
 
 def scatter_2d(x: torch.Tensor, path: str | Path, reference: torch.Tensor | None = None, title: str = "") -> Path:
     """Scatter plot of 2-D samples, optionally over reference data."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    fig = Figure(figsize=(4, 4), dpi=100)
+    ax = fig.subplots()
     if reference is not None:
         ax.scatter(*reference[:5000].T.cpu().numpy(), s=1, c="0.75", label="data")
     ax.scatter(*x.T.detach().cpu().numpy(), s=1, c="C0", label="samples")
@@ -80,7 +80,6 @@ def scatter_2d(x: torch.Tensor, path: str | Path, reference: torch.Tensor | None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -107,13 +106,9 @@ def radial_power_spectrum(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plot_spectra(spectra: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
-    cmap = plt.get_cmap("viridis")
+    fig = Figure(figsize=(5, 4), dpi=100)
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["viridis"]
     for i, (label, (f, p)) in enumerate(spectra.items()):
         ax.loglog(f, p, label=label, color=cmap(i / max(1, len(spectra) - 1)))
     ax.set_xlabel("spatial frequency (cycles / pixel)")
@@ -123,5 +118,33 @@ def plot_spectra(spectra: dict[str, tuple[np.ndarray, np.ndarray]], path: str | 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
     return path
+
+
+def forward_process_figures(x0: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int], out: str | Path, seed: int = 0,
+                            title: str = "") -> tuple[Path, Path]:
+    """The lectures' two pictures of q(x_t | x_0) for one image x0: (1, C, H, W): a strip of x_t at
+    the given timesteps (one noise draw), and the radially averaged power spectrum of x_t against
+    t (averaged over 16 noise draws so the curves are smooth). Returns the two PNG paths."""
+    bad = [t for t in timesteps if not 0 <= t < schedule.T]
+    if bad:
+        raise ValueError(f"timesteps {bad} outside [0, {schedule.T - 1}]")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    eps = torch.randn((1, *x0.shape[1:]), generator=g)
+    frames = [("x_0", x0)] + [(f"t={t}", q_sample(x0, torch.tensor([t]), schedule, eps)) for t in timesteps]
+    fig = Figure(figsize=(1.6 * len(frames), 1.9), dpi=120)
+    for ax, (label, x) in zip(fig.subplots(1, len(frames)), frames):
+        img = to_uint8(x)[0]
+        ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(label, fontsize=8)
+        ax.axis("off")
+    fig.suptitle(title or f"q(x_t | x_0), T={schedule.T}", fontsize=9)
+    fig.savefig(out / "forward_strip.png", bbox_inches="tight")
+    many = torch.randn((16, *x0.shape[1:]), generator=g)
+    spectra = {"x_0": radial_power_spectrum(x0)}
+    for t in timesteps:
+        spectra[f"t={t}"] = radial_power_spectrum(q_sample(x0.expand_as(many), torch.full((16,), t), schedule, many))
+    plot_spectra(spectra, out / "spectrum.png", "radially averaged power spectrum of x_t")
+    return out / "forward_strip.png", out / "spectrum.png"

@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torchdiffeq import odeint
+from tqdm.auto import tqdm
 
 from ..losses import vlb_term
 from ..parameterization import Denoiser, ModelFn, Prediction
@@ -63,8 +65,6 @@ def vlb(model: ModelFn, x0: torch.Tensor, schedule: NoiseSchedule, prediction: P
     terms = torch.zeros(B, schedule.T, dtype=torch.float64, device=x0.device)
     steps = range(schedule.T - 1, -1, -1)
     if progress:
-        from tqdm.auto import tqdm
-
         steps = tqdm(steps, desc="variational bound", leave=False)
     with torch.no_grad():
         for t in steps:
@@ -119,10 +119,6 @@ def ode_nll(model: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, prediction
     exact models may start lower, t in [-1, 0]). divergence: 'exact' (one backward pass per
     dimension; small dims), 'hutchinson' (Rademacher probe, one backward pass; images) or 'auto'.
     """
-    try:
-        from torchdiffeq import odeint
-    except ImportError as e:  # pragma: no cover
-        raise ImportError("ode_nll needs torchdiffeq: pip install torchdiffeq") from e
     dim = x[0].numel()
     if divergence == "auto":
         divergence = "exact" if dim <= 32 else "hutchinson"

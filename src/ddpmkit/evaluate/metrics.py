@@ -92,3 +92,9 @@ def inception_score(probs: torch.Tensor | np.ndarray, splits: int = 10) -> tuple
         kl = (part * (np.log(np.clip(part, 1e-12, None)) - np.log(np.clip(py, 1e-12, None)))).sum(1).mean()
         scores.append(math.exp(kl))
     return float(np.mean(scores)), float(np.std(scores))
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Peak signal-to-noise ratio of images in [-1, 1] (peak-to-peak 2), per example, dB."""
+    mse = ((x - y) ** 2).flatten(1).mean(1)
+    return 10 * torch.log10(4.0 / mse.clamp(min=1e-12))

@@ -8,6 +8,16 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import atomic_write_text
+from ..data import load_dataset
+from ..models import load_diffusion
+from ..pipelines.generate import generate
+from ..pipelines.guided import GuidanceRequest
+from .cached_judge import load_judge
+from .inception import inception_features, load_fid_inception
+from .likelihood import LN2, dequantize, dequantized_bits_per_dim, ode_nll, vlb
+from .metrics import FeatureStats, frechet_distance, inception_score, kernel_inception_distance
+
 METRICS = ("bpd", "bpd_vlb", "bpd_ode", "fd", "kid", "is")
 
 
@@ -32,12 +42,8 @@ class FeatureNet:
         if kind == "classifier":
             if dataset != "mnist5k":
                 raise ValueError(f"classifier features exist for mnist5k only, not {dataset!r}; use --features inception")
-            from ..judge import load_or_train_classifier
-
-            self.net, _ = load_or_train_classifier()
+            self.net, _ = load_judge(dataset)
         elif kind == "inception":
-            from .inception import load_fid_inception
-
             self.net = load_fid_inception(inception_path)
         else:
             raise ValueError(f"unknown features {kind!r}; choose 'classifier' or 'inception'")
@@ -45,8 +51,6 @@ class FeatureNet:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kind == "inception":
-            from .inception import inception_features
-
             return inception_features(self.net, x)
         feats, probs = [], []
         for chunk in x.clamp(-1, 1).split(500):
@@ -62,27 +66,15 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddp
                         out: str | Path | None = None, request=None) -> dict:
     """request: a pipeline.GuidanceRequest for conditional models (classes, prompts, guidance) used
     for the samples; bits/dim of a conditional model is that of its unconditional branch."""
-    from ..checkpoint import load_model
-    from ..pipeline import GuidanceRequest, guided_model, null_condition
-    from ..data import load_dataset
-    from ..sampling import sample
-    from .likelihood import LN2, dequantize, dequantized_bits_per_dim, ode_nll, vlb
-    from .metrics import FeatureStats, frechet_distance, inception_score, kernel_inception_distance
-
-    m = load_model(checkpoint)
+    m = load_diffusion(checkpoint)
     d = m.config.diffusion
-    sampler_options = dict(sampler_options or {})
-    if sampler_options.get("variance") == "auto":
-        from ..reverse import default_variance
-
-        sampler_options["variance"] = default_variance(d.learned_variance)
     data = m.config.data
     report: dict = {"checkpoint": str(m.path), "step": m.step, "metrics": {}}
     # folders, npz files and toys have no held-out split: their "test" data is the training data
     held_out = load_dataset(data.name, data.path or None, data.image_size, data.channels, split="test")
     x_test = held_out.x[:n_bpd]
     g = torch.Generator().manual_seed(seed)
-    null = null_condition(m, len(x_test))
+    null = m.null_condition(len(x_test))
     if m.autoencoder is not None and any(k.startswith("bpd") for k in metrics):
         raise ValueError("bits/dim of a latent diffusion model would be of its latents, not the images; use --metrics fd,kid,is")
     images = len(m.data_shape) == 3
@@ -110,18 +102,9 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddp
             raise ValueError("fd/kid/is are defined for image data")
         feature_net = FeatureNet(features, data.name, inception_path)
         t0 = time.time()
-        xs, nfe = [], 0
-        request = request or GuidanceRequest()
-        for start in range(0, n, batch_size):
-            b = min(batch_size, n - start)
-            part = request.slice(start, b, m.config.network.num_classes)
-            model, kwargs, options = guided_model(m, b, part, sampler)
-            r = sample(model, (b, *m.data_shape), m.schedule, sampler=sampler, steps=steps, prediction=d.prediction,
-                       learned_variance=d.learned_variance, generator=list(range(seed + start, seed + start + b)),
-                       progress=True, model_kwargs=kwargs, **sampler_options, **options)
-            xs.append(m.decode(r.x))  # latent diffusion: judge decoded images
-            nfe = r.nfe
-        fake_f, fake_p = feature_net(torch.cat(xs))
+        gen = generate(m, n, request or GuidanceRequest(), sampler, steps, seed, sampler_options, batch_size)
+        nfe = gen.nfe
+        fake_f, fake_p = feature_net(gen.images)  # latent diffusion: decoded images
         real_f, _ = feature_net(held_out.x)
         report["sampling"] = {"sampler": sampler, "nfe": nfe, "n": n, "seconds": time.time() - t0, "features": features,
                               "reference": f"{data.name} held-out split ({len(held_out)} images)"}
@@ -136,11 +119,7 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddp
             mean, std = inception_score(fake_p)
             report["metrics"]["is"] = {"value": mean, "std": std, "unit": "IS" + label}
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(out)
+        atomic_write_text(out, json.dumps(report, indent=2))
     return report
 
 

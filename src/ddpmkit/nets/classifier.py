@@ -5,6 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import group_norm
+from .unet import Conditioning, DownPath
+
 
 class DigitClassifier(nn.Module):
     """x: (B, 1, H, W) in [-1, 1] -> logits (B, num_classes); ``features`` gives the (B, 128) embedding."""
@@ -51,9 +54,6 @@ class NoisyClassifier(nn.Module):
                  channel_mult: tuple[int, ...] = (1, 2, 4), num_res_blocks: int = 1, attention_resolutions: tuple[int, ...] = (7,),
                  num_heads: int = 4, dropout: float = 0.0):
         super().__init__()
-        from .layers import group_norm
-        from .unet import Conditioning, DownPath
-
         emb_dim = 4 * base_channels
         self.cond = Conditioning(base_channels, emb_dim)
         self.down = DownPath(in_channels, image_size, base_channels, channel_mult, num_res_blocks, attention_resolutions,

@@ -2,12 +2,24 @@
 optionally class labels (added to the time embedding) and text (cross-attention)."""
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import (AttentionBlock, Downsample, LabelEmbedding, NoAttention, ResBlock, Upsample, group_norm, pooled_context,
-                     timestep_embedding, zero_module)
+from .layers import (
+    AttentionBlock,
+    Downsample,
+    LabelEmbedding,
+    NoAttention,
+    ResBlock,
+    Upsample,
+    group_norm,
+    pooled_context,
+    timestep_embedding,
+    zero_module,
+)
 
 
 def check_levels(image_size: int, channel_mult: tuple[int, ...], attention_resolutions: tuple[int, ...]) -> list[int]:
@@ -111,7 +123,6 @@ class Conditioning(nn.Module):
 
 def upgrade_legacy_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename the weights of UNets saved before conditioning moved into submodules (ddpmkit 0.1)."""
-    import re
 
     if "time_mlp.0.weight" not in state:
         return state

@@ -12,7 +12,7 @@ from ..schedules import NoiseSchedule
 from .ancestral import ddim, ddpm
 from .grids import GRIDS, timestep_grid
 from .noise import GeneratorLike, NoiseSource
-from .ode import dopri5, ipndm, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, dpmpp_3m_sde, euler, heun, unipc
+from .ode import dopri5, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, dpmpp_3m_sde, euler, heun, ipndm, unipc
 from .sde import euler_maruyama, pc
 
 # name -> sampler function; each takes (denoiser, x_T, noise, steps=, grid=, callback=, model_kwargs=, progress=, **options)

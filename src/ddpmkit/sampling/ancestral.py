@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from ..parameterization import Denoiser
 from ..reverse import check_variance, p_mean_variance
@@ -56,8 +57,6 @@ def ddpm(
     schedule = _respaced(denoiser.schedule, steps, grid)
     positions = range(schedule.T - 1, -1, -1)
     if progress:
-        from tqdm.auto import tqdm
-
         positions = tqdm(positions, desc="ddpm", leave=False)
     batch = x.shape[0]
     for i in positions:
@@ -103,8 +102,6 @@ def ddim(
     ab = schedule.alpha_bar
     positions = range(schedule.T - 1, -1, -1)
     if progress:
-        from tqdm.auto import tqdm
-
         positions = tqdm(positions, desc=f"ddim(eta={eta:g})", leave=False)
     batch = x.shape[0]
     for i in positions:

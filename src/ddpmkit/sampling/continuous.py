@@ -15,6 +15,7 @@ import math
 from typing import Callable, Iterable
 
 import torch
+from tqdm.auto import tqdm
 
 from ..parameterization import Denoiser, DenoiserOutput
 from .grids import timestep_grid
@@ -60,7 +61,6 @@ class Trajectory:
     def steps(self) -> Iterable[int]:
         if not self.progress:
             return range(self.n)
-        from tqdm.auto import tqdm
 
         return tqdm(range(self.n), desc=self.name, leave=False)
 

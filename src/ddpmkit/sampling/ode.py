@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torchdiffeq import odeint
 
 from ..parameterization import Denoiser
 from .continuous import Trajectory
@@ -205,10 +206,6 @@ def dopri5(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int |
     """Adaptive Dormand-Prince 5(4) from torchdiffeq, in u = log sigma (dx_bar/du = x_bar - D) from
     the first to the last grid point, then x_0 = D(x_bar; sigma_min). The reference solution:
     NFE depends on the tolerances, not on `steps`."""
-    try:
-        from torchdiffeq import odeint
-    except ImportError as e:  # pragma: no cover - torchdiffeq is a dependency
-        raise ImportError("the dopri5 sampler needs torchdiffeq: pip install torchdiffeq") from e
     tr = Trajectory(denoiser, x, 2, grid, model_kwargs, callback, progress, "dopri5", options)
     s_max, s_min = tr.sigmas[0], tr.sigmas[-2]
 

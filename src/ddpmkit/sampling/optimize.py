@@ -14,9 +14,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from scipy.optimize import minimize
+from tqdm.auto import tqdm
 
 from ..parameterization import ModelFn, Prediction
 from ..schedules import NoiseSchedule
+from . import sample
 
 
 def grid_from_gaps(z: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
@@ -41,10 +44,6 @@ def optimize_grid(model: ModelFn, shape: Sequence[int], schedule: NoiseSchedule,
     Returns a float64 tensor to pass as ``grid=`` to ``ddpmkit.sample``. Each objective evaluation
     runs the sampler once; the reference costs one adaptive solve.
     """
-    from scipy.optimize import minimize
-
-    from . import sample
-
     if steps < 3:
         raise ValueError("a grid with fewer than 3 points has nothing to optimise")
     common = dict(prediction=prediction, model_kwargs=model_kwargs)
@@ -62,8 +61,6 @@ def optimize_grid(model: ModelFn, shape: Sequence[int], schedule: NoiseSchedule,
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=max_evals, desc=f"optimising a {steps}-step grid for {sampler}", leave=False)
 
     def counted(z) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+from tqdm.auto import tqdm
 
 from ..parameterization import Denoiser
 from .grids import timestep_grid
@@ -39,8 +40,6 @@ def euler_maruyama(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, step
     n = len(ts)
     positions = range(n)
     if progress:
-        from tqdm.auto import tqdm
-
         positions = tqdm(positions, desc="pc" if corrector_steps else "euler_maruyama", leave=False)
 
     def score_at(x: torch.Tensor, k: int):

