@@ -1,10 +1,13 @@
 import os
+import tempfile
 
 import pytest
 import torch
 
 # keep tests deterministic and light on the 2-core CI machine
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# whatever the code under test caches goes to a throw-away folder, not the user's ~/.cache
+os.environ.setdefault("DDPMKIT_CACHE", tempfile.mkdtemp(prefix="ddpmkit-test-cache-"))
 
 
 @pytest.fixture

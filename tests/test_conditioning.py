@@ -193,3 +193,23 @@ def test_noisy_classifier_and_classifier_guidance_from_the_command_line(tmp_path
     code = main(["sample", str(model_run), "--n", "2", "--steps", "2", "--classifier", str(model_run), "--class", "1",
                  "--no-gif", "--out", str(tmp_path / "x")])
     assert code == 2 and "holds a denoiser" in capsys.readouterr().err
+
+
+def test_the_guidance_door_means_what_it_says_for_every_scale(tiny_text_run):
+    """Scale 0 is the unconditional branch alone (the raw network on the empty prompt), 1 the
+    conditional model alone, s the CFG mix eps_u + s (eps_c - eps_u); precomputed conditions
+    (interpolated prompts) go through the same door."""
+    from ddpmkit.pipelines.guided import GuidanceRequest, guided_model
+
+    m = load_diffusion(tiny_text_run)
+    x, t = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.full((3,), 500.0)
+    cond, null = m.encode_prompts(["a handwritten one"] * 3), m.null_condition(3)
+    with torch.no_grad():
+        eps_c, eps_u = m.network(x, t, **cond), m.network(x, t, **null)
+        for scale, expected in ((0.0, eps_u), (1.0, eps_c), (2.5, eps_u + 2.5 * (eps_c - eps_u))):
+            model, kwargs, _ = guided_model(m, 3, GuidanceRequest(prompts=["a handwritten one"], scale=scale))
+            assert torch.allclose(model(x, t, **kwargs), expected, atol=1e-5), scale
+        model, kwargs, _ = guided_model(m, 3, GuidanceRequest(conditions=cond, scale=0.0))
+        assert torch.allclose(model(x, t, **kwargs), eps_u, atol=1e-5)  # --guidance 0 means 0, also for interpolate --prompts
+    with pytest.raises(ValueError, match="class-conditional model"):
+        guided_model(m, 3, GuidanceRequest(classes=[1]))

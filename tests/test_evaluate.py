@@ -166,3 +166,25 @@ def test_uniform_data_is_exactly_8_bits_per_dim():
     from ddpmkit.evaluate.likelihood import dequantized_bits_per_dim
 
     assert dequantized_bits_per_dim(torch.tensor([np.log(2.0)])).item() == pytest.approx(8.0, abs=1e-9)
+
+
+def test_the_judge_trains_through_the_engine_into_the_cache_folder_once(tmp_path, monkeypatch, capsys):
+    from ddpmkit.evaluate.cached_judge import judge_dir, load_judge
+    from ddpmkit.evaluate.judge import judge
+
+    cache, work = tmp_path / "cache", tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("DDPMKIT_CACHE", str(cache))
+    monkeypatch.chdir(work)
+    net, acc = load_judge("digits", progress=False)
+    assert "training the judge on digits into" in capsys.readouterr().err
+    assert judge_dir("digits") == cache / "judge" / "digits" and (cache / "judge" / "digits" / "config.json").is_file()
+    assert acc > 0.9  # 8x8 digits, 30 held out per class
+    assert list(work.iterdir()) == []  # nothing in the working directory
+    again, acc2 = load_judge("digits", progress=False)
+    assert "training" not in capsys.readouterr().err and acc2 == acc
+    from ddpmkit.data import load_dataset
+
+    held_out = load_dataset("digits", split="test")
+    verdict = judge(again, held_out.x)
+    assert verdict.n == len(held_out) and abs(sum(verdict.class_shares) - 1) < 1e-6

@@ -1,0 +1,14 @@
+"""ddpmkit: denoising diffusion models, correct to the equation."""
+from . import viz
+from .analytic import GaussianMixture
+from .config import load_config
+from .losses import training_losses
+from .models import DiffusionModel, load
+from .parameterization import Denoiser
+from .pipelines import GuidanceRequest, generate
+from .process import q_posterior_mean_variance, q_sample
+from .sampling import SampleResult, sample
+from .schedules import NoiseSchedule
+
+__all__ = ["Denoiser", "DiffusionModel", "GaussianMixture", "GuidanceRequest", "NoiseSchedule", "SampleResult", "generate", "load",
+           "load_config", "q_posterior_mean_variance", "q_sample", "sample", "training_losses", "viz"]

@@ -1,0 +1,156 @@
+"""Data with known distributions and their exact denoisers.
+
+For Gaussian-mixture data the noisy marginal q(x_t) is again a Gaussian mixture, so the optimal
+denoiser E[eps | x_t] (and the score) is known in closed form. Plugging it into a sampler or a
+likelihood tests the sampler or likelihood alone, with no training in the way.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .schedules import NoiseSchedule
+
+
+@dataclass
+class GaussianMixture:
+    """p(x) = sum_k w_k N(x; mu_k, s_k^2 I) in D dimensions.
+
+    means: (K, D), stds: (K,), weights: (K,) summing to 1. A single component is plain Gaussian data.
+    """
+
+    means: torch.Tensor
+    stds: torch.Tensor
+    weights: torch.Tensor
+
+    def __post_init__(self) -> None:
+        self.means = torch.as_tensor(self.means, dtype=torch.float64)
+        if self.means.ndim != 2:
+            raise ValueError(f"means must be (K, D), got shape {tuple(self.means.shape)}")
+        K = self.means.shape[0]
+        self.stds = torch.as_tensor(self.stds, dtype=torch.float64).expand(K).clone()
+        self.weights = torch.as_tensor(self.weights, dtype=torch.float64).expand(K).clone()
+        self.weights = self.weights / self.weights.sum()
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    @classmethod
+    def gaussian(cls, mean: torch.Tensor, std: float) -> "GaussianMixture":
+        return cls(torch.as_tensor(mean, dtype=torch.float64)[None], torch.tensor([std]), torch.tensor([1.0]))
+
+    @classmethod
+    def ring(cls, n: int = 8, radius: float = 2.0, std: float = 0.1, weights: torch.Tensor | None = None) -> "GaussianMixture":
+        """n equal Gaussians on a circle (the "8 Gaussians" toy when n = 8)."""
+        angles = torch.arange(n, dtype=torch.float64) * 2 * math.pi / n
+        means = radius * torch.stack([angles.cos(), angles.sin()], dim=1)
+        return cls(means, torch.full((n,), std), torch.ones(n) if weights is None else weights)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """n samples (n, D) float64 and their component labels (n,)."""
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, dtype=torch.float64, generator=generator)
+        return self.means[k] + self.stds[k, None] * z, k
+
+    def _noisy(self, alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Component means sqrt(a) mu_k: (B, K, D) and variances a s_k^2 + 1 - a: (B, K) of q(x_t)."""
+        a = alpha_bar.to(torch.float64)[:, None]
+        var = a * self.stds[None] ** 2 + (1 - a)
+        return a.sqrt()[..., None] * self.means[None], var
+
+    def log_prob_noisy(self, x: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+        """log q(x_t) for x_t: (B, D) at alpha_bar: (B,); alpha_bar = 1 gives log p(x)."""
+        x = x.to(torch.float64)
+        means, var = self._noisy(alpha_bar)
+        sq = ((x[:, None] - means) ** 2).sum(-1)  # (B, K)
+        comp = -0.5 * sq / var - 0.5 * self.dim * torch.log(2 * math.pi * var)
+        return torch.logsumexp(comp + self.weights.log()[None], dim=1)
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        return self.log_prob_noisy(x, torch.ones(x.shape[0], dtype=torch.float64))
+
+    def log_joint_noisy(self, x: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+        """log w_k + log N(x_t; sqrt(a) mu_k, (a s_k^2 + 1 - a) I) up to a constant: (B, K);
+        its softmax over k is q(k | x_t). Differentiable in x."""
+        x = x.to(torch.float64)
+        means, var = self._noisy(alpha_bar)
+        sq = ((x[:, None] - means) ** 2).sum(-1)
+        return -0.5 * sq / var - 0.5 * self.dim * torch.log(var) + self.weights.log()[None]
+
+    def responsibilities(self, x: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+        """q(k | x_t): (B, K)."""
+        return torch.softmax(self.log_joint_noisy(x, alpha_bar), dim=1)
+
+    def noisy_classifier(self, schedule: NoiseSchedule):
+        """The exact time-conditioned classifier of classifier guidance, classes = components:
+        classifier(x_t, t) -> logits (B, K) whose log-softmax is log q(y | x_t)."""
+
+        def classifier(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            ab = schedule.alpha_bar_at(t.detach().to(torch.float64).cpu()).to(x_t.device)
+            return self.log_joint_noisy(x_t.reshape(x_t.shape[0], -1), ab)
+
+        return classifier
+
+    def eps_star(self, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+        """The optimal noise prediction E[eps | x_t] for x_t: (B, D) at alpha_bar: (B,).
+
+        Per component, E[eps | x_t, k] = sqrt(1 - a) / (a s_k^2 + 1 - a) (x_t - sqrt(a) mu_k);
+        the mixture weights each by q(k | x_t).
+        """
+        x = x_t.to(torch.float64)
+        a = alpha_bar.to(torch.float64)
+        means, var = self._noisy(a)
+        r = self.responsibilities(x, a)  # (B, K)
+        per_k = (1 - a)[:, None, None].sqrt() / var[..., None] * (x[:, None] - means)  # (B, K, D)
+        return (r[..., None] * per_k).sum(1).to(x_t.dtype)
+
+    def eps_model(self, schedule: NoiseSchedule):
+        """The exact denoiser as a ddpmkit model: model(x_t: (B, ...), t: (B,)) -> eps."""
+
+        def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            ab = schedule.alpha_bar_at(t.detach().to(torch.float64).cpu()).to(x_t.device)
+            flat = x_t.reshape(x_t.shape[0], -1)
+            return self.eps_star(flat, ab).reshape(x_t.shape)
+
+        return model
+
+    def conditional_eps_model(self, schedule: NoiseSchedule):
+        """The exact class-conditional denoiser, classes = components: model(x_t, t, y) returns
+        E[eps | x_t, k = y] for y in 0..K-1 and the unconditional E[eps | x_t] for y = K (null)."""
+        K = self.means.shape[0]
+        parts = [GaussianMixture(self.means[k:k + 1], self.stds[k:k + 1], torch.ones(1)) for k in range(K)]
+
+        def model(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+            ab = schedule.alpha_bar_at(t.detach().to(torch.float64).cpu()).to(x_t.device)
+            flat = x_t.reshape(x_t.shape[0], -1)
+            y = torch.full((x_t.shape[0],), K) if y is None else torch.as_tensor(y).long().cpu().expand(x_t.shape[0])
+            out = self.eps_star(flat, ab)
+            for k in range(K):
+                rows = y == k
+                if bool(rows.any()):
+                    out[rows] = parts[k].eps_star(flat[rows], ab[rows])
+            return out.reshape(x_t.shape)
+
+        return model
+
+    def covariance(self) -> torch.Tensor:
+        """Cov[x] of the mixture: (D, D)."""
+        mean = (self.weights[:, None] * self.means).sum(0)
+        centered = self.means - mean
+        between = (self.weights[:, None, None] * centered[:, :, None] * centered[:, None, :]).sum(0)
+        within = (self.weights * self.stds**2).sum() * torch.eye(self.dim, dtype=torch.float64)
+        return between + within
+
+    def mean(self) -> torch.Tensor:
+        return (self.weights[:, None] * self.means).sum(0)
+
+
+def nearest_component(gm: GaussianMixture, x: torch.Tensor) -> torch.Tensor:
+    """Index of the most likely component of each clean sample x: (B, D) -> (B,)."""
+    return gm.responsibilities(x, torch.ones(x.shape[0], dtype=torch.float64)).argmax(1)
+
+
+__all__ = ["GaussianMixture", "nearest_component"]

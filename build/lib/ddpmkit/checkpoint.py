@@ -1,0 +1,153 @@
+"""Checkpoints: a folder with safetensors weights, a JSON config and the optimizer state.
+
+    ckpt-0001000/
+        config.json        the full Config (train.task says which kind of model), the step, the
+                           shape of one example, the learning-rate scale (NaN rollbacks) and, in
+                           a run's last checkpoint, the task's final metrics
+        ema.safetensors    EMA weights (what sampling uses)
+        model.safetensors  raw weights
+        optimizer.pt       AdamW state (training only)
+
+Each checkpoint is written into a temporary folder and renamed into place, so a crash or kill
+never leaves a half-written checkpoint where resume or sampling would read it. Every kind of model
+(denoiser, autoencoder, classifier, judge) is saved the same way by the one training engine.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import CHECKPOINT_KEYS, Config, ConfigError, build_config
+
+CKPT_RE = re.compile(r"^ckpt-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A missing or unreadable checkpoint."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What config.json records beside the config."""
+
+    step: int = 0
+    data_shape: tuple[int, ...] = ()
+    lr_scale: float = 1.0
+    metrics: dict = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def atomic_folder(final: Path):
+    """Yield a temporary folder next to `final`; on success it replaces `final` in one rename, on
+    any error it is removed, so readers never see a half-written folder."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write a small text file (a report, a grid) through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(run_dir: str | Path, config: Config, info: CheckpointInfo, model: nn.Module, ema: nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None, keep: int = 0) -> Path:
+    """Write run_dir/ckpt-{step:07d} atomically and keep only the newest `keep` (0 = all)."""
+    run_dir = Path(run_dir)
+    final = run_dir / f"ckpt-{info.step:07d}"
+    with atomic_folder(final) as tmp:
+        meta = {**config.to_dict(), "step": info.step, "data_shape": list(info.data_shape), "lr_scale": info.lr_scale}
+        if info.metrics:
+            meta["metrics"] = info.metrics
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        save_file(_weights(model), tmp / "model.safetensors")
+        save_file(_weights(ema), tmp / "ema.safetensors")
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in run_dir, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := CKPT_RE.match(p.name)) and (p / "config.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder from itself or from its run folder (then the newest)."""
+    path = Path(path)
+    if (path / "config.json").is_file() and (path / "ema.safetensors").is_file():
+        return path
+    found = list_checkpoints(path)
+    if found:
+        return found[-1]
+    raise CheckpointError(f"no checkpoint at {path} (expected a ckpt-XXXXXXX folder or a run folder containing one)")
+
+
+def read_config(ckpt: Path) -> tuple[Config, CheckpointInfo]:
+    """The config and the bookkeeping of a checkpoint folder."""
+    try:
+        meta = json.loads((Path(ckpt) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {Path(ckpt) / 'config.json'}: {e}") from None
+    extra = {key: meta.pop(key) for key in CHECKPOINT_KEYS if key in meta}
+    try:
+        config = build_config(meta)
+    except ConfigError as e:
+        raise CheckpointError(f"{Path(ckpt) / 'config.json'}: {e}") from None
+    info = CheckpointInfo(int(extra.get("step", 0)), tuple(extra.get("data_shape", ())), float(extra.get("lr_scale", 1.0)),
+                          dict(extra.get("metrics", {})))
+    return config, info
+
+
+def read_weights(ckpt: Path, weights: str = "ema") -> dict[str, torch.Tensor]:
+    """The 'ema' or 'model' weights of a checkpoint folder."""
+    file = Path(ckpt) / f"{weights}.safetensors"
+    if weights not in ("ema", "model"):
+        raise CheckpointError(f"weights must be 'ema' or 'model', got {weights!r}")
+    if not file.is_file():
+        raise CheckpointError(f"missing weights file {file}")
+    try:
+        return load_file(file)
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise CheckpointError(f"cannot read {file}: {e}") from None
+
+
+def load_training_state(ckpt: Path, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Restore everything a resumed run needs from a checkpoint folder, in place."""
+    model.load_state_dict(read_weights(ckpt, "model"))
+    ema.load_state_dict(read_weights(ckpt, "ema"))
+    optimizer.load_state_dict(torch.load(Path(ckpt) / "optimizer.pt", weights_only=True))

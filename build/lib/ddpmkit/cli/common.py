@@ -1,0 +1,48 @@
+"""Arguments several commands share, and turning them into library requests."""
+from __future__ import annotations
+
+import argparse
+
+from ..pipelines.guided import GuidanceRequest
+from ..sampling import GRIDS, SAMPLERS
+from ..sampling.options import sampler_options
+
+
+def add_guidance_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--class", dest="class_", default=None, help="class label(s) for conditional models or classifier guidance, e.g. 7 or 0,1,2 (cycled)")
+    p.add_argument("--prompt", action="append", default=None, help="prompt for a text-conditional model (repeat for several, cycled)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale s (0 = unconditional, 1 = conditional; default 3, or 0 with --classifier)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi in [0, 1] (Lin et al.)")
+    p.add_argument("--dynamic-threshold", type=float, default=0.0, help="Imagen's dynamic thresholding percentile, e.g. 0.995 (0 = off)")
+    p.add_argument("--classifier", default=None, help="a noisy-classifier run (ddpmkit train mnist_classifier): classifier guidance")
+    p.add_argument("--classifier-scale", type=float, default=1.0, help="classifier guidance scale s")
+
+
+def add_sampler_args(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int | None = None, full: bool = True) -> None:
+    """--sampler/--steps/--seed, and with full=True the solver options too."""
+    p.add_argument("--sampler", default=sampler, choices=sorted(SAMPLERS), help="ddpm = Algorithm 2; see the README")
+    p.add_argument("--steps", type=int, default=steps, help="grid points, one network evaluation each (default: all T)" if steps is None else None)
+    p.add_argument("--seed", type=int, default=0, help="sample k uses seed + k")
+    if full:
+        p.add_argument("--grid", default=None, help=f"step grid: {', '.join(GRIDS)}, or a JSON file from tune-grid")
+        p.add_argument("--eta", type=float, default=None, help="noise of ddim and the *_sde samplers (0 = ODE)")
+        p.add_argument("--order", type=int, default=None, help="order of unipc / ipndm / dpmpp solvers")
+        p.add_argument("--variance", default="auto", choices=["auto", "beta_tilde", "beta", "learned"], help="sigma_t^2 of Algorithm 2")
+        p.add_argument("--no-clip", action="store_true", help="do not clip predicted x_0 to [-1, 1]")
+
+
+def options_from(args: argparse.Namespace) -> dict:
+    """The sampler options the command line asked for."""
+    return sampler_options(args.sampler, getattr(args, "grid", None), getattr(args, "variance", "auto"),
+                           not getattr(args, "no_clip", False), getattr(args, "eta", None), getattr(args, "order", None))
+
+
+def guidance_request(args: argparse.Namespace) -> GuidanceRequest:
+    """--class/--prompt/--guidance/... as a GuidanceRequest."""
+    try:
+        classes = [int(c) for c in args.class_.split(",")] if args.class_ else []
+    except ValueError:
+        raise ValueError(f"--class takes class numbers, e.g. 7 or 0,1,2; got {args.class_!r}") from None
+    return GuidanceRequest(classes=classes, prompts=args.prompt or [], scale=args.guidance, rescale=args.guidance_rescale,
+                           threshold=args.dynamic_threshold, classifier=args.classifier, classifier_scale=args.classifier_scale)

@@ -1,0 +1,163 @@
+"""Editing and animation commands: img2img, inpaint, posterior, interpolate, voyage."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from .. import viz
+from ..editing import img2img, inpaint, interpolate_images, interpolate_seeds, lerp_condition, posterior_samples, seed_noise
+from ..images import MASK_HALVES, load_image_as, make_mask
+from ..models import DiffusionModel, load_diffusion
+from ..pipelines.guided import GuidanceRequest, guided_model
+from ..pipelines.voyage import read_keyframes, render_voyage
+from ..sampling import SAMPLERS, sample
+from .common import add_guidance_args, guidance_request
+
+try:  # optional: MP4 output of the voyage
+    import imageio.v2 as imageio
+except ImportError:
+    imageio = None
+
+
+def _model_and_image(args: argparse.Namespace, n: int):
+    """The model, the model/kwargs/options for n samples as requested, the image and the image in model space."""
+    m = load_diffusion(args.checkpoint)
+    image = load_image_as(args.image, m.image_shape)
+    model, kwargs, options = guided_model(m, n, guidance_request(args), args.sampler)
+    return m, image, m.encode(image), model, kwargs, options
+
+
+def _strip(rows: list[torch.Tensor], path: Path, nrow: int) -> None:
+    viz.save_grid(torch.cat(rows), path, nrow=nrow)
+    print(f"wrote {path}")
+
+
+def cmd_img2img(args: argparse.Namespace) -> None:
+    m, image, z, model, kwargs, options = _model_and_image(args, args.n)
+    out = img2img(model, z.expand(args.n, *z.shape[1:]), m.schedule, args.strength, sampler=args.sampler, steps=args.steps,
+                  generator=args.seed, prediction=m.prediction, model_kwargs=kwargs, **options)
+    _strip([image, m.decode(out.x)], Path(args.out) / "img2img.png", args.n + 1)
+
+
+def cmd_inpaint(args: argparse.Namespace) -> None:
+    m, image, _, model, kwargs, _ = _model_and_image(args, args.n)
+    if m.autoencoder is not None:
+        raise ValueError("inpainting runs on pixel-space models (the mask is in pixels); use a pixel model")
+    mask = make_mask(args.mask, image.shape)
+    x = inpaint(model, image.expand(args.n, *image.shape[1:]), mask, m.schedule, steps=args.steps, resample=args.resample,
+                generator=args.seed, prediction=m.prediction, model_kwargs=kwargs)
+    _strip([image, image * mask, x], Path(args.out) / "inpaint.png", args.n + 2)
+
+
+def cmd_posterior(args: argparse.Namespace) -> None:
+    m, image, z, model, kwargs, _ = _model_and_image(args, args.n)
+    x_t, xs = posterior_samples(model, z, args.t, args.n, m.schedule, steps=args.steps, seed=args.seed,
+                                prediction=m.prediction, model_kwargs=kwargs)
+    shown_x_t = x_t.clamp(-1, 1) if m.autoencoder is None else torch.zeros_like(image)  # a noisy latent is no picture
+    _strip([image, shown_x_t, m.decode(xs)], Path(args.out) / f"posterior_t{args.t}.png", args.n + 2)
+
+
+def _prompt_request(m: DiffusionModel, args: argparse.Namespace) -> GuidanceRequest:
+    """--prompts A B: the conditions along the line between the two prompts' embeddings."""
+    if m.conditioning != "text":
+        raise ValueError("--prompts needs a text-conditional model")
+    ca, cb = m.encode_prompts([args.prompts[0]]), m.encode_prompts([args.prompts[1]])
+    conds = [lerp_condition(ca, cb, float(a)) for a in torch.linspace(0, 1, args.n)]
+    request = guidance_request(args)
+    request.conditions = {k: torch.cat([c[k] for c in conds]) for k in ca}
+    return request
+
+
+def cmd_interpolate(args: argparse.Namespace) -> None:
+    m = load_diffusion(args.checkpoint)
+    out = Path(args.out)
+    seeds = [int(s) for s in (args.seeds or "0,1").split(",")]
+    if args.images:
+        a, b = (m.encode(load_image_as(s, m.image_shape)) for s in args.images.split(","))
+        model, kwargs, _ = guided_model(m, args.n, guidance_request(args), "ddpm")
+        x = interpolate_images(model, a, b, args.t, args.n, m.schedule, seed=args.seed, steps=args.steps,
+                               prediction=m.prediction, model_kwargs=kwargs)
+        return _strip([m.decode(x)], out / f"interpolate_images_t{args.t}.png", args.n)
+    if args.prompts:
+        model, kwargs, options = guided_model(m, args.n, _prompt_request(m, args), args.sampler)
+        x_T = seed_noise(seeds[0], m.data_shape).expand(args.n, *m.data_shape)
+        x = sample(model, x_T.shape, m.schedule, sampler=args.sampler, steps=args.steps, x_T=x_T, generator=0,
+                   model_kwargs=kwargs, **m.sample_kwargs, **options).x
+        return _strip([m.decode(x)], out / "interpolate_prompts.png", args.n)
+    model, kwargs, _ = guided_model(m, args.n, guidance_request(args), args.sampler)
+    x = interpolate_seeds(model, seeds[0], seeds[1], args.n, m.data_shape, m.schedule, sampler=args.sampler,
+                          steps=args.steps, prediction=m.prediction, model_kwargs=kwargs)
+    _strip([m.decode(x)], out / f"interpolate_seeds_{seeds[0]}_{seeds[1]}.png", args.n)
+
+
+def cmd_voyage(args: argparse.Namespace) -> None:
+    """Render the keyframe file as a GIF (and MP4 when imageio's ffmpeg is installed) plus a keyframe strip."""
+    keyframes = read_keyframes(args.file)
+    m = load_diffusion(args.model)
+    t0 = time.time()
+    frames = render_voyage(m, keyframes, frames_between=args.frames, guidance=args.guidance, sampler=args.sampler, steps=args.steps)
+    out = Path(args.out)
+    images = [viz.make_grid(f[None], nrow=1, pad=0, upscale=args.upscale) for f in frames]
+    gif = viz.save_gif(images, out / "voyage.gif", duration_ms=args.frame_ms, hold_last_ms=args.frame_ms * 4)
+    viz.save_grid(frames[::args.frames], out / "keyframes.png", nrow=len(keyframes))
+    viz.save_grid(frames, out / "frames.png", nrow=args.frames)
+    msg = f"{len(frames)} frames in {time.time() - t0:.0f}s -> {gif}, {out / 'keyframes.png'}, {out / 'frames.png'}"
+    try:
+        imageio.mimwrite(out / "voyage.mp4", images, fps=max(1, 1000 // args.frame_ms), macro_block_size=1)
+        msg += f", {out / 'voyage.mp4'}"
+    except Exception:  # imageio (None here) or its ffmpeg plugin is optional
+        msg += " (no MP4: pip install imageio imageio-ffmpeg)"
+    print(msg)
+
+
+def add_commands(sub) -> None:
+    def common(p: argparse.ArgumentParser, sampler: str, steps: int) -> None:
+        p.add_argument("checkpoint")
+        p.add_argument("--n", type=int, default=8)
+        p.add_argument("--sampler", default=sampler, choices=sorted(SAMPLERS))
+        p.add_argument("--steps", type=int, default=steps)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--out", default="edits")
+        add_guidance_args(p)
+
+    p = sub.add_parser("img2img", help="SDEdit: noise an image to strength * T and denoise it")
+    common(p, "ddim", 50)
+    p.add_argument("image", help="an image file or mnist5k:INDEX")
+    p.add_argument("--strength", type=float, default=0.5, help="0 = keep the image, 1 = ignore it")
+    p.set_defaults(func=cmd_img2img)
+
+    p = sub.add_parser("inpaint", help="RePaint: fill the masked part of an image")
+    common(p, "ddpm", 100)
+    p.add_argument("image")
+    p.add_argument("--mask", default="right", help=f"{', '.join(MASK_HALVES)} (the half to fill) or a PNG (white = keep)")
+    p.add_argument("--resample", type=int, default=5, help="RePaint passes per step (1 = replace the known part only)")
+    p.set_defaults(func=cmd_inpaint)
+
+    p = sub.add_parser("posterior", help="noise an image to x_t once and draw several x_0 ~ p(x_0 | x_t)")
+    common(p, "ddpm", 100)
+    p.add_argument("image")
+    p.add_argument("--t", type=int, default=500)
+    p.set_defaults(func=cmd_posterior)
+
+    p = sub.add_parser("interpolate", help="between two seeds (slerp of x_T), two images (through x_t) or two prompts")
+    common(p, "ddim", 50)
+    p.add_argument("--seeds", default=None, help="two seeds, e.g. 3,14")
+    p.add_argument("--images", default=None, help="two images, e.g. mnist5k:0,mnist5k:1 (DDPM Fig. 8)")
+    p.add_argument("--t", type=int, default=500, help="noise level for --images")
+    p.add_argument("--prompts", nargs=2, default=None, help="two prompts (text models), from the first seed")
+    p.set_defaults(func=cmd_interpolate)
+
+    p = sub.add_parser("voyage", help="render (seed, prompt) keyframes as an animation (GIF, MP4)")
+    p.add_argument("file", help="keyframes: the lecture's seed_and_prompt_sequence list, or 'SEED PROMPT' lines")
+    p.add_argument("--model", required=True, help="a text-conditional run")
+    p.add_argument("--frames", type=int, default=8, help="frames from one keyframe to the next")
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--frame-ms", type=int, default=120)
+    p.add_argument("--upscale", type=int, default=4)
+    p.add_argument("--out", default="voyage")
+    p.set_defaults(func=cmd_voyage)

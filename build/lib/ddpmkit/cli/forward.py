@@ -1,0 +1,31 @@
+"""`ddpmkit forward`: the forward process of one image and its Fourier spectrum."""
+from __future__ import annotations
+
+import argparse
+
+from ..images import load_image
+from ..schedules import NoiseSchedule
+from ..viz import forward_process_figures
+
+
+def cmd_forward(args: argparse.Namespace) -> None:
+    schedule = NoiseSchedule.from_name(args.schedule, args.T)
+    try:
+        ts = [int(t) for t in args.t.split(",")]
+    except ValueError:
+        raise ValueError(f"--t takes comma-separated timesteps, e.g. 0,100,999; got {args.t!r}") from None
+    strip, spectrum = forward_process_figures(load_image(args.image, args.size), schedule, ts, args.out, args.seed,
+                                              f"q(x_t | x_0), {args.schedule} schedule, T={schedule.T}")
+    print(f"wrote {strip} and {spectrum}")
+
+
+def add_commands(sub) -> None:
+    f = sub.add_parser("forward", help="show the forward process of an image and its Fourier spectrum")
+    f.add_argument("image", help="an image file, or mnist5k:INDEX")
+    f.add_argument("--t", default="0,50,100,200,400,700,999", help="comma-separated timesteps")
+    f.add_argument("--schedule", default="linear")
+    f.add_argument("--T", type=int, default=1000)
+    f.add_argument("--size", type=int, default=None, help="resize to this square size")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--out", default="forward")
+    f.set_defaults(func=cmd_forward)

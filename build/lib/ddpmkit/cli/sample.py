@@ -1,0 +1,89 @@
+"""`ddpmkit sample`, `eval` and `tune-grid`: parse, call the library, print."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from ..checkpoint import atomic_write_text
+from ..evaluate.report import evaluate_checkpoint, format_report, parse_metrics
+from ..models import load_diffusion
+from ..pipelines.generate import generate, save_generated
+from ..sampling import SAMPLERS
+from ..sampling.optimize import optimize_grid
+from .common import add_guidance_args, add_sampler_args, guidance_request, options_from
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    m = load_diffusion(args.checkpoint)
+    request = guidance_request(args)
+    total = args.steps or m.schedule.T
+    t0 = time.time()
+    gen = generate(m, args.n, request, args.sampler, args.steps, args.seed, options_from(args), args.batch_size,
+                   record_every=0 if args.no_gif else max(1, total // 50))
+    elapsed = time.time() - t0
+    out = save_generated(gen, args.out, args.seed, gif=not args.no_gif)
+    what = f" ({request.describe()})" if request.describe() else ""
+    print(f"{args.n} samples from {m.path} (step {m.step}){what} with {args.sampler} in {elapsed:.1f}s, "
+          f"{gen.nfe} network evaluations -> {out}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    report = evaluate_checkpoint(args.checkpoint, parse_metrics(args.metrics), sampler=args.sampler, steps=args.steps,
+                                 n=args.n, n_bpd=args.n_bpd, seed=args.seed, features=args.features,
+                                 sampler_options=options_from(args), inception_path=args.inception, out=args.out,
+                                 request=guidance_request(args))
+    print(format_report(report))
+    print(f"report: {args.out}")
+
+
+def cmd_tune_grid(args: argparse.Namespace) -> None:
+    """Optimise a step grid for a checkpoint and a sampler, and write it as JSON for --grid."""
+    m = load_diffusion(args.checkpoint)
+    options = {"order": args.order} if args.order is not None else {}
+    t0 = time.time()
+    grid = optimize_grid(m.network, (args.n, *m.data_shape), m.schedule, sampler=args.sampler, steps=args.steps,
+                         prediction=m.prediction, seed=args.seed, max_evals=args.evals, progress=True,
+                         reference_tol=args.reference_tol, **options)
+    out = atomic_write_text(args.out, json.dumps({"sampler": args.sampler, "steps": args.steps, "options": options, "checkpoint": str(m.path),
+                                                  "timesteps": [round(t, 6) for t in grid.tolist()]}, indent=1))
+    print(f"{args.steps}-step grid for {args.sampler} in {time.time() - t0:.0f}s: {[round(t, 1) for t in grid.tolist()]} -> {out}")
+    print(f"use it with: ddpmkit sample {args.checkpoint} --sampler {args.sampler} --grid {out}")
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("sample", help="draw samples from a run (grid, PNGs, reverse-process GIF)")
+    s.add_argument("checkpoint", help="a run folder (newest checkpoint) or a ckpt-XXXXXXX folder")
+    s.add_argument("--n", type=int, default=64)
+    add_sampler_args(s)
+    s.add_argument("--batch-size", type=int, default=250, help="samples drawn at once (results do not depend on it)")
+    s.add_argument("--no-gif", action="store_true")
+    s.add_argument("--out", default="samples")
+    add_guidance_args(s)
+    s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("eval", help="bits/dim on held-out data and FD/KID/IS of samples, as a table and JSON")
+    e.add_argument("checkpoint")
+    e.add_argument("--metrics", default="bpd,fd,kid,is", help="comma-separated: bpd (= bpd_vlb,bpd_ode), fd, kid, is")
+    e.add_argument("--features", default="classifier", choices=["classifier", "inception"],
+                   help="feature network for fd/kid/is: the judge (a digit classifier kept in $DDPMKIT_CACHE; offline, "
+                        "not comparable with papers) or the FID Inception")
+    e.add_argument("--inception", default=None, help="path of pt_inception-2015-12-05-6726825d.pth (else $DDPMKIT_INCEPTION / torch hub cache)")
+    e.add_argument("--n", type=int, default=1000, help="samples for fd/kid/is")
+    e.add_argument("--n-bpd", type=int, default=100, help="held-out examples for bits/dim")
+    add_sampler_args(e)
+    e.add_argument("--out", default="eval_report.json")
+    add_guidance_args(e)
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("tune-grid", help="optimise a few-step grid for a run and sampler (use with sample --grid)")
+    g.add_argument("checkpoint")
+    g.add_argument("--sampler", default="unipc", choices=sorted(set(SAMPLERS) - {"dopri5"}))
+    g.add_argument("--steps", type=int, default=10)
+    g.add_argument("--order", type=int, default=None)
+    g.add_argument("--n", type=int, default=16, help="training trajectories")
+    g.add_argument("--evals", type=int, default=300, help="sampler runs the search may spend")
+    g.add_argument("--seed", type=int, default=1000, help="seed of the training trajectories")
+    g.add_argument("--reference-tol", type=float, default=1e-5, help="rtol = atol of the dopri5 reference solution")
+    g.add_argument("--out", default="grid.json")
+    g.set_defaults(func=cmd_tune_grid)

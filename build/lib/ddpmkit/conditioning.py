@@ -1,0 +1,99 @@
+"""What a conditional model is conditioned on during training: class labels or prompt embeddings.
+
+With probability cond_drop_prob an example's condition is replaced by the null condition (the
+null label, or the empty prompt), so one network learns both p(x|c) and p(x): the two branches
+of classifier-free guidance (Ho & Salimans 2022).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .captions import TRAIN_TEMPLATES, digit_captions, read_caption_files
+from .config import Config
+from .text import TextEncoder
+
+
+class ConditioningError(ValueError):
+    """The data cannot provide what the network is conditioned on."""
+
+
+@dataclass
+class TrainingConditions:
+    """batch(indices, generator) -> model kwargs for a global batch, drawn from that generator."""
+
+    kind: str = "none"  # 'none', 'class' or 'text'
+    drop_prob: float = 0.0
+    labels: torch.Tensor | None = None  # (N,) for 'class'
+    null_label: int = 0
+    table: dict[str, torch.Tensor] = field(default_factory=dict)  # 'text': embeddings of every caption
+    caption_ids: torch.Tensor | None = None  # (N, K): the K captions example n may get (rows of `table`)
+    null: dict[str, torch.Tensor] = field(default_factory=dict)  # 'text': the empty prompt's embedding
+    preview_rows: torch.Tensor | None = None  # 'text': captions shown in the periodic sample grids
+
+    @classmethod
+    def for_config(cls, cfg: Config, dataset) -> "TrainingConditions":
+        net, p = cfg.network, cfg.train.cond_drop_prob
+        if net.text_encoder:
+            return cls._text(cfg, dataset)
+        if net.num_classes > 0:
+            labels = getattr(dataset, "labels", None)
+            if labels is None:
+                raise ConditioningError(f"network.num_classes = {net.num_classes} but dataset {cfg.data.name!r} has no labels "
+                                        "(use mnist5k, digits, a toy with labels, or an .npz with a 'y' array)")
+            if int(labels.max()) >= net.num_classes or int(labels.min()) < 0:
+                raise ConditioningError(f"the labels lie in [{int(labels.min())}, {int(labels.max())}] but network.num_classes = {net.num_classes}")
+            return cls("class", p, labels=labels.long(), null_label=net.num_classes)
+        return cls()
+
+    @classmethod
+    def _text(cls, cfg: Config, dataset) -> "TrainingConditions":
+        net = cfg.network
+        encoder = TextEncoder(net.text_encoder, net.text_max_tokens)
+        if encoder.dim != net.context_dim:
+            raise ConditioningError(f"text encoder {net.text_encoder!r} gives {encoder.dim}-dim tokens; set network.context_dim = {encoder.dim}")
+        if cfg.data.name in ("mnist5k", "digits"):
+            captions = [c for row in digit_captions() for c in row]  # row-major: label * K + k
+            k = len(TRAIN_TEMPLATES)
+            caption_ids = dataset.labels.long()[:, None] * k + torch.arange(k)
+            preview = torch.arange(10) * k  # the first template for 0..9
+        elif hasattr(dataset, "files"):
+            captions = read_caption_files(dataset.files)
+            caption_ids = torch.arange(len(captions))[:, None]
+            preview = caption_ids[:, 0]
+        else:
+            raise ConditioningError(f"text conditioning needs captions: the built-in digits or an image folder with "
+                                    f"a .txt next to each image, not dataset {cfg.data.name!r}")
+        return cls("text", cfg.train.cond_drop_prob, table=encoder.encode(captions), caption_ids=caption_ids,
+                   null=encoder.encode([""]), preview_rows=preview)
+
+    def null_batch(self, n: int) -> dict[str, torch.Tensor]:
+        """Model kwargs of the null condition for n examples (the unconditional model)."""
+        if self.kind == "class":
+            return {"y": torch.full((n,), self.null_label)}
+        return {key: value.expand(n, *value.shape[1:]) for key, value in self.null.items()}
+
+    def preview(self, n: int) -> dict[str, torch.Tensor]:
+        """Model kwargs for n samples of the periodic grids: classes 0, 1, 2, ... or the first captions."""
+        if self.kind == "class":
+            return {"y": torch.arange(n) % self.null_label}
+        if self.kind == "text":
+            rows = self.preview_rows[torch.arange(n) % len(self.preview_rows)]
+            return {key: table[rows] for key, table in self.table.items()}
+        return {}
+
+    def batch(self, indices: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Model kwargs for the examples at `indices`: (B,) labels or (B, L, D) contexts with (B, L) masks."""
+        if self.kind == "none":
+            return {}
+        drop = torch.rand(len(indices), generator=generator) < self.drop_prob
+        if self.kind == "class":
+            return {"y": torch.where(drop, self.null_label, self.labels[indices])}
+        choice = torch.randint(self.caption_ids.shape[1], (len(indices),), generator=generator)
+        rows = self.caption_ids[indices, choice]
+        out = {}
+        for key, table in self.table.items():
+            keep = drop.view(-1, *[1] * (table.ndim - 1))
+            out[key] = torch.where(keep, self.null[key], table[rows])
+        return out

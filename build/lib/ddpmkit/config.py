@@ -1,0 +1,281 @@
+"""Typed, frozen configuration: TOML presets plus `section.key=value` overrides.
+
+A misspelt key or a value outside its choices raises ConfigError naming the valid options.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomllib
+
+from .losses import LossType
+from .parameterization import Prediction
+from .schedules import NoiseSchedule
+
+
+class ConfigError(ValueError):
+    """A bad configuration file, key or value."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "mnist5k"  # mnist5k, digits, swiss_roll, moons, 8gaussians, checkerboard, folder, npz
+    path: str = ""  # for 'folder' and 'npz'
+    image_size: int = 64  # for 'folder'
+    channels: int = 3  # for 'folder': 1 (grey) or 3 (RGB)
+    hflip: bool = False  # random horizontal flips (not for digits)
+    autoencoder: str = ""  # a train-autoencoder folder: diffuse in its latent space (latent diffusion)
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    schedule: Literal["linear", "cosine", "scaled_linear", "sigmoid"] = "linear"
+    T: int = 1000
+    zero_terminal_snr: bool = False
+    prediction: Prediction = "eps"
+    loss: LossType = "simple"
+    learned_variance: bool = False
+    min_snr_gamma: float = 0.0  # 0 = off
+    # training timesteps: "uniform" (Algorithm 1); "logit_normal" (t/T = sigmoid(N(mean, std^2)), as in
+    # SD3: more of the training on the middle of the chain, less on the nearly clean and nearly pure-noise ends);
+    # "asymmetric" (SpeeD, Wang et al. 2024): timesteps whose log-SNR is >= asymmetric_log_snr are drawn
+    # asymmetric_k times as often as the nearly pure-noise ones beyond it, whose loss is small and flat
+    timestep_sampling: Literal["uniform", "logit_normal", "asymmetric"] = "uniform"
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+    asymmetric_log_snr: float = -4.6  # SNR 0.01: t >= 674 of the linear schedule's 1000
+    asymmetric_k: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.logit_normal_std <= 0:
+            raise ConfigError(f"diffusion.logit_normal_std = {self.logit_normal_std} must be > 0")
+        if self.asymmetric_k <= 0:
+            raise ConfigError(f"diffusion.asymmetric_k = {self.asymmetric_k} must be > 0")
+
+    def noise_schedule(self) -> NoiseSchedule:
+        """The float64 schedule tables these settings name."""
+        return NoiseSchedule.from_name(self.schedule, self.T, self.zero_terminal_snr)
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    kind: Literal["unet", "mlp"] = "unet"
+    base_channels: int = 16
+    channel_mult: tuple[int, ...] = (1, 2, 4)
+    num_res_blocks: int = 1
+    attention_resolutions: tuple[int, ...] = (7,)
+    num_heads: int = 4
+    dropout: float = 0.0
+    patch_size: int = 1  # > 1: the UNet works on p x p pixel patches folded into channels (image_size / p per side)
+    mlp_hidden: int = 256
+    mlp_layers: int = 4
+    num_classes: int = 0  # > 0: class-conditional (label embedding + a null label for guidance)
+    text_encoder: str = ""  # e.g. 'all-MiniLM-L6-v2': text-conditional (cross-attention on its token embeddings)
+    context_dim: int = 384  # width of the text encoder's token embeddings
+    text_max_tokens: int = 16  # prompts are padded or cut to this many tokens
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """The KL autoencoder of latent diffusion (`ddpmkit train-autoencoder`)."""
+
+    z_channels: int = 3  # latent channels
+    base_channels: int = 32
+    channel_mult: tuple[int, ...] = (1, 2, 2)  # one level per entry; the latent is 2^(levels-1) times smaller per side
+    num_res_blocks: int = 1
+    kl_weight: float = 1e-3  # weight of KL(q(z|x) || N(0, I)) against the summed squared reconstruction error
+    pad_to: int = 32  # pad images (with the background value -1) to this size first; 0 = no padding
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    task: Literal["denoiser", "autoencoder", "classifier", "judge"] = "denoiser"  # which kind of model this run trains
+    run_dir: str = "runs/mnist"
+    steps: int = 5000
+    max_minutes: float = 0.0  # stop (and checkpoint) after this long; 0 = no limit
+    batch_size: int = 128  # global batch, split across processes
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decay to 5% of lr at train.steps
+    weight_decay: float = 0.0
+    cond_drop_prob: float = 0.1  # conditional models: share of examples trained on the null label / empty prompt
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999  # 0 = the "EMA" weights are the last weights (no averaging)
+    seed: int = 0
+    # "auto": bf16 autocast where the device computes in bf16 natively (CUDA with bf16, CPUs with AVX-512 /
+    # AMX), else fp32: on an AVX2-only CPU bf16 autocast is emulated and about 8x slower than fp32
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
+    log_every: int = 50
+    sample_every: int = 1000  # 0 = never
+    sample_steps: int = 100  # respaced ancestral steps for the periodic grids
+    eval_every: int = 0  # log an unbiased bits/dim estimate of the VLB on held-out data; 0 = never
+    num_samples: int = 64
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    # NaN safety: a step whose loss or gradient is not finite is skipped; after nan_patience such
+    # steps in a row the run rolls back to its last checkpoint with the learning rate halved, at
+    # most max_rollbacks times, then stops with one line naming the step
+    nan_patience: int = 5
+    max_rollbacks: int = 3
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay = {self.ema_decay} must be in [0, 1) (0 = no averaging)")
+        if self.nan_patience < 1 or self.max_rollbacks < 0:
+            raise ConfigError(f"train.nan_patience = {self.nan_patience} must be >= 1 and train.max_rollbacks = {self.max_rollbacks} >= 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        options = typing.get_args(hint)
+        if value not in options:
+            close = difflib.get_close_matches(str(value), [str(o) for o in options], n=1)
+            hint_txt = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where} = {value!r} is not valid{hint_txt}; choose one of {list(options)}")
+        return value
+    if origin is tuple:
+        if isinstance(value, (int, float)):
+            value = [value]
+        if isinstance(value, str):
+            value = [int(v) for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return tuple(int(v) for v in value)
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} = {value!r} is not a valid {hint.__name__}") from None
+    return value
+
+
+def build_config(values: dict[str, Any]) -> Config:
+    """Config from a nested dict {section: {key: value}}, checking every key and value."""
+    classes = _section_classes()
+    sections = {}
+    for name, section_values in values.items():
+        if name not in classes:
+            raise ConfigError(_unknown("section", name, list(classes)))
+        if not isinstance(section_values, dict):
+            raise ConfigError(f"[{name}] must be a table of key = value pairs")
+        sections[name] = section_values
+    built = {}
+    for name, cls in classes.items():
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in sections.get(name, {}).items():
+            if key not in hints:
+                raise ConfigError(_unknown(f"key in [{name}]", key, list(hints), prefix=f"{name}."))
+            kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
+        built[name] = cls(**kwargs)
+    return Config(**built)
+
+
+def _unknown(what: str, name: str, options: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+    return f"unknown {what}: '{prefix}{name}'{hint}; valid: {', '.join(options)}"
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
+    """['train.lr=1e-3', 'network.channel_mult=1,2,2'] -> {'train': {'lr': 0.001}, ...}"""
+    out: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=1e-3")
+        key, raw = item.split("=", 1)
+        section, name = key.strip().split(".", 1)
+        try:  # TOML gives numbers, booleans and lists their types; anything else stays a string
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def merge(base: dict, extra: dict) -> dict:
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in extra.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section].update(values)
+        else:
+            merged[section] = values
+    return merged
+
+
+def preset_names() -> list[str]:
+    """The presets shipped inside the package (ddpmkit/presets/*.toml)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def resolve_config_path(spec: str | Path) -> Path:
+    """A config file path, or the name of a shipped preset ('mnist', 'mnist.toml', 'configs/mnist.toml')."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    preset = PRESET_DIR / (path.stem + ".toml")
+    if path.suffix in ("", ".toml") and preset.is_file():
+        return preset
+    raise ConfigError(f"config file not found: {spec}; presets: {', '.join(preset_names())}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML (or JSON) config file or a preset by name, apply overrides, and validate everything."""
+    values: dict = {}
+    if path is not None:
+        path = resolve_config_path(path)
+        text = path.read_text()
+        try:
+            values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot parse {path}: {e}") from None
+        for key in CHECKPOINT_KEYS:  # a checkpoint's config.json records these beside the config
+            values.pop(key, None)
+    return build_config(merge(values, parse_overrides(overrides or [])))
+
+
+# what a checkpoint's config.json holds beside the config sections
+CHECKPOINT_KEYS = ("step", "data_shape", "lr_scale", "metrics")
+PRESET_DIR = Path(__file__).resolve().parent / "presets"

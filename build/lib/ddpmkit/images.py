@@ -1,0 +1,59 @@
+"""Single images the user points at: a file, or an example of a built-in dataset ('mnist5k:7'),
+and inpainting masks. Used by the editing commands, `forward`, the benches and the web page."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .data import DataError, load_dataset, load_image_file
+
+MASK_HALVES = ("left", "right", "top", "bottom")
+
+
+def load_image(spec: str, size: int | None = None, channels: int | None = None) -> torch.Tensor:
+    """An image file, or 'mnist5k:INDEX' / 'digits:INDEX' from the built-in data: (1, C, H, W) in
+    [-1, 1]. Files are centre-cropped to a square and resized to `size` (default: their shorter
+    side, at most 256), grey or RGB as stored unless `channels` says."""
+    if ":" in spec and not Path(spec).exists():
+        name, idx = spec.split(":", 1)
+        ds = load_dataset(name, split="all")
+        if not idx.isdigit() or int(idx) >= len(ds):
+            raise DataError(f"{spec}: the index must be a number in 0..{len(ds) - 1}")
+        return ds.get_batch(torch.tensor([int(idx)]))
+    path = Path(spec)
+    if not path.is_file():
+        raise DataError(f"image not found: {path} (or use a built-in one such as mnist5k:0)")
+    try:
+        with Image.open(path) as im:
+            grey, side = im.mode in ("L", "1", "I;16"), min(im.size)
+    except Exception as e:  # Pillow raises many types for broken files
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+    return load_image_file(path, size or min(side, 256), channels or (1 if grey else 3))[None]
+
+
+def load_image_as(spec: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """An image in the shape (C, H, W) a model makes: (1, C, H, W); files are resized, a dataset
+    example of another shape is an error."""
+    image = load_image(spec)
+    if tuple(image.shape[1:]) == tuple(shape):
+        return image
+    if ":" in spec and not Path(spec).exists():
+        raise ValueError(f"the model makes images of shape {tuple(shape)}, the image has {tuple(image.shape[1:])}")
+    return load_image_file(spec, shape[-1], shape[0])[None]
+
+
+def make_mask(spec: str, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """'left', 'right', 'top' or 'bottom' (that half is filled in), or a PNG (white = keep): (1, 1, H, W)."""
+    H, W = shape[-2:]
+    mask = torch.ones(1, 1, H, W)
+    halves = {"left": (slice(None), slice(0, W // 2)), "right": (slice(None), slice(W // 2, None)),
+              "top": (slice(0, H // 2), slice(None)), "bottom": (slice(H // 2, None), slice(None))}
+    if spec in halves:
+        rows, cols = halves[spec]
+        mask[0, 0, rows, cols] = 0.0
+        return mask
+    if not Path(spec).is_file():
+        raise ValueError(f"--mask must be one of {list(MASK_HALVES)} or a PNG file (white = keep); got {spec!r}")
+    return (load_image_file(spec, H, 1)[None] > 0).float()

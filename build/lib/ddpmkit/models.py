@@ -1,0 +1,158 @@
+"""The one loader: a run folder (or one of its checkpoints) -> a loaded model with its metadata.
+
+    m = ddpmkit.load("runs/mnist")          # DiffusionModel: network + schedule, prediction, conditioning, decoder
+    m.sample_kwargs                          # what every sampler call needs: schedule, prediction, learned_variance
+    ae = ddpmkit.load("runs/mnist_autoencoder")   # LoadedNetwork(kind='autoencoder')
+
+Every kind of run the training engine writes (train.task: denoiser, autoencoder, classifier,
+judge) is read here, the same way, so callers never pass prediction, learned_variance or the
+schedule by hand.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, read_config, read_weights, resolve_checkpoint
+from .config import Config
+from .nets import build_for_task
+from .nets.unet import UNet, upgrade_legacy_keys
+from .reverse import default_variance
+from .schedules import NoiseSchedule
+from .text import TextEncoder
+
+
+@dataclass
+class LoadedNetwork:
+    """A trained network in eval mode, with the config and bookkeeping of its checkpoint."""
+
+    network: nn.Module
+    config: Config
+    data_shape: tuple[int, ...]
+    step: int
+    path: Path
+    metrics: dict = field(default_factory=dict)  # the task's final metrics (PSNR, accuracy, ...)
+
+    @property
+    def kind(self) -> str:
+        return self.config.train.task
+
+    @functools.cached_property
+    def schedule(self) -> NoiseSchedule:
+        """The noise schedule in the config (the one a denoiser or noisy classifier was trained with)."""
+        return self.config.diffusion.noise_schedule()
+
+
+@dataclass
+class DiffusionModel(LoadedNetwork):
+    """A trained denoiser ready for sampling: model(x_t, t, **condition) plus everything a sampler,
+    guidance or an editor needs to know about it."""
+
+    autoencoder: nn.Module | None = None  # latent diffusion: samples are decoded by autoencoder.from_latent
+
+    @property
+    def prediction(self) -> str:
+        return self.config.diffusion.prediction
+
+    @property
+    def learned_variance(self) -> bool:
+        return self.config.diffusion.learned_variance
+
+    @property
+    def sample_kwargs(self) -> dict:
+        """schedule / prediction / learned_variance as ddpmkit.sample takes them."""
+        return {"prediction": self.prediction, "learned_variance": self.learned_variance}
+
+    @property
+    def default_variance(self) -> str:
+        """sigma_t^2 of ancestral sampling: the learned one, else beta-tilde."""
+        return default_variance(self.learned_variance)
+
+    @property
+    def conditioning(self) -> str:
+        """'text', 'class' or 'none'."""
+        net = self.config.network
+        return "text" if net.text_encoder else "class" if net.num_classes > 0 else "none"
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.network.num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """The shape of one output: decoded images for latent models, else data_shape."""
+        return tuple(self.autoencoder.image_shape) if self.autoencoder is not None else self.data_shape
+
+    @functools.cached_property
+    def text_encoder(self) -> TextEncoder:
+        if self.conditioning != "text":
+            raise ValueError("this model is not text-conditional (network.text_encoder is empty)")
+        net = self.config.network
+        return TextEncoder(net.text_encoder, net.text_max_tokens)
+
+    def encode_prompts(self, prompts: list[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in self.text_encoder.encode(prompts).items()}
+
+    def null_condition(self, n: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """Model kwargs of the unconditional branch for n examples: the null label or the empty
+        prompt ({} for unconditional models)."""
+        if self.conditioning == "text":
+            return {k: v.expand(n, *v.shape[1:]) for k, v in self.encode_prompts([""], device).items()}
+        if self.conditioning == "class":
+            return {"y": torch.full((n,), self.num_classes, device=device)}
+        return {}
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples in data space: decoded latents for a latent model, else x itself."""
+        return x if self.autoencoder is None else self.autoencoder.from_latent(x)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images into the space the model diffuses in (scaled latents, or the images themselves)."""
+        return images if self.autoencoder is None else self.autoencoder.to_latent(images)
+
+
+def load(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu", kind: str | None = None) -> LoadedNetwork:
+    """Load a run folder (its newest checkpoint) or a ckpt-XXXXXXX folder, in eval mode.
+
+    weights: 'ema' (what sampling uses) or 'model' (the raw weights). kind: the train.task the
+    caller needs ('denoiser', 'autoencoder', 'classifier', 'judge'); a run of another kind is a
+    clear error. A denoiser comes back as a DiffusionModel, anything else as a LoadedNetwork."""
+    ckpt = resolve_checkpoint(path)
+    config, info = read_config(ckpt)
+    task = config.train.task
+    if kind is not None and task != kind:
+        raise CheckpointError(f"{ckpt} holds a {task} (train.task = {task!r}), not a {kind}")
+    net = build_for_task(config, info.data_shape)
+    state = read_weights(ckpt, weights)
+    try:
+        net.load_state_dict(upgrade_legacy_keys(state) if isinstance(net, UNet) else state)
+    except RuntimeError as e:
+        raise CheckpointError(f"the weights in {ckpt} do not fit the network its config.json describes: {e}") from None
+    net.to(device).eval()
+    common = dict(network=net, config=config, data_shape=info.data_shape, step=info.step, path=ckpt, metrics=info.metrics)
+    if task != "denoiser":
+        return LoadedNetwork(**common)
+    autoencoder = load_autoencoder(config.data.autoencoder, device=device).network if config.data.autoencoder else None
+    return DiffusionModel(**common, autoencoder=autoencoder)
+
+
+def load_diffusion(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> DiffusionModel:
+    """load(path) for a denoiser run."""
+    return load(path, weights, device, kind="denoiser")
+
+
+def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> LoadedNetwork:
+    """load(path) for an autoencoder run (`ddpmkit train mnist_autoencoder`)."""
+    try:
+        return load(path, "ema", device, kind="autoencoder")
+    except CheckpointError as e:
+        raise CheckpointError(f"no autoencoder at {path}: {e}") from None
+
+
+def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> LoadedNetwork:
+    """load(path) for a noisy-classifier run (`ddpmkit train mnist_classifier`)."""
+    return load(path, "ema", device, kind="classifier")

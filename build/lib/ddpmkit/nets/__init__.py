@@ -1,0 +1,74 @@
+"""Networks, built from a Config by an explicit name -> constructor dict: one entry per kind of
+model the training engine knows (train.task), so the loader and the trainer build the same thing."""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from ..config import Config, NetworkConfig
+from .autoencoder import Autoencoder
+from .classifier import DigitClassifier, NoisyClassifier
+from .mlp import MLPDenoiser
+from .unet import UNet
+
+
+def build_network(cfg: NetworkConfig, data_shape: tuple[int, ...], learned_variance: bool = False) -> nn.Module:
+    """The denoiser network for examples of shape data_shape: (C, H, W) images or (D,) vectors."""
+    out_mult = 2 if learned_variance else 1
+    if cfg.kind == "unet":
+        if len(data_shape) != 3 or data_shape[1] != data_shape[2]:
+            raise ValueError(f"the UNet needs square images (C, H, H); the data has shape {data_shape} (use network.kind='mlp' for vectors)")
+        C, H, _ = data_shape
+        return UNet(
+            in_channels=C, out_channels=C * out_mult, image_size=H, base_channels=cfg.base_channels,
+            channel_mult=cfg.channel_mult, num_res_blocks=cfg.num_res_blocks,
+            attention_resolutions=cfg.attention_resolutions, num_heads=cfg.num_heads, dropout=cfg.dropout,
+            num_classes=cfg.num_classes, context_dim=cfg.context_dim if cfg.text_encoder else 0, patch_size=cfg.patch_size,
+        )
+    if cfg.kind == "mlp":
+        if cfg.text_encoder:
+            raise ValueError("text conditioning needs network.kind = 'unet' (cross-attention); the MLP takes class labels only")
+        if len(data_shape) != 1:
+            raise ValueError(f"the MLP needs vectors (D,); the data has shape {data_shape} (use network.kind='unet')")
+        return MLPDenoiser(dim=data_shape[0], hidden=cfg.mlp_hidden, num_layers=cfg.mlp_layers, out_dim=data_shape[0] * out_mult,
+                            num_classes=cfg.num_classes)
+    raise ValueError(f"unknown network kind {cfg.kind!r}; choose one of ['unet', 'mlp']")
+
+
+def _check_classes(cfg: Config, shape: tuple[int, ...], what: str) -> None:
+    if len(shape) != 3:
+        raise ValueError(f"the {what} needs images (C, H, W); the data has shape {shape}")
+    if cfg.network.num_classes < 2:
+        raise ValueError(f"set network.num_classes to the number of classes (>= 2) for the {what}")
+
+
+def build_noisy_classifier(cfg: Config, shape: tuple[int, ...]) -> NoisyClassifier:
+    """p_phi(y | x_t) for classifier guidance: the UNet's down path with the config's widths."""
+    _check_classes(cfg, shape, "noisy classifier")
+    n = cfg.network
+    return NoisyClassifier(shape[0], shape[1], n.num_classes, n.base_channels, n.channel_mult, n.num_res_blocks,
+                           n.attention_resolutions, n.num_heads, n.dropout)
+
+
+def build_judge(cfg: Config, shape: tuple[int, ...]) -> DigitClassifier:
+    """The evaluation judge: a small CNN on clean images."""
+    _check_classes(cfg, shape, "judge")
+    return DigitClassifier(shape[0], cfg.network.num_classes)
+
+
+# train.task -> the network that kind of run trains, from its config and the shape of one example
+NETWORKS: dict[str, Callable[[Config, tuple[int, ...]], nn.Module]] = {
+    "denoiser": lambda cfg, shape: build_network(cfg.network, shape, cfg.diffusion.learned_variance),
+    "autoencoder": lambda cfg, shape: Autoencoder(shape, cfg.autoencoder),
+    "classifier": build_noisy_classifier,
+    "judge": build_judge,
+}
+
+
+def build_for_task(cfg: Config, shape: tuple[int, ...]) -> nn.Module:
+    """The network of a run of kind cfg.train.task."""
+    return NETWORKS[cfg.train.task](cfg, tuple(shape))
+
+
+__all__ = ["Autoencoder", "DigitClassifier", "MLPDenoiser", "NETWORKS", "NoisyClassifier", "UNet", "build_for_task", "build_network"]

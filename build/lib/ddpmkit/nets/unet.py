@@ -1,0 +1,209 @@
+"""A DDPM/ADM-style UNet: residual blocks, self-attention at chosen resolutions, time embedding;
+optionally class labels (added to the time embedding) and text (cross-attention)."""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import (
+    AttentionBlock,
+    Downsample,
+    LabelEmbedding,
+    NoAttention,
+    ResBlock,
+    Upsample,
+    group_norm,
+    pooled_context,
+    timestep_embedding,
+    zero_module,
+)
+
+
+def check_levels(image_size: int, channel_mult: tuple[int, ...], attention_resolutions: tuple[int, ...]) -> list[int]:
+    """The resolution of each level; clear errors for sizes the levels cannot halve."""
+    factor = 2 ** (len(channel_mult) - 1)
+    if image_size % factor:
+        raise ValueError(
+            f"image size {image_size} must be divisible by {factor} for {len(channel_mult)} UNet levels "
+            f"(channel_mult={tuple(channel_mult)}); resize the data or use fewer levels"
+        )
+    resolutions = [image_size // 2**i for i in range(len(channel_mult))]
+    unknown = set(attention_resolutions) - set(resolutions)
+    if unknown:
+        raise ValueError(f"attention_resolutions {sorted(unknown)} are not UNet resolutions; choose from {resolutions}")
+    return resolutions
+
+
+class DownPath(nn.Module):
+    """The UNet's encoder: input conv, levels of ResBlocks (+ attention) with downsampling, and the
+    middle block. Shared by the UNet and the noisy classifier of classifier guidance (ADM)."""
+
+    def __init__(self, in_channels: int, image_size: int, base_channels: int, channel_mult: tuple[int, ...],
+                 num_res_blocks: int, attention_resolutions: tuple[int, ...], num_heads: int, emb_dim: int,
+                 dropout: float, context_dim: int = 0):
+        super().__init__()
+        resolutions = check_levels(image_size, channel_mult, attention_resolutions)
+
+        def attention(ch: int, level: int) -> nn.Module:
+            return AttentionBlock(ch, num_heads, context_dim) if resolutions[level] in attention_resolutions else NoAttention()
+
+        self.attention = attention
+        self.input_conv = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.blocks = nn.ModuleList()
+        self.skip_channels = [base_channels]
+        ch = base_channels
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                out = base_channels * mult
+                self.blocks.append(nn.ModuleList([ResBlock(ch, out, emb_dim, dropout), attention(out, level)]))
+                ch = out
+                self.skip_channels.append(ch)
+            if level < len(channel_mult) - 1:
+                self.blocks.append(Downsample(ch))
+                self.skip_channels.append(ch)
+        self.mid_block1 = ResBlock(ch, ch, emb_dim, dropout)
+        self.mid_attn = AttentionBlock(ch, num_heads, context_dim)
+        self.mid_block2 = ResBlock(ch, ch, emb_dim, dropout)
+        self.out_channels = ch
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context=None, mask=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """x: (B, C, H, W), emb: (B, E) -> (middle features, skips for the up path)."""
+        h = self.input_conv(x)
+        skips = [h]
+        for layer in self.blocks:
+            if isinstance(layer, Downsample):
+                h = layer(h)
+            else:
+                block, attn = layer
+                h = attn(block(h, emb), context, mask)
+            skips.append(h)
+        h = self.mid_block2(self.mid_attn(self.mid_block1(h, emb), context, mask), emb)
+        return h, skips
+
+
+class Conditioning(nn.Module):
+    """The time embedding plus what the network is conditioned on: a label embedding (class
+    conditioning), or the prompt's token embeddings, projected once to the network's width for
+    every cross-attention block, whose mean is also added to the time embedding (GLIDE and
+    Imagen add such a pooled vector besides cross-attending to the tokens).
+
+    forward -> (emb (B, E), projected context (B, L, E) or None)
+    """
+
+    def __init__(self, base_channels: int, emb_dim: int, num_classes: int = 0, context_dim: int = 0):
+        super().__init__()
+        self.base_channels = base_channels
+        self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_emb = LabelEmbedding(num_classes, emb_dim) if num_classes > 0 else None
+        if context_dim > 0:
+            self.context_proj = nn.Sequential(nn.LayerNorm(context_dim), nn.Linear(context_dim, emb_dim))
+            self.context_emb = nn.Linear(emb_dim, emb_dim)
+        else:
+            self.context_proj = self.context_emb = None
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y=None, context=None, mask=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        emb = self.time_mlp(timestep_embedding(t, self.base_channels).to(self.time_mlp[0].weight.dtype))  # (B, E)
+        if self.label_emb is not None:
+            emb = emb + self.label_emb(y, x.shape[0], x.device)
+        elif y is not None:
+            raise ValueError("this network is not class-conditional (network.num_classes = 0)")
+        if self.context_proj is not None:
+            if context is None:
+                raise ValueError("this network is text-conditional: pass context= and context_mask= from TextEncoder.encode "
+                                 "(the empty prompt '' is the unconditional branch)")
+            context = self.context_proj(context)  # (B, L, E): projected once, not in every block
+            emb = emb + self.context_emb(pooled_context(context, mask))
+        elif context is not None:
+            raise ValueError("this network is not text-conditional (network.text_encoder is empty)")
+        return emb, context
+
+
+def upgrade_legacy_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename the weights of UNets saved before conditioning moved into submodules (ddpmkit 0.1)."""
+
+    if "time_mlp.0.weight" not in state:
+        return state
+    out = {}
+    for key, value in state.items():
+        key = re.sub(r"^(time_mlp|label_emb)\.", r"cond.\1.", key)
+        key = re.sub(r"^(input_conv|mid_block1|mid_block2)\.", r"down.\1.", key)
+        key = re.sub(r"^mid_attn\.", "down.mid_attn.self_attn.", key)
+        key = re.sub(r"^down\.(\d+)\.", r"down.blocks.\1.", key)
+        key = re.sub(r"^((?:down\.blocks|up)\.\d+\.1)\.", r"\1.self_attn.", key)
+        out[key] = value
+    return out
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t) for images. x: (B, C, H, W), t: (B,) float timesteps -> (B, C_out, H, W).
+
+    Levels i = 0..len(channel_mult)-1 run at resolution image_size / 2^i with
+    base_channels * channel_mult[i] channels; each has num_res_blocks ResBlocks going down and
+    num_res_blocks + 1 coming up (each taking a skip connection), with self-attention after the
+    blocks of levels whose resolution is in attention_resolutions (and cross-attention to the
+    prompt's tokens there when context_dim > 0).
+
+    patch_size p > 1 folds each p x p patch of pixels into channels first (pixel unshuffle) and
+    unfolds the output the same way, so the levels run at image_size / p: the UNet spends its
+    compute on wider channels at lower resolution (as in "simple diffusion", Hoogeboom et al. 2023).
+    attention_resolutions then refer to those reduced resolutions.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int | None = None,
+        image_size: int = 28,
+        base_channels: int = 64,
+        channel_mult: tuple[int, ...] = (1, 2, 2),
+        num_res_blocks: int = 2,
+        attention_resolutions: tuple[int, ...] = (7,),
+        num_heads: int = 4,
+        dropout: float = 0.1,
+        num_classes: int = 0,
+        context_dim: int = 0,
+        patch_size: int = 1,
+    ):
+        super().__init__()
+        if patch_size < 1 or image_size % patch_size:
+            raise ValueError(f"patch_size {patch_size} must be a positive divisor of the image size {image_size}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels or in_channels
+        self.patch_size = patch_size
+        in_channels, image_size = in_channels * patch_size**2, image_size // patch_size
+        emb_dim = 4 * base_channels
+        self.cond = Conditioning(base_channels, emb_dim, num_classes, context_dim)
+        self.down = DownPath(in_channels, image_size, base_channels, channel_mult, num_res_blocks, attention_resolutions,
+                             num_heads, emb_dim, dropout, emb_dim if context_dim > 0 else 0)
+        skip_channels = list(self.down.skip_channels)
+        ch = self.down.out_channels
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for _ in range(num_res_blocks + 1):
+                out = base_channels * mult
+                self.up.append(nn.ModuleList([ResBlock(ch + skip_channels.pop(), out, emb_dim, dropout), self.down.attention(out, level)]))
+                ch = out
+            if level > 0:
+                self.up.append(Upsample(ch))
+        self.out_norm = group_norm(ch)
+        self.out_conv = zero_module(nn.Conv2d(ch, self.out_channels * patch_size**2, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """y: (B,) class labels for a class-conditional network (None = the null label);
+        context: (B, L, D) prompt token embeddings and context_mask: (B, L) for a text-conditional one."""
+        if self.patch_size > 1:
+            x = F.pixel_unshuffle(x, self.patch_size)
+        emb, context = self.cond(x, t, y, context, context_mask)
+        h, skips = self.down(x, emb, context, context_mask)
+        for layer in self.up:
+            if isinstance(layer, Upsample):
+                h = layer(h)
+            else:
+                block, attn = layer
+                h = attn(block(torch.cat([h, skips.pop()], dim=1), emb), context, context_mask)
+        out = self.out_conv(F.silu(self.out_norm(h)))
+        return F.pixel_shuffle(out, self.patch_size) if self.patch_size > 1 else out

@@ -1,0 +1,128 @@
+"""The one guidance door: from a loaded model and what the user asks for (classes, prompts,
+precomputed conditions, guidance) to the three things a sampler takes: a model, its model_kwargs
+and extra sampler options. Every command that samples (sample, eval, img2img, inpaint, posterior,
+interpolate, voyage) comes through here.
+
+    request = GuidanceRequest(classes=[7], scale=3.0)
+    model, kwargs, options = guided_model(ddpmkit.load(run), n=16, request=request, sampler="unipc")
+    sample(model, (16, *shape), schedule, sampler="unipc", model_kwargs=kwargs, **options)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..guidance import ClassifierFreeGuidance, ClassifierGuidance, DynamicThresholding
+from ..models import DiffusionModel, load_classifier
+from ..parameterization import ModelFn
+
+DEFAULT_SCALE = 3.0  # classifier-free guidance scale for conditional models when none is given
+
+
+@dataclass
+class GuidanceRequest:
+    classes: list[int] = field(default_factory=list)  # cycled over the samples; empty = 0, 1, 2, ...
+    prompts: list[str] = field(default_factory=list)  # cycled over the samples (text-conditional models)
+    conditions: dict[str, torch.Tensor] | None = None  # precomputed condition kwargs, one row per sample (e.g. interpolated prompts)
+    scale: float | None = None  # classifier-free guidance; None = 3 for conditional models (0 with a classifier)
+    rescale: float = 0.0  # guidance rescale phi in [0, 1]
+    threshold: float = 0.0  # Imagen's dynamic thresholding percentile (e.g. 0.995); 0 = off
+    classifier: str | None = None  # a noisy-classifier run folder for classifier guidance
+    classifier_scale: float = 1.0
+
+    def slice(self, start: int, n: int, num_classes: int = 0) -> "GuidanceRequest":
+        """The request for samples start .. start+n-1 of a longer run, so that batches cycle the
+        classes and prompts as one big batch would. num_classes: the model's (0 = unconditional)."""
+        def cycle(values: list) -> list:
+            return [values[(start + i) % len(values)] for i in range(n)] if values else []
+
+        classes = self.classes
+        if not classes and (num_classes > 0 or self.classifier):
+            classes = list(range(num_classes or 10))  # the default: 0, 1, 2, ... in turn
+        conditions = None if self.conditions is None else {k: v[start:start + n] for k, v in self.conditions.items()}
+        return replace(self, classes=cycle(classes), prompts=cycle(self.prompts), conditions=conditions)
+
+    def describe(self) -> str:
+        parts = []
+        if self.prompts:
+            parts.append(f"prompts {self.prompts}")
+        if self.classes:
+            parts.append(f"classes {self.classes}")
+        if self.scale is not None:
+            parts.append(f"guidance {self.scale:g}")
+        if self.classifier:
+            parts.append(f"classifier scale {self.classifier_scale:g}")
+        return ", ".join(parts)
+
+
+def _cycle(values: list, n: int) -> list:
+    return [values[i % len(values)] for i in range(n)]
+
+
+def _conditions(m: DiffusionModel, n: int, request: GuidanceRequest, labels: torch.Tensor, device) -> dict[str, torch.Tensor]:
+    """The conditional branch's model kwargs for n samples."""
+    if request.conditions is not None:
+        rows = {k: v.to(device) for k, v in request.conditions.items()}
+        if any(len(v) != n for v in rows.values()):
+            raise ValueError(f"GuidanceRequest.conditions must have one row per sample ({n})")
+        return rows
+    if m.conditioning == "text":
+        if not request.prompts:
+            raise ValueError("this model is text-conditional: give --prompt \"...\" ('' for unconditional samples)")
+        return m.encode_prompts(_cycle(request.prompts, n), device)
+    if m.conditioning == "class":
+        if bool(((labels < 0) | (labels >= m.num_classes)).any()):
+            raise ValueError(f"--class must lie in 0..{m.num_classes - 1}")
+        return {"y": labels}
+    return {}
+
+
+def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = None, sampler: str = "ddpm",
+                 device: str | torch.device = "cpu") -> tuple[ModelFn, dict, dict]:
+    """(model, model_kwargs, sampler options) for n samples of the loaded model as requested.
+
+    Classifier-free guidance: scale 0 is the unconditional branch alone, 1 the conditional model
+    alone, anything else eps_u + s (eps_c - eps_u) in one batched call."""
+    request = request or GuidanceRequest()
+    if request.prompts and m.conditioning != "text":
+        raise ValueError("--prompt needs a text-conditional model (network.text_encoder); this one is "
+                         + ("class-conditional: use --class" if m.conditioning == "class" else "unconditional"))
+    if request.classes and not (m.conditioning == "class" or request.classifier):
+        raise ValueError("--class needs a class-conditional model (network.num_classes > 0) or --classifier for classifier guidance")
+    scale = request.scale if request.scale is not None else (0.0 if request.classifier else DEFAULT_SCALE)
+    labels = torch.tensor(_cycle(request.classes or list(range(max(m.num_classes, 10))), n), device=device)
+    model: ModelFn = m.network
+    kwargs: dict = {}
+    options: dict = {}
+    if m.conditioning != "none":
+        kwargs = _conditions(m, n, request, labels, device)
+        if scale == 0.0:
+            kwargs = m.null_condition(n, device)  # the unconditional branch alone: one network call, not two
+        elif scale != 1.0:
+            null = m.null_condition(1, device)
+            model = ClassifierFreeGuidance(model, scale, null_label=m.num_classes if m.conditioning == "class" else None,
+                                           null=null if m.conditioning == "text" else None, learned_variance=m.learned_variance,
+                                           rescale=request.rescale, schedule=m.schedule, prediction=m.prediction)
+    if request.threshold:
+        model = DynamicThresholding(model, m.schedule, m.prediction, request.threshold, m.learned_variance)
+    if request.classifier:
+        model, kwargs, options = _classifier_guided(m, model, kwargs, labels, request, sampler, device)
+    return model, kwargs, options
+
+
+def _classifier_guided(m: DiffusionModel, model: ModelFn, kwargs: dict, labels: torch.Tensor, request: GuidanceRequest,
+                       sampler: str, device) -> tuple[ModelFn, dict, dict]:
+    clf = load_classifier(request.classifier, device=device)
+    c, d = clf.config.diffusion, m.config.diffusion
+    if (c.schedule, c.T, c.zero_terminal_snr) != (d.schedule, d.T, d.zero_terminal_snr):
+        raise ValueError(f"the classifier was trained with the {c.schedule} schedule, T={c.T}; the model uses {d.schedule}, T={d.T}")
+    base, base_kwargs = model, dict(kwargs)
+
+    def unguided(x_t, t, y=None, **extra):
+        return base(x_t, t, **base_kwargs)
+
+    cg = ClassifierGuidance(unguided, clf.network, request.classifier_scale, m.schedule, m.prediction, m.learned_variance)
+    if sampler == "ddpm":  # Algorithm 1: shift the mean by s * Sigma * grad log p(y | x_t)
+        return cg.unguided, {"y": labels}, {"cond_fn": cg.cond_fn}
+    return cg, {"y": labels}, {}  # Algorithm 2: the eps correction, for every other sampler

@@ -1,0 +1,85 @@
+"""The lectures' seed + prompt "voyage": an animation through (seed, prompt) keyframes.
+
+Between keyframes k and k+1 the starting noise moves along the slerp between the two seeds'
+x_T and the prompt along the line between the two prompts' token embeddings; every frame is
+sampled with the same deterministic sampler and guidance, so the animation is smooth and the
+same file always renders the same frames (and the same GIF bytes).
+
+The keyframe file is either the lecture's Python list
+
+    seed_and_prompt_sequence = [
+      3764, 'in the beginning there was nothing, just darkness',
+      1537, 'special effects render of the big bang',
+    ]
+
+or one keyframe per line, "SEED PROMPT" (blank lines and # comments are skipped).
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..editing import lerp_condition, seed_noise, slerp
+from ..models import DiffusionModel
+from ..sampling import sample
+from .guided import GuidanceRequest, guided_model
+
+
+def read_keyframes(path: str | Path) -> list[tuple[int, str]]:
+    """[(seed, prompt), ...] from a keyframe file; a clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"keyframe file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if "[" in text:
+        try:
+            items = ast.literal_eval(text[text.index("["):text.rindex("]") + 1])
+        except (ValueError, SyntaxError) as e:
+            raise ValueError(f"{path}: cannot read the list of seeds and prompts ({e})") from None
+        if len(items) % 2 or not all(isinstance(s, int) and isinstance(p, str) for s, p in zip(items[::2], items[1::2])):
+            raise ValueError(f"{path}: the list must alternate integer seeds and prompt strings")
+        frames = list(zip(items[::2], items[1::2]))
+    else:
+        frames = []
+        for n, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            seed, _, prompt = line.partition(" ")
+            if not seed.lstrip("-").isdigit():
+                raise ValueError(f"{path}:{n}: expected 'SEED PROMPT', got {line!r}")
+            frames.append((int(seed), prompt.strip().strip("'\"")))
+    if len(frames) < 2:
+        raise ValueError(f"{path}: a voyage needs at least 2 keyframes, found {len(frames)}")
+    return frames
+
+
+@torch.no_grad()
+def render_voyage(m: DiffusionModel, keyframes: list[tuple[int, str]], frames_between: int = 8, guidance: float = 3.0,
+                  sampler: str = "ddim", steps: int = 20, batch: int = 32, progress: bool = True) -> torch.Tensor:
+    """Frames (N, C, H, W) in [-1, 1] through the keyframes of a text-conditional model m (latent
+    models are decoded). N = (keyframes - 1) * frames_between + 1."""
+    if m.conditioning != "text":
+        raise ValueError("a voyage needs a text-conditional model (network.text_encoder), e.g. one trained with configs/mnist_text.toml")
+    conds = [m.encode_prompts([p]) for _, p in keyframes]
+    noises = [seed_noise(s, m.data_shape) for s, _ in keyframes]
+    x_T, kwargs = [], []
+    for k in range(len(keyframes) - 1):
+        for j in range(frames_between + (k == len(keyframes) - 2)):  # the last segment ends on its keyframe
+            a = j / frames_between
+            x_T.append(slerp(noises[k], noises[k + 1], a))
+            kwargs.append(lerp_condition(conds[k], conds[k + 1], a))
+    x_T = torch.cat(x_T)
+    request = GuidanceRequest(conditions={key: torch.cat([kw[key] for kw in kwargs]) for key in kwargs[0]}, scale=guidance)
+    out = []
+    for start in tqdm(range(0, len(x_T), batch), desc="voyage", leave=False, disable=not progress):
+        sl = slice(start, start + batch)
+        n = len(x_T[sl])
+        model, cond, options = guided_model(m, n, request.slice(start, n), sampler)
+        res = sample(model, x_T[sl].shape, m.schedule, sampler=sampler, steps=steps, x_T=x_T[sl], generator=0,
+                     model_kwargs=cond, **m.sample_kwargs, **options)
+        out.append(m.decode(res.x))
+    return torch.cat(out)

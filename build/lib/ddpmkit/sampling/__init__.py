@@ -1,0 +1,122 @@
+"""Samplers: stateless functions over the one denoiser contract, and the ``sample`` entry point."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from ..parameterization import Denoiser, ModelFn, Prediction
+from ..schedules import NoiseSchedule
+from .ancestral import ddim, ddpm
+from .grids import GRIDS, timestep_grid
+from .noise import GeneratorLike, NoiseSource
+from .ode import dopri5, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, dpmpp_3m_sde, euler, heun, ipndm, unipc
+from .sde import euler_maruyama, pc
+
+# name -> sampler function; each takes (denoiser, x_T, noise, steps=, grid=, callback=, model_kwargs=, progress=, **options)
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "ddpm": ddpm,  # Algorithm 2, respaced for fewer steps
+    "ddim": ddim,  # eta = 0 deterministic, eta = 1 DDPM-like
+    "euler": euler,  # probability-flow ODE solvers
+    "heun": heun,
+    "dpmpp_2m": dpmpp_2m,
+    "dpmpp_3m": dpmpp_3m,
+    "unipc": unipc,
+    "ipndm": ipndm,
+    "dopri5": dopri5,
+    "dpmpp_2m_sde": dpmpp_2m_sde,  # reverse-SDE solvers
+    "dpmpp_3m_sde": dpmpp_3m_sde,
+    "euler_maruyama": euler_maruyama,
+    "pc": pc,
+}
+STOCHASTIC = {"ddpm", "dpmpp_2m_sde", "dpmpp_3m_sde", "euler_maruyama", "pc"}  # and ddim with eta > 0
+
+
+@dataclass
+class SampleResult:
+    """What a sampler returns: the samples, the network evaluations spent, and (optionally)
+    the trajectory of x_t and of the predicted x_0 at the recorded steps, oldest first."""
+
+    x: torch.Tensor  # (B, ...)
+    nfe: int
+    timesteps: list[int] = field(default_factory=list)  # t of each recorded step
+    xs: list[torch.Tensor] = field(default_factory=list)  # x_t after each recorded step
+    x0s: list[torch.Tensor] = field(default_factory=list)  # predicted x_0 at each recorded step
+
+
+def _check_options(sampler: str, options: dict) -> None:
+    """Name the options a sampler takes instead of failing with a TypeError deep inside it."""
+    params = inspect.signature(SAMPLERS[sampler]).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return  # checked by the sampler (timestep_grid names the unknown ones)
+    known = [name for name in params if name not in ("denoiser", "x", "noise", "callback", "model_kwargs", "progress")]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"sampler {sampler!r} takes no option(s) {unknown}; its options are {known}")
+
+
+def sample(
+    model: ModelFn,
+    shape: Sequence[int],
+    schedule: NoiseSchedule,
+    sampler: str = "ddpm",
+    steps: int | None = None,
+    prediction: Prediction = "eps",
+    generator: GeneratorLike = None,
+    learned_variance: bool = False,
+    model_kwargs: dict | None = None,
+    record_every: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    x_T: torch.Tensor | None = None,
+    **sampler_options,
+) -> SampleResult:
+    """Draw samples of shape (B, *dims) from a diffusion model.
+
+    model: any callable model(x_t: (B, ...), t: (B,) float timesteps, **model_kwargs) returning the
+        ``prediction`` (eps, x0, v or mu) -- a trained network or a closed-form function.
+    schedule: the noise schedule the model was trained with.
+    sampler: one of SAMPLERS ('ddpm', 'ddim', 'euler', 'heun', 'dpmpp_2m', 'dpmpp_3m', 'unipc', 'dopri5',
+        'dpmpp_2m_sde', 'dpmpp_3m_sde', 'euler_maruyama', 'pc').
+    steps: grid points, one network evaluation each (Heun and pc: about two); None = all T steps.
+    generator: an int seed s (sample k uses seed s + k, so it does not depend on the batch size),
+        a list of per-sample seeds, a torch.Generator, or None for the global RNG.
+    record_every: keep x_t and predicted x_0 every this many steps (0 = none) for pictures.
+    sampler_options: passed to the sampler: grid= (a name in GRIDS or a tensor of timesteps),
+        variance= and clip_x0= for 'ddpm', eta= for 'ddim' and the SDE solvers, order=, rtol=...
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+    _check_options(sampler, sampler_options)
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2:
+        raise ValueError(f"shape must be (batch, *dims), got {shape}")
+    if device is None:
+        params = getattr(model, "parameters", None)
+        first = next(params(), None) if callable(params) else None
+        device = first.device if first is not None else torch.device("cpu")
+    noise = NoiseSource(shape[0], generator, device)
+    x = noise.randn(shape[1:]) if x_T is None else x_T.to(device)
+    denoiser = Denoiser(model, schedule.to("cpu"), prediction, learned_variance)
+    result = SampleResult(x=x, nfe=0)
+    step_count = 0
+
+    def record(info: dict) -> None:
+        nonlocal step_count
+        step_count += 1
+        if record_every and (step_count % record_every == 0 or info["i"] == 0):
+            result.timesteps.append(info["t"])
+            result.xs.append(info["x"].detach().cpu())
+            result.x0s.append(info["x0"].detach().cpu())
+
+    with torch.no_grad():
+        result.x = SAMPLERS[sampler](
+            denoiser, x, noise, steps=steps, callback=record, model_kwargs=model_kwargs, progress=progress, **sampler_options
+        )
+    result.nfe = denoiser.nfe
+    return result
+
+
+__all__ = ["GRIDS", "SAMPLERS", "STOCHASTIC", "SampleResult", "sample", "NoiseSource", "timestep_grid"]

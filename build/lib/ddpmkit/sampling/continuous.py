@@ -1,0 +1,75 @@
+"""The probability-flow ODE in sigma coordinates, which the continuous-time solvers share.
+
+With x_bar = x_t / sqrt(alpha_bar_t) and sigma = sqrt((1 - alpha_bar_t) / alpha_bar_t), the VP
+probability-flow ODE  dx = -1/2 beta(t) [x + score(x, t)] dt  becomes (DDIM eq. 14, EDM eq. 4)
+
+    dx_bar / dsigma = eps(x_t, t) = (x_bar - D(x_bar; sigma)) / sigma,
+
+with D the predicted x_0. In log-SNR lambda = -log sigma it is semi-linear, which the
+exponential integrators (DPM-Solver++, UniPC) solve exactly in the linear part. The solvers walk
+x_bar down a grid of sigmas that ends with sigma = 0, where x_bar is the sample.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..parameterization import Denoiser, DenoiserOutput
+from .grids import timestep_grid
+
+
+class SigmaDenoiser:
+    """The denoiser as a function of (x_bar, sigma): it evaluates the network at the exact real
+    timestep t(sigma) on x_t = x_bar / sqrt(1 + sigma^2)."""
+
+    def __init__(self, denoiser: Denoiser, model_kwargs: dict | None = None, clip_x0: bool = False):
+        self.denoiser = denoiser
+        self.schedule = denoiser.schedule
+        self.model_kwargs = model_kwargs or {}
+        self.clip_x0 = clip_x0
+
+    def __call__(self, x_bar: torch.Tensor, sigma: float) -> DenoiserOutput:
+        t = self.schedule.t_at_sigma(sigma).to(x_bar.device).expand(x_bar.shape[0])
+        out = self.denoiser(x_bar / math.sqrt(1.0 + sigma**2), t, **self.model_kwargs)
+        if self.clip_x0 and sigma > 0:
+            # keep the data prediction in the data range, and eps consistent with it
+            x0 = out.x0.clamp(-1, 1)
+            out = DenoiserOutput(eps=(x_bar - x0) / sigma, x0=x0, var_frac=out.var_frac)
+        return out
+
+
+class Trajectory:
+    """Set-up and bookkeeping common to the sigma-space solvers: the grid, x_bar at its start,
+    the progress bar and the per-step callback (which sees x_t in the usual VP scale)."""
+
+    def __init__(self, denoiser: Denoiser, x: torch.Tensor, steps: int | None, grid, model_kwargs: dict | None,
+                 callback: Callable[[dict], None] | None, progress: bool, name: str, options: dict | None = None):
+        schedule = denoiser.schedule
+        options = dict(options or {})  # clip_x0 for the denoiser; the rest (rho) for the grid
+        self.D = SigmaDenoiser(denoiser, model_kwargs, clip_x0=options.pop("clip_x0", False))
+        self.ts = timestep_grid(grid, schedule, steps, **options)
+        self.sigmas: list[float] = schedule.sigma_at(self.ts).tolist() + [0.0]
+        self.n = len(self.ts)  # network evaluations on the grid
+        self.x_bar = x * math.sqrt(1.0 + self.sigmas[0] ** 2)  # x is x_t at the first grid time
+        self.callback = callback
+        self.progress = progress
+        self.name = name
+
+    def steps(self) -> Iterable[int]:
+        if not self.progress:
+            return range(self.n)
+
+        return tqdm(range(self.n), desc=self.name, leave=False)
+
+    def report(self, k: int, x_bar: torch.Tensor, x0: torch.Tensor) -> None:
+        """After step k (sigma_k -> sigma_{k+1}): x_bar is at sigma_{k+1}, x0 was predicted at sigma_k."""
+        if self.callback is not None:
+            x = x_bar / math.sqrt(1.0 + self.sigmas[k + 1] ** 2)
+            self.callback({"i": self.n - 1 - k, "t": int(round(self.ts[k].item())), "x": x, "x0": x0})
+
+    def lambdas(self) -> list[float]:
+        """lambda_k = -log sigma_k (half the log-SNR); +inf at sigma = 0."""
+        return [-math.log(s) if s > 0 else math.inf for s in self.sigmas]

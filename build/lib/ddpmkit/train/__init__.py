@@ -1,0 +1,35 @@
+"""One training engine for every kind of model: `train(cfg)` picks the task by cfg.train.task.
+
+    TASKS = {"denoiser": ..., "autoencoder": ..., "classifier": ..., "judge": ...}
+
+A new kind of model is a Task subclass (task.py) and an entry here; the loop (engine.py) does not change.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import Config
+from .autoencoder import AutoencoderTask
+from .batches import Batch, batch_indices, step_generator
+from .classifier import NoisyClassifierTask
+from .denoiser import DenoiserTask, sample_timesteps
+from .engine import run
+from .judge import JudgeTask
+from .optim import ema_decay_at, ema_update, lr_at
+from .task import Task, TrainingError
+
+TASKS: dict[str, type[Task]] = {
+    "denoiser": DenoiserTask,
+    "autoencoder": AutoencoderTask,
+    "classifier": NoisyClassifierTask,
+    "judge": JudgeTask,
+}
+
+
+def train(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
+    """Train the model cfg.train.task names, as configured; returns the run folder."""
+    return run(TASKS[cfg.train.task](cfg), cfg, resume=resume, progress=progress)
+
+
+__all__ = ["Batch", "DenoiserTask", "TASKS", "Task", "TrainingError", "batch_indices", "ema_decay_at", "ema_update", "lr_at", "run",
+           "sample_timesteps", "step_generator", "train"]

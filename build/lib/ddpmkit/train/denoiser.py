@@ -1,0 +1,117 @@
+"""The diffusion denoiser as a training task (DDPM Algorithm 1), pixel or latent, any conditioning.
+
+    repeat
+        x_0 ~ q(x_0);  t ~ Uniform({0, ..., T-1});  eps ~ N(0, I)
+        gradient step on || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
+    until converged
+
+(with the configured prediction target, loss weighting and timestep sampling)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import viz
+from ..conditioning import TrainingConditions
+from ..config import Config, DiffusionConfig
+from ..data import ArrayDataset, DataError, Dataset
+from ..evaluate.likelihood import LN2, vlb_estimate
+from ..losses import training_losses
+from ..models import load_autoencoder
+from ..reverse import default_variance
+from ..sampling import sample
+from ..schedules import NoiseSchedule
+from .batches import Batch
+from .task import Task
+
+
+def sample_timesteps(dc: DiffusionConfig, schedule: NoiseSchedule, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n training timesteps in 0..T-1: uniform (Algorithm 1); logit-normal, t = floor(T * sigmoid(u)),
+    u ~ N(mean, std^2) (Esser et al. 2024), which trains the middle of the chain more often; or
+    asymmetric (SpeeD, Wang et al. 2024): P(t) is asymmetric_k times larger where log-SNR(t) >=
+    asymmetric_log_snr than in the nearly pure-noise tail beyond it."""
+    T = schedule.T
+    if dc.timestep_sampling == "uniform":
+        return torch.randint(0, T, (n,), generator=generator)
+    if dc.timestep_sampling == "asymmetric":
+        weights = torch.where(schedule.log_snr >= dc.asymmetric_log_snr, dc.asymmetric_k, 1.0)
+        return torch.multinomial(weights, n, replacement=True, generator=generator)
+    u = dc.logit_normal_mean + dc.logit_normal_std * torch.randn(n, generator=generator, dtype=torch.float64)
+    return (torch.sigmoid(u) * T).long().clamp(0, T - 1)
+
+
+def encode_dataset(autoencoder: nn.Module, dataset: Dataset) -> ArrayDataset:
+    """The dataset in the autoencoder's scaled latent space; labels (and image files, for their
+    captions) carry over."""
+    if tuple(dataset.shape) != tuple(autoencoder.image_shape):
+        raise DataError(f"the autoencoder was trained on images of shape {autoencoder.image_shape}, the data has {tuple(dataset.shape)}")
+    latents = autoencoder.to_latent(dataset.get_batch(torch.arange(len(dataset))))
+    out = ArrayDataset(latents, getattr(dataset, "labels", None))
+    if hasattr(dataset, "files"):
+        out.files = dataset.files
+    return out
+
+
+class DenoiserTask(Task):
+    name = "denoiser"
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.dataset = self.load_data()
+        self.autoencoder = load_autoencoder(cfg.data.autoencoder).network if cfg.data.autoencoder else None
+        if self.autoencoder is not None:  # latent diffusion: train on the scaled latents, show decoded samples
+            self.dataset = encode_dataset(self.autoencoder, self.dataset)
+        self.shape, self.num_examples = tuple(self.dataset.shape), len(self.dataset)
+        self.schedule = cfg.diffusion.noise_schedule()
+        self.conditioning = TrainingConditions.for_config(cfg, self.dataset)
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        dc, g, B = self.cfg.diffusion, batch.generator, batch.size
+        # the global batch's randomness, always in this order (exact resume, N processes = 1)
+        t_all = sample_timesteps(dc, self.schedule, B, g)
+        noise_all = torch.randn((B, *self.shape), generator=g)
+        flip_all = torch.rand(B, generator=g) < 0.5
+        cond_all = self.conditioning.batch(batch.indices, g)  # labels or prompt embeddings, some dropped to the null condition
+        x0 = self.dataset.get_batch(batch.indices[batch.mine])
+        if self.cfg.data.hflip:
+            x0 = torch.where(flip_all[batch.mine, None, None, None], x0.flip(-1), x0)
+        cond = {k: batch.local(v) for k, v in cond_all.items()}
+        losses = training_losses(model, x0.to(batch.device), batch.local(t_all), self.schedule, batch.local(noise_all), dc.prediction,
+                                 dc.loss, dc.learned_variance, dc.min_snr_gamma or None, model_kwargs=cond)
+        return losses["loss"]
+
+    def preview(self, ema: nn.Module, path: Path) -> torch.Tensor:
+        """train.num_samples samples with fixed seeds as a grid (images) or scatter (2-D). A
+        conditional model draws classes 0, 1, 2, ... (or the first captions) without guidance."""
+        tc, dc = self.cfg.train, self.cfg.diffusion
+        device = next(ema.parameters()).device
+        kwargs = {k: v.to(device) for k, v in self.conditioning.preview(tc.num_samples).items()}
+        out = sample(ema, (tc.num_samples, *self.shape), self.schedule, steps=tc.sample_steps, prediction=dc.prediction,
+                     learned_variance=dc.learned_variance, generator=0, clip_x0=len(self.shape) == 3,
+                     variance=default_variance(dc.learned_variance), model_kwargs=kwargs)
+        x = out.x if self.autoencoder is None else self.autoencoder.from_latent(out.x)
+        if x.ndim == 4:
+            viz.save_grid(x, path)
+        else:
+            viz.scatter_2d(x, path, self.dataset.get_batch(torch.arange(min(self.num_examples, 5000))))
+        return x
+
+    def evaluate(self, ema: nn.Module, n: int = 64) -> dict[str, float]:
+        """An unbiased VLB estimate in bits/dim on the same n held-out examples, noise levels and
+        noise every time (the training data where there is no held-out split). Conditional
+        models are scored unconditionally (null condition)."""
+        dc = self.cfg.diffusion
+        held_out = self.load_data("test")
+        if self.autoencoder is not None:
+            held_out = encode_dataset(self.autoencoder, held_out)
+        device = next(ema.parameters()).device
+        x0 = held_out.get_batch(torch.arange(min(n, len(held_out)))).to(device)
+        images = x0.ndim == 4
+        null = {k: v.to(device) for k, v in self.conditioning.null_batch(len(x0)).items()}
+        est = vlb_estimate(ema, x0, self.schedule, dc.prediction, dc.learned_variance, draws=8,
+                           decoder="discretized" if images else "gaussian", clip_x0=images,
+                           generator=torch.Generator().manual_seed(self.cfg.train.seed), model_kwargs=null)
+        return {"bpd_vlb_estimate": est.mean().item() / LN2}

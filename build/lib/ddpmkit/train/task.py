@@ -1,0 +1,60 @@
+"""What a kind of model gives the training engine. The engine owns everything else (devices,
+processes, precision, clipping, learning rate, EMA, checkpoints, resume, NaN guard, logging,
+time budget), so a new kind of model is one small class and one entry in train.TASKS."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import Config
+from ..data import Dataset, load_dataset
+from ..nets import build_for_task
+from .batches import Batch
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite losses, a bad batch size, a resume that does not match)."""
+
+
+class Task:
+    """One kind of model. Subclasses set `name`, `shape` (one example) and `num_examples` (the
+    size of the data the engine draws batch indices from) in __init__, and implement
+    loss. The periodic hooks are optional; they run on the main process with
+    the EMA model in eval mode."""
+
+    name: str = ""
+    shape: tuple[int, ...] = ()
+    num_examples: int = 0
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def load_data(self, split: str = "train") -> Dataset:
+        """The configured dataset (data.name, data.path, ...), one split of it."""
+        d = self.cfg.data
+        return load_dataset(d.name, d.path or None, d.image_size, d.channels, split=split)
+
+    def build_model(self) -> nn.Module:
+        """A freshly initialised network of this kind (the engine seeds torch first)."""
+        return build_for_task(self.cfg, self.shape)
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Per-example losses (B_local,) of this process's slice of the batch; the engine averages.
+        Draw the global batch's randomness from batch.generator, then slice with batch.local."""
+        raise NotImplementedError
+
+    def preview(self, ema: nn.Module, path: Path) -> torch.Tensor | None:
+        """Write a picture of the model's progress to path (every train.sample_every steps);
+        return the images shown (for TensorBoard) or None."""
+        return None
+
+    def evaluate(self, ema: nn.Module) -> dict[str, float]:
+        """Cheap held-out metrics, logged every train.eval_every steps."""
+        return {}
+
+    def finish(self, ema: nn.Module, model: nn.Module) -> dict:
+        """After the last step: final touches to the weights (both copies) and the metrics the
+        last checkpoint records."""
+        return {}

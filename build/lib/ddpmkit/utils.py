@@ -1,0 +1,26 @@
+"""Small helpers shared by every module: broadcasting and table lookup."""
+from __future__ import annotations
+
+import torch
+
+
+def append_dims(a: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Append trailing singleton dims so a per-example tensor (B,) broadcasts against x (B, ...)."""
+    missing = ndim - a.ndim
+    if missing < 0:
+        raise ValueError(f"tensor has {a.ndim} dims, more than the target {ndim}")
+    return a.reshape(*a.shape, *([1] * missing))
+
+
+def extract(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Look up a float64 schedule table at integer timesteps t: (B,) and broadcast like x.
+
+    The table stays float64; the result is cast to x's dtype and device at this edge only.
+    """
+    values = table.to(t.device)[t.long()]
+    return append_dims(values, like.ndim).to(like.dtype)
+
+
+def mean_flat(x: torch.Tensor) -> torch.Tensor:
+    """Mean over all non-batch dimensions: (B, ...) -> (B,)."""
+    return x.reshape(x.shape[0], -1).mean(dim=1)

@@ -1,0 +1,150 @@
+"""Pictures: sample grids, reverse-process GIFs, forward-process strips and Fourier spectra."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure  # the object API: no pyplot, no global backend to set
+from PIL import Image
+
+from .process import q_sample
+from .schedules import NoiseSchedule
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Images in [-1, 1]: (B, C, H, W) -> uint8 (B, H, W, C)."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def make_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 2, upscale: int = 1) -> np.ndarray:
+    """Tile images (B, C, H, W) in [-1, 1] into one uint8 image (rows*H', cols*W', C)."""
+    imgs = to_uint8(x)
+    if upscale > 1:
+        imgs = imgs.repeat(upscale, axis=1).repeat(upscale, axis=2)
+    B, H, W, C = imgs.shape
+    cols = nrow or max(1, math.ceil(math.sqrt(B)))
+    rows = math.ceil(B / cols)
+    grid = np.full((rows * (H + pad) + pad, cols * (W + pad) + pad, C), 255, dtype=np.uint8)
+    for i, im in enumerate(imgs):
+        r, c = divmod(i, cols)
+        grid[pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = im
+    return grid
+
+
+def _pil(arr: np.ndarray):
+    return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+
+
+def save_png(image: np.ndarray, path: str | Path) -> Path:
+    """One uint8 image (H, W, C) to a PNG file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _pil(image).save(path)
+    return path
+
+
+def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None, upscale: int = 2) -> Path:
+    return save_png(make_grid(x, nrow, upscale=upscale), path)
+
+
+def save_gif(frames: Sequence[np.ndarray], path: str | Path, duration_ms: int = 60, hold_last_ms: int = 1500) -> Path:
+    """Write uint8 frames (H, W, C) as a looping GIF; the last frame is held a little longer."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = [_pil(f) for f in frames]
+    durations = [duration_ms] * (len(images) - 1) + [hold_last_ms]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0, optimize=False)
+    return path
+
+
+def reverse_process_gif(xs: Sequence[torch.Tensor], path: str | Path, nrow: int | None = None, upscale: int = 2) -> Path:
+    """GIF of the coarse-to-fine reverse process from recorded x_t (each (B, C, H, W))."""
+    return save_gif([make_grid(x, nrow, upscale=upscale) for x in xs], path)
+
+
+def scatter_2d(x: torch.Tensor, path: str | Path, reference: torch.Tensor | None = None, title: str = "") -> Path:
+    """Scatter plot of 2-D samples, optionally over reference data."""
+    fig = Figure(figsize=(4, 4), dpi=100)
+    ax = fig.subplots()
+    if reference is not None:
+        ax.scatter(*reference[:5000].T.cpu().numpy(), s=1, c="0.75", label="data")
+    ax.scatter(*x.T.detach().cpu().numpy(), s=1, c="C0", label="samples")
+    ax.set_aspect("equal")
+    ax.set_title(title)
+    ax.legend(loc="upper right", markerscale=5)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    return path
+
+
+def radial_power_spectrum(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Radially averaged power spectrum of images (B, C, H, W), averaged over batch and channels.
+
+    Returns (frequencies in cycles/pixel, power). Natural images fall off roughly as 1/f^2;
+    white noise is flat -- which is why the forward process drowns high frequencies first.
+    """
+    x = x.detach().double().cpu()
+    H, W = x.shape[-2:]
+    power = torch.fft.fftshift(torch.fft.fft2(x), dim=(-2, -1)).abs().pow(2).mean(dim=(0, 1)) / (H * W)
+    fy = torch.fft.fftshift(torch.fft.fftfreq(H, dtype=torch.float64))
+    fx = torch.fft.fftshift(torch.fft.fftfreq(W, dtype=torch.float64))
+    radius = (fy[:, None] ** 2 + fx[None] ** 2).sqrt()
+    nbins = min(H, W) // 2
+    edges = torch.linspace(0, 0.5, nbins + 1, dtype=torch.float64)
+    which = torch.bucketize(radius.flatten(), edges[1:-1])
+    totals = torch.zeros(nbins, dtype=torch.float64).index_add_(0, which, power.flatten())
+    counts = torch.zeros(nbins, dtype=torch.float64).index_add_(0, which, torch.ones_like(power.flatten()))
+    centers = 0.5 * (edges[1:] + edges[:-1])
+    keep = counts > 0
+    return centers[keep][1:].numpy(), (totals[keep] / counts[keep])[1:].numpy()  # drop DC
+
+
+def plot_spectra(spectra: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "") -> Path:
+    fig = Figure(figsize=(5, 4), dpi=100)
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["viridis"]
+    for i, (label, (f, p)) in enumerate(spectra.items()):
+        ax.loglog(f, p, label=label, color=cmap(i / max(1, len(spectra) - 1)))
+    ax.set_xlabel("spatial frequency (cycles / pixel)")
+    ax.set_ylabel("power")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    return path
+
+
+def forward_process_figures(x0: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int], out: str | Path, seed: int = 0,
+                            title: str = "") -> tuple[Path, Path]:
+    """The lectures' two pictures of q(x_t | x_0) for one image x0: (1, C, H, W): a strip of x_t at
+    the given timesteps (one noise draw), and the radially averaged power spectrum of x_t against
+    t (averaged over 16 noise draws so the curves are smooth). Returns the two PNG paths."""
+    bad = [t for t in timesteps if not 0 <= t < schedule.T]
+    if bad:
+        raise ValueError(f"timesteps {bad} outside [0, {schedule.T - 1}]")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    eps = torch.randn((1, *x0.shape[1:]), generator=g)
+    frames = [("x_0", x0)] + [(f"t={t}", q_sample(x0, torch.tensor([t]), schedule, eps)) for t in timesteps]
+    fig = Figure(figsize=(1.6 * len(frames), 1.9), dpi=120)
+    for ax, (label, x) in zip(fig.subplots(1, len(frames)), frames):
+        img = to_uint8(x)[0]
+        ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(label, fontsize=8)
+        ax.axis("off")
+    fig.suptitle(title or f"q(x_t | x_0), T={schedule.T}", fontsize=9)
+    fig.savefig(out / "forward_strip.png", bbox_inches="tight")
+    many = torch.randn((16, *x0.shape[1:]), generator=g)
+    spectra = {"x_0": radial_power_spectrum(x0)}
+    for t in timesteps:
+        spectra[f"t={t}"] = radial_power_spectrum(q_sample(x0.expand_as(many), torch.full((16,), t), schedule, many))
+    plot_spectra(spectra, out / "spectrum.png", "radially averaged power spectrum of x_t")
+    return out / "forward_strip.png", out / "spectrum.png"
