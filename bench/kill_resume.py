@@ -1,7 +1,7 @@
 """Exact resume under SIGKILL: kill training at random moments, resume, compare with a run that
 was never interrupted.
 
-    .venv/bin/python bench/kill_resume.py [--trials 10 --steps 40]
+    .venv/bin/python bench/kill_resume.py [--trials 10 --steps 200]
 
 For the denoiser and the autoencoder (tiny models on the 8x8 digits, fp32, a checkpoint every 2
 steps so that kills often land while one is being written): one uninterrupted run, then `trials`
@@ -48,7 +48,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, default=10)
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     args = p.parse_args()
     rng = random.Random(args.seed)
@@ -57,15 +57,17 @@ def main() -> int:
     for kind, preset in KINDS.items():
         base = [*preset, *COMMON, f"train.steps={args.steps}"]
         straight = root / kind / "straight"
-        t0 = time.time()
         subprocess.run(cli(*base, f"train.run_dir={straight}"), check=True, capture_output=True)
-        duration = time.time() - t0
+        # the training part of a run: from its config.json (written after start-up) to its last checkpoint
+        training = list_checkpoints(straight)[-1].stat().st_mtime - (straight / "config.json").stat().st_mtime
         reference = final_weights(straight)
         identical, litter, kills_in_write = 0, 0, 0
         for trial in range(args.trials):
             run_dir = root / kind / f"trial{trial}"
             proc = subprocess.Popen(cli(*base, f"train.run_dir={run_dir}"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(0.3, 1.0) * duration)  # somewhere between start-up and the end
+            while not (run_dir / "config.json").exists() and proc.poll() is None:  # start-up over
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 1.0) * training)  # a random moment of the training
             finished = proc.poll() is not None
             proc.send_signal(signal.SIGKILL)
             proc.wait()
