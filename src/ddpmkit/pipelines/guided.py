@@ -96,10 +96,13 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
     kwargs: dict = {}
     options: dict = {}
     if m.conditioning != "none":
-        kwargs = _conditions(m, n, request, labels, device)
         if scale == 0.0:
+            if m.conditioning == "class":
+                _conditions(m, n, request, labels, device)  # still reject labels outside 0..num_classes-1
             kwargs = m.null_condition(n, device)  # the unconditional branch alone: one network call, not two
-        elif scale != 1.0:
+        else:
+            kwargs = _conditions(m, n, request, labels, device)
+        if scale not in (0.0, 1.0):
             null = m.null_condition(1, device)
             model = ClassifierFreeGuidance(model, scale, null_label=m.num_classes if m.conditioning == "class" else None,
                                            null=null if m.conditioning == "text" else None, learned_variance=m.learned_variance,

@@ -7,6 +7,7 @@ and the held-out reconstruction PSNR is recorded with the final checkpoint.
 """
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -40,9 +41,11 @@ class AutoencoderTask(Task):
         rec = ((x_hat.float() - x) ** 2).flatten(1).sum(1)
         return rec + self.cfg.autoencoder.kl_weight * kl.float()
 
-    def _held_out(self, n: int = 500) -> torch.Tensor:
-        held_out = self.load_data("test")
-        return held_out.get_batch(torch.arange(min(n, len(held_out))))
+    @functools.cached_property
+    def held_out(self) -> torch.Tensor:
+        """Up to 500 held-out images, loaded once."""
+        data = self.load_data("test")
+        return data.get_batch(torch.arange(min(500, len(data))))
 
     @torch.no_grad()
     def _reconstruct(self, ema: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -51,13 +54,13 @@ class AutoencoderTask(Task):
 
     def preview(self, ema: nn.Module, path: Path) -> torch.Tensor:
         """Held-out images (top row) and their reconstructions (below)."""
-        x = self._held_out(8)
+        x = self.held_out[:8]
         shown = torch.cat([x, self._reconstruct(ema, x)])
         viz.save_grid(shown, path, nrow=len(x))
         return shown
 
     def evaluate(self, ema: nn.Module) -> dict[str, float]:
-        x = self._held_out()
+        x = self.held_out
         return {"psnr_db": psnr(self._reconstruct(ema, x), x).mean().item()}
 
     @torch.no_grad()
@@ -67,7 +70,7 @@ class AutoencoderTask(Task):
         latents = torch.cat([ema.encode(c.to(device))[0] for c in x_train.split(500)])
         for m in (ema, model):  # both copies, so a resumed run carries it too
             m.scale_factor.fill_(1.0 / latents.std().item())
-        x = self._held_out()
+        x = self.held_out
         recon = ema.from_latent(ema.to_latent(x.to(device))).cpu()
         metrics = {"psnr_db": psnr(recon, x).mean().item(), "mse": ((recon - x) ** 2).mean().item(),
                    "scale_factor": ema.scale_factor.item(), "n_held_out": len(x),

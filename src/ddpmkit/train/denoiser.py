@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -99,16 +100,20 @@ class DenoiserTask(Task):
             viz.scatter_2d(x, path, self.dataset.get_batch(torch.arange(min(self.num_examples, 5000))))
         return x
 
-    def evaluate(self, ema: nn.Module, n: int = 64) -> dict[str, float]:
-        """An unbiased VLB estimate in bits/dim on the same n held-out examples, noise levels and
+    @functools.cached_property
+    def held_out(self) -> torch.Tensor:
+        """The first 64 held-out examples (latents for latent diffusion), loaded once."""
+        data = self.load_data("test")
+        x = data.get_batch(torch.arange(min(64, len(data))))
+        return x if self.autoencoder is None else self.autoencoder.to_latent(x)
+
+    def evaluate(self, ema: nn.Module) -> dict[str, float]:
+        """An unbiased VLB estimate in bits/dim on the same held-out examples, noise levels and
         noise every time (the training data where there is no held-out split). Conditional
         models are scored unconditionally (null condition)."""
         dc = self.cfg.diffusion
-        held_out = self.load_data("test")
-        if self.autoencoder is not None:
-            held_out = encode_dataset(self.autoencoder, held_out)
         device = next(ema.parameters()).device
-        x0 = held_out.get_batch(torch.arange(min(n, len(held_out)))).to(device)
+        x0 = self.held_out.to(device)
         images = x0.ndim == 4
         null = {k: v.to(device) for k, v in self.conditioning.null_batch(len(x0)).items()}
         est = vlb_estimate(ema, x0, self.schedule, dc.prediction, dc.learned_variance, draws=8,
