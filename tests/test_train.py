@@ -15,6 +15,7 @@ from ddpmkit.analytic import GaussianMixture, nearest_component
 from ddpmkit.checkpoint import list_checkpoints
 from ddpmkit.models import load_diffusion
 from ddpmkit.config import PRESET_DIR, ConfigError, load_config
+from ddpmkit.superres import downsample
 from ddpmkit.train import DenoiserTask, run
 from ddpmkit.train import TrainingError, batch_indices, train
 
@@ -59,6 +60,7 @@ KINDS = {
     "autoencoder": ["mnist_autoencoder", "data.name=digits", "autoencoder.pad_to=8", "autoencoder.channel_mult=1,2",
                     "autoencoder.base_channels=8", "train.batch_size=16", "train.sample_every=0", "train.warmup_steps=5", "train.log_every=5"],
     "classifier": ["mnist_classifier", *TINY],
+    "superres": ["imagen_sr", *TINY, "network.text_encoder=", "superres.low_res=4", "superres.blur_prob=0.5"],
 }
 
 
@@ -125,7 +127,8 @@ def test_two_processes_train_like_one(tmp_path, kind):
         if kind == "autoencoder":
             init, a, b = (n.decode(n.encode(x)[0]) for n in nets)
         else:
-            init, a, b = (n.eval()(x, t) for n in nets)
+            extra = {"low_res": downsample(x, 4), "aug_level": torch.full((32,), 0.1)} if kind == "superres" else {}
+            init, a, b = (n.eval()(x, t, **extra) for n in nets)
     moved = (a - init).norm()
     assert moved > 0.05 * init.norm()  # six steps change what the network computes
     assert (a - b).norm() / moved < 1e-3, ((a - b).norm() / moved).item()

@@ -5,10 +5,10 @@ from .config import load_config
 from .losses import training_losses
 from .models import DiffusionModel, load
 from .parameterization import Denoiser
-from .pipelines import GuidanceRequest, generate
+from .pipelines import GuidanceRequest, Stage, cascade, generate, super_resolve
 from .process import q_posterior_mean_variance, q_sample
 from .sampling import SampleResult, sample
 from .schedules import NoiseSchedule
 
-__all__ = ["Denoiser", "DiffusionModel", "GaussianMixture", "GuidanceRequest", "NoiseSchedule", "SampleResult", "generate", "load",
-           "load_config", "q_posterior_mean_variance", "q_sample", "sample", "training_losses", "viz"]
+__all__ = ["Denoiser", "DiffusionModel", "GaussianMixture", "GuidanceRequest", "NoiseSchedule", "SampleResult", "Stage", "cascade", "generate",
+           "load", "load_config", "q_posterior_mean_variance", "q_sample", "sample", "super_resolve", "training_losses", "viz"]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .schedules import NoiseSchedule
+from .superres import aug_timestep
 
 
 @dataclass
@@ -148,9 +149,68 @@ class GaussianMixture:
         return (self.weights[:, None] * self.means).sum(0)
 
 
+@dataclass
+class GaussianSuperRes:
+    """Gaussian high-res data x ~ N(mean, cov) (D = C*H*W) and its low-res version z = A x, for
+    super-resolution stages. Given the augmented z_s = a z + sigma_s xi (a = sqrt(alpha_bar(s)),
+    sigma_s^2 = 1 - a^2), x is again Gaussian (Gaussian conditioning):
+
+        K = cov A^T a (a^2 A cov A^T + sigma_s^2 I)^-1,   x | z_s ~ N(mean + K (z_s - a A mean), cov - a K A cov)
+
+    so E[eps | x_t, z_s] is a Gaussian denoiser's, in closed form.
+
+    mean: (D,), cov: (D, D), A: (d, D) the downsampling as a matrix; image_shape: (C, H, W) of x.
+    """
+
+    mean: torch.Tensor
+    cov: torch.Tensor
+    A: torch.Tensor
+    image_shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        self.mean, self.cov, self.A = (torch.as_tensor(v, dtype=torch.float64) for v in (self.mean, self.cov, self.A))
+
+    def _gain(self, level: float, schedule: NoiseSchedule) -> tuple[torch.Tensor, float]:
+        a2 = 1.0 if level == 0 else float(schedule.alpha_bar_at(aug_timestep(torch.tensor(level), schedule)))
+        a = math.sqrt(a2)
+        low_cov = self.A @ self.cov @ self.A.T
+        K = a * self.cov @ self.A.T @ torch.linalg.inv(a2 * low_cov + (1 - a2) * torch.eye(len(self.A), dtype=torch.float64))
+        return K, a
+
+    def conditional(self, z_s: torch.Tensor, level: float, schedule: NoiseSchedule) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean (B, D) and covariance (D, D) of x | z_s, for z_s: (B, d) augmented at `level`."""
+        K, a = self._gain(level, schedule)
+        return self.mean + (z_s.to(torch.float64) - a * self.A @ self.mean) @ K.T, self.cov - a * K @ self.A @ self.cov
+
+    def output_moments(self, z: torch.Tensor, level: float, schedule: NoiseSchedule) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean (D,) and covariance (D, D) of exact super-resolution samples of one clean low-res z
+        (d,), over the augmentation noise as well: N(E[m(z_s)], S + sigma_s^2 K K^T)."""
+        K, a = self._gain(level, schedule)
+        mean, S = self.conditional(a * z.to(torch.float64)[None], level, schedule)
+        return mean[0], S + (1 - a * a) * K @ K.T
+
+    def eps_model(self, schedule: NoiseSchedule):
+        """model(x_t (B, C, H, W), t, low_res (B, c, h, w), aug_level (B,)) -> E[eps | x_t, z_s], the
+        exact super-resolution denoiser (one augmentation level per batch)."""
+
+        def model(x_t: torch.Tensor, t: torch.Tensor, low_res: torch.Tensor, aug_level: torch.Tensor, **_) -> torch.Tensor:
+            level = float(aug_level.reshape(-1)[0])
+            m, S = self.conditional(low_res.reshape(len(low_res), -1), level, schedule)
+            c2 = schedule.alpha_bar_at(t.detach().to(torch.float64).cpu())[:, None, None]  # (B, 1, 1)
+            x = x_t.reshape(len(x_t), -1).to(torch.float64)
+            # x_t ~ N(c m, c^2 S + (1 - c^2) I): E[x0 | x_t] = m + c S (c^2 S + (1 - c^2) I)^-1 (x_t - c m)
+            eye = torch.eye(len(S), dtype=torch.float64)
+            gain = c2.sqrt() * S @ torch.linalg.inv(c2 * S + (1 - c2) * eye)  # (B, D, D)
+            x0 = m + (gain @ (x - c2[:, 0].sqrt() * m)[..., None])[..., 0]
+            eps = (x - c2[:, 0].sqrt() * x0) / (1 - c2[:, 0]).sqrt()
+            return eps.reshape(x_t.shape).to(x_t.dtype)
+
+        return model
+
+
 def nearest_component(gm: GaussianMixture, x: torch.Tensor) -> torch.Tensor:
     """Index of the most likely component of each clean sample x: (B, D) -> (B,)."""
     return gm.responsibilities(x, torch.ones(x.shape[0], dtype=torch.float64)).argmax(1)
 
 
-__all__ = ["GaussianMixture", "nearest_component"]
+__all__ = ["GaussianMixture", "GaussianSuperRes", "nearest_component"]

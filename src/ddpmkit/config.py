@@ -31,6 +31,7 @@ class DataConfig:
     channels: int = 3  # for 'folder': 1 (grey) or 3 (RGB)
     hflip: bool = False  # random horizontal flips (not for digits)
     autoencoder: str = ""  # a train-autoencoder folder: diffuse in its latent space (latent diffusion)
+    resize: int = 0  # > 0: area-downsample the images to resize x resize (e.g. 14: the base stage of a 14 -> 28 cascade)
 
 
 @dataclass(frozen=True)
@@ -94,8 +95,34 @@ class AutoencoderConfig:
 
 
 @dataclass(frozen=True)
+class SuperResConfig:
+    """A super-resolution stage (train.task = 'superres'): p(x | z) for the data's images x and
+    their area-downsampled z (CDM, Imagen). Pairs are made on the fly from any image dataset."""
+
+    low_res: int = 14  # side of the low-res input z
+    upsample: Literal["nearest", "bilinear", "bicubic"] = "bicubic"  # how the UNet brings z to the output size
+    # noise conditioning augmentation: during training z is replaced by z_s ~ q(z_s | z) at a level
+    # s ~ U(0, aug_max) of the schedule (0 = no augmentation), and s is given to the network
+    aug_max: float = 0.5
+    aug_level: float = 0.1  # the default level s at sampling (a knob: --aug)
+    blur_prob: float = 0.0  # blur augmentation: share of training inputs blurred first ...
+    blur_sigma: tuple[float, ...] = (0.4, 0.6)  # ... by a Gaussian of sigma ~ U(lo, hi) low-res pixels
+
+    def __post_init__(self) -> None:
+        if self.low_res < 1:
+            raise ConfigError(f"superres.low_res = {self.low_res} must be >= 1")
+        if not (0.0 <= self.aug_max <= 1.0 and 0.0 <= self.aug_level <= 1.0):
+            raise ConfigError(f"superres.aug_max = {self.aug_max} and superres.aug_level = {self.aug_level} must lie in [0, 1]")
+        if not 0.0 <= self.blur_prob <= 1.0:
+            raise ConfigError(f"superres.blur_prob = {self.blur_prob} must lie in [0, 1]")
+        if len(self.blur_sigma) != 2 or not 0 <= self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ConfigError(f"superres.blur_sigma = {list(self.blur_sigma)} must be [lo, hi] with 0 <= lo <= hi")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    task: Literal["denoiser", "autoencoder", "classifier", "judge"] = "denoiser"  # which kind of model this run trains
+    # which kind of model this run trains
+    task: Literal["denoiser", "superres", "autoencoder", "classifier", "judge"] = "denoiser"
     run_dir: str = "runs/mnist"
     steps: int = 5000
     max_minutes: float = 0.0  # stop (and checkpoint) after this long; 0 = no limit
@@ -138,6 +165,7 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    superres: SuperResConfig = field(default_factory=SuperResConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -166,11 +194,15 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if origin is tuple:
         if isinstance(value, (int, float)):
             value = [value]
-        if isinstance(value, str):
-            value = [int(v) for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
-        return tuple(int(v) for v in value)
+        item = float if typing.get_args(hint)[:1] == (float,) else int
+        try:
+            if isinstance(value, str):
+                value = [item(v) for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{where} must be a list, got {value!r}")
+            return tuple(item(v) for v in value)
+        except ValueError:
+            raise ConfigError(f"{where} = {value!r} must be a list of {item.__name__}s") from None
     try:
         if hint is bool:
             if isinstance(value, str):

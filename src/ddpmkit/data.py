@@ -18,6 +18,8 @@ from PIL import Image
 from sklearn.datasets import load_digits as sk_digits
 
 from .analytic import GaussianMixture
+from .config import DataConfig
+from .superres import downsample
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 TOYS = ("swiss_roll", "moons", "8gaussians", "checkerboard")
@@ -217,3 +219,41 @@ def load_dataset(name: str, path: str | None = None, image_size: int | None = No
             return load_npz(path)
         return ImageFolder(path, image_size or 64, channels)
     raise DataError(f"unknown dataset {name!r}; choose one of {list(BUILTIN) + ['folder', 'npz']}")
+
+
+@dataclass
+class Resized:
+    """Another image dataset, area-downsampled to size x size as it is read (labels and files carry over)."""
+
+    inner: Dataset
+    size: int
+
+    def __post_init__(self) -> None:
+        if len(self.inner.shape) != 3:
+            raise DataError(f"data.resize needs images; this dataset's examples have shape {self.inner.shape}")
+        if not 1 <= self.size <= min(self.inner.shape[1:]):
+            raise DataError(f"data.resize = {self.size} must lie in 1..{min(self.inner.shape[1:])} (the images are {self.inner.shape[1:]})")
+        self.labels = getattr(self.inner, "labels", None)
+        if hasattr(self.inner, "files"):
+            self.files = self.inner.files
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.inner.shape[0], self.size, self.size)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def get_batch(self, indices: torch.Tensor) -> torch.Tensor:
+        return downsample(self.inner.get_batch(indices), self.size)
+
+
+def dataset_for(d: DataConfig, split: str = "train") -> Dataset:
+    """The dataset a config's [data] section names (data.name, data.path, data.resize, ...), one split."""
+    data = load_dataset(d.name, d.path or None, d.image_size, d.channels, split=split)
+    if not d.resize or tuple(data.shape[1:]) == (d.resize, d.resize):
+        return data
+    resized = Resized(data, d.resize)
+    if isinstance(data, ArrayDataset):  # in memory: downsample once
+        return ArrayDataset(resized.get_batch(torch.arange(len(data))), data.labels)
+    return resized

@@ -4,8 +4,8 @@
     m.sample_kwargs                          # what every sampler call needs: schedule, prediction, learned_variance
     ae = ddpmkit.load("runs/mnist_autoencoder")   # LoadedNetwork(kind='autoencoder')
 
-Every kind of run the training engine writes (train.task: denoiser, autoencoder, classifier,
-judge) is read here, the same way, so callers never pass prediction, learned_variance or the
+Every kind of run the training engine writes (train.task: denoiser, superres, autoencoder,
+classifier, judge) is read here, the same way, so callers never pass prediction, learned_variance or the
 schedule by hand.
 """
 from __future__ import annotations
@@ -24,6 +24,8 @@ from .nets.unet import UNet, upgrade_legacy_keys
 from .reverse import default_variance
 from .schedules import NoiseSchedule
 from .text import TextEncoder
+
+DIFFUSION_TASKS = ("denoiser", "superres")  # the kinds of run that sample
 
 
 @dataclass
@@ -83,6 +85,18 @@ class DiffusionModel(LoadedNetwork):
         return self.config.network.num_classes
 
     @property
+    def is_super_resolution(self) -> bool:
+        """A super-resolution stage: it samples x given a low-res image (model kwargs low_res, aug_level)."""
+        return self.config.train.task == "superres"
+
+    @property
+    def low_res_shape(self) -> tuple[int, ...]:
+        """(C, h, w) of the low-res images a super-resolution stage takes."""
+        if not self.is_super_resolution:
+            raise ValueError(f"{self.path} is not a super-resolution stage")
+        return (self.data_shape[0], self.config.superres.low_res, self.config.superres.low_res)
+
+    @property
     def image_shape(self) -> tuple[int, ...]:
         """The shape of one output: decoded images for latent models, else data_shape."""
         return tuple(self.autoencoder.image_shape) if self.autoencoder is not None else self.data_shape
@@ -119,13 +133,14 @@ def load(path: str | Path, weights: str = "ema", device: str | torch.device = "c
     """Load a run folder (its newest checkpoint) or a ckpt-XXXXXXX folder, in eval mode.
 
     weights: 'ema' (what sampling uses) or 'model' (the raw weights). kind: the train.task the
-    caller needs ('denoiser', 'autoencoder', 'classifier', 'judge'); a run of another kind is a
-    clear error. A denoiser comes back as a DiffusionModel, anything else as a LoadedNetwork."""
+    caller needs ('denoiser', 'superres', 'autoencoder', 'classifier', 'judge'; 'diffusion' = either
+    of the first two); a run of another kind is a clear error. A denoiser or super-resolution stage
+    comes back as a DiffusionModel, anything else as a LoadedNetwork."""
     ckpt = resolve_checkpoint(path)
     config, info = read_config(ckpt)
     task = config.train.task
-    if kind is not None and task != kind:
-        raise CheckpointError(f"{ckpt} holds a {task} (train.task = {task!r}), not a {kind}")
+    if kind is not None and task not in (DIFFUSION_TASKS if kind == "diffusion" else (kind,)):
+        raise CheckpointError(f"{ckpt} holds a {task} (train.task = {task!r}), not a {kind} model")
     net = build_for_task(config, info.data_shape)
     state = read_weights(ckpt, weights)
     try:
@@ -134,15 +149,15 @@ def load(path: str | Path, weights: str = "ema", device: str | torch.device = "c
         raise CheckpointError(f"the weights in {ckpt} do not fit the network its config.json describes: {e}") from None
     net.to(device).eval()
     common = dict(network=net, config=config, data_shape=info.data_shape, step=info.step, path=ckpt, metrics=info.metrics)
-    if task != "denoiser":
+    if task not in DIFFUSION_TASKS:
         return LoadedNetwork(**common)
     autoencoder = load_autoencoder(config.data.autoencoder, device=device).network if config.data.autoencoder else None
     return DiffusionModel(**common, autoencoder=autoencoder)
 
 
 def load_diffusion(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> DiffusionModel:
-    """load(path) for a denoiser run."""
-    return load(path, weights, device, kind="denoiser")
+    """load(path) for a denoiser run or a super-resolution stage."""
+    return load(path, weights, device, kind="diffusion")
 
 
 def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> LoadedNetwork:

@@ -1,4 +1,5 @@
-"""Pictures: sample grids, reverse-process GIFs, forward-process strips and Fourier spectra."""
+"""Pictures: sample grids, reverse-process GIFs, forward-process strips, Fourier spectra, and
+labelled rows of images at their own resolutions (cascade stages, super-resolution)."""
 from __future__ import annotations
 
 import math
@@ -148,3 +149,30 @@ def forward_process_figures(x0: torch.Tensor, schedule: NoiseSchedule, timesteps
         spectra[f"t={t}"] = radial_power_spectrum(q_sample(x0.expand_as(many), torch.full((16,), t), schedule, many))
     plot_spectra(spectra, out / "spectrum.png", "radially averaged power spectrum of x_t")
     return out / "forward_strip.png", out / "spectrum.png"
+
+
+def labelled_rows(rows: Sequence[tuple[str, torch.Tensor]], path: str | Path, n: int = 8, title: str = "") -> Path:
+    """A figure of labelled rows of images, each shown at its own resolution in equal-sized cells
+    (so a 14x14 stage looks as coarse as it is beside its 28x28 super-resolution): rows of
+    (label, images (B, C, H, W) in [-1, 1]); the first n images of each row."""
+    n = min(n, max(len(x) for _, x in rows))
+    fig = Figure(figsize=(1.1 * n + 1.4, 1.15 * len(rows) + 0.3), dpi=110)
+    axes = np.asarray(fig.subplots(len(rows), n, squeeze=False))
+    for r, (label, x) in enumerate(rows):
+        images = to_uint8(x[:n])
+        for c in range(n):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if c < len(images):
+                img = images[c]
+                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        axes[r, 0].set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    return path

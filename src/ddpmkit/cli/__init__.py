@@ -2,6 +2,7 @@
 
     ddpmkit train | train-autoencoder | train-classifier | demo        (cli/train.py)
     ddpmkit sample | eval | tune-grid                                   (cli/sample.py)
+    ddpmkit sample BASE --then SR | upscale                             (cli/cascade.py)
     ddpmkit img2img | inpaint | posterior | interpolate | voyage        (cli/edit.py)
     ddpmkit forward                                                     (cli/forward.py)
 """
@@ -15,7 +16,7 @@ from ..config import ConfigError
 from ..data import DataError
 from ..text import TextEncoderError
 from ..train import TrainingError
-from . import edit, forward, sample, train
+from . import cascade, edit, forward, sample, train
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, TextEncoderError, ValueError, FileNotFoundError)
 
@@ -23,7 +24,7 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, TextEncod
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ddpmkit", description="Denoising diffusion models: train, sample, look.")
     sub = p.add_subparsers(dest="command", required=True)
-    for module in (train, sample, forward, edit):
+    for module in (train, sample, cascade, forward, edit):
         module.add_commands(sub)
     return p
 

@@ -11,10 +11,13 @@ from ..models import load_diffusion
 from ..pipelines.generate import generate, save_generated
 from ..sampling import SAMPLERS
 from ..sampling.optimize import optimize_grid
+from .cascade import run_cascade
 from .common import add_guidance_args, add_sampler_args, guidance_request, options_from
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
+    if args.then:
+        return run_cascade(args)
     m = load_diffusion(args.checkpoint)
     request = guidance_request(args)
     total = args.steps or m.schedule.T
@@ -59,6 +62,9 @@ def add_commands(sub) -> None:
     s.add_argument("--batch-size", type=int, default=250, help="samples drawn at once (results do not depend on it)")
     s.add_argument("--no-gif", action="store_true")
     s.add_argument("--out", default="samples")
+    s.add_argument("--then", action="append", default=[], metavar="STAGE",
+                   help="a super-resolution stage after the model (repeat for more): RUN[,sampler=..,steps=..,guidance=..,aug=..,"
+                        "threshold=..]; the prompts or classes go to every conditional stage")
     add_guidance_args(s)
     s.set_defaults(func=cmd_sample)
 

@@ -17,6 +17,7 @@ NEXT_STEP = {
     "classifier": "classifier guidance: ddpmkit sample MODEL --classifier {run} --class 3 --classifier-scale 2",
     "denoiser": "sample it: ddpmkit sample {run}",
     "judge": "",
+    "superres": "upscale with it: ddpmkit upscale {run} mnist5k:7, or after a base model: ddpmkit sample BASE --then {run}",
 }
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import atomic_write_text
-from ..data import load_dataset
+from ..data import dataset_for
 from ..models import load_diffusion
 from ..pipelines.generate import generate
 from ..pipelines.guided import GuidanceRequest
@@ -68,10 +68,9 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddp
     for the samples; bits/dim of a conditional model is that of its unconditional branch."""
     m = load_diffusion(checkpoint)
     d = m.config.diffusion
-    data = m.config.data
     report: dict = {"checkpoint": str(m.path), "step": m.step, "metrics": {}}
     # folders, npz files and toys have no held-out split: their "test" data is the training data
-    held_out = load_dataset(data.name, data.path or None, data.image_size, data.channels, split="test")
+    held_out = dataset_for(m.config.data, split="test")
     x_test = held_out.x[:n_bpd]
     g = torch.Generator().manual_seed(seed)
     null = m.null_condition(len(x_test))

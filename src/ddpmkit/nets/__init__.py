@@ -13,8 +13,10 @@ from .mlp import MLPDenoiser
 from .unet import UNet
 
 
-def build_network(cfg: NetworkConfig, data_shape: tuple[int, ...], learned_variance: bool = False) -> nn.Module:
-    """The denoiser network for examples of shape data_shape: (C, H, W) images or (D,) vectors."""
+def build_network(cfg: NetworkConfig, data_shape: tuple[int, ...], learned_variance: bool = False, low_res_channels: int = 0,
+                  upsample: str = "bicubic") -> nn.Module:
+    """The denoiser network for examples of shape data_shape: (C, H, W) images or (D,) vectors.
+    low_res_channels > 0: a super-resolution UNet that also sees an upsampled low-res image."""
     out_mult = 2 if learned_variance else 1
     if cfg.kind == "unet":
         if len(data_shape) != 3 or data_shape[1] != data_shape[2]:
@@ -25,6 +27,7 @@ def build_network(cfg: NetworkConfig, data_shape: tuple[int, ...], learned_varia
             channel_mult=cfg.channel_mult, num_res_blocks=cfg.num_res_blocks,
             attention_resolutions=cfg.attention_resolutions, num_heads=cfg.num_heads, dropout=cfg.dropout,
             num_classes=cfg.num_classes, context_dim=cfg.context_dim if cfg.text_encoder else 0, patch_size=cfg.patch_size,
+            low_res_channels=low_res_channels, upsample_mode=upsample,
         )
     if cfg.kind == "mlp":
         if cfg.text_encoder:
@@ -34,6 +37,16 @@ def build_network(cfg: NetworkConfig, data_shape: tuple[int, ...], learned_varia
         return MLPDenoiser(dim=data_shape[0], hidden=cfg.mlp_hidden, num_layers=cfg.mlp_layers, out_dim=data_shape[0] * out_mult,
                             num_classes=cfg.num_classes)
     raise ValueError(f"unknown network kind {cfg.kind!r}; choose one of ['unet', 'mlp']")
+
+
+def build_super_resolution(cfg: Config, shape: tuple[int, ...]) -> nn.Module:
+    """A super-resolution stage: the UNet for the high-res images, with their low-res version
+    (superres.low_res per side, same channels) as extra input."""
+    if cfg.network.kind != "unet" or len(shape) != 3:
+        raise ValueError(f"a super-resolution stage needs network.kind = 'unet' and images (C, H, W); got {cfg.network.kind!r} and {shape}")
+    if cfg.superres.low_res >= shape[-1]:
+        raise ValueError(f"superres.low_res = {cfg.superres.low_res} must be smaller than the images' side {shape[-1]}")
+    return build_network(cfg.network, shape, cfg.diffusion.learned_variance, low_res_channels=shape[0], upsample=cfg.superres.upsample)
 
 
 def _check_classes(cfg: Config, shape: tuple[int, ...], what: str) -> None:
@@ -60,6 +73,7 @@ def build_judge(cfg: Config, shape: tuple[int, ...]) -> DigitClassifier:
 # train.task -> the network that kind of run trains, from its config and the shape of one example
 NETWORKS: dict[str, Callable[[Config, tuple[int, ...]], nn.Module]] = {
     "denoiser": lambda cfg, shape: build_network(cfg.network, shape, cfg.diffusion.learned_variance),
+    "superres": build_super_resolution,
     "autoencoder": lambda cfg, shape: Autoencoder(shape, cfg.autoencoder),
     "classifier": build_noisy_classifier,
     "judge": build_judge,

@@ -1,5 +1,7 @@
 """A DDPM/ADM-style UNet: residual blocks, self-attention at chosen resolutions, time embedding;
-optionally class labels (added to the time embedding) and text (cross-attention)."""
+optionally class labels (added to the time embedding), text (cross-attention), and a low-res
+image to upsample (a super-resolution stage: concatenated to x_t, its augmentation level
+embedded like t)."""
 from __future__ import annotations
 
 import re
@@ -8,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..superres import upsample
 from .layers import (
     AttentionBlock,
     Downsample,
@@ -90,10 +93,13 @@ class Conditioning(nn.Module):
     every cross-attention block, whose mean is also added to the time embedding (GLIDE and
     Imagen add such a pooled vector besides cross-attending to the tokens).
 
+    A super-resolution stage also embeds the noise-augmentation level s in [0, 1] of its low-res
+    input, sinusoidally on the same 0..1000 scale as t, through its own MLP (CDM, Imagen).
+
     forward -> (emb (B, E), projected context (B, L, E) or None)
     """
 
-    def __init__(self, base_channels: int, emb_dim: int, num_classes: int = 0, context_dim: int = 0):
+    def __init__(self, base_channels: int, emb_dim: int, num_classes: int = 0, context_dim: int = 0, aug_level: bool = False):
         super().__init__()
         self.base_channels = base_channels
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -103,9 +109,14 @@ class Conditioning(nn.Module):
             self.context_emb = nn.Linear(emb_dim, emb_dim)
         else:
             self.context_proj = self.context_emb = None
+        self.aug_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)) if aug_level else None
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y=None, context=None, mask=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y=None, context=None, mask=None,
+                aug_level: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         emb = self.time_mlp(timestep_embedding(t, self.base_channels).to(self.time_mlp[0].weight.dtype))  # (B, E)
+        if self.aug_mlp is not None:
+            s = torch.as_tensor(0.0 if aug_level is None else aug_level, device=x.device).float().expand(x.shape[0])
+            emb = emb + self.aug_mlp(timestep_embedding(1000 * s, self.base_channels).to(emb.dtype))
         if self.label_emb is not None:
             emb = emb + self.label_emb(y, x.shape[0], x.device)
         elif y is not None:
@@ -150,6 +161,9 @@ class UNet(nn.Module):
     unfolds the output the same way, so the levels run at image_size / p: the UNet spends its
     compute on wider channels at lower resolution (as in "simple diffusion", Hoogeboom et al. 2023).
     attention_resolutions then refer to those reduced resolutions.
+
+    low_res_channels > 0 makes it a super-resolution stage: forward takes low_res (B, C_low, h, w),
+    upsamples it to image_size (upsample_mode) and concatenates it to x_t, and embeds aug_level.
     """
 
     def __init__(
@@ -166,6 +180,8 @@ class UNet(nn.Module):
         num_classes: int = 0,
         context_dim: int = 0,
         patch_size: int = 1,
+        low_res_channels: int = 0,
+        upsample_mode: str = "bicubic",
     ):
         super().__init__()
         if patch_size < 1 or image_size % patch_size:
@@ -173,9 +189,11 @@ class UNet(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
         self.patch_size = patch_size
-        in_channels, image_size = in_channels * patch_size**2, image_size // patch_size
+        self.image_size = image_size
+        self.low_res_channels, self.upsample_mode = low_res_channels, upsample_mode
+        in_channels, image_size = (in_channels + low_res_channels) * patch_size**2, image_size // patch_size
         emb_dim = 4 * base_channels
-        self.cond = Conditioning(base_channels, emb_dim, num_classes, context_dim)
+        self.cond = Conditioning(base_channels, emb_dim, num_classes, context_dim, aug_level=low_res_channels > 0)
         self.down = DownPath(in_channels, image_size, base_channels, channel_mult, num_res_blocks, attention_resolutions,
                              num_heads, emb_dim, dropout, emb_dim if context_dim > 0 else 0)
         skip_channels = list(self.down.skip_channels)
@@ -192,12 +210,15 @@ class UNet(nn.Module):
         self.out_conv = zero_module(nn.Conv2d(ch, self.out_channels * patch_size**2, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+                low_res: torch.Tensor | None = None, aug_level: torch.Tensor | None = None) -> torch.Tensor:
         """y: (B,) class labels for a class-conditional network (None = the null label);
-        context: (B, L, D) prompt token embeddings and context_mask: (B, L) for a text-conditional one."""
+        context: (B, L, D) prompt token embeddings and context_mask: (B, L) for a text-conditional one;
+        low_res: (B, C_low, h, w) and aug_level: (B,) in [0, 1] for a super-resolution stage."""
+        x = torch.cat([x, self._upsampled(low_res, x)], dim=1) if self.low_res_channels else self._no_low_res(low_res, x)
         if self.patch_size > 1:
             x = F.pixel_unshuffle(x, self.patch_size)
-        emb, context = self.cond(x, t, y, context, context_mask)
+        emb, context = self.cond(x, t, y, context, context_mask, aug_level)
         h, skips = self.down(x, emb, context, context_mask)
         for layer in self.up:
             if isinstance(layer, Upsample):
@@ -207,3 +228,17 @@ class UNet(nn.Module):
                 h = attn(block(torch.cat([h, skips.pop()], dim=1), emb), context, context_mask)
         out = self.out_conv(F.silu(self.out_norm(h)))
         return F.pixel_shuffle(out, self.patch_size) if self.patch_size > 1 else out
+
+    def _upsampled(self, low_res: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        if low_res is None:
+            raise ValueError("this network is a super-resolution stage: pass low_res= (B, C, h, w), the low-resolution "
+                             "image, and aug_level= (B,) (ddpmkit.pipelines.super_resolve does both)")
+        if low_res.ndim != 4 or low_res.shape[1] != self.low_res_channels or low_res.shape[0] != x.shape[0]:
+            raise ValueError(f"low_res must have shape (B={x.shape[0]}, C={self.low_res_channels}, h, w), got {tuple(low_res.shape)}")
+        return upsample(low_res.to(x.dtype), self.image_size, self.upsample_mode)
+
+    @staticmethod
+    def _no_low_res(low_res: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        if low_res is not None:
+            raise ValueError("this network is not a super-resolution stage; it takes no low_res image")
+        return x

@@ -30,6 +30,9 @@ class GuidanceRequest:
     threshold: float = 0.0  # Imagen's dynamic thresholding percentile (e.g. 0.995); 0 = off
     classifier: str | None = None  # a noisy-classifier run folder for classifier guidance
     classifier_scale: float = 1.0
+    # per-sample model inputs that are not guided, one row per sample, given to both branches of
+    # classifier-free guidance: a super-resolution stage's low_res and aug_level
+    extra: dict[str, torch.Tensor] | None = None
 
     def slice(self, start: int, n: int, num_classes: int = 0) -> "GuidanceRequest":
         """The request for samples start .. start+n-1 of a longer run, so that batches cycle the
@@ -40,8 +43,10 @@ class GuidanceRequest:
         classes = self.classes
         if not classes and (num_classes > 0 or self.classifier):
             classes = list(range(num_classes or 10))  # the default: 0, 1, 2, ... in turn
-        conditions = None if self.conditions is None else {k: v[start:start + n] for k, v in self.conditions.items()}
-        return replace(self, classes=cycle(classes), prompts=cycle(self.prompts), conditions=conditions)
+        def rows(values: dict | None) -> dict | None:
+            return None if values is None else {k: v[start:start + n] for k, v in values.items()}
+
+        return replace(self, classes=cycle(classes), prompts=cycle(self.prompts), conditions=rows(self.conditions), extra=rows(self.extra))
 
     def describe(self) -> str:
         parts = []
@@ -107,11 +112,22 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
             model = ClassifierFreeGuidance(model, scale, null_label=m.num_classes if m.conditioning == "class" else None,
                                            null=null if m.conditioning == "text" else None, learned_variance=m.learned_variance,
                                            rescale=request.rescale, schedule=m.schedule, prediction=m.prediction)
+    if m.is_super_resolution and not (request.extra and "low_res" in request.extra):
+        raise ValueError(f"{m.path} is a super-resolution stage ({_side(m.low_res_shape)} -> {_side(m.data_shape)}): give it low-res images "
+                         "with `ddpmkit upscale STAGE image.png`, or put it after a base model: `ddpmkit sample BASE --then STAGE`")
+    if request.extra:
+        if any(len(v) != n for v in request.extra.values()):
+            raise ValueError(f"GuidanceRequest.extra must have one row per sample ({n})")
+        kwargs = {**kwargs, **{k: v.to(device) for k, v in request.extra.items()}}
     if request.threshold:
         model = DynamicThresholding(model, m.schedule, m.prediction, request.threshold, m.learned_variance)
     if request.classifier:
         model, kwargs, options = _classifier_guided(m, model, kwargs, labels, request, sampler, device)
     return model, kwargs, options
+
+
+def _side(shape: tuple[int, ...]) -> str:
+    return "x".join(str(d) for d in shape[-2:])
 
 
 def _classifier_guided(m: DiffusionModel, model: ModelFn, kwargs: dict, labels: torch.Tensor, request: GuidanceRequest,

@@ -15,11 +15,13 @@ from .classifier import NoisyClassifierTask
 from .denoiser import DenoiserTask, sample_timesteps
 from .engine import run
 from .judge import JudgeTask
+from .superres import SuperResTask
 from .optim import ema_decay_at, ema_update, lr_at
 from .task import Task, TrainingError
 
 TASKS: dict[str, type[Task]] = {
     "denoiser": DenoiserTask,
+    "superres": SuperResTask,
     "autoencoder": AutoencoderTask,
     "classifier": NoisyClassifierTask,
     "judge": JudgeTask,
@@ -31,5 +33,5 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
     return run(TASKS[cfg.train.task](cfg), cfg, resume=resume, progress=progress)
 
 
-__all__ = ["Batch", "DenoiserTask", "TASKS", "Task", "TrainingError", "batch_indices", "ema_decay_at", "ema_update", "lr_at", "run",
+__all__ = ["Batch", "DenoiserTask", "SuperResTask", "TASKS", "Task", "TrainingError", "batch_indices", "ema_decay_at", "ema_update", "lr_at", "run",
            "sample_timesteps", "step_generator", "train"]

@@ -80,9 +80,20 @@ class DenoiserTask(Task):
         if self.cfg.data.hflip:
             x0 = torch.where(flip_all[batch.mine, None, None, None], x0.flip(-1), x0)
         cond = {k: batch.local(v) for k, v in cond_all.items()}
+        cond.update({k: v.to(batch.device) for k, v in self.stage_inputs(x0, batch).items()})
         losses = training_losses(model, x0.to(batch.device), batch.local(t_all), self.schedule, batch.local(noise_all), dc.prediction,
                                  dc.loss, dc.learned_variance, dc.min_snr_gamma or None, model_kwargs=cond)
         return losses["loss"]
+
+    def stage_inputs(self, x0: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        """Model inputs made from this process's examples x0 (B_local, ...), with the global batch's
+        randomness drawn from batch.generator: a super-resolution stage's augmented low-res image.
+        None for plain denoisers."""
+        return {}
+
+    def held_out_inputs(self, x0: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The same inputs for held-out examples x0 (B, ...), without random augmentation."""
+        return {}
 
     def preview(self, ema: nn.Module, path: Path) -> torch.Tensor:
         """train.num_samples samples with fixed seeds as a grid (images) or scatter (2-D). A
@@ -115,7 +126,7 @@ class DenoiserTask(Task):
         device = next(ema.parameters()).device
         x0 = self.held_out.to(device)
         images = x0.ndim == 4
-        null = {k: v.to(device) for k, v in self.conditioning.null_batch(len(x0)).items()}
+        null = {k: v.to(device) for k, v in {**self.conditioning.null_batch(len(x0)), **self.held_out_inputs(x0)}.items()}
         est = vlb_estimate(ema, x0, self.schedule, dc.prediction, dc.learned_variance, draws=8,
                            decoder="discretized" if images else "gaussian", clip_x0=images,
                            generator=torch.Generator().manual_seed(self.cfg.train.seed), model_kwargs=null)

@@ -229,7 +229,8 @@ def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True) ->
     final: dict = {}
     if accelerator.is_main_process:
         final = task.finish(ema.eval(), raw)
-        log.record({"step": step, "done": True, "world_size": world, "precision": precision, "params_in_sync": in_sync, **final})
+        log.record({"step": step, "done": True, "world_size": world, "precision": precision, "params_in_sync": in_sync,
+                    "elapsed_s": time.time() - t_start, **final})
     checkpoint(step, final)
     log.close()
     return run_dir

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..data import Dataset, load_dataset
+from ..data import Dataset, dataset_for
 from ..nets import build_for_task
 from .batches import Batch
 
@@ -32,9 +32,8 @@ class Task:
         self.cfg = cfg
 
     def load_data(self, split: str = "train") -> Dataset:
-        """The configured dataset (data.name, data.path, ...), one split of it."""
-        d = self.cfg.data
-        return load_dataset(d.name, d.path or None, d.image_size, d.channels, split=split)
+        """The configured dataset (data.name, data.path, data.resize, ...), one split of it."""
+        return dataset_for(self.cfg.data, split)
 
     def build_model(self) -> nn.Module:
         """A freshly initialised network of this kind (the engine seeds torch first)."""

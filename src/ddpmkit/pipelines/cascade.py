@@ -1,0 +1,159 @@
+"""Cascaded diffusion (Ho et al. 2021; Imagen, Saharia et al. 2022): a base model, then one or
+more super-resolution stages, each sampling x given the previous stage's images.
+
+    stages = [Stage(ddpmkit.load("runs/imagen_base"), scale=5.0, threshold=0.995),
+              Stage(ddpmkit.load("runs/imagen_sr"), aug_level=0.1)]
+    outs = cascade(stages, n=8, request=GuidanceRequest(prompts=["a handwritten seven"]))
+    outs[-1].images    # (8, 1, 28, 28); outs[0].images are the 14x14 base samples
+
+    up = super_resolve(ddpmkit.load("runs/imagen_sr"), low_res_images)   # one stage alone
+
+Each stage has its own sampler, steps, guidance and (for super-resolution) noise-augmentation
+level. Sample k of stage i is drawn from seed seed + k + i * STAGE_SEED_OFFSET, so the result does
+not depend on the batch size and the stages' noise streams do not overlap.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..models import DiffusionModel, load_diffusion
+from ..sampling import SAMPLERS
+from ..sampling.options import sampler_options
+from ..superres import stage_inputs
+from .generate import Generated, generate
+from .guided import GuidanceRequest
+
+STAGE_SEED_OFFSET = 2**32
+
+
+class CascadeError(ValueError):
+    """Stages that do not fit together, or low-res images a stage cannot take."""
+
+
+@dataclass
+class Stage:
+    model: DiffusionModel
+    sampler: str = "ddpm"
+    steps: int | None = None  # None = the model's T
+    scale: float | None = None  # classifier-free guidance (conditional models); None = the default
+    threshold: float = 0.0  # dynamic thresholding percentile; 0 = off
+    aug_level: float | None = None  # super-resolution stages: None = the stage's superres.aug_level
+    options: dict = field(default_factory=dict)  # more sampler options (eta, variance, grid, ...)
+
+    def describe(self) -> str:
+        m = self.model
+        parts = [f"{_side(m.data_shape)} {'super-resolution' if m.is_super_resolution else 'base'} ({m.path.parent.name})",
+                 f"{self.sampler} {self.steps or m.schedule.T} steps"]
+        if m.conditioning != "none":
+            parts.append(f"guidance {self.scale if self.scale is not None else 'default'}")
+        if self.threshold:
+            parts.append(f"threshold {self.threshold:g}")
+        if m.is_super_resolution:
+            parts.append(f"aug {self.level:g}")
+        return ", ".join(parts)
+
+    @property
+    def level(self) -> float:
+        return self.model.config.superres.aug_level if self.aug_level is None else self.aug_level
+
+
+def _side(shape: tuple[int, ...]) -> str:
+    return "x".join(str(d) for d in shape[-2:])
+
+
+def check_low_res(sr: DiffusionModel, images: torch.Tensor, source: str = "the low-res images") -> None:
+    """A clear error unless images (B, C, h, w) are what the super-resolution stage sr takes."""
+    if not sr.is_super_resolution:
+        raise CascadeError(f"{sr.path} is not a super-resolution stage (train.task = {sr.config.train.task!r}); "
+                           "train one with `ddpmkit train mnist_sr` (train.task = 'superres')")
+    want = sr.low_res_shape
+    if images.ndim != 4 or tuple(images.shape[1:]) != want:
+        got = tuple(images.shape[1:]) if images.ndim == 4 else tuple(images.shape)
+        raise CascadeError(f"{source}: shape {got} (C, H, W), but the stage {sr.path} upsamples {want[0]}-channel "
+                           f"{_side(want)} images to {_side(sr.data_shape)}; resize to {_side(want)} first "
+                           "(`ddpmkit upscale --fit` does it)")
+
+
+def super_resolve(sr: DiffusionModel, low_res: torch.Tensor, request: GuidanceRequest | None = None, aug_level: float | None = None,
+                  sampler: str = "ddpm", steps: int | None = None, seed: int = 0, options: dict | None = None, batch_size: int = 250,
+                  record_every: int = 0, progress: bool = True, device: str | torch.device = "cpu") -> Generated:
+    """Samples of p(x | z) for low-res images z = low_res (n, C, h, w) in [-1, 1], one per image:
+    z is noise-augmented to level aug_level (default: the stage's superres.aug_level) with sample
+    k's own seed, and given to the network with the level."""
+    check_low_res(sr, low_res)
+    level = sr.config.superres.aug_level if aug_level is None else float(aug_level)
+    n = len(low_res)
+    extra = stage_inputs(low_res.float().cpu(), level, sr.schedule, list(range(seed, seed + n)))
+    request = replace(request or GuidanceRequest(), extra=extra)
+    return generate(sr, n, request, sampler, steps, seed, options, batch_size, record_every, progress, device)
+
+
+def check_cascade(stages: list[Stage]) -> None:
+    """Clear errors for stages that do not chain: a base first, then super-resolution stages whose
+    low-res input is the previous stage's output."""
+    if not stages:
+        raise CascadeError("a cascade needs at least one stage")
+    if stages[0].model.is_super_resolution:
+        raise CascadeError(f"the first stage {stages[0].model.path} is a super-resolution stage; start with a base model")
+    for prev, stage in itertools.pairwise(stages):
+        out = prev.model.image_shape
+        if not stage.model.is_super_resolution:
+            raise CascadeError(f"{stage.model.path} comes after another stage but is not a super-resolution stage (train.task = 'superres')")
+        if tuple(out) != stage.model.low_res_shape:
+            raise CascadeError(f"{prev.model.path} makes {out[0]}-channel {_side(out)} images, but the next stage {stage.model.path} "
+                               f"takes {stage.model.low_res_shape[0]}-channel {_side(stage.model.low_res_shape)} ones")
+
+
+def stage_request(stage: Stage, request: GuidanceRequest) -> GuidanceRequest:
+    """The cascade's prompts or classes, with this stage's guidance; an unconditional stage gets none."""
+    if stage.model.conditioning == "none":
+        request = replace(request, prompts=[], classes=[], conditions=None)
+    return replace(request, scale=stage.scale, threshold=stage.threshold)
+
+
+def cascade(stages: list[Stage], n: int, request: GuidanceRequest | None = None, seed: int = 0, batch_size: int = 250,
+            record_every: int = 0, progress: bool = True, device: str | torch.device = "cpu") -> list[Generated]:
+    """n samples through every stage; returns each stage's output (the last is the final image).
+    record_every > 0 records the reverse process of every stage (for GIFs)."""
+    check_cascade(stages)
+    request = request or GuidanceRequest()
+    outs: list[Generated] = []
+    for i, stage in enumerate(stages):
+        common = dict(sampler=stage.sampler, steps=stage.steps, seed=seed + i * STAGE_SEED_OFFSET, options=stage.options,
+                      batch_size=batch_size, record_every=record_every, progress=progress, device=device)
+        if i == 0:
+            outs.append(generate(stage.model, n, stage_request(stage, request), **common))
+        else:
+            low = outs[-1].images.clamp(-1, 1)  # images, as the stage was trained on
+            outs.append(super_resolve(stage.model, low, stage_request(stage, request), stage.aug_level, **common))
+    return outs
+
+
+# what a stage spec may set: "runs/imagen_sr,sampler=unipc,steps=20,aug=0.2"
+STAGE_KEYS = {"sampler": str, "steps": int, "guidance": float, "aug": float, "threshold": float, "grid": str, "eta": float,
+              "order": int, "variance": str}
+
+
+def parse_stage(spec: str, device: str | torch.device = "cpu") -> Stage:
+    """A stage from 'RUN[,key=value,...]' (keys: sampler, steps, guidance, aug, threshold, grid,
+    eta, order, variance), loading the run."""
+    run, *pairs = [p.strip() for p in spec.split(",")]
+    values: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or key not in STAGE_KEYS:
+            raise CascadeError(f"stage option {pair!r} must be key=value with key one of {sorted(STAGE_KEYS)} "
+                               "(e.g. runs/imagen_sr,sampler=ddpm,steps=100,aug=0.1)")
+        try:
+            values[key] = STAGE_KEYS[key](raw)
+        except ValueError:
+            raise CascadeError(f"stage option {key}={raw!r} must be a {STAGE_KEYS[key].__name__}") from None
+    sampler = values.get("sampler", "ddpm")
+    if sampler not in SAMPLERS:
+        raise CascadeError(f"unknown sampler {sampler!r} in stage {spec!r}; choose one of {sorted(SAMPLERS)}")
+    options = sampler_options(sampler, values.get("grid"), values.get("variance", "auto"), eta=values.get("eta"), order=values.get("order"))
+    return Stage(load_diffusion(run, device=device), sampler, values.get("steps"), values.get("guidance"), values.get("threshold", 0.0),
+                 values.get("aug"), options)
