@@ -303,10 +303,12 @@ def test_the_imagen_presets_train_on_a_captioned_image_folder(tmp_path, capsys):
         Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(caption)
     data = ["data.name=folder", f"data.path={folder}", "data.image_size=8", "data.channels=3", "network.text_max_tokens=8",
-            "network.base_channels=8", "network.channel_mult=1,2", "network.attention_resolutions=2", "train.batch_size=4",
+            "network.base_channels=8", "network.channel_mult=1,2", "train.batch_size=4",
             "train.steps=2", "train.max_minutes=0", "train.sample_every=0", "train.mixed_precision=no"]
-    base = train(load_config("imagen_base", [*data, "data.resize=4", f"train.run_dir={tmp_path / 'base'}"]), progress=False)
-    sr = train(load_config("imagen_sr", [*data, "superres.low_res=4", f"train.run_dir={tmp_path / 'sr'}"]), progress=False)
+    base = train(load_config("imagen_base", [*data, "data.resize=4", "network.attention_resolutions=2", f"train.run_dir={tmp_path / 'base'}"]),
+                 progress=False)
+    sr = train(load_config("imagen_sr", [*data, "superres.low_res=4", "network.attention_resolutions=4", f"train.run_dir={tmp_path / 'sr'}"]),
+               progress=False)
     code, out, err = _cli(capsys, "sample", base, "--then", f"{sr},steps=2", "--steps", "2", "--n", "2", "--prompt", "a blue circle",
                           "--guidance", "5", "--dynamic-threshold", "0.995", "--no-gif", "--out", tmp_path / "out")
     assert code == 0, err

@@ -68,6 +68,7 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddp
     for the samples; bits/dim of a conditional model is that of its unconditional branch."""
     m = load_diffusion(checkpoint)
     d = m.config.diffusion
+    data = m.config.data
     report: dict = {"checkpoint": str(m.path), "step": m.step, "metrics": {}}
     # folders, npz files and toys have no held-out split: their "test" data is the training data
     held_out = dataset_for(m.config.data, split="test")
