@@ -44,6 +44,16 @@ def test_blur_keeps_constants_and_means_and_sigma_zero_is_the_identity():
     torch.testing.assert_close(gaussian_blur(torch.full((1, 2, 5, 5), 0.3), torch.tensor([1.0])), torch.full((1, 2, 5, 5), 0.3))
 
 
+def test_blur_of_an_impulse_is_the_normalised_gaussian_kernel():
+    z = torch.zeros(1, 1, 11, 11)
+    z[..., 5, 5] = 1.0
+    out = gaussian_blur(z, torch.tensor([1.0]))[0, 0].double()
+    d = torch.arange(-5, 6, dtype=torch.float64)
+    g = torch.exp(-0.5 * d**2)
+    g = torch.where(d.abs() <= 3, g, 0.0)  # the kernel reaches 3 sigma
+    torch.testing.assert_close(out, torch.outer(g, g) / g.sum() ** 2, atol=1e-6, rtol=1e-5)
+
+
 def test_stage_inputs_do_not_depend_on_the_batch():
     schedule = NoiseSchedule.from_name("linear", 1000)
     z = torch.randn(4, 1, 3, 3)

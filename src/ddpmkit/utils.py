@@ -24,3 +24,8 @@ def extract(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.T
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
     """Mean over all non-batch dimensions: (B, ...) -> (B,)."""
     return x.reshape(x.shape[0], -1).mean(dim=1)
+
+
+def side(shape) -> str:
+    """'HxW' of an image shape (..., H, W), for messages and file names."""
+    return "x".join(str(d) for d in tuple(shape)[-2:])

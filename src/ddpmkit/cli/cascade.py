@@ -13,11 +13,8 @@ from ..models import load_diffusion
 from ..pipelines.cascade import Stage, cascade, check_low_res, parse_stage, super_resolve
 from ..pipelines.generate import save_generated
 from ..superres import downsample, upsample
+from ..utils import side
 from .common import add_guidance_args, add_sampler_args, guidance_request, options_from
-
-
-def _side(shape) -> str:
-    return "x".join(str(d) for d in shape[-2:])
 
 
 def run_cascade(args: argparse.Namespace) -> None:
@@ -33,8 +30,8 @@ def run_cascade(args: argparse.Namespace) -> None:
     folder = save_generated(outs[-1], args.out, args.seed, gif=not args.no_gif)
     rows = []
     for i, (stage, out) in enumerate(zip(stages, outs)):
-        viz.save_grid(out.images, folder / f"stage{i}_{_side(out.images.shape)}.png")
-        rows.append((f"stage {i}\n{_side(out.images.shape)}", out.images))
+        viz.save_grid(out.images, folder / f"stage{i}_{side(out.images.shape)}.png")
+        rows.append((f"stage {i}\n{side(out.images.shape)}", out.images))
         print(f"  stage {i}: {stage.describe()}")
     viz.labelled_rows(rows, folder / "cascade.png", n=min(args.n, 8), title=request.describe())
     print(f"{args.n} samples through {len(stages)} stages in {elapsed:.1f}s ({elapsed / args.n:.2f}s per image) -> {folder} "
@@ -47,8 +44,8 @@ def cmd_upscale(args: argparse.Namespace) -> None:
     for spec in args.images:
         image = load_image(spec, channels=sr.low_res_shape[0])
         if args.fit and tuple(image.shape[1:]) != sr.low_res_shape:
-            side = sr.low_res_shape[-1]
-            image = downsample(image, side) if image.shape[-1] >= side else upsample(image, side, "bicubic").clamp(-1, 1)
+            size = sr.low_res_shape[-1]
+            image = downsample(image, size) if image.shape[-1] >= size else upsample(image, size, "bicubic").clamp(-1, 1)
         check_low_res(sr, image, f"{spec}")
         images.append(image)
     inputs = torch.cat(images)
@@ -60,11 +57,11 @@ def cmd_upscale(args: argparse.Namespace) -> None:
                         record_every=0 if args.no_gif else max(1, steps // 50))
     folder = save_generated(out, args.out, args.seed, gif=not args.no_gif)
     per_input = out.images.reshape(len(inputs), args.n, *out.images.shape[1:])
-    rows = [(f"input {_side(sr.low_res_shape)}", inputs), ("bicubic", upsample(inputs, sr.data_shape[-1], "bicubic").clamp(-1, 1))]
+    rows = [(f"input {side(sr.low_res_shape)}", inputs), ("bicubic", upsample(inputs, sr.data_shape[-1], "bicubic").clamp(-1, 1))]
     rows += [(f"sample {k + 1}", per_input[:, k]) for k in range(min(args.n, 4))]
     level = sr.config.superres.aug_level if args.aug is None else args.aug
     viz.labelled_rows(rows, folder / "upscale.png", n=len(inputs), title=f"super-resolution, aug level {level:g}")
-    print(f"{len(images)} image(s) x {args.n} upscaled {_side(sr.low_res_shape)} -> {_side(sr.data_shape)} with {args.sampler} in "
+    print(f"{len(images)} image(s) x {args.n} upscaled {side(sr.low_res_shape)} -> {side(sr.data_shape)} with {args.sampler} in "
           f"{time.time() - t0:.1f}s -> {Path(folder)} (upscale.png: input, bicubic, samples)")
 
 

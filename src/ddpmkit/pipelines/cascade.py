@@ -23,6 +23,7 @@ from ..models import DiffusionModel, load_diffusion
 from ..sampling import SAMPLERS
 from ..sampling.options import sampler_options
 from ..superres import stage_inputs
+from ..utils import side
 from .generate import Generated, generate
 from .guided import GuidanceRequest
 
@@ -45,7 +46,7 @@ class Stage:
 
     def describe(self) -> str:
         m = self.model
-        parts = [f"{_side(m.data_shape)} {'super-resolution' if m.is_super_resolution else 'base'} ({m.path.parent.name})",
+        parts = [f"{side(m.data_shape)} {'super-resolution' if m.is_super_resolution else 'base'} ({m.path.parent.name})",
                  f"{self.sampler} {self.steps or m.schedule.T} steps"]
         if m.conditioning != "none":
             parts.append(f"guidance {self.scale if self.scale is not None else 'default'}")
@@ -60,10 +61,6 @@ class Stage:
         return self.model.config.superres.aug_level if self.aug_level is None else self.aug_level
 
 
-def _side(shape: tuple[int, ...]) -> str:
-    return "x".join(str(d) for d in shape[-2:])
-
-
 def check_low_res(sr: DiffusionModel, images: torch.Tensor, source: str = "the low-res images") -> None:
     """A clear error unless images (B, C, h, w) are what the super-resolution stage sr takes."""
     if not sr.is_super_resolution:
@@ -73,7 +70,7 @@ def check_low_res(sr: DiffusionModel, images: torch.Tensor, source: str = "the l
     if images.ndim != 4 or tuple(images.shape[1:]) != want:
         got = tuple(images.shape[1:]) if images.ndim == 4 else tuple(images.shape)
         raise CascadeError(f"{source}: shape {got} (C, H, W), but the stage {sr.path} upsamples {want[0]}-channel "
-                           f"{_side(want)} images to {_side(sr.data_shape)}; resize to {_side(want)} first "
+                           f"{side(want)} images to {side(sr.data_shape)}; resize to {side(want)} first "
                            "(`ddpmkit upscale --fit` does it)")
 
 
@@ -103,8 +100,8 @@ def check_cascade(stages: list[Stage]) -> None:
         if not stage.model.is_super_resolution:
             raise CascadeError(f"{stage.model.path} comes after another stage but is not a super-resolution stage (train.task = 'superres')")
         if tuple(out) != stage.model.low_res_shape:
-            raise CascadeError(f"{prev.model.path} makes {out[0]}-channel {_side(out)} images, but the next stage {stage.model.path} "
-                               f"takes {stage.model.low_res_shape[0]}-channel {_side(stage.model.low_res_shape)} ones")
+            raise CascadeError(f"{prev.model.path} makes {out[0]}-channel {side(out)} images, but the next stage {stage.model.path} "
+                               f"takes {stage.model.low_res_shape[0]}-channel {side(stage.model.low_res_shape)} ones")
 
 
 def stage_request(stage: Stage, request: GuidanceRequest) -> GuidanceRequest:

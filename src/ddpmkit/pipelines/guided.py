@@ -16,6 +16,7 @@ import torch
 from ..guidance import ClassifierFreeGuidance, ClassifierGuidance, DynamicThresholding
 from ..models import DiffusionModel, load_classifier
 from ..parameterization import ModelFn
+from ..utils import side
 
 DEFAULT_SCALE = 3.0  # classifier-free guidance scale for conditional models when none is given
 
@@ -113,7 +114,7 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
                                            null=null if m.conditioning == "text" else None, learned_variance=m.learned_variance,
                                            rescale=request.rescale, schedule=m.schedule, prediction=m.prediction)
     if m.is_super_resolution and not (request.extra and "low_res" in request.extra):
-        raise ValueError(f"{m.path} is a super-resolution stage ({_side(m.low_res_shape)} -> {_side(m.data_shape)}): give it low-res images "
+        raise ValueError(f"{m.path} is a super-resolution stage ({side(m.low_res_shape)} -> {side(m.data_shape)}): give it low-res images "
                          "with `ddpmkit upscale STAGE image.png`, or put it after a base model: `ddpmkit sample BASE --then STAGE`")
     if request.extra:
         if any(len(v) != n for v in request.extra.values()):
@@ -124,10 +125,6 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
     if request.classifier:
         model, kwargs, options = _classifier_guided(m, model, kwargs, labels, request, sampler, device)
     return model, kwargs, options
-
-
-def _side(shape: tuple[int, ...]) -> str:
-    return "x".join(str(d) for d in shape[-2:])
 
 
 def _classifier_guided(m: DiffusionModel, model: ModelFn, kwargs: dict, labels: torch.Tensor, request: GuidanceRequest,
