@@ -61,6 +61,8 @@ KINDS = {
                     "autoencoder.base_channels=8", "train.batch_size=16", "train.sample_every=0", "train.warmup_steps=5", "train.log_every=5"],
     "classifier": ["mnist_classifier", *TINY],
     "superres": ["imagen_sr", *TINY, "network.text_encoder=", "superres.low_res=4", "superres.blur_prob=0.5"],
+    # the contrastive loss couples the examples of a batch: 2 processes gather the embeddings (with gradients)
+    "clip": ["clip", *TINY, "clip.embed_dim=8", "train.eval_every=0"],
 }
 
 
@@ -126,6 +128,8 @@ def test_two_processes_train_like_one(tmp_path, kind):
     with torch.no_grad():
         if kind == "autoencoder":
             init, a, b = (n.decode(n.encode(x)[0]) for n in nets)
+        elif kind == "clip":
+            init, a, b = (n.eval().encode_image(x, t) for n in nets)
         else:
             extra = {"low_res": downsample(x, 4), "aug_level": torch.full((32,), 0.1)} if kind == "superres" else {}
             init, a, b = (n.eval()(x, t, **extra) for n in nets)

@@ -23,11 +23,11 @@ class ConditioningError(ValueError):
 class TrainingConditions:
     """batch(indices, generator) -> model kwargs for a global batch, drawn from that generator."""
 
-    kind: str = "none"  # 'none', 'class' or 'text'
+    kind: str = "none"  # 'none', 'class', 'text' or 'embed' (unCLIP's decoder: each example's own CLIP image embedding)
     drop_prob: float = 0.0
     labels: torch.Tensor | None = None  # (N,) for 'class'
     null_label: int = 0
-    table: dict[str, torch.Tensor] = field(default_factory=dict)  # 'text': embeddings of every caption
+    table: dict[str, torch.Tensor] = field(default_factory=dict)  # 'text': embeddings of every caption ('embed': of every image)
     caption_ids: torch.Tensor | None = None  # (N, K): the K captions example n may get (rows of `table`)
     null: dict[str, torch.Tensor] = field(default_factory=dict)  # 'text': the empty prompt's embedding
     preview_rows: torch.Tensor | None = None  # 'text': captions shown in the periodic sample grids
@@ -46,6 +46,13 @@ class TrainingConditions:
                 raise ConditioningError(f"the labels lie in [{int(labels.min())}, {int(labels.max())}] but network.num_classes = {net.num_classes}")
             return cls("class", p, labels=labels.long(), null_label=net.num_classes)
         return cls()
+
+    @classmethod
+    def image_embeddings(cls, embeds: torch.Tensor, drop_prob: float) -> "TrainingConditions":
+        """Example n is conditioned on embeds[n] (B, E); dropped to the zero vector (DALL-E 2's decoder)."""
+        n = len(embeds)
+        return cls("embed", drop_prob, table={"image_embed": embeds}, caption_ids=torch.arange(n)[:, None],
+                   null={"image_embed": torch.zeros(1, embeds.shape[1])}, preview_rows=torch.arange(min(n, 64)))
 
     @classmethod
     def _text(cls, cfg: Config, dataset) -> "TrainingConditions":
@@ -78,7 +85,7 @@ class TrainingConditions:
         """Model kwargs for n samples of the periodic grids: classes 0, 1, 2, ... or the first captions."""
         if self.kind == "class":
             return {"y": torch.arange(n) % self.null_label}
-        if self.kind == "text":
+        if self.kind in ("text", "embed"):
             rows = self.preview_rows[torch.arange(n) % len(self.preview_rows)]
             return {key: table[rows] for key, table in self.table.items()}
         return {}

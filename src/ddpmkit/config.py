@@ -120,9 +120,43 @@ class SuperResConfig:
 
 
 @dataclass(frozen=True)
+class CLIPConfig:
+    """A contrastive text-image encoder (train.task = 'clip'): the frozen text encoder of
+    network.text_encoder with a learned projection, and an image tower with the UNet down path's
+    widths (network.base_channels, channel_mult, ...), trained with the symmetric InfoNCE loss."""
+
+    embed_dim: int = 64  # the joint embedding's size
+    noisy: bool = False  # the image tower sees x_t and t (uniform t of the diffusion schedule): for CLIP guidance
+    text_hidden: int = 256  # width of the text projection's hidden layer
+    init_temperature: float = 0.07  # the learned temperature starts here (CLIP)
+
+    def __post_init__(self) -> None:
+        if self.embed_dim < 2 or self.text_hidden < 1 or not self.init_temperature > 0:
+            raise ConfigError(f"clip.embed_dim = {self.embed_dim} must be >= 2, clip.text_hidden >= 1 and clip.init_temperature > 0")
+
+
+@dataclass(frozen=True)
+class UnCLIPConfig:
+    """The diffusion prior (train.task = 'prior': caption -> CLIP image embedding) and the decoder
+    (train.task = 'decoder': CLIP image embedding -> image) of unCLIP (Ramesh et al. 2022)."""
+
+    clip: str = ""  # the CLIP run (train.task = 'clip') whose image embeddings the prior draws and the decoder takes
+    embed_dim: int = 64  # that CLIP's clip.embed_dim (checked when training starts)
+    embed_tokens: int = 4  # decoder: the embedding also becomes this many cross-attention tokens
+    prior_width: int = 128  # the prior's transformer
+    prior_layers: int = 3
+    prior_heads: int = 4
+
+    def __post_init__(self) -> None:
+        if self.embed_dim < 2 or self.embed_tokens < 1 or self.prior_layers < 1 or self.prior_width % self.prior_heads:
+            raise ConfigError(f"unclip: embed_dim = {self.embed_dim} must be >= 2, embed_tokens >= 1, prior_layers >= 1, and "
+                              f"prior_width = {self.prior_width} divisible by prior_heads = {self.prior_heads}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     # which kind of model this run trains
-    task: Literal["denoiser", "superres", "autoencoder", "classifier", "judge"] = "denoiser"
+    task: Literal["denoiser", "superres", "autoencoder", "classifier", "judge", "clip", "prior", "decoder"] = "denoiser"
     run_dir: str = "runs/mnist"
     steps: int = 5000
     max_minutes: float = 0.0  # stop (and checkpoint) after this long; 0 = no limit
@@ -166,6 +200,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     superres: SuperResConfig = field(default_factory=SuperResConfig)
+    clip: CLIPConfig = field(default_factory=CLIPConfig)
+    unclip: UnCLIPConfig = field(default_factory=UnCLIPConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -13,6 +13,9 @@ Classifier guidance (Dhariwal & Nichol 2021) with a classifier p_phi(y | x_t) tr
     Algorithm 2 (DDIM, any ODE/SDE solver): eps <- eps - sqrt(1 - alpha_bar_t) * s * grad_x log p_phi(y | x_t)
 With s = 1 and the exact classifier, Algorithm 2 turns the exact unconditional eps into the exact
 conditional one, since grad log q(x_t | y) = grad log q(x_t) + grad log q(y | x_t).
+
+CLIP guidance replaces log p_phi(y | x_t) by g(x_t, t) . h(c), the dot product of a noisy CLIP's
+image embedding and the caption's text embedding (GLIDE, Nichol et al. 2022).
 """
 from __future__ import annotations
 
@@ -127,7 +130,13 @@ class ClassifierGuidance:
     For Algorithm 1 on ancestral sampling pass the unguided model and the mean shift instead:
         sample(cg.unguided, ..., sampler='ddpm', cond_fn=cg.cond_fn, model_kwargs={'y': y})
     classifier(x_t, t) -> logits (B, num_classes). y is not passed on to the model.
+
+    Subclasses guide by another differentiable score of x_t (CLIPGuidance): they set `key`, the
+    model kwarg that carries what to guide toward, and `score`.
     """
+
+    key = "y"  # the model kwarg that names the target; the wrapped model never sees it
+    what = "class labels: model_kwargs={'y': labels}"
 
     def __init__(self, model: ModelFn, classifier, scale: float, schedule: NoiseSchedule, prediction: Prediction = "eps",
                  learned_variance: bool = False):
@@ -136,30 +145,63 @@ class ClassifierGuidance:
         self.schedule, self.prediction = schedule, prediction
         self.learned_variance = learned_variance
 
-    def grad_log_prob(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """grad_x log p_phi(y | x_t): (B, ...). Each example's log-probability depends on its own x only,
-        so the gradient of the sum is every example's gradient."""
-        y = torch.as_tensor(y, device=x_t.device).long().expand(x_t.shape[0])
+    def score(self, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """log p_phi(y | x_t) of each example: (B,)."""
+        y = torch.as_tensor(target, device=x_t.device).long().expand(x_t.shape[0])
+        return F.log_softmax(self.classifier(x_t, t), dim=-1).gather(1, y[:, None])[:, 0]
+
+    def grad_score(self, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """grad_x score(x_t): (B, ...). Each example's score depends on its own x only, so the
+        gradient of the sum is every example's gradient."""
         with torch.enable_grad():
             x = x_t.detach().requires_grad_(True)
-            log_p = F.log_softmax(self.classifier(x, t), dim=-1)
-            selected = log_p.gather(1, y[:, None]).sum()
-            return torch.autograd.grad(selected, x)[0].to(x_t.dtype)
+            return torch.autograd.grad(self.score(x, t, target).sum(), x)[0].to(x_t.dtype)
 
-    def cond_fn(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, **extra) -> torch.Tensor:
-        """s * grad log p(y | x_t): the ancestral sampler adds Sigma times this to the mean (Algorithm 1)."""
-        if y is None:
-            raise ValueError("classifier guidance needs class labels: model_kwargs={'y': labels}")
-        return self.scale * self.grad_log_prob(x_t, t, y)
+    def grad_log_prob(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """grad_x log p_phi(y | x_t): (B, ...)."""
+        return self.grad_score(x_t, t, y)
 
-    def unguided(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, **extra) -> torch.Tensor:
-        """The model without guidance (it never sees y)."""
-        return self.model(x_t, t, **extra)
+    def _target(self, kwargs: dict) -> torch.Tensor:
+        target = kwargs.pop(self.key, None)
+        if target is None:
+            raise ValueError(f"{type(self).__name__} needs {self.what}")
+        return target
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, **extra) -> torch.Tensor:
-        out, var = _split_variance(self.model(x_t, t, **extra), self.learned_variance)
+    def cond_fn(self, x_t: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+        """s * grad score: the ancestral sampler adds Sigma times this to the mean (Algorithm 1)."""
+        return self.scale * self.grad_score(x_t, t, self._target(kwargs))
+
+    def unguided(self, x_t: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The model without guidance (it never sees the target)."""
+        kwargs.pop(self.key, None)
+        return self.model(x_t, t, **kwargs)
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+        g = self.cond_fn(x_t, t, **kwargs)
+        out, var = _split_variance(self.unguided(x_t, t, **kwargs), self.learned_variance)
         x0, eps = to_x0_eps(self.prediction, out, x_t, t, self.schedule)
         alpha_bar = append_dims(self.schedule.alpha_bar_at(t.detach().to(torch.float64).cpu()).to(x_t.device), x_t.ndim)
-        eps = eps - (1 - alpha_bar).sqrt().to(x_t.dtype) * self.cond_fn(x_t, t, y)
+        eps = eps - (1 - alpha_bar).sqrt().to(x_t.dtype) * g
         x0 = (x_t - (1 - alpha_bar).sqrt().to(x_t.dtype) * eps) / alpha_bar.sqrt().to(x_t.dtype)
         return _join_variance(from_x0(self.prediction, x0, x_t, t, self.schedule), var)
+
+
+class CLIPGuidance(ClassifierGuidance):
+    """CLIP guidance (GLIDE; the lectures' "classifier guidance with CLIP"): the score is the dot
+    product of the noisy image embedding g(x_t, t) and the caption's text embedding h(c),
+        Algorithm 1:  mu_hat(x_t | c) = mu(x_t) + s * Sigma * grad_x (g(x_t, t) . h(c))
+        Algorithm 2:  eps_hat = eps - sqrt(1 - alpha_bar_t) * s * grad_x (g(x_t, t) . h(c))
+    clip: a noisy CLIP (clip.noisy) whose encode_image(x_t, t) gives unit vectors;
+    model_kwargs={'text_embed': h} with h = clip.encode_text(...) of the prompts: (B, E) or (1, E)."""
+
+    key = "text_embed"
+    what = "the prompts' CLIP text embeddings: model_kwargs={'text_embed': clip.encode_text(...)}"
+
+    def __init__(self, model: ModelFn, clip, scale: float, schedule: NoiseSchedule, prediction: Prediction = "eps",
+                 learned_variance: bool = False):
+        super().__init__(model, clip, scale, schedule, prediction, learned_variance)
+        self.clip = clip
+
+    def score(self, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """g(x_t, t) . h(c): (B,)."""
+        return (self.clip.encode_image(x_t, t) * target.to(x_t.device).float()).sum(-1)

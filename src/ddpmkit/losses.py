@@ -15,6 +15,7 @@ import math
 from typing import Literal, get_args
 
 import torch
+import torch.nn.functional as F
 
 from .parameterization import ModelFn, Prediction, target_for, to_x0_eps
 from .process import normal_kl, q_posterior_mean_variance, q_sample
@@ -133,3 +134,21 @@ def training_losses(
     else:
         terms["loss"] = schedule.T * vlb
     return terms
+
+
+def info_nce(image_embed: torch.Tensor, text_embed: torch.Tensor, scale: torch.Tensor | float,
+             rows: slice | torch.Tensor | None = None) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE loss (Radford et al. 2021), per example.
+
+    image_embed, text_embed: (B, E) unit vectors of B matching pairs; scale = 1 / temperature.
+    logits[i, j] = scale * <image_i, text_j>; pair i's loss is the mean of the cross-entropy of
+    picking text i among the B texts for image i and of picking image i among the B images for text i:
+        l_i = -1/2 [log softmax_j(logits[i, :])_i + log softmax_j(logits[:, i])_i]
+    rows: the examples whose losses to return (default all; a process's slice of the global batch,
+    whose embeddings are all here): (B_rows,)."""
+    logits = scale * image_embed.float() @ text_embed.float().T  # (B, B)
+    target = torch.arange(len(logits), device=logits.device)
+    rows = slice(None) if rows is None else rows
+    image_to_text = F.cross_entropy(logits[rows], target[rows], reduction="none")
+    text_to_image = F.cross_entropy(logits.T[rows], target[rows], reduction="none")
+    return (image_to_text + text_to_image) / 2

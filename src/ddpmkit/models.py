@@ -5,7 +5,7 @@
     ae = ddpmkit.load("runs/mnist_autoencoder")   # LoadedNetwork(kind='autoencoder')
 
 Every kind of run the training engine writes (train.task: denoiser, superres, autoencoder,
-classifier, judge) is read here, the same way, so callers never pass prediction, learned_variance or the
+classifier, judge, clip, prior, decoder) is read here, the same way, so callers never pass prediction, learned_variance or the
 schedule by hand.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .reverse import default_variance
 from .schedules import NoiseSchedule
 from .text import TextEncoder
 
-DIFFUSION_TASKS = ("denoiser", "superres")  # the kinds of run that sample
+DIFFUSION_TASKS = ("denoiser", "superres", "prior", "decoder")  # the kinds of run that sample
 
 
 @dataclass
@@ -47,6 +47,24 @@ class LoadedNetwork:
     def schedule(self) -> NoiseSchedule:
         """The noise schedule in the config (the one a denoiser or noisy classifier was trained with)."""
         return self.config.diffusion.noise_schedule()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
+    @functools.cached_property
+    def text_encoder(self) -> TextEncoder:
+        """The frozen text encoder of network.text_encoder (text-conditional models, CLIP, the prior)."""
+        net = self.config.network
+        if not net.text_encoder:
+            raise ValueError(f"{self.path} takes no text (network.text_encoder is empty)")
+        return TextEncoder(net.text_encoder, net.text_max_tokens)
+
+    def embed_texts(self, prompts: list[str]) -> torch.Tensor:
+        """A CLIP run's text embeddings of prompts: (n, E) unit vectors, on the CPU."""
+        if self.kind != "clip":
+            raise ValueError(f"{self.path} is a {self.kind}, not a CLIP")
+        return self.network.embed_texts(self.text_encoder.encode(list(prompts)))
 
 
 @dataclass
@@ -76,9 +94,18 @@ class DiffusionModel(LoadedNetwork):
 
     @property
     def conditioning(self) -> str:
-        """'text', 'class' or 'none'."""
+        """'text', 'class', 'embed' (unCLIP's decoder: a CLIP image embedding) or 'none'."""
         net = self.config.network
+        if self.kind == "decoder":
+            return "embed"
         return "text" if net.text_encoder else "class" if net.num_classes > 0 else "none"
+
+    @functools.cached_property
+    def clip(self) -> "LoadedNetwork":
+        """The CLIP run of an unCLIP prior or decoder (config unclip.clip): .network embeds."""
+        if self.kind not in ("prior", "decoder"):
+            raise ValueError(f"{self.path} is a {self.kind}, not an unCLIP prior or decoder: it has no CLIP")
+        return load_clip(self.config.unclip.clip, device=self.device)
 
     @property
     def num_classes(self) -> int:
@@ -101,15 +128,13 @@ class DiffusionModel(LoadedNetwork):
         """The shape of one output: decoded images for latent models, else data_shape."""
         return tuple(self.autoencoder.image_shape) if self.autoencoder is not None else self.data_shape
 
-    @functools.cached_property
-    def text_encoder(self) -> TextEncoder:
-        if self.conditioning != "text":
-            raise ValueError("this model is not text-conditional (network.text_encoder is empty)")
-        net = self.config.network
-        return TextEncoder(net.text_encoder, net.text_max_tokens)
 
     def encode_prompts(self, prompts: list[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        return {k: v.to(device) for k, v in self.text_encoder.encode(prompts).items()}
+        """The model kwargs of prompts: token embeddings and mask (and, for unCLIP's prior, the CLIP text embedding)."""
+        tokens = self.text_encoder.encode(prompts)
+        if self.kind == "prior":
+            tokens["text_embed"] = self.clip.network.embed_texts(tokens)
+        return {k: v.to(device) for k, v in tokens.items()}
 
     def null_condition(self, n: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """Model kwargs of the unconditional branch for n examples: the null label or the empty
@@ -118,6 +143,8 @@ class DiffusionModel(LoadedNetwork):
             return {k: v.expand(n, *v.shape[1:]) for k, v in self.encode_prompts([""], device).items()}
         if self.conditioning == "class":
             return {"y": torch.full((n,), self.num_classes, device=device)}
+        if self.conditioning == "embed":
+            return {"image_embed": torch.zeros(n, self.config.unclip.embed_dim, device=device)}
         return {}
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,9 +160,10 @@ def load(path: str | Path, weights: str = "ema", device: str | torch.device = "c
     """Load a run folder (its newest checkpoint) or a ckpt-XXXXXXX folder, in eval mode.
 
     weights: 'ema' (what sampling uses) or 'model' (the raw weights). kind: the train.task the
-    caller needs ('denoiser', 'superres', 'autoencoder', 'classifier', 'judge'; 'diffusion' = either
-    of the first two); a run of another kind is a clear error. A denoiser or super-resolution stage
-    comes back as a DiffusionModel, anything else as a LoadedNetwork."""
+    caller needs ('denoiser', 'superres', 'autoencoder', 'classifier', 'judge', 'clip', 'prior',
+    'decoder'; 'diffusion' = any that samples); a run of another kind is a clear error. A model that
+    samples (denoiser, super-resolution stage, prior, decoder) comes back as a DiffusionModel,
+    anything else as a LoadedNetwork."""
     ckpt = resolve_checkpoint(path)
     config, info = read_config(ckpt)
     task = config.train.task
@@ -171,3 +199,8 @@ def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> Lo
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> LoadedNetwork:
     """load(path) for a noisy-classifier run (`ddpmkit train mnist_classifier`)."""
     return load(path, "ema", device, kind="classifier")
+
+
+def load_clip(path: str | Path, device: str | torch.device = "cpu") -> LoadedNetwork:
+    """load(path) for a CLIP run (`ddpmkit train clip`, or clip_noisy for CLIP guidance)."""
+    return load(path, "ema", device, kind="clip")

@@ -5,6 +5,7 @@
     ddpmkit sample BASE --then SR | upscale                             (cli/cascade.py)
     ddpmkit img2img | inpaint | posterior | interpolate | voyage        (cli/edit.py)
     ddpmkit forward                                                     (cli/forward.py)
+    ddpmkit unclip | variations | unclip-interpolate | text-diff        (cli/unclip.py)
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ..config import ConfigError
 from ..data import DataError
 from ..text import TextEncoderError
 from ..train import TrainingError
-from . import cascade, edit, forward, sample, train
+from . import cascade, edit, forward, sample, train, unclip
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, TextEncoderError, ValueError, FileNotFoundError)
 
@@ -24,7 +25,7 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, TextEncod
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ddpmkit", description="Denoising diffusion models: train, sample, look.")
     sub = p.add_subparsers(dest="command", required=True)
-    for module in (train, sample, cascade, forward, edit):
+    for module in (train, sample, cascade, forward, edit, unclip):
         module.add_commands(sub)
     return p
 

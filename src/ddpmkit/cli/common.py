@@ -17,6 +17,8 @@ def add_guidance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dynamic-threshold", type=float, default=0.0, help="Imagen's dynamic thresholding percentile, e.g. 0.995 (0 = off)")
     p.add_argument("--classifier", default=None, help="a noisy-classifier run (ddpmkit train mnist_classifier): classifier guidance")
     p.add_argument("--classifier-scale", type=float, default=1.0, help="classifier guidance scale s")
+    p.add_argument("--clip", default=None, help="a noisy-CLIP run (ddpmkit train clip_noisy): CLIP guidance toward --prompt")
+    p.add_argument("--clip-scale", type=float, default=100.0, help="CLIP guidance scale s (the score is a cosine, hence ~100)")
 
 
 def add_sampler_args(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int | None = None, full: bool = True) -> None:
@@ -45,4 +47,5 @@ def guidance_request(args: argparse.Namespace) -> GuidanceRequest:
     except ValueError:
         raise ValueError(f"--class takes class numbers, e.g. 7 or 0,1,2; got {args.class_!r}") from None
     return GuidanceRequest(classes=classes, prompts=args.prompt or [], scale=args.guidance, rescale=args.guidance_rescale,
-                           threshold=args.dynamic_threshold, classifier=args.classifier, classifier_scale=args.classifier_scale)
+                           threshold=args.dynamic_threshold, classifier=args.classifier, classifier_scale=args.classifier_scale,
+                           clip=args.clip, clip_scale=args.clip_scale)

@@ -17,6 +17,10 @@ NEXT_STEP = {
     "classifier": "classifier guidance: ddpmkit sample MODEL --classifier {run} --class 3 --classifier-scale 2",
     "denoiser": "sample it: ddpmkit sample {run}",
     "judge": "",
+    "clip": "unCLIP: ddpmkit train unclip_prior unclip.clip={run} && ddpmkit train unclip_decoder unclip.clip={run}; "
+            "CLIP guidance (noisy CLIP): ddpmkit sample MODEL --clip {run} --prompt \"a handwritten seven\"",
+    "prior": "text to image: ddpmkit unclip {run} DECODER --prompt \"a handwritten seven\"",
+    "decoder": "image variations: ddpmkit variations {run} image.png; text to image: ddpmkit unclip PRIOR {run} --prompt \"...\"",
     "superres": "upscale with it: ddpmkit upscale {run} mnist5k:7, or after a base model: ddpmkit sample BASE --then {run}",
 }
 

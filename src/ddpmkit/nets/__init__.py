@@ -9,14 +9,17 @@ from torch import nn
 from ..config import Config, NetworkConfig
 from .autoencoder import Autoencoder
 from .classifier import DigitClassifier, NoisyClassifier
+from .clip import CLIP
 from .mlp import MLPDenoiser
+from .prior import PriorTransformer
 from .unet import UNet
 
 
 def build_network(cfg: NetworkConfig, data_shape: tuple[int, ...], learned_variance: bool = False, low_res_channels: int = 0,
-                  upsample: str = "bicubic") -> nn.Module:
+                  upsample: str = "bicubic", image_embed_dim: int = 0, embed_tokens: int = 4) -> nn.Module:
     """The denoiser network for examples of shape data_shape: (C, H, W) images or (D,) vectors.
-    low_res_channels > 0: a super-resolution UNet that also sees an upsampled low-res image."""
+    low_res_channels > 0: a super-resolution UNet that also sees an upsampled low-res image;
+    image_embed_dim > 0: unCLIP's decoder, conditioned on CLIP image embeddings."""
     out_mult = 2 if learned_variance else 1
     if cfg.kind == "unet":
         if len(data_shape) != 3 or data_shape[1] != data_shape[2]:
@@ -27,7 +30,7 @@ def build_network(cfg: NetworkConfig, data_shape: tuple[int, ...], learned_varia
             channel_mult=cfg.channel_mult, num_res_blocks=cfg.num_res_blocks,
             attention_resolutions=cfg.attention_resolutions, num_heads=cfg.num_heads, dropout=cfg.dropout,
             num_classes=cfg.num_classes, context_dim=cfg.context_dim if cfg.text_encoder else 0, patch_size=cfg.patch_size,
-            low_res_channels=low_res_channels, upsample_mode=upsample,
+            low_res_channels=low_res_channels, upsample_mode=upsample, image_embed_dim=image_embed_dim, embed_tokens=embed_tokens,
         )
     if cfg.kind == "mlp":
         if cfg.text_encoder:
@@ -70,6 +73,36 @@ def build_judge(cfg: Config, shape: tuple[int, ...]) -> DigitClassifier:
     return DigitClassifier(shape[0], cfg.network.num_classes)
 
 
+def build_clip(cfg: Config, shape: tuple[int, ...]) -> CLIP:
+    """A CLIP: the image tower has the noisy classifier's architecture with an embed_dim-wide head."""
+    if len(shape) != 3:
+        raise ValueError(f"CLIP's image tower needs images (C, H, W); the data has shape {shape}")
+    if not cfg.network.text_encoder:
+        raise ValueError("CLIP's text tower projects a frozen text encoder: set network.text_encoder (e.g. 'all-MiniLM-L6-v2')")
+    n, c = cfg.network, cfg.clip
+    tower = NoisyClassifier(shape[0], shape[1], c.embed_dim, n.base_channels, n.channel_mult, n.num_res_blocks,
+                            n.attention_resolutions, n.num_heads, n.dropout)
+    return CLIP(tower, shape, n.context_dim, c.embed_dim, c.text_hidden, c.init_temperature, c.noisy)
+
+
+def build_prior(cfg: Config, shape: tuple[int, ...]) -> PriorTransformer:
+    """unCLIP's diffusion prior over (embed_dim,) CLIP image embeddings."""
+    u = cfg.unclip
+    if tuple(shape) != (u.embed_dim,):
+        raise ValueError(f"the prior denoises CLIP embeddings of shape ({u.embed_dim},); got {tuple(shape)}")
+    if not cfg.network.text_encoder:
+        raise ValueError("the prior is conditioned on captions: set network.text_encoder (e.g. 'all-MiniLM-L6-v2')")
+    return PriorTransformer(u.embed_dim, cfg.network.context_dim, u.prior_width, u.prior_layers, u.prior_heads, cfg.network.text_max_tokens)
+
+
+def build_decoder(cfg: Config, shape: tuple[int, ...]) -> nn.Module:
+    """unCLIP's decoder: the UNet, also conditioned on a CLIP image embedding."""
+    if cfg.network.kind != "unet":
+        raise ValueError(f"unCLIP's decoder is a UNet: set network.kind = 'unet', not {cfg.network.kind!r}")
+    return build_network(cfg.network, shape, cfg.diffusion.learned_variance, image_embed_dim=cfg.unclip.embed_dim,
+                         embed_tokens=cfg.unclip.embed_tokens)
+
+
 # train.task -> the network that kind of run trains, from its config and the shape of one example
 NETWORKS: dict[str, Callable[[Config, tuple[int, ...]], nn.Module]] = {
     "denoiser": lambda cfg, shape: build_network(cfg.network, shape, cfg.diffusion.learned_variance),
@@ -77,6 +110,9 @@ NETWORKS: dict[str, Callable[[Config, tuple[int, ...]], nn.Module]] = {
     "autoencoder": lambda cfg, shape: Autoencoder(shape, cfg.autoencoder),
     "classifier": build_noisy_classifier,
     "judge": build_judge,
+    "clip": build_clip,
+    "prior": build_prior,
+    "decoder": build_decoder,
 }
 
 
@@ -85,4 +121,4 @@ def build_for_task(cfg: Config, shape: tuple[int, ...]) -> nn.Module:
     return NETWORKS[cfg.train.task](cfg, tuple(shape))
 
 
-__all__ = ["Autoencoder", "DigitClassifier", "MLPDenoiser", "NETWORKS", "NoisyClassifier", "UNet", "build_for_task", "build_network"]
+__all__ = ["Autoencoder", "CLIP", "DigitClassifier", "PriorTransformer", "MLPDenoiser", "NETWORKS", "NoisyClassifier", "UNet", "build_for_task", "build_network"]

@@ -96,10 +96,15 @@ class Conditioning(nn.Module):
     A super-resolution stage also embeds the noise-augmentation level s in [0, 1] of its low-res
     input, sinusoidally on the same 0..1000 scale as t, through its own MLP (CDM, Imagen).
 
-    forward -> (emb (B, E), projected context (B, L, E) or None)
+    unCLIP's decoder takes a CLIP image embedding (B, image_embed_dim): projected and added to the
+    time embedding, and projected to embed_tokens extra cross-attention tokens (Ramesh et al. 2022,
+    section 2.1). The zero vector is its null condition.
+
+    forward -> (emb (B, E), projected context (B, L, E) or None, context mask (B, L) or None)
     """
 
-    def __init__(self, base_channels: int, emb_dim: int, num_classes: int = 0, context_dim: int = 0, aug_level: bool = False):
+    def __init__(self, base_channels: int, emb_dim: int, num_classes: int = 0, context_dim: int = 0, aug_level: bool = False,
+                 image_embed_dim: int = 0, embed_tokens: int = 4):
         super().__init__()
         self.base_channels = base_channels
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -110,9 +115,15 @@ class Conditioning(nn.Module):
         else:
             self.context_proj = self.context_emb = None
         self.aug_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)) if aug_level else None
+        self.image_embed_dim, self.embed_tokens = image_embed_dim, embed_tokens
+        if image_embed_dim > 0:
+            self.image_emb = nn.Sequential(nn.Linear(image_embed_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            self.image_tokens = nn.Linear(image_embed_dim, embed_tokens * emb_dim)
+        else:
+            self.image_emb = self.image_tokens = None
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y=None, context=None, mask=None,
-                aug_level: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y=None, context=None, mask=None, aug_level: torch.Tensor | None = None,
+                image_embed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         emb = self.time_mlp(timestep_embedding(t, self.base_channels).to(self.time_mlp[0].weight.dtype))  # (B, E)
         if self.aug_mlp is not None:
             s = torch.as_tensor(0.0 if aug_level is None else aug_level, device=x.device).float().expand(x.shape[0])
@@ -129,7 +140,25 @@ class Conditioning(nn.Module):
             emb = emb + self.context_emb(pooled_context(context, mask))
         elif context is not None:
             raise ValueError("this network is not text-conditional (network.text_encoder is empty)")
-        return emb, context
+        if self.image_emb is not None:
+            emb, context, mask = self._add_image_embed(emb, context, mask, image_embed)
+        elif image_embed is not None:
+            raise ValueError("this network is not conditioned on CLIP image embeddings (train.task is not 'decoder')")
+        return emb, context, mask
+
+    def _add_image_embed(self, emb: torch.Tensor, context, mask, image_embed) -> tuple:
+        B = emb.shape[0]
+        if image_embed is None or image_embed.shape != (B, self.image_embed_dim):
+            got = None if image_embed is None else tuple(image_embed.shape)
+            raise ValueError(f"this decoder is conditioned on CLIP image embeddings: pass image_embed= of shape (B={B}, "
+                             f"E={self.image_embed_dim}) (zeros = unconditional), got {got}")
+        e = image_embed.to(emb.dtype)
+        tokens = self.image_tokens(e).view(B, self.embed_tokens, -1)  # (B, k, E)
+        token_mask = torch.ones(B, self.embed_tokens, dtype=torch.bool, device=e.device)
+        if context is None:
+            return emb + self.image_emb(e), tokens, token_mask
+        mask = torch.ones(context.shape[:2], dtype=torch.bool, device=e.device) if mask is None else mask.bool()
+        return emb + self.image_emb(e), torch.cat([context, tokens.to(context.dtype)], 1), torch.cat([mask, token_mask], 1)
 
 
 def upgrade_legacy_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -182,6 +211,8 @@ class UNet(nn.Module):
         patch_size: int = 1,
         low_res_channels: int = 0,
         upsample_mode: str = "bicubic",
+        image_embed_dim: int = 0,
+        embed_tokens: int = 4,
     ):
         super().__init__()
         if patch_size < 1 or image_size % patch_size:
@@ -193,9 +224,11 @@ class UNet(nn.Module):
         self.low_res_channels, self.upsample_mode = low_res_channels, upsample_mode
         in_channels, image_size = (in_channels + low_res_channels) * patch_size**2, image_size // patch_size
         emb_dim = 4 * base_channels
-        self.cond = Conditioning(base_channels, emb_dim, num_classes, context_dim, aug_level=low_res_channels > 0)
+        self.cond = Conditioning(base_channels, emb_dim, num_classes, context_dim, aug_level=low_res_channels > 0,
+                                 image_embed_dim=image_embed_dim, embed_tokens=embed_tokens)
+        cross_attention = context_dim > 0 or image_embed_dim > 0
         self.down = DownPath(in_channels, image_size, base_channels, channel_mult, num_res_blocks, attention_resolutions,
-                             num_heads, emb_dim, dropout, emb_dim if context_dim > 0 else 0)
+                             num_heads, emb_dim, dropout, emb_dim if cross_attention else 0)
         skip_channels = list(self.down.skip_channels)
         ch = self.down.out_channels
         self.up = nn.ModuleList()
@@ -211,14 +244,16 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
-                low_res: torch.Tensor | None = None, aug_level: torch.Tensor | None = None) -> torch.Tensor:
+                low_res: torch.Tensor | None = None, aug_level: torch.Tensor | None = None,
+                image_embed: torch.Tensor | None = None) -> torch.Tensor:
         """y: (B,) class labels for a class-conditional network (None = the null label);
         context: (B, L, D) prompt token embeddings and context_mask: (B, L) for a text-conditional one;
-        low_res: (B, C_low, h, w) and aug_level: (B,) in [0, 1] for a super-resolution stage."""
+        low_res: (B, C_low, h, w) and aug_level: (B,) in [0, 1] for a super-resolution stage;
+        image_embed: (B, E) CLIP image embeddings for unCLIP's decoder."""
         x = torch.cat([x, self._upsampled(low_res, x)], dim=1) if self.low_res_channels else self._no_low_res(low_res, x)
         if self.patch_size > 1:
             x = F.pixel_unshuffle(x, self.patch_size)
-        emb, context = self.cond(x, t, y, context, context_mask, aug_level)
+        emb, context, context_mask = self.cond(x, t, y, context, context_mask, aug_level, image_embed)
         h, skips = self.down(x, emb, context, context_mask)
         for layer in self.up:
             if isinstance(layer, Upsample):

@@ -105,9 +105,12 @@ def check_cascade(stages: list[Stage]) -> None:
 
 
 def stage_request(stage: Stage, request: GuidanceRequest) -> GuidanceRequest:
-    """The cascade's prompts or classes, with this stage's guidance; an unconditional stage gets none."""
-    if stage.model.conditioning == "none":
-        request = replace(request, prompts=[], classes=[], conditions=None)
+    """The cascade's prompts or classes, with this stage's guidance; an unconditional stage gets none.
+    Precomputed conditions (GuidanceRequest.conditions, e.g. unCLIP's image embeddings) are the base's."""
+    if stage.model.conditioning in ("none", "embed"):  # unconditional, or unCLIP's decoder (conditions only)
+        request = replace(request, prompts=[], classes=[])
+    if stage.model.conditioning == "none" or stage.model.is_super_resolution:
+        request = replace(request, conditions=None)
     return replace(request, scale=stage.scale, threshold=stage.threshold)
 
 

@@ -37,17 +37,21 @@ def resolve_options(m: DiffusionModel, options: dict | None) -> dict:
 
 def generate(m: DiffusionModel, n: int, request: GuidanceRequest | None = None, sampler: str = "ddpm", steps: int | None = None,
              seed: int = 0, options: dict | None = None, batch_size: int = 250, record_every: int = 0, progress: bool = True,
-             device: str | torch.device = "cpu") -> Generated:
-    """n samples of m as requested, in chunks of batch_size."""
+             device: str | torch.device = "cpu", seeds: list[int] | None = None) -> Generated:
+    """n samples of m as requested, in chunks of batch_size. seeds: sample k's seed (default seed + k;
+    one seed for every sample gives them the same noise, e.g. frames of an interpolation)."""
     if n < 1 or batch_size < 1:
         raise ValueError(f"n = {n} and batch_size = {batch_size} must be >= 1")
+    seeds = list(range(seed, seed + n)) if seeds is None else list(seeds)
+    if len(seeds) != n:
+        raise ValueError(f"give one seed per sample ({n}), got {len(seeds)}")
     request = request or GuidanceRequest()
     options = resolve_options(m, options)
     images, xs, x0s, nfe = [], [], [], 0
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         model, kwargs, extra = guided_model(m, b, request.slice(start, b, m.num_classes), sampler, device)
-        res = sample(model, (b, *m.data_shape), m.schedule, sampler=sampler, steps=steps, generator=list(range(seed + start, seed + start + b)),
+        res = sample(model, (b, *m.data_shape), m.schedule, sampler=sampler, steps=steps, generator=seeds[start:start + b],
                      record_every=record_every, progress=progress, model_kwargs=kwargs, device=device, **m.sample_kwargs,
                      **options, **extra)
         images.append(m.decode(res.x).cpu())

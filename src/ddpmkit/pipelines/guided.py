@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..guidance import ClassifierFreeGuidance, ClassifierGuidance, DynamicThresholding
-from ..models import DiffusionModel, load_classifier
+from ..guidance import ClassifierFreeGuidance, ClassifierGuidance, CLIPGuidance, DynamicThresholding
+from ..models import DiffusionModel, LoadedNetwork, load_classifier, load_clip
 from ..parameterization import ModelFn
 from ..utils import side
 
@@ -31,6 +31,8 @@ class GuidanceRequest:
     threshold: float = 0.0  # Imagen's dynamic thresholding percentile (e.g. 0.995); 0 = off
     classifier: str | None = None  # a noisy-classifier run folder for classifier guidance
     classifier_scale: float = 1.0
+    clip: str | None = None  # a noisy-CLIP run folder (ddpmkit train clip_noisy) for CLIP guidance toward the prompts
+    clip_scale: float = 100.0  # CLIP guidance scale s (the score g . h is a cosine in [-1, 1], hence the large default)
     # per-sample model inputs that are not guided, one row per sample, given to both branches of
     # classifier-free guidance: a super-resolution stage's low_res and aug_level
     extra: dict[str, torch.Tensor] | None = None
@@ -59,6 +61,8 @@ class GuidanceRequest:
             parts.append(f"guidance {self.scale:g}")
         if self.classifier:
             parts.append(f"classifier scale {self.classifier_scale:g}")
+        if self.clip:
+            parts.append(f"CLIP scale {self.clip_scale:g}")
         return ", ".join(parts)
 
 
@@ -81,6 +85,9 @@ def _conditions(m: DiffusionModel, n: int, request: GuidanceRequest, labels: tor
         if bool(((labels < 0) | (labels >= m.num_classes)).any()):
             raise ValueError(f"--class must lie in 0..{m.num_classes - 1}")
         return {"y": labels}
+    if m.conditioning == "embed":
+        raise ValueError(f"{m.path} is unCLIP's decoder, conditioned on CLIP image embeddings: draw them from a prompt with "
+                         "`ddpmkit unclip PRIOR DECODER --prompt ...`, or from an image with `ddpmkit variations DECODER image.png`")
     return {}
 
 
@@ -91,12 +98,16 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
     Classifier-free guidance: scale 0 is the unconditional branch alone, 1 the conditional model
     alone, anything else eps_u + s (eps_c - eps_u) in one batched call."""
     request = request or GuidanceRequest()
-    if request.prompts and m.conditioning != "text":
+    if request.clip and not request.prompts:
+        raise ValueError("CLIP guidance steers toward prompts: give --prompt \"...\" with --clip")
+    if request.prompts and m.conditioning != "text" and not request.clip:
         raise ValueError("--prompt needs a text-conditional model (network.text_encoder); this one is "
                          + ("class-conditional: use --class" if m.conditioning == "class" else "unconditional"))
+    if request.classifier and request.clip:
+        raise ValueError("use one of classifier guidance (--classifier) and CLIP guidance (--clip), not both")
     if request.classes and not (m.conditioning == "class" or request.classifier):
         raise ValueError("--class needs a class-conditional model (network.num_classes > 0) or --classifier for classifier guidance")
-    scale = request.scale if request.scale is not None else (0.0 if request.classifier else DEFAULT_SCALE)
+    scale = request.scale if request.scale is not None else (0.0 if request.classifier or request.clip else DEFAULT_SCALE)
     labels = torch.tensor(_cycle(request.classes or list(range(max(m.num_classes, 10))), n), device=device)
     model: ModelFn = m.network
     kwargs: dict = {}
@@ -111,7 +122,7 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
         if scale not in (0.0, 1.0):
             null = m.null_condition(1, device)
             model = ClassifierFreeGuidance(model, scale, null_label=m.num_classes if m.conditioning == "class" else None,
-                                           null=null if m.conditioning == "text" else None, learned_variance=m.learned_variance,
+                                           null=null if m.conditioning != "class" else None, learned_variance=m.learned_variance,
                                            rescale=request.rescale, schedule=m.schedule, prediction=m.prediction)
     if m.is_super_resolution and not (request.extra and "low_res" in request.extra):
         raise ValueError(f"{m.path} is a super-resolution stage ({side(m.low_res_shape)} -> {side(m.data_shape)}): give it low-res images "
@@ -123,22 +134,29 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
     if request.threshold:
         model = DynamicThresholding(model, m.schedule, m.prediction, request.threshold, m.learned_variance)
     if request.classifier:
-        model, kwargs, options = _classifier_guided(m, model, kwargs, labels, request, sampler, device)
+        clf = load_classifier(request.classifier, device=device)
+        model, kwargs, options = _gradient_guided(m, clf, ClassifierGuidance(model, clf.network, request.classifier_scale, m.schedule,
+                                                                           m.prediction, m.learned_variance), kwargs, labels, sampler)
+    if request.clip:
+        clip = load_clip(request.clip, device=device)
+        if not clip.network.noisy:
+            raise ValueError(f"CLIP guidance needs a noisy CLIP, whose image tower sees x_t (ddpmkit train clip_noisy); {request.clip} "
+                             "was trained on clean images")
+        target = clip.embed_texts(_cycle(request.prompts, n)).to(device)
+        model, kwargs, options = _gradient_guided(m, clip, CLIPGuidance(model, clip.network, request.clip_scale, m.schedule, m.prediction,
+                                                                        m.learned_variance), kwargs, target, sampler)
     return model, kwargs, options
 
 
-def _classifier_guided(m: DiffusionModel, model: ModelFn, kwargs: dict, labels: torch.Tensor, request: GuidanceRequest,
-                       sampler: str, device) -> tuple[ModelFn, dict, dict]:
-    clf = load_classifier(request.classifier, device=device)
-    c, d = clf.config.diffusion, m.config.diffusion
+def _gradient_guided(m: DiffusionModel, guide: LoadedNetwork, guidance: ClassifierGuidance, kwargs: dict, target: torch.Tensor,
+                     sampler: str) -> tuple[ModelFn, dict, dict]:
+    """Classifier or CLIP guidance of the model in `guidance` (with its model kwargs bound), toward target."""
+    c, d = guide.config.diffusion, m.config.diffusion
     if (c.schedule, c.T, c.zero_terminal_snr) != (d.schedule, d.T, d.zero_terminal_snr):
-        raise ValueError(f"the classifier was trained with the {c.schedule} schedule, T={c.T}; the model uses {d.schedule}, T={d.T}")
-    base, base_kwargs = model, dict(kwargs)
-
-    def unguided(x_t, t, y=None, **extra):
-        return base(x_t, t, **base_kwargs)
-
-    cg = ClassifierGuidance(unguided, clf.network, request.classifier_scale, m.schedule, m.prediction, m.learned_variance)
-    if sampler == "ddpm":  # Algorithm 1: shift the mean by s * Sigma * grad log p(y | x_t)
-        return cg.unguided, {"y": labels}, {"cond_fn": cg.cond_fn}
-    return cg, {"y": labels}, {}  # Algorithm 2: the eps correction, for every other sampler
+        raise ValueError(f"the {guide.kind} at {guide.path} was trained with the {c.schedule} schedule, T={c.T}; "
+                         f"the model uses {d.schedule}, T={d.T}")
+    base, base_kwargs = guidance.model, dict(kwargs)
+    guidance.model = lambda x_t, t, **_: base(x_t, t, **base_kwargs)
+    if sampler == "ddpm":  # Algorithm 1: shift the mean by s * Sigma * grad score
+        return guidance.unguided, {guidance.key: target}, {"cond_fn": guidance.cond_fn}
+    return guidance, {guidance.key: target}, {}  # Algorithm 2: the eps correction, for every other sampler

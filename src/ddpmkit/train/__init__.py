@@ -12,10 +12,12 @@ from ..config import Config
 from .autoencoder import AutoencoderTask
 from .batches import Batch, batch_indices, step_generator
 from .classifier import NoisyClassifierTask
+from .clip import CLIPTask
 from .denoiser import DenoiserTask, sample_timesteps
 from .engine import run
 from .judge import JudgeTask
 from .superres import SuperResTask
+from .unclip import DecoderTask, PriorTask
 from .optim import ema_decay_at, ema_update, lr_at
 from .task import Task, TrainingError
 
@@ -25,6 +27,9 @@ TASKS: dict[str, type[Task]] = {
     "autoencoder": AutoencoderTask,
     "classifier": NoisyClassifierTask,
     "judge": JudgeTask,
+    "clip": CLIPTask,
+    "prior": PriorTask,
+    "decoder": DecoderTask,
 }
 
 

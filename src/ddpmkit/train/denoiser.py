@@ -44,16 +44,20 @@ def sample_timesteps(dc: DiffusionConfig, schedule: NoiseSchedule, n: int, gener
     return (torch.sigmoid(u) * T).long().clamp(0, T - 1)
 
 
-def encode_dataset(autoencoder: nn.Module, dataset: Dataset) -> ArrayDataset:
-    """The dataset in the autoencoder's scaled latent space; labels (and image files, for their
-    captions) carry over."""
-    if tuple(dataset.shape) != tuple(autoencoder.image_shape):
-        raise DataError(f"the autoencoder was trained on images of shape {autoencoder.image_shape}, the data has {tuple(dataset.shape)}")
-    latents = autoencoder.to_latent(dataset.get_batch(torch.arange(len(dataset))))
-    out = ArrayDataset(latents, getattr(dataset, "labels", None))
+def map_dataset(fn, dataset: Dataset) -> ArrayDataset:
+    """fn applied to every example (a frozen encoder: latents, CLIP embeddings); labels (and image
+    files, for their captions) carry over."""
+    out = ArrayDataset(fn(dataset.get_batch(torch.arange(len(dataset)))), getattr(dataset, "labels", None))
     if hasattr(dataset, "files"):
         out.files = dataset.files
     return out
+
+
+def encode_dataset(autoencoder: nn.Module, dataset: Dataset) -> ArrayDataset:
+    """The dataset in the autoencoder's scaled latent space."""
+    if tuple(dataset.shape) != tuple(autoencoder.image_shape):
+        raise DataError(f"the autoencoder was trained on images of shape {autoencoder.image_shape}, the data has {tuple(dataset.shape)}")
+    return map_dataset(autoencoder.to_latent, dataset)
 
 
 class DenoiserTask(Task):
@@ -65,9 +69,18 @@ class DenoiserTask(Task):
         self.autoencoder = load_autoencoder(cfg.data.autoencoder).network if cfg.data.autoencoder else None
         if self.autoencoder is not None:  # latent diffusion: train on the scaled latents, show decoded samples
             self.dataset = encode_dataset(self.autoencoder, self.dataset)
+        self.dataset = self.prepare(self.dataset)
         self.shape, self.num_examples = tuple(self.dataset.shape), len(self.dataset)
         self.schedule = cfg.diffusion.noise_schedule()
-        self.conditioning = TrainingConditions.for_config(cfg, self.dataset)
+        self.conditioning = self.training_conditions()
+
+    def prepare(self, dataset: Dataset) -> Dataset:
+        """The data this denoiser diffuses (the prior: CLIP image embeddings of the images)."""
+        return dataset
+
+    def training_conditions(self) -> TrainingConditions:
+        """What the network is conditioned on: labels, prompts (from the config), or nothing."""
+        return TrainingConditions.for_config(self.cfg, self.dataset)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         dc, g, B = self.cfg.diffusion, batch.generator, batch.size
@@ -116,7 +129,8 @@ class DenoiserTask(Task):
         """The first 64 held-out examples (latents for latent diffusion), loaded once."""
         data = self.load_data("test")
         x = data.get_batch(torch.arange(min(64, len(data))))
-        return x if self.autoencoder is None else self.autoencoder.to_latent(x)
+        x = x if self.autoencoder is None else self.autoencoder.to_latent(x)
+        return self.prepare(ArrayDataset(x)).get_batch(torch.arange(len(x)))
 
     def evaluate(self, ema: nn.Module) -> dict[str, float]:
         """An unbiased VLB estimate in bits/dim on the same held-out examples, noise levels and

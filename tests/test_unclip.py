@@ -1,0 +1,337 @@
+"""unCLIP and CLIP guidance: the InfoNCE loss, the CLIP-guidance correction, the prior's sampling
+path on Gaussian embeddings (exact), and the whole system on tiny trained runs."""
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddpmkit.config import Config, DiffusionConfig, NetworkConfig, TrainConfig, UnCLIPConfig
+from ddpmkit.guidance import CLIPGuidance
+from ddpmkit.images import load_image
+from ddpmkit.losses import info_nce
+from ddpmkit.models import DiffusionModel
+from ddpmkit.nets.clip import CLIP
+from ddpmkit.nets.classifier import NoisyClassifier
+from ddpmkit.nets.prior import prior_data_scale
+from ddpmkit.pipelines import unclip
+from ddpmkit.schedules import NoiseSchedule
+
+
+def test_info_nce_matches_a_brute_force_sum():
+    g = torch.Generator().manual_seed(0)
+    B, E, scale = 6, 5, 7.5
+    u = F.normalize(torch.randn(B, E, generator=g), dim=-1)
+    v = F.normalize(torch.randn(B, E, generator=g), dim=-1)
+    expected = []
+    for i in range(B):
+        logit = lambda a, b: scale * sum(u[a, k].item() * v[b, k].item() for k in range(E))  # noqa: E731
+        image_to_text = -logit(i, i) + math.log(sum(math.exp(logit(i, j)) for j in range(B)))
+        text_to_image = -logit(i, i) + math.log(sum(math.exp(logit(j, i)) for j in range(B)))
+        expected.append((image_to_text + text_to_image) / 2)
+    expected = torch.tensor(expected)
+    torch.testing.assert_close(info_nce(u, v, scale), expected.float(), rtol=1e-5, atol=1e-5)
+    # a process's rows of the global batch: the same values
+    torch.testing.assert_close(info_nce(u, v, scale, slice(2, 4)), expected[2:4].float(), rtol=1e-5, atol=1e-5)
+    # swapping the towers swaps the two directions, whose mean is the same
+    torch.testing.assert_close(info_nce(v, u, scale), expected.float(), rtol=1e-5, atol=1e-5)
+
+
+def _tiny_clip(noisy: bool = True, embed_dim: int = 6) -> CLIP:
+    torch.manual_seed(0)
+    tower = NoisyClassifier(1, 8, embed_dim, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=())
+    return CLIP(tower, (1, 8, 8), context_dim=12, embed_dim=embed_dim, noisy=noisy).eval()
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_clip_guidance_is_the_gradient_of_the_embeddings_dot_product(prediction):
+    """Algorithm 2 with CLIP: eps_hat = eps - sqrt(1 - alpha_bar_t) * s * grad_x (g(x_t, t) . h(c)),
+    checked against autograd of the dot product written out here."""
+    from ddpmkit.parameterization import from_x0, to_x0_eps
+
+    S = NoiseSchedule.from_name("linear", 1000)
+    clip = _tiny_clip()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 1, 8, 8, generator=g)
+    t = torch.tensor([10.0, 300.0, 600.0, 900.0])
+    h = F.normalize(torch.randn(4, 6, generator=g), dim=-1)
+    eps_true = 0.3 * x
+
+    def model(x_t, tt):  # eps(x_t) = 0.3 x_t, in the prediction's terms
+        return from_x0(prediction, to_x0_eps("eps", 0.3 * x_t, x_t, tt, S)[0], x_t, tt, S)
+
+    s = 40.0
+    cg = CLIPGuidance(model, clip, s, S, prediction)
+
+    xr = x.clone().requires_grad_(True)
+    dot = (F.normalize(clip.image_tower(xr, t), dim=-1) * h).sum()
+    grad = torch.autograd.grad(dot, xr)[0]
+    torch.testing.assert_close(cg.cond_fn(x, t, text_embed=h), s * grad, rtol=1e-4, atol=1e-6)
+
+    alpha_bar = S.alpha_bar_at(t.double()).float().reshape(-1, 1, 1, 1)
+    eps_guided = to_x0_eps(prediction, cg(x, t, text_embed=h), x, t, S)[1]
+    torch.testing.assert_close(eps_guided, eps_true - (1 - alpha_bar).sqrt() * s * grad, rtol=1e-4, atol=1e-5)
+    # scale 0 is the model itself; the model never sees text_embed
+    torch.testing.assert_close(CLIPGuidance(model, clip, 0.0, S, prediction)(x, t, text_embed=h), model(x, t))
+    with pytest.raises(ValueError, match="text embeddings"):
+        cg(x, t)
+
+
+class _GaussianPrior(torch.nn.Module):
+    """The exact x0 denoiser of sqrt(E) z with z | caption ~ N(mu(h), Sigma), mu(h) = M h + m0, for the
+    prior's conditioning (text_embed h = the caption's CLIP text embedding)."""
+
+    def __init__(self, M, m0, Sigma, schedule):
+        super().__init__()
+        self.M, self.m0, self.Sigma, self.schedule = M, m0, Sigma, schedule
+        self.scale = prior_data_scale(len(m0))
+        self.dummy = torch.nn.Parameter(torch.zeros(1))  # a device for DiffusionModel
+
+    def forward(self, x_t, t, text_embed=None, context=None, context_mask=None):
+        E = x_t.shape[1]
+        a = self.schedule.alpha_bar_at(t.double().cpu()).sqrt()[:, None, None]  # (B, 1, 1)
+        mean = self.scale * (text_embed.double() @ self.M.T + self.m0)  # (B, E)
+        C = self.scale**2 * self.Sigma
+        K = a * C @ torch.linalg.inv(a**2 * C + (1 - a**2) * torch.eye(E, dtype=torch.float64))  # (B, E, E)
+        return (mean + (K @ (x_t.double() - a[:, 0] * mean)[..., None])[..., 0]).float()
+
+
+class _PriorWithTable(DiffusionModel):
+    """A prior whose caption encoding is a fixed table (the text encoder is not what this tests)."""
+
+    table: dict = None
+
+    def encode_prompts(self, prompts, device="cpu"):
+        h = torch.stack([self.table[p] for p in prompts])
+        return {"text_embed": h, "context": torch.zeros(len(prompts), 2, 3), "context_mask": torch.ones(len(prompts), 2, dtype=torch.bool)}
+
+
+def _gaussian_prior(schedule: NoiseSchedule) -> tuple[_PriorWithTable, torch.Tensor, torch.Tensor, torch.Tensor]:
+    E = 4
+    g = torch.Generator().manual_seed(0)
+    M = 0.4 * torch.randn(E, E, generator=g, dtype=torch.float64)
+    m0 = torch.tensor([0.1, -0.2, 0.05, 0.3], dtype=torch.float64)
+    A = 0.15 * torch.randn(E, E, generator=g, dtype=torch.float64)
+    Sigma = A @ A.T + 0.01 * torch.eye(E, dtype=torch.float64)
+    cfg = Config(diffusion=DiffusionConfig(schedule="cosine", prediction="x0"), network=NetworkConfig(text_encoder="table"),
+                 train=TrainConfig(task="prior"), unclip=UnCLIPConfig(embed_dim=E))
+    prior = _PriorWithTable(network=_GaussianPrior(M, m0, Sigma, schedule), config=cfg, data_shape=(E,), step=0, path=Path("analytic/prior"))
+    prior.table = {"": torch.zeros(E), "a seven": F.normalize(torch.tensor([1.0, 0.0, 1.0, 0.0]), dim=0),
+                   "a one": F.normalize(torch.tensor([0.0, -1.0, 0.0, 1.0]), dim=0)}
+    return prior, M, m0, Sigma
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 100), ("dpmpp_2m", 50)])
+def test_the_prior_sampling_path_reproduces_gaussian_embeddings(sampler, steps):
+    """With the exact denoiser of Gaussian embeddings, prior_embeddings (guidance door, sampler,
+    data scale) must return z | caption ~ N(M h + m0, Sigma) for each caption: mean and covariance."""
+    schedule = NoiseSchedule.from_name("cosine", 1000)
+    prior, M, m0, Sigma = _gaussian_prior(schedule)
+    n = 6000
+    z = unclip.prior_embeddings(prior, ["a seven", "a one"], n, scale=1.0, sampler=sampler, steps=steps, seed=0).double()
+    assert z.shape == (n, 4)
+    for k, caption in enumerate(["a seven", "a one"]):
+        zk = z[k::2]
+        mean = M @ prior.table[caption].double() + m0
+        std = Sigma.diagonal().sqrt()
+        assert ((zk.mean(0) - mean).abs() / (std / len(zk) ** 0.5)).max() < 4.5
+        assert (torch.cov(zk.T) - Sigma).norm() / Sigma.norm() < 0.1
+    # the other caption's mean is far from this one's samples: the condition reaches the denoiser
+    assert (z[0::2].mean(0) - (M @ prior.table["a one"].double() + m0)).norm() > 0.3
+
+
+def test_best_of_keeps_the_candidate_closest_to_the_caption():
+    text = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    candidates = torch.tensor([[[0.0, 3.0], [2.0, 0.1], [1.0, 1.0]], [[5.0, 0.0], [0.5, 0.4], [0.0, 0.2]]])
+    torch.testing.assert_close(unclip.best_of(candidates, text), torch.tensor([[2.0, 0.1], [0.0, 0.2]]))
+
+
+def test_slerp_stays_on_the_sphere_and_hits_both_ends():
+    a = F.normalize(torch.tensor([[1.0, 0.0, 0.0]]), dim=-1)
+    b = F.normalize(torch.tensor([[0.0, 1.0, 0.0]]), dim=-1)
+    w = torch.tensor([0.0, 0.5, 1.0])
+    out = unclip.slerp(a.expand(3, -1), b.expand(3, -1), w)
+    torch.testing.assert_close(out[0], a[0])
+    torch.testing.assert_close(out[2], b[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(out[1], torch.tensor([0.5**0.5, 0.5**0.5, 0.0]))
+
+
+def test_the_decoder_unet_takes_the_embedding_as_time_embedding_and_tokens():
+    from ddpmkit.nets import UNet
+
+    torch.manual_seed(0)
+    net = UNet(in_channels=1, image_size=8, base_channels=8, channel_mult=(1, 2), attention_resolutions=(4,), image_embed_dim=6,
+               embed_tokens=3).eval()
+    for p in net.parameters():  # the zero-initialised layers (ADM) would hide every input at first
+        if not p.any():
+            torch.nn.init.normal_(p, std=0.1)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10.0, 500.0])
+    e = F.normalize(torch.randn(2, 6), dim=-1)
+    out = net(x, t, image_embed=e)
+    assert out.shape == x.shape
+    assert (out - net(x, t, image_embed=torch.zeros(2, 6))).abs().max() > 1e-4  # the embedding changes the output
+    torch.testing.assert_close(net(x[:1], t[:1], image_embed=e[:1]), out[:1], rtol=1e-4, atol=1e-5)  # per example
+    with pytest.raises(ValueError, match=r"image_embed= of shape \(B=2, E=6\)"):
+        net(x, t)
+    with pytest.raises(ValueError, match=r"image_embed= of shape"):
+        net(x, t, image_embed=torch.zeros(2, 5))
+
+
+# ---- the system on tiny trained runs (digits, 8x8) -----------------------------------------------------------------------
+
+TINY = ["data.name=digits", "network.base_channels=8", "network.channel_mult=1,2", "network.attention_resolutions=4",
+        "train.batch_size=16", "train.sample_every=0", "train.max_minutes=0", "train.mixed_precision=no", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_unclip(tmp_path_factory):
+    """CLIP, noisy CLIP, prior, decoder and an unconditional denoiser, a few steps each."""
+    from ddpmkit.config import load_config
+    from ddpmkit.train import train
+
+    root = tmp_path_factory.mktemp("unclip")
+    runs = {}
+    runs["clip"] = train(load_config("clip", [*TINY, "clip.embed_dim=8", "train.steps=4", "train.eval_every=4",
+                                              f"train.run_dir={root / 'clip'}"]), progress=False)
+    runs["noisy"] = train(load_config("clip_noisy", [*TINY, "clip.embed_dim=8", "train.steps=2", f"train.run_dir={root / 'noisy'}"]),
+                          progress=False)
+    runs["prior"] = train(load_config("unclip_prior", [*TINY[:1], *TINY[4:], f"unclip.clip={runs['clip']}", "unclip.embed_dim=8",
+                                                       "unclip.prior_width=16", "unclip.prior_layers=1", "train.steps=3",
+                                                       f"train.run_dir={root / 'prior'}"]), progress=False)
+    runs["decoder"] = train(load_config("unclip_decoder", [*TINY, f"unclip.clip={runs['clip']}", "unclip.embed_dim=8", "diffusion.T=100",
+                                                           "train.steps=3", "train.sample_every=3", "train.sample_steps=2",
+                                                           f"train.run_dir={root / 'decoder'}"]), progress=False)
+    runs["denoiser"] = train(load_config("mnist", [*TINY, "train.steps=2", f"train.run_dir={root / 'denoiser'}"]), progress=False)
+    return runs
+
+
+def _cli(capsys, *argv):
+    from ddpmkit.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_unclip_runs_train_through_the_engine_and_load(tiny_unclip):
+    import ddpmkit
+
+    clip = ddpmkit.load(tiny_unclip["clip"])
+    assert clip.kind == "clip" and clip.network.embed_dim == 8 and not clip.network.noisy
+    log = [json.loads(line) for line in (tiny_unclip["clip"] / "train_log.jsonl").read_text().splitlines()]
+    assert 0.0 <= log[-1]["zero_shot"] <= 1.0 and log[-1]["temperature"] > 0  # zero-shot accuracy on held-out digits
+    noisy_log = [json.loads(line) for line in (tiny_unclip["noisy"] / "train_log.jsonl").read_text().splitlines()]
+    assert {"zero_shot_t0", "zero_shot_t750"} <= set(noisy_log[-1])
+    prior, decoder = ddpmkit.load(tiny_unclip["prior"]), ddpmkit.load(tiny_unclip["decoder"])
+    assert prior.data_shape == (8,) and prior.conditioning == "text" and prior.prediction == "x0"
+    assert decoder.data_shape == (1, 8, 8) and decoder.conditioning == "embed"
+    assert set(prior.encode_prompts(["a seven"])) == {"context", "context_mask", "text_embed"}
+    assert (tiny_unclip["decoder"] / "samples" / "step-0000003.png").is_file()
+
+
+def test_text_to_image_variations_interpolation_and_text_diffs_from_the_command_line(tiny_unclip, tmp_path, capsys):
+    p, d = tiny_unclip["prior"], tiny_unclip["decoder"]
+    code, out, err = _cli(capsys, "unclip", p, d, "--prompt", "a handwritten seven", "--prompt", "a one", "--n", "4", "--steps", "3",
+                          "--prior-steps", "3", "--best-of", "2", "--out", tmp_path / "u")
+    assert code == 0, err
+    assert (tmp_path / "u" / "unclip.png").is_file() and torch.load(tmp_path / "u" / "samples.pt").shape == (4, 1, 8, 8)
+    embeds = torch.load(tmp_path / "u" / "image_embeds.pt")
+    torch.testing.assert_close(embeds.norm(dim=-1), torch.ones(4))
+    code, out, err = _cli(capsys, "variations", d, "digits:3", "digits:7", "--n", "3", "--steps", "3", "--out", tmp_path / "v")
+    assert code == 0, err
+    assert torch.load(tmp_path / "v" / "samples.pt").shape == (6, 1, 8, 8) and (tmp_path / "v" / "variations.png").is_file()
+    code, out, err = _cli(capsys, "unclip-interpolate", d, "digits:3", "digits:7", "--frames", "4", "--steps", "3", "--out", tmp_path / "i")
+    assert code == 0, err
+    assert (tmp_path / "i" / "interpolation.png").is_file()
+    code, out, err = _cli(capsys, "text-diff", d, "digits:3", "--from", "a three", "--to", "an eight", "--amounts", "0,0.5",
+                          "--steps", "3", "--out", tmp_path / "t")
+    assert code == 0, err
+    assert torch.load(tmp_path / "t" / "samples.pt").shape == (2, 1, 8, 8)
+
+
+def test_unclip_samples_do_not_depend_on_the_batch_size(tiny_unclip):
+    import ddpmkit
+
+    prior, decoder = ddpmkit.load(tiny_unclip["prior"]), ddpmkit.load(tiny_unclip["decoder"])
+    kw = dict(prior_steps=4, steps=3, sampler="ddpm", best=2, progress=False)
+    a = unclip.text_to_image(prior, decoder, ["a seven", "a two"], 5, batch_size=5, **kw)
+    b = unclip.text_to_image(prior, decoder, ["a seven", "a two"], 5, batch_size=2, **kw)
+    torch.testing.assert_close(a.embeds, b.embeds)
+    torch.testing.assert_close(a.images, b.images)
+    # interpolation frames share the noise: with two equal images every frame is the same
+    image = load_image("digits:5")
+    frames = unclip.interpolate(decoder, image, image, frames=3, steps=3, progress=False).images
+    torch.testing.assert_close(frames[0], frames[2])
+
+
+def test_variations_keep_the_embedding_and_guidance_scale_one_is_the_conditional_decoder(tiny_unclip):
+    import ddpmkit
+    from ddpmkit.pipelines.guided import GuidanceRequest, guided_model
+
+    decoder = ddpmkit.load(tiny_unclip["decoder"])
+    e = decoder.clip.network.embed_images(load_image("digits:4"))
+    model, kwargs, _ = guided_model(decoder, 1, GuidanceRequest(conditions={"image_embed": e}, scale=1.0))
+    x, t = torch.randn(1, 1, 8, 8), torch.tensor([50.0])
+    torch.testing.assert_close(model(x, t, **kwargs), decoder.network(x, t, image_embed=e))
+    guided, kwargs, _ = guided_model(decoder, 1, GuidanceRequest(conditions={"image_embed": e}, scale=3.0))
+    cond, uncond = decoder.network(x, t, image_embed=e), decoder.network(x, t, image_embed=torch.zeros_like(e))
+    torch.testing.assert_close(guided(x, t, **kwargs), uncond + 3.0 * (cond - uncond), rtol=1e-4, atol=1e-5)
+
+
+def test_clip_guidance_from_the_command_line(tiny_unclip, tmp_path, capsys):
+    den, noisy, clean = tiny_unclip["denoiser"], tiny_unclip["noisy"], tiny_unclip["clip"]
+    for sampler in ("ddpm", "ddim"):
+        code, out, err = _cli(capsys, "sample", den, "--clip", noisy, "--prompt", "a handwritten seven", "--clip-scale", "50",
+                              "--sampler", sampler, "--steps", "3", "--n", "2", "--no-gif", "--out", tmp_path / sampler)
+        assert code == 0, err
+        assert "CLIP scale 50" in out
+    code, out, err = _cli(capsys, "sample", den, "--clip", clean, "--prompt", "a seven", "--steps", "2", "--out", tmp_path / "x")
+    assert code == 2 and "needs a noisy CLIP" in err and err.count("\n") == 1
+    code, out, err = _cli(capsys, "sample", den, "--clip", noisy, "--steps", "2", "--out", tmp_path / "x")
+    assert code == 2 and "give --prompt" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["variations", "{decoder}", "{image}"], "is a 3-channel 12x12 image; the decoder's CLIP embeds 1-channel 8x8 images (add --fit"),
+    (["variations", "{decoder}", "mnist5k:3"], "mnist5k:3 is a 1-channel 28x28 image; the decoder's CLIP embeds 1-channel 8x8"),
+    (["variations", "{decoder}", "mnist5k:3", "--fit"], "the model makes images of shape (1, 8, 8), the image has (1, 28, 28)"),
+    (["unclip", "{decoder}", "{decoder}", "--prompt", "x"], "is a decoder (train.task = 'decoder'), not an unCLIP prior"),
+    (["sample", "{decoder}", "--steps", "2"], "conditioned on CLIP image embeddings"),
+    (["text-diff", "{decoder}", "digits:1", "--from", "a", "--to", "b", "--amounts", "x"], "--amounts takes numbers"),
+])
+def test_bad_unclip_input_gives_one_clear_line(tiny_unclip, tmp_path, capsys, argv, message):
+    from PIL import Image
+
+    image = tmp_path / "rgb.png"
+    Image.new("RGB", (12, 12), (200, 10, 10)).save(image)
+    argv = [a.format(decoder=tiny_unclip["decoder"], image=image) for a in argv]
+    code, out, err = _cli(capsys, *argv, "--out", tmp_path / "o")
+    assert code == 2 and message in err, err
+    assert err.count("\n") == 1
+
+
+def test_a_prior_and_decoder_of_different_embedding_sizes_or_no_prompts_are_refused(tiny_unclip):
+    import ddpmkit
+
+    prior, decoder = ddpmkit.load(tiny_unclip["prior"]), ddpmkit.load(tiny_unclip["decoder"])
+    other = dataclasses.replace(decoder, config=dataclasses.replace(decoder.config, unclip=UnCLIPConfig(embed_dim=16)))
+    with pytest.raises(unclip.UnCLIPError, match="draws 8-dim CLIP embeddings but the decoder .* takes 16-dim ones"):
+        unclip.check_pair(prior, other)
+    with pytest.raises(unclip.UnCLIPError, match="give at least one prompt"):
+        unclip.text_to_embedding(prior, [], 2)
+    with pytest.raises(unclip.UnCLIPError, match="takes 8-dim CLIP image embeddings"):
+        unclip.decode(decoder, torch.zeros(2, 5), steps=2, progress=False)
+
+
+def test_a_decoder_on_a_clip_of_another_size_is_refused_before_training(tiny_unclip, tmp_path):
+    from ddpmkit.config import ConfigError, load_config
+    from ddpmkit.train import train
+
+    cfg = load_config("unclip_decoder", [*TINY, f"unclip.clip={tiny_unclip['clip']}", "unclip.embed_dim=64", "train.steps=1",
+                                         f"train.run_dir={tmp_path / 'd'}"])
+    with pytest.raises(ConfigError, match="embeds into 8 dimensions but unclip.embed_dim = 64; set unclip.embed_dim=8"):
+        train(cfg, progress=False)
