@@ -13,7 +13,7 @@
   clipguide   CLIP guidance of the unconditional demo model toward "a handwritten {digit}", per scale
 
 Judge: the held-out digit classifier of bench/digits_quality.py; FD in its feature space. Writes
-runs/bench/unclip.json and sample grids under runs/bench/unclip/.
+runs/bench/unclip_<sections>.json and sample grids under runs/bench/unclip/.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from ddpmkit.pipelines.guided import GuidanceRequest
 from ddpmkit.process import q_sample
 from ddpmkit.sampling.options import sampler_options
 from ddpmkit.train.clip import ZERO_SHOT_TIMESTEPS, digit_class_texts, zero_shot_logits
-from guidance import score
+from guidance import score  # bench/guidance.py: the judge's accuracy, confidence and FD of samples
 
 
 def captions(labels: torch.Tensor, templates: tuple[str, ...]) -> list[str]:

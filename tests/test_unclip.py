@@ -14,8 +14,8 @@ from ddpmkit.guidance import CLIPGuidance
 from ddpmkit.images import load_image
 from ddpmkit.losses import info_nce
 from ddpmkit.models import DiffusionModel
-from ddpmkit.nets.clip import CLIP
 from ddpmkit.nets.classifier import NoisyClassifier
+from ddpmkit.nets.clip import CLIP
 from ddpmkit.nets.prior import prior_data_scale
 from ddpmkit.pipelines import unclip
 from ddpmkit.schedules import NoiseSchedule
@@ -28,7 +28,7 @@ def test_info_nce_matches_a_brute_force_sum():
     v = F.normalize(torch.randn(B, E, generator=g), dim=-1)
     expected = []
     for i in range(B):
-        logit = lambda a, b: scale * sum(u[a, k].item() * v[b, k].item() for k in range(E))  # noqa: E731
+        logit = lambda a, b: scale * sum(u[a, k].item() * v[b, k].item() for k in range(E))
         image_to_text = -logit(i, i) + math.log(sum(math.exp(logit(i, j)) for j in range(B)))
         text_to_image = -logit(i, i) + math.log(sum(math.exp(logit(j, i)) for j in range(B)))
         expected.append((image_to_text + text_to_image) / 2)

@@ -1,6 +1,6 @@
 """The command line: parsing and printing only; the work is in the library.
 
-    ddpmkit train | train-autoencoder | train-classifier | demo        (cli/train.py)
+    ddpmkit train | train-autoencoder | train-classifier | train-clip | demo   (cli/train.py)
     ddpmkit sample | eval | tune-grid                                   (cli/sample.py)
     ddpmkit sample BASE --then SR | upscale                             (cli/cascade.py)
     ddpmkit img2img | inpaint | posterior | interpolate | voyage        (cli/edit.py)

@@ -1,4 +1,4 @@
-"""`ddpmkit train` (every kind of model), its aliases train-autoencoder / train-classifier, and `demo`."""
+"""`ddpmkit train` (every kind of model), its aliases train-autoencoder / train-classifier / train-clip, and `demo`."""
 from __future__ import annotations
 
 import argparse
@@ -57,7 +57,8 @@ def add_commands(sub) -> None:
     presets = ", ".join(preset_names())
     for name, task, what in (("train", None, "train any model from a config file or preset"),
                              ("train-autoencoder", "autoencoder", "train the KL autoencoder of latent diffusion (= train with train.task=autoencoder)"),
-                             ("train-classifier", "classifier", "train the noisy classifier p(y | x_t) (= train with train.task=classifier)")):
+                             ("train-classifier", "classifier", "train the noisy classifier p(y | x_t) (= train with train.task=classifier)"),
+                             ("train-clip", "clip", "train a CLIP, e.g. the clip or clip_noisy preset (= train with train.task=clip)")):
         t = sub.add_parser(name, help=what)
         t.add_argument("config", help=f"a TOML config file, or a preset: {presets}")
         t.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-3")
