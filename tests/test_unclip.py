@@ -149,6 +149,26 @@ def test_best_of_keeps_the_candidate_closest_to_the_caption():
     torch.testing.assert_close(unclip.best_of(candidates, text), torch.tensor([[2.0, 0.1], [0.0, 0.2]]))
 
 
+def test_text_diffs_move_the_image_embedding_toward_target_minus_source():
+    """theta = 0 is the image's embedding, theta = 1 the direction normalise(z_t(target) - z_t(source));
+    in between, the embedding turns monotonically toward that direction (a swapped sign turns away)."""
+    g = torch.Generator().manual_seed(0)
+    z_i, z_src, z_tgt = F.normalize(torch.randn(3, 5, generator=g), dim=-1)
+    out = unclip.text_diff_embeddings(z_i, z_src, z_tgt, [0.0, 0.3, 0.6, 1.0])
+    z_d = F.normalize(z_tgt - z_src, dim=-1)
+    torch.testing.assert_close(out[0], z_i)
+    torch.testing.assert_close(out[-1], z_d, atol=1e-6, rtol=0)
+    toward = out @ z_d
+    assert bool((toward[1:] > toward[:-1]).all()), toward
+
+
+def test_the_prior_diffuses_embeddings_at_unit_variance_per_coordinate():
+    """sqrt(E) x a unit vector: mean square 1 per coordinate, the scale the schedules assume."""
+    z = F.normalize(torch.randn(1000, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
+    assert prior_data_scale(64) == 8.0
+    torch.testing.assert_close((prior_data_scale(64) * z).pow(2).mean(), torch.tensor(1.0))
+
+
 def test_slerp_stays_on_the_sphere_and_hits_both_ends():
     a = F.normalize(torch.tensor([[1.0, 0.0, 0.0]]), dim=-1)
     b = F.normalize(torch.tensor([[0.0, 1.0, 0.0]]), dim=-1)

@@ -128,7 +128,6 @@ class DiffusionModel(LoadedNetwork):
         """The shape of one output: decoded images for latent models, else data_shape."""
         return tuple(self.autoencoder.image_shape) if self.autoencoder is not None else self.data_shape
 
-
     def encode_prompts(self, prompts: list[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """The model kwargs of prompts: token embeddings and mask (and, for unCLIP's prior, the CLIP text embedding)."""
         tokens = self.text_encoder.encode(prompts)

@@ -26,6 +26,11 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).mean(dim=1)
 
 
+def cycle(values: list, n: int) -> list:
+    """values repeated in turn to length n: cycle([a, b], 3) = [a, b, a]."""
+    return [values[i % len(values)] for i in range(n)]
+
+
 def side(shape) -> str:
     """'HxW' of an image shape (..., H, W), for messages and file names."""
     return "x".join(str(d) for d in tuple(shape)[-2:])

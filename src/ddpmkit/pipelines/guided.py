@@ -16,7 +16,7 @@ import torch
 from ..guidance import ClassifierFreeGuidance, ClassifierGuidance, CLIPGuidance, DynamicThresholding
 from ..models import DiffusionModel, LoadedNetwork, load_classifier, load_clip
 from ..parameterization import ModelFn
-from ..utils import side
+from ..utils import cycle, side
 
 DEFAULT_SCALE = 3.0  # classifier-free guidance scale for conditional models when none is given
 
@@ -40,7 +40,7 @@ class GuidanceRequest:
     def slice(self, start: int, n: int, num_classes: int = 0) -> "GuidanceRequest":
         """The request for samples start .. start+n-1 of a longer run, so that batches cycle the
         classes and prompts as one big batch would. num_classes: the model's (0 = unconditional)."""
-        def cycle(values: list) -> list:
+        def from_start(values: list) -> list:
             return [values[(start + i) % len(values)] for i in range(n)] if values else []
 
         classes = self.classes
@@ -49,7 +49,7 @@ class GuidanceRequest:
         def rows(values: dict | None) -> dict | None:
             return None if values is None else {k: v[start:start + n] for k, v in values.items()}
 
-        return replace(self, classes=cycle(classes), prompts=cycle(self.prompts), conditions=rows(self.conditions), extra=rows(self.extra))
+        return replace(self, classes=from_start(classes), prompts=from_start(self.prompts), conditions=rows(self.conditions), extra=rows(self.extra))
 
     def describe(self) -> str:
         parts = []
@@ -66,10 +66,6 @@ class GuidanceRequest:
         return ", ".join(parts)
 
 
-def _cycle(values: list, n: int) -> list:
-    return [values[i % len(values)] for i in range(n)]
-
-
 def _conditions(m: DiffusionModel, n: int, request: GuidanceRequest, labels: torch.Tensor, device) -> dict[str, torch.Tensor]:
     """The conditional branch's model kwargs for n samples."""
     if request.conditions is not None:
@@ -80,7 +76,7 @@ def _conditions(m: DiffusionModel, n: int, request: GuidanceRequest, labels: tor
     if m.conditioning == "text":
         if not request.prompts:
             raise ValueError("this model is text-conditional: give --prompt \"...\" ('' for unconditional samples)")
-        return m.encode_prompts(_cycle(request.prompts, n), device)
+        return m.encode_prompts(cycle(request.prompts, n), device)
     if m.conditioning == "class":
         if bool(((labels < 0) | (labels >= m.num_classes)).any()):
             raise ValueError(f"--class must lie in 0..{m.num_classes - 1}")
@@ -108,7 +104,7 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
     if request.classes and not (m.conditioning == "class" or request.classifier):
         raise ValueError("--class needs a class-conditional model (network.num_classes > 0) or --classifier for classifier guidance")
     scale = request.scale if request.scale is not None else (0.0 if request.classifier or request.clip else DEFAULT_SCALE)
-    labels = torch.tensor(_cycle(request.classes or list(range(max(m.num_classes, 10))), n), device=device)
+    labels = torch.tensor(cycle(request.classes or list(range(max(m.num_classes, 10))), n), device=device)
     model: ModelFn = m.network
     kwargs: dict = {}
     options: dict = {}
@@ -135,28 +131,32 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
         model = DynamicThresholding(model, m.schedule, m.prediction, request.threshold, m.learned_variance)
     if request.classifier:
         clf = load_classifier(request.classifier, device=device)
-        model, kwargs, options = _gradient_guided(m, clf, ClassifierGuidance(model, clf.network, request.classifier_scale, m.schedule,
-                                                                           m.prediction, m.learned_variance), kwargs, labels, sampler)
+        model, kwargs, options = _gradient_guided(m, clf, ClassifierGuidance(_bound(model, kwargs), clf.network, request.classifier_scale,
+                                                                           m.schedule, m.prediction, m.learned_variance), labels, sampler)
     if request.clip:
         clip = load_clip(request.clip, device=device)
         if not clip.network.noisy:
             raise ValueError(f"CLIP guidance needs a noisy CLIP, whose image tower sees x_t (ddpmkit train clip_noisy); {request.clip} "
                              "was trained on clean images")
-        target = clip.embed_texts(_cycle(request.prompts, n)).to(device)
-        model, kwargs, options = _gradient_guided(m, clip, CLIPGuidance(model, clip.network, request.clip_scale, m.schedule, m.prediction,
-                                                                        m.learned_variance), kwargs, target, sampler)
+        target = clip.embed_texts(cycle(request.prompts, n)).to(device)
+        model, kwargs, options = _gradient_guided(m, clip, CLIPGuidance(_bound(model, kwargs), clip.network, request.clip_scale, m.schedule,
+                                                                        m.prediction, m.learned_variance), target, sampler)
     return model, kwargs, options
 
 
-def _gradient_guided(m: DiffusionModel, guide: LoadedNetwork, guidance: ClassifierGuidance, kwargs: dict, target: torch.Tensor,
+def _bound(model: ModelFn, kwargs: dict) -> ModelFn:
+    """The model with its model kwargs fixed: gradient guidance passes only its own target through."""
+    kwargs = dict(kwargs)
+    return lambda x_t, t, **_: model(x_t, t, **kwargs)
+
+
+def _gradient_guided(m: DiffusionModel, guide: LoadedNetwork, guidance: ClassifierGuidance, target: torch.Tensor,
                      sampler: str) -> tuple[ModelFn, dict, dict]:
-    """Classifier or CLIP guidance of the model in `guidance` (with its model kwargs bound), toward target."""
+    """Classifier or CLIP guidance (of a model with its kwargs bound) toward target, as the sampler takes it."""
     c, d = guide.config.diffusion, m.config.diffusion
     if (c.schedule, c.T, c.zero_terminal_snr) != (d.schedule, d.T, d.zero_terminal_snr):
         raise ValueError(f"the {guide.kind} at {guide.path} was trained with the {c.schedule} schedule, T={c.T}; "
                          f"the model uses {d.schedule}, T={d.T}")
-    base, base_kwargs = guidance.model, dict(kwargs)
-    guidance.model = lambda x_t, t, **_: base(x_t, t, **base_kwargs)
     if sampler == "ddpm":  # Algorithm 1: shift the mean by s * Sigma * grad score
         return guidance.unguided, {guidance.key: target}, {"cond_fn": guidance.cond_fn}
     return guidance, {guidance.key: target}, {}  # Algorithm 2: the eps correction, for every other sampler

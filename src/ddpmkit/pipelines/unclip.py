@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 from ..models import DiffusionModel
 from ..nets.prior import prior_data_scale
+from ..utils import cycle
 from .cascade import Stage, cascade
-from .generate import Generated, generate, resolve_options
+from .generate import Generated, generate
 from .guided import GuidanceRequest
 
 DEFAULT_PRIOR_SCALE = 1.0  # classifier-free guidance of the prior (measured in docs/unclip.md)
@@ -75,7 +76,7 @@ def prior_embeddings(prior: DiffusionModel, prompts: list[str], n: int, scale: f
     _check_kind(prior, "prior")
     if not prompts:
         raise UnCLIPError("give at least one prompt")
-    request = GuidanceRequest(prompts=[prompts[i % len(prompts)] for i in range(n)], scale=scale)
+    request = GuidanceRequest(prompts=cycle(prompts, n), scale=scale)
     options = {"clip_x0": False, **({"eta": 0.0} if sampler == "ddim" else {})}
     out = generate(prior, n, request, sampler, steps, seed, options, batch_size, progress=False, device=device)
     return out.images / prior_data_scale(prior.config.unclip.embed_dim)
@@ -88,7 +89,7 @@ def text_to_embedding(prior: DiffusionModel, prompts: list[str], n: int, scale: 
     by CLIP similarity to its caption: (n, E). Candidate j of sample k uses seed seed * best + k * best + j."""
     if best < 1:
         raise UnCLIPError(f"best of {best}: give 1 or more candidates per sample")
-    prompts = [prompts[i % len(prompts)] for i in range(n)] if prompts else []
+    prompts = cycle(prompts, n) if prompts else []
     candidates = prior_embeddings(prior, [p for p in prompts for _ in range(best)], n * best, scale, sampler, steps, seed * best,
                                   batch_size, device).reshape(n, best, -1)
     chosen = best_of(candidates, prior.encode_prompts(prompts)["text_embed"].cpu()) if best > 1 else candidates[:, 0]
@@ -125,9 +126,8 @@ def text_to_image(prior: DiffusionModel, decoder: DiffusionModel, prompts: list[
     when they are text-conditional). Sample k of stage i uses seed seed + k + i * 2^32."""
     check_pair(prior, decoder)
     embeds = text_to_embedding(prior, prompts, n, prior_scale, best, steps=prior_steps, seed=seed, device=device)
-    _check_kind(decoder, "decoder")
     request = GuidanceRequest(prompts=list(prompts), conditions={"image_embed": embeds})
-    base = Stage(decoder, sampler, steps, scale, options=resolve_options(decoder, options))
+    base = Stage(decoder, sampler, steps, scale, options=options or {})
     outs = cascade([base, *(then or [])], n, request, seed, batch_size, record_every, progress, device)
     return UnCLIPResult(embeds, outs)
 
@@ -152,6 +152,14 @@ def interpolate(decoder: DiffusionModel, a: torch.Tensor, b: torch.Tensor, frame
     return decode(decoder, embeds, seeds=[seed] * frames, **decode_kwargs)
 
 
+def text_diff_embeddings(z_i: torch.Tensor, z_src: torch.Tensor, z_tgt: torch.Tensor, amounts: list[float]) -> torch.Tensor:
+    """DALL-E 2's text diff of an image embedding z_i (E,): slerp(z_i, z_d, theta) with the text
+    direction z_d = normalise(z_t(target) - z_t(source)), one unit vector per theta: (k, E)."""
+    z_d = F.normalize(z_tgt - z_src, dim=-1)
+    k = len(amounts)
+    return F.normalize(slerp(z_i.expand(k, -1), z_d.expand(k, -1), torch.tensor(amounts, dtype=z_i.dtype)), dim=-1)
+
+
 def text_diff(decoder: DiffusionModel, image: torch.Tensor, source: str, target: str, amounts: list[float], seed: int = 0,
               **decode_kwargs) -> Generated:
     """DALL-E 2's text diffs: move the image's embedding z_i toward the text direction
@@ -160,9 +168,6 @@ def text_diff(decoder: DiffusionModel, image: torch.Tensor, source: str, target:
     check_images(decoder, image)
     if not amounts:
         raise UnCLIPError("give at least one amount theta in [0, 1]")
-    z_i = decoder.clip.network.embed_images(image[:1].float())
     z_src, z_tgt = decoder.clip.embed_texts([source, target])
-    z_d = F.normalize(z_tgt - z_src, dim=-1)[None]
-    k = len(amounts)
-    embeds = F.normalize(slerp(z_i.expand(k, -1), z_d.expand(k, -1), torch.tensor(amounts, dtype=torch.float32)), dim=-1)
-    return decode(decoder, embeds, seeds=[seed] * k, **decode_kwargs)
+    embeds = text_diff_embeddings(decoder.clip.network.embed_images(image[:1].float())[0], z_src, z_tgt, amounts)
+    return decode(decoder, embeds, seeds=[seed] * len(amounts), **decode_kwargs)
