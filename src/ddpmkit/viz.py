@@ -9,6 +9,7 @@ from typing import Sequence
 import matplotlib
 import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # draws a figure in memory (the web page's pictures)
 from matplotlib.figure import Figure  # the object API: no pyplot, no global backend to set
 from PIL import Image
 
@@ -22,13 +23,18 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
+def grid_columns(n: int) -> int:
+    """Columns of a near-square grid of n images (the grids' default)."""
+    return max(1, math.ceil(math.sqrt(n)))
+
+
 def make_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 2, upscale: int = 1) -> np.ndarray:
     """Tile images (B, C, H, W) in [-1, 1] into one uint8 image (rows*H', cols*W', C)."""
     imgs = to_uint8(x)
     if upscale > 1:
         imgs = imgs.repeat(upscale, axis=1).repeat(upscale, axis=2)
     B, H, W, C = imgs.shape
-    cols = nrow or max(1, math.ceil(math.sqrt(B)))
+    cols = nrow or grid_columns(B)
     rows = math.ceil(B / cols)
     grid = np.full((rows * (H + pad) + pad, cols * (W + pad) + pad, C), 255, dtype=np.uint8)
     for i, im in enumerate(imgs):
@@ -106,8 +112,9 @@ def radial_power_spectrum(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return centers[keep][1:].numpy(), (totals[keep] / counts[keep])[1:].numpy()  # drop DC
 
 
-def plot_spectra(spectra: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "") -> Path:
-    fig = Figure(figsize=(5, 4), dpi=100)
+def spectra_figure(spectra: dict[str, tuple[np.ndarray, np.ndarray]], title: str = "", size: tuple[float, float] = (5, 4)) -> Figure:
+    """Log-log curves of radially averaged power spectra {label: (frequencies, power)}."""
+    fig = Figure(figsize=size, dpi=100)
     ax = fig.subplots()
     cmap = matplotlib.colormaps["viridis"]
     for i, (label, (f, p)) in enumerate(spectra.items()):
@@ -116,10 +123,37 @@ def plot_spectra(spectra: dict[str, tuple[np.ndarray, np.ndarray]], path: str | 
     ax.set_ylabel("power")
     ax.set_title(title)
     ax.legend(fontsize=8)
+    return fig
+
+
+def plot_spectra(spectra: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "") -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
+    spectra_figure(spectra, title).savefig(path, bbox_inches="tight")
     return path
+
+
+def figure_array(fig: Figure) -> np.ndarray:
+    """A matplotlib figure rendered in memory: uint8 (H, W, 3)."""
+    canvas = FigureCanvasAgg(fig)
+    fig.set_layout_engine("tight")  # keep the axis labels inside the picture
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def forward_process_at(x0: torch.Tensor, schedule: NoiseSchedule, t: int, seed: int = 0, draws: int = 16) -> tuple[torch.Tensor, Figure]:
+    """One frame of the forward process for an interactive view: x_t ~ q(x_t | x_0) of one image
+    x0: (1, C, H, W) at timestep t with the seed's noise, and the figure of x_t's radially averaged
+    power spectrum (over `draws` noise draws) against x_0's and pure noise's."""
+    if not 0 <= t < schedule.T:
+        raise ValueError(f"t must lie in 0..{schedule.T - 1}, got {t}")
+    g = torch.Generator().manual_seed(seed)
+    eps = torch.randn((draws, *x0.shape[1:]), generator=g)
+    x_t = q_sample(x0.expand_as(eps), torch.full((draws,), t), schedule, eps)
+    ab = float(schedule.alpha_bar[t])
+    spectra = {"x_0": radial_power_spectrum(x0), f"x_t, t={t}": radial_power_spectrum(x_t), "noise": radial_power_spectrum(eps)}
+    fig = spectra_figure(spectra, f"sqrt(alpha_bar) = {ab ** 0.5:.3f}, SNR = {ab / max(1 - ab, 1e-12):.3g}", size=(4.5, 3.4))
+    return x_t[:1], fig
 
 
 def forward_process_figures(x0: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int], out: str | Path, seed: int = 0,

@@ -6,6 +6,7 @@
     ddpmkit img2img | inpaint | posterior | interpolate | voyage        (cli/edit.py)
     ddpmkit forward                                                     (cli/forward.py)
     ddpmkit unclip | variations | unclip-interpolate | text-diff        (cli/unclip.py)
+    ddpmkit serve                                                       (cli/serve.py, the web page)
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from ..config import ConfigError
 from ..data import DataError
 from ..text import TextEncoderError
 from ..train import TrainingError
-from . import cascade, edit, forward, sample, train, unclip
+from . import cascade, edit, forward, sample, serve, train, unclip
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, TextEncoderError, ValueError, FileNotFoundError)
 
@@ -25,7 +26,7 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, TextEncod
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ddpmkit", description="Denoising diffusion models: train, sample, look.")
     sub = p.add_subparsers(dest="command", required=True)
-    for module in (train, sample, cascade, forward, edit, unclip):
+    for module in (train, sample, cascade, forward, edit, unclip, serve):
         module.add_commands(sub)
     return p
 

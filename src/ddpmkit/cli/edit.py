@@ -8,12 +8,11 @@ from pathlib import Path
 import torch
 
 from .. import viz
-from ..editing import img2img, inpaint, interpolate_images, interpolate_seeds, lerp_condition, posterior_samples, seed_noise
 from ..images import MASK_HALVES, load_image_as, make_mask
 from ..models import DiffusionModel, load_diffusion
-from ..pipelines.guided import GuidanceRequest, guided_model
+from ..pipelines.edit import edit_img2img, edit_inpaint, edit_posterior, interpolation_images, interpolation_prompts, interpolation_seeds
 from ..pipelines.voyage import read_keyframes, render_voyage
-from ..sampling import SAMPLERS, sample
+from ..sampling import SAMPLERS
 from .common import add_guidance_args, guidance_request
 
 try:  # optional: MP4 output of the voyage
@@ -22,12 +21,9 @@ except ImportError:
     imageio = None
 
 
-def _model_and_image(args: argparse.Namespace, n: int):
-    """The model, the model/kwargs/options for n samples as requested, the image and the image in model space."""
+def _model_image(args: argparse.Namespace) -> tuple[DiffusionModel, torch.Tensor]:
     m = load_diffusion(args.checkpoint)
-    image = load_image_as(args.image, m.image_shape)
-    model, kwargs, options = guided_model(m, n, guidance_request(args), args.sampler)
-    return m, image, m.encode(image), model, kwargs, options
+    return m, load_image_as(args.image, m.image_shape)
 
 
 def _strip(rows: list[torch.Tensor], path: Path, nrow: int) -> None:
@@ -36,61 +32,38 @@ def _strip(rows: list[torch.Tensor], path: Path, nrow: int) -> None:
 
 
 def cmd_img2img(args: argparse.Namespace) -> None:
-    m, image, z, model, kwargs, options = _model_and_image(args, args.n)
-    out = img2img(model, z.expand(args.n, *z.shape[1:]), m.schedule, args.strength, sampler=args.sampler, steps=args.steps,
-                  generator=args.seed, prediction=m.prediction, model_kwargs=kwargs, **options)
-    _strip([image, m.decode(out.x)], Path(args.out) / "img2img.png", args.n + 1)
+    m, image = _model_image(args)
+    out = edit_img2img(m, image, args.n, args.strength, guidance_request(args), args.sampler, args.steps, args.seed)
+    _strip([image, out], Path(args.out) / "img2img.png", args.n + 1)
 
 
 def cmd_inpaint(args: argparse.Namespace) -> None:
-    m, image, _, model, kwargs, _ = _model_and_image(args, args.n)
-    if m.autoencoder is not None:
-        raise ValueError("inpainting runs on pixel-space models (the mask is in pixels); use a pixel model")
+    m, image = _model_image(args)
     mask = make_mask(args.mask, image.shape)
-    x = inpaint(model, image.expand(args.n, *image.shape[1:]), mask, m.schedule, steps=args.steps, resample=args.resample,
-                generator=args.seed, prediction=m.prediction, model_kwargs=kwargs)
+    x = edit_inpaint(m, image, mask, args.n, guidance_request(args), args.steps, args.resample, args.seed)
     _strip([image, image * mask, x], Path(args.out) / "inpaint.png", args.n + 2)
 
 
 def cmd_posterior(args: argparse.Namespace) -> None:
-    m, image, z, model, kwargs, _ = _model_and_image(args, args.n)
-    x_t, xs = posterior_samples(model, z, args.t, args.n, m.schedule, steps=args.steps, seed=args.seed,
-                                prediction=m.prediction, model_kwargs=kwargs)
-    shown_x_t = x_t.clamp(-1, 1) if m.autoencoder is None else torch.zeros_like(image)  # a noisy latent is no picture
-    _strip([image, shown_x_t, m.decode(xs)], Path(args.out) / f"posterior_t{args.t}.png", args.n + 2)
-
-
-def _prompt_request(m: DiffusionModel, args: argparse.Namespace) -> GuidanceRequest:
-    """--prompts A B: the conditions along the line between the two prompts' embeddings."""
-    if m.conditioning != "text":
-        raise ValueError("--prompts needs a text-conditional model")
-    ca, cb = m.encode_prompts([args.prompts[0]]), m.encode_prompts([args.prompts[1]])
-    conds = [lerp_condition(ca, cb, float(a)) for a in torch.linspace(0, 1, args.n)]
-    request = guidance_request(args)
-    request.conditions = {k: torch.cat([c[k] for c in conds]) for k in ca}
-    return request
+    m, image = _model_image(args)
+    shown_x_t, xs = edit_posterior(m, image, args.t, args.n, guidance_request(args), args.steps, args.seed)
+    _strip([image, shown_x_t, xs], Path(args.out) / f"posterior_t{args.t}.png", args.n + 2)
 
 
 def cmd_interpolate(args: argparse.Namespace) -> None:
     m = load_diffusion(args.checkpoint)
     out = Path(args.out)
     seeds = [int(s) for s in (args.seeds or "0,1").split(",")]
+    request = guidance_request(args)
     if args.images:
-        a, b = (m.encode(load_image_as(s, m.image_shape)) for s in args.images.split(","))
-        model, kwargs, _ = guided_model(m, args.n, guidance_request(args), "ddpm")
-        x = interpolate_images(model, a, b, args.t, args.n, m.schedule, seed=args.seed, steps=args.steps,
-                               prediction=m.prediction, model_kwargs=kwargs)
-        return _strip([m.decode(x)], out / f"interpolate_images_t{args.t}.png", args.n)
+        a, b = (load_image_as(s, m.image_shape) for s in args.images.split(","))
+        x = interpolation_images(m, a, b, args.t, args.n, request, args.steps, args.seed)
+        return _strip([x], out / f"interpolate_images_t{args.t}.png", args.n)
     if args.prompts:
-        model, kwargs, options = guided_model(m, args.n, _prompt_request(m, args), args.sampler)
-        x_T = seed_noise(seeds[0], m.data_shape).expand(args.n, *m.data_shape)
-        x = sample(model, x_T.shape, m.schedule, sampler=args.sampler, steps=args.steps, x_T=x_T, generator=0,
-                   model_kwargs=kwargs, **m.sample_kwargs, **options).x
-        return _strip([m.decode(x)], out / "interpolate_prompts.png", args.n)
-    model, kwargs, _ = guided_model(m, args.n, guidance_request(args), args.sampler)
-    x = interpolate_seeds(model, seeds[0], seeds[1], args.n, m.data_shape, m.schedule, sampler=args.sampler,
-                          steps=args.steps, prediction=m.prediction, model_kwargs=kwargs)
-    _strip([m.decode(x)], out / f"interpolate_seeds_{seeds[0]}_{seeds[1]}.png", args.n)
+        x = interpolation_prompts(m, args.prompts[0], args.prompts[1], args.n, seeds[0], request, args.sampler, args.steps)
+        return _strip([x], out / "interpolate_prompts.png", args.n)
+    x = interpolation_seeds(m, seeds[0], seeds[1], args.n, request, args.sampler, args.steps)
+    _strip([x], out / f"interpolate_seeds_{seeds[0]}_{seeds[1]}.png", args.n)
 
 
 def cmd_voyage(args: argparse.Namespace) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -37,9 +38,12 @@ def resolve_options(m: DiffusionModel, options: dict | None) -> dict:
 
 def generate(m: DiffusionModel, n: int, request: GuidanceRequest | None = None, sampler: str = "ddpm", steps: int | None = None,
              seed: int = 0, options: dict | None = None, batch_size: int = 250, record_every: int = 0, progress: bool = True,
-             device: str | torch.device = "cpu", seeds: list[int] | None = None) -> Generated:
+             device: str | torch.device = "cpu", seeds: list[int] | None = None,
+             callback: Callable[[dict], None] | None = None) -> Generated:
     """n samples of m as requested, in chunks of batch_size. seeds: sample k's seed (default seed + k;
-    one seed for every sample gives them the same noise, e.g. frames of an interpolation)."""
+    one seed for every sample gives them the same noise, e.g. frames of an interpolation).
+    callback: called after every step of every chunk with the sampler's step info (x, x0 in the
+    model's space, i = steps left) plus "start" (the chunk's first sample) and "n"."""
     if n < 1 or batch_size < 1:
         raise ValueError(f"n = {n} and batch_size = {batch_size} must be >= 1")
     seeds = list(range(seed, seed + n)) if seeds is None else list(seeds)
@@ -53,6 +57,7 @@ def generate(m: DiffusionModel, n: int, request: GuidanceRequest | None = None, 
         model, kwargs, extra = guided_model(m, b, request.slice(start, b, m.num_classes), sampler, device)
         res = sample(model, (b, *m.data_shape), m.schedule, sampler=sampler, steps=steps, generator=seeds[start:start + b],
                      record_every=record_every, progress=progress, model_kwargs=kwargs, device=device, **m.sample_kwargs,
+                     callback=None if callback is None else lambda info, s=start: callback({**info, "start": s, "n": n}),
                      **options, **extra)
         images.append(m.decode(res.x).cpu())
         xs.append([m.decode(x) for x in res.xs])

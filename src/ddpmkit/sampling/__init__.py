@@ -71,6 +71,7 @@ def sample(
     device: torch.device | str | None = None,
     progress: bool = False,
     x_T: torch.Tensor | None = None,
+    callback: Callable[[dict], None] | None = None,
     **sampler_options,
 ) -> SampleResult:
     """Draw samples of shape (B, *dims) from a diffusion model.
@@ -84,6 +85,8 @@ def sample(
     generator: an int seed s (sample k uses seed s + k, so it does not depend on the batch size),
         a list of per-sample seeds, a torch.Generator, or None for the global RNG.
     record_every: keep x_t and predicted x_0 every this many steps (0 = none) for pictures.
+    callback: called after every step with {"i": steps left, "t", "x": x_t, "x0": predicted x_0}
+        (live previews, progress, cancelling by raising).
     sampler_options: passed to the sampler: grid= (a name in GRIDS or a tensor of timesteps),
         variance= and clip_x0= for 'ddpm', eta= for 'ddim' and the SDE solvers, order=, rtol=...
     """
@@ -110,6 +113,8 @@ def sample(
             result.timesteps.append(info["t"])
             result.xs.append(info["x"].detach().cpu())
             result.x0s.append(info["x0"].detach().cpu())
+        if callback is not None:
+            callback(info)
 
     with torch.no_grad():
         result.x = SAMPLERS[sampler](

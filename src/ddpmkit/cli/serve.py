@@ -1,0 +1,27 @@
+"""`ddpmkit serve`: the web page (gradio) on a loopback port."""
+from __future__ import annotations
+
+import argparse
+
+from ..web.limits import Limits
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        from ..web.server import serve  # the web face needs the optional gradio extra: imported only for this command
+    except ImportError as e:
+        raise ValueError(f"the web page needs gradio: pip install 'ddpmkit[web]' ({e})") from None
+    print(f"serving {args.runs or ['runs']} on http://{args.host}:{args.port} (Ctrl+C stops)")
+    serve(args.runs or ["runs"], host=args.host, port=args.port, concurrency=args.concurrency,
+          limits=Limits(max_steps=args.max_steps, max_images=args.max_images))
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("serve", help="a web page: generate with a live preview, the forward process, edit, interpolate")
+    s.add_argument("runs", nargs="*", help="run folders, or folders of runs (default: ./runs)")
+    s.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines too")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--concurrency", type=int, default=1, help="sampling requests run at once; the others queue")
+    s.add_argument("--max-steps", type=int, default=1000, help="steps one request may ask for")
+    s.add_argument("--max-images", type=int, default=64, help="images one request may ask for")
+    s.set_defaults(func=cmd_serve)

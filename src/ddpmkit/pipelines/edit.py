@@ -1,0 +1,88 @@
+"""Editing a loaded model's images in one call each, through the one guidance door: SDEdit
+img2img, RePaint inpainting, posterior samples from one x_t, and interpolation between seeds,
+images or prompts. The CLI (`ddpmkit img2img ...`) and the web page both call these.
+
+    m = ddpmkit.load("runs/mnist")
+    edited = edit_img2img(m, load_image_as("mnist5k:0", m.image_shape), n=4, strength=0.5)
+
+Images come in and go out in data space, (B, C, H, W) in [-1, 1]; latent models encode and
+decode on the way.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from ..editing import img2img, inpaint, interpolate_images, interpolate_seeds, lerp_condition, posterior_samples, seed_noise
+from ..models import DiffusionModel
+from ..sampling import sample
+from .guided import GuidanceRequest, guided_model
+
+
+def edit_img2img(m: DiffusionModel, image: torch.Tensor, n: int, strength: float = 0.5, request: GuidanceRequest | None = None,
+                 sampler: str = "ddim", steps: int = 50, seed: int = 0) -> torch.Tensor:
+    """n SDEdit variations of one image: (1, C, H, W) -> (n, C, H, W)."""
+    model, kwargs, options = guided_model(m, n, request, sampler)
+    z = m.encode(image)
+    out = img2img(model, z.expand(n, *z.shape[1:]), m.schedule, strength, sampler=sampler, steps=steps, generator=seed,
+                  model_kwargs=kwargs, **m.sample_kwargs, **options)
+    return m.decode(out.x)
+
+
+def edit_inpaint(m: DiffusionModel, image: torch.Tensor, mask: torch.Tensor, n: int, request: GuidanceRequest | None = None,
+                 steps: int = 100, resample: int = 5, seed: int = 0) -> torch.Tensor:
+    """n RePaint completions of one image: (1, C, H, W), mask (1, 1, H, W) with 1 = keep -> (n, C, H, W)."""
+    if m.autoencoder is not None:
+        raise ValueError("inpainting runs on pixel-space models (the mask is in pixels); use a pixel model")
+    if tuple(mask.shape[-2:]) != tuple(image.shape[-2:]):
+        raise ValueError(f"the mask is {tuple(mask.shape[-2:])} pixels, the image {tuple(image.shape[-2:])}")
+    model, kwargs, _ = guided_model(m, n, request, "ddpm")
+    return inpaint(model, image.expand(n, *image.shape[1:]), mask, m.schedule, steps=steps, resample=resample, generator=seed,
+                   prediction=m.prediction, model_kwargs=kwargs)
+
+
+def edit_posterior(m: DiffusionModel, image: torch.Tensor, t: int, n: int, request: GuidanceRequest | None = None,
+                   steps: int = 100, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise one image to x_t once and draw n samples of p(x_0 | x_t). Returns (x_t as a picture
+    (1, C, H, W): zeros for latent models, whose noisy latent is no picture; samples (n, C, H, W))."""
+    if not 0 < t < m.schedule.T:
+        raise ValueError(f"t must lie in 1..{m.schedule.T - 1}, got {t}")
+    model, kwargs, _ = guided_model(m, n, request, "ddpm")
+    x_t, xs = posterior_samples(model, m.encode(image), t, n, m.schedule, steps=steps, seed=seed, prediction=m.prediction,
+                                model_kwargs=kwargs)
+    shown = x_t.clamp(-1, 1) if m.autoencoder is None else torch.zeros_like(image)
+    return shown, m.decode(xs)
+
+
+def interpolation_seeds(m: DiffusionModel, seed_a: int, seed_b: int, n: int, request: GuidanceRequest | None = None,
+                        sampler: str = "ddim", steps: int = 50) -> torch.Tensor:
+    """n samples along the slerp from seed_a's x_T to seed_b's: (n, C, H, W)."""
+    model, kwargs, _ = guided_model(m, n, request, sampler)
+    x = interpolate_seeds(model, seed_a, seed_b, n, m.data_shape, m.schedule, sampler=sampler, steps=steps,
+                          prediction=m.prediction, model_kwargs=kwargs)
+    return m.decode(x)
+
+
+def interpolation_images(m: DiffusionModel, a: torch.Tensor, b: torch.Tensor, t: int, n: int, request: GuidanceRequest | None = None,
+                         steps: int = 50, seed: int = 0) -> torch.Tensor:
+    """DDPM Fig. 8: two images (1, C, H, W) noised to x_t with the same noise, mixed, denoised: (n, C, H, W)."""
+    model, kwargs, _ = guided_model(m, n, request, "ddpm")
+    x = interpolate_images(model, m.encode(a), m.encode(b), t, n, m.schedule, seed=seed, steps=steps, prediction=m.prediction,
+                           model_kwargs=kwargs)
+    return m.decode(x)
+
+
+def interpolation_prompts(m: DiffusionModel, prompt_a: str, prompt_b: str, n: int, seed: int = 0, request: GuidanceRequest | None = None,
+                          sampler: str = "ddim", steps: int = 50) -> torch.Tensor:
+    """n samples from one seed's x_T along the line between two prompts' embeddings: (n, C, H, W)."""
+    if m.conditioning != "text":
+        raise ValueError(f"interpolating prompts needs a text-conditional model; {m.path} is conditioned on {m.conditioning}")
+    ca, cb = m.encode_prompts([prompt_a]), m.encode_prompts([prompt_b])
+    conds = [lerp_condition(ca, cb, float(w)) for w in torch.linspace(0, 1, n)]
+    request = replace(request or GuidanceRequest(), conditions={k: torch.cat([c[k] for c in conds]) for k in ca})
+    model, kwargs, options = guided_model(m, n, request, sampler)
+    x_T = seed_noise(seed, m.data_shape).expand(n, *m.data_shape)
+    x = sample(model, x_T.shape, m.schedule, sampler=sampler, steps=steps, x_T=x_T, generator=0, model_kwargs=kwargs,
+               **m.sample_kwargs, **options).x
+    return m.decode(x)

@@ -1,0 +1,277 @@
+"""What each control of the page does, as plain functions of plain values: check the input
+against the limits, call the library, and return pictures, files and the CLI command that
+reproduces the result. No gradio here, so the page's layout (app.py) stays a layout."""
+from __future__ import annotations
+
+import queue
+import shlex
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import viz
+from ..images import load_image, load_image_as, make_mask
+from ..models import DiffusionModel
+from ..pipelines.edit import edit_img2img, edit_inpaint, edit_posterior, interpolation_images, interpolation_prompts, interpolation_seeds
+from ..pipelines.generate import Generated, generate, save_generated
+from ..pipelines.guided import GuidanceRequest
+from ..pipelines.voyage import render_voyage
+from ..sampling.grids import GRIDS
+from ..sampling.options import sampler_options
+from ..schedules import NoiseSchedule
+from .limits import Limits, check_sampler
+from .shelf import Shelf
+
+PREVIEW_UPSCALE = 4  # the models are small (8x8 .. 64x64): show pixels big enough to see
+DEFAULT_GRID = "default"  # the sampler's own grid, as the CLI without --grid
+
+
+class Cancelled(Exception):
+    """Raised inside the sampler's step callback when the visitor pressed Cancel."""
+
+
+@dataclass
+class Settings:
+    """What a generate request asks for, checked."""
+
+    run: str
+    n: int
+    sampler: str
+    steps: int
+    grid: str | None
+    seed: int
+    request: GuidanceRequest
+    condition: str = ""  # what the visitor typed, as the CLI flag it becomes
+    extra_flags: list[str] = field(default_factory=list)
+
+    def command(self) -> str:
+        """The `ddpmkit sample` command that draws the same images."""
+        flags = ["ddpmkit", "sample", self.run, "--n", str(self.n), "--sampler", self.sampler, "--steps", str(self.steps)]
+        if self.grid:
+            flags += ["--grid", self.grid]
+        flags += ["--seed", str(self.seed), *self.extra_flags, "--out", "samples"]
+        return shlex.join(flags)
+
+
+def picture(x: torch.Tensor, upscale: int = PREVIEW_UPSCALE, nrow: int | None = None) -> np.ndarray:
+    """Images (B, C, H, W) in [-1, 1] as one uint8 grid the page shows: (H', W') grey or (H', W', 3)."""
+    grid = viz.make_grid(x, nrow=nrow, upscale=upscale)
+    return grid[..., 0] if grid.shape[-1] == 1 else grid
+
+
+class Actions:
+    """The page's work, one method per button, on the models of a shelf."""
+
+    def __init__(self, shelf: Shelf, limits: Limits | None = None, work_dir: str | Path | None = None):
+        self.shelf, self.limits = shelf, limits or Limits()
+        self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="ddpmkit-web-"))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+
+    def _folder(self, what: str) -> Path:
+        """A fresh folder per request, so that concurrent visitors never share files."""
+        return Path(tempfile.mkdtemp(prefix=f"{what}-", dir=self.work_dir))
+
+    # -- models -------------------------------------------------------------------------------
+    def describe(self, run: str) -> tuple[str, str, str]:
+        """(a line about the model, the label of the class/prompt box, its placeholder)."""
+        m = self.shelf.get(run)
+        c, shape = m.conditioning, "x".join(map(str, m.image_shape))
+        space = f"latent {'x'.join(map(str, m.data_shape))} decoded to {shape}" if m.autoencoder is not None else shape
+        about = (f"**{run}**: step {m.step}, {space} images, {m.prediction} prediction, "
+                 f"{m.config.diffusion.schedule} schedule, T = {m.schedule.T}; ")
+        if c == "class":
+            return about + f"class-conditional ({m.num_classes} classes)", "class", f"class numbers 0..{m.num_classes - 1}, e.g. 7 or 0,1,2 (empty: all in turn)"
+        if c == "text":
+            return about + "text-conditional", "prompt", "a prompt, e.g. a handwritten seven"
+        return about + "unconditional", "class or prompt (this model takes none)", "leave empty: the model is unconditional"
+
+    def request(self, m: DiffusionModel, condition: str, guidance: float | None) -> tuple[GuidanceRequest, list[str]]:
+        """The GuidanceRequest for what the visitor typed, and the CLI flags that say the same."""
+        condition = self.limits.prompt(condition)
+        if m.conditioning == "none":
+            if condition:
+                raise ValueError(f"this model is unconditional: it takes no class or prompt (got {condition!r})")
+            return GuidanceRequest(), []
+        if guidance is None or not 0 <= guidance <= 30:
+            raise ValueError(f"the guidance scale must lie in 0..30, got {guidance}")
+        flags = ["--guidance", f"{guidance:g}"]
+        if m.conditioning == "class":
+            try:
+                classes = [int(c) for c in condition.replace(" ", "").split(",")] if condition else []
+            except ValueError:
+                raise ValueError(f"this model takes class numbers 0..{m.num_classes - 1} (e.g. 7 or 0,1,2), not a prompt: {condition!r}") from None
+            bad = [c for c in classes if not 0 <= c < m.num_classes]
+            if bad:
+                raise ValueError(f"classes {bad} are not among this model's 0..{m.num_classes - 1}")
+            return GuidanceRequest(classes=classes, scale=guidance), (["--class", ",".join(map(str, classes))] if classes else []) + flags
+        if m.conditioning == "text":
+            if not condition:
+                raise ValueError("this model is text-conditional: type a prompt")
+            return GuidanceRequest(prompts=[condition], scale=guidance), ["--prompt", condition] + flags
+        raise ValueError(f"{m.path} is conditioned on {m.conditioning}; the page serves class, text and unconditional models")
+
+    def settings(self, run: str, condition: str, sampler: str, steps: float, grid: str, guidance: float | None, seed: float,
+                 n: float) -> tuple[DiffusionModel, Settings]:
+        m = self.shelf.get(run)
+        grid = None if grid in (None, "", DEFAULT_GRID) else grid
+        if grid is not None and grid not in GRIDS:
+            raise ValueError(f"unknown grid {grid!r}; choose one of {[DEFAULT_GRID, *GRIDS]}")
+        request, flags = self.request(m, condition, guidance)
+        s = Settings(run, self.limits.images(n), check_sampler(sampler), self.limits.steps(steps), grid, self.limits.seed(seed),
+                     request, condition, flags)
+        if s.steps > m.schedule.T:
+            raise ValueError(f"this model has T = {m.schedule.T} steps; steps must lie in 1..{m.schedule.T}")
+        return m, s
+
+    # -- generate -----------------------------------------------------------------------------
+    def generate(self, s: Settings, cancel: threading.Event | None = None, preview_every_s: float = 0.2) -> Iterator[dict]:
+        """Sample as `ddpmkit sample` would, in a worker thread, yielding
+        {"progress": (done, total), "x_t": picture, "x0": picture} while it runs and finally
+        {"result": grid.png, "files": [...], "command": str, "seed": int}. Setting `cancel` stops
+        it at the next step (then it raises Cancelled)."""
+        m = self.shelf.get(s.run)
+        cancel = cancel or threading.Event()
+        events: queue.Queue = queue.Queue()
+        shown = min(s.n, 16)
+
+        def on_step(info: dict) -> None:
+            if cancel.is_set():
+                raise Cancelled()
+            events.put(("step", info))
+
+        def work() -> None:
+            try:
+                options = sampler_options(s.sampler, s.grid)
+                out = generate(m, s.n, s.request, s.sampler, s.steps, s.seed, options, record_every=max(1, s.steps // 50),
+                               progress=False, callback=on_step)
+                events.put(("done", out))
+            except BaseException as e:  # noqa: BLE001 -- handed to the page's thread, which re-raises it
+                events.put(("error", e))
+
+        threading.Thread(target=work, daemon=True, name="ddpmkit-generate").start()
+        last = 0.0
+        while True:
+            kind, value = events.get()
+            if kind == "error":
+                raise value
+            if kind == "done":
+                break
+            done = s.steps - value["i"]
+            now = time.monotonic()
+            if now - last >= preview_every_s or value["i"] == 0:
+                last = now
+                x, x0 = value["x"][:shown], value["x0"][:shown]
+                yield {"progress": (done, s.steps), "x_t": picture(m.decode(x).clamp(-1, 1)), "x0": picture(m.decode(x0))}
+        out: Generated = value
+        folder = save_generated(out, self._folder("generate"), s.seed, gif=True)
+        files = [folder / "grid.png", folder / "reverse_process.gif", folder / "predicted_x0.gif"]
+        yield {"result": picture(out.images, nrow=viz.grid_columns(len(out.images))), "files": [str(f) for f in files if f.exists()], "command": s.command(),
+               "seed": s.seed, "nfe": out.nfe}
+
+    # -- forward process ----------------------------------------------------------------------
+    def source(self, upload: str | None, digit: float | None, shape: tuple[int, ...] | None = None) -> tuple[torch.Tensor, str]:
+        """An uploaded file (checked) or a digit of the built-in mnist5k, as (1, C, H, W) in [-1, 1]
+        (in the model's shape when given), and how to name it on the command line."""
+        if upload:
+            path = str(self.limits.upload(upload))
+            return (load_image_as(path, shape) if shape else load_image(path)), "image.png"
+        spec = f"mnist5k:{self.limits.whole(digit, 'digit index', 0, 4999)}"
+        return (load_image_as(spec, shape) if shape else load_image(spec)), spec
+
+    def forward(self, upload: str | None, digit: float | None, schedule: str, t: float, seed: float = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+        """(x_0, x_t, spectrum figure, caption) for the forward-process tab."""
+        x0, _ = self.source(upload, digit)
+        sched = NoiseSchedule.from_name(schedule, 1000)
+        t = self.limits.whole(t, "t", 0, sched.T - 1)
+        x_t, fig = viz.forward_process_at(x0, sched, t, seed=int(seed or 0))
+        upscale = max(1, 224 // x0.shape[-1])
+        ab = float(sched.alpha_bar[t])
+        caption = f"x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps at t = {t}, {schedule} schedule: alpha_bar_t = {ab:.4f}"
+        return picture(x0, upscale, 1), picture(x_t, upscale, 1), viz.figure_array(fig), caption
+
+    # -- edit ---------------------------------------------------------------------------------
+    def edit(self, run: str, upload: str | None, digit: float | None, mode: str, strength: float, t: float, mask: str,
+             drawn: np.ndarray | None, condition: str, guidance: float | None, sampler: str, steps: float, seed: float,
+             n: float) -> tuple[np.ndarray, str]:
+        """img2img, inpaint or posterior on one image: (a strip [input, (masked / x_t), outputs], the command)."""
+        m = self.shelf.get(run)
+        image, spec = self.source(upload, digit, m.image_shape)
+        request, flags = self.request(m, condition, guidance)
+        n, steps, seed, sampler = self.limits.images(n), self.limits.steps(steps), self.limits.seed(seed), check_sampler(sampler)
+        common = ["--n", str(n), "--steps", str(steps), "--seed", str(seed), *flags]
+        if mode == "img2img":
+            if not 0 < strength <= 1:
+                raise ValueError(f"strength must lie in (0, 1], got {strength}")
+            out = edit_img2img(m, image, n, strength, request, sampler, steps, seed)
+            rows, cmd = [image, out], ["img2img", run, spec, "--strength", f"{strength:g}", "--sampler", sampler, *common]
+        elif mode == "inpaint":
+            keep = self.mask(mask, drawn, image.shape)
+            out = edit_inpaint(m, image, keep, n, request, steps, seed=seed)
+            rows, cmd = [image, image * keep, out], ["inpaint", run, spec, "--mask", mask if mask != "drawn" else "mask.png", *common]
+        elif mode == "posterior":
+            t = self.limits.whole(t, "t", 1, m.schedule.T - 1)
+            x_t, out = edit_posterior(m, image, t, n, request, steps, seed)
+            rows, cmd = [image, x_t, out], ["posterior", run, spec, "--t", str(t), *common]
+        else:
+            raise ValueError(f"unknown edit {mode!r}; choose img2img, inpaint or posterior")
+        strip = torch.cat(rows)
+        return picture(strip, nrow=len(strip)), shlex.join(["ddpmkit", *cmd])
+
+    @staticmethod
+    def canvas(image: torch.Tensor, size: int = 256) -> np.ndarray:
+        """An image (1, C, H, W) enlarged to about size pixels, RGB, for painting a mask on."""
+        arr = picture(image, upscale=max(1, size // image.shape[-1]), nrow=1)
+        return np.repeat(arr[..., None], 3, axis=-1) if arr.ndim == 2 else arr
+
+    @staticmethod
+    def mask(choice: str, drawn: np.ndarray | None, shape: torch.Size) -> torch.Tensor:
+        """The inpainting mask (1, 1, H, W), 1 = keep: a half, or what was painted over the image in the page."""
+        if choice != "drawn":
+            return make_mask(choice, shape)
+        if drawn is None or drawn.ndim != 3 or drawn.shape[-1] != 4 or not drawn[..., 3].any():
+            raise ValueError("paint over the part to fill in the mask editor (or choose a half)")
+        painted = torch.from_numpy(drawn[..., 3] > 0).float()[None, None]
+        painted = torch.nn.functional.interpolate(painted, size=tuple(shape[-2:]), mode="area")
+        return (painted < 0.25).float()  # a pixel mostly painted over is filled in
+
+    # -- interpolate / voyage -----------------------------------------------------------------
+    def interpolate(self, run: str, mode: str, seed_a: float, seed_b: float, digit_a: float, digit_b: float, t: float,
+                    prompt_a: str, prompt_b: str, keyframes: list[list], frames: float, condition: str, guidance: float | None,
+                    sampler: str, steps: float) -> tuple[str, np.ndarray]:
+        """Frames between two seeds, two images, two prompts, or through (seed, prompt) keyframes: (GIF path, strip)."""
+        m = self.shelf.get(run)
+        frames, steps, sampler = self.limits.frames(frames), self.limits.steps(steps), check_sampler(sampler)
+        if mode == "seeds":
+            request, _ = self.request(m, condition, guidance)
+            a, b = self.limits.seed(seed_a), self.limits.seed(seed_b)
+            x = interpolation_seeds(m, a, b, frames, request, sampler, steps)
+        elif mode == "images":
+            request, _ = self.request(m, condition, guidance)
+            a, _ = self.source(None, digit_a, m.image_shape)
+            b, _ = self.source(None, digit_b, m.image_shape)
+            x = interpolation_images(m, a, b, self.limits.whole(t, "t", 1, m.schedule.T - 1), frames, request, steps)
+        elif mode == "prompts":
+            pa, pb = self.limits.prompt(prompt_a), self.limits.prompt(prompt_b)
+            x = interpolation_prompts(m, pa, pb, frames, self.limits.seed(seed_a), GuidanceRequest(scale=guidance), sampler, steps)
+        elif mode == "voyage":
+            rows = [r for r in (keyframes or []) if r and str(r[0]).strip() != "" and len(r) > 1 and str(r[1]).strip()]
+            if not 2 <= len(rows) <= self.limits.max_keyframes:
+                raise ValueError(f"a voyage needs 2..{self.limits.max_keyframes} keyframes (seed, prompt), got {len(rows)}")
+            try:
+                keys = [(self.limits.seed(float(r[0])), self.limits.prompt(str(r[1]))) for r in rows]
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"each keyframe is a seed (a whole number) and a prompt: {e}") from None
+            x = render_voyage(m, keys, frames_between=frames, guidance=guidance if guidance is not None else 3.0, sampler=sampler,
+                              steps=steps, progress=False)
+        else:
+            raise ValueError(f"unknown interpolation {mode!r}; choose seeds, images, prompts or voyage")
+        upscale = max(1, 128 // m.image_shape[-1])
+        gif = viz.save_gif([viz.make_grid(f[None], nrow=1, pad=0, upscale=upscale) for f in x], self._folder("interpolate") / f"{mode}.gif",
+                           duration_ms=120, hold_last_ms=480)
+        return str(gif), picture(x, upscale=2, nrow=min(len(x), 16))

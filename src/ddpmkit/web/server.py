@@ -1,0 +1,39 @@
+"""The page as a running server: queued, bound to loopback by default, offline.
+
+    ddpmkit serve runs/mnist runs/mnist_class      # http://127.0.0.1:7860
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gradio as gr
+
+from .actions import Actions
+from .app import CSS, build_app
+from .limits import Limits
+from .shelf import Shelf, find_runs
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry calls
+
+
+def make_page(runs: list[str | Path], limits: Limits | None = None, concurrency: int = 1,
+              work_dir: str | Path | None = None) -> tuple[gr.Blocks, Actions]:
+    """The queued gradio app serving the diffusion runs in or under `runs`, and its Actions."""
+    found = find_runs(runs)
+    if not found:
+        raise FileNotFoundError(f"no diffusion runs in or under {[str(r) for r in runs]}; train one (ddpmkit train mnist) or name its folder")
+    actions = Actions(Shelf(found), limits, work_dir)
+    app = build_app(actions, concurrency)
+    app.queue(max_size=64, default_concurrency_limit=concurrency)
+    return app, actions
+
+
+def serve(runs: list[str | Path], host: str = "127.0.0.1", port: int = 7860, limits: Limits | None = None, concurrency: int = 1,
+          block: bool = True) -> gr.Blocks:
+    """Start the page on host:port. block=False returns the running app (app.close() stops it)."""
+    limits = limits or Limits()
+    app, actions = make_page(runs, limits, concurrency)
+    app.launch(server_name=host, server_port=port, max_file_size=limits.max_upload_bytes, allowed_paths=[str(actions.work_dir)],
+               ssr_mode=False, show_error=True, css=CSS, prevent_thread_lock=not block, inbrowser=False)
+    return app

@@ -1,0 +1,42 @@
+"""The models a page serves: run folders given on the command line or found under them, loaded
+once on first use and shared by every request."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from ..checkpoint import CheckpointError, list_checkpoints, read_config, resolve_checkpoint
+from ..models import DIFFUSION_TASKS, DiffusionModel, load_diffusion
+
+
+def find_runs(paths: list[str | Path]) -> list[str]:
+    """Run folders of models that sample: each path is a run folder, or a folder of runs (one level down)."""
+    found = []
+    for path in map(Path, paths):
+        candidates = [path] if list_checkpoints(path) else sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+        for run in candidates:
+            try:
+                config, _ = read_config(resolve_checkpoint(run))
+            except CheckpointError:
+                continue
+            if config.train.task in DIFFUSION_TASKS and config.train.task != "superres":  # SR stages need a low-res input
+                found.append(str(run))
+    return list(dict.fromkeys(found))
+
+
+class Shelf:
+    """Loaded models by run folder. Only the runs on the shelf are served: a visitor cannot make
+    the server read an arbitrary path."""
+
+    def __init__(self, runs: list[str]):
+        self.runs = list(runs)
+        self._models: dict[str, DiffusionModel] = {}
+        self._lock = threading.Lock()
+
+    def get(self, run: str | None) -> DiffusionModel:
+        if not run or run not in self.runs:
+            raise ValueError(f"unknown run {run!r}; this page serves {self.runs or 'no runs (start it with ddpmkit serve RUN)'}")
+        with self._lock:  # two first requests for one model load it once
+            if run not in self._models:
+                self._models[run] = load_diffusion(run)
+            return self._models[run]

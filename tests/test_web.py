@@ -1,0 +1,295 @@
+"""The web page in a real browser: `ddpmkit serve` on a loopback port with tiny models the tests
+train, driven by Debian's headless Chromium through Playwright. Every flow checks what the page
+shows. Skipped when Chromium, Playwright or gradio is missing (`make test` installs the Python
+packages, `.ci/run` installs Chromium first).
+
+Screenshots go to $DDPMKIT_SCREENSHOTS (default: a temporary folder). DDPMKIT_WEB_RUNS=FOLDER
+serves the runs `uncond` and `class` in FOLDER instead of training tiny ones (for pictures of real
+models, e.g. the README's)."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None or importlib.util.find_spec("playwright") is None or importlib.util.find_spec("gradio") is None,
+    reason="browser tests need Debian's chromium, playwright and gradio (.ci/run and make test install them)")
+
+TINY = ["data.name=digits", "network.base_channels=8", "network.channel_mult=1,2", "network.attention_resolutions=4",
+        "train.batch_size=16", "train.sample_every=0", "train.warmup_steps=5", "train.log_every=5", "train.checkpoint_every=0",
+        "train.steps=6"]
+TIMEOUT_MS = 90_000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """A folder with two tiny runs on the 8x8 digits: `uncond` and `class` (class-conditional)."""
+    if os.environ.get("DDPMKIT_WEB_RUNS"):
+        return Path(os.environ["DDPMKIT_WEB_RUNS"]).resolve()
+    from ddpmkit.config import PRESET_DIR, load_config
+    from ddpmkit.train import train
+
+    root = tmp_path_factory.mktemp("web") / "runs"
+    for name, preset in (("uncond", "mnist.toml"), ("class", "mnist_class.toml")):
+        train(load_config(PRESET_DIR / preset, [*TINY, f"train.run_dir={root / name}"]), progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(runs, tmp_path_factory):
+    """A real `ddpmkit serve` process on a free loopback port."""
+    port = _free_port()
+    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w")
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen([sys.executable, "-m", "ddpmkit.cli", "serve", str(runs), "--port", str(port), "--max-steps", "200"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"ddpmkit serve did not start: {Path(log.name).read_text()[-2000:]}")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    folder = Path(os.environ.get("DDPMKIT_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def page(browser, server, shots, request):
+    pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+    pg.set_default_timeout(TIMEOUT_MS)
+    pg.goto(server)
+    pg.wait_for_selector("#gen-go")
+    wait_text(pg, "about", "step")  # the model bar has loaded
+    yield pg
+    pg.screenshot(path=str(shots / f"{request.node.name}.png"), full_page=True)
+    pg.close()
+
+
+# -- helpers: the page as a person uses it --------------------------------------------------------
+def wait_text(pg, elem_id: str, text: str) -> None:
+    """Wait until the element shows text (it may not exist yet while the page renders)."""
+    pg.wait_for_function(f"(() => {{ const e = document.querySelector('#{elem_id}'); return e && e.innerText.includes({text!r}); }})()")
+
+
+def field(pg, elem_id: str):
+    return pg.locator(f"#{elem_id} textarea, #{elem_id} input:not([type=file])").first
+
+
+def fill(pg, elem_id: str, value) -> None:
+    box = field(pg, elem_id)
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def choose_model(pg, run: Path, expect: str) -> None:
+    fill(pg, "run", run)
+    wait_text(pg, "about", str(run))
+    assert expect in pg.inner_text("#about")
+
+
+def value_of(pg, elem_id: str) -> str:
+    return field(pg, elem_id).input_value()
+
+
+def wait_value(pg, elem_id: str) -> str:
+    """Wait until a text box shows something, and return it."""
+    pg.wait_for_function(f"(() => {{ const e = document.querySelector('#{elem_id} textarea, #{elem_id} input'); "
+                         f"return e && e.value !== ''; }})()")
+    return value_of(pg, elem_id)
+
+
+def shown_image(pg, elem_id: str) -> np.ndarray:
+    """The pixels of the picture an image component shows, as the browser fetched them."""
+    src = pg.locator(f"#{elem_id} img").first.get_attribute("src")
+    return np.asarray(Image.open(io.BytesIO(pg.request.get(src).body())))
+
+
+def image_src(pg, elem_id: str) -> str | None:
+    img = pg.locator(f"#{elem_id} img")
+    return img.first.get_attribute("src") if img.count() else None
+
+
+def downloads(pg) -> list[str]:
+    """The links of the generate tab's download list."""
+    return [a.get_attribute("href") for a in pg.locator("#gen-files a[href]").all()]
+
+
+def error_message(pg) -> str:
+    pg.wait_for_selector("[data-testid=toast-text]")
+    return pg.inner_text("[data-testid=toast-text]")
+
+
+def generate(pg, steps: int, n: int, seed: int, condition: str = "") -> str:
+    fill(pg, "condition", condition)
+    fill(pg, "gen-steps", steps)
+    fill(pg, "gen-n", n)
+    fill(pg, "gen-seed", seed)
+    pg.click("#gen-go")
+    return wait_value(pg, "gen-command")
+
+
+def grid_shape(n: int, side: int, upscale: int = 4, pad: int = 2) -> tuple[int, int]:
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    cell = side * upscale + pad
+    return rows * cell + pad, cols * cell + pad
+
+
+# -- the flows --------------------------------------------------------------------------------
+def test_unconditional_generate_shows_live_preview_result_command_and_downloads(page, runs):
+    choose_model(page, runs / "uncond", "unconditional")
+    command = generate(page, steps=6, n=4, seed=3)
+    assert command.startswith(f"ddpmkit sample {runs / 'uncond'} --n 4 --sampler dpmpp_2m_sde --steps 6 --seed 3")
+    assert value_of(page, "gen-seed-used") == "3"
+    side = int(page.inner_text("#about").split(" images")[0].split("x")[-1])
+    result = shown_image(page, "gen-result")
+    assert result.shape[:2] == grid_shape(4, side)
+    assert result.std() > 0  # a picture, not a blank
+    assert shown_image(page, "gen-x0").shape[:2] == grid_shape(4, side)  # the live preview of the predicted x_0
+    assert {Path(h).name for h in downloads(page)} == {"grid.png", "reverse_process.gif", "predicted_x0.gif"}
+
+
+def test_random_seed_is_drawn_and_shown(page, runs):
+    choose_model(page, runs / "uncond", "unconditional")
+    command = generate(page, steps=2, n=1, seed=-1)
+    seed = int(value_of(page, "gen-seed-used"))
+    assert seed >= 0 and f"--seed {seed} " in command
+
+
+def test_class_generate_conditions_on_the_class(page, runs):
+    choose_model(page, runs / "class", "class-conditional (10 classes)")
+    assert "class numbers 0..9" in field(page, "condition").get_attribute("placeholder")
+    command = generate(page, steps=5, n=4, seed=0, condition="3")
+    assert "--class 3 --guidance 3" in command
+    assert shown_image(page, "gen-result").std() > 0
+
+
+def test_same_seed_and_settings_give_the_same_image_as_the_cli(page, runs, tmp_path):
+    from ddpmkit.cli import main
+    from ddpmkit.web.actions import picture
+
+    choose_model(page, runs / "class", "class-conditional")
+    command = generate(page, steps=5, n=4, seed=11, condition="1,7")
+    argv = shlex.split(command)
+    assert argv[:2] == ["ddpmkit", "sample"] and argv[-2:] == ["--out", "samples"]
+    assert main([*argv[1:-2], "--out", str(tmp_path), "--no-gif"]) == 0
+    cli = torch.load(tmp_path / "samples.pt")
+    assert np.array_equal(shown_image(page, "gen-result"), picture(cli))  # what the page shows
+    href = next(h for h in downloads(page) if h.endswith("/grid.png"))
+    downloaded = np.asarray(Image.open(io.BytesIO(page.request.get(href).body())))
+    assert np.array_equal(downloaded, np.asarray(Image.open(tmp_path / "grid.png")))  # the file to download
+
+
+def test_forward_process_slider_changes_the_picture(page):
+    page.get_by_role("tab", name="Forward process").click()
+    wait_text(page, "fwd-caption", "t = 250")
+    x0 = shown_image(page, "fwd-x0").astype(float)
+    fill(page, "fwd-t", 0)
+    wait_text(page, "fwd-caption", "t = 0,")
+    at_0 = shown_image(page, "fwd-xt").astype(float)
+    spectrum_0 = shown_image(page, "fwd-spectrum")
+    fill(page, "fwd-t", 900)
+    wait_text(page, "fwd-caption", "t = 900,")
+    at_900 = shown_image(page, "fwd-xt").astype(float)
+    # q(x_t | x_0): at t = 0 x_t is x_0 up to sqrt(beta_0) = 1% noise; at t = 900 it is mostly noise
+    assert np.abs(at_0 - x0).mean() < 4
+    assert np.corrcoef(at_0.ravel(), x0.ravel())[0, 1] > 0.99
+    assert np.corrcoef(at_900.ravel(), x0.ravel())[0, 1] < 0.5
+    assert not np.array_equal(spectrum_0, shown_image(page, "fwd-spectrum"))
+    assert "alpha_bar_t = " in page.inner_text("#fwd-caption")
+
+
+def test_img2img_on_an_uploaded_image(page, runs, tmp_path):
+    from ddpmkit.images import load_image_as
+
+    choose_model(page, runs / "uncond", "unconditional")
+    digit = np.zeros((40, 40), dtype=np.uint8)
+    digit[8:32, 17:23] = 255  # a "1", larger than the model's images: the page resizes it
+    Image.fromarray(digit).save(tmp_path / "one.png")
+    page.get_by_role("tab", name="Edit").click()
+    page.set_input_files("#edit-upload input[type=file]", str(tmp_path / "one.png"))
+    fill(page, "edit-steps", 10)
+    fill(page, "edit-n", 3)
+    page.click("#edit-go")
+    command = wait_value(page, "edit-command")
+    assert command.startswith(f"ddpmkit img2img {runs / 'uncond'} image.png --strength 0.5 --sampler ddim --n 3 --steps 10")
+    side = int(page.inner_text("#about").split(" images")[0].split("x")[-1])
+    strip = shown_image(page, "edit-result")
+    assert strip.shape[:2] == (side * 4 + 4, 4 * (side * 4 + 2) + 2)  # input + 3 edits in a row
+    first = strip[2:2 + side * 4:4, 2:2 + side * 4:4].astype(float)
+    expected = (load_image_as(str(tmp_path / "one.png"), (1, side, side))[0, 0].numpy() + 1) * 127.5
+    assert np.abs(first - expected).max() <= 1  # the first picture is the upload, resized to the model
+
+
+@pytest.mark.parametrize("where, action, message", [
+    ("generate", "prompt for a class model", "takes class numbers 0..9"),
+    ("generate", "unknown run", "unknown run"),
+    ("generate", "absurd steps", "steps must lie in 1..200"),
+    ("forward", "corrupt upload", "not an image Pillow can read"),
+])
+def test_invalid_input_shows_one_clear_message_and_the_server_keeps_serving(page, runs, tmp_path, where, action, message):
+    if action == "prompt for a class model":
+        choose_model(page, runs / "class", "class-conditional")
+        fill(page, "condition", "a handwritten seven")
+        page.click("#gen-go")
+    elif action == "unknown run":
+        fill(page, "run", runs / "no_such_run")
+    elif action == "absurd steps":
+        choose_model(page, runs / "uncond", "unconditional")
+        fill(page, "gen-steps", 100000)
+        page.click("#gen-go")
+    else:
+        (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+        page.get_by_role("tab", name="Forward process").click()
+        page.set_input_files("#fwd-upload input[type=file]", str(tmp_path / "broken.png"))
+    assert message in error_message(page)
+    # ... and the page still works
+    page.reload()
+    wait_text(page, "about", "step")
+    choose_model(page, runs / "uncond", "unconditional")
+    assert generate(page, steps=2, n=1, seed=0).startswith("ddpmkit sample")
