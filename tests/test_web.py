@@ -30,9 +30,6 @@ pytestmark = pytest.mark.skipif(
     CHROMIUM is None or importlib.util.find_spec("playwright") is None or importlib.util.find_spec("gradio") is None,
     reason="browser tests need Debian's chromium, playwright and gradio (.ci/run and make test install them)")
 
-TINY = ["data.name=digits", "network.base_channels=8", "network.channel_mult=1,2", "network.attention_resolutions=4",
-        "train.batch_size=16", "train.sample_every=0", "train.warmup_steps=5", "train.log_every=5", "train.checkpoint_every=0",
-        "train.steps=6"]
 TIMEOUT_MS = 90_000
 
 
@@ -43,17 +40,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
-    """A folder with two tiny runs on the 8x8 digits: `uncond` and `class` (class-conditional)."""
-    if os.environ.get("DDPMKIT_WEB_RUNS"):
-        return Path(os.environ["DDPMKIT_WEB_RUNS"]).resolve()
-    from ddpmkit.config import PRESET_DIR, load_config
-    from ddpmkit.train import train
-
-    root = tmp_path_factory.mktemp("web") / "runs"
-    for name, preset in (("uncond", "mnist.toml"), ("class", "mnist_class.toml")):
-        train(load_config(PRESET_DIR / preset, [*TINY, f"train.run_dir={root / name}"]), progress=False)
-    return root
+def runs(web_runs) -> Path:
+    """The runs `uncond` and `class` (tiny ones trained by conftest, or those in $DDPMKIT_WEB_RUNS)."""
+    return Path(os.environ["DDPMKIT_WEB_RUNS"]) if os.environ.get("DDPMKIT_WEB_RUNS") else web_runs
 
 
 @pytest.fixture(scope="module")

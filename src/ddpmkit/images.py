@@ -2,14 +2,22 @@
 and inpainting masks. Used by the editing commands, `forward`, the benches and the web page."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from .data import DataError, load_dataset, load_image_file
+from .data import DataError, Dataset, load_dataset, load_image_file
+from .superres import downsample, upsample
 
 MASK_HALVES = ("left", "right", "top", "bottom")
+
+
+@functools.lru_cache(maxsize=4)
+def _builtin(name: str) -> Dataset:
+    """A built-in dataset, read once per process (the web page picks single examples often)."""
+    return load_dataset(name, split="all")
 
 
 def load_image(spec: str, size: int | None = None, channels: int | None = None) -> torch.Tensor:
@@ -18,7 +26,7 @@ def load_image(spec: str, size: int | None = None, channels: int | None = None) 
     side, at most 256), grey or RGB as stored unless `channels` says."""
     if ":" in spec and not Path(spec).exists():
         name, idx = spec.split(":", 1)
-        ds = load_dataset(name, split="all")
+        ds = _builtin(name)
         if not idx.isdigit() or int(idx) >= len(ds):
             raise DataError(f"{spec}: the index must be a number in 0..{len(ds) - 1}")
         return ds.get_batch(torch.tensor([int(idx)]))
@@ -42,6 +50,21 @@ def load_image_as(spec: str, shape: tuple[int, ...]) -> torch.Tensor:
     if ":" in spec and not Path(spec).exists():
         raise ValueError(f"the model makes images of shape {tuple(shape)}, the image has {tuple(image.shape[1:])}")
     return load_image_file(spec, shape[-1], shape[0])[None]
+
+
+def fit_image(image: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """An image (1, C, H, W) in [-1, 1] brought to (1, *shape): grey <-> RGB, area-downsampled or
+    bicubic-upsampled (the web page lets any built-in digit stand for a model's image)."""
+    channels, size = shape[0], shape[-1]
+    if image.shape[1] != channels:
+        image = image.mean(1, keepdim=True).expand(-1, channels, -1, -1) if channels in (1, 3) else image
+    if image.shape[-1] > size:
+        image = downsample(image, size)
+    elif image.shape[-1] < size:
+        image = upsample(image, size, "bicubic").clamp(-1, 1)
+    if tuple(image.shape[1:]) != tuple(shape):
+        raise ValueError(f"cannot fit an image of shape {tuple(image.shape[1:])} to {tuple(shape)}")
+    return image
 
 
 def make_mask(spec: str, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # draws a figure in memory (the web page's pictures)
 from matplotlib.figure import Figure  # the object API: no pyplot, no global backend to set
+from matplotlib.ticker import NullFormatter
 from PIL import Image
 
 from .process import q_sample
@@ -119,6 +120,7 @@ def spectra_figure(spectra: dict[str, tuple[np.ndarray, np.ndarray]], title: str
     cmap = matplotlib.colormaps["viridis"]
     for i, (label, (f, p)) in enumerate(spectra.items()):
         ax.loglog(f, p, label=label, color=cmap(i / max(1, len(spectra) - 1)))
+    ax.xaxis.set_minor_formatter(NullFormatter())  # over less than a decade the minor labels collide
     ax.set_xlabel("spatial frequency (cycles / pixel)")
     ax.set_ylabel("power")
     ax.set_title(title)
@@ -136,7 +138,6 @@ def plot_spectra(spectra: dict[str, tuple[np.ndarray, np.ndarray]], path: str | 
 def figure_array(fig: Figure) -> np.ndarray:
     """A matplotlib figure rendered in memory: uint8 (H, W, 3)."""
     canvas = FigureCanvasAgg(fig)
-    fig.set_layout_engine("tight")  # keep the axis labels inside the picture
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
@@ -153,6 +154,7 @@ def forward_process_at(x0: torch.Tensor, schedule: NoiseSchedule, t: int, seed: 
     ab = float(schedule.alpha_bar[t])
     spectra = {"x_0": radial_power_spectrum(x0), f"x_t, t={t}": radial_power_spectrum(x_t), "noise": radial_power_spectrum(eps)}
     fig = spectra_figure(spectra, f"sqrt(alpha_bar) = {ab ** 0.5:.3f}, SNR = {ab / max(1 - ab, 1e-12):.3g}", size=(4.5, 3.4))
+    fig.subplots_adjust(left=0.17, right=0.97, bottom=0.15, top=0.91)  # fixed margins: one draw, no layout pass
     return x_t[:1], fig
 
 

@@ -3,6 +3,7 @@ against the limits, call the library, and return pictures, files and the CLI com
 reproduces the result. No gradio here, so the page's layout (app.py) stays a layout."""
 from __future__ import annotations
 
+import contextlib
 import queue
 import shlex
 import tempfile
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from .. import viz
-from ..images import load_image, load_image_as, make_mask
+from ..images import fit_image, load_image, load_image_as, make_mask
 from ..models import DiffusionModel
 from ..pipelines.edit import edit_img2img, edit_inpaint, edit_posterior, interpolation_images, interpolation_prompts, interpolation_seeds
 from ..pipelines.generate import Generated, generate, save_generated
@@ -72,6 +73,32 @@ class Actions:
         self.shelf, self.limits = shelf, limits or Limits()
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="ddpmkit-web-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._light = threading.Condition()
+        self._light_running = 0  # light requests (the forward-process tab) being computed now
+
+    @contextlib.contextmanager
+    def light(self) -> Iterator[None]:
+        """Mark a light request: samplers pause between steps until it is done, so it answers at
+        once on a machine whose cores the samplers keep busy."""
+        with self._light:
+            self._light_running += 1
+        try:
+            yield
+        finally:
+            with self._light:
+                self._light_running -= 1
+                self._light.notify_all()
+
+    def yield_to_light(self, timeout_s: float = 2.0) -> None:
+        """Called by samplers between steps: wait while a light request runs (never longer than timeout_s)."""
+        with self._light:
+            self._light.wait_for(lambda: self._light_running == 0, timeout=timeout_s)
+
+    def warm_up(self) -> None:
+        """Load the first model and the built-in digits before the first visitor asks."""
+        if self.shelf.runs:
+            self.shelf.get(self.shelf.runs[0])
+        self.forward(None, 0, "linear", 0)
 
     def _folder(self, what: str) -> Path:
         """A fresh folder per request, so that concurrent visitors never share files."""
@@ -143,6 +170,7 @@ class Actions:
         def on_step(info: dict) -> None:
             if cancel.is_set():
                 raise Cancelled()
+            self.yield_to_light()
             events.put(("step", info))
 
         def work() -> None:
@@ -182,18 +210,20 @@ class Actions:
             path = str(self.limits.upload(upload))
             return (load_image_as(path, shape) if shape else load_image(path)), "image.png"
         spec = f"mnist5k:{self.limits.whole(digit, 'digit index', 0, 4999)}"
-        return (load_image_as(spec, shape) if shape else load_image(spec)), spec
+        image = load_image(spec)
+        return (fit_image(image, shape) if shape else image), spec
 
     def forward(self, upload: str | None, digit: float | None, schedule: str, t: float, seed: float = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-        """(x_0, x_t, spectrum figure, caption) for the forward-process tab."""
-        x0, _ = self.source(upload, digit)
-        sched = NoiseSchedule.from_name(schedule, 1000)
-        t = self.limits.whole(t, "t", 0, sched.T - 1)
-        x_t, fig = viz.forward_process_at(x0, sched, t, seed=int(seed or 0))
-        upscale = max(1, 224 // x0.shape[-1])
-        ab = float(sched.alpha_bar[t])
-        caption = f"x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps at t = {t}, {schedule} schedule: alpha_bar_t = {ab:.4f}"
-        return picture(x0, upscale, 1), picture(x_t, upscale, 1), viz.figure_array(fig), caption
+        """(x_0, x_t, spectrum figure, caption) for the forward-process tab: a light request."""
+        with self.light():
+            x0, _ = self.source(upload, digit)
+            sched = NoiseSchedule.from_name(schedule, 1000)
+            t = self.limits.whole(t, "t", 0, sched.T - 1)
+            x_t, fig = viz.forward_process_at(x0, sched, t, seed=int(seed or 0))
+            upscale = max(1, 224 // x0.shape[-1])
+            ab = float(sched.alpha_bar[t])
+            caption = f"x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps at t = {t}, {schedule} schedule: alpha_bar_t = {ab:.4f}"
+            return picture(x0, upscale, 1), picture(x_t, upscale, 1), viz.figure_array(fig), caption
 
     # -- edit ---------------------------------------------------------------------------------
     def edit(self, run: str, upload: str | None, digit: float | None, mode: str, strength: float, t: float, mask: str,

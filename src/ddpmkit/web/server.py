@@ -24,6 +24,7 @@ def make_page(runs: list[str | Path], limits: Limits | None = None, concurrency:
     if not found:
         raise FileNotFoundError(f"no diffusion runs in or under {[str(r) for r in runs]}; train one (ddpmkit train mnist) or name its folder")
     actions = Actions(Shelf(found), limits, work_dir)
+    actions.warm_up()
     app = build_app(actions, concurrency)
     app.queue(max_size=64, default_concurrency_limit=concurrency)
     return app, actions

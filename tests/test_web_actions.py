@@ -1,0 +1,182 @@
+"""What the web page's buttons do, without a browser (web/actions.py, limits.py, shelf.py; no
+gradio needed): bounds, the reading of the class/prompt box, the reproducing command, streaming
+previews, cancelling, the light lane, edits and interpolations on tiny runs."""
+from __future__ import annotations
+
+import shlex
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpmkit.cli import build_parser
+from ddpmkit.cli.common import guidance_request, options_from
+from ddpmkit.pipelines.generate import generate
+from ddpmkit.web.actions import Actions, Cancelled, picture
+from ddpmkit.web.limits import Limits
+from ddpmkit.web.shelf import Shelf, find_runs
+
+
+@pytest.fixture(scope="module")
+def actions(web_runs, tmp_path_factory):
+    return Actions(Shelf(find_runs([web_runs])), Limits(max_steps=100, max_images=8), tmp_path_factory.mktemp("work"))
+
+
+def test_find_runs_lists_diffusion_runs_and_the_shelf_serves_only_those(web_runs, tmp_path):
+    assert find_runs([web_runs]) == [str(web_runs / "class"), str(web_runs / "uncond")]
+    assert find_runs([web_runs / "uncond", web_runs]) == [str(web_runs / "uncond"), str(web_runs / "class")]
+    assert find_runs([tmp_path, tmp_path / "missing"]) == []
+    shelf = Shelf(find_runs([web_runs]))
+    with pytest.raises(ValueError, match=r"unknown run '/etc'; this page serves \["):
+        shelf.get("/etc")
+    assert shelf.get(str(web_runs / "uncond")) is shelf.get(str(web_runs / "uncond"))  # loaded once
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda L: L.steps(0), "steps must lie in 1..100, got 0"),
+    (lambda L: L.steps(2.5), "steps must be a whole number in 1..100, got 2.5"),
+    (lambda L: L.steps(float("inf")), "steps must be a whole number"),
+    (lambda L: L.steps(None), "steps must be a whole number"),
+    (lambda L: L.images(9), "number of images must lie in 1..8, got 9"),
+    (lambda L: L.frames(1), "frames must lie in 2..32"),
+    (lambda L: L.seed(-2), "seed must lie in 0..2147483647"),
+    (lambda L: L.prompt("x" * 201), "the prompt has 201 characters; at most 200"),
+])
+def test_limits_name_the_value_and_the_bound(call, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        call(Limits(max_steps=100, max_images=8))
+
+
+def test_random_seed_and_upload_checks(tmp_path):
+    limits = Limits(max_upload_bytes=2000, max_upload_pixels=64 * 64)
+    seeds = {limits.seed(-1) for _ in range(20)}
+    assert len(seeds) > 1 and all(0 <= s <= limits.max_seed for s in seeds) and limits.seed(7) == 7
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "ok.png")
+    assert limits.upload(tmp_path / "ok.png") == tmp_path / "ok.png"
+    Image.fromarray(np.zeros((65, 64), np.uint8)).save(tmp_path / "wide.png")
+    with pytest.raises(ValueError, match="64x65 pixels; at most 4096"):
+        limits.upload(tmp_path / "wide.png")
+    (tmp_path / "big.png").write_bytes(b"\0" * 3000)
+    with pytest.raises(ValueError, match="MB; at most"):
+        limits.upload(tmp_path / "big.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="not an image Pillow can read"):
+        limits.upload(tmp_path / "bad.png")
+
+
+def test_the_class_or_prompt_box_is_read_as_the_model_takes_it(actions, web_runs):
+    cls, unc = actions.shelf.get(str(web_runs / "class")), actions.shelf.get(str(web_runs / "uncond"))
+    request, flags = actions.request(cls, " 1, 7 ", 2.5)
+    assert request.classes == [1, 7] and request.scale == 2.5 and flags == ["--class", "1,7", "--guidance", "2.5"]
+    assert actions.request(cls, "", 3.0)[0].classes == []  # all classes in turn, as the CLI without --class
+    with pytest.raises(ValueError, match=r"takes class numbers 0..9 \(e.g. 7 or 0,1,2\), not a prompt: 'a seven'"):
+        actions.request(cls, "a seven", 3.0)
+    with pytest.raises(ValueError, match=r"classes \[12\] are not among this model's 0..9"):
+        actions.request(cls, "12", 3.0)
+    with pytest.raises(ValueError, match="guidance scale must lie in 0..30"):
+        actions.request(cls, "1", 31.0)
+    assert actions.request(unc, "", 3.0) == (type(request)(), [])
+    with pytest.raises(ValueError, match="this model is unconditional"):
+        actions.request(unc, "7", 3.0)
+    assert "class-conditional (10 classes)" in actions.describe(str(web_runs / "class"))[0]
+
+
+def test_the_command_under_the_result_asks_the_cli_for_the_same_thing(actions, web_runs):
+    _, s = actions.settings(str(web_runs / "class"), "3,4", "unipc", 12, "karras", 1.5, 42, 5)
+    args = build_parser().parse_args(shlex.split(s.command())[1:])
+    assert (args.checkpoint, args.n, args.sampler, args.steps, args.seed, args.grid) == (s.run, 5, "unipc", 12, 42, "karras")
+    cli = guidance_request(args)
+    assert (cli.classes, cli.prompts, cli.scale) == (s.request.classes, s.request.prompts, s.request.scale)
+    assert options_from(args) == {"grid": "karras", "clip_x0": True}
+    with pytest.raises(ValueError, match=r"unknown grid 'wavy'; choose one of \['default'"):
+        actions.settings(str(web_runs / "class"), "", "unipc", 12, "wavy", 1.5, 42, 5)
+    with pytest.raises(ValueError, match="unknown sampler 'fast'"):
+        actions.settings(str(web_runs / "class"), "", "fast", 12, "default", 1.5, 42, 5)
+
+
+def test_generate_streams_previews_then_the_result_of_the_library(actions, web_runs):
+    m, s = actions.settings(str(web_runs / "uncond"), "", "ddim", 8, "default", 3.0, 5, 3)
+    updates = list(actions.generate(s, preview_every_s=0.0))
+    steps = [u["progress"] for u in updates if "progress" in u]
+    assert steps == [(k, 8) for k in range(1, 9)]  # every step previewed, in order
+    final = updates[-1]
+    assert final["seed"] == 5 and final["command"] == s.command() and len(final["files"]) == 3
+    expected = generate(m, 3, s.request, "ddim", 8, 5, {"clip_x0": True}, progress=False).images
+    assert np.array_equal(final["result"], picture(expected, nrow=2))
+    assert updates[-2]["x0"].shape == final["result"].shape
+
+
+def test_cancel_stops_the_sampler_between_steps(actions, web_runs):
+    _, s = actions.settings(str(web_runs / "uncond"), "", "ddpm", 100, "default", 3.0, 0, 1)
+    cancel = threading.Event()
+    seen = 0
+    with pytest.raises(Cancelled):
+        for update in actions.generate(s, cancel, preview_every_s=0.0):
+            seen += 1
+            if seen == 3:
+                cancel.set()
+    assert seen < 10
+
+
+def test_samplers_pause_while_a_light_request_runs(actions):
+    order = []
+    with actions.light():
+        waiter = threading.Thread(target=lambda: (actions.yield_to_light(timeout_s=5), order.append("sampler")))
+        waiter.start()
+        time.sleep(0.3)
+        order.append("light")
+    waiter.join(5)
+    assert order == ["light", "sampler"]
+    t0 = time.perf_counter()
+    actions.yield_to_light()  # nothing light runs: no wait
+    assert time.perf_counter() - t0 < 0.1
+
+
+def test_forward_tab_shows_q_sample_of_the_digit(actions):
+    x0, x_t, spectrum, caption = actions.forward(None, 3, "cosine", 0)
+    assert x0.shape == x_t.shape == (28 * 8 + 4, 28 * 8 + 4) and spectrum.ndim == 3 and "t = 0, cosine" in caption
+    assert np.abs(x0.astype(int) - x_t.astype(int)).mean() < 4  # sqrt(1 - alpha_bar_0) is tiny
+    _, far, _, _ = actions.forward(None, 3, "cosine", 999)
+    assert np.corrcoef(far.ravel(), x0.ravel())[0, 1] < 0.2
+    with pytest.raises(ValueError, match="t must lie in 0..999"):
+        actions.forward(None, 3, "linear", 1000)
+    with pytest.raises(ValueError, match="digit index must lie in 0..4999"):
+        actions.forward(None, 5000, "linear", 10)
+
+
+def test_edits_return_the_input_beside_its_edits(actions, web_runs):
+    run = str(web_runs / "uncond")
+    strip, command = actions.edit(run, None, 3, "img2img", 0.3, 500, "right", None, "", 3.0, "ddim", 10, 0, 2)
+    side = 8 * 4  # 8x8 digits shown 4x
+    assert strip.shape == (side + 4, 3 * (side + 2) + 2) and command.startswith(f"ddpmkit img2img {run} mnist5k:3 --strength 0.3")
+    strip, _ = actions.edit(run, None, 3, "posterior", 0.3, 300, "right", None, "", 3.0, "ddim", 5, 0, 2)
+    assert strip.shape[1] == 4 * (side + 2) + 2  # input, x_t, 2 samples
+    drawn = np.zeros((256, 256, 4), np.uint8)
+    drawn[:, 128:, 3] = 255  # the right half painted over
+    strip, command = actions.edit(run, None, 3, "inpaint", 0.3, 300, "drawn", drawn, "", 3.0, "ddim", 5, 0, 1)
+    assert "--mask mask.png" in command
+    keep = Actions.mask("drawn", drawn, (1, 1, 8, 8))
+    assert keep[0, 0, :, :4].eq(1).all() and keep[0, 0, :, 4:].eq(0).all()
+    with pytest.raises(ValueError, match="paint over the part to fill"):
+        Actions.mask("drawn", np.zeros((256, 256, 4), np.uint8), (1, 1, 8, 8))
+    with pytest.raises(ValueError, match="choose img2img, inpaint or posterior"):
+        actions.edit(run, None, 3, "blur", 0.3, 300, "right", None, "", 3.0, "ddim", 5, 0, 1)
+
+
+def test_interpolations_render_a_gif_and_a_strip(actions, web_runs):
+    run = str(web_runs / "uncond")
+    gif, strip = actions.interpolate(run, "seeds", 3, 14, 0, 1, 500, "", "", [], 5, "", 3.0, "ddim", 5)
+    with Image.open(gif) as im:
+        assert im.n_frames == 5
+    _, strip = actions.interpolate(run, "images", 3, 14, 0, 1, 300, "", "", [], 4, "", 3.0, "ddim", 5)
+    assert strip.shape[1] == 4 * (16 + 2) + 2  # four 8x8 frames shown 2x
+    with pytest.raises(ValueError, match="needs a text-conditional model"):
+        actions.interpolate(run, "prompts", 3, 14, 0, 1, 300, "a one", "a two", [], 4, "", 3.0, "ddim", 5)
+    with pytest.raises(ValueError, match=r"a voyage needs 2..12 keyframes \(seed, prompt\), got 1"):
+        actions.interpolate(run, "voyage", 3, 14, 0, 1, 300, "", "", [[0, "a one"], [1, ""]], 4, "", 3.0, "ddim", 5)
+    with pytest.raises(ValueError, match="frames must lie in 2..32"):
+        actions.interpolate(run, "seeds", 3, 14, 0, 1, 300, "", "", [], 40, "", 3.0, "ddim", 5)
+    assert torch.is_tensor(torch.as_tensor(strip))
