@@ -149,6 +149,7 @@ def downloads(pg) -> list[str]:
 
 
 def error_message(pg) -> str:
+    """The text of the page's message (gradio's toast: errors, and the note that a run was cancelled)."""
     pg.wait_for_selector("[data-testid=toast-text]")
     return pg.inner_text("[data-testid=toast-text]")
 
@@ -172,14 +173,14 @@ def grid_shape(n: int, side: int, upscale: int = 4, pad: int = 2) -> tuple[int, 
 # -- the flows --------------------------------------------------------------------------------
 def test_unconditional_generate_shows_live_preview_result_command_and_downloads(page, runs):
     choose_model(page, runs / "uncond", "unconditional")
-    command = generate(page, steps=6, n=4, seed=3)
-    assert command.startswith(f"ddpmkit sample {runs / 'uncond'} --n 4 --sampler dpmpp_2m_sde --steps 6 --seed 3")
+    command = generate(page, steps=20, n=16, seed=3)
+    assert command.startswith(f"ddpmkit sample {runs / 'uncond'} --n 16 --sampler dpmpp_2m_sde --steps 20 --seed 3")
     assert value_of(page, "gen-seed-used") == "3"
     side = int(page.inner_text("#about").split(" images")[0].split("x")[-1])
     result = shown_image(page, "gen-result")
-    assert result.shape[:2] == grid_shape(4, side)
+    assert result.shape[:2] == grid_shape(16, side)
     assert result.std() > 0  # a picture, not a blank
-    assert shown_image(page, "gen-x0").shape[:2] == grid_shape(4, side)  # the live preview of the predicted x_0
+    assert shown_image(page, "gen-x0").shape[:2] == grid_shape(16, side)  # the live preview of the predicted x_0
     assert {Path(h).name for h in downloads(page)} == {"grid.png", "reverse_process.gif", "predicted_x0.gif"}
 
 
@@ -261,7 +262,7 @@ def test_img2img_on_an_uploaded_image(page, runs, tmp_path):
     ("generate", "absurd steps", "steps must lie in 1..200"),
     ("forward", "corrupt upload", "not an image Pillow can read"),
 ])
-def test_invalid_input_shows_one_clear_message_and_the_server_keeps_serving(page, runs, tmp_path, where, action, message):
+def test_invalid_input_shows_one_clear_message_and_the_server_keeps_serving(page, runs, shots, tmp_path, where, action, message):
     if action == "prompt for a class model":
         choose_model(page, runs / "class", "class-conditional")
         fill(page, "condition", "a handwritten seven")
@@ -277,8 +278,40 @@ def test_invalid_input_shows_one_clear_message_and_the_server_keeps_serving(page
         page.get_by_role("tab", name="Forward process").click()
         page.set_input_files("#fwd-upload input[type=file]", str(tmp_path / "broken.png"))
     assert message in error_message(page)
+    page.screenshot(path=str(shots / f"invalid_{action.replace(' ', '_')}.png"))
     # ... and the page still works
     page.reload()
     wait_text(page, "about", "step")
     choose_model(page, runs / "uncond", "unconditional")
     assert generate(page, steps=2, n=1, seed=0).startswith("ddpmkit sample")
+
+
+def test_cancel_stops_a_long_generation(page, runs):
+    choose_model(page, runs / "uncond", "unconditional")
+    fill(page, "gen-sampler", "ddpm")
+    fill(page, "gen-steps", 200)
+    fill(page, "gen-n", 64)
+    fill(page, "gen-seed", 1)
+    page.click("#gen-go")
+    page.wait_for_selector("#gen-x0 img")  # the live preview has started
+    page.click("#gen-cancel")
+    assert "cancelled" in error_message(page)  # the sampler stopped between two steps and said so
+    assert value_of(page, "gen-command") == ""  # no result arrived
+    assert image_src(page, "gen-result") is None
+    assert generate(page, steps=2, n=1, seed=0).startswith("ddpmkit sample")  # and the queue is free again
+
+
+def test_interpolation_between_two_seeds_is_an_animation(page, runs):
+    choose_model(page, runs / "uncond", "unconditional")
+    page.get_by_role("tab", name="Interpolate / voyage").click()
+    fill(page, "interp-seed-a", 3)
+    fill(page, "interp-seed-b", 14)
+    page.click("#interp-go")
+    page.wait_for_selector("#interp-gif img")
+    gif = Image.open(io.BytesIO(page.request.get(image_src(page, "interp-gif")).body()))
+    assert gif.format == "GIF" and gif.n_frames == 8
+    frames = []
+    for k in (0, 7):
+        gif.seek(k)
+        frames.append(np.asarray(gif.convert("L"), dtype=float))
+    assert np.abs(frames[0] - frames[1]).mean() > 1  # the two ends differ: seed 3 is not seed 14

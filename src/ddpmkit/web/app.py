@@ -175,9 +175,11 @@ def build_app(actions: Actions, concurrency: int = 1) -> gr.Blocks:
             if flag is not None:
                 flag.set()
 
-        gen_event = go.click(on_generate, [run, condition, guidance, sampler, steps, grid, seed, n],
+        go.click(on_generate, [run, condition, guidance, sampler, steps, grid, seed, n],
                              [x_t, x0, result, seed_used, command, files], api_name="generate", concurrency_id=HEAVY, concurrency_limit=concurrency)
-        stop.click(on_cancel, None, None, cancels=[gen_event], queue=False)
+        # not gradio's cancels=: that drops the event mid-step; the flag stops the sampler between two
+        # steps, and the page then says "cancelled"
+        stop.click(on_cancel, None, None, queue=False)
 
         forward_inputs = [f_upload, f_digit, f_schedule, f_t]
         forward_outputs = [f_x0, f_xt, f_spectrum, f_caption]
