@@ -11,7 +11,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from ..web.server import serve  # the web face needs the optional gradio extra: imported only for this command
     except ImportError as e:
         raise ValueError(f"the web page needs gradio: pip install 'ddpmkit[web]' ({e})") from None
-    print(f"serving {args.runs or ['runs']} on http://{args.host}:{args.port} (Ctrl+C stops)")
     serve(args.runs or ["runs"], host=args.host, port=args.port, concurrency=args.concurrency,
           limits=Limits(max_steps=args.max_steps, max_images=args.max_images))
 
