@@ -180,3 +180,33 @@ def test_interpolations_render_a_gif_and_a_strip(actions, web_runs):
     with pytest.raises(ValueError, match="frames must lie in 2..32"):
         actions.interpolate(run, "seeds", 3, 14, 0, 1, 300, "", "", [], 40, "", 3.0, "ddim", 5)
     assert torch.is_tensor(torch.as_tensor(strip))
+
+
+@pytest.fixture(scope="module")
+def text_actions(tmp_path_factory):
+    """A tiny text-conditional run on the 8x8 digits, on a shelf of its own."""
+    pytest.importorskip("sentence_transformers")
+    from conftest import TINY_DIGITS_RUN
+    from ddpmkit.config import PRESET_DIR, load_config
+    from ddpmkit.train import train
+
+    run = tmp_path_factory.mktemp("text") / "run"
+    train(load_config(PRESET_DIR / "mnist.toml", [*TINY_DIGITS_RUN, f"train.run_dir={run}", "network.text_encoder=all-MiniLM-L6-v2",
+                                                   "network.text_max_tokens=8"]), progress=False)
+    return Actions(Shelf([str(run)]), Limits()), str(run)
+
+
+def test_prompts_and_the_voyage_on_a_text_model(text_actions):
+    actions, run = text_actions
+    m, s = actions.settings(run, "a handwritten three", "ddim", 4, "default", 2.0, 0, 2)
+    assert s.request.prompts == ["a handwritten three"] and "--prompt 'a handwritten three' --guidance 2" in s.command()
+    with pytest.raises(ValueError, match="text-conditional: type a prompt"):
+        actions.settings(run, "", "ddim", 4, "default", 2.0, 0, 2)
+    gif, strip = actions.interpolate(run, "prompts", 3, 14, 0, 1, 300, "a one", "a two", [], 4, "", 3.0, "ddim", 3)
+    assert strip.shape[1] == 4 * (16 + 2) + 2
+    keys = [[0, "a handwritten zero"], [1.0, "a handwritten one"], ["", ""], [2, "a handwritten two"]]  # empty rows are skipped
+    gif, strip = actions.interpolate(run, "voyage", 0, 0, 0, 1, 300, "", "", keys, 3, "", 3.0, "ddim", 3)
+    with Image.open(gif) as im:
+        assert im.n_frames == (3 - 1) * 3 + 1  # frames between keyframes, ending on the last
+    with pytest.raises(ValueError, match="each keyframe is a seed"):
+        actions.interpolate(run, "voyage", 0, 0, 0, 1, 300, "", "", [["x", "a one"], [1, "a two"]], 3, "", 3.0, "ddim", 3)
