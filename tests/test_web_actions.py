@@ -187,6 +187,7 @@ def text_actions(tmp_path_factory):
     """A tiny text-conditional run on the 8x8 digits, on a shelf of its own."""
     pytest.importorskip("sentence_transformers")
     from conftest import TINY_DIGITS_RUN
+
     from ddpmkit.config import PRESET_DIR, load_config
     from ddpmkit.train import train
 
