@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[test,text,web]"
+	$(PY) -m pip install -q -e ".[test,text,web,diffusers]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, read_config, read_weights, resolve_checkpoint
-from .config import Config
+from .config import Config, DiffusionConfig
+from .diffusers_bridge import DTYPES, PipelineParts, pipeline_folder, read_pipeline
 from .nets import build_for_task
 from .nets.unet import UNet, upgrade_legacy_keys
 from .reverse import default_variance
@@ -155,14 +156,79 @@ class DiffusionModel(LoadedNetwork):
         return images if self.autoencoder is None else self.autoencoder.to_latent(images)
 
 
-def load(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu", kind: str | None = None) -> LoadedNetwork:
-    """Load a run folder (its newest checkpoint) or a ckpt-XXXXXXX folder, in eval mode.
+@dataclass
+class DiffusersModel(DiffusionModel):
+    """A diffusers pipeline folder (an unconditional UNet, or Stable Diffusion) with ddpmkit's
+    metadata: the schedule, prediction and variance come from its scheduler config, prompts go
+    through its CLIP text encoder (the empty prompt is the null condition, as in diffusers' CFG),
+    latents through its VAE. `config` describes it in ddpmkit's terms for code that reads one."""
+
+    parts: PipelineParts | None = None
+
+    @property
+    def kind(self) -> str:
+        return "denoiser"
+
+    @functools.cached_property
+    def schedule(self) -> NoiseSchedule:
+        return self.parts.schedule
+
+    @property
+    def prediction(self) -> str:
+        return self.parts.prediction
+
+    @property
+    def learned_variance(self) -> bool:
+        return self.parts.learned_variance
+
+    @property
+    def conditioning(self) -> str:
+        return "text" if self.parts.prompts is not None else "none"
+
+    @property
+    def num_classes(self) -> int:
+        return 0
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.autoencoder.image_shape) if self.autoencoder is not None else self.data_shape
+
+    def encode_prompts(self, prompts: list[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        if self.parts.prompts is None:
+            raise ValueError(f"{self.path} is an unconditional pipeline: it takes no prompt")
+        return self.parts.prompts.encode(list(prompts), device)
+
+
+def load_pipeline(folder: Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> DiffusersModel:
+    """A diffusers pipeline folder as a DiffusersModel (dtype: float32, float16 or bfloat16 weights)."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
+    parts = read_pipeline(folder, device, dtype or torch.float32)
+    cfg = parts.scheduler_config
+    name = {"squaredcos_cap_v2": "cosine"}.get(cfg.get("beta_schedule", "linear"), cfg.get("beta_schedule", "linear"))
+    diffusion = DiffusionConfig(schedule=name if name in ("linear", "scaled_linear", "cosine") else "linear", T=parts.schedule.T,
+                                prediction=parts.prediction, learned_variance=parts.learned_variance)
+    return DiffusersModel(network=parts.network, config=Config(diffusion=diffusion), data_shape=parts.data_shape, step=0, path=folder,
+                          autoencoder=parts.autoencoder, parts=parts)
+
+
+def load(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu", kind: str | None = None,
+         dtype: str | torch.dtype | None = None) -> LoadedNetwork:
+    """Load a run folder (its newest checkpoint), a ckpt-XXXXXXX folder, or a diffusers pipeline
+    folder (model_index.json; a hub id only from the local hub cache), in eval mode.
 
     weights: 'ema' (what sampling uses) or 'model' (the raw weights). kind: the train.task the
     caller needs ('denoiser', 'superres', 'autoencoder', 'classifier', 'judge', 'clip', 'prior',
     'decoder'; 'diffusion' = any that samples); a run of another kind is a clear error. A model that
     samples (denoiser, super-resolution stage, prior, decoder) comes back as a DiffusionModel,
     anything else as a LoadedNetwork."""
+    folder = pipeline_folder(path)
+    if folder is not None:
+        if kind not in (None, "diffusion", "denoiser"):
+            raise CheckpointError(f"{folder} is a diffusers pipeline (a denoiser), not a {kind} model")
+        return load_pipeline(folder, device, dtype)
     ckpt = resolve_checkpoint(path)
     config, info = read_config(ckpt)
     task = config.train.task
@@ -182,9 +248,11 @@ def load(path: str | Path, weights: str = "ema", device: str | torch.device = "c
     return DiffusionModel(**common, autoencoder=autoencoder)
 
 
-def load_diffusion(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> DiffusionModel:
-    """load(path) for a denoiser run or a super-resolution stage."""
-    return load(path, weights, device, kind="diffusion")
+def load_diffusion(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu",
+                   dtype: str | torch.dtype | None = None) -> DiffusionModel:
+    """load(path) for a model that samples: a denoiser run, a super-resolution stage, an unCLIP
+    prior or decoder, or a diffusers pipeline folder (dtype applies to pipelines)."""
+    return load(path, weights, device, kind="diffusion", dtype=dtype)
 
 
 def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> LoadedNetwork:

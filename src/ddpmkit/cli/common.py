@@ -21,6 +21,12 @@ def add_guidance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-scale", type=float, default=100.0, help="CLIP guidance scale s (the score is a cosine, hence ~100)")
 
 
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="where the network runs: cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="weights of a diffusers pipeline folder (default float32); schedule arithmetic stays float64/float32")
+
+
 def add_sampler_args(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int | None = None, full: bool = True) -> None:
     """--sampler/--steps/--seed, and with full=True the solver options too."""
     p.add_argument("--sampler", default=sampler, choices=sorted(SAMPLERS), help="ddpm = Algorithm 2; see the README")

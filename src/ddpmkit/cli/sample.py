@@ -9,21 +9,22 @@ from ..checkpoint import atomic_write_text
 from ..evaluate.report import evaluate_checkpoint, format_report, parse_metrics
 from ..models import load_diffusion
 from ..pipelines.generate import generate, save_generated
+from ..pipelines.guided import guided_model
 from ..sampling import SAMPLERS
 from ..sampling.optimize import optimize_grid
 from .cascade import run_cascade
-from .common import add_guidance_args, add_sampler_args, guidance_request, options_from
+from .common import add_device_args, add_guidance_args, add_sampler_args, guidance_request, options_from
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
     if args.then:
         return run_cascade(args)
-    m = load_diffusion(args.checkpoint)
+    m = load_diffusion(args.checkpoint, device=args.device, dtype=args.dtype)
     request = guidance_request(args)
     total = args.steps or m.schedule.T
     t0 = time.time()
     gen = generate(m, args.n, request, args.sampler, args.steps, args.seed, options_from(args), args.batch_size,
-                   record_every=0 if args.no_gif else max(1, total // 50))
+                   record_every=0 if args.no_gif else max(1, total // 50), device=args.device)
     elapsed = time.time() - t0
     out = save_generated(gen, args.out, args.seed, gif=not args.no_gif)
     what = f" ({request.describe()})" if request.describe() else ""
@@ -42,16 +43,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_tune_grid(args: argparse.Namespace) -> None:
     """Optimise a step grid for a checkpoint and a sampler, and write it as JSON for --grid."""
-    m = load_diffusion(args.checkpoint)
+    m = load_diffusion(args.checkpoint, device=args.device, dtype=args.dtype)
     options = {"order": args.order} if args.order is not None else {}
+    model, kwargs, extra = guided_model(m, args.n, guidance_request(args), args.sampler, args.device)  # the grid of the guided ODE
     t0 = time.time()
-    grid = optimize_grid(m.network, (args.n, *m.data_shape), m.schedule, sampler=args.sampler, steps=args.steps,
-                         prediction=m.prediction, seed=args.seed, max_evals=args.evals, progress=True,
-                         reference_tol=args.reference_tol, **options)
+    grid = optimize_grid(model, (args.n, *m.data_shape), m.schedule, sampler=args.sampler, steps=args.steps,
+                         prediction=m.prediction, seed=args.seed, max_evals=args.evals, progress=True, model_kwargs=kwargs,
+                         reference_tol=args.reference_tol, **options, **extra)
     out = atomic_write_text(args.out, json.dumps({"sampler": args.sampler, "steps": args.steps, "options": options, "checkpoint": str(m.path),
                                                   "timesteps": [round(t, 6) for t in grid.tolist()]}, indent=1))
     print(f"{args.steps}-step grid for {args.sampler} in {time.time() - t0:.0f}s: {[round(t, 1) for t in grid.tolist()]} -> {out}")
-    print(f"use it with: ddpmkit sample {args.checkpoint} --sampler {args.sampler} --grid {out}")
+    print(f"use it with: ddpmkit sample {args.checkpoint} --sampler {args.sampler} --grid {out}"
+          + (f" --steps {args.steps}" if args.steps else ""))
 
 
 def add_commands(sub) -> None:
@@ -61,6 +64,7 @@ def add_commands(sub) -> None:
     add_sampler_args(s)
     s.add_argument("--batch-size", type=int, default=250, help="samples drawn at once (results do not depend on it)")
     s.add_argument("--no-gif", action="store_true")
+    add_device_args(s)
     s.add_argument("--out", default="samples")
     s.add_argument("--then", action="append", default=[], metavar="STAGE",
                    help="a super-resolution stage after the model (repeat for more): RUN[,sampler=..,steps=..,guidance=..,aug=..,"
@@ -92,4 +96,6 @@ def add_commands(sub) -> None:
     g.add_argument("--seed", type=int, default=1000, help="seed of the training trajectories")
     g.add_argument("--reference-tol", type=float, default=1e-5, help="rtol = atol of the dopri5 reference solution")
     g.add_argument("--out", default="grid.json")
+    add_guidance_args(g)
+    add_device_args(g)
     g.set_defaults(func=cmd_tune_grid)

@@ -29,10 +29,13 @@ class Generated:
 
 
 def resolve_options(m: DiffusionModel, options: dict | None) -> dict:
-    """Sampler options with variance='auto' replaced by the model's own (learned or beta-tilde)."""
+    """Sampler options with variance='auto' replaced by the model's own (learned or beta-tilde),
+    and no clipping of the predicted x_0 for latent models: [-1, 1] bounds pixels, not latents."""
     options = dict(options or {})
     if options.get("variance") == "auto":
         options["variance"] = m.default_variance
+    if m.autoencoder is not None and "clip_x0" in options:
+        options["clip_x0"] = False
     return options
 
 

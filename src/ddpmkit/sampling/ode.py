@@ -70,8 +70,8 @@ def ipndm(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int | 
 
 
 def dpmpp(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int | None = None, grid="logsnr",
-          order: int = 2, eta: float = 0.0, lower_order_final: bool = True, callback=None, model_kwargs=None,
-          progress=False, **options) -> torch.Tensor:
+          order: int = 2, eta: float = 0.0, lower_order_final: bool = True, solver_type: str = "heun", callback=None,
+          model_kwargs=None, progress=False, **options) -> torch.Tensor:
     """DPM-Solver++ multistep (Lu et al. 2022) in data prediction, of order 1, 2 or 3.
 
     With h = lambda_next - lambda and the exponential integrator for the linear part,
@@ -81,7 +81,13 @@ def dpmpp(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int | 
     the ODE solver (2M, 3M), eta = 1 the SDE variant (Lu et al. 2022, sec. 5; k-diffusion).
     The first steps have fewer past D's and use a lower order; lower_order_final limits the order
     near sigma = 0 as diffusers does (it helps with few steps).
+
+    solver_type: how order 2 weighs the divided difference d1 = (D - D_prev) / r. "heun" is the
+    paper's phi_2 = (e^{-h} - 1) / h + 1 (diffusers' solver_type="heun"); "midpoint" is
+    (1 - e^{-h}) / 2, k-diffusion's 2M and diffusers' default. Both are second order.
     """
+    if solver_type not in ("heun", "midpoint"):
+        raise ValueError(f"solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, got {order}")
     if eta < 0:
@@ -104,7 +110,8 @@ def dpmpp(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int | 
             phi_2 = math.expm1(-h_eta) / h_eta + 1
             if p == 2:
                 D1, h1 = past[0]
-                x_bar = x_bar + phi_2 * (D - D1) / (h1 / h)
+                weight = -0.5 * math.expm1(-h_eta) if solver_type == "midpoint" else phi_2
+                x_bar = x_bar + weight * (D - D1) / (h1 / h)
             elif p == 3:
                 (D1, h1), (D2, h2) = past[0], past[1]
                 r0, r1 = h1 / h, h2 / h

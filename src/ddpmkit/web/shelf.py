@@ -6,15 +6,21 @@ import threading
 from pathlib import Path
 
 from ..checkpoint import CheckpointError, list_checkpoints, read_config, resolve_checkpoint
+from ..diffusers_bridge import PIPELINE_INDEX
 from ..models import DIFFUSION_TASKS, DiffusionModel, load_diffusion
 
 
 def find_runs(paths: list[str | Path]) -> list[str]:
-    """Run folders of models that sample: each path is a run folder, or a folder of runs (one level down)."""
+    """Run folders of models that sample, and diffusers pipeline folders: each path is one, or a
+    folder of them (one level down)."""
     found = []
     for path in map(Path, paths):
-        candidates = [path] if list_checkpoints(path) else sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+        single = list_checkpoints(path) or (path / PIPELINE_INDEX).is_file()
+        candidates = [path] if single else sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
         for run in candidates:
+            if (run / PIPELINE_INDEX).is_file():
+                found.append(str(run))
+                continue
             try:
                 config, _ = read_config(resolve_checkpoint(run))
             except CheckpointError:

@@ -1,0 +1,205 @@
+"""Models people already have: a diffusers pipeline folder (model_index.json) read into
+ddpmkit's contract, so every ddpmkit sampler, guidance, editor and the voyage runs on it.
+
+    unconditional   UNet2DModel + a scheduler            (google/ddpm-cifar10-32's layout)
+    Stable Diffusion UNet2DConditionModel + AutoencoderKL + CLIPTextModel + CLIPTokenizer + a scheduler
+
+Only the scheduler's *config* is read (its beta schedule, trained T and prediction type): the
+sampling itself is ddpmkit's. diffusers and transformers are an optional extra
+(pip install "ddpmkit[diffusers]"); nothing is downloaded: a hub id works only when the hub cache
+already holds it. models.load() dispatches here.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError
+from .parameterization import Prediction
+from .schedules import NoiseSchedule, cosine_betas, rescale_zero_terminal_snr
+
+PIPELINE_INDEX = "model_index.json"
+PREDICTIONS: dict[str, Prediction] = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned_range")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class DiffusersError(CheckpointError):
+    """A folder that is not a pipeline ddpmkit can run, with what is missing and what is supported."""
+
+
+def pipeline_folder(path: str | Path) -> Path | None:
+    """The diffusers pipeline folder `path` names: the folder itself when it holds model_index.json,
+    a hub id ("org/name") already in the local hub cache, or None for anything else (a ddpmkit run).
+    A hub id that is not cached is an error that says how to get the folder."""
+    path = Path(path)
+    if (path / PIPELINE_INDEX).is_file():
+        return path
+    text = str(path)
+    if path.exists() or text.count("/") != 1 or text.startswith((".", "/")):
+        return None
+    try:
+        from huggingface_hub import snapshot_download  # optional: comes with the diffusers extra
+    except ImportError:
+        return None
+    try:
+        folder = Path(snapshot_download(text, local_files_only=True))  # the cache only, never the network
+    except Exception:  # noqa: BLE001 -- any failure means: not cached (or not a repo id)
+        raise DiffusersError(f"{text!r} is neither a run folder nor a local diffusers pipeline folder, and the hub cache does not hold "
+                             f"it. ddpmkit downloads nothing: fetch it once where there is network, e.g. "
+                             f"`huggingface-cli download {text} --local-dir models/{text.split('/')[-1]}` (or "
+                             f"`DiffusionPipeline.from_pretrained('{text}').save_pretrained(DIR)`), then pass that folder") from None
+    return folder if (folder / PIPELINE_INDEX).is_file() else None
+
+
+def schedule_from_config(cfg: dict) -> tuple[NoiseSchedule, Prediction, bool]:
+    """(schedule, prediction, learned_variance) from a diffusers scheduler config. The betas are
+    the config's own (diffusers does not rescale linear end points with T, so neither does this)."""
+    T = int(cfg.get("num_train_timesteps", 1000))
+    kind = cfg.get("beta_schedule", "linear")
+    if cfg.get("trained_betas") is not None:
+        betas = torch.tensor(cfg["trained_betas"], dtype=torch.float64)
+    elif kind == "linear":
+        betas = torch.linspace(cfg.get("beta_start", 1e-4), cfg.get("beta_end", 0.02), T, dtype=torch.float64)
+    elif kind == "scaled_linear":  # Stable Diffusion: linear in sqrt(beta)
+        betas = torch.linspace(cfg.get("beta_start", 0.00085) ** 0.5, cfg.get("beta_end", 0.012) ** 0.5, T, dtype=torch.float64) ** 2
+    elif kind == "squaredcos_cap_v2":  # Nichol & Dhariwal's cosine, beta capped at 0.999
+        betas = cosine_betas(T)
+    else:
+        raise DiffusersError(f"unsupported beta_schedule {kind!r} in the scheduler config; ddpmkit reads {list(BETA_SCHEDULES)} "
+                             "(or trained_betas)")
+    if cfg.get("rescale_betas_zero_snr"):
+        betas = rescale_zero_terminal_snr(betas).clamp(max=1.0)
+    prediction_type = cfg.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTIONS:
+        raise DiffusersError(f"unsupported prediction_type {prediction_type!r}; ddpmkit reads {list(PREDICTIONS)}")
+    variance = cfg.get("variance_type") or "fixed_small"
+    if variance not in VARIANCE_TYPES:
+        raise DiffusersError(f"unsupported variance_type {variance!r}; ddpmkit reads {list(VARIANCE_TYPES)}")
+    return NoiseSchedule(betas), PREDICTIONS[prediction_type], variance == "learned_range"
+
+
+class UNetDenoiser(nn.Module):
+    """A diffusers UNet under ddpmkit's contract: model(x_t: (B, C, H, W), t: (B,) timesteps,
+    context=None) -> the prediction, in float32 whatever dtype the UNet computes in."""
+
+    def __init__(self, unet: nn.Module, conditional: bool):
+        super().__init__()
+        self.unet, self.conditional = unet, conditional
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = self.unet.dtype
+        t = t.to(x.device)
+        if self.conditional:
+            if context is None:
+                raise ValueError("this Stable Diffusion UNet needs a prompt's text embeddings (context)")
+            out = self.unet(x.to(dtype), t, encoder_hidden_states=context.to(dtype)).sample
+        else:
+            out = self.unet(x.to(dtype), t).sample
+        return out.float()
+
+
+class VAELatents(nn.Module):
+    """An AutoencoderKL as ddpmkit's latent decoder: images in [-1, 1] <-> latents * scaling_factor."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        self.downsampling = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.image_shape: tuple[int, ...] = ()  # set by the loader from the UNet's sample size
+
+    def to_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """The posterior's mode (deterministic, unlike diffusers' img2img, which samples it)."""
+        z = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mode()
+        return ((z - self.shift_factor) * self.scaling_factor).float()
+
+    def from_latent(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.vae.decode((z / self.scaling_factor + self.shift_factor).to(self.vae.dtype)).sample
+        return x.float().clamp(-1, 1)
+
+
+class CLIPPrompts:
+    """The pipeline's tokenizer + CLIP text encoder as ddpmkit's prompt encoder: {"context":
+    (n, max_length, d)}, padded to the tokenizer's length as Stable Diffusion pipelines do."""
+
+    def __init__(self, tokenizer, text_encoder: nn.Module):
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        tokens = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+                                return_tensors="pt")
+        dev = next(self.text_encoder.parameters()).device
+        mask = tokens.attention_mask.to(dev) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
+        hidden = self.text_encoder(tokens.input_ids.to(dev), attention_mask=mask)[0]
+        return {"context": hidden.float().to(device)}
+
+
+@dataclass
+class PipelineParts:
+    """What ddpmkit needs of a pipeline folder."""
+
+    network: UNetDenoiser
+    schedule: NoiseSchedule
+    prediction: Prediction
+    learned_variance: bool
+    data_shape: tuple[int, ...]
+    autoencoder: VAELatents | None
+    prompts: CLIPPrompts | None
+    scheduler_config: dict
+
+
+def read_index(folder: Path) -> dict:
+    try:
+        index = json.loads((folder / PIPELINE_INDEX).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DiffusersError(f"cannot read {folder / PIPELINE_INDEX}: {e}") from None
+    for name in ("unet", "scheduler"):
+        if name not in index or not (folder / name).is_dir():
+            raise DiffusersError(f"{folder} is a diffusers pipeline without a '{name}' component (model_index.json lists "
+                                 f"{sorted(k for k in index if not k.startswith('_'))}); ddpmkit runs UNet pipelines: "
+                                 "unet + scheduler (+ vae, text_encoder, tokenizer for Stable Diffusion)")
+    return index
+
+
+def read_pipeline(folder: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> PipelineParts:
+    """Load a pipeline folder's components (nothing is downloaded) in eval mode."""
+    try:
+        import diffusers  # optional: the diffusers extra
+        import transformers  # optional: the text encoder and tokenizer of Stable Diffusion pipelines
+    except ImportError as e:
+        raise DiffusersError(f"{folder} is a diffusers pipeline; reading it needs the diffusers extra: pip install 'ddpmkit[diffusers]' "
+                             f"({e})") from None
+    index = read_index(folder)
+    scheduler_config = json.loads(next((folder / "scheduler").glob("*.json")).read_text())
+    schedule, prediction, learned_variance = schedule_from_config(scheduler_config)
+    unet_class = index["unet"][1]
+    if unet_class not in ("UNet2DModel", "UNet2DConditionModel"):
+        raise DiffusersError(f"unsupported unet class {unet_class!r}; ddpmkit runs UNet2DModel and UNet2DConditionModel")
+    unet = getattr(diffusers, unet_class).from_pretrained(folder / "unet", torch_dtype=dtype).to(device).eval()
+    conditional = unet_class == "UNet2DConditionModel"
+    size = unet.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    data_shape = (unet.config.in_channels, *size)
+    autoencoder = prompts = None
+    if conditional:
+        missing = [c for c in ("vae", "text_encoder", "tokenizer") if c not in index or not (folder / c).is_dir()]
+        if missing:
+            raise DiffusersError(f"{folder} has a text-conditional UNet but no {missing}: a Stable Diffusion folder holds unet, vae, "
+                                 "text_encoder, tokenizer and scheduler")
+        vae = diffusers.AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype).to(device).eval()
+        autoencoder = VAELatents(vae)
+        autoencoder.image_shape = (vae.config.out_channels, *(s * autoencoder.downsampling for s in size))
+        text_class, token_class = index["text_encoder"][1], index["tokenizer"][1]
+        text_encoder = getattr(transformers, text_class).from_pretrained(folder / "text_encoder", torch_dtype=dtype).to(device).eval()
+        prompts = CLIPPrompts(getattr(transformers, token_class).from_pretrained(folder / "tokenizer"), text_encoder)
+    return PipelineParts(UNetDenoiser(unet, conditional), schedule, prediction, learned_variance, data_shape, autoencoder, prompts,
+                         scheduler_config)

@@ -1,0 +1,207 @@
+"""Diffusers pipeline folders run with ddpmkit (diffusers_bridge.py, models.load): tiny randomly
+initialised pipelines built from configs and saved with save_pretrained, as diffusers' own tests
+do (the CLIP tokenizer from a byte-level vocabulary written here: nothing is downloaded). ddpmkit's
+samplers reproduce diffusers' pipelines step for step; the command line runs on the folders."""
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+import ddpmkit
+from ddpmkit.cli import main
+from ddpmkit.diffusers_bridge import DiffusersError, schedule_from_config
+from ddpmkit.editing import seed_noise
+from ddpmkit.pipelines.generate import generate
+from ddpmkit.pipelines.guided import GuidanceRequest, guided_model
+from ddpmkit.schedules import NoiseSchedule
+
+PROMPT = "a red circle"  # under the tiny tokenizer's 16 tokens
+SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                    steps_offset=1)  # Stable Diffusion 1.x's scheduler config
+
+
+def byte_level_tokenizer(folder, max_length: int = 16):
+    """A CLIP tokenizer with no merges: one token per byte, as CLIP's byte-level BPE would start."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = [chr(b) for b in printable] + [chr(256 + k) for k in range(256 - len(printable))]
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": 2 * len(chars), "<|endoftext|>": 2 * len(chars) + 1})
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    """A tiny Stable Diffusion folder: 8x8x4 latents, 16x16 RGB images, a 2-layer CLIP text encoder."""
+    root = tmp_path_factory.mktemp("sd")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+                                          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                          attention_head_dim=2, norm_num_groups=4)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                                  up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], latent_channels=4,
+                                  norm_num_groups=4, sample_size=16)
+    tokenizer = byte_level_tokenizer(root)
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=len(tokenizer), bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=16, intermediate_size=32,
+        num_attention_heads=2, num_hidden_layers=2, max_position_embeddings=16))
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                             scheduler=diffusers.DDIMScheduler(**SD_SCHEDULER), safety_checker=None,
+                                             feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root / "pipeline")
+    return root / "pipeline"
+
+
+@pytest.fixture(scope="module")
+def tiny_ddpm(tmp_path_factory):
+    """A tiny unconditional pipeline laid out as google/ddpm-cifar10-32: UNet2DModel + DDPMScheduler."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                                 norm_num_groups=4)
+    folder = tmp_path_factory.mktemp("ddpm") / "pipeline"
+    diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(beta_schedule="linear")).save_pretrained(folder)
+    return folder
+
+
+def _diffusers_pipe(folder, scheduler: str, **config):
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config, **config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# DDIM: with set_alpha_to_one=False (SD's config) diffusers' last DDIM step lands on alpha_bar_0,
+# not on x_0, so the parity test sets it True; everywhere else the grids and the math are the same.
+@pytest.mark.parametrize("scheduler, sampler, config", [
+    ("DDIMScheduler", "ddim", {"set_alpha_to_one": True}),
+    ("EulerDiscreteScheduler", "euler", {}),
+    ("DPMSolverMultistepScheduler", "dpmpp_2m", {}),  # diffusers' default 2M is the midpoint form: solver_type below
+])
+@pytest.mark.parametrize("guidance", [1.0, 5.0])
+def test_ddpmkit_samplers_reproduce_the_diffusers_pipeline(tiny_sd, scheduler, sampler, config, guidance):
+    pipe = _diffusers_pipe(tiny_sd, scheduler, **config)
+    noise = seed_noise(7, (4, 8, 8))
+    ref = pipe(PROMPT, num_inference_steps=10, guidance_scale=guidance, latents=noise.clone(), output_type="latent").images
+    grid = pipe.scheduler.timesteps.to(torch.float64)  # the timesteps diffusers visited: ddpmkit takes them as its grid
+    m = ddpmkit.load(tiny_sd)
+    model, kwargs, options = guided_model(m, 1, GuidanceRequest(prompts=[PROMPT], scale=guidance), sampler)
+    variant = {"solver_type": "midpoint"} if sampler == "dpmpp_2m" else {}
+    x = ddpmkit.sample(model, (1, 4, 8, 8), m.schedule, sampler=sampler, steps=10, x_T=noise, grid=grid, clip_x0=False,
+                       model_kwargs=kwargs, **m.sample_kwargs, **options, **variant).x
+    assert ref.abs().max() > 0.1 and (x - ref).abs().max() < 1e-4 * ref.abs().max()
+    # the user's path: generate() with seed 7 starts from the same noise and decodes with the VAE
+    out = generate(m, 1, GuidanceRequest(prompts=[PROMPT], scale=guidance), sampler, 10, seed=7, options={"grid": grid, **variant},
+                   progress=False)
+    images = pipe(PROMPT, num_inference_steps=10, guidance_scale=guidance, latents=noise.clone(), output_type="pt").images
+    assert (images - (out.images + 1) / 2).abs().max() < 1e-4
+
+
+def test_the_unconditional_pipeline_matches_diffusers_ddim(tiny_ddpm):
+    pipe = diffusers.DDIMPipeline.from_pretrained(tiny_ddpm)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    # ddpmkit's clipped DDIM recomputes eps from the clipped x_0 (improved-diffusion's way), which is
+    # diffusers' use_clipped_model_output=True; with its default (False) the two part on clipped steps
+    ref = pipe(generator=torch.Generator().manual_seed(3), num_inference_steps=8, eta=0.0, output_type="np",
+               use_clipped_model_output=True).images  # (1, 8, 8, 3)
+    m = ddpmkit.load(tiny_ddpm)
+    assert (m.conditioning, m.data_shape, m.prediction, m.autoencoder) == ("none", (3, 8, 8), "eps", None)
+    out = generate(m, 1, None, "ddim", 8, seed=3, options={"grid": pipe.scheduler.timesteps.double(), "clip_x0": True}, progress=False)
+    assert (torch.from_numpy(ref).permute(0, 3, 1, 2) - (out.images + 1) / 2).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("config", [
+    dict(beta_schedule="linear", beta_start=2e-4, beta_end=0.03, num_train_timesteps=500),
+    dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+    dict(beta_schedule="squaredcos_cap_v2"),
+    dict(beta_schedule="scaled_linear", rescale_betas_zero_snr=True, prediction_type="v_prediction"),
+])
+def test_schedule_from_the_scheduler_config_is_diffusers_own(config):
+    scheduler = diffusers.DDPMScheduler(**config)
+    schedule, prediction, learned = schedule_from_config(dict(scheduler.config))
+    assert torch.allclose(schedule.alpha_bar, scheduler.alphas_cumprod.double(), rtol=1e-5, atol=1e-9)
+    assert prediction == {"epsilon": "eps", "v_prediction": "v"}[scheduler.config.prediction_type] and not learned
+    assert isinstance(schedule, NoiseSchedule) and schedule.T == scheduler.config.num_train_timesteps
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"beta_schedule": "exponential"}, "unsupported beta_schedule 'exponential' in the scheduler config; ddpmkit reads ['linear', 'scaled_linear', 'squaredcos_cap_v2']"),
+    ({"prediction_type": "flow"}, "unsupported prediction_type 'flow'; ddpmkit reads ['epsilon', 'v_prediction', 'sample']"),
+    ({"variance_type": "learned"}, "unsupported variance_type 'learned'"),
+])
+def test_unsupported_scheduler_configs_name_what_is_supported(config, message):
+    with pytest.raises(DiffusersError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        schedule_from_config(config)
+
+
+def test_bad_folders_say_what_is_missing(tiny_sd, tmp_path):
+    import shutil
+
+    assert main(["sample", str(tmp_path), "--n", "1"]) == 2  # neither a run nor a pipeline
+    broken = tmp_path / "no_vae"
+    shutil.copytree(tiny_sd, broken)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(DiffusersError, match=r"has a text-conditional UNet but no \['vae'\]"):
+        ddpmkit.load(broken)
+    shutil.rmtree(broken / "scheduler")
+    with pytest.raises(DiffusersError, match="without a 'scheduler' component"):
+        ddpmkit.load(broken)
+    with pytest.raises(DiffusersError, match="ddpmkit downloads nothing.*huggingface-cli download someone/no-such-model"):
+        ddpmkit.load("someone/no-such-model")
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        ddpmkit.load(tiny_sd, dtype="int8")
+
+
+def test_command_line_on_a_stable_diffusion_folder(tiny_sd, tmp_path, capsys):
+    out = tmp_path / "samples"
+    assert main(["sample", str(tiny_sd), "--prompt", PROMPT, "--sampler", "unipc", "--steps", "10", "--n", "2", "--guidance", "4",
+                 "--guidance-rescale", "0.5", "--out", str(out)]) == 0
+    assert (out / "grid.png").is_file() and (out / "reverse_process.gif").is_file()
+    assert torch.load(out / "samples.pt").shape == (2, 3, 16, 16)
+    keys = tmp_path / "keyframes.txt"
+    keys.write_text("3 a red circle\n14 a blue square\n")
+    gifs = []
+    for k in range(2):
+        assert main(["voyage", str(keys), "--model", str(tiny_sd), "--frames", "3", "--steps", "4", "--out", str(tmp_path / f"v{k}")]) == 0
+        gifs.append((tmp_path / f"v{k}" / "voyage.gif").read_bytes())
+    assert gifs[0] == gifs[1]  # the same bytes twice
+    from PIL import Image
+
+    Image.new("RGB", (24, 24), (200, 30, 30)).save(tmp_path / "image.png")
+    assert main(["img2img", str(tiny_sd), str(tmp_path / "image.png"), "--prompt", PROMPT, "--steps", "5", "--n", "2",
+                 "--out", str(tmp_path / "edits")]) == 0
+    assert (tmp_path / "edits" / "img2img.png").is_file()
+
+
+def test_tune_grid_on_stable_diffusion_writes_a_grid_sample_accepts(tiny_sd, tmp_path, capsys):
+    grid = tmp_path / "grid.json"
+    assert main(["tune-grid", str(tiny_sd), "--prompt", PROMPT, "--steps", "4", "--n", "2", "--evals", "12", "--out", str(grid)]) == 0
+    use = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("use it with: ")
+    argv = shlex.split(use)[1:] + ["--prompt", PROMPT, "--n", "1", "--out", str(tmp_path / "s")]
+    assert main(argv) == 0 and (tmp_path / "s" / "grid.png").is_file()
+    ts = json.loads(grid.read_text())["timesteps"]
+    assert len(ts) == 4 and ts == sorted(ts, reverse=True)
+
+
+def test_the_web_page_serves_a_pipeline_folder(tiny_sd, tiny_ddpm):
+    from ddpmkit.web.actions import Actions
+    from ddpmkit.web.shelf import Shelf, find_runs
+
+    runs = find_runs([tiny_sd, tiny_ddpm.parent])
+    assert runs == [str(tiny_sd), str(tiny_ddpm)]
+    actions = Actions(Shelf(runs))
+    assert "text-conditional" in actions.describe(str(tiny_sd))[0]
+    _, settings = actions.settings(str(tiny_sd), PROMPT, "dpmpp_2m", 4, "default", 3.0, 5, 2)
+    final = list(actions.generate(settings))[-1]
+    assert final["result"].shape == (16 * 4 + 4, 2 * (16 * 4 + 2) + 2, 3)  # two 16x16 RGB images side by side, shown 4x
+    assert final["command"] == f"ddpmkit sample {tiny_sd} --n 2 --sampler dpmpp_2m --steps 4 --seed 5 --prompt '{PROMPT}' --guidance 3 --out samples"
