@@ -205,3 +205,24 @@ def test_the_web_page_serves_a_pipeline_folder(tiny_sd, tiny_ddpm):
     final = list(actions.generate(settings))[-1]
     assert final["result"].shape == (16 * 4 + 4, 2 * (16 * 4 + 2) + 2, 3)  # two 16x16 RGB images side by side, shown 4x
     assert final["command"] == f"ddpmkit sample {tiny_sd} --n 2 --sampler dpmpp_2m --steps 4 --seed 5 --prompt '{PROMPT}' --guidance 3 --out samples"
+
+
+def test_eval_of_a_pipeline_against_a_folder_of_real_images(tiny_sd, tmp_path, capsys):
+    from PIL import Image
+
+    from ddpmkit.evaluate.inception import FIDInceptionV3
+
+    torch.manual_seed(0)
+    weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(FIDInceptionV3().eval().state_dict(), weights)  # the real network, random weights: offline
+    real = tmp_path / "real"
+    real.mkdir()
+    for k in range(6):
+        Image.new("RGB", (16, 16), (40 * k, 255 - 40 * k, 128)).save(real / f"{k}.png")
+    argv = ["eval", str(tiny_sd), "--metrics", "fd,kid,is", "--features", "inception", "--inception", str(weights), "--n", "6",
+            "--sampler", "dpmpp_2m", "--steps", "3", "--prompt", PROMPT, "--out", str(tmp_path / "report.json")]
+    assert main(argv) == 2 and "give --reference FOLDER" in capsys.readouterr().err
+    assert main([*argv, "--reference", str(real)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["metrics"]) == {"fd", "kid", "is"} and report["metrics"]["fd"]["value"] > 0
+    assert report["sampling"]["reference"] == f"{real} (6 images)"

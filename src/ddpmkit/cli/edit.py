@@ -13,7 +13,7 @@ from ..models import DiffusionModel, load_diffusion
 from ..pipelines.edit import edit_img2img, edit_inpaint, edit_posterior, interpolation_images, interpolation_prompts, interpolation_seeds
 from ..pipelines.voyage import read_keyframes, render_voyage
 from ..sampling import SAMPLERS
-from .common import add_guidance_args, guidance_request
+from .common import add_device_args, add_guidance_args, guidance_request
 
 try:  # optional: MP4 output of the voyage
     import imageio.v2 as imageio
@@ -69,9 +69,10 @@ def cmd_interpolate(args: argparse.Namespace) -> None:
 def cmd_voyage(args: argparse.Namespace) -> None:
     """Render the keyframe file as a GIF (and MP4 when imageio's ffmpeg is installed) plus a keyframe strip."""
     keyframes = read_keyframes(args.file)
-    m = load_diffusion(args.model)
+    m = load_diffusion(args.model, device=args.device, dtype=args.dtype)
     t0 = time.time()
-    frames = render_voyage(m, keyframes, frames_between=args.frames, guidance=args.guidance, sampler=args.sampler, steps=args.steps)
+    frames = render_voyage(m, keyframes, frames_between=args.frames, guidance=args.guidance, sampler=args.sampler, steps=args.steps,
+                           device=args.device)
     out = Path(args.out)
     images = [viz.make_grid(f[None], nrow=1, pad=0, upscale=args.upscale) for f in frames]
     gif = viz.save_gif(images, out / "voyage.gif", duration_ms=args.frame_ms, hold_last_ms=args.frame_ms * 4)
@@ -133,4 +134,5 @@ def add_commands(sub) -> None:
     p.add_argument("--frame-ms", type=int, default=120)
     p.add_argument("--upscale", type=int, default=4)
     p.add_argument("--out", default="voyage")
+    add_device_args(p)
     p.set_defaults(func=cmd_voyage)

@@ -36,7 +36,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     report = evaluate_checkpoint(args.checkpoint, parse_metrics(args.metrics), sampler=args.sampler, steps=args.steps,
                                  n=args.n, n_bpd=args.n_bpd, seed=args.seed, features=args.features,
                                  sampler_options=options_from(args), inception_path=args.inception, out=args.out,
-                                 request=guidance_request(args))
+                                 request=guidance_request(args), reference=args.reference)
     print(format_report(report))
     print(f"report: {args.out}")
 
@@ -80,6 +80,8 @@ def add_commands(sub) -> None:
                         "not comparable with papers) or the FID Inception")
     e.add_argument("--inception", default=None, help="path of pt_inception-2015-12-05-6726825d.pth (else $DDPMKIT_INCEPTION / torch hub cache)")
     e.add_argument("--n", type=int, default=1000, help="samples for fd/kid/is")
+    e.add_argument("--reference", default=None, help="a folder of real images to compare with (default: the run's held-out data; "
+                                                     "needed for diffusers pipeline folders)")
     e.add_argument("--n-bpd", type=int, default=100, help="held-out examples for bits/dim")
     add_sampler_args(e)
     e.add_argument("--out", default="eval_report.json")

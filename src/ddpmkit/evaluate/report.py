@@ -10,7 +10,8 @@ import torch
 
 from ..checkpoint import atomic_write_text
 from ..data import dataset_for
-from ..models import load_diffusion
+from ..config import DataConfig
+from ..models import DiffusersModel, load_diffusion
 from ..pipelines.generate import generate
 from ..pipelines.guided import GuidanceRequest
 from .cached_judge import load_judge
@@ -63,16 +64,23 @@ class FeatureNet:
 def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddpm", steps: int | None = None,
                         n: int = 1000, n_bpd: int = 100, seed: int = 0, features: str = "classifier",
                         sampler_options: dict | None = None, batch_size: int = 250, inception_path: str | None = None,
-                        out: str | Path | None = None, request=None) -> dict:
+                        out: str | Path | None = None, request=None, reference: str | None = None) -> dict:
     """request: a pipeline.GuidanceRequest for conditional models (classes, prompts, guidance) used
-    for the samples; bits/dim of a conditional model is that of its unconditional branch."""
+    for the samples; bits/dim of a conditional model is that of its unconditional branch.
+    reference: a folder of real images to compare with (default: the held-out split of the run's
+    data; a diffusers pipeline folder has no data of its own, so it needs one)."""
     m = load_diffusion(checkpoint)
     d = m.config.diffusion
     data = m.config.data
+    if reference:
+        C, H = m.image_shape[0], m.image_shape[-1]
+        data = DataConfig(name="folder", path=str(reference), image_size=H, channels=C)
+    elif isinstance(m, DiffusersModel):
+        raise ValueError(f"{m.path} is a diffusers pipeline: give --reference FOLDER, real images to compare its samples with")
     report: dict = {"checkpoint": str(m.path), "step": m.step, "metrics": {}}
     # folders, npz files and toys have no held-out split: their "test" data is the training data
-    held_out = dataset_for(m.config.data, split="test")
-    x_test = held_out.x[:n_bpd]
+    held_out = dataset_for(data, split="test")
+    x_test = held_out.get_batch(torch.arange(min(n_bpd, len(held_out))))  # any Dataset: arrays or image folders
     g = torch.Generator().manual_seed(seed)
     null = m.null_condition(len(x_test))
     if m.autoencoder is not None and any(k.startswith("bpd") for k in metrics):
@@ -105,9 +113,9 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddp
         gen = generate(m, n, request or GuidanceRequest(), sampler, steps, seed, sampler_options, batch_size)
         nfe = gen.nfe
         fake_f, fake_p = feature_net(gen.images)  # latent diffusion: decoded images
-        real_f, _ = feature_net(held_out.x)
+        real_f, _ = feature_net(held_out.get_batch(torch.arange(len(held_out))))
         report["sampling"] = {"sampler": sampler, "nfe": nfe, "n": n, "seconds": time.time() - t0, "features": features,
-                              "reference": f"{data.name} held-out split ({len(held_out)} images)"}
+                              "reference": f"{reference or data.name + ' held-out split'} ({len(held_out)} images)"}
         label = "" if features == "inception" else " (classifier features; not comparable with papers)"
         if "fd" in quality:
             a, b = FeatureStats.of(fake_f), FeatureStats.of(real_f)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..editing import lerp_condition, seed_noise, slerp
 from ..models import DiffusionModel
 from ..sampling import sample
+from .generate import resolve_options
 from .guided import GuidanceRequest, guided_model
 
 
@@ -59,7 +60,8 @@ def read_keyframes(path: str | Path) -> list[tuple[int, str]]:
 
 @torch.no_grad()
 def render_voyage(m: DiffusionModel, keyframes: list[tuple[int, str]], frames_between: int = 8, guidance: float = 3.0,
-                  sampler: str = "ddim", steps: int = 20, batch: int = 32, progress: bool = True) -> torch.Tensor:
+                  sampler: str = "ddim", steps: int = 20, batch: int = 32, progress: bool = True,
+                  device: str | torch.device = "cpu") -> torch.Tensor:
     """Frames (N, C, H, W) in [-1, 1] through the keyframes of a text-conditional model m (latent
     models are decoded). N = (keyframes - 1) * frames_between + 1."""
     if m.conditioning != "text":
@@ -78,8 +80,8 @@ def render_voyage(m: DiffusionModel, keyframes: list[tuple[int, str]], frames_be
     for start in tqdm(range(0, len(x_T), batch), desc="voyage", leave=False, disable=not progress):
         sl = slice(start, start + batch)
         n = len(x_T[sl])
-        model, cond, options = guided_model(m, n, request.slice(start, n), sampler)
-        res = sample(model, x_T[sl].shape, m.schedule, sampler=sampler, steps=steps, x_T=x_T[sl], generator=0,
-                     model_kwargs=cond, **m.sample_kwargs, **options)
-        out.append(m.decode(res.x))
+        model, cond, options = guided_model(m, n, request.slice(start, n), sampler, device)
+        res = sample(model, x_T[sl].shape, m.schedule, sampler=sampler, steps=steps, x_T=x_T[sl], generator=0, device=device,
+                     model_kwargs=cond, **m.sample_kwargs, **resolve_options(m, options))
+        out.append(m.decode(res.x).cpu())
     return torch.cat(out)
