@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import atomic_write_text
-from ..data import dataset_for
 from ..config import DataConfig
+from ..data import dataset_for
 from ..models import DiffusersModel, load_diffusion
 from ..pipelines.generate import generate
 from ..pipelines.guided import GuidanceRequest
