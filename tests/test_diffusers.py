@@ -181,6 +181,20 @@ def test_command_line_on_a_stable_diffusion_folder(tiny_sd, tmp_path, capsys):
     assert main(["img2img", str(tiny_sd), str(tmp_path / "image.png"), "--prompt", PROMPT, "--steps", "5", "--n", "2",
                  "--out", str(tmp_path / "edits")]) == 0
     assert (tmp_path / "edits" / "img2img.png").is_file()
+    assert main(["inpaint", str(tiny_sd), str(tmp_path / "image.png"), "--prompt", PROMPT, "--steps", "4", "--resample", "2", "--n", "1",
+                 "--mask", "left", "--out", str(tmp_path / "edits")]) == 0  # in latent space, the mask downsampled
+    assert main(["interpolate", str(tiny_sd), "--seeds", "3,14", "--prompt", PROMPT, "--steps", "4", "--n", "3",
+                 "--out", str(tmp_path / "edits")]) == 0
+    assert (tmp_path / "edits" / "inpaint.png").is_file() and (tmp_path / "edits" / "interpolate_seeds_3_14.png").is_file()
+
+
+def test_half_precision_weights_sample_close_to_float32(tiny_sd):
+    request = GuidanceRequest(prompts=[PROMPT], scale=3.0)
+    full = generate(ddpmkit.load(tiny_sd), 1, request, "dpmpp_2m", 4, seed=1, progress=False).images
+    m = ddpmkit.load(tiny_sd, dtype="bfloat16")
+    assert m.network.unet.dtype == torch.bfloat16 and m.autoencoder.vae.dtype == torch.bfloat16
+    half = generate(m, 1, request, "dpmpp_2m", 4, seed=1, progress=False).images
+    assert half.dtype == torch.float32 and 0 < (half - full).abs().mean() < 0.1  # bf16 rounding, not another image
 
 
 def test_tune_grid_on_stable_diffusion_writes_a_grid_sample_accepts(tiny_sd, tmp_path, capsys):

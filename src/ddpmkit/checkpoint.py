@@ -114,7 +114,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     found = list_checkpoints(path)
     if found:
         return found[-1]
-    raise CheckpointError(f"no checkpoint at {path} (expected a ckpt-XXXXXXX folder or a run folder containing one)")
+    raise CheckpointError(f"no checkpoint at {path} (expected a ckpt-XXXXXXX folder, a run folder containing one, or a diffusers "
+                          "pipeline folder with model_index.json)")
 
 
 def read_config(ckpt: Path) -> tuple[Config, CheckpointInfo]:

@@ -32,14 +32,18 @@ def edit_img2img(m: DiffusionModel, image: torch.Tensor, n: int, strength: float
 
 def edit_inpaint(m: DiffusionModel, image: torch.Tensor, mask: torch.Tensor, n: int, request: GuidanceRequest | None = None,
                  steps: int = 100, resample: int = 5, seed: int = 0) -> torch.Tensor:
-    """n RePaint completions of one image: (1, C, H, W), mask (1, 1, H, W) with 1 = keep -> (n, C, H, W)."""
-    if m.autoencoder is not None:
-        raise ValueError("inpainting runs on pixel-space models (the mask is in pixels); use a pixel model")
+    """n RePaint completions of one image: (1, C, H, W), mask (1, 1, H, W) with 1 = keep -> (n, C, H, W).
+    Latent models inpaint in latent space with the mask area-downsampled to the latents (a latent
+    pixel is kept only where all its pixels are), as Stable Diffusion's legacy inpainting did."""
     if tuple(mask.shape[-2:]) != tuple(image.shape[-2:]):
         raise ValueError(f"the mask is {tuple(mask.shape[-2:])} pixels, the image {tuple(image.shape[-2:])}")
     model, kwargs, _ = guided_model(m, n, request, "ddpm")
-    return inpaint(model, image.expand(n, *image.shape[1:]), mask, m.schedule, steps=steps, resample=resample, generator=seed,
-                   prediction=m.prediction, model_kwargs=kwargs)
+    z, keep = m.encode(image), mask
+    if m.autoencoder is not None:
+        keep = (torch.nn.functional.interpolate(mask.float(), size=tuple(z.shape[-2:]), mode="area") > 0.999).float()
+    x = inpaint(model, z.expand(n, *z.shape[1:]), keep, m.schedule, steps=steps, resample=resample, generator=seed,
+                prediction=m.prediction, clip_x0=m.autoencoder is None, model_kwargs=kwargs)
+    return m.decode(x)
 
 
 def edit_posterior(m: DiffusionModel, image: torch.Tensor, t: int, n: int, request: GuidanceRequest | None = None,
