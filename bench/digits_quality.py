@@ -40,7 +40,7 @@ def main() -> int:
     p.add_argument("--eta", type=float, default=None)
     p.add_argument("--order", type=int, default=None)
     p.add_argument("--no-clip", action="store_true")
-    p.add_argument("--batch", type=int, default=250)
+    p.add_argument("--batch", type=int, default=None, help="samples at once (default: generate's cache-sized chunks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA or raw weights of the checkpoint")
     p.add_argument("--out", default="runs/bench/digits_quality")

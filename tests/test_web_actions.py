@@ -211,3 +211,15 @@ def test_prompts_and_the_voyage_on_a_text_model(text_actions):
         assert im.n_frames == (3 - 1) * 3 + 1  # frames between keyframes, ending on the last
     with pytest.raises(ValueError, match="each keyframe is a seed"):
         actions.interpolate(run, "voyage", 0, 0, 0, 1, 300, "", "", [["x", "a one"], [1, "a two"]], 3, "", 3.0, "ddim", 3)
+
+
+def test_generate_chunks_by_cache_size_and_the_result_does_not_depend_on_the_chunk(actions, web_runs):
+    from ddpmkit.pipelines.generate import auto_batch_size
+
+    assert auto_batch_size((1, 28, 28)) == 128 and auto_batch_size((4, 64, 64)) == 6 and auto_batch_size((3, 4096, 4096)) == 1
+    assert auto_batch_size((1, 28, 28), "cuda") == 64 * 128
+    m = actions.shelf.get(str(web_runs / "class"))
+    request = actions.request(m, "2,5", 3.0)[0]
+    whole = generate(m, 7, request, "dpmpp_2m_sde", 5, seed=3, progress=False).images  # 8x8: one chunk of 7
+    chunked = generate(m, 7, request, "dpmpp_2m_sde", 5, seed=3, batch_size=3, progress=False).images
+    assert torch.allclose(whole, chunked, atol=1e-5)

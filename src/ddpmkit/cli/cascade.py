@@ -73,7 +73,7 @@ def add_commands(sub) -> None:
     u.add_argument("--n", type=int, default=1, help="samples per image")
     u.add_argument("--aug", type=float, default=None, help="noise-augmentation level of the low-res input in [0, 1] (default: the stage's)")
     add_sampler_args(u)
-    u.add_argument("--batch-size", type=int, default=250)
+    u.add_argument("--batch-size", type=int, default=None, help="samples drawn at once (default: cache-sized chunks)")
     u.add_argument("--no-gif", action="store_true")
     u.add_argument("--out", default="upscaled")
     add_guidance_args(u)

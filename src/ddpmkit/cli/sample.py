@@ -62,7 +62,8 @@ def add_commands(sub) -> None:
     s.add_argument("checkpoint", help="a run folder (newest checkpoint) or a ckpt-XXXXXXX folder")
     s.add_argument("--n", type=int, default=64)
     add_sampler_args(s)
-    s.add_argument("--batch-size", type=int, default=250, help="samples drawn at once (results do not depend on it)")
+    s.add_argument("--batch-size", type=int, default=None,
+                   help="samples drawn at once (default: cache-sized chunks, 128 28x28 digits on a CPU; results do not depend on it)")
     s.add_argument("--no-gif", action="store_true")
     add_device_args(s)
     s.add_argument("--out", default="samples")

@@ -91,7 +91,7 @@ def cmd_text_diff(args: argparse.Namespace) -> None:
 def _decoder_args(p: argparse.ArgumentParser, out: str) -> None:
     add_sampler_args(p)
     p.add_argument("--guidance", type=float, default=unclip.DEFAULT_DECODER_SCALE, help="the decoder's classifier-free guidance scale")
-    p.add_argument("--batch-size", type=int, default=250, help="samples drawn at once (results do not depend on it)")
+    p.add_argument("--batch-size", type=int, default=None, help="samples drawn at once (default: cache-sized chunks; results do not depend on it)")
     p.add_argument("--no-gif", action="store_true")
     p.add_argument("--out", default=out)
 

@@ -63,7 +63,7 @@ class FeatureNet:
 
 def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddpm", steps: int | None = None,
                         n: int = 1000, n_bpd: int = 100, seed: int = 0, features: str = "classifier",
-                        sampler_options: dict | None = None, batch_size: int = 250, inception_path: str | None = None,
+                        sampler_options: dict | None = None, batch_size: int | None = None, inception_path: str | None = None,
                         out: str | Path | None = None, request=None, reference: str | None = None) -> dict:
     """request: a pipeline.GuidanceRequest for conditional models (classes, prompts, guidance) used
     for the samples; bits/dim of a conditional model is that of its unconditional branch.

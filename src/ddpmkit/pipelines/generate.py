@@ -39,14 +39,30 @@ def resolve_options(m: DiffusionModel, options: dict | None) -> dict:
     return options
 
 
+# values (batch x C x H x W) per chunk that keep a CPU's activations in cache: bench/sampling_throughput.py
+# measured the demo UNet at 422 / 604 / 735 / 564 / 378 image-evaluations/s for chunks of 16 / 64 / 128 / 250 / 500
+# 28x28 digits (2 cores), against 545 images/s for its training forward pass
+CPU_CHUNK_VALUES = 128 * 28 * 28
+GPU_CHUNK_VALUES = 64 * CPU_CHUNK_VALUES
+
+
+def auto_batch_size(data_shape: tuple[int, ...], device: str | torch.device = "cpu") -> int:
+    """Samples drawn at once when the caller does not say: memory-friendly chunks (the per-sample
+    seeds make the result independent of it)."""
+    per_sample = max(1, int(torch.tensor(data_shape).prod()))
+    budget = CPU_CHUNK_VALUES if torch.device(device).type == "cpu" else GPU_CHUNK_VALUES
+    return max(1, budget // per_sample)
+
+
 def generate(m: DiffusionModel, n: int, request: GuidanceRequest | None = None, sampler: str = "ddpm", steps: int | None = None,
-             seed: int = 0, options: dict | None = None, batch_size: int = 250, record_every: int = 0, progress: bool = True,
+             seed: int = 0, options: dict | None = None, batch_size: int | None = None, record_every: int = 0, progress: bool = True,
              device: str | torch.device = "cpu", seeds: list[int] | None = None,
              callback: Callable[[dict], None] | None = None) -> Generated:
-    """n samples of m as requested, in chunks of batch_size. seeds: sample k's seed (default seed + k;
+    """n samples of m as requested, in chunks of batch_size (default: auto_batch_size). seeds: sample k's seed (default seed + k;
     one seed for every sample gives them the same noise, e.g. frames of an interpolation).
     callback: called after every step of every chunk with the sampler's step info (x, x0 in the
     model's space, i = steps left) plus "start" (the chunk's first sample) and "n"."""
+    batch_size = batch_size or auto_batch_size(m.data_shape, device)
     if n < 1 or batch_size < 1:
         raise ValueError(f"n = {n} and batch_size = {batch_size} must be >= 1")
     seeds = list(range(seed, seed + n)) if seeds is None else list(seeds)
