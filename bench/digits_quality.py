@@ -40,6 +40,7 @@ def main() -> int:
     p.add_argument("--eta", type=float, default=None)
     p.add_argument("--order", type=int, default=None)
     p.add_argument("--no-clip", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network first (the time includes compiling)")
     p.add_argument("--batch", type=int, default=None, help="samples at once (default: generate's cache-sized chunks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA or raw weights of the checkpoint")
@@ -53,6 +54,8 @@ def main() -> int:
     print(f"reference, real held-out digits: confident (p >= 0.9) {real.confident_fraction:.1%}, mean confidence {real.mean_confidence:.3f}")
 
     m = load_diffusion(args.checkpoint, weights=args.weights)
+    if args.compile:
+        m.compile()
     t0 = time.time()
     options = sampler_options(args.sampler, args.grid, args.variance, not args.no_clip, args.eta, args.order)
     gen = generate(m, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed, options=options, batch_size=args.batch)

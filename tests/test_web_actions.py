@@ -223,3 +223,13 @@ def test_generate_chunks_by_cache_size_and_the_result_does_not_depend_on_the_chu
     whole = generate(m, 7, request, "dpmpp_2m_sde", 5, seed=3, progress=False).images  # 8x8: one chunk of 7
     chunked = generate(m, 7, request, "dpmpp_2m_sde", 5, seed=3, batch_size=3, progress=False).images
     assert torch.allclose(whole, chunked, atol=1e-5)
+
+
+def test_compiled_network_samples_the_same(web_runs):
+    from ddpmkit.models import load_diffusion
+
+    m = load_diffusion(str(web_runs / "uncond"))
+    eager = generate(m, 2, None, "ddim", 3, seed=4, progress=False).images
+    compiled = generate(m.compile(), 2, None, "ddim", 3, seed=4, progress=False).images
+    assert m.compile().network is m.network  # compiled once
+    assert torch.allclose(eager, compiled, atol=1e-4)

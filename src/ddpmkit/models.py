@@ -147,6 +147,13 @@ class DiffusionModel(LoadedNetwork):
             return {"image_embed": torch.zeros(n, self.config.unclip.embed_dim, device=device)}
         return {}
 
+    def compile(self) -> "DiffusionModel":
+        """Compile the network with torch.compile for sampling (once; about a minute on a CPU, then
+        ~1.3x faster per evaluation for the demo UNet, bench/sampling_throughput.py --compile)."""
+        if not isinstance(self.network, torch._dynamo.eval_frame.OptimizedModule):
+            self.network = torch.compile(self.network)
+        return self
+
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Samples in data space: decoded latents for a latent model, else x itself."""
         return x if self.autoencoder is None else self.autoencoder.from_latent(x)

@@ -20,6 +20,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if args.then:
         return run_cascade(args)
     m = load_diffusion(args.checkpoint, device=args.device, dtype=args.dtype)
+    if args.compile:
+        m.compile()
     request = guidance_request(args)
     total = args.steps or m.schedule.T
     t0 = time.time()
@@ -65,6 +67,7 @@ def add_commands(sub) -> None:
     s.add_argument("--batch-size", type=int, default=None,
                    help="samples drawn at once (default: cache-sized chunks, 128 28x28 digits on a CPU; results do not depend on it)")
     s.add_argument("--no-gif", action="store_true")
+    s.add_argument("--compile", action="store_true", help="torch.compile the network first (about a minute; pays off for long runs)")
     add_device_args(s)
     s.add_argument("--out", default="samples")
     s.add_argument("--then", action="append", default=[], metavar="STAGE",

@@ -8,6 +8,7 @@ Sample k uses seed seed + k, so the result does not depend on batch_size.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -71,8 +72,9 @@ def generate(m: DiffusionModel, n: int, request: GuidanceRequest | None = None, 
     request = request or GuidanceRequest()
     options = resolve_options(m, options)
     images, xs, x0s, nfe = [], [], [], 0
-    for start in range(0, n, batch_size):
-        b = min(batch_size, n - start)
+    chunks = -(-n // batch_size)  # equal-sized chunks: one shape for the network (and for torch.compile) where n allows
+    sizes = [n // chunks + (k < n % chunks) for k in range(chunks)]
+    for start, b in zip(itertools.accumulate([0, *sizes[:-1]]), sizes):
         model, kwargs, extra = guided_model(m, b, request.slice(start, b, m.num_classes), sampler, device)
         res = sample(model, (b, *m.data_shape), m.schedule, sampler=sampler, steps=steps, generator=seeds[start:start + b],
                      record_every=record_every, progress=progress, model_kwargs=kwargs, device=device, **m.sample_kwargs,
