@@ -12,7 +12,6 @@ throughput does not depend on what it has learned.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import time
@@ -54,6 +53,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="network evaluations per sampling run")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-bf16", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="add a column for the torch.compile'd network (a compile per batch size)")
     args = ap.parse_args()
     cfg = load_config("mnist")
     torch.manual_seed(0)
@@ -80,18 +80,20 @@ def main() -> None:
     print(f"training forward pass (batch {bs}, autograd on): {fwd:.0f} images/s; full training step: {step:.0f} images/s")
 
     net.eval()
-    bf16 = not args.no_bf16
-    print(f"{'batch':>6} | {'fp32 evals/s':>13} | {'vs training fwd':>15}" + (f" | {'bf16 evals/s':>13} | {'bf16 / fp32':>11}" if bf16 else ""))
+    variants = {"fp32": net}
+    if not args.no_bf16:
+        variants["bf16"] = Autocast(net)
+    if args.compile:
+        variants["compiled"] = torch.compile(net)
+    print(f"{'batch':>6} | {'fp32 evals/s':>13} | {'vs training fwd':>15}" + "".join(f" | {k + ' evals/s':>16} | {k + ' / fp32':>14}"
+                                                                              for k in variants if k != "fp32"))
     for b in (int(v) for v in args.batches.split(",")):
-        row = []
-        for model in [net] + ([Autocast(net)] if bf16 else []):
-            run = lambda model=model: sample(model, (b, 1, 28, 28), schedule, sampler="ddpm", steps=args.steps, generator=0)  # noqa: E731
-            with contextlib.nullcontext():
-                row.append(b * args.steps / timed(run, args.repeats))
-        line = f"{b:>6} | {row[0]:>13.0f} | {row[0] / fwd:>14.2f}x"
-        if bf16:
-            line += f" | {row[1]:>13.0f} | {row[1] / row[0]:>10.2f}x"
-        print(line)
+        rate = {}
+        for name, model in variants.items():
+            run = lambda model=model: sample(model, (b, 1, 28, 28), schedule, sampler="ddpm", steps=args.steps, generator=0)
+            rate[name] = b * args.steps / timed(run, args.repeats)  # the warm-up run also compiles
+        print(f"{b:>6} | {rate['fp32']:>13.0f} | {rate['fp32'] / fwd:>14.2f}x"
+              + "".join(f" | {rate[k]:>16.0f} | {rate[k] / rate['fp32']:>13.2f}x" for k in variants if k != "fp32"))
 
 
 if __name__ == "__main__":

@@ -148,8 +148,8 @@ class DiffusionModel(LoadedNetwork):
         return {}
 
     def compile(self) -> "DiffusionModel":
-        """Compile the network with torch.compile for sampling (once; about a minute on a CPU, then
-        ~1.3x faster per evaluation for the demo UNet, bench/sampling_throughput.py --compile)."""
+        """Compile the network with torch.compile for sampling, once (about a minute on a CPU; the
+        gain: bench/sampling_throughput.py --compile)."""
         if not isinstance(self.network, torch._dynamo.eval_frame.OptimizedModule):
             self.network = torch.compile(self.network)
         return self
@@ -195,10 +195,6 @@ class DiffusersModel(DiffusionModel):
     @property
     def num_classes(self) -> int:
         return 0
-
-    @property
-    def image_shape(self) -> tuple[int, ...]:
-        return tuple(self.autoencoder.image_shape) if self.autoencoder is not None else self.data_shape
 
     def encode_prompts(self, prompts: list[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         if self.parts.prompts is None:

@@ -38,12 +38,17 @@ def edit_inpaint(m: DiffusionModel, image: torch.Tensor, mask: torch.Tensor, n: 
     if tuple(mask.shape[-2:]) != tuple(image.shape[-2:]):
         raise ValueError(f"the mask is {tuple(mask.shape[-2:])} pixels, the image {tuple(image.shape[-2:])}")
     model, kwargs, _ = guided_model(m, n, request, "ddpm")
-    z, keep = m.encode(image), mask
-    if m.autoencoder is not None:
-        keep = (torch.nn.functional.interpolate(mask.float(), size=tuple(z.shape[-2:]), mode="area") > 0.999).float()
+    z = m.encode(image)
+    keep = mask if m.autoencoder is None else latent_mask(mask, tuple(z.shape[-2:]))
     x = inpaint(model, z.expand(n, *z.shape[1:]), keep, m.schedule, steps=steps, resample=resample, generator=seed,
                 prediction=m.prediction, clip_x0=m.autoencoder is None, model_kwargs=kwargs)
     return m.decode(x)
+
+
+def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A pixel mask (1, 1, H, W), 1 = keep, at the latents' size: a latent pixel is kept only when
+    every pixel it covers is (area average 1), so nothing to be filled leaks into the kept part."""
+    return (torch.nn.functional.interpolate(mask.float(), size=size, mode="area") > 0.999).float()
 
 
 def edit_posterior(m: DiffusionModel, image: torch.Tensor, t: int, n: int, request: GuidanceRequest | None = None,

@@ -48,8 +48,7 @@ class Settings:
     grid: str | None
     seed: int
     request: GuidanceRequest
-    condition: str = ""  # what the visitor typed, as the CLI flag it becomes
-    extra_flags: list[str] = field(default_factory=list)
+    extra_flags: list[str] = field(default_factory=list)  # the class/prompt and guidance as CLI flags
 
     def command(self) -> str:
         """The `ddpmkit sample` command that draws the same images."""
@@ -151,7 +150,7 @@ class Actions:
             raise ValueError(f"unknown grid {grid!r}; choose one of {[DEFAULT_GRID, *GRIDS]}")
         request, flags = self.request(m, condition, guidance)
         s = Settings(run, self.limits.images(n), check_sampler(sampler), self.limits.steps(steps), grid, self.limits.seed(seed),
-                     request, condition, flags)
+                     request, flags)
         if s.steps > m.schedule.T:
             raise ValueError(f"this model has T = {m.schedule.T} steps; steps must lie in 1..{m.schedule.T}")
         return m, s
