@@ -90,7 +90,7 @@ def main() -> None:
     for b in (int(v) for v in args.batches.split(",")):
         rate = {}
         for name, model in variants.items():
-            run = lambda model=model: sample(model, (b, 1, 28, 28), schedule, sampler="ddpm", steps=args.steps, generator=0)
+            run = lambda model=model, b=b: sample(model, (b, 1, 28, 28), schedule, sampler="ddpm", steps=args.steps, generator=0)
             rate[name] = b * args.steps / timed(run, args.repeats)  # the warm-up run also compiles
         print(f"{b:>6} | {rate['fp32']:>13.0f} | {rate['fp32'] / fwd:>14.2f}x"
               + "".join(f" | {rate[k]:>16.0f} | {rate[k] / rate['fp32']:>13.2f}x" for k in variants if k != "fp32"))
