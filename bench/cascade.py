@@ -41,32 +41,14 @@ import torch
 from ddpmkit import viz
 from ddpmkit.captions import NUMBER_WORDS
 from ddpmkit.data import load_dataset
-from ddpmkit.evaluate.metrics import FeatureStats, frechet_distance, psnr
-from ddpmkit.evaluate.report import FeatureNet
+from ddpmkit.evaluate.metrics import psnr
+from ddpmkit.evaluate.report import DigitScorer
 from ddpmkit.models import load_diffusion
 from ddpmkit.parameterization import to_x0_eps
 from ddpmkit.pipelines import GuidanceRequest, Stage, cascade, generate, super_resolve
 from ddpmkit.process import q_sample
 from ddpmkit.sampling.options import sampler_options
 from ddpmkit.superres import downsample, upsample
-
-
-class Scorer:
-    """The judge's verdict on images: accuracy against labels, confident share, judge-FD to held-out digits."""
-
-    def __init__(self):
-        self.features = FeatureNet("classifier", "mnist5k")
-        held = load_dataset("mnist5k", split="test")
-        self.real = FeatureStats.of(self.features(held.x)[0])
-
-    def __call__(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
-        f, probs = self.features(x)
-        stats = FeatureStats.of(f)
-        conf, pred = probs.max(1)
-        out = {"fd": frechet_distance(stats.mu, stats.sigma, self.real.mu, self.real.sigma), "confident": (conf >= 0.9).float().mean().item()}
-        if labels is not None:
-            out["accuracy"] = (pred == labels).float().mean().item()
-        return out
 
 
 def timed(fn, *args, **kwargs):
@@ -84,7 +66,7 @@ class Share(float):
     """A fraction printed as a percentage."""
 
 
-def quality(args, scorer: Scorer, report: dict) -> None:
+def quality(args, scorer: DigitScorer, report: dict) -> None:
     sr = load_diffusion(args.sr)
     held = load_dataset("mnist5k", split="test")
     x, labels = held.x[:args.n], held.labels[:args.n]
@@ -126,7 +108,7 @@ def base_samples(args, report: dict) -> tuple[torch.Tensor, float]:
     return out.images.clamp(-1, 1), secs
 
 
-def ablation(args, scorer: Scorer, report: dict, low: torch.Tensor) -> None:
+def ablation(args, scorer: DigitScorer, report: dict, low: torch.Tensor) -> None:
     print(f"\n## Noise conditioning augmentation: {len(low)} unconditional 14x14 base samples, super-resolved "
           f"({args.sr_sampler}, {args.sr_steps} steps, unconditional branch)\n")
     print("| stage | sampling aug level | judge-FD | judged p >= 0.9 |\n|---|---|---|---|")
@@ -143,7 +125,7 @@ def ablation(args, scorer: Scorer, report: dict, low: torch.Tensor) -> None:
     viz.labelled_rows([("base 14x14", low)] + rows, Path(args.out) / "augmentation_ablation.png", n=10)
 
 
-def compare(args, scorer: Scorer, report: dict, low: torch.Tensor, base_secs: float) -> None:
+def compare(args, scorer: DigitScorer, report: dict, low: torch.Tensor, base_secs: float) -> None:
     sr, demo = load_diffusion(args.sr), load_diffusion(args.demo)
     up, sr_secs = timed(super_resolve, sr, low, GuidanceRequest(scale=0.0), None, args.sr_sampler, args.sr_steps, seed=0,
                         options=sampler_options(args.sr_sampler), progress=False)
@@ -193,7 +175,7 @@ def x0_error(args, report: dict) -> None:
 X0_TIMESTEPS = (999, 900, 700, 500, 200, 50)
 
 
-def imagen(args, scorer: Scorer, report: dict) -> None:
+def imagen(args, scorer: DigitScorer, report: dict) -> None:
     base, sr = load_diffusion(args.base), load_diffusion(args.sr)
     labels = torch.arange(args.n_imagen) % 10
     request = GuidanceRequest(prompts=[f"a handwritten {NUMBER_WORDS[d]}" for d in range(10)])
@@ -237,7 +219,7 @@ def main() -> int:
     args = p.parse_args()
     sections = set(args.sections.split(","))
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    scorer, report = Scorer(), {"args": vars(args)}  # (trains the judge on first use)
+    scorer, report = DigitScorer(), {"args": vars(args)}  # (trains the judge on first use)
     torch.set_grad_enabled(False)
     if "quality" in sections:
         quality(args, scorer, report)

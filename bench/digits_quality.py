@@ -7,8 +7,9 @@
 2. Draw n samples from the checkpoint, by default with 1,000-step ancestral sampling
    (Algorithm 2); --sampler/--steps/--grid/--order/--eta pick any other sampler, e.g.
    --sampler unipc --steps 20 --grid logsnr, or a grid from `ddpmkit tune-grid`.
-3. Report the share judged with confidence >= 0.9 (target >= 80%) and each class's share of the
-   samples (target 5-15% each), and save the grid.
+3. Report the share judged with confidence >= 0.9 (target >= 80%), each class's share of the
+   samples (target 5-15% each) and the judge-FD (Frechet distance in the judge's feature space to
+   the 500 held-out digits), and save the grid.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from ddpmkit import viz
 from ddpmkit.data import load_dataset
 from ddpmkit.evaluate.cached_judge import load_judge
 from ddpmkit.evaluate.judge import judge
+from ddpmkit.evaluate.report import DigitScorer
 from ddpmkit.models import load_diffusion
 from ddpmkit.pipelines import generate
 from ddpmkit.sampling.options import sampler_options
@@ -67,13 +69,15 @@ def main() -> int:
     viz.save_grid(x[:100], out / f"grid_{tag}.png", nrow=10)
     print(f"sampled {args.n} digits from {m.path} (step {m.step}) with {args.sampler}, {nfe} NFE, in {elapsed:.0f}s")
     print(verdict.table())
+    fd = DigitScorer()(x)["fd"]
+    print(f"judge-FD to the 500 held-out digits: {fd:.2f}")
     ok_conf = verdict.confident_fraction >= 0.80
     ok_cover = all(0.05 <= s <= 0.15 for s in verdict.class_shares)
     print(f"targets: confident >= 80%: {'PASS' if ok_conf else 'FAIL'};  every class 5-15%: {'PASS' if ok_cover else 'FAIL'};"
           f"  judge >= 97%: {'PASS' if acc >= 0.97 else 'FAIL'}")
     report = {"checkpoint": str(m.path), "step": m.step, "sampler": args.sampler, "options": {k: v for k, v in vars(args).items() if k in ("variance", "grid", "eta", "order")}, "nfe": nfe, "n": args.n,
               "judge_test_accuracy": acc, "real_confident_fraction": real.confident_fraction, "confident_fraction": verdict.confident_fraction,
-              "class_shares": verdict.class_shares, "mean_confidence": verdict.mean_confidence, "seconds": elapsed}
+              "class_shares": verdict.class_shares, "judge_fd": fd, "mean_confidence": verdict.mean_confidence, "seconds": elapsed}
     (out / f"report_{tag}.json").write_text(json.dumps(report, indent=2))
     return 0 if ok_conf and ok_cover and acc >= 0.97 else 1
 

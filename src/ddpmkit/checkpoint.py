@@ -7,6 +7,7 @@
         ema.safetensors    EMA weights (what sampling uses)
         model.safetensors  raw weights
         optimizer.pt       AdamW state (training only)
+        power_ema.safetensors  the post-hoc EMA's running averages (training only, with train.posthoc_ema)
 
 Each checkpoint is written into a temporary folder and renamed into place, so a crash or kill
 never leaves a half-written checkpoint where resume or sampling would read it. Every kind of model
@@ -78,8 +79,10 @@ def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: str | Path, config: Config, info: CheckpointInfo, model: nn.Module, ema: nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None, keep: int = 0) -> Path:
-    """Write run_dir/ckpt-{step:07d} atomically and keep only the newest `keep` (0 = all)."""
+                    optimizer: torch.optim.Optimizer | None = None, keep: int = 0,
+                    extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write run_dir/ckpt-{step:07d} atomically and keep only the newest `keep` (0 = all); extra:
+    more training state, {name: tensors} written as name.safetensors."""
     run_dir = Path(run_dir)
     final = run_dir / f"ckpt-{info.step:07d}"
     with atomic_folder(final) as tmp:
@@ -91,6 +94,8 @@ def save_checkpoint(run_dir: str | Path, config: Config, info: CheckpointInfo, m
         save_file(_weights(ema), tmp / "ema.safetensors")
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        for name, tensors in (extra or {}).items():
+            save_file(tensors, tmp / f"{name}.safetensors")
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

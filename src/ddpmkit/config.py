@@ -46,16 +46,35 @@ class DiffusionConfig:
     # training timesteps: "uniform" (Algorithm 1); "logit_normal" (t/T = sigmoid(N(mean, std^2)), as in
     # SD3: more of the training on the middle of the chain, less on the nearly clean and nearly pure-noise ends);
     # "asymmetric" (SpeeD, Wang et al. 2024): timesteps whose log-SNR is >= asymmetric_log_snr are drawn
-    # asymmetric_k times as often as the nearly pure-noise ones beyond it, whose loss is small and flat
-    timestep_sampling: Literal["uniform", "logit_normal", "asymmetric"] = "uniform"
+    # asymmetric_k times as often as the nearly pure-noise ones beyond it, whose loss is small and flat;
+    # "log_normal" (EDM): ln sigma ~ N(log_normal_mean, log_normal_std^2) with sigma = 1 / sqrt(SNR), taken
+    # to the timestep of the nearest log-SNR
+    timestep_sampling: Literal["uniform", "logit_normal", "asymmetric", "log_normal"] = "uniform"
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
     asymmetric_log_snr: float = -4.6  # SNR 0.01: t >= 674 of the linear schedule's 1000
     asymmetric_k: float = 4.0
+    log_normal_mean: float = -1.2  # EDM's P_mean and P_std
+    log_normal_std: float = 1.2
+    # "edm": the network F is wrapped into EDM's denoiser c_skip x_t + c_out F(c_in x_t; t) (preconditioning.py),
+    # which predicts x0 (set prediction = "x0"); sigma_data is the data's standard deviation
+    precondition: Literal["none", "edm"] = "none"
+    sigma_data: float = 0.5
+    # the per-example weight of the simple loss: "default" = none, or min-SNR-gamma when min_snr_gamma > 0;
+    # "edm" = EDM's lambda(sigma) = SNR + 1 / sigma_data^2 on the x0 error (= unit weight on F's error)
+    loss_weighting: Literal["default", "edm"] = "default"
 
     def __post_init__(self) -> None:
-        if self.logit_normal_std <= 0:
-            raise ConfigError(f"diffusion.logit_normal_std = {self.logit_normal_std} must be > 0")
+        if self.logit_normal_std <= 0 or self.log_normal_std <= 0:
+            raise ConfigError(f"diffusion.logit_normal_std = {self.logit_normal_std} and diffusion.log_normal_std = "
+                              f"{self.log_normal_std} must be > 0")
+        if self.sigma_data <= 0:
+            raise ConfigError(f"diffusion.sigma_data = {self.sigma_data} must be > 0")
+        if self.precondition == "edm" and (self.prediction != "x0" or self.learned_variance):
+            raise ConfigError(f"diffusion.precondition = 'edm' makes the network an x0-predictor: set diffusion.prediction = 'x0' "
+                              f"(not {self.prediction!r}) and learned_variance = false")
+        if self.loss_weighting == "edm" and (self.min_snr_gamma > 0 or self.loss != "simple"):
+            raise ConfigError("diffusion.loss_weighting = 'edm' weights the simple loss: set min_snr_gamma = 0 and loss = 'simple'")
         if self.asymmetric_k <= 0:
             raise ConfigError(f"diffusion.asymmetric_k = {self.asymmetric_k} must be > 0")
 
@@ -168,6 +187,10 @@ class TrainConfig:
     cond_drop_prob: float = 0.1  # conditional models: share of examples trained on the null label / empty prompt
     grad_clip: float = 1.0
     ema_decay: float = 0.999  # 0 = the "EMA" weights are the last weights (no averaging)
+    # post-hoc EMA (EDM2): keep power-function averages of these relative widths (e.g. [0.05, 0.1]) and save
+    # snapshots of them every posthoc_every steps into run_dir/posthoc; `ddpmkit posthoc-ema` makes any other width later
+    posthoc_ema: tuple[float, ...] = ()
+    posthoc_every: int = 100
     seed: int = 0
     # "auto": bf16 autocast where the device computes in bf16 natively (CUDA with bf16, CPUs with AVX-512 /
     # AMX), else fp32: on an AVX2-only CPU bf16 autocast is emulated and about 8x slower than fp32
@@ -188,6 +211,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay = {self.ema_decay} must be in [0, 1) (0 = no averaging)")
+        if any(not 0 < s < 12**-0.5 for s in self.posthoc_ema) or self.posthoc_every < 1:
+            raise ConfigError(f"train.posthoc_ema = {list(self.posthoc_ema)} must hold widths in (0, 0.2887) and "
+                              f"train.posthoc_every = {self.posthoc_every} must be >= 1")
         if self.nan_patience < 1 or self.max_rollbacks < 0:
             raise ConfigError(f"train.nan_patience = {self.nan_patience} must be >= 1 and train.max_rollbacks = {self.max_rollbacks} >= 0")
 

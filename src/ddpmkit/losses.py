@@ -67,22 +67,30 @@ def vlb_term(
     return torch.where(t == 0, decoder_nll, kl)
 
 
-def snr_weight(prediction: str, snr: torch.Tensor, gamma: float | None) -> torch.Tensor:
-    """Min-SNR-gamma weights (Hang et al. 2023) expressed for each regression target.
+def from_x0_weight(prediction: str, w_x0: torch.Tensor, snr: torch.Tensor) -> torch.Tensor:
+    """The weight on a target's squared error equal to the weight w_x0 on the x0 error, since
+    ||eps - eps_hat||^2 = SNR ||x0 - x0_hat||^2 and ||v - v_hat||^2 = (SNR + 1) ||x0 - x0_hat||^2."""
+    if prediction == "eps":
+        return w_x0 / snr
+    if prediction == "x0":
+        return w_x0
+    if prediction == "v":
+        return w_x0 / (snr + 1)
+    raise ValueError(f"SNR-based loss weights are defined for eps, x0 and v prediction, not {prediction!r}")
 
-    The x0-space loss weighted by min(SNR, gamma) equals these weights on the other targets,
-    since ||eps - eps_hat||^2 = SNR ||x0 - x0_hat||^2 and ||v - v_hat||^2 = (SNR + 1) ||x0 - x0_hat||^2.
-    """
+
+def snr_weight(prediction: str, snr: torch.Tensor, gamma: float | None) -> torch.Tensor:
+    """Min-SNR-gamma weights (Hang et al. 2023): min(SNR, gamma) on the x0 error, for each target."""
     if gamma is None:
         return torch.ones_like(snr)
-    clipped = snr.clamp(max=gamma)
-    if prediction == "eps":
-        return clipped / snr
-    if prediction == "x0":
-        return clipped
-    if prediction == "v":
-        return clipped / (snr + 1)
-    raise ValueError(f"min-SNR weighting is defined for eps, x0 and v prediction, not {prediction!r}")
+    return from_x0_weight(prediction, snr.clamp(max=gamma), snr)
+
+
+def edm_weight(prediction: str, snr: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """EDM's lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 = SNR + 1 / sd^2 on the x0 error (sigma^2 =
+    1 / SNR), for each target: the weight that makes the x0 loss of an EDM-preconditioned network its
+    unit-weight loss on the inner network's output (preconditioning.py)."""
+    return from_x0_weight(prediction, snr + 1.0 / sigma_data**2, snr)
 
 
 def training_losses(
@@ -95,6 +103,7 @@ def training_losses(
     loss_type: LossType = "simple",
     learned_variance: bool = False,
     min_snr_gamma: float | None = None,
+    edm_sigma_data: float | None = None,
     hybrid_lambda: float = 0.001,
     model_kwargs: dict | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -104,6 +113,8 @@ def training_losses(
     'hybrid': L_simple + lambda * L_vlb with the mean detached in L_vlb, so the VLB only trains
               the learned variance (Nichol & Dhariwal 2021, L_hybrid).
     'vlb':    T * L_{t-1}, an unbiased single-sample estimate of the full bound sum_t L_{t-1}.
+    The 'simple' loss is weighted per example by min-SNR-gamma (min_snr_gamma) or by EDM's
+    lambda(sigma) (edm_sigma_data = sigma_data), else unweighted.
     Returns {'loss', 'mse', 'vlb'?}, each (B,).
     """
     if loss_type not in LOSS_TYPES:
@@ -122,7 +133,12 @@ def training_losses(
     mse = mean_flat((target - output) ** 2)
     terms = {"mse": mse}
     if loss_type == "simple":
-        terms["loss"] = snr_weight(prediction, snr, min_snr_gamma) * mse if min_snr_gamma else mse
+        if min_snr_gamma and edm_sigma_data:
+            raise ValueError("choose one loss weighting: min-SNR-gamma or EDM's")
+        if edm_sigma_data:
+            terms["loss"] = edm_weight(prediction, snr, edm_sigma_data) * mse
+        else:
+            terms["loss"] = snr_weight(prediction, snr, min_snr_gamma) * mse if min_snr_gamma else mse
         return terms
     mean_source = output.detach() if loss_type == "hybrid" else output
     pred_x0, _ = to_x0_eps(prediction, mean_source, x_t, t, schedule)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch.distributed as dist
@@ -9,6 +10,7 @@ import torch.distributed as dist
 from ..config import load_config, preset_names
 from ..models import load_diffusion
 from ..pipelines.generate import generate, save_generated
+from ..posthoc_ema import write_checkpoint
 from ..sampling.options import sampler_options
 from ..train import train
 
@@ -53,6 +55,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"[demo] look at {out / 'grid.png'} and {out / 'reverse_process.gif'}")
 
 
+def cmd_posthoc_ema(args: argparse.Namespace) -> None:
+    for sigma_rel in args.sigma_rel:
+        ckpt = write_checkpoint(args.run, sigma_rel, args.step, args.out if len(args.sigma_rel) == 1 else None)
+        info = json.loads((ckpt / "config.json").read_text())["metrics"]["posthoc_ema"]
+        print(f"sigma_rel {sigma_rel:g} at step {info['t']}: {info['snapshots']} snapshots, profile fit error "
+              f"{info['profile_error']:.2%} -> {ckpt.parent}  (sample it: ddpmkit sample {ckpt.parent})")
+
+
 def add_commands(sub) -> None:
     presets = ", ".join(preset_names())
     for name, task, what in (("train", None, "train any model from a config file or preset"),
@@ -65,6 +75,14 @@ def add_commands(sub) -> None:
         t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.run_dir")
         t.add_argument("--quiet", action="store_true", help="no progress bar")
         t.set_defaults(func=cmd_train, task=task)
+
+    e = sub.add_parser("posthoc-ema", help="EMA weights of any averaging length, after training (runs with train.posthoc_ema)")
+    e.add_argument("run", help="a run folder trained with train.posthoc_ema")
+    e.add_argument("--sigma-rel", type=lambda v: [float(x) for x in v.split(",")], required=True,
+                   help="relative width(s) of the average, e.g. 0.05 or 0.04,0.08,0.12 (EDM2's sigma_rel)")
+    e.add_argument("--step", type=int, default=None, help="the step to average up to (default: the last snapshot)")
+    e.add_argument("--out", default=None, help="output run folder (one width only; default RUN/posthoc-ema-WIDTH)")
+    e.set_defaults(func=cmd_posthoc_ema)
 
     d = sub.add_parser("demo", help="train on mnist5k for a few minutes, then sample (what `make demo` runs)")
     d.add_argument("overrides", nargs="*", help="section.key=value overrides of the mnist preset, e.g. train.steps=10")

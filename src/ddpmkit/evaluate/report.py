@@ -61,6 +61,26 @@ class FeatureNet:
         return torch.cat(feats), torch.cat(probs)
 
 
+class DigitScorer:
+    """The judge's verdict on generated digits: the share judged with confidence >= 0.9, accuracy
+    against requested labels, and the judge-FD (Frechet distance in the judge's feature space to
+    mnist5k's 500 held-out digits; not comparable with papers' FIDs)."""
+
+    def __init__(self, dataset: str = "mnist5k"):
+        self.features = FeatureNet("classifier", dataset)
+        self.real = FeatureStats.of(self.features(dataset_for(DataConfig(name=dataset), split="test").x)[0])
+
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
+        f, probs = self.features(x)
+        fake = FeatureStats.of(f)
+        conf, pred = probs.max(1)
+        out = {"fd": frechet_distance(fake.mu, fake.sigma, self.real.mu, self.real.sigma),
+               "confident": (conf >= 0.9).float().mean().item()}
+        if labels is not None:
+            out["accuracy"] = (pred == labels).float().mean().item()
+        return out
+
+
 def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddpm", steps: int | None = None,
                         n: int = 1000, n_bpd: int = 100, seed: int = 0, features: str = "classifier",
                         sampler_options: dict | None = None, batch_size: int | None = None, inception_path: str | None = None,

@@ -7,6 +7,7 @@ from typing import Callable
 from torch import nn
 
 from ..config import Config, NetworkConfig
+from ..preconditioning import EDMPreconditioned
 from .autoencoder import Autoencoder
 from .classifier import DigitClassifier, NoisyClassifier
 from .clip import CLIP
@@ -116,9 +117,17 @@ NETWORKS: dict[str, Callable[[Config, tuple[int, ...]], nn.Module]] = {
 }
 
 
+# the tasks whose network is a denoiser, which diffusion.precondition may wrap
+DENOISERS = ("denoiser", "superres", "prior", "decoder")
+
+
 def build_for_task(cfg: Config, shape: tuple[int, ...]) -> nn.Module:
-    """The network of a run of kind cfg.train.task."""
-    return NETWORKS[cfg.train.task](cfg, tuple(shape))
+    """The network of a run of kind cfg.train.task (a denoiser wrapped in EDM's preconditioning
+    when diffusion.precondition = 'edm')."""
+    net = NETWORKS[cfg.train.task](cfg, tuple(shape))
+    if cfg.diffusion.precondition == "edm" and cfg.train.task in DENOISERS:
+        net = EDMPreconditioned(net, cfg.diffusion.noise_schedule(), cfg.diffusion.sigma_data)
+    return net
 
 
 __all__ = ["Autoencoder", "CLIP", "DigitClassifier", "PriorTransformer", "MLPDenoiser", "NETWORKS", "NoisyClassifier", "UNet", "build_for_task", "build_network"]

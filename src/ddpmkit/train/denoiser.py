@@ -33,15 +33,28 @@ def sample_timesteps(dc: DiffusionConfig, schedule: NoiseSchedule, n: int, gener
     """n training timesteps in 0..T-1: uniform (Algorithm 1); logit-normal, t = floor(T * sigmoid(u)),
     u ~ N(mean, std^2) (Esser et al. 2024), which trains the middle of the chain more often; or
     asymmetric (SpeeD, Wang et al. 2024): P(t) is asymmetric_k times larger where log-SNR(t) >=
-    asymmetric_log_snr than in the nearly pure-noise tail beyond it."""
+    asymmetric_log_snr than in the nearly pure-noise tail beyond it; or log-normal (EDM): ln sigma ~
+    N(mean, std^2), sigma = exp(-log_snr / 2), at the timestep of the nearest log-SNR."""
     T = schedule.T
     if dc.timestep_sampling == "uniform":
         return torch.randint(0, T, (n,), generator=generator)
     if dc.timestep_sampling == "asymmetric":
         weights = torch.where(schedule.log_snr >= dc.asymmetric_log_snr, dc.asymmetric_k, 1.0)
         return torch.multinomial(weights, n, replacement=True, generator=generator)
+    if dc.timestep_sampling == "log_normal":
+        log_snr = -2 * (dc.log_normal_mean + dc.log_normal_std * torch.randn(n, generator=generator, dtype=torch.float64))
+        return nearest_timestep(schedule, log_snr)
     u = dc.logit_normal_mean + dc.logit_normal_std * torch.randn(n, generator=generator, dtype=torch.float64)
     return (torch.sigmoid(u) * T).long().clamp(0, T - 1)
+
+
+def nearest_timestep(schedule: NoiseSchedule, log_snr: torch.Tensor) -> torch.Tensor:
+    """The timestep in 0..T-1 whose log-SNR is nearest to each value (log-SNR falls with t)."""
+    table = -schedule.log_snr  # increasing
+    right = torch.searchsorted(table, -log_snr).clamp(1, schedule.T - 1)
+    left = right - 1
+    closer_left = (table[left] + log_snr).abs() <= (table[right] + log_snr).abs()
+    return torch.where(closer_left, left, right)
 
 
 def map_dataset(fn, dataset: Dataset) -> ArrayDataset:
@@ -95,7 +108,8 @@ class DenoiserTask(Task):
         cond = {k: batch.local(v) for k, v in cond_all.items()}
         cond.update({k: v.to(batch.device) for k, v in self.stage_inputs(x0, batch).items()})
         losses = training_losses(model, x0.to(batch.device), batch.local(t_all), self.schedule, batch.local(noise_all), dc.prediction,
-                                 dc.loss, dc.learned_variance, dc.min_snr_gamma or None, model_kwargs=cond)
+                                 dc.loss, dc.learned_variance, dc.min_snr_gamma or None,
+                                 dc.sigma_data if dc.loss_weighting == "edm" else None, model_kwargs=cond)
         return losses["loss"]
 
     def stage_inputs(self, x0: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:

@@ -29,12 +29,14 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointInfo, list_checkpoints, load_training_state, read_config, save_checkpoint
 from ..config import Config
+from ..posthoc_ema import PowerEMA
 from ..viz import make_grid
 from .batches import Batch, batch_indices, step_generator
 from .optim import ema_decay_at, ema_update, lr_at
@@ -111,19 +113,28 @@ def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True) ->
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
 
+    power = PowerEMA(model, tc.posthoc_ema) if tc.posthoc_ema else None
+
+    def restore(ckpt: Path, into: nn.Module) -> None:
+        load_training_state(ckpt, into, ema, optimizer)
+        if power is not None:
+            power.load_state_dict(load_file(ckpt / "power_ema.safetensors"))
+
     step, lr_scale = 0, 1.0
     if resume:
         found = list_checkpoints(run_dir)
         if not found:
             raise TrainingError(f"--resume: no checkpoint in {run_dir}")
         info = _check_resumable(cfg, found[-1])
-        load_training_state(found[-1], model, ema, optimizer)
+        restore(found[-1], model)
         step, lr_scale = info.step, info.lr_scale
         accelerator.print(f"resumed from {found[-1]} at step {step}")
 
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
     ema.to(accelerator.device)
+    if power is not None:
+        power.to(accelerator.device)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(cfg.to_json())
@@ -134,7 +145,8 @@ def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True) ->
     def checkpoint(at: int, metrics: dict | None = None) -> None:
         if accelerator.is_main_process:
             info = CheckpointInfo(at, task.shape, lr_scale, metrics or {})
-            save_checkpoint(run_dir, cfg, info, raw, ema, optimizer, tc.keep_checkpoints)
+            extra = {"power_ema": power.state_dict()} if power is not None else None
+            save_checkpoint(run_dir, cfg, info, raw, ema, optimizer, tc.keep_checkpoints, extra)
         accelerator.wait_for_everyone()
 
     def roll_back(at: int, reason: str) -> int:
@@ -148,12 +160,18 @@ def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True) ->
                 f"a learning rate too high for this model (train.lr={tc.lr:g}, now x{lr_scale:g}) or an fp16 overflow; "
                 f"lower train.lr, raise train.warmup_steps or use bf16; last good checkpoint: {found[-1] if found else 'none'}")
         info = read_config(found[-1])[1]
-        load_training_state(found[-1], raw, ema, optimizer)
+        restore(found[-1], raw)
         lr_scale, rollbacks = lr_scale * 0.5, rollbacks + 1  # halved again on every rollback
         accelerator.print(f"step {at}: {reason} for {tc.nan_patience} steps in a row; rolled back to {found[-1].name} "
                           f"with the learning rate halved (x{lr_scale:g})")
         log.record({"step": at, "rollback_to": info.step, "lr_scale": lr_scale, "reason": reason})
         return info.step
+
+    def fold_in_power_ema(t: int) -> None:
+        if power is not None:
+            power.update(raw, t)
+            if accelerator.is_main_process and t % tc.posthoc_every == 0:
+                power.save_snapshot(run_dir, t)
 
     bar = tqdm(total=tc.steps, initial=step, disable=not (progress and accelerator.is_main_process), desc=f"train {task.name}",
                dynamic_ncols=True)
@@ -191,6 +209,7 @@ def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True) ->
             if progress and accelerator.is_main_process:
                 bar.write(f"step {step}: skipped ({reason})")
             step += 1
+            fold_in_power_ema(step)  # unchanged weights: the averages' profiles stay functions of the step alone
             bar.update(1)
             if bad_in_a_row >= tc.nan_patience:
                 step, bad_in_a_row = roll_back(step - 1, reason), 0
@@ -202,6 +221,7 @@ def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True) ->
         ema_update(ema, raw, ema_decay_at(step, tc.ema_decay))
         bad_in_a_row = 0
         step += 1
+        fold_in_power_ema(step)
 
         n_window += tc.batch_size
         loss_window.append(flags[:, 0].mean().item())
@@ -210,7 +230,8 @@ def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True) ->
             rate = n_window / max(time.time() - t_window, 1e-9)
             mean_loss = sum(loss_window) / len(loss_window)
             bar.set_postfix(loss=f"{mean_loss:.4f}", ex_s=f"{rate:.0f}")
-            log.record({"step": step, "loss": mean_loss, "examples_per_s": rate, "lr": lr, "world_size": world},
+            log.record({"step": step, "loss": mean_loss, "examples_per_s": rate, "lr": lr, "world_size": world,
+                        "elapsed_s": round(time.time() - t_start, 2)},
                        {"train/loss": mean_loss, "train/lr": lr, "train/examples_per_s": rate})
             t_window, n_window, loss_window = time.time(), 0, []
         if tc.sample_every and step % tc.sample_every == 0 and accelerator.is_main_process:
@@ -225,6 +246,8 @@ def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True) ->
         if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
             checkpoint(step)
     bar.close()
+    if power is not None and accelerator.is_main_process and step % tc.posthoc_every:
+        power.save_snapshot(run_dir, step)  # the last weights (the end, or where the time budget stopped the run)
     in_sync = check_in_sync(accelerator, model)
     final: dict = {}
     if accelerator.is_main_process:

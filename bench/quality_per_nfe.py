@@ -1,0 +1,78 @@
+"""Sample quality per network evaluation: one table of samplers x checkpoints, judged on digits.
+
+    .venv/bin/python bench/quality_per_nfe.py --checkpoints runs/demo [--n 500] \
+        [--samplers ddpm:1000 dpmpp_2m_sde:20 ddim:20 unipc:20 dpmpp_2m:20 heun:10 ddim:10 unipc:10] \
+        [--posthoc-ema 0.03,0.05,0.08,0.12]
+
+Each sampler is NAME:STEPS or NAME:STEPS:GRID (a grid name or a `ddpmkit tune-grid` JSON file); the
+table reports the NFE actually spent (Heun spends two per step but one on the last). For each
+checkpoint: n samples with the same seeds, the share the judge reads with confidence >= 0.9 and
+the judge-FD (Frechet distance in the judge's feature space to mnist5k's 500 held-out digits;
+not comparable with papers' FIDs).
+
+--posthoc-ema: for runs trained with train.posthoc_ema, also the EMA of each relative width,
+reconstructed after training (`ddpmkit posthoc-ema`), as extra rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from ddpmkit.evaluate.report import DigitScorer
+from ddpmkit.models import load_diffusion
+from ddpmkit.pipelines import generate
+from ddpmkit.posthoc_ema import write_checkpoint
+from ddpmkit.sampling.options import sampler_options
+
+DEFAULT_SAMPLERS = ["ddpm:1000", "dpmpp_2m_sde:20", "ddim:20", "unipc:20", "dpmpp_2m:20", "heun:10", "ddim:10", "unipc:10", "dpmpp_2m:10"]
+
+
+def parse_sampler(spec: str) -> tuple[str, int, str | None]:
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not parts[1].isdigit():
+        raise SystemExit(f"sampler spec {spec!r} must be NAME:STEPS or NAME:STEPS:GRID")
+    return parts[0], int(parts[1]), parts[2] if len(parts) == 3 else None
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoints", nargs="+", default=["runs/demo"])
+    p.add_argument("--samplers", nargs="+", default=DEFAULT_SAMPLERS)
+    p.add_argument("--n", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--posthoc-ema", default="", help="relative widths to reconstruct, e.g. 0.03,0.05,0.08")
+    p.add_argument("--out", default="runs/bench/quality_per_nfe.json")
+    args = p.parse_args()
+
+    samplers = [parse_sampler(s) for s in args.samplers]
+    widths = [float(w) for w in args.posthoc_ema.split(",") if w.strip()]
+    targets = []
+    for ckpt in args.checkpoints:
+        targets.append((ckpt, ckpt))
+        for w in widths:
+            targets.append((f"{ckpt} (post-hoc EMA {w:g})", str(write_checkpoint(ckpt, w).parent)))
+    scorer = DigitScorer()
+    rows = []
+    print("| model | step | sampler | NFE | judged p >= 0.9 | judge-FD | seconds |\n|---|---|---|---|---|---|---|", flush=True)
+    for name, path in targets:
+        m = load_diffusion(path)
+        for sampler, steps, grid in samplers:
+            t0 = time.time()
+            gen = generate(m, args.n, sampler=sampler, steps=steps, seed=args.seed, options=sampler_options(sampler, grid), progress=False)
+            secs = time.time() - t0
+            s = scorer(gen.images)
+            label = sampler + (f" ({grid})" if grid else "")
+            rows.append({"model": name, "step": m.step, "sampler": label, "steps": steps, "nfe": gen.nfe, "n": args.n,
+                         "confident": s["confident"], "judge_fd": s["fd"], "seconds": secs})
+            print(f"| {name} | {m.step} | {label} | {gen.nfe} | {s['confident']:.1%} | {s['fd']:.2f} | {secs:.0f} |", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Post-hoc EMA: the power-function profiles, and reconstructions against averages tracked directly."""
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import ddpmkit
+from ddpmkit.checkpoint import list_checkpoints
+from ddpmkit.cli import main
+from ddpmkit.config import load_config
+from ddpmkit.models import load_diffusion
+from ddpmkit.posthoc_ema import PowerEMA, gamma_from_sigma_rel, list_snapshots, profile, reconstruct, sigma_rel_from_gamma
+from ddpmkit.train import train
+
+
+class Weights(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(5))
+
+
+def trajectory(n: int) -> torch.Tensor:
+    """The first n of a training-like weight sequence: drift plus oscillation plus noise, (n, 5)."""
+    g = torch.Generator().manual_seed(0)
+    tau = torch.arange(1, 1001, dtype=torch.float64)[:, None]
+    theta = (tau / 1000) ** 0.5 * torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0]) + 0.3 * torch.sin(tau / 37 + torch.arange(5)) \
+        + 0.05 * torch.randn(1000, 5, generator=g, dtype=torch.float64)
+    return theta[:n]
+
+
+def run(sigma_rels, n: int, every: int, run_dir=None):
+    m, ema = Weights(), None
+    for t, theta in enumerate(trajectory(n), start=1):
+        m.w.data.copy_(theta)
+        if ema is None:
+            ema = PowerEMA(m, sigma_rels)
+        ema.update(m, t)
+        if run_dir is not None and t % every == 0:
+            ema.save_snapshot(run_dir, t)
+    return ema
+
+
+def test_sigma_rel_and_gamma_invert_each_other():
+    for sr in (0.01, 0.05, 0.1, 0.2):
+        assert sigma_rel_from_gamma(gamma_from_sigma_rel(sr)) == pytest.approx(sr, rel=1e-10)
+    # sigma_rel is the profile's standard deviation relative to its length t
+    t, gamma = 2000, gamma_from_sigma_rel(0.1)
+    w = profile(t, gamma, t)
+    tau = np.arange(1, t + 1)
+    mean = (w * tau).sum()
+    assert math.sqrt((w * (tau - mean) ** 2).sum()) / t == pytest.approx(0.1, rel=0.01)
+    with pytest.raises(ValueError, match="sigma_rel"):
+        gamma_from_sigma_rel(0.5)
+
+
+def test_tracked_average_has_the_profile_weights():
+    n, sr = 300, 0.1
+    ema = run((sr,), n, every=n)
+    want = torch.from_numpy(profile(n, gamma_from_sigma_rel(sr), n)) @ trajectory(n)
+    assert torch.allclose(ema.averages[0]["w"].double(), want, atol=1e-5)
+
+
+def test_reconstruction_of_a_tracked_length_is_that_average(tmp_path):
+    n = 400
+    run((0.05, 0.10), n, every=50, run_dir=tmp_path)
+    direct = run((0.05,), n, every=n).averages[0]["w"]
+    state, info = reconstruct(tmp_path, 0.05)
+    assert info["t"] == n and info["snapshots"] == 8 and info["profile_error"] < 1e-8
+    assert torch.allclose(state["w"], direct, atol=1e-5)
+
+
+def test_reconstruction_of_another_length_and_an_earlier_step(tmp_path):
+    n = 1000
+    run((0.05, 0.10), n, every=50, run_dir=tmp_path)
+    assert len(list_snapshots(tmp_path)) == 20
+    for sr, t in ((0.075, n), (0.15, n), (0.075, 600)):
+        state, info = reconstruct(tmp_path, sr, t)
+        direct = run((sr,), t, every=t).averages[0]["w"]
+        naive = run((0.05,), t, every=t).averages[0]["w"]  # the nearest tracked average, for scale
+        err, scale = (state["w"] - direct).abs().max().item(), (naive - direct).abs().max().item()
+        assert err < 0.05 * scale, (sr, t, err, scale)
+        assert info["profile_error"] < 0.05
+
+
+def test_no_snapshots_says_how_to_get_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train.posthoc_ema"):
+        reconstruct(tmp_path, 0.1)
+
+
+TOY = ["train.steps=12", "train.log_every=1", "train.checkpoint_every=4", "train.sample_every=0", "train.keep_checkpoints=0",
+       "train.posthoc_ema=[0.05,0.1]", "train.posthoc_every=4", "train.mixed_precision=no",
+       "diffusion.precondition=edm", "diffusion.prediction=x0", "diffusion.loss_weighting=edm", "diffusion.timestep_sampling=log_normal"]
+
+
+def test_training_keeps_snapshots_resumes_exactly_and_posthoc_ema_samples(tmp_path):
+    """An EDM-preconditioned toy trained with post-hoc EMA: the snapshots and the running averages of
+    a run killed after step 4 and resumed equal a straight run's; `ddpmkit posthoc-ema` writes a run
+    whose EMA is the reconstruction, and it samples."""
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    train(load_config("toy2d", [f"train.run_dir={straight}", *TOY]), progress=False)
+    train(load_config("toy2d", [f"train.run_dir={resumed}", *TOY]), progress=False)
+    for later in list_checkpoints(resumed)[1:]:
+        shutil.rmtree(later)
+    for snap in ("phema-0000008.safetensors", "phema-0000012.safetensors"):
+        (resumed / "posthoc" / snap).unlink()
+    train(load_config("toy2d", [f"train.run_dir={resumed}", *TOY]), resume=True, progress=False)
+    assert [p.name for _, p in list_snapshots(straight)] == ["phema-0000004.safetensors", "phema-0000008.safetensors", "phema-0000012.safetensors"]
+    for (_, a), (_, b) in zip(list_snapshots(straight), list_snapshots(resumed)):
+        ta, tb = load_file(a), load_file(b)
+        assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    last = lambda run: load_file(list_checkpoints(run)[-1] / "power_ema.safetensors")
+    assert all(torch.equal(last(straight)[k], last(resumed)[k]) for k in last(straight))
+
+    assert main(["posthoc-ema", str(straight), "--sigma-rel", "0.1"]) == 0
+    m = load_diffusion(straight / "posthoc-ema-0.1")
+    tracked = load_file(list_checkpoints(straight)[-1] / "power_ema.safetensors")
+    state = m.network.state_dict()
+    assert all(torch.allclose(state[k], tracked[f"1/{k}"], atol=1e-5) for k in state)  # 0.1 is the second tracked width
+    assert m.step == 12 and m.config.diffusion.precondition == "edm"
+    x = ddpmkit.sample(m.network, (16, 2), m.schedule, sampler="ddim", steps=5, prediction="x0", generator=0).x
+    assert x.shape == (16, 2) and torch.isfinite(x).all()
