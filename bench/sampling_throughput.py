@@ -12,6 +12,7 @@ throughput does not depend on what it has learned.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import time
@@ -47,12 +48,24 @@ class Autocast(torch.nn.Module):
             return self.net(x, t, **kw).float()
 
 
+class ChannelsLast(torch.nn.Module):
+    """The network with weights and activations in NHWC memory order (what oneDNN's CPU convolutions prefer)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = copy.deepcopy(net).to(memory_format=torch.channels_last)
+
+    def forward(self, x, t, **kw):
+        return self.net(x.contiguous(memory_format=torch.channels_last), t, **kw).contiguous()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="16,64,128,250,500")
     ap.add_argument("--steps", type=int, default=20, help="network evaluations per sampling run")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-bf16", action="store_true")
+    ap.add_argument("--channels-last", action="store_true", help="add a column for NHWC memory order")
     ap.add_argument("--compile", action="store_true", help="add a column for the torch.compile'd network (a compile per batch size)")
     args = ap.parse_args()
     cfg = load_config("mnist")
@@ -83,6 +96,8 @@ def main() -> None:
     variants = {"fp32": net}
     if not args.no_bf16:
         variants["bf16"] = Autocast(net)
+    if args.channels_last:
+        variants["nhwc"] = ChannelsLast(net)
     if args.compile:
         variants["compiled"] = torch.compile(net)
     print(f"{'batch':>6} | {'fp32 evals/s':>13} | {'vs training fwd':>15}" + "".join(f" | {k + ' evals/s':>16} | {k + ' / fp32':>14}"

@@ -96,6 +96,10 @@ def test_edm_weighted_x0_loss_is_the_unit_loss_on_the_inner_network():
     assert torch.allclose(edm_weight("x0", snr, sd), 1 / edm_coefficients(a, sd).c_out ** 2, rtol=1e-9)
     assert torch.allclose(edm_weight("eps", snr, sd) * snr, edm_weight("x0", snr, sd))
     assert torch.allclose(edm_weight("v", snr, sd) * (snr + 1), edm_weight("x0", snr, sd))
+    # clipped: min(SNR, gamma) + 1 / sd^2 on the x0 error
+    assert torch.allclose(edm_weight("x0", snr, sd, 20.0), torch.minimum(snr, torch.tensor(20.0, dtype=snr.dtype)) + 4.0)
+    clipped = training_losses(EDMPreconditioned(inner, S, sd), x0, T_CHECK, S, eps, "x0", min_snr_gamma=20.0, edm_sigma_data=sd)
+    assert torch.allclose(clipped["loss"], direct * edm_weight("x0", snr, sd, 20.0).float() / edm_weight("x0", snr, sd).float(), rtol=1e-4)
 
 
 def test_exact_denoiser_through_the_wrapper_samples_the_gaussian():
@@ -132,8 +136,8 @@ def test_log_normal_timesteps_follow_edm_sigma_distribution():
 def test_config_checks_the_combinations():
     with pytest.raises(ConfigError, match="prediction = 'x0'"):
         DiffusionConfig(precondition="edm", prediction="eps")
-    with pytest.raises(ConfigError, match="min_snr_gamma = 0"):
-        DiffusionConfig(loss_weighting="edm", min_snr_gamma=5.0)
+    with pytest.raises(ConfigError, match="set loss = 'simple'"):
+        DiffusionConfig(loss_weighting="edm", loss="hybrid")
     with pytest.raises(ConfigError, match="sigma_data"):
         DiffusionConfig(sigma_data=0.0)
     cfg = load_config("toy2d", ["diffusion.precondition=edm", "diffusion.prediction=x0"])

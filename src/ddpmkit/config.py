@@ -61,7 +61,8 @@ class DiffusionConfig:
     precondition: Literal["none", "edm"] = "none"
     sigma_data: float = 0.5
     # the per-example weight of the simple loss: "default" = none, or min-SNR-gamma when min_snr_gamma > 0;
-    # "edm" = EDM's lambda(sigma) = SNR + 1 / sigma_data^2 on the x0 error (= unit weight on F's error)
+    # "edm" = EDM's lambda(sigma) = SNR + 1 / sigma_data^2 on the x0 error (= unit weight on F's error), with
+    # the SNR term clipped at min_snr_gamma when that is > 0
     loss_weighting: Literal["default", "edm"] = "default"
 
     def __post_init__(self) -> None:
@@ -73,8 +74,8 @@ class DiffusionConfig:
         if self.precondition == "edm" and (self.prediction != "x0" or self.learned_variance):
             raise ConfigError(f"diffusion.precondition = 'edm' makes the network an x0-predictor: set diffusion.prediction = 'x0' "
                               f"(not {self.prediction!r}) and learned_variance = false")
-        if self.loss_weighting == "edm" and (self.min_snr_gamma > 0 or self.loss != "simple"):
-            raise ConfigError("diffusion.loss_weighting = 'edm' weights the simple loss: set min_snr_gamma = 0 and loss = 'simple'")
+        if self.loss_weighting == "edm" and self.loss != "simple":
+            raise ConfigError(f"diffusion.loss_weighting = 'edm' weights the simple loss: set loss = 'simple', not {self.loss!r}")
         if self.asymmetric_k <= 0:
             raise ConfigError(f"diffusion.asymmetric_k = {self.asymmetric_k} must be > 0")
 

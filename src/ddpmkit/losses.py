@@ -86,11 +86,14 @@ def snr_weight(prediction: str, snr: torch.Tensor, gamma: float | None) -> torch
     return from_x0_weight(prediction, snr.clamp(max=gamma), snr)
 
 
-def edm_weight(prediction: str, snr: torch.Tensor, sigma_data: float) -> torch.Tensor:
+def edm_weight(prediction: str, snr: torch.Tensor, sigma_data: float, gamma: float | None = None) -> torch.Tensor:
     """EDM's lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 = SNR + 1 / sd^2 on the x0 error (sigma^2 =
     1 / SNR), for each target: the weight that makes the x0 loss of an EDM-preconditioned network its
-    unit-weight loss on the inner network's output (preconditioning.py)."""
-    return from_x0_weight(prediction, snr + 1.0 / sigma_data**2, snr)
+    unit-weight loss on the inner network's output (preconditioning.py). With gamma, the SNR term is
+    clipped as in min-SNR-gamma: min(SNR, gamma) + 1 / sd^2, so the nearly clean levels, whose
+    weight grows without bound, do not take the training from the middle of the chain."""
+    snr_term = snr if gamma is None else snr.clamp(max=gamma)
+    return from_x0_weight(prediction, snr_term + 1.0 / sigma_data**2, snr)
 
 
 def training_losses(
@@ -113,8 +116,8 @@ def training_losses(
     'hybrid': L_simple + lambda * L_vlb with the mean detached in L_vlb, so the VLB only trains
               the learned variance (Nichol & Dhariwal 2021, L_hybrid).
     'vlb':    T * L_{t-1}, an unbiased single-sample estimate of the full bound sum_t L_{t-1}.
-    The 'simple' loss is weighted per example by min-SNR-gamma (min_snr_gamma) or by EDM's
-    lambda(sigma) (edm_sigma_data = sigma_data), else unweighted.
+    The 'simple' loss is weighted per example by min-SNR-gamma (min_snr_gamma), by EDM's
+    lambda(sigma) (edm_sigma_data = sigma_data; clipped at min_snr_gamma if both), else unweighted.
     Returns {'loss', 'mse', 'vlb'?}, each (B,).
     """
     if loss_type not in LOSS_TYPES:
@@ -133,10 +136,8 @@ def training_losses(
     mse = mean_flat((target - output) ** 2)
     terms = {"mse": mse}
     if loss_type == "simple":
-        if min_snr_gamma and edm_sigma_data:
-            raise ValueError("choose one loss weighting: min-SNR-gamma or EDM's")
         if edm_sigma_data:
-            terms["loss"] = edm_weight(prediction, snr, edm_sigma_data) * mse
+            terms["loss"] = edm_weight(prediction, snr, edm_sigma_data, min_snr_gamma or None) * mse
         else:
             terms["loss"] = snr_weight(prediction, snr, min_snr_gamma) * mse if min_snr_gamma else mse
         return terms
