@@ -66,9 +66,9 @@ class DiffusionConfig:
     loss_weighting: Literal["default", "edm"] = "default"
 
     def __post_init__(self) -> None:
-        if self.logit_normal_std <= 0 or self.log_normal_std <= 0:
-            raise ConfigError(f"diffusion.logit_normal_std = {self.logit_normal_std} and diffusion.log_normal_std = "
-                              f"{self.log_normal_std} must be > 0")
+        for name in ("logit_normal_std", "log_normal_std"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"diffusion.{name} = {getattr(self, name)} must be > 0")
         if self.sigma_data <= 0:
             raise ConfigError(f"diffusion.sigma_data = {self.sigma_data} must be > 0")
         if self.precondition == "edm" and (self.prediction != "x0" or self.learned_variance):
