@@ -19,8 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from ddpmkit import viz
 from ddpmkit.data import load_dataset
 from ddpmkit.evaluate.cached_judge import load_judge

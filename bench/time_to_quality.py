@@ -42,7 +42,7 @@ def train_run(recipe: str, minutes: float, run_dir: Path) -> Path:
         return list_checkpoints(run_dir)[-1]  # a finished run (the end of train.steps, or of the time budget)
     cfg = load_config(recipe)
     steps = max(50, round(cfg.train.steps * minutes / cfg.train.max_minutes))
-    cmd = [sys.executable, "-m", "ddpmkit", "train", recipe, f"train.run_dir={run_dir}", f"train.steps={steps}",
+    cmd = [sys.executable, "-m", "ddpmkit.cli", "train", recipe, f"train.run_dir={run_dir}", f"train.steps={steps}",
            f"train.max_minutes={minutes}", "train.sample_every=0", "--quiet"]
     print(f"training {recipe} for {minutes:g} minutes ({steps} steps): {' '.join(cmd[2:])}", flush=True)
     subprocess.run(cmd, check=True)
@@ -50,7 +50,7 @@ def train_run(recipe: str, minutes: float, run_dir: Path) -> Path:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.2))
     keys = sorted({(r["recipe"], r["sampler"]) for r in rows})
     recipes = sorted({r["recipe"] for r in rows})
     styles = ["-", "--", ":", "-."]
@@ -59,13 +59,13 @@ def plot(rows: list[dict], path: Path) -> None:
     for recipe, sampler in keys:
         pts = sorted((r["minutes"], r["judge_fd"], r["confident"]) for r in rows if r["recipe"] == recipe and r["sampler"] == sampler)
         style = {"linestyle": styles[recipes.index(recipe) % 4], "color": colors[samplers.index(sampler) % len(colors)], "marker": "o"}
-        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], label=f"{recipe}, {sampler}", **style)
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], label=f"{recipe}: {sampler}", **style)
         axes[1].plot([p[0] for p in pts], [100 * p[2] for p in pts], **style)
     axes[0].set(xlabel="training minutes (2 CPU cores)", ylabel="judge-FD (lower is better)", yscale="log")
     axes[1].set(xlabel="training minutes (2 CPU cores)", ylabel="% judged p >= 0.9")
     axes[1].axhline(80, color="grey", linewidth=0.8)
-    axes[0].legend(fontsize=7, ncol=1)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(recipes) * 2 + 1, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     print(f"figure: {path}")
