@@ -115,6 +115,10 @@ def test_training_keeps_snapshots_resumes_exactly_and_posthoc_ema_samples(tmp_pa
     last = lambda run: load_file(list_checkpoints(run)[-1] / "power_ema.safetensors")
     assert all(torch.equal(last(straight)[k], last(resumed)[k]) for k in last(straight))
 
+    assert main(["posthoc-ema", str(straight), "--sigma-rel", "0.05,0.1", "--out", str(tmp_path / "x")]) == 2  # --out names one run
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit):
+        main(["posthoc-ema", str(straight), "--sigma-rel", "wide"])
     assert main(["posthoc-ema", str(straight), "--sigma-rel", "0.1"]) == 0
     m = load_diffusion(straight / "posthoc-ema-0.1")
     tracked = load_file(list_checkpoints(straight)[-1] / "power_ema.safetensors")

@@ -50,12 +50,14 @@ def profile(t: int, gamma: float, length: int) -> np.ndarray:
     return w
 
 
-def solve_coefficients(snapshots: list[tuple[int, float]], t: int, gamma: float) -> np.ndarray:
-    """Coefficients x minimising || sum_i x_i w_{t_i,gamma_i} - w_{t,gamma} ||^2 over the snapshots (t_i, gamma_i)."""
+def solve_coefficients(snapshots: list[tuple[int, float]], t: int, gamma: float) -> tuple[np.ndarray, float]:
+    """Coefficients x minimising || sum_i x_i w_{t_i,gamma_i} - w_{t,gamma} ||^2 over the snapshots (t_i, gamma_i),
+    and the relative error of that fit of the profile."""
     length = max(t, max(s for s, _ in snapshots))
     A = np.stack([profile(s, g, length) for s, g in snapshots], axis=1)  # (length, n)
-    x, *_ = np.linalg.lstsq(A, profile(t, gamma, length), rcond=None)
-    return x
+    target = profile(t, gamma, length)
+    x, *_ = np.linalg.lstsq(A, target, rcond=None)
+    return x, float(np.linalg.norm(A @ x - target) / np.linalg.norm(target))
 
 
 class PowerEMA:
@@ -115,27 +117,22 @@ def reconstruct(run_dir: str | Path, sigma_rel: float, t: int | None = None) -> 
     snaps = [(s, p) for s, p in snaps if s <= t]
     if not snaps:
         raise ValueError(f"no snapshot at or before step {t}")
-    columns, files = [], []
+    columns = []  # (t_i, gamma_i) of every average in every snapshot, in file order
     for s, path in snaps:
         with safe_open(str(path), "pt") as f:
-            sigma_rels = json.loads(f.metadata()["sigma_rels"])
-        for i, sr in enumerate(sigma_rels):
-            columns.append((s, gamma_from_sigma_rel(sr)))
-            files.append((path, i))
-    gamma = gamma_from_sigma_rel(sigma_rel)
-    x = solve_coefficients(columns, t, gamma)
-    length = max(t, snaps[-1][0])
-    target = profile(t, gamma, length)
-    fit = np.stack([profile(s, g, length) for s, g in columns], axis=1) @ x
+            columns += [(s, gamma_from_sigma_rel(sr)) for sr in json.loads(f.metadata()["sigma_rels"])]
+    x, error = solve_coefficients(columns, t, gamma_from_sigma_rel(sigma_rel))
     out: dict[str, torch.Tensor] = {}
-    for coef, (path, i) in zip(x, files):
+    coefs = iter(x)
+    for _, path in snaps:
         with safe_open(str(path), "pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                index, name = key.split("/", 1)
-                if int(index) == i:
-                    out[name] = out.get(name, 0) + float(coef) * f.get_tensor(key).double()
-    info = {"t": t, "sigma_rel": sigma_rel, "snapshots": len(snaps),
-            "profile_error": float(np.linalg.norm(fit - target) / np.linalg.norm(target))}
+            names = list(f.keys())
+            for i in range(len({k.split("/", 1)[0] for k in names})):
+                coef = float(next(coefs))
+                for key in (k for k in names if k.startswith(f"{i}/")):
+                    name = key.split("/", 1)[1]
+                    out[name] = out.get(name, 0) + coef * f.get_tensor(key).double()
+    info = {"t": t, "sigma_rel": sigma_rel, "snapshots": len(snaps), "profile_error": error}
     return {k: v.float() for k, v in out.items()}, info
 
 

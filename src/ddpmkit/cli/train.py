@@ -55,9 +55,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"[demo] look at {out / 'grid.png'} and {out / 'reverse_process.gif'}")
 
 
+def widths(text: str) -> list[float]:
+    """--sigma-rel: one or more comma-separated relative widths."""
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of numbers such as 0.05 or 0.05,0.1") from None
+
+
 def cmd_posthoc_ema(args: argparse.Namespace) -> None:
+    if args.out and len(args.sigma_rel) > 1:
+        raise ValueError(f"--out names one output run; {len(args.sigma_rel)} widths each get RUN/posthoc-ema-WIDTH (drop --out)")
     for sigma_rel in args.sigma_rel:
-        ckpt = write_checkpoint(args.run, sigma_rel, args.step, args.out if len(args.sigma_rel) == 1 else None)
+        ckpt = write_checkpoint(args.run, sigma_rel, args.step, args.out)
         info = json.loads((ckpt / "config.json").read_text())["metrics"]["posthoc_ema"]
         print(f"sigma_rel {sigma_rel:g} at step {info['t']}: {info['snapshots']} snapshots, profile fit error "
               f"{info['profile_error']:.2%} -> {ckpt.parent}  (sample it: ddpmkit sample {ckpt.parent})")
@@ -78,7 +88,7 @@ def add_commands(sub) -> None:
 
     e = sub.add_parser("posthoc-ema", help="EMA weights of any averaging length, after training (runs with train.posthoc_ema)")
     e.add_argument("run", help="a run folder trained with train.posthoc_ema")
-    e.add_argument("--sigma-rel", type=lambda v: [float(x) for x in v.split(",")], required=True,
+    e.add_argument("--sigma-rel", type=widths, required=True,
                    help="relative width(s) of the average, e.g. 0.05 or 0.04,0.08,0.12 (EDM2's sigma_rel)")
     e.add_argument("--step", type=int, default=None, help="the step to average up to (default: the last snapshot)")
     e.add_argument("--out", default=None, help="output run folder (one width only; default RUN/posthoc-ema-WIDTH)")
