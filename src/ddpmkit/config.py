@@ -64,6 +64,8 @@ class DiffusionConfig:
     # "edm" = EDM's lambda(sigma) = SNR + 1 / sigma_data^2 on the x0 error (= unit weight on F's error), with
     # the SNR term clipped at min_snr_gamma when that is > 0
     loss_weighting: Literal["default", "edm"] = "default"
+    # EDM2's learned per-level uncertainty u(t): the loss becomes L / exp(u(t)) + u(t) (uncertainty.py)
+    uncertainty_weighting: bool = False
 
     def __post_init__(self) -> None:
         for name in ("logit_normal_std", "log_normal_std"):
@@ -76,6 +78,8 @@ class DiffusionConfig:
                               f"(not {self.prediction!r}) and learned_variance = false")
         if self.loss_weighting == "edm" and self.loss != "simple":
             raise ConfigError(f"diffusion.loss_weighting = 'edm' weights the simple loss: set loss = 'simple', not {self.loss!r}")
+        if self.uncertainty_weighting and self.loss != "simple":
+            raise ConfigError(f"diffusion.uncertainty_weighting learns a weight for the simple loss: set loss = 'simple', not {self.loss!r}")
         if self.asymmetric_k <= 0:
             raise ConfigError(f"diffusion.asymmetric_k = {self.asymmetric_k} must be > 0")
 

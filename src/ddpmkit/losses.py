@@ -21,6 +21,7 @@ from .parameterization import ModelFn, Prediction, target_for, to_x0_eps
 from .process import normal_kl, q_posterior_mean_variance, q_sample
 from .reverse import default_variance, p_mean_variance
 from .schedules import NoiseSchedule
+from .uncertainty import uncertainty_weighted_loss
 from .utils import mean_flat
 
 LossType = Literal["simple", "hybrid", "vlb"]
@@ -109,6 +110,7 @@ def training_losses(
     edm_sigma_data: float | None = None,
     hybrid_lambda: float = 0.001,
     model_kwargs: dict | None = None,
+    uncertainty: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Algorithm 1 for one batch: per-example losses at integer timesteps t: (B,).
 
@@ -118,13 +120,17 @@ def training_losses(
     'vlb':    T * L_{t-1}, an unbiased single-sample estimate of the full bound sum_t L_{t-1}.
     The 'simple' loss is weighted per example by min-SNR-gamma (min_snr_gamma), by EDM's
     lambda(sigma) (edm_sigma_data = sigma_data; clipped at min_snr_gamma if both), else unweighted.
-    Returns {'loss', 'mse', 'vlb'?}, each (B,).
+    uncertainty: the model (an UncertaintyWeighted) also returns its learned u(t), and the weighted
+    simple loss L becomes L / exp(u) + u (EDM2).
+    Returns {'loss', 'mse', 'vlb'?, 'log_variance'?}, each (B,).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss type {loss_type!r}; choose one of {list(LOSS_TYPES)}")
     noise = torch.randn_like(x0) if noise is None else noise
     x_t = q_sample(x0, t, schedule, noise)
-    output = model(x_t, t.float(), **(model_kwargs or {}))
+    output = model(x_t, t.float(), **(model_kwargs or {}), **({"return_log_variance": True} if uncertainty else {}))
+    if uncertainty:
+        output, log_variance = output
     var_frac = None
     if learned_variance:
         output, v = output.chunk(2, dim=1)
@@ -140,6 +146,9 @@ def training_losses(
             terms["loss"] = edm_weight(prediction, snr, edm_sigma_data, min_snr_gamma or None) * mse
         else:
             terms["loss"] = snr_weight(prediction, snr, min_snr_gamma) * mse if min_snr_gamma else mse
+        if uncertainty:
+            terms["loss"] = uncertainty_weighted_loss(terms["loss"], log_variance)
+            terms["log_variance"] = log_variance.detach()
         return terms
     mean_source = output.detach() if loss_type == "hybrid" else output
     pred_x0, _ = to_x0_eps(prediction, mean_source, x_t, t, schedule)

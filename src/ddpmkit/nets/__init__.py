@@ -8,6 +8,7 @@ from torch import nn
 
 from ..config import Config, NetworkConfig
 from ..preconditioning import EDMPreconditioned
+from ..uncertainty import UncertaintyWeighted
 from .autoencoder import Autoencoder
 from .classifier import DigitClassifier, NoisyClassifier
 from .clip import CLIP
@@ -123,10 +124,14 @@ DENOISERS = ("denoiser", "superres", "prior", "decoder")
 
 def build_for_task(cfg: Config, shape: tuple[int, ...]) -> nn.Module:
     """The network of a run of kind cfg.train.task (a denoiser wrapped in EDM's preconditioning
-    when diffusion.precondition = 'edm')."""
+    when diffusion.precondition = 'edm', and given a learned per-level uncertainty head when
+    diffusion.uncertainty_weighting)."""
     net = NETWORKS[cfg.train.task](cfg, tuple(shape))
-    if cfg.diffusion.precondition == "edm" and cfg.train.task in DENOISERS:
-        net = EDMPreconditioned(net, cfg.diffusion.noise_schedule(), cfg.diffusion.sigma_data)
+    if cfg.train.task in DENOISERS:
+        if cfg.diffusion.precondition == "edm":
+            net = EDMPreconditioned(net, cfg.diffusion.noise_schedule(), cfg.diffusion.sigma_data)
+        if cfg.diffusion.uncertainty_weighting:
+            net = UncertaintyWeighted(net, cfg.diffusion.noise_schedule())
     return net
 
 

@@ -109,7 +109,8 @@ class DenoiserTask(Task):
         cond.update({k: v.to(batch.device) for k, v in self.stage_inputs(x0, batch).items()})
         losses = training_losses(model, x0.to(batch.device), batch.local(t_all), self.schedule, batch.local(noise_all), dc.prediction,
                                  dc.loss, dc.learned_variance, dc.min_snr_gamma or None,
-                                 dc.sigma_data if dc.loss_weighting == "edm" else None, model_kwargs=cond)
+                                 dc.sigma_data if dc.loss_weighting == "edm" else None, model_kwargs=cond,
+                                 uncertainty=dc.uncertainty_weighting)
         return losses["loss"]
 
     def stage_inputs(self, x0: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
