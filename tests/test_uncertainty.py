@@ -44,7 +44,7 @@ def test_learned_u_is_the_log_of_the_expected_loss_at_each_level():
     torch.manual_seed(0)
     head = LevelUncertainty(S)
     opt = torch.optim.Adam(head.parameters(), lr=0.05)
-    mean_loss = lambda t: 0.05 + 2.0 * (t / 1000) ** 2  # noqa: E731 -- E[L(t)], from 0.05 to 2.05
+    mean_loss = lambda t: 0.05 + 2.0 * (t / 1000) ** 2  # E[L(t)], from 0.05 to 2.05
     g = torch.Generator().manual_seed(1)
     for _ in range(1500):
         t = torch.randint(0, 1000, (256,), generator=g).float()
