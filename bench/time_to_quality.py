@@ -86,6 +86,8 @@ def main() -> int:
                    help="this machine's training steps per minute (default: each preset's steps / max_minutes)")
     p.add_argument("--compile", action="store_true", help="sample with the compiled network (DiffusionModel.compile)")
     args = p.parse_args()
+    if args.steps_per_minute is not None and args.steps_per_minute <= 0:
+        p.error(f"--steps-per-minute must be > 0, got {args.steps_per_minute:g}")
 
     out = Path(args.out)
     results = out / "results.json"

@@ -73,9 +73,9 @@ def compile_for_sampling(network: nn.Module) -> nn.Module:
     --compile). "freezing" folds the weights into the graph as constants, so oneDNN convolutions take
     pre-packed weights instead of reordering them at every call; it applies under no_grad, which is
     how the samplers call the network, and the weights must not change afterwards. It is set in
-    inductor's global config: passed as torch.compile(options=...) it folds less (571-594 against
-    683-689 image-evaluations/s for the demo UNet at 125 per call on 2 CPU cores). Training does not
-    compile, and freezing leaves graphs that need gradients alone."""
+    inductor's global config because passed as torch.compile(options=...) it folded less in a quick
+    comparison on 2 CPU cores. Training does not compile, and a call that needs gradients (posterior
+    sampling) still gets them: freezing only changes the no_grad graph."""
     import torch._inductor.config as inductor_config  # 1.3 s to import: only where compiling is asked for
 
     inductor_config.freezing = True
