@@ -12,6 +12,10 @@ not comparable with papers' FIDs).
 
 --posthoc-ema: for runs trained with train.posthoc_ema, also the EMA of each relative width,
 reconstructed after training (`ddpmkit posthoc-ema`), as extra rows.
+
+--autoguide WEAKER --autoguide-scales 1.5,2: also each sampler with autoguidance by the weaker model
+(e.g. an early checkpoint of the same run, RUN/ckpt-0000200) at each weight w, as extra rows (NFE
+counts both networks' evaluations).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from pathlib import Path
 from ddpmkit.evaluate.report import DigitScorer
 from ddpmkit.models import load_diffusion
 from ddpmkit.pipelines import generate
+from ddpmkit.pipelines.guided import GuidanceRequest
 from ddpmkit.posthoc_ema import write_checkpoint
 from ddpmkit.sampling.options import sampler_options
 
@@ -44,6 +49,8 @@ def main() -> int:
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--posthoc-ema", default="", help="relative widths to reconstruct, e.g. 0.03,0.05,0.08")
+    p.add_argument("--autoguide", default=None, help="a weaker model of the same kind for autoguidance rows")
+    p.add_argument("--autoguide-scales", default="2", help="autoguidance weights w, e.g. 1.5,2,3")
     p.add_argument("--out", default="runs/bench/quality_per_nfe.json")
     args = p.parse_args()
 
@@ -54,20 +61,24 @@ def main() -> int:
         targets.append((ckpt, ckpt))
         for w in widths:
             targets.append((f"{ckpt} (post-hoc EMA {w:g})", str(write_checkpoint(ckpt, w).parent)))
+    requests = [("", None)] + [(f" + autoguidance {w:g}", GuidanceRequest(autoguide=args.autoguide, autoguide_scale=w))
+                               for w in ([float(w) for w in args.autoguide_scales.split(",")] if args.autoguide else [])]
     scorer = DigitScorer()
     rows = []
     print("| model | step | sampler | NFE | judged p >= 0.9 | judge-FD | seconds |\n|---|---|---|---|---|---|---|", flush=True)
     for name, path in targets:
         m = load_diffusion(path)
-        for sampler, steps, grid in samplers:
+        for (sampler, steps, grid), (guided, request) in ((s, r) for s in samplers for r in requests):
             t0 = time.time()
-            gen = generate(m, args.n, sampler=sampler, steps=steps, seed=args.seed, options=sampler_options(sampler, grid), progress=False)
+            gen = generate(m, args.n, request, sampler=sampler, steps=steps, seed=args.seed, options=sampler_options(sampler, grid),
+                           progress=False)
             secs = time.time() - t0
             s = scorer(gen.images)
-            label = sampler + (f" ({grid})" if grid else "")
-            rows.append({"model": name, "step": m.step, "sampler": label, "steps": steps, "nfe": gen.nfe, "n": args.n,
+            label = sampler + (f" ({grid})" if grid else "") + guided
+            nfe = gen.nfe * (2 if request is not None and request.autoguide_scale != 1 else 1)
+            rows.append({"model": name, "step": m.step, "sampler": label, "steps": steps, "nfe": nfe, "n": args.n,
                          "confident": s["confident"], "judge_fd": s["fd"], "seconds": secs})
-            print(f"| {name} | {m.step} | {label} | {gen.nfe} | {s['confident']:.1%} | {s['fd']:.2f} | {secs:.0f} |", flush=True)
+            print(f"| {name} | {m.step} | {label} | {nfe} | {s['confident']:.1%} | {s['fd']:.2f} | {secs:.0f} |", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2))

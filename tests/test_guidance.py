@@ -172,3 +172,71 @@ def test_classifier_free_guidance_with_a_text_like_condition():
     assert torch.allclose(out, e_u + 2.5 * (e_c - e_u), atol=1e-5)
     with pytest.raises(ValueError, match="needs the condition"):
         ClassifierFreeGuidance(model, 2.5, null=null)(x, t, extra=extra)
+
+
+WIDE = GaussianMixture(MIX.means, MIX.stds * 2.5, MIX.weights)  # a "bad" model of MIX: right modes, blurred
+
+
+def test_autoguidance_is_bad_plus_w_times_good_minus_bad_in_every_parameterization():
+    from ddpmkit.guidance import Autoguidance
+    from ddpmkit.parameterization import from_x0, to_x0_eps
+
+    good, bad = MIX.eps_model(S), WIDE.eps_model(S)
+    x, t = torch.randn(6, 2, dtype=torch.float64), torch.full((6,), 250.0)
+    e_g, e_b = good(x, t), bad(x, t)
+    assert torch.allclose(Autoguidance(good, bad, 2.5)(x, t), e_b + 2.5 * (e_g - e_b), atol=1e-12)
+    assert torch.allclose(Autoguidance(good, bad, 0.0)(x, t), e_b, atol=1e-12)
+    # guiding x0-predictions is the same guidance: affine maps commute with the combination
+    as_x0 = lambda model: lambda x_t, tt: to_x0_eps("eps", model(x_t, tt), x_t, tt, S)[0]  # noqa: E731
+    guided_x0 = Autoguidance(as_x0(good), as_x0(bad), 2.5)(x, t)
+    assert torch.allclose(from_x0("eps", guided_x0, x, t, S), e_b + 2.5 * (e_g - e_b), atol=1e-9)
+    # scale 1: the good model alone, without calling the bad one
+    counted = Counting(bad)
+    assert torch.equal(Autoguidance(good, counted, 1.0)(x, t), e_g) and counted.calls == 0
+
+
+def test_autoguidance_guides_only_the_mean_channels():
+    from ddpmkit.guidance import Autoguidance
+
+    x, t = torch.randn(4, 2), torch.zeros(4)
+    good = lambda x_t, tt: torch.cat([x_t, torch.full_like(x_t, 7.0)], dim=1)  # noqa: E731
+    bad = lambda x_t, tt: torch.cat([2 * x_t, torch.full_like(x_t, -3.0)], dim=1)  # noqa: E731
+    out = Autoguidance(good, bad, 3.0, learned_variance=True)(x, t)
+    assert torch.allclose(out[:, :2], 2 * x + 3.0 * (x - 2 * x)) and torch.equal(out[:, 2:], torch.full_like(x, 7.0))
+
+
+def _spread(x: torch.Tensor) -> float:
+    """Mean distance of samples to their nearest mode, in units of that mode's std."""
+    k = nearest_component(MIX, x)
+    return ((x - MIX.means[k]).norm(dim=1) / MIX.stds[k]).mean().item()
+
+
+def test_autoguidance_by_a_blurred_model_pulls_samples_onto_the_modes():
+    """w > 1 moves away from what the bad model believes (mass between the modes), w < 1 toward it."""
+    from ddpmkit.guidance import Autoguidance
+
+    spreads = {}
+    for w in (0.5, 1.0, 2.0):
+        model = Autoguidance(MIX.eps_model(S), WIDE.eps_model(S), w)
+        out = ddpmkit.sample(model, (600, 2), S, sampler="ddim", steps=100, generator=torch.Generator().manual_seed(0))
+        spreads[w] = _spread(out.x)
+    # the exact denoiser alone reproduces the data's spread: E|z| = sqrt(pi / 2) for a 2-D standard normal z
+    assert abs(spreads[1.0] - (torch.pi / 2) ** 0.5) < 0.05
+    assert spreads[2.0] < 0.85 * spreads[1.0] < 0.85 * 0.85 * spreads[0.5], spreads
+
+
+def test_autoguidance_through_the_guidance_door(web_runs):
+    from ddpmkit.models import load_diffusion
+    from ddpmkit.pipelines import generate
+    from ddpmkit.pipelines.guided import GuidanceRequest
+
+    m = load_diffusion(web_runs / "uncond")
+    plain = generate(m, 3, sampler="ddim", steps=4, progress=False).images
+    for w in (1.0, 2.0):  # the same model as its own bad model: bad + w (good - bad) = good
+        request = GuidanceRequest(autoguide=str(web_runs / "uncond"), autoguide_scale=w)
+        assert torch.allclose(generate(m, 3, request, sampler="ddim", steps=4, progress=False).images, plain, atol=1e-6)
+    with pytest.raises(ValueError, match="weaker model of the same kind.*conditioning none vs class"):
+        generate(m, 3, GuidanceRequest(autoguide=str(web_runs / "class")), sampler="ddim", steps=4, progress=False)
+    c = load_diffusion(web_runs / "class")
+    with pytest.raises(ValueError, match="autoguidance guides one branch"):
+        generate(c, 3, GuidanceRequest(autoguide=str(web_runs / "class"), scale=3.0), sampler="ddim", steps=4, progress=False)

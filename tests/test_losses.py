@@ -5,7 +5,7 @@ import torch
 from scipy.stats import norm
 
 from ddpmkit.losses import discretized_gaussian_log_likelihood, snr_weight, training_losses, vlb_term
-from ddpmkit.process import normal_kl, q_posterior_mean_variance, q_sample
+from ddpmkit.process import q_posterior_mean_variance, q_sample
 from ddpmkit.reverse import p_mean_variance
 from ddpmkit.schedules import NoiseSchedule
 
@@ -78,7 +78,6 @@ def test_perfect_model_has_zero_simple_loss(prediction):
     t = torch.tensor([1, 5, 20, 60, 99])
     from ddpmkit.parameterization import target_for
 
-    x_t = q_sample(x0, t, s, noise)
     oracle = lambda x, tt: target_for(prediction, x0, noise, x, tt.long(), s)
     out = training_losses(oracle, x0, t, s, noise, prediction, loss_type="vlb")
     assert torch.allclose(out["mse"], torch.zeros(5, dtype=torch.float64), atol=1e-20)

@@ -172,6 +172,43 @@ def test_lr_schedule():
     assert lr_at(50, TrainConfig(lr=1.0, warmup_steps=10, lr_schedule="constant")) == 1.0
 
 
+def test_budget_horizon_fits_the_steps_to_the_time_left():
+    from ddpmkit.config import TrainConfig
+    from ddpmkit.train import budget_horizon, lr_at
+
+    assert budget_horizon(100, 0.5, 300.0, 5000) == 100 + int(0.97 * 600)  # 600 steps left at 0.5 s each, 3% margin
+    assert budget_horizon(100, 0.01, 300.0, 5000) == 5000  # never past train.steps
+    assert budget_horizon(100, 0.5, -1.0, 5000) == 101  # out of time already: the next step is the last
+    c = TrainConfig(lr=1.0, warmup_steps=10, steps=1000, lr_schedule="cosine")
+    assert lr_at(60, c, horizon=110) == pytest.approx(0.05 + 0.95 * 0.5)  # the decay follows the horizon
+    assert lr_at(110, c, horizon=110) == pytest.approx(0.05) and lr_at(60, c) == lr_at(60, c, horizon=1000)
+    with pytest.raises(ConfigError, match="budget_calibration = 5 must be > 10"):
+        load_config("toy2d", ["train.fit_to_budget=true", "train.budget_calibration=5"])
+
+
+def test_a_run_fitted_to_its_budget_decays_the_learning_rate_over_the_steps_that_fit(tmp_path):
+    cfg = load_config("toy2d", [f"train.run_dir={tmp_path}", "train.steps=100000", "train.max_minutes=0.1", "train.fit_to_budget=true",
+                                "train.budget_calibration=30", "train.lr_schedule=cosine", "train.log_every=1",
+                                "train.sample_every=0", "train.checkpoint_every=0"])
+    train(cfg, progress=False)
+    log = _log(tmp_path)
+    (fit,) = [e for e in log if "horizon" in e]
+    horizon = fit["horizon"]
+    assert fit["step"] == 30 and 30 < horizon < 100000
+    from ddpmkit.checkpoint import read_config
+    from ddpmkit.train import lr_at
+
+    last = list_checkpoints(tmp_path)[-1]
+    assert read_config(last)[1].horizon == horizon
+    trained = [e for e in log if "lr" in e]
+    assert all(e["lr"] == pytest.approx(lr_at(e["step"] - 1, cfg.train, horizon)) for e in trained)
+    assert lr_at(horizon, cfg.train, horizon) == pytest.approx(0.05 * cfg.train.lr)  # decayed fully at the horizon
+    # a resumed run keeps the horizon, rather than going on towards train.steps
+    train(cfg, resume=True, progress=False)
+    info = read_config(list_checkpoints(tmp_path)[-1])[1]
+    assert info.step <= horizon and info.horizon == horizon
+
+
 def test_ema_update_and_warmup():
     from ddpmkit.train import ema_decay_at, ema_update
 

@@ -45,6 +45,7 @@ class CheckpointInfo:
     data_shape: tuple[int, ...] = ()
     lr_scale: float = 1.0
     metrics: dict = field(default_factory=dict)
+    horizon: int = 0  # the step count train.fit_to_budget chose (0 = train.steps)
 
 
 @contextlib.contextmanager
@@ -87,6 +88,8 @@ def save_checkpoint(run_dir: str | Path, config: Config, info: CheckpointInfo, m
     final = run_dir / f"ckpt-{info.step:07d}"
     with atomic_folder(final) as tmp:
         meta = {**config.to_dict(), "step": info.step, "data_shape": list(info.data_shape), "lr_scale": info.lr_scale}
+        if info.horizon:
+            meta["horizon"] = info.horizon
         if info.metrics:
             meta["metrics"] = info.metrics
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
@@ -135,7 +138,7 @@ def read_config(ckpt: Path) -> tuple[Config, CheckpointInfo]:
     except ConfigError as e:
         raise CheckpointError(f"{Path(ckpt) / 'config.json'}: {e}") from None
     info = CheckpointInfo(int(extra.get("step", 0)), tuple(extra.get("data_shape", ())), float(extra.get("lr_scale", 1.0)),
-                          dict(extra.get("metrics", {})))
+                          dict(extra.get("metrics", {})), int(extra.get("horizon", 0)))
     return config, info
 
 

@@ -184,10 +184,15 @@ class TrainConfig:
     run_dir: str = "runs/mnist"
     steps: int = 5000
     max_minutes: float = 0.0  # stop (and checkpoint) after this long; 0 = no limit
+    # with max_minutes: time the first budget_calibration steps, then shorten the run to the steps that fit
+    # in the budget, so a cosine learning rate still decays fully on a slower machine (the chosen horizon is
+    # saved in checkpoints: a resumed run keeps it); no effect without max_minutes or on shorter runs
+    fit_to_budget: bool = False
+    budget_calibration: int = 100
     batch_size: int = 128  # global batch, split across processes
     lr: float = 2e-3
     warmup_steps: int = 100
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decay to 5% of lr at train.steps
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decay to 5% of lr at train.steps (or the budget's horizon)
     weight_decay: float = 0.0
     cond_drop_prob: float = 0.1  # conditional models: share of examples trained on the null label / empty prompt
     grad_clip: float = 1.0
@@ -219,6 +224,8 @@ class TrainConfig:
         if any(not 0 < s < 12**-0.5 for s in self.posthoc_ema) or self.posthoc_every < 1:
             raise ConfigError(f"train.posthoc_ema = {list(self.posthoc_ema)} must hold widths in (0, 0.2887) and "
                               f"train.posthoc_every = {self.posthoc_every} must be >= 1")
+        if self.budget_calibration <= 10:
+            raise ConfigError(f"train.budget_calibration = {self.budget_calibration} must be > 10 (the first 10 steps are not timed)")
         if self.nan_patience < 1 or self.max_rollbacks < 0:
             raise ConfigError(f"train.nan_patience = {self.nan_patience} must be >= 1 and train.max_rollbacks = {self.max_rollbacks} >= 0")
 
@@ -376,5 +383,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 # what a checkpoint's config.json holds beside the config sections
-CHECKPOINT_KEYS = ("step", "data_shape", "lr_scale", "metrics")
+CHECKPOINT_KEYS = ("step", "data_shape", "lr_scale", "metrics", "horizon")
 PRESET_DIR = Path(__file__).resolve().parent / "presets"

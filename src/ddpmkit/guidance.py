@@ -14,6 +14,12 @@ Classifier guidance (Dhariwal & Nichol 2021) with a classifier p_phi(y | x_t) tr
 With s = 1 and the exact classifier, Algorithm 2 turns the exact unconditional eps into the exact
 conditional one, since grad log q(x_t | y) = grad log q(x_t) + grad log q(y | x_t).
 
+Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"):
+    D_guided = D_bad + w * (D_good - D_bad)
+with D_bad a weaker model of the same data (fewer training steps, or fewer parameters). Like CFG it
+pushes samples away from what the weak model gets wrong, but it needs no condition, so it guides
+unconditional models too, and it sharpens without the loss of variety that CFG brings.
+
 CLIP guidance replaces log p_phi(y | x_t) by g(x_t, t) . h(c), the dot product of a noisy CLIP's
 image embedding and the caption's text embedding (GLIDE, Nichol et al. 2022).
 """
@@ -99,6 +105,25 @@ class ClassifierFreeGuidance:
         rescaled = x0_guided * _std(x0_cond) / _std(x0_guided).clamp(min=1e-12)
         x0 = self.rescale * rescaled + (1 - self.rescale) * x0_guided
         return from_x0(self.prediction, x0, x_t, t, self.schedule)
+
+
+class Autoguidance:
+    """model(x_t, t, **kw) -> bad + w * (good - bad) of the two networks' outputs (D_good, D_bad of
+    the same prediction and schedule: every parameterization is affine in the output at fixed x_t
+    and t, so this is the same guidance of x_0 and of eps). w = 1 is the good model alone; with a
+    learned variance only the mean channels are guided and the good model's variance is kept."""
+
+    def __init__(self, good: ModelFn, bad: ModelFn, scale: float, learned_variance: bool = False):
+        self.good, self.bad = good, bad
+        self.scale = float(scale)
+        self.learned_variance = learned_variance
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, **condition) -> torch.Tensor:
+        good, var = _split_variance(self.good(x_t, t, **condition), self.learned_variance)
+        if self.scale == 1.0:
+            return _join_variance(good, var)
+        bad = _split_variance(self.bad(x_t, t, **condition), self.learned_variance)[0]
+        return _join_variance(bad + self.scale * (good - bad), var)
 
 
 class DynamicThresholding:

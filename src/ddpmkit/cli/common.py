@@ -19,6 +19,9 @@ def add_guidance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classifier-scale", type=float, default=1.0, help="classifier guidance scale s")
     p.add_argument("--clip", default=None, help="a noisy-CLIP run (ddpmkit train clip_noisy): CLIP guidance toward --prompt")
     p.add_argument("--clip-scale", type=float, default=100.0, help="CLIP guidance scale s (the score is a cosine, hence ~100)")
+    p.add_argument("--autoguide", default=None, metavar="WEAKER",
+                   help="autoguidance (Karras et al. 2024) by a weaker model of the same kind, e.g. an early checkpoint RUN/ckpt-0000300")
+    p.add_argument("--autoguide-scale", type=float, default=2.0, help="autoguidance weight w: bad + w (good - bad); 1 = off")
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
@@ -54,4 +57,4 @@ def guidance_request(args: argparse.Namespace) -> GuidanceRequest:
         raise ValueError(f"--class takes class numbers, e.g. 7 or 0,1,2; got {args.class_!r}") from None
     return GuidanceRequest(classes=classes, prompts=args.prompt or [], scale=args.guidance, rescale=args.guidance_rescale,
                            threshold=args.dynamic_threshold, classifier=args.classifier, classifier_scale=args.classifier_scale,
-                           clip=args.clip, clip_scale=args.clip_scale)
+                           clip=args.clip, clip_scale=args.clip_scale, autoguide=args.autoguide, autoguide_scale=args.autoguide_scale)

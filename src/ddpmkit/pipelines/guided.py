@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..guidance import ClassifierFreeGuidance, ClassifierGuidance, CLIPGuidance, DynamicThresholding
-from ..models import DiffusionModel, LoadedNetwork, load_classifier, load_clip
+from ..guidance import Autoguidance, ClassifierFreeGuidance, ClassifierGuidance, CLIPGuidance, DynamicThresholding
+from ..models import DiffusionModel, LoadedNetwork, load_classifier, load_clip, load_diffusion
 from ..parameterization import ModelFn
 from ..utils import cycle, side
 
@@ -33,6 +33,8 @@ class GuidanceRequest:
     classifier_scale: float = 1.0
     clip: str | None = None  # a noisy-CLIP run folder (ddpmkit train clip_noisy) for CLIP guidance toward the prompts
     clip_scale: float = 100.0  # CLIP guidance scale s (the score g . h is a cosine in [-1, 1], hence the large default)
+    autoguide: str | None = None  # autoguidance: a weaker model of the same kind (e.g. an early checkpoint, RUN/ckpt-0000300)
+    autoguide_scale: float = 2.0  # w in D_bad + w (D_good - D_bad); 1 = the model alone
     # per-sample model inputs that are not guided, one row per sample, given to both branches of
     # classifier-free guidance: a super-resolution stage's low_res and aug_level
     extra: dict[str, torch.Tensor] | None = None
@@ -63,6 +65,8 @@ class GuidanceRequest:
             parts.append(f"classifier scale {self.classifier_scale:g}")
         if self.clip:
             parts.append(f"CLIP scale {self.clip_scale:g}")
+        if self.autoguide:
+            parts.append(f"autoguidance {self.autoguide_scale:g} by {self.autoguide}")
         return ", ".join(parts)
 
 
@@ -127,6 +131,11 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
         if any(len(v) != n for v in request.extra.values()):
             raise ValueError(f"GuidanceRequest.extra must have one row per sample ({n})")
         kwargs = {**kwargs, **{k: v.to(device) for k, v in request.extra.items()}}
+    if request.autoguide:
+        if m.conditioning != "none" and scale not in (0.0, 1.0):
+            raise ValueError(f"autoguidance guides one branch: with --autoguide give --guidance 1 (the conditional model) or 0 "
+                             f"(the unconditional one), not {scale:g}")
+        model = Autoguidance(model, _weaker_model(m, request.autoguide, device), request.autoguide_scale, m.learned_variance)
     if request.threshold:
         model = DynamicThresholding(model, m.schedule, m.prediction, request.threshold, m.learned_variance)
     if request.classifier:
@@ -142,6 +151,20 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
         model, kwargs, options = _gradient_guided(m, clip, CLIPGuidance(_bound(model, kwargs), clip.network, request.clip_scale, m.schedule,
                                                                         m.prediction, m.learned_variance), target, sampler)
     return model, kwargs, options
+
+
+def _weaker_model(m: DiffusionModel, path: str, device) -> ModelFn:
+    """The bad model of autoguidance: it must denoise the same data in the same way as m."""
+    bad = load_diffusion(path, device=device)
+    mine, its = m.config.diffusion, bad.config.diffusion
+    same = {"data shape": (m.data_shape, bad.data_shape), "schedule": ((mine.schedule, mine.T), (its.schedule, its.T)),
+            "prediction": (m.prediction, bad.prediction), "conditioning": (m.conditioning, bad.conditioning),
+            "learned variance": (m.learned_variance, bad.learned_variance), "autoencoder": (m.config.data.autoencoder, bad.config.data.autoencoder)}
+    differ = [f"{what} {a} vs {b}" for what, (a, b) in same.items() if a != b]
+    if differ:
+        raise ValueError(f"the autoguiding model {path} must be a weaker model of the same kind as {m.path}; they differ in: "
+                         + "; ".join(differ))
+    return bad.network
 
 
 def _bound(model: ModelFn, kwargs: dict) -> ModelFn:

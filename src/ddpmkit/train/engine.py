@@ -1,6 +1,6 @@
 """The one training loop, on accelerate: every kind of model (train.task) trains through it.
 
-    for step in start .. steps - 1:
+    for step in start .. steps - 1 (or fewer: train.fit_to_budget fits the run to train.max_minutes):
         indices, generator = the global batch of this step           (batches.py: a function of (seed, step))
         loss = mean of task.loss(model, this process's slice)        (the task's Algorithm 1, autoencoder loss, ...)
         skip the step if the loss or its gradient is not finite      (NaN guard, below)
@@ -39,7 +39,7 @@ from ..config import Config
 from ..posthoc_ema import PowerEMA
 from ..viz import make_grid
 from .batches import Batch, batch_indices, step_generator
-from .optim import ema_decay_at, ema_update, lr_at
+from .optim import budget_horizon, ema_decay_at, ema_update, lr_at
 from .task import Task, TrainingError
 
 
@@ -120,14 +120,14 @@ def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True) ->
         if power is not None:
             power.load_state_dict(load_file(ckpt / "power_ema.safetensors"))
 
-    step, lr_scale = 0, 1.0
+    step, lr_scale, chosen = 0, 1.0, 0  # chosen: the horizon train.fit_to_budget picked (0 = not yet)
     if resume:
         found = list_checkpoints(run_dir)
         if not found:
             raise TrainingError(f"--resume: no checkpoint in {run_dir}")
         info = _check_resumable(cfg, found[-1])
         restore(found[-1], model)
-        step, lr_scale = info.step, info.lr_scale
+        step, lr_scale, chosen = info.step, info.lr_scale, info.horizon
         accelerator.print(f"resumed from {found[-1]} at step {step}")
 
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -144,7 +144,7 @@ def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True) ->
 
     def checkpoint(at: int, metrics: dict | None = None) -> None:
         if accelerator.is_main_process:
-            info = CheckpointInfo(at, task.shape, lr_scale, metrics or {})
+            info = CheckpointInfo(at, task.shape, lr_scale, metrics or {}, chosen)
             extra = {"power_ema": power.state_dict()} if power is not None else None
             save_checkpoint(run_dir, cfg, info, raw, ema, optimizer, tc.keep_checkpoints, extra)
         accelerator.wait_for_everyone()
@@ -173,17 +173,39 @@ def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True) ->
             if accelerator.is_main_process and t % tc.posthoc_every == 0:
                 power.save_snapshot(run_dir, t)
 
+    horizon = chosen or tc.steps
+    calibrating = tc.fit_to_budget and tc.max_minutes > 0 and not chosen  # (a run shorter than the calibration never gets there)
+    first_step, t_mark = step, 0.0
+
+    def fit_to_budget() -> int:
+        """The steps that fit in the time budget at the pace of this process's steps so far (the
+        shortest of all processes' answers, so every process stops at the same step)."""
+        pace = (time.time() - t_mark) / (step - first_step - 10)
+        mine = budget_horizon(step, pace, 60 * tc.max_minutes - (time.time() - t_start), tc.steps)
+        fit = int(accelerator.gather(torch.tensor([mine], device=accelerator.device)).min())
+        accelerator.print(f"time budget: {pace:.2f} s/step, so {fit} of train.steps={tc.steps} steps fit in "
+                          f"{tc.max_minutes} minutes; the learning rate now decays over {fit} steps")
+        log.record({"step": step, "horizon": fit, "seconds_per_step": pace})
+        return fit
+
     bar = tqdm(total=tc.steps, initial=step, disable=not (progress and accelerator.is_main_process), desc=f"train {task.name}",
                dynamic_ncols=True)
     t_start = time.time()
     t_window, n_window, loss_window = time.time(), 0, []
     bad_in_a_row, rollbacks = 0, 0
     model.train()
-    while step < tc.steps:
+    while step < horizon:
+        if calibrating and step - first_step == 10:  # the first steps carry one-off costs: time from here
+            t_mark = time.time()
+        if calibrating and step - first_step == tc.budget_calibration:
+            chosen = horizon = fit_to_budget()
+            calibrating = False
+            bar.total = horizon
+            bar.refresh()
         batch = Batch(step, batch_indices(step, tc.batch_size, task.num_examples, tc.seed), step_generator(tc.seed, step),
                       slice(rank * local_bs, (rank + 1) * local_bs), accelerator.device)
         torch.manual_seed((tc.seed * 1_000_003 + step) * 31 + rank)  # dropout masks
-        lr = lr_at(step, tc) * lr_scale
+        lr = lr_at(step, tc, horizon) * lr_scale
         for group in optimizer.param_groups:
             group["lr"] = lr
         with accelerator.autocast():
@@ -226,7 +248,7 @@ def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True) ->
         n_window += tc.batch_size
         loss_window.append(flags[:, 0].mean().item())
         bar.update(1)
-        if step % tc.log_every == 0 or step == tc.steps:
+        if step % tc.log_every == 0 or step == horizon:
             rate = n_window / max(time.time() - t_window, 1e-9)
             mean_loss = sum(loss_window) / len(loss_window)
             bar.set_postfix(loss=f"{mean_loss:.4f}", ex_s=f"{rate:.0f}")
@@ -243,7 +265,7 @@ def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True) ->
             if progress and metrics:
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             model.train()
-        if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
+        if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < horizon:
             checkpoint(step)
     bar.close()
     if power is not None and accelerator.is_main_process and step % tc.posthoc_every:
