@@ -83,6 +83,11 @@ def test_train_then_sample_writes_grid_pngs_and_gif(tmp_path, capsys):
     code, out, err = run(capsys, "sample", str(run_dir), "--n", "2", "--sampler", "unipc", "--steps", "5", "--grid", "karras",
                          "--no-gif", "--out", str(tmp_path / "u"))
     assert code == 0 and "5 network evaluations" in out, err
+    code, out, err = run(capsys, "sample", str(run_dir), "--n", "2", "--sampler", "ddim", "--steps", "3", "--autoguide", str(run_dir),
+                         "--autoguide-scale", "2", "--no-gif", "--out", str(tmp_path / "ag"))
+    assert code == 0 and (tmp_path / "ag" / "grid.png").is_file(), err
+    code, out, err = run(capsys, "sample", str(run_dir), "--n", "2", "--autoguide", "/no/weaker/run")
+    assert code == 2 and "no checkpoint at /no/weaker/run" in err, err
     grid = tmp_path / "grid.json"
     code, out, err = run(capsys, "tune-grid", str(run_dir), "--steps", "4", "--n", "2", "--evals", "8", "--out", str(grid))
     assert code == 0 and grid.is_file(), err
