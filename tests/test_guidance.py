@@ -193,6 +193,9 @@ def test_autoguidance_is_bad_plus_w_times_good_minus_bad_in_every_parameterizati
     # scale 1: the good model alone, without calling the bad one
     counted = Counting(bad)
     assert torch.equal(Autoguidance(good, counted, 1.0)(x, t), e_g) and counted.calls == 0
+    for w in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite number >= 0"):
+            Autoguidance(good, bad, w)
 
 
 def test_autoguidance_guides_only_the_mean_channels():

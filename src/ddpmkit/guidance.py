@@ -114,6 +114,8 @@ class Autoguidance:
     learned variance only the mean channels are guided and the good model's variance is kept."""
 
     def __init__(self, good: ModelFn, bad: ModelFn, scale: float, learned_variance: bool = False):
+        if not 0.0 <= scale < float("inf"):
+            raise ValueError(f"the autoguidance weight w must be a finite number >= 0 (1 = the model alone, 2 a usual choice), got {scale}")
         self.good, self.bad = good, bad
         self.scale = float(scale)
         self.learned_variance = learned_variance
