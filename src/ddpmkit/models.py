@@ -51,7 +51,10 @@ class LoadedNetwork:
 
     @property
     def device(self) -> torch.device:
-        return next(self.network.parameters()).device
+        """Where the weights are; the CPU for a network without any (an exact denoiser is a plain function)."""
+        params = getattr(self.network, "parameters", None)
+        first = next(params(), None) if params is not None else None
+        return torch.device("cpu") if first is None else first.device
 
     @functools.cached_property
     def text_encoder(self) -> TextEncoder:
@@ -65,7 +68,8 @@ class LoadedNetwork:
         """A CLIP run's text embeddings of prompts: (n, E) unit vectors, on the CPU."""
         if self.kind != "clip":
             raise ValueError(f"{self.path} is a {self.kind}, not a CLIP")
-        return self.network.embed_texts(self.text_encoder.encode(list(prompts)))
+        tokens = self.text_encoder.encode(list(prompts))
+        return self.network.embed_texts({k: v.to(self.device) for k, v in tokens.items()}).cpu()
 
 
 def compile_for_sampling(network: nn.Module) -> nn.Module:
@@ -147,7 +151,7 @@ class DiffusionModel(LoadedNetwork):
         """The model kwargs of prompts: token embeddings and mask (and, for unCLIP's prior, the CLIP text embedding)."""
         tokens = self.text_encoder.encode(prompts)
         if self.kind == "prior":
-            tokens["text_embed"] = self.clip.network.embed_texts(tokens)
+            tokens["text_embed"] = self.clip.network.embed_texts({k: v.to(self.clip.device) for k, v in tokens.items()})
         return {k: v.to(device) for k, v in tokens.items()}
 
     def null_condition(self, n: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -173,6 +177,7 @@ class DiffusionModel(LoadedNetwork):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images into the space the model diffuses in (scaled latents, or the images themselves)."""
+        images = images.to(self.device)
         return images if self.autoencoder is None else self.autoencoder.to_latent(images)
 
 

@@ -76,7 +76,7 @@ def check_low_res(sr: DiffusionModel, images: torch.Tensor, source: str = "the l
 
 def super_resolve(sr: DiffusionModel, low_res: torch.Tensor, request: GuidanceRequest | None = None, aug_level: float | None = None,
                   sampler: str = "ddpm", steps: int | None = None, seed: int = 0, options: dict | None = None, batch_size: int | None = None,
-                  record_every: int = 0, progress: bool = True, device: str | torch.device = "cpu") -> Generated:
+                  record_every: int = 0, progress: bool = True, device: str | torch.device | None = None) -> Generated:
     """Samples of p(x | z) for low-res images z = low_res (n, C, h, w) in [-1, 1], one per image:
     z is noise-augmented to level aug_level (default: the stage's superres.aug_level) with sample
     k's own seed, and given to the network with the level."""
@@ -115,7 +115,7 @@ def stage_request(stage: Stage, request: GuidanceRequest) -> GuidanceRequest:
 
 
 def cascade(stages: list[Stage], n: int, request: GuidanceRequest | None = None, seed: int = 0, batch_size: int | None = None,
-            record_every: int = 0, progress: bool = True, device: str | torch.device = "cpu") -> list[Generated]:
+            record_every: int = 0, progress: bool = True, device: str | torch.device | None = None) -> list[Generated]:
     """n samples through every stage; returns each stage's output (the last is the final image).
     record_every > 0 records the reverse process of every stage (for GIFs)."""
     check_cascade(stages)

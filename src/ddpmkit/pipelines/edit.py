@@ -38,7 +38,7 @@ def edit_inpaint(m: DiffusionModel, image: torch.Tensor, mask: torch.Tensor, n: 
     if tuple(mask.shape[-2:]) != tuple(image.shape[-2:]):
         raise ValueError(f"the mask is {tuple(mask.shape[-2:])} pixels, the image {tuple(image.shape[-2:])}")
     model, kwargs, _ = guided_model(m, n, request, "ddpm")
-    z = m.encode(image)
+    z, mask = m.encode(image), mask.to(m.device)
     keep = mask if m.autoencoder is None else latent_mask(mask, tuple(z.shape[-2:]))
     x = inpaint(model, z.expand(n, *z.shape[1:]), keep, m.schedule, steps=steps, resample=resample, generator=seed,
                 prediction=m.prediction, clip_x0=m.autoencoder is None, model_kwargs=kwargs)
@@ -69,7 +69,7 @@ def interpolation_seeds(m: DiffusionModel, seed_a: int, seed_b: int, n: int, req
     """n samples along the slerp from seed_a's x_T to seed_b's: (n, C, H, W)."""
     model, kwargs, _ = guided_model(m, n, request, sampler)
     x = interpolate_seeds(model, seed_a, seed_b, n, m.data_shape, m.schedule, sampler=sampler, steps=steps,
-                          prediction=m.prediction, model_kwargs=kwargs)
+                          prediction=m.prediction, model_kwargs=kwargs, device=m.device)
     return m.decode(x)
 
 
@@ -93,5 +93,5 @@ def interpolation_prompts(m: DiffusionModel, prompt_a: str, prompt_b: str, n: in
     model, kwargs, options = guided_model(m, n, request, sampler)
     x_T = seed_noise(seed, m.data_shape).expand(n, *m.data_shape)
     x = sample(model, x_T.shape, m.schedule, sampler=sampler, steps=steps, x_T=x_T, generator=0, model_kwargs=kwargs,
-               **m.sample_kwargs, **options).x
+               device=m.device, **m.sample_kwargs, **options).x
     return m.decode(x)

@@ -57,12 +57,13 @@ def auto_batch_size(data_shape: tuple[int, ...], device: str | torch.device = "c
 
 def generate(m: DiffusionModel, n: int, request: GuidanceRequest | None = None, sampler: str = "ddpm", steps: int | None = None,
              seed: int = 0, options: dict | None = None, batch_size: int | None = None, record_every: int = 0, progress: bool = True,
-             device: str | torch.device = "cpu", seeds: list[int] | None = None,
+             device: str | torch.device | None = None, seeds: list[int] | None = None,
              callback: Callable[[dict], None] | None = None) -> Generated:
     """n samples of m as requested, in chunks of batch_size (default: auto_batch_size). seeds: sample k's seed (default seed + k;
     one seed for every sample gives them the same noise, e.g. frames of an interpolation).
     callback: called after every step of every chunk with the sampler's step info (x, x0 in the
     model's space, i = steps left) plus "start" (the chunk's first sample) and "n"."""
+    device = m.device if device is None else torch.device(device)  # default: where the model's weights are
     batch_size = batch_size or auto_batch_size(m.data_shape, device)
     if n < 1 or batch_size < 1:
         raise ValueError(f"n = {n} and batch_size = {batch_size} must be >= 1")

@@ -92,12 +92,13 @@ def _conditions(m: DiffusionModel, n: int, request: GuidanceRequest, labels: tor
 
 
 def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = None, sampler: str = "ddpm",
-                 device: str | torch.device = "cpu") -> tuple[ModelFn, dict, dict]:
+                 device: str | torch.device | None = None) -> tuple[ModelFn, dict, dict]:
     """(model, model_kwargs, sampler options) for n samples of the loaded model as requested.
 
     Classifier-free guidance: scale 0 is the unconditional branch alone, 1 the conditional model
     alone, anything else eps_u + s (eps_c - eps_u) in one batched call."""
     request = request or GuidanceRequest()
+    device = m.device if device is None else torch.device(device)  # conditions go where the network is
     if request.clip and not request.prompts:
         raise ValueError("CLIP guidance steers toward prompts: give --prompt \"...\" with --clip")
     if request.prompts and m.conditioning != "text" and not request.clip:

@@ -69,7 +69,7 @@ def best_of(candidates: torch.Tensor, text_embed: torch.Tensor) -> torch.Tensor:
 
 
 def prior_embeddings(prior: DiffusionModel, prompts: list[str], n: int, scale: float = DEFAULT_PRIOR_SCALE, sampler: str = "ddim",
-                     steps: int | None = 64, seed: int = 0, batch_size: int = 500, device: str | torch.device = "cpu") -> torch.Tensor:
+                     steps: int | None = 64, seed: int = 0, batch_size: int = 500, device: str | torch.device | None = None) -> torch.Tensor:
     """The prior's sampling path: n draws of the CLIP image embedding for the prompts (cycled), in
     CLIP units (the prior diffuses prior_data_scale(E) times the embedding), not normalised: (n, E).
     Sample k uses seed seed + k; x0 is not clipped, since the data are not bounded by [-1, 1]."""
@@ -84,7 +84,7 @@ def prior_embeddings(prior: DiffusionModel, prompts: list[str], n: int, scale: f
 
 def text_to_embedding(prior: DiffusionModel, prompts: list[str], n: int, scale: float = DEFAULT_PRIOR_SCALE, best: int = 1,
                       sampler: str = "ddim", steps: int | None = 64, seed: int = 0, batch_size: int = 500,
-                      device: str | torch.device = "cpu") -> torch.Tensor:
+                      device: str | torch.device | None = None) -> torch.Tensor:
     """n unit CLIP image embeddings for the prompts (cycled), each the best of `best` prior samples
     by CLIP similarity to its caption: (n, E). Candidate j of sample k uses seed seed * best + k * best + j."""
     if best < 1:
@@ -98,7 +98,7 @@ def text_to_embedding(prior: DiffusionModel, prompts: list[str], n: int, scale: 
 
 def decode(decoder: DiffusionModel, embeds: torch.Tensor, scale: float = DEFAULT_DECODER_SCALE, sampler: str = "ddpm",
            steps: int | None = None, seed: int = 0, options: dict | None = None, batch_size: int | None = None, record_every: int = 0,
-           progress: bool = True, seeds: list[int] | None = None, device: str | torch.device = "cpu") -> Generated:
+           progress: bool = True, seeds: list[int] | None = None, device: str | torch.device | None = None) -> Generated:
     """Images from CLIP image embeddings (n, E), one each; classifier-free guidance at `scale`."""
     _check_kind(decoder, "decoder")
     E = decoder.config.unclip.embed_dim
@@ -121,7 +121,7 @@ class UnCLIPResult:
 def text_to_image(prior: DiffusionModel, decoder: DiffusionModel, prompts: list[str], n: int, prior_scale: float = DEFAULT_PRIOR_SCALE,
                   best: int = 1, prior_steps: int | None = 64, scale: float = DEFAULT_DECODER_SCALE, sampler: str = "ddpm",
                   steps: int | None = None, options: dict | None = None, then: list[Stage] | None = None, seed: int = 0,
-                  batch_size: int | None = None, record_every: int = 0, progress: bool = True, device: str | torch.device = "cpu") -> UnCLIPResult:
+                  batch_size: int | None = None, record_every: int = 0, progress: bool = True, device: str | torch.device | None = None) -> UnCLIPResult:
     """prompt -> prior -> decoder (-> the super-resolution stages in `then`, which get the prompts
     when they are text-conditional). Sample k of stage i uses seed seed + k + i * 2^32."""
     check_pair(prior, decoder)

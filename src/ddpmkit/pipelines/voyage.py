@@ -61,11 +61,12 @@ def read_keyframes(path: str | Path) -> list[tuple[int, str]]:
 @torch.no_grad()
 def render_voyage(m: DiffusionModel, keyframes: list[tuple[int, str]], frames_between: int = 8, guidance: float = 3.0,
                   sampler: str = "ddim", steps: int = 20, batch: int = 32, progress: bool = True,
-                  device: str | torch.device = "cpu") -> torch.Tensor:
+                  device: str | torch.device | None = None) -> torch.Tensor:
     """Frames (N, C, H, W) in [-1, 1] through the keyframes of a text-conditional model m (latent
     models are decoded). N = (keyframes - 1) * frames_between + 1."""
     if m.conditioning != "text":
         raise ValueError("a voyage needs a text-conditional model (network.text_encoder), e.g. one trained with configs/mnist_text.toml")
+    device = m.device if device is None else torch.device(device)
     conds = [m.encode_prompts([p]) for _, p in keyframes]
     noises = [seed_noise(s, m.data_shape) for s, _ in keyframes]
     x_T, kwargs = [], []

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -82,6 +83,17 @@ def resolve_precision(setting: str) -> str:
     return "bf16" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else "no"
 
 
+def set_cuda_determinism(on: bool) -> None:
+    """Deterministic CUDA kernels (train.deterministic), or cuDNN's autotuned fastest ones. Without
+    them atomics in backward passes and per-process algorithm choices make a resumed run drift."""
+    # cuBLAS reads this when it creates its handle, i.e. at the first matrix product of the process
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = on, not on
+    # warn_only: an op with no deterministic CUDA kernel warns (naming itself) instead of stopping the run
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # only results matter, not torch.empty's contents
+
+
 def _check_resumable(cfg: Config, ckpt: Path) -> CheckpointInfo:
     saved, info = read_config(ckpt)
     same = (saved.network, saved.diffusion, saved.data, saved.autoencoder, saved.train.task) == \
@@ -102,6 +114,8 @@ def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True) ->
     # cpu=True when there is no accelerator: accelerate then runs several CPU processes (gloo) as one job
     accelerator = Accelerator(mixed_precision=precision, cpu=not has_accelerator())
     rank, world = accelerator.process_index, accelerator.num_processes
+    if accelerator.device.type == "cuda":
+        set_cuda_determinism(tc.deterministic)
     if tc.batch_size % world:
         raise TrainingError(f"train.batch_size={tc.batch_size} must be divisible by the {world} processes")
     local_bs = tc.batch_size // world
