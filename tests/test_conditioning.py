@@ -2,6 +2,7 @@
 the noisy classifier, and the command line's --class / --prompt / --classifier."""
 import pytest
 import torch
+from conftest import needs_text
 
 import ddpmkit
 from ddpmkit.analytic import GaussianMixture, nearest_component
@@ -69,9 +70,6 @@ def test_caption_files_next_to_images(tmp_path):
         read_caption_files([tmp_path / "a.png", tmp_path / "b.png"])
     (tmp_path / "b.txt").write_text("")
     assert read_caption_files([tmp_path / "a.png", tmp_path / "b.png"]) == ["a red circle", ""]
-
-
-from conftest import needs_text  # noqa: E402 (the shared skip marker)
 
 
 @pytest.fixture(scope="module")
