@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -180,14 +181,21 @@ def test_lr_schedule():
 
 def test_budget_horizon_fits_the_steps_to_the_time_left():
     from ddpmkit.config import TrainConfig
-    from ddpmkit.train import budget_horizon, lr_at
+    from ddpmkit.train import Decay, budget_horizon, lr_at
 
     assert budget_horizon(100, 0.5, 300.0, 5000) == 100 + int(0.97 * 600)  # 600 steps left at 0.5 s each, 3% margin
     assert budget_horizon(100, 0.01, 300.0, 5000) == 5000  # never past train.steps
     assert budget_horizon(100, 0.5, -1.0, 5000) == 101  # out of time already: the next step is the last
     c = TrainConfig(lr=1.0, warmup_steps=10, steps=1000, lr_schedule="cosine")
-    assert lr_at(60, c, horizon=110) == pytest.approx(0.05 + 0.95 * 0.5)  # the decay follows the horizon
-    assert lr_at(110, c, horizon=110) == pytest.approx(0.05) and lr_at(60, c) == lr_at(60, c, horizon=1000)
+    fitted = Decay.over(c, 110)
+    assert lr_at(60, c, fitted) == pytest.approx(0.05 + 0.95 * 0.5)  # the decay follows the fitted end
+    assert lr_at(110, c, fitted) == pytest.approx(0.05) and lr_at(60, c) == lr_at(60, c, Decay.over(c, 1000))
+    # re-fitting at step 60 (half-way, progress 0.5) to end at 260: the rate is continuous there, and the
+    # rest of the decay (progress 0.5 -> 1) is spread over the 200 steps left
+    refit = fitted.refit(60, 260)
+    assert refit == Decay(60, 0.5, 260) and lr_at(60, c, refit) == pytest.approx(lr_at(60, c, fitted))
+    assert refit.progress_at(160) == pytest.approx(0.75) and lr_at(160, c, refit) == pytest.approx(0.05 + 0.95 * 0.5 * (1 + math.cos(0.75 * math.pi)))
+    assert lr_at(260, c, refit) == pytest.approx(0.05) and refit.refit(160, 160 + 1).progress == pytest.approx(0.75)
     with pytest.raises(ConfigError, match="budget_calibration = 5 must be > 10"):
         load_config("toy2d", ["train.fit_to_budget=true", "train.budget_calibration=5"])
 
@@ -198,21 +206,28 @@ def test_a_run_fitted_to_its_budget_decays_the_learning_rate_over_the_steps_that
                                 "train.sample_every=0", "train.checkpoint_every=0"])
     train(cfg, progress=False)
     log = _log(tmp_path)
-    (fit,) = [e for e in log if "horizon" in e]
-    horizon = fit["horizon"]
-    assert fit["step"] == 30 and 30 < horizon < 100000
+    fits = [e for e in log if "horizon" in e]
+    assert fits[0]["step"] == 30 and 30 < fits[0]["horizon"] < 100000
+    assert [e["step"] for e in fits] == list(range(30, 30 * len(fits) + 1, 30)) and len(fits) >= 2  # re-fitted every 30 steps
     from ddpmkit.checkpoint import read_config
-    from ddpmkit.train import lr_at
+    from ddpmkit.train import Decay, lr_at
 
-    last = list_checkpoints(tmp_path)[-1]
-    assert read_config(last)[1].horizon == horizon
+    # replay the re-fits: every logged rate is the cosine of the decay as fitted then, and it never jumps
+    decay, by_step = Decay.over(cfg.train), {e["step"]: e["horizon"] for e in fits}
     trained = [e for e in log if "lr" in e]
-    assert all(e["lr"] == pytest.approx(lr_at(e["step"] - 1, cfg.train, horizon)) for e in trained)
-    assert lr_at(horizon, cfg.train, horizon) == pytest.approx(0.05 * cfg.train.lr)  # decayed fully at the horizon
-    # a resumed run keeps the horizon, rather than going on towards train.steps
+    for e in trained:
+        s = e["step"] - 1  # the step this rate was used for
+        if s in by_step and (s == 30 or by_step[s] != decay.end):
+            decay = decay.refit(s, by_step[s])
+        assert e["lr"] == pytest.approx(lr_at(s, cfg.train, decay))
+    assert lr_at(decay.end, cfg.train, decay) == pytest.approx(0.05 * cfg.train.lr)  # decayed fully at the last fitted end
+    last = list_checkpoints(tmp_path)[-1]
+    info = read_config(last)[1]
+    assert (info.horizon, info.decay_from) == (decay.end, (decay.start, pytest.approx(decay.progress)))
+    # a resumed run keeps the fitted decay, rather than going on towards train.steps
     train(cfg, resume=True, progress=False)
     info = read_config(list_checkpoints(tmp_path)[-1])[1]
-    assert info.step <= horizon and info.horizon == horizon
+    assert info.step <= decay.end and info.horizon == decay.end
 
 
 def test_ema_update_and_warmup():

@@ -46,6 +46,7 @@ class CheckpointInfo:
     lr_scale: float = 1.0
     metrics: dict = field(default_factory=dict)
     horizon: int = 0  # the step count train.fit_to_budget chose (0 = train.steps)
+    decay_from: tuple[int, float] = (0, 0.0)  # the step and cosine progress where the decay to `horizon` was last re-fitted
 
 
 @contextlib.contextmanager
@@ -89,7 +90,7 @@ def save_checkpoint(run_dir: str | Path, config: Config, info: CheckpointInfo, m
     with atomic_folder(final) as tmp:
         meta = {**config.to_dict(), "step": info.step, "data_shape": list(info.data_shape), "lr_scale": info.lr_scale}
         if info.horizon:
-            meta["horizon"] = info.horizon
+            meta["horizon"], meta["decay_from"] = info.horizon, list(info.decay_from)
         if info.metrics:
             meta["metrics"] = info.metrics
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
@@ -138,7 +139,8 @@ def read_config(ckpt: Path) -> tuple[Config, CheckpointInfo]:
     except ConfigError as e:
         raise CheckpointError(f"{Path(ckpt) / 'config.json'}: {e}") from None
     info = CheckpointInfo(int(extra.get("step", 0)), tuple(extra.get("data_shape", ())), float(extra.get("lr_scale", 1.0)),
-                          dict(extra.get("metrics", {})), int(extra.get("horizon", 0)))
+                          dict(extra.get("metrics", {})), int(extra.get("horizon", 0)),
+                          (int(extra.get("decay_from", [0])[0]), float(extra.get("decay_from", [0, 0.0])[1])))
     return config, info
 
 

@@ -386,5 +386,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 # what a checkpoint's config.json holds beside the config sections
-CHECKPOINT_KEYS = ("step", "data_shape", "lr_scale", "metrics", "horizon")
+CHECKPOINT_KEYS = ("step", "data_shape", "lr_scale", "metrics", "horizon", "decay_from")
 PRESET_DIR = Path(__file__).resolve().parent / "presets"

@@ -18,7 +18,7 @@ from .engine import run
 from .judge import JudgeTask
 from .superres import SuperResTask
 from .unclip import DecoderTask, PriorTask
-from .optim import budget_horizon, ema_decay_at, ema_update, lr_at
+from .optim import Decay, budget_horizon, ema_decay_at, ema_update, lr_at
 from .task import Task, TrainingError
 
 TASKS: dict[str, type[Task]] = {
@@ -38,5 +38,5 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
     return run(TASKS[cfg.train.task](cfg), cfg, resume=resume, progress=progress)
 
 
-__all__ = ["Batch", "DenoiserTask", "SuperResTask", "TASKS", "Task", "TrainingError", "batch_indices", "budget_horizon", "ema_decay_at", "ema_update", "lr_at", "run",
+__all__ = ["Batch", "Decay", "DenoiserTask", "SuperResTask", "TASKS", "Task", "TrainingError", "batch_indices", "budget_horizon", "ema_decay_at", "ema_update", "lr_at", "run",
            "sample_timesteps", "step_generator", "train"]

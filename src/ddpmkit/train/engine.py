@@ -40,7 +40,7 @@ from ..config import Config
 from ..posthoc_ema import PowerEMA
 from ..viz import make_grid
 from .batches import Batch, batch_indices, step_generator
-from .optim import budget_horizon, ema_decay_at, ema_update, lr_at
+from .optim import Decay, budget_horizon, ema_decay_at, ema_update, lr_at
 from .task import Task, TrainingError
 
 
@@ -134,14 +134,17 @@ def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True) ->
         if power is not None:
             power.load_state_dict(load_file(ckpt / "power_ema.safetensors"))
 
-    step, lr_scale, chosen = 0, 1.0, 0  # chosen: the horizon train.fit_to_budget picked (0 = not yet)
+    step, lr_scale, fitted = 0, 1.0, False  # fitted: train.fit_to_budget has chosen the decay's end
+    decay = Decay.over(tc)
     if resume:
         found = list_checkpoints(run_dir)
         if not found:
             raise TrainingError(f"--resume: no checkpoint in {run_dir}")
         info = _check_resumable(cfg, found[-1])
         restore(found[-1], model)
-        step, lr_scale, chosen = info.step, info.lr_scale, info.horizon
+        step, lr_scale, fitted = info.step, info.lr_scale, bool(info.horizon)
+        if fitted:  # a resumed run keeps the decay the budget chose (checkpoints before re-fitting have no decay_from)
+            decay = Decay(*info.decay_from, info.horizon) if info.decay_from[0] else Decay.over(tc, info.horizon)
         accelerator.print(f"resumed from {found[-1]} at step {step}")
 
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -158,7 +161,7 @@ def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True) ->
 
     def checkpoint(at: int, metrics: dict | None = None) -> None:
         if accelerator.is_main_process:
-            info = CheckpointInfo(at, task.shape, lr_scale, metrics or {}, chosen)
+            info = CheckpointInfo(at, task.shape, lr_scale, metrics or {}, decay.end if fitted else 0, (decay.start, decay.progress))
             extra = {"power_ema": power.state_dict()} if power is not None else None
             save_checkpoint(run_dir, cfg, info, raw, ema, optimizer, tc.keep_checkpoints, extra)
         accelerator.wait_for_everyone()
@@ -187,18 +190,21 @@ def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True) ->
             if accelerator.is_main_process and t % tc.posthoc_every == 0:
                 power.save_snapshot(run_dir, t)
 
-    horizon = chosen or tc.steps
-    calibrating = tc.fit_to_budget and tc.max_minutes > 0 and not chosen  # (a run shorter than the calibration never gets there)
-    first_step, t_mark = step, 0.0
+    # with a time budget, the decay's end is fitted after budget_calibration steps and re-fitted every as many
+    # steps after that, at the pace of all steps so far (previews, evaluations and checkpoints included)
+    budgeted = tc.fit_to_budget and tc.max_minutes > 0 and not fitted  # (a resumed run keeps its decay)
+    ran, t_mark = 0, 0.0  # loop iterations in this process (a rollback's replayed steps count too)
 
     def fit_to_budget() -> int:
         """The steps that fit in the time budget at the pace of this process's steps so far (the
         shortest of all processes' answers, so every process stops at the same step)."""
-        pace = (time.time() - t_mark) / (step - first_step - 10)
+        pace = (time.time() - t_mark) / (ran - 10)
         mine = budget_horizon(step, pace, 60 * tc.max_minutes - (time.time() - t_start), tc.steps)
         fit = int(accelerator.gather(torch.tensor([mine], device=accelerator.device)).min())
-        accelerator.print(f"time budget: {pace:.2f} s/step, so {fit} of train.steps={tc.steps} steps fit in "
-                          f"{tc.max_minutes} minutes; the learning rate now decays over {fit} steps")
+        if not fitted:
+            accelerator.print(f"time budget: {pace:.2f} s/step, so {fit} of train.steps={tc.steps} steps fit in "
+                              f"{tc.max_minutes} minutes; the learning rate now decays over {fit} steps (re-fitted every "
+                              f"{tc.budget_calibration} steps)")
         log.record({"step": step, "horizon": fit, "seconds_per_step": pace})
         return fit
 
@@ -208,18 +214,20 @@ def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True) ->
     t_window, n_window, loss_window = time.time(), 0, []
     bad_in_a_row, rollbacks = 0, 0
     model.train()
-    while step < horizon:
-        if calibrating and step - first_step == 10:  # the first steps carry one-off costs: time from here
+    while step < decay.end:
+        if budgeted and ran == 10:  # the first steps carry one-off costs: time from here
             t_mark = time.time()
-        if calibrating and step - first_step == tc.budget_calibration:
-            chosen = horizon = fit_to_budget()
-            calibrating = False
-            bar.total = horizon
-            bar.refresh()
+        if budgeted and ran and ran % tc.budget_calibration == 0:
+            end = fit_to_budget()
+            if end != decay.end or not fitted:
+                decay, fitted = decay.refit(step, end), True
+                bar.total = end
+                bar.refresh()
+        ran += 1
         batch = Batch(step, batch_indices(step, tc.batch_size, task.num_examples, tc.seed), step_generator(tc.seed, step),
                       slice(rank * local_bs, (rank + 1) * local_bs), accelerator.device)
         torch.manual_seed((tc.seed * 1_000_003 + step) * 31 + rank)  # dropout masks
-        lr = lr_at(step, tc, horizon) * lr_scale
+        lr = lr_at(step, tc, decay) * lr_scale
         for group in optimizer.param_groups:
             group["lr"] = lr
         with accelerator.autocast():
@@ -262,7 +270,7 @@ def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True) ->
         n_window += tc.batch_size
         loss_window.append(flags[:, 0].mean().item())
         bar.update(1)
-        if step % tc.log_every == 0 or step == horizon:
+        if step % tc.log_every == 0 or step == decay.end:
             rate = n_window / max(time.time() - t_window, 1e-9)
             mean_loss = sum(loss_window) / len(loss_window)
             bar.set_postfix(loss=f"{mean_loss:.4f}", ex_s=f"{rate:.0f}")
@@ -279,7 +287,7 @@ def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True) ->
             if progress and metrics:
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             model.train()
-        if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < horizon:
+        if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < decay.end:
             checkpoint(step)
     bar.close()
     if power is not None and accelerator.is_main_process and step % tc.posthoc_every:

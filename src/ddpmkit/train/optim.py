@@ -3,6 +3,7 @@ follows the same curves."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -10,14 +11,38 @@ from torch import nn
 from ..config import TrainConfig
 
 
-def lr_at(step: int, cfg: TrainConfig, horizon: int = 0) -> float:
-    """Linear warm-up, then constant (DDPM) or a cosine decay to 5% of lr at the horizon (cfg.steps
-    unless train.fit_to_budget chose fewer)."""
+@dataclass(frozen=True)
+class Decay:
+    """Where the cosine decay stands: its progress (0 -> 1) runs linearly from `progress` at step
+    `start` to 1 at step `end`. A run fitted to its time budget re-fits `end` as its pace changes;
+    each re-fit starts a new piece at the current step and progress, so the learning rate never jumps."""
+
+    start: int
+    progress: float
+    end: int
+
+    @classmethod
+    def over(cls, cfg: TrainConfig, end: int = 0) -> "Decay":
+        """The whole decay, after the warm-up, to step `end` (default train.steps)."""
+        return cls(cfg.warmup_steps, 0.0, end or cfg.steps)
+
+    def progress_at(self, step: int) -> float:
+        # (a rollback to a checkpoint before `start` extends the current piece backwards)
+        return min(1.0, max(0.0, self.progress + (1.0 - self.progress) * (step - self.start) / max(1, self.end - self.start)))
+
+    def refit(self, step: int, end: int) -> "Decay":
+        """The same decay up to `step`, then on to 1 at `end` instead."""
+        return Decay(step, self.progress_at(step), end)
+
+
+def lr_at(step: int, cfg: TrainConfig, decay: Decay | None = None) -> float:
+    """Linear warm-up, then constant (DDPM) or a cosine decay to 5% of lr at the decay's end
+    (train.steps unless train.fit_to_budget chose fewer)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "constant":
         return cfg.lr
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, (horizon or cfg.steps) - cfg.warmup_steps))
+    progress = (decay or Decay.over(cfg)).progress_at(step)
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
