@@ -138,9 +138,9 @@ def read_config(ckpt: Path) -> tuple[Config, CheckpointInfo]:
         config = build_config(meta)
     except ConfigError as e:
         raise CheckpointError(f"{Path(ckpt) / 'config.json'}: {e}") from None
+    decay_start, decay_progress = extra.get("decay_from", (0, 0.0))
     info = CheckpointInfo(int(extra.get("step", 0)), tuple(extra.get("data_shape", ())), float(extra.get("lr_scale", 1.0)),
-                          dict(extra.get("metrics", {})), int(extra.get("horizon", 0)),
-                          (int(extra.get("decay_from", [0])[0]), float(extra.get("decay_from", [0, 0.0])[1])))
+                          dict(extra.get("metrics", {})), int(extra.get("horizon", 0)), (int(decay_start), float(decay_progress)))
     return config, info
 
 

@@ -185,8 +185,9 @@ class TrainConfig:
     steps: int = 5000
     max_minutes: float = 0.0  # stop (and checkpoint) after this long; 0 = no limit
     # with max_minutes: time the first budget_calibration steps, then shorten the run to the steps that fit
-    # in the budget, so a cosine learning rate still decays fully on a slower machine (the chosen horizon is
-    # saved in checkpoints: a resumed run keeps it); no effect without max_minutes or on shorter runs
+    # in the budget, so a cosine learning rate still decays fully on a slower machine; re-fitted every
+    # budget_calibration steps as the pace changes (the decay is saved in checkpoints: a resumed run keeps
+    # it); no effect without max_minutes or on shorter runs
     fit_to_budget: bool = False
     budget_calibration: int = 100
     batch_size: int = 128  # global batch, split across processes
