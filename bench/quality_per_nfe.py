@@ -51,6 +51,7 @@ def main() -> int:
     p.add_argument("--posthoc-ema", default="", help="relative widths to reconstruct, e.g. 0.03,0.05,0.08")
     p.add_argument("--autoguide", default=None, help="a weaker model of the same kind for autoguidance rows")
     p.add_argument("--autoguide-scales", default="2", help="autoguidance weights w, e.g. 1.5,2,3")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"], help="the network's (generate's precision)")
     p.add_argument("--out", default="runs/bench/quality_per_nfe.json")
     args = p.parse_args()
 
@@ -71,10 +72,10 @@ def main() -> int:
         for (sampler, steps, grid), (guided, request) in ((s, r) for s in samplers for r in requests):
             t0 = time.time()
             gen = generate(m, args.n, request, sampler=sampler, steps=steps, seed=args.seed, options=sampler_options(sampler, grid),
-                           progress=False)
+                           progress=False, precision=args.precision)
             secs = time.time() - t0
             s = scorer(gen.images)
-            label = sampler + (f" ({grid})" if grid else "") + guided
+            label = sampler + (f" ({grid})" if grid else "") + guided + ("" if args.precision == "fp32" else f", {args.precision}")
             nfe = gen.nfe * (2 if request is not None and request.autoguide_scale != 1 else 1)
             rows.append({"model": name, "step": m.step, "sampler": label, "steps": steps, "nfe": nfe, "n": args.n,
                          "confident": s["confident"], "judge_fd": s["fd"], "seconds": secs})

@@ -8,6 +8,10 @@ under bf16 autocast, and the same figure for the training forward pass (train mo
 the preset's batch of 64) and a full training step (forward + backward + AdamW), measured in the
 same process. The network is the demo preset's UNet (configs/mnist.toml) with its initial weights:
 throughput does not depend on what it has learned.
+
+Last, 500 samples drawn as `ddpmkit.generate` draws them by default (cache-sized chunks, two chunks at
+once on a CPU with two or more threads), and with precision="bf16", against one eager batch of 500 (how
+they were drawn before issue 20) and against the same chunks one at a time.
 """
 from __future__ import annotations
 
@@ -17,12 +21,15 @@ import os
 import statistics
 import time
 
+from pathlib import Path
+
 import torch
 
 from ddpmkit.config import load_config
-from ddpmkit.models import compile_for_sampling
+from ddpmkit.models import DiffusionModel, compile_for_sampling
 from ddpmkit.nets import build_network
-from ddpmkit.pipelines.generate import auto_batch_size
+from ddpmkit.pipelines.generate import auto_batch_size, auto_streams, generate
+from ddpmkit.precision import Autocast
 from ddpmkit.sampling import sample
 from ddpmkit.schedules import NoiseSchedule
 
@@ -36,18 +43,6 @@ def timed(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-class Autocast(torch.nn.Module):
-    """The network under bf16 autocast, returning float32 (the samplers' arithmetic stays fp32)."""
-
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x, t, **kw):
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            return self.net(x, t, **kw).float()
 
 
 class ChannelsLast(torch.nn.Module):
@@ -122,6 +117,19 @@ def main() -> None:
               f"({after / before:.2f}x; {after / fwd:.2f}x the training forward pass); 1,000 steps would take "
               f"{500e3 / before / 60:.1f} -> {500e3 / after / 60:.1f} minutes")
 
+    m = DiffusionModel(network=net, config=cfg, data_shape=(1, 28, 28), step=0, path=Path("initial weights"))
+    drawn = lambda **kw: generate(m, 500, sampler="ddpm", steps=args.steps, progress=False, **kw)  # noqa: E731
+    ways = {"one batch": {"batch_size": 500}, "chunks": {"streams": 1}, "generate": {}}
+    if not args.no_bf16:
+        ways["generate bf16"] = {"precision": "bf16"}
+    rates = {name: 500 * args.steps / timed(lambda kw=kw: drawn(**kw), args.repeats) for name, kw in ways.items()}
+    chunk, streams = auto_batch_size((1, 28, 28)), auto_streams(m, torch.device("cpu"), 2)
+    before = rates["one batch"]
+    print(f"500 samples with generate(): one batch of 500 {before:.0f} evals/s; chunks of up to {chunk}, one at a time "
+          f"{rates['chunks']:.0f}; the default ({streams} at once) {rates['generate']:.0f}")
+    for name in [k for k in rates if k.startswith("generate")]:
+        print(f"  {name}: {rates[name]:.0f} evals/s = {rates[name] / before:.2f}x one batch of 500, {rates[name] / fwd:.2f}x the "
+              f"training forward pass; 1,000 steps would take {500e3 / before / 60:.1f} -> {500e3 / rates[name] / 60:.1f} minutes")
 
 if __name__ == "__main__":
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

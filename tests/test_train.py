@@ -168,6 +168,13 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert list_checkpoints(tmp_path) == [] and not list(tmp_path.glob(".tmp-*"))
 
 
+def test_keep_checkpoints_prunes_all_but_the_newest_and_the_kept_steps(tmp_path):
+    cfg = load_config(PRESET_DIR / "toy2d.toml", [f"train.run_dir={tmp_path}", "train.steps=10", "train.checkpoint_every=2",
+                                                   "train.keep_checkpoints=2", "train.keep_steps=[4]", "train.sample_every=0"])
+    train(cfg, progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-0000004", "ckpt-0000008", "ckpt-0000010"]
+
+
 def test_lr_schedule():
     from ddpmkit.config import TrainConfig
     from ddpmkit.train import lr_at
@@ -342,7 +349,8 @@ def test_persistent_non_finite_losses_roll_back_then_stop_with_one_line(tmp_path
 
 
 def test_auto_precision_picks_bf16_only_where_the_hardware_has_it():
-    from ddpmkit.train.engine import has_accelerator, resolve_precision
+    from ddpmkit.precision import resolve_precision
+    from ddpmkit.train.engine import has_accelerator
 
     assert [resolve_precision(p) for p in ("no", "bf16", "fp16")] == ["no", "bf16", "fp16"]
     if not has_accelerator():

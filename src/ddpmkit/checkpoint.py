@@ -82,9 +82,9 @@ def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(run_dir: str | Path, config: Config, info: CheckpointInfo, model: nn.Module, ema: nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, keep: int = 0,
-                    extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
-    """Write run_dir/ckpt-{step:07d} atomically and keep only the newest `keep` (0 = all); extra:
-    more training state, {name: tensors} written as name.safetensors."""
+                    extra: dict[str, dict[str, torch.Tensor]] | None = None, keep_steps: tuple[int, ...] = ()) -> Path:
+    """Write run_dir/ckpt-{step:07d} atomically and keep only the newest `keep` (0 = all) besides those
+    at keep_steps; extra: more training state, {name: tensors} written as name.safetensors."""
     run_dir = Path(run_dir)
     final = run_dir / f"ckpt-{info.step:07d}"
     with atomic_folder(final) as tmp:
@@ -101,7 +101,8 @@ def save_checkpoint(run_dir: str | Path, config: Config, info: CheckpointInfo, m
         for name, tensors in (extra or {}).items():
             save_file(tensors, tmp / f"{name}.safetensors")
     if keep > 0:
-        for old in list_checkpoints(run_dir)[:-keep]:
+        prunable = [c for c in list_checkpoints(run_dir) if int(CKPT_RE.match(c.name).group(1)) not in keep_steps]
+        for old in prunable[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 

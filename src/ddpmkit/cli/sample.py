@@ -26,7 +26,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     total = args.steps or m.schedule.T
     t0 = time.time()
     gen = generate(m, args.n, request, args.sampler, args.steps, args.seed, options_from(args), args.batch_size,
-                   record_every=0 if args.no_gif else max(1, total // 50), device=args.device)
+                   record_every=0 if args.no_gif else max(1, total // 50), device=args.device, precision=args.precision)
     elapsed = time.time() - t0
     out = save_generated(gen, args.out, args.seed, gif=not args.no_gif)
     what = f" ({request.describe()})" if request.describe() else ""
@@ -68,6 +68,9 @@ def add_commands(sub) -> None:
                    help="samples drawn at once (default: cache-sized chunks, 128 28x28 digits on a CPU; results do not depend on it)")
     s.add_argument("--no-gif", action="store_true")
     s.add_argument("--compile", action="store_true", help="torch.compile the network first (about a minute; pays off for long runs)")
+    s.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
+                   help="the network's arithmetic (bf16/fp16 autocast; the sampler's stays float32); auto = bf16 where the "
+                        "device computes it natively (GPUs with bf16, AVX-512/AMX CPUs: 1.3-2x faster there)")
     add_device_args(s)
     s.add_argument("--out", default="samples")
     s.add_argument("--then", action="append", default=[], metavar="STAGE",

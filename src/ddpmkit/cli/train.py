@@ -53,6 +53,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
     gen = generate(m, args.n, sampler="ddpm", steps=args.steps, options=sampler_options("ddpm"), record_every=max(1, steps // 50))
     save_generated(gen, out)
     print(f"[demo] look at {out / 'grid.png'} and {out / 'reverse_process.gif'}")
+    weaker = Path(args.run_dir) / "ckpt-0000500"  # kept by the preset (train.keep_steps)
+    if weaker.is_dir() and m.step > 500:
+        print(f"[demo] 20 network evaluations instead of 1,000 (autoguidance by an early checkpoint): ddpmkit sample {args.run_dir} "
+              f"--sampler dpmpp_2m --steps 10 --autoguide {weaker}")
 
 
 def widths(text: str) -> list[float]:

@@ -8,15 +8,20 @@ Sample k uses seed seed + k, so the result does not depend on batch_size.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from .. import viz
 from ..models import DiffusionModel
+from ..precision import DTYPES, Autocast, resolve_precision
 from ..sampling import sample
 from .guided import GuidanceRequest, guided_model
 
@@ -55,14 +60,29 @@ def auto_batch_size(data_shape: tuple[int, ...], device: str | torch.device = "c
     return max(1, budget // per_sample)
 
 
+def auto_streams(m: DiffusionModel, device: torch.device, chunks: int) -> int:
+    """Chunks drawn side by side when the caller does not say: two on a CPU with two or more threads, each
+    thread computing one chunk (bench/sampling_throughput.py: a small network's chunk keeps one core busier
+    than two cores share it), else one. Not for a compiled network, whose fused graph gains nothing from it."""
+    net = m.network.net if isinstance(m.network, Autocast) else m.network
+    compiled = isinstance(net, torch._dynamo.eval_frame.OptimizedModule)
+    if device.type != "cpu" or compiled or torch.get_num_threads() < 2:
+        return 1
+    return min(2, chunks)
+
+
 def generate(m: DiffusionModel, n: int, request: GuidanceRequest | None = None, sampler: str = "ddpm", steps: int | None = None,
              seed: int = 0, options: dict | None = None, batch_size: int | None = None, record_every: int = 0, progress: bool = True,
              device: str | torch.device | None = None, seeds: list[int] | None = None,
-             callback: Callable[[dict], None] | None = None) -> Generated:
+             callback: Callable[[dict], None] | None = None, streams: int | None = None, precision: str = "fp32") -> Generated:
     """n samples of m as requested, in chunks of batch_size (default: auto_batch_size). seeds: sample k's seed (default seed + k;
     one seed for every sample gives them the same noise, e.g. frames of an interpolation).
     callback: called after every step of every chunk with the sampler's step info (x, x0 in the
-    model's space, i = steps left) plus "start" (the chunk's first sample) and "n"."""
+    model's space, i = steps left) plus "start" (the chunk's first sample) and "n".
+    streams: chunks drawn at once by as many threads, torch's threads shared between them (default: auto_streams);
+    the per-sample seeds make the result independent of it, as of batch_size.
+    precision: the network's ("fp32", "bf16", "fp16", or "auto": bf16 where the device computes it natively);
+    the sampler's arithmetic stays float32."""
     device = m.device if device is None else torch.device(device)  # default: where the model's weights are
     batch_size = batch_size or auto_batch_size(m.data_shape, device)
     if n < 1 or batch_size < 1:
@@ -72,21 +92,64 @@ def generate(m: DiffusionModel, n: int, request: GuidanceRequest | None = None, 
         raise ValueError(f"give one seed per sample ({n}), got {len(seeds)}")
     request = request or GuidanceRequest()
     options = resolve_options(m, options)
-    images, xs, x0s, nfe = [], [], [], 0
+    if (precision := resolve_precision(precision)) != "no":
+        m = dataclasses.replace(m, network=Autocast(m.network, DTYPES[precision]))
     chunks = -(-n // batch_size)  # equal-sized chunks: one shape for the network (and for torch.compile) where n allows
     sizes = [n // chunks + (k < n % chunks) for k in range(chunks)]
-    for start, b in zip(itertools.accumulate([0, *sizes[:-1]]), sizes):
-        model, kwargs, extra = guided_model(m, b, request.slice(start, b, m.num_classes), sampler, device)
-        res = sample(model, (b, *m.data_shape), m.schedule, sampler=sampler, steps=steps, generator=seeds[start:start + b],
-                     record_every=record_every, progress=progress, model_kwargs=kwargs, device=device, **m.sample_kwargs,
-                     callback=None if callback is None else lambda info, s=start: callback({**info, "start": s, "n": n}),
-                     **options, **extra)
-        images.append(m.decode(res.x).cpu())
-        xs.append([m.decode(x) for x in res.xs])
-        x0s.append([m.decode(x) for x in res.x0s])
-        nfe = res.nfe
-    join = lambda parts: [torch.cat(frames) for frames in zip(*parts)]  # noqa: E731 -- chunks side by side, per recorded step
-    return Generated(torch.cat(images), nfe, join(xs), join(x0s))
+    starts = list(itertools.accumulate([0, *sizes[:-1]]))
+    streams = min(streams or auto_streams(m, device, chunks), chunks)
+    bar = tqdm(total=None, desc=f"{sampler} ({chunks} chunks, {streams} at once)", unit="step", disable=not progress or streams == 1)
+    failed = threading.Event()  # a chunk that raised (e.g. a callback cancelling) stops the others at their next step
+
+    def on_step(info: dict, start: int) -> None:
+        if failed.is_set():
+            raise _Stopped()
+        bar.update()
+        if callback is not None:
+            callback({**info, "start": start, "n": n})
+
+    def draw(start: int, b: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], int]:
+        try:
+            model, kwargs, extra = guided_model(m, b, request.slice(start, b, m.num_classes), sampler, device)
+            res = sample(model, (b, *m.data_shape), m.schedule, sampler=sampler, steps=steps, generator=seeds[start:start + b],
+                         record_every=record_every, progress=progress and streams == 1, model_kwargs=kwargs, device=device,
+                         **m.sample_kwargs, callback=lambda info: on_step(info, start), **options, **extra)
+            return m.decode(res.x).cpu(), [m.decode(x) for x in res.xs], [m.decode(x) for x in res.x0s], res.nfe
+        except BaseException:
+            failed.set()
+            raise
+
+    if streams == 1:
+        parts = [draw(start, b) for start, b in zip(starts, sizes)]
+    else:
+        parts = _side_by_side(draw, list(zip(starts, sizes)), streams)
+    bar.close()
+    join = lambda frames: [torch.cat(f) for f in zip(*frames)]  # noqa: E731 -- chunks side by side, per recorded step
+    images, xs, x0s, nfes = zip(*parts)
+    return Generated(torch.cat(images), nfes[-1], join(xs), join(x0s))
+
+
+class _Stopped(Exception):
+    """A chunk stopped because a chunk in another stream failed."""
+
+
+def _side_by_side(draw: Callable, chunks: list[tuple[int, int]], streams: int) -> list:
+    """draw(*chunk) for every chunk, by `streams` threads that each compute with an equal share of torch's threads;
+    results in the chunks' order. torch's thread count is per calling thread here (OpenMP), restored afterwards."""
+    threads = torch.get_num_threads()
+
+    def one_stream(mine: list[tuple[int, int]]) -> list:
+        torch.set_num_threads(max(1, threads // streams))
+        return [draw(*chunk) for chunk in mine]
+
+    with ThreadPoolExecutor(streams, thread_name_prefix="ddpmkit-chunks") as pool:
+        futures = [pool.submit(one_stream, chunks[k::streams]) for k in range(streams)]
+        errors = [f.exception() for f in futures]
+    for e in sorted((e for e in errors if e is not None), key=lambda e: isinstance(e, _Stopped)):
+        raise e  # the stream's own error first, not the other's stop
+    done = [f.result() for f in futures]
+    torch.set_num_threads(threads)
+    return [done[k % streams][k // streams] for k in range(len(chunks))]
 
 
 def save_generated(out: Generated, folder: str | Path, seed: int = 0, gif: bool = True) -> Path:

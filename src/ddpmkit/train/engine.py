@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import CheckpointInfo, list_checkpoints, load_training_state, read_config, save_checkpoint
 from ..config import Config
 from ..posthoc_ema import PowerEMA
+from ..precision import resolve_precision
 from ..viz import make_grid
 from .batches import Batch, batch_indices, step_generator
 from .optim import Decay, budget_horizon, ema_decay_at, ema_update, lr_at
@@ -72,15 +73,6 @@ def has_accelerator() -> bool:
     """A CUDA, XPU or MPS device that accelerate would pick."""
     xpu = getattr(torch, "xpu", None)
     return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu is not None and xpu.is_available())
-
-
-def resolve_precision(setting: str) -> str:
-    """train.mixed_precision with "auto" made concrete for this machine."""
-    if setting != "auto":
-        return setting
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    return "bf16" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else "no"
 
 
 def set_cuda_determinism(on: bool) -> None:
@@ -163,7 +155,7 @@ def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True) ->
         if accelerator.is_main_process:
             info = CheckpointInfo(at, task.shape, lr_scale, metrics or {}, decay.end if fitted else 0, (decay.start, decay.progress))
             extra = {"power_ema": power.state_dict()} if power is not None else None
-            save_checkpoint(run_dir, cfg, info, raw, ema, optimizer, tc.keep_checkpoints, extra)
+            save_checkpoint(run_dir, cfg, info, raw, ema, optimizer, tc.keep_checkpoints, extra, tc.keep_steps)
         accelerator.wait_for_everyone()
 
     def roll_back(at: int, reason: str) -> int:

@@ -1,0 +1,55 @@
+"""generate(): chunks drawn side by side by threads, and the network in bf16 with float32 sampler arithmetic."""
+import pytest
+import torch
+
+from ddpmkit.models import load_diffusion
+from ddpmkit.pipelines.generate import auto_streams, generate
+from ddpmkit.precision import Autocast, resolve_precision
+
+
+@pytest.fixture(scope="module")
+def model(web_runs):
+    return load_diffusion(str(web_runs / "uncond"))
+
+
+def test_chunks_drawn_side_by_side_are_the_chunks_drawn_one_at_a_time(model):
+    threads = torch.get_num_threads()
+    kw = dict(sampler="dpmpp_2m_sde", steps=4, seed=5, batch_size=3, progress=False)
+    one = generate(model, 8, **kw, streams=1).images
+    two = generate(model, 8, **kw, streams=2).images
+    assert torch.allclose(one, two, atol=1e-5) and torch.get_num_threads() == threads  # torch's threads restored
+    assert auto_streams(model, torch.device("cpu"), 3) == min(2, threads) and auto_streams(model, torch.device("cpu"), 1) == 1
+    assert auto_streams(model, torch.device("cuda"), 3) == 1
+
+
+def test_a_chunk_that_fails_stops_generate_with_its_own_error(model):
+    class Cancelled(Exception):
+        pass
+
+    def cancel_second_chunk(info: dict) -> None:
+        if info["start"] == 3 and info["i"] <= 3:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        generate(model, 6, sampler="ddim", steps=6, batch_size=3, streams=2, callback=cancel_second_chunk, progress=False)
+
+
+def test_bf16_runs_the_network_in_bf16_and_hands_back_float32(model):
+    seen = []
+    conv = next(m for m in model.network.modules() if isinstance(m, torch.nn.Conv2d))
+    hook = conv.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    x, t = torch.randn(2, *model.data_shape), torch.tensor([10.0, 500.0])
+    with torch.no_grad():
+        exact, mixed = model.network(x, t), Autocast(model.network)(x, t)
+    hook.remove()
+    assert seen == [torch.float32, torch.bfloat16] and mixed.dtype == torch.float32
+    assert (mixed - exact).abs().max() < 0.05 * exact.abs().max()
+    kw = dict(sampler="ddim", steps=5, seed=1, batch_size=2, progress=False)
+    fp32 = generate(model, 4, **kw).images
+    bf16 = generate(model, 4, **kw, precision="bf16").images
+    bf16_two_streams = generate(model, 4, **kw, precision="bf16", streams=2).images  # autocast is per thread: entered in forward
+    assert bf16.dtype == torch.float32 and 0 < (bf16 - fp32).abs().max() < 0.1
+    assert torch.allclose(bf16, bf16_two_streams, atol=1e-5)
+    assert resolve_precision("fp32") == "no" and resolve_precision("bf16") == "bf16"
+    with pytest.raises(ValueError, match="choose from auto, fp32"):
+        generate(model, 1, **kw, precision="fp64")
