@@ -116,3 +116,13 @@ def test_forward_on_an_image_file(tmp_path, capsys):
     (tmp_path / "broken.png").write_bytes(b"nope")
     code, out, err = run(capsys, "forward", str(tmp_path / "broken.png"))
     assert code == 2 and "cannot read image" in err and len(err.strip().splitlines()) == 1
+
+
+def test_demo_trains_samples_and_points_at_autoguidance_by_its_kept_checkpoint(tmp_path, capsys):
+    run_dir = tmp_path / "demo"
+    code, out, err = run(capsys, "demo", "--n", "2", "--steps", "3", "--run-dir", str(run_dir), "train.steps=6", "train.checkpoint_every=2",
+                         "train.keep_steps=[2]", "train.sample_every=0", "train.eval_every=0", "train.warmup_steps=1")
+    assert code == 0, err
+    assert (run_dir / "demo_samples" / "grid.png").is_file()
+    assert sorted(p.name for p in run_dir.glob("ckpt-*")) == ["ckpt-0000002", "ckpt-0000004", "ckpt-0000006"]  # keep 2 + step 2
+    assert f"--sampler dpmpp_2m --steps 10 --autoguide {run_dir / 'ckpt-0000002'}" in out

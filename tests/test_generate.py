@@ -1,9 +1,12 @@
 """generate(): chunks drawn side by side by threads, and the network in bf16 with float32 sampler arithmetic."""
+import dataclasses
+
 import pytest
 import torch
 
 from ddpmkit.models import load_diffusion
 from ddpmkit.pipelines.generate import auto_streams, generate
+from ddpmkit.pipelines.guided import _weaker_model
 from ddpmkit.precision import Autocast, resolve_precision
 
 
@@ -53,3 +56,5 @@ def test_bf16_runs_the_network_in_bf16_and_hands_back_float32(model):
     assert resolve_precision("fp32") == "no" and resolve_precision("bf16") == "bf16"
     with pytest.raises(ValueError, match="choose from auto, fp32"):
         generate(model, 1, **kw, precision="fp64")
+    mixed_model = dataclasses.replace(model, network=Autocast(model.network))
+    assert isinstance(_weaker_model(mixed_model, str(model.path), "cpu"), Autocast)  # autoguidance's bad model in the same precision

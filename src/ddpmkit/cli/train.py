@@ -53,8 +53,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     gen = generate(m, args.n, sampler="ddpm", steps=args.steps, options=sampler_options("ddpm"), record_every=max(1, steps // 50))
     save_generated(gen, out)
     print(f"[demo] look at {out / 'grid.png'} and {out / 'reverse_process.gif'}")
-    weaker = Path(args.run_dir) / "ckpt-0000500"  # kept by the preset (train.keep_steps)
-    if weaker.is_dir() and m.step > 500:
+    kept = [Path(args.run_dir) / f"ckpt-{s:07d}" for s in cfg.train.keep_steps if s < m.step]  # the preset keeps step 500
+    if kept and (weaker := kept[0]).is_dir():
         print(f"[demo] 20 network evaluations instead of 1,000 (autoguidance by an early checkpoint): ddpmkit sample {args.run_dir} "
               f"--sampler dpmpp_2m --steps 10 --autoguide {weaker}")
 

@@ -16,6 +16,7 @@ import torch
 from ..guidance import Autoguidance, ClassifierFreeGuidance, ClassifierGuidance, CLIPGuidance, DynamicThresholding
 from ..models import DiffusionModel, LoadedNetwork, load_classifier, load_clip, load_diffusion
 from ..parameterization import ModelFn
+from ..precision import Autocast
 from ..utils import cycle, side
 
 DEFAULT_SCALE = 3.0  # classifier-free guidance scale for conditional models when none is given
@@ -165,7 +166,7 @@ def _weaker_model(m: DiffusionModel, path: str, device) -> ModelFn:
     if differ:
         raise ValueError(f"the autoguiding model {path} must be a weaker model of the same kind as {m.path}; they differ in: "
                          + "; ".join(differ))
-    return bad.network
+    return Autocast(bad.network, m.network.dtype) if isinstance(m.network, Autocast) else bad.network  # in m's precision
 
 
 def _bound(model: ModelFn, kwargs: dict) -> ModelFn:
