@@ -203,7 +203,7 @@ class TrainConfig:
     posthoc_ema: tuple[float, ...] = ()
     posthoc_every: int = 100
     seed: int = 0
-    # "auto": bf16 autocast where the device computes in bf16 natively (CUDA with bf16, CPUs with AVX-512 /
+    # "auto": bf16 autocast where the device computes in bf16 natively (CUDA with bf16, CPUs with AVX-512 BF16 /
     # AMX), else fp32: on an AVX2-only CPU bf16 autocast is emulated and about 8x slower than fp32
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
     # deterministic kernels (cuDNN, cuBLAS, scatter/index ops) so that a resumed GPU run continues bit for
