@@ -30,6 +30,7 @@ from ddpmkit.models import load_diffusion
 from ddpmkit.pipelines import generate
 from ddpmkit.pipelines.guided import GuidanceRequest
 from ddpmkit.posthoc_ema import write_checkpoint
+from ddpmkit.precision import CHOICES as PRECISIONS
 from ddpmkit.sampling.options import sampler_options
 
 DEFAULT_SAMPLERS = ["ddpm:1000", "dpmpp_2m_sde:20", "ddim:20", "unipc:20", "dpmpp_2m:20", "heun:10", "ddim:10", "unipc:10", "dpmpp_2m:10"]
@@ -51,7 +52,7 @@ def main() -> int:
     p.add_argument("--posthoc-ema", default="", help="relative widths to reconstruct, e.g. 0.03,0.05,0.08")
     p.add_argument("--autoguide", default=None, help="a weaker model of the same kind for autoguidance rows")
     p.add_argument("--autoguide-scales", default="2", help="autoguidance weights w, e.g. 1.5,2,3")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"], help="the network's (generate's precision)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="the network's (generate's precision)")
     p.add_argument("--out", default="runs/bench/quality_per_nfe.json")
     args = p.parse_args()
 

@@ -20,7 +20,6 @@ import copy
 import os
 import statistics
 import time
-
 from pathlib import Path
 
 import torch

@@ -33,8 +33,10 @@ def test_a_chunk_that_fails_stops_generate_with_its_own_error(model):
         if info["start"] == 3 and info["i"] <= 3:
             raise Cancelled()
 
+    threads = torch.get_num_threads()
     with pytest.raises(Cancelled):
         generate(model, 6, sampler="ddim", steps=6, batch_size=3, streams=2, callback=cancel_second_chunk, progress=False)
+    assert torch.get_num_threads() == threads  # restored after the failure too
 
 
 def test_bf16_runs_the_network_in_bf16_and_hands_back_float32(model):

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+CHOICES = ("fp32", "bf16", "fp16", "auto")  # what sampling takes (training says "no" for fp32)
 
 
 def resolve_precision(setting: str) -> str:

@@ -10,6 +10,7 @@ from ..evaluate.report import evaluate_checkpoint, format_report, parse_metrics
 from ..models import load_diffusion
 from ..pipelines.generate import generate, save_generated
 from ..pipelines.guided import guided_model
+from ..precision import CHOICES as PRECISIONS
 from ..sampling import SAMPLERS
 from ..sampling.optimize import optimize_grid
 from .cascade import run_cascade
@@ -68,9 +69,9 @@ def add_commands(sub) -> None:
                    help="samples drawn at once (default: cache-sized chunks, 128 28x28 digits on a CPU; results do not depend on it)")
     s.add_argument("--no-gif", action="store_true")
     s.add_argument("--compile", action="store_true", help="torch.compile the network first (about a minute; pays off for long runs)")
-    s.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
+    s.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="the network's arithmetic (bf16/fp16 autocast; the sampler's stays float32); auto = bf16 where the "
-                        "device computes it natively (GPUs with bf16, AVX-512/AMX CPUs: 1.3-2x faster there)")
+                        "device computes it natively (GPUs with bf16, CPUs with AVX-512 BF16 / AMX)")
     add_device_args(s)
     s.add_argument("--out", default="samples")
     s.add_argument("--then", action="append", default=[], metavar="STAGE",
