@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# CPU wheel for this machine; GPU users install their own torch build first (pyproject asks torch>=2.4).
+# The CPU wheel; a GPU user runs `make TORCH_PIN= demo` after installing their CUDA/ROCm torch build
+# into .venv (or lets pip pick one: pyproject asks torch>=2.4); an empty TORCH_PIN installs no torch here.
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(if $(TORCH_PIN),$(PY) -m pip install -q "$(TORCH_PIN)")
 	$(PY) -m pip install -q -e ".[test,text,web,diffusers]"
 	touch $(STAMP)
 

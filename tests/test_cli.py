@@ -46,6 +46,10 @@ def test_forward_spectrum_whitens_with_t():
     (["forward", "missing.png"], "image not found: missing.png"),
     (["forward", "mnist5k:0", "--schedule", "cosin"], "unknown noise schedule 'cosin'"),
     (["sample", "/no/run"], "no checkpoint at /no/run"),
+    (["train", "toy2d", "train.batch_size=-3"], "train.batch_size = -3 must be >= 1"),
+    (["train", "toy2d", "train.lr=0"], "train.lr = 0.0 must be > 0"),
+    (["sample", "/no/run", "--guidance", "nan"], "the guidance must be a finite number, got nan"),
+    (["sample", "/no/run", "--autoguide-scale", "inf"], "the autoguidance weight must be a finite number, got inf"),
 ])
 def test_bad_input_gives_one_clear_line(capsys, argv, message):
     code, out, err = run(capsys, *argv)
@@ -126,3 +130,4 @@ def test_demo_trains_samples_and_points_at_autoguidance_by_its_kept_checkpoint(t
     assert (run_dir / "demo_samples" / "grid.png").is_file()
     assert sorted(p.name for p in run_dir.glob("ckpt-*")) == ["ckpt-0000002", "ckpt-0000004", "ckpt-0000006"]  # keep 2 + step 2
     assert f"--sampler dpmpp_2m --steps 10 --autoguide {run_dir / 'ckpt-0000002'}" in out
+    assert "for 6 steps" in out and "with dpmpp_2m, 3 steps" in out

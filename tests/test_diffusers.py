@@ -138,6 +138,7 @@ def test_schedule_from_the_scheduler_config_is_diffusers_own(config):
     ({"beta_schedule": "exponential"}, "unsupported beta_schedule 'exponential' in the scheduler config; ddpmkit reads ['linear', 'scaled_linear', 'squaredcos_cap_v2']"),
     ({"prediction_type": "flow"}, "unsupported prediction_type 'flow'; ddpmkit reads ['epsilon', 'v_prediction', 'sample']"),
     ({"variance_type": "learned"}, "unsupported variance_type 'learned'"),
+    ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr = true with prediction_type = 'epsilon'"),
 ])
 def test_unsupported_scheduler_configs_name_what_is_supported(config, message):
     with pytest.raises(DiffusersError, match=message.replace("[", r"\[").replace("]", r"\]")):

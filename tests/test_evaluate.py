@@ -176,7 +176,7 @@ def test_the_judge_trains_through_the_engine_into_the_cache_folder_once(tmp_path
     work.mkdir()
     monkeypatch.setenv("DDPMKIT_CACHE", str(cache))
     monkeypatch.chdir(work)
-    net, acc = load_judge("digits", progress=False)
+    net, acc = load_judge("digits", progress=False, overrides=["train.steps=250", "train.warmup_steps=30"])  # 8x8: a short run
     assert "training the judge on digits into" in capsys.readouterr().err
     assert judge_dir("digits") == cache / "judge" / "digits" and (cache / "judge" / "digits" / "config.json").is_file()
     assert acc > 0.9  # 8x8 digits, 30 held out per class

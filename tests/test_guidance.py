@@ -243,3 +243,16 @@ def test_autoguidance_through_the_guidance_door(web_runs):
     c = load_diffusion(web_runs / "class")
     with pytest.raises(ValueError, match="autoguidance guides one branch"):
         generate(c, 3, GuidanceRequest(autoguide=str(web_runs / "class"), scale=3.0), sampler="ddim", steps=4, progress=False)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+def test_guidance_scales_must_be_finite(scale):
+    """A NaN or infinite scale would sample NaN silently (or ignore the scale): one clear error instead."""
+    from ddpmkit.guidance import ClassifierFreeGuidance, ClassifierGuidance
+
+    model = lambda x_t, tt, **kw: x_t  # noqa: E731
+    with pytest.raises(ValueError, match="classifier-free guidance scale must be a finite number"):
+        ClassifierFreeGuidance(model, scale, null_label=3)
+    with pytest.raises(ValueError, match="ClassifierGuidance scale must be a finite number"):
+        ClassifierGuidance(model, lambda x_t, tt: x_t, scale, NoiseSchedule.from_name("linear", 10))
+    assert ClassifierFreeGuidance(model, 0.0, null_label=3).scale == 0.0  # 0 = unconditional stays valid

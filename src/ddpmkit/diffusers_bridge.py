@@ -79,6 +79,11 @@ def schedule_from_config(cfg: dict) -> tuple[NoiseSchedule, Prediction, bool]:
     prediction_type = cfg.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTIONS:
         raise DiffusersError(f"unsupported prediction_type {prediction_type!r}; ddpmkit reads {list(PREDICTIONS)}")
+    if cfg.get("rescale_betas_zero_snr") and prediction_type == "epsilon":
+        # at SNR 0 (alpha_bar_T = 0) x_0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) divides by zero: every sample is NaN
+        raise DiffusersError("the scheduler config has rescale_betas_zero_snr = true with prediction_type = 'epsilon': an eps model "
+                             "cannot give x_0 at zero terminal SNR (every sample would be NaN); zero-SNR models predict "
+                             "'v_prediction' (Lin et al. 2024): fix the folder's scheduler_config.json")
     variance = cfg.get("variance_type") or "fixed_small"
     if variance not in VARIANCE_TYPES:
         raise DiffusersError(f"unsupported variance_type {variance!r}; ddpmkit reads {list(VARIANCE_TYPES)}")

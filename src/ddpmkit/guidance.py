@@ -25,6 +25,8 @@ image embedding and the caption's text embedding (GLIDE, Nichol et al. 2022).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -66,6 +68,8 @@ class ClassifierFreeGuidance:
                  prediction: Prediction = "eps"):
         if (null is None) == (null_label is None):
             raise ValueError("give the null condition once: null_label=K for a class-conditional model, or null={...}")
+        if not math.isfinite(scale):
+            raise ValueError(f"the classifier-free guidance scale must be a finite number (0 = unconditional, 1 = conditional), got {scale}")
         if not 0.0 <= rescale <= 1.0:
             raise ValueError(f"guidance rescale must lie in [0, 1], got {rescale}")
         if rescale > 0 and schedule is None:
@@ -167,6 +171,8 @@ class ClassifierGuidance:
 
     def __init__(self, model: ModelFn, classifier, scale: float, schedule: NoiseSchedule, prediction: Prediction = "eps",
                  learned_variance: bool = False):
+        if not math.isfinite(scale):
+            raise ValueError(f"the {type(self).__name__} scale must be a finite number, got {scale}")
         self.model, self.classifier = model, classifier
         self.scale = float(scale)
         self.schedule, self.prediction = schedule, prediction

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import matplotlib
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # draws a figure in memory (the web page's pictures)
-from matplotlib.figure import Figure  # the object API: no pyplot, no global backend to set
-from matplotlib.ticker import NullFormatter
 from PIL import Image
 
 from .process import q_sample
 from .schedules import NoiseSchedule
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -77,7 +76,7 @@ def reverse_process_gif(xs: Sequence[torch.Tensor], path: str | Path, nrow: int 
 
 def scatter_2d(x: torch.Tensor, path: str | Path, reference: torch.Tensor | None = None, title: str = "") -> Path:
     """Scatter plot of 2-D samples, optionally over reference data."""
-    fig = Figure(figsize=(4, 4), dpi=100)
+    fig = new_figure(figsize=(4, 4), dpi=100)
     ax = fig.subplots()
     if reference is not None:
         ax.scatter(*reference[:5000].T.cpu().numpy(), s=1, c="0.75", label="data")
@@ -115,8 +114,11 @@ def radial_power_spectrum(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 def spectra_figure(spectra: dict[str, tuple[np.ndarray, np.ndarray]], title: str = "", size: tuple[float, float] = (5, 4)) -> Figure:
     """Log-log curves of radially averaged power spectra {label: (frequencies, power)}."""
-    fig = Figure(figsize=size, dpi=100)
+    fig = new_figure(figsize=size, dpi=100)
     ax = fig.subplots()
+    import matplotlib  # slow to import: only where a plot is drawn
+    from matplotlib.ticker import NullFormatter  # (the minor labels, below)
+
     cmap = matplotlib.colormaps["viridis"]
     for i, (label, (f, p)) in enumerate(spectra.items()):
         ax.loglog(f, p, label=label, color=cmap(i / max(1, len(spectra) - 1)))
@@ -135,8 +137,17 @@ def plot_spectra(spectra: dict[str, tuple[np.ndarray, np.ndarray]], path: str | 
     return path
 
 
+def new_figure(**kwargs) -> Figure:
+    """A matplotlib figure of the object API: no pyplot, no global backend to set."""
+    from matplotlib.figure import Figure  # slow to import: only where a plot is drawn
+
+    return Figure(**kwargs)
+
+
 def figure_array(fig: Figure) -> np.ndarray:
     """A matplotlib figure rendered in memory: uint8 (H, W, 3)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # slow to import: only where a plot is drawn
+
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
@@ -171,7 +182,7 @@ def forward_process_figures(x0: torch.Tensor, schedule: NoiseSchedule, timesteps
     g = torch.Generator().manual_seed(seed)
     eps = torch.randn((1, *x0.shape[1:]), generator=g)
     frames = [("x_0", x0)] + [(f"t={t}", q_sample(x0, torch.tensor([t]), schedule, eps)) for t in timesteps]
-    fig = Figure(figsize=(1.6 * len(frames), 1.9), dpi=120)
+    fig = new_figure(figsize=(1.6 * len(frames), 1.9), dpi=120)
     for ax, (label, x) in zip(fig.subplots(1, len(frames)), frames):
         img = to_uint8(x)[0]
         ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
@@ -192,7 +203,7 @@ def labelled_rows(rows: Sequence[tuple[str, torch.Tensor]], path: str | Path, n:
     (so a 14x14 stage looks as coarse as it is beside its 28x28 super-resolution): rows of
     (label, images (B, C, H, W) in [-1, 1]); the first n images of each row."""
     n = min(n, max(len(x) for _, x in rows))
-    fig = Figure(figsize=(1.1 * n + 1.4, 1.15 * len(rows) + 0.3), dpi=110)
+    fig = new_figure(figsize=(1.1 * n + 1.4, 1.15 * len(rows) + 0.3), dpi=110)
     axes = np.asarray(fig.subplots(len(rows), n, squeeze=False))
     for r, (label, x) in enumerate(rows):
         images = to_uint8(x[:n])

@@ -20,10 +20,10 @@ from .common import add_device_args, add_guidance_args, add_sampler_args, guidan
 def cmd_sample(args: argparse.Namespace) -> None:
     if args.then:
         return run_cascade(args)
+    request = guidance_request(args)  # first: a bad scale fails before the model loads
     m = load_diffusion(args.checkpoint, device=args.device, dtype=args.dtype)
     if args.compile:
         m.compile()
-    request = guidance_request(args)
     total = args.steps or m.schedule.T
     t0 = time.time()
     gen = generate(m, args.n, request, args.sampler, args.steps, args.seed, options_from(args), args.batch_size,

@@ -9,7 +9,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torchdiffeq import odeint
 from tqdm.auto import tqdm
 
 from ..losses import vlb_term
@@ -152,6 +151,8 @@ def ode_nll(model: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, prediction
         return x_bar - d, dim - div
 
     span = torch.tensor([math.log(s0), math.log(s1)], dtype=torch.float64)
+    from torchdiffeq import odeint  # slow to import (scipy): only for the ODE likelihood
+
     x_end, delta = odeint(f, (x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)), span,
                           rtol=rtol, atol=atol, method="dopri5")
     x_end, delta = x_end[-1], delta[-1]

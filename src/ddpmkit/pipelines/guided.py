@@ -9,6 +9,7 @@ interpolate, voyage) comes through here.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -39,6 +40,14 @@ class GuidanceRequest:
     # per-sample model inputs that are not guided, one row per sample, given to both branches of
     # classifier-free guidance: a super-resolution stage's low_res and aug_level
     extra: dict[str, torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        # NaN or inf would sample silently: every sample would be NaN (or the scale ignored)
+        scales = {"guidance": self.scale, "guidance rescale": self.rescale, "dynamic threshold": self.threshold,
+                  "classifier scale": self.classifier_scale, "CLIP scale": self.clip_scale, "autoguidance weight": self.autoguide_scale}
+        for name, value in scales.items():
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"the {name} must be a finite number, got {value}")
 
     def slice(self, start: int, n: int, num_classes: int = 0) -> "GuidanceRequest":
         """The request for samples start .. start+n-1 of a longer run, so that batches cycle the

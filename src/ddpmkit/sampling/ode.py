@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torchdiffeq import odeint
 
 from ..parameterization import Denoiser
 from .continuous import Trajectory
@@ -220,6 +219,8 @@ def dopri5(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int |
         return x_bar - tr.D(x_bar, math.exp(u.item())).x0
 
     span = torch.tensor([math.log(s_max), math.log(s_min)], dtype=torch.float64)
+    from torchdiffeq import odeint  # slow to import (scipy): only for the adaptive reference solve
+
     x_bar = odeint(f, tr.x_bar, span, rtol=rtol, atol=atol, method="dopri5")[-1]
     out = tr.D(x_bar, s_min)
     tr.report(1, out.x0, out.x0)

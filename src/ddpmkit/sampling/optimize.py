@@ -14,7 +14,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from scipy.optimize import minimize
 from tqdm.auto import tqdm
 
 from ..parameterization import ModelFn, Prediction
@@ -71,6 +70,8 @@ def optimize_grid(model: ModelFn, shape: Sequence[int], schedule: NoiseSchedule,
     # start uniform in log-sigma (= uniform in log-SNR), with simplex edges that move a gap by ~40%
     n = steps - 1
     simplex = np.vstack([np.zeros(n), 0.4 * np.eye(n)])
+    from scipy.optimize import minimize  # slow to import: only when a grid is tuned
+
     result = minimize(counted, simplex[0], method="Nelder-Mead",
                       options={"maxfev": max_evals, "xatol": 1e-4, "fatol": 1e-12, "adaptive": True, "initial_simplex": simplex})
     if bar is not None:

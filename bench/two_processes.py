@@ -1,0 +1,83 @@
+"""Two ddpmkit processes on one machine: a training run and a sampling loop, each alone and both at once.
+
+    .venv/bin/python bench/two_processes.py [--seconds 40] [--wait-policy passive|active|both]
+
+A server beside a training run, or tests beside one, share the cores. Each process's speed (training
+images/s; 5-step DDIM calls on 4 digits per second) is measured alone and then with the other running,
+and printed as the fraction kept (an even share of the cores would be 50%; target >= 40% each).
+
+--wait-policy sets OMP_WAIT_POLICY for both processes: "passive" is what ddpmkit sets when nothing else
+did (ddpmkit/threads.py), "active" spins (OpenMP's spin-then-sleep default is close to it), "both" runs
+the comparison once with each.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SAMPLER = r"""
+import sys, time, torch
+from ddpmkit.models import load_diffusion
+from ddpmkit.pipelines import generate
+m = load_diffusion(sys.argv[1])
+generate(m, 4, sampler="ddim", steps=5, progress=False)  # warm-up
+end, calls, start = time.time() + float(sys.argv[2]), 0, time.time()
+while time.time() < end:
+    generate(m, 4, sampler="ddim", steps=5, progress=False)
+    calls += 1
+print(calls / (time.time() - start))
+"""
+
+
+def train_cmd(run_dir: Path, seconds: float) -> list[str]:
+    return [sys.executable, "-m", "ddpmkit.cli", "train", "mnist", f"train.run_dir={run_dir}", "train.steps=100000",
+            f"train.max_minutes={seconds / 60}", "train.fit_to_budget=false", "train.log_every=10", "train.sample_every=0",
+            "train.eval_every=0", "train.checkpoint_every=0", "train.keep_steps=", "train.mixed_precision=no", "--quiet"]
+
+
+def training_rate(run_dir: Path) -> float:
+    """images/s over the run's log windows after the first (start-up)."""
+    entries = [e for e in map(json.loads, (run_dir / "train_log.jsonl").read_text().splitlines()) if "examples_per_s" in e]
+    steps = entries[-1]["step"] - entries[0]["step"]
+    return steps * 64 / (entries[-1]["elapsed_s"] - entries[0]["elapsed_s"])
+
+
+def measure(policy: str, seconds: float, model: Path, tmp: Path) -> None:
+    env = {**os.environ, "OMP_WAIT_POLICY": policy.upper()}
+    sampler = [sys.executable, "-c", SAMPLER, str(model), str(seconds)]
+    alone_sampling = float(subprocess.run(sampler, env=env, capture_output=True, text=True, check=True).stdout)
+    subprocess.run(train_cmd(tmp / f"alone-{policy}", seconds), env=env, check=True, capture_output=True)
+    alone_training = training_rate(tmp / f"alone-{policy}")
+    trainer = subprocess.Popen(train_cmd(tmp / f"together-{policy}", seconds + 20), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    time.sleep(10)  # the trainer's start-up, so that both run for the whole sampling window
+    together_sampling = float(subprocess.run(sampler, env=env, capture_output=True, text=True, check=True).stdout)
+    trainer.wait()
+    together_training = training_rate(tmp / f"together-{policy}")
+    print(f"OMP_WAIT_POLICY={policy.upper()}: training {alone_training:.0f} images/s alone, {together_training:.0f} beside sampling "
+          f"({together_training / alone_training:.0%} kept); sampling {alone_sampling:.2f} calls/s alone, {together_sampling:.2f} "
+          f"beside training ({together_sampling / alone_sampling:.0%} kept)", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=40.0, help="length of each timed window")
+    p.add_argument("--wait-policy", default="both", choices=["passive", "active", "both"])
+    args = p.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="two-processes-"))
+    model = tmp / "model"  # a short run to sample from
+    subprocess.run([sys.executable, "-m", "ddpmkit.cli", "train", "mnist", f"train.run_dir={model}", "train.steps=20",
+                    "train.sample_every=0", "train.eval_every=0", "train.keep_steps=", "--quiet"], check=True, capture_output=True)
+    print(f"{os.cpu_count()} CPUs; windows of {args.seconds:.0f} s")
+    for policy in (["passive", "active"] if args.wait_policy == "both" else [args.wait_policy]):
+        measure(policy, args.seconds, model, tmp)
+
+
+if __name__ == "__main__":
+    main()
