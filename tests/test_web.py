@@ -26,9 +26,11 @@ import torch
 from PIL import Image
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.skipif(
     CHROMIUM is None or importlib.util.find_spec("playwright") is None or importlib.util.find_spec("gradio") is None,
-    reason="browser tests need Debian's chromium, playwright and gradio (.ci/run and make test install them)")
+    reason="browser tests need Debian's chromium, playwright and gradio (.ci/run and make test install them)"),
+    # under pytest-xdist (make test) every test here goes to one worker, which starts the server and the browser once
+    pytest.mark.xdist_group("browser")]
 
 TIMEOUT_MS = 90_000
 
