@@ -1,6 +1,7 @@
 """Training and sampling throughput of the presets' networks on this machine, against its matrix-product rate.
 
     .venv/bin/python bench/train_throughput.py [--presets mnist mnist_2023 imagen_base ...] [--steps 10]
+    .venv/bin/python bench/train_throughput.py --candidates
     .venv/bin/python bench/train_throughput.py --against HEAD~1 [--precision no]
 
 For each preset: one task of the training engine (the preset's own network, loss, batch size and conditions),
@@ -9,8 +10,9 @@ forward pass under no_grad at the same batch (sampling). Each line gives images/
 (torch.utils.flop_counter's count of one step or one forward, divided by its time) and that rate as a
 fraction of a 2048x2048 fp32 matrix product measured in the same process (and of a bf16 one where this CPU
 computes bf16 natively, with the bf16 autocast step). images/s per matmul GFLOP/s is the machine-independent
-figure: "mnist_2023" is the demo's earlier network (16-32-64 channels at 28x28, three levels) under the same
-recipe, so the ratio of the two lines is the demo's gain at equal machine speed (target >= 1.3).
+figure: "mnist_2023" is the demo's earlier network (16-32-64 channels at 28/14/7) under the same recipe, so
+the ratio of the two lines is the demo's gain at equal machine speed (target >= 1.3); "mnist_patch2" folds
+2x2 pixels into channels (32-64 at 14/7), the faster network it was measured against (docs/ordinary_machine.md).
 
 Presets that need another run (mnist_latent*: an autoencoder; unclip_*: a CLIP) are skipped unless
 --autoencoder / --clip name one.
@@ -39,9 +41,10 @@ from ddpmkit.precision import cpu_computes_bf16
 from ddpmkit.train import TASKS, batch_indices, step_generator
 from ddpmkit.train.batches import Batch
 
-# the demo's network before the patch-2 UNet (presets/mnist.toml until 2026-12-03)
-EARLIER_DEMO = ["network.patch_size=1", "network.base_channels=16", "network.channel_mult=1,2,4", "network.attention_resolutions=7"]
-DEFAULT_PRESETS = ["mnist", "mnist_2023", "mnist_class", "mnist_text", "mnist_eps", "imagen_base", "imagen_sr", "mnist_autoencoder",
+# variants of the demo preset: its network until 2026-12-03, and the patched one it was measured against
+VARIANTS = {"mnist_2023": ["network.base_channels=16", "network.channel_mult=1,2,4"],
+            "mnist_patch2": ["network.patch_size=2", "network.base_channels=32", "network.channel_mult=1,2"]}
+DEFAULT_PRESETS = ["mnist", "mnist_2023", "mnist_patch2", "mnist_class", "mnist_text", "mnist_eps", "imagen_base", "imagen_sr", "mnist_autoencoder",
                    "mnist_classifier", "judge", "clip", "mnist_latent", "unclip_prior", "unclip_decoder"]
 
 
@@ -105,7 +108,8 @@ class Timed:
             fn()
         return counter.get_total_flops()
 
-    def seconds(self, fn, reps: int) -> float:
+    @staticmethod
+    def seconds(fn, reps: int) -> float:
         fn()  # warm-up (oneDNN picks its kernels at the first call of each shape)
         start = time.perf_counter()
         for _ in range(reps):
@@ -115,7 +119,7 @@ class Timed:
 
 def report(preset: str, overrides: list[str], reps: int, fp32_rate: float, bf16_rate: float | None) -> float | None:
     try:
-        t = Timed(preset, overrides)
+        t = Timed("mnist" if preset in VARIANTS else preset, overrides)
     except Exception as e:  # a preset that needs another run, or an extra that is not installed
         print(f"{preset:<18} skipped: {str(e).splitlines()[0][:110]}")
         return None
@@ -138,6 +142,38 @@ def report(preset: str, overrides: list[str], reps: int, fp32_rate: float, bf16_
               f"= {fwd_flops / sf / 1e9 / fp32_rate:4.0%} of matmul  ({fwd_flops / t.bs / 1e6:.0f} MFLOP per image per evaluation)",
               flush=True)
     return per_rate
+
+
+def candidates(reps: int) -> None:
+    """The speed-ups the issue listed, on the earlier demo UNet's bare training step (network, MSE, AdamW) in one process."""
+    from ddpmkit.nets.unet import UNet
+
+    def timed(name: str, bs: int = 64, fused: bool = False, channels_last: bool = False, compiled: bool = False) -> None:
+        torch.manual_seed(0)
+        net = UNet(1, None, 28, 16, (1, 2, 4), 1, (7,), 4, 0.0)
+        x, t = torch.randn(bs, 1, 28, 28), torch.rand(bs) * 1000
+        if channels_last:
+            net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=fused)
+        fn = torch.compile(net) if compiled else net
+
+        def step() -> None:
+            (fn(x, t) - x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        start = time.perf_counter()
+        step()
+        first = time.perf_counter() - start
+        s = Timed.seconds(step, reps)
+        print(f"  {name:<34} {bs / s:6.1f} images/s  (first step {first:.1f} s)", flush=True)
+
+    print("candidates on the earlier demo UNet (16-32-64), fp32:")
+    timed("eager, AdamW foreach")
+    timed("AdamW fused", fused=True)
+    timed("channels-last", channels_last=True)
+    timed("batch 128", bs=128)
+    timed("torch.compile (forward + backward)", compiled=True)
 
 
 def trainer_images_per_s(src: Path, run_dir: Path, steps: int, precision: str) -> float:
@@ -173,26 +209,27 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="timed steps per preset (after one warm-up step)")
     p.add_argument("--autoencoder", default=None, help="an autoencoder run for the latent presets")
     p.add_argument("--clip", default=None, help="a CLIP run for the unCLIP presets")
+    p.add_argument("--candidates", action="store_true", help="time fused AdamW, channels-last, batch 128 and torch.compile instead")
     p.add_argument("--against", default=None, help="a git ref: compare the whole trainer with the one at that ref")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--precision", default="no", choices=["no", "bf16"], help="train.mixed_precision for --against")
     args = p.parse_args()
     if args.against:
         return compare_with(args.against, args.steps, args.rounds, args.precision)
+    if args.candidates:
+        return candidates(args.steps)
     fp32 = matmul_gflops(torch.float32)
     bf16 = matmul_gflops(torch.bfloat16) if cpu_computes_bf16() else None
     print(f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}; 2048^2 matmul: fp32 {fp32:.1f} GFLOP/s"
           + (f", bf16 {bf16:.1f} GFLOP/s" if bf16 else " (no native bf16: bf16 autocast not timed)"))
     per_rate = {}
     for preset in args.presets:
-        overrides = ["train.mixed_precision=no"]
-        if preset == "mnist_2023":
-            preset, overrides = "mnist", [*overrides, *EARLIER_DEMO]
+        overrides = ["train.mixed_precision=no", *VARIANTS.get(preset, [])]
         if args.autoencoder and preset.startswith("mnist_latent"):
             overrides.append(f"data.autoencoder={args.autoencoder}")
         if args.clip and preset.startswith("unclip"):
             overrides.append(f"unclip.clip={args.clip}")
-        per_rate[preset + ("_2023" if EARLIER_DEMO[0] in overrides else "")] = report(preset, overrides, args.steps, fp32, bf16)
+        per_rate[preset] = report(preset, overrides, args.steps, fp32, bf16)
     if per_rate.get("mnist") and per_rate.get("mnist_2023"):
         print(f"demo network, images/s per matmul GFLOP/s: {per_rate['mnist']:.3f} against {per_rate['mnist_2023']:.3f} for the earlier "
               f"one: x{per_rate['mnist'] / per_rate['mnist_2023']:.2f} (target >= 1.3)")
