@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/ddpmkit demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --dist loadgroup tests  # one worker per core (pytest-xdist), one thread each
+	$(PY) -m pytest -q -n auto --dist loadgroup --durations=15 tests  # one worker per core (pytest-xdist), one thread each
 
 bench: $(STAMP)
 	$(PY) bench/digits_quality.py

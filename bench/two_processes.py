@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 SAMPLER = r"""
@@ -54,9 +53,9 @@ def measure(policy: str, seconds: float, model: Path, tmp: Path) -> None:
     alone_sampling = float(subprocess.run(sampler, env=env, capture_output=True, text=True, check=True).stdout)
     subprocess.run(train_cmd(tmp / f"alone-{policy}", seconds), env=env, check=True, capture_output=True)
     alone_training = training_rate(tmp / f"alone-{policy}")
-    trainer = subprocess.Popen(train_cmd(tmp / f"together-{policy}", seconds + 20), env=env, stdout=subprocess.DEVNULL,
+    # both start together and run for the same window (each one's start-up is left out of its rate)
+    trainer = subprocess.Popen(train_cmd(tmp / f"together-{policy}", seconds), env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    time.sleep(10)  # the trainer's start-up, so that both run for the whole sampling window
     together_sampling = float(subprocess.run(sampler, env=env, capture_output=True, text=True, check=True).stdout)
     trainer.wait()
     together_training = training_rate(tmp / f"together-{policy}")

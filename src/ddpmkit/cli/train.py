@@ -54,7 +54,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"[demo] sampling {args.n} digits with {args.sampler}, {steps} steps")
     gen = generate(m, args.n, sampler=args.sampler, steps=steps, options=sampler_options(args.sampler), record_every=max(1, steps // 50))
     save_generated(gen, out)
-    print(f"[demo] look at {out / 'grid.png'} and {out / 'reverse_process.gif'}; Algorithm 2 (1,000 ancestral steps, a few minutes): "
+    print(f"[demo] look at {out / 'grid.png'} and {out / 'reverse_process.gif'}; Algorithm 2 (1,000 ancestral steps, 1-2 minutes on 2 cores): "
           f"ddpmkit sample {args.run_dir} --sampler ddpm")
     kept = [Path(args.run_dir) / f"ckpt-{s:07d}" for s in cfg.train.keep_steps if s < m.step]  # the preset keeps an early step
     if kept and (weaker := kept[0]).is_dir():
