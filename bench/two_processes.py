@@ -41,10 +41,12 @@ def train_cmd(run_dir: Path, seconds: float) -> list[str]:
 
 
 def training_rate(run_dir: Path) -> float:
-    """images/s over the run's log windows after the first (start-up)."""
-    entries = [e for e in map(json.loads, (run_dir / "train_log.jsonl").read_text().splitlines()) if "examples_per_s" in e]
-    steps = entries[-1]["step"] - entries[0]["step"]
-    return steps * 64 / (entries[-1]["elapsed_s"] - entries[0]["elapsed_s"])
+    """images/s from the first log entry (after the first steps' one-off costs) to the end of the run."""
+    entries = [e for e in map(json.loads, (run_dir / "train_log.jsonl").read_text().splitlines()) if "elapsed_s" in e]
+    first, done = entries[0], entries[-1]
+    if first is done:  # not even one log window (a starved run): its whole time
+        return done["step"] * 64 / done["elapsed_s"]
+    return (done["step"] - first["step"]) * 64 / (done["elapsed_s"] - first["elapsed_s"])
 
 
 def measure(policy: str, seconds: float, model: Path, tmp: Path) -> None:

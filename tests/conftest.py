@@ -18,6 +18,12 @@ needs_text = pytest.mark.skipif(find_spec("sentence_transformers") is None or fi
                                 reason="text conditioning needs the 'text' extra (make test installs it)")
 
 
+def pytest_collection_modifyitems(items):
+    """The slow tests first (a stable sort): pytest-xdist hands tests out in this order, so the long ones
+    start early instead of leaving one worker busy at the end while the other idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 def toy_overrides(tmp_path):
     return [f"train.run_dir={tmp_path / 'run'}", "train.log_every=10"]

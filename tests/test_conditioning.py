@@ -39,6 +39,7 @@ def test_conditioning_needs_labels(tmp_path):
         TrainingConditions.for_config(cfg, ArrayDataset(torch.zeros(4, 2), torch.tensor([0, 1, 2, 5])))
 
 
+@pytest.mark.slow
 def test_class_conditional_toy_with_guidance_draws_the_requested_mode(tmp_path):
     """8 Gaussians with the component as label: one network, trained with label dropout, samples the
     requested mode when guided and every mode when unconditional (null label)."""

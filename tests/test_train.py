@@ -31,6 +31,7 @@ def test_batch_indices_are_epoch_permutations():
     assert torch.equal(batch_indices(2, bs, n, 3), stream[8:12])  # a step's batch depends only on the step
 
 
+@pytest.mark.slow
 def test_toy_model_covers_all_8_modes(tmp_path):
     cfg = load_config(PRESET_DIR / "toy2d.toml", [f"train.run_dir={tmp_path}"])
     train(cfg, progress=False)
@@ -72,6 +73,7 @@ KINDS = {
 KIND_PARAMS = [pytest.param(k, marks=needs_text) if k == "clip" else k for k in sorted(KINDS)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KIND_PARAMS)
 def test_resume_after_kill_is_exact(tmp_path, kind):
     """N steps in one run == N/2 steps, a SIGKILL, and --resume for the rest, for every kind of model."""
@@ -106,6 +108,7 @@ def test_resume_after_kill_is_exact(tmp_path, kind):
     assert not list(killed.glob(".tmp-*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KIND_PARAMS)
 def test_two_processes_train_like_one(tmp_path, kind):
     """torchrun with 2 CPU processes (gloo): synchronized weights, each process a different half of

@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.skipif(
     CHROMIUM is None or importlib.util.find_spec("playwright") is None or importlib.util.find_spec("gradio") is None,
     reason="browser tests need Debian's chromium, playwright and gradio (.ci/run and make test install them)"),
     # under pytest-xdist (make test) every test here goes to one worker, which starts the server and the browser once
-    pytest.mark.xdist_group("browser")]
+    pytest.mark.xdist_group("browser"), pytest.mark.slow]
 
 TIMEOUT_MS = 90_000
 

@@ -224,6 +224,7 @@ def test_generate_chunks_by_cache_size_and_the_result_does_not_depend_on_the_chu
     assert torch.allclose(whole, chunked, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_network_samples_the_same(tmp_path):
     from ddpmkit.config import PRESET_DIR, load_config
     from ddpmkit.models import load_diffusion
