@@ -8,6 +8,8 @@ import torch
 # keep tests deterministic and light on the 2-core CI machine: under pytest-xdist (make test runs one worker
 # per core) each worker computes with one thread, so the workers do not fight over the cores
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # and the ddpmkit processes the tests start, one thread each too
 # whatever the code under test caches goes to a throw-away folder, not the user's ~/.cache
 os.environ.setdefault("DDPMKIT_CACHE", tempfile.mkdtemp(prefix="ddpmkit-test-cache-"))
 
