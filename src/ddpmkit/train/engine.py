@@ -126,8 +126,8 @@ def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True) ->
     torch.manual_seed(tc.seed)  # the initial weights come from the seed too
     model = task.build_model()
     ema = copy.deepcopy(model).requires_grad_(False)
-    # fused: one kernel for all parameters instead of a dozen per tensor group (1.07x a demo step on 2 AVX2 cores,
-    # bench/train_throughput.py); deterministic, so resume and several processes stay exact
+    # fused: one kernel for all parameters instead of several per tensor group; deterministic, so resume and
+    # several processes stay exact (its speed-up is below a shared 2-core machine's noise: docs/ordinary_machine.md)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
 
     power = PowerEMA(model, tc.posthoc_ema) if tc.posthoc_ema else None
