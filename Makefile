@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test lint install bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,11 @@ demo: $(STAMP)
 	$(VENV)/bin/ddpmkit demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .  # the lint rules in pyproject's [tool.ruff]
 	$(PY) -m pytest -q -n auto --dist loadgroup --durations=15 tests  # one worker per core (pytest-xdist), one thread each
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(PY) bench/digits_quality.py

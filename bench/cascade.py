@@ -120,7 +120,8 @@ def ablation(args, scorer: DigitScorer, report: dict, low: torch.Tensor) -> None
                                 options=sampler_options(args.sr_sampler), progress=False)
             s = scorer(out.images)
             report.setdefault("ablation", []).append({"stage": name, "level": level, **s})
-            print(row([f"{name} (aug_max {sr.config.superres.aug_max:g}, {sr.step} steps)", f"{level:g}", s["fd"], Share(s["confident"])]), flush=True)
+            print(row([f"{name} (aug_max {sr.config.superres.aug_max:g}, {sr.step} steps)", f"{level:g}", s["fd"],
+                      Share(s["confident"])]), flush=True)
             rows.append((f"{'aug' if 'with ' in name else 'no aug'}\ns={level:g}", out.images))
     viz.labelled_rows([("base 14x14", low)] + rows, Path(args.out) / "augmentation_ablation.png", n=10)
 

@@ -74,7 +74,9 @@ def main() -> int:
     ok_cover = all(0.05 <= s <= 0.15 for s in verdict.class_shares)
     print(f"targets: confident >= 80%: {'PASS' if ok_conf else 'FAIL'};  every class 5-15%: {'PASS' if ok_cover else 'FAIL'};"
           f"  judge >= 97%: {'PASS' if acc >= 0.97 else 'FAIL'}")
-    report = {"checkpoint": str(m.path), "step": m.step, "sampler": args.sampler, "options": {k: v for k, v in vars(args).items() if k in ("variance", "grid", "eta", "order")}, "nfe": nfe, "n": args.n,
+    report = {"checkpoint": str(m.path), "step": m.step, "sampler": args.sampler,
+              "options": {k: v for k, v in vars(args).items() if k in ("variance", "grid", "eta", "order")},
+              "nfe": nfe, "n": args.n,
               "judge_test_accuracy": acc, "real_confident_fraction": real.confident_fraction, "confident_fraction": verdict.confident_fraction,
               "class_shares": verdict.class_shares, "judge_fd": fd, "mean_confidence": verdict.mean_confidence, "seconds": elapsed}
     (out / f"report_{tag}.json").write_text(json.dumps(report, indent=2))

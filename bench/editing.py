@@ -43,7 +43,8 @@ def main() -> int:
     x0, labels = test.x[:args.n], test.labels[:args.n]
     m = load_diffusion(args.checkpoint)
     d = m.config.diffusion
-    print(f"{args.n} held-out digits, model {m.path} (step {m.step}); the judge reads the inputs right {(read(judge, x0) == labels).float().mean():.1%}")
+    print(f"{args.n} held-out digits, model {m.path} (step {m.step}); "
+          f"the judge reads the inputs right {(read(judge, x0) == labels).float().mean():.1%}")
     for s in [float(v) for v in args.strengths.split(",") if args.skip != "img2img"]:
         t0 = time.time()
         out = torch.cat([img2img(m.network, x0[i:i + 250], m.schedule, s, sampler="ddpm", steps=50, prediction=d.prediction,

@@ -154,7 +154,7 @@ def main() -> None:
             for nfe in nfes:
                 try:
                     x, used = run_diffusers(gm, x_T, cls, kwargs, to_steps(nfe))
-                except Exception:  # a configuration diffusers does not support
+                except Exception:  # noqa: BLE001 -- a configuration diffusers does not support
                     continue
                 err = median_error(x, ref.x)
                 if not math.isfinite(err):

@@ -120,7 +120,7 @@ class Timed:
 def report(preset: str, overrides: list[str], reps: int, fp32_rate: float, bf16_rate: float | None) -> float | None:
     try:
         t = Timed("mnist" if preset in VARIANTS else preset, overrides)
-    except Exception as e:  # a preset that needs another run, or an extra that is not installed
+    except Exception as e:  # noqa: BLE001 -- a preset that needs another run, or an extra that is not installed
         print(f"{preset:<18} skipped: {str(e).splitlines()[0][:110]}")
         return None
     params = sum(p.numel() for p in t.model.parameters()) / 1e6

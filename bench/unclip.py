@@ -77,7 +77,8 @@ def section_prior(args, held_out, rows: list) -> None:
                 z = unclip.text_to_embedding(prior, prompts, len(prompts), scale, best, steps=args.prior_steps, seed=0)
                 cos = (z * z_img).sum(-1).mean().item()
                 # the same digit's images: how close a sample lands to its class, not to one image
-                same = ((z @ z_img.T) * (held_out.labels[:, None] == held_out.labels[None])).sum(1) / (held_out.labels[:, None] == held_out.labels[None]).sum(1)
+                pairs = held_out.labels[:, None] == held_out.labels[None]
+                same = ((z @ z_img.T) * pairs).sum(1) / pairs.sum(1)
                 rows.append({"section": "prior", "captions": note, "what": "prior", "scale": scale, "best_of": best, "cosine": cos,
                              "cosine_to_class": same.mean().item()})
                 print(f"prior [{note}]  scale {scale:g} best of {best}: cosine {cos:.3f} (to the digit's images on average "

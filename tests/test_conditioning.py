@@ -2,17 +2,17 @@
 the noisy classifier, and the command line's --class / --prompt / --classifier."""
 import pytest
 import torch
-from conftest import needs_text
 
 import ddpmkit
+from conftest import needs_text
 from ddpmkit.analytic import GaussianMixture, nearest_component
 from ddpmkit.captions import PARAPHRASES, TRAIN_TEMPLATES, digit_captions, read_caption_files
-from ddpmkit.models import load_diffusion
 from ddpmkit.cli import main
 from ddpmkit.conditioning import ConditioningError, TrainingConditions
 from ddpmkit.config import PRESET_DIR, load_config
 from ddpmkit.data import ArrayDataset, DataError
 from ddpmkit.guidance import ClassifierFreeGuidance
+from ddpmkit.models import load_diffusion
 from ddpmkit.nets import UNet
 from ddpmkit.train import train
 

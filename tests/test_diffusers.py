@@ -135,7 +135,8 @@ def test_schedule_from_the_scheduler_config_is_diffusers_own(config):
 
 
 @pytest.mark.parametrize("config, message", [
-    ({"beta_schedule": "exponential"}, "unsupported beta_schedule 'exponential' in the scheduler config; ddpmkit reads ['linear', 'scaled_linear', 'squaredcos_cap_v2']"),
+    ({"beta_schedule": "exponential"}, "unsupported beta_schedule 'exponential' in the scheduler config; "
+     "ddpmkit reads ['linear', 'scaled_linear', 'squaredcos_cap_v2']"),
     ({"prediction_type": "flow"}, "unsupported prediction_type 'flow'; ddpmkit reads ['epsilon', 'v_prediction', 'sample']"),
     ({"variance_type": "learned"}, "unsupported variance_type 'learned'"),
     ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr = true with prediction_type = 'epsilon'"),

@@ -7,8 +7,8 @@ import torch
 
 from ddpmkit.analytic import GaussianMixture
 from ddpmkit.editing import grid_from, img2img, inpaint, posterior_samples, slerp
-from ddpmkit.schedules import NoiseSchedule
 from ddpmkit.pipelines.voyage import read_keyframes
+from ddpmkit.schedules import NoiseSchedule
 
 S = NoiseSchedule.from_name("linear", 1000)
 

@@ -86,7 +86,8 @@ def test_classifier_guidance_at_scale_one_with_the_exact_classifier_is_the_condi
     cond = MIX.conditional_eps_model(S)
     cg = ClassifierGuidance(MIX.eps_model(S), MIX.noisy_classifier(S), 1.0, S)
     g = torch.Generator().manual_seed(0)
-    x, t, y = torch.randn(9, 2, generator=g, dtype=torch.float64), torch.tensor([10., 100., 300., 500., 700., 900., 999., 50., 400.]), torch.tensor([0, 1, 2] * 3)
+    x = torch.randn(9, 2, generator=g, dtype=torch.float64)
+    t, y = torch.tensor([10., 100., 300., 500., 700., 900., 999., 50., 400.]), torch.tensor([0, 1, 2] * 3)
     assert torch.allclose(cg(x, t, y=y), cond(x, t, y), atol=1e-9)
     # scale 2 moves twice as far from the unconditional model
     cg2 = ClassifierGuidance(MIX.eps_model(S), MIX.noisy_classifier(S), 2.0, S)

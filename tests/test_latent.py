@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from ddpmkit.evaluate.metrics import psnr
-from ddpmkit.models import load_autoencoder
-from ddpmkit.nets.autoencoder import Autoencoder
 from ddpmkit.cli import main
 from ddpmkit.config import PRESET_DIR, AutoencoderConfig
 from ddpmkit.data import load_dataset
+from ddpmkit.evaluate.metrics import psnr
+from ddpmkit.models import load_autoencoder
+from ddpmkit.nets.autoencoder import Autoencoder
 
 
 def test_autoencoder_kl_is_the_closed_form_of_the_gaussian_posterior():

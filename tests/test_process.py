@@ -2,7 +2,12 @@ import pytest
 import torch
 
 from ddpmkit.process import (
-    normal_kl, prior_kl, q_mean_variance, q_posterior_mean_variance, q_sample, q_step_sample,
+    normal_kl,
+    prior_kl,
+    q_mean_variance,
+    q_posterior_mean_variance,
+    q_sample,
+    q_step_sample,
 )
 from ddpmkit.schedules import NoiseSchedule
 

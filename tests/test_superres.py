@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import needs_text
 
+from conftest import needs_text
 from ddpmkit.analytic import GaussianSuperRes
 from ddpmkit.config import Config, SuperResConfig, TrainConfig
 from ddpmkit.models import DiffusionModel

@@ -9,17 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import needs_text
 from safetensors.torch import load_file
 
 import ddpmkit
+from conftest import needs_text
 from ddpmkit.analytic import GaussianMixture, nearest_component
 from ddpmkit.checkpoint import list_checkpoints
-from ddpmkit.models import load_diffusion
 from ddpmkit.config import PRESET_DIR, ConfigError, load_config
+from ddpmkit.models import load_diffusion
 from ddpmkit.superres import downsample
-from ddpmkit.train import DenoiserTask, run
-from ddpmkit.train import TrainingError, batch_indices, train
+from ddpmkit.train import DenoiserTask, TrainingError, batch_indices, run, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

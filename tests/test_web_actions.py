@@ -114,7 +114,7 @@ def test_cancel_stops_the_sampler_between_steps(actions, web_runs):
     cancel = threading.Event()
     seen = 0
     with pytest.raises(Cancelled):
-        for update in actions.generate(s, cancel, preview_every_s=0.0):
+        for _update in actions.generate(s, cancel, preview_every_s=0.0):
             seen += 1
             if seen == 3:
                 cancel.set()
@@ -186,7 +186,6 @@ def text_actions(tmp_path_factory):
     """A tiny text-conditional run on the 8x8 digits, on a shelf of its own."""
     pytest.importorskip("sentence_transformers")
     from conftest import TINY_DIGITS_RUN
-
     from ddpmkit.config import PRESET_DIR, load_config
     from ddpmkit.train import train
 

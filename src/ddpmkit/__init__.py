@@ -1,5 +1,7 @@
 """ddpmkit: denoising diffusion models, correct to the equation."""
+# isort: off
 from . import threads  # noqa: F401  (first: it configures OpenMP before torch loads it)
+# isort: on
 from . import viz
 from .analytic import GaussianMixture
 from .config import load_config

@@ -40,11 +40,11 @@ class GaussianMixture:
         return self.means.shape[1]
 
     @classmethod
-    def gaussian(cls, mean: torch.Tensor, std: float) -> "GaussianMixture":
+    def gaussian(cls, mean: torch.Tensor, std: float) -> GaussianMixture:
         return cls(torch.as_tensor(mean, dtype=torch.float64)[None], torch.tensor([std]), torch.tensor([1.0]))
 
     @classmethod
-    def ring(cls, n: int = 8, radius: float = 2.0, std: float = 0.1, weights: torch.Tensor | None = None) -> "GaussianMixture":
+    def ring(cls, n: int = 8, radius: float = 2.0, std: float = 0.1, weights: torch.Tensor | None = None) -> GaussianMixture:
         """n equal Gaussians on a circle (the "8 Gaussians" toy when n = 8)."""
         angles = torch.arange(n, dtype=torch.float64) * 2 * math.pi / n
         means = radius * torch.stack([angles.cos(), angles.sin()], dim=1)

@@ -154,7 +154,7 @@ def read_weights(ckpt: Path, weights: str = "ema") -> dict[str, torch.Tensor]:
         raise CheckpointError(f"missing weights file {file}")
     try:
         return load_file(file)
-    except Exception as e:  # safetensors raises several types for a damaged file
+    except Exception as e:  # noqa: BLE001 -- safetensors raises several types for a damaged file
         raise CheckpointError(f"cannot read {file}: {e}") from None
 
 

@@ -33,7 +33,7 @@ class TrainingConditions:
     preview_rows: torch.Tensor | None = None  # 'text': captions shown in the periodic sample grids
 
     @classmethod
-    def for_config(cls, cfg: Config, dataset) -> "TrainingConditions":
+    def for_config(cls, cfg: Config, dataset) -> TrainingConditions:
         net, p = cfg.network, cfg.train.cond_drop_prob
         if net.text_encoder:
             return cls._text(cfg, dataset)
@@ -48,14 +48,14 @@ class TrainingConditions:
         return cls()
 
     @classmethod
-    def image_embeddings(cls, embeds: torch.Tensor, drop_prob: float) -> "TrainingConditions":
+    def image_embeddings(cls, embeds: torch.Tensor, drop_prob: float) -> TrainingConditions:
         """Example n is conditioned on embeds[n] (B, E); dropped to the zero vector (DALL-E 2's decoder)."""
         n = len(embeds)
         return cls("embed", drop_prob, table={"image_embed": embeds}, caption_ids=torch.arange(n)[:, None],
                    null={"image_embed": torch.zeros(1, embeds.shape[1])}, preview_rows=torch.arange(min(n, 64)))
 
     @classmethod
-    def _text(cls, cfg: Config, dataset) -> "TrainingConditions":
+    def _text(cls, cfg: Config, dataset) -> TrainingConditions:
         net = cfg.network
         encoder = TextEncoder(net.text_encoder, net.text_max_tokens)
         if encoder.dim != net.context_dim:

@@ -8,12 +8,11 @@ import dataclasses
 import difflib
 import json
 import math
+import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-
-import tomllib
 
 from .losses import LossType
 from .parameterization import Prediction
@@ -196,6 +195,9 @@ class TrainConfig:
     warmup_steps: int = 100
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decay to 5% of lr at train.steps (or the budget's horizon)
     weight_decay: float = 0.0
+    # AdamW's (beta1, beta2); a beta2 below 0.999 lets the per-weight step sizes follow a short run's quickly
+    # changing gradient scale
+    adam_betas: tuple[float, float] = (0.9, 0.999)
     cond_drop_prob: float = 0.1  # conditional models: share of examples trained on the null label / empty prompt
     grad_clip: float = 1.0
     ema_decay: float = 0.999  # 0 = the "EMA" weights are the last weights (no averaging)
@@ -235,6 +237,8 @@ class TrainConfig:
         if not (self.lr > 0 and math.isfinite(self.lr)) or self.max_minutes < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError(f"train.lr = {self.lr} must be > 0, and train.max_minutes = {self.max_minutes}, train.weight_decay = "
                               f"{self.weight_decay} and train.grad_clip = {self.grad_clip} >= 0")
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ConfigError(f"train.adam_betas = {list(self.adam_betas)} must be two numbers in [0, 1)")
         if not 0.0 <= self.cond_drop_prob <= 1.0:
             raise ConfigError(f"train.cond_drop_prob = {self.cond_drop_prob} must be in [0, 1]")
         if not 0.0 <= self.ema_decay < 1.0:

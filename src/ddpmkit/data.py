@@ -79,7 +79,7 @@ class ImageFolder:
             try:
                 with Image.open(path) as im:
                     im.verify()
-            except Exception as e:  # Pillow raises many types for broken files
+            except Exception as e:  # noqa: BLE001 -- Pillow raises many types for broken files
                 bad.append(f"{path} ({type(e).__name__}: {e})")
         if bad:
             raise DataError(f"{len(bad)} unreadable image(s) in {self.root}: " + "; ".join(bad[:5]))
@@ -110,7 +110,7 @@ def load_image_file(path: str | Path, image_size: int, channels: int = 3) -> tor
             left, top = (im.width - side) // 2, (im.height - side) // 2
             im = im.crop((left, top, left + side, top + side)).resize((image_size,) * 2, Image.BICUBIC)
             arr = np.asarray(im, dtype=np.uint8)
-    except Exception as e:  # Pillow raises many types for broken files
+    except Exception as e:  # noqa: BLE001 -- Pillow raises many types for broken files
         raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return torch.from_numpy(arr.astype(np.float32) / 127.5 - 1.0)

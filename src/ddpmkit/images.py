@@ -36,7 +36,7 @@ def load_image(spec: str, size: int | None = None, channels: int | None = None) 
     try:
         with Image.open(path) as im:
             grey, side = im.mode in ("L", "1", "I;16"), min(im.size)
-    except Exception as e:  # Pillow raises many types for broken files
+    except Exception as e:  # noqa: BLE001 -- Pillow raises many types for broken files
         raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
     return load_image_file(path, size or min(side, 256), channels or (1 if grey else 3))[None]
 

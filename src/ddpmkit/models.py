@@ -120,7 +120,7 @@ class DiffusionModel(LoadedNetwork):
         return "text" if net.text_encoder else "class" if net.num_classes > 0 else "none"
 
     @functools.cached_property
-    def clip(self) -> "LoadedNetwork":
+    def clip(self) -> LoadedNetwork:
         """The CLIP run of an unCLIP prior or decoder (config unclip.clip): .network embeds."""
         if self.kind not in ("prior", "decoder"):
             raise ValueError(f"{self.path} is a {self.kind}, not an unCLIP prior or decoder: it has no CLIP")
@@ -165,7 +165,7 @@ class DiffusionModel(LoadedNetwork):
             return {"image_embed": torch.zeros(n, self.config.unclip.embed_dim, device=device)}
         return {}
 
-    def compile(self) -> "DiffusionModel":
+    def compile(self) -> DiffusionModel:
         """Compile the network for sampling (compile_for_sampling), once."""
         if not isinstance(self.network, torch._dynamo.eval_frame.OptimizedModule):
             self.network = compile_for_sampling(self.network)

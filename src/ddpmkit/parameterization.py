@@ -8,7 +8,8 @@ Symbols: a = alpha_bar_t, x_t = sqrt(a) x0 + sqrt(1 - a) eps.
 """
 from __future__ import annotations
 
-from typing import Callable, Literal, NamedTuple, get_args
+from collections.abc import Callable
+from typing import Literal, NamedTuple, get_args
 
 import torch
 

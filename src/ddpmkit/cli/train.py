@@ -82,7 +82,8 @@ def cmd_posthoc_ema(args: argparse.Namespace) -> None:
 def add_commands(sub) -> None:
     presets = ", ".join(preset_names())
     for name, task, what in (("train", None, "train any model from a config file or preset"),
-                             ("train-autoencoder", "autoencoder", "train the KL autoencoder of latent diffusion (= train with train.task=autoencoder)"),
+                             ("train-autoencoder", "autoencoder",
+                              "train the KL autoencoder of latent diffusion (= train with train.task=autoencoder)"),
                              ("train-classifier", "classifier", "train the noisy classifier p(y | x_t) (= train with train.task=classifier)"),
                              ("train-clip", "clip", "train a CLIP, e.g. the clip or clip_noisy preset (= train with train.task=clip)")):
         t = sub.add_parser(name, help=what)

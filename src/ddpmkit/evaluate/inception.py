@@ -175,7 +175,7 @@ def find_weights(path: str | Path | None = None) -> Path:
         hub.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(WEIGHTS_URL, str(hub), progress=True)
         return hub
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- no network, a proxy, a full disk: each becomes the one message below
         raise FileNotFoundError(
             f"the FID Inception weights {WEIGHTS_NAME} are not on this machine and could not be downloaded ({type(e).__name__}).\n"
             f"Download {WEIGHTS_URL} elsewhere and put it at {hub}, or pass its path / set DDPMKIT_INCEPTION.\n"
@@ -188,7 +188,7 @@ def load_fid_inception(path: str | Path | None = None, device: str | torch.devic
     file = find_weights(path)
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- torch.load raises many types for a damaged file
         raise ValueError(f"cannot read Inception weights {file}: {type(e).__name__}: {e}") from None
     net = FIDInceptionV3()
     missing, unexpected = net.load_state_dict(state, strict=False)

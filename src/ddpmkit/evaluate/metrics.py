@@ -21,7 +21,7 @@ class FeatureStats:
     n: int
 
     @classmethod
-    def of(cls, features: torch.Tensor | np.ndarray) -> "FeatureStats":
+    def of(cls, features: torch.Tensor | np.ndarray) -> FeatureStats:
         f = np.asarray(features, dtype=np.float64)
         if f.ndim != 2 or f.shape[0] < 2:
             raise ValueError(f"features must be (n >= 2, d), got shape {f.shape}")
@@ -31,7 +31,7 @@ class FeatureStats:
         np.savez(path, mu=self.mu, sigma=self.sigma, n=self.n)
 
     @classmethod
-    def load(cls, path) -> "FeatureStats":
+    def load(cls, path) -> FeatureStats:
         with np.load(path) as z:
             return cls(mu=z["mu"], sigma=z["sigma"], n=int(z["n"]))
 

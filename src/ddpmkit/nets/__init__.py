@@ -2,7 +2,7 @@
 model the training engine knows (train.task), so the loader and the trainer build the same thing."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -135,4 +135,5 @@ def build_for_task(cfg: Config, shape: tuple[int, ...]) -> nn.Module:
     return net
 
 
-__all__ = ["Autoencoder", "CLIP", "DigitClassifier", "PriorTransformer", "MLPDenoiser", "NETWORKS", "NoisyClassifier", "UNet", "build_for_task", "build_network"]
+__all__ = ["Autoencoder", "CLIP", "DigitClassifier", "PriorTransformer", "MLPDenoiser", "NETWORKS", "NoisyClassifier", "UNet",
+           "build_for_task", "build_network"]

@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -99,7 +99,8 @@ def generate(m: DiffusionModel, n: int, request: GuidanceRequest | None = None, 
     sizes = [n // chunks + (k < n % chunks) for k in range(chunks)]
     starts = list(itertools.accumulate([0, *sizes[:-1]]))
     streams = min(streams or auto_streams(m, device, chunks), chunks)
-    bar = tqdm(total=chunks * (steps or m.schedule.T), desc=f"{sampler} ({chunks} chunks, {streams} at once)", unit="step", disable=not progress or streams == 1)
+    bar = tqdm(total=chunks * (steps or m.schedule.T), desc=f"{sampler} ({chunks} chunks, {streams} at once)",
+               unit="step", disable=not progress or streams == 1)
     failed = threading.Event()  # a chunk that raised (e.g. a callback cancelling) stops the others at their next step
 
     def on_step(info: dict, start: int) -> None:

@@ -49,7 +49,7 @@ class GuidanceRequest:
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"the {name} must be a finite number, got {value}")
 
-    def slice(self, start: int, n: int, num_classes: int = 0) -> "GuidanceRequest":
+    def slice(self, start: int, n: int, num_classes: int = 0) -> GuidanceRequest:
         """The request for samples start .. start+n-1 of a longer run, so that batches cycle the
         classes and prompts as one big batch would. num_classes: the model's (0 = unconditional)."""
         def from_start(values: list) -> list:

@@ -121,7 +121,8 @@ class UnCLIPResult:
 def text_to_image(prior: DiffusionModel, decoder: DiffusionModel, prompts: list[str], n: int, prior_scale: float = DEFAULT_PRIOR_SCALE,
                   best: int = 1, prior_steps: int | None = 64, scale: float = DEFAULT_DECODER_SCALE, sampler: str = "ddpm",
                   steps: int | None = None, options: dict | None = None, then: list[Stage] | None = None, seed: int = 0,
-                  batch_size: int | None = None, record_every: int = 0, progress: bool = True, device: str | torch.device | None = None) -> UnCLIPResult:
+                  batch_size: int | None = None, record_every: int = 0, progress: bool = True,
+                  device: str | torch.device | None = None) -> UnCLIPResult:
     """prompt -> prior -> decoder (-> the super-resolution stages in `then`, which get the prompts
     when they are text-conditional). Sample k of stage i uses seed seed + k + i * 2^32."""
     check_pair(prior, decoder)

@@ -11,7 +11,7 @@ the kept subsequence so every step is again an exact DDPM posterior step.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm

@@ -12,7 +12,7 @@ x_bar down a grid of sigmas that ends with sigma = 0, where x_bar is the sample.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm

@@ -13,7 +13,7 @@ with the predicted x_0 at the last. Discrete samplers (ddpm, ddim) round to inte
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

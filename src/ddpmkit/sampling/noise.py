@@ -5,11 +5,11 @@ so it comes out the same whatever the batch size or its position in the batch.
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
-GeneratorLike = Union[None, int, Sequence[int], torch.Generator]
+GeneratorLike = None | int | Sequence[int] | torch.Generator
 
 
 class NoiseSource:

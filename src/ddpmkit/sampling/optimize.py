@@ -10,7 +10,7 @@ Nelder-Mead from the uniform-in-log-SNR grid. Use different seeds to evaluate th
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

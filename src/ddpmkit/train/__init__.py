@@ -16,10 +16,10 @@ from .clip import CLIPTask
 from .denoiser import DenoiserTask, sample_timesteps
 from .engine import run
 from .judge import JudgeTask
-from .superres import SuperResTask
-from .unclip import DecoderTask, PriorTask
 from .optim import Decay, budget_horizon, ema_decay_at, ema_update, lr_at
+from .superres import SuperResTask
 from .task import Task, TrainingError
+from .unclip import DecoderTask, PriorTask
 
 TASKS: dict[str, type[Task]] = {
     "denoiser": DenoiserTask,
@@ -38,5 +38,6 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
     return run(TASKS[cfg.train.task](cfg), cfg, resume=resume, progress=progress)
 
 
-__all__ = ["Batch", "Decay", "DenoiserTask", "SuperResTask", "TASKS", "Task", "TrainingError", "batch_indices", "budget_horizon", "ema_decay_at", "ema_update", "lr_at", "run",
+__all__ = ["Batch", "Decay", "DenoiserTask", "SuperResTask", "TASKS", "Task", "TrainingError", "batch_indices", "budget_horizon",
+           "ema_decay_at", "ema_update", "lr_at", "run",
            "sample_timesteps", "step_generator", "train"]

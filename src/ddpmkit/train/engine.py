@@ -128,7 +128,8 @@ def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True) ->
     ema = copy.deepcopy(model).requires_grad_(False)
     # fused: one kernel for all parameters instead of several per tensor group; deterministic, so resume and
     # several processes stay exact (its speed-up is below a shared 2-core machine's noise: docs/ordinary_machine.md)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay,
+                                  fused=True)
 
     power = PowerEMA(model, tc.posthoc_ema) if tc.posthoc_ema else None
 

@@ -22,7 +22,7 @@ class Decay:
     end: int
 
     @classmethod
-    def over(cls, cfg: TrainConfig, end: int = 0) -> "Decay":
+    def over(cls, cfg: TrainConfig, end: int = 0) -> Decay:
         """The whole decay, after the warm-up, to step `end` (default train.steps)."""
         return cls(cfg.warmup_steps, 0.0, end or cfg.steps)
 
@@ -30,7 +30,7 @@ class Decay:
         # (a rollback to a checkpoint before `start` extends the current piece backwards)
         return min(1.0, max(0.0, self.progress + (1.0 - self.progress) * (step - self.start) / max(1, self.end - self.start)))
 
-    def refit(self, step: int, end: int) -> "Decay":
+    def refit(self, step: int, end: int) -> Decay:
         """The same decay up to `step`, then on to 1 at `end` instead."""
         return Decay(step, self.progress_at(step), end)
 

@@ -112,7 +112,8 @@ class Actions:
         about = (f"**{run}**: step {m.step}, {space} images, {m.prediction} prediction, "
                  f"{m.config.diffusion.schedule} schedule, T = {m.schedule.T}; ")
         if c == "class":
-            return about + f"class-conditional ({m.num_classes} classes)", "class", f"class numbers 0..{m.num_classes - 1}, e.g. 7 or 0,1,2 (empty: all in turn)"
+            return about + f"class-conditional ({m.num_classes} classes)", "class", \
+                f"class numbers 0..{m.num_classes - 1}, e.g. 7 or 0,1,2 (empty: all in turn)"
         if c == "text":
             return about + "text-conditional", "prompt", "a prompt, e.g. a handwritten seven"
         return about + "unconditional", "class or prompt (this model takes none)", "leave empty: the model is unconditional"
@@ -198,7 +199,8 @@ class Actions:
         out: Generated = value
         folder = save_generated(out, self._folder("generate"), s.seed, gif=True)
         files = [folder / "grid.png", folder / "reverse_process.gif", folder / "predicted_x0.gif"]
-        yield {"result": picture(out.images, nrow=viz.grid_columns(len(out.images))), "files": [str(f) for f in files if f.exists()], "command": s.command(),
+        yield {"result": picture(out.images, nrow=viz.grid_columns(len(out.images))), "files": [str(f) for f in files if f.exists()],
+               "command": s.command(),
                "seed": s.seed, "nfe": out.nfe}
 
     # -- forward process ----------------------------------------------------------------------
@@ -212,7 +214,8 @@ class Actions:
         image = load_image(spec)
         return (fit_image(image, shape) if shape else image), spec
 
-    def forward(self, upload: str | None, digit: float | None, schedule: str, t: float, seed: float = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    def forward(self, upload: str | None, digit: float | None, schedule: str, t: float,
+                seed: float = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
         """(x_0, x_t, spectrum figure, caption) for the forward-process tab: a light request."""
         with self.light():
             x0, _ = self.source(upload, digit)

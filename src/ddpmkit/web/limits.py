@@ -66,7 +66,7 @@ class Limits:
         try:
             with Image.open(path) as im:  # reads the header only
                 w, h = im.size
-        except Exception as e:  # Pillow raises many types for broken files
+        except Exception as e:  # noqa: BLE001 -- Pillow raises many types for broken files
             raise ValueError(f"the upload is not an image Pillow can read ({type(e).__name__}); use a PNG or JPEG") from None
         if w * h > self.max_upload_pixels:
             raise ValueError(f"the upload is {w}x{h} pixels; at most {self.max_upload_pixels} pixels are allowed")
