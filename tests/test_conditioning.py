@@ -49,7 +49,7 @@ def test_class_conditional_toy_with_guidance_draws_the_requested_mode(tmp_path):
     m = load_diffusion(tmp_path)
     gm = GaussianMixture.ring(8, radius=2.0, std=0.1)
     y = torch.arange(800) % 8
-    guided = ddpmkit.sample(ClassifierFreeGuidance(m.network, 3.0, null_label=8), (800, 2), m.schedule, sampler="dpmpp_2m_sde",
+    guided = ddpmkit.sample(ClassifierFreeGuidance(m.denoiser, 3.0, null_label=8), (800, 2), sampler="dpmpp_2m_sde",
                             steps=20, generator=0, model_kwargs={"y": y})
     assert (nearest_component(gm, guided.x) == y).float().mean() > 0.97
     uncond = ddpmkit.sample(m.network, (800, 2), m.schedule, sampler="dpmpp_2m_sde", steps=20, generator=0)
@@ -197,17 +197,19 @@ def test_the_guidance_door_means_what_it_says_for_every_scale(tiny_text_run):
     """Scale 0 is the unconditional branch alone (the raw network on the empty prompt), 1 the
     conditional model alone, s the CFG mix eps_u + s (eps_c - eps_u); precomputed conditions
     (interpolated prompts) go through the same door."""
+    from ddpmkit.parameterization import to_x0_eps
     from ddpmkit.pipelines.guided import GuidanceRequest, guided_model
 
     m = load_diffusion(tiny_text_run)
     x, t = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.full((3,), 500.0)
     cond, null = m.encode_prompts(["a handwritten one"] * 3), m.null_condition(3)
     with torch.no_grad():
-        eps_c, eps_u = m.network(x, t, **cond), m.network(x, t, **null)
+        eps_c, eps_u = m.network(x, t, **cond), m.network(x, t, **null)  # the network's outputs, in its prediction
+        x0_of = lambda out: to_x0_eps(m.prediction, out, x, t, m.schedule)[0]  # noqa: E731
         for scale, expected in ((0.0, eps_u), (1.0, eps_c), (2.5, eps_u + 2.5 * (eps_c - eps_u))):
             model, kwargs, _ = guided_model(m, 3, GuidanceRequest(prompts=["a handwritten one"], scale=scale))
-            assert torch.allclose(model(x, t, **kwargs), expected, atol=1e-5), scale
+            assert torch.allclose(model(x, t, **kwargs).x0, x0_of(expected), atol=1e-5), scale
         model, kwargs, _ = guided_model(m, 3, GuidanceRequest(conditions=cond, scale=0.0))
-        assert torch.allclose(model(x, t, **kwargs), eps_u, atol=1e-5)  # --guidance 0 means 0, also for interpolate --prompts
+        assert torch.allclose(model(x, t, **kwargs).x0, x0_of(eps_u), atol=1e-5)  # --guidance 0 means 0, also for interpolate --prompts
     with pytest.raises(ValueError, match="class-conditional model"):
         guided_model(m, 3, GuidanceRequest(classes=[1]))

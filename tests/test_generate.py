@@ -59,4 +59,4 @@ def test_bf16_runs_the_network_in_bf16_and_hands_back_float32(model):
     with pytest.raises(ValueError, match="choose from auto, fp32"):
         generate(model, 1, **kw, precision="fp64")
     mixed_model = dataclasses.replace(model, network=Autocast(model.network))
-    assert isinstance(_weaker_model(mixed_model, str(model.path), "cpu"), Autocast)  # autoguidance's bad model in the same precision
+    assert isinstance(_weaker_model(mixed_model, str(model.path), "cpu").model, Autocast)  # autoguidance's bad model in the same precision

@@ -1,4 +1,5 @@
-"""Classifier-free guidance and class-conditional networks."""
+"""Guidance wrappers (classifier-free, classifier, autoguidance, rescale, thresholding) over the one
+denoiser object, and class-conditional networks."""
 import pytest
 import torch
 
@@ -6,12 +7,24 @@ import ddpmkit
 from ddpmkit.analytic import GaussianMixture, nearest_component
 from ddpmkit.guidance import ClassifierFreeGuidance
 from ddpmkit.nets import MLPDenoiser, UNet
+from ddpmkit.parameterization import Denoiser, from_x0, to_x0_eps
 from ddpmkit.schedules import NoiseSchedule
 
 S = NoiseSchedule.from_name("linear", 1000)
 MIX = GaussianMixture(torch.tensor([[-1.5, 0.0], [1.5, 0.5], [0.0, -1.5]]), torch.tensor([0.2, 0.3, 0.15]),
                       torch.tensor([0.5, 0.3, 0.2]))
 NULL = 3
+
+
+def D(model, prediction="eps", learned_variance=False) -> Denoiser:
+    return Denoiser(model, S, prediction, learned_variance)
+
+
+def in_parameterization(prediction, eps_model):
+    """The same exact model, predicting `prediction` instead of eps."""
+    def model(x, t, **kw):
+        return from_x0(prediction, to_x0_eps("eps", eps_model(x, t, **kw), x, t, S)[0], x, t, S)
+    return model
 
 
 class Counting:
@@ -31,7 +44,7 @@ def test_scale_one_is_the_conditional_and_zero_the_unconditional_model(sampler):
     for scale, reference in ((1.0, dict(model=cond, model_kwargs={"y": y})),
                              (0.0, dict(model=MIX.eps_model(S), model_kwargs=None))):
         counted = Counting(cond)
-        guided = ddpmkit.sample(ClassifierFreeGuidance(counted, scale, NULL), (6, 2), S, model_kwargs={"y": y}, **kw)
+        guided = ddpmkit.sample(ClassifierFreeGuidance(D(counted), scale, NULL), (6, 2), model_kwargs={"y": y}, **kw)
         plain = ddpmkit.sample(reference["model"], (6, 2), S, model_kwargs=reference["model_kwargs"], **kw)
         assert torch.allclose(guided.x, plain.x, atol=1e-6)
         assert counted.calls == guided.nfe  # both branches in one batched call
@@ -41,13 +54,13 @@ def test_guidance_is_linear_in_the_scale():
     cond = MIX.conditional_eps_model(S)
     x, t, y = torch.randn(5, 2), torch.full((5,), 300.0), torch.tensor([0, 1, 2, 0, 1])
     e_c, e_u = cond(x, t, y), cond(x, t, torch.full((5,), NULL))
-    assert torch.allclose(ClassifierFreeGuidance(cond, 3.0, NULL)(x, t, y=y), e_u + 3.0 * (e_c - e_u), atol=1e-6)
+    assert torch.allclose(ClassifierFreeGuidance(D(cond), 3.0, NULL)(x, t, y=y).eps, e_u + 3.0 * (e_c - e_u), atol=1e-6)
 
 
 def test_large_scale_concentrates_samples_on_the_requested_class():
     cond = MIX.conditional_eps_model(S)
     y = torch.full((400,), 2)
-    out = ddpmkit.sample(ClassifierFreeGuidance(cond, 3.0, NULL), (400, 2), S, sampler="dpmpp_2m_sde", steps=30,
+    out = ddpmkit.sample(ClassifierFreeGuidance(D(cond), 3.0, NULL), (400, 2), sampler="dpmpp_2m_sde", steps=30,
                          generator=torch.Generator().manual_seed(0), model_kwargs={"y": y})
     assert (nearest_component(MIX, out.x) == 2).float().mean() > 0.99
 
@@ -57,8 +70,8 @@ def test_learned_variance_channels_are_not_guided():
         return torch.cat([x * (y[:, None].float() + 1), y[:, None].float().expand_as(x)], dim=1)
 
     x, t, y = torch.randn(4, 2), torch.zeros(4), torch.tensor([0, 1, 2, 1])
-    out = ClassifierFreeGuidance(model, 2.0, NULL, learned_variance=True)(x, t, y=y)
-    assert torch.allclose(out[:, 2:], y[:, None].float().expand(4, 2))
+    out = ClassifierFreeGuidance(D(model, learned_variance=True), 2.0, NULL)(x, t, y=y)
+    assert torch.allclose(out.var_frac, (y[:, None].float().expand(4, 2) + 1) / 2)  # the conditional branch's
 
 
 @pytest.mark.parametrize("net", [UNet(1, image_size=8, base_channels=8, channel_mult=(1, 2), attention_resolutions=(4,),
@@ -84,31 +97,26 @@ def test_classifier_guidance_at_scale_one_with_the_exact_classifier_is_the_condi
     from ddpmkit.guidance import ClassifierGuidance
 
     cond = MIX.conditional_eps_model(S)
-    cg = ClassifierGuidance(MIX.eps_model(S), MIX.noisy_classifier(S), 1.0, S)
+    cg = ClassifierGuidance(D(MIX.eps_model(S)), MIX.noisy_classifier(S), 1.0)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(9, 2, generator=g, dtype=torch.float64)
     t, y = torch.tensor([10., 100., 300., 500., 700., 900., 999., 50., 400.]), torch.tensor([0, 1, 2] * 3)
-    assert torch.allclose(cg(x, t, y=y), cond(x, t, y), atol=1e-9)
+    assert torch.allclose(cg(x, t, y=y).eps, cond(x, t, y), atol=1e-9)
     # scale 2 moves twice as far from the unconditional model
-    cg2 = ClassifierGuidance(MIX.eps_model(S), MIX.noisy_classifier(S), 2.0, S)
+    cg2 = ClassifierGuidance(D(MIX.eps_model(S)), MIX.noisy_classifier(S), 2.0)
     uncond = MIX.eps_model(S)(x, t)
-    assert torch.allclose(cg2(x, t, y=y) - uncond, 2 * (cond(x, t, y) - uncond), atol=1e-9)
+    assert torch.allclose(cg2(x, t, y=y).eps - uncond, 2 * (cond(x, t, y) - uncond), atol=1e-9)
 
 
 @pytest.mark.parametrize("prediction", ["x0", "v"])
-def test_classifier_guidance_returns_the_models_own_parameterization(prediction):
+def test_classifier_guidance_of_any_parameterization_is_the_conditional_model(prediction):
     from ddpmkit.guidance import ClassifierGuidance
-    from ddpmkit.parameterization import from_x0, to_x0_eps
-
-    def model_in(pred, eps_model):
-        def model(x, t):
-            x0 = to_x0_eps("eps", eps_model(x, t), x, t, S)[0]
-            return from_x0(pred, x0, x, t, S)
-        return model
 
     x, t, y = torch.randn(6, 2, dtype=torch.float64), torch.tensor([20., 200., 400., 600., 800., 950.]), torch.tensor([2, 1, 0, 0, 1, 2])
-    guided = ClassifierGuidance(model_in(prediction, MIX.eps_model(S)), MIX.noisy_classifier(S), 1.0, S, prediction)(x, t, y=y)
-    assert torch.allclose(guided, model_in(prediction, lambda x, t: MIX.conditional_eps_model(S)(x, t, y))(x, t), atol=1e-8)
+    guided = ClassifierGuidance(D(in_parameterization(prediction, MIX.eps_model(S)), prediction), MIX.noisy_classifier(S), 1.0)(x, t, y=y)
+    cond = MIX.conditional_eps_model(S)(x, t, y)
+    assert torch.allclose(guided.eps, cond, atol=1e-8)
+    assert torch.allclose(guided.x0, to_x0_eps("eps", cond, x, t, S)[0], atol=1e-8)
 
 
 def test_classifier_guidance_algorithm_1_mean_shift_samples_the_requested_class():
@@ -116,47 +124,71 @@ def test_classifier_guidance_algorithm_1_mean_shift_samples_the_requested_class(
     the exact unconditional model and classifier reproduces the requested component: its share and spread."""
     from ddpmkit.guidance import ClassifierGuidance
 
-    cg = ClassifierGuidance(MIX.eps_model(S), MIX.noisy_classifier(S), 1.0, S)
+    cg = ClassifierGuidance(D(MIX.eps_model(S)), MIX.noisy_classifier(S), 1.0)
     y = torch.full((400,), 2)
-    out = ddpmkit.sample(cg.unguided, (400, 2), S, sampler="ddpm", generator=0, model_kwargs={"y": y}, cond_fn=cg.cond_fn)
+    out = ddpmkit.sample(cg.unguided, (400, 2), sampler="ddpm", generator=0, model_kwargs={"y": y}, cond_fn=cg.cond_fn)
     assert (nearest_component(MIX, out.x) == 2).float().mean() > 0.98
     spread = (out.x.double() - MIX.means[2]).std(0)
     assert torch.allclose(spread, MIX.stds[2].expand(2), rtol=0.15)
 
 
 def test_guidance_rescale_matches_the_conditional_std_of_x0():
-    from ddpmkit.parameterization import to_x0_eps
-
     cond = MIX.conditional_eps_model(S)
     x, t, y = torch.randn(5, 2, dtype=torch.float64) * 3, torch.full((5,), 600.0), torch.tensor([0, 1, 2, 0, 1])
-    plain = ClassifierFreeGuidance(cond, 4.0, NULL)(x, t, y=y)
-    assert torch.allclose(ClassifierFreeGuidance(cond, 4.0, NULL, rescale=0.0, schedule=S)(x, t, y=y), plain)
-    full = ClassifierFreeGuidance(cond, 4.0, NULL, rescale=1.0, schedule=S)(x, t, y=y)
-    x0_full, x0_cond, x0_plain = (to_x0_eps("eps", e, x, t, S)[0] for e in (full, cond(x, t, y), plain))
-    assert torch.allclose(x0_full.std(1), x0_cond.std(1), rtol=1e-9)
-    assert torch.allclose(x0_full / x0_plain, (x0_cond.std(1) / x0_plain.std(1))[:, None].expand(5, 2), rtol=1e-9)  # same direction
-    half = ClassifierFreeGuidance(cond, 4.0, NULL, rescale=0.5, schedule=S)(x, t, y=y)
-    assert torch.allclose(to_x0_eps("eps", half, x, t, S)[0], 0.5 * x0_full + 0.5 * x0_plain, atol=1e-9)
+    plain = ClassifierFreeGuidance(D(cond), 4.0, NULL)(x, t, y=y)
+    assert torch.allclose(ClassifierFreeGuidance(D(cond), 4.0, NULL, rescale=0.0)(x, t, y=y).x0, plain.x0)
+    full = ClassifierFreeGuidance(D(cond), 4.0, NULL, rescale=1.0)(x, t, y=y)
+    x0_cond = to_x0_eps("eps", cond(x, t, y), x, t, S)[0]
+    assert torch.allclose(full.x0.std(1), x0_cond.std(1), rtol=1e-9)
+    assert torch.allclose(full.x0 / plain.x0, (x0_cond.std(1) / plain.x0.std(1))[:, None].expand(5, 2), rtol=1e-9)  # same direction
+    half = ClassifierFreeGuidance(D(cond), 4.0, NULL, rescale=0.5)(x, t, y=y)
+    assert torch.allclose(half.x0, 0.5 * full.x0 + 0.5 * plain.x0, atol=1e-9)
+    assert torch.allclose(half.eps, to_x0_eps("x0", half.x0, x, t, S)[1], atol=1e-9)  # eps follows the rescaled x0
 
 
 def test_dynamic_thresholding():
     from ddpmkit.guidance import DynamicThresholding
 
     x0 = torch.tensor([[0.5, -0.2, 0.9, 0.1], [3.0, -1.0, 0.5, 2.0]], dtype=torch.float64)
-
-    def x0_model(x, t):
-        return x0
-
-    out = DynamicThresholding(x0_model, S, "x0", percentile=0.75)(torch.zeros(2, 4, dtype=torch.float64), torch.full((2,), 500.0))
-    assert torch.equal(out[0], x0[0])  # inside [-1, 1]: s = max(quantile, 1) = 1 leaves it alone
-    s = torch.quantile(x0[1].abs(), 0.75)  # 2.25
-    assert torch.allclose(out[1], x0[1].clamp(-s, s) / s)
-    assert out.abs().max() <= 1.0
-    # the same through an eps model: the thresholded x0 comes back as eps
     x_t, t = torch.randn(2, 4, dtype=torch.float64), torch.full((2,), 500.0)
-    from ddpmkit.parameterization import from_x0, to_x0_eps
-    eps_out = DynamicThresholding(lambda x, t: from_x0("eps", x0, x, t, S), S, "eps", percentile=0.75)(x_t, t)
-    assert torch.allclose(to_x0_eps("eps", eps_out, x_t, t, S)[0], out, atol=1e-9)
+    out = DynamicThresholding(D(lambda x, t: x0, "x0"), percentile=0.75)(x_t, t)
+    assert torch.equal(out.x0[0], x0[0])  # inside [-1, 1]: s = max(quantile, 1) = 1 leaves it alone
+    s = torch.quantile(x0[1].abs(), 0.75)  # 2.25
+    assert torch.allclose(out.x0[1], x0[1].clamp(-s, s) / s)
+    assert out.x0.abs().max() <= 1.0
+    assert torch.allclose(out.eps, to_x0_eps("x0", out.x0, x_t, t, S)[1])  # eps of the thresholded x0
+
+
+@pytest.mark.parametrize("wrap", ["threshold", "rescale"])
+def test_x0_wrappers_act_on_x0_whatever_the_model_predicts(wrap):
+    """The same exact model predicting eps, x0 or v: thresholding and guidance rescale give the same x0 and eps
+    (a wrapper told the wrong parameterization would threshold eps as if it were x0)."""
+    from ddpmkit.guidance import DynamicThresholding
+
+    cond = MIX.conditional_eps_model(S)
+    x, y = torch.randn(6, 2, dtype=torch.float64) * 2, torch.tensor([0, 1, 2, 2, 1, 0])
+    t = torch.tensor([50., 200., 400., 600., 800., 990.], dtype=torch.float64)
+    outs = {}
+    for prediction in ("eps", "x0", "v"):
+        d = D(in_parameterization(prediction, cond), prediction)
+        wrapped = DynamicThresholding(d, percentile=0.6) if wrap == "threshold" else ClassifierFreeGuidance(d, 5.0, NULL, rescale=0.7)
+        outs[prediction] = wrapped(x, t, y=y)
+    for prediction in ("x0", "v"):
+        assert torch.allclose(outs[prediction].x0, outs["eps"].x0, atol=1e-8)
+        assert torch.allclose(outs[prediction].eps, outs["eps"].eps, atol=1e-8)
+    plain = D(cond)(x, t, y=y)
+    assert not torch.allclose(outs["eps"].x0, plain.x0)  # the wrapper did change x0 here
+
+
+def test_wrappers_take_a_denoiser_and_know_its_schedule():
+    from ddpmkit.guidance import DynamicThresholding
+
+    with pytest.raises(TypeError, match="wraps a Denoiser"):
+        DynamicThresholding(lambda x, t: x, percentile=0.9)
+    d = ClassifierFreeGuidance(D(MIX.conditional_eps_model(S), "eps"), 2.0, NULL)
+    assert d.schedule is S and d.prediction == "eps"
+    with pytest.raises(ValueError, match="carries its own schedule"):
+        ddpmkit.sample(d, (2, 2), S, prediction="x0", model_kwargs={"y": torch.tensor([0, 1])})
 
 
 def test_classifier_free_guidance_with_a_text_like_condition():
@@ -168,11 +200,11 @@ def test_classifier_free_guidance_with_a_text_like_condition():
     ctx = {"context": torch.randn(3, 4, 5), "context_mask": torch.ones(3, 4, dtype=torch.bool)}
     null = {"context": torch.zeros(1, 4, 5), "context_mask": torch.ones(1, 4, dtype=torch.bool)}
     extra = torch.tensor([1.0, 2.0, 3.0])
-    out = ClassifierFreeGuidance(model, 2.5, null=null)(x, t, extra=extra, **ctx)
+    out = ClassifierFreeGuidance(D(model), 2.5, null=null)(x, t, extra=extra, **ctx)
     e_c, e_u = model(x, t, extra=extra, **ctx), model(x, t, null["context"].expand(3, 4, 5), ctx["context_mask"], extra)
-    assert torch.allclose(out, e_u + 2.5 * (e_c - e_u), atol=1e-5)
+    assert torch.allclose(out.eps, e_u + 2.5 * (e_c - e_u), atol=1e-5)
     with pytest.raises(ValueError, match="needs the condition"):
-        ClassifierFreeGuidance(model, 2.5, null=null)(x, t, extra=extra)
+        ClassifierFreeGuidance(D(model), 2.5, null=null)(x, t, extra=extra)
 
 
 WIDE = GaussianMixture(MIX.means, MIX.stds * 2.5, MIX.weights)  # a "bad" model of MIX: right modes, blurred
@@ -180,23 +212,23 @@ WIDE = GaussianMixture(MIX.means, MIX.stds * 2.5, MIX.weights)  # a "bad" model 
 
 def test_autoguidance_is_bad_plus_w_times_good_minus_bad_in_every_parameterization():
     from ddpmkit.guidance import Autoguidance
-    from ddpmkit.parameterization import from_x0, to_x0_eps
 
     good, bad = MIX.eps_model(S), WIDE.eps_model(S)
     x, t = torch.randn(6, 2, dtype=torch.float64), torch.full((6,), 250.0)
     e_g, e_b = good(x, t), bad(x, t)
-    assert torch.allclose(Autoguidance(good, bad, 2.5)(x, t), e_b + 2.5 * (e_g - e_b), atol=1e-12)
-    assert torch.allclose(Autoguidance(good, bad, 0.0)(x, t), e_b, atol=1e-12)
+    assert torch.allclose(Autoguidance(D(good), D(bad), 2.5)(x, t).eps, e_b + 2.5 * (e_g - e_b), atol=1e-12)
+    assert torch.allclose(Autoguidance(D(good), D(bad), 0.0)(x, t).eps, e_b, atol=1e-12)
     # guiding x0-predictions is the same guidance: affine maps commute with the combination
-    as_x0 = lambda model: lambda x_t, tt: to_x0_eps("eps", model(x_t, tt), x_t, tt, S)[0]  # noqa: E731
-    guided_x0 = Autoguidance(as_x0(good), as_x0(bad), 2.5)(x, t)
-    assert torch.allclose(from_x0("eps", guided_x0, x, t, S), e_b + 2.5 * (e_g - e_b), atol=1e-9)
+    guided_x0 = Autoguidance(D(in_parameterization("x0", good), "x0"), D(in_parameterization("x0", bad), "x0"), 2.5)(x, t)
+    assert torch.allclose(guided_x0.eps, e_b + 2.5 * (e_g - e_b), atol=1e-9)
     # scale 1: the good model alone, without calling the bad one
     counted = Counting(bad)
-    assert torch.equal(Autoguidance(good, counted, 1.0)(x, t), e_g) and counted.calls == 0
+    assert torch.equal(Autoguidance(D(good), D(counted), 1.0)(x, t).eps, e_g) and counted.calls == 0
     for w in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="finite number >= 0"):
-            Autoguidance(good, bad, w)
+            Autoguidance(D(good), D(bad), w)
+    with pytest.raises(ValueError, match="same schedule"):
+        Autoguidance(D(good), Denoiser(bad, NoiseSchedule.from_name("cosine", 1000)), 2.0)
 
 
 def test_autoguidance_guides_only_the_mean_channels():
@@ -205,8 +237,8 @@ def test_autoguidance_guides_only_the_mean_channels():
     x, t = torch.randn(4, 2), torch.zeros(4)
     good = lambda x_t, tt: torch.cat([x_t, torch.full_like(x_t, 7.0)], dim=1)  # noqa: E731
     bad = lambda x_t, tt: torch.cat([2 * x_t, torch.full_like(x_t, -3.0)], dim=1)  # noqa: E731
-    out = Autoguidance(good, bad, 3.0, learned_variance=True)(x, t)
-    assert torch.allclose(out[:, :2], 2 * x + 3.0 * (x - 2 * x)) and torch.equal(out[:, 2:], torch.full_like(x, 7.0))
+    out = Autoguidance(D(good, learned_variance=True), D(bad, learned_variance=True), 3.0)(x, t)
+    assert torch.allclose(out.eps, 2 * x + 3.0 * (x - 2 * x)) and torch.equal(out.var_frac, torch.full_like(x, 4.0))  # (7 + 1) / 2
 
 
 def _spread(x: torch.Tensor) -> float:
@@ -221,8 +253,8 @@ def test_autoguidance_by_a_blurred_model_pulls_samples_onto_the_modes():
 
     spreads = {}
     for w in (0.5, 1.0, 2.0):
-        model = Autoguidance(MIX.eps_model(S), WIDE.eps_model(S), w)
-        out = ddpmkit.sample(model, (600, 2), S, sampler="ddim", steps=100, generator=torch.Generator().manual_seed(0))
+        model = Autoguidance(D(MIX.eps_model(S)), D(WIDE.eps_model(S)), w)
+        out = ddpmkit.sample(model, (600, 2), sampler="ddim", steps=100, generator=torch.Generator().manual_seed(0))
         spreads[w] = _spread(out.x)
     # the exact denoiser alone reproduces the data's spread: E|z| = sqrt(pi / 2) for a 2-D standard normal z
     assert abs(spreads[1.0] - (torch.pi / 2) ** 0.5) < 0.05
@@ -251,9 +283,9 @@ def test_guidance_scales_must_be_finite(scale):
     """A NaN or infinite scale would sample NaN silently (or ignore the scale): one clear error instead."""
     from ddpmkit.guidance import ClassifierFreeGuidance, ClassifierGuidance
 
-    model = lambda x_t, tt, **kw: x_t  # noqa: E731
+    model = D(lambda x_t, tt, **kw: x_t)
     with pytest.raises(ValueError, match="classifier-free guidance scale must be a finite number"):
         ClassifierFreeGuidance(model, scale, null_label=3)
     with pytest.raises(ValueError, match="ClassifierGuidance scale must be a finite number"):
-        ClassifierGuidance(model, lambda x_t, tt: x_t, scale, NoiseSchedule.from_name("linear", 10))
+        ClassifierGuidance(model, lambda x_t, tt: x_t, scale)
     assert ClassifierFreeGuidance(model, 0.0, null_label=3).scale == 0.0  # 0 = unconditional stays valid

@@ -120,7 +120,7 @@ def test_guidance_gives_both_branches_the_low_res_image():
     with torch.no_grad():
         cond = net(x, t, y=torch.tensor([1, 2]), **extra)
         uncond = net(x, t, y=torch.tensor([3, 3]), **extra)
-        torch.testing.assert_close(model(x, t, **kwargs), uncond + 2.5 * (cond - uncond))
+        torch.testing.assert_close(model(x, t, **kwargs).eps, uncond + 2.5 * (cond - uncond))  # an eps model
         other = net(x, t, y=torch.tensor([1, 2]), low_res=low.flip(0), aug_level=extra["aug_level"])
         assert not torch.allclose(cond, other)  # the network does look at the low-res image
     with pytest.raises(ValueError, match="super-resolution stage .*upscale"):

@@ -50,7 +50,7 @@ def _tiny_clip(noisy: bool = True, embed_dim: int = 6) -> CLIP:
 def test_clip_guidance_is_the_gradient_of_the_embeddings_dot_product(prediction):
     """Algorithm 2 with CLIP: eps_hat = eps - sqrt(1 - alpha_bar_t) * s * grad_x (g(x_t, t) . h(c)),
     checked against autograd of the dot product written out here."""
-    from ddpmkit.parameterization import from_x0, to_x0_eps
+    from ddpmkit.parameterization import Denoiser, from_x0, to_x0_eps
 
     S = NoiseSchedule.from_name("linear", 1000)
     clip = _tiny_clip()
@@ -64,7 +64,7 @@ def test_clip_guidance_is_the_gradient_of_the_embeddings_dot_product(prediction)
         return from_x0(prediction, to_x0_eps("eps", 0.3 * x_t, x_t, tt, S)[0], x_t, tt, S)
 
     s = 40.0
-    cg = CLIPGuidance(model, clip, s, S, prediction)
+    cg = CLIPGuidance(Denoiser(model, S, prediction), clip, s)
 
     xr = x.clone().requires_grad_(True)
     dot = (F.normalize(clip.image_tower(xr, t), dim=-1) * h).sum()
@@ -72,10 +72,11 @@ def test_clip_guidance_is_the_gradient_of_the_embeddings_dot_product(prediction)
     torch.testing.assert_close(cg.cond_fn(x, t, text_embed=h), s * grad, rtol=1e-4, atol=1e-6)
 
     alpha_bar = S.alpha_bar_at(t.double()).float().reshape(-1, 1, 1, 1)
-    eps_guided = to_x0_eps(prediction, cg(x, t, text_embed=h), x, t, S)[1]
+    eps_guided = cg(x, t, text_embed=h).eps
     torch.testing.assert_close(eps_guided, eps_true - (1 - alpha_bar).sqrt() * s * grad, rtol=1e-4, atol=1e-5)
     # scale 0 is the model itself; the model never sees text_embed
-    torch.testing.assert_close(CLIPGuidance(model, clip, 0.0, S, prediction)(x, t, text_embed=h), model(x, t))
+    torch.testing.assert_close(CLIPGuidance(Denoiser(model, S, prediction), clip, 0.0)(x, t, text_embed=h).x0,
+                               to_x0_eps(prediction, model(x, t), x, t, S)[0])
     with pytest.raises(ValueError, match="text embeddings"):
         cg(x, t)
 
@@ -290,16 +291,18 @@ def test_unclip_samples_do_not_depend_on_the_batch_size(tiny_unclip):
 
 def test_variations_keep_the_embedding_and_guidance_scale_one_is_the_conditional_decoder(tiny_unclip):
     import ddpmkit
+    from ddpmkit.parameterization import to_x0_eps
     from ddpmkit.pipelines.guided import GuidanceRequest, guided_model
 
     decoder = ddpmkit.load(tiny_unclip["decoder"])
     e = decoder.clip.network.embed_images(load_image("digits:4"))
     model, kwargs, _ = guided_model(decoder, 1, GuidanceRequest(conditions={"image_embed": e}, scale=1.0))
     x, t = torch.randn(1, 1, 8, 8), torch.tensor([50.0])
-    torch.testing.assert_close(model(x, t, **kwargs), decoder.network(x, t, image_embed=e))
+    x0 = lambda out: to_x0_eps(decoder.prediction, out, x, t, decoder.schedule)[0]  # noqa: E731 -- a network output's x_0
+    torch.testing.assert_close(model(x, t, **kwargs).x0, x0(decoder.network(x, t, image_embed=e)))
     guided, kwargs, _ = guided_model(decoder, 1, GuidanceRequest(conditions={"image_embed": e}, scale=3.0))
     cond, uncond = decoder.network(x, t, image_embed=e), decoder.network(x, t, image_embed=torch.zeros_like(e))
-    torch.testing.assert_close(guided(x, t, **kwargs), uncond + 3.0 * (cond - uncond), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(guided(x, t, **kwargs).x0, x0(uncond + 3.0 * (cond - uncond)), rtol=1e-4, atol=1e-5)
 
 
 def test_clip_guidance_from_the_command_line(tiny_unclip, tmp_path, capsys):

@@ -2,15 +2,16 @@
 interpolation (between seeds, between real images through x_t, between prompts).
 
 All of them start the reverse process from an intermediate noise level: `sample` takes x_T as
-x_t at the first point of the grid, so any sampler works from any t.
+x_t at the first point of the grid, so any sampler works from any t. Each takes a Denoiser
+(`ddpmkit.load(run).denoiser`, or a guided one), or a plain model function with its schedule and prediction.
 """
 from __future__ import annotations
 
 import torch
 
-from .parameterization import Denoiser, ModelFn, Prediction
+from .parameterization import Denoiser, ModelFn, Prediction, as_denoiser
 from .process import q_sample
-from .reverse import p_mean_variance
+from .reverse import default_variance, p_mean_variance
 from .sampling import SampleResult, sample
 from .sampling.grids import timestep_grid
 from .sampling.noise import GeneratorLike, NoiseSource
@@ -33,7 +34,7 @@ def noised(x0: torch.Tensor, t: float, schedule: NoiseSchedule, generator: Gener
     return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
 
 
-def img2img(model: ModelFn, x0: torch.Tensor, schedule: NoiseSchedule, strength: float = 0.5, sampler: str = "ddim",
+def img2img(model: Denoiser | ModelFn, x0: torch.Tensor, schedule: NoiseSchedule | None = None, strength: float = 0.5, sampler: str = "ddim",
             steps: int = 50, generator: GeneratorLike = None, prediction: Prediction = "eps", grid: str = "uniform",
             **kwargs) -> SampleResult:
     """SDEdit (Meng et al. 2022): noise the input x0: (B, ...) to t = strength * (T - 1), then run
@@ -41,24 +42,28 @@ def img2img(model: ModelFn, x0: torch.Tensor, schedule: NoiseSchedule, strength:
     generator: seeds of the noising (and of the sampler's noise, for stochastic samplers)."""
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must lie in (0, 1], got {strength}")
+    denoiser = as_denoiser(model, schedule, prediction)
+    schedule = denoiser.schedule
     t_start = strength * (schedule.T - 1)
     x_t = noised(x0, t_start, schedule, _offset(generator, 1_000_003))
-    return sample(model, x0.shape, schedule, sampler=sampler, prediction=prediction, generator=generator, x_T=x_t,
+    return sample(denoiser, x0.shape, sampler=sampler, generator=generator, x_T=x_t,
                   grid=grid_from(t_start, schedule, steps, grid), **{"device": x0.device, **kwargs})
 
 
-def posterior_samples(model: ModelFn, x0: torch.Tensor, t: int, n: int, schedule: NoiseSchedule, steps: int = 100,
+def posterior_samples(model: Denoiser | ModelFn, x0: torch.Tensor, t: int, n: int, schedule: NoiseSchedule | None = None, steps: int = 100,
                       seed: int = 0, prediction: Prediction = "eps", **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """The lectures' "same x_t, different samples": noise one image x0: (1, ...) to x_t once, then
     draw n samples of p(x_0 | x_t) with ancestral sampling. Returns (x_t (1, ...), samples (n, ...))."""
+    denoiser = as_denoiser(model, schedule, prediction)
+    schedule = denoiser.schedule
     x_t = noised(x0[:1], t, schedule, [seed])
-    out = sample(model, (n, *x0.shape[1:]), schedule, sampler="ddpm", prediction=prediction, generator=seed + 1,
+    out = sample(denoiser, (n, *x0.shape[1:]), sampler="ddpm", generator=seed + 1,
                  x_T=x_t.expand(n, *x0.shape[1:]), grid=grid_from(float(t), schedule, steps), **{"device": x0.device, **kwargs})
     return x_t, out.x
 
 
 @torch.no_grad()
-def inpaint(model: ModelFn, x0: torch.Tensor, mask: torch.Tensor, schedule: NoiseSchedule, steps: int = 100,
+def inpaint(model: Denoiser | ModelFn, x0: torch.Tensor, mask: torch.Tensor, schedule: NoiseSchedule | None = None, steps: int = 100,
             resample: int = 5, generator: GeneratorLike = None, prediction: Prediction = "eps", clip_x0: bool = True,
             model_kwargs: dict | None = None) -> torch.Tensor:
     """RePaint (Lugmayr et al. 2022) with an unconditional model: fill where mask == 0 and keep x0
@@ -72,8 +77,10 @@ def inpaint(model: ModelFn, x0: torch.Tensor, mask: torch.Tensor, schedule: Nois
         raise ValueError(f"resample must be >= 1, got {resample}")
     mask = mask.to(x0.dtype).expand_as(x0)
     noise = NoiseSource(x0.shape[0], generator, x0.device)
+    denoiser = as_denoiser(model, schedule, prediction)
+    schedule = denoiser.schedule
     respaced = schedule.respace(torch.unique(timestep_grid("uniform", schedule, steps).round().long()))
-    denoiser = Denoiser(model, schedule, prediction)
+    variance = default_variance(denoiser.learned_variance)
     x = noise.randn(x0.shape[1:], x0.dtype)
     for i in range(respaced.T - 1, -1, -1):
         t_model = respaced.timesteps[i].to(torch.float32).expand(x0.shape[0]).to(x0.device)
@@ -81,7 +88,7 @@ def inpaint(model: ModelFn, x0: torch.Tensor, mask: torch.Tensor, schedule: Nois
         for u in range(resample):
             out = denoiser(x, t_model, **(model_kwargs or {}))
             x0_hat = out.x0.clamp(-1, 1) if clip_x0 else out.x0
-            mean, log_var = p_mean_variance(x0_hat, x, i_vec, respaced, "beta_tilde")
+            mean, log_var = p_mean_variance(x0_hat, x, i_vec, respaced, variance, out.var_frac)
             unknown = mean + ((0.5 * log_var).exp() * noise.randn(x0.shape[1:], x0.dtype) if i > 0 else 0.0)
             known = q_sample(x0, i_vec - 1, respaced, noise.randn(x0.shape[1:], x0.dtype)) if i > 0 else x0
             x_prev = mask * known + (1 - mask) * unknown
@@ -115,26 +122,28 @@ def seed_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     return NoiseSource(1, [seed]).randn(shape)
 
 
-def interpolate_seeds(model: ModelFn, seed_a: int, seed_b: int, n: int, shape: tuple[int, ...], schedule: NoiseSchedule,
+def interpolate_seeds(model: Denoiser | ModelFn, seed_a: int, seed_b: int, n: int, shape: tuple[int, ...], schedule: NoiseSchedule | None = None,
                       sampler: str = "ddim", steps: int = 50, prediction: Prediction = "eps", **kwargs) -> torch.Tensor:
     """n samples along the slerp from seed_a's x_T to seed_b's, with a deterministic sampler."""
     alphas = torch.linspace(0, 1, n)
     x_T = torch.cat([slerp(seed_noise(seed_a, shape), seed_noise(seed_b, shape), float(a)) for a in alphas])
-    return sample(model, (n, *shape), schedule, sampler=sampler, steps=steps, prediction=prediction, x_T=x_T,
+    return sample(as_denoiser(model, schedule, prediction), (n, *shape), sampler=sampler, steps=steps, x_T=x_T,
                   generator=0, **kwargs).x
 
 
-def interpolate_images(model: ModelFn, xa: torch.Tensor, xb: torch.Tensor, t: int, n: int, schedule: NoiseSchedule,
+def interpolate_images(model: Denoiser | ModelFn, xa: torch.Tensor, xb: torch.Tensor, t: int, n: int, schedule: NoiseSchedule | None = None,
                        seed: int = 0, steps: int = 100, prediction: Prediction = "eps", **kwargs) -> torch.Tensor:
     """The DDPM paper's interpolation (section 4.3, Fig. 8): encode two images xa, xb: (1, ...) to
     x_t with q (the same noise), interpolate linearly, and decode every mixture with the reverse
     process from t (the same reverse noise for all, so neighbours differ only by the mixture)."""
+    denoiser = as_denoiser(model, schedule, prediction)
+    schedule = denoiser.schedule
     eps = NoiseSource(1, [seed], xa.device).randn(xa.shape[1:])
     ab = schedule.alpha_bar[t].to(xa.device, xa.dtype)
     xt_a, xt_b = ab.sqrt() * xa + (1 - ab).sqrt() * eps, ab.sqrt() * xb + (1 - ab).sqrt() * eps
     lam = append_dims(torch.linspace(0, 1, n, dtype=xa.dtype, device=xa.device), xa.ndim)
     x_t = (1 - lam) * xt_a + lam * xt_b
-    return sample(model, x_t.shape, schedule, sampler="ddpm", prediction=prediction, generator=[seed + 1] * n, x_T=x_t,
+    return sample(denoiser, x_t.shape, sampler="ddpm", generator=[seed + 1] * n, x_T=x_t,
                   grid=grid_from(float(t), schedule, steps), **{"device": xa.device, **kwargs}).x
 
 

@@ -1,12 +1,14 @@
-"""Guidance as model wrappers: each takes a model and returns a model with the same contract,
-so every sampler works with every kind of guidance (and wrappers compose).
+"""Guidance as denoiser wrappers: each takes a Denoiser and is one (it keeps the schedule, prediction and
+variance of the one it wraps), so every sampler works with every kind of guidance and wrappers compose.
+They act on the denoiser's (eps, x0), never on a raw network output, so one wrapper serves eps, x0, v and
+mu models alike and nothing is told the parameterization twice.
 
 Classifier-free guidance (Ho & Salimans 2022):
     eps_guided = eps(x_t | null) + s * (eps(x_t | c) - eps(x_t | null))
 s = 0 is the unconditional model, s = 1 the conditional one, s > 1 trades diversity for
-fidelity to c. Both branches run in one batched call. Every parameterization (eps, x0, v) is
-affine in the network output at fixed x_t and t, so guiding the raw output is the same as
-guiding eps; with a learned variance only the mean channels are guided (GLIDE).
+fidelity to c. Both branches run in one batched call. At fixed x_t and t, eps and x0 are affine
+in each other (x_t = sqrt(a) x0 + sqrt(1 - a) eps), so the same combination of both stays
+consistent; with a learned variance only the mean is guided and the conditional variance kept (GLIDE).
 
 Classifier guidance (Dhariwal & Nichol 2021) with a classifier p_phi(y | x_t) trained on noisy data:
     Algorithm 1 (ancestral): mean <- mean + s * Sigma * grad_x log p_phi(y | x_t)
@@ -30,19 +32,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .parameterization import ModelFn, Prediction, from_x0, to_x0_eps
-from .schedules import NoiseSchedule
+from .parameterization import Denoiser, DenoiserOutput, DenoiserWrapper
 from .utils import append_dims
 
 Condition = dict[str, torch.Tensor]
 
 
-def _split_variance(out: torch.Tensor, learned_variance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return out.chunk(2, dim=1) if learned_variance else (out, None)
-
-
-def _join_variance(mean: torch.Tensor, var: torch.Tensor | None) -> torch.Tensor:
-    return mean if var is None else torch.cat([mean, var], dim=1)
+def _combine(base: DenoiserOutput, other: DenoiserOutput, w: float) -> DenoiserOutput:
+    """base + w (other - base) of eps and x0 (weights summing to 1 keep x_t = sqrt(a) x0 + sqrt(1 - a) eps);
+    the variance is other's (the conditional / good branch)."""
+    return DenoiserOutput(eps=base.eps + w * (other.eps - base.eps), x0=base.x0 + w * (other.x0 - base.x0), var_frac=other.var_frac)
 
 
 def _std(x: torch.Tensor) -> torch.Tensor:
@@ -50,39 +49,39 @@ def _std(x: torch.Tensor) -> torch.Tensor:
     return append_dims(x.reshape(x.shape[0], -1).std(dim=1), x.ndim)
 
 
-class ClassifierFreeGuidance:
-    """model(x_t, t, **condition) -> the guided output. Pass it to any sampler with
-    model_kwargs=condition, e.g. {'y': labels} or TextEncoder.encode(prompts).
+def _halves(out: DenoiserOutput) -> tuple[DenoiserOutput, DenoiserOutput]:
+    """The first and second half of a batched output (the conditional and unconditional branch)."""
+    def half(v: torch.Tensor | None, i: int) -> torch.Tensor | None:
+        return None if v is None else v.chunk(2)[i]
+    return DenoiserOutput(*(half(v, 0) for v in out)), DenoiserOutput(*(half(v, 1) for v in out))
+
+
+class ClassifierFreeGuidance(DenoiserWrapper):
+    """The guided denoiser; pass it to any sampler with model_kwargs=condition, e.g. {'y': labels} or
+    TextEncoder.encode(prompts).
 
     null: the null condition, {'y': tensor(K)} for a K-class model (or null_label=K), or the empty
         prompt's encoding; tensors with batch 1 are expanded. Keys in the condition but not in
         `null` go to both branches unchanged.
     rescale: guidance rescale phi (Lin et al. 2024, "Common diffusion noise schedules and sample
         steps are flawed", eq. 15-16): the guided x0 is rescaled to the conditional x0's standard
-        deviation and mixed, phi * rescaled + (1 - phi) * guided; fights over-saturation at large
-        s. Needs schedule and prediction, because it acts on x0.
+        deviation and mixed, phi * rescaled + (1 - phi) * guided; fights over-saturation at large s.
     """
 
-    def __init__(self, model: ModelFn, scale: float, null_label: int | None = None, *, null: Condition | None = None,
-                 learned_variance: bool = False, rescale: float = 0.0, schedule: NoiseSchedule | None = None,
-                 prediction: Prediction = "eps"):
+    def __init__(self, denoiser: Denoiser, scale: float, null_label: int | None = None, *, null: Condition | None = None,
+                 rescale: float = 0.0):
+        super().__init__(denoiser)
         if (null is None) == (null_label is None):
             raise ValueError("give the null condition once: null_label=K for a class-conditional model, or null={...}")
         if not math.isfinite(scale):
             raise ValueError(f"the classifier-free guidance scale must be a finite number (0 = unconditional, 1 = conditional), got {scale}")
         if not 0.0 <= rescale <= 1.0:
             raise ValueError(f"guidance rescale must lie in [0, 1], got {rescale}")
-        if rescale > 0 and schedule is None:
-            raise ValueError("guidance rescale acts on x0 and needs the model's schedule (and prediction)")
-        self.model = model
         self.scale = float(scale)
         self.null = {"y": torch.tensor([int(null_label)])} if null is None else dict(null)
-        self.learned_variance = learned_variance
         self.rescale = float(rescale)
-        self.schedule = schedule
-        self.prediction = prediction
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, **condition) -> torch.Tensor:
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, **condition) -> DenoiserOutput:
         B = x_t.shape[0]
         missing = sorted(set(self.null) - set(condition))
         if missing:
@@ -96,69 +95,74 @@ class ClassifierFreeGuidance:
             null = self.null.get(key)
             null = value if null is None else null.to(x_t.device).expand(B, *null.shape[1:]).to(value.dtype)
             both[key] = torch.cat([value, null])
-        out = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), **both)
-        (cond, cond_var), (uncond, _) = (_split_variance(o, self.learned_variance) for o in out.chunk(2))
-        guided = uncond + self.scale * (cond - uncond)
-        if self.rescale > 0:
-            guided = self._rescaled(guided, cond, x_t, t)
-        return _join_variance(guided, cond_var)
-
-    def _rescaled(self, guided: torch.Tensor, cond: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        x0_guided = to_x0_eps(self.prediction, guided, x_t, t, self.schedule)[0]
-        x0_cond = to_x0_eps(self.prediction, cond, x_t, t, self.schedule)[0]
-        rescaled = x0_guided * _std(x0_cond) / _std(x0_guided).clamp(min=1e-12)
-        x0 = self.rescale * rescaled + (1 - self.rescale) * x0_guided
-        return from_x0(self.prediction, x0, x_t, t, self.schedule)
+        cond, uncond = _halves(self.inner.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]), **both))
+        guided = _combine(uncond, cond, self.scale)
+        if self.rescale == 0:
+            return guided
+        rescaled = guided.x0 * _std(cond.x0) / _std(guided.x0).clamp(min=1e-12)
+        return self.with_x0(x_t, t, self.rescale * rescaled + (1 - self.rescale) * guided.x0, guided.var_frac)
 
 
-class Autoguidance:
-    """model(x_t, t, **kw) -> bad + w * (good - bad) of the two networks' outputs (D_good, D_bad of
-    the same prediction and schedule: every parameterization is affine in the output at fixed x_t
-    and t, so this is the same guidance of x_0 and of eps). w = 1 is the good model alone; with a
-    learned variance only the mean channels are guided and the good model's variance is kept."""
+class Autoguidance(DenoiserWrapper):
+    """D_bad + w * (D_good - D_bad) of two denoisers of the same data, schedule and variance (at fixed x_t
+    and t this is the same guidance of x_0 and of eps). w = 1 is the good model alone; with a learned
+    variance only the mean is guided and the good model's variance is kept."""
 
-    def __init__(self, good: ModelFn, bad: ModelFn, scale: float, learned_variance: bool = False):
+    def __init__(self, good: Denoiser, bad: Denoiser, scale: float):
+        super().__init__(good)
+        if not isinstance(bad, Denoiser):
+            raise TypeError(f"the weaker model of autoguidance must be a Denoiser too, got {type(bad).__name__}")
+        if not bad.schedule.same_as(good.schedule):
+            raise ValueError("autoguidance needs two models of the same schedule: the weaker model's differs")
         if not 0.0 <= scale < float("inf"):
             raise ValueError(f"the autoguidance weight w must be a finite number >= 0 (1 = the model alone, 2 a usual choice), got {scale}")
-        self.good, self.bad = good, bad
+        self.bad = bad
         self.scale = float(scale)
-        self.learned_variance = learned_variance
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, **condition) -> torch.Tensor:
-        good, var = _split_variance(self.good(x_t, t, **condition), self.learned_variance)
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, **condition) -> DenoiserOutput:
+        good = self.inner.denoise(x_t, t, **condition)
         if self.scale == 1.0:
-            return _join_variance(good, var)
-        bad = _split_variance(self.bad(x_t, t, **condition), self.learned_variance)[0]
-        return _join_variance(bad + self.scale * (good - bad), var)
+            return good
+        return _combine(self.bad.denoise(x_t, t, **condition), good, self.scale)
 
 
-class DynamicThresholding:
-    """Imagen's dynamic thresholding (Saharia et al. 2022, section 2.3) as a model wrapper: at each
-    step s = max(1, the `percentile` quantile of |x0_hat|) per sample, and x0_hat <- clip(x0_hat, -s, s) / s.
-    Samples stay in [-1, 1] even at large guidance scales; s = 1 is static clipping."""
+class DynamicThresholding(DenoiserWrapper):
+    """Imagen's dynamic thresholding (Saharia et al. 2022, section 2.3): at each step s = max(1, the
+    `percentile` quantile of |x0_hat|) per sample, and x0_hat <- clip(x0_hat, -s, s) / s. Samples stay
+    in [-1, 1] even at large guidance scales; s = 1 is static clipping. It acts on the denoiser's x0,
+    whatever the network predicts."""
 
-    def __init__(self, model: ModelFn, schedule: NoiseSchedule, prediction: Prediction = "eps", percentile: float = 0.995,
-                 learned_variance: bool = False):
+    def __init__(self, denoiser: Denoiser, percentile: float = 0.995):
+        super().__init__(denoiser)
         if not 0.0 < percentile <= 1.0:
             raise ValueError(f"percentile must lie in (0, 1], got {percentile}")
-        self.model, self.schedule, self.prediction = model, schedule, prediction
         self.percentile = percentile
-        self.learned_variance = learned_variance
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, **extra) -> torch.Tensor:
-        out, var = _split_variance(self.model(x_t, t, **extra), self.learned_variance)
-        x0 = to_x0_eps(self.prediction, out, x_t, t, self.schedule)[0]
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, **extra) -> DenoiserOutput:
+        out = self.inner.denoise(x_t, t, **extra)
+        x0 = out.x0
         s = torch.quantile(x0.reshape(x0.shape[0], -1).abs().float(), self.percentile, dim=1).clamp(min=1.0)
         s = append_dims(s, x0.ndim).to(x0.dtype)
-        x0 = torch.maximum(torch.minimum(x0, s), -s) / s
-        return _join_variance(from_x0(self.prediction, x0, x_t, t, self.schedule), var)
+        return self.with_x0(x_t, t, torch.maximum(torch.minimum(x0, s), -s) / s, out.var_frac)
 
 
-class ClassifierGuidance:
-    """Guide an (unconditional) model with a noisy classifier; model_kwargs={'y': labels}.
+class _Unguided(DenoiserWrapper):
+    """The wrapped denoiser with the guidance target removed from its kwargs (it never sees it)."""
 
-    Called as a model, it applies Algorithm 2 (the eps correction) and works with every sampler.
-    For Algorithm 1 on ancestral sampling pass the unguided model and the mean shift instead:
+    def __init__(self, denoiser: Denoiser, key: str):
+        super().__init__(denoiser)
+        self.key = key
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, **kwargs) -> DenoiserOutput:
+        kwargs.pop(self.key, None)
+        return self.inner.denoise(x_t, t, **kwargs)
+
+
+class ClassifierGuidance(DenoiserWrapper):
+    """Guide an (unconditional) denoiser with a noisy classifier; model_kwargs={'y': labels}.
+
+    Called as a denoiser, it applies Algorithm 2 (the eps correction) and works with every sampler.
+    For Algorithm 1 on ancestral sampling pass the unguided denoiser and the mean shift instead:
         sample(cg.unguided, ..., sampler='ddpm', cond_fn=cg.cond_fn, model_kwargs={'y': y})
     classifier(x_t, t) -> logits (B, num_classes). y is not passed on to the model.
 
@@ -169,14 +173,13 @@ class ClassifierGuidance:
     key = "y"  # the model kwarg that names the target; the wrapped model never sees it
     what = "class labels: model_kwargs={'y': labels}"
 
-    def __init__(self, model: ModelFn, classifier, scale: float, schedule: NoiseSchedule, prediction: Prediction = "eps",
-                 learned_variance: bool = False):
+    def __init__(self, denoiser: Denoiser, classifier, scale: float):
+        super().__init__(denoiser)
         if not math.isfinite(scale):
             raise ValueError(f"the {type(self).__name__} scale must be a finite number, got {scale}")
-        self.model, self.classifier = model, classifier
+        self.classifier = classifier
         self.scale = float(scale)
-        self.schedule, self.prediction = schedule, prediction
-        self.learned_variance = learned_variance
+        self.unguided = _Unguided(denoiser, self.key)
 
     def score(self, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """log p_phi(y | x_t) of each example: (B,)."""
@@ -204,19 +207,11 @@ class ClassifierGuidance:
         """s * grad score: the ancestral sampler adds Sigma times this to the mean (Algorithm 1)."""
         return self.scale * self.grad_score(x_t, t, self._target(kwargs))
 
-    def unguided(self, x_t: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
-        """The model without guidance (it never sees the target)."""
-        kwargs.pop(self.key, None)
-        return self.model(x_t, t, **kwargs)
-
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, **kwargs) -> DenoiserOutput:
         g = self.cond_fn(x_t, t, **kwargs)
-        out, var = _split_variance(self.unguided(x_t, t, **kwargs), self.learned_variance)
-        x0, eps = to_x0_eps(self.prediction, out, x_t, t, self.schedule)
+        out = self.unguided.denoise(x_t, t, **kwargs)
         alpha_bar = append_dims(self.schedule.alpha_bar_at(t.detach().to(torch.float64).cpu()).to(x_t.device), x_t.ndim)
-        eps = eps - (1 - alpha_bar).sqrt().to(x_t.dtype) * g
-        x0 = (x_t - (1 - alpha_bar).sqrt().to(x_t.dtype) * eps) / alpha_bar.sqrt().to(x_t.dtype)
-        return _join_variance(from_x0(self.prediction, x0, x_t, t, self.schedule), var)
+        return self.with_eps(x_t, t, out.eps - (1 - alpha_bar).sqrt().to(x_t.dtype) * g, out.var_frac)
 
 
 class CLIPGuidance(ClassifierGuidance):
@@ -230,9 +225,8 @@ class CLIPGuidance(ClassifierGuidance):
     key = "text_embed"
     what = "the prompts' CLIP text embeddings: model_kwargs={'text_embed': clip.encode_text(...)}"
 
-    def __init__(self, model: ModelFn, clip, scale: float, schedule: NoiseSchedule, prediction: Prediction = "eps",
-                 learned_variance: bool = False):
-        super().__init__(model, clip, scale, schedule, prediction, learned_variance)
+    def __init__(self, denoiser: Denoiser, clip, scale: float):
+        super().__init__(denoiser, clip, scale)
         self.clip = clip
 
     def score(self, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The one loader: a run folder (or one of its checkpoints) -> a loaded model with its metadata.
 
     m = ddpmkit.load("runs/mnist")          # DiffusionModel: network + schedule, prediction, conditioning, decoder
-    m.sample_kwargs                          # what every sampler call needs: schedule, prediction, learned_variance
+    m.denoiser                               # what samplers, guidance and editing take: it knows its schedule and prediction
     ae = ddpmkit.load("runs/mnist_autoencoder")   # LoadedNetwork(kind='autoencoder')
 
 Every kind of run the training engine writes (train.task: denoiser, superres, autoencoder,
@@ -22,7 +22,7 @@ from .config import Config, DiffusionConfig
 from .diffusers_bridge import DTYPES, PipelineParts, pipeline_folder, read_pipeline
 from .nets import build_for_task
 from .nets.unet import UNet, upgrade_legacy_keys
-from .reverse import default_variance
+from .parameterization import Denoiser
 from .schedules import NoiseSchedule
 from .text import TextEncoder
 
@@ -102,14 +102,11 @@ class DiffusionModel(LoadedNetwork):
         return self.config.diffusion.learned_variance
 
     @property
-    def sample_kwargs(self) -> dict:
-        """schedule / prediction / learned_variance as ddpmkit.sample takes them."""
-        return {"prediction": self.prediction, "learned_variance": self.learned_variance}
-
-    @property
-    def default_variance(self) -> str:
-        """sigma_t^2 of ancestral sampling: the learned one, else beta-tilde."""
-        return default_variance(self.learned_variance)
+    def denoiser(self) -> Denoiser:
+        """The network as the one denoiser object (schedule, prediction and variance attached), for
+        ddpmkit.sample, the guidance wrappers and editing. Built on the current network, so it follows
+        compile() and a precision change."""
+        return Denoiser(self.network, self.schedule, self.prediction, self.learned_variance)
 
     @property
     def conditioning(self) -> str:

@@ -111,7 +111,11 @@ class DenoiserOutput(NamedTuple):
 
 
 class Denoiser:
-    """Wrap ``model(x_t, t, **extra)`` into the one contract every sampler uses.
+    """The one denoiser object: ``model(x_t, t, **extra)`` together with what it predicts, so that
+    ``denoiser(x_t, t, **extra) -> DenoiserOutput(eps, x0, var_frac)`` whatever the parameterization.
+
+    Samplers, guidance wrappers, editing and likelihoods take a Denoiser and read the schedule from it;
+    nothing downstream is told the schedule or prediction again. ``ddpmkit.load(run).denoiser`` is one.
 
     ``schedule`` is the schedule the model was trained with and t is always in its timesteps.
     With ``learned_variance`` the model returns 2C channels: the prediction and v in [-1, 1],
@@ -125,16 +129,16 @@ class Denoiser:
         self.schedule = schedule
         self.prediction = prediction
         self.learned_variance = learned_variance
-        self.nfe = 0  # network evaluations so far, one per call on a batch
+        self.nfe = 0  # calls so far, one per batch: a wrapper that runs its model on both halves of a batch counts once
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor | float, **extra) -> DenoiserOutput:
-        t = torch.as_tensor(t, device=x_t.device)
-        if not t.is_floating_point():
-            t = t.float()  # float64 is kept: continuous-time solvers ask for exact noise levels
-        if t.ndim == 0:
-            t = t.expand(x_t.shape[0])
-        output = self.model(x_t, t, **extra)
+        t = times_for(x_t, t)
         self.nfe += 1
+        return self.denoise(x_t, t, **extra)
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, **extra) -> DenoiserOutput:
+        """The model's output as (eps, x0, var_frac) at float timesteps t: (B,). Wrappers override this."""
+        output = self.model(x_t, t, **extra)
         var_frac = None
         if self.learned_variance:
             if output.shape[1] != 2 * x_t.shape[1]:
@@ -147,6 +151,52 @@ class Denoiser:
             raise ValueError(f"the model returned shape {tuple(output.shape)} for input {tuple(x_t.shape)}")
         x0, eps = to_x0_eps(self.prediction, output, x_t, t, self.schedule)
         return DenoiserOutput(eps=eps, x0=x0, var_frac=var_frac)
+
+    def with_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, var_frac: torch.Tensor | None = None) -> DenoiserOutput:
+        """The output whose clean-data estimate is x0 at (x_t, t): eps follows from x_t = sqrt(a) x0 + sqrt(1 - a) eps,
+        so wrappers that edit x0 (thresholding, guidance rescale) stay consistent in every parameterization."""
+        alpha_bar = self.schedule.alpha_bar_at(t.to(torch.float64).cpu()).to(t.device)
+        return DenoiserOutput(eps=eps_from_x0(x_t, x0, alpha_bar), x0=x0, var_frac=var_frac)
+
+    def with_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, var_frac: torch.Tensor | None = None) -> DenoiserOutput:
+        """The output whose noise estimate is eps at (x_t, t) (classifier guidance edits eps)."""
+        alpha_bar = self.schedule.alpha_bar_at(t.to(torch.float64).cpu()).to(t.device)
+        return DenoiserOutput(eps=eps, x0=x0_from_eps(x_t, eps, alpha_bar), var_frac=var_frac)
+
+
+class DenoiserWrapper(Denoiser):
+    """A denoiser built on another (guidance, thresholding): it keeps the inner one's schedule, prediction
+    and variance, and overrides ``denoise``, where it calls ``self.inner.denoise`` (so nfe counts the outer calls)."""
+
+    def __init__(self, inner: Denoiser):
+        if not isinstance(inner, Denoiser):
+            raise TypeError(f"{type(self).__name__} wraps a Denoiser, got {type(inner).__name__}: wrap a network once with "
+                            "Denoiser(model, schedule, prediction), or take ddpmkit.load(run).denoiser")
+        super().__init__(inner.model, inner.schedule, inner.prediction, inner.learned_variance)
+        self.inner = inner
+
+
+def times_for(x_t: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    """t as a float tensor (B,) on x_t's device (float64 is kept: continuous-time solvers ask for exact noise levels)."""
+    t = torch.as_tensor(t, device=x_t.device)
+    if not t.is_floating_point():
+        t = t.float()
+    return t.expand(x_t.shape[0]) if t.ndim == 0 else t
+
+
+def as_denoiser(model: ModelFn | Denoiser, schedule: NoiseSchedule | None = None, prediction: Prediction = "eps",
+                learned_variance: bool = False) -> Denoiser:
+    """A Denoiser as given, or a plain model function wrapped with its schedule and prediction (a closed-form
+    model in a test, a network of one's own). A Denoiser already knows both: giving them again is an error,
+    since a second copy is how a wrapper ends up thresholding eps as if it were x0."""
+    if isinstance(model, Denoiser):
+        if prediction != "eps" or learned_variance or (schedule is not None and schedule is not model.schedule
+                                                        and not schedule.same_as(model.schedule)):
+            raise ValueError("this denoiser carries its own schedule, prediction and variance: do not pass them again")
+        return model
+    if schedule is None:
+        raise ValueError("a plain model function needs its schedule (and prediction): or pass a Denoiser, e.g. ddpmkit.load(run).denoiser")
+    return Denoiser(model, schedule, prediction, learned_variance)
 
 
 def from_x0(prediction: str, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:

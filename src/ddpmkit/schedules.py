@@ -217,6 +217,11 @@ class NoiseSchedule:
     def to(self, device: torch.device | str) -> NoiseSchedule:
         return NoiseSchedule(self.betas.to(device), self.timesteps.to(device))
 
+    def same_as(self, other: NoiseSchedule) -> bool:
+        """The same betas on the same timesteps (wherever the tables live)."""
+        return (self.T == other.T and torch.equal(self.betas.cpu(), other.betas.cpu())
+                and torch.equal(self.timesteps.cpu(), other.timesteps.cpu()))
+
     def __repr__(self) -> str:
         return f"NoiseSchedule(T={self.T}, beta=[{self.betas[0]:.3g}..{self.betas[-1]:.3g}], alpha_bar_T={self.alpha_bar[-1]:.3g})"
 

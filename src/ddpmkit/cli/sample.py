@@ -50,9 +50,8 @@ def cmd_tune_grid(args: argparse.Namespace) -> None:
     options = {"order": args.order} if args.order is not None else {}
     model, kwargs, extra = guided_model(m, args.n, guidance_request(args), args.sampler, args.device)  # the grid of the guided ODE
     t0 = time.time()
-    grid = optimize_grid(model, (args.n, *m.data_shape), m.schedule, sampler=args.sampler, steps=args.steps,
-                         prediction=m.prediction, seed=args.seed, max_evals=args.evals, progress=True, model_kwargs=kwargs,
-                         reference_tol=args.reference_tol, **options, **extra)
+    grid = optimize_grid(model, (args.n, *m.data_shape), sampler=args.sampler, steps=args.steps, seed=args.seed, max_evals=args.evals,
+                         progress=True, model_kwargs=kwargs, reference_tol=args.reference_tol, **options, **extra)
     out = atomic_write_text(args.out, json.dumps({"sampler": args.sampler, "steps": args.steps, "options": options, "checkpoint": str(m.path),
                                                   "timesteps": [round(t, 6) for t in grid.tolist()]}, indent=1))
     print(f"{args.steps}-step grid for {args.sampler} in {time.time() - t0:.0f}s: {[round(t, 1) for t in grid.tolist()]} -> {out}")

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..losses import vlb_term
-from ..parameterization import Denoiser, ModelFn, Prediction
+from ..parameterization import Denoiser, ModelFn, Prediction, as_denoiser
 from ..process import prior_kl, q_sample
 from ..reverse import default_variance, p_mean_variance
 from ..sampling.continuous import SigmaDenoiser
@@ -48,7 +48,7 @@ def _term_at(denoiser: Denoiser, x0: torch.Tensor, t_vec: torch.Tensor, schedule
     return vlb_term(x0, x_t, t_vec, mean, log_var, schedule, decoder).to(torch.float64)
 
 
-def vlb(model: ModelFn, x0: torch.Tensor, schedule: NoiseSchedule, prediction: Prediction = "eps",
+def vlb(model: Denoiser | ModelFn, x0: torch.Tensor, schedule: NoiseSchedule | None = None, prediction: Prediction = "eps",
         learned_variance: bool = False, variance: str | None = None, decoder: str = "discretized", clip_x0: bool = False,
         generator: torch.Generator | None = None, model_kwargs: dict | None = None, progress: bool = False) -> VLBResult:
     """Every term of the variational bound (DDPM eq. 5) for the examples x0: (B, ...).
@@ -58,8 +58,9 @@ def vlb(model: ModelFn, x0: torch.Tensor, schedule: NoiseSchedule, prediction: P
     L_0 is the decoder NLL ('discretized' for 8-bit data, 'gaussian' for continuous data).
     T network evaluations.
     """
-    variance = variance or default_variance(learned_variance)
-    denoiser = Denoiser(model, schedule, prediction, learned_variance)
+    denoiser = as_denoiser(model, schedule, prediction, learned_variance)
+    schedule = denoiser.schedule
+    variance = variance or default_variance(denoiser.learned_variance)
     B = x0.shape[0]
     terms = torch.zeros(B, schedule.T, dtype=torch.float64, device=x0.device)
     steps = range(schedule.T - 1, -1, -1)
@@ -72,14 +73,15 @@ def vlb(model: ModelFn, x0: torch.Tensor, schedule: NoiseSchedule, prediction: P
     return VLBResult(prior=prior_kl(x0, schedule).to(torch.float64), terms=terms)
 
 
-def vlb_estimate(model: ModelFn, x0: torch.Tensor, schedule: NoiseSchedule, prediction: Prediction = "eps",
+def vlb_estimate(model: Denoiser | ModelFn, x0: torch.Tensor, schedule: NoiseSchedule | None = None, prediction: Prediction = "eps",
                  learned_variance: bool = False, draws: int = 16, decoder: str = "discretized", clip_x0: bool = False,
                  generator: torch.Generator | None = None, model_kwargs: dict | None = None) -> torch.Tensor:
     """An unbiased estimate of the bound, (B,) nats/dim, for monitoring during training:
     L_T + L_0 + (T - 1) * mean of L_{t-1} at `draws` uniform t in [1, T-1] per example.
     draws + 1 network evaluations instead of T."""
-    variance = default_variance(learned_variance)
-    denoiser = Denoiser(model, schedule, prediction, learned_variance)
+    denoiser = as_denoiser(model, schedule, prediction, learned_variance)
+    schedule = denoiser.schedule
+    variance = default_variance(denoiser.learned_variance)
     B = x0.shape[0]
 
     def term(t_vec: torch.Tensor) -> torch.Tensor:
@@ -106,7 +108,7 @@ class ODELikelihood:
         return self.nll / LN2
 
 
-def ode_nll(model: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, prediction: Prediction = "eps",
+def ode_nll(model: Denoiser | ModelFn, x: torch.Tensor, schedule: NoiseSchedule | None = None, prediction: Prediction = "eps",
             t_start: float = 0.0, divergence: str = "auto", rtol: float = 1e-5, atol: float = 1e-5,
             generator: torch.Generator | None = None, model_kwargs: dict | None = None) -> ODELikelihood:
     """-log p(x) per dimension from the probability-flow ODE (score_sde's likelihood).
@@ -123,7 +125,8 @@ def ode_nll(model: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, prediction
         divergence = "exact" if dim <= 32 else "hutchinson"
     if divergence not in ("exact", "hutchinson"):
         raise ValueError(f"unknown divergence {divergence!r}; choose 'exact', 'hutchinson' or 'auto'")
-    denoiser = Denoiser(model, schedule, prediction)
+    denoiser = as_denoiser(model, schedule, prediction)
+    schedule = denoiser.schedule
     D = SigmaDenoiser(denoiser, model_kwargs)
     s0, s1 = schedule.sigma_at(t_start).item(), schedule.sigma_at(schedule.T - 1).item()
     if s0 <= 0:

@@ -90,7 +90,6 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddp
     reference: a folder of real images to compare with (default: the held-out split of the run's
     data; a diffusers pipeline folder has no data of its own, so it needs one)."""
     m = load_diffusion(checkpoint)
-    d = m.config.diffusion
     data = m.config.data
     if reference:
         C, H = m.image_shape[0], m.image_shape[-1]
@@ -108,7 +107,7 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddp
     images = len(m.data_shape) == 3
     if "bpd_vlb" in metrics:
         t0 = time.time()
-        res = vlb(m.network, x_test, m.schedule, d.prediction, d.learned_variance, clip_x0=images,
+        res = vlb(m.denoiser, x_test, clip_x0=images,
                   decoder="discretized" if images else "gaussian", generator=g, progress=True, model_kwargs=null)
         per_t = res.terms.mean(0)
         report["metrics"]["bpd_vlb"] = {
@@ -119,7 +118,7 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddp
     if "bpd_ode" in metrics:
         t0 = time.time()
         x = dequantize(x_test, g) if images else x_test
-        res = ode_nll(m.network, x, m.schedule, d.prediction, generator=g, model_kwargs=null)
+        res = ode_nll(m.denoiser, x, generator=g, model_kwargs=null)
         value = dequantized_bits_per_dim(res.nll) if images else res.bits_per_dim
         report["metrics"]["bpd_ode"] = {"value": value.mean().item(), "n": len(x_test), "nfe": res.nfe,
                                         "seconds": time.time() - t0,

@@ -25,8 +25,8 @@ def edit_img2img(m: DiffusionModel, image: torch.Tensor, n: int, strength: float
     """n SDEdit variations of one image: (1, C, H, W) -> (n, C, H, W)."""
     model, kwargs, options = guided_model(m, n, request, sampler)
     z = m.encode(image)
-    out = img2img(model, z.expand(n, *z.shape[1:]), m.schedule, strength, sampler=sampler, steps=steps, generator=seed,
-                  model_kwargs=kwargs, **m.sample_kwargs, **options)
+    out = img2img(model, z.expand(n, *z.shape[1:]), strength=strength, sampler=sampler, steps=steps, generator=seed,
+                  model_kwargs=kwargs, **options)
     return m.decode(out.x)
 
 
@@ -40,8 +40,8 @@ def edit_inpaint(m: DiffusionModel, image: torch.Tensor, mask: torch.Tensor, n: 
     model, kwargs, _ = guided_model(m, n, request, "ddpm")
     z, mask = m.encode(image), mask.to(m.device)
     keep = mask if m.autoencoder is None else latent_mask(mask, tuple(z.shape[-2:]))
-    x = inpaint(model, z.expand(n, *z.shape[1:]), keep, m.schedule, steps=steps, resample=resample, generator=seed,
-                prediction=m.prediction, clip_x0=m.autoencoder is None, model_kwargs=kwargs)
+    x = inpaint(model, z.expand(n, *z.shape[1:]), keep, steps=steps, resample=resample, generator=seed,
+                clip_x0=m.autoencoder is None, model_kwargs=kwargs)
     return m.decode(x)
 
 
@@ -58,8 +58,7 @@ def edit_posterior(m: DiffusionModel, image: torch.Tensor, t: int, n: int, reque
     if not 0 < t < m.schedule.T:
         raise ValueError(f"t must lie in 1..{m.schedule.T - 1}, got {t}")
     model, kwargs, _ = guided_model(m, n, request, "ddpm")
-    x_t, xs = posterior_samples(model, m.encode(image), t, n, m.schedule, steps=steps, seed=seed, prediction=m.prediction,
-                                model_kwargs=kwargs)
+    x_t, xs = posterior_samples(model, m.encode(image), t, n, steps=steps, seed=seed, model_kwargs=kwargs)
     shown = x_t.clamp(-1, 1) if m.autoencoder is None else torch.zeros_like(image)
     return shown, m.decode(xs)
 
@@ -68,8 +67,8 @@ def interpolation_seeds(m: DiffusionModel, seed_a: int, seed_b: int, n: int, req
                         sampler: str = "ddim", steps: int = 50) -> torch.Tensor:
     """n samples along the slerp from seed_a's x_T to seed_b's: (n, C, H, W)."""
     model, kwargs, _ = guided_model(m, n, request, sampler)
-    x = interpolate_seeds(model, seed_a, seed_b, n, m.data_shape, m.schedule, sampler=sampler, steps=steps,
-                          prediction=m.prediction, model_kwargs=kwargs, device=m.device)
+    x = interpolate_seeds(model, seed_a, seed_b, n, m.data_shape, sampler=sampler, steps=steps, model_kwargs=kwargs,
+                          device=m.device)
     return m.decode(x)
 
 
@@ -77,8 +76,7 @@ def interpolation_images(m: DiffusionModel, a: torch.Tensor, b: torch.Tensor, t:
                          steps: int = 50, seed: int = 0) -> torch.Tensor:
     """DDPM Fig. 8: two images (1, C, H, W) noised to x_t with the same noise, mixed, denoised: (n, C, H, W)."""
     model, kwargs, _ = guided_model(m, n, request, "ddpm")
-    x = interpolate_images(model, m.encode(a), m.encode(b), t, n, m.schedule, seed=seed, steps=steps, prediction=m.prediction,
-                           model_kwargs=kwargs)
+    x = interpolate_images(model, m.encode(a), m.encode(b), t, n, seed=seed, steps=steps, model_kwargs=kwargs)
     return m.decode(x)
 
 
@@ -92,6 +90,6 @@ def interpolation_prompts(m: DiffusionModel, prompt_a: str, prompt_b: str, n: in
     request = replace(request or GuidanceRequest(), conditions={k: torch.cat([c[k] for c in conds]) for k in ca})
     model, kwargs, options = guided_model(m, n, request, sampler)
     x_T = seed_noise(seed, m.data_shape).expand(n, *m.data_shape)
-    x = sample(model, x_T.shape, m.schedule, sampler=sampler, steps=steps, x_T=x_T, generator=0, model_kwargs=kwargs,
-               device=m.device, **m.sample_kwargs, **options).x
+    x = sample(model, x_T.shape, sampler=sampler, steps=steps, x_T=x_T, generator=0, model_kwargs=kwargs,
+               device=m.device, **options).x
     return m.decode(x)

@@ -35,11 +35,9 @@ class Generated:
 
 
 def resolve_options(m: DiffusionModel, options: dict | None) -> dict:
-    """Sampler options with variance='auto' replaced by the model's own (learned or beta-tilde),
-    and no clipping of the predicted x_0 for latent models: [-1, 1] bounds pixels, not latents."""
+    """Sampler options with no clipping of the predicted x_0 for latent models: [-1, 1] bounds pixels,
+    not latents."""
     options = dict(options or {})
-    if options.get("variance") == "auto":
-        options["variance"] = m.default_variance
     if m.autoencoder is not None and "clip_x0" in options:
         options["clip_x0"] = False
     return options
@@ -113,9 +111,9 @@ def generate(m: DiffusionModel, n: int, request: GuidanceRequest | None = None, 
     def draw(start: int, b: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], int]:
         try:
             model, kwargs, extra = guided_model(m, b, request.slice(start, b, m.num_classes), sampler, device)
-            res = sample(model, (b, *m.data_shape), m.schedule, sampler=sampler, steps=steps, generator=seeds[start:start + b],
+            res = sample(model, (b, *m.data_shape), sampler=sampler, steps=steps, generator=seeds[start:start + b],
                          record_every=record_every, progress=progress and streams == 1, model_kwargs=kwargs, device=device,
-                         **m.sample_kwargs, callback=lambda info: on_step(info, start), **options, **extra)
+                         callback=lambda info: on_step(info, start), **options, **extra)
             return m.decode(res.x).cpu(), [m.decode(x) for x in res.xs], [m.decode(x) for x in res.x0s], res.nfe
         except BaseException:
             failed.set()

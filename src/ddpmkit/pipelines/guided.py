@@ -1,11 +1,11 @@
 """The one guidance door: from a loaded model and what the user asks for (classes, prompts,
-precomputed conditions, guidance) to the three things a sampler takes: a model, its model_kwargs
+precomputed conditions, guidance) to the three things a sampler takes: a denoiser, its model_kwargs
 and extra sampler options. Every command that samples (sample, eval, img2img, inpaint, posterior,
 interpolate, voyage) comes through here.
 
     request = GuidanceRequest(classes=[7], scale=3.0)
-    model, kwargs, options = guided_model(ddpmkit.load(run), n=16, request=request, sampler="unipc")
-    sample(model, (16, *shape), schedule, sampler="unipc", model_kwargs=kwargs, **options)
+    denoiser, kwargs, options = guided_model(ddpmkit.load(run), n=16, request=request, sampler="unipc")
+    sample(denoiser, (16, *shape), sampler="unipc", model_kwargs=kwargs, **options)
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 
 from ..guidance import Autoguidance, ClassifierFreeGuidance, ClassifierGuidance, CLIPGuidance, DynamicThresholding
 from ..models import DiffusionModel, LoadedNetwork, load_classifier, load_clip, load_diffusion
-from ..parameterization import ModelFn
+from ..parameterization import Denoiser, DenoiserOutput, DenoiserWrapper
 from ..precision import Autocast
 from ..utils import cycle, side
 
@@ -102,8 +102,8 @@ def _conditions(m: DiffusionModel, n: int, request: GuidanceRequest, labels: tor
 
 
 def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = None, sampler: str = "ddpm",
-                 device: str | torch.device | None = None) -> tuple[ModelFn, dict, dict]:
-    """(model, model_kwargs, sampler options) for n samples of the loaded model as requested.
+                 device: str | torch.device | None = None) -> tuple[Denoiser, dict, dict]:
+    """(denoiser, model_kwargs, sampler options) for n samples of the loaded model as requested.
 
     Classifier-free guidance: scale 0 is the unconditional branch alone, 1 the conditional model
     alone, anything else eps_u + s (eps_c - eps_u) in one batched call."""
@@ -120,7 +120,7 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
         raise ValueError("--class needs a class-conditional model (network.num_classes > 0) or --classifier for classifier guidance")
     scale = request.scale if request.scale is not None else (0.0 if request.classifier or request.clip else DEFAULT_SCALE)
     labels = torch.tensor(cycle(request.classes or list(range(max(m.num_classes, 10))), n), device=device)
-    model: ModelFn = m.network
+    model: Denoiser = m.denoiser
     kwargs: dict = {}
     options: dict = {}
     if m.conditioning != "none":
@@ -133,8 +133,7 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
         if scale not in (0.0, 1.0):
             null = m.null_condition(1, device)
             model = ClassifierFreeGuidance(model, scale, null_label=m.num_classes if m.conditioning == "class" else None,
-                                           null=null if m.conditioning != "class" else None, learned_variance=m.learned_variance,
-                                           rescale=request.rescale, schedule=m.schedule, prediction=m.prediction)
+                                           null=null if m.conditioning != "class" else None, rescale=request.rescale)
     if m.is_super_resolution and not (request.extra and "low_res" in request.extra):
         raise ValueError(f"{m.path} is a super-resolution stage ({side(m.low_res_shape)} -> {side(m.data_shape)}): give it low-res images "
                          "with `ddpmkit upscale STAGE image.png`, or put it after a base model: `ddpmkit sample BASE --then STAGE`")
@@ -146,25 +145,25 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
         if m.conditioning != "none" and scale not in (0.0, 1.0):
             raise ValueError(f"autoguidance guides one branch: with --autoguide give --guidance 1 (the conditional model) or 0 "
                              f"(the unconditional one), not {scale:g}")
-        model = Autoguidance(model, _weaker_model(m, request.autoguide, device), request.autoguide_scale, m.learned_variance)
+        model = Autoguidance(model, _weaker_model(m, request.autoguide, device), request.autoguide_scale)
     if request.threshold:
-        model = DynamicThresholding(model, m.schedule, m.prediction, request.threshold, m.learned_variance)
+        model = DynamicThresholding(model, request.threshold)
     if request.classifier:
         clf = load_classifier(request.classifier, device=device)
-        model, kwargs, options = _gradient_guided(m, clf, ClassifierGuidance(_bound(model, kwargs), clf.network, request.classifier_scale,
-                                                                           m.schedule, m.prediction, m.learned_variance), labels, sampler)
+        model, kwargs, options = _gradient_guided(m, clf, ClassifierGuidance(_Bound(model, kwargs), clf.network, request.classifier_scale),
+                                             labels, sampler)
     if request.clip:
         clip = load_clip(request.clip, device=device)
         if not clip.network.noisy:
             raise ValueError(f"CLIP guidance needs a noisy CLIP, whose image tower sees x_t (ddpmkit train clip_noisy); {request.clip} "
                              "was trained on clean images")
         target = clip.embed_texts(cycle(request.prompts, n)).to(device)
-        model, kwargs, options = _gradient_guided(m, clip, CLIPGuidance(_bound(model, kwargs), clip.network, request.clip_scale, m.schedule,
-                                                                        m.prediction, m.learned_variance), target, sampler)
+        model, kwargs, options = _gradient_guided(m, clip, CLIPGuidance(_Bound(model, kwargs), clip.network, request.clip_scale),
+                                             target, sampler)
     return model, kwargs, options
 
 
-def _weaker_model(m: DiffusionModel, path: str, device) -> ModelFn:
+def _weaker_model(m: DiffusionModel, path: str, device) -> Denoiser:
     """The bad model of autoguidance: it must denoise the same data in the same way as m."""
     bad = load_diffusion(path, device=device)
     mine, its = m.config.diffusion, bad.config.diffusion
@@ -175,17 +174,23 @@ def _weaker_model(m: DiffusionModel, path: str, device) -> ModelFn:
     if differ:
         raise ValueError(f"the autoguiding model {path} must be a weaker model of the same kind as {m.path}; they differ in: "
                          + "; ".join(differ))
-    return Autocast(bad.network, m.network.dtype) if isinstance(m.network, Autocast) else bad.network  # in m's precision
+    network = Autocast(bad.network, m.network.dtype) if isinstance(m.network, Autocast) else bad.network  # in m's precision
+    return Denoiser(network, m.schedule, bad.prediction, bad.learned_variance)
 
 
-def _bound(model: ModelFn, kwargs: dict) -> ModelFn:
-    """The model with its model kwargs fixed: gradient guidance passes only its own target through."""
-    kwargs = dict(kwargs)
-    return lambda x_t, t, **_: model(x_t, t, **kwargs)
+class _Bound(DenoiserWrapper):
+    """The denoiser with its model kwargs fixed: gradient guidance passes only its own target through."""
+
+    def __init__(self, denoiser: Denoiser, kwargs: dict):
+        super().__init__(denoiser)
+        self.kwargs = dict(kwargs)
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, **_) -> DenoiserOutput:
+        return self.inner.denoise(x_t, t, **self.kwargs)
 
 
 def _gradient_guided(m: DiffusionModel, guide: LoadedNetwork, guidance: ClassifierGuidance, target: torch.Tensor,
-                     sampler: str) -> tuple[ModelFn, dict, dict]:
+                     sampler: str) -> tuple[Denoiser, dict, dict]:
     """Classifier or CLIP guidance (of a model with its kwargs bound) toward target, as the sampler takes it."""
     c, d = guide.config.diffusion, m.config.diffusion
     if (c.schedule, c.T, c.zero_terminal_snr) != (d.schedule, d.T, d.zero_terminal_snr):

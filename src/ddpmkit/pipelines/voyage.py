@@ -82,7 +82,7 @@ def render_voyage(m: DiffusionModel, keyframes: list[tuple[int, str]], frames_be
         sl = slice(start, start + batch)
         n = len(x_T[sl])
         model, cond, options = guided_model(m, n, request.slice(start, n), sampler, device)
-        res = sample(model, x_T[sl].shape, m.schedule, sampler=sampler, steps=steps, x_T=x_T[sl], generator=0, device=device,
-                     model_kwargs=cond, **m.sample_kwargs, **resolve_options(m, options))
+        res = sample(model, x_T[sl].shape, sampler=sampler, steps=steps, x_T=x_T[sl], generator=0, device=device,
+                     model_kwargs=cond, **resolve_options(m, options))
         out.append(m.decode(res.x).cpu())
     return torch.cat(out)

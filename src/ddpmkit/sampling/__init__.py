@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..parameterization import Denoiser, ModelFn, Prediction
+from ..parameterization import Denoiser, ModelFn, Prediction, as_denoiser
 from ..schedules import NoiseSchedule
 from .ancestral import ddim, ddpm
 from .grids import GRIDS, timestep_grid
@@ -58,9 +58,9 @@ def _check_options(sampler: str, options: dict) -> None:
 
 
 def sample(
-    model: ModelFn,
+    model: Denoiser | ModelFn,
     shape: Sequence[int],
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule | None = None,
     sampler: str = "ddpm",
     steps: int | None = None,
     prediction: Prediction = "eps",
@@ -76,9 +76,10 @@ def sample(
 ) -> SampleResult:
     """Draw samples of shape (B, *dims) from a diffusion model.
 
-    model: any callable model(x_t: (B, ...), t: (B,) float timesteps, **model_kwargs) returning the
-        ``prediction`` (eps, x0, v or mu) -- a trained network or a closed-form function.
-    schedule: the noise schedule the model was trained with.
+    model: a Denoiser (``ddpmkit.load(run).denoiser``, or a guidance wrapper of one), which knows its
+        schedule, prediction and variance; or any callable model(x_t: (B, ...), t: (B,) float timesteps,
+        **model_kwargs) returning the ``prediction`` (eps, x0, v or mu), with its ``schedule`` (the one it
+        was trained with), ``prediction`` and ``learned_variance``.
     sampler: one of SAMPLERS ('ddpm', 'ddim', 'euler', 'heun', 'dpmpp_2m', 'dpmpp_3m', 'unipc', 'dopri5',
         'dpmpp_2m_sde', 'dpmpp_3m_sde', 'euler_maruyama', 'pc').
     steps: grid points, one network evaluation each (Heun and pc: about two); None = all T steps.
@@ -96,14 +97,15 @@ def sample(
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2:
         raise ValueError(f"shape must be (batch, *dims), got {shape}")
+    denoiser = as_denoiser(model, None if schedule is None else schedule.to("cpu"), prediction, learned_variance)
     if device is None:
-        params = getattr(model, "parameters", None)
+        params = getattr(denoiser.model, "parameters", None)
         first = next(params(), None) if callable(params) else None
         device = first.device if first is not None else torch.device("cpu")
     noise = NoiseSource(shape[0], generator, device)
     x = noise.randn(shape[1:]) if x_T is None else x_T.to(device)
-    denoiser = Denoiser(model, schedule.to("cpu"), prediction, learned_variance)
     result = SampleResult(x=x, nfe=0)
+    nfe_before = denoiser.nfe
     step_count = 0
 
     def record(info: dict) -> None:
@@ -120,7 +122,7 @@ def sample(
         result.x = SAMPLERS[sampler](
             denoiser, x, noise, steps=steps, callback=record, model_kwargs=model_kwargs, progress=progress, **sampler_options
         )
-    result.nfe = denoiser.nfe
+    result.nfe = denoiser.nfe - nfe_before
     return result
 
 

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..parameterization import Denoiser
-from ..reverse import check_variance, p_mean_variance
+from ..reverse import check_variance, default_variance, p_mean_variance
 from ..schedules import NoiseSchedule
 from .grids import integer_grid
 from .noise import NoiseSource
@@ -38,7 +38,7 @@ def ddpm(
     noise: NoiseSource,
     steps: int | None = None,
     grid: str = "uniform",
-    variance: str = "beta_tilde",
+    variance: str = "auto",
     clip_x0: bool = False,
     callback: StepCallback | None = None,
     model_kwargs: dict | None = None,
@@ -47,12 +47,15 @@ def ddpm(
 ) -> torch.Tensor:
     """Run Algorithm 2 from x = x_T: (B, ...) and return x_0.
 
-    variance: sigma_t^2 = beta-tilde_t ('beta_tilde'), beta_t ('beta') or the model's ('learned').
+    variance: sigma_t^2 = beta-tilde_t ('beta_tilde'), beta_t ('beta') or the model's ('learned');
+        'auto' is the denoiser's own: learned if it learned one, else beta-tilde.
     clip_x0: clip the predicted x_0 to [-1, 1] before forming the posterior mean (DDPM's code).
     callback receives {'i', 't', 'x' (x_{t-1}), 'x0' (predicted x_0)} after every step.
     cond_fn(x_t, t, **model_kwargs) -> g shifts every mean by Sigma_t * g: classifier guidance's
     Algorithm 1 with g = s * grad log p(y | x_t) (ClassifierGuidance.cond_fn).
     """
+    if variance == "auto":
+        variance = default_variance(denoiser.learned_variance)
     check_variance(variance)
     schedule = _respaced(denoiser.schedule, steps, grid)
     positions = range(schedule.T - 1, -1, -1)

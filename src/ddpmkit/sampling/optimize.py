@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..parameterization import ModelFn, Prediction
+from ..parameterization import Denoiser, ModelFn, Prediction, as_denoiser
 from ..schedules import NoiseSchedule
 from . import sample
 
@@ -34,7 +34,8 @@ def grid_from_gaps(z: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
     return t
 
 
-def optimize_grid(model: ModelFn, shape: Sequence[int], schedule: NoiseSchedule, sampler: str = "unipc", steps: int = 10,
+def optimize_grid(model: Denoiser | ModelFn, shape: Sequence[int], schedule: NoiseSchedule | None = None, sampler: str = "unipc",
+                  steps: int = 10,
                   prediction: Prediction = "eps", seed: int = 0, max_evals: int = 600, reference_tol: float = 1e-8,
                   model_kwargs: dict | None = None, progress: bool = False, **sampler_options) -> torch.Tensor:
     """The timestep grid of `steps` points that minimises the mean endpoint distance of `sampler`
@@ -45,16 +46,17 @@ def optimize_grid(model: ModelFn, shape: Sequence[int], schedule: NoiseSchedule,
     """
     if steps < 3:
         raise ValueError("a grid with fewer than 3 points has nothing to optimise")
-    common = dict(prediction=prediction, model_kwargs=model_kwargs)
+    denoiser = as_denoiser(model, schedule, prediction)
+    schedule = denoiser.schedule
     x_T = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    first = next(model.parameters()) if hasattr(model, "parameters") else None
+    first = next(denoiser.model.parameters()) if hasattr(denoiser.model, "parameters") else None
     if first is not None:
         x_T = x_T.to(first.device, first.dtype)
-    ref = sample(model, shape, schedule, sampler="dopri5", x_T=x_T, rtol=reference_tol, atol=reference_tol, **common).x
+    ref = sample(denoiser, shape, sampler="dopri5", x_T=x_T, rtol=reference_tol, atol=reference_tol, model_kwargs=model_kwargs).x
 
     def loss(z) -> float:
         grid = grid_from_gaps(torch.as_tensor(z), schedule)
-        x = sample(model, shape, schedule, sampler=sampler, grid=grid, x_T=x_T, **common, **sampler_options).x
+        x = sample(denoiser, shape, sampler=sampler, grid=grid, x_T=x_T, model_kwargs=model_kwargs, **sampler_options).x
         err = (x - ref).flatten(1).norm(dim=1).mean().item()
         return err if math.isfinite(err) else 1e10
 

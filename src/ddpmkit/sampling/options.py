@@ -12,8 +12,8 @@ NO_CLIP = ("euler_maruyama", "pc", "dopri5")  # samplers that never clip the pre
 
 def sampler_options(sampler: str, grid: str | torch.Tensor | None = None, variance: str = "auto", clip_x0: bool = True,
                     eta: float | None = None, order: int | None = None) -> dict:
-    """The options `sample(..., sampler=sampler, **options)` takes. variance='auto' is resolved
-    against the model later (pipelines.generate.resolve_options); grid may be a name, a tensor
+    """The options `sample(..., sampler=sampler, **options)` takes. variance='auto' is the
+    model's own (the ancestral sampler resolves it); grid may be a name, a tensor
     of timesteps, or a JSON file from `ddpmkit tune-grid`."""
     from_file = isinstance(grid, str) and grid.endswith(".json")
     options: dict = {}

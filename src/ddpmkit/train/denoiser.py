@@ -22,7 +22,7 @@ from ..data import ArrayDataset, DataError, Dataset
 from ..evaluate.likelihood import LN2, vlb_estimate
 from ..losses import training_losses
 from ..models import load_autoencoder
-from ..reverse import default_variance
+from ..parameterization import Denoiser
 from ..sampling import sample
 from ..schedules import NoiseSchedule
 from .batches import Batch
@@ -123,15 +123,19 @@ class DenoiserTask(Task):
         """The same inputs for held-out examples x0 (B, ...), without random augmentation."""
         return {}
 
+    def denoiser(self, network: nn.Module) -> Denoiser:
+        """The network with its schedule, prediction and variance: what a sampler takes."""
+        dc = self.cfg.diffusion
+        return Denoiser(network, self.schedule, dc.prediction, dc.learned_variance)
+
     def preview(self, ema: nn.Module, path: Path) -> torch.Tensor:
         """train.num_samples samples with fixed seeds as a grid (images) or scatter (2-D). A
         conditional model draws classes 0, 1, 2, ... (or the first captions) without guidance."""
-        tc, dc = self.cfg.train, self.cfg.diffusion
+        tc = self.cfg.train
         device = next(ema.parameters()).device
         kwargs = {k: v.to(device) for k, v in self.conditioning.preview(tc.num_samples).items()}
-        out = sample(ema, (tc.num_samples, *self.shape), self.schedule, steps=tc.sample_steps, prediction=dc.prediction,
-                     learned_variance=dc.learned_variance, generator=0, clip_x0=len(self.shape) == 3,
-                     variance=default_variance(dc.learned_variance), model_kwargs=kwargs)
+        out = sample(self.denoiser(ema), (tc.num_samples, *self.shape), steps=tc.sample_steps, generator=0,
+                     clip_x0=len(self.shape) == 3, model_kwargs=kwargs)
         x = out.x if self.autoencoder is None else self.autoencoder.from_latent(out.x)
         if x.ndim == 4:
             viz.save_grid(x, path)
@@ -151,12 +155,11 @@ class DenoiserTask(Task):
         """An unbiased VLB estimate in bits/dim on the same held-out examples, noise levels and
         noise every time (the training data where there is no held-out split). Conditional
         models are scored unconditionally (null condition)."""
-        dc = self.cfg.diffusion
         device = next(ema.parameters()).device
         x0 = self.held_out.to(device)
         images = x0.ndim == 4
         null = {k: v.to(device) for k, v in {**self.conditioning.null_batch(len(x0)), **self.held_out_inputs(x0)}.items()}
-        est = vlb_estimate(ema, x0, self.schedule, dc.prediction, dc.learned_variance, draws=8,
+        est = vlb_estimate(self.denoiser(ema), x0, draws=8,
                            decoder="discretized" if images else "gaussian", clip_x0=images,
                            generator=torch.Generator().manual_seed(self.cfg.train.seed), model_kwargs=null)
         return {"bpd_vlb_estimate": est.mean().item() / LN2}

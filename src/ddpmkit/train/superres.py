@@ -17,7 +17,6 @@ from torch import nn
 from .. import viz
 from ..config import Config
 from ..data import DataError
-from ..reverse import default_variance
 from ..sampling import sample
 from ..superres import augment, downsample, gaussian_blur, stage_inputs, upsample
 from .batches import Batch
@@ -56,13 +55,12 @@ class SuperResTask(DenoiserTask):
     def preview(self, ema: nn.Module, path: Path) -> torch.Tensor:
         """Held-out images as triples (upsampled low-res input | super-resolved | original), at the
         default sampling augmentation level; a conditional stage shows its unconditional branch."""
-        tc, dc, sr = self.cfg.train, self.cfg.diffusion, self.cfg.superres
+        tc, sr = self.cfg.train, self.cfg.superres
         device = next(ema.parameters()).device
         x = self.held_out[:min(16, tc.num_samples)]
         n = len(x)
         kwargs = {**self.conditioning.null_batch(n), **stage_inputs(downsample(x, sr.low_res), sr.aug_level, self.schedule, list(range(n)))}
-        out = sample(ema, (n, *self.shape), self.schedule, steps=tc.sample_steps, prediction=dc.prediction,
-                     learned_variance=dc.learned_variance, generator=0, clip_x0=True, variance=default_variance(dc.learned_variance),
+        out = sample(self.denoiser(ema), (n, *self.shape), steps=tc.sample_steps, generator=0, clip_x0=True,
                      model_kwargs={k: v.to(device) for k, v in kwargs.items()})
         shown = upsample(downsample(x, sr.low_res), self.shape[-1], "nearest")
         rows = torch.stack([shown, out.x.cpu(), x], dim=1).reshape(3 * n, *self.shape)  # (n, 3, ...) -> triples in a row

@@ -21,7 +21,6 @@ from ..config import Config, ConfigError
 from ..data import DataError, Dataset
 from ..models import load
 from ..nets.prior import prior_data_scale
-from ..reverse import default_variance
 from ..sampling import sample
 from .denoiser import DenoiserTask, map_dataset
 
@@ -83,12 +82,11 @@ class DecoderTask(DenoiserTask):
 
     def preview(self, ema: nn.Module, path: Path) -> torch.Tensor:
         """Held-out digits (odd rows) and a decoding of each one's CLIP embedding (even rows)."""
-        tc, dc = self.cfg.train, self.cfg.diffusion
+        tc = self.cfg.train
         device = next(ema.parameters()).device
         x = self.held_out[:min(16, tc.num_samples)]
         kwargs = {"image_embed": self.clip.embed_images(x).to(device)}
-        out = sample(ema, tuple(x.shape), self.schedule, steps=tc.sample_steps, prediction=dc.prediction, learned_variance=dc.learned_variance,
-                     generator=0, clip_x0=True, variance=default_variance(dc.learned_variance), model_kwargs=kwargs)
+        out = sample(self.denoiser(ema), tuple(x.shape), steps=tc.sample_steps, generator=0, clip_x0=True, model_kwargs=kwargs)
         rows = torch.cat([x, out.x.cpu()])
         viz.save_grid(rows, path, nrow=len(x))
         return rows

@@ -1,0 +1,65 @@
+"""The library docs' code blocks run as written: every ```python block of README.md's library
+section and of docs/library.md, in order, one namespace per page. The run folders they name
+("runs/mnist_class", ...) are tiny runs of the same presets, trained here for a few steps."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import needs_text
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = re.compile(r"```python\n(.*?)```", re.S)
+TINY = ["data.name=digits", "network.base_channels=8", "network.channel_mult=1,2", "network.attention_resolutions=",
+        "network.text_max_tokens=8", "train.batch_size=8", "train.sample_every=0", "train.eval_every=0", "train.steps=3",
+        "train.checkpoint_every=0", "train.mixed_precision=no", "train.log_every=1"]
+
+
+def python_blocks(page: Path) -> list[str]:
+    return BLOCK.findall(page.read_text())
+
+
+@pytest.fixture(scope="module")
+def doc_runs(tmp_path_factory) -> dict[str, Path]:
+    """A tiny run of every preset the docs load, under the name the docs give it."""
+    from ddpmkit.config import load_config
+    from ddpmkit.train import train
+
+    root = tmp_path_factory.mktemp("docs")
+    presets = {"mnist_class": ["data.resize=4"], "imagen_base": ["data.resize=4"],
+               "imagen_sr": ["superres.low_res=4"], "clip": ["clip.embed_dim=8"]}
+    runs = {name: train(load_config(name, [*TINY, *extra, f"train.run_dir={root / name}"]), progress=False) for name, extra in presets.items()}
+    unclip = [f"unclip.clip={runs['clip']}", "unclip.embed_dim=8"]
+    runs["unclip_prior"] = train(load_config("unclip_prior", [*TINY[:1], *TINY[4:], *unclip, "unclip.prior_width=16", "unclip.prior_layers=1",
+                                                              f"train.run_dir={root / 'unclip_prior'}"]), progress=False)
+    runs["unclip_decoder"] = train(load_config("unclip_decoder", [*TINY, *unclip, f"train.run_dir={root / 'unclip_decoder'}"]), progress=False)
+    return runs
+
+
+def run_page(blocks: list[str], runs: dict[str, Path]) -> None:
+    namespace: dict = {}
+    for i, code in enumerate(blocks):
+        for name, path in runs.items():
+            code = code.replace(f'"runs/{name}"', repr(str(path)))
+        assert "runs/" not in code, f"block {i} names a run the test does not train:\n{code}"
+        exec(compile(code, f"block {i}", "exec"), namespace)  # noqa: S102 -- the docs' own examples
+
+
+@needs_text
+@pytest.mark.slow
+def test_the_library_page_runs(doc_runs):
+    blocks = python_blocks(ROOT / "docs" / "library.md")
+    assert len(blocks) >= 4
+    run_page(blocks, doc_runs)
+
+
+@needs_text
+def test_the_readme_library_section_runs(doc_runs):
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Library"):]
+    section = section[:section.index("\n## ", 1)]
+    blocks = BLOCK.findall(section)
+    assert blocks, "the README's library section has no python block"
+    run_page(blocks, doc_runs)
