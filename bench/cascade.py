@@ -49,6 +49,7 @@ from ddpmkit.pipelines import GuidanceRequest, Stage, cascade, generate, super_r
 from ddpmkit.process import q_sample
 from ddpmkit.sampling.options import sampler_options
 from ddpmkit.superres import downsample, upsample
+from ddpmkit.train.judge import ensure_judge
 
 
 def timed(fn, *args, **kwargs):
@@ -220,7 +221,8 @@ def main() -> int:
     args = p.parse_args()
     sections = set(args.sections.split(","))
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    scorer, report = DigitScorer(), {"args": vars(args)}  # (trains the judge on first use)
+    ensure_judge()  # trained into the cache on first use
+    scorer, report = DigitScorer(), {"args": vars(args)}
     torch.set_grad_enabled(False)
     if "quality" in sections:
         quality(args, scorer, report)

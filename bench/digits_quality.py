@@ -27,6 +27,7 @@ from ddpmkit.evaluate.report import DigitScorer
 from ddpmkit.models import load_diffusion
 from ddpmkit.pipelines import generate
 from ddpmkit.sampling.options import sampler_options
+from ddpmkit.train.judge import ensure_judge
 
 
 def main() -> int:
@@ -49,6 +50,7 @@ def main() -> int:
     args = p.parse_args()
 
     t0 = time.time()
+    ensure_judge()  # trained into the cache on first use
     classifier, acc = load_judge()
     print(f"judge accuracy on 500 held-out real digits: {acc:.2%}  (target >= 97%)  [{time.time() - t0:.0f}s]")
     real = judge(classifier, load_dataset("mnist5k", split="test").x)

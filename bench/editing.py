@@ -20,6 +20,7 @@ from ddpmkit.editing import img2img, inpaint
 from ddpmkit.evaluate.cached_judge import load_judge
 from ddpmkit.images import make_mask
 from ddpmkit.models import load_diffusion
+from ddpmkit.train.judge import ensure_judge
 
 
 @torch.no_grad()
@@ -38,6 +39,7 @@ def main() -> int:
     p.add_argument("--out", default="runs/bench/editing")
     args = p.parse_args()
 
+    ensure_judge()  # trained into the cache on first use
     judge, _ = load_judge()
     test = load_dataset("mnist5k", split="test")
     x0, labels = test.x[:args.n], test.labels[:args.n]

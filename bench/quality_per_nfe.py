@@ -32,6 +32,7 @@ from ddpmkit.pipelines.guided import GuidanceRequest
 from ddpmkit.posthoc_ema import write_checkpoint
 from ddpmkit.precision import CHOICES as PRECISIONS
 from ddpmkit.sampling.options import sampler_options
+from ddpmkit.train.judge import ensure_judge
 
 DEFAULT_SAMPLERS = ["ddpm:1000", "dpmpp_2m_sde:20", "ddim:20", "unipc:20", "dpmpp_2m:20", "heun:10", "ddim:10", "unipc:10", "dpmpp_2m:10"]
 
@@ -65,6 +66,7 @@ def main() -> int:
             targets.append((f"{ckpt} (post-hoc EMA {w:g})", str(write_checkpoint(ckpt, w).parent)))
     requests = [("", None)] + [(f" + autoguidance {w:g}", GuidanceRequest(autoguide=args.autoguide, autoguide_scale=w))
                                for w in ([float(w) for w in args.autoguide_scales.split(",")] if args.autoguide else [])]
+    ensure_judge()  # trained into the cache on first use
     scorer = DigitScorer()
     rows = []
     print("| model | step | sampler | NFE | judged p >= 0.9 | judge-FD | seconds |\n|---|---|---|---|---|---|---|", flush=True)

@@ -33,6 +33,7 @@ from ddpmkit.evaluate.report import DigitScorer
 from ddpmkit.models import load_diffusion
 from ddpmkit.pipelines import generate
 from ddpmkit.sampling.options import sampler_options
+from ddpmkit.train.judge import ensure_judge
 
 SAMPLERS = ["ddpm:1000", "dpmpp_2m_sde:20", "ddim:10", "ddim:20", "unipc:10", "unipc:20"]
 
@@ -96,6 +97,7 @@ def main() -> int:
     results = out / "results.json"
     rows: list[dict] = json.loads(results.read_text()) if results.is_file() else []
     if not args.plot_only:
+        ensure_judge()  # trained into the cache on first use
         scorer = DigitScorer()
         for recipe in args.recipes:
             for minutes in args.minutes:

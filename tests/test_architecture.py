@@ -103,8 +103,10 @@ def test_faces_and_the_trainer_are_imported_by_nobody_below_them():
             assert not any(e.startswith("ddpmkit.cli") for e in edges), f"{name} imports the command line"
         if not name.startswith(("ddpmkit.cli", "ddpmkit.web")):
             assert not any(e.startswith("ddpmkit.web") for e in edges), f"{name} imports the web page"
+    evaluation = [name for name in graph if name.startswith("ddpmkit.evaluate")]  # a judge is an input, trained by a face
+    assert "ddpmkit.evaluate.report" in evaluation
     for lower in ("ddpmkit.models", "ddpmkit.nets", "ddpmkit.sampling", "ddpmkit.schedules", "ddpmkit.guidance",
-                  "ddpmkit.pipelines.guided"):
+                  "ddpmkit.pipelines.guided", *evaluation):
         reachable, todo = set(), [lower]
         while todo:
             for e in graph.get(todo.pop(), ()):

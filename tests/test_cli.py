@@ -131,3 +131,26 @@ def test_demo_trains_samples_and_points_at_autoguidance_by_its_kept_checkpoint(t
     assert sorted(p.name for p in run_dir.glob("ckpt-*")) == ["ckpt-0000002", "ckpt-0000004", "ckpt-0000006"]  # keep 2 + step 2
     assert f"--sampler dpmpp_2m --steps 10 --autoguide {run_dir / 'ckpt-0000002'}" in out
     assert "for 6 steps" in out and "with dpmpp_2m, 3 steps" in out
+
+
+def test_user_errors_are_one_line_in_the_faces_words_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    """A UserError names library parameters; the CLI shows it as one line with its flags. Any other
+    exception, even a ValueError from deep inside torch, is a bug: it propagates with its traceback."""
+    from ddpmkit.cli import forward
+    from ddpmkit.errors import UserError
+
+    err = UserError("`classes` must lie in 0..9, and `unknown` stays as written")
+    assert err.render({"classes": "--class"}) == "--class must lie in 0..9, and `unknown` stays as written"
+    assert isinstance(err, ValueError)  # library callers that catch ValueError keep working
+
+    def raising(exc):
+        def command(args):
+            raise exc
+        return command
+
+    monkeypatch.setattr(forward, "cmd_forward", raising(UserError("`classes` must lie in 0..9")))
+    code, out, text = run(capsys, "forward", "mnist5k:7")
+    assert code == 2 and text.strip() == "ddpmkit forward: error: --class must lie in 0..9"
+    monkeypatch.setattr(forward, "cmd_forward", raising(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):
+        run(capsys, "forward", "mnist5k:7")

@@ -237,7 +237,7 @@ def test_eval_of_a_pipeline_against_a_folder_of_real_images(tiny_sd, tmp_path, c
         Image.new("RGB", (16, 16), (40 * k, 255 - 40 * k, 128)).save(real / f"{k}.png")
     argv = ["eval", str(tiny_sd), "--metrics", "fd,kid,is", "--features", "inception", "--inception", str(weights), "--n", "6",
             "--sampler", "dpmpp_2m", "--steps", "3", "--prompt", PROMPT, "--out", str(tmp_path / "report.json")]
-    assert main(argv) == 2 and "give --reference FOLDER" in capsys.readouterr().err
+    assert main(argv) == 2 and "give --reference, a folder of real images" in capsys.readouterr().err
     assert main([*argv, "--reference", str(real)]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["metrics"]) == {"fd", "kid", "is"} and report["metrics"]["fd"]["value"] > 0

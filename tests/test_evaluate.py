@@ -171,17 +171,22 @@ def test_uniform_data_is_exactly_8_bits_per_dim():
 def test_the_judge_trains_through_the_engine_into_the_cache_folder_once(tmp_path, monkeypatch, capsys):
     from ddpmkit.evaluate.cached_judge import judge_dir, load_judge
     from ddpmkit.evaluate.judge import judge
+    from ddpmkit.train.judge import ensure_judge
 
     cache, work = tmp_path / "cache", tmp_path / "work"
     work.mkdir()
     monkeypatch.setenv("DDPMKIT_CACHE", str(cache))
     monkeypatch.chdir(work)
-    net, acc = load_judge("digits", progress=False, overrides=["train.steps=250", "train.warmup_steps=30"])  # 8x8: a short run
+    with pytest.raises(FileNotFoundError, match="no judge for digits.*trains one on first use"):
+        load_judge("digits")  # evaluation reads the judge, it never trains one
+    assert ensure_judge("digits", progress=False, overrides=["train.steps=250", "train.warmup_steps=30"]) == judge_dir("digits")
+    net, acc = load_judge("digits")  # 8x8: a short run
     assert "training the judge on digits into" in capsys.readouterr().err
     assert judge_dir("digits") == cache / "judge" / "digits" and (cache / "judge" / "digits" / "config.json").is_file()
     assert acc > 0.9  # 8x8 digits, 30 held out per class
     assert list(work.iterdir()) == []  # nothing in the working directory
-    again, acc2 = load_judge("digits", progress=False)
+    ensure_judge("digits", progress=False)
+    again, acc2 = load_judge("digits")
     assert "training" not in capsys.readouterr().err and acc2 == acc
     from ddpmkit.data import load_dataset
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UserError
 from .schedules import NoiseSchedule
 from .superres import aug_timestep
 
@@ -29,7 +30,7 @@ class GaussianMixture:
     def __post_init__(self) -> None:
         self.means = torch.as_tensor(self.means, dtype=torch.float64)
         if self.means.ndim != 2:
-            raise ValueError(f"means must be (K, D), got shape {tuple(self.means.shape)}")
+            raise UserError(f"means must be (K, D), got shape {tuple(self.means.shape)}")
         K = self.means.shape[0]
         self.stds = torch.as_tensor(self.stds, dtype=torch.float64).expand(K).clone()
         self.weights = torch.as_tensor(self.weights, dtype=torch.float64).expand(K).clone()

@@ -29,11 +29,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import CHECKPOINT_KEYS, Config, ConfigError, build_config
+from .errors import UserError
 
 CKPT_RE = re.compile(r"^ckpt-(\d+)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A missing or unreadable checkpoint."""
 
 

@@ -12,10 +12,11 @@ import torch
 
 from .captions import TRAIN_TEMPLATES, digit_captions, read_caption_files
 from .config import Config
+from .errors import UserError
 from .text import TextEncoder
 
 
-class ConditioningError(ValueError):
+class ConditioningError(UserError):
     """The data cannot provide what the network is conditioned on."""
 
 

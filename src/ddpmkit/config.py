@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .errors import UserError
 from .losses import LossType
 from .parameterization import Prediction
 from .schedules import NoiseSchedule
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad configuration file, key or value."""
 
 
@@ -303,12 +304,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if hint is bool:
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
+                    raise UserError(value)
                 return value.lower() in ("true", "1", "yes")
             return bool(value)
         if hint is int:
             if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
+                raise UserError(value)
             return int(value)
         if hint is float:
             return float(value)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from .analytic import GaussianMixture
 from .config import DataConfig
+from .errors import UserError
 from .superres import downsample
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -25,7 +26,7 @@ TOYS = ("swiss_roll", "moons", "8gaussians", "checkerboard")
 BUILTIN = ("mnist5k", "digits") + TOYS
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad or missing data, with the path or name that caused it."""
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError
+from .errors import UserError
 from .parameterization import Prediction
 from .schedules import NoiseSchedule, cosine_betas, rescale_zero_terminal_snr
 
@@ -103,7 +104,7 @@ class UNetDenoiser(nn.Module):
         t = t.to(x.device)
         if self.conditional:
             if context is None:
-                raise ValueError("this Stable Diffusion UNet needs a prompt's text embeddings (context)")
+                raise UserError("this Stable Diffusion UNet needs a prompt's text embeddings (context)")
             out = self.unet(x.to(dtype), t, encoder_hidden_states=context.to(dtype)).sample
         else:
             out = self.unet(x.to(dtype), t).sample

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .errors import UserError
 from .parameterization import Denoiser, ModelFn, Prediction, as_denoiser
 from .process import q_sample
 from .reverse import default_variance, p_mean_variance
@@ -41,7 +42,7 @@ def img2img(model: Denoiser | ModelFn, x0: torch.Tensor, schedule: NoiseSchedule
     the reverse process from there. strength 0 returns (nearly) the input, 1 ignores it.
     generator: seeds of the noising (and of the sampler's noise, for stochastic samplers)."""
     if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must lie in (0, 1], got {strength}")
+        raise UserError(f"strength must lie in (0, 1], got {strength}")
     denoiser = as_denoiser(model, schedule, prediction)
     schedule = denoiser.schedule
     t_start = strength * (schedule.T - 1)
@@ -74,7 +75,7 @@ def inpaint(model: Denoiser | ModelFn, x0: torch.Tensor, mask: torch.Tensor, sch
     result is noised back one step, x_t ~ q(x_t | x_{t-1}), and denoised again, so the two regions
     harmonise. steps * resample network evaluations."""
     if resample < 1:
-        raise ValueError(f"resample must be >= 1, got {resample}")
+        raise UserError(f"resample must be >= 1, got {resample}")
     mask = mask.to(x0.dtype).expand_as(x0)
     noise = NoiseSource(x0.shape[0], generator, x0.device)
     denoiser = as_denoiser(model, schedule, prediction)

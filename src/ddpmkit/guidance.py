@@ -32,6 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .errors import UserError
 from .parameterization import Denoiser, DenoiserOutput, DenoiserWrapper
 from .utils import append_dims
 
@@ -72,11 +73,11 @@ class ClassifierFreeGuidance(DenoiserWrapper):
                  rescale: float = 0.0):
         super().__init__(denoiser)
         if (null is None) == (null_label is None):
-            raise ValueError("give the null condition once: null_label=K for a class-conditional model, or null={...}")
+            raise UserError("give the null condition once: null_label=K for a class-conditional model, or null={...}")
         if not math.isfinite(scale):
-            raise ValueError(f"the classifier-free guidance scale must be a finite number (0 = unconditional, 1 = conditional), got {scale}")
+            raise UserError(f"the classifier-free guidance scale must be a finite number (0 = unconditional, 1 = conditional), got {scale}")
         if not 0.0 <= rescale <= 1.0:
-            raise ValueError(f"guidance rescale must lie in [0, 1], got {rescale}")
+            raise UserError(f"guidance rescale must lie in [0, 1], got {rescale}")
         self.scale = float(scale)
         self.null = {"y": torch.tensor([int(null_label)])} if null is None else dict(null)
         self.rescale = float(rescale)
@@ -85,7 +86,7 @@ class ClassifierFreeGuidance(DenoiserWrapper):
         B = x_t.shape[0]
         missing = sorted(set(self.null) - set(condition))
         if missing:
-            raise ValueError(f"classifier-free guidance needs the condition {missing} in model_kwargs (e.g. model_kwargs={{'y': labels}})")
+            raise UserError(f"classifier-free guidance needs the condition {missing} in model_kwargs (e.g. model_kwargs={{'y': labels}})")
         both = {}
         for key, value in condition.items():
             value = torch.as_tensor(value, device=x_t.device)
@@ -113,9 +114,9 @@ class Autoguidance(DenoiserWrapper):
         if not isinstance(bad, Denoiser):
             raise TypeError(f"the weaker model of autoguidance must be a Denoiser too, got {type(bad).__name__}")
         if not bad.schedule.same_as(good.schedule):
-            raise ValueError("autoguidance needs two models of the same schedule: the weaker model's differs")
+            raise UserError("autoguidance needs two models of the same schedule: the weaker model's differs")
         if not 0.0 <= scale < float("inf"):
-            raise ValueError(f"the autoguidance weight w must be a finite number >= 0 (1 = the model alone, 2 a usual choice), got {scale}")
+            raise UserError(f"the autoguidance weight w must be a finite number >= 0 (1 = the model alone, 2 a usual choice), got {scale}")
         self.bad = bad
         self.scale = float(scale)
 
@@ -135,7 +136,7 @@ class DynamicThresholding(DenoiserWrapper):
     def __init__(self, denoiser: Denoiser, percentile: float = 0.995):
         super().__init__(denoiser)
         if not 0.0 < percentile <= 1.0:
-            raise ValueError(f"percentile must lie in (0, 1], got {percentile}")
+            raise UserError(f"percentile must lie in (0, 1], got {percentile}")
         self.percentile = percentile
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, **extra) -> DenoiserOutput:
@@ -176,7 +177,7 @@ class ClassifierGuidance(DenoiserWrapper):
     def __init__(self, denoiser: Denoiser, classifier, scale: float):
         super().__init__(denoiser)
         if not math.isfinite(scale):
-            raise ValueError(f"the {type(self).__name__} scale must be a finite number, got {scale}")
+            raise UserError(f"the {type(self).__name__} scale must be a finite number, got {scale}")
         self.classifier = classifier
         self.scale = float(scale)
         self.unguided = _Unguided(denoiser, self.key)
@@ -200,7 +201,7 @@ class ClassifierGuidance(DenoiserWrapper):
     def _target(self, kwargs: dict) -> torch.Tensor:
         target = kwargs.pop(self.key, None)
         if target is None:
-            raise ValueError(f"{type(self).__name__} needs {self.what}")
+            raise UserError(f"{type(self).__name__} needs {self.what}")
         return target
 
     def cond_fn(self, x_t: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:

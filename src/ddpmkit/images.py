@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from .data import DataError, Dataset, load_dataset, load_image_file
+from .errors import UserError
 from .superres import downsample, upsample
 
 MASK_HALVES = ("left", "right", "top", "bottom")
@@ -48,7 +49,7 @@ def load_image_as(spec: str, shape: tuple[int, ...]) -> torch.Tensor:
     if tuple(image.shape[1:]) == tuple(shape):
         return image
     if ":" in spec and not Path(spec).exists():
-        raise ValueError(f"the model makes images of shape {tuple(shape)}, the image has {tuple(image.shape[1:])}")
+        raise UserError(f"the model makes images of shape {tuple(shape)}, the image has {tuple(image.shape[1:])}")
     return load_image_file(spec, shape[-1], shape[0])[None]
 
 
@@ -63,7 +64,7 @@ def fit_image(image: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     elif image.shape[-1] < size:
         image = upsample(image, size, "bicubic").clamp(-1, 1)
     if tuple(image.shape[1:]) != tuple(shape):
-        raise ValueError(f"cannot fit an image of shape {tuple(image.shape[1:])} to {tuple(shape)}")
+        raise UserError(f"cannot fit an image of shape {tuple(image.shape[1:])} to {tuple(shape)}")
     return image
 
 
@@ -78,5 +79,5 @@ def make_mask(spec: str, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
         mask[0, 0, rows, cols] = 0.0
         return mask
     if not Path(spec).is_file():
-        raise ValueError(f"--mask must be one of {list(MASK_HALVES)} or a PNG file (white = keep); got {spec!r}")
+        raise UserError(f"`mask` must be one of {list(MASK_HALVES)} or a PNG file (white = keep); got {spec!r}")
     return (load_image_file(spec, H, 1)[None] > 0).float()

@@ -17,6 +17,7 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 
+from .errors import UserError
 from .parameterization import ModelFn, Prediction, target_for, to_x0_eps
 from .process import normal_kl, q_posterior_mean_variance, q_sample
 from .reverse import default_variance, p_mean_variance
@@ -64,7 +65,7 @@ def vlb_term(
     elif decoder == "gaussian":
         decoder_nll = -mean_flat(gaussian_log_likelihood(x0, mean, log_var))
     else:
-        raise ValueError(f"unknown decoder {decoder!r}; choose 'discretized' or 'gaussian'")
+        raise UserError(f"unknown decoder {decoder!r}; choose 'discretized' or 'gaussian'")
     return torch.where(t == 0, decoder_nll, kl)
 
 
@@ -77,7 +78,7 @@ def from_x0_weight(prediction: str, w_x0: torch.Tensor, snr: torch.Tensor) -> to
         return w_x0
     if prediction == "v":
         return w_x0 / (snr + 1)
-    raise ValueError(f"SNR-based loss weights are defined for eps, x0 and v prediction, not {prediction!r}")
+    raise UserError(f"SNR-based loss weights are defined for eps, x0 and v prediction, not {prediction!r}")
 
 
 def snr_weight(prediction: str, snr: torch.Tensor, gamma: float | None) -> torch.Tensor:
@@ -125,7 +126,7 @@ def training_losses(
     Returns {'loss', 'mse', 'vlb'?, 'log_variance'?}, each (B,).
     """
     if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss type {loss_type!r}; choose one of {list(LOSS_TYPES)}")
+        raise UserError(f"unknown loss type {loss_type!r}; choose one of {list(LOSS_TYPES)}")
     noise = torch.randn_like(x0) if noise is None else noise
     x_t = q_sample(x0, t, schedule, noise)
     output = model(x_t, t.float(), **(model_kwargs or {}), **({"return_log_variance": True} if uncertainty else {}))
@@ -137,7 +138,7 @@ def training_losses(
         var_frac = (v + 1) / 2
     target = target_for(prediction, x0, noise, x_t, t, schedule)
     if output.shape != target.shape:
-        raise ValueError(f"the model returned shape {tuple(output.shape)}, expected {tuple(target.shape)}")
+        raise UserError(f"the model returned shape {tuple(output.shape)}, expected {tuple(target.shape)}")
     snr = (schedule.log_snr.to(t.device)[t]).exp().to(x0.dtype)
     mse = mean_flat((target - output) ** 2)
     terms = {"mse": mse}

@@ -20,6 +20,7 @@ from torch import nn
 from .checkpoint import CheckpointError, read_config, read_weights, resolve_checkpoint
 from .config import Config, DiffusionConfig
 from .diffusers_bridge import DTYPES, PipelineParts, pipeline_folder, read_pipeline
+from .errors import UserError
 from .nets import build_for_task
 from .nets.unet import UNet, upgrade_legacy_keys
 from .parameterization import Denoiser
@@ -61,13 +62,13 @@ class LoadedNetwork:
         """The frozen text encoder of network.text_encoder (text-conditional models, CLIP, the prior)."""
         net = self.config.network
         if not net.text_encoder:
-            raise ValueError(f"{self.path} takes no text (network.text_encoder is empty)")
+            raise UserError(f"{self.path} takes no text (network.text_encoder is empty)")
         return TextEncoder(net.text_encoder, net.text_max_tokens)
 
     def embed_texts(self, prompts: list[str]) -> torch.Tensor:
         """A CLIP run's text embeddings of prompts: (n, E) unit vectors, on the CPU."""
         if self.kind != "clip":
-            raise ValueError(f"{self.path} is a {self.kind}, not a CLIP")
+            raise UserError(f"{self.path} is a {self.kind}, not a CLIP")
         tokens = self.text_encoder.encode(list(prompts))
         return self.network.embed_texts({k: v.to(self.device) for k, v in tokens.items()}).cpu()
 
@@ -120,7 +121,7 @@ class DiffusionModel(LoadedNetwork):
     def clip(self) -> LoadedNetwork:
         """The CLIP run of an unCLIP prior or decoder (config unclip.clip): .network embeds."""
         if self.kind not in ("prior", "decoder"):
-            raise ValueError(f"{self.path} is a {self.kind}, not an unCLIP prior or decoder: it has no CLIP")
+            raise UserError(f"{self.path} is a {self.kind}, not an unCLIP prior or decoder: it has no CLIP")
         return load_clip(self.config.unclip.clip, device=self.device)
 
     @property
@@ -136,7 +137,7 @@ class DiffusionModel(LoadedNetwork):
     def low_res_shape(self) -> tuple[int, ...]:
         """(C, h, w) of the low-res images a super-resolution stage takes."""
         if not self.is_super_resolution:
-            raise ValueError(f"{self.path} is not a super-resolution stage")
+            raise UserError(f"{self.path} is not a super-resolution stage")
         return (self.data_shape[0], self.config.superres.low_res, self.config.superres.low_res)
 
     @property
@@ -213,7 +214,7 @@ class DiffusersModel(DiffusionModel):
 
     def encode_prompts(self, prompts: list[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         if self.parts.prompts is None:
-            raise ValueError(f"{self.path} is an unconditional pipeline: it takes no prompt")
+            raise UserError(f"{self.path} is an unconditional pipeline: it takes no prompt")
         return self.parts.prompts.encode(list(prompts), device)
 
 
@@ -221,7 +222,7 @@ def load_pipeline(folder: Path, device: str | torch.device = "cpu", dtype: str |
     """A diffusers pipeline folder as a DiffusersModel (dtype: float32, float16 or bfloat16 weights)."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+            raise UserError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
     parts = read_pipeline(folder, device, dtype or torch.float32)
     cfg = parts.scheduler_config

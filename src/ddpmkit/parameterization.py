@@ -13,6 +13,7 @@ from typing import Literal, NamedTuple, get_args
 
 import torch
 
+from .errors import UserError
 from .process import posterior_mean_coefficients
 from .schedules import NoiseSchedule
 from .utils import append_dims, extract
@@ -26,7 +27,7 @@ ModelFn = Callable[..., torch.Tensor]
 
 def check_prediction(prediction: str) -> None:
     if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {prediction!r}; choose one of {list(PREDICTIONS)}")
+        raise UserError(f"unknown prediction {prediction!r}; choose one of {list(PREDICTIONS)}")
 
 
 def _sqrt_ab(alpha_bar: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +94,7 @@ def to_x0_eps(
     check_prediction(prediction)
     if prediction == "mu":
         if not bool((t == t.round()).all()):
-            raise ValueError("prediction='mu' is only defined at integer timesteps; use a discrete sampler")
+            raise UserError("prediction='mu' is only defined at integer timesteps; use a discrete sampler")
         x0 = x0_from_mu(x_t, output, t.long(), schedule)
         return x0, eps_from_x0(x_t, x0, schedule.alpha_bar.to(t.device)[t.long()])
     alpha_bar = schedule.alpha_bar_at(t.to(torch.float64).cpu()).to(t.device)
@@ -142,13 +143,13 @@ class Denoiser:
         var_frac = None
         if self.learned_variance:
             if output.shape[1] != 2 * x_t.shape[1]:
-                raise ValueError(
+                raise UserError(
                     f"a learned-variance model must return {2 * x_t.shape[1]} channels, got {output.shape[1]}"
                 )
             output, v = output.chunk(2, dim=1)
             var_frac = (v + 1) / 2
         elif output.shape != x_t.shape:
-            raise ValueError(f"the model returned shape {tuple(output.shape)} for input {tuple(x_t.shape)}")
+            raise UserError(f"the model returned shape {tuple(output.shape)} for input {tuple(x_t.shape)}")
         x0, eps = to_x0_eps(self.prediction, output, x_t, t, self.schedule)
         return DenoiserOutput(eps=eps, x0=x0, var_frac=var_frac)
 
@@ -192,10 +193,10 @@ def as_denoiser(model: ModelFn | Denoiser, schedule: NoiseSchedule | None = None
     if isinstance(model, Denoiser):
         if prediction != "eps" or learned_variance or (schedule is not None and schedule is not model.schedule
                                                         and not schedule.same_as(model.schedule)):
-            raise ValueError("this denoiser carries its own schedule, prediction and variance: do not pass them again")
+            raise UserError("this denoiser carries its own schedule, prediction and variance: do not pass them again")
         return model
     if schedule is None:
-        raise ValueError("a plain model function needs its schedule (and prediction): or pass a Denoiser, e.g. ddpmkit.load(run).denoiser")
+        raise UserError("a plain model function needs its schedule (and prediction): or pass a Denoiser, e.g. ddpmkit.load(run).denoiser")
     return Denoiser(model, schedule, prediction, learned_variance)
 
 
@@ -208,7 +209,7 @@ def from_x0(prediction: str, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tenso
         return x0
     if prediction == "mu":
         if not bool((t == t.round()).all()):
-            raise ValueError("prediction='mu' is only defined at integer timesteps; use a discrete sampler")
+            raise UserError("prediction='mu' is only defined at integer timesteps; use a discrete sampler")
         return mu_from_x0(x_t, x0, t.long(), schedule)
     alpha_bar = schedule.alpha_bar_at(t.to(torch.float64).cpu()).to(t.device)
     eps = eps_from_x0(x_t, x0, alpha_bar)

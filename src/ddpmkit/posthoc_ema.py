@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .checkpoint import atomic_folder, list_checkpoints
+from .errors import UserError
 
 SNAPSHOT_RE = re.compile(r"^phema-(\d+)\.safetensors$")
 
@@ -33,7 +34,7 @@ def gamma_from_sigma_rel(sigma_rel: float) -> float:
     """The exponent gamma of the profile of relative width sigma_rel: the largest real root of
     gamma^3 + 7 gamma^2 + (16 - 1/sigma_rel^2) gamma + (12 - 1/sigma_rel^2) = 0."""
     if not 0 < sigma_rel < 12**-0.5:  # gamma > -1 needs sigma_rel below the width of the uniform profile, 1/sqrt(12)
-        raise ValueError(f"sigma_rel = {sigma_rel} must lie in (0, {12**-0.5:.4f})")
+        raise UserError(f"sigma_rel = {sigma_rel} must lie in (0, {12**-0.5:.4f})")
     k = sigma_rel**-2
     roots = np.roots([1.0, 7.0, 16.0 - k, 12.0 - k])
     return float(roots[np.abs(roots.imag) < 1e-9].real.max())
@@ -116,7 +117,7 @@ def reconstruct(run_dir: str | Path, sigma_rel: float, t: int | None = None) -> 
     t = snaps[-1][0] if t is None else t
     snaps = [(s, p) for s, p in snaps if s <= t]
     if not snaps:
-        raise ValueError(f"no snapshot at or before step {t}")
+        raise UserError(f"no snapshot at or before step {t}")
     columns = []  # (t_i, gamma_i) of every average in every snapshot, in file order
     for s, path in snaps:
         with safe_open(str(path), "pt") as f:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import UserError
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CHOICES = ("fp32", "bf16", "fp16", "auto")  # what sampling takes (training says "no" for fp32)
 
@@ -15,7 +17,7 @@ def resolve_precision(setting: str) -> str:
     (CUDA with bf16; CPUs with AVX-512 BF16, whose instructions and AMX tiles make it 1.4-2.5x faster for the
     demo UNet, bench/sampling_throughput.py), else "no": on an AVX2-only CPU bf16 is emulated and ~8x slower."""
     if setting not in ("auto", "no", "fp32", *DTYPES):
-        raise ValueError(f"precision {setting!r}: choose from auto, fp32 (= no), bf16, fp16")
+        raise UserError(f"precision {setting!r}: choose from auto, fp32 (= no), bf16, fp16")
     if setting != "auto":
         return "no" if setting == "fp32" else setting
     if torch.cuda.is_available():

@@ -9,6 +9,7 @@ from typing import Literal, get_args
 
 import torch
 
+from .errors import UserError
 from .process import q_posterior_mean_variance
 from .schedules import NoiseSchedule
 from .utils import extract
@@ -19,7 +20,7 @@ VARIANCES: tuple[str, ...] = get_args(Variance)
 
 def check_variance(variance: str) -> None:
     if variance not in VARIANCES:
-        raise ValueError(f"unknown variance {variance!r}; choose one of {list(VARIANCES)}")
+        raise UserError(f"unknown variance {variance!r}; choose one of {list(VARIANCES)}")
 
 
 def default_variance(learned_variance: bool) -> str:
@@ -46,7 +47,7 @@ def p_log_variance(
     if variance == "beta":
         return log_large.expand_as(like)
     if var_frac is None:
-        raise ValueError("variance='learned' needs a model trained with learned variance")
+        raise UserError("variance='learned' needs a model trained with learned variance")
     return var_frac * log_large + (1 - var_frac) * log_small
 
 

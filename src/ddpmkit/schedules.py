@@ -16,6 +16,8 @@ from typing import Literal
 
 import torch
 
+from .errors import UserError
+
 ScheduleName = Literal["linear", "cosine", "scaled_linear", "sigmoid"]
 
 
@@ -97,9 +99,9 @@ class NoiseSchedule:
     def __post_init__(self) -> None:
         betas = torch.as_tensor(self.betas, dtype=torch.float64).flatten()
         if betas.numel() < 1:
-            raise ValueError("a noise schedule needs at least one step")
+            raise UserError("a noise schedule needs at least one step")
         if not bool(((betas > 0) & (betas <= 1)).all()):
-            raise ValueError("every beta_t must lie in (0, 1]")
+            raise UserError("every beta_t must lie in (0, 1]")
         object.__setattr__(self, "betas", betas)
         ts = torch.arange(len(betas)) if self.timesteps is None else torch.as_tensor(self.timesteps).long()
         object.__setattr__(self, "timesteps", ts)
@@ -109,9 +111,9 @@ class NoiseSchedule:
     def from_name(cls, name: str, T: int = 1000, zero_terminal_snr: bool = False) -> NoiseSchedule:
         """Build a named schedule: 'linear' (DDPM), 'cosine', 'scaled_linear' or 'sigmoid'."""
         if name not in SCHEDULES:
-            raise ValueError(f"unknown noise schedule {name!r}; choose one of {sorted(SCHEDULES)}")
+            raise UserError(f"unknown noise schedule {name!r}; choose one of {sorted(SCHEDULES)}")
         if T < 1:
-            raise ValueError(f"the number of diffusion steps T must be >= 1, got {T}")
+            raise UserError(f"the number of diffusion steps T must be >= 1, got {T}")
         betas = SCHEDULES[name](T)
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
@@ -127,7 +129,7 @@ class NoiseSchedule:
         keep = torch.as_tensor(use_timesteps).long().flatten()
         keep = torch.unique(keep)  # sorted, no repeats
         if keep.numel() == 0 or keep.min() < 0 or keep.max() >= self.T:
-            raise ValueError(f"respaced timesteps must lie in [0, {self.T - 1}]")
+            raise UserError(f"respaced timesteps must lie in [0, {self.T - 1}]")
         ab = self.alpha_bar[keep]
         ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
         return NoiseSchedule(1.0 - ab / ab_prev, timesteps=self.timesteps[keep])
@@ -179,7 +181,7 @@ class NoiseSchedule:
         """
         t = torch.as_tensor(t, dtype=torch.float64)
         if bool(((t < -1) | (t > self.T - 1)).any()):
-            raise ValueError(f"t must lie in [-1, {self.T - 1}], got min {t.min().item()}, max {t.max().item()}")
+            raise UserError(f"t must lie in [-1, {self.T - 1}], got min {t.min().item()}, max {t.max().item()}")
         log_ab = torch.cat([self.betas.new_zeros(1), self.alpha_bar.log()])  # index 0 is t = -1
         u = t + 1
         lo = u.floor().long().clamp(max=self.T)
@@ -208,7 +210,7 @@ class NoiseSchedule:
         neg_log_ab = torch.cat([self.betas.new_zeros(1), -self.alpha_bar.log()])  # increasing; index 0 is t = -1
         target = torch.log1p(sigma**2)
         if bool(((target < 0) | (target > neg_log_ab[-1] * (1 + 1e-12))).any()):
-            raise ValueError(f"sigma must lie in [0, {self.sigma_at(self.T - 1).item():.4g}] for this schedule")
+            raise UserError(f"sigma must lie in [0, {self.sigma_at(self.T - 1).item():.4g}] for this schedule")
         hi = torch.searchsorted(neg_log_ab, target).clamp(1, self.T)
         lo = hi - 1
         w = ((target - neg_log_ab[lo]) / (neg_log_ab[hi] - neg_log_ab[lo])).clamp(0, 1)
@@ -232,7 +234,7 @@ def spaced_timesteps(T: int, steps: int) -> torch.Tensor:
     With steps = T/k this is DDPM "every k-th step" sampling.
     """
     if not 1 <= steps <= T:
-        raise ValueError(f"steps must lie in [1, {T}], got {steps}")
+        raise UserError(f"steps must lie in [1, {T}], got {steps}")
     if steps == 1:
         return torch.tensor([T - 1])
     return torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long()

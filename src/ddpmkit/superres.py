@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .errors import UserError
 from .schedules import NoiseSchedule
 from .utils import append_dims
 
@@ -30,16 +31,16 @@ def downsample(x: torch.Tensor, size: int) -> torch.Tensor:
     """Area downsampling (each low-res pixel the mean of the high-res pixels it covers):
     x: (B, C, H, W) -> (B, C, size, size)."""
     if x.ndim != 4:
-        raise ValueError(f"super-resolution works on images (B, C, H, W); got shape {tuple(x.shape)}")
+        raise UserError(f"super-resolution works on images (B, C, H, W); got shape {tuple(x.shape)}")
     if size < 1 or size > min(x.shape[-2:]):
-        raise ValueError(f"cannot downsample {tuple(x.shape[-2:])} images to {size}x{size}")
+        raise UserError(f"cannot downsample {tuple(x.shape[-2:])} images to {size}x{size}")
     return F.adaptive_avg_pool2d(x, size)
 
 
 def upsample(z: torch.Tensor, size: int, mode: str = "bicubic") -> torch.Tensor:
     """z: (B, C, h, w) -> (B, C, size, size); what the UNet sees beside x_t."""
     if mode not in UPSAMPLE_MODES:
-        raise ValueError(f"unknown upsampling {mode!r}; choose one of {list(UPSAMPLE_MODES)}")
+        raise UserError(f"unknown upsampling {mode!r}; choose one of {list(UPSAMPLE_MODES)}")
     if mode == "nearest":
         return F.interpolate(z, size=(size, size), mode="nearest")
     return F.interpolate(z, size=(size, size), mode=mode, align_corners=False)
@@ -49,7 +50,7 @@ def aug_timestep(level: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
     """The real timestep of augmentation level s in [0, 1]: s (T - 1) (float64)."""
     level = torch.as_tensor(level, dtype=torch.float64)
     if bool(((level < 0) | (level > 1)).any()):
-        raise ValueError(f"augmentation levels must lie in [0, 1], got {level.min().item():g} .. {level.max().item():g}")
+        raise UserError(f"augmentation levels must lie in [0, 1], got {level.min().item():g} .. {level.max().item():g}")
     return level * (schedule.T - 1)
 
 
@@ -87,7 +88,7 @@ def stage_inputs(z: torch.Tensor, level: float, schedule: NoiseSchedule, seeds: 
     low_res = z_s (augmented at `level` with sample k's noise drawn from seed seeds[k]) and
     aug_level = s, so a sample does not depend on the batch it is drawn in."""
     if len(seeds) != len(z):
-        raise ValueError(f"one seed per low-res image: {len(seeds)} seeds for {len(z)} images")
+        raise UserError(f"one seed per low-res image: {len(seeds)} seeds for {len(z)} images")
     s = torch.full((len(z),), float(level), dtype=torch.float64)
     noise = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(AUG_SEED_OFFSET + k)) for k in seeds])
     return {"low_res": augment(z, s, schedule, noise.to(z.dtype)), "aug_level": s.float().to(z.device)}

@@ -12,11 +12,13 @@ import os
 
 import torch
 
+from .errors import UserError
+
 DEFAULT_TEXT_ENCODER = "all-MiniLM-L6-v2"
 BUNDLED = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 
 
-class TextEncoderError(RuntimeError):
+class TextEncoderError(UserError, RuntimeError):
     """The text encoder cannot be loaded."""
 
 

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import torch
 
+from .errors import UserError
+
 
 def append_dims(a: torch.Tensor, ndim: int) -> torch.Tensor:
     """Append trailing singleton dims so a per-example tensor (B,) broadcasts against x (B, ...)."""
     missing = ndim - a.ndim
     if missing < 0:
-        raise ValueError(f"tensor has {a.ndim} dims, more than the target {ndim}")
+        raise UserError(f"tensor has {a.ndim} dims, more than the target {ndim}")
     return a.reshape(*a.shape, *([1] * missing))
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import UserError
 from .process import q_sample
 from .schedules import NoiseSchedule
 
@@ -159,7 +160,7 @@ def forward_process_at(x0: torch.Tensor, schedule: NoiseSchedule, t: int, seed: 
     x0: (1, C, H, W) at timestep t with the seed's noise, and the figure of x_t's radially averaged
     power spectrum (over `draws` noise draws) against x_0's and pure noise's."""
     if not 0 <= t < schedule.T:
-        raise ValueError(f"t must lie in 0..{schedule.T - 1}, got {t}")
+        raise UserError(f"t must lie in 0..{schedule.T - 1}, got {t}")
     g = torch.Generator().manual_seed(seed)
     eps = torch.randn((draws, *x0.shape[1:]), generator=g)
     x_t = q_sample(x0.expand_as(eps), torch.full((draws,), t), schedule, eps)
@@ -177,7 +178,7 @@ def forward_process_figures(x0: torch.Tensor, schedule: NoiseSchedule, timesteps
     t (averaged over 16 noise draws so the curves are smooth). Returns the two PNG paths."""
     bad = [t for t in timesteps if not 0 <= t < schedule.T]
     if bad:
-        raise ValueError(f"timesteps {bad} outside [0, {schedule.T - 1}]")
+        raise UserError(f"timesteps {bad} outside [0, {schedule.T - 1}]")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)

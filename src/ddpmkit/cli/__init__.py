@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..checkpoint import CheckpointError
-from ..config import ConfigError
-from ..data import DataError
-from ..text import TextEncoderError
-from ..train import TrainingError
+from ..errors import USER_ERRORS, UserError
 from . import cascade, edit, forward, sample, serve, train, unclip
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, TextEncoderError, ValueError, FileNotFoundError)
+# the library's parameter names in its messages, as the command line spells them
+FLAGS = {"classes": "--class", "prompts": "--prompt", "scale": "--guidance", "clip": "--clip", "classifier": "--classifier",
+         "autoguide": "--autoguide", "features": "--features", "reference": "--reference", "metrics": "--metrics",
+         "mask": "--mask", "resume": "--resume"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except USER_ERRORS as e:
-        print(f"ddpmkit {args.command}: error: {e}", file=sys.stderr)
+        message = e.render(FLAGS) if isinstance(e, UserError) else str(e)
+        print(f"ddpmkit {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

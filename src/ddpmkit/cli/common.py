@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import UserError
 from ..pipelines.guided import GuidanceRequest
 from ..sampling import GRIDS, SAMPLERS
 from ..sampling.options import sampler_options
@@ -55,7 +56,7 @@ def guidance_request(args: argparse.Namespace) -> GuidanceRequest:
     try:
         classes = [int(c) for c in args.class_.split(",")] if args.class_ else []
     except ValueError:
-        raise ValueError(f"--class takes class numbers, e.g. 7 or 0,1,2; got {args.class_!r}") from None
+        raise UserError(f"--class takes class numbers, e.g. 7 or 0,1,2; got {args.class_!r}") from None
     return GuidanceRequest(classes=classes, prompts=args.prompt or [], scale=args.guidance, rescale=args.guidance_rescale,
                            threshold=args.dynamic_threshold, classifier=args.classifier, classifier_scale=args.classifier_scale,
                            clip=args.clip, clip_scale=args.clip_scale, autoguide=args.autoguide, autoguide_scale=args.autoguide_scale)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import UserError
 from ..images import load_image
 from ..schedules import NoiseSchedule
 from ..viz import forward_process_figures
@@ -13,7 +14,7 @@ def cmd_forward(args: argparse.Namespace) -> None:
     try:
         ts = [int(t) for t in args.t.split(",")]
     except ValueError:
-        raise ValueError(f"--t takes comma-separated timesteps, e.g. 0,100,999; got {args.t!r}") from None
+        raise UserError(f"--t takes comma-separated timesteps, e.g. 0,100,999; got {args.t!r}") from None
     strip, spectrum = forward_process_figures(load_image(args.image, args.size), schedule, ts, args.out, args.seed,
                                               f"q(x_t | x_0), {args.schedule} schedule, T={schedule.T}")
     print(f"wrote {strip} and {spectrum}")

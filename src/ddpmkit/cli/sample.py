@@ -13,6 +13,7 @@ from ..pipelines.guided import guided_model
 from ..precision import CHOICES as PRECISIONS
 from ..sampling import SAMPLERS
 from ..sampling.optimize import optimize_grid
+from ..train.judge import ensure_judge
 from .cascade import run_cascade
 from .common import add_device_args, add_guidance_args, add_sampler_args, guidance_request, options_from
 
@@ -39,7 +40,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     report = evaluate_checkpoint(args.checkpoint, parse_metrics(args.metrics), sampler=args.sampler, steps=args.steps,
                                  n=args.n, n_bpd=args.n_bpd, seed=args.seed, features=args.features,
                                  sampler_options=options_from(args), inception_path=args.inception, out=args.out,
-                                 request=guidance_request(args), reference=args.reference)
+                                 request=guidance_request(args), reference=args.reference,
+                                 prepare_judge=ensure_judge)  # evaluation reads the cached judge; this trains it on first use
     print(format_report(report))
     print(f"report: {args.out}")
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import UserError
 from ..web.limits import Limits
 
 
@@ -10,7 +11,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         from ..web.server import serve  # the web face needs the optional gradio extra: imported only for this command
     except ImportError as e:
-        raise ValueError(f"the web page needs gradio: pip install 'ddpmkit[web]' ({e})") from None
+        raise UserError(f"the web page needs gradio: pip install 'ddpmkit[web]' ({e})") from None
     serve(args.runs or ["runs"], host=args.host, port=args.port, concurrency=args.concurrency,
           limits=Limits(max_steps=args.max_steps, max_images=args.max_images))
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ..config import load_config, preset_names
+from ..errors import UserError
 from ..models import load_diffusion
 from ..pipelines.generate import generate, save_generated
 from ..posthoc_ema import write_checkpoint
@@ -71,7 +72,7 @@ def widths(text: str) -> list[float]:
 
 def cmd_posthoc_ema(args: argparse.Namespace) -> None:
     if args.out and len(args.sigma_rel) > 1:
-        raise ValueError(f"--out names one output run; {len(args.sigma_rel)} widths each get RUN/posthoc-ema-WIDTH (drop --out)")
+        raise UserError(f"--out names one output run; {len(args.sigma_rel)} widths each get RUN/posthoc-ema-WIDTH (drop --out)")
     for sigma_rel in args.sigma_rel:
         ckpt = write_checkpoint(args.run, sigma_rel, args.step, args.out)
         info = json.loads((ckpt / "config.json").read_text())["metrics"]["posthoc_ema"]

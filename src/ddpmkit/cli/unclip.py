@@ -8,6 +8,7 @@ import time
 import torch
 
 from .. import viz
+from ..errors import UserError
 from ..images import load_image, load_image_as
 from ..models import load_diffusion
 from ..pipelines import unclip
@@ -31,7 +32,7 @@ def _images(decoder, specs: list[str], fit: bool) -> torch.Tensor:
     loaded = [load_image(s) for s in specs]
     for spec, image in zip(specs, loaded):
         if tuple(image.shape[1:]) != shape:
-            raise ValueError(f"{spec} is a {image.shape[1]}-channel {side(image.shape)} image; the decoder's CLIP embeds "
+            raise UserError(f"{spec} is a {image.shape[1]}-channel {side(image.shape)} image; the decoder's CLIP embeds "
                              f"{shape[0]}-channel {side(shape)} images (add --fit to resize it)")
     return torch.cat(loaded)
 
@@ -80,7 +81,7 @@ def cmd_text_diff(args: argparse.Namespace) -> None:
     try:
         amounts = [float(a) for a in args.amounts.split(",")]
     except ValueError:
-        raise ValueError(f"--amounts takes numbers in [0, 1] separated by commas; got {args.amounts!r}") from None
+        raise UserError(f"--amounts takes numbers in [0, 1] separated by commas; got {args.amounts!r}") from None
     out = unclip.text_diff(decoder, image, args.source, args.target, amounts, seed=args.seed, **_decode_kwargs(args))
     folder = save_generated(out, args.out, args.seed, gif=False)
     viz.labelled_rows([("source", image), ("theta " + ", ".join(f"{a:g}" for a in amounts), out.images)], folder / "text_diff.png",

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
+
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_NAME}"
 
@@ -179,7 +181,7 @@ def find_weights(path: str | Path | None = None) -> Path:
         raise FileNotFoundError(
             f"the FID Inception weights {WEIGHTS_NAME} are not on this machine and could not be downloaded ({type(e).__name__}).\n"
             f"Download {WEIGHTS_URL} elsewhere and put it at {hub}, or pass its path / set DDPMKIT_INCEPTION.\n"
-            f"Offline, use the classifier-feature metrics instead (--features classifier)."
+            f"Offline, use the classifier-feature metrics instead (`features` classifier)."
         ) from None
 
 
@@ -189,12 +191,12 @@ def load_fid_inception(path: str | Path | None = None, device: str | torch.devic
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- torch.load raises many types for a damaged file
-        raise ValueError(f"cannot read Inception weights {file}: {type(e).__name__}: {e}") from None
+        raise UserError(f"cannot read Inception weights {file}: {type(e).__name__}: {e}") from None
     net = FIDInceptionV3()
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise ValueError(f"{file} is not the FID Inception checkpoint: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise UserError(f"{file} is not the FID Inception checkpoint: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return net.eval().to(device)
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from ..losses import vlb_term
 from ..parameterization import Denoiser, ModelFn, Prediction, as_denoiser
 from ..process import prior_kl, q_sample
@@ -124,13 +125,13 @@ def ode_nll(model: Denoiser | ModelFn, x: torch.Tensor, schedule: NoiseSchedule 
     if divergence == "auto":
         divergence = "exact" if dim <= 32 else "hutchinson"
     if divergence not in ("exact", "hutchinson"):
-        raise ValueError(f"unknown divergence {divergence!r}; choose 'exact', 'hutchinson' or 'auto'")
+        raise UserError(f"unknown divergence {divergence!r}; choose 'exact', 'hutchinson' or 'auto'")
     denoiser = as_denoiser(model, schedule, prediction)
     schedule = denoiser.schedule
     D = SigmaDenoiser(denoiser, model_kwargs)
     s0, s1 = schedule.sigma_at(t_start).item(), schedule.sigma_at(schedule.T - 1).item()
     if s0 <= 0:
-        raise ValueError("t_start must be > -1 (sigma = 0 is the data itself)")
+        raise UserError("t_start must be > -1 (sigma = 0 is the data itself)")
     probe = torch.randint(0, 2, x.shape, generator=generator).to(x) * 2 - 1 if divergence == "hutchinson" else None
 
     def div_D(x_bar: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import UserError
+
 
 @dataclass
 class FeatureStats:
@@ -24,7 +26,7 @@ class FeatureStats:
     def of(cls, features: torch.Tensor | np.ndarray) -> FeatureStats:
         f = np.asarray(features, dtype=np.float64)
         if f.ndim != 2 or f.shape[0] < 2:
-            raise ValueError(f"features must be (n >= 2, d), got shape {f.shape}")
+            raise UserError(f"features must be (n >= 2, d), got shape {f.shape}")
         return cls(mu=f.mean(0), sigma=np.cov(f, rowvar=False), n=f.shape[0])
 
     def save(self, path) -> None:
@@ -46,7 +48,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"mismatched statistics: means {mu1.shape} vs {mu2.shape}, covariances {s1.shape} vs {s2.shape}")
+        raise UserError(f"mismatched statistics: means {mu1.shape} vs {mu2.shape}, covariances {s1.shape} vs {s2.shape}")
     w, v = np.linalg.eigh((s1 + s1.T) / 2)
     root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     m = root1 @ s2 @ root1
@@ -69,7 +71,7 @@ def kernel_inception_distance(a: torch.Tensor | np.ndarray, b: torch.Tensor | np
     d = fa.shape[1]
     m = min(subset_size, fa.shape[0], fb.shape[0])
     if m < 2:
-        raise ValueError("KID needs at least 2 samples in each set")
+        raise UserError("KID needs at least 2 samples in each set")
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(subsets):
@@ -85,7 +87,7 @@ def inception_score(probs: torch.Tensor | np.ndarray, splits: int = 10) -> tuple
     """IS (Salimans et al. 2016) = exp(E_x KL(p(y|x) || p(y))), mean and std over `splits` splits."""
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2 or not np.allclose(p.sum(1), 1, atol=1e-4):
-        raise ValueError("inception_score needs class probabilities (n, classes) whose rows sum to 1")
+        raise UserError("inception_score needs class probabilities (n, classes) whose rows sum to 1")
     scores = []
     for part in np.array_split(p, splits):
         py = part.mean(0, keepdims=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ import torch
 from ..checkpoint import atomic_write_text
 from ..config import DataConfig
 from ..data import dataset_for
+from ..errors import UserError
 from ..models import DiffusersModel, load_diffusion
 from ..pipelines.generate import generate
 from ..pipelines.guided import GuidanceRequest
@@ -27,7 +29,7 @@ def parse_metrics(spec: str) -> list[str]:
     names = [{"fid": "fd"}.get(m, m) for m in names]
     bad = [m for m in names if m not in METRICS]
     if bad or not names:
-        raise ValueError(f"unknown metric(s) {bad}; choose from {list(METRICS)} (fid is an alias of fd)")
+        raise UserError(f"unknown metric(s) {bad}; choose from {list(METRICS)} (fid is an alias of fd)")
     if "bpd" in names:  # both likelihoods
         names = [m for m in names if m != "bpd"] + ["bpd_vlb", "bpd_ode"]
     return list(dict.fromkeys(names))
@@ -38,16 +40,19 @@ class FeatureNet:
     trained on mnist5k's training split -- numbers NOT comparable with papers' FIDs) or
     'inception' (the standard FID Inception, comparable)."""
 
-    def __init__(self, kind: str, dataset: str, inception_path: str | None = None):
+    def __init__(self, kind: str, dataset: str, inception_path: str | None = None,
+                 prepare_judge: Callable[[str], object] | None = None):
         self.kind = kind
         if kind == "classifier":
             if dataset != "mnist5k":
-                raise ValueError(f"classifier features exist for mnist5k only, not {dataset!r}; use --features inception")
+                raise UserError(f"classifier features exist for mnist5k only, not {dataset!r}; use `features` inception")
+            if prepare_judge is not None:
+                prepare_judge(dataset)  # the face's way to provide a judge (ddpmkit eval trains one on first use)
             self.net, _ = load_judge(dataset)
         elif kind == "inception":
             self.net = load_fid_inception(inception_path)
         else:
-            raise ValueError(f"unknown features {kind!r}; choose 'classifier' or 'inception'")
+            raise UserError(f"unknown features {kind!r}; choose 'classifier' or 'inception'")
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,18 +89,20 @@ class DigitScorer:
 def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddpm", steps: int | None = None,
                         n: int = 1000, n_bpd: int = 100, seed: int = 0, features: str = "classifier",
                         sampler_options: dict | None = None, batch_size: int | None = None, inception_path: str | None = None,
-                        out: str | Path | None = None, request=None, reference: str | None = None) -> dict:
+                        out: str | Path | None = None, request=None, reference: str | None = None,
+                        prepare_judge: Callable[[str], object] | None = None) -> dict:
     """request: a pipeline.GuidanceRequest for conditional models (classes, prompts, guidance) used
     for the samples; bits/dim of a conditional model is that of its unconditional branch.
     reference: a folder of real images to compare with (default: the held-out split of the run's
-    data; a diffusers pipeline folder has no data of its own, so it needs one)."""
+    data; a diffusers pipeline folder has no data of its own, so it needs one).
+    prepare_judge(dataset): called before the cached judge is read (classifier features), e.g. to train it."""
     m = load_diffusion(checkpoint)
     data = m.config.data
     if reference:
         C, H = m.image_shape[0], m.image_shape[-1]
         data = DataConfig(name="folder", path=str(reference), image_size=H, channels=C)
     elif isinstance(m, DiffusersModel):
-        raise ValueError(f"{m.path} is a diffusers pipeline: give --reference FOLDER, real images to compare its samples with")
+        raise UserError(f"{m.path} is a diffusers pipeline: give `reference`, a folder of real images to compare its samples with")
     report: dict = {"checkpoint": str(m.path), "step": m.step, "metrics": {}}
     # folders, npz files and toys have no held-out split: their "test" data is the training data
     held_out = dataset_for(data, split="test")
@@ -103,7 +110,7 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddp
     g = torch.Generator().manual_seed(seed)
     null = m.null_condition(len(x_test))
     if m.autoencoder is not None and any(k.startswith("bpd") for k in metrics):
-        raise ValueError("bits/dim of a latent diffusion model would be of its latents, not the images; use --metrics fd,kid,is")
+        raise UserError("bits/dim of a latent diffusion model would be of its latents, not the images; use `metrics` fd,kid,is")
     images = len(m.data_shape) == 3
     if "bpd_vlb" in metrics:
         t0 = time.time()
@@ -126,8 +133,8 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddp
     quality = [q for q in ("fd", "kid", "is") if q in metrics]
     if quality:
         if not images:
-            raise ValueError("fd/kid/is are defined for image data")
-        feature_net = FeatureNet(features, data.name, inception_path)
+            raise UserError("fd/kid/is are defined for image data")
+        feature_net = FeatureNet(features, data.name, inception_path, prepare_judge)
         t0 = time.time()
         gen = generate(m, n, request or GuidanceRequest(), sampler, steps, seed, sampler_options, batch_size)
         nfe = gen.nfe

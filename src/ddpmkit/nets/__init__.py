@@ -7,6 +7,7 @@ from collections.abc import Callable
 from torch import nn
 
 from ..config import Config, NetworkConfig
+from ..errors import UserError
 from ..preconditioning import EDMPreconditioned
 from ..uncertainty import UncertaintyWeighted
 from .autoencoder import Autoencoder
@@ -25,7 +26,7 @@ def build_network(cfg: NetworkConfig, data_shape: tuple[int, ...], learned_varia
     out_mult = 2 if learned_variance else 1
     if cfg.kind == "unet":
         if len(data_shape) != 3 or data_shape[1] != data_shape[2]:
-            raise ValueError(f"the UNet needs square images (C, H, H); the data has shape {data_shape} (use network.kind='mlp' for vectors)")
+            raise UserError(f"the UNet needs square images (C, H, H); the data has shape {data_shape} (use network.kind='mlp' for vectors)")
         C, H, _ = data_shape
         return UNet(
             in_channels=C, out_channels=C * out_mult, image_size=H, base_channels=cfg.base_channels,
@@ -36,29 +37,29 @@ def build_network(cfg: NetworkConfig, data_shape: tuple[int, ...], learned_varia
         )
     if cfg.kind == "mlp":
         if cfg.text_encoder:
-            raise ValueError("text conditioning needs network.kind = 'unet' (cross-attention); the MLP takes class labels only")
+            raise UserError("text conditioning needs network.kind = 'unet' (cross-attention); the MLP takes class labels only")
         if len(data_shape) != 1:
-            raise ValueError(f"the MLP needs vectors (D,); the data has shape {data_shape} (use network.kind='unet')")
+            raise UserError(f"the MLP needs vectors (D,); the data has shape {data_shape} (use network.kind='unet')")
         return MLPDenoiser(dim=data_shape[0], hidden=cfg.mlp_hidden, num_layers=cfg.mlp_layers, out_dim=data_shape[0] * out_mult,
                             num_classes=cfg.num_classes)
-    raise ValueError(f"unknown network kind {cfg.kind!r}; choose one of ['unet', 'mlp']")
+    raise UserError(f"unknown network kind {cfg.kind!r}; choose one of ['unet', 'mlp']")
 
 
 def build_super_resolution(cfg: Config, shape: tuple[int, ...]) -> nn.Module:
     """A super-resolution stage: the UNet for the high-res images, with their low-res version
     (superres.low_res per side, same channels) as extra input."""
     if cfg.network.kind != "unet" or len(shape) != 3:
-        raise ValueError(f"a super-resolution stage needs network.kind = 'unet' and images (C, H, W); got {cfg.network.kind!r} and {shape}")
+        raise UserError(f"a super-resolution stage needs network.kind = 'unet' and images (C, H, W); got {cfg.network.kind!r} and {shape}")
     if cfg.superres.low_res >= shape[-1]:
-        raise ValueError(f"superres.low_res = {cfg.superres.low_res} must be smaller than the images' side {shape[-1]}")
+        raise UserError(f"superres.low_res = {cfg.superres.low_res} must be smaller than the images' side {shape[-1]}")
     return build_network(cfg.network, shape, cfg.diffusion.learned_variance, low_res_channels=shape[0], upsample=cfg.superres.upsample)
 
 
 def _check_classes(cfg: Config, shape: tuple[int, ...], what: str) -> None:
     if len(shape) != 3:
-        raise ValueError(f"the {what} needs images (C, H, W); the data has shape {shape}")
+        raise UserError(f"the {what} needs images (C, H, W); the data has shape {shape}")
     if cfg.network.num_classes < 2:
-        raise ValueError(f"set network.num_classes to the number of classes (>= 2) for the {what}")
+        raise UserError(f"set network.num_classes to the number of classes (>= 2) for the {what}")
 
 
 def build_noisy_classifier(cfg: Config, shape: tuple[int, ...]) -> NoisyClassifier:
@@ -78,9 +79,9 @@ def build_judge(cfg: Config, shape: tuple[int, ...]) -> DigitClassifier:
 def build_clip(cfg: Config, shape: tuple[int, ...]) -> CLIP:
     """A CLIP: the image tower has the noisy classifier's architecture with an embed_dim-wide head."""
     if len(shape) != 3:
-        raise ValueError(f"CLIP's image tower needs images (C, H, W); the data has shape {shape}")
+        raise UserError(f"CLIP's image tower needs images (C, H, W); the data has shape {shape}")
     if not cfg.network.text_encoder:
-        raise ValueError("CLIP's text tower projects a frozen text encoder: set network.text_encoder (e.g. 'all-MiniLM-L6-v2')")
+        raise UserError("CLIP's text tower projects a frozen text encoder: set network.text_encoder (e.g. 'all-MiniLM-L6-v2')")
     n, c = cfg.network, cfg.clip
     tower = NoisyClassifier(shape[0], shape[1], c.embed_dim, n.base_channels, n.channel_mult, n.num_res_blocks,
                             n.attention_resolutions, n.num_heads, n.dropout)
@@ -91,16 +92,16 @@ def build_prior(cfg: Config, shape: tuple[int, ...]) -> PriorTransformer:
     """unCLIP's diffusion prior over (embed_dim,) CLIP image embeddings."""
     u = cfg.unclip
     if tuple(shape) != (u.embed_dim,):
-        raise ValueError(f"the prior denoises CLIP embeddings of shape ({u.embed_dim},); got {tuple(shape)}")
+        raise UserError(f"the prior denoises CLIP embeddings of shape ({u.embed_dim},); got {tuple(shape)}")
     if not cfg.network.text_encoder:
-        raise ValueError("the prior is conditioned on captions: set network.text_encoder (e.g. 'all-MiniLM-L6-v2')")
+        raise UserError("the prior is conditioned on captions: set network.text_encoder (e.g. 'all-MiniLM-L6-v2')")
     return PriorTransformer(u.embed_dim, cfg.network.context_dim, u.prior_width, u.prior_layers, u.prior_heads, cfg.network.text_max_tokens)
 
 
 def build_decoder(cfg: Config, shape: tuple[int, ...]) -> nn.Module:
     """unCLIP's decoder: the UNet, also conditioned on a CLIP image embedding."""
     if cfg.network.kind != "unet":
-        raise ValueError(f"unCLIP's decoder is a UNet: set network.kind = 'unet', not {cfg.network.kind!r}")
+        raise UserError(f"unCLIP's decoder is a UNet: set network.kind = 'unet', not {cfg.network.kind!r}")
     return build_network(cfg.network, shape, cfg.diffusion.learned_variance, image_embed_dim=cfg.unclip.embed_dim,
                          embed_tokens=cfg.unclip.embed_tokens)
 

@@ -16,17 +16,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AutoencoderConfig
+from ..errors import UserError
 from .layers import Downsample, ResBlock, SelfAttention, Upsample, group_norm
 
 
 def latent_shape(image_shape: tuple[int, ...], cfg: AutoencoderConfig) -> tuple[int, int, int]:
     """(z_channels, s, s) for square images (C, H, H) padded to max(pad_to, H); one halving per extra level."""
     if len(image_shape) != 3 or image_shape[1] != image_shape[2]:
-        raise ValueError(f"the autoencoder needs square images (C, H, H), got {tuple(image_shape)}")
+        raise UserError(f"the autoencoder needs square images (C, H, H), got {tuple(image_shape)}")
     size = max(cfg.pad_to, image_shape[1])
     factor = 2 ** (len(cfg.channel_mult) - 1)
     if size % factor:
-        raise ValueError(f"image size {size} (after padding) must be divisible by {factor} for channel_mult={cfg.channel_mult}; "
+        raise UserError(f"image size {size} (after padding) must be divisible by {factor} for channel_mult={cfg.channel_mult}; "
                          f"set autoencoder.pad_to to a multiple of {factor}")
     return (cfg.z_channels, size // factor, size // factor)
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
 from .layers import pooled_context
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the learned temperature at 1/100
@@ -40,17 +41,17 @@ class CLIP(nn.Module):
 
     def encode_image(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
-            raise ValueError(f"this CLIP embeds images of shape {self.image_shape} (C, H, W); got {tuple(x.shape[1:])}")
+            raise UserError(f"this CLIP embeds images of shape {self.image_shape} (C, H, W); got {tuple(x.shape[1:])}")
         if t is None:
             if self.noisy:
-                raise ValueError("this is a noisy CLIP: give the timestep t of x_t")
+                raise UserError("this is a noisy CLIP: give the timestep t of x_t")
             t = torch.zeros(x.shape[0], device=x.device)
         t = torch.as_tensor(t, device=x.device).float().expand(x.shape[0])
         return F.normalize(self.image_tower(x, t).float(), dim=-1)
 
     def encode_text(self, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
         if context.ndim != 3 or context.shape[-1] != self.context_dim:
-            raise ValueError(f"this CLIP embeds text tokens of width {self.context_dim} (B, L, D); got {tuple(context.shape)}")
+            raise UserError(f"this CLIP embeds text tokens of width {self.context_dim} (B, L, D); got {tuple(context.shape)}")
         return F.normalize(self.text_proj(pooled_context(context, context_mask)).float(), dim=-1)
 
     @torch.no_grad()

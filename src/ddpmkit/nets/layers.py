@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of float timesteps t: (B,) -> (B, dim)  (Transformer / DDPM)."""
@@ -60,7 +62,7 @@ class SelfAttention(nn.Module):
     def __init__(self, channels: int, num_heads: int = 4):
         super().__init__()
         if channels % num_heads:
-            raise ValueError(f"attention channels {channels} are not divisible by num_heads={num_heads}")
+            raise UserError(f"attention channels {channels} are not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.norm = group_norm(channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
@@ -84,7 +86,7 @@ class CrossAttention(nn.Module):
     def __init__(self, channels: int, context_dim: int, num_heads: int = 4):
         super().__init__()
         if channels % num_heads:
-            raise ValueError(f"attention channels {channels} are not divisible by num_heads={num_heads}")
+            raise UserError(f"attention channels {channels} are not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.norm = group_norm(channels)
         self.context_norm = nn.LayerNorm(context_dim)
@@ -160,5 +162,5 @@ class LabelEmbedding(nn.Module):
             y = torch.full((batch,), self.num_classes, device=device, dtype=torch.long)
         y = torch.as_tensor(y, device=device).long()
         if bool(((y < 0) | (y > self.num_classes)).any()):
-            raise ValueError(f"class labels must lie in [0, {self.num_classes - 1}] (or {self.num_classes} = null)")
+            raise UserError(f"class labels must lie in [0, {self.num_classes - 1}] (or {self.num_classes} = null)")
         return self.table(y)

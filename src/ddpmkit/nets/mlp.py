@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import UserError
 from .layers import LabelEmbedding, timestep_embedding
 
 
@@ -25,7 +26,7 @@ class MLPDenoiser(nn.Module):
         if self.label_emb is not None:
             emb = emb + self.label_emb(y, x.shape[0], x.device)
         elif y is not None:
-            raise ValueError("this network is not class-conditional (network.num_classes = 0)")
+            raise UserError("this network is not class-conditional (network.num_classes = 0)")
         h = self.input(x)
         for block in self.blocks:
             h = h + block(h + emb)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import UserError
 from .layers import timestep_embedding
 
 
@@ -39,11 +40,11 @@ class PriorTransformer(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, text_embed: torch.Tensor | None = None, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
         if text_embed is None or context is None:
-            raise ValueError("the prior is conditioned on a caption: pass text_embed= (B, E) and context= / context_mask= "
+            raise UserError("the prior is conditioned on a caption: pass text_embed= (B, E) and context= / context_mask= "
                              "(DiffusionModel.encode_prompts gives all three; the empty prompt is the unconditional branch)")
         B, L = x.shape[0], context.shape[1]
         if L + 4 > self.position.shape[0]:
-            raise ValueError(f"the prior takes at most {self.position.shape[0] - 4} caption tokens, got {L}")
+            raise UserError(f"the prior takes at most {self.position.shape[0] - 4} caption tokens, got {L}")
         dtype = self.x_proj.weight.dtype
         time = self.time_mlp(timestep_embedding(t, self.width).to(dtype))
         tokens = torch.cat([self.context_proj(context.to(dtype)), self.text_embed_proj(text_embed.to(dtype))[:, None], time[:, None],

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
 from ..superres import upsample
 from .layers import (
     AttentionBlock,
@@ -29,14 +30,14 @@ def check_levels(image_size: int, channel_mult: tuple[int, ...], attention_resol
     """The resolution of each level; clear errors for sizes the levels cannot halve."""
     factor = 2 ** (len(channel_mult) - 1)
     if image_size % factor:
-        raise ValueError(
+        raise UserError(
             f"image size {image_size} must be divisible by {factor} for {len(channel_mult)} UNet levels "
             f"(channel_mult={tuple(channel_mult)}); resize the data or use fewer levels"
         )
     resolutions = [image_size // 2**i for i in range(len(channel_mult))]
     unknown = set(attention_resolutions) - set(resolutions)
     if unknown:
-        raise ValueError(f"attention_resolutions {sorted(unknown)} are not UNet resolutions; choose from {resolutions}")
+        raise UserError(f"attention_resolutions {sorted(unknown)} are not UNet resolutions; choose from {resolutions}")
     return resolutions
 
 
@@ -131,26 +132,26 @@ class Conditioning(nn.Module):
         if self.label_emb is not None:
             emb = emb + self.label_emb(y, x.shape[0], x.device)
         elif y is not None:
-            raise ValueError("this network is not class-conditional (network.num_classes = 0)")
+            raise UserError("this network is not class-conditional (network.num_classes = 0)")
         if self.context_proj is not None:
             if context is None:
-                raise ValueError("this network is text-conditional: pass context= and context_mask= from TextEncoder.encode "
+                raise UserError("this network is text-conditional: pass context= and context_mask= from TextEncoder.encode "
                                  "(the empty prompt '' is the unconditional branch)")
             context = self.context_proj(context)  # (B, L, E): projected once, not in every block
             emb = emb + self.context_emb(pooled_context(context, mask))
         elif context is not None:
-            raise ValueError("this network is not text-conditional (network.text_encoder is empty)")
+            raise UserError("this network is not text-conditional (network.text_encoder is empty)")
         if self.image_emb is not None:
             emb, context, mask = self._add_image_embed(emb, context, mask, image_embed)
         elif image_embed is not None:
-            raise ValueError("this network is not conditioned on CLIP image embeddings (train.task is not 'decoder')")
+            raise UserError("this network is not conditioned on CLIP image embeddings (train.task is not 'decoder')")
         return emb, context, mask
 
     def _add_image_embed(self, emb: torch.Tensor, context, mask, image_embed) -> tuple:
         B = emb.shape[0]
         if image_embed is None or image_embed.shape != (B, self.image_embed_dim):
             got = None if image_embed is None else tuple(image_embed.shape)
-            raise ValueError(f"this decoder is conditioned on CLIP image embeddings: pass image_embed= of shape (B={B}, "
+            raise UserError(f"this decoder is conditioned on CLIP image embeddings: pass image_embed= of shape (B={B}, "
                              f"E={self.image_embed_dim}) (zeros = unconditional), got {got}")
         e = image_embed.to(emb.dtype)
         tokens = self.image_tokens(e).view(B, self.embed_tokens, -1)  # (B, k, E)
@@ -216,7 +217,7 @@ class UNet(nn.Module):
     ):
         super().__init__()
         if patch_size < 1 or image_size % patch_size:
-            raise ValueError(f"patch_size {patch_size} must be a positive divisor of the image size {image_size}")
+            raise UserError(f"patch_size {patch_size} must be a positive divisor of the image size {image_size}")
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
         self.patch_size = patch_size
@@ -266,14 +267,14 @@ class UNet(nn.Module):
 
     def _upsampled(self, low_res: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         if low_res is None:
-            raise ValueError("this network is a super-resolution stage: pass low_res= (B, C, h, w), the low-resolution "
+            raise UserError("this network is a super-resolution stage: pass low_res= (B, C, h, w), the low-resolution "
                              "image, and aug_level= (B,) (ddpmkit.pipelines.super_resolve does both)")
         if low_res.ndim != 4 or low_res.shape[1] != self.low_res_channels or low_res.shape[0] != x.shape[0]:
-            raise ValueError(f"low_res must have shape (B={x.shape[0]}, C={self.low_res_channels}, h, w), got {tuple(low_res.shape)}")
+            raise UserError(f"low_res must have shape (B={x.shape[0]}, C={self.low_res_channels}, h, w), got {tuple(low_res.shape)}")
         return upsample(low_res.to(x.dtype), self.image_size, self.upsample_mode)
 
     @staticmethod
     def _no_low_res(low_res: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         if low_res is not None:
-            raise ValueError("this network is not a super-resolution stage; it takes no low_res image")
+            raise UserError("this network is not a super-resolution stage; it takes no low_res image")
         return x

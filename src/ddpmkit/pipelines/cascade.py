@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..errors import UserError
 from ..models import DiffusionModel, load_diffusion
 from ..sampling import SAMPLERS
 from ..sampling.options import sampler_options
@@ -30,7 +31,7 @@ from .guided import GuidanceRequest
 STAGE_SEED_OFFSET = 2**32
 
 
-class CascadeError(ValueError):
+class CascadeError(UserError):
     """Stages that do not fit together, or low-res images a stage cannot take."""
 
 

@@ -15,6 +15,7 @@ from dataclasses import replace
 import torch
 
 from ..editing import img2img, inpaint, interpolate_images, interpolate_seeds, lerp_condition, posterior_samples, seed_noise
+from ..errors import UserError
 from ..models import DiffusionModel
 from ..sampling import sample
 from .guided import GuidanceRequest, guided_model
@@ -36,7 +37,7 @@ def edit_inpaint(m: DiffusionModel, image: torch.Tensor, mask: torch.Tensor, n: 
     Latent models inpaint in latent space with the mask area-downsampled to the latents (a latent
     pixel is kept only where all its pixels are), as Stable Diffusion's legacy inpainting did."""
     if tuple(mask.shape[-2:]) != tuple(image.shape[-2:]):
-        raise ValueError(f"the mask is {tuple(mask.shape[-2:])} pixels, the image {tuple(image.shape[-2:])}")
+        raise UserError(f"the mask is {tuple(mask.shape[-2:])} pixels, the image {tuple(image.shape[-2:])}")
     model, kwargs, _ = guided_model(m, n, request, "ddpm")
     z, mask = m.encode(image), mask.to(m.device)
     keep = mask if m.autoencoder is None else latent_mask(mask, tuple(z.shape[-2:]))
@@ -56,7 +57,7 @@ def edit_posterior(m: DiffusionModel, image: torch.Tensor, t: int, n: int, reque
     """Noise one image to x_t once and draw n samples of p(x_0 | x_t). Returns (x_t as a picture
     (1, C, H, W): zeros for latent models, whose noisy latent is no picture; samples (n, C, H, W))."""
     if not 0 < t < m.schedule.T:
-        raise ValueError(f"t must lie in 1..{m.schedule.T - 1}, got {t}")
+        raise UserError(f"t must lie in 1..{m.schedule.T - 1}, got {t}")
     model, kwargs, _ = guided_model(m, n, request, "ddpm")
     x_t, xs = posterior_samples(model, m.encode(image), t, n, steps=steps, seed=seed, model_kwargs=kwargs)
     shown = x_t.clamp(-1, 1) if m.autoencoder is None else torch.zeros_like(image)
@@ -84,7 +85,7 @@ def interpolation_prompts(m: DiffusionModel, prompt_a: str, prompt_b: str, n: in
                           sampler: str = "ddim", steps: int = 50) -> torch.Tensor:
     """n samples from one seed's x_T along the line between two prompts' embeddings: (n, C, H, W)."""
     if m.conditioning != "text":
-        raise ValueError(f"interpolating prompts needs a text-conditional model; {m.path} is conditioned on {m.conditioning}")
+        raise UserError(f"interpolating prompts needs a text-conditional model; {m.path} is conditioned on {m.conditioning}")
     ca, cb = m.encode_prompts([prompt_a]), m.encode_prompts([prompt_b])
     conds = [lerp_condition(ca, cb, float(w)) for w in torch.linspace(0, 1, n)]
     request = replace(request or GuidanceRequest(), conditions={k: torch.cat([c[k] for c in conds]) for k in ca})

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import viz
+from ..errors import UserError
 from ..models import DiffusionModel
 from ..precision import DTYPES, Autocast, resolve_precision
 from ..sampling import sample
@@ -85,10 +86,10 @@ def generate(m: DiffusionModel, n: int, request: GuidanceRequest | None = None, 
     device = m.device if device is None else torch.device(device)  # default: where the model's weights are
     batch_size = batch_size or auto_batch_size(m.data_shape, device)
     if n < 1 or batch_size < 1:
-        raise ValueError(f"n = {n} and batch_size = {batch_size} must be >= 1")
+        raise UserError(f"n = {n} and batch_size = {batch_size} must be >= 1")
     seeds = list(range(seed, seed + n)) if seeds is None else list(seeds)
     if len(seeds) != n:
-        raise ValueError(f"give one seed per sample ({n}), got {len(seeds)}")
+        raise UserError(f"give one seed per sample ({n}), got {len(seeds)}")
     request = request or GuidanceRequest()
     options = resolve_options(m, options)
     if (precision := resolve_precision(precision)) != "no":

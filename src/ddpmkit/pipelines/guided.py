@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..errors import UserError
 from ..guidance import Autoguidance, ClassifierFreeGuidance, ClassifierGuidance, CLIPGuidance, DynamicThresholding
 from ..models import DiffusionModel, LoadedNetwork, load_classifier, load_clip, load_diffusion
 from ..parameterization import Denoiser, DenoiserOutput, DenoiserWrapper
@@ -47,7 +48,7 @@ class GuidanceRequest:
                   "classifier scale": self.classifier_scale, "CLIP scale": self.clip_scale, "autoguidance weight": self.autoguide_scale}
         for name, value in scales.items():
             if value is not None and not math.isfinite(value):
-                raise ValueError(f"the {name} must be a finite number, got {value}")
+                raise UserError(f"the {name} must be a finite number, got {value}")
 
     def slice(self, start: int, n: int, num_classes: int = 0) -> GuidanceRequest:
         """The request for samples start .. start+n-1 of a longer run, so that batches cycle the
@@ -85,18 +86,18 @@ def _conditions(m: DiffusionModel, n: int, request: GuidanceRequest, labels: tor
     if request.conditions is not None:
         rows = {k: v.to(device) for k, v in request.conditions.items()}
         if any(len(v) != n for v in rows.values()):
-            raise ValueError(f"GuidanceRequest.conditions must have one row per sample ({n})")
+            raise UserError(f"GuidanceRequest.conditions must have one row per sample ({n})")
         return rows
     if m.conditioning == "text":
         if not request.prompts:
-            raise ValueError("this model is text-conditional: give --prompt \"...\" ('' for unconditional samples)")
+            raise UserError("this model is text-conditional: give `prompts` ('' for unconditional samples)")
         return m.encode_prompts(cycle(request.prompts, n), device)
     if m.conditioning == "class":
         if bool(((labels < 0) | (labels >= m.num_classes)).any()):
-            raise ValueError(f"--class must lie in 0..{m.num_classes - 1}")
+            raise UserError(f"`classes` must lie in 0..{m.num_classes - 1}")
         return {"y": labels}
     if m.conditioning == "embed":
-        raise ValueError(f"{m.path} is unCLIP's decoder, conditioned on CLIP image embeddings: draw them from a prompt with "
+        raise UserError(f"{m.path} is unCLIP's decoder, conditioned on CLIP image embeddings: draw them from a prompt with "
                          "`ddpmkit unclip PRIOR DECODER --prompt ...`, or from an image with `ddpmkit variations DECODER image.png`")
     return {}
 
@@ -110,14 +111,14 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
     request = request or GuidanceRequest()
     device = m.device if device is None else torch.device(device)  # conditions go where the network is
     if request.clip and not request.prompts:
-        raise ValueError("CLIP guidance steers toward prompts: give --prompt \"...\" with --clip")
+        raise UserError("CLIP guidance steers toward prompts: give `prompts` with `clip`")
     if request.prompts and m.conditioning != "text" and not request.clip:
-        raise ValueError("--prompt needs a text-conditional model (network.text_encoder); this one is "
-                         + ("class-conditional: use --class" if m.conditioning == "class" else "unconditional"))
+        raise UserError("giving `prompts` needs a text-conditional model (network.text_encoder); this one is "
+                         + ("class-conditional: use `classes`" if m.conditioning == "class" else "unconditional"))
     if request.classifier and request.clip:
-        raise ValueError("use one of classifier guidance (--classifier) and CLIP guidance (--clip), not both")
+        raise UserError("use one of classifier guidance (`classifier`) and CLIP guidance (`clip`), not both")
     if request.classes and not (m.conditioning == "class" or request.classifier):
-        raise ValueError("--class needs a class-conditional model (network.num_classes > 0) or --classifier for classifier guidance")
+        raise UserError("giving `classes` needs a class-conditional model (network.num_classes > 0) or `classifier` for classifier guidance")
     scale = request.scale if request.scale is not None else (0.0 if request.classifier or request.clip else DEFAULT_SCALE)
     labels = torch.tensor(cycle(request.classes or list(range(max(m.num_classes, 10))), n), device=device)
     model: Denoiser = m.denoiser
@@ -135,15 +136,15 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
             model = ClassifierFreeGuidance(model, scale, null_label=m.num_classes if m.conditioning == "class" else None,
                                            null=null if m.conditioning != "class" else None, rescale=request.rescale)
     if m.is_super_resolution and not (request.extra and "low_res" in request.extra):
-        raise ValueError(f"{m.path} is a super-resolution stage ({side(m.low_res_shape)} -> {side(m.data_shape)}): give it low-res images "
+        raise UserError(f"{m.path} is a super-resolution stage ({side(m.low_res_shape)} -> {side(m.data_shape)}): give it low-res images "
                          "with `ddpmkit upscale STAGE image.png`, or put it after a base model: `ddpmkit sample BASE --then STAGE`")
     if request.extra:
         if any(len(v) != n for v in request.extra.values()):
-            raise ValueError(f"GuidanceRequest.extra must have one row per sample ({n})")
+            raise UserError(f"GuidanceRequest.extra must have one row per sample ({n})")
         kwargs = {**kwargs, **{k: v.to(device) for k, v in request.extra.items()}}
     if request.autoguide:
         if m.conditioning != "none" and scale not in (0.0, 1.0):
-            raise ValueError(f"autoguidance guides one branch: with --autoguide give --guidance 1 (the conditional model) or 0 "
+            raise UserError(f"autoguidance guides one branch: with `autoguide` give `scale` 1 (the conditional model) or 0 "
                              f"(the unconditional one), not {scale:g}")
         model = Autoguidance(model, _weaker_model(m, request.autoguide, device), request.autoguide_scale)
     if request.threshold:
@@ -155,7 +156,7 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
     if request.clip:
         clip = load_clip(request.clip, device=device)
         if not clip.network.noisy:
-            raise ValueError(f"CLIP guidance needs a noisy CLIP, whose image tower sees x_t (ddpmkit train clip_noisy); {request.clip} "
+            raise UserError(f"CLIP guidance needs a noisy CLIP, whose image tower sees x_t (ddpmkit train clip_noisy); {request.clip} "
                              "was trained on clean images")
         target = clip.embed_texts(cycle(request.prompts, n)).to(device)
         model, kwargs, options = _gradient_guided(m, clip, CLIPGuidance(_Bound(model, kwargs), clip.network, request.clip_scale),
@@ -172,7 +173,7 @@ def _weaker_model(m: DiffusionModel, path: str, device) -> Denoiser:
             "learned variance": (m.learned_variance, bad.learned_variance), "autoencoder": (m.config.data.autoencoder, bad.config.data.autoencoder)}
     differ = [f"{what} {a} vs {b}" for what, (a, b) in same.items() if a != b]
     if differ:
-        raise ValueError(f"the autoguiding model {path} must be a weaker model of the same kind as {m.path}; they differ in: "
+        raise UserError(f"the autoguiding model {path} must be a weaker model of the same kind as {m.path}; they differ in: "
                          + "; ".join(differ))
     network = Autocast(bad.network, m.network.dtype) if isinstance(m.network, Autocast) else bad.network  # in m's precision
     return Denoiser(network, m.schedule, bad.prediction, bad.learned_variance)
@@ -194,7 +195,7 @@ def _gradient_guided(m: DiffusionModel, guide: LoadedNetwork, guidance: Classifi
     """Classifier or CLIP guidance (of a model with its kwargs bound) toward target, as the sampler takes it."""
     c, d = guide.config.diffusion, m.config.diffusion
     if (c.schedule, c.T, c.zero_terminal_snr) != (d.schedule, d.T, d.zero_terminal_snr):
-        raise ValueError(f"the {guide.kind} at {guide.path} was trained with the {c.schedule} schedule, T={c.T}; "
+        raise UserError(f"the {guide.kind} at {guide.path} was trained with the {c.schedule} schedule, T={c.T}; "
                          f"the model uses {d.schedule}, T={d.T}")
     if sampler == "ddpm":  # Algorithm 1: shift the mean by s * Sigma * grad score
         return guidance.unguided, {guidance.key: target}, {"cond_fn": guidance.cond_fn}

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from ..models import DiffusionModel
 from ..nets.prior import prior_data_scale
 from ..utils import cycle
@@ -29,7 +30,7 @@ DEFAULT_PRIOR_SCALE = 1.0  # classifier-free guidance of the prior (measured in 
 DEFAULT_DECODER_SCALE = 3.0
 
 
-class UnCLIPError(ValueError):
+class UnCLIPError(UserError):
     """A prior and decoder (or images) that do not fit together."""
 
 

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..editing import lerp_condition, seed_noise, slerp
+from ..errors import UserError
 from ..models import DiffusionModel
 from ..sampling import sample
 from .generate import resolve_options
@@ -39,9 +40,9 @@ def read_keyframes(path: str | Path) -> list[tuple[int, str]]:
         try:
             items = ast.literal_eval(text[text.index("["):text.rindex("]") + 1])
         except (ValueError, SyntaxError) as e:
-            raise ValueError(f"{path}: cannot read the list of seeds and prompts ({e})") from None
+            raise UserError(f"{path}: cannot read the list of seeds and prompts ({e})") from None
         if len(items) % 2 or not all(isinstance(s, int) and isinstance(p, str) for s, p in zip(items[::2], items[1::2])):
-            raise ValueError(f"{path}: the list must alternate integer seeds and prompt strings")
+            raise UserError(f"{path}: the list must alternate integer seeds and prompt strings")
         frames = list(zip(items[::2], items[1::2]))
     else:
         frames = []
@@ -51,10 +52,10 @@ def read_keyframes(path: str | Path) -> list[tuple[int, str]]:
                 continue
             seed, _, prompt = line.partition(" ")
             if not seed.lstrip("-").isdigit():
-                raise ValueError(f"{path}:{n}: expected 'SEED PROMPT', got {line!r}")
+                raise UserError(f"{path}:{n}: expected 'SEED PROMPT', got {line!r}")
             frames.append((int(seed), prompt.strip().strip("'\"")))
     if len(frames) < 2:
-        raise ValueError(f"{path}: a voyage needs at least 2 keyframes, found {len(frames)}")
+        raise UserError(f"{path}: a voyage needs at least 2 keyframes, found {len(frames)}")
     return frames
 
 
@@ -65,7 +66,7 @@ def render_voyage(m: DiffusionModel, keyframes: list[tuple[int, str]], frames_be
     """Frames (N, C, H, W) in [-1, 1] through the keyframes of a text-conditional model m (latent
     models are decoded). N = (keyframes - 1) * frames_between + 1."""
     if m.conditioning != "text":
-        raise ValueError("a voyage needs a text-conditional model (network.text_encoder), e.g. one trained with configs/mnist_text.toml")
+        raise UserError("a voyage needs a text-conditional model (network.text_encoder), e.g. one trained with configs/mnist_text.toml")
     device = m.device if device is None else torch.device(device)
     conds = [m.encode_prompts([p]) for _, p in keyframes]
     noises = [seed_noise(s, m.data_shape) for s, _ in keyframes]

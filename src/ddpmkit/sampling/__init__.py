@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import UserError
 from ..parameterization import Denoiser, ModelFn, Prediction, as_denoiser
 from ..schedules import NoiseSchedule
 from .ancestral import ddim, ddpm
@@ -54,7 +55,7 @@ def _check_options(sampler: str, options: dict) -> None:
     known = [name for name in params if name not in ("denoiser", "x", "noise", "callback", "model_kwargs", "progress")]
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise ValueError(f"sampler {sampler!r} takes no option(s) {unknown}; its options are {known}")
+        raise UserError(f"sampler {sampler!r} takes no option(s) {unknown}; its options are {known}")
 
 
 def sample(
@@ -92,11 +93,11 @@ def sample(
         variance= and clip_x0= for 'ddpm', eta= for 'ddim' and the SDE solvers, order=, rtol=...
     """
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+        raise UserError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
     _check_options(sampler, sampler_options)
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2:
-        raise ValueError(f"shape must be (batch, *dims), got {shape}")
+        raise UserError(f"shape must be (batch, *dims), got {shape}")
     denoiser = as_denoiser(model, None if schedule is None else schedule.to("cpu"), prediction, learned_variance)
     if device is None:
         params = getattr(denoiser.model, "parameters", None)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from ..parameterization import Denoiser
 from ..reverse import check_variance, default_variance, p_mean_variance
 from ..schedules import NoiseSchedule
@@ -100,7 +101,7 @@ def ddim(
     x / sqrt(alpha_bar)); eta = 1 is exactly DDPM ancestral sampling with sigma_t^2 = beta-tilde_t.
     """
     if not 0.0 <= eta:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+        raise UserError(f"eta must be >= 0, got {eta}")
     schedule = _respaced(denoiser.schedule, steps, grid)
     ab = schedule.alpha_bar
     positions = range(schedule.T - 1, -1, -1)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..errors import UserError
 from ..schedules import NoiseSchedule
 
 
@@ -71,17 +72,17 @@ def timestep_grid(grid: str | torch.Tensor, schedule: NoiseSchedule, steps: int 
     """
     unknown = sorted(set(options) - {"rho"})
     if unknown:
-        raise ValueError(f"unknown sampler option(s) {unknown} for this sampler")
+        raise UserError(f"unknown sampler option(s) {unknown} for this sampler")
     if isinstance(grid, torch.Tensor):
         t = grid.to(torch.float64).flatten()
         if t.numel() < 1 or bool((t[1:] >= t[:-1]).any()) or t.min() < 0 or t.max() > schedule.T - 1:
-            raise ValueError(f"an explicit grid must be strictly decreasing timesteps in [0, {schedule.T - 1}]")
+            raise UserError(f"an explicit grid must be strictly decreasing timesteps in [0, {schedule.T - 1}]")
         return t
     if grid not in GRIDS:
-        raise ValueError(f"unknown grid {grid!r}; choose one of {sorted(GRIDS)}")
+        raise UserError(f"unknown grid {grid!r}; choose one of {sorted(GRIDS)}")
     steps = schedule.T if steps is None else int(steps)
     if not 1 <= steps <= schedule.T:
-        raise ValueError(f"steps must lie in [1, {schedule.T}], got {steps}")
+        raise UserError(f"steps must lie in [1, {schedule.T}], got {steps}")
     if steps == 1:
         return torch.tensor([schedule.T - 1.0], dtype=torch.float64)
     return GRIDS[grid](schedule, steps, **options)

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import UserError
+
 GeneratorLike = None | int | Sequence[int] | torch.Generator
 
 
@@ -26,7 +28,7 @@ class NoiseSource:
             # an int seed s means seeds s, s+1, ..., s+B-1: sample k always uses seed s+k
             seeds = list(range(generator, generator + batch_size)) if isinstance(generator, int) else [int(s) for s in generator]
             if len(seeds) != batch_size:
-                raise ValueError(f"got {len(seeds)} seeds for a batch of {batch_size} samples")
+                raise UserError(f"got {len(seeds)} seeds for a batch of {batch_size} samples")
             self.generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
     def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from ..errors import UserError
 from ..parameterization import Denoiser
 from .continuous import Trajectory
 from .noise import NoiseSource
@@ -55,7 +56,7 @@ def ipndm(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int | 
     slopes eps = dx_bar/dsigma, with the fixed equal-step weights and the order growing from 1 to
     `order` as past slopes become available. Strong at 5-10 NFE."""
     if order not in (1, 2, 3, 4):
-        raise ValueError(f"iPNDM order must be 1..4, got {order}")
+        raise UserError(f"iPNDM order must be 1..4, got {order}")
     tr = Trajectory(denoiser, x, steps, grid, model_kwargs, callback, progress, "ipndm", options)
     x_bar, s = tr.x_bar, tr.sigmas
     slopes: list[torch.Tensor] = []  # newest first
@@ -86,11 +87,11 @@ def dpmpp(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int | 
     (1 - e^{-h}) / 2, k-diffusion's 2M and diffusers' default. Both are second order.
     """
     if solver_type not in ("heun", "midpoint"):
-        raise ValueError(f"solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
+        raise UserError(f"solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
     if order not in (1, 2, 3):
-        raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, got {order}")
+        raise UserError(f"DPM-Solver++ order must be 1, 2 or 3, got {order}")
     if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+        raise UserError(f"eta must be >= 0, got {eta}")
     name = f"dpmpp_{order}m" + ("_sde" if eta else "")
     tr = Trajectory(denoiser, x, steps, grid, model_kwargs, callback, progress, name, options)
     x_bar, s, lam = tr.x_bar, tr.sigmas, tr.lambdas()
@@ -165,9 +166,9 @@ def unipc(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int | 
     the network evaluation at the new point, so correcting costs no extra NFE and raises the order
     by one. Data prediction, B(h) = e^h - 1 ('bh2') or h ('bh1')."""
     if order not in (1, 2, 3):
-        raise ValueError(f"UniPC order must be 1, 2 or 3, got {order}")
+        raise UserError(f"UniPC order must be 1, 2 or 3, got {order}")
     if variant not in ("bh1", "bh2"):
-        raise ValueError(f"unknown UniPC variant {variant!r}; choose 'bh1' or 'bh2'")
+        raise UserError(f"unknown UniPC variant {variant!r}; choose 'bh1' or 'bh2'")
     tr = Trajectory(denoiser, x, steps, grid, model_kwargs, callback, progress, "unipc", options)
     x_bar, s, lam = tr.x_bar, tr.sigmas, tr.lambdas()
     Ds: list[torch.Tensor] = []  # D at grid points 0..k

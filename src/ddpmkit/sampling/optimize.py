@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from ..parameterization import Denoiser, ModelFn, Prediction, as_denoiser
 from ..schedules import NoiseSchedule
 from . import sample
@@ -45,7 +46,7 @@ def optimize_grid(model: Denoiser | ModelFn, shape: Sequence[int], schedule: Noi
     runs the sampler once; the reference costs one adaptive solve.
     """
     if steps < 3:
-        raise ValueError("a grid with fewer than 3 points has nothing to optimise")
+        raise UserError("a grid with fewer than 3 points has nothing to optimise")
     denoiser = as_denoiser(model, schedule, prediction)
     schedule = denoiser.schedule
     x_T = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

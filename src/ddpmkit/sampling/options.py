@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
+
 NO_CLIP = ("euler_maruyama", "pc", "dopri5")  # samplers that never clip the predicted x_0
 
 
@@ -38,5 +40,5 @@ def read_grid_file(path) -> torch.Tensor:
     try:
         return torch.tensor(json.loads(path.read_text())["timesteps"], dtype=torch.float64)
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path} is not a grid file with a 'timesteps' list: {e}") from None
+        raise UserError(f"{path} is not a grid file with a 'timesteps' list: {e}") from None
 

@@ -16,6 +16,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from ..parameterization import Denoiser
 from .grids import timestep_grid
 from .noise import NoiseSource
@@ -32,7 +33,7 @@ def euler_maruyama(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, step
         x <- x + (x / 2 + score) B + sqrt(B) z.
     """
     if corrector_steps < 0 or snr <= 0:
-        raise ValueError("corrector_steps must be >= 0 and snr > 0")
+        raise UserError("corrector_steps must be >= 0 and snr > 0")
     schedule = denoiser.schedule
     ts = timestep_grid(grid, schedule, steps, **grid_options)
     log_ab = schedule.alpha_bar_at(ts).log().tolist()

@@ -100,7 +100,7 @@ def _check_resumable(cfg: Config, ckpt: Path) -> CheckpointInfo:
     same = (saved.network, saved.diffusion, saved.data, saved.autoencoder, saved.train.task) == \
            (cfg.network, cfg.diffusion, cfg.data, cfg.autoencoder, cfg.train.task)
     if not same:
-        raise TrainingError(f"--resume: the task, data, network, diffusion or autoencoder settings differ from {ckpt / 'config.json'}")
+        raise TrainingError(f"`resume`: the task, data, network, diffusion or autoencoder settings differ from {ckpt / 'config.json'}")
     return info
 
 
@@ -143,7 +143,7 @@ def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True) ->
     if resume:
         found = list_checkpoints(run_dir)
         if not found:
-            raise TrainingError(f"--resume: no checkpoint in {run_dir}")
+            raise TrainingError(f"`resume`: no checkpoint in {run_dir}")
         info = _check_resumable(cfg, found[-1])
         restore(found[-1], model)
         step, lr_scale, fitted = info.step, info.lr_scale, bool(info.horizon)

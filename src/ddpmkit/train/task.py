@@ -10,11 +10,12 @@ from torch import nn
 
 from ..config import Config
 from ..data import Dataset, dataset_for
+from ..errors import UserError
 from ..nets import build_for_task
 from .batches import Batch
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot go on (non-finite losses, a bad batch size, a resume that does not match)."""
 
 

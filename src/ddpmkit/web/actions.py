@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .. import viz
+from ..errors import UserError
 from ..images import fit_image, load_image, load_image_as, make_mask
 from ..models import DiffusionModel
 from ..pipelines.edit import edit_img2img, edit_inpaint, edit_posterior, interpolation_images, interpolation_prompts, interpolation_seeds
@@ -123,37 +124,37 @@ class Actions:
         condition = self.limits.prompt(condition)
         if m.conditioning == "none":
             if condition:
-                raise ValueError(f"this model is unconditional: it takes no class or prompt (got {condition!r})")
+                raise UserError(f"this model is unconditional: it takes no class or prompt (got {condition!r})")
             return GuidanceRequest(), []
         if guidance is None or not 0 <= guidance <= 30:
-            raise ValueError(f"the guidance scale must lie in 0..30, got {guidance}")
+            raise UserError(f"the guidance scale must lie in 0..30, got {guidance}")
         flags = ["--guidance", f"{guidance:g}"]
         if m.conditioning == "class":
             try:
                 classes = [int(c) for c in condition.replace(" ", "").split(",")] if condition else []
             except ValueError:
-                raise ValueError(f"this model takes class numbers 0..{m.num_classes - 1} (e.g. 7 or 0,1,2), not a prompt: {condition!r}") from None
+                raise UserError(f"this model takes class numbers 0..{m.num_classes - 1} (e.g. 7 or 0,1,2), not a prompt: {condition!r}") from None
             bad = [c for c in classes if not 0 <= c < m.num_classes]
             if bad:
-                raise ValueError(f"classes {bad} are not among this model's 0..{m.num_classes - 1}")
+                raise UserError(f"classes {bad} are not among this model's 0..{m.num_classes - 1}")
             return GuidanceRequest(classes=classes, scale=guidance), (["--class", ",".join(map(str, classes))] if classes else []) + flags
         if m.conditioning == "text":
             if not condition:
-                raise ValueError("this model is text-conditional: type a prompt")
+                raise UserError("this model is text-conditional: type a prompt")
             return GuidanceRequest(prompts=[condition], scale=guidance), ["--prompt", condition] + flags
-        raise ValueError(f"{m.path} is conditioned on {m.conditioning}; the page serves class, text and unconditional models")
+        raise UserError(f"{m.path} is conditioned on {m.conditioning}; the page serves class, text and unconditional models")
 
     def settings(self, run: str, condition: str, sampler: str, steps: float, grid: str, guidance: float | None, seed: float,
                  n: float) -> tuple[DiffusionModel, Settings]:
         m = self.shelf.get(run)
         grid = None if grid in (None, "", DEFAULT_GRID) else grid
         if grid is not None and grid not in GRIDS:
-            raise ValueError(f"unknown grid {grid!r}; choose one of {[DEFAULT_GRID, *GRIDS]}")
+            raise UserError(f"unknown grid {grid!r}; choose one of {[DEFAULT_GRID, *GRIDS]}")
         request, flags = self.request(m, condition, guidance)
         s = Settings(run, self.limits.images(n), check_sampler(sampler), self.limits.steps(steps), grid, self.limits.seed(seed),
                      request, flags)
         if s.steps > m.schedule.T:
-            raise ValueError(f"this model has T = {m.schedule.T} steps; steps must lie in 1..{m.schedule.T}")
+            raise UserError(f"this model has T = {m.schedule.T} steps; steps must lie in 1..{m.schedule.T}")
         return m, s
 
     # -- generate -----------------------------------------------------------------------------
@@ -239,7 +240,7 @@ class Actions:
         common = ["--n", str(n), "--steps", str(steps), "--seed", str(seed), *flags]
         if mode == "img2img":
             if not 0 < strength <= 1:
-                raise ValueError(f"strength must lie in (0, 1], got {strength}")
+                raise UserError(f"strength must lie in (0, 1], got {strength}")
             out = edit_img2img(m, image, n, strength, request, sampler, steps, seed)
             rows, cmd = [image, out], ["img2img", run, spec, "--strength", f"{strength:g}", "--sampler", sampler, *common]
         elif mode == "inpaint":
@@ -251,7 +252,7 @@ class Actions:
             x_t, out = edit_posterior(m, image, t, n, request, steps, seed)
             rows, cmd = [image, x_t, out], ["posterior", run, spec, "--t", str(t), *common]
         else:
-            raise ValueError(f"unknown edit {mode!r}; choose img2img, inpaint or posterior")
+            raise UserError(f"unknown edit {mode!r}; choose img2img, inpaint or posterior")
         strip = torch.cat(rows)
         return picture(strip, nrow=len(strip)), shlex.join(["ddpmkit", *cmd])
 
@@ -267,7 +268,7 @@ class Actions:
         if choice != "drawn":
             return make_mask(choice, shape)
         if drawn is None or drawn.ndim != 3 or drawn.shape[-1] != 4 or not drawn[..., 3].any():
-            raise ValueError("paint over the part to fill in the mask editor (or choose a half)")
+            raise UserError("paint over the part to fill in the mask editor (or choose a half)")
         painted = torch.from_numpy(drawn[..., 3] > 0).float()[None, None]
         painted = torch.nn.functional.interpolate(painted, size=tuple(shape[-2:]), mode="area")
         return (painted < 0.25).float()  # a pixel mostly painted over is filled in
@@ -294,15 +295,15 @@ class Actions:
         elif mode == "voyage":
             rows = [r for r in (keyframes or []) if r and str(r[0]).strip() != "" and len(r) > 1 and str(r[1]).strip()]
             if not 2 <= len(rows) <= self.limits.max_keyframes:
-                raise ValueError(f"a voyage needs 2..{self.limits.max_keyframes} keyframes (seed, prompt), got {len(rows)}")
+                raise UserError(f"a voyage needs 2..{self.limits.max_keyframes} keyframes (seed, prompt), got {len(rows)}")
             try:
                 keys = [(self.limits.seed(float(r[0])), self.limits.prompt(str(r[1]))) for r in rows]
             except (TypeError, ValueError) as e:
-                raise ValueError(f"each keyframe is a seed (a whole number) and a prompt: {e}") from None
+                raise UserError(f"each keyframe is a seed (a whole number) and a prompt: {e}") from None
             x = render_voyage(m, keys, frames_between=frames, guidance=guidance if guidance is not None else 3.0, sampler=sampler,
                               steps=steps, progress=False)
         else:
-            raise ValueError(f"unknown interpolation {mode!r}; choose seeds, images, prompts or voyage")
+            raise UserError(f"unknown interpolation {mode!r}; choose seeds, images, prompts or voyage")
         upscale = max(1, 128 // m.image_shape[-1])
         gif = viz.save_gif([viz.make_grid(f[None], nrow=1, pad=0, upscale=upscale) for f in x], self._folder("interpolate") / f"{mode}.gif",
                            duration_ms=120, hold_last_ms=480)

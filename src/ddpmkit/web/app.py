@@ -8,15 +8,13 @@ from collections.abc import Callable
 
 import gradio as gr
 
-from ..checkpoint import CheckpointError
-from ..config import ConfigError
-from ..data import DataError
+from ..errors import USER_ERRORS, UserError
 from ..sampling import SAMPLERS
 from ..sampling.grids import GRIDS
-from ..text import TextEncoderError
 from .actions import DEFAULT_GRID, Actions, Cancelled
 
-USER_ERRORS = (ValueError, ConfigError, DataError, CheckpointError, TextEncoderError, FileNotFoundError)
+# the library's parameter names in its messages, as the page labels them
+WORDS = {"classes": "the class box", "prompts": "a prompt", "scale": "the guidance scale"}
 HEAVY = "sampling"  # the concurrency group of everything that runs a network
 LIGHT = "light"  # the forward-process tab: answers while samplers run
 CSS = """
@@ -31,8 +29,13 @@ def shown_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as e:
-            raise gr.Error(str(e), print_exception=False) from None
+            raise gr.Error(shown(e), print_exception=False) from None
     return wrapped
+
+
+def shown(e: Exception) -> str:
+    """A user error's message in the page's words."""
+    return e.render(WORDS) if isinstance(e, UserError) else str(e)
 
 
 def build_app(actions: Actions, concurrency: int = 1) -> gr.Blocks:
@@ -152,7 +155,7 @@ def build_app(actions: Actions, concurrency: int = 1) -> gr.Blocks:
             try:
                 _, settings = actions.settings(run_, condition_, sampler_, steps_, grid_, guidance_, seed_, n_)
             except USER_ERRORS as e:
-                raise gr.Error(str(e), print_exception=False) from None
+                raise gr.Error(shown(e), print_exception=False) from None
             stop_flag = cancels[request.session_hash] = threading.Event()
             yield None, None, None, settings.seed, "", None
             try:
@@ -165,7 +168,7 @@ def build_app(actions: Actions, concurrency: int = 1) -> gr.Blocks:
             except Cancelled:
                 gr.Info("cancelled")
             except USER_ERRORS as e:
-                raise gr.Error(str(e), print_exception=False) from None
+                raise gr.Error(shown(e), print_exception=False) from None
             finally:
                 stop_flag.set()  # also stops the sampler when the page cancels or the visitor leaves
                 cancels.pop(request.session_hash, None)

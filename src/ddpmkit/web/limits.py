@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..errors import UserError
 from ..sampling import SAMPLERS
 
 
@@ -40,9 +41,9 @@ class Limits:
     def whole(self, value: float | None, name: str, low: int, high: int) -> int:
         """A whole number in [low, high] (the page's number boxes send floats, or None when empty)."""
         if value is None or not math.isfinite(value) or float(value) != int(value):
-            raise ValueError(f"{name} must be a whole number in {low}..{high}, got {value!r}")
+            raise UserError(f"{name} must be a whole number in {low}..{high}, got {value!r}")
         if not low <= int(value) <= high:
-            raise ValueError(f"{name} must lie in {low}..{high}, got {int(value)}")
+            raise UserError(f"{name} must lie in {low}..{high}, got {int(value)}")
         return int(value)
 
     def seed(self, seed: float | None) -> int:
@@ -54,7 +55,7 @@ class Limits:
     def prompt(self, text: str) -> str:
         text = (text or "").strip()
         if len(text) > self.max_prompt_chars:
-            raise ValueError(f"the prompt has {len(text)} characters; at most {self.max_prompt_chars} are allowed")
+            raise UserError(f"the prompt has {len(text)} characters; at most {self.max_prompt_chars} are allowed")
         return text
 
     def upload(self, path: str | Path) -> Path:
@@ -62,18 +63,18 @@ class Limits:
         path = Path(path)
         size = os.path.getsize(path)
         if size > self.max_upload_bytes:
-            raise ValueError(f"the upload is {size / 2**20:.1f} MB; at most {self.max_upload_bytes / 2**20:.0f} MB are allowed")
+            raise UserError(f"the upload is {size / 2**20:.1f} MB; at most {self.max_upload_bytes / 2**20:.0f} MB are allowed")
         try:
             with Image.open(path) as im:  # reads the header only
                 w, h = im.size
         except Exception as e:  # noqa: BLE001 -- Pillow raises many types for broken files
-            raise ValueError(f"the upload is not an image Pillow can read ({type(e).__name__}); use a PNG or JPEG") from None
+            raise UserError(f"the upload is not an image Pillow can read ({type(e).__name__}); use a PNG or JPEG") from None
         if w * h > self.max_upload_pixels:
-            raise ValueError(f"the upload is {w}x{h} pixels; at most {self.max_upload_pixels} pixels are allowed")
+            raise UserError(f"the upload is {w}x{h} pixels; at most {self.max_upload_pixels} pixels are allowed")
         return path
 
 
 def check_sampler(name: str) -> str:
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+        raise UserError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
     return name

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..checkpoint import CheckpointError, list_checkpoints, read_config, resolve_checkpoint
 from ..diffusers_bridge import PIPELINE_INDEX
+from ..errors import UserError
 from ..models import DIFFUSION_TASKS, DiffusionModel, load_diffusion
 
 
@@ -41,7 +42,7 @@ class Shelf:
 
     def get(self, run: str | None) -> DiffusionModel:
         if not run or run not in self.runs:
-            raise ValueError(f"unknown run {run!r}; this page serves {self.runs or 'no runs (start it with ddpmkit serve RUN)'}")
+            raise UserError(f"unknown run {run!r}; this page serves {self.runs or 'no runs (start it with ddpmkit serve RUN)'}")
         with self._lock:  # two first requests for one model load it once
             if run not in self._models:
                 self._models[run] = load_diffusion(run)

@@ -1,0 +1,24 @@
+"""The one kind of error a user's input causes: the faces (CLI, web page) show a UserError as one line and
+let everything else, a bug, show its traceback.
+
+A message names the library's parameters in backticks (`classes`, `prompts`); each face renders them in
+its own words (`--class` on the command line) with ``render``.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+_NAME = re.compile(r"`([A-Za-z_.]+)`")
+
+
+class UserError(ValueError):
+    """Bad input: a value, a file, a config, a combination of options. Subclasses say which part."""
+
+    def render(self, words: Mapping[str, str]) -> str:
+        """The message with each `name` that `words` knows replaced by the face's word for it."""
+        return _NAME.sub(lambda m: words.get(m[1], m[0]), str(self))
+
+
+# what the faces show as one line: user errors, and files that are not there
+USER_ERRORS: tuple[type[Exception], ...] = (UserError, FileNotFoundError)
