@@ -181,7 +181,9 @@ class UnCLIPConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     # which kind of model this run trains
-    task: Literal["denoiser", "superres", "autoencoder", "classifier", "judge", "clip", "prior", "decoder"] = "denoiser"
+    # the kind of model (kinds.KINDS: denoiser, superres, autoencoder, classifier, judge, clip, prior, decoder); an unknown
+    # name is one clear error when the run starts or loads
+    task: str = "denoiser"
     run_dir: str = "runs/mnist"
     steps: int = 5000
     max_minutes: float = 0.0  # stop (and checkpoint) after this long; 0 = no limit

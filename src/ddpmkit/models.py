@@ -21,13 +21,12 @@ from .checkpoint import CheckpointError, read_config, read_weights, resolve_chec
 from .config import Config, DiffusionConfig
 from .diffusers_bridge import DTYPES, PipelineParts, pipeline_folder, read_pipeline
 from .errors import UserError
+from .kinds import ModelKind, kind_of, sampling_kinds
 from .nets import build_for_task
 from .nets.unet import UNet, upgrade_legacy_keys
 from .parameterization import Denoiser
 from .schedules import NoiseSchedule
 from .text import TextEncoder
-
-DIFFUSION_TASKS = ("denoiser", "superres", "prior", "decoder")  # the kinds of run that sample
 
 
 @dataclass
@@ -44,6 +43,11 @@ class LoadedNetwork:
     @property
     def kind(self) -> str:
         return self.config.train.task
+
+    @property
+    def model_kind(self) -> ModelKind:
+        """What kinds.py declares about this kind of run: whether it samples, its inputs."""
+        return kind_of(self.kind)
 
     @functools.cached_property
     def schedule(self) -> NoiseSchedule:
@@ -113,14 +117,14 @@ class DiffusionModel(LoadedNetwork):
     def conditioning(self) -> str:
         """'text', 'class', 'embed' (unCLIP's decoder: a CLIP image embedding) or 'none'."""
         net = self.config.network
-        if self.kind == "decoder":
+        if "image_embed" in self.model_kind.inputs:
             return "embed"
         return "text" if net.text_encoder else "class" if net.num_classes > 0 else "none"
 
     @functools.cached_property
     def clip(self) -> LoadedNetwork:
         """The CLIP run of an unCLIP prior or decoder (config unclip.clip): .network embeds."""
-        if self.kind not in ("prior", "decoder"):
+        if not self.model_kind.uses_clip:
             raise UserError(f"{self.path} is a {self.kind}, not an unCLIP prior or decoder: it has no CLIP")
         return load_clip(self.config.unclip.clip, device=self.device)
 
@@ -131,7 +135,7 @@ class DiffusionModel(LoadedNetwork):
     @property
     def is_super_resolution(self) -> bool:
         """A super-resolution stage: it samples x given a low-res image (model kwargs low_res, aug_level)."""
-        return self.config.train.task == "superres"
+        return self.model_kind.needs_low_res
 
     @property
     def low_res_shape(self) -> tuple[int, ...]:
@@ -148,7 +152,7 @@ class DiffusionModel(LoadedNetwork):
     def encode_prompts(self, prompts: list[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """The model kwargs of prompts: token embeddings and mask (and, for unCLIP's prior, the CLIP text embedding)."""
         tokens = self.text_encoder.encode(prompts)
-        if self.kind == "prior":
+        if "text_embed" in self.model_kind.inputs:
             tokens["text_embed"] = self.clip.network.embed_texts({k: v.to(self.clip.device) for k, v in tokens.items()})
         return {k: v.to(device) for k, v in tokens.items()}
 
@@ -251,7 +255,7 @@ def load(path: str | Path, weights: str = "ema", device: str | torch.device = "c
     ckpt = resolve_checkpoint(path)
     config, info = read_config(ckpt)
     task = config.train.task
-    if kind is not None and task not in (DIFFUSION_TASKS if kind == "diffusion" else (kind,)):
+    if kind is not None and task not in (sampling_kinds() if kind == "diffusion" else (kind,)):
         raise CheckpointError(f"{ckpt} holds a {task} (train.task = {task!r}), not a {kind} model")
     net = build_for_task(config, info.data_shape)
     state = read_weights(ckpt, weights)
@@ -261,7 +265,7 @@ def load(path: str | Path, weights: str = "ema", device: str | torch.device = "c
         raise CheckpointError(f"the weights in {ckpt} do not fit the network its config.json describes: {e}") from None
     net.to(device).eval()
     common = dict(network=net, config=config, data_shape=info.data_shape, step=info.step, path=ckpt, metrics=info.metrics)
-    if task not in DIFFUSION_TASKS:
+    if not kind_of(task).samples:
         return LoadedNetwork(**common)
     autoencoder = load_autoencoder(config.data.autoencoder, device=device).network if config.data.autoencoder else None
     return DiffusionModel(**common, autoencoder=autoencoder)

@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from ..config import load_config, preset_names
 from ..errors import UserError
+from ..kinds import kind_of
 from ..models import load_diffusion
 from ..pipelines.generate import generate, save_generated
 from ..posthoc_ema import write_checkpoint
@@ -16,25 +17,13 @@ from ..sampling import SAMPLERS
 from ..sampling.options import sampler_options
 from ..train import train
 
-NEXT_STEP = {
-    "autoencoder": "latent diffusion: ddpmkit train mnist_latent data.autoencoder={run}",
-    "classifier": "classifier guidance: ddpmkit sample MODEL --classifier {run} --class 3 --classifier-scale 2",
-    "denoiser": "sample it: ddpmkit sample {run}",
-    "judge": "",
-    "clip": "unCLIP: ddpmkit train unclip_prior unclip.clip={run} && ddpmkit train unclip_decoder unclip.clip={run}; "
-            "CLIP guidance (noisy CLIP): ddpmkit sample MODEL --clip {run} --prompt \"a handwritten seven\"",
-    "prior": "text to image: ddpmkit unclip {run} DECODER --prompt \"a handwritten seven\"",
-    "decoder": "image variations: ddpmkit variations {run} image.png; text to image: ddpmkit unclip PRIOR {run} --prompt \"...\"",
-    "superres": "upscale with it: ddpmkit upscale {run} mnist5k:7, or after a base model: ddpmkit sample BASE --then {run}",
-}
-
 
 def cmd_train(args: argparse.Namespace) -> None:
     overrides = list(args.overrides) + ([f"train.task={args.task}"] if args.task else [])
     cfg = load_config(args.config, overrides)
     run_dir = train(cfg, resume=args.resume, progress=not args.quiet)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-        hint = NEXT_STEP[cfg.train.task].format(run=run_dir)
+        hint = kind_of(cfg.train.task).next_step.format(run=run_dir)
         print(f"{cfg.train.task} run folder: {run_dir}" + (f"  ({hint})" if hint else ""))
     if dist.is_available() and dist.is_initialized():
         # shut the process group down before exiting: a process that exits with gloo's threads

@@ -1,13 +1,12 @@
-"""Networks, built from a Config by an explicit name -> constructor dict: one entry per kind of
-model the training engine knows (train.task), so the loader and the trainer build the same thing."""
+"""Networks, built from a Config: the built-in kinds of model (kinds.py) register their builders here,
+so the loader and the trainer build the same thing."""
 from __future__ import annotations
-
-from collections.abc import Callable
 
 from torch import nn
 
 from ..config import Config, NetworkConfig
 from ..errors import UserError
+from ..kinds import ModelKind, kind_of, register
 from ..preconditioning import EDMPreconditioned
 from ..uncertainty import UncertaintyWeighted
 from .autoencoder import Autoencoder
@@ -106,29 +105,32 @@ def build_decoder(cfg: Config, shape: tuple[int, ...]) -> nn.Module:
                          embed_tokens=cfg.unclip.embed_tokens)
 
 
-# train.task -> the network that kind of run trains, from its config and the shape of one example
-NETWORKS: dict[str, Callable[[Config, tuple[int, ...]], nn.Module]] = {
-    "denoiser": lambda cfg, shape: build_network(cfg.network, shape, cfg.diffusion.learned_variance),
-    "superres": build_super_resolution,
-    "autoencoder": lambda cfg, shape: Autoencoder(shape, cfg.autoencoder),
-    "classifier": build_noisy_classifier,
-    "judge": build_judge,
-    "clip": build_clip,
-    "prior": build_prior,
-    "decoder": build_decoder,
-}
-
-
-# the tasks whose network is a denoiser, which diffusion.precondition may wrap
-DENOISERS = ("denoiser", "superres", "prior", "decoder")
+# every kind of run the engine trains: its network, whether it samples, its inputs and the next step (kinds.py)
+register(ModelKind("denoiser", lambda cfg, shape: build_network(cfg.network, shape, cfg.diffusion.learned_variance), samples=True,
+                   next_step="sample it: ddpmkit sample {run}"))
+register(ModelKind("superres", build_super_resolution, samples=True, inputs=("low_res", "aug_level"),
+                   next_step="upscale with it: ddpmkit upscale {run} mnist5k:7, or after a base model: ddpmkit sample BASE --then {run}"))
+register(ModelKind("autoencoder", lambda cfg, shape: Autoencoder(shape, cfg.autoencoder),
+                   next_step="latent diffusion: ddpmkit train mnist_latent data.autoencoder={run}"))
+register(ModelKind("classifier", build_noisy_classifier,
+                   next_step="classifier guidance: ddpmkit sample MODEL --classifier {run} --class 3 --classifier-scale 2"))
+register(ModelKind("judge", build_judge))
+register(ModelKind("clip", build_clip,
+                   next_step="unCLIP: ddpmkit train unclip_prior unclip.clip={run} && ddpmkit train unclip_decoder unclip.clip={run}; "
+                             "CLIP guidance (noisy CLIP): ddpmkit sample MODEL --clip {run} --prompt \"a handwritten seven\""))
+register(ModelKind("prior", build_prior, samples=True, inputs=("text_embed",),
+                   next_step="text to image: ddpmkit unclip {run} DECODER --prompt \"a handwritten seven\""))
+register(ModelKind("decoder", build_decoder, samples=True, inputs=("image_embed",),
+                   next_step="image variations: ddpmkit variations {run} image.png; text to image: ddpmkit unclip PRIOR {run} --prompt \"...\""))
 
 
 def build_for_task(cfg: Config, shape: tuple[int, ...]) -> nn.Module:
     """The network of a run of kind cfg.train.task (a denoiser wrapped in EDM's preconditioning
     when diffusion.precondition = 'edm', and given a learned per-level uncertainty head when
     diffusion.uncertainty_weighting)."""
-    net = NETWORKS[cfg.train.task](cfg, tuple(shape))
-    if cfg.train.task in DENOISERS:
+    kind = kind_of(cfg.train.task)
+    net = kind.build(cfg, tuple(shape))
+    if kind.samples:
         if cfg.diffusion.precondition == "edm":
             net = EDMPreconditioned(net, cfg.diffusion.noise_schedule(), cfg.diffusion.sigma_data)
         if cfg.diffusion.uncertainty_weighting:
@@ -136,5 +138,5 @@ def build_for_task(cfg: Config, shape: tuple[int, ...]) -> nn.Module:
     return net
 
 
-__all__ = ["Autoencoder", "CLIP", "DigitClassifier", "PriorTransformer", "MLPDenoiser", "NETWORKS", "NoisyClassifier", "UNet",
+__all__ = ["Autoencoder", "CLIP", "DigitClassifier", "PriorTransformer", "MLPDenoiser", "NoisyClassifier", "UNet",
            "build_for_task", "build_network"]

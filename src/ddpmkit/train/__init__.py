@@ -1,14 +1,15 @@
 """One training engine for every kind of model: `train(cfg)` picks the task by cfg.train.task.
 
-    TASKS = {"denoiser": ..., "autoencoder": ..., "classifier": ..., "judge": ...}
-
-A new kind of model is a Task subclass (task.py) and an entry here; the loop (engine.py) does not change.
+A kind of model is declared once (kinds.register: its network, whether it samples, its inputs, the next
+step) with a Task subclass of the same name (task.py), which registers itself in TASKS; the loop
+(engine.py) does not change.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..config import Config
+from ..kinds import kind_of
 from .autoencoder import AutoencoderTask
 from .batches import Batch, batch_indices, step_generator
 from .classifier import NoisyClassifierTask
@@ -18,26 +19,19 @@ from .engine import run
 from .judge import JudgeTask
 from .optim import Decay, budget_horizon, ema_decay_at, ema_update, lr_at
 from .superres import SuperResTask
-from .task import Task, TrainingError
+from .task import TASKS, Task, TrainingError
 from .unclip import DecoderTask, PriorTask
-
-TASKS: dict[str, type[Task]] = {
-    "denoiser": DenoiserTask,
-    "superres": SuperResTask,
-    "autoencoder": AutoencoderTask,
-    "classifier": NoisyClassifierTask,
-    "judge": JudgeTask,
-    "clip": CLIPTask,
-    "prior": PriorTask,
-    "decoder": DecoderTask,
-}
 
 
 def train(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
     """Train the model cfg.train.task names, as configured; returns the run folder."""
-    return run(TASKS[cfg.train.task](cfg), cfg, resume=resume, progress=progress)
+    kind = kind_of(cfg.train.task)
+    if kind.name not in TASKS:
+        raise TrainingError(f"train.task {kind.name!r} has no Task subclass of that name to train it; the ones with one: {sorted(TASKS)}")
+    return run(TASKS[kind.name](cfg), cfg, resume=resume, progress=progress)
 
 
-__all__ = ["Batch", "Decay", "DenoiserTask", "SuperResTask", "TASKS", "Task", "TrainingError", "batch_indices", "budget_horizon",
-           "ema_decay_at", "ema_update", "lr_at", "run",
+# the built-in tasks are imported above so that they register themselves in TASKS
+__all__ = ["AutoencoderTask", "Batch", "CLIPTask", "Decay", "DecoderTask", "DenoiserTask", "JudgeTask", "NoisyClassifierTask", "PriorTask",
+           "SuperResTask", "TASKS", "Task", "TrainingError", "batch_indices", "budget_horizon", "ema_decay_at", "ema_update", "lr_at", "run",
            "sample_timesteps", "step_generator", "train"]

@@ -1,6 +1,7 @@
 """What a kind of model gives the training engine. The engine owns everything else (devices,
 processes, precision, clipping, learning rate, EMA, checkpoints, resume, NaN guard, logging,
-time budget), so a new kind of model is one small class and one entry in train.TASKS."""
+time budget), so a new kind of model is its declaration (kinds.register: network, whether it samples,
+inputs, next step) and one small Task subclass of the same name, which registers itself in TASKS."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,15 +20,23 @@ class TrainingError(UserError, RuntimeError):
     """Training cannot go on (non-finite losses, a bad batch size, a resume that does not match)."""
 
 
+TASKS: dict[str, type[Task]] = {}  # train.task -> the Task subclass of that name
+
+
 class Task:
     """One kind of model. Subclasses set `name`, `shape` (one example) and `num_examples` (the
     size of the data the engine draws batch indices from) in __init__, and implement
     loss. The periodic hooks are optional; they run on the main process with
     the EMA model in eval mode."""
 
-    name: str = ""
+    name: str = ""  # the kind (kinds.KINDS) this task trains; a subclass that sets it is registered in TASKS
     shape: tuple[int, ...] = ()
     num_examples: int = 0
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__ and cls.name:
+            TASKS[cls.name] = cls
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

@@ -8,7 +8,8 @@ from pathlib import Path
 from ..checkpoint import CheckpointError, list_checkpoints, read_config, resolve_checkpoint
 from ..diffusers_bridge import PIPELINE_INDEX
 from ..errors import UserError
-from ..models import DIFFUSION_TASKS, DiffusionModel, load_diffusion
+from ..kinds import KINDS
+from ..models import DiffusionModel, load_diffusion
 
 
 def find_runs(paths: list[str | Path]) -> list[str]:
@@ -26,7 +27,8 @@ def find_runs(paths: list[str | Path]) -> list[str]:
                 config, _ = read_config(resolve_checkpoint(run))
             except CheckpointError:
                 continue
-            if config.train.task in DIFFUSION_TASKS and config.train.task != "superres":  # SR stages need a low-res input
+            kind = KINDS.get(config.train.task)
+            if kind is not None and kind.samples and not kind.needs_low_res:  # SR stages need a low-res input
                 found.append(str(run))
     return list(dict.fromkeys(found))
 
