@@ -160,7 +160,7 @@ def test_bad_folders_say_what_is_missing(tiny_sd, tmp_path):
         ddpmkit.load(broken)
     with pytest.raises(DiffusersError, match="ddpmkit downloads nothing.*huggingface-cli download someone/no-such-model"):
         ddpmkit.load("someone/no-such-model")
-    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+    with pytest.raises(ValueError, match="precision 'int8': choose from"):
         ddpmkit.load(tiny_sd, dtype="int8")
 
 

@@ -56,7 +56,10 @@ def test_bf16_runs_the_network_in_bf16_and_hands_back_float32(model):
     assert bf16.dtype == torch.float32 and 0 < (bf16 - fp32).abs().max() < 0.1
     assert torch.allclose(bf16, bf16_two_streams, atol=1e-5)
     assert resolve_precision("fp32") == "no" and resolve_precision("bf16") == "bf16"
-    with pytest.raises(ValueError, match="choose from auto, fp32"):
+    with pytest.raises(ValueError, match=r"precision 'fp64': choose from \['fp32', 'bf16', 'fp16', 'auto'\]"):
         generate(model, 1, **kw, precision="fp64")
+    from ddpmkit.precision import canonical, dtype_of  # one vocabulary for training, sampling and weights
+    assert [canonical(p) for p in ("no", "float32", "bfloat16", "float16", "auto")] == ["fp32", "fp32", "bf16", "fp16", "auto"]
+    assert dtype_of("bfloat16") is dtype_of("bf16") is torch.bfloat16 and resolve_precision("no") == "no"
     mixed_model = dataclasses.replace(model, network=Autocast(model.network))
     assert isinstance(_weaker_model(mixed_model, str(model.path), "cpu").model, Autocast)  # autoguidance's bad model in the same precision

@@ -21,14 +21,14 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import CHECKPOINT_KEYS, Config, ConfigError, build_config
+from .config import Config, ConfigError, build_config
 from .errors import UserError
 
 CKPT_RE = re.compile(r"^ckpt-(\d+)$")
@@ -48,6 +48,9 @@ class CheckpointInfo:
     metrics: dict = field(default_factory=dict)
     horizon: int = 0  # the step count train.fit_to_budget chose (0 = train.steps)
     decay_from: tuple[int, float] = (0, 0.0)  # the step and cosine progress where the decay to `horizon` was last re-fitted
+
+
+INFO_KEYS = tuple(f.name for f in fields(CheckpointInfo))  # what config.json holds beside the config sections
 
 
 @contextlib.contextmanager
@@ -135,7 +138,7 @@ def read_config(ckpt: Path) -> tuple[Config, CheckpointInfo]:
         meta = json.loads((Path(ckpt) / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {Path(ckpt) / 'config.json'}: {e}") from None
-    extra = {key: meta.pop(key) for key in CHECKPOINT_KEYS if key in meta}
+    extra = {key: meta.pop(key) for key in INFO_KEYS if key in meta}
     try:
         config = build_config(meta)
     except ConfigError as e:

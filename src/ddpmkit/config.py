@@ -211,7 +211,7 @@ class TrainConfig:
     seed: int = 0
     # "auto": bf16 autocast where the device computes in bf16 natively (CUDA with bf16, CPUs with AVX-512 BF16 /
     # AMX), else fp32: on an AVX2-only CPU bf16 autocast is emulated and about 8x slower than fp32
-    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
+    mixed_precision: Literal["fp32", "no", "bf16", "fp16", "auto"] = "fp32"  # precision.py's vocabulary ("no" = fp32)
     # deterministic kernels (cuDNN, cuBLAS, scatter/index ops) so that a resumed GPU run continues bit for
     # bit; false lets cuDNN pick the fastest, nondeterministic, algorithms. No effect on CPU.
     deterministic: bool = True
@@ -402,11 +402,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
             raise ConfigError(f"cannot parse {path}: {e}") from None
-        for key in CHECKPOINT_KEYS:  # a checkpoint's config.json records these beside the config
-            values.pop(key, None)
+        if path.suffix == ".json":  # a checkpoint's config.json: its bookkeeping (step, metrics...) sits beside the sections
+            values = {key: value for key, value in values.items() if key in SECTIONS}
     return build_config(merge(values, parse_overrides(overrides or [])))
 
 
-# what a checkpoint's config.json holds beside the config sections
-CHECKPOINT_KEYS = ("step", "data_shape", "lr_scale", "metrics", "horizon", "decay_from")
 PRESET_DIR = Path(__file__).resolve().parent / "presets"

@@ -27,8 +27,6 @@ PIPELINE_INDEX = "model_index.json"
 PREDICTIONS: dict[str, Prediction] = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned_range")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 class DiffusersError(CheckpointError):

@@ -19,12 +19,13 @@ from torch import nn
 
 from .checkpoint import CheckpointError, read_config, read_weights, resolve_checkpoint
 from .config import Config, DiffusionConfig
-from .diffusers_bridge import DTYPES, PipelineParts, pipeline_folder, read_pipeline
+from .diffusers_bridge import PipelineParts, pipeline_folder, read_pipeline
 from .errors import UserError
 from .kinds import ModelKind, kind_of, sampling_kinds
 from .nets import build_for_task
 from .nets.unet import UNet, upgrade_legacy_keys
 from .parameterization import Denoiser
+from .precision import dtype_of
 from .schedules import NoiseSchedule
 from .text import TextEncoder
 
@@ -223,12 +224,8 @@ class DiffusersModel(DiffusionModel):
 
 
 def load_pipeline(folder: Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> DiffusersModel:
-    """A diffusers pipeline folder as a DiffusersModel (dtype: float32, float16 or bfloat16 weights)."""
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise UserError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-        dtype = DTYPES[dtype]
-    parts = read_pipeline(folder, device, dtype or torch.float32)
+    """A diffusers pipeline folder as a DiffusersModel (dtype: fp32, bf16 or fp16 weights; torch's names work too)."""
+    parts = read_pipeline(folder, device, dtype_of(dtype or "fp32"))
     cfg = parts.scheduler_config
     name = {"squaredcos_cap_v2": "cosine"}.get(cfg.get("beta_schedule", "linear"), cfg.get("beta_schedule", "linear"))
     diffusion = DiffusionConfig(schedule=name if name in ("linear", "scaled_linear", "cosine") else "linear", T=parts.schedule.T,

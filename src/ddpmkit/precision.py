@@ -8,16 +8,36 @@ from torch import nn
 
 from .errors import UserError
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-CHOICES = ("fp32", "bf16", "fp16", "auto")  # what sampling takes (training says "no" for fp32)
+# the one precision vocabulary, for training (train.mixed_precision), sampling (--precision) and pipeline weights (--dtype)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CHOICES = (*DTYPES, "auto")
+# other spellings people bring: accelerate's "no", torch's dtype names
+ALIASES = {"no": "fp32", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def canonical(setting: str) -> str:
+    """fp32, bf16, fp16 or auto for any accepted spelling, or one clear error."""
+    name = ALIASES.get(setting, setting)
+    if name not in CHOICES:
+        raise UserError(f"precision {setting!r}: choose from {list(CHOICES)} (also {sorted(ALIASES)})")
+    return name
+
+
+def dtype_of(setting: str | torch.dtype) -> torch.dtype:
+    """The torch dtype of fp32, bf16 or fp16 (any accepted spelling; a dtype passes through)."""
+    if isinstance(setting, torch.dtype):
+        return setting
+    name = canonical(setting)
+    if name == "auto":
+        raise UserError("weights need a definite precision: fp32, bf16 or fp16, not auto")
+    return DTYPES[name]
 
 
 def resolve_precision(setting: str) -> str:
-    """"no", "bf16" or "fp16" for a setting that may be "auto": bf16 where the device computes it natively
-    (CUDA with bf16; CPUs with AVX-512 BF16, whose instructions and AMX tiles make it 1.4-2.5x faster for the
-    demo UNet, bench/sampling_throughput.py), else "no": on an AVX2-only CPU bf16 is emulated and ~8x slower."""
-    if setting not in ("auto", "no", "fp32", *DTYPES):
-        raise UserError(f"precision {setting!r}: choose from auto, fp32 (= no), bf16, fp16")
+    """"no", "bf16" or "fp16" (accelerate's words) for a setting that may be "auto": bf16 where the device computes
+    it natively (CUDA with bf16; CPUs with AVX-512 BF16, whose instructions and AMX tiles make it 1.4-2.5x faster for
+    the demo UNet, bench/sampling_throughput.py), else "no": on an AVX2-only CPU bf16 is emulated and ~8x slower."""
+    setting = canonical(setting)
     if setting != "auto":
         return "no" if setting == "fp32" else setting
     if torch.cuda.is_available():

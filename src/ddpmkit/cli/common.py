@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UserError
-from ..pipelines.guided import GuidanceRequest
+from ..pipelines.guided import DEFAULT_SCALE, GuidanceRequest
 from ..sampling import GRIDS, SAMPLERS
 from ..sampling.options import sampler_options
 
@@ -14,7 +14,7 @@ def add_guidance_args(p: argparse.ArgumentParser) -> None:
                    help="class label(s) for conditional models or classifier guidance, e.g. 7 or 0,1,2 (cycled)")
     p.add_argument("--prompt", action="append", default=None, help="prompt for a text-conditional model (repeat for several, cycled)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale s (0 = unconditional, 1 = conditional; default 3, or 0 with --classifier)")
+                   help=f"classifier-free guidance scale s (0 = unconditional, 1 = conditional; default {DEFAULT_SCALE:g}, or 0 with --classifier)")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi in [0, 1] (Lin et al.)")
     p.add_argument("--dynamic-threshold", type=float, default=0.0, help="Imagen's dynamic thresholding percentile, e.g. 0.995 (0 = off)")
     p.add_argument("--classifier", default=None, help="a noisy-classifier run (ddpmkit train mnist_classifier): classifier guidance")
@@ -28,7 +28,7 @@ def add_guidance_args(p: argparse.ArgumentParser) -> None:
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="where the network runs: cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"],
                    help="weights of a diffusers pipeline folder (default float32); schedule arithmetic stays float64/float32")
 
 

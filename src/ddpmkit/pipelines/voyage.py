@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..models import DiffusionModel
 from ..sampling import sample
 from .generate import resolve_options
-from .guided import GuidanceRequest, guided_model
+from .guided import DEFAULT_SCALE, GuidanceRequest, guided_model
 
 
 def read_keyframes(path: str | Path) -> list[tuple[int, str]]:
@@ -60,7 +60,7 @@ def read_keyframes(path: str | Path) -> list[tuple[int, str]]:
 
 
 @torch.no_grad()
-def render_voyage(m: DiffusionModel, keyframes: list[tuple[int, str]], frames_between: int = 8, guidance: float = 3.0,
+def render_voyage(m: DiffusionModel, keyframes: list[tuple[int, str]], frames_between: int = 8, guidance: float = DEFAULT_SCALE,
                   sampler: str = "ddim", steps: int = 20, batch: int = 32, progress: bool = True,
                   device: str | torch.device | None = None) -> torch.Tensor:
     """Frames (N, C, H, W) in [-1, 1] through the keyframes of a text-conditional model m (latent

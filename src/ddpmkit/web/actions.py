@@ -22,7 +22,7 @@ from ..images import fit_image, load_image, load_image_as, make_mask
 from ..models import DiffusionModel
 from ..pipelines.edit import edit_img2img, edit_inpaint, edit_posterior, interpolation_images, interpolation_prompts, interpolation_seeds
 from ..pipelines.generate import Generated, generate, save_generated
-from ..pipelines.guided import GuidanceRequest
+from ..pipelines.guided import DEFAULT_SCALE, GuidanceRequest
 from ..pipelines.voyage import render_voyage
 from ..sampling.grids import GRIDS
 from ..sampling.options import sampler_options
@@ -300,7 +300,7 @@ class Actions:
                 keys = [(self.limits.seed(float(r[0])), self.limits.prompt(str(r[1]))) for r in rows]
             except (TypeError, ValueError) as e:
                 raise UserError(f"each keyframe is a seed (a whole number) and a prompt: {e}") from None
-            x = render_voyage(m, keys, frames_between=frames, guidance=guidance if guidance is not None else 3.0, sampler=sampler,
+            x = render_voyage(m, keys, frames_between=frames, guidance=guidance if guidance is not None else DEFAULT_SCALE, sampler=sampler,
                               steps=steps, progress=False)
         else:
             raise UserError(f"unknown interpolation {mode!r}; choose seeds, images, prompts or voyage")

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import gradio as gr
 
 from ..errors import USER_ERRORS, UserError
+from ..pipelines.guided import DEFAULT_SCALE
 from ..sampling import SAMPLERS
 from ..sampling.grids import GRIDS
 from .actions import DEFAULT_GRID, Actions, Cancelled
@@ -49,7 +50,7 @@ def build_app(actions: Actions, concurrency: int = 1) -> gr.Blocks:
             run = gr.Dropdown(runs, value=runs[0] if runs else None, label="model (a run folder)", allow_custom_value=True,
                               elem_id="run", scale=2)
             condition = gr.Textbox(label="class or prompt", max_lines=1, elem_id="condition", scale=2)
-            guidance = gr.Slider(0, 10, value=3, step=0.5, label="guidance scale (conditional models)", elem_id="guidance", scale=1)
+            guidance = gr.Slider(0, 10, value=DEFAULT_SCALE, step=0.5, label="guidance scale (conditional models)", elem_id="guidance", scale=1)
         about = gr.Markdown(elem_id="about")
 
         with gr.Tabs():
