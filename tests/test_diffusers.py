@@ -242,3 +242,20 @@ def test_eval_of_a_pipeline_against_a_folder_of_real_images(tiny_sd, tmp_path, c
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["metrics"]) == {"fd", "kid", "is"} and report["metrics"]["fd"]["value"] > 0
     assert report["sampling"]["reference"] == f"{real} (6 images)"
+
+
+@pytest.mark.parametrize("changes", [{"rescale_betas_zero_snr": True, "prediction_type": "v_prediction"},
+                                     {"beta_schedule": "squaredcos_cap_v2"}])
+def test_a_pipelines_config_describes_its_real_schedule(tiny_sd, tmp_path, changes):
+    """The loaded pipeline's ddpmkit config names the schedule its scheduler config gives (zero terminal SNR
+    included), so every check that reads the config reads the truth."""
+    import json
+    import shutil
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(tiny_sd, folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    m = ddpmkit.load(folder)
+    assert m.config.diffusion.noise_schedule().same_as(m.schedule)
+    assert m.config.diffusion.zero_terminal_snr == bool(changes.get("rescale_betas_zero_snr"))

@@ -227,8 +227,9 @@ def load_pipeline(folder: Path, device: str | torch.device = "cpu", dtype: str |
     """A diffusers pipeline folder as a DiffusersModel (dtype: fp32, bf16 or fp16 weights; torch's names work too)."""
     parts = read_pipeline(folder, device, dtype_of(dtype or "fp32"))
     cfg = parts.scheduler_config
+    # read_pipeline has refused any other beta_schedule, so the config describes the real schedule: parts.schedule
     name = {"squaredcos_cap_v2": "cosine"}.get(cfg.get("beta_schedule", "linear"), cfg.get("beta_schedule", "linear"))
-    diffusion = DiffusionConfig(schedule=name if name in ("linear", "scaled_linear", "cosine") else "linear", T=parts.schedule.T,
+    diffusion = DiffusionConfig(schedule=name, T=parts.schedule.T, zero_terminal_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
                                 prediction=parts.prediction, learned_variance=parts.learned_variance)
     return DiffusersModel(network=parts.network, config=Config(diffusion=diffusion), data_shape=parts.data_shape, step=0, path=folder,
                           autoencoder=parts.autoencoder, parts=parts)

@@ -33,7 +33,7 @@ def _images(decoder, specs: list[str], fit: bool) -> torch.Tensor:
     for spec, image in zip(specs, loaded):
         if tuple(image.shape[1:]) != shape:
             raise UserError(f"{spec} is a {image.shape[1]}-channel {side(image.shape)} image; the decoder's CLIP embeds "
-                             f"{shape[0]}-channel {side(shape)} images (add --fit to resize it)")
+                            f"{shape[0]}-channel {side(shape)} images (add --fit to resize it)")
     return torch.cat(loaded)
 
 

@@ -28,7 +28,7 @@ def latent_shape(image_shape: tuple[int, ...], cfg: AutoencoderConfig) -> tuple[
     factor = 2 ** (len(cfg.channel_mult) - 1)
     if size % factor:
         raise UserError(f"image size {size} (after padding) must be divisible by {factor} for channel_mult={cfg.channel_mult}; "
-                         f"set autoencoder.pad_to to a multiple of {factor}")
+                        f"set autoencoder.pad_to to a multiple of {factor}")
     return (cfg.z_channels, size // factor, size // factor)
 
 

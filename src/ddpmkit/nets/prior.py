@@ -41,7 +41,7 @@ class PriorTransformer(nn.Module):
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
         if text_embed is None or context is None:
             raise UserError("the prior is conditioned on a caption: pass text_embed= (B, E) and context= / context_mask= "
-                             "(DiffusionModel.encode_prompts gives all three; the empty prompt is the unconditional branch)")
+                            "(DiffusionModel.encode_prompts gives all three; the empty prompt is the unconditional branch)")
         B, L = x.shape[0], context.shape[1]
         if L + 4 > self.position.shape[0]:
             raise UserError(f"the prior takes at most {self.position.shape[0] - 4} caption tokens, got {L}")

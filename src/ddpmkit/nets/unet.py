@@ -136,7 +136,7 @@ class Conditioning(nn.Module):
         if self.context_proj is not None:
             if context is None:
                 raise UserError("this network is text-conditional: pass context= and context_mask= from TextEncoder.encode "
-                                 "(the empty prompt '' is the unconditional branch)")
+                                "(the empty prompt '' is the unconditional branch)")
             context = self.context_proj(context)  # (B, L, E): projected once, not in every block
             emb = emb + self.context_emb(pooled_context(context, mask))
         elif context is not None:
@@ -152,7 +152,7 @@ class Conditioning(nn.Module):
         if image_embed is None or image_embed.shape != (B, self.image_embed_dim):
             got = None if image_embed is None else tuple(image_embed.shape)
             raise UserError(f"this decoder is conditioned on CLIP image embeddings: pass image_embed= of shape (B={B}, "
-                             f"E={self.image_embed_dim}) (zeros = unconditional), got {got}")
+                            f"E={self.image_embed_dim}) (zeros = unconditional), got {got}")
         e = image_embed.to(emb.dtype)
         tokens = self.image_tokens(e).view(B, self.embed_tokens, -1)  # (B, k, E)
         token_mask = torch.ones(B, self.embed_tokens, dtype=torch.bool, device=e.device)
@@ -268,7 +268,7 @@ class UNet(nn.Module):
     def _upsampled(self, low_res: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         if low_res is None:
             raise UserError("this network is a super-resolution stage: pass low_res= (B, C, h, w), the low-resolution "
-                             "image, and aug_level= (B,) (ddpmkit.pipelines.super_resolve does both)")
+                            "image, and aug_level= (B,) (ddpmkit.pipelines.super_resolve does both)")
         if low_res.ndim != 4 or low_res.shape[1] != self.low_res_channels or low_res.shape[0] != x.shape[0]:
             raise UserError(f"low_res must have shape (B={x.shape[0]}, C={self.low_res_channels}, h, w), got {tuple(low_res.shape)}")
         return upsample(low_res.to(x.dtype), self.image_size, self.upsample_mode)

@@ -98,7 +98,7 @@ def _conditions(m: DiffusionModel, n: int, request: GuidanceRequest, labels: tor
         return {"y": labels}
     if m.conditioning == "embed":
         raise UserError(f"{m.path} is unCLIP's decoder, conditioned on CLIP image embeddings: draw them from a prompt with "
-                         "`ddpmkit unclip PRIOR DECODER --prompt ...`, or from an image with `ddpmkit variations DECODER image.png`")
+                        "`ddpmkit unclip PRIOR DECODER --prompt ...`, or from an image with `ddpmkit variations DECODER image.png`")
     return {}
 
 
@@ -114,7 +114,7 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
         raise UserError("CLIP guidance steers toward prompts: give `prompts` with `clip`")
     if request.prompts and m.conditioning != "text" and not request.clip:
         raise UserError("giving `prompts` needs a text-conditional model (network.text_encoder); this one is "
-                         + ("class-conditional: use `classes`" if m.conditioning == "class" else "unconditional"))
+                        + ("class-conditional: use `classes`" if m.conditioning == "class" else "unconditional"))
     if request.classifier and request.clip:
         raise UserError("use one of classifier guidance (`classifier`) and CLIP guidance (`clip`), not both")
     if request.classes and not (m.conditioning == "class" or request.classifier):
@@ -137,7 +137,7 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
                                            null=null if m.conditioning != "class" else None, rescale=request.rescale)
     if m.is_super_resolution and not (request.extra and "low_res" in request.extra):
         raise UserError(f"{m.path} is a super-resolution stage ({side(m.low_res_shape)} -> {side(m.data_shape)}): give it low-res images "
-                         "with `ddpmkit upscale STAGE image.png`, or put it after a base model: `ddpmkit sample BASE --then STAGE`")
+                        "with `ddpmkit upscale STAGE image.png`, or put it after a base model: `ddpmkit sample BASE --then STAGE`")
     if request.extra:
         if any(len(v) != n for v in request.extra.values()):
             raise UserError(f"GuidanceRequest.extra must have one row per sample ({n})")
@@ -145,7 +145,7 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
     if request.autoguide:
         if m.conditioning != "none" and scale not in (0.0, 1.0):
             raise UserError(f"autoguidance guides one branch: with `autoguide` give `scale` 1 (the conditional model) or 0 "
-                             f"(the unconditional one), not {scale:g}")
+                            f"(the unconditional one), not {scale:g}")
         model = Autoguidance(model, _weaker_model(m, request.autoguide, device), request.autoguide_scale)
     if request.threshold:
         model = DynamicThresholding(model, request.threshold)
@@ -157,7 +157,7 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
         clip = load_clip(request.clip, device=device)
         if not clip.network.noisy:
             raise UserError(f"CLIP guidance needs a noisy CLIP, whose image tower sees x_t (ddpmkit train clip_noisy); {request.clip} "
-                             "was trained on clean images")
+                            "was trained on clean images")
         target = clip.embed_texts(cycle(request.prompts, n)).to(device)
         model, kwargs, options = _gradient_guided(m, clip, CLIPGuidance(_Bound(model, kwargs), clip.network, request.clip_scale),
                                              target, sampler)
@@ -168,13 +168,14 @@ def _weaker_model(m: DiffusionModel, path: str, device) -> Denoiser:
     """The bad model of autoguidance: it must denoise the same data in the same way as m."""
     bad = load_diffusion(path, device=device)
     mine, its = m.config.diffusion, bad.config.diffusion
-    same = {"data shape": (m.data_shape, bad.data_shape), "schedule": ((mine.schedule, mine.T), (its.schedule, its.T)),
+    schedules = ((mine.schedule, mine.T), (its.schedule, its.T)) if not m.schedule.same_as(bad.schedule) else (None, None)
+    same = {"data shape": (m.data_shape, bad.data_shape), "schedule": schedules,
             "prediction": (m.prediction, bad.prediction), "conditioning": (m.conditioning, bad.conditioning),
             "learned variance": (m.learned_variance, bad.learned_variance), "autoencoder": (m.config.data.autoencoder, bad.config.data.autoencoder)}
     differ = [f"{what} {a} vs {b}" for what, (a, b) in same.items() if a != b]
     if differ:
         raise UserError(f"the autoguiding model {path} must be a weaker model of the same kind as {m.path}; they differ in: "
-                         + "; ".join(differ))
+                        + "; ".join(differ))
     network = Autocast(bad.network, m.network.dtype) if isinstance(m.network, Autocast) else bad.network  # in m's precision
     return Denoiser(network, m.schedule, bad.prediction, bad.learned_variance)
 
@@ -193,10 +194,10 @@ class _Bound(DenoiserWrapper):
 def _gradient_guided(m: DiffusionModel, guide: LoadedNetwork, guidance: ClassifierGuidance, target: torch.Tensor,
                      sampler: str) -> tuple[Denoiser, dict, dict]:
     """Classifier or CLIP guidance (of a model with its kwargs bound) toward target, as the sampler takes it."""
-    c, d = guide.config.diffusion, m.config.diffusion
-    if (c.schedule, c.T, c.zero_terminal_snr) != (d.schedule, d.T, d.zero_terminal_snr):
+    if not guide.schedule.same_as(m.schedule):  # the real schedules (a diffusers pipeline's comes from its scheduler config)
+        c, d = guide.config.diffusion, m.config.diffusion
         raise UserError(f"the {guide.kind} at {guide.path} was trained with the {c.schedule} schedule, T={c.T}; "
-                         f"the model uses {d.schedule}, T={d.T}")
+                        f"the model uses {d.schedule}, T={d.T}")
     if sampler == "ddpm":  # Algorithm 1: shift the mean by s * Sigma * grad score
         return guidance.unguided, {guidance.key: target}, {"cond_fn": guidance.cond_fn}
     return guidance, {guidance.key: target}, {}  # Algorithm 2: the eps correction, for every other sampler
