@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
-from .parameterization import ModelFn, Prediction, target_for, to_x0_eps
+from .parameterization import ModelFn, Prediction, split_variance, target_for, to_x0_eps
 from .process import normal_kl, q_posterior_mean_variance, q_sample
 from .reverse import default_variance, p_mean_variance
 from .schedules import NoiseSchedule
@@ -132,13 +132,8 @@ def training_losses(
     output = model(x_t, t.float(), **(model_kwargs or {}), **({"return_log_variance": True} if uncertainty else {}))
     if uncertainty:
         output, log_variance = output
-    var_frac = None
-    if learned_variance:
-        output, v = output.chunk(2, dim=1)
-        var_frac = (v + 1) / 2
+    output, var_frac = split_variance(output, x_t, learned_variance)
     target = target_for(prediction, x0, noise, x_t, t, schedule)
-    if output.shape != target.shape:
-        raise UserError(f"the model returned shape {tuple(output.shape)}, expected {tuple(target.shape)}")
     snr = (schedule.log_snr.to(t.device)[t]).exp().to(x0.dtype)
     mse = mean_flat((target - output) ** 2)
     terms = {"mse": mse}

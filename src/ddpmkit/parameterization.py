@@ -139,17 +139,7 @@ class Denoiser:
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, **extra) -> DenoiserOutput:
         """The model's output as (eps, x0, var_frac) at float timesteps t: (B,). Wrappers override this."""
-        output = self.model(x_t, t, **extra)
-        var_frac = None
-        if self.learned_variance:
-            if output.shape[1] != 2 * x_t.shape[1]:
-                raise UserError(
-                    f"a learned-variance model must return {2 * x_t.shape[1]} channels, got {output.shape[1]}"
-                )
-            output, v = output.chunk(2, dim=1)
-            var_frac = (v + 1) / 2
-        elif output.shape != x_t.shape:
-            raise UserError(f"the model returned shape {tuple(output.shape)} for input {tuple(x_t.shape)}")
+        output, var_frac = split_variance(self.model(x_t, t, **extra), x_t, self.learned_variance)
         x0, eps = to_x0_eps(self.prediction, output, x_t, t, self.schedule)
         return DenoiserOutput(eps=eps, x0=x0, var_frac=var_frac)
 
@@ -163,6 +153,20 @@ class Denoiser:
         """The output whose noise estimate is eps at (x_t, t) (classifier guidance edits eps)."""
         alpha_bar = self.schedule.alpha_bar_at(t.to(torch.float64).cpu()).to(t.device)
         return DenoiserOutput(eps=eps, x0=x0_from_eps(x_t, eps, alpha_bar), var_frac=var_frac)
+
+
+def split_variance(output: torch.Tensor, x_t: torch.Tensor, learned_variance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(prediction, var_frac) of a network output: with a learned variance the network returns 2C channels, the
+    prediction and v in [-1, 1], and frac = (v + 1) / 2 interpolates log Sigma between beta-tilde_t and beta_t
+    (Nichol & Dhariwal 2021, eq. 15); else the output is the prediction, of x_t's shape."""
+    if not learned_variance:
+        if output.shape != x_t.shape:
+            raise UserError(f"the model returned shape {tuple(output.shape)} for input {tuple(x_t.shape)}")
+        return output, None
+    if output.shape[1] != 2 * x_t.shape[1]:
+        raise UserError(f"a learned-variance model must return {2 * x_t.shape[1]} channels, got {output.shape[1]}")
+    prediction, v = output.chunk(2, dim=1)
+    return prediction, (v + 1) / 2
 
 
 class DenoiserWrapper(Denoiser):

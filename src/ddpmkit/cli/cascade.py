@@ -10,11 +10,11 @@ import torch
 from .. import viz
 from ..images import load_image
 from ..models import load_diffusion
-from ..pipelines.cascade import Stage, cascade, check_low_res, parse_stage, super_resolve
+from ..pipelines.cascade import Stage, cascade, check_low_res, super_resolve
 from ..pipelines.generate import save_generated
 from ..superres import downsample, upsample
 from ..utils import side
-from .common import add_guidance_args, add_sampler_args, guidance_request, options_from
+from .common import add_guidance_args, add_sampler_args, guidance_request, options_from, parse_stage
 
 
 def run_cascade(args: argparse.Namespace) -> None:

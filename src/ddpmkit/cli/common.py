@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UserError
+from ..models import load_diffusion
+from ..pipelines.cascade import CascadeError, Stage
 from ..pipelines.guided import DEFAULT_SCALE, GuidanceRequest
 from ..sampling import GRIDS, SAMPLERS
 from ..sampling.options import sampler_options
@@ -60,3 +62,30 @@ def guidance_request(args: argparse.Namespace) -> GuidanceRequest:
     return GuidanceRequest(classes=classes, prompts=args.prompt or [], scale=args.guidance, rescale=args.guidance_rescale,
                            threshold=args.dynamic_threshold, classifier=args.classifier, classifier_scale=args.classifier_scale,
                            clip=args.clip, clip_scale=args.clip_scale, autoguide=args.autoguide, autoguide_scale=args.autoguide_scale)
+
+
+# what a stage spec may set: "runs/imagen_sr,sampler=unipc,steps=20,aug=0.2"
+STAGE_KEYS = {"sampler": str, "steps": int, "guidance": float, "aug": float, "threshold": float, "grid": str, "eta": float,
+              "order": int, "variance": str}
+
+
+def parse_stage(spec: str, device: str = "cpu") -> Stage:
+    """A stage from 'RUN[,key=value,...]' (keys: sampler, steps, guidance, aug, threshold, grid,
+    eta, order, variance), loading the run."""
+    run, *pairs = [p.strip() for p in spec.split(",")]
+    values: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or key not in STAGE_KEYS:
+            raise CascadeError(f"stage option {pair!r} must be key=value with key one of {sorted(STAGE_KEYS)} "
+                               "(e.g. runs/imagen_sr,sampler=ddpm,steps=100,aug=0.1)")
+        try:
+            values[key] = STAGE_KEYS[key](raw)
+        except ValueError:
+            raise CascadeError(f"stage option {key}={raw!r} must be a {STAGE_KEYS[key].__name__}") from None
+    sampler = values.get("sampler", "ddpm")
+    if sampler not in SAMPLERS:
+        raise CascadeError(f"unknown sampler {sampler!r} in stage {spec!r}; choose one of {sorted(SAMPLERS)}")
+    options = sampler_options(sampler, values.get("grid"), values.get("variance", "auto"), eta=values.get("eta"), order=values.get("order"))
+    return Stage(load_diffusion(run, device=device), sampler, values.get("steps"), values.get("guidance"), values.get("threshold", 0.0),
+                 values.get("aug"), options)

@@ -12,10 +12,9 @@ from ..errors import UserError
 from ..images import load_image, load_image_as
 from ..models import load_diffusion
 from ..pipelines import unclip
-from ..pipelines.cascade import parse_stage
 from ..pipelines.generate import save_generated
 from ..utils import side
-from .common import add_sampler_args, options_from
+from .common import add_sampler_args, options_from, parse_stage
 
 
 def _decode_kwargs(args: argparse.Namespace) -> dict:

@@ -20,9 +20,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..errors import UserError
-from ..models import DiffusionModel, load_diffusion
-from ..sampling import SAMPLERS
-from ..sampling.options import sampler_options
+from ..models import DiffusionModel
 from ..superres import stage_inputs
 from ..utils import side
 from .generate import Generated, generate
@@ -131,30 +129,3 @@ def cascade(stages: list[Stage], n: int, request: GuidanceRequest | None = None,
             low = outs[-1].images.clamp(-1, 1)  # images, as the stage was trained on
             outs.append(super_resolve(stage.model, low, stage_request(stage, request), stage.aug_level, **common))
     return outs
-
-
-# what a stage spec may set: "runs/imagen_sr,sampler=unipc,steps=20,aug=0.2"
-STAGE_KEYS = {"sampler": str, "steps": int, "guidance": float, "aug": float, "threshold": float, "grid": str, "eta": float,
-              "order": int, "variance": str}
-
-
-def parse_stage(spec: str, device: str | torch.device = "cpu") -> Stage:
-    """A stage from 'RUN[,key=value,...]' (keys: sampler, steps, guidance, aug, threshold, grid,
-    eta, order, variance), loading the run."""
-    run, *pairs = [p.strip() for p in spec.split(",")]
-    values: dict = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or key not in STAGE_KEYS:
-            raise CascadeError(f"stage option {pair!r} must be key=value with key one of {sorted(STAGE_KEYS)} "
-                               "(e.g. runs/imagen_sr,sampler=ddpm,steps=100,aug=0.1)")
-        try:
-            values[key] = STAGE_KEYS[key](raw)
-        except ValueError:
-            raise CascadeError(f"stage option {key}={raw!r} must be a {STAGE_KEYS[key].__name__}") from None
-    sampler = values.get("sampler", "ddpm")
-    if sampler not in SAMPLERS:
-        raise CascadeError(f"unknown sampler {sampler!r} in stage {spec!r}; choose one of {sorted(SAMPLERS)}")
-    options = sampler_options(sampler, values.get("grid"), values.get("variance", "auto"), eta=values.get("eta"), order=values.get("order"))
-    return Stage(load_diffusion(run, device=device), sampler, values.get("steps"), values.get("guidance"), values.get("threshold", 0.0),
-                 values.get("aug"), options)
