@@ -44,9 +44,8 @@ def resolve_options(m: DiffusionModel, options: dict | None) -> dict:
     return options
 
 
-# values (batch x C x H x W) per chunk that keep a CPU's activations in cache: bench/sampling_throughput.py
-# measured the demo UNet at 422 / 604 / 735 / 564 / 378 image-evaluations/s for chunks of 16 / 64 / 128 / 250 / 500
-# 28x28 digits (2 cores), against 545 images/s for its training forward pass
+# values (batch x C x H x W) per chunk that keep a CPU's activations in cache: 128 digits of 28x28 was the fastest
+# chunk for the demo UNet on 2 cores (bench/sampling_throughput.py measures it on yours)
 CPU_CHUNK_VALUES = 128 * 28 * 28
 GPU_CHUNK_VALUES = 64 * CPU_CHUNK_VALUES
 
