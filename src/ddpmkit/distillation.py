@@ -1,0 +1,97 @@
+"""Progressive distillation (Salimans & Ho 2022, "Progressive distillation for fast sampling of diffusion
+models", Algorithm 2): a student learns to take in one DDIM step what its teacher takes in two.
+
+Symbols: alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t), z_t = alpha_t x + sigma_t eps.
+
+The grid of a K-step sampler runs uniformly in t + 1 from T to 0: t_j = -1 + T j / K for j = K..0, so t_K = T - 1
+and t_0 = -1 is the clean data (alpha_bar = 1). The network is evaluated at t_K .. t_1, and grid(2K) contains
+grid(K): the student's step t_j -> t_{j-1} is the teacher's two steps t_j -> t_{j-1/2} -> t_{j-1}.
+
+DDIM (eta = 0), from t to s:   z_s = alpha_s x_hat + sigma_s (z_t - alpha_t x_hat) / sigma_t
+The student's target: the x_tilde whose one DDIM step from t lands where the teacher's two steps land, z'':
+    x_tilde = (z'' - (sigma'' / sigma_t) z_t) / (alpha'' - (sigma'' / sigma_t) alpha_t)
+Loss: max(SNR_t, 1) || x_tilde - x_hat_student(z_t) ||^2 (the paper's "truncated SNR" weighting).
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import UserError
+from .parameterization import Denoiser
+from .schedules import NoiseSchedule
+from .utils import append_dims
+
+
+def uniform_grid(schedule: NoiseSchedule, steps: int) -> torch.Tensor:
+    """t_j = -1 + T j / steps for j = steps..0: (steps + 1,) float64, from T - 1 down to -1 (the clean data)."""
+    if not 1 <= steps <= schedule.T:
+        raise UserError(f"steps must lie in 1..{schedule.T}, got {steps}")
+    return -1.0 + schedule.T * torch.arange(steps, -1, -1, dtype=torch.float64) / steps
+
+
+def _alpha_sigma(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ab = append_dims(schedule.alpha_bar_at(t.detach().to(torch.float64).cpu()), like.ndim).to(like.device)
+    return ab.sqrt().to(like.dtype), (1 - ab).sqrt().to(like.dtype)
+
+
+def ddim_step(denoiser: Denoiser, z_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+              model_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One deterministic DDIM step from t to s < t (per example, (B,) float timesteps; s = -1 is the data):
+    (z_s, x_hat)."""
+    x_hat = denoiser(z_t, t, **(model_kwargs or {})).x0
+    return ddim_from(denoiser.schedule, z_t, x_hat, t, s), x_hat
+
+
+def ddim_from(schedule: NoiseSchedule, z_t: torch.Tensor, x_hat: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """z_s = alpha_s x_hat + sigma_s (z_t - alpha_t x_hat) / sigma_t for a given clean-data estimate x_hat."""
+    a_t, s_t = _alpha_sigma(schedule, t, z_t)
+    a_s, s_s = _alpha_sigma(schedule, s, z_t)
+    return a_s * x_hat + s_s * (z_t - a_t * x_hat) / s_t
+
+
+def progressive_target(teacher: Denoiser, z_t: torch.Tensor, t: torch.Tensor, t_mid: torch.Tensor, t_next: torch.Tensor,
+                       model_kwargs: dict | None = None) -> torch.Tensor:
+    """x_tilde: the clean-data estimate whose one DDIM step t -> t_next equals the teacher's two steps
+    t -> t_mid -> t_next from z_t: (B, ...)."""
+    with torch.no_grad():
+        z_mid, _ = ddim_step(teacher, z_t, t, t_mid, model_kwargs)
+        z_next, _ = ddim_step(teacher, z_mid, t_mid, t_next, model_kwargs)
+    a_t, s_t = _alpha_sigma(teacher.schedule, t, z_t)
+    a_n, s_n = _alpha_sigma(teacher.schedule, t_next, z_t)
+    ratio = s_n / s_t
+    return (z_next - ratio * z_t) / (a_n - ratio * a_t)
+
+
+def truncated_snr_weight(schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
+    """max(SNR_t, 1) per example, (B,) float64: the x-space loss weight of progressive distillation."""
+    ab = schedule.alpha_bar_at(t.detach().to(torch.float64).cpu())
+    return (ab / (1 - ab)).clamp(min=1.0).to(t.device)
+
+
+def progressive_loss(student: Denoiser, teacher: Denoiser, x0: torch.Tensor, j: torch.Tensor, steps: int, noise: torch.Tensor,
+                     model_kwargs: dict | None = None) -> torch.Tensor:
+    """Per-example distillation loss for a student of `steps` steps (its teacher takes 2 * steps): for each example,
+    the student's grid point j in 1..steps (B,), z_t ~ q(z_t | x0) with the given noise, and the truncated-SNR
+    weighted error of the student's x_hat against the teacher's two-step target. (B,)"""
+    if not bool(((j >= 1) & (j <= steps)).all()):
+        raise UserError(f"the grid index j must lie in 1..{steps}")
+    fine = uniform_grid(teacher.schedule, 2 * steps).to(x0.device)  # index 2 * steps - 2j holds t_j of the student's grid
+    i = 2 * (steps - j)
+    t, t_mid, t_next = fine[i], fine[i + 1], fine[i + 2]
+    a_t, s_t = _alpha_sigma(teacher.schedule, t, x0)
+    z_t = a_t * x0 + s_t * noise
+    target = progressive_target(teacher, z_t, t, t_mid, t_next, model_kwargs)
+    x_hat = student(z_t, t, **(model_kwargs or {})).x0
+    error = (target - x_hat).pow(2).flatten(1).mean(1)
+    return truncated_snr_weight(teacher.schedule, t).to(error.dtype) * error
+
+
+@torch.no_grad()
+def sample_uniform_ddim(denoiser: Denoiser, x_T: torch.Tensor, steps: int, model_kwargs: dict | None = None) -> torch.Tensor:
+    """`steps` DDIM steps on uniform_grid (the grid a progressively distilled student learned): x_T -> x_0."""
+    grid = uniform_grid(denoiser.schedule, steps).to(x_T.device)
+    z = x_T
+    for k in range(steps):
+        t, s = grid[k].expand(len(z)), grid[k + 1].expand(len(z))
+        z, _ = ddim_step(denoiser, z, t, s, model_kwargs)
+    return z

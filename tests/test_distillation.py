@@ -1,0 +1,110 @@
+"""Progressive distillation against exact answers: Gaussian data, whose denoiser, DDIM map and
+probability-flow ODE are known in closed form."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ddpmkit.analytic import GaussianMixture
+from ddpmkit.distillation import (
+    ddim_from,
+    ddim_step,
+    progressive_loss,
+    progressive_target,
+    sample_uniform_ddim,
+    truncated_snr_weight,
+    uniform_grid,
+)
+from ddpmkit.parameterization import Denoiser
+from ddpmkit.schedules import NoiseSchedule
+
+S = NoiseSchedule.from_name("linear", 1000)
+MU, STD = torch.tensor([0.7, -0.4]), 0.5
+DATA = GaussianMixture(MU[None], torch.tensor([STD]), torch.tensor([1.0]))
+TEACHER = Denoiser(DATA.eps_model(S), S, "eps")
+
+
+def exact_ode(z_t: torch.Tensor, t: float, s: float) -> torch.Tensor:
+    """The probability-flow ODE of N(mu, std^2 I) from t to s: z_s - alpha_s mu = sqrt(alpha_s^2 std^2 + sigma_s^2)
+    / sqrt(alpha_t^2 std^2 + sigma_t^2) (z_t - alpha_t mu)."""
+    ab_t, ab_s = S.alpha_bar_at(torch.tensor(t)).item(), S.alpha_bar_at(torch.tensor(s)).item()
+    scale = math.sqrt((ab_s * STD**2 + 1 - ab_s) / (ab_t * STD**2 + 1 - ab_t))
+    return math.sqrt(ab_s) * MU + scale * (z_t - math.sqrt(ab_t) * MU)
+
+
+def test_grids_nest_and_end_at_the_data():
+    g4, g8 = uniform_grid(S, 4), uniform_grid(S, 8)
+    assert g4[0] == S.T - 1 and g4[-1] == -1 and len(g4) == 5
+    assert torch.equal(g8[::2], g4)  # the student's grid is every other point of its teacher's
+
+
+def test_uniform_ddim_of_the_exact_denoiser_converges_to_the_ode_solution():
+    z_T = torch.randn(400, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = exact_ode(z_T, S.T - 1, -1.0)
+    errors = [(sample_uniform_ddim(TEACHER, z_T, k) - exact).norm(dim=1).mean().item() for k in (8, 32, 128)]
+    assert errors[2] < errors[1] < errors[0] and errors[2] < 0.02, errors
+
+
+def test_the_target_is_the_teachers_two_steps_in_one():
+    g = torch.Generator().manual_seed(1)
+    grid = uniform_grid(S, 8)
+    z_t = torch.randn(6, 2, generator=g, dtype=torch.float64) * 1.3
+    for i in (0, 2, 4, 6):  # every student step of a 4-step student, the last one ending at the data
+        t, t_mid, t_next = (grid[i + k].expand(6) for k in range(3))
+        target = progressive_target(TEACHER, z_t, t, t_mid, t_next)
+        two = ddim_step(TEACHER, ddim_step(TEACHER, z_t, t, t_mid)[0], t_mid, t_next)[0]
+        torch.testing.assert_close(ddim_from(S, z_t, target, t, t_next), two, rtol=1e-9, atol=1e-9)
+        one = ddim_step(TEACHER, z_t, t, t_next)[0]
+        assert (one - two).abs().max() > 1e-4  # one teacher step is not two: there is something to learn
+    assert torch.equal(truncated_snr_weight(S, torch.tensor([S.T - 1.0]))[0:1], torch.ones(1, dtype=torch.float64))
+
+
+class GridAffine(nn.Module):
+    """x_hat = a_j * z + b_j at grid point j of a K-step grid: the family that holds the exact student for
+    Gaussian data (every DDIM map of a Gaussian's exact denoiser is affine in z)."""
+
+    def __init__(self, steps: int):
+        super().__init__()
+        self.steps = steps
+        self.a = nn.Parameter(torch.zeros(steps + 1, dtype=torch.float64))
+        self.b = nn.Parameter(torch.zeros(steps + 1, 2, dtype=torch.float64))
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        j = torch.round((t.double() + 1) * self.steps / S.T).long()
+        return self.a[j, None] * z + self.b[j]
+
+
+def distil(teacher: Denoiser, steps: int, iters: int = 300) -> Denoiser:
+    """One round: a GridAffine student of `steps` steps trained with progressive_loss on the teacher's targets."""
+    student = Denoiser(GridAffine(steps), S, "x0")
+    opt = torch.optim.Adam(student.model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(steps)
+    for _ in range(iters):
+        x0 = MU + STD * torch.randn(256, 2, generator=g, dtype=torch.float64)
+        j = torch.randint(1, steps + 1, (256,), generator=g)
+        loss = progressive_loss(student, teacher, x0, j, steps, torch.randn(256, 2, generator=g, dtype=torch.float64))
+        opt.zero_grad()
+        (loss / truncated_snr_weight(S, uniform_grid(S, steps)[steps - j])).mean().backward()  # equal steps per grid point
+        opt.step()
+    return student
+
+
+@pytest.mark.slow
+def test_two_rounds_of_distillation_reproduce_the_teacher_with_a_quarter_of_the_steps():
+    """8 -> 4 -> 2 steps: each student, trained only on its teacher's targets, samples in K steps what its
+    teacher sampled in 2K; the loss is 0 at the exact student and positive for the teacher standing in."""
+    z_T = torch.randn(200, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    teacher8 = TEACHER
+    reference = sample_uniform_ddim(teacher8, z_T, 8)
+    student4 = distil(teacher8, 4)
+    torch.testing.assert_close(sample_uniform_ddim(student4, z_T, 4), reference, rtol=0, atol=2e-3)
+    student2 = distil(student4, 2)
+    torch.testing.assert_close(sample_uniform_ddim(student2, z_T, 2), reference, rtol=0, atol=5e-3)
+    one_step_error = (sample_uniform_ddim(teacher8, z_T, 2) - reference).abs().max().item()
+    assert one_step_error > 0.05  # the teacher itself with 2 steps is far off: the students learned the difference
+    g = torch.Generator().manual_seed(9)
+    x0, noise = MU + STD * torch.randn(64, 2, generator=g, dtype=torch.float64), torch.randn(64, 2, generator=g, dtype=torch.float64)
+    j = torch.randint(1, 5, (64,), generator=g)
+    assert progressive_loss(student4, teacher8, x0, j, 4, noise).max() < 1e-4
+    assert progressive_loss(teacher8, teacher8, x0, j, 4, noise).mean() > 1e-3
