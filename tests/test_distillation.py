@@ -108,3 +108,64 @@ def test_two_rounds_of_distillation_reproduce_the_teacher_with_a_quarter_of_the_
     j = torch.randint(1, 5, (64,), generator=g)
     assert progressive_loss(student4, teacher8, x0, j, 4, noise).max() < 1e-4
     assert progressive_loss(teacher8, teacher8, x0, j, 4, noise).mean() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def toy_teacher(tmp_path_factory):
+    """A small MLP denoiser of the 8-Gaussians toy, trained briefly: the teacher of the engine's tests."""
+    from ddpmkit.config import load_config
+    from ddpmkit.train import train
+
+    run = tmp_path_factory.mktemp("teacher") / "run"
+    train(load_config("toy2d", ["network.mlp_hidden=64", "train.steps=400", "train.checkpoint_every=0", f"train.run_dir={run}"]),
+          progress=False)
+    return run
+
+
+def student_overrides(teacher, run, steps: int, train_steps: int = 600) -> list[str]:
+    return ["train.task=progressive", f"distill.teacher={teacher}", f"distill.student_steps={steps}", f"train.steps={train_steps}",
+            "train.lr=5e-4", "train.warmup_steps=10", "train.ema_decay=0", "train.checkpoint_every=0", f"train.run_dir={run}"]
+
+
+@pytest.mark.slow
+def test_a_progressive_run_of_the_engine_samples_in_half_the_steps_what_its_teacher_did(toy_teacher, tmp_path, capsys):
+    import ddpmkit
+    from ddpmkit.cli import main
+    from ddpmkit.config import load_config
+    from ddpmkit.train import TrainingError, train
+
+    config = str(toy_teacher / "config.json")  # the student starts from its teacher's config (and weights)
+    code = main(["train", config, *student_overrides(toy_teacher, tmp_path / "pd4", 4), "--quiet"])
+    assert code == 0 and "ddim_uniform --steps STUDENT_STEPS" in capsys.readouterr().out
+    teacher, student = ddpmkit.load(toy_teacher), ddpmkit.load(tmp_path / "pd4")
+    assert student.kind == "progressive" and student.metrics["round"] == 1 and student.metrics["student_steps"] == 4
+    z_T = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0))
+    reference = sample_uniform_ddim(teacher.denoiser, z_T, 8)
+    distilled = ddpmkit.sample(student.denoiser, z_T.shape, sampler="ddim_uniform", steps=4, x_T=z_T)
+    assert distilled.nfe == 4
+    own = sample_uniform_ddim(teacher.denoiser, z_T, 4)
+    err_student = (distilled.x - reference).norm(dim=1).mean().item()
+    err_teacher = (own - reference).norm(dim=1).mean().item()
+    assert err_student < 0.6 * err_teacher, (err_student, err_teacher)
+    # rounds chain: the next student takes half of this one's steps, not any other number
+    with pytest.raises(TrainingError, match="its student takes half, distill.student_steps = 2"):
+        train(load_config(config, student_overrides(tmp_path / "pd4", tmp_path / "bad", 3)), progress=False)
+
+
+def test_a_progressive_run_resumes_exactly(toy_teacher, tmp_path):
+    """10 + 10 steps with a resume in between == 20 steps: the student's grid points and noise are functions of the step."""
+    from safetensors.torch import load_file
+
+    from ddpmkit.checkpoint import list_checkpoints
+    from ddpmkit.config import load_config
+    from ddpmkit.train import train
+
+    config = str(toy_teacher / "config.json")
+    straight = train(load_config(config, student_overrides(toy_teacher, tmp_path / "a", 4, 20)), progress=False)
+    half = student_overrides(toy_teacher, tmp_path / "b", 4, 20)
+    half[half.index("train.checkpoint_every=0")] = "train.checkpoint_every=10"
+    cfg = load_config(config, half)
+    train(load_config(config, [*half[:-1], "train.steps=10", half[-1]]), progress=False)  # stopped after 10 steps...
+    resumed = train(cfg, resume=True, progress=False)  # ...and resumed to 20 (toy2d's learning rate is constant after warm-up)
+    a, b = (load_file(list_checkpoints(run)[-1] / "model.safetensors") for run in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -256,6 +256,20 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Progressive distillation (train.task = 'progressive'; Salimans & Ho 2022): a student of student_steps DDIM
+    steps learns what its teacher does in twice as many. The student has the teacher's network and diffusion
+    settings and starts from its weights; each round's run is the next round's teacher."""
+
+    teacher: str = ""  # a denoiser run, or the progressive run of the round before (whose student_steps is 2 x this one's)
+    student_steps: int = 0  # the student's DDIM steps this round (the teacher takes twice as many)
+
+    def __post_init__(self) -> None:
+        if self.student_steps < 0:
+            raise ConfigError(f"distill.student_steps = {self.student_steps} must be >= 1 (0 = not set)")
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -265,6 +279,7 @@ class Config:
     superres: SuperResConfig = field(default_factory=SuperResConfig)
     clip: CLIPConfig = field(default_factory=CLIPConfig)
     unclip: UnCLIPConfig = field(default_factory=UnCLIPConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -86,12 +86,22 @@ def progressive_loss(student: Denoiser, teacher: Denoiser, x0: torch.Tensor, j: 
     return truncated_snr_weight(teacher.schedule, t).to(error.dtype) * error
 
 
+def ddim_uniform(denoiser: Denoiser, x: torch.Tensor, noise, steps: int | None = None, callback=None,
+                 model_kwargs: dict | None = None, progress: bool = False) -> torch.Tensor:
+    """The sampler of a progressively distilled run (SAMPLERS['ddim_uniform']): `steps` deterministic DDIM steps on
+    uniform_grid, the grid its student learned, from x = x_T. noise is unused (deterministic)."""
+    if steps is None:
+        raise UserError("ddim_uniform needs the number of steps (a distilled run samples in its student_steps)")
+    grid = uniform_grid(denoiser.schedule, steps).to(x.device)
+    for k in range(steps):
+        t, s = grid[k].expand(len(x)), grid[k + 1].expand(len(x))
+        x, x0 = ddim_step(denoiser, x, t, s, model_kwargs)
+        if callback is not None:
+            callback({"i": steps - 1 - k, "t": float(grid[k]), "x": x, "x0": x0})
+    return x
+
+
 @torch.no_grad()
 def sample_uniform_ddim(denoiser: Denoiser, x_T: torch.Tensor, steps: int, model_kwargs: dict | None = None) -> torch.Tensor:
     """`steps` DDIM steps on uniform_grid (the grid a progressively distilled student learned): x_T -> x_0."""
-    grid = uniform_grid(denoiser.schedule, steps).to(x_T.device)
-    z = x_T
-    for k in range(steps):
-        t, s = grid[k].expand(len(z)), grid[k + 1].expand(len(z))
-        z, _ = ddim_step(denoiser, z, t, s, model_kwargs)
-    return z
+    return ddim_uniform(denoiser, x_T, None, steps, model_kwargs=model_kwargs)

@@ -108,6 +108,10 @@ def build_decoder(cfg: Config, shape: tuple[int, ...]) -> nn.Module:
 # every kind of run the engine trains: its network, whether it samples, its inputs and the next step (kinds.py)
 register(ModelKind("denoiser", lambda cfg, shape: build_network(cfg.network, shape, cfg.diffusion.learned_variance), samples=True,
                    next_step="sample it: ddpmkit sample {run}"))
+register(ModelKind("progressive", lambda cfg, shape: build_network(cfg.network, shape, cfg.diffusion.learned_variance), samples=True,
+                   next_step="sample it in few steps: ddpmkit sample {run} --sampler ddim_uniform --steps STUDENT_STEPS; "
+                             "distil it again: ddpmkit train {run}/config.json distill.teacher={run} distill.student_steps=HALF "
+                             "train.run_dir=NEW"))
 register(ModelKind("superres", build_super_resolution, samples=True, inputs=("low_res", "aug_level"),
                    next_step="upscale with it: ddpmkit upscale {run} mnist5k:7, or after a base model: ddpmkit sample BASE --then {run}"))
 register(ModelKind("autoencoder", lambda cfg, shape: Autoencoder(shape, cfg.autoencoder),

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..distillation import ddim_uniform
 from ..errors import UserError
 from ..parameterization import Denoiser, ModelFn, Prediction, as_denoiser
 from ..schedules import NoiseSchedule
@@ -20,6 +21,7 @@ from .sde import euler_maruyama, pc
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddpm": ddpm,  # Algorithm 2, respaced for fewer steps
     "ddim": ddim,  # eta = 0 deterministic, eta = 1 DDPM-like
+    "ddim_uniform": ddim_uniform,  # DDIM on the uniform grid a progressively distilled student learned
     "euler": euler,  # probability-flow ODE solvers
     "heun": heun,
     "dpmpp_2m": dpmpp_2m,

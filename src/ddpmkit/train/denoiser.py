@@ -134,14 +134,17 @@ class DenoiserTask(Task):
         tc = self.cfg.train
         device = next(ema.parameters()).device
         kwargs = {k: v.to(device) for k, v in self.conditioning.preview(tc.num_samples).items()}
-        out = sample(self.denoiser(ema), (tc.num_samples, *self.shape), steps=tc.sample_steps, generator=0,
-                     clip_x0=len(self.shape) == 3, model_kwargs=kwargs)
+        out = sample(self.denoiser(ema), (tc.num_samples, *self.shape), generator=0, model_kwargs=kwargs, **self.preview_sampling())
         x = out.x if self.autoencoder is None else self.autoencoder.from_latent(out.x)
         if x.ndim == 4:
             viz.save_grid(x, path)
         else:
             viz.scatter_2d(x, path, self.dataset.get_batch(torch.arange(min(self.num_examples, 5000))))
         return x
+
+    def preview_sampling(self) -> dict:
+        """How the previews sample: respaced ancestral steps (train.sample_steps)."""
+        return {"steps": self.cfg.train.sample_steps, "clip_x0": len(self.shape) == 3}
 
     @functools.cached_property
     def held_out(self) -> torch.Tensor:
