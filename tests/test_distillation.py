@@ -169,3 +169,59 @@ def test_a_progressive_run_resumes_exactly(toy_teacher, tmp_path):
     resumed = train(cfg, resume=True, progress=False)  # ...and resumed to 20 (toy2d's learning rate is constant after warm-up)
     a, b = (load_file(list_checkpoints(run)[-1] / "model.safetensors") for run in (straight, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- consistency distillation
+
+
+def exact_consistency(z: torch.Tensor, t: torch.Tensor, **_) -> torch.Tensor:
+    """f*(z_t, t): the origin of z_t's probability-flow ODE trajectory for N(mu, std^2 I), per example."""
+    ab = S.alpha_bar_at(t.double().cpu()).to(z.dtype)[:, None]
+    return MU.to(z.dtype) + STD / (ab * STD**2 + 1 - ab).sqrt() * (z - ab.sqrt() * MU.to(z.dtype))
+
+
+F_STAR = Denoiser(exact_consistency, S, "x0")
+
+
+def test_the_consistency_function_keeps_the_boundary_and_the_exact_one_is_constant_along_trajectories():
+    from ddpmkit.distillation import ConsistencyFunction
+
+    z = torch.randn(5, 2, dtype=torch.float64)
+    f = ConsistencyFunction(lambda z_t, t: torch.full_like(z_t, 9.0), S, sigma_data=0.5)  # any network
+    torch.testing.assert_close(f(z, torch.zeros(5)), z / S.alpha_bar[0].sqrt())  # f(x, t_min) = x_bar: the boundary
+    assert (f(z, torch.full((5,), 999.0)) - 9.0).abs().max() < 0.01  # the network's estimate where noise dominates
+    # along a trajectory of the exact teacher's ODE (many small DDIM steps), f* stays put up to the solver's error
+    grid = uniform_grid(S, 400)
+    zt, origins = torch.randn(300, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64), []
+    for k in range(0, 400, 40):
+        zt_k = zt
+        origins.append(exact_consistency(zt_k, grid[k].expand(300)))
+        for i in range(k, k + 40):
+            zt = ddim_step(TEACHER, zt, grid[i].expand(300), grid[i + 1].expand(300))[0]
+    spread = max((o - origins[0]).abs().max().item() for o in origins)
+    assert spread < 0.02, spread
+
+
+def test_the_consistency_target_is_the_ode_solution_and_the_loss_vanishes_at_the_exact_student():
+    from ddpmkit.distillation import consistency_loss
+
+    g = torch.Generator().manual_seed(3)
+    x0, noise = MU + STD * torch.randn(512, 2, generator=g, dtype=torch.float64), torch.randn(512, 2, generator=g, dtype=torch.float64)
+    losses = []
+    for points in (10, 40, 160):
+        n = torch.randint(0, points - 1, (512,), generator=g)
+        losses.append(consistency_loss(F_STAR, F_STAR, TEACHER, x0, n, points, noise).mean().item())
+    assert losses[2] < losses[1] < losses[0] and losses[2] < 1e-5, losses  # only the teacher's one-step error remains
+    blurred = Denoiser(lambda z, t: exact_consistency(z, t) * 0.8, S, "x0")
+    n = torch.randint(0, 39, (512,), generator=g)
+    assert consistency_loss(blurred, F_STAR, TEACHER, x0, n, 40, noise).mean() > 100 * losses[1]
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_multistep_consistency_sampling_with_the_exact_function_draws_the_data(steps):
+    import ddpmkit
+
+    out = ddpmkit.sample(F_STAR, (6000, 2), sampler="consistency", steps=steps, generator=0, x_T=None)
+    assert out.nfe == steps
+    torch.testing.assert_close(out.x.double().mean(0), MU.double(), atol=0.03, rtol=0)
+    torch.testing.assert_close(out.x.double().std(0), torch.full((2,), STD, dtype=torch.float64), atol=0.02, rtol=0)

@@ -105,3 +105,75 @@ def ddim_uniform(denoiser: Denoiser, x: torch.Tensor, noise, steps: int | None =
 def sample_uniform_ddim(denoiser: Denoiser, x_T: torch.Tensor, steps: int, model_kwargs: dict | None = None) -> torch.Tensor:
     """`steps` DDIM steps on uniform_grid (the grid a progressively distilled student learned): x_T -> x_0."""
     return ddim_uniform(denoiser, x_T, None, steps, model_kwargs=model_kwargs)
+
+
+# ---- consistency distillation (Song et al. 2023, "Consistency models", Algorithm 2)
+#
+# A consistency function maps every point of a probability-flow ODE trajectory to the trajectory's origin. In the
+# variance-exploding view x_bar = z_t / alpha_t, sigma = sigma_t / alpha_t, with D(z_t, t) an x0-estimate:
+#     f(z_t, t) = c_skip(sigma) x_bar + (1 - c_skip(sigma)) D(z_t, t),  c_skip = sd^2 / ((sigma - sigma_min)^2 + sd^2)
+# so f = x_bar exactly at sigma_min (the boundary condition; sigma_min = sigma at t = 0) and f -> D where noise
+# dominates. (The paper's c_out F is written (1 - c_skip) D here: D already is an x0-estimate, the teacher's.)
+# Distillation: for adjacent grid points t_n < t_{n+1}, z_{n+1} = alpha x0 + sigma eps, z_n one teacher ODE (DDIM)
+# step from it; loss || f_theta(z_{n+1}, t_{n+1}) - f_target(z_n, t_n) ||^2 with the target network an EMA of theta.
+
+
+def consistency_c_skip(schedule: NoiseSchedule, t: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """c_skip(sigma(t)) in float64, (B,): 1 at t = 0, falling to 0 as the noise grows."""
+    ab = schedule.alpha_bar_at(t.detach().to(torch.float64).cpu())
+    sigma = ((1 - ab) / ab).sqrt()
+    sigma_min = ((1 - schedule.alpha_bar[0]) / schedule.alpha_bar[0]).sqrt()
+    return sigma_data**2 / ((sigma - sigma_min) ** 2 + sigma_data**2)
+
+
+class ConsistencyFunction(torch.nn.Module):
+    """f(z_t, t) = c_skip x_bar + (1 - c_skip) D(z_t, t) for an x0-predicting network D (z_t, t -> x0)."""
+
+    def __init__(self, net: torch.nn.Module, schedule: NoiseSchedule, sigma_data: float):
+        super().__init__()
+        self.net, self.schedule, self.sigma_data = net, schedule, sigma_data
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, **extra) -> torch.Tensor:
+        c = append_dims(consistency_c_skip(self.schedule, t, self.sigma_data), z_t.ndim).to(z_t.device)
+        ab = append_dims(self.schedule.alpha_bar_at(t.detach().to(torch.float64).cpu()), z_t.ndim).to(z_t.device)
+        x_bar = z_t / ab.sqrt().to(z_t.dtype)
+        return (c * x_bar + (1 - c) * self.net(z_t, t, **extra)).to(z_t.dtype)
+
+
+def consistency_grid(schedule: NoiseSchedule, points: int) -> torch.Tensor:
+    """The teacher's ODE grid of consistency distillation: `points` times from 0 to T - 1, increasing, float64."""
+    if not 2 <= points <= schedule.T:
+        raise UserError(f"the consistency grid needs 2..{schedule.T} points, got {points}")
+    return torch.linspace(0, schedule.T - 1, points, dtype=torch.float64)
+
+
+def consistency_loss(student: Denoiser, target: Denoiser, teacher: Denoiser, x0: torch.Tensor, n: torch.Tensor, points: int,
+                     noise: torch.Tensor, model_kwargs: dict | None = None) -> torch.Tensor:
+    """Per-example consistency distillation loss at grid intervals n in 0..points-2 (B,): the squared distance between
+    the student's f at z_{n+1} and the target network's f at the teacher's one ODE step from there. (B,)"""
+    grid = consistency_grid(teacher.schedule, points).to(x0.device)
+    t_hi, t_lo = grid[n + 1], grid[n]
+    a, s = _alpha_sigma(teacher.schedule, t_hi, x0)
+    z_hi = a * x0 + s * noise
+    with torch.no_grad():
+        z_lo, _ = ddim_step(teacher, z_hi, t_hi, t_lo, model_kwargs)
+        aim = target(z_lo, t_lo, **(model_kwargs or {})).x0
+    online = student(z_hi, t_hi, **(model_kwargs or {})).x0
+    return (online - aim).pow(2).flatten(1).mean(1)
+
+
+def consistency_sampler(denoiser: Denoiser, x: torch.Tensor, noise, steps: int | None = None, callback=None,
+                        model_kwargs: dict | None = None, progress: bool = False) -> torch.Tensor:
+    """Multistep consistency sampling (SAMPLERS['consistency']): x0 = f(x_T, T - 1); then at each later time tau of the
+    uniform grid, re-noise x0 to tau and map it back, `steps` network evaluations in all. denoiser: a consistency run's."""
+    steps = steps or 1
+    times = uniform_grid(denoiser.schedule, steps)[:-1].to(x.device)  # T - 1, ..., T / steps - 1
+    x0 = x
+    for k, tau in enumerate(times):
+        if k > 0:
+            a, s = _alpha_sigma(denoiser.schedule, tau.expand(len(x)), x)
+            x = a * x0 + s * noise.randn(x.shape[1:], x.dtype)
+        x0 = denoiser(x, tau.expand(len(x)), **(model_kwargs or {})).x0
+        if callback is not None:
+            callback({"i": steps - 1 - k, "t": float(tau), "x": x0, "x0": x0})
+    return x0

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..distillation import ddim_uniform
+from ..distillation import consistency_sampler, ddim_uniform
 from ..errors import UserError
 from ..parameterization import Denoiser, ModelFn, Prediction, as_denoiser
 from ..schedules import NoiseSchedule
@@ -22,6 +22,7 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddpm": ddpm,  # Algorithm 2, respaced for fewer steps
     "ddim": ddim,  # eta = 0 deterministic, eta = 1 DDPM-like
     "ddim_uniform": ddim_uniform,  # DDIM on the uniform grid a progressively distilled student learned
+    "consistency": consistency_sampler,  # multistep consistency sampling of a consistency run
     "euler": euler,  # probability-flow ODE solvers
     "heun": heun,
     "dpmpp_2m": dpmpp_2m,
@@ -34,7 +35,7 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "euler_maruyama": euler_maruyama,
     "pc": pc,
 }
-STOCHASTIC = {"ddpm", "dpmpp_2m_sde", "dpmpp_3m_sde", "euler_maruyama", "pc"}  # and ddim with eta > 0
+STOCHASTIC = {"consistency", "ddpm", "dpmpp_2m_sde", "dpmpp_3m_sde", "euler_maruyama", "pc"}  # and ddim with eta > 0
 
 
 @dataclass
