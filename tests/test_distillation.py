@@ -225,3 +225,25 @@ def test_multistep_consistency_sampling_with_the_exact_function_draws_the_data(s
     assert out.nfe == steps
     torch.testing.assert_close(out.x.double().mean(0), MU.double(), atol=0.03, rtol=0)
     torch.testing.assert_close(out.x.double().std(0), torch.full((2,), STD, dtype=torch.float64), atol=0.02, rtol=0)
+
+
+@pytest.mark.slow
+def test_a_consistency_run_of_the_engine_maps_noise_to_its_teachers_ode_solution_in_one_step(tmp_path):
+    import ddpmkit
+    from ddpmkit.config import load_config
+    from ddpmkit.train import train
+
+    teacher = train(load_config("toy2d", ["network.mlp_hidden=64", "diffusion.prediction=x0", "train.steps=400",
+                                          "train.checkpoint_every=0", f"train.run_dir={tmp_path / 'teacher'}"]), progress=False)
+    student = train(load_config(str(teacher / "config.json"), [
+        "train.task=consistency", f"distill.teacher={teacher}", "distill.points=20", "train.ema_decay=0.95", "train.steps=300",
+        "train.lr=5e-4", "train.warmup_steps=10", "train.checkpoint_every=0", f"train.run_dir={tmp_path / 'cd'}"]), progress=False)
+    t, s = ddpmkit.load(teacher), ddpmkit.load(student)
+    assert s.kind == "consistency" and s.metrics["points"] == 20
+    z_T = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0))
+    ode = sample_uniform_ddim(t.denoiser, z_T, 64)  # the teacher's probability-flow ODE, finely solved
+    one = ddpmkit.sample(s.denoiser, z_T.shape, sampler="consistency", steps=1, x_T=z_T, generator=0)
+    assert one.nfe == 1
+    err_student = (one.x - ode).norm(dim=1).mean().item()
+    err_teacher = (sample_uniform_ddim(t.denoiser, z_T, 1) - ode).norm(dim=1).mean().item()  # its one-step x0 estimate
+    assert err_student < 0.6 * err_teacher, (err_student, err_teacher)

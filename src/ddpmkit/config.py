@@ -263,10 +263,14 @@ class DistillConfig:
 
     teacher: str = ""  # a denoiser run, or the progressive run of the round before (whose student_steps is 2 x this one's)
     student_steps: int = 0  # the student's DDIM steps this round (the teacher takes twice as many)
+    # consistency (train.task = 'consistency'): the points of the teacher's ODE grid from t = 0 to T - 1 (the paper's N);
+    # the target network is the run's EMA, so train.ema_decay is the paper's mu
+    points: int = 40
 
     def __post_init__(self) -> None:
-        if self.student_steps < 0:
-            raise ConfigError(f"distill.student_steps = {self.student_steps} must be >= 1 (0 = not set)")
+        if self.student_steps < 0 or self.points < 2:
+            raise ConfigError(f"distill.student_steps = {self.student_steps} must be >= 1 (0 = not set), and distill.points = "
+                              f"{self.points} >= 2")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ class ModelKind:
     # model inputs it needs beyond (x_t, t, condition): a super-resolution stage's low-res image, unCLIP's CLIP embeddings
     inputs: tuple[str, ...] = ()
     next_step: str = ""  # printed after training; {run} is the run folder
+    # applied last to the built (and preconditioned) network: e.g. a consistency run's boundary parameterization
+    wrap: Callable[[nn.Module, Config], nn.Module] | None = None
 
     @property
     def needs_low_res(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import Config, NetworkConfig
+from ..distillation import ConsistencyFunction
 from ..errors import UserError
 from ..kinds import ModelKind, kind_of, register
 from ..preconditioning import EDMPreconditioned
@@ -112,6 +113,9 @@ register(ModelKind("progressive", lambda cfg, shape: build_network(cfg.network, 
                    next_step="sample it in few steps: ddpmkit sample {run} --sampler ddim_uniform --steps STUDENT_STEPS; "
                              "distil it again: ddpmkit train {run}/config.json distill.teacher={run} distill.student_steps=HALF "
                              "train.run_dir=NEW"))
+register(ModelKind("consistency", lambda cfg, shape: build_network(cfg.network, shape, cfg.diffusion.learned_variance), samples=True,
+                   wrap=lambda net, cfg: ConsistencyFunction(net, cfg.diffusion.noise_schedule(), cfg.diffusion.sigma_data),
+                   next_step="sample it in one to a few steps: ddpmkit sample {run} --sampler consistency --steps 2"))
 register(ModelKind("superres", build_super_resolution, samples=True, inputs=("low_res", "aug_level"),
                    next_step="upscale with it: ddpmkit upscale {run} mnist5k:7, or after a base model: ddpmkit sample BASE --then {run}"))
 register(ModelKind("autoencoder", lambda cfg, shape: Autoencoder(shape, cfg.autoencoder),
@@ -139,7 +143,7 @@ def build_for_task(cfg: Config, shape: tuple[int, ...]) -> nn.Module:
             net = EDMPreconditioned(net, cfg.diffusion.noise_schedule(), cfg.diffusion.sigma_data)
         if cfg.diffusion.uncertainty_weighting:
             net = UncertaintyWeighted(net, cfg.diffusion.noise_schedule())
-    return net
+    return net if kind.wrap is None else kind.wrap(net, cfg)
 
 
 __all__ = ["Autoencoder", "CLIP", "DigitClassifier", "PriorTransformer", "MLPDenoiser", "NoisyClassifier", "UNet",

@@ -18,7 +18,7 @@ from .denoiser import DenoiserTask, sample_timesteps
 from .engine import run
 from .judge import JudgeTask
 from .optim import Decay, budget_horizon, ema_decay_at, ema_update, lr_at
-from .progressive import ProgressiveTask
+from .progressive import ConsistencyTask, ProgressiveTask
 from .superres import SuperResTask
 from .task import TASKS, Task, TrainingError
 from .unclip import DecoderTask, PriorTask
@@ -33,6 +33,6 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
 
 
 # the built-in tasks are imported above so that they register themselves in TASKS
-__all__ = ["AutoencoderTask", "Batch", "CLIPTask", "Decay", "DecoderTask", "DenoiserTask", "JudgeTask", "NoisyClassifierTask",
+__all__ = ["AutoencoderTask", "Batch", "CLIPTask", "ConsistencyTask", "Decay", "DecoderTask", "DenoiserTask", "JudgeTask", "NoisyClassifierTask",
            "PriorTask", "ProgressiveTask", "SuperResTask", "TASKS", "Task", "TrainingError", "batch_indices", "budget_horizon",
            "ema_decay_at", "ema_update", "lr_at", "run", "sample_timesteps", "step_generator", "train"]

@@ -149,6 +149,7 @@ class Trainer:
         torch.manual_seed(self.tc.seed)  # the initial weights come from the seed too
         self.model = task.build_model()
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        task.attach_ema(self.ema)
         # fused: one kernel for all parameters instead of several per tensor group; deterministic, so resume and
         # several processes stay exact (its speed-up is below a shared 2-core machine's noise: docs/ordinary_machine.md)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.tc.lr, betas=self.tc.adam_betas,

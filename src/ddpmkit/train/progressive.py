@@ -1,4 +1,8 @@
-"""Progressive distillation as a training task (train.task = 'progressive'; the math: distillation.py).
+"""Distillation as training tasks (the math: distillation.py): progressive (train.task = 'progressive') and
+consistency distillation (train.task = 'consistency'), each from a teacher run whose network and weights the
+student starts from.
+
+Progressive distillation:
 
 One round: the student starts from its teacher's weights and learns, at every point of its student_steps
 uniform grid, the clean-data estimate whose single DDIM step lands where the teacher's two steps land. The
@@ -7,6 +11,13 @@ finished run is the next round's teacher: 2K -> K -> K/2 ... Its checkpoints rec
     ddpmkit train runs/mnist/config.json train.task=progressive distill.teacher=runs/mnist \\
         distill.student_steps=16 train.run_dir=runs/pd16 train.steps=1000
     ddpmkit sample runs/pd16 --sampler ddim_uniform --steps 16
+
+Consistency distillation: the student is the teacher's network inside the consistency parameterization,
+trained so that its outputs at the two ends of one teacher ODE step agree, against the run's EMA as the target:
+
+    ddpmkit train runs/mnist/config.json train.task=consistency distill.teacher=runs/mnist distill.points=40 \
+        train.ema_decay=0.95 train.run_dir=runs/cd train.steps=1000
+    ddpmkit sample runs/cd --sampler consistency --steps 2
 
 A class- or text-conditional teacher is distilled branch by branch: the condition (dropped to the null one as
 in training) goes to teacher and student alike, so classifier-free guidance still combines the student's two
@@ -18,41 +29,62 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..distillation import progressive_loss
+from ..distillation import consistency_loss, progressive_loss
 from ..models import DiffusionModel, load_diffusion
 from .batches import Batch
 from .denoiser import DenoiserTask
 from .task import TrainingError
 
 
-class ProgressiveTask(DenoiserTask):
-    name = "progressive"
+class DistillationTask(DenoiserTask):
+    """What both kinds of distillation share: the teacher (distill.teacher), whose network, diffusion and data settings
+    the student has, and whose weights it starts from."""
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
-        d = cfg.distill
-        if not d.teacher or d.student_steps < 1:
-            raise TrainingError("progressive distillation needs distill.teacher (a run folder) and distill.student_steps >= 1")
-        self.teacher: DiffusionModel = load_diffusion(d.teacher)
+        if not cfg.distill.teacher:
+            raise TrainingError(f"{self.name} distillation needs distill.teacher, a run folder")
+        self.teacher: DiffusionModel = load_diffusion(cfg.distill.teacher)
         t = self.teacher
         if t.kind not in ("denoiser", "progressive"):
-            raise TrainingError(f"distill.teacher {d.teacher} is a {t.kind}: distil a denoiser run or an earlier progressive run")
-        if t.kind == "progressive" and t.config.distill.student_steps != 2 * d.student_steps:
-            raise TrainingError(f"the teacher {d.teacher} samples in {t.config.distill.student_steps} steps: its student takes half, "
-                                f"distill.student_steps = {t.config.distill.student_steps // 2}")
-        if 2 * d.student_steps > self.schedule.T:
-            raise TrainingError(f"the teacher's 2 x distill.student_steps = {2 * d.student_steps} steps exceed T = {self.schedule.T}")
+            raise TrainingError(f"distill.teacher {cfg.distill.teacher} is a {t.kind}: distil a denoiser run or a progressive run")
         if (t.config.network, t.config.diffusion, t.config.data) != (cfg.network, cfg.diffusion, cfg.data):
             raise TrainingError(f"the student has its teacher's network, diffusion and data settings: start from the teacher's "
-                                f"config, `ddpmkit train {t.path}/config.json train.task=progressive distill.teacher=...`")
-        self.round = (t.metrics.get("round", 0) if t.kind == "progressive" else 0) + 1
+                                f"config, `ddpmkit train {t.path}/config.json train.task={self.name} distill.teacher=...`")
         self.teacher.network.requires_grad_(False)
+
+    def student_core(self, net: nn.Module) -> nn.Module:
+        """The part of the student that has the teacher's architecture."""
+        return net
 
     def build_model(self) -> nn.Module:
         """The teacher's network and weights (its EMA): the student starts where the teacher is."""
         net = super().build_model()
-        net.load_state_dict(self.teacher.network.state_dict())
+        self.student_core(net).load_state_dict(self.teacher.network.state_dict())
         return net
+
+    def teacher_on(self, device: torch.device):
+        self.teacher.network.to(device)
+        return self.teacher.denoiser
+
+    def evaluate(self, ema: nn.Module) -> dict[str, float]:
+        return {}  # the VLB of a few-step student says nothing about its samples
+
+
+class ProgressiveTask(DistillationTask):
+    name = "progressive"
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        K, t = cfg.distill.student_steps, self.teacher
+        if K < 1:
+            raise TrainingError("progressive distillation needs distill.student_steps >= 1, the student's DDIM steps")
+        if t.kind == "progressive" and t.config.distill.student_steps != 2 * K:
+            raise TrainingError(f"the teacher {cfg.distill.teacher} samples in {t.config.distill.student_steps} steps: its student "
+                                f"takes half, distill.student_steps = {t.config.distill.student_steps // 2}")
+        if 2 * K > self.schedule.T:
+            raise TrainingError(f"the teacher's 2 x distill.student_steps = {2 * K} steps exceed T = {self.schedule.T}")
+        self.round = (t.metrics.get("round", 0) if t.kind == "progressive" else 0) + 1
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         K, g, B = self.cfg.distill.student_steps, batch.generator, batch.size
@@ -62,15 +94,47 @@ class ProgressiveTask(DenoiserTask):
         cond_all = self.conditioning.batch(batch.indices, g)
         x0 = self.dataset.get_batch(batch.indices[batch.mine]).to(batch.device)
         cond = {k: batch.local(v) for k, v in cond_all.items()}
-        teacher = self.teacher.denoiser
-        teacher.model.to(batch.device)
-        return progressive_loss(self.denoiser(model), teacher, x0, batch.local(j_all), K, batch.local(noise_all), model_kwargs=cond)
+        return progressive_loss(self.denoiser(model), self.teacher_on(batch.device), x0, batch.local(j_all), K, batch.local(noise_all),
+                                model_kwargs=cond)
 
     def preview_sampling(self) -> dict:
         return {"sampler": "ddim_uniform", "steps": self.cfg.distill.student_steps}
 
-    def evaluate(self, ema: nn.Module) -> dict[str, float]:
-        return {}  # the VLB of a few-step student says nothing about its samples
-
     def finish(self, ema: nn.Module, model: nn.Module) -> dict:
         return {"round": self.round, "student_steps": self.cfg.distill.student_steps, "teacher": str(self.teacher.path)}
+
+
+class ConsistencyTask(DistillationTask):
+    name = "consistency"
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        if cfg.diffusion.prediction != "x0":
+            raise TrainingError("consistency distillation builds on an x0-predicting teacher (diffusion.prediction = 'x0', as the "
+                                f"demo recipe); {cfg.distill.teacher} predicts {cfg.diffusion.prediction}")
+        if cfg.distill.points > self.schedule.T:
+            raise TrainingError(f"distill.points = {cfg.distill.points} exceeds T = {self.schedule.T}")
+        self.target: nn.Module | None = None
+
+    def student_core(self, net: nn.Module) -> nn.Module:
+        return net.net  # inside the ConsistencyFunction
+
+    def attach_ema(self, ema: nn.Module) -> None:
+        self.target = ema  # the paper's target network theta^-: an EMA of the student (train.ema_decay = mu)
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        N, g, B = self.cfg.distill.points, batch.generator, batch.size
+        # the global batch's randomness, always in this order (exact resume, N processes = 1)
+        n_all = torch.randint(0, N - 1, (B,), generator=g)  # the grid interval t_n < t_{n+1} of each example
+        noise_all = torch.randn((B, *self.shape), generator=g)
+        cond_all = self.conditioning.batch(batch.indices, g)
+        x0 = self.dataset.get_batch(batch.indices[batch.mine]).to(batch.device)
+        cond = {k: batch.local(v) for k, v in cond_all.items()}
+        return consistency_loss(self.denoiser(model), self.denoiser(self.target), self.teacher_on(batch.device), x0,
+                                batch.local(n_all).to(batch.device), N, batch.local(noise_all), model_kwargs=cond)
+
+    def preview_sampling(self) -> dict:
+        return {"sampler": "consistency", "steps": 2}
+
+    def finish(self, ema: nn.Module, model: nn.Module) -> dict:
+        return {"points": self.cfg.distill.points, "teacher": str(self.teacher.path)}

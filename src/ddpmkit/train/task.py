@@ -54,6 +54,10 @@ class Task:
         Draw the global batch's randomness from batch.generator, then slice with batch.local."""
         raise NotImplementedError
 
+    def attach_ema(self, ema: nn.Module) -> None:
+        """The engine's EMA of the weights, handed over once before training (consistency distillation's target
+        network); most tasks ignore it."""
+
     def preview(self, ema: nn.Module, path: Path) -> torch.Tensor | None:
         """Write a picture of the model's progress to path (every train.sample_every steps);
         return the images shown (for TensorBoard) or None."""
