@@ -136,13 +136,16 @@ def test_a_progressive_run_of_the_engine_samples_in_half_the_steps_what_its_teac
 
     config = str(toy_teacher / "config.json")  # the student starts from its teacher's config (and weights)
     code = main(["train", config, *student_overrides(toy_teacher, tmp_path / "pd4", 4), "--quiet"])
-    assert code == 0 and "ddim_uniform --steps STUDENT_STEPS" in capsys.readouterr().out
+    assert code == 0 and "sample it in its student steps: ddpmkit sample" in capsys.readouterr().out
     teacher, student = ddpmkit.load(toy_teacher), ddpmkit.load(tmp_path / "pd4")
     assert student.kind == "progressive" and student.metrics["round"] == 1 and student.metrics["student_steps"] == 4
     z_T = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0))
     reference = sample_uniform_ddim(teacher.denoiser, z_T, 8)
     distilled = ddpmkit.sample(student.denoiser, z_T.shape, sampler="ddim_uniform", steps=4, x_T=z_T)
     assert distilled.nfe == 4
+    # the command line samples a distilled run with its own sampler and steps when given none
+    assert main(["sample", str(tmp_path / "pd4"), "--n", "3", "--no-gif", "--out", str(tmp_path / "s")]) == 0
+    assert "with ddim_uniform in" in (said := capsys.readouterr().out) and "4 network evaluations" in said, said
     own = sample_uniform_ddim(teacher.denoiser, z_T, 4)
     err_student = (distilled.x - reference).norm(dim=1).mean().item()
     err_teacher = (own - reference).norm(dim=1).mean().item()

@@ -29,6 +29,7 @@ class ModelKind:
     next_step: str = ""  # printed after training; {run} is the run folder
     # applied last to the built (and preconditioned) network: e.g. a consistency run's boundary parameterization
     wrap: Callable[[nn.Module, Config], nn.Module] | None = None
+    sampler: str = ""  # its own sampler, when `ddpmkit sample` is given none (a distilled run's few-step sampler)
 
     @property
     def needs_low_res(self) -> bool:

@@ -34,7 +34,7 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
                    help="weights of a diffusers pipeline folder (default float32); schedule arithmetic stays float64/float32")
 
 
-def add_sampler_args(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int | None = None, full: bool = True) -> None:
+def add_sampler_args(p: argparse.ArgumentParser, sampler: str | None = "ddpm", steps: int | None = None, full: bool = True) -> None:
     """--sampler/--steps/--seed, and with full=True the solver options too."""
     p.add_argument("--sampler", default=sampler, choices=sorted(SAMPLERS), help="ddpm = Algorithm 2; see the README")
     p.add_argument("--steps", type=int, default=steps, help="grid points, one network evaluation each (default: all T)" if steps is None else None)

@@ -20,9 +20,13 @@ from .common import add_device_args, add_guidance_args, add_sampler_args, guidan
 
 def cmd_sample(args: argparse.Namespace) -> None:
     if args.then:
+        args.sampler = args.sampler or "ddpm"
         return run_cascade(args)
     request = guidance_request(args)  # first: a bad scale fails before the model loads
     m = load_diffusion(args.checkpoint, device=args.device, dtype=args.dtype)
+    if args.sampler is None:  # the run's own sampler (a distilled run's few-step one) and step count, else Algorithm 2
+        args.sampler = m.model_kind.sampler or "ddpm"
+        args.steps = args.steps or (m.metrics.get("sample_steps") if m.model_kind.sampler else None)
     if args.compile:
         m.compile()
     total = args.steps or m.schedule.T
@@ -65,7 +69,7 @@ def add_commands(sub) -> None:
     s = sub.add_parser("sample", help="draw samples from a run (grid, PNGs, reverse-process GIF)")
     s.add_argument("checkpoint", help="a run folder (newest checkpoint) or a ckpt-XXXXXXX folder")
     s.add_argument("--n", type=int, default=64)
-    add_sampler_args(s)
+    add_sampler_args(s, sampler=None)  # None: the run's own (ddim_uniform / consistency for distilled runs), else ddpm
     s.add_argument("--batch-size", type=int, default=None,
                    help="samples drawn at once (default: cache-sized chunks, 128 28x28 digits on a CPU; results do not depend on it)")
     s.add_argument("--no-gif", action="store_true")

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import UserError
 
-NO_CLIP = ("euler_maruyama", "pc", "dopri5")  # samplers that never clip the predicted x_0
+NO_CLIP = ("euler_maruyama", "pc", "dopri5", "ddim_uniform", "consistency")  # samplers that never clip the predicted x_0
 
 
 def sampler_options(sampler: str, grid: str | torch.Tensor | None = None, variance: str = "auto", clip_x0: bool = True,

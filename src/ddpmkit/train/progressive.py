@@ -101,7 +101,8 @@ class ProgressiveTask(DistillationTask):
         return {"sampler": "ddim_uniform", "steps": self.cfg.distill.student_steps}
 
     def finish(self, ema: nn.Module, model: nn.Module) -> dict:
-        return {"round": self.round, "student_steps": self.cfg.distill.student_steps, "teacher": str(self.teacher.path)}
+        K = self.cfg.distill.student_steps  # sample_steps: what `ddpmkit sample` uses when given no --steps
+        return {"round": self.round, "student_steps": K, "sample_steps": K, "teacher": str(self.teacher.path)}
 
 
 class ConsistencyTask(DistillationTask):
@@ -137,4 +138,4 @@ class ConsistencyTask(DistillationTask):
         return {"sampler": "consistency", "steps": 2}
 
     def finish(self, ema: nn.Module, model: nn.Module) -> dict:
-        return {"points": self.cfg.distill.points, "teacher": str(self.teacher.path)}
+        return {"points": self.cfg.distill.points, "sample_steps": 1, "teacher": str(self.teacher.path)}
