@@ -44,12 +44,11 @@ def main() -> int:
     test = load_dataset("mnist5k", split="test")
     x0, labels = test.x[:args.n], test.labels[:args.n]
     m = load_diffusion(args.checkpoint)
-    d = m.config.diffusion
     print(f"{args.n} held-out digits, model {m.path} (step {m.step}); "
           f"the judge reads the inputs right {(read(judge, x0) == labels).float().mean():.1%}")
     for s in [float(v) for v in args.strengths.split(",") if args.skip != "img2img"]:
         t0 = time.time()
-        out = torch.cat([img2img(m.network, x0[i:i + 250], m.schedule, s, sampler="ddpm", steps=50, prediction=d.prediction,
+        out = torch.cat([img2img(m.denoiser, x0[i:i + 250], strength=s, sampler="ddpm", steps=50,
                                  generator=list(range(i, i + min(250, args.n - i))), clip_x0=True).x
                          for i in range(0, args.n, 250)])
         kept = (read(judge, out) == labels).float().mean().item()
@@ -61,8 +60,8 @@ def main() -> int:
         return 0
     t0 = time.time()
     mask = make_mask("right", x0.shape)
-    filled = torch.cat([inpaint(m.network, x0[i:i + 250], mask, m.schedule, steps=args.inpaint_steps, resample=args.resample,
-                                generator=list(range(i, i + min(250, args.n - i))), prediction=d.prediction)
+    filled = torch.cat([inpaint(m.denoiser, x0[i:i + 250], mask, steps=args.inpaint_steps, resample=args.resample,
+                                generator=list(range(i, i + min(250, args.n - i))))
                         for i in range(0, args.n, 250)])
     ok = (read(judge, filled) == labels).float().mean().item()
     half = (read(judge, x0 * mask - (1 - mask)) == labels).float().mean().item()

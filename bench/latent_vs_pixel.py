@@ -23,13 +23,12 @@ from ddpmkit.models import load_diffusion
 
 
 def draw(m, n: int, args, batch: int = 250) -> tuple[torch.Tensor, float]:
-    d = m.config.diffusion
     xs, seconds = [], 0.0
     for start in range(0, n, batch):
         b = min(batch, n - start)
         t0 = time.perf_counter()
-        r = sample(m.network, (b, *m.data_shape), m.schedule, sampler=args.sampler, steps=args.steps, grid=args.grid,
-                   prediction=d.prediction, generator=list(range(start, start + b)))
+        r = sample(m.denoiser, (b, *m.data_shape), sampler=args.sampler, steps=args.steps, grid=args.grid,
+                   generator=list(range(start, start + b)))
         xs.append(m.decode(r.x))
         seconds += time.perf_counter() - t0
     return torch.cat(xs), seconds

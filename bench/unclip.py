@@ -119,8 +119,7 @@ def section_variations(args, held_out, rows: list, features, real) -> None:
         viz.save_grid(torch.cat([x[:10], v[:10], x[10:20], v[10:20]]), Path(args.out) / "unclip" / f"variations_{scale:g}.png", nrow=10)
     if args.demo and Path(args.demo).exists():
         m = load_diffusion(args.demo)
-        edited = img2img(m.network, x, m.schedule, strength=0.2, sampler="ddim", steps=50, generator=list(range(len(x))),
-                         prediction=m.prediction).x.clamp(-1, 1)
+        edited = img2img(m.denoiser, x, strength=0.2, sampler="ddim", steps=50, generator=list(range(len(x)))).x.clamp(-1, 1)
         dist = (edited - x).flatten(1).norm(dim=1).mean().item()
         rows.append({"section": "variations", "what": "img2img 0.2 (demo model)", "pixel_distance": dist, **score(features, real, edited, labels)})
         print(f"img2img strength 0.2 on {args.demo}: L2 distance to the source {dist:.2f}", flush=True)
