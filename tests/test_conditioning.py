@@ -91,6 +91,25 @@ def test_text_encoder_pads_masks_and_does_not_depend_on_the_batch(encoder):
 
 
 @needs_text
+def test_the_bundled_encoders_embeddings_are_cached_on_disk_and_equal_the_encoders(tmp_path, monkeypatch):
+    """A second process (a fresh TextEncoder) whose prompts are cached never loads sentence-transformers, and gets
+    the very tensors the encoder computes."""
+    from ddpmkit.text import TextEncoder
+
+    monkeypatch.setenv("DDPMKIT_CACHE", str(tmp_path))
+    prompts = ["a handwritten seven", "", "a handwritten one"]
+    first = TextEncoder("all-MiniLM-L6-v2", max_tokens=10)
+    computed = first._encode(prompts, 256)
+    cached_once = first.encode(prompts)
+    again = TextEncoder("all-MiniLM-L6-v2", max_tokens=10)
+    from_disk = again.encode(list(reversed(prompts)))
+    assert "model" not in again.__dict__ and again.dim == 384  # nothing loaded
+    for key in ("context", "context_mask"):
+        assert torch.equal(cached_once[key], computed[key]) and torch.equal(from_disk[key], computed[key].flip(0))
+    assert list(tmp_path.glob("text/*.safetensors")) and TextEncoder("all-MiniLM-L6-v2", 11).encode("x")["context"].shape == (1, 11, 384)
+
+
+@needs_text
 def test_unknown_text_encoder_is_one_clear_error():
     from ddpmkit.text import TextEncoder, TextEncoderError
 
