@@ -67,8 +67,8 @@ class TextEncoder:
     mask marks real tokens. The empty prompt "" is the unconditional branch of guidance.
 
     The bundled encoder's embeddings are kept on disk ($DDPMKIT_CACHE/text, keyed by its package version
-    and max_tokens): a process whose prompts are all there never loads sentence-transformers (13 s on 2
-    cores), which every training process of a text model, a resume and a sampling call would otherwise pay."""
+    and max_tokens): a process whose prompts are all there never loads sentence-transformers (the slowest part of
+    starting a text model's process), which every training process, a resume and a sampling call would otherwise pay."""
 
     def __init__(self, name: str = DEFAULT_TEXT_ENCODER, max_tokens: int = 16, device: str = "cpu"):
         self.name = name
