@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install bench clean
+.PHONY: demo test lint install bench lessons clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,10 +23,17 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .  # the lint rules in pyproject's [tool.ruff]
-	$(PY) -m pytest -q -n auto --dist loadgroup --durations=15 tests  # one worker per core (pytest-xdist), one thread each
+	# one worker per core (pytest-xdist), one thread each; --nbmake runs the five lessons top to bottom in fast mode (lessons/conftest.py)
+	$(PY) -m pytest -q -n auto --dist loadgroup --durations=15 --nbmake tests lessons
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# the lessons in full mode (their small models train for minutes each), rendered with outputs into docs/lessons/
+lessons: $(STAMP)
+	$(PY) -m pip install -q -e ".[lessons]"
+	DDPMKIT_LESSONS_FAST=0 $(VENV)/bin/jupyter nbconvert --to markdown --execute --ExecutePreprocessor.timeout=3600 \
+		--output-dir docs/lessons lessons/*.ipynb
 
 bench: $(STAMP)
 	$(PY) bench/digits_quality.py
