@@ -23,8 +23,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .  # the lint rules in pyproject's [tool.ruff]
-	# one worker per core (pytest-xdist), one thread each; --nbmake runs the five lessons top to bottom in fast mode (lessons/conftest.py)
-	$(PY) -m pytest -q -n auto --dist loadgroup --durations=15 --nbmake tests lessons
+	# one worker per core (pytest-xdist), one thread each; --nbmake runs the five lessons top to bottom in fast mode
+	DDPMKIT_LESSONS_FAST=1 $(PY) -m pytest -q -n auto --dist loadgroup --durations=15 --nbmake tests lessons
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

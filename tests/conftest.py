@@ -12,6 +12,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # and the ddpmkit processes the tests start, one thread each too
 # whatever the code under test caches goes to a throw-away folder, not the user's ~/.cache
 os.environ.setdefault("DDPMKIT_CACHE", tempfile.mkdtemp(prefix="ddpmkit-test-cache-"))
+# `make test` also runs the lesson notebooks (pytest --nbmake lessons): their kernels inherit the fast mode
+os.environ.setdefault("DDPMKIT_LESSONS_FAST", "1")
 
 
 # the offline text encoder: sentence-transformers with the bundled all-MiniLM-L6-v2 weights (the 'text' extra);

@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.skipif(
     CHROMIUM is None or importlib.util.find_spec("playwright") is None or importlib.util.find_spec("gradio") is None,
     reason="browser tests need Debian's chromium, playwright and gradio (.ci/run and make test install them)"),
     # under pytest-xdist (make test) every test here goes to one worker, which starts the server and the browser once
-    pytest.mark.xdist_group("browser"), pytest.mark.slow]
+    pytest.mark.xdist_group(name="browser"), pytest.mark.slow]
 
 TIMEOUT_MS = 90_000
 
@@ -41,15 +41,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs(web_runs) -> Path:
     """The runs `uncond` and `class` (tiny ones trained by conftest, or those in $DDPMKIT_WEB_RUNS)."""
     return Path(os.environ["DDPMKIT_WEB_RUNS"]) if os.environ.get("DDPMKIT_WEB_RUNS") else web_runs
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(runs, tmp_path_factory):
-    """A real `ddpmkit serve` process on a free loopback port."""
+    """A real `ddpmkit serve` process on a free loopback port, one per worker for the whole session: the
+    worker may run other modules' tests between these, and a module-scoped server would start again."""
     port = _free_port()
     log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w")
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
@@ -72,7 +73,7 @@ def server(runs, tmp_path_factory):
     log.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def browser():
     from playwright.sync_api import sync_playwright
 
@@ -82,7 +83,7 @@ def browser():
         b.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def shots(tmp_path_factory) -> Path:
     folder = Path(os.environ.get("DDPMKIT_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
     folder.mkdir(parents=True, exist_ok=True)
