@@ -32,3 +32,31 @@ def test_bad_values():
         load_config("nope.toml")
     with pytest.raises(ConfigError, match=r"train.ema_decay = 1.0 must be in \[0, 1\)"):
         load_config(None, ["train.ema_decay=1"])
+
+
+def test_a_config_extends_a_preset_and_overrides_its_keys(tmp_path):
+    child = tmp_path / "child.toml"
+    child.write_text('extends = "mnist"\n[train]\nsteps = 5\nrun_dir = "runs/child"\n')
+    assert load_config(child) == load_config("mnist", ["train.steps=5", "train.run_dir=runs/child"])
+    grandchild = tmp_path / "grandchild.toml"
+    grandchild.write_text(f'extends = "{child}"\n[network]\nbase_channels = 16\n')
+    assert load_config(grandchild) == load_config("mnist", ["train.steps=5", "train.run_dir=runs/child", "network.base_channels=16"])
+    loop = tmp_path / "loop.toml"
+    loop.write_text(f'extends = "{loop}"\n')
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(loop)
+    child.write_text("extends = 3\n")
+    with pytest.raises(ConfigError, match="extends takes the name of a preset"):
+        load_config(child)
+    child.write_text('extends = "no_such_preset"\n')
+    with pytest.raises(ConfigError, match="config file not found: no_such_preset; presets: "):
+        load_config(child)
+
+
+@pytest.mark.parametrize("preset", ["mnist_progressive", "mnist_consistency"])
+def test_the_distillation_presets_have_the_demo_models_settings(preset):
+    """A student must have its teacher's network, diffusion and data settings (DistillationTask checks them):
+    the presets distil the demo model (the mnist preset, in runs/demo)."""
+    cfg, demo = load_config(preset), load_config("mnist")
+    assert (cfg.network, cfg.diffusion, cfg.data) == (demo.network, demo.diffusion, demo.data)
+    assert cfg.train.task == preset.split("_")[1] and cfg.distill.teacher == "runs/demo"

@@ -411,18 +411,30 @@ def resolve_config_path(spec: str | Path) -> Path:
     raise ConfigError(f"config file not found: {spec}; presets: {', '.join(preset_names())}")
 
 
+def read_values(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The sections of a TOML (or JSON) config file or preset. A TOML file may begin with `extends = "NAME"`
+    (a preset or a file): its sections are that config's, with this file's keys on top."""
+    path = resolve_config_path(path)
+    if path.resolve() in seen:
+        raise ConfigError(f"{path} extends itself (through {' -> '.join(p.name for p in seen)})")
+    text = path.read_text()
+    try:
+        values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot parse {path}: {e}") from None
+    if path.suffix == ".json":  # a checkpoint's config.json: its bookkeeping (step, metrics...) sits beside the sections
+        return {key: value for key, value in values.items() if key in SECTIONS}
+    base = values.pop("extends", None)
+    if base is None:
+        return values
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: extends takes the name of a preset or a config file, got {base!r}")
+    return merge(read_values(base, (*seen, path.resolve())), values)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a TOML (or JSON) config file or a preset by name, apply overrides, and validate everything."""
-    values: dict = {}
-    if path is not None:
-        path = resolve_config_path(path)
-        text = path.read_text()
-        try:
-            values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot parse {path}: {e}") from None
-        if path.suffix == ".json":  # a checkpoint's config.json: its bookkeeping (step, metrics...) sits beside the sections
-            values = {key: value for key, value in values.items() if key in SECTIONS}
+    values = {} if path is None else read_values(path)
     return build_config(merge(values, parse_overrides(overrides or [])))
 
 
