@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(TORCH_PIN),$(PY) -m pip install -q --no-compile "$(TORCH_PIN)")
-	$(PY) -m pip install -q --no-compile -e ".[test,text,web,diffusers]"
+	$(PY) -m pip install -q --no-compile -e ".[test,text,web,diffusers,finetune]"
 	# the bytecode pip would write one file at a time, on every core at once (half the install on 2 cores); files
 	# some packages ship that do not compile (Python 2 templates, test data) are skipped, as pip skips them
 	$(PY) -m compileall -q -j 0 $(VENV)/lib >/dev/null 2>&1 || true

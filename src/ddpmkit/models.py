@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, read_config, read_weights, resolve_checkpoint
+from .checkpoint import CheckpointError, load_saved_state, read_config, read_weights, resolve_checkpoint
 from .config import Config, DiffusionConfig
 from .diffusers_bridge import PipelineParts, pipeline_folder, read_pipeline
 from .errors import UserError
+from .finetune import adapt
 from .kinds import ModelKind, kind_of, sampling_kinds
 from .nets import build_for_task
 from .nets.unet import UNet, upgrade_legacy_keys
@@ -256,9 +257,11 @@ def load(path: str | Path, weights: str = "ema", device: str | torch.device = "c
     if kind is not None and task not in (sampling_kinds() if kind == "diffusion" else (kind,)):
         raise CheckpointError(f"{ckpt} holds a {task} (train.task = {task!r}), not a {kind} model")
     net = build_for_task(config, info.data_shape)
+    if config.train.lora_rank:  # the checkpoint holds the adapters; their base is the run it fine-tuned
+        net = adapt(net, config)
     state = read_weights(ckpt, weights)
     try:
-        net.load_state_dict(upgrade_legacy_keys(state) if isinstance(net, UNet) else state)
+        load_saved_state(net, upgrade_legacy_keys(state) if isinstance(net, UNet) else state)
     except RuntimeError as e:
         raise CheckpointError(f"the weights in {ckpt} do not fit the network its config.json describes: {e}") from None
     net.to(device).eval()

@@ -152,7 +152,8 @@ class Trainer:
         task.attach_ema(self.ema)
         # fused: one kernel for all parameters instead of several per tensor group; deterministic, so resume and
         # several processes stay exact (its speed-up is below a shared 2-core machine's noise: docs/ordinary_machine.md)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.tc.lr, betas=self.tc.adam_betas,
+        trainable = [p for p in self.model.parameters() if p.requires_grad]  # all of them, except under LoRA (finetune.py)
+        self.optimizer = torch.optim.AdamW(trainable, lr=self.tc.lr, betas=self.tc.adam_betas,
                                            weight_decay=self.tc.weight_decay, fused=True)
         self.power = PowerEMA(self.model, self.tc.posthoc_ema) if self.tc.posthoc_ema else None
         self.state = TrainState(Decay.over(self.tc))

@@ -12,6 +12,7 @@ from torch import nn
 from ..config import Config
 from ..data import Dataset, dataset_for
 from ..errors import UserError
+from ..finetune import adapt
 from ..nets import build_for_task
 from .batches import Batch
 
@@ -46,8 +47,9 @@ class Task:
         return dataset_for(self.cfg.data, split)
 
     def build_model(self) -> nn.Module:
-        """A freshly initialised network of this kind (the engine seeds torch first)."""
-        return build_for_task(self.cfg, self.shape)
+        """A freshly initialised network of this kind (the engine seeds torch first), or, with train.init_from,
+        the weights of the run it fine-tunes (with LoRA adapters when train.lora_rank > 0)."""
+        return adapt(build_for_task(self.cfg, self.shape), self.cfg)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Per-example losses (B_local,) of this process's slice of the batch; the engine averages.
