@@ -8,6 +8,7 @@ for a few minutes each on 2 CPU cores and draw the pictures `make lessons` rende
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ import matplotlib.pyplot as plt  # the lessons are notebooks: pyplot draws inlin
 import torch
 from PIL import Image
 
-from .checkpoint import list_checkpoints
+from .checkpoint import list_checkpoints, read_config
 from .config import load_config
 from .train import train
 from .viz import make_grid
@@ -51,14 +52,16 @@ def runs_dir() -> Path:
 def small_run(preset: str, steps: int, *overrides: str, name: str | None = None, fast_steps: int = 3,
               fast_overrides: Sequence[str] = FAST_OVERRIDES) -> Path:
     """Train `preset` for `steps` steps (fast_steps, with fast_overrides, in fast mode) into
-    runs_dir()/name and return the run folder; a run that already finished those steps is reused."""
+    runs_dir()/name and return the run folder; a finished run of the same config is reused."""
     folder = runs_dir() / (name or preset)
     n = fast_steps if FAST else steps
-    done = list_checkpoints(folder) if folder.is_dir() else []
-    if done and int(done[-1].name.split("-")[-1]) >= n:
-        return folder
     extra = [*fast_overrides, "train.sample_every=0", "train.log_every=1"] if FAST else []
     cfg = load_config(preset, [*extra, *overrides, f"train.steps={n}", f"train.run_dir={folder}", "train.checkpoint_every=0"])
+    done = list_checkpoints(folder)
+    if done and read_config(done[-1])[0] == cfg:  # the same run, finished: a rerun of the lesson reuses it
+        return folder
+    if folder.is_dir():  # another config (a different lesson version, or fast mode): train afresh
+        shutil.rmtree(folder)
     return train(cfg, progress=not FAST)
 
 
