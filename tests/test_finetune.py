@@ -102,3 +102,21 @@ def test_fine_tuning_errors_are_clear(base_run, new_style, tmp_path):
     bad = load_config("mnist", lora(base_run, new_style, tmp_path / "b", "train.lora_targets=to_q"))
     with pytest.raises(FineTuneError, match=r"no layer of this network is named \['to_q'\]: train.lora_targets takes some of \["):
         DenoiserTask(bad).build_model()
+
+
+def test_full_fine_tuning_starts_at_the_base_and_lora_alpha_scales_the_adapters(base_run, new_style, tmp_path):
+    full = DenoiserTask(load_config("mnist", [*TINY, *new_style, f"train.init_from={base_run}"])).build_model()
+    base = load_file(list_checkpoints(base_run)[-1] / "ema.safetensors")
+    assert all(torch.equal(full.state_dict()[k], v) for k, v in base.items()), "every weight starts at the base's EMA"
+    deltas = []
+    for alpha in (4, 8):  # rank 4: the adapter adds (alpha / 4) B A x to the base layer's output
+        torch.manual_seed(0)  # the same A
+        net = DenoiserTask(load_config("mnist", lora(base_run, new_style, tmp_path / "a", f"train.lora_alpha={alpha}"))).build_model()
+        layer = next(m for m in net.modules() if hasattr(m, "lora_B") and hasattr(m, "base_layer"))
+        for p in layer.lora_B.parameters():
+            torch.nn.init.constant_(p, 0.01)
+        x = torch.randn(2, layer.base_layer.in_channels if hasattr(layer.base_layer, "in_channels") else layer.base_layer.in_features,
+                        *([5] if isinstance(layer.base_layer, torch.nn.Conv1d) else [5, 5] if isinstance(layer.base_layer, torch.nn.Conv2d) else []))
+        with torch.no_grad():
+            deltas.append(layer(x) - layer.base_layer(x))
+    assert deltas[0].abs().max() > 0 and torch.allclose(deltas[1], 2 * deltas[0], rtol=1e-4, atol=1e-6)
