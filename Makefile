@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 # into .venv (or lets pip pick one: pyproject asks torch>=2.4); an empty TORCH_PIN installs no torch here.
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# pip installs no bytecode (--no-compile: compiling all 1.8 GB of packages took half the install on 2 cores);
+# Python writes it on first import instead, for the modules actually used, so it must be allowed to
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: demo test lint install bench lessons clean
 
@@ -14,9 +17,6 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(TORCH_PIN),$(PY) -m pip install -q --no-compile "$(TORCH_PIN)")
 	$(PY) -m pip install -q --no-compile -e ".[test,text,web,diffusers,finetune]"
-	# the bytecode pip would write one file at a time, on every core at once (half the install on 2 cores); files
-	# some packages ship that do not compile (Python 2 templates, test data) are skipped, as pip skips them
-	$(PY) -m compileall -q -j 0 $(VENV)/lib >/dev/null 2>&1 || true
 	touch $(STAMP)
 
 install: $(STAMP)

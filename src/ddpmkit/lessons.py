@@ -7,6 +7,7 @@ for a few minutes each on 2 CPU cores and draw the pictures `make lessons` rende
 """
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -44,7 +45,9 @@ def runs_dir() -> Path:
         return Path(os.environ["DDPMKIT_LESSONS_RUNS"])
     if FAST:  # a fresh folder per kernel: notebooks that run side by side do not share half-trained runs
         global _scratch
-        _scratch = _scratch or Path(tempfile.mkdtemp(prefix="ddpmkit-lessons-"))
+        if _scratch is None:
+            _scratch = Path(tempfile.mkdtemp(prefix="ddpmkit-lessons-"))
+            atexit.register(shutil.rmtree, _scratch, ignore_errors=True)  # the kernel's runs go with it
         return _scratch
     return Path("runs") / "lessons"
 
