@@ -259,3 +259,56 @@ def test_a_pipelines_config_describes_its_real_schedule(tiny_sd, tmp_path, chang
     m = ddpmkit.load(folder)
     assert m.config.diffusion.noise_schedule().same_as(m.schedule)
     assert m.config.diffusion.zero_terminal_snr == bool(changes.get("rescale_betas_zero_snr"))
+
+
+@pytest.fixture(scope="module")
+def diffusers_lora(tiny_sd, tmp_path_factory):
+    """A LoRA file made by diffusers itself (peft adapters on the UNet's attention and the text encoder's
+    projections, random A and B so that it changes the output; saved with save_lora_weights)."""
+    peft = pytest.importorskip("peft")
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_sd)
+    torch.manual_seed(1)
+    pipe.unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
+    # peft's own injection: transformers' add_adapter asks for a newer peft than the registry has
+    peft.inject_adapter_in_model(peft.LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+                                 pipe.text_encoder)
+    folder = tmp_path_factory.mktemp("lora")
+    diffusers.StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+                                                        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder))
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def test_a_diffusers_lora_merged_at_a_scale_samples_as_diffusers_does_and_unmerges(tiny_sd, diffusers_lora):
+    from ddpmkit.loras import LoRA
+
+    noise = seed_noise(7, (4, 8, 8))
+    pipe = _diffusers_pipe(tiny_sd, "DDIMScheduler", set_alpha_to_one=True)
+    plain = pipe(PROMPT, num_inference_steps=6, guidance_scale=3.0, latents=noise.clone(), output_type="latent").images
+    pipe.load_lora_weights(diffusers_lora, adapter_name="style")
+    pipe.set_adapters(["style"], adapter_weights=[0.7])
+    ref = pipe(PROMPT, num_inference_steps=6, guidance_scale=3.0, latents=noise.clone(), output_type="latent").images
+    grid = pipe.scheduler.timesteps.to(torch.float64)
+    m = ddpmkit.load(tiny_sd, loras=[LoRA(str(diffusers_lora), 0.7)])
+    base_weight = ddpmkit.load(tiny_sd).network.unet.state_dict()
+    model, kwargs, options = guided_model(m, 1, GuidanceRequest(prompts=[PROMPT], scale=3.0), "ddim")
+    x = ddpmkit.sample(model, (1, 4, 8, 8), sampler="ddim", steps=6, x_T=noise, grid=grid, clip_x0=False, model_kwargs=kwargs, **options).x
+    assert (ref - plain).abs().max() > 0.05, "the LoRA changes the samples"
+    assert (x - ref).abs().max() < 1e-4 * ref.abs().max()  # UNet and text-encoder adapters, at scale 0.7, as diffusers applies them
+    m.loras.unmerge()
+    state = m.network.unet.state_dict()
+    assert all((state[k] - v).abs().max() < 1e-6 for k, v in base_weight.items())  # the base weights back (float rounding)
+
+
+def test_lora_on_the_command_line_and_its_errors(tiny_sd, diffusers_lora, tmp_path, capsys):
+    assert main(["sample", str(tiny_sd), "--prompt", PROMPT, "--sampler", "ddim", "--steps", "3", "--n", "1", "--no-gif",
+                 "--lora", f"{diffusers_lora}:0.8", "--lora", str(diffusers_lora.parent), "--out", str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s" / "grid.png").is_file()
+    for spec, message in [(f"{tmp_path}/missing.safetensors:0.5", "no such file"), (f"{diffusers_lora}:nan", "finite number")]:
+        assert main(["sample", str(tiny_sd), "--prompt", PROMPT, "--steps", "2", "--lora", spec, "--out", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    assert main(["sample", str(tiny_sd), "--prompt", PROMPT, "--steps", "2", "--lora", str(tmp_path / "junk.safetensors"),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "is not a LoRA for this pipeline" in capsys.readouterr().err

@@ -120,3 +120,31 @@ def test_full_fine_tuning_starts_at_the_base_and_lora_alpha_scales_the_adapters(
         with torch.no_grad():
             deltas.append(layer(x) - layer.base_layer(x))
     assert deltas[0].abs().max() > 0 and torch.allclose(deltas[1], 2 * deltas[0], rtol=1e-4, atol=1e-6)
+
+
+def test_a_lora_run_merges_into_its_base_at_a_scale_and_unmerges(base_run, new_style, tmp_path):
+    run = train(load_config("mnist", lora(base_run, new_style, tmp_path / "lora", "train.steps=20", "train.lr=2e-2",
+                                          "train.checkpoint_every=0")), progress=False)
+    x, t = torch.randn(4, 1, 8, 8), torch.full((4,), 300.0)
+    with torch.no_grad():
+        direct = load_diffusion(run).network(x, t)  # the adapters as trained, unmerged
+        base = load_diffusion(base_run)
+        plain = {k: v.clone() for k, v in base.network.state_dict().items()}
+        one = load_diffusion(base_run, loras=[f"{run}:1"])
+        assert (one.network(x, t) - direct).abs().max() < 1e-5 and (direct - base.network(x, t)).abs().max() > 1e-3
+        half = load_diffusion(base_run, loras=[f"{run}:0.5"])
+        merged = {k.replace("base_layer.", ""): v for k, v in one.network.state_dict().items() if "lora_" not in k}
+        halved = {k.replace("base_layer.", ""): v for k, v in half.network.state_dict().items() if "lora_" not in k}
+        moved = [k for k in plain if not torch.equal(merged[k], plain[k])]
+        assert moved and all(torch.allclose(halved[k], plain[k] + 0.5 * (merged[k] - plain[k]), atol=1e-6) for k in moved)
+        half.loras.unmerge()
+        back = {k.replace("base_layer.", ""): v for k, v in half.network.state_dict().items() if "lora_" not in k}
+        assert all(torch.allclose(back[k], plain[k], atol=1e-6) for k in plain)
+    from ddpmkit.loras import LoRAError
+
+    with pytest.raises(LoRAError, match="without adapters"):
+        load_diffusion(base_run, loras=[str(base_run)])
+    other = train(load_config("mnist", [*TINY, "network.base_channels=16", "train.steps=1", f"train.run_dir={tmp_path / 'other'}"]),
+                  progress=False)
+    with pytest.raises(LoRAError, match="another kind of network"):
+        load_diffusion(other, loras=[str(run)])

@@ -11,6 +11,7 @@ schedule by hand.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from .diffusers_bridge import PipelineParts, pipeline_folder, read_pipeline
 from .errors import UserError
 from .finetune import adapt
 from .kinds import ModelKind, kind_of, sampling_kinds
+from .loras import LoRA, MergedLoRAs, merge_loras, parse_lora
 from .nets import build_for_task
 from .nets.unet import UNet, upgrade_legacy_keys
 from .parameterization import Denoiser
@@ -99,6 +101,7 @@ class DiffusionModel(LoadedNetwork):
     guidance or an editor needs to know about it."""
 
     autoencoder: nn.Module | None = None  # latent diffusion: samples are decoded by autoencoder.from_latent
+    loras: MergedLoRAs | None = None  # LoRAs merged into the weights by load_diffusion(..., loras=[...])
 
     @property
     def prediction(self) -> str:
@@ -237,7 +240,7 @@ def load_pipeline(folder: Path, device: str | torch.device = "cpu", dtype: str |
 
 
 def load(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu", kind: str | None = None,
-         dtype: str | torch.dtype | None = None) -> LoadedNetwork:
+         dtype: str | torch.dtype | None = None, loras: Sequence[LoRA | str] = ()) -> LoadedNetwork:
     """Load a run folder (its newest checkpoint), a ckpt-XXXXXXX folder, or a diffusers pipeline
     folder (model_index.json; a hub id only from the local hub cache), in eval mode.
 
@@ -245,7 +248,17 @@ def load(path: str | Path, weights: str = "ema", device: str | torch.device = "c
     caller needs ('denoiser', 'superres', 'autoencoder', 'classifier', 'judge', 'clip', 'prior',
     'decoder'; 'diffusion' = any that samples); a run of another kind is a clear error. A model that
     samples (denoiser, super-resolution stage, prior, decoder) comes back as a DiffusionModel,
-    anything else as a LoadedNetwork."""
+    anything else as a LoadedNetwork. loras: LoRA files or runs (LoRA, or "FILE:SCALE") merged into a
+    diffusion model's weights at their scales (loras.py; m.loras.unmerge() takes them out)."""
+    m = _load(path, weights, device, kind, dtype)
+    if loras:
+        if not isinstance(m, DiffusionModel):
+            raise UserError(f"{m.path} is a {m.config.train.task}: LoRAs merge into models that sample")
+        m.loras = merge_loras(m, [lora if isinstance(lora, LoRA) else parse_lora(lora) for lora in loras])
+    return m
+
+
+def _load(path: str | Path, weights: str, device: str | torch.device, kind: str | None, dtype: str | torch.dtype | None) -> LoadedNetwork:
     folder = pipeline_folder(path)
     if folder is not None:
         if kind not in (None, "diffusion", "denoiser"):
@@ -273,10 +286,11 @@ def load(path: str | Path, weights: str = "ema", device: str | torch.device = "c
 
 
 def load_diffusion(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu",
-                   dtype: str | torch.dtype | None = None) -> DiffusionModel:
+                   dtype: str | torch.dtype | None = None, loras: Sequence[LoRA] = ()) -> DiffusionModel:
     """load(path) for a model that samples: a denoiser run, a super-resolution stage, an unCLIP
-    prior or decoder, or a diffusers pipeline folder (dtype applies to pipelines)."""
-    return load(path, weights, device, kind="diffusion", dtype=dtype)
+    prior or decoder, or a diffusers pipeline folder (dtype applies to pipelines), with `loras`
+    merged into its weights at their scales (loras.py; m.loras.unmerge() takes them out)."""
+    return load(path, weights, device, kind="diffusion", dtype=dtype, loras=loras)
 
 
 def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> LoadedNetwork:

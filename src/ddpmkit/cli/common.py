@@ -32,6 +32,15 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="where the network runs: cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"],
                    help="weights of a diffusers pipeline folder (default float32); schedule arithmetic stays float64/float32")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA into the model at a scale (default 1; repeat for several): a diffusers LoRA file or folder "
+                        "on a Stable Diffusion folder, a ddpmkit LoRA run (train.lora_rank) on the run it fine-tuned")
+
+
+def load_model(args: argparse.Namespace):
+    """The model a command samples (args.checkpoint, or args.model), with its device, dtype and LoRAs."""
+    path = getattr(args, "checkpoint", None) or args.model
+    return load_diffusion(path, device=args.device, dtype=args.dtype, loras=args.lora)
 
 
 def add_sampler_args(p: argparse.ArgumentParser, sampler: str | None = "ddpm", steps: int | None = None, full: bool = True) -> None:

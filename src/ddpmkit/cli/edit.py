@@ -13,7 +13,7 @@ from ..models import DiffusionModel, load_diffusion
 from ..pipelines.edit import edit_img2img, edit_inpaint, edit_posterior, interpolation_images, interpolation_prompts, interpolation_seeds
 from ..pipelines.voyage import read_keyframes, render_voyage
 from ..sampling import SAMPLERS
-from .common import add_device_args, add_guidance_args, guidance_request
+from .common import add_device_args, add_guidance_args, guidance_request, load_model
 
 try:  # optional: MP4 output of the voyage
     import imageio.v2 as imageio
@@ -69,7 +69,7 @@ def cmd_interpolate(args: argparse.Namespace) -> None:
 def cmd_voyage(args: argparse.Namespace) -> None:
     """Render the keyframe file as a GIF (and MP4 when imageio's ffmpeg is installed) plus a keyframe strip."""
     keyframes = read_keyframes(args.file)
-    m = load_diffusion(args.model, device=args.device, dtype=args.dtype)
+    m = load_model(args)
     t0 = time.time()
     frames = render_voyage(m, keyframes, frames_between=args.frames, guidance=args.guidance, sampler=args.sampler, steps=args.steps,
                            device=args.device)

@@ -7,7 +7,6 @@ import time
 
 from ..checkpoint import atomic_write_text
 from ..evaluate.report import evaluate_checkpoint, format_report, parse_metrics
-from ..models import load_diffusion
 from ..pipelines.generate import generate, save_generated
 from ..pipelines.guided import guided_model
 from ..precision import CHOICES as PRECISIONS
@@ -15,7 +14,7 @@ from ..sampling import SAMPLERS
 from ..sampling.optimize import optimize_grid
 from ..train.judge import ensure_judge
 from .cascade import run_cascade
-from .common import add_device_args, add_guidance_args, add_sampler_args, guidance_request, options_from
+from .common import add_device_args, add_guidance_args, add_sampler_args, guidance_request, load_model, options_from
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -23,7 +22,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         args.sampler = args.sampler or "ddpm"
         return run_cascade(args)
     request = guidance_request(args)  # first: a bad scale fails before the model loads
-    m = load_diffusion(args.checkpoint, device=args.device, dtype=args.dtype)
+    m = load_model(args)
     if args.sampler is None:  # the run's own sampler (a distilled run's few-step one) and step count, else Algorithm 2
         args.sampler = m.model_kind.sampler or "ddpm"
         args.steps = args.steps or (m.metrics.get("sample_steps") if m.model_kind.sampler else None)
@@ -52,7 +51,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_tune_grid(args: argparse.Namespace) -> None:
     """Optimise a step grid for a checkpoint and a sampler, and write it as JSON for --grid."""
-    m = load_diffusion(args.checkpoint, device=args.device, dtype=args.dtype)
+    m = load_model(args)
     options = {"order": args.order} if args.order is not None else {}
     model, kwargs, extra = guided_model(m, args.n, guidance_request(args), args.sampler, args.device)  # the grid of the guided ODE
     t0 = time.time()
