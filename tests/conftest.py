@@ -3,6 +3,10 @@ import tempfile
 from importlib.util import find_spec
 
 import pytest
+
+import ddpmkit.threads  # noqa: F401 -- before torch, as in ddpmkit's own processes: OpenMP threads wait passively
+
+# isort: split
 import torch
 
 # keep tests deterministic and light on the 2-core CI machine: under pytest-xdist (make test runs one worker

@@ -4,8 +4,9 @@ from ddpmkit.config import PRESET_DIR, ConfigError, load_config, parse_overrides
 
 
 def test_presets_load():
+    needs = {"sd_lora": ["train.init_from=models/sd"]}  # presets that fine-tune a model the user names
     for preset in PRESET_DIR.glob("*.toml"):
-        load_config(preset)
+        load_config(preset, needs.get(preset.stem, []))
     cfg = load_config(PRESET_DIR / "mnist.toml", ["train.lr=1e-3", "network.channel_mult=1,2,2", "data.hflip=true"])
     assert cfg.train.lr == 1e-3 and cfg.network.channel_mult == (1, 2, 2) and cfg.data.hflip is True
 

@@ -312,3 +312,74 @@ def test_lora_on_the_command_line_and_its_errors(tiny_sd, diffusers_lora, tmp_pa
     assert main(["sample", str(tiny_sd), "--prompt", PROMPT, "--steps", "2", "--lora", str(tmp_path / "junk.safetensors"),
                  "--out", str(tmp_path / "x")]) == 2
     assert "is not a LoRA for this pipeline" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def captioned_images(tmp_path_factory):
+    """Eight 16x16 pictures with a caption each: red squares on blue, the fine-tuning set."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("captioned")
+    for k in range(8):
+        img = Image.new("RGB", (16, 16), (20, 40, 200))
+        img.paste((230, 30, 30), (2 + k % 4, 3, 10 + k % 4, 11))
+        img.save(folder / f"{k}.png")
+        (folder / f"{k}.txt").write_text("a red square")
+    return folder
+
+
+def sd_lora(tiny_sd, images, run, *extra: str) -> list[str]:
+    return [f"train.init_from={tiny_sd}", f"data.path={images}", "data.image_size=16", "data.hflip=false", "train.batch_size=4",
+            "train.lora_rank=4", "train.lora_alpha=8", "train.lr=1e-2", "train.mixed_precision=fp32", "train.log_every=5",
+            f"train.run_dir={run}", *extra]
+
+
+def test_a_lora_fine_tune_of_a_stable_diffusion_folder_learns_saves_for_diffusers_and_resumes(tiny_sd, captioned_images, tmp_path):
+    from safetensors.torch import load_file
+
+    from ddpmkit.checkpoint import list_checkpoints
+    from ddpmkit.config import load_config
+    from ddpmkit.losses import training_losses
+    from ddpmkit.train import train
+
+    run = train(load_config("sd_lora", sd_lora(tiny_sd, captioned_images, tmp_path / "lora", "train.steps=40", "train.checkpoint_every=0")),
+                progress=False)
+    ckpt = list_checkpoints(run)[-1]
+    assert all("lora_" in k for k in load_file(ckpt / "ema.safetensors")), "only the adapters are saved"
+    base, tuned = ddpmkit.load(tiny_sd), ddpmkit.load(run)
+    assert tuned.config.network.kind == "diffusers" and tuned.config.diffusion.schedule == "scaled_linear"
+
+    def loss(m) -> float:  # L_simple on the fine-tuning set's latents and captions, fixed t and noise
+        from ddpmkit.images import load_image
+
+        x = torch.cat([load_image(str(captioned_images / f"{k}.png"), 16, 3) for k in range(8)])
+        z = base.encode(x)
+        g = torch.Generator().manual_seed(0)
+        t, noise = torch.randint(0, 1000, (8,), generator=g), torch.randn(z.shape, generator=g)
+        with torch.no_grad():
+            return training_losses(m.network, z, t, m.schedule, noise, prediction=m.prediction,
+                                   model_kwargs=m.encode_prompts(["a red square"] * 8))["loss"].mean().item()
+    assert loss(tuned) < 0.9 * loss(base), (loss(base), loss(tuned))
+
+    # diffusers reads the checkpoint's LoRA file and samples what ddpmkit samples with the run
+    noise = seed_noise(7, (4, 8, 8))
+    pipe = _diffusers_pipe(tiny_sd, "DDIMScheduler", set_alpha_to_one=True)
+    pipe.load_lora_weights(ckpt)
+    ref = pipe(PROMPT, num_inference_steps=6, guidance_scale=3.0, latents=noise.clone(), output_type="latent").images
+    model, kwargs, options = guided_model(tuned, 1, GuidanceRequest(prompts=[PROMPT], scale=3.0), "ddim")
+    x = ddpmkit.sample(model, (1, 4, 8, 8), sampler="ddim", steps=6, x_T=noise, grid=pipe.scheduler.timesteps.to(torch.float64),
+                       clip_x0=False, model_kwargs=kwargs, **options).x
+    assert (x - ref).abs().max() < 1e-4 * ref.abs().max()
+
+    # exact resume: stopped after the half-way checkpoint, the run continues as if never stopped
+    import shutil
+
+    straight = train(load_config("sd_lora", sd_lora(tiny_sd, captioned_images, tmp_path / "straight", "train.steps=6",
+                                                    "train.checkpoint_every=0")), progress=False)
+    half = sd_lora(tiny_sd, captioned_images, tmp_path / "halves", "train.checkpoint_every=3")
+    train(load_config("sd_lora", [*half, "train.steps=6"]), progress=False)
+    for later in list_checkpoints(tmp_path / "halves")[1:]:
+        shutil.rmtree(later)
+    resumed = train(load_config("sd_lora", [*half, "train.steps=6"]), resume=True, progress=False)
+    a, b = (load_file(list_checkpoints(r)[-1] / "model.safetensors") for r in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -109,9 +110,11 @@ def load_saved_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 def save_checkpoint(run_dir: str | Path, config: Config, info: CheckpointInfo, model: nn.Module, ema: nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, keep: int = 0,
-                    extra: dict[str, dict[str, torch.Tensor]] | None = None, keep_steps: tuple[int, ...] = ()) -> Path:
+                    extra: dict[str, dict[str, torch.Tensor]] | None = None, keep_steps: tuple[int, ...] = (),
+                    export: Callable[[Path], None] | None = None) -> Path:
     """Write run_dir/ckpt-{step:07d} atomically and keep only the newest `keep` (0 = all) besides those
-    at keep_steps; extra: more training state, {name: tensors} written as name.safetensors."""
+    at keep_steps; extra: more training state, {name: tensors} written as name.safetensors; export(folder):
+    more files in the checkpoint (another library's format of the weights), written before it appears."""
     run_dir = Path(run_dir)
     final = run_dir / f"ckpt-{info.step:07d}"
     with atomic_folder(final) as tmp:
@@ -127,6 +130,8 @@ def save_checkpoint(run_dir: str | Path, config: Config, info: CheckpointInfo, m
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         for name, tensors in (extra or {}).items():
             save_file(tensors, tmp / f"{name}.safetensors")
+        if export is not None:
+            export(tmp)
     if keep > 0:
         prunable = [c for c in list_checkpoints(run_dir) if int(CKPT_RE.match(c.name).group(1)) not in keep_steps]
         for old in prunable[:-keep]:

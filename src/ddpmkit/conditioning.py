@@ -12,6 +12,7 @@ import torch
 
 from .captions import TRAIN_TEMPLATES, digit_captions, read_caption_files
 from .config import Config
+from .diffusers_bridge import frozen_parts
 from .errors import UserError
 from .text import TextEncoder
 
@@ -58,7 +59,10 @@ class TrainingConditions:
     @classmethod
     def _text(cls, cfg: Config, dataset) -> TrainingConditions:
         net = cfg.network
-        encoder = TextEncoder(net.text_encoder, net.text_max_tokens)
+        if net.kind == "diffusers":  # a pipeline's own tokenizer and text encoder, frozen
+            encoder = frozen_parts(net.pipeline).prompts
+        else:
+            encoder = TextEncoder(net.text_encoder, net.text_max_tokens)
         if encoder.dim != net.context_dim:
             raise ConditioningError(f"text encoder {net.text_encoder!r} gives {encoder.dim}-dim tokens; set network.context_dim = {encoder.dim}")
         if cfg.data.name in ("mnist5k", "digits"):

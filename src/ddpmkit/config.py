@@ -91,7 +91,8 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    kind: Literal["unet", "mlp"] = "unet"
+    kind: Literal["unet", "mlp", "diffusers"] = "unet"  # diffusers: the UNet of the pipeline folder `pipeline` (fine-tuning it)
+    pipeline: str = ""
     base_channels: int = 16
     channel_mult: tuple[int, ...] = (1, 2, 4)
     num_res_blocks: int = 1

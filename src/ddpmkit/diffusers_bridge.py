@@ -11,6 +11,7 @@ already holds it. models.load() dispatches here.
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError
+from .config import DiffusionConfig
 from .errors import UserError
 from .parameterization import Prediction
 from .schedules import NoiseSchedule, cosine_betas, rescale_zero_terminal_snr
@@ -89,6 +91,15 @@ def schedule_from_config(cfg: dict) -> tuple[NoiseSchedule, Prediction, bool]:
     return NoiseSchedule(betas), PREDICTIONS[prediction_type], variance == "learned_range"
 
 
+def diffusion_config(scheduler_config: dict) -> DiffusionConfig:
+    """ddpmkit's [diffusion] section for a scheduler config: the schedule by name, T, zero terminal SNR, prediction."""
+    schedule, prediction, learned_variance = schedule_from_config(scheduler_config)
+    kind = scheduler_config.get("beta_schedule", "linear")
+    return DiffusionConfig(schedule={"squaredcos_cap_v2": "cosine"}.get(kind, kind), T=schedule.T,
+                           zero_terminal_snr=bool(scheduler_config.get("rescale_betas_zero_snr", False)), prediction=prediction,
+                           learned_variance=learned_variance)
+
+
 class UNetDenoiser(nn.Module):
     """A diffusers UNet under ddpmkit's contract: model(x_t: (B, C, H, W), t: (B,) timesteps,
     context=None) -> the prediction, in float32 whatever dtype the UNet computes in."""
@@ -137,6 +148,10 @@ class CLIPPrompts:
     def __init__(self, tokenizer, text_encoder: nn.Module):
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
 
+    @property
+    def dim(self) -> int:
+        return int(self.text_encoder.config.hidden_size)
+
     @torch.no_grad()
     def encode(self, prompts: list[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         tokens = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
@@ -174,6 +189,24 @@ def read_index(folder: Path) -> dict:
     return index
 
 
+def read_unet(folder: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> UNetDenoiser:
+    """The folder's UNet alone, freshly loaded (the network a fine-tuning run trains)."""
+    import diffusers  # optional: the diffusers extra
+
+    unet_class = read_index(folder)["unet"][1]
+    if unet_class not in ("UNet2DModel", "UNet2DConditionModel"):
+        raise DiffusersError(f"unsupported unet class {unet_class!r}; ddpmkit runs UNet2DModel and UNet2DConditionModel")
+    unet = getattr(diffusers, unet_class).from_pretrained(folder / "unet", torch_dtype=dtype).to(device).eval()
+    return UNetDenoiser(unet, unet_class == "UNet2DConditionModel")
+
+
+@functools.lru_cache(maxsize=2)
+def frozen_parts(folder: str) -> PipelineParts:
+    """A pipeline's parts on the CPU in float32, read once per process: the frozen VAE and text encoder a
+    fine-tuning run encodes its data with (never train these: other callers share them)."""
+    return read_pipeline(Path(folder))
+
+
 def read_pipeline(folder: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> PipelineParts:
     """Load a pipeline folder's components (nothing is downloaded) in eval mode."""
     try:
@@ -185,11 +218,8 @@ def read_pipeline(folder: Path, device: str | torch.device = "cpu", dtype: torch
     index = read_index(folder)
     scheduler_config = json.loads(next((folder / "scheduler").glob("*.json")).read_text())
     schedule, prediction, learned_variance = schedule_from_config(scheduler_config)
-    unet_class = index["unet"][1]
-    if unet_class not in ("UNet2DModel", "UNet2DConditionModel"):
-        raise DiffusersError(f"unsupported unet class {unet_class!r}; ddpmkit runs UNet2DModel and UNet2DConditionModel")
-    unet = getattr(diffusers, unet_class).from_pretrained(folder / "unet", torch_dtype=dtype).to(device).eval()
-    conditional = unet_class == "UNet2DConditionModel"
+    network = read_unet(folder, device, dtype)
+    unet, conditional = network.unet, network.conditional
     size = unet.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     data_shape = (unet.config.in_channels, *size)
@@ -205,5 +235,5 @@ def read_pipeline(folder: Path, device: str | torch.device = "cpu", dtype: torch
         text_class, token_class = index["text_encoder"][1], index["tokenizer"][1]
         text_encoder = getattr(transformers, text_class).from_pretrained(folder / "text_encoder", torch_dtype=dtype).to(device).eval()
         prompts = CLIPPrompts(getattr(transformers, token_class).from_pretrained(folder / "tokenizer"), text_encoder)
-    return PipelineParts(UNetDenoiser(unet, conditional), schedule, prediction, learned_variance, data_shape, autoencoder, prompts,
+    return PipelineParts(network, schedule, prediction, learned_variance, data_shape, autoencoder, prompts,
                          scheduler_config)

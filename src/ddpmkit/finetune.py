@@ -5,14 +5,22 @@ library for them; this module decides where they go, what is frozen and what a c
 
 A LoRA run saves only its adapters (checkpoint.saved_state); its base is its init_from's EMA weights, which
 the loader puts under them again (`adapt`), so a checkpoint stays small and frozen weights are never written twice.
+
+init_from may also name a diffusers pipeline folder (Stable Diffusion, or an unconditional UNet pipeline):
+`pipeline_config` makes the run's network that folder's UNet (network.kind = "diffusers"), its [diffusion] the
+folder's scheduler, its latents the folder's VAE and its prompts the folder's text encoder, all frozen but the UNet.
 """
 from __future__ import annotations
+
+import dataclasses
+import json
 
 import torch
 from torch import nn
 
 from .checkpoint import ADAPTER_KEY, read_config, read_weights, resolve_checkpoint
 from .config import Config
+from .diffusers_bridge import diffusion_config, pipeline_folder, read_index
 from .errors import UserError
 
 
@@ -32,19 +40,41 @@ def base_weights(init_from: str, cfg: Config) -> dict[str, torch.Tensor]:
     return read_weights(ckpt, "ema")
 
 
+def pipeline_config(cfg: Config) -> Config:
+    """cfg for fine-tuning the diffusers pipeline folder train.init_from names (cfg itself for anything else):
+    the folder's UNet, scheduler, VAE and text encoder replace [network], [diffusion], data.autoencoder and the
+    text encoder, so the run's config.json says what it trained."""
+    folder = pipeline_folder(cfg.train.init_from) if cfg.train.init_from else None
+    if folder is None:
+        return cfg
+    index = read_index(folder)
+    scheduler = json.loads(next((folder / "scheduler").glob("*.json")).read_text())
+    diffusion = diffusion_config(scheduler)
+    # the model's parameterization is the folder's; the loss weighting and timestep sampling stay the config's
+    diffusion = dataclasses.replace(cfg.diffusion, schedule=diffusion.schedule, T=diffusion.T, zero_terminal_snr=diffusion.zero_terminal_snr,
+                                    prediction=diffusion.prediction, learned_variance=diffusion.learned_variance, precondition="none")
+    text = "text_encoder" in index and (folder / "text_encoder").is_dir()
+    context = json.loads((folder / "text_encoder" / "config.json").read_text()).get("hidden_size", 0) if text else cfg.network.context_dim
+    network = dataclasses.replace(cfg.network, kind="diffusers", pipeline=str(folder), text_encoder=str(folder) if text else "",
+                                  context_dim=context, num_classes=0)
+    data = dataclasses.replace(cfg.data, autoencoder=str(folder) if "vae" in index else "")
+    return dataclasses.replace(cfg, diffusion=diffusion, network=network, data=data)
+
+
 def adapt(net: nn.Module, cfg: Config) -> nn.Module:
     """The network a run with train.init_from trains or loads: its base's weights, with LoRA adapters on
     the train.lora_targets layers (only those train) when train.lora_rank > 0."""
     tc = cfg.train
     if not tc.init_from:
         return net
-    net.load_state_dict(base_weights(tc.init_from, cfg))
+    if cfg.network.kind != "diffusers":  # a pipeline's UNet comes with its weights
+        net.load_state_dict(base_weights(tc.init_from, cfg))
     if not tc.lora_rank:
         return net
     from peft import LoraConfig, inject_adapter_in_model  # optional ([finetune] extra); imported only for LoRA runs
 
     names = [name for name, m in net.named_modules() if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d)
-             and name.split(".")[-1] in tc.lora_targets]
+             and any(name == t or name.endswith("." + t) for t in tc.lora_targets)]  # "qkv", or diffusers' "to_out.0"
     if not names:
         layers = sorted({name.split(".")[-1] for name, m in net.named_modules() if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d)})
         raise FineTuneError(f"no layer of this network is named {list(tc.lora_targets)}: train.lora_targets takes some of {layers}")
@@ -53,3 +83,17 @@ def adapt(net: nn.Module, cfg: Config) -> nn.Module:
     for name, p in net.named_parameters():
         p.requires_grad_(ADAPTER_KEY in name)
     return net
+
+
+def write_diffusers_lora(net: nn.Module, cfg: Config, folder) -> None:
+    """The adapters of a LoRA run on a Stable Diffusion UNet (network.kind = "diffusers"), written by diffusers'
+    own writer as folder/pytorch_lora_weights.safetensors, with their rank and alpha, for pipe.load_lora_weights."""
+    import diffusers  # optional extras ([diffusers], [finetune]): only Stable Diffusion LoRA runs come here
+    from peft import LoraConfig  # (the same)
+
+    tc = cfg.train
+    state = {k.removeprefix("unet.").replace(".default.", "."): v.detach().cpu().contiguous()
+             for k, v in net.state_dict().items() if ADAPTER_KEY in k}
+    targets = sorted({k.split(f".{ADAPTER_KEY}")[0] for k in state})
+    lora = LoraConfig(r=tc.lora_rank, lora_alpha=tc.lora_alpha or tc.lora_rank, target_modules=targets, lora_dropout=0.0)
+    diffusers.StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state, unet_lora_adapter_metadata=lora.to_dict())

@@ -13,13 +13,24 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
+
+import torch
+from torch import nn
 
 from .checkpoint import ADAPTER_KEY, read_config, read_weights, resolve_checkpoint
 from .errors import UserError
 
-if TYPE_CHECKING:  # annotations only: models imports this module
-    from .models import DiffusionModel
+
+class LoadedModel(Protocol):
+    """What merging needs of a loaded model (models.DiffusionModel; models imports this module, not the reverse)."""
+
+    network: nn.Module
+    config: Any
+    path: Path
+
+    @property
+    def device(self) -> torch.device: ...
 
 
 class LoRAError(UserError):
@@ -59,7 +70,7 @@ class MergedLoRAs:
         self._unmerge.clear()
 
 
-def merge_loras(m: DiffusionModel, loras: list[LoRA]) -> MergedLoRAs:
+def merge_loras(m: LoadedModel, loras: list[LoRA]) -> MergedLoRAs:
     """Merge each LoRA into m's weights at its scale (m.parts: a diffusers folder; else a ddpmkit run)."""
     merged = MergedLoRAs(list(loras))
     if not loras:
@@ -75,9 +86,9 @@ def merge_loras(m: DiffusionModel, loras: list[LoRA]) -> MergedLoRAs:
     return merged
 
 
-def _merge_diffusers(m: DiffusionModel, loras: list[LoRA]):
+def _merge_diffusers(m: LoadedModel, loras: list[LoRA]):
     """diffusers' own loader on a pipeline made of the folder's parts (the same modules, so the merge lands in m)."""
-    import diffusers
+    import diffusers  # optional ([diffusers] extra), as the folder itself
 
     parts = m.parts
     if parts.prompts is None:
@@ -104,7 +115,7 @@ def _merge_diffusers(m: DiffusionModel, loras: list[LoRA]):
     return unmerge
 
 
-def _merge_run(m: DiffusionModel, lora: LoRA, name: str):
+def _merge_run(m: LoadedModel, lora: LoRA, name: str):
     """A ddpmkit LoRA run's adapters, injected into m's network by peft under `name` and merged at lora.scale."""
     from peft import LoraConfig, inject_adapter_in_model  # the [finetune] extra
     from peft.tuners.lora import LoraLayer

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, load_saved_state, read_config, read_weights, resolve_checkpoint
-from .config import Config, DiffusionConfig
-from .diffusers_bridge import PipelineParts, pipeline_folder, read_pipeline
+from .config import Config
+from .diffusers_bridge import PipelineParts, diffusion_config, frozen_parts, pipeline_folder, read_pipeline
 from .errors import UserError
 from .finetune import adapt
 from .kinds import ModelKind, kind_of, sampling_kinds
@@ -230,11 +230,8 @@ class DiffusersModel(DiffusionModel):
 def load_pipeline(folder: Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> DiffusersModel:
     """A diffusers pipeline folder as a DiffusersModel (dtype: fp32, bf16 or fp16 weights; torch's names work too)."""
     parts = read_pipeline(folder, device, dtype_of(dtype or "fp32"))
-    cfg = parts.scheduler_config
     # read_pipeline has refused any other beta_schedule, so the config describes the real schedule: parts.schedule
-    name = {"squaredcos_cap_v2": "cosine"}.get(cfg.get("beta_schedule", "linear"), cfg.get("beta_schedule", "linear"))
-    diffusion = DiffusionConfig(schedule=name, T=parts.schedule.T, zero_terminal_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
-                                prediction=parts.prediction, learned_variance=parts.learned_variance)
+    diffusion = diffusion_config(parts.scheduler_config)
     return DiffusersModel(network=parts.network, config=Config(diffusion=diffusion), data_shape=parts.data_shape, step=0, path=folder,
                           autoencoder=parts.autoencoder, parts=parts)
 
@@ -269,6 +266,8 @@ def _load(path: str | Path, weights: str, device: str | torch.device, kind: str 
     task = config.train.task
     if kind is not None and task not in (sampling_kinds() if kind == "diffusion" else (kind,)):
         raise CheckpointError(f"{ckpt} holds a {task} (train.task = {task!r}), not a {kind} model")
+    if config.network.kind == "diffusers":
+        return _load_pipeline_run(ckpt, config, info, weights, device, dtype)
     net = build_for_task(config, info.data_shape)
     if config.train.lora_rank:  # the checkpoint holds the adapters; their base is the run it fine-tuned
         net = adapt(net, config)
@@ -285,6 +284,19 @@ def _load(path: str | Path, weights: str, device: str | torch.device, kind: str 
     return DiffusionModel(**common, autoencoder=autoencoder)
 
 
+def _load_pipeline_run(ckpt: Path, config: Config, info, weights: str, device, dtype) -> DiffusersModel:
+    """A run that fine-tuned a diffusers pipeline: the pipeline, with the run's UNet weights or LoRA adapters on its UNet."""
+    m = load_pipeline(Path(config.network.pipeline), device, dtype)
+    m.network = adapt(m.network, config)
+    try:
+        load_saved_state(m.network, read_weights(ckpt, weights))
+    except RuntimeError as e:
+        raise CheckpointError(f"the weights in {ckpt} do not fit the UNet of {config.network.pipeline}: {e}") from None
+    m.network.to(device).eval()
+    m.config, m.step, m.path, m.metrics = config, info.step, ckpt, info.metrics
+    return m
+
+
 def load_diffusion(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu",
                    dtype: str | torch.dtype | None = None, loras: Sequence[LoRA] = ()) -> DiffusionModel:
     """load(path) for a model that samples: a denoiser run, a super-resolution stage, an unCLIP
@@ -294,7 +306,12 @@ def load_diffusion(path: str | Path, weights: str = "ema", device: str | torch.d
 
 
 def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> LoadedNetwork:
-    """load(path) for an autoencoder run (`ddpmkit train mnist_autoencoder`)."""
+    """load(path) for an autoencoder run (`ddpmkit train mnist_autoencoder`), or a diffusers pipeline folder's VAE."""
+    if pipeline_folder(path) is not None:
+        parts = frozen_parts(str(pipeline_folder(path)))
+        if parts.autoencoder is None:
+            raise CheckpointError(f"{path} is a pipeline without a VAE")
+        return LoadedNetwork(network=parts.autoencoder, config=Config(), data_shape=parts.autoencoder.image_shape, step=0, path=Path(path))
     try:
         return load(path, "ema", device, kind="autoencoder")
     except CheckpointError as e:

@@ -2,9 +2,12 @@
 so the loader and the trainer build the same thing."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 
 from ..config import Config, NetworkConfig
+from ..diffusers_bridge import read_unet
 from ..distillation import ConsistencyFunction
 from ..errors import UserError
 from ..kinds import ModelKind, kind_of, register
@@ -24,6 +27,8 @@ def build_network(cfg: NetworkConfig, data_shape: tuple[int, ...], learned_varia
     low_res_channels > 0: a super-resolution UNet that also sees an upsampled low-res image;
     image_embed_dim > 0: unCLIP's decoder, conditioned on CLIP image embeddings."""
     out_mult = 2 if learned_variance else 1
+    if cfg.kind == "diffusers":  # a pipeline folder's UNet with its trained weights (train.init_from = the folder)
+        return read_unet(Path(cfg.pipeline))
     if cfg.kind == "unet":
         if len(data_shape) != 3 or data_shape[1] != data_shape[2]:
             raise UserError(f"the UNet needs square images (C, H, H); the data has shape {data_shape} (use network.kind='mlp' for vectors)")
@@ -42,7 +47,7 @@ def build_network(cfg: NetworkConfig, data_shape: tuple[int, ...], learned_varia
             raise UserError(f"the MLP needs vectors (D,); the data has shape {data_shape} (use network.kind='unet')")
         return MLPDenoiser(dim=data_shape[0], hidden=cfg.mlp_hidden, num_layers=cfg.mlp_layers, out_dim=data_shape[0] * out_mult,
                             num_classes=cfg.num_classes)
-    raise UserError(f"unknown network kind {cfg.kind!r}; choose one of ['unet', 'mlp']")
+    raise UserError(f"unknown network kind {cfg.kind!r}; choose one of ['unet', 'mlp', 'diffusers']")
 
 
 def build_super_resolution(cfg: Config, shape: tuple[int, ...]) -> nn.Module:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Config
+from ..finetune import pipeline_config
 from ..kinds import kind_of
 from .autoencoder import AutoencoderTask
 from .batches import Batch, batch_indices, step_generator
@@ -26,6 +27,7 @@ from .unclip import DecoderTask, PriorTask
 
 def train(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
     """Train the model cfg.train.task names, as configured; returns the run folder."""
+    cfg = pipeline_config(cfg)  # fine-tuning a diffusers pipeline folder: its UNet, scheduler, VAE and text encoder
     kind = kind_of(cfg.train.task)
     if kind.name not in TASKS:
         raise TrainingError(f"train.task {kind.name!r} has no Task subclass of that name to train it; the ones with one: {sorted(TASKS)}")

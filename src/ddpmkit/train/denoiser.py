@@ -20,6 +20,7 @@ from ..conditioning import TrainingConditions
 from ..config import Config, DiffusionConfig
 from ..data import ArrayDataset, DataError, Dataset
 from ..evaluate.likelihood import LN2, vlb_estimate
+from ..finetune import write_diffusers_lora
 from ..losses import training_losses
 from ..models import load_autoencoder
 from ..parameterization import Denoiser
@@ -60,7 +61,8 @@ def nearest_timestep(schedule: NoiseSchedule, log_snr: torch.Tensor) -> torch.Te
 def map_dataset(fn, dataset: Dataset) -> ArrayDataset:
     """fn applied to every example (a frozen encoder: latents, CLIP embeddings); labels (and image
     files, for their captions) carry over."""
-    out = ArrayDataset(fn(dataset.get_batch(torch.arange(len(dataset)))), getattr(dataset, "labels", None))
+    with torch.no_grad():  # the encoder is frozen: its outputs are data, not part of any step's graph
+        out = ArrayDataset(fn(dataset.get_batch(torch.arange(len(dataset)))), getattr(dataset, "labels", None))
     if hasattr(dataset, "files"):
         out.files = dataset.files
     return out
@@ -112,6 +114,11 @@ class DenoiserTask(Task):
                                  dc.sigma_data if dc.loss_weighting == "edm" else None, model_kwargs=cond,
                                  uncertainty=dc.uncertainty_weighting)
         return losses["loss"]
+
+    def export(self, ema: nn.Module, folder: Path) -> None:
+        """A LoRA on a Stable Diffusion folder's UNet is also written as diffusers reads it: pipe.load_lora_weights(ckpt)."""
+        if self.cfg.network.kind == "diffusers" and self.cfg.train.lora_rank and self.cfg.network.text_encoder:
+            write_diffusers_lora(ema, self.cfg, folder)
 
     def stage_inputs(self, x0: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         """Model inputs made from this process's examples x0 (B_local, ...), with the global batch's

@@ -206,7 +206,7 @@ class Trainer:
                                   (st.decay.start, st.decay.progress))
             extra = {"power_ema": self.power.state_dict()} if self.power is not None else None
             save_checkpoint(self.run_dir, self.cfg, info, self.raw, self.ema, self.optimizer, self.tc.keep_checkpoints, extra,
-                            self.tc.keep_steps)
+                            self.tc.keep_steps, export=lambda folder: self.task.export(self.ema, folder))
         self.accelerator.wait_for_everyone()
 
     # ---- one step

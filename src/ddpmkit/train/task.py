@@ -60,6 +60,9 @@ class Task:
         """The engine's EMA of the weights, handed over once before training (consistency distillation's target
         network); most tasks ignore it."""
 
+    def export(self, ema: nn.Module, folder: Path) -> None:
+        """More files for each checkpoint folder (the weights in another library's format); most tasks write none."""
+
     def preview(self, ema: nn.Module, path: Path) -> torch.Tensor | None:
         """Write a picture of the model's progress to path (every train.sample_every steps);
         return the images shown (for TensorBoard) or None."""
