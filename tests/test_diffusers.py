@@ -38,27 +38,43 @@ def byte_level_tokenizer(folder, max_length: int = 16):
     return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
 
 
+def _tiny_unet(in_channels: int = 4, cross_attention_dim: int = 16, **extra):
+    return diffusers.UNet2DConditionModel(sample_size=8, in_channels=in_channels, out_channels=4, layers_per_block=1,
+                                          block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
+                                          attention_head_dim=2, norm_num_groups=4, **extra)
+
+
+def _tiny_vae():
+    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                                   up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], latent_channels=4,
+                                   norm_num_groups=4, sample_size=16)
+
+
+def _tiny_text_encoders(root, hidden: int = 16, projection: int = 0):
+    """The byte-level tokenizer and a 2-layer CLIP text config of width `hidden`."""
+    tokenizer = byte_level_tokenizer(root)
+    config = transformers.CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=hidden,
+                                         intermediate_size=32, num_attention_heads=2, num_hidden_layers=2, max_position_embeddings=16,
+                                         projection_dim=projection or hidden)
+    return tokenizer, config
+
+
+def _tiny_sd_folder(root, unet, pipeline=None):
+    torch.manual_seed(0)
+    tokenizer, config = _tiny_text_encoders(root)
+    pipe = (pipeline or diffusers.StableDiffusionPipeline)(
+        vae=_tiny_vae(), text_encoder=transformers.CLIPTextModel(config), tokenizer=tokenizer, unet=unet,
+        scheduler=diffusers.DDIMScheduler(**SD_SCHEDULER), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root / "pipeline")
+    return root / "pipeline"
+
+
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):
     """A tiny Stable Diffusion folder: 8x8x4 latents, 16x16 RGB images, a 2-layer CLIP text encoder."""
-    root = tmp_path_factory.mktemp("sd")
     torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-                                          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
-                                          attention_head_dim=2, norm_num_groups=4)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-                                  up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], latent_channels=4,
-                                  norm_num_groups=4, sample_size=16)
-    tokenizer = byte_level_tokenizer(root)
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=len(tokenizer), bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=16, intermediate_size=32,
-        num_attention_heads=2, num_hidden_layers=2, max_position_embeddings=16))
-    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                             scheduler=diffusers.DDIMScheduler(**SD_SCHEDULER), safety_checker=None,
-                                             feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(root / "pipeline")
-    return root / "pipeline"
+    return _tiny_sd_folder(tmp_path_factory.mktemp("sd"), _tiny_unet())
 
 
 @pytest.fixture(scope="module")
@@ -383,3 +399,84 @@ def test_a_lora_fine_tune_of_a_stable_diffusion_folder_learns_saves_for_diffuser
     resumed = train(load_config("sd_lora", [*half, "train.steps=6"]), resume=True, progress=False)
     a, b = (load_file(list_checkpoints(r)[-1] / "model.safetensors") for r in (straight, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+
+@pytest.fixture(scope="module")
+def tiny_inpainting(tmp_path_factory):
+    """A tiny Stable Diffusion inpainting folder: its UNet takes 9 channels (latents, mask, masked-image latents)."""
+    torch.manual_seed(0)
+    return _tiny_sd_folder(tmp_path_factory.mktemp("sd_inpaint"), _tiny_unet(in_channels=9), diffusers.StableDiffusionInpaintPipeline)
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory):
+    """A tiny SDXL folder: two text encoders (the second with a projection: the pooled embedding), time ids."""
+    root = tmp_path_factory.mktemp("sdxl")
+    torch.manual_seed(0)
+    unet = _tiny_unet(cross_attention_dim=32, addition_embed_type="text_time", addition_time_embed_dim=8,
+                      projection_class_embeddings_input_dim=6 * 8 + 16)  # 6 time ids of 8 features, the 16-dim pooled embedding
+    tokenizer, config = _tiny_text_encoders(root, hidden=16, projection=16)
+    pipe = diffusers.StableDiffusionXLPipeline(vae=_tiny_vae(), text_encoder=transformers.CLIPTextModel(config),
+                                               text_encoder_2=transformers.CLIPTextModelWithProjection(config), tokenizer=tokenizer,
+                                               tokenizer_2=tokenizer, unet=unet, scheduler=diffusers.EulerDiscreteScheduler(
+                                                   beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1))
+    pipe.save_pretrained(root / "pipeline")
+    return root / "pipeline"
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_sdxl_folders_sample_as_diffusers_pipeline_does(tiny_sdxl, guidance):
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    noise = seed_noise(7, (4, 8, 8))
+    ref = pipe(PROMPT, num_inference_steps=8, guidance_scale=guidance, latents=noise.clone(), output_type="latent").images
+    grid = pipe.scheduler.timesteps.to(torch.float64)
+    m = ddpmkit.load(tiny_sdxl)
+    assert m.data_shape == (4, 8, 8) and m.image_shape == (3, 16, 16)
+    model, kwargs, options = guided_model(m, 1, GuidanceRequest(prompts=[PROMPT], scale=guidance), "dpmpp_2m")
+    assert kwargs["context"].shape == (1, 16, 32) and kwargs["pooled"].shape == (1, 16) and kwargs["time_ids"].tolist() == [[16, 16, 0, 0, 16, 16]]
+    x = ddpmkit.sample(model, (1, 4, 8, 8), sampler="dpmpp_2m", steps=8, x_T=noise, grid=grid, clip_x0=False, model_kwargs=kwargs,
+                       solver_type="midpoint", **options).x
+    assert ref.abs().max() > 0.1 and (x - ref).abs().max() < 1e-4 * ref.abs().max()
+
+
+def test_a_9_channel_inpainting_folder_inpaints_as_diffusers_pipeline_does(tiny_inpainting, tmp_path):
+    from ddpmkit.images import make_mask
+    from ddpmkit.pipelines.edit import edit_inpaint
+
+    image01 = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    keep = make_mask("right", (16, 16))  # 1 = keep: the right half is filled in
+    m = ddpmkit.load(tiny_inpainting)
+    assert m.inpainting and m.data_shape == (4, 8, 8)
+    pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(tiny_inpainting)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=True)
+    pipe.set_progress_bar_config(disable=True)
+    fill = 1 - keep
+    masked_latents = m.encode(2 * image01 * (fill < 0.5) - 1 * (fill < 0.5))  # the posterior's mode, as ddpmkit encodes
+    noise = seed_noise(7, (4, 8, 8))
+    ref = pipe(PROMPT, image=image01, mask_image=fill, masked_image_latents=masked_latents, latents=noise.clone(), num_inference_steps=6,
+               guidance_scale=3.0, strength=1.0, output_type="pt").images
+    grid = pipe.scheduler.timesteps.to(torch.float64)
+    out = edit_inpaint(m, 2 * image01 - 1, keep, 1, GuidanceRequest(prompts=[PROMPT], scale=3.0), steps=6, seed=7, sampler="ddim",
+                       options={"grid": grid})
+    assert (ref - (out + 1) / 2).abs().max() < 1e-4
+    # the command line takes the same route, with any sampler
+    from PIL import Image
+
+    Image.fromarray((image01[0].permute(1, 2, 0) * 255).byte().numpy()).save(tmp_path / "image.png")
+    assert main(["inpaint", str(tiny_inpainting), str(tmp_path / "image.png"), "--prompt", PROMPT, "--sampler", "dpmpp_2m", "--steps", "4",
+                 "--n", "2", "--mask", "right", "--out", str(tmp_path / "edits")]) == 0
+    assert (tmp_path / "edits" / "inpaint.png").is_file()
+
+
+def test_unsupported_unets_say_what_is_supported(tiny_sd, tmp_path):
+    import shutil
+
+    folder = tmp_path / "pix2pix"
+    shutil.copytree(tiny_sd, folder)
+    config = folder / "unet" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "in_channels": 8}))  # instruct-pix2pix's layout
+    with pytest.raises(DiffusersError, match="unsupported UNet with 8 input and 4 output channels; ddpmkit runs text-to-image UNets"):
+        ddpmkit.load(folder)

@@ -100,24 +100,50 @@ def diffusion_config(scheduler_config: dict) -> DiffusionConfig:
                            learned_variance=learned_variance)
 
 
+def check_unet_config(cfg: dict) -> None:
+    """One clear error for the UNet variants ddpmkit does not run, before any weight is read."""
+    cin, cout = cfg.get("in_channels", 4), cfg.get("out_channels", 4)
+    if cin != cout and cin != 2 * cout + 1:
+        raise DiffusersError(f"unsupported UNet with {cin} input and {cout} output channels; ddpmkit runs text-to-image UNets (as many in "
+                             f"as out) and inpainting UNets ({2 * cout + 1} in: latents, mask, masked-image latents)")
+    added = cfg.get("addition_embed_type")
+    if added not in (None, "text_time"):
+        raise DiffusersError(f"unsupported UNet addition_embed_type {added!r}; ddpmkit runs Stable Diffusion 1/2 (none) and SDXL ('text_time')")
+
+
 class UNetDenoiser(nn.Module):
-    """A diffusers UNet under ddpmkit's contract: model(x_t: (B, C, H, W), t: (B,) timesteps,
-    context=None) -> the prediction, in float32 whatever dtype the UNet computes in."""
+    """A diffusers UNet under ddpmkit's contract: model(x_t: (B, C, H, W), t: (B,) timesteps, context=None,
+    **inputs) -> the prediction, in float32 whatever dtype the UNet computes in. SDXL's UNet also takes the
+    pooled text embedding and the size/crop time ids (`pooled`, `time_ids`); an inpainting UNet (9 input
+    channels) the mask and the masked image's latents, concatenated to x_t as Stable Diffusion inpainting does."""
 
     def __init__(self, unet: nn.Module, conditional: bool):
         super().__init__()
         self.unet, self.conditional = unet, conditional
+        check_unet_config(dict(unet.config))
+        self.inpainting = unet.config.in_channels == 2 * unet.config.out_channels + 1
+        self.added = getattr(unet.config, "addition_embed_type", None)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
+                time_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                masked_latents: torch.Tensor | None = None) -> torch.Tensor:
         dtype = self.unet.dtype
         t = t.to(x.device)
-        if self.conditional:
-            if context is None:
-                raise UserError("this Stable Diffusion UNet needs a prompt's text embeddings (context)")
-            out = self.unet(x.to(dtype), t, encoder_hidden_states=context.to(dtype)).sample
-        else:
-            out = self.unet(x.to(dtype), t).sample
-        return out.float()
+        if self.inpainting:
+            if mask is None or masked_latents is None:
+                raise UserError("this inpainting UNet needs the mask and the masked image's latents: use `ddpmkit inpaint` "
+                                "(or model_kwargs mask=, masked_latents=)")
+            x = torch.cat([x, mask.to(x.dtype), masked_latents.to(x.dtype)], dim=1)
+        if not self.conditional:
+            return self.unet(x.to(dtype), t).sample.float()
+        if context is None:
+            raise UserError("this Stable Diffusion UNet needs a prompt's text embeddings (context)")
+        added = None
+        if self.added == "text_time":
+            if pooled is None or time_ids is None:
+                raise UserError("this SDXL UNet needs the pooled prompt embedding and the time ids (pooled, time_ids)")
+            added = {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}
+        return self.unet(x.to(dtype), t, encoder_hidden_states=context.to(dtype), added_cond_kwargs=added).sample.float()
 
 
 class VAELatents(nn.Module):
@@ -152,14 +178,54 @@ class CLIPPrompts:
     def dim(self) -> int:
         return int(self.text_encoder.config.hidden_size)
 
+    def _tokens(self, tokenizer, prompts: list[str], encoder: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tokens = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                           return_tensors="pt")
+        dev = next(encoder.parameters()).device
+        mask = tokens.attention_mask.to(dev) if getattr(encoder.config, "use_attention_mask", False) else None
+        return tokens.input_ids.to(dev), mask
+
     @torch.no_grad()
     def encode(self, prompts: list[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        tokens = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-                                return_tensors="pt")
-        dev = next(self.text_encoder.parameters()).device
-        mask = tokens.attention_mask.to(dev) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
-        hidden = self.text_encoder(tokens.input_ids.to(dev), attention_mask=mask)[0]
+        ids, mask = self._tokens(self.tokenizer, prompts, self.text_encoder)
+        hidden = self.text_encoder(ids, attention_mask=mask)[0]
         return {"context": hidden.float().to(device)}
+
+    def null(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """The unconditional branch of guidance: the empty prompt's embedding."""
+        return self.encode([""], device)
+
+
+class SDXLPrompts(CLIPPrompts):
+    """SDXL's two text encoders: context = both encoders' penultimate hidden states side by side, pooled = the
+    second encoder's projected embedding, time_ids = (height, width, crop top, crop left, height, width) of the
+    UNet's native size; the null condition is zeros when the pipeline forces them for the empty prompt (its default)."""
+
+    def __init__(self, tokenizers: list, text_encoders: list[nn.Module], image_size: tuple[int, int], force_zeros: bool):
+        super().__init__(tokenizers[0], text_encoders[0])
+        self.tokenizers, self.text_encoders, self.force_zeros = tokenizers, text_encoders, force_zeros
+        self.time_ids = torch.tensor([*image_size, 0, 0, *image_size], dtype=torch.float32)
+
+    @property
+    def dim(self) -> int:
+        return sum(int(e.config.hidden_size) for e in self.text_encoders)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+            ids, _ = self._tokens(tokenizer, prompts, encoder)
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]  # the last encoder's projected (pooled) embedding
+        return {"context": torch.cat(hidden, dim=-1).float().to(device), "pooled": pooled.float().to(device),
+                "time_ids": self.time_ids.expand(len(prompts), -1).to(device)}
+
+    def null(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        out = self.encode([""], device)
+        if self.force_zeros:
+            out["context"], out["pooled"] = torch.zeros_like(out["context"]), torch.zeros_like(out["pooled"])
+        return out
 
 
 @dataclass
@@ -196,6 +262,10 @@ def read_unet(folder: Path, device: str | torch.device = "cpu", dtype: torch.dty
     unet_class = read_index(folder)["unet"][1]
     if unet_class not in ("UNet2DModel", "UNet2DConditionModel"):
         raise DiffusersError(f"unsupported unet class {unet_class!r}; ddpmkit runs UNet2DModel and UNet2DConditionModel")
+    try:
+        check_unet_config(json.loads((folder / "unet" / "config.json").read_text()))
+    except (OSError, json.JSONDecodeError) as e:
+        raise DiffusersError(f"cannot read {folder / 'unet' / 'config.json'}: {e}") from None
     unet = getattr(diffusers, unet_class).from_pretrained(folder / "unet", torch_dtype=dtype).to(device).eval()
     return UNetDenoiser(unet, unet_class == "UNet2DConditionModel")
 
@@ -222,18 +292,25 @@ def read_pipeline(folder: Path, device: str | torch.device = "cpu", dtype: torch
     unet, conditional = network.unet, network.conditional
     size = unet.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
-    data_shape = (unet.config.in_channels, *size)
+    data_shape = (unet.config.out_channels, *size)  # an inpainting UNet takes more channels than it diffuses
     autoencoder = prompts = None
     if conditional:
-        missing = [c for c in ("vae", "text_encoder", "tokenizer") if c not in index or not (folder / c).is_dir()]
+        sdxl = network.added == "text_time"
+        needed = ("vae", "text_encoder", "tokenizer", *(("text_encoder_2", "tokenizer_2") if sdxl else ()))
+        missing = [c for c in needed if c not in index or not (folder / c).is_dir()]
         if missing:
             raise DiffusersError(f"{folder} has a text-conditional UNet but no {missing}: a Stable Diffusion folder holds unet, vae, "
-                                 "text_encoder, tokenizer and scheduler")
+                                 "text_encoder, tokenizer and scheduler (SDXL also text_encoder_2 and tokenizer_2; refiner pipelines, "
+                                 "with the second encoder alone, are not supported)")
         vae = diffusers.AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype).to(device).eval()
         autoencoder = VAELatents(vae)
         autoencoder.image_shape = (vae.config.out_channels, *(s * autoencoder.downsampling for s in size))
-        text_class, token_class = index["text_encoder"][1], index["tokenizer"][1]
-        text_encoder = getattr(transformers, text_class).from_pretrained(folder / "text_encoder", torch_dtype=dtype).to(device).eval()
-        prompts = CLIPPrompts(getattr(transformers, token_class).from_pretrained(folder / "tokenizer"), text_encoder)
+
+        def part(name: str, **kw):
+            return getattr(transformers, index[name][1]).from_pretrained(folder / name, **kw)
+        encoders = [part(n, torch_dtype=dtype).to(device).eval() for n in needed if n.startswith("text_encoder")]
+        tokenizers = [part(n) for n in needed if n.startswith("tokenizer")]
+        prompts = (SDXLPrompts(tokenizers, encoders, tuple(autoencoder.image_shape[1:]), bool(index.get("force_zeros_for_empty_prompt", True)))
+                   if sdxl else CLIPPrompts(tokenizers[0], encoders[0]))
     return PipelineParts(network, schedule, prediction, learned_variance, data_shape, autoencoder, prompts,
                          scheduler_config)

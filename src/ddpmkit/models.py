@@ -226,6 +226,17 @@ class DiffusersModel(DiffusionModel):
             raise UserError(f"{self.path} is an unconditional pipeline: it takes no prompt")
         return self.parts.prompts.encode(list(prompts), device)
 
+    def null_condition(self, n: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """The pipeline's own unconditional branch (SDXL: zeros for the empty prompt, as its pipeline does)."""
+        if self.parts.prompts is None:
+            return {}
+        return {k: v.expand(n, *v.shape[1:]) for k, v in self.parts.prompts.null(device).items()}
+
+    @property
+    def inpainting(self) -> bool:
+        """A 9-channel inpainting UNet: it takes the mask and the masked image's latents (`ddpmkit inpaint`)."""
+        return self.parts.network.inpainting
+
 
 def load_pipeline(folder: Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> DiffusersModel:
     """A diffusers pipeline folder as a DiffusersModel (dtype: fp32, bf16 or fp16 weights; torch's names work too)."""

@@ -40,7 +40,7 @@ def cmd_img2img(args: argparse.Namespace) -> None:
 def cmd_inpaint(args: argparse.Namespace) -> None:
     m, image = _model_image(args)
     mask = make_mask(args.mask, image.shape)
-    x = edit_inpaint(m, image, mask, args.n, guidance_request(args), args.steps, args.resample, args.seed)
+    x = edit_inpaint(m, image, mask, args.n, guidance_request(args), args.steps, args.resample, args.seed, args.sampler)
     _strip([image, image * mask, x], Path(args.out) / "inpaint.png", args.n + 2)
 
 

@@ -18,6 +18,7 @@ from ..editing import img2img, inpaint, interpolate_images, interpolate_seeds, l
 from ..errors import UserError
 from ..models import DiffusionModel
 from ..sampling import sample
+from .generate import generate
 from .guided import GuidanceRequest, guided_model
 
 
@@ -32,18 +33,36 @@ def edit_img2img(m: DiffusionModel, image: torch.Tensor, n: int, strength: float
 
 
 def edit_inpaint(m: DiffusionModel, image: torch.Tensor, mask: torch.Tensor, n: int, request: GuidanceRequest | None = None,
-                 steps: int = 100, resample: int = 5, seed: int = 0) -> torch.Tensor:
+                 steps: int = 100, resample: int = 5, seed: int = 0, sampler: str = "ddpm", options: dict | None = None) -> torch.Tensor:
     """n RePaint completions of one image: (1, C, H, W), mask (1, 1, H, W) with 1 = keep -> (n, C, H, W).
     Latent models inpaint in latent space with the mask area-downsampled to the latents (a latent
-    pixel is kept only where all its pixels are), as Stable Diffusion's legacy inpainting did."""
+    pixel is kept only where all its pixels are), as Stable Diffusion's legacy inpainting did.
+    A 9-channel inpainting UNet (Stable Diffusion inpainting) is instead conditioned on the mask and the
+    masked image, and samples with any `sampler` and its `options` (resample is unused)."""
     if tuple(mask.shape[-2:]) != tuple(image.shape[-2:]):
         raise UserError(f"the mask is {tuple(mask.shape[-2:])} pixels, the image {tuple(image.shape[-2:])}")
+    if getattr(m, "inpainting", False):
+        return _inpaint_conditioned(m, image, mask, n, request, sampler, steps, seed, options)
     model, kwargs, _ = guided_model(m, n, request, "ddpm")
     z, mask = m.encode(image), mask.to(m.device)
     keep = mask if m.autoencoder is None else latent_mask(mask, tuple(z.shape[-2:]))
     x = inpaint(model, z.expand(n, *z.shape[1:]), keep, steps=steps, resample=resample, generator=seed,
                 clip_x0=m.autoencoder is None, model_kwargs=kwargs)
     return m.decode(x)
+
+
+def _inpaint_conditioned(m: DiffusionModel, image: torch.Tensor, keep: torch.Tensor, n: int, request: GuidanceRequest | None,
+                         sampler: str, steps: int, seed: int, options: dict | None) -> torch.Tensor:
+    """Stable Diffusion inpainting: the UNet sees x_t beside the mask (1 = fill, nearest-downsampled to the latents)
+    and the latents of the image with the part to fill blanked out (0, mid-grey)."""
+    fill = 1.0 - keep.float().to(m.device)
+    image = image.to(m.device)
+    masked_latents = m.encode(image * (fill < 0.5))
+    small = torch.nn.functional.interpolate(fill, size=tuple(masked_latents.shape[-2:]))
+    request = request or GuidanceRequest()
+    extra = {"mask": small.expand(n, -1, -1, -1), "masked_latents": masked_latents.expand(n, -1, -1, -1)}
+    request = replace(request, extra={**(request.extra or {}), **extra})
+    return generate(m, n, request, sampler, steps, seed, options, progress=False).images  # sample k from seed + k, as every sampling
 
 
 def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
