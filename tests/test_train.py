@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -70,15 +71,22 @@ KINDS = {
 
 # the CLIP kind trains on captions: it needs the offline text encoder
 KIND_PARAMS = [pytest.param(k, marks=needs_text) if k == "clip" else k for k in sorted(KINDS)]
+# and a LoRA fine-tune (train.init_from + train.lora_rank) of a tiny denoiser: only its adapters train and are saved
+LORA = ["mnist", *TINY, "train.lora_rank=4", "train.lr=1e-2"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", KIND_PARAMS)
+@pytest.mark.parametrize("kind", [*KIND_PARAMS, pytest.param("lora", marks=pytest.mark.skipif(find_spec("peft") is None, reason="peft"))])
 def test_resume_after_kill_is_exact(tmp_path, kind):
-    """N steps in one run == N/2 steps, a SIGKILL, and --resume for the rest, for every kind of model."""
+    """N steps in one run == N/2 steps, a SIGKILL, and --resume for the rest, for every kind of model (and a LoRA run)."""
     n = 20
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    base = [*KINDS[kind], f"train.steps={n}", "train.max_minutes=0", "train.keep_checkpoints=0", "train.mixed_precision=no"]
+    if kind == "lora":
+        start = train(load_config("mnist", [*TINY, "train.steps=5", f"train.run_dir={tmp_path / 'base'}"]), progress=False)
+        spec = [*LORA, f"train.init_from={start}"]
+    else:
+        spec = KINDS[kind]
+    base = [*spec, f"train.steps={n}", "train.max_minutes=0", "train.keep_checkpoints=0", "train.mixed_precision=no"]
     if kind == "denoiser":
         base.append("network.dropout=0.2")  # the dropout masks are seeded by the step, so they repeat on resume
     # the straight run in this process (a fresh one costs seconds of imports), the killed and resumed ones in
@@ -98,7 +106,7 @@ def test_resume_after_kill_is_exact(tmp_path, kind):
             subprocess.run(["rm", "-rf", str(later)], check=True)
     done = subprocess.run(_cli("train", *base, f"train.run_dir={killed}", f"train.checkpoint_every={n // 2}", "--resume", "--quiet"),
                           cwd=ROOT, capture_output=True, text=True, check=True, env=env)
-    assert f"at step {n // 2}" in done.stdout + done.stderr and f"{kind} run folder" in done.stdout
+    assert f"at step {n // 2}" in done.stdout + done.stderr and f"{kind.replace('lora', 'denoiser')} run folder" in done.stdout
     a, b = _weights(straight), _weights(killed)
     assert a.keys() == b.keys()
     for k in a:
