@@ -192,9 +192,15 @@ def test_the_consistency_function_keeps_the_boundary_and_the_exact_one_is_consta
     from ddpmkit.distillation import ConsistencyFunction
 
     z = torch.randn(5, 2, dtype=torch.float64)
-    f = ConsistencyFunction(lambda z_t, t: torch.full_like(z_t, 9.0), S, sigma_data=0.5)  # any network
+    f = ConsistencyFunction(lambda z_t, t: torch.full_like(z_t, 9.0), S)  # any network
     torch.testing.assert_close(f(z, torch.zeros(5)), z / S.alpha_bar[0].sqrt())  # f(x, t_min) = x_bar: the boundary
     assert (f(z, torch.full((5,), 999.0)) - 9.0).abs().max() < 0.01  # the network's estimate where noise dominates
+    # the boundary's width is sigma_min: the student is its teacher's D a few noise levels up (half-way at 2 sigma_min)
+    from ddpmkit.distillation import consistency_c_skip, sigma_of
+
+    sigma_min = sigma_of(S, torch.zeros(1))
+    t_2 = torch.tensor([float((sigma_of(S, torch.arange(S.T)) - 2 * sigma_min).abs().argmin())])
+    assert abs(consistency_c_skip(S, t_2).item() - 0.5) < 0.1 and consistency_c_skip(S, torch.tensor([100.0])).item() < 0.01
     # along a trajectory of the exact teacher's ODE (many small DDIM steps), f* stays put up to the solver's error
     grid = uniform_grid(S, 400)
     zt, origins = torch.randn(300, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64), []

@@ -111,30 +111,39 @@ def sample_uniform_ddim(denoiser: Denoiser, x_T: torch.Tensor, steps: int, model
 #
 # A consistency function maps every point of a probability-flow ODE trajectory to the trajectory's origin. In the
 # variance-exploding view x_bar = z_t / alpha_t, sigma = sigma_t / alpha_t, with D(z_t, t) an x0-estimate:
-#     f(z_t, t) = c_skip(sigma) x_bar + (1 - c_skip(sigma)) D(z_t, t),  c_skip = sd^2 / ((sigma - sigma_min)^2 + sd^2)
-# so f = x_bar exactly at sigma_min (the boundary condition; sigma_min = sigma at t = 0) and f -> D where noise
-# dominates. (The paper's c_out F is written (1 - c_skip) D here: D already is an x0-estimate, the teacher's.)
+#     f(z_t, t) = c_skip(sigma) x_bar + (1 - c_skip(sigma)) D(z_t, t),  c_skip = w^2 / ((sigma - sigma_min)^2 + w^2)
+# so f = x_bar exactly at sigma_min (the boundary condition; sigma_min = sigma at t = 0) and f -> D away from it.
+# The paper writes f = c_skip x + c_out F with sd = 0.5 around a raw network F; ddpmkit's D is already a
+# preconditioned x0-estimate (EDM's D = c_skip x + c_out F), so the boundary's width w is sigma_min itself: f is
+# the teacher's D wherever the noise is more than a few sigma_min (c_skip = 0.01 at 11 sigma_min), and the student
+# starts as its teacher. (With w = sd, f would add c_skip x_bar's noise on top of a clean D: at sigma = sd half of
+# x_bar, noise included, which the network must learn to cancel; 1,000 steps of that left grainy digits.)
 # Distillation: for adjacent grid points t_n < t_{n+1}, z_{n+1} = alpha x0 + sigma eps, z_n one teacher ODE (DDIM)
 # step from it; loss || f_theta(z_{n+1}, t_{n+1}) - f_target(z_n, t_n) ||^2 with the target network an EMA of theta.
 
 
-def consistency_c_skip(schedule: NoiseSchedule, t: torch.Tensor, sigma_data: float) -> torch.Tensor:
-    """c_skip(sigma(t)) in float64, (B,): 1 at t = 0, falling to 0 as the noise grows."""
+def sigma_of(schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
+    """sigma(t) = sigma_t / alpha_t in float64, (B,) (t = 0 gives the schedule's sigma_min)."""
     ab = schedule.alpha_bar_at(t.detach().to(torch.float64).cpu())
-    sigma = ((1 - ab) / ab).sqrt()
-    sigma_min = ((1 - schedule.alpha_bar[0]) / schedule.alpha_bar[0]).sqrt()
-    return sigma_data**2 / ((sigma - sigma_min) ** 2 + sigma_data**2)
+    return ((1 - ab) / ab).sqrt()
+
+
+def consistency_c_skip(schedule: NoiseSchedule, t: torch.Tensor, width: float | None = None) -> torch.Tensor:
+    """c_skip(sigma(t)) in float64, (B,): 1 at t = 0, falling to 0 as the noise grows, over `width` (default sigma_min)."""
+    sigma_min = sigma_of(schedule, torch.zeros(1))
+    w = sigma_min if width is None else width
+    return w**2 / ((sigma_of(schedule, t) - sigma_min) ** 2 + w**2)
 
 
 class ConsistencyFunction(torch.nn.Module):
     """f(z_t, t) = c_skip x_bar + (1 - c_skip) D(z_t, t) for an x0-predicting network D (z_t, t -> x0)."""
 
-    def __init__(self, net: torch.nn.Module, schedule: NoiseSchedule, sigma_data: float):
+    def __init__(self, net: torch.nn.Module, schedule: NoiseSchedule, width: float | None = None):
         super().__init__()
-        self.net, self.schedule, self.sigma_data = net, schedule, sigma_data
+        self.net, self.schedule, self.width = net, schedule, width
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, **extra) -> torch.Tensor:
-        c = append_dims(consistency_c_skip(self.schedule, t, self.sigma_data), z_t.ndim).to(z_t.device)
+        c = append_dims(consistency_c_skip(self.schedule, t, self.width), z_t.ndim).to(z_t.device)
         ab = append_dims(self.schedule.alpha_bar_at(t.detach().to(torch.float64).cpu()), z_t.ndim).to(z_t.device)
         x_bar = z_t / ab.sqrt().to(z_t.dtype)
         return (c * x_bar + (1 - c) * self.net(z_t, t, **extra)).to(z_t.dtype)

@@ -119,7 +119,7 @@ register(ModelKind("progressive", lambda cfg, shape: build_network(cfg.network, 
                              "distil it again: ddpmkit train {run}/config.json distill.teacher={run} distill.student_steps=HALF "
                              "train.run_dir=NEW"))
 register(ModelKind("consistency", lambda cfg, shape: build_network(cfg.network, shape, cfg.diffusion.learned_variance), samples=True,
-                   wrap=lambda net, cfg: ConsistencyFunction(net, cfg.diffusion.noise_schedule(), cfg.diffusion.sigma_data),
+                   wrap=lambda net, cfg: ConsistencyFunction(net, cfg.diffusion.noise_schedule()),
                    sampler="consistency", next_step="sample it in one to a few steps: ddpmkit sample {run} --steps 2"))
 register(ModelKind("superres", build_super_resolution, samples=True, inputs=("low_res", "aug_level"),
                    next_step="upscale with it: ddpmkit upscale {run} mnist5k:7, or after a base model: ddpmkit sample BASE --then {run}"))
