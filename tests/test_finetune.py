@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import needs_text
 from ddpmkit.checkpoint import list_checkpoints
 from ddpmkit.config import ConfigError, load_config
 from ddpmkit.finetune import FineTuneError
@@ -148,3 +149,35 @@ def test_a_lora_run_merges_into_its_base_at_a_scale_and_unmerges(base_run, new_s
                   progress=False)
     with pytest.raises(LoRAError, match="another kind of network"):
         load_diffusion(other, loras=[str(run)])
+
+
+@needs_text
+def test_dreambooth_draws_and_caches_its_class_images_and_weighs_the_prior(new_style, tmp_path):
+    from ddpmkit import dreambooth
+    from ddpmkit.pipelines.generate import generate
+    from ddpmkit.pipelines.guided import GuidanceRequest
+
+    text = [*TINY, "network.text_max_tokens=8"]
+    base = train(load_config("mnist_text", [*text, "train.steps=5", "train.checkpoint_every=0", f"train.run_dir={tmp_path / 'base'}"]),
+                 progress=False)
+    db = [*text, *new_style, f"train.init_from={base}", "dreambooth.instance_prompt=a sks digit", "dreambooth.class_prompt=a digit",
+          "dreambooth.class_images=6", "dreambooth.class_steps=3", "dreambooth.prior_loss_weight=0.5", "train.steps=4",
+          "train.checkpoint_every=0", f"train.run_dir={tmp_path / 'db'}"]
+    task = DenoiserTask(load_config("mnist_text", db))
+    # the class images are the base model's own draws for the class prompt (seeds 0..5), after the 16 crosses
+    drawn = generate(load_diffusion(base), 6, GuidanceRequest(prompts=["a digit"], scale=3.0), "dpmpp_2m", 3, seed=0, progress=False).images
+    assert task.num_examples == 22 and torch.equal(task.dataset.get_batch(torch.arange(16, 22)), drawn)
+    # each instance image is conditioned on the instance prompt, each class image on the class prompt
+    rows = task.conditioning.caption_ids[:, 0]
+    assert rows[:16].eq(0).all() and rows[16:].eq(1).all()
+    # the weights make a batch's mean the DreamBooth loss: instance mean + prior_loss_weight * class mean
+    losses = torch.rand(22)
+    torch.testing.assert_close((task.weights * losses).mean(), losses[:16].mean() + 0.5 * losses[16:].mean())
+    cache = tmp_path / "db" / dreambooth.CACHE
+    stamp = cache.stat().st_mtime_ns
+    run = train(load_config("mnist_text", db), progress=False)  # trains, reusing the cached class images
+    assert cache.stat().st_mtime_ns == stamp and list_checkpoints(run)
+    with pytest.raises(dreambooth.DreamBoothError, match="give train.init_from"):
+        DenoiserTask(load_config("mnist_text", [*text, "dreambooth.instance_prompt=a sks digit"]))
+    with pytest.raises(ConfigError, match="give dreambooth.class_prompt"):
+        load_config("mnist_text", [*text, "dreambooth.instance_prompt=a sks digit", "dreambooth.class_images=4"])

@@ -21,6 +21,15 @@ class ConditioningError(UserError):
     """The data cannot provide what the network is conditioned on."""
 
 
+def prompt_encoder(cfg: Config):
+    """The frozen encoder of a text model's prompts: a pipeline's own tokenizer and text encoder, or network.text_encoder."""
+    net = cfg.network
+    encoder = frozen_parts(net.pipeline).prompts if net.kind == "diffusers" else TextEncoder(net.text_encoder, net.text_max_tokens)
+    if encoder.dim != net.context_dim:
+        raise ConditioningError(f"text encoder {net.text_encoder!r} gives {encoder.dim}-dim tokens; set network.context_dim = {encoder.dim}")
+    return encoder
+
+
 @dataclass
 class TrainingConditions:
     """batch(indices, generator) -> model kwargs for a global batch, drawn from that generator."""
@@ -57,14 +66,15 @@ class TrainingConditions:
                    null={"image_embed": torch.zeros(1, embeds.shape[1])}, preview_rows=torch.arange(min(n, 64)))
 
     @classmethod
+    def prompts(cls, cfg: Config, prompts: list[str], caption_ids: torch.Tensor) -> TrainingConditions:
+        """Example n is conditioned on prompts[caption_ids[n]] (DreamBooth: the instance and the class prompt)."""
+        encoder = prompt_encoder(cfg)
+        return cls("text", cfg.train.cond_drop_prob, table=encoder.encode(prompts), caption_ids=caption_ids[:, None],
+                   null=encoder.encode([""]), preview_rows=torch.arange(len(prompts)))
+
+    @classmethod
     def _text(cls, cfg: Config, dataset) -> TrainingConditions:
-        net = cfg.network
-        if net.kind == "diffusers":  # a pipeline's own tokenizer and text encoder, frozen
-            encoder = frozen_parts(net.pipeline).prompts
-        else:
-            encoder = TextEncoder(net.text_encoder, net.text_max_tokens)
-        if encoder.dim != net.context_dim:
-            raise ConditioningError(f"text encoder {net.text_encoder!r} gives {encoder.dim}-dim tokens; set network.context_dim = {encoder.dim}")
+        encoder = prompt_encoder(cfg)
         if cfg.data.name in ("mnist5k", "digits"):
             captions = [c for row in digit_captions() for c in row]  # row-major: label * K + k
             k = len(TRAIN_TEMPLATES)

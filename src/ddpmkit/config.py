@@ -288,6 +288,32 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class DreamBoothConfig:
+    """DreamBooth (Ruiz et al. 2023): a text model fine-tuned (train.init_from) on a few images of a new subject, all
+    captioned with instance_prompt (a rare token: "a photo of sks digit"), while class_images images the base model
+    draws for class_prompt, cached in the run, keep the class as it was (prior preservation):
+    loss = mean over the instance images + prior_loss_weight * mean over the class images."""
+
+    instance_prompt: str = ""  # "" = off
+    class_prompt: str = ""
+    class_images: int = 0  # 0 = no prior preservation
+    prior_loss_weight: float = 1.0
+    # how the base model draws the class images (once, before training; seeds 0..class_images-1)
+    class_sampler: str = "dpmpp_2m"
+    class_steps: int = 20
+    class_guidance: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.class_images < 0 or self.prior_loss_weight < 0 or self.class_steps < 1:
+            raise ConfigError(f"dreambooth.class_images = {self.class_images}, prior_loss_weight = {self.prior_loss_weight} must be >= 0 "
+                              f"and class_steps = {self.class_steps} >= 1")
+        if self.class_images and not self.class_prompt:
+            raise ConfigError("dreambooth.class_images > 0 draws images of the class: give dreambooth.class_prompt (e.g. 'a digit')")
+        if (self.class_prompt or self.class_images) and not self.instance_prompt:
+            raise ConfigError("give dreambooth.instance_prompt, the rare-token prompt of the new subject (e.g. 'a sks digit')")
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -298,6 +324,7 @@ class Config:
     clip: CLIPConfig = field(default_factory=CLIPConfig)
     unclip: UnCLIPConfig = field(default_factory=UnCLIPConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

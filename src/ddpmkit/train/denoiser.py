@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import viz
+from .. import dreambooth, viz
 from ..conditioning import TrainingConditions
 from ..config import Config, DiffusionConfig
 from ..data import ArrayDataset, DataError, Dataset
@@ -81,6 +81,9 @@ class DenoiserTask(Task):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         self.dataset = self.load_data()
+        self.weights: torch.Tensor | None = None  # per-example loss weights (DreamBooth's prior preservation)
+        if cfg.dreambooth.instance_prompt:
+            self.dataset = self.with_class_images(self.dataset)
         self.autoencoder = load_autoencoder(cfg.data.autoencoder).network if cfg.data.autoencoder else None
         if self.autoencoder is not None:  # latent diffusion: train on the scaled latents, show decoded samples
             self.dataset = encode_dataset(self.autoencoder, self.dataset)
@@ -93,8 +96,24 @@ class DenoiserTask(Task):
         """The data this denoiser diffuses (the prior: CLIP image embeddings of the images)."""
         return dataset
 
+    def with_class_images(self, instance: Dataset) -> Dataset:
+        """DreamBooth: the instance images, then the base model's class images (dreambooth.py); the weights that
+        make the batch mean instance loss + prior_loss_weight * class loss."""
+        db = self.cfg.dreambooth
+        dreambooth.check(self.cfg)
+        n_i = len(instance)
+        x = instance.get_batch(torch.arange(n_i))
+        extra = dreambooth.class_images(self.cfg, tuple(instance.shape)) if db.class_images else x[:0]
+        self.weights = dreambooth.example_weights(n_i, len(extra), db.prior_loss_weight)
+        self.caption_ids = torch.cat([torch.zeros(n_i, dtype=torch.long), torch.ones(len(extra), dtype=torch.long)])
+        return ArrayDataset(torch.cat([x, extra]))
+
     def training_conditions(self) -> TrainingConditions:
-        """What the network is conditioned on: labels, prompts (from the config), or nothing."""
+        """What the network is conditioned on: labels, prompts (from the config; DreamBooth's instance and class
+        prompts), or nothing."""
+        db = self.cfg.dreambooth
+        if db.instance_prompt:
+            return TrainingConditions.prompts(self.cfg, [db.instance_prompt, db.class_prompt], self.caption_ids)
         return TrainingConditions.for_config(self.cfg, self.dataset)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -113,6 +132,8 @@ class DenoiserTask(Task):
                                  dc.loss, dc.learned_variance, dc.min_snr_gamma or None,
                                  dc.sigma_data if dc.loss_weighting == "edm" else None, model_kwargs=cond,
                                  uncertainty=dc.uncertainty_weighting)
+        if self.weights is not None:
+            return losses["loss"] * self.weights[batch.indices[batch.mine]].to(losses["loss"].device)
         return losses["loss"]
 
     def export(self, ema: nn.Module, folder: Path) -> None:
