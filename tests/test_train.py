@@ -71,19 +71,25 @@ KINDS = {
 
 # the CLIP kind trains on captions: it needs the offline text encoder
 KIND_PARAMS = [pytest.param(k, marks=needs_text) if k == "clip" else k for k in sorted(KINDS)]
-# and a LoRA fine-tune (train.init_from + train.lora_rank) of a tiny denoiser: only its adapters train and are saved
-LORA = ["mnist", *TINY, "train.lora_rank=4", "train.lr=1e-2"]
+# the runs that start from a trained one (a tiny digits denoiser, x0-predicting as the consistency student needs):
+# a LoRA fine-tune (only its adapters train and are saved), and the two distillation kinds (teacher + student + EMA target)
+FROM_BASE = {
+    "lora": lambda base: ["mnist", *TINY, "train.lora_rank=4", "train.lr=1e-2", f"train.init_from={base}"],
+    "progressive": lambda base: [str(base / "config.json"), "train.task=progressive", f"distill.teacher={base}", "distill.student_steps=4"],
+    "consistency": lambda base: [str(base / "config.json"), "train.task=consistency", f"distill.teacher={base}", "distill.points=10",
+                                 "train.ema_decay=0.9"],
+}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", [*KIND_PARAMS, pytest.param("lora", marks=pytest.mark.skipif(find_spec("peft") is None, reason="peft"))])
+@pytest.mark.parametrize("kind", [*KIND_PARAMS, pytest.param("lora", marks=pytest.mark.skipif(find_spec("peft") is None, reason="peft")),
+                                  "progressive", "consistency"])
 def test_resume_after_kill_is_exact(tmp_path, kind):
     """N steps in one run == N/2 steps, a SIGKILL, and --resume for the rest, for every kind of model (and a LoRA run)."""
     n = 20
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    if kind == "lora":
-        start = train(load_config("mnist", [*TINY, "train.steps=5", f"train.run_dir={tmp_path / 'base'}"]), progress=False)
-        spec = [*LORA, f"train.init_from={start}"]
+    if kind in FROM_BASE:
+        spec = FROM_BASE[kind](train(load_config("mnist", [*TINY, "train.steps=5", f"train.run_dir={tmp_path / 'base'}"]), progress=False))
     else:
         spec = KINDS[kind]
     base = [*spec, f"train.steps={n}", "train.max_minutes=0", "train.keep_checkpoints=0", "train.mixed_precision=no"]
@@ -120,7 +126,8 @@ def test_resume_after_kill_is_exact(tmp_path, kind):
 # two processes for the kinds whose batches differ in how they split: per-example losses (denoiser), extra
 # per-example inputs built from each process's half (superres), and a loss that couples the whole batch (clip);
 # the autoencoder and the classifier take the denoiser's path (a per-example mean over a plain image batch)
-TWO_PROCESS_KINDS = [k for k in KIND_PARAMS if getattr(k, "values", (k,))[0] in ("denoiser", "superres", "clip")]
+# (and consistency distillation: teacher ODE steps and the EMA target network on each process's half)
+TWO_PROCESS_KINDS = [*(k for k in KIND_PARAMS if getattr(k, "values", (k,))[0] in ("denoiser", "superres", "clip")), "consistency"]
 
 
 @pytest.mark.slow
@@ -129,7 +136,11 @@ def test_two_processes_train_like_one(tmp_path, kind):
     """torchrun with 2 CPU processes (gloo): synchronized weights, each process a different half of
     every global batch, and the same result as one process with the same global batch."""
     n = 6
-    common = [*KINDS[kind], f"train.steps={n}", "train.max_minutes=0", "train.checkpoint_every=1000",
+    if kind in FROM_BASE:
+        spec = FROM_BASE[kind](train(load_config("mnist", [*TINY, "train.steps=5", f"train.run_dir={tmp_path / 'base'}"]), progress=False))
+    else:
+        spec = KINDS[kind]
+    common = [*spec, f"train.steps={n}", "train.max_minutes=0", "train.checkpoint_every=1000",
               "train.mixed_precision=no"]  # fp32, so the only difference is the order of the gradient all-reduce
     one, two = tmp_path / "one", tmp_path / "two"
     # on the CPU even where there is a GPU: two processes cannot share one GPU, and CPU and GPU round differently
@@ -140,7 +151,7 @@ def test_two_processes_train_like_one(tmp_path, kind):
         subprocess.run(_cli("train", *common, f"train.run_dir={one}", "--quiet"), check=True, cwd=ROOT, env=env)
     else:  # in this process: a fresh one costs seconds of imports, the same on every kind
         train(load_config(common[0], [*common[1:], f"train.run_dir={one}"]), progress=False)
-    port = str(29533 + sorted(KINDS).index(kind))
+    port = str(29533 + sorted([*KINDS, *FROM_BASE]).index(kind))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, "-m", "ddpmkit.cli"]
     subprocess.run([*torchrun, "train", *common, f"train.run_dir={two}", "--quiet"], check=True, cwd=ROOT, env=env)
     log = [json.loads(line) for line in (two / "train_log.jsonl").read_text().splitlines()]
@@ -150,7 +161,7 @@ def test_two_processes_train_like_one(tmp_path, kind):
     # compute instead, against how far training moved it from the initial network.
     from ddpmkit.nets import build_for_task
 
-    cfg = load_config(KINDS[kind][0], KINDS[kind][1:])
+    cfg = load_config(spec[0], spec[1:])
     torch.manual_seed(cfg.train.seed)
     nets = [build_for_task(cfg, (1, 8, 8)) for _ in range(3)]
     nets[1].load_state_dict(_weights(one))
