@@ -480,3 +480,16 @@ def test_unsupported_unets_say_what_is_supported(tiny_sd, tmp_path):
     config.write_text(json.dumps({**json.loads(config.read_text()), "in_channels": 8}))  # instruct-pix2pix's layout
     with pytest.raises(DiffusersError, match="unsupported UNet with 8 input and 4 output channels; ddpmkit runs text-to-image UNets"):
         ddpmkit.load(folder)
+
+
+def test_a_stable_diffusion_folder_is_a_teacher_for_progressive_distillation(tiny_sd, captioned_images, tmp_path):
+    from ddpmkit.config import load_config
+    from ddpmkit.train import train
+
+    run = train(load_config("sd_lora", [*sd_lora(tiny_sd, captioned_images, tmp_path / "pd", "train.steps=6", "train.checkpoint_every=0"),
+                                        "train.init_from=", "train.lora_rank=0", "train.task=progressive", f"distill.teacher={tiny_sd}",
+                                        "distill.student_steps=4", "train.lr=1e-4"]), progress=False)
+    student = ddpmkit.load(run)
+    assert student.config.network.kind == "diffusers" and student.kind == "progressive" and student.model_kind.sampler == "ddim_uniform"
+    out = generate(student, 1, GuidanceRequest(prompts=[PROMPT], scale=3.0), "ddim_uniform", 4, seed=0, progress=False)
+    assert out.images.shape == (1, 3, 16, 16) and out.nfe == 4 and not out.images.requires_grad

@@ -41,10 +41,13 @@ def base_weights(init_from: str, cfg: Config) -> dict[str, torch.Tensor]:
 
 
 def pipeline_config(cfg: Config) -> Config:
-    """cfg for fine-tuning the diffusers pipeline folder train.init_from names (cfg itself for anything else):
+    """cfg for fine-tuning (or distilling) the diffusers pipeline folder train.init_from (or distill.teacher) names (cfg
+    itself for anything else):
     the folder's UNet, scheduler, VAE and text encoder replace [network], [diffusion], data.autoencoder and the
     text encoder, so the run's config.json says what it trained."""
-    folder = pipeline_folder(cfg.train.init_from) if cfg.train.init_from else None
+    # the pipeline a run fine-tunes, or the one a distillation run's student starts from (its teacher)
+    base = cfg.train.init_from or (cfg.distill.teacher if cfg.train.task in ("progressive", "consistency") else "")
+    folder = pipeline_folder(base) if base else None
     if folder is None:
         return cfg
     index = read_index(folder)

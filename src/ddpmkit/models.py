@@ -199,7 +199,8 @@ class DiffusersModel(DiffusionModel):
 
     @property
     def kind(self) -> str:
-        return "denoiser"
+        """'denoiser' for a folder; the run's train.task for a run that fine-tuned or distilled one."""
+        return self.config.train.task
 
     @functools.cached_property
     def schedule(self) -> NoiseSchedule:

@@ -114,7 +114,8 @@ def generate(m: DiffusionModel, n: int, request: GuidanceRequest | None = None, 
             res = sample(model, (b, *m.data_shape), sampler=sampler, steps=steps, generator=seeds[start:start + b],
                          record_every=record_every, progress=progress and streams == 1, model_kwargs=kwargs, device=device,
                          callback=lambda info: on_step(info, start), **options, **extra)
-            return m.decode(res.x).cpu(), [m.decode(x) for x in res.xs], [m.decode(x) for x in res.x0s], res.nfe
+            with torch.no_grad():  # decoding latents (a VAE) needs no graph: the samples are the result
+                return m.decode(res.x).cpu(), [m.decode(x) for x in res.xs], [m.decode(x) for x in res.x0s], res.nfe
         except BaseException:
             failed.set()
             raise

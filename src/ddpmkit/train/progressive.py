@@ -43,12 +43,17 @@ class DistillationTask(DenoiserTask):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         if not cfg.distill.teacher:
-            raise TrainingError(f"{self.name} distillation needs distill.teacher, a run folder")
+            raise TrainingError(f"{self.name} distillation needs distill.teacher, a run folder or a diffusers pipeline folder")
         self.teacher: DiffusionModel = load_diffusion(cfg.distill.teacher)
         t = self.teacher
         if t.kind not in ("denoiser", "progressive"):
             raise TrainingError(f"distill.teacher {cfg.distill.teacher} is a {t.kind}: distil a denoiser run or a progressive run")
-        if (t.config.network, t.config.diffusion, t.config.data) != (cfg.network, cfg.diffusion, cfg.data):
+        if cfg.network.kind == "diffusers":  # a pipeline folder: the student is its UNet (finetune.pipeline_config)
+            theirs, ours = t.config.diffusion, cfg.diffusion
+            if (theirs.schedule, theirs.T, theirs.prediction) != (ours.schedule, ours.T, ours.prediction):
+                raise TrainingError(f"the student has its teacher's diffusion settings: {cfg.distill.teacher}'s scheduler says "
+                                    f"{theirs.schedule}, T = {theirs.T}, {theirs.prediction}")
+        elif (t.config.network, t.config.diffusion, t.config.data) != (cfg.network, cfg.diffusion, cfg.data):
             raise TrainingError(f"the student has its teacher's network, diffusion and data settings: start from the teacher's "
                                 f"config, `ddpmkit train {t.path}/config.json train.task={self.name} distill.teacher=...`")
         self.teacher.network.requires_grad_(False)
