@@ -14,14 +14,16 @@ from ..pipelines.cascade import Stage, cascade, check_low_res, super_resolve
 from ..pipelines.generate import save_generated
 from ..superres import downsample, upsample
 from ..utils import side
-from .common import add_guidance_args, add_sampler_args, guidance_request, options_from, parse_stage
+from .common import add_guidance_args, add_sampler_args, guidance_request, load_model, options_from, own_sampler, parse_stage
 
 
 def run_cascade(args: argparse.Namespace) -> None:
     """The base model from the usual flags, then each --then stage; writes every stage's grid, the
     stages side by side (cascade.png), and the last stage's samples and reverse process."""
     request = guidance_request(args)
-    base = Stage(load_diffusion(args.checkpoint), args.sampler, args.steps, request.scale, request.threshold, None, options_from(args))
+    m = load_model(args)
+    args.sampler, args.steps = own_sampler(m, args.sampler, args.steps)  # a distilled base samples in its few steps by default
+    base = Stage(m, args.sampler, args.steps, request.scale, request.threshold, None, options_from(args))
     stages = [base] + [parse_stage(spec) for spec in args.then]
     t0 = time.time()
     record = 0 if args.no_gif else max(1, (stages[-1].steps or stages[-1].model.schedule.T) // 50)

@@ -14,18 +14,15 @@ from ..sampling import SAMPLERS
 from ..sampling.optimize import optimize_grid
 from ..train.judge import ensure_judge
 from .cascade import run_cascade
-from .common import add_device_args, add_guidance_args, add_sampler_args, guidance_request, load_model, options_from
+from .common import add_device_args, add_guidance_args, add_sampler_args, guidance_request, load_model, options_from, own_sampler
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
     if args.then:
-        args.sampler = args.sampler or "ddpm"
         return run_cascade(args)
     request = guidance_request(args)  # first: a bad scale fails before the model loads
     m = load_model(args)
-    if args.sampler is None:  # the run's own sampler (a distilled run's few-step one) and step count, else Algorithm 2
-        args.sampler = m.model_kind.sampler or "ddpm"
-        args.steps = args.steps or (m.metrics.get("sample_steps") if m.model_kind.sampler else None)
+    args.sampler, args.steps = own_sampler(m, args.sampler, args.steps)  # a distilled run's few-step sampler by default
     if args.compile:
         m.compile()
     total = args.steps or m.schedule.T
