@@ -5,6 +5,7 @@ and each distillation's training time against the teacher's.
     .venv/bin/python bench/distillation.py --teacher runs/demo --consistency runs/mnist_consistency \
         --progressive runs/mnist_progressive runs/mnist_progressive_4 ... [--n 500] [--ancestral REPORT.json]
 
+It also draws the first 8 samples of every row, from the same seeds, as one labelled figure (--figure).
 The teacher's ancestral row costs ~17 minutes for 500 digits on 2 AVX2 cores: --ancestral takes the report
 `bench/digits_quality.py --checkpoint TEACHER --n 500` wrote instead (same seeds, same judge), or --skip-ancestral.
 A progressive run counts at the NFE of its student_steps. The teacher's solvers at each NFE: DDIM, DPM-Solver++(2M)
@@ -18,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from ddpmkit import viz
 from ddpmkit.evaluate.report import DigitScorer
 from ddpmkit.models import load_diffusion
 from ddpmkit.pipelines import generate
@@ -44,11 +46,13 @@ def main() -> int:
     p.add_argument("--ancestral", default=None, help="a digits_quality.py report.json of the teacher (1,000 ancestral steps)")
     p.add_argument("--skip-ancestral", action="store_true")
     p.add_argument("--out", default="runs/bench/distillation.json")
+    p.add_argument("--figure", default="runs/bench/distillation.png", help="the first 8 samples of each row, same seeds")
     args = p.parse_args()
     nfes = [int(k) for k in args.nfe.split(",")]
     ensure_judge()
     scorer = DigitScorer()
     rows: list[dict] = []
+    pictures: list[tuple[str, object]] = []
 
     def row(model: str, path: str, sampler: str, steps: int | None, kind: str) -> dict:
         m = load_diffusion(path)
@@ -58,6 +62,7 @@ def main() -> int:
         r = {"model": model, "kind": kind, "sampler": sampler, "nfe": gen.nfe, "confident": s["confident"], "judge_fd": s["fd"],
              "sample_seconds": time.time() - t0}
         rows.append(r)
+        pictures.append((f"{kind.split(',')[0]}\n{sampler}, {gen.nfe} NFE", gen.images[:8]))
         print(f"| {model} | {kind} | {sampler} | {gen.nfe} | {s['confident']:.1%} | {s['fd']:.2f} |", flush=True)
         return r
 
@@ -87,6 +92,7 @@ def main() -> int:
                                                                        for k, b in best.items()))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    viz.labelled_rows(pictures, args.figure, n=8, title="the same 8 seeds: teacher's solvers and distilled students")
     out.write_text(json.dumps({"rows": rows, "teacher_training_s": teacher_s, "training_s": times}, indent=2))
     return 0
 
