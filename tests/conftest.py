@@ -44,11 +44,16 @@ TINY_DIGITS_RUN = ["data.name=digits", "network.base_channels=8", "network.chann
 
 @pytest.fixture(scope="session")
 def web_runs(tmp_path_factory):
-    """A folder of two tiny runs on the 8x8 digits, `uncond` and `class` (class-conditional), for the web page's tests."""
+    """A folder of tiny runs on the 8x8 digits, `uncond`, `class` (class-conditional) and `consistency` (distilled from
+    `uncond`), for the web page's tests."""
     from ddpmkit.config import PRESET_DIR, load_config
     from ddpmkit.train import train
 
     root = tmp_path_factory.mktemp("web") / "runs"
     for name, preset in (("uncond", "mnist.toml"), ("class", "mnist_class.toml")):
         train(load_config(PRESET_DIR / preset, [*TINY_DIGITS_RUN, f"train.run_dir={root / name}"]), progress=False)
+    # and `consistency`, distilled from `uncond` in 2 steps: the page switches to its own sampler
+    train(load_config(root / "uncond" / "config.json", ["train.task=consistency", f"distill.teacher={root / 'uncond'}", "distill.points=10",
+                                                        "train.steps=2", "train.ema_decay=0.9", f"train.run_dir={root / 'consistency'}"]),
+          progress=False)
     return root

@@ -202,6 +202,16 @@ def test_class_generate_conditions_on_the_class(page, runs):
     assert shown_image(page, "gen-result").std() > 0
 
 
+def test_a_distilled_run_switches_the_page_to_its_own_few_step_sampler(page, runs):
+    choose_model(page, runs / "consistency", "a consistency run, sampled with its own consistency in 1 step(s)")
+    assert value_of(page, "gen-sampler") == "consistency" and value_of(page, "gen-steps") == "1"
+    fill(page, "condition", "")
+    fill(page, "gen-seed", 3)
+    page.click("#gen-go")
+    command = wait_value(page, "gen-command")
+    assert "--sampler consistency --steps 1" in command and shown_image(page, "gen-result").std() > 0
+
+
 def test_same_seed_and_settings_give_the_same_image_as_the_cli(page, runs, tmp_path):
     from ddpmkit.cli import main
     from ddpmkit.web.actions import picture

@@ -105,13 +105,21 @@ class Actions:
         return Path(tempfile.mkdtemp(prefix=f"{what}-", dir=self.work_dir))
 
     # -- models -------------------------------------------------------------------------------
+    def own_sampler(self, run: str) -> tuple[str, int] | None:
+        """A distilled run's own few-step sampler and step count (what the page switches to), else None."""
+        m = self.shelf.get(run)
+        own = m.model_kind.sampler
+        return (own, int(m.metrics.get("sample_steps") or 1)) if own else None
+
     def describe(self, run: str) -> tuple[str, str, str]:
         """(a line about the model, the label of the class/prompt box, its placeholder)."""
         m = self.shelf.get(run)
         c, shape = m.conditioning, "x".join(map(str, m.image_shape))
         space = f"latent {'x'.join(map(str, m.data_shape))} decoded to {shape}" if m.autoencoder is not None else shape
+        own = self.own_sampler(run)
+        distilled = f"a {m.kind} run, sampled with its own {own[0]} in {own[1]} step(s); " if own else ""
         about = (f"**{run}**: step {m.step}, {space} images, {m.prediction} prediction, "
-                 f"{m.config.diffusion.schedule} schedule, T = {m.schedule.T}; ")
+                 f"{m.config.diffusion.schedule} schedule, T = {m.schedule.T}; {distilled}")
         if c == "class":
             return about + f"class-conditional ({m.num_classes} classes)", "class", \
                 f"class numbers 0..{m.num_classes - 1}, e.g. 7 or 0,1,2 (empty: all in turn)"

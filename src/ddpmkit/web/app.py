@@ -146,10 +146,12 @@ def build_app(actions: Actions, concurrency: int = 1) -> gr.Blocks:
         @shown_errors
         def describe(run_: str):
             text, label, placeholder = actions.describe(run_)
-            return text, gr.update(label=label, placeholder=placeholder)
+            own = actions.own_sampler(run_)  # a distilled run: its own few-step sampler and steps
+            return (text, gr.update(label=label, placeholder=placeholder), gr.update(value=own[0]) if own else gr.update(),
+                    gr.update(value=own[1]) if own else gr.update())
 
-        run.change(describe, run, [about, condition], concurrency_id=LIGHT, concurrency_limit=None)
-        app.load(describe, run, [about, condition], concurrency_id=LIGHT, concurrency_limit=None)
+        run.change(describe, run, [about, condition, sampler, steps], concurrency_id=LIGHT, concurrency_limit=None)
+        app.load(describe, run, [about, condition, sampler, steps], concurrency_id=LIGHT, concurrency_limit=None)
 
         def on_generate(run_, condition_, guidance_, sampler_, steps_, grid_, seed_, n_, request: gr.Request,
                         progress=gr.Progress()):  # noqa: B008 -- how gradio hands a progress bar to a callback
