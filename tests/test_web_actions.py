@@ -26,8 +26,8 @@ def actions(web_runs, tmp_path_factory):
 
 
 def test_find_runs_lists_diffusion_runs_and_the_shelf_serves_only_those(web_runs, tmp_path):
-    assert find_runs([web_runs]) == [str(web_runs / "class"), str(web_runs / "uncond")]
-    assert find_runs([web_runs / "uncond", web_runs]) == [str(web_runs / "uncond"), str(web_runs / "class")]
+    assert find_runs([web_runs]) == [str(web_runs / "class"), str(web_runs / "consistency"), str(web_runs / "uncond")]
+    assert find_runs([web_runs / "uncond", web_runs]) == [str(web_runs / "uncond"), str(web_runs / "class"), str(web_runs / "consistency")]
     assert find_runs([tmp_path, tmp_path / "missing"]) == []
     shelf = Shelf(find_runs([web_runs]))
     with pytest.raises(ValueError, match=r"unknown run '/etc'; this page serves \["):
