@@ -11,6 +11,7 @@ which, with batches drawn uniformly from the n_i + n_c examples together, is eac
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -58,7 +59,7 @@ def class_images(cfg: Config, image_shape: tuple[int, ...]) -> torch.Tensor:
     images = generate(base, db.class_images, GuidanceRequest(prompts=[db.class_prompt], scale=db.class_guidance), db.class_sampler,
                       db.class_steps, seed=0, progress=False).images.contiguous()
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".tmp-{cache.name}")
+    tmp = cache.with_name(f".tmp-{os.getpid()}-{cache.name}")  # each process of a multi-process run draws the same images
     save_file({"images": images}, tmp, metadata={"drawn": json.dumps(how)})
     tmp.replace(cache)  # whole or not at all
     return images
