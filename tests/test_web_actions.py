@@ -247,3 +247,25 @@ def test_latent_mask_keeps_a_latent_pixel_only_where_all_its_pixels_are_kept():
     keep = latent_mask(mask, (8, 8))
     assert keep.shape == (1, 1, 8, 8)
     assert keep[0, 0, :, :4].eq(0).all() and keep[0, 0, :, 4:].eq(1).all()
+
+
+def test_a_served_lora_is_merged_and_named_in_the_command(web_runs, tmp_path):
+    """`ddpmkit serve RUN --lora SPEC`: the page samples the model with the LoRA merged, as the CLI command it shows does."""
+    pytest.importorskip("peft")
+    import torch
+
+    from ddpmkit.config import load_config
+    from ddpmkit.models import load_diffusion
+    from ddpmkit.train import train
+
+    base = web_runs / "uncond"
+    lora = train(load_config(str(base / "config.json"), [f"train.init_from={base}", "train.lora_rank=4", "train.lr=5e-2", "train.steps=5",
+                                                         "train.checkpoint_every=0", f"train.run_dir={tmp_path / 'lora'}"]), progress=False)
+    spec = f"{lora}:0.5"
+    served = Actions(Shelf([str(base)], [spec]), Limits(max_steps=100, max_images=8), tmp_path / "work")
+    m, s = served.settings(str(base), "", "ddim", 6, "default", 3.0, 5, 4)
+    assert f"--lora {spec}" in s.command()
+    final = list(served.generate(s, preview_every_s=0.0))[-1]
+    expected = generate(load_diffusion(base, loras=[spec]), 4, s.request, "ddim", 6, 5, {"clip_x0": True}, progress=False).images
+    plain = generate(load_diffusion(base), 4, s.request, "ddim", 6, 5, {"clip_x0": True}, progress=False).images
+    assert np.array_equal(final["result"], picture(expected, nrow=2)) and not torch.equal(expected, plain)

@@ -13,7 +13,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except ImportError as e:
         raise UserError(f"the web page needs gradio: pip install 'ddpmkit[web]' ({e})") from None
     serve(args.runs or ["runs"], host=args.host, port=args.port, concurrency=args.concurrency,
-          limits=Limits(max_steps=args.max_steps, max_images=args.max_images))
+          limits=Limits(max_steps=args.max_steps, max_images=args.max_images), loras=args.lora)
 
 
 def add_commands(sub) -> None:
@@ -24,4 +24,6 @@ def add_commands(sub) -> None:
     s.add_argument("--concurrency", type=int, default=1, help="sampling requests run at once; the others queue")
     s.add_argument("--max-steps", type=int, default=1000, help="steps one request may ask for")
     s.add_argument("--max-images", type=int, default=64, help="images one request may ask for")
+    s.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA into the served model(s) at a scale (repeatable); chosen here, never by a visitor")
     s.set_defaults(func=cmd_serve)

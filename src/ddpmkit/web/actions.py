@@ -159,6 +159,7 @@ class Actions:
         if grid is not None and grid not in GRIDS:
             raise UserError(f"unknown grid {grid!r}; choose one of {[DEFAULT_GRID, *GRIDS]}")
         request, flags = self.request(m, condition, guidance)
+        flags += [f for spec in self.shelf.loras for f in ("--lora", spec)]  # the served model's LoRAs, as the CLI merges them
         s = Settings(run, self.limits.images(n), check_sampler(sampler), self.limits.steps(steps), grid, self.limits.seed(seed),
                      request, flags)
         if s.steps > m.schedule.T:
