@@ -493,3 +493,20 @@ def test_a_stable_diffusion_folder_is_a_teacher_for_progressive_distillation(tin
     assert student.config.network.kind == "diffusers" and student.kind == "progressive" and student.model_kind.sampler == "ddim_uniform"
     out = generate(student, 1, GuidanceRequest(prompts=[PROMPT], scale=3.0), "ddim_uniform", 4, seed=0, progress=False)
     assert out.images.shape == (1, 3, 16, 16) and out.nfe == 4 and not out.images.requires_grad
+
+
+def test_full_fine_tuning_of_a_stable_diffusion_folder_saves_and_loads_the_whole_unet(tiny_sd, captioned_images, tmp_path):
+    from safetensors.torch import load_file
+
+    from ddpmkit.checkpoint import list_checkpoints
+    from ddpmkit.config import load_config
+    from ddpmkit.train import train
+
+    run = train(load_config("sd_lora", [*sd_lora(tiny_sd, captioned_images, tmp_path / "full", "train.steps=3", "train.checkpoint_every=0"),
+                                        "train.lora_rank=0", "train.lr=1e-3"]), progress=False)
+    saved = load_file(list_checkpoints(run)[-1] / "ema.safetensors")
+    base = ddpmkit.load(tiny_sd).network.state_dict()
+    assert saved.keys() == base.keys(), "every UNet weight, no adapters"
+    tuned = ddpmkit.load(run).network.state_dict()
+    assert all(torch.equal(tuned[k], saved[k]) for k in saved) and any(not torch.equal(saved[k], base[k]) for k in saved)
+    assert not (list_checkpoints(run)[-1] / "pytorch_lora_weights.safetensors").exists()
