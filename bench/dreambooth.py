@@ -42,6 +42,7 @@ def main() -> int:
     p.add_argument("--class-images", type=int, default=200)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA adapters of this rank instead of every weight")
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--out", default="runs/bench/dreambooth")
     args = p.parse_args()
@@ -56,6 +57,7 @@ def main() -> int:
     cfg = load_config(str(Path(args.base) / "config.json"), [
         f"train.init_from={args.base}", "data.name=folder", f"data.path={style}", "data.image_size=28", "data.channels=1",
         f"dreambooth.instance_prompt={INSTANCE}", f"dreambooth.class_prompt={CLASS}", f"dreambooth.class_images={args.class_images}",
+        f"train.lora_rank={args.lora_rank}",
         f"train.steps={args.steps}", f"train.lr={args.lr}", "train.lr_schedule=constant", "train.warmup_steps=0", "train.ema_decay=0",
         "train.batch_size=32", "train.sample_every=0", "train.eval_every=0", "train.keep_steps=", "train.checkpoint_every=0",
         f"train.run_dir={out / 'run'}"])
