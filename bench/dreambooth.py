@@ -19,18 +19,16 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from ddpmkit import viz
-from ddpmkit.config import DataConfig, load_config
-from ddpmkit.data import dataset_for
+from ddpmkit.config import load_config
 from ddpmkit.evaluate.report import DigitScorer
 from ddpmkit.models import load_diffusion
 from ddpmkit.pipelines import generate
 from ddpmkit.pipelines.guided import GuidanceRequest
 from ddpmkit.train import train
 from ddpmkit.train.judge import ensure_judge
-from lora_style import ink, thick  # bench/: the style and its measure
+from lora_style import ink, style_set  # bench/: the style and its measure
 
 INSTANCE, CLASS = "a sks digit", "a handwritten digit"
 
@@ -47,13 +45,7 @@ def main() -> int:
     p.add_argument("--out", default="runs/bench/dreambooth")
     args = p.parse_args()
     out = Path(args.out)
-    style = out / "style"
-    style.mkdir(parents=True, exist_ok=True)
-    digits = dataset_for(DataConfig(name="mnist5k")).get_batch(torch.arange(args.images))
-    for k, x in enumerate(thick(digits)):
-        Image.fromarray(((x[0] + 1) * 127.5).round().clamp(0, 255).byte().numpy(), "L").save(style / f"{k:03d}.png")
-    real = dataset_for(DataConfig(name="mnist5k"), split="test").get_batch(torch.arange(500))
-    threshold = ink(real).quantile(0.95).item()
+    style, threshold = style_set(out, args.images)
     cfg = load_config(str(Path(args.base) / "config.json"), [
         f"train.init_from={args.base}", "data.name=folder", f"data.path={style}", "data.image_size=28", "data.channels=1",
         f"dreambooth.instance_prompt={INSTANCE}", f"dreambooth.class_prompt={CLASS}", f"dreambooth.class_images={args.class_images}",

@@ -45,6 +45,21 @@ def thick(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.max_pool2d(x, 3, stride=1, padding=1)
 
 
+def style_set(folder: Path, n: int) -> tuple[Path, float]:
+    """Write n mnist5k training digits in the new style as PNGs into folder/style; return that folder and the
+    'thick' threshold: the 95th percentile of the held-out digits' ink."""
+    style = folder / "style"
+    style.mkdir(parents=True, exist_ok=True)
+    digits = thick(dataset_for(DataConfig(name="mnist5k")).get_batch(torch.arange(n)))
+    for k, x in enumerate(digits):
+        Image.fromarray(((x[0] + 1) * 127.5).round().clamp(0, 255).byte().numpy(), "L").save(style / f"{k:03d}.png")
+    real = dataset_for(DataConfig(name="mnist5k"), split="test").get_batch(torch.arange(500))
+    threshold = ink(real).quantile(0.95).item()
+    print(f"style threshold: ink > {threshold:.3f} (95th percentile of held-out digits; the {n} thick examples: "
+          f"{(ink(digits) > threshold).float().mean():.0%} above)")
+    return style, threshold
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="runs/demo")
@@ -56,15 +71,7 @@ def main() -> int:
     p.add_argument("--out", default="runs/bench/lora_style")
     args = p.parse_args()
     out = Path(args.out)
-    style = out / "style"
-    style.mkdir(parents=True, exist_ok=True)
-    train_digits = dataset_for(DataConfig(name="mnist5k")).get_batch(torch.arange(args.images))
-    for k, x in enumerate(thick(train_digits)):
-        Image.fromarray(((x[0] + 1) * 127.5).round().clamp(0, 255).byte().numpy(), "L").save(style / f"{k:03d}.png")
-    real = dataset_for(DataConfig(name="mnist5k"), split="test").get_batch(torch.arange(500))
-    threshold = ink(real).quantile(0.95).item()
-    print(f"style threshold: ink > {threshold:.3f} (95th percentile of held-out digits; their 20 thick versions: "
-          f"{(ink(thick(train_digits)) > threshold).float().mean():.0%} above)")
+    style, threshold = style_set(out, args.images)
     ensure_judge()
     scorer = DigitScorer()
     rows, pictures = [], []
