@@ -12,6 +12,9 @@ from __future__ import annotations
 import argparse
 import time
 
+import ddpmkit.threads  # noqa: F401 -- before torch: OpenMP threads wait passively beside other processes
+
+# isort: split
 import torch
 
 from ddpmkit import viz

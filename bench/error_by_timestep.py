@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import argparse
 
+import ddpmkit.threads  # noqa: F401 -- before torch: OpenMP threads wait passively beside other processes
+
+# isort: split
 import torch
 
 from ddpmkit.data import load_dataset

@@ -23,6 +23,9 @@ import time
 import warnings
 from pathlib import Path
 
+import ddpmkit.threads  # noqa: F401 -- before torch: OpenMP threads wait passively beside other processes
+
+# isort: split
 import numpy as np
 import torch
 

@@ -33,6 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import ddpmkit.threads  # noqa: F401 -- before torch: OpenMP threads wait passively beside other processes
+
+# isort: split
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 

@@ -22,6 +22,9 @@ import json
 import time
 from pathlib import Path
 
+import ddpmkit.threads  # noqa: F401 -- before torch: OpenMP threads wait passively beside other processes
+
+# isort: split
 import torch
 
 from ddpmkit import viz

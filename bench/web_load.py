@@ -24,6 +24,9 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import ddpmkit.threads  # noqa: F401 -- before torch: OpenMP threads wait passively beside other processes
+
+# isort: split
 import numpy as np
 import torch
 from PIL import Image
