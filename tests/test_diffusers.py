@@ -510,3 +510,29 @@ def test_full_fine_tuning_of_a_stable_diffusion_folder_saves_and_loads_the_whole
     tuned = ddpmkit.load(run).network.state_dict()
     assert all(torch.equal(tuned[k], saved[k]) for k in saved) and any(not torch.equal(saved[k], base[k]) for k in saved)
     assert not (list_checkpoints(run)[-1] / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_a_lora_fine_tune_of_an_sdxl_folder_loads_in_diffusers_and_samples_alike(tiny_sdxl, captioned_images, tmp_path):
+    from ddpmkit.checkpoint import list_checkpoints
+    from ddpmkit.config import load_config
+    from ddpmkit.train import train
+
+    run = train(load_config("sd_lora", sd_lora(tiny_sdxl, captioned_images, tmp_path / "xl", "train.steps=10", "train.checkpoint_every=0")),
+                progress=False)
+    base, tuned = ddpmkit.load(tiny_sdxl), ddpmkit.load(run)
+    noise = seed_noise(3, (4, 8, 8))
+
+    def sample(m, grid=None):
+        model, kwargs, options = guided_model(m, 1, GuidanceRequest(prompts=["a red square"], scale=1.0), "dpmpp_2m")
+        return ddpmkit.sample(model, (1, 4, 8, 8), sampler="dpmpp_2m", steps=8, x_T=noise, grid=grid, clip_x0=False,
+                              model_kwargs=kwargs, solver_type="midpoint", **options).x
+
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(list_checkpoints(run)[-1])
+    ref = pipe("a red square", num_inference_steps=8, guidance_scale=1.0, latents=noise.clone(), output_type="latent").images
+    grid = pipe.scheduler.timesteps.to(torch.float64)
+    x = sample(tuned, grid)
+    assert (x - ref).abs().max() < 1e-4 * ref.abs().max(), "diffusers' SDXL pipeline with the run's LoRA file samples what ddpmkit does"
+    assert (sample(base, grid) - x).abs().max() > 1e-2, "the LoRA changed the model"

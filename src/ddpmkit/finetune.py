@@ -57,7 +57,9 @@ def pipeline_config(cfg: Config) -> Config:
     diffusion = dataclasses.replace(cfg.diffusion, schedule=diffusion.schedule, T=diffusion.T, zero_terminal_snr=diffusion.zero_terminal_snr,
                                     prediction=diffusion.prediction, learned_variance=diffusion.learned_variance, precondition="none")
     text = "text_encoder" in index and (folder / "text_encoder").is_dir()
-    context = json.loads((folder / "text_encoder" / "config.json").read_text()).get("hidden_size", 0) if text else cfg.network.context_dim
+    # SDXL's context is both encoders' hidden states side by side
+    encoders = [folder / name for name in ("text_encoder", "text_encoder_2") if name in index and (folder / name).is_dir()]
+    context = sum(json.loads((e / "config.json").read_text()).get("hidden_size", 0) for e in encoders) if text else cfg.network.context_dim
     network = dataclasses.replace(cfg.network, kind="diffusers", pipeline=str(folder), text_encoder=str(folder) if text else "",
                                   context_dim=context, num_classes=0)
     data = dataclasses.replace(cfg.data, autoencoder=str(folder) if "vae" in index else "")
