@@ -43,9 +43,8 @@ def main() -> int:
     p.add_argument("--class-images", type=int, default=200)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--cond-drop-prob", type=float, default=0.0,
-                   help="share of examples trained on the empty prompt (0, as in the paper: the unconditional model guidance "
-                        "extrapolates from is left as the base had it)")
+    p.add_argument("--cond-drop-prob", type=float, default=None,
+                   help="share of examples trained on the empty prompt (default: the base's; 0 as in diffusers' script)")
     p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
     p.add_argument("--class-guidance", type=float, default=3.0, help="the guidance scale the base draws the class images with")
     p.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA adapters of this rank instead of every weight")
@@ -58,7 +57,7 @@ def main() -> int:
         f"train.init_from={args.base}", "data.name=folder", f"data.path={style}", "data.image_size=28", "data.channels=1",
         f"dreambooth.instance_prompt={INSTANCE}", f"dreambooth.class_prompt={CLASS}", f"dreambooth.class_images={args.class_images}",
         f"dreambooth.class_guidance={args.class_guidance}",
-        f"train.lora_rank={args.lora_rank}", f"train.cond_drop_prob={args.cond_drop_prob}",
+        f"train.lora_rank={args.lora_rank}", *([f"train.cond_drop_prob={args.cond_drop_prob}"] if args.cond_drop_prob is not None else []),
         f"train.steps={args.steps}", f"train.lr={args.lr}", f"train.lr_schedule={args.lr_schedule}", "train.warmup_steps=0", "train.ema_decay=0",
         "train.batch_size=32", "train.sample_every=0", "train.eval_every=0", "train.keep_steps=", "train.checkpoint_every=0",
         f"train.run_dir={out / 'run'}"])
