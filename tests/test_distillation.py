@@ -176,6 +176,33 @@ def test_a_progressive_run_resumes_exactly(toy_teacher, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_an_autoguided_teacher_is_distilled_at_its_fixed_weight(toy_teacher, tmp_path):
+    """distill.autoguide: both kinds learn D_bad + w (D_teacher - D_bad), and the run records the guidance."""
+    import dataclasses
+
+    import ddpmkit
+    from ddpmkit.config import load_config
+    from ddpmkit.errors import UserError
+    from ddpmkit.train import train
+    from ddpmkit.train.progressive import ConsistencyTask, ProgressiveTask
+
+    config = str(toy_teacher / "config.json")
+    weak = train(load_config(config, ["train.steps=20", "train.checkpoint_every=0", f"train.run_dir={tmp_path / 'weak'}"]), progress=False)
+    cfg = load_config(config, [*student_overrides(toy_teacher, tmp_path / "pd", 4, 2), f"distill.autoguide={weak}",
+                               "distill.autoguide_scale=2.5"])
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(32, 2, generator=g), torch.randint(0, 1000, (32,), generator=g)
+    good, bad = (ddpmkit.load(run).denoiser.denoise(x, t).x0 for run in (toy_teacher, weak))
+    assert (good - bad).abs().mean() > 0.05  # the weak model is really weaker: the guidance does something
+    for task in (ProgressiveTask(cfg), ConsistencyTask(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, task="consistency")))):
+        torch.testing.assert_close(task.teacher_on(torch.device("cpu")).denoise(x, t).x0, bad + 2.5 * (good - bad))
+    student = ddpmkit.load(train(cfg, progress=False))
+    assert student.metrics["autoguide"] == str(weak) and student.metrics["autoguide_scale"] == 2.5
+    other = train(load_config("toy2d", ["train.steps=2", "train.checkpoint_every=0", f"train.run_dir={tmp_path / 'eps'}"]), progress=False)
+    with pytest.raises(UserError, match="must be a weaker model of the same kind"):
+        ProgressiveTask(load_config(config, [*student_overrides(toy_teacher, tmp_path / "bad", 4), f"distill.autoguide={other}"]))
+
+
 # ---- consistency distillation
 
 

@@ -6,7 +6,7 @@ import torch
 
 from ddpmkit.models import load_diffusion
 from ddpmkit.pipelines.generate import auto_streams, generate
-from ddpmkit.pipelines.guided import _weaker_model
+from ddpmkit.pipelines.guided import weaker_model
 from ddpmkit.precision import Autocast, resolve_precision
 
 
@@ -62,4 +62,4 @@ def test_bf16_runs_the_network_in_bf16_and_hands_back_float32(model):
     assert [canonical(p) for p in ("no", "float32", "bfloat16", "float16", "auto")] == ["fp32", "fp32", "bf16", "fp16", "auto"]
     assert dtype_of("bfloat16") is dtype_of("bf16") is torch.bfloat16 and resolve_precision("no") == "no"
     mixed_model = dataclasses.replace(model, network=Autocast(model.network))
-    assert isinstance(_weaker_model(mixed_model, str(model.path), "cpu").model, Autocast)  # autoguidance's bad model in the same precision
+    assert isinstance(weaker_model(mixed_model, str(model.path), "cpu").model, Autocast)  # autoguidance's bad model in the same precision

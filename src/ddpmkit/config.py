@@ -280,11 +280,17 @@ class DistillConfig:
     # consistency (train.task = 'consistency'): the points of the teacher's ODE grid from t = 0 to T - 1 (the paper's N);
     # the target network is the run's EMA, so train.ema_decay is the paper's mu
     points: int = 40
+    # an autoguided teacher (Karras et al. 2024): D_bad + w (D_teacher - D_bad), with D_bad a weaker model of the same kind
+    # (an early checkpoint of the teacher); the student learns the guided teacher's map, so it needs no second network
+    autoguide: str = ""
+    autoguide_scale: float = 2.0
 
     def __post_init__(self) -> None:
         if self.student_steps < 0 or self.points < 2:
             raise ConfigError(f"distill.student_steps = {self.student_steps} must be >= 1 (0 = not set), and distill.points = "
                               f"{self.points} >= 2")
+        if not 0.0 <= self.autoguide_scale < float("inf"):
+            raise ConfigError(f"distill.autoguide_scale = {self.autoguide_scale} must be a finite number >= 0 (1 = the teacher alone)")
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,7 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
         if m.conditioning != "none" and scale not in (0.0, 1.0):
             raise UserError(f"autoguidance guides one branch: with `autoguide` give `scale` 1 (the conditional model) or 0 "
                             f"(the unconditional one), not {scale:g}")
-        model = Autoguidance(model, _weaker_model(m, request.autoguide, device), request.autoguide_scale)
+        model = Autoguidance(model, weaker_model(m, request.autoguide, device), request.autoguide_scale)
     if request.threshold:
         model = DynamicThresholding(model, request.threshold)
     if request.classifier:
@@ -164,7 +164,7 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
     return model, kwargs, options
 
 
-def _weaker_model(m: DiffusionModel, path: str, device) -> Denoiser:
+def weaker_model(m: DiffusionModel, path: str, device) -> Denoiser:
     """The bad model of autoguidance: it must denoise the same data in the same way as m."""
     bad = load_diffusion(path, device=device)
     mine, its = m.config.diffusion, bad.config.diffusion

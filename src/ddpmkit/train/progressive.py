@@ -22,6 +22,10 @@ trained so that its outputs at the two ends of one teacher ODE step agree, again
 A class- or text-conditional teacher is distilled branch by branch: the condition (dropped to the null one as
 in training) goes to teacher and student alike, so classifier-free guidance still combines the student's two
 branches at sampling.
+
+An autoguided teacher (distill.autoguide = a weaker model, usually the teacher's early checkpoint, and
+distill.autoguide_scale = w) is folded in at that fixed w: the teacher's steps are those of
+D_bad + w (D_teacher - D_bad), so the student samples the guided teacher's map with one network.
 """
 from __future__ import annotations
 
@@ -30,7 +34,10 @@ from torch import nn
 
 from ..config import Config
 from ..distillation import consistency_loss, progressive_loss
+from ..guidance import Autoguidance
 from ..models import DiffusionModel, load_diffusion
+from ..parameterization import Denoiser
+from ..pipelines.guided import weaker_model
 from .batches import Batch
 from .denoiser import DenoiserTask
 from .task import TrainingError
@@ -57,6 +64,10 @@ class DistillationTask(DenoiserTask):
             raise TrainingError(f"the student has its teacher's network, diffusion and data settings: start from the teacher's "
                                 f"config, `ddpmkit train {t.path}/config.json train.task={self.name} distill.teacher=...`")
         self.teacher.network.requires_grad_(False)
+        self.weaker: Denoiser | None = None  # autoguidance's bad model, checked to be of the teacher's kind
+        if cfg.distill.autoguide:
+            self.weaker = weaker_model(t, cfg.distill.autoguide, "cpu")
+            self.weaker.model.requires_grad_(False)
 
     def student_core(self, net: nn.Module) -> nn.Module:
         """The part of the student that has the teacher's architecture."""
@@ -68,9 +79,19 @@ class DistillationTask(DenoiserTask):
         self.student_core(net).load_state_dict(self.teacher.network.state_dict())
         return net
 
-    def teacher_on(self, device: torch.device):
+    def teacher_on(self, device: torch.device) -> Denoiser:
+        """The teacher's denoiser on the training device (autoguided when distill.autoguide is set)."""
         self.teacher.network.to(device)
-        return self.teacher.denoiser
+        if self.weaker is None:
+            return self.teacher.denoiser
+        self.weaker.model.to(device)
+        return Autoguidance(self.teacher.denoiser, self.weaker, self.cfg.distill.autoguide_scale)
+
+    def recorded(self) -> dict:
+        """What the run's metrics record of its teacher."""
+        d = self.cfg.distill
+        guided = {"autoguide": d.autoguide, "autoguide_scale": d.autoguide_scale} if d.autoguide else {}
+        return {"teacher": str(self.teacher.path), **guided}
 
     def evaluate(self, ema: nn.Module) -> dict[str, float]:
         return {}  # the VLB of a few-step student says nothing about its samples
@@ -107,7 +128,7 @@ class ProgressiveTask(DistillationTask):
 
     def finish(self, ema: nn.Module, model: nn.Module) -> dict:
         K = self.cfg.distill.student_steps  # sample_steps: what `ddpmkit sample` uses when given no --steps
-        return {"round": self.round, "student_steps": K, "sample_steps": K, "teacher": str(self.teacher.path)}
+        return {"round": self.round, "student_steps": K, "sample_steps": K, **self.recorded()}
 
 
 class ConsistencyTask(DistillationTask):
@@ -143,4 +164,4 @@ class ConsistencyTask(DistillationTask):
         return {"sampler": "consistency", "steps": 2}
 
     def finish(self, ema: nn.Module, model: nn.Module) -> dict:
-        return {"points": self.cfg.distill.points, "sample_steps": 1, "teacher": str(self.teacher.path)}
+        return {"points": self.cfg.distill.points, "sample_steps": 1, **self.recorded()}
