@@ -54,10 +54,12 @@ def test_a_config_extends_a_preset_and_overrides_its_keys(tmp_path):
         load_config(child)
 
 
-@pytest.mark.parametrize("preset", ["mnist_progressive", "mnist_consistency"])
+@pytest.mark.parametrize("preset", ["mnist_progressive", "mnist_progressive_guided", "mnist_consistency"])
 def test_the_distillation_presets_have_the_demo_models_settings(preset):
     """A student must have its teacher's network, diffusion and data settings (DistillationTask checks them):
     the presets distil the demo model (the mnist preset, in runs/demo)."""
     cfg, demo = load_config(preset), load_config("mnist")
     assert (cfg.network, cfg.diffusion, cfg.data) == (demo.network, demo.diffusion, demo.data)
     assert cfg.train.task == preset.split("_")[1] and cfg.distill.teacher == "runs/demo"
+    if cfg.distill.autoguide:  # the weaker model is the checkpoint the demo keeps for autoguidance
+        assert cfg.distill.autoguide in [f"runs/demo/ckpt-{step:07d}" for step in demo.train.keep_steps]
