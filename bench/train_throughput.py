@@ -11,7 +11,8 @@ forward pass under no_grad at the same batch (sampling). Each line gives images/
 fraction of a 2048x2048 fp32 matrix product measured in the same process (and of a bf16 one where this CPU
 computes bf16 natively, with the bf16 autocast step). images/s per matmul GFLOP/s is the machine-independent
 figure: "mnist_2023" is the demo's earlier network (16-32-64 channels at 28/14/7) under the same recipe, so
-the ratio of the two lines is the demo's gain at equal machine speed (target >= 1.3); "mnist_patch2" folds
+the ratio of the two lines is the demo's gain at equal machine speed (target >= 1.3; with both presets the bench
+also times the two in alternating rounds and prints the median ratio, which the VM's drift moves less); "mnist_patch2" folds
 2x2 pixels into channels (32-64 at 14/7), the faster network it was measured against (docs/ordinary_machine.md).
 
 Presets that need another run (mnist_latent*: an autoencoder; unclip_*: a CLIP) are skipped unless
@@ -147,6 +148,23 @@ def report(preset: str, overrides: list[str], reps: int, fp32_rate: float, bf16_
     return per_rate
 
 
+def interleaved_ratio(rounds: int, steps: int) -> None:
+    """The demo network's training images/s over the earlier network's, timed in alternating rounds of a few steps
+    in this process, so that the shared machine's drift hits both alike; the median of the per-round ratios."""
+    fp32 = ["train.mixed_precision=no"]
+    timed = {"mnist": Timed("mnist", fp32), "mnist_2023": Timed("mnist", [*fp32, *VARIANTS["mnist_2023"]])}
+    rates: dict[str, list[float]] = {name: [] for name in timed}
+    for t in timed.values():
+        t.train_step()  # warm-up
+    for _ in range(rounds):
+        for name, t in timed.items():
+            rates[name].append(t.bs / Timed.seconds(t.train_step, steps))
+    ratios = [a / b for a, b in zip(rates["mnist"], rates["mnist_2023"])]
+    print(f"interleaved, {rounds} rounds of {steps} steps: demo {statistics.median(rates['mnist']):.1f} images/s, earlier "
+          f"{statistics.median(rates['mnist_2023']):.1f}; per-round ratios {' '.join(f'{r:.2f}' for r in ratios)}; "
+          f"median ratio x{statistics.median(ratios):.2f} (target >= 1.3)")
+
+
 def candidates(reps: int) -> None:
     """The speed-ups the issue listed, on the earlier demo UNet's bare training step (network, MSE, AdamW) in one process."""
     from ddpmkit.nets.unet import UNet
@@ -214,11 +232,11 @@ def main() -> None:
     p.add_argument("--clip", default=None, help="a CLIP run for the unCLIP presets")
     p.add_argument("--candidates", action="store_true", help="time fused AdamW, channels-last, batch 128 and torch.compile instead")
     p.add_argument("--against", default=None, help="a git ref: compare the whole trainer with the one at that ref")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=None, help="rounds for --against (default 3) and the interleaved demo ratio (default 9)")
     p.add_argument("--precision", default="no", choices=["no", "bf16"], help="train.mixed_precision for --against")
     args = p.parse_args()
     if args.against:
-        return compare_with(args.against, args.steps, args.rounds, args.precision)
+        return compare_with(args.against, args.steps, args.rounds or 3, args.precision)
     if args.candidates:
         return candidates(args.steps)
     fp32 = matmul_gflops(torch.float32)
@@ -236,6 +254,7 @@ def main() -> None:
     if per_rate.get("mnist") and per_rate.get("mnist_2023"):
         print(f"demo network, images/s per matmul GFLOP/s: {per_rate['mnist']:.3f} against {per_rate['mnist_2023']:.3f} for the earlier "
               f"one: x{per_rate['mnist'] / per_rate['mnist_2023']:.2f} (target >= 1.3)")
+        interleaved_ratio(args.rounds or 9, 4)
 
 
 if __name__ == "__main__":
