@@ -122,15 +122,20 @@ def test_forward_on_an_image_file(tmp_path, capsys):
     assert code == 2 and "cannot read image" in err and len(err.strip().splitlines()) == 1
 
 
-def test_demo_trains_samples_and_points_at_autoguidance_by_its_kept_checkpoint(tmp_path, capsys):
+def test_demo_trains_and_draws_its_grid_autoguided_by_its_kept_checkpoint(tmp_path, capsys):
     run_dir = tmp_path / "demo"
     code, out, err = run(capsys, "demo", "--n", "2", "--steps", "3", "--run-dir", str(run_dir), "train.steps=6", "train.checkpoint_every=2",
                          "train.keep_steps=[2]", "train.sample_every=0", "train.eval_every=0", "train.warmup_steps=1")
     assert code == 0, err
     assert (run_dir / "demo_samples" / "grid.png").is_file()
     assert sorted(p.name for p in run_dir.glob("ckpt-*")) == ["ckpt-0000002", "ckpt-0000004", "ckpt-0000006"]  # keep 2 + step 2
-    assert f"--sampler dpmpp_2m --steps 10 --autoguide {run_dir / 'ckpt-0000002'}" in out
-    assert "for 6 steps" in out and "with dpmpp_2m, 3 steps" in out
+    # the grid is guided by the kept early checkpoint: the same digits as `ddpmkit sample` with that autoguidance
+    assert f"with ddim_uniform, 3 steps, autoguided by {run_dir / 'ckpt-0000002'} (w = 2)" in out and "for 6 steps" in out
+    code, _, err = run(capsys, "sample", str(run_dir), "--n", "2", "--sampler", "ddim_uniform", "--steps", "3", "--autoguide",
+                       str(run_dir / "ckpt-0000002"), "--autoguide-scale", "2", "--no-gif", "--out", str(tmp_path / "same"))
+    assert code == 0, err
+    same = [np.asarray(Image.open(d / "grid.png")) for d in (run_dir / "demo_samples", tmp_path / "same")]
+    assert np.array_equal(*same)
 
 
 def test_user_errors_are_one_line_in_the_faces_words_and_bugs_keep_their_traceback(monkeypatch, capsys):

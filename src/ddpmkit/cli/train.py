@@ -12,6 +12,7 @@ from ..errors import UserError
 from ..kinds import kind_of
 from ..models import load_diffusion
 from ..pipelines.generate import generate, save_generated
+from ..pipelines.guided import GuidanceRequest
 from ..posthoc_ema import write_checkpoint
 from ..sampling import SAMPLERS
 from ..sampling.options import sampler_options
@@ -38,17 +39,26 @@ def cmd_demo(args: argparse.Namespace) -> None:
     cap = f", stopping after {args.minutes:g} minutes at most" if args.minutes else ""
     print(f"[demo] training a {cfg.network.kind} on {cfg.data.name} for {cfg.train.steps} steps{cap} -> {args.run_dir}")
     train(cfg, resume=False)
-    out = Path(args.run_dir) / "demo_samples"
-    m = load_diffusion(args.run_dir)
-    steps = args.steps or m.schedule.T
-    print(f"[demo] sampling {args.n} digits with {args.sampler}, {steps} steps")
-    gen = generate(m, args.n, sampler=args.sampler, steps=steps, options=sampler_options(args.sampler), record_every=max(1, steps // 50))
+    draw_demo(Path(args.run_dir), cfg.train.keep_steps, args.n, args.sampler, args.steps, args.autoguide_scale)
+
+
+def draw_demo(run_dir: Path, keep_steps, n: int, sampler: str, steps: int, autoguide_scale: float) -> None:
+    """The demo's grid and reverse process, guided by the early checkpoint the preset keeps (autoguidance, Karras et
+    al. 2024): on the demo model, 16 uniform DDIM steps at w = 2 read 74.0% of digits confidently (judge-FD 1.59),
+    against 73.4% / 2.17 for 1,000 ancestral steps and 61.2% / 3.53 for unguided DPM-Solver++(2M) 20
+    (docs/distillation.md, docs/ordinary_machine.md)."""
+    m = load_diffusion(run_dir)
+    steps = steps or m.schedule.T
+    kept = [run_dir / f"ckpt-{s:07d}" for s in keep_steps if s < m.step]
+    weaker = kept[0] if kept and kept[0].is_dir() and autoguide_scale != 1 else None
+    request = GuidanceRequest(autoguide=str(weaker), autoguide_scale=autoguide_scale) if weaker else None
+    how = f", autoguided by {weaker} (w = {autoguide_scale:g})" if weaker else ""
+    print(f"[demo] sampling {n} digits with {sampler}, {steps} steps{how}")
+    gen = generate(m, n, request, sampler=sampler, steps=steps, options=sampler_options(sampler), record_every=max(1, steps // 50))
+    out = run_dir / "demo_samples"
     save_generated(gen, out)
-    print(f"[demo] look at {out / 'grid.png'} and {out / 'reverse_process.gif'}; Algorithm 2 (1,000 ancestral steps, 1-2 minutes on 2 cores): "
-          f"ddpmkit sample {args.run_dir} --sampler ddpm")
-    kept = [Path(args.run_dir) / f"ckpt-{s:07d}" for s in cfg.train.keep_steps if s < m.step]  # the preset keeps an early step
-    if kept and (weaker := kept[0]).is_dir():
-        print(f"[demo] autoguidance by an early checkpoint: ddpmkit sample {args.run_dir} --sampler dpmpp_2m --steps 10 --autoguide {weaker}")
+    print(f"[demo] look at {out / 'grid.png'} and {out / 'reverse_process.gif'}; Algorithm 2 (1,000 ancestral steps, 1-2 minutes on 2 "
+          f"cores): ddpmkit sample {run_dir} --sampler ddpm" + ("; unguided: add --autoguide-scale 1 to `ddpmkit demo`" if weaker else ""))
 
 
 def widths(text: str) -> list[float]:
@@ -95,7 +105,9 @@ def add_commands(sub) -> None:
     d.add_argument("overrides", nargs="*", help="section.key=value overrides of the mnist preset, e.g. train.steps=10")
     d.add_argument("--minutes", type=float, default=0.0, help="stop training after this long (default 0: no limit, the same steps everywhere)")
     d.add_argument("--n", type=int, default=64)
-    d.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS), help="ddpm = Algorithm 2 (then --steps 1000)")
-    d.add_argument("--steps", type=int, default=20, help="sampler steps (0 = all T)")
+    d.add_argument("--sampler", default="ddim_uniform", choices=sorted(SAMPLERS), help="ddpm = Algorithm 2 (then --steps 1000)")
+    d.add_argument("--steps", type=int, default=16, help="sampler steps (0 = all T)")
+    d.add_argument("--autoguide-scale", type=float, default=2.0,
+                   help="autoguidance weight w by the early checkpoint the preset keeps (1 = unguided; each step then costs one evaluation, not two)")
     d.add_argument("--run-dir", default="runs/demo")
     d.set_defaults(func=cmd_demo)
