@@ -128,7 +128,7 @@ def test_resume_after_kill_is_exact(tmp_path, kind):
 # the autoencoder and the classifier take the denoiser's path (a per-example mean over a plain image batch)
 # (and consistency distillation: teacher ODE steps and the EMA target network on each process's half)
 # (and a LoRA run: only the adapters' gradients are all-reduced)
-TWO_PROCESS_KINDS = [*(k for k in KIND_PARAMS if getattr(k, "values", (k,))[0] in ("denoiser", "superres", "clip")), "consistency",
+TWO_PROCESS_KINDS = [*(k for k in KIND_PARAMS if getattr(k, "values", (k,))[0] in ("denoiser", "superres", "clip")), "progressive", "consistency",
                      pytest.param("lora", marks=pytest.mark.skipif(find_spec("peft") is None, reason="peft"))]
 
 
