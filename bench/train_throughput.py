@@ -3,6 +3,7 @@
     .venv/bin/python bench/train_throughput.py [--presets mnist mnist_2023 imagen_base ...] [--steps 10]
     .venv/bin/python bench/train_throughput.py --candidates
     .venv/bin/python bench/train_throughput.py --against HEAD~1 [--precision no]
+    .venv/bin/python bench/train_throughput.py --distillation runs/demo [--steps 40] [--rounds 2]
 
 For each preset: one task of the training engine (the preset's own network, loss, batch size and conditions),
 timed over full training steps (batch lookup, forward, loss, backward, fused AdamW), and the same network's
@@ -197,12 +198,12 @@ def candidates(reps: int) -> None:
     timed("torch.compile (forward + backward)", compiled=True)
 
 
-def trainer_images_per_s(src: Path, run_dir: Path, steps: int, precision: str) -> float:
-    """Median images/s of one `ddpmkit train mnist` run of the code under src, from its log."""
+def trainer_images_per_s(src: Path, run_dir: Path, steps: int, precision: str, preset: str = "mnist", extra: tuple[str, ...] = ()) -> float:
+    """Median images/s of one `ddpmkit train PRESET` run of the code under src, from its log."""
     env = {**os.environ, "PYTHONPATH": str(src)}
-    subprocess.run([sys.executable, "-m", "ddpmkit.cli", "train", "mnist", f"train.run_dir={run_dir}", f"train.steps={steps}",
+    subprocess.run([sys.executable, "-m", "ddpmkit.cli", "train", preset, f"train.run_dir={run_dir}", f"train.steps={steps}",
                     "train.max_minutes=0", "train.log_every=10", "train.sample_every=0", "train.eval_every=0", "train.checkpoint_every=0",
-                    f"train.mixed_precision={precision}", "--quiet"], check=True, env=env, capture_output=True)
+                    "train.warmup_steps=0", f"train.mixed_precision={precision}", *extra, "--quiet"], check=True, env=env, capture_output=True)
     rates = [e["examples_per_s"] for e in map(json.loads, (run_dir / "train_log.jsonl").read_text().splitlines()) if "examples_per_s" in e]
     return statistics.median(rates[1:])
 
@@ -224,6 +225,25 @@ def compare_with(ref: str, steps: int, rounds: int, precision: str) -> None:
         subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(tmp / "before")], capture_output=True)
 
 
+def distillation_cost(teacher: str, steps: int, rounds: int) -> None:
+    """The distillation presets' whole runs against the demo's (their teacher's), from the whole trainer: alternating
+    short runs in fresh processes, median images/s, times each preset's own train.steps."""
+    from ddpmkit.config import load_config as config_of
+
+    src, tmp = Path(__file__).resolve().parents[1] / "src", Path(tempfile.mkdtemp(prefix="distill-cost-"))
+    presets = ["mnist", "mnist_progressive", "mnist_progressive_guided", "mnist_consistency"]
+    rates: dict[str, list[float]] = {p: [] for p in presets}
+    for r in range(rounds):
+        for preset in presets:
+            extra = (f"distill.teacher={teacher}", f"distill.autoguide={teacher}/ckpt-0000250") if preset == "mnist_progressive_guided" else \
+                (f"distill.teacher={teacher}",) if preset != "mnist" else ()
+            rates[preset].append(trainer_images_per_s(src, tmp / f"{preset}{r}", steps, "no", preset, extra))
+    minutes = {p: config_of(p).train.steps * config_of(p).train.batch_size / statistics.median(v) / 60 for p, v in rates.items()}
+    for p in presets:
+        print(f"{p:<26} {statistics.median(rates[p]):6.1f} images/s (runs: {' '.join(f'{v:.1f}' for v in rates[p])}), "
+              f"train.steps={config_of(p).train.steps}: ~{minutes[p]:.1f} min = {minutes[p] / minutes['mnist']:.2f}x the teacher's")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS)
@@ -234,7 +254,11 @@ def main() -> None:
     p.add_argument("--against", default=None, help="a git ref: compare the whole trainer with the one at that ref")
     p.add_argument("--rounds", type=int, default=None, help="rounds for --against (default 3) and the interleaved demo ratio (default 9)")
     p.add_argument("--precision", default="no", choices=["no", "bf16"], help="train.mixed_precision for --against")
+    p.add_argument("--distillation", default=None, metavar="TEACHER",
+                   help="a demo run (with its step-250 checkpoint): the distillation presets' training time against the teacher's")
     args = p.parse_args()
+    if args.distillation:
+        return distillation_cost(args.distillation, args.steps if args.steps != 8 else 40, args.rounds or 2)
     if args.against:
         return compare_with(args.against, args.steps, args.rounds or 3, args.precision)
     if args.candidates:

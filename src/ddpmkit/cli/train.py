@@ -42,7 +42,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     draw_demo(Path(args.run_dir), cfg.train.keep_steps, args.n, args.sampler, args.steps, args.autoguide_scale)
 
 
-def draw_demo(run_dir: Path, keep_steps, n: int, sampler: str, steps: int, autoguide_scale: float) -> None:
+def draw_demo(run_dir: Path, keep_steps: tuple[int, ...], n: int, sampler: str, steps: int, autoguide_scale: float) -> None:
     """The demo's grid and reverse process, guided by the early checkpoint the preset keeps (autoguidance, Karras et
     al. 2024): on the demo model, 16 uniform DDIM steps at w = 2 read 74.0% of digits confidently (judge-FD 1.59),
     against 73.4% / 2.17 for 1,000 ancestral steps and 61.2% / 3.53 for unguided DPM-Solver++(2M) 20

@@ -65,9 +65,11 @@ class DistillationTask(DenoiserTask):
                                 f"config, `ddpmkit train {t.path}/config.json train.task={self.name} distill.teacher=...`")
         self.teacher.network.requires_grad_(False)
         self.weaker: Denoiser | None = None  # autoguidance's bad model, checked to be of the teacher's kind
+        self.guided_teacher: Denoiser = t.denoiser
         if cfg.distill.autoguide:
             self.weaker = weaker_model(t, cfg.distill.autoguide, "cpu")
             self.weaker.model.requires_grad_(False)
+            self.guided_teacher = Autoguidance(t.denoiser, self.weaker, cfg.distill.autoguide_scale)
 
     def student_core(self, net: nn.Module) -> nn.Module:
         """The part of the student that has the teacher's architecture."""
@@ -82,10 +84,9 @@ class DistillationTask(DenoiserTask):
     def teacher_on(self, device: torch.device) -> Denoiser:
         """The teacher's denoiser on the training device (autoguided when distill.autoguide is set)."""
         self.teacher.network.to(device)
-        if self.weaker is None:
-            return self.teacher.denoiser
-        self.weaker.model.to(device)
-        return Autoguidance(self.teacher.denoiser, self.weaker, self.cfg.distill.autoguide_scale)
+        if self.weaker is not None:
+            self.weaker.model.to(device)
+        return self.guided_teacher
 
     def recorded(self) -> dict:
         """What the run's metrics record of its teacher."""
