@@ -7,6 +7,8 @@
 2. Draw n samples from the checkpoint, by default with 1,000-step ancestral sampling
    (Algorithm 2); --sampler/--steps/--grid/--order/--eta pick any other sampler, e.g.
    --sampler unipc --steps 20 --grid logsnr, or a grid from `ddpmkit tune-grid`.
+   --autoguide RUN/ckpt-... --autoguide-scale w guides every step by a weaker model (the demo keeps
+   its step-250 checkpoint for this); the NFE then counts both networks.
 3. Report the share judged with confidence >= 0.9 (target >= 80%), each class's share of the
    samples (target 5-15% each) and the judge-FD (Frechet distance in the judge's feature space to
    the 500 held-out digits), and save the grid.
@@ -26,6 +28,7 @@ from ddpmkit.evaluate.judge import judge
 from ddpmkit.evaluate.report import DigitScorer
 from ddpmkit.models import load_diffusion
 from ddpmkit.pipelines import generate
+from ddpmkit.pipelines.guided import GuidanceRequest
 from ddpmkit.sampling.options import sampler_options
 from ddpmkit.train.judge import ensure_judge
 
@@ -45,6 +48,8 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=None, help="samples at once (default: generate's cache-sized chunks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="where the network samples: cpu, cuda, mps")
+    p.add_argument("--autoguide", default=None, help="a weaker model of the same kind to guide by (autoguidance)")
+    p.add_argument("--autoguide-scale", type=float, default=2.0, help="the autoguidance weight w (1 = unguided)")
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA or raw weights of the checkpoint")
     p.add_argument("--out", default="runs/bench/digits_quality")
     args = p.parse_args()
@@ -61,12 +66,14 @@ def main() -> int:
         m.compile()
     t0 = time.time()
     options = sampler_options(args.sampler, args.grid, args.variance, not args.no_clip, args.eta, args.order)
-    gen = generate(m, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed, options=options, batch_size=args.batch)
-    x, nfe = gen.images, gen.nfe
+    request = GuidanceRequest(autoguide=args.autoguide, autoguide_scale=args.autoguide_scale) if args.autoguide else None
+    gen = generate(m, args.n, request, sampler=args.sampler, steps=args.steps, seed=args.seed, options=options, batch_size=args.batch)
+    x, nfe = gen.images, gen.nfe * (2 if request is not None and args.autoguide_scale != 1 else 1)
     elapsed = time.time() - t0
     verdict = judge(classifier, x)
     out = Path(args.out)
-    tag = f"{args.sampler}_{nfe}nfe" + (f"_{args.variance}" if args.sampler == "ddpm" else "") + (f"_{Path(args.grid).stem}" if args.grid else "")
+    tag = f"{args.sampler}_{nfe}nfe" + (f"_{args.variance}" if args.sampler == "ddpm" else "") + (f"_{Path(args.grid).stem}" if args.grid else "") \
+        + (f"_autoguide{args.autoguide_scale:g}" if request is not None else "")
     viz.save_grid(x[:100], out / f"grid_{tag}.png", nrow=10)
     print(f"sampled {args.n} digits from {m.path} (step {m.step}) with {args.sampler}, {nfe} NFE, in {elapsed:.0f}s")
     print(verdict.table())
@@ -77,7 +84,7 @@ def main() -> int:
     print(f"targets: confident >= 80%: {'PASS' if ok_conf else 'FAIL'};  every class 5-15%: {'PASS' if ok_cover else 'FAIL'};"
           f"  judge >= 97%: {'PASS' if acc >= 0.97 else 'FAIL'}")
     report = {"checkpoint": str(m.path), "step": m.step, "sampler": args.sampler,
-              "options": {k: v for k, v in vars(args).items() if k in ("variance", "grid", "eta", "order")},
+              "options": {k: v for k, v in vars(args).items() if k in ("variance", "grid", "eta", "order", "autoguide", "autoguide_scale")},
               "nfe": nfe, "n": args.n,
               "judge_test_accuracy": acc, "real_confident_fraction": real.confident_fraction, "confident_fraction": verdict.confident_fraction,
               "class_shares": verdict.class_shares, "judge_fd": fd, "mean_confidence": verdict.mean_confidence, "seconds": elapsed}
