@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 from importlib.util import find_spec
 
@@ -14,8 +16,10 @@ import torch
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # and the ddpmkit processes the tests start, one thread each too
-# whatever the code under test caches goes to a throw-away folder, not the user's ~/.cache
-os.environ.setdefault("DDPMKIT_CACHE", tempfile.mkdtemp(prefix="ddpmkit-test-cache-"))
+# whatever the code under test caches goes to a throw-away folder, not the user's ~/.cache, removed at the end
+if "DDPMKIT_CACHE" not in os.environ:
+    os.environ["DDPMKIT_CACHE"] = tempfile.mkdtemp(prefix="ddpmkit-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["DDPMKIT_CACHE"], ignore_errors=True)
 # `make test` also runs the lesson notebooks (pytest --nbmake lessons): their kernels inherit the fast mode
 os.environ.setdefault("DDPMKIT_LESSONS_FAST", "1")
 

@@ -84,7 +84,7 @@ FROM_BASE = {
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", [*KIND_PARAMS, pytest.param("lora", marks=pytest.mark.skipif(find_spec("peft") is None, reason="peft")),
                                   "progressive", "consistency"])
-def test_resume_after_kill_is_exact(tmp_path, kind):
+def test_resume_after_kill_is_exact(tmp_path, capsys, kind):
     """N steps in one run == N/2 steps, a SIGKILL, and --resume for the rest, for every kind of model (and a LoRA run)."""
     n = 20
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -95,8 +95,9 @@ def test_resume_after_kill_is_exact(tmp_path, kind):
     base = [*spec, f"train.steps={n}", "train.max_minutes=0", "train.keep_checkpoints=0", "train.mixed_precision=no"]
     if kind == "denoiser":
         base.append("network.dropout=0.2")  # the dropout masks are seeded by the step, so they repeat on resume
-    # the straight run in this process (a fresh one costs seconds of imports), the killed and resumed ones in
-    # processes of their own with as many threads as this one, so that every run sums in the same order
+    # the killed run in a process of its own with as many threads as this one, so that every run sums in the same
+    # order; the straight and the resumed runs in this process (a fresh one costs seconds of imports), the resumed
+    # one through the command line's own entry point
     train(load_config(base[0], [*base[1:], f"train.run_dir={straight}", "train.checkpoint_every=1000"]), progress=False)
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen(_cli("train", *base, f"train.run_dir={killed}", f"train.checkpoint_every={n // 2}", "--quiet"), cwd=ROOT, env=env)
@@ -110,9 +111,11 @@ def test_resume_after_kill_is_exact(tmp_path, kind):
     for later in list_checkpoints(killed):  # as if the kill came right after the half-way checkpoint
         if later != half:
             subprocess.run(["rm", "-rf", str(later)], check=True)
-    done = subprocess.run(_cli("train", *base, f"train.run_dir={killed}", f"train.checkpoint_every={n // 2}", "--resume", "--quiet"),
-                          cwd=ROOT, capture_output=True, text=True, check=True, env=env)
-    assert f"at step {n // 2}" in done.stdout + done.stderr and f"{kind.replace('lora', 'denoiser')} run folder" in done.stdout
+    from ddpmkit.cli import main
+
+    assert main(["train", *base, f"train.run_dir={killed}", f"train.checkpoint_every={n // 2}", "--resume", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert f"at step {n // 2}" in out + err and f"{kind.replace('lora', 'denoiser')} run folder" in out
     a, b = _weights(straight), _weights(killed)
     assert a.keys() == b.keys()
     for k in a:
