@@ -14,7 +14,9 @@ computes bf16 natively, with the bf16 autocast step). images/s per matmul GFLOP/
 figure: "mnist_2023" is the demo's earlier network (16-32-64 channels at 28/14/7) under the same recipe, so
 the ratio of the two lines is the demo's gain at equal machine speed (target >= 1.3; with both presets the bench
 also times the two in alternating rounds and prints the median ratio, which the VM's drift moves less); "mnist_patch2" folds
-2x2 pixels into channels (32-64 at 14/7), the faster network it was measured against (docs/ordinary_machine.md).
+2x2 pixels into channels (32-64 at 14/7), the faster network it was measured against (docs/ordinary_machine.md);
+"mnist_narrow" is the demo's network with network.narrow_upsampling (each upsampling convolution outputs the finer
+level's width).
 
 Presets that need another run (mnist_latent*: an autoencoder; unclip_*: a CLIP) are skipped unless
 --autoencoder / --clip name one.
@@ -48,7 +50,8 @@ from ddpmkit.train.batches import Batch
 
 # variants of the demo preset: its network until 2026-12-03, and the patched one it was measured against
 VARIANTS = {"mnist_2023": ["network.base_channels=16", "network.channel_mult=1,2,4"],
-            "mnist_patch2": ["network.patch_size=2", "network.base_channels=32", "network.channel_mult=1,2"]}
+            "mnist_patch2": ["network.patch_size=2", "network.base_channels=32", "network.channel_mult=1,2"],
+            "mnist_narrow": ["network.narrow_upsampling=true"]}
 DEFAULT_PRESETS = ["mnist", "mnist_2023", "mnist_patch2", "mnist_class", "mnist_text", "mnist_eps", "imagen_base", "imagen_sr", "mnist_autoencoder",
                    "mnist_classifier", "judge", "clip", "mnist_latent", "unclip_prior", "unclip_decoder"]
 
@@ -149,21 +152,22 @@ def report(preset: str, overrides: list[str], reps: int, fp32_rate: float, bf16_
     return per_rate
 
 
-def interleaved_ratio(rounds: int, steps: int) -> None:
-    """The demo network's training images/s over the earlier network's, timed in alternating rounds of a few steps
-    in this process, so that the shared machine's drift hits both alike; the median of the per-round ratios."""
+def interleaved_ratio(rounds: int, steps: int, networks: list[str]) -> None:
+    """Each demo network's training images/s over the earlier network's, timed in alternating rounds of a few steps
+    in this process, so that the shared machine's drift hits all alike; the median of the per-round ratios."""
     fp32 = ["train.mixed_precision=no"]
-    timed = {"mnist": Timed("mnist", fp32), "mnist_2023": Timed("mnist", [*fp32, *VARIANTS["mnist_2023"]])}
+    timed = {name: Timed("mnist", [*fp32, *VARIANTS.get(name, [])]) for name in ["mnist_2023", *networks]}
     rates: dict[str, list[float]] = {name: [] for name in timed}
     for t in timed.values():
         t.train_step()  # warm-up
     for _ in range(rounds):
         for name, t in timed.items():
             rates[name].append(t.bs / Timed.seconds(t.train_step, steps))
-    ratios = [a / b for a, b in zip(rates["mnist"], rates["mnist_2023"])]
-    print(f"interleaved, {rounds} rounds of {steps} steps: demo {statistics.median(rates['mnist']):.1f} images/s, earlier "
-          f"{statistics.median(rates['mnist_2023']):.1f}; per-round ratios {' '.join(f'{r:.2f}' for r in ratios)}; "
-          f"median ratio x{statistics.median(ratios):.2f} (target >= 1.3)")
+    print(f"interleaved, {rounds} rounds of {steps} steps: earlier network {statistics.median(rates['mnist_2023']):.1f} images/s")
+    for name in networks:
+        ratios = [a / b for a, b in zip(rates[name], rates["mnist_2023"])]
+        print(f"  {name}: {statistics.median(rates[name]):.1f} images/s; per-round ratios {' '.join(f'{r:.2f}' for r in ratios)}; "
+              f"median ratio x{statistics.median(ratios):.2f} (target >= 1.3)")
 
 
 def candidates(reps: int) -> None:
@@ -278,7 +282,7 @@ def main() -> None:
     if per_rate.get("mnist") and per_rate.get("mnist_2023"):
         print(f"demo network, images/s per matmul GFLOP/s: {per_rate['mnist']:.3f} against {per_rate['mnist_2023']:.3f} for the earlier "
               f"one: x{per_rate['mnist'] / per_rate['mnist_2023']:.2f} (target >= 1.3)")
-        interleaved_ratio(args.rounds or 9, 4)
+        interleaved_ratio(args.rounds or 9, 4, [name for name in args.presets if name in ("mnist", *VARIANTS) and name != "mnist_2023"])
 
 
 if __name__ == "__main__":

@@ -61,3 +61,29 @@ def test_patch_size_folds_pixels_into_channels():
         UNet(1, image_size=28, patch_size=3)
     with pytest.raises(ValueError, match=r"choose from \[14, 7\]"):
         UNet(1, image_size=28, channel_mult=(1, 2), attention_resolutions=(28,), patch_size=2)
+
+
+def test_narrow_upsampling_brings_each_upsampled_map_to_the_finer_levels_width():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ddpmkit.nets.layers import Upsample
+
+    cfg = dict(kind="unet", base_channels=8, channel_mult=(1, 4, 8), attention_resolutions=(7,))
+    wide, narrow = (build_network(NetworkConfig(**cfg, narrow_upsampling=n), (1, 28, 28)) for n in (False, True))
+    widths = lambda net: [(m.conv.in_channels, m.conv.out_channels) for m in net.up if isinstance(m, Upsample)]  # noqa: E731
+    assert widths(wide) == [(64, 64), (32, 32)] and widths(narrow) == [(64, 32), (32, 8)]
+    # the first up block of each finer level then takes the finer width plus its skip (32 + 32 at 14x14, 8 + 8 at 28x28)
+    assert [b[0].conv1.in_channels for b in narrow.up if not isinstance(b, Upsample)] == [128, 96, 64, 40, 16, 16]
+    for p in narrow.parameters():
+        if not p.any():
+            torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 1, 28, 28, requires_grad=True)
+    with FlopCounterMode(display=False) as flops:
+        out = narrow(x, torch.tensor([10.0, 900.0]))
+    assert out.shape == x.shape
+    out[0].sum().backward()
+    assert (x.grad[0].abs() > 0).all() and not x.grad[1].any()
+    with FlopCounterMode(display=False) as wide_flops:
+        wide(x, torch.tensor([10.0, 900.0]))
+    # the two upsampling convolutions shrink 4x and 2x, and the blocks after them read fewer channels: ~21% of the FLOPs
+    assert flops.get_total_flops() / wide_flops.get_total_flops() == pytest.approx(95.0 / 120.1, abs=0.01)

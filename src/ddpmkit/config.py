@@ -100,6 +100,8 @@ class NetworkConfig:
     num_heads: int = 4
     dropout: float = 0.0
     patch_size: int = 1  # > 1: the UNet works on p x p pixel patches folded into channels (image_size / p per side)
+    # true: each upsampling convolution outputs the finer level's width (U-Net's halving up-convolution), not the coarser's
+    narrow_upsampling: bool = False
     mlp_hidden: int = 256
     mlp_layers: int = 4
     num_classes: int = 0  # > 0: class-conditional (label embedding + a null label for guidance)

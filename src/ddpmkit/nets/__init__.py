@@ -39,6 +39,7 @@ def build_network(cfg: NetworkConfig, data_shape: tuple[int, ...], learned_varia
             attention_resolutions=cfg.attention_resolutions, num_heads=cfg.num_heads, dropout=cfg.dropout,
             num_classes=cfg.num_classes, context_dim=cfg.context_dim if cfg.text_encoder else 0, patch_size=cfg.patch_size,
             low_res_channels=low_res_channels, upsample_mode=upsample, image_embed_dim=image_embed_dim, embed_tokens=embed_tokens,
+            narrow_upsampling=cfg.narrow_upsampling,
         )
     if cfg.kind == "mlp":
         if cfg.text_encoder:

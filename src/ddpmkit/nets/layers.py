@@ -140,9 +140,11 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    def __init__(self, channels: int):
+    """Nearest-neighbour 2x, then a 3x3 convolution to out_channels (default: as many as come in)."""
+
+    def __init__(self, channels: int, out_channels: int | None = None):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
