@@ -213,9 +213,10 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 def test_keep_checkpoints_prunes_all_but_the_newest_and_the_kept_steps(tmp_path):
     cfg = load_config(PRESET_DIR / "toy2d.toml", [f"train.run_dir={tmp_path}", "train.steps=10", "train.checkpoint_every=2",
-                                                   "train.keep_checkpoints=2", "train.keep_steps=[4]", "train.sample_every=0"])
+                                                   "train.keep_checkpoints=2", "train.keep_steps=[3,4]", "train.sample_every=0"])
     train(cfg, progress=False)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-0000004", "ckpt-0000008", "ckpt-0000010"]
+    # step 3 is not a multiple of checkpoint_every: a kept step is written all the same
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-0000003", "ckpt-0000004", "ckpt-0000008", "ckpt-0000010"]
 
 
 def test_lr_schedule():

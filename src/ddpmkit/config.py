@@ -225,8 +225,8 @@ class TrainConfig:
     num_samples: int = 64
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
-    # checkpoints at these steps are never pruned by keep_checkpoints: e.g. an early one as the weaker
-    # model of autoguidance (`ddpmkit sample RUN --autoguide RUN/ckpt-0000500`)
+    # checkpoints at these steps are written (whatever checkpoint_every) and never pruned by keep_checkpoints: e.g. an
+    # early one as the weaker model of autoguidance (`ddpmkit sample RUN --autoguide RUN/ckpt-0000500`)
     keep_steps: tuple[int, ...] = ()
     # NaN safety: a step whose loss or gradient is not finite is skipped; after nan_patience such
     # steps in a row the run rolls back to its last checkpoint with the learning rate halved, at

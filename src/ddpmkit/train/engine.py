@@ -315,7 +315,9 @@ class Trainer:
             if self.progress and metrics:
                 self.bar.write(f"step {st.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             self.model.train()
-        if tc.checkpoint_every and st.step % tc.checkpoint_every == 0 and st.step < st.decay.end:
+        # a kept step (train.keep_steps, e.g. autoguidance's weaker model) is written even between checkpoint_every's
+        due = (tc.checkpoint_every and st.step % tc.checkpoint_every == 0) or st.step in tc.keep_steps
+        if due and st.step < st.decay.end:
             self.checkpoint()
 
     def finish(self) -> Path:
