@@ -68,7 +68,7 @@ def main() -> int:
     options = sampler_options(args.sampler, args.grid, args.variance, not args.no_clip, args.eta, args.order)
     request = GuidanceRequest(autoguide=args.autoguide, autoguide_scale=args.autoguide_scale) if args.autoguide else None
     gen = generate(m, args.n, request, sampler=args.sampler, steps=args.steps, seed=args.seed, options=options, batch_size=args.batch)
-    x, nfe = gen.images, gen.nfe * (2 if request is not None and args.autoguide_scale != 1 else 1)
+    x, nfe = gen.images, gen.nfe * (request.autoguided_networks if request is not None else 1)
     elapsed = time.time() - t0
     verdict = judge(classifier, x)
     out = Path(args.out)

@@ -79,7 +79,7 @@ def main() -> int:
             secs = time.time() - t0
             s = scorer(gen.images)
             label = sampler + (f" ({grid})" if grid else "") + guided + ("" if args.precision == "fp32" else f", {args.precision}")
-            nfe = gen.nfe * (2 if request is not None and request.autoguide_scale != 1 else 1)
+            nfe = gen.nfe * (request.autoguided_networks if request is not None else 1)
             rows.append({"model": name, "step": m.step, "sampler": label, "steps": steps, "nfe": nfe, "n": args.n,
                          "confident": s["confident"], "judge_fd": s["fd"], "seconds": secs})
             print(f"| {name} | {m.step} | {label} | {nfe} | {s['confident']:.1%} | {s['fd']:.2f} | {secs:.0f} |", flush=True)

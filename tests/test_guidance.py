@@ -221,9 +221,15 @@ def test_autoguidance_is_bad_plus_w_times_good_minus_bad_in_every_parameterizati
     # guiding x0-predictions is the same guidance: affine maps commute with the combination
     guided_x0 = Autoguidance(D(in_parameterization("x0", good), "x0"), D(in_parameterization("x0", bad), "x0"), 2.5)(x, t)
     assert torch.allclose(guided_x0.eps, e_b + 2.5 * (e_g - e_b), atol=1e-9)
-    # scale 1: the good model alone, without calling the bad one
-    counted = Counting(bad)
-    assert torch.equal(Autoguidance(D(good), D(counted), 1.0)(x, t).eps, e_g) and counted.calls == 0
+    # scale 1: the good model alone, without calling the bad one; the request counts its networks the same way
+    from ddpmkit.pipelines.guided import GuidanceRequest
+
+    for w, networks in ((1.0, 1), (2.5, 2)):
+        counted = Counting(bad)
+        Autoguidance(D(good), D(counted), w)(x, t)
+        assert 1 + counted.calls == networks == GuidanceRequest(autoguide="RUN/ckpt-0000250", autoguide_scale=w).autoguided_networks
+    assert torch.equal(Autoguidance(D(good), D(Counting(bad)), 1.0)(x, t).eps, e_g)
+    assert GuidanceRequest().autoguided_networks == 1
     for w in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="finite number >= 0"):
             Autoguidance(D(good), D(bad), w)

@@ -50,6 +50,12 @@ class GuidanceRequest:
             if value is not None and not math.isfinite(value):
                 raise UserError(f"the {name} must be a finite number, got {value}")
 
+    @property
+    def autoguided_networks(self) -> int:
+        """Networks each guided evaluation runs for autoguidance: the model and the weaker one (Autoguidance skips the
+        weaker one at w = 1), for counting network evaluations."""
+        return 2 if self.autoguide and self.autoguide_scale != 1 else 1
+
     def slice(self, start: int, n: int, num_classes: int = 0) -> GuidanceRequest:
         """The request for samples start .. start+n-1 of a longer run, so that batches cycle the
         classes and prompts as one big batch would. num_classes: the model's (0 = unconditional)."""
