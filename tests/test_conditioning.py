@@ -43,7 +43,7 @@ def test_conditioning_needs_labels(tmp_path):
 def test_class_conditional_toy_with_guidance_draws_the_requested_mode(tmp_path):
     """8 Gaussians with the component as label: one network, trained with label dropout, samples the
     requested mode when guided and every mode when unconditional (null label)."""
-    cfg = load_config(PRESET_DIR / "toy2d.toml", [f"train.run_dir={tmp_path}", "network.num_classes=8", "train.steps=700",
+    cfg = load_config(PRESET_DIR / "toy2d.toml", [f"train.run_dir={tmp_path}", "network.num_classes=8", "train.steps=250",
                                                   "train.cond_drop_prob=0.2"])
     train(cfg, progress=False)
     m = load_diffusion(tmp_path)

@@ -135,30 +135,44 @@ TWO_PROCESS_KINDS = [*(k for k in KIND_PARAMS if getattr(k, "values", (k,))[0] i
                      pytest.param("lora", marks=pytest.mark.skipif(find_spec("peft") is None, reason="peft"))]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", TWO_PROCESS_KINDS)
-def test_two_processes_train_like_one(tmp_path, kind):
-    """torchrun with 2 CPU processes (gloo): synchronized weights, each process a different half of
-    every global batch, and the same result as one process with the same global batch."""
-    n = 6
-    if kind in FROM_BASE:
-        spec = FROM_BASE[kind](train(load_config("mnist", [*TINY, "train.steps=5", f"train.run_dir={tmp_path / 'base'}"]), progress=False))
-    else:
-        spec = KINDS[kind]
-    common = [*spec, f"train.steps={n}", "train.max_minutes=0", "train.checkpoint_every=1000",
-              "train.mixed_precision=no"]  # fp32, so the only difference is the order of the gradient all-reduce
-    one, two = tmp_path / "one", tmp_path / "two"
+def _two_process_spec(kind: str, base: Path) -> list[str]:
+    spec = FROM_BASE[kind](base) if kind in FROM_BASE else KINDS[kind]
+    return [*spec, "train.steps=6", "train.max_minutes=0", "train.checkpoint_every=1000",
+            "train.mixed_precision=no"]  # fp32, so the only difference is the order of the gradient all-reduce
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory) -> Path:
+    """Every kind's run twice: in one process, and in two (torchrun, gloo) with the same global batch. The
+    two-process runs of all kinds go through one launch (tests/train_many.py): a launch costs seconds of imports."""
+    root = tmp_path_factory.mktemp("two_processes")
+    base = train(load_config("mnist", [*TINY, "train.steps=5", f"train.run_dir={root / 'base'}"]), progress=False)
+    kinds = [getattr(k, "values", (k,))[0] for k in TWO_PROCESS_KINDS if not any(m.name == "skipif" and m.args[0] for m in getattr(k, "marks", ()))]
     # on the CPU even where there is a GPU: two processes cannot share one GPU, and CPU and GPU round differently
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     from ddpmkit.train.engine import has_accelerator
 
-    if has_accelerator():  # the one-process run on the CPU too
-        subprocess.run(_cli("train", *common, f"train.run_dir={one}", "--quiet"), check=True, cwd=ROOT, env=env)
-    else:  # in this process: a fresh one costs seconds of imports, the same on every kind
-        train(load_config(common[0], [*common[1:], f"train.run_dir={one}"]), progress=False)
-    port = str(29533 + sorted([*KINDS, *FROM_BASE]).index(kind))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, "-m", "ddpmkit.cli"]
-    subprocess.run([*torchrun, "train", *common, f"train.run_dir={two}", "--quiet"], check=True, cwd=ROOT, env=env)
+    for kind in kinds:
+        common = _two_process_spec(kind, base)
+        if has_accelerator():  # the one-process run on the CPU too
+            subprocess.run(_cli("train", *common, f"train.run_dir={root / kind / 'one'}", "--quiet"), check=True, cwd=ROOT, env=env)
+        else:  # in this process: a fresh one costs seconds of imports
+            train(load_config(common[0], [*common[1:], f"train.run_dir={root / kind / 'one'}"]), progress=False)
+    runs = root / "runs.json"
+    runs.write_text(json.dumps([[*_two_process_spec(k, base), f"train.run_dir={root / k / 'two'}"] for k in kinds]))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    subprocess.run([*torchrun, str(ROOT / "tests" / "train_many.py"), str(runs)], check=True, cwd=ROOT, env=env)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group(name="two_processes")
+@pytest.mark.parametrize("kind", TWO_PROCESS_KINDS)
+def test_two_processes_train_like_one(two_process_runs, kind):
+    """torchrun with 2 CPU processes (gloo): synchronized weights, each process a different half of
+    every global batch, and the same result as one process with the same global batch."""
+    spec = _two_process_spec(kind, two_process_runs / "base")
+    one, two = two_process_runs / kind / "one", two_process_runs / kind / "two"
     log = [json.loads(line) for line in (two / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["world_size"] == 2 and log[-1]["params_in_sync"] is True
     # Adam divides by sqrt(v): in the zero-initialised layers, whose gradients are ~0 in the first steps,
