@@ -236,10 +236,11 @@ def distillation_cost(teacher: str, steps: int, rounds: int) -> None:
 
     src, tmp = Path(__file__).resolve().parents[1] / "src", Path(tempfile.mkdtemp(prefix="distill-cost-"))
     presets = ["mnist", "mnist_progressive", "mnist_progressive_guided", "mnist_consistency"]
+    kept = Path(config_of("mnist_progressive_guided").distill.autoguide).name  # the demo's kept checkpoint, as the preset names it
     rates: dict[str, list[float]] = {p: [] for p in presets}
     for r in range(rounds):
         for preset in presets:
-            extra = (f"distill.teacher={teacher}", f"distill.autoguide={teacher}/ckpt-0000250") if preset == "mnist_progressive_guided" else \
+            extra = (f"distill.teacher={teacher}", f"distill.autoguide={teacher}/{kept}") if preset == "mnist_progressive_guided" else \
                 (f"distill.teacher={teacher}",) if preset != "mnist" else ()
             rates[preset].append(trainer_images_per_s(src, tmp / f"{preset}{r}", steps, "no", preset, extra))
     minutes = {p: config_of(p).train.steps * config_of(p).train.batch_size / statistics.median(v) / 60 for p, v in rates.items()}
