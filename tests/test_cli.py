@@ -130,9 +130,9 @@ def test_demo_trains_and_draws_its_grid_autoguided_by_its_kept_checkpoint(tmp_pa
     assert (run_dir / "demo_samples" / "grid.png").is_file()
     assert sorted(p.name for p in run_dir.glob("ckpt-*")) == ["ckpt-0000002", "ckpt-0000004", "ckpt-0000006"]  # keep 2 + step 2
     # the grid is guided by the kept early checkpoint: the same digits as `ddpmkit sample` with that autoguidance
-    assert f"with ddim_uniform, 3 steps, autoguided by {run_dir / 'ckpt-0000002'} (w = 2)" in out and "for 6 steps" in out
+    assert f"with ddim_uniform, 3 steps, autoguided by {run_dir / 'ckpt-0000002'} (w = 1.5)" in out and "for 6 steps" in out
     code, _, err = run(capsys, "sample", str(run_dir), "--n", "2", "--sampler", "ddim_uniform", "--steps", "3", "--autoguide",
-                       str(run_dir / "ckpt-0000002"), "--autoguide-scale", "2", "--no-gif", "--out", str(tmp_path / "same"))
+                       str(run_dir / "ckpt-0000002"), "--autoguide-scale", "1.5", "--no-gif", "--out", str(tmp_path / "same"))
     assert code == 0, err
     same = [np.asarray(Image.open(d / "grid.png")) for d in (run_dir / "demo_samples", tmp_path / "same")]
     assert np.array_equal(*same)
