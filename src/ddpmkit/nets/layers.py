@@ -45,7 +45,7 @@ class ResBlock(nn.Module):
         self.norm2 = group_norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))
-        self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+        self.skip = nn.Identity() if in_ch == out_ch else PointwiseConv2d(in_ch, out_ch)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         h = self.norm2(self.conv1(F.silu(self.norm1(x))))
@@ -54,6 +54,39 @@ class ResBlock(nn.Module):
             h = h * (1 + scale) + shift  # ADM's scale-shift norm
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
+
+
+class PointwiseConv1d(nn.Conv1d):
+    """A Conv1d of kernel size 1 (its weights, state dict and (B, C_in, L) -> (B, C_out, L) contract), computed as
+    a matrix product over the channels: oneDNN runs these convolutions at a fifth of the matmul rate on a CPU.
+    The output is a transposed view of a (B, L, C_out) tensor, the layout attention wants its q, k and v in."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int] = 1, *args, **kwargs):
+        # Conv1d's signature, because peft builds its LoRA factors for this layer by calling its type
+        if kernel_size not in (1, (1,)):
+            raise ValueError(f"PointwiseConv1d has kernel size 1, got {kernel_size}")
+        super().__init__(in_channels, out_channels, kernel_size, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.transpose(1, 2), self.weight[:, :, 0], self.bias).transpose(1, 2)
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """A Conv2d of kernel size 1 (the residual blocks' skip), computed as one batched matrix product per image:
+    W (C_out, C_in) @ x (C_in, H*W). For the demo UNet's skips this is 1.1-2.4x faster than oneDNN's convolution,
+    forward and backward, on 2 AVX2 cores."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int] = 1, *args, **kwargs):
+        if kernel_size not in (1, (1, 1)):
+            raise ValueError(f"PointwiseConv2d has kernel size 1, got {kernel_size}")
+        super().__init__(in_channels, out_channels, kernel_size, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        weight = self.weight[:, :, 0, 0].expand(B, -1, -1)
+        if self.bias is None:
+            return torch.bmm(weight, x.reshape(B, C, H * W)).reshape(B, -1, H, W)
+        return torch.baddbmm(self.bias[None, :, None], weight, x.reshape(B, C, H * W)).reshape(B, -1, H, W)
 
 
 class SelfAttention(nn.Module):
@@ -65,16 +98,18 @@ class SelfAttention(nn.Module):
             raise UserError(f"attention channels {channels} are not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.norm = group_norm(channels)
-        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
-        self.proj = zero_module(nn.Conv1d(channels, channels, 1))
+        self.qkv = PointwiseConv1d(channels, 3 * channels)
+        self.proj = zero_module(PointwiseConv1d(channels, channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x).reshape(B, C, H * W))  # (B, 3C, L)
-        q, k, v = qkv.reshape(B, 3, self.num_heads, C // self.num_heads, H * W).transpose(-1, -2).unbind(1)  # (B, nh, L, hs)
-        h = F.scaled_dot_product_attention(q, k, v)  # (B, nh, L, hs)
-        h = h.transpose(-1, -2).reshape(B, C, H * W)
-        return x + self.proj(h).reshape(B, C, H, W)
+        L, nh = H * W, self.num_heads
+        qkv = self.qkv(self.norm(x).reshape(B, C, L)).transpose(1, 2)  # (B, L, 3C)
+        # q, k and v with their head dimension contiguous: torch's fused CPU attention kernel takes them as they are
+        # (the transposed layout fell back to the unfused one, 1.6x slower in training)
+        q, k, v = qkv.reshape(B, L, 3, nh, C // nh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, L, hs)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, C)
+        return x + self.proj(h.transpose(1, 2)).reshape(B, C, H, W)
 
 
 class CrossAttention(nn.Module):
@@ -90,18 +125,18 @@ class CrossAttention(nn.Module):
         self.num_heads = num_heads
         self.norm = group_norm(channels)
         self.context_norm = nn.LayerNorm(context_dim)
-        self.q = nn.Conv1d(channels, channels, 1)
+        self.q = PointwiseConv1d(channels, channels)
         self.kv = nn.Linear(context_dim, 2 * channels)
-        self.proj = zero_module(nn.Conv1d(channels, channels, 1))
+        self.proj = zero_module(PointwiseConv1d(channels, channels))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, C, H, W = x.shape
         nh, hs = self.num_heads, C // self.num_heads
-        q = self.q(self.norm(x).reshape(B, C, H * W)).reshape(B, nh, hs, H * W).transpose(-1, -2)  # (B, nh, HW, hs)
+        q = self.q(self.norm(x).reshape(B, C, H * W)).transpose(1, 2).reshape(B, H * W, nh, hs).transpose(1, 2)  # (B, nh, HW, hs)
         k, v = self.kv(self.context_norm(context)).reshape(B, -1, 2, nh, hs).permute(2, 0, 3, 1, 4)  # (B, nh, L, hs) each
         attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L)
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, HW, hs)
-        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H * W)).reshape(B, C, H, W)
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(B, H * W, C)
+        return x + self.proj(h.transpose(1, 2)).reshape(B, C, H, W)
 
 
 class AttentionBlock(nn.Module):
@@ -139,6 +174,24 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
+# Nearest 2x upsampling then a 3x3 convolution equals, at the coarse resolution, a 3x3 convolution to four phases of
+# out_channels, interleaved by pixel_shuffle ("sub-pixel convolution"). Output pixel 2p + a reads coarse rows p - 1
+# and p (phase a = 0) or p and p + 1 (a = 1); the kernel rows that land on the same coarse row add up. Row r of
+# _PHASE_ROWS[a] says which of the kernel's rows feed coarse offset r - 1.
+_PHASE_ROWS = torch.tensor([[[1.0, 0, 0], [0, 1, 1], [0, 0, 0]],
+                            [[0.0, 0, 0], [1, 1, 0], [0, 0, 1]]])
+
+
+def upsample_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1), computed at x's resolution:
+    the same FLOPs, but oneDNN runs 4 * C_out channels at the coarse size faster than C_out at the fine one
+    (1.4x for the demo UNet's 32 channels at 14 -> 28, forward and backward, on 2 AVX2 cores)."""
+    rows = _PHASE_ROWS.to(weight)
+    phases = torch.einsum("aru,oiuv,bsv->oabirs", rows, weight, rows)  # (C_out, 2, 2, C_in, 3, 3)
+    phases = phases.reshape(4 * weight.shape[0], weight.shape[1], 3, 3)  # channel 4o + 2a + b, as pixel_shuffle reads
+    return F.pixel_shuffle(F.conv2d(x, phases, None if bias is None else bias.repeat_interleave(4), padding=1), 2)
+
+
 class Upsample(nn.Module):
     """Nearest-neighbour 2x, then a 3x3 convolution to out_channels (default: as many as come in)."""
 
@@ -147,7 +200,9 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        if type(self.conv) is nn.Conv2d:
+            return upsample_conv3x3(x, self.conv.weight, self.conv.bias)
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))  # a layer peft wrapped (LoRA) runs as it is
 
 
 class LabelEmbedding(nn.Module):
