@@ -87,3 +87,67 @@ def test_narrow_upsampling_brings_each_upsampled_map_to_the_finer_levels_width()
         wide(x, torch.tensor([10.0, 900.0]))
     # the two upsampling convolutions shrink 4x and 2x, and the blocks after them read fewer channels: ~21% of the FLOPs
     assert flops.get_total_flops() / wide_flops.get_total_flops() == pytest.approx(95.0 / 120.1, abs=0.01)
+
+
+def test_upsampling_conv_at_the_coarse_resolution_is_nearest_2x_then_the_conv():
+    """The sub-pixel form (kernel rows/columns summed per output phase) is the same function, with the same gradients."""
+    import torch.nn.functional as F
+
+    from ddpmkit.nets.layers import Upsample
+
+    torch.manual_seed(0)
+    up = Upsample(3, 5)
+    x = torch.randn(2, 3, 5, 4, requires_grad=True)
+    fast = up(x)
+    grads_fast = torch.autograd.grad(fast.square().sum(), [x, up.conv.weight, up.conv.bias])
+    ref = up.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+    grads_ref = torch.autograd.grad(ref.square().sum(), [x, up.conv.weight, up.conv.bias])
+    assert fast.shape == (2, 5, 10, 8)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads_fast, grads_ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+    # a LoRA on the conv (peft wraps the layer) must take part: that layer runs at the fine resolution as it is
+    from peft import LoraConfig, inject_adapter_in_model
+
+    up = inject_adapter_in_model(LoraConfig(r=2, target_modules=["conv"], init_lora_weights=False), up)
+    torch.testing.assert_close(up(x), up.conv(F.interpolate(x, scale_factor=2, mode="nearest")))
+    assert (up(x) - ref).abs().max() > 1e-3
+
+
+def test_pointwise_convolutions_are_their_conv_layers_and_take_loras():
+    from peft import LoraConfig, inject_adapter_in_model
+    from torch import nn
+
+    from ddpmkit.nets.layers import PointwiseConv1d, PointwiseConv2d
+
+    torch.manual_seed(0)
+    for fast, ref, x in [(PointwiseConv2d(6, 4), nn.Conv2d(6, 4, 1), torch.randn(3, 6, 5, 7)),
+                         (PointwiseConv1d(6, 4), nn.Conv1d(6, 4, 1), torch.randn(3, 6, 9))]:
+        ref.load_state_dict(fast.state_dict())  # the same parameters under the same names
+        torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-6)
+        # peft builds the LoRA factors by calling the layer's type; the adapted layer adds B A x
+        holder = inject_adapter_in_model(LoraConfig(r=2, target_modules=["layer"], init_lora_weights=False),
+                                         nn.ModuleDict({"layer": fast}))
+        a, b = holder.layer.lora_A["default"].weight.flatten(1), holder.layer.lora_B["default"].weight.flatten(1)
+        scale = holder.layer.scaling["default"]
+        delta = torch.einsum("oi,bi...->bo...", b @ a, x) * scale
+        torch.testing.assert_close(holder.layer(x), ref(x) + delta, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="kernel size 1"):
+        PointwiseConv2d(2, 2, 3)
+
+
+def test_self_attention_is_softmax_of_scaled_dot_products_per_head():
+    from ddpmkit.nets.layers import SelfAttention
+
+    torch.manual_seed(0)
+    B, C, H, W, nh = 2, 8, 3, 4, 2
+    attn = SelfAttention(C, nh)
+    torch.nn.init.normal_(attn.proj.weight)  # zero-initialised: the block would be the identity
+    x = torch.randn(B, C, H, W)
+    h = attn.norm(x).reshape(B, C, H * W)
+    qkv = torch.einsum("oi,bil->bol", attn.qkv.weight[:, :, 0], h) + attn.qkv.bias[:, None]  # channel s*C + head*hs + d
+    q, k, v = qkv.reshape(B, 3, nh, C // nh, H * W).unbind(1)  # (B, nh, hs, L)
+    a = torch.softmax(torch.einsum("bhdl,bhdm->bhlm", q, k) / (C // nh) ** 0.5, dim=-1)
+    out = torch.einsum("bhlm,bhdm->bhdl", a, v).reshape(B, C, H * W)
+    ref = x + (torch.einsum("oi,bil->bol", attn.proj.weight[:, :, 0], out) + attn.proj.bias[:, None]).reshape(B, C, H, W)
+    torch.testing.assert_close(attn(x), ref, rtol=1e-5, atol=1e-5)
