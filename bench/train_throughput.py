@@ -220,15 +220,23 @@ def compare_with(ref: str, steps: int, rounds: int, precision: str) -> None:
     subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(tmp / "before"), ref], check=True, capture_output=True)
     try:
         rates: dict[str, list[float]] = {"before": [], "after": []}
+        per_rate: dict[str, list[float]] = {"before": [], "after": []}  # images/s per matmul GFLOP/s
         for r in range(rounds):  # interleaved: machine noise hits both alike
             for name, src in (("before", tmp / "before" / "src"), ("after", root / "src")):
+                matmul = matmul_gflops(torch.float32)
                 rates[name].append(trainer_images_per_s(src, tmp / f"{name}{r}", steps, precision))
-                print(f"  round {r}: {name} {rates[name][-1]:.1f} images/s", flush=True)
-        before, after = statistics.median(rates["before"]), statistics.median(rates["after"])
-        paired = [a / b for a, b in zip(rates["after"], rates["before"])]
-        print(f"`ddpmkit train mnist` ({precision}), {steps} steps x {rounds} rounds: before ({ref}) {before:.1f} images/s, "
-              f"after {after:.1f} images/s, ratio {after / before:.3f} (per round: {' '.join(f'{r:.2f}' for r in paired)}; "
-              f"median {statistics.median(paired):.3f})")
+                matmul = (matmul + matmul_gflops(torch.float32)) / 2  # this process's matmul rate around the run
+                per_rate[name].append(rates[name][-1] / matmul)
+                print(f"  round {r}: {name} {rates[name][-1]:.1f} images/s, matmul {matmul:.1f} GFLOP/s: "
+                      f"{per_rate[name][-1]:.3f} images/s per matmul GFLOP/s", flush=True)
+        for label, v in (("images/s", rates), ("images/s per matmul GFLOP/s", per_rate)):
+            before, after = statistics.median(v["before"]), statistics.median(v["after"])
+            paired = [a / b for a, b in zip(v["after"], v["before"])]
+            print(f"`ddpmkit train mnist` ({precision}), {steps} steps x {rounds} rounds, {label}: before ({ref}) {before:.3f}, "
+                  f"after {after:.3f}, ratio {after / before:.3f} (per round: {' '.join(f'{r:.2f}' for r in paired)}; "
+                  f"median {statistics.median(paired):.3f})")
+        print(f"issue 32's figure for the trainer at 32bebf1 on its machine: 90 images/s at 66.5 GFLOP/s = {90 / 66.5:.3f} "
+              f"images/s per matmul GFLOP/s; after / that = {statistics.median(per_rate['after']) / (90 / 66.5):.2f}")
     finally:
         subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(tmp / "before")], capture_output=True)
 
