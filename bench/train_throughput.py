@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/train_throughput.py [--presets mnist mnist_2023 imagen_base ...] [--steps 10]
     .venv/bin/python bench/train_throughput.py --candidates
+    .venv/bin/python bench/train_throughput.py --layers
     .venv/bin/python bench/train_throughput.py --against HEAD~1 [--precision no]
     .venv/bin/python bench/train_throughput.py --distillation runs/demo [--steps 40] [--rounds 2]
 
@@ -204,6 +205,52 @@ def candidates(reps: int) -> None:
     timed("torch.compile (forward + backward)", compiled=True)
 
 
+def layers(reps: int) -> None:
+    """The three layers computed another way since 2026-12-04, each against its plain form at the demo UNet's shapes
+    (batch 64, forward and backward, median of 5 rounds in this process)."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from ddpmkit.nets.layers import PointwiseConv2d, SelfAttention, upsample_conv3x3
+
+    def plain_attention(m: SelfAttention, x: torch.Tensor) -> torch.Tensor:  # the layer as it was: Conv1d, strided q/k/v
+        B, C, H, W = x.shape
+        qkv = F.conv1d(m.norm(x).reshape(B, C, H * W), m.qkv.weight, m.qkv.bias)
+        q, k, v = qkv.reshape(B, 3, m.num_heads, C // m.num_heads, H * W).transpose(-1, -2).unbind(1)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(B, C, H * W)
+        return x + F.conv1d(h, m.proj.weight, m.proj.bias).reshape(B, C, H, W)
+
+    def ms(fn, x: torch.Tensor) -> float:
+        out = fn(x)
+        grad = torch.randn_like(out)
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(reps):
+                fn(x).backward(grad)
+            times.append((time.perf_counter() - start) / reps * 1000)
+        return statistics.median(times)
+
+    torch.manual_seed(0)
+    cases = []
+    attn = SelfAttention(64, 4)
+    cases.append(("self-attention, 64 ch at 7x7", torch.randn(64, 64, 7, 7, requires_grad=True),
+                  lambda x: plain_attention(attn, x), attn))
+    for cin, cout, size in [(40, 8, 28), (16, 8, 28), (96, 32, 14), (128, 64, 7)]:
+        fast = PointwiseConv2d(cin, cout)
+        cases.append((f"1x1 skip {cin}->{cout} at {size}x{size}", torch.randn(64, cin, size, size, requires_grad=True),
+                      lambda x, f=fast: F.conv2d(x, f.weight, f.bias), fast))
+    for ch, size in [(32, 14), (64, 7)]:
+        conv = nn.Conv2d(ch, ch, 3, padding=1)
+        cases.append((f"upsample + 3x3, {ch} ch {size}->{2 * size}", torch.randn(64, ch, size, size, requires_grad=True),
+                      lambda x, c=conv: c(F.interpolate(x, scale_factor=2, mode="nearest")),
+                      lambda x, c=conv: upsample_conv3x3(x, c.weight, c.bias)))
+    print("the demo UNet's layers, plain form against the one ddpmkit computes (batch 64, forward + backward, fp32):")
+    for name, x, plain, fast in cases:
+        a, b = ms(plain, x), ms(fast, x)
+        print(f"  {name:<32} plain {a:6.2f} ms   ddpmkit {b:6.2f} ms   x{a / b:.2f}", flush=True)
+
+
 def trainer_images_per_s(src: Path, run_dir: Path, steps: int, precision: str, preset: str = "mnist", extra: tuple[str, ...] = ()) -> float:
     """Median images/s of one `ddpmkit train PRESET` run of the code under src, from its log."""
     env = {**os.environ, "PYTHONPATH": str(src)}
@@ -268,6 +315,7 @@ def main() -> None:
     p.add_argument("--autoencoder", default=None, help="an autoencoder run for the latent presets")
     p.add_argument("--clip", default=None, help="a CLIP run for the unCLIP presets")
     p.add_argument("--candidates", action="store_true", help="time fused AdamW, channels-last, batch 128 and torch.compile instead")
+    p.add_argument("--layers", action="store_true", help="time the attention, 1x1 skip and upsampling layers against their plain forms")
     p.add_argument("--against", default=None, help="a git ref: compare the whole trainer with the one at that ref")
     p.add_argument("--rounds", type=int, default=None, help="rounds for --against (default 3) and the interleaved demo ratio (default 9)")
     p.add_argument("--precision", default="no", choices=["no", "bf16"], help="train.mixed_precision for --against")
@@ -280,6 +328,8 @@ def main() -> None:
         return compare_with(args.against, args.steps, args.rounds or 3, args.precision)
     if args.candidates:
         return candidates(args.steps)
+    if args.layers:
+        return layers(args.steps)
     fp32 = matmul_gflops(torch.float32)
     bf16 = matmul_gflops(torch.bfloat16) if cpu_computes_bf16() else None
     print(f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}; 2048^2 matmul: fp32 {fp32:.1f} GFLOP/s"

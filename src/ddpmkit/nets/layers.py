@@ -73,8 +73,8 @@ class PointwiseConv1d(nn.Conv1d):
 
 class PointwiseConv2d(nn.Conv2d):
     """A Conv2d of kernel size 1 (the residual blocks' skip), computed as one batched matrix product per image:
-    W (C_out, C_in) @ x (C_in, H*W). For the demo UNet's skips this is 1.1-2.4x faster than oneDNN's convolution,
-    forward and backward, on 2 AVX2 cores."""
+    W (C_out, C_in) @ x (C_in, H*W). For the demo UNet's skips this is 1.1-3.8x faster than oneDNN's convolution,
+    forward and backward, on 2 AVX2 cores (bench/train_throughput.py --layers)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int] = 1, *args, **kwargs):
         if kernel_size not in (1, (1, 1)):
@@ -106,7 +106,8 @@ class SelfAttention(nn.Module):
         L, nh = H * W, self.num_heads
         qkv = self.qkv(self.norm(x).reshape(B, C, L)).transpose(1, 2)  # (B, L, 3C)
         # q, k and v with their head dimension contiguous: torch's fused CPU attention kernel takes them as they are
-        # (the transposed layout fell back to the unfused one, 1.6x slower in training)
+        # (the transposed layout fell back to the unfused one; with the projections as matrix products the block is
+        # 1.3x faster forward and backward: bench/train_throughput.py --layers)
         q, k, v = qkv.reshape(B, L, 3, nh, C // nh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, L, hs)
         h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, C)
         return x + self.proj(h.transpose(1, 2)).reshape(B, C, H, W)
@@ -185,7 +186,8 @@ _PHASE_ROWS = torch.tensor([[[1.0, 0, 0], [0, 1, 1], [0, 0, 0]],
 def upsample_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1), computed at x's resolution:
     the same FLOPs, but oneDNN runs 4 * C_out channels at the coarse size faster than C_out at the fine one
-    (1.4x for the demo UNet's 32 channels at 14 -> 28, forward and backward, on 2 AVX2 cores)."""
+    (1.3x for the demo UNet's 32 channels at 14 -> 28, forward and backward, on 2 AVX2 cores; no gain for 64 at
+    7 -> 14: bench/train_throughput.py --layers)."""
     rows = _PHASE_ROWS.to(weight)
     phases = torch.einsum("aru,oiuv,bsv->oabirs", rows, weight, rows)  # (C_out, 2, 2, C_in, 3, 3)
     phases = phases.reshape(4 * weight.shape[0], weight.shape[1], 3, 3)  # channel 4o + 2a + b, as pixel_shuffle reads
