@@ -85,8 +85,9 @@ def test_narrow_upsampling_brings_each_upsampled_map_to_the_finer_levels_width()
     assert (x.grad[0].abs() > 0).all() and not x.grad[1].any()
     with FlopCounterMode(display=False) as wide_flops:
         wide(x, torch.tensor([10.0, 900.0]))
-    # the two upsampling convolutions shrink 4x and 2x, and the blocks after them read fewer channels: ~21% of the FLOPs
-    assert flops.get_total_flops() / wide_flops.get_total_flops() == pytest.approx(95.0 / 120.1, abs=0.01)
+    # the two upsampling convolutions shrink 4x and 2x, and the blocks after them read fewer channels: 88.1 against
+    # 105.3 MFLOP per image (the upsampling convolutions counted as the 2x2 phase convolutions ddpmkit computes)
+    assert flops.get_total_flops() / wide_flops.get_total_flops() == pytest.approx(88.1 / 105.3, abs=0.01)
 
 
 def test_upsampling_conv_at_the_coarse_resolution_is_nearest_2x_then_the_conv():

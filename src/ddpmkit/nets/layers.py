@@ -175,23 +175,50 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
-# Nearest 2x upsampling then a 3x3 convolution equals, at the coarse resolution, a 3x3 convolution to four phases of
-# out_channels, interleaved by pixel_shuffle ("sub-pixel convolution"). Output pixel 2p + a reads coarse rows p - 1
-# and p (phase a = 0) or p and p + 1 (a = 1); the kernel rows that land on the same coarse row add up. Row r of
-# _PHASE_ROWS[a] says which of the kernel's rows feed coarse offset r - 1.
-_PHASE_ROWS = torch.tensor([[[1.0, 0, 0], [0, 1, 1], [0, 0, 0]],
-                            [[0.0, 0, 0], [1, 1, 0], [0, 0, 1]]])
+# Nearest 2x upsampling then a 3x3 convolution, computed at the coarse resolution ("sub-pixel convolution"): output
+# pixel 2p + a reads only coarse rows p - 1 + a and p + a, because the kernel rows that land on the same coarse row add
+# up. So each of the four output phases (a, b) is a 2x2 convolution of the coarse input: 4 taps per output pixel
+# instead of 9. Row r of _PHASE_ROWS[a] says which of the kernel's rows feed coarse row p - 1 + a + r.
+_PHASE_ROWS = torch.tensor([[[1.0, 0, 0], [0, 1, 1]],   # a = 0: row p - 1 <- kernel row 0; row p <- rows 1 and 2
+                            [[1.0, 1, 0], [0, 0, 1]]])  # a = 1: row p <- kernel rows 0 and 1; row p + 1 <- row 2
+
+
+class _InterleavePhases(torch.autograd.Function):
+    """(B, C, 2, 2, H + 1, W + 1) phase grids -> (B, C, 2H, 2W): output pixel (2p + a, 2q + b) is phase (a, b) at grid
+    position (p + a, q + b). Written out because autograd's backward of four slice copies zero-fills four full grids."""
+
+    @staticmethod
+    def forward(ctx, grids: torch.Tensor) -> torch.Tensor:
+        B, C, _, _, H, W = grids.shape
+        H, W = H - 1, W - 1
+        out = grids.new_empty(B, C, H, 2, W, 2)
+        for a in (0, 1):
+            for b in (0, 1):
+                out[:, :, :, a, :, b] = grids[:, :, a, b, a:a + H, b:b + W]
+        return out.view(B, C, 2 * H, 2 * W)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        B, C, H2, W2 = grad.shape
+        H, W = H2 // 2, W2 // 2
+        grad = grad.view(B, C, H, 2, W, 2)
+        out = grad.new_zeros(B, C, 2, 2, H + 1, W + 1)
+        for a in (0, 1):
+            for b in (0, 1):
+                out[:, :, a, b, a:a + H, b:b + W] = grad[:, :, :, a, :, b]
+        return out
 
 
 def upsample_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1), computed at x's resolution:
-    the same FLOPs, but oneDNN runs 4 * C_out channels at the coarse size faster than C_out at the fine one
-    (1.3x for the demo UNet's 32 channels at 14 -> 28, forward and backward, on 2 AVX2 cores; no gain for 64 at
-    7 -> 14: bench/train_throughput.py --layers)."""
+    one 2x2 convolution to the four phases' 4 * C_out channels over x padded by 1, interleaved. 4/9 of the FLOPs, less
+    the one extra row and column of the (H + 1) x (W + 1) grid (bench/train_throughput.py --layers times it)."""
     rows = _PHASE_ROWS.to(weight)
-    phases = torch.einsum("aru,oiuv,bsv->oabirs", rows, weight, rows)  # (C_out, 2, 2, C_in, 3, 3)
-    phases = phases.reshape(4 * weight.shape[0], weight.shape[1], 3, 3)  # channel 4o + 2a + b, as pixel_shuffle reads
-    return F.pixel_shuffle(F.conv2d(x, phases, None if bias is None else bias.repeat_interleave(4), padding=1), 2)
+    phases = torch.einsum("aru,oiuv,bsv->oabirs", rows, weight, rows)  # (C_out, 2, 2, C_in, 2, 2)
+    phases = phases.reshape(4 * weight.shape[0], weight.shape[1], 2, 2)  # channel 4o + 2a + b
+    grids = F.conv2d(F.pad(x, (1, 1, 1, 1)), phases, None if bias is None else bias.repeat_interleave(4))
+    B, _, H, W = grids.shape
+    return _InterleavePhases.apply(grids.view(B, weight.shape[0], 2, 2, H, W))
 
 
 class Upsample(nn.Module):
