@@ -47,7 +47,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddpmkit.config import load_config
-from ddpmkit.precision import cpu_computes_bf16
+from ddpmkit.devices import cpu_kind, describe_cpu
+from ddpmkit.precision import cpu_computes_bf16, resolve_precision
 from ddpmkit.train import TASKS, batch_indices, step_generator
 from ddpmkit.train.batches import Batch
 
@@ -264,6 +265,8 @@ def trainer_images_per_s(src: Path, run_dir: Path, steps: int, precision: str, p
 def compare_with(ref: str, steps: int, rounds: int, precision: str) -> None:
     root = Path(__file__).resolve().parents[1]
     tmp = Path(tempfile.mkdtemp(prefix="throughput-"))
+    kind = f"{describe_cpu()}; train.mixed_precision={precision} (here: {resolve_precision(precision)})"
+    print(f"CPU: {kind}", flush=True)
     subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(tmp / "before"), ref], check=True, capture_output=True)
     try:
         rates: dict[str, list[float]] = {"before": [], "after": []}
@@ -279,7 +282,7 @@ def compare_with(ref: str, steps: int, rounds: int, precision: str) -> None:
         for label, v in (("images/s", rates), ("images/s per matmul GFLOP/s", per_rate)):
             before, after = statistics.median(v["before"]), statistics.median(v["after"])
             paired = [a / b for a, b in zip(v["after"], v["before"])]
-            print(f"`ddpmkit train mnist` ({precision}), {steps} steps x {rounds} rounds, {label}: before ({ref}) {before:.3f}, "
+            print(f"`ddpmkit train mnist` ({precision}, {cpu_kind()}), {steps} steps x {rounds} rounds, {label}: before ({ref}) {before:.3f}, "
                   f"after {after:.3f}, ratio {after / before:.3f} (per round: {' '.join(f'{r:.2f}' for r in paired)}; "
                   f"median {statistics.median(paired):.3f})")
         print(f"issue 32's figure for the trainer at 32bebf1 on its machine: 90 images/s at 66.5 GFLOP/s = {90 / 66.5:.3f} "
@@ -318,7 +321,9 @@ def main() -> None:
     p.add_argument("--layers", action="store_true", help="time the attention, 1x1 skip and upsampling layers against their plain forms")
     p.add_argument("--against", default=None, help="a git ref: compare the whole trainer with the one at that ref")
     p.add_argument("--rounds", type=int, default=None, help="rounds for --against (default 3) and the interleaved demo ratio (default 9)")
-    p.add_argument("--precision", default="no", choices=["no", "bf16"], help="train.mixed_precision for --against")
+    p.add_argument("--precision", default="auto", choices=["auto", "no", "bf16"],
+                   help="train.mixed_precision for --against (default auto, what `make demo` does; under the AVX2 caps give `no`: "
+                        "older trainers do not see the caps and would pick an emulated bf16)")
     p.add_argument("--distillation", default=None, metavar="TEACHER",
                    help="a demo run (with its step-250 checkpoint): the distillation presets' training time against the teacher's")
     args = p.parse_args()
@@ -332,7 +337,7 @@ def main() -> None:
         return layers(args.steps)
     fp32 = matmul_gflops(torch.float32)
     bf16 = matmul_gflops(torch.bfloat16) if cpu_computes_bf16() else None
-    print(f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}; 2048^2 matmul: fp32 {fp32:.1f} GFLOP/s"
+    print(f"{describe_cpu()}; 2048^2 matmul: fp32 {fp32:.1f} GFLOP/s"
           + (f", bf16 {bf16:.1f} GFLOP/s" if bf16 else " (no native bf16: bf16 autocast not timed)"))
     per_rate = {}
     for preset in args.presets:

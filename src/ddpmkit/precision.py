@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .devices import cpu_computes_bf16
 from .errors import UserError
 
 # the one precision vocabulary, for training (train.mixed_precision), sampling (--precision) and pipeline weights (--dtype)
@@ -45,11 +46,7 @@ def resolve_precision(setting: str) -> str:
     return "bf16" if cpu_computes_bf16() else "no"
 
 
-def cpu_computes_bf16() -> bool:
-    """Whether this CPU has bf16 instructions (AVX-512 BF16; AMX tiles come with them). torch says so only
-    privately; without that query, any AVX-512 CPU counts (as before)."""
-    query = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    return bool(query()) if query is not None else torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+__all__ = ["CHOICES", "DTYPES", "Autocast", "canonical", "cpu_computes_bf16", "dtype_of", "resolve_precision"]
 
 
 class Autocast(nn.Module):

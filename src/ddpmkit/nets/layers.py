@@ -31,6 +31,44 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
+def cpu_autocast_dtype() -> torch.dtype | None:
+    """The dtype CPU autocast computes convolutions and matrix products in, or None outside CPU autocast."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+
+
+class _Layout(torch.autograd.Function):
+    """x in memory format `forward_format`, its gradient handed back in `backward_format`: a layout change whose
+    gradient does not leave the other layout behind (elementwise backward kernels of mixed layouts are slow)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, forward_format: torch.memory_format, backward_format: torch.memory_format) -> torch.Tensor:
+        ctx.backward_format = backward_format
+        return x.contiguous(memory_format=forward_format)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return grad.contiguous(memory_format=ctx.backward_format), None, None
+
+
+# oneDNN's bf16 convolutions block channels by 16: with fewer, its NCHW kernels are slow (the demo UNet's 8-channel
+# 28x28 level took half of a bf16 training step on AVX-512-bf16), while its channels-last ones are not
+NARROW_CHANNELS = 16
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same weights, state dict, LoRA wrapping), which on a CPU under bf16 autocast computes a narrow
+    convolution (fewer than 16 channels in or out) in channels-last and hands back the usual NCHW layout.
+    In fp32, and on other devices, it is nn.Conv2d itself (bench/train_throughput.py --layers times both)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = cpu_autocast_dtype() if x.device.type == "cpu" else None
+        if dtype != torch.bfloat16 or min(self.in_channels, self.out_channels) >= NARROW_CHANNELS or x.ndim != 4:
+            return super().forward(x)
+        cl, nchw = torch.channels_last, torch.contiguous_format
+        out = super().forward(_Layout.apply(x.to(dtype), cl, nchw))
+        return _Layout.apply(out, nchw, cl)
+
+
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv, time embedding as scale and shift of the second norm, dropout, conv; plus a skip.
 
@@ -40,11 +78,11 @@ class ResBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0):
         super().__init__()
         self.norm1 = group_norm(in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * out_ch) if emb_dim > 0 else None
         self.norm2 = group_norm(out_ch)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.conv2 = zero_module(Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Identity() if in_ch == out_ch else PointwiseConv2d(in_ch, out_ch)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
@@ -89,6 +127,16 @@ class PointwiseConv2d(nn.Conv2d):
         return torch.baddbmm(self.bias[None, :, None], weight, x.reshape(B, C, H * W)).reshape(B, -1, H, W)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hs)) v: q (B, nh, L, hs), k and v (B, nh, S, hs), mask broadcastable to (B, nh, L, S).
+    On a CPU it computes in fp32 even under bf16 autocast: torch's fused CPU attention kernel is ~20x slower
+    backward in bf16 than in fp32 at the demo UNet's 49 positions (bench/train_throughput.py --layers)."""
+    if q.device.type == "cpu" and cpu_autocast_dtype() is not None:
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention over the H*W positions, residual. x: (B, C, H, W) -> same."""
 
@@ -109,7 +157,7 @@ class SelfAttention(nn.Module):
         # (the transposed layout fell back to the unfused one; with the projections as matrix products the block is
         # 1.3x faster forward and backward: bench/train_throughput.py --layers)
         q, k, v = qkv.reshape(B, L, 3, nh, C // nh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, L, hs)
-        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, C)
+        h = attention(q, k, v).transpose(1, 2).reshape(B, L, C)
         return x + self.proj(h.transpose(1, 2)).reshape(B, C, H, W)
 
 
@@ -136,7 +184,7 @@ class CrossAttention(nn.Module):
         q = self.q(self.norm(x).reshape(B, C, H * W)).transpose(1, 2).reshape(B, H * W, nh, hs).transpose(1, 2)  # (B, nh, HW, hs)
         k, v = self.kv(self.context_norm(context)).reshape(B, -1, 2, nh, hs).permute(2, 0, 3, 1, 4)  # (B, nh, L, hs) each
         attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L)
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(B, H * W, C)
+        h = attention(q, k, v, attn_mask).transpose(1, 2).reshape(B, H * W, C)
         return x + self.proj(h.transpose(1, 2)).reshape(B, C, H, W)
 
 
@@ -169,7 +217,7 @@ def pooled_context(context: torch.Tensor, mask: torch.Tensor | None) -> torch.Te
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)

@@ -14,6 +14,7 @@ from ..errors import UserError
 from ..superres import upsample
 from .layers import (
     AttentionBlock,
+    Conv2d,
     Downsample,
     LabelEmbedding,
     NoAttention,
@@ -55,7 +56,7 @@ class DownPath(nn.Module):
             return AttentionBlock(ch, num_heads, context_dim) if resolutions[level] in attention_resolutions else NoAttention()
 
         self.attention = attention
-        self.input_conv = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.input_conv = Conv2d(in_channels, base_channels, 3, padding=1)
         self.blocks = nn.ModuleList()
         self.skip_channels = [base_channels]
         ch = base_channels
@@ -250,7 +251,7 @@ class UNet(nn.Module):
                 self.up.append(Upsample(ch, up_channels))
                 ch = up_channels
         self.out_norm = group_norm(ch)
-        self.out_conv = zero_module(nn.Conv2d(ch, self.out_channels * patch_size**2, 3, padding=1))
+        self.out_conv = zero_module(Conv2d(ch, self.out_channels * patch_size**2, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,

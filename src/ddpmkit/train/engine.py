@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointInfo, list_checkpoints, load_training_state, read_config, save_checkpoint
 from ..config import Config
+from ..devices import has_accelerator
 from ..posthoc_ema import PowerEMA
 from ..precision import resolve_precision
 from ..viz import make_grid
@@ -72,12 +73,6 @@ class _RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-def has_accelerator() -> bool:
-    """A CUDA, XPU or MPS device that accelerate would pick."""
-    xpu = getattr(torch, "xpu", None)
-    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu is not None and xpu.is_available())
 
 
 def set_cuda_determinism(on: bool) -> None:
