@@ -415,3 +415,60 @@ def test_auto_precision_picks_bf16_only_where_the_hardware_has_it():
         native = "avx512_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else cpu_computes_bf16()
         assert resolve_precision("auto") == ("bf16" if native else "no") and cpu_computes_bf16() == native
     assert load_config("mnist").train.mixed_precision == "auto"
+
+
+class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts reads of a tensor's value by the host: `.item()`, `bool(t)`, `float(t)` (aten._local_scalar_dense), and
+    `.tolist()` (which reads memory without an aten op; counted by wrapping it). On a GPU each one waits for the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("preset, extra", [("toy2d", ["train.batch_size=64"]),
+                                           ("mnist", ["train.batch_size=8", "network.base_channels=8", "network.channel_mult=1,2",
+                                                      "network.attention_resolutions=14", "train.mixed_precision=no"]),
+                                           ("mnist_class", ["train.batch_size=8", "network.base_channels=8", "network.channel_mult=1,2",
+                                                            "network.attention_resolutions=14", "train.mixed_precision=no"])])
+def test_an_ordinary_training_step_reads_nothing_back_and_a_log_window_reads_once(tmp_path, monkeypatch, preset, extra):
+    from ddpmkit.train import engine
+
+    cfg = load_config(preset, [f"train.run_dir={tmp_path}", "train.steps=9", "train.log_every=4", "train.max_minutes=0", "train.warmup_steps=2",
+                               "train.sample_every=0", "train.eval_every=0", "train.checkpoint_every=0", "train.keep_steps=", *extra])
+    reads = HostReads()
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(t):
+        reads.count += 1
+        return tolist(t)
+
+    per_step, train_step = [], engine.Trainer.train_step
+
+    def step_then_count(self, batch):
+        before = reads.count
+        train_step(self, batch)
+        per_step.append(("step", self.state.step, reads.count - before))
+
+    periodic = engine.Trainer.periodic
+
+    def periodic_then_count(self):
+        before = reads.count
+        out = periodic(self)
+        per_step.append(("periodic", self.state.step, reads.count - before))
+        return out
+
+    monkeypatch.setattr(engine.Trainer, "train_step", step_then_count)
+    monkeypatch.setattr(engine.Trainer, "periodic", periodic_then_count)
+    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+    with reads:
+        train(cfg, progress=False)
+    assert [n for kind, _, n in per_step if kind == "step"] == [0] * 9  # forward, backward, NaN guard, AdamW, EMA: no read
+    # steps 4 and 8 end a log window and the last step (9) ends the run: one read each; every other step none
+    assert [(s, n) for kind, s, n in per_step if kind == "periodic" and n] == [(4, 1), (8, 1), (9, 1)]
+    assert len([e for e in _log(tmp_path) if "examples_per_s" in e]) == 3

@@ -91,7 +91,7 @@ class GaussianMixture:
         classifier(x_t, t) -> logits (B, K) whose log-softmax is log q(y | x_t)."""
 
         def classifier(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            ab = schedule.alpha_bar_at(t.detach().to(torch.float64).cpu()).to(x_t.device)
+            ab = schedule.alpha_bar_at(t.detach(), check=False).to(x_t.device)
             return self.log_joint_noisy(x_t.reshape(x_t.shape[0], -1), ab)
 
         return classifier
@@ -113,7 +113,7 @@ class GaussianMixture:
         """The exact denoiser as a ddpmkit model: model(x_t: (B, ...), t: (B,)) -> eps."""
 
         def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            ab = schedule.alpha_bar_at(t.detach().to(torch.float64).cpu()).to(x_t.device)
+            ab = schedule.alpha_bar_at(t.detach(), check=False).to(x_t.device)
             flat = x_t.reshape(x_t.shape[0], -1)
             return self.eps_star(flat, ab).reshape(x_t.shape)
 
@@ -126,7 +126,7 @@ class GaussianMixture:
         parts = [GaussianMixture(self.means[k:k + 1], self.stds[k:k + 1], torch.ones(1)) for k in range(K)]
 
         def model(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-            ab = schedule.alpha_bar_at(t.detach().to(torch.float64).cpu()).to(x_t.device)
+            ab = schedule.alpha_bar_at(t.detach(), check=False).to(x_t.device)
             flat = x_t.reshape(x_t.shape[0], -1)
             y = torch.full((x_t.shape[0],), K) if y is None else torch.as_tensor(y).long().cpu().expand(x_t.shape[0])
             out = self.eps_star(flat, ab)
@@ -197,7 +197,7 @@ class GaussianSuperRes:
         def model(x_t: torch.Tensor, t: torch.Tensor, low_res: torch.Tensor, aug_level: torch.Tensor, **_) -> torch.Tensor:
             level = float(aug_level.reshape(-1)[0])
             m, S = self.conditional(low_res.reshape(len(low_res), -1), level, schedule)
-            c2 = schedule.alpha_bar_at(t.detach().to(torch.float64).cpu())[:, None, None]  # (B, 1, 1)
+            c2 = schedule.alpha_bar_at(t.detach(), check=False)[:, None, None]  # (B, 1, 1)
             x = x_t.reshape(len(x_t), -1).to(torch.float64)
             # x_t ~ N(c m, c^2 S + (1 - c^2) I): E[x0 | x_t] = m + c S (c^2 S + (1 - c^2) I)^-1 (x_t - c m)
             eye = torch.eye(len(S), dtype=torch.float64)

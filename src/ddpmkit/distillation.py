@@ -30,7 +30,7 @@ def uniform_grid(schedule: NoiseSchedule, steps: int) -> torch.Tensor:
 
 
 def _alpha_sigma(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    ab = append_dims(schedule.alpha_bar_at(t.detach().to(torch.float64).cpu()), like.ndim).to(like.device)
+    ab = append_dims(schedule.alpha_bar_at(t.detach(), check=False), like.ndim).to(like.device)
     return ab.sqrt().to(like.dtype), (1 - ab).sqrt().to(like.dtype)
 
 
@@ -64,7 +64,7 @@ def progressive_target(teacher: Denoiser, z_t: torch.Tensor, t: torch.Tensor, t_
 
 def truncated_snr_weight(schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
     """max(SNR_t, 1) per example, (B,) float64: the x-space loss weight of progressive distillation."""
-    ab = schedule.alpha_bar_at(t.detach().to(torch.float64).cpu())
+    ab = schedule.alpha_bar_at(t.detach(), check=False)
     return (ab / (1 - ab)).clamp(min=1.0).to(t.device)
 
 
@@ -124,7 +124,7 @@ def sample_uniform_ddim(denoiser: Denoiser, x_T: torch.Tensor, steps: int, model
 
 def sigma_of(schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
     """sigma(t) = sigma_t / alpha_t in float64, (B,) (t = 0 gives the schedule's sigma_min)."""
-    ab = schedule.alpha_bar_at(t.detach().to(torch.float64).cpu())
+    ab = schedule.alpha_bar_at(t.detach(), check=False)
     return ((1 - ab) / ab).sqrt()
 
 
@@ -144,7 +144,7 @@ class ConsistencyFunction(torch.nn.Module):
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, **extra) -> torch.Tensor:
         c = append_dims(consistency_c_skip(self.schedule, t, self.width), z_t.ndim).to(z_t.device)
-        ab = append_dims(self.schedule.alpha_bar_at(t.detach().to(torch.float64).cpu()), z_t.ndim).to(z_t.device)
+        ab = append_dims(self.schedule.alpha_bar_at(t.detach(), check=False), z_t.ndim).to(z_t.device)
         x_bar = z_t / ab.sqrt().to(z_t.dtype)
         return (c * x_bar + (1 - c) * self.net(z_t, t, **extra)).to(z_t.dtype)
 

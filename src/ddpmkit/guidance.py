@@ -211,7 +211,7 @@ class ClassifierGuidance(DenoiserWrapper):
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, **kwargs) -> DenoiserOutput:
         g = self.cond_fn(x_t, t, **kwargs)
         out = self.unguided.denoise(x_t, t, **kwargs)
-        alpha_bar = append_dims(self.schedule.alpha_bar_at(t.detach().to(torch.float64).cpu()).to(x_t.device), x_t.ndim)
+        alpha_bar = append_dims(self.schedule.alpha_bar_at(t.detach(), check=False).to(x_t.device), x_t.ndim)
         return self.with_eps(x_t, t, out.eps - (1 - alpha_bar).sqrt().to(x_t.dtype) * g, out.var_frac)
 
 

@@ -97,7 +97,7 @@ def to_x0_eps(
             raise UserError("prediction='mu' is only defined at integer timesteps; use a discrete sampler")
         x0 = x0_from_mu(x_t, output, t.long(), schedule)
         return x0, eps_from_x0(x_t, x0, schedule.alpha_bar.to(t.device)[t.long()])
-    alpha_bar = schedule.alpha_bar_at(t.to(torch.float64).cpu()).to(t.device)
+    alpha_bar = schedule.alpha_bar_at(t, check=False).to(t.device)
     if prediction == "eps":
         return x0_from_eps(x_t, output, alpha_bar), output
     if prediction == "x0":
@@ -146,12 +146,12 @@ class Denoiser:
     def with_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, var_frac: torch.Tensor | None = None) -> DenoiserOutput:
         """The output whose clean-data estimate is x0 at (x_t, t): eps follows from x_t = sqrt(a) x0 + sqrt(1 - a) eps,
         so wrappers that edit x0 (thresholding, guidance rescale) stay consistent in every parameterization."""
-        alpha_bar = self.schedule.alpha_bar_at(t.to(torch.float64).cpu()).to(t.device)
+        alpha_bar = self.schedule.alpha_bar_at(t, check=False).to(t.device)
         return DenoiserOutput(eps=eps_from_x0(x_t, x0, alpha_bar), x0=x0, var_frac=var_frac)
 
     def with_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, var_frac: torch.Tensor | None = None) -> DenoiserOutput:
         """The output whose noise estimate is eps at (x_t, t) (classifier guidance edits eps)."""
-        alpha_bar = self.schedule.alpha_bar_at(t.to(torch.float64).cpu()).to(t.device)
+        alpha_bar = self.schedule.alpha_bar_at(t, check=False).to(t.device)
         return DenoiserOutput(eps=eps, x0=x0_from_eps(x_t, eps, alpha_bar), var_frac=var_frac)
 
 
@@ -215,6 +215,6 @@ def from_x0(prediction: str, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tenso
         if not bool((t == t.round()).all()):
             raise UserError("prediction='mu' is only defined at integer timesteps; use a discrete sampler")
         return mu_from_x0(x_t, x0, t.long(), schedule)
-    alpha_bar = schedule.alpha_bar_at(t.to(torch.float64).cpu()).to(t.device)
+    alpha_bar = schedule.alpha_bar_at(t, check=False).to(t.device)
     eps = eps_from_x0(x_t, x0, alpha_bar)
     return eps if prediction == "eps" else v_from_x0_eps(x0, eps, alpha_bar)

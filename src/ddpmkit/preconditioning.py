@@ -57,7 +57,7 @@ class EDMPreconditioned(nn.Module):
         self.sigma_data = sigma_data
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, **extra) -> torch.Tensor:
-        alpha_bar = self.schedule.alpha_bar_at(t.detach().to(torch.float64).cpu()).to(x_t.device)
+        alpha_bar = self.schedule.alpha_bar_at(t.detach(), check=False).to(x_t.device)
         c_skip, c_out, c_in = (append_dims(c, x_t.ndim).to(torch.float32) for c in edm_coefficients(alpha_bar, self.sigma_data))
         F = self.net(c_in.to(x_t.dtype) * x_t, t, **extra)
         return c_skip * x_t.float() + c_out * F.float()

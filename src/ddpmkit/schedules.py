@@ -172,25 +172,36 @@ class NoiseSchedule:
         return ab.log() - (-ab).log1p()
 
     # ---- continuous time -----------------------------------------------------------------
-    def alpha_bar_at(self, t: torch.Tensor | float) -> torch.Tensor:
+    def alpha_bar_at(self, t: torch.Tensor | float, check: bool = True) -> torch.Tensor:
         """alpha_bar at any real t in [-1, T-1]; equals the table at integer t.
 
         log alpha_bar is interpolated linearly between integer steps: inside a step this is the
         exact alpha_bar of a constant continuous-time beta over that step, and t = -1 gives 1
-        (the clean data). Returns float64.
+        (the clean data). Returns float64, on t's device where that device has float64 (CPU, CUDA),
+        else on the CPU. check=False skips the range check, whose read of t would make a GPU's host wait:
+        for t a sampler or the trainer made (networks' wrappers), not for t a user gave.
         """
-        t = torch.as_tensor(t, dtype=torch.float64)
-        if bool(((t < -1) | (t > self.T - 1)).any()):
+        t = torch.as_tensor(t)
+        on = t.device if t.device.type in ("cpu", "cuda") else torch.device("cpu")
+        t = t.to(on, torch.float64)
+        if check and bool(((t < -1) | (t > self.T - 1)).any()):
             raise UserError(f"t must lie in [-1, {self.T - 1}], got min {t.min().item()}, max {t.max().item()}")
-        log_ab = torch.cat([self.betas.new_zeros(1), self.alpha_bar.log()])  # index 0 is t = -1
+        log_ab = self._log_alpha_bar_from(on)  # index 0 is t = -1
         u = t + 1
-        lo = u.floor().long().clamp(max=self.T)
+        lo = u.floor().long().clamp(0, self.T)
         hi = (lo + 1).clamp(max=self.T)
         w = u - lo
         a, b = log_ab[lo], log_ab[hi]
         # where w == 0 avoid 0 * (-inf) when the last alpha_bar is 0 (zero terminal SNR)
         out = torch.where(w == 0, a, a + w * (b - a))
         return out.exp()
+
+    def _log_alpha_bar_from(self, device: torch.device) -> torch.Tensor:
+        """[0, log alpha_bar_0, ..., log alpha_bar_{T-1}] on device, made once per device (no copy per network call)."""
+        tables = self.__dict__.setdefault("_log_alpha_bar_tables", {})
+        if device not in tables:
+            tables[device] = torch.cat([self.betas.new_zeros(1), self.alpha_bar.log()]).to(device)
+        return tables[device]
 
     def log_snr_at(self, t: torch.Tensor | float) -> torch.Tensor:
         ab = self.alpha_bar_at(t)

@@ -38,7 +38,7 @@ class LevelUncertainty(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """u at timesteps t: (B,) -> (B,), float32."""
-        alpha_bar = self.schedule.alpha_bar_at(t.detach().to(torch.float64).cpu())
+        alpha_bar = self.schedule.alpha_bar_at(t.detach(), check=False)
         c = (alpha_bar / (1 - alpha_bar)).log().to(torch.float32).to(self.freqs.device) / 8
         feats = torch.cos(2 * math.pi * (c[:, None] * self.freqs + self.phases)) * math.sqrt(2)
         return self.linear(feats).squeeze(1)

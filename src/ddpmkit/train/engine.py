@@ -3,20 +3,24 @@
     for step in start .. steps - 1 (or fewer: train.fit_to_budget fits the run to train.max_minutes):
         indices, generator = the global batch of this step           (batches.py: a function of (seed, step))
         loss = mean of task.loss(model, this process's slice)        (the task's Algorithm 1, autoencoder loss, ...)
-        skip the step if the loss or its gradient is not finite      (NaN guard, below)
-        clip gradients, AdamW step at lr_at(step), EMA update
-        log, pictures, held-out metrics, atomic checkpoint
+        clip gradients, AdamW step at lr_at(step), EMA update        (a step whose loss or gradient is not finite
+                                                                      changes nothing: NaN guard, below)
+        log, pictures, held-out metrics, atomic checkpoint          (every so many steps: the host reads back here)
 
 `run` below is that loop, in one screen; `Trainer` holds the run's pieces and one method per part of a
-step (train_step, advance, skip and roll_back for the NaN guard, periodic for logs, pictures and
+step (train_step and apply; settle and roll_back for the NaN guard; periodic for logs, pictures and
 checkpoints), `TrainState` what a checkpoint records, `Budget` the time budget.
+
+No host sync in an ordinary step: the host never waits for a device value between log steps, so on a GPU the
+CPU queues the next steps while the GPU computes (nothing is read back but at log, preview, evaluation and
+checkpoint steps: one read of the window's flags and losses).
 
 One process or many (`torchrun`, `accelerate launch`) run the same code on any device accelerate
 knows, in fp32, bf16 or fp16 autocast. The time budget (train.max_minutes) stops every process at
-the same step and checkpoints there.
+the same log step and checkpoints there.
 
-NaN guard: a step whose loss (on any process) or gradient norm is not finite changes nothing and
-is logged as skipped. After train.nan_patience such steps in a row the run rolls back to its last
+NaN guard: a step whose loss (on any process) or gradient norm is not finite changes nothing (the fused
+AdamW's found_inf, decided on the device) and is logged as skipped when its window is read back. After train.nan_patience such steps in a row the run rolls back to its last
 checkpoint with the learning rate halved; after train.max_rollbacks rollbacks it stops with one
 line that names the step and the likely cause. (With fp16, accelerate's loss scaler already skips
 steps with overflowing gradients and lowers its scale; only non-finite losses count there.)
@@ -191,7 +195,7 @@ class Trainer:
                         desc=f"train {self.task.name}", dynamic_ncols=True)
         self.t_start = time.time()
         self.budget.start(self.t_start)
-        self.window = LogWindow()
+        self.window = LogWindow(self.tc.batch_size)
         self.model.train()
 
     def checkpoint(self, metrics: dict | None = None) -> None:
@@ -213,38 +217,48 @@ class Trainer:
         return Batch(step, batch_indices(step, tc.batch_size, self.task.num_examples, tc.seed), step_generator(tc.seed, step),
                      slice(self.rank * local, (self.rank + 1) * local), self.accelerator.device)
 
-    def train_step(self, batch: Batch) -> tuple[torch.Tensor, bool, str]:
-        """Forward and backward of one batch: (every process's loss, whether the time is up, why the step must be
-        skipped: "" or a non-finite loss or gradient). The optimizer has not stepped yet."""
+    def train_step(self, batch: Batch) -> None:
+        """Forward, backward, clipping and the optimizer step of one batch, with no read of a device value by the host:
+        whether the step counts (the loss on every process and the gradient finite) is decided on the device and the
+        fused optimizer and the EMA skip a step that does not (found_inf); the host reads the flags once per log
+        window (settle)."""
         acc, tc, st = self.accelerator, self.tc, self.state
         self.lr = lr_at(st.step, tc, st.decay) * st.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         with acc.autocast():
             loss = self.task.loss(self.model, batch).float().mean()
-        # one small all-gather per step: every process sees every loss and the stop flag
-        flags = acc.gather(torch.stack([loss.detach(), torch.tensor(float(self.budget.out_of_time()), device=loss.device)])[None])
-        if bool(flags[:, 1].any()):
-            return flags[:, 0], True, ""
-        if not bool(torch.isfinite(flags[:, 0]).all()):
-            return flags[:, 0], False, "the loss was not finite"
+        losses = acc.gather(loss.detach()[None])  # (world,): one small all-gather per step, so every process decides alike
         acc.backward(loss)
         # the norm is the same on every process (gradients are all-reduced); clip at inf = measure only
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
-        if self.precision != "fp16" and not bool(torch.isfinite(grad_norm)):  # fp16: the loss scaler skips these itself
-            return flags[:, 0], False, "the gradient was not finite"
-        return flags[:, 0], False, ""
+        # 0: a good step; 1: a loss was not finite; 2: the gradient was not finite (fp16: the loss scaler skips those itself)
+        bad = torch.where(torch.isfinite(losses).all(), 0, 1)
+        if self.precision != "fp16":
+            bad = torch.where((bad == 0) & ~torch.isfinite(grad_norm.float()), 2, bad)
+        self.window.add(st.step, self.lr, losses, bad)
+        self.apply(bad)
 
-    def advance(self, losses: torch.Tensor) -> None:
-        """Apply the step: optimizer, EMA, post-hoc EMA, the step counter and the log window."""
+    def apply(self, bad: torch.Tensor) -> None:
+        """The optimizer step, EMA and post-hoc EMA for a step whose flag `bad` (0 = good) lives on the device."""
         st = self.state
-        self.optimizer.step()
+        if self.precision == "fp16":
+            # accelerate's loss scaler hands the optimizer its own found_inf: decide a non-finite loss on the host, as before
+            if bool(bad):
+                self.optimizer.zero_grad(set_to_none=True)
+            else:
+                self.optimizer.step()
+        else:
+            inner = self.optimizer.optimizer  # the fused AdamW: found_inf = 1 leaves weights, moments and step count as they were
+            inner.found_inf = (bad != 0).float()
+            try:
+                self.optimizer.step()
+            finally:
+                del inner.found_inf
         self.optimizer.zero_grad(set_to_none=True)
-        ema_update(self.ema, self.raw, ema_decay_at(st.step, self.tc.ema_decay))
-        st.bad_in_a_row = 0
+        ema_update(self.ema, self.raw, ema_decay_at(st.step, self.tc.ema_decay), applied=(bad == 0))
         st.step += 1
-        self.fold_in_power_ema()
-        self.window.add(self.tc.batch_size, losses.mean().item())
+        self.fold_in_power_ema()  # skipped steps too: the averages' profiles stay functions of the step alone
         self.bar.update(1)
 
     def fold_in_power_ema(self) -> None:
@@ -253,22 +267,28 @@ class Trainer:
             if self.accelerator.is_main_process and self.state.step % self.tc.posthoc_every == 0:
                 self.power.save_snapshot(self.run_dir, self.state.step)
 
-    # ---- the NaN guard
+    # ---- the NaN guard, read back once per log window
 
-    def skip(self, reason: str, losses: torch.Tensor) -> None:
-        """A step whose loss or gradient is not finite changes no weight; train.nan_patience of them in a row roll
-        the run back to its last checkpoint with half the learning rate."""
+    def settle(self) -> bool:
+        """Read the window's step flags back (the one host sync of a log window), log its skipped steps, and roll back
+        if train.nan_patience steps in a row were skipped. Returns whether it rolled back. Steps after the one that
+        triggered a rollback are undone by it (it restores weights, optimizer and EMA), so a rollback decided here
+        leaves the run as one decided after every step would."""
         st = self.state
-        self.optimizer.zero_grad(set_to_none=True)
-        st.bad_in_a_row += 1
-        self.log.record({"step": st.step, "skipped": reason, "loss": losses.tolist(), "lr": self.lr})
-        if self.progress and self.accelerator.is_main_process:
-            self.bar.write(f"step {st.step}: skipped ({reason})")
-        st.step += 1
-        self.fold_in_power_ema()  # unchanged weights: the averages' profiles stay functions of the step alone
-        self.bar.update(1)
-        if st.bad_in_a_row >= self.tc.nan_patience:
-            self.roll_back(st.step - 1, reason)
+        for step, lr, losses, bad in self.window.read():
+            if not bad:
+                st.bad_in_a_row = 0
+                continue
+            reason = REASONS[bad]
+            st.bad_in_a_row += 1
+            self.log.record({"step": step, "skipped": reason, "loss": losses, "lr": lr})
+            if self.progress and self.accelerator.is_main_process:
+                self.bar.write(f"step {step}: skipped ({reason})")
+            if st.bad_in_a_row >= self.tc.nan_patience:
+                self.window.clear()
+                self.roll_back(step, reason)
+                return True
+        return False
 
     def roll_back(self, at: int, reason: str) -> None:
         """Back to the last checkpoint with half the learning rate, or stop with one line."""
@@ -292,32 +312,42 @@ class Trainer:
 
     # ---- what happens every so many steps
 
-    def periodic(self) -> None:
-        """The log line, previews and held-out metrics (main process), and checkpoints, when their step comes."""
+    def periodic(self) -> bool:
+        """At a log step (or before a preview, evaluation or checkpoint): read the window back (NaN guard, time budget),
+        then the log line, previews and held-out metrics (main process), and checkpoints. Returns whether the time is up."""
         st, tc, main = self.state, self.tc, self.accelerator.is_main_process
-        if st.step % tc.log_every == 0 or st.step == st.decay.end:
+        log_due = st.step % tc.log_every == 0 or st.step == st.decay.end
+        sample_due = bool(tc.sample_every and st.step % tc.sample_every == 0)
+        eval_due = bool(tc.eval_every and st.step % tc.eval_every == 0)
+        # a kept step (train.keep_steps, e.g. autoguidance's weaker model) is written even between checkpoint_every's
+        ckpt_due = bool((tc.checkpoint_every and st.step % tc.checkpoint_every == 0) or st.step in tc.keep_steps) and st.step < st.decay.end
+        if not (log_due or sample_due or eval_due or ckpt_due):
+            return False  # an ordinary step: nothing read back
+        if self.settle():
+            return False
+        if log_due and self.window.steps:
             rate, mean_loss = self.window.flush()
             self.bar.set_postfix(loss=f"{mean_loss:.4f}", ex_s=f"{rate:.0f}")
             self.log.record({"step": st.step, "loss": mean_loss, "examples_per_s": rate, "lr": self.lr, "world_size": self.world,
                              "elapsed_s": round(time.time() - self.t_start, 2)},
                             {"train/loss": mean_loss, "train/lr": self.lr, "train/examples_per_s": rate})
-        if tc.sample_every and st.step % tc.sample_every == 0 and main:
+        if sample_due and main:
             self.log.image("samples", self.task.preview(self.ema.eval(), self.run_dir / "samples" / f"step-{st.step:07d}.png"), st.step)
             self.model.train()
-        if tc.eval_every and st.step % tc.eval_every == 0 and main:
+        if eval_due and main:
             metrics = self.task.evaluate(self.ema.eval())
             self.log.record({"step": st.step, **metrics}, {f"eval/{k}": v for k, v in metrics.items()})
             if self.progress and metrics:
                 self.bar.write(f"step {st.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             self.model.train()
-        # a kept step (train.keep_steps, e.g. autoguidance's weaker model) is written even between checkpoint_every's
-        due = (tc.checkpoint_every and st.step % tc.checkpoint_every == 0) or st.step in tc.keep_steps
-        if due and st.step < st.decay.end:
+        if ckpt_due:
             self.checkpoint()
+        return log_due and self.budget.time_is_up()
 
     def finish(self) -> Path:
         """The last post-hoc EMA snapshot, the task's final metrics and the last checkpoint."""
         acc, st = self.accelerator, self.state
+        self.settle()
         self.bar.close()
         if self.power is not None and acc.is_main_process and st.step % self.tc.posthoc_every:
             self.power.save_snapshot(self.run_dir, st.step)  # the last weights (the end, or where the time budget stopped the run)
@@ -332,21 +362,41 @@ class Trainer:
         return self.run_dir
 
 
+REASONS = {1: "the loss was not finite", 2: "the gradient was not finite"}
+
+
 class LogWindow:
-    """Examples and losses since the last log line."""
+    """The steps since the last log line: their flags and losses stay on the device until read() reads them all back
+    at once, then examples/s and the mean loss of the good steps."""
 
-    def __init__(self):
-        self.t, self.examples, self.losses = time.time(), 0, []
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.clear()
 
-    def add(self, examples: int, loss: float) -> None:
-        self.examples += examples
-        self.losses.append(loss)
+    def clear(self) -> None:
+        self.t, self.steps, self.pending, self.good_losses = time.time(), 0, [], []
+
+    def add(self, step: int, lr: float, losses: torch.Tensor, bad: torch.Tensor) -> None:
+        """losses: (world,) this step's loss on every process; bad: 0-dim flag (0 = good). Both stay on the device."""
+        self.steps += 1
+        self.pending.append((step, lr, losses, bad))
+
+    def read(self) -> list[tuple[int, float, list[float], int]]:
+        """(step, lr, losses, flag) of every step added since the last read, in one read of device values."""
+        if not self.pending:
+            return []
+        packed = torch.stack([torch.cat([bad[None].to(losses.dtype), losses]) for _, _, losses, bad in self.pending])
+        values = packed.tolist()  # (steps, 1 + world): the window's one host sync
+        out = [(step, lr, row[1:], int(row[0])) for (step, lr, _, _), row in zip(self.pending, values)]
+        self.good_losses += [sum(row[1:]) / len(row[1:]) for row in values if not row[0]]
+        self.pending = []
+        return out
 
     def flush(self) -> tuple[float, float]:
-        """(examples/s, mean loss) over the window, and a new window."""
-        rate = self.examples / max(time.time() - self.t, 1e-9)
-        mean = sum(self.losses) / len(self.losses)
-        self.t, self.examples, self.losses = time.time(), 0, []
+        """(examples/s, mean loss of the good steps) over the window, and a new window."""
+        rate = self.steps * self.batch_size / max(time.time() - self.t, 1e-9)
+        mean = sum(self.good_losses) / len(self.good_losses) if self.good_losses else math.nan
+        self.clear()
         return rate, mean
 
 
@@ -363,8 +413,15 @@ class Budget:
         self.t_start = t_start
         self.fitting = self.tc.fit_to_budget and self.tc.max_minutes > 0 and not self.trainer.state.fitted  # (a resumed run keeps its decay)
 
-    def out_of_time(self) -> bool:
-        return self.tc.max_minutes > 0 and (time.time() - self.t_start) > 60 * self.tc.max_minutes
+    def time_is_up(self) -> bool:
+        """At a log step: whether train.max_minutes has passed on any process, so that every process stops at the same step."""
+        if self.tc.max_minutes <= 0:
+            return False
+        mine = (time.time() - self.t_start) > 60 * self.tc.max_minutes
+        if self.trainer.world == 1:
+            return mine
+        acc = self.trainer.accelerator
+        return bool(acc.gather(torch.tensor([float(mine)], device=acc.device)).any())
 
     def tick(self) -> None:
         """Before each step: time from the 10th (the first carry one-off costs) and re-fit when it is due."""
@@ -403,15 +460,10 @@ def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True) ->
     state = trainer.state
     while state.step < state.decay.end:
         trainer.budget.tick()
-        losses, out_of_time, skip_reason = trainer.train_step(trainer.next_batch())
-        if out_of_time:
+        trainer.train_step(trainer.next_batch())
+        if trainer.periodic():
             trainer.accelerator.print(f"stopping after {cfg.train.max_minutes} minutes at step {state.step}")
             break
-        if skip_reason:
-            trainer.skip(skip_reason, losses)
-            continue
-        trainer.advance(losses)
-        trainer.periodic()
     return trainer.finish()
 
 

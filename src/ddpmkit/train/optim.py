@@ -47,10 +47,16 @@ def lr_at(step: int, cfg: TrainConfig, decay: Decay | None = None) -> float:
 
 
 @torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, for parameters; buffers are copied."""
+def ema_update(ema: nn.Module, model: nn.Module, decay: float, applied: torch.Tensor | None = None) -> None:
+    """ema <- decay * ema + (1 - decay) * model, for parameters; buffers are copied. applied: a 0-dim bool on the
+    device, False for a skipped step (the NaN guard), which then leaves the average as it was without a host sync."""
     # one fused call over all tensors (a per-tensor loop costs more than a tiny model's step)
-    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
+    params = list(ema.parameters())
+    if applied is None:
+        torch._foreach_lerp_(params, [p.detach() for p in model.parameters()], 1.0 - decay)
+    else:
+        weight = applied.to(params[0].dtype) * (1.0 - decay) if params else None
+        torch._foreach_lerp_(params, [p.detach() for p in model.parameters()], [weight] * len(params))
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
 
