@@ -50,6 +50,9 @@ def test_forward_spectrum_whitens_with_t():
     (["train", "toy2d", "train.lr=0"], "train.lr = 0.0 must be > 0"),
     (["sample", "/no/run", "--guidance", "nan"], "the guidance must be a finite number, got nan"),
     (["sample", "/no/run", "--autoguide-scale", "inf"], "the autoguidance weight must be a finite number, got inf"),
+    (["sample", "/no/run", "--steps", "0"], "--steps 0: give a whole number >= 1 (leave --steps out for the run's own"),
+    (["sample", "/no/run", "--n", "-3"], "--n -3: give a whole number >= 1"),
+    (["demo", "--steps", "0"], "--steps 0: give a whole number >= 1"),
 ])
 def test_bad_input_gives_one_clear_line(capsys, argv, message):
     code, out, err = run(capsys, *argv)

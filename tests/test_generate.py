@@ -63,3 +63,12 @@ def test_bf16_runs_the_network_in_bf16_and_hands_back_float32(model):
     assert dtype_of("bfloat16") is dtype_of("bf16") is torch.bfloat16 and resolve_precision("no") == "no"
     mixed_model = dataclasses.replace(model, network=Autocast(model.network))
     assert isinstance(weaker_model(mixed_model, str(model.path), "cpu").model, Autocast)  # autoguidance's bad model in the same precision
+
+
+@pytest.mark.parametrize("kwargs, message", [({"n": -3}, "n = -3 must be >= 1"), ({"n": 2, "batch_size": 0}, "batch_size = 0 must be >= 1")])
+def test_bad_counts_name_only_what_the_caller_gave(model, kwargs, message):
+    from ddpmkit.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        generate(model, **kwargs, steps=2, progress=False)
+    assert str(e.value) == message  # not the automatic chunk size, which the caller never gave

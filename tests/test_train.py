@@ -433,9 +433,7 @@ class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.mark.parametrize("preset, extra", [("toy2d", ["train.batch_size=64"]),
                                            ("mnist", ["train.batch_size=8", "network.base_channels=8", "network.channel_mult=1,2",
-                                                      "network.attention_resolutions=14", "train.mixed_precision=no"]),
-                                           ("mnist_class", ["train.batch_size=8", "network.base_channels=8", "network.channel_mult=1,2",
-                                                            "network.attention_resolutions=14", "train.mixed_precision=no"])])
+                                                      "network.attention_resolutions=14", "train.mixed_precision=no"])])
 def test_an_ordinary_training_step_reads_nothing_back_and_a_log_window_reads_once(tmp_path, monkeypatch, preset, extra):
     from ddpmkit.train import engine
 

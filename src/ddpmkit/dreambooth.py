@@ -51,7 +51,7 @@ def class_images(cfg: Config, image_shape: tuple[int, ...]) -> torch.Tensor:
         with safe_open(str(cache), "pt") as f:
             if json.loads((f.metadata() or {}).get("drawn", "{}")) == how:
                 return f.get_tensor("images")
-    base = load_diffusion(cfg.train.init_from)
+    base = load_diffusion(cfg.train.init_from, device="cpu")  # class images are data: made on the CPU, as the engine's data is
     if tuple(base.image_shape) != tuple(image_shape):
         raise DreamBoothError(f"the base model {cfg.train.init_from} draws images of shape {tuple(base.image_shape)}, the instance images "
                               f"are {tuple(image_shape)}")

@@ -20,6 +20,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, load_saved_state, read_config, read_weights, resolve_checkpoint
 from .config import Config
+from .devices import resolve_device
 from .diffusers_bridge import PipelineParts, diffusion_config, frozen_parts, pipeline_folder, read_pipeline
 from .errors import UserError
 from .finetune import adapt
@@ -239,16 +240,17 @@ class DiffusersModel(DiffusionModel):
         return self.parts.network.inpainting
 
 
-def load_pipeline(folder: Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> DiffusersModel:
-    """A diffusers pipeline folder as a DiffusersModel (dtype: fp32, bf16 or fp16 weights; torch's names work too)."""
-    parts = read_pipeline(folder, device, dtype_of(dtype or "fp32"))
+def load_pipeline(folder: Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> DiffusersModel:
+    """A diffusers pipeline folder as a DiffusersModel (dtype: fp32, bf16 or fp16 weights; torch's names work too), on
+    device (None: the default device)."""
+    parts = read_pipeline(folder, resolve_device(device), dtype_of(dtype or "fp32"))
     # read_pipeline has refused any other beta_schedule, so the config describes the real schedule: parts.schedule
     diffusion = diffusion_config(parts.scheduler_config)
     return DiffusersModel(network=parts.network, config=Config(diffusion=diffusion), data_shape=parts.data_shape, step=0, path=folder,
                           autoencoder=parts.autoencoder, parts=parts)
 
 
-def load(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu", kind: str | None = None,
+def load(path: str | Path, weights: str = "ema", device: str | torch.device | None = None, kind: str | None = None,
          dtype: str | torch.dtype | None = None, loras: Sequence[LoRA | str] = ()) -> LoadedNetwork:
     """Load a run folder (its newest checkpoint), a ckpt-XXXXXXX folder, or a diffusers pipeline
     folder (model_index.json; a hub id only from the local hub cache), in eval mode.
@@ -258,8 +260,9 @@ def load(path: str | Path, weights: str = "ema", device: str | torch.device = "c
     'decoder'; 'diffusion' = any that samples); a run of another kind is a clear error. A model that
     samples (denoiser, super-resolution stage, prior, decoder) comes back as a DiffusionModel,
     anything else as a LoadedNetwork. loras: LoRA files or runs (LoRA, or "FILE:SCALE") merged into a
-    diffusion model's weights at their scales (loras.py; m.loras.unmerge() takes them out)."""
-    m = _load(path, weights, device, kind, dtype)
+    diffusion model's weights at their scales (loras.py; m.loras.unmerge() takes them out).
+    device: None or "auto" = where training would run (CUDA, then MPS, then the CPU: devices.default_device)."""
+    m = _load(path, weights, resolve_device(device), kind, dtype)
     if loras:
         if not isinstance(m, DiffusionModel):
             raise UserError(f"{m.path} is a {m.config.train.task}: LoRAs merge into models that sample")
@@ -267,7 +270,7 @@ def load(path: str | Path, weights: str = "ema", device: str | torch.device = "c
     return m
 
 
-def _load(path: str | Path, weights: str, device: str | torch.device, kind: str | None, dtype: str | torch.dtype | None) -> LoadedNetwork:
+def _load(path: str | Path, weights: str, device: torch.device, kind: str | None, dtype: str | torch.dtype | None) -> LoadedNetwork:
     folder = pipeline_folder(path)
     if folder is not None:
         if kind not in (None, "diffusion", "denoiser"):
@@ -309,7 +312,7 @@ def _load_pipeline_run(ckpt: Path, config: Config, info, weights: str, device, d
     return m
 
 
-def load_diffusion(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu",
+def load_diffusion(path: str | Path, weights: str = "ema", device: str | torch.device | None = None,
                    dtype: str | torch.dtype | None = None, loras: Sequence[LoRA] = ()) -> DiffusionModel:
     """load(path) for a model that samples: a denoiser run, a super-resolution stage, an unCLIP
     prior or decoder, or a diffusers pipeline folder (dtype applies to pipelines), with `loras`
@@ -317,7 +320,7 @@ def load_diffusion(path: str | Path, weights: str = "ema", device: str | torch.d
     return load(path, weights, device, kind="diffusion", dtype=dtype, loras=loras)
 
 
-def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> LoadedNetwork:
+def load_autoencoder(path: str | Path, device: str | torch.device | None = None) -> LoadedNetwork:
     """load(path) for an autoencoder run (`ddpmkit train mnist_autoencoder`), or a diffusers pipeline folder's VAE."""
     if pipeline_folder(path) is not None:
         parts = frozen_parts(str(pipeline_folder(path)))
@@ -330,11 +333,11 @@ def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> Lo
         raise CheckpointError(f"no autoencoder at {path}: {e}") from None
 
 
-def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> LoadedNetwork:
+def load_classifier(path: str | Path, device: str | torch.device | None = None) -> LoadedNetwork:
     """load(path) for a noisy-classifier run (`ddpmkit train mnist_classifier`)."""
     return load(path, "ema", device, kind="classifier")
 
 
-def load_clip(path: str | Path, device: str | torch.device = "cpu") -> LoadedNetwork:
+def load_clip(path: str | Path, device: str | torch.device | None = None) -> LoadedNetwork:
     """load(path) for a CLIP run (`ddpmkit train clip`, or clip_noisy for CLIP guidance)."""
     return load(path, "ema", device, kind="clip")

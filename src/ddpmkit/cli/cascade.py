@@ -14,7 +14,7 @@ from ..pipelines.cascade import Stage, cascade, check_low_res, super_resolve
 from ..pipelines.generate import save_generated
 from ..superres import downsample, upsample
 from ..utils import side
-from .common import add_guidance_args, add_sampler_args, guidance_request, load_model, options_from, own_sampler, parse_stage
+from .common import add_device_option, add_guidance_args, add_sampler_args, guidance_request, load_model, options_from, own_sampler, parse_stage
 
 
 def run_cascade(args: argparse.Namespace) -> None:
@@ -24,7 +24,7 @@ def run_cascade(args: argparse.Namespace) -> None:
     m = load_model(args)
     args.sampler, args.steps = own_sampler(m, args.sampler, args.steps)  # a distilled base samples in its few steps by default
     base = Stage(m, args.sampler, args.steps, request.scale, request.threshold, None, options_from(args))
-    stages = [base] + [parse_stage(spec) for spec in args.then]
+    stages = [base] + [parse_stage(spec, m.device) for spec in args.then]
     t0 = time.time()
     record = 0 if args.no_gif else max(1, (stages[-1].steps or stages[-1].model.schedule.T) // 50)
     outs = cascade(stages, args.n, request, args.seed, args.batch_size, record_every=record)
@@ -41,7 +41,7 @@ def run_cascade(args: argparse.Namespace) -> None:
 
 
 def cmd_upscale(args: argparse.Namespace) -> None:
-    sr = load_diffusion(args.checkpoint)
+    sr = load_diffusion(args.checkpoint, device=args.device)
     images = []
     for spec in args.images:
         image = load_image(spec, channels=sr.low_res_shape[0])
@@ -79,4 +79,5 @@ def add_commands(sub) -> None:
     u.add_argument("--no-gif", action="store_true")
     u.add_argument("--out", default="upscaled")
     add_guidance_args(u)
+    add_device_option(u)
     u.set_defaults(func=cmd_upscale)

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
+from ..devices import resolve_device
 from ..errors import UserError
 from ..models import load_diffusion
 from ..pipelines.cascade import CascadeError, Stage
@@ -28,13 +31,30 @@ def add_guidance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autoguide-scale", type=float, default=2.0, help="autoguidance weight w: bad + w (good - bad); 1 = off")
 
 
+def add_device_option(p: argparse.ArgumentParser) -> None:
+    """--device, for every command that runs a network: where training would run unless the user says."""
+    p.add_argument("--device", default="auto",
+                   help="where the network runs: auto (default: CUDA, then MPS, then the CPU, as training), cpu, cuda, cuda:1, mps")
+
+
 def add_device_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="where the network runs: cpu, cuda, cuda:1, mps")
+    add_device_option(p)
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"],
                    help="weights of a diffusers pipeline folder (default float32); schedule arithmetic stays float64/float32")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="merge a LoRA into the model at a scale (default 1; repeat for several): a diffusers LoRA file or folder "
                         "on a Stable Diffusion folder, a ddpmkit LoRA run (train.lora_rank) on the run it fine-tuned")
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """--n, --steps and --batch-size where the user gave them: whole numbers >= 1, one line naming the flag and
+    its value. (The run's own steps are spelled by leaving --steps out, never by 0.)"""
+    for flag in ("n", "steps", "batch_size"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            hint = {"steps": " (leave --steps out for the run's own: all T steps for Algorithm 2, or a distilled run's few)",
+                    "batch_size": " (leave --batch-size out for chunks sized to the device)"}.get(flag, "")
+            raise UserError(f"--{flag.replace('_', '-')} {value}: give a whole number >= 1{hint}")
 
 
 def own_sampler(m, sampler: str | None, steps: int | None) -> tuple[str, int | None]:
@@ -49,6 +69,7 @@ def own_sampler(m, sampler: str | None, steps: int | None) -> tuple[str, int | N
 def load_model(args: argparse.Namespace):
     """The model a command samples (args.checkpoint, or args.model), with its device, dtype and LoRAs."""
     path = getattr(args, "checkpoint", None) or args.model
+    args.device = resolve_device(args.device)  # "auto": where training would run; the rest of the command follows the model
     return load_diffusion(path, device=args.device, dtype=args.dtype, loras=args.lora)
 
 
@@ -87,7 +108,7 @@ STAGE_KEYS = {"sampler": str, "steps": int, "guidance": float, "aug": float, "th
               "order": int, "variance": str}
 
 
-def parse_stage(spec: str, device: str = "cpu") -> Stage:
+def parse_stage(spec: str, device: str | torch.device | None = None) -> Stage:
     """A stage from 'RUN[,key=value,...]' (keys: sampler, steps, guidance, aug, threshold, grid,
     eta, order, variance), loading the run."""
     run, *pairs = [p.strip() for p in spec.split(",")]

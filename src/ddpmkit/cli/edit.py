@@ -13,7 +13,7 @@ from ..models import DiffusionModel, load_diffusion
 from ..pipelines.edit import edit_img2img, edit_inpaint, edit_posterior, interpolation_images, interpolation_prompts, interpolation_seeds
 from ..pipelines.voyage import read_keyframes, render_voyage
 from ..sampling import SAMPLERS
-from .common import add_device_args, add_guidance_args, guidance_request, load_model
+from .common import add_device_args, add_device_option, add_guidance_args, guidance_request, load_model
 
 try:  # optional: MP4 output of the voyage
     import imageio.v2 as imageio
@@ -22,7 +22,7 @@ except ImportError:
 
 
 def _model_image(args: argparse.Namespace) -> tuple[DiffusionModel, torch.Tensor]:
-    m = load_diffusion(args.checkpoint)
+    m = load_diffusion(args.checkpoint, device=args.device)
     return m, load_image_as(args.image, m.image_shape)
 
 
@@ -51,7 +51,7 @@ def cmd_posterior(args: argparse.Namespace) -> None:
 
 
 def cmd_interpolate(args: argparse.Namespace) -> None:
-    m = load_diffusion(args.checkpoint)
+    m = load_diffusion(args.checkpoint, device=args.device)
     out = Path(args.out)
     seeds = [int(s) for s in (args.seeds or "0,1").split(",")]
     request = guidance_request(args)
@@ -96,6 +96,7 @@ def add_commands(sub) -> None:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--out", default="edits")
         add_guidance_args(p)
+        add_device_option(p)
 
     p = sub.add_parser("img2img", help="SDEdit: noise an image to strength * T and denoise it")
     common(p, "ddim", 50)

@@ -14,10 +14,21 @@ from ..sampling import SAMPLERS
 from ..sampling.optimize import optimize_grid
 from ..train.judge import ensure_judge
 from .cascade import run_cascade
-from .common import add_device_args, add_guidance_args, add_sampler_args, guidance_request, load_model, options_from, own_sampler
+from .common import (
+    add_device_args,
+    add_device_option,
+    add_guidance_args,
+    add_sampler_args,
+    check_counts,
+    guidance_request,
+    load_model,
+    options_from,
+    own_sampler,
+)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
+    check_counts(args)  # first, like the scales: a mistyped count fails before the model loads
     if args.then:
         return run_cascade(args)
     request = guidance_request(args)  # first: a bad scale fails before the model loads
@@ -37,17 +48,19 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    check_counts(args)
     report = evaluate_checkpoint(args.checkpoint, parse_metrics(args.metrics), sampler=args.sampler, steps=args.steps,
                                  n=args.n, n_bpd=args.n_bpd, seed=args.seed, features=args.features,
                                  sampler_options=options_from(args), inception_path=args.inception, out=args.out,
                                  request=guidance_request(args), reference=args.reference,
-                                 prepare_judge=ensure_judge)  # evaluation reads the cached judge; this trains it on first use
+                                 prepare_judge=ensure_judge, device=args.device)  # evaluation reads the cached judge; this trains it on first use
     print(format_report(report))
     print(f"report: {args.out}")
 
 
 def cmd_tune_grid(args: argparse.Namespace) -> None:
     """Optimise a step grid for a checkpoint and a sampler, and write it as JSON for --grid."""
+    check_counts(args)
     m = load_model(args)
     options = {"order": args.order} if args.order is not None else {}
     model, kwargs, extra = guided_model(m, args.n, guidance_request(args), args.sampler, args.device)  # the grid of the guided ODE
@@ -95,6 +108,7 @@ def add_commands(sub) -> None:
     add_sampler_args(e)
     e.add_argument("--out", default="eval_report.json")
     add_guidance_args(e)
+    add_device_option(e)
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("tune-grid", help="optimise a few-step grid for a run and sampler (use with sample --grid)")

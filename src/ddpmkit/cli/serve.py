@@ -5,6 +5,7 @@ import argparse
 
 from ..errors import UserError
 from ..web.limits import Limits
+from .common import add_device_option
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -13,7 +14,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except ImportError as e:
         raise UserError(f"the web page needs gradio: pip install 'ddpmkit[web]' ({e})") from None
     serve(args.runs or ["runs"], host=args.host, port=args.port, concurrency=args.concurrency,
-          limits=Limits(max_steps=args.max_steps, max_images=args.max_images), loras=args.lora)
+          limits=Limits(max_steps=args.max_steps, max_images=args.max_images), loras=args.lora, device=args.device)
 
 
 def add_commands(sub) -> None:
@@ -26,4 +27,5 @@ def add_commands(sub) -> None:
     s.add_argument("--max-images", type=int, default=64, help="images one request may ask for")
     s.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="merge a LoRA into the served model(s) at a scale (repeatable); chosen here, never by a visitor")
+    add_device_option(s)
     s.set_defaults(func=cmd_serve)

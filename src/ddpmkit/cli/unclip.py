@@ -14,7 +14,7 @@ from ..models import load_diffusion
 from ..pipelines import unclip
 from ..pipelines.generate import save_generated
 from ..utils import side
-from .common import add_sampler_args, options_from, parse_stage
+from .common import add_device_option, add_sampler_args, options_from, parse_stage
 
 
 def _decode_kwargs(args: argparse.Namespace) -> dict:
@@ -37,11 +37,11 @@ def _images(decoder, specs: list[str], fit: bool) -> torch.Tensor:
 
 
 def cmd_unclip(args: argparse.Namespace) -> None:
-    prior, decoder = load_diffusion(args.prior), load_diffusion(args.decoder)
+    prior, decoder = load_diffusion(args.prior, device=args.device), load_diffusion(args.decoder, device=args.device)
     unclip.check_pair(prior, decoder)
     t0 = time.time()
     result = unclip.text_to_image(prior, decoder, args.prompt, args.n, args.prior_guidance, args.best_of, args.prior_steps,
-                                  seed=args.seed, then=[parse_stage(s) for s in args.then], **_decode_kwargs(args))
+                                  seed=args.seed, then=[parse_stage(s, decoder.device) for s in args.then], **_decode_kwargs(args))
     folder = save_generated(result.stages[-1], args.out, args.seed, gif=not args.no_gif)
     torch.save(result.embeds, folder / "image_embeds.pt")
     prompts = [args.prompt[i % len(args.prompt)] for i in range(args.n)]
@@ -53,7 +53,7 @@ def cmd_unclip(args: argparse.Namespace) -> None:
 
 
 def cmd_variations(args: argparse.Namespace) -> None:
-    decoder = load_diffusion(args.decoder)
+    decoder = load_diffusion(args.decoder, device=args.device)
     images = _images(decoder, args.images, args.fit)
     t0 = time.time()
     out = unclip.variations(decoder, images, args.n, seed=args.seed, **_decode_kwargs(args))
@@ -65,7 +65,7 @@ def cmd_variations(args: argparse.Namespace) -> None:
 
 
 def cmd_interpolate(args: argparse.Namespace) -> None:
-    decoder = load_diffusion(args.decoder)
+    decoder = load_diffusion(args.decoder, device=args.device)
     a, b = _images(decoder, [args.a], args.fit), _images(decoder, [args.b], args.fit)
     out = unclip.interpolate(decoder, a, b, args.frames, seed=args.seed, **_decode_kwargs(args))
     folder = save_generated(out, args.out, args.seed, gif=False)
@@ -75,7 +75,7 @@ def cmd_interpolate(args: argparse.Namespace) -> None:
 
 
 def cmd_text_diff(args: argparse.Namespace) -> None:
-    decoder = load_diffusion(args.decoder)
+    decoder = load_diffusion(args.decoder, device=args.device)
     image = _images(decoder, [args.image], args.fit)
     try:
         amounts = [float(a) for a in args.amounts.split(",")]
@@ -94,6 +94,7 @@ def _decoder_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="samples drawn at once (default: cache-sized chunks; results do not depend on it)")
     p.add_argument("--no-gif", action="store_true")
     p.add_argument("--out", default=out)
+    add_device_option(p)
 
 
 def _fit_arg(p: argparse.ArgumentParser) -> None:

@@ -22,5 +22,5 @@ def load_judge(dataset: str = "mnist5k") -> tuple[nn.Module, float]:
     if not list_checkpoints(run_dir):
         raise FileNotFoundError(f"no judge for {dataset} in {run_dir}: `ddpmkit eval` trains one on first use, or "
                                 f"ddpmkit.train.judge.ensure_judge({dataset!r}) (set DDPMKIT_CACHE to move it)")
-    m = load(run_dir, kind="judge")
+    m = load(run_dir, device="cpu", kind="judge")  # scores images handed back on the CPU
     return m.network, float(m.metrics["accuracy"])

@@ -90,13 +90,13 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddp
                         n: int = 1000, n_bpd: int = 100, seed: int = 0, features: str = "classifier",
                         sampler_options: dict | None = None, batch_size: int | None = None, inception_path: str | None = None,
                         out: str | Path | None = None, request=None, reference: str | None = None,
-                        prepare_judge: Callable[[str], object] | None = None) -> dict:
+                        prepare_judge: Callable[[str], object] | None = None, device: str | torch.device | None = None) -> dict:
     """request: a pipeline.GuidanceRequest for conditional models (classes, prompts, guidance) used
     for the samples; bits/dim of a conditional model is that of its unconditional branch.
     reference: a folder of real images to compare with (default: the held-out split of the run's
     data; a diffusers pipeline folder has no data of its own, so it needs one).
     prepare_judge(dataset): called before the cached judge is read (classifier features), e.g. to train it."""
-    m = load_diffusion(checkpoint)
+    m = load_diffusion(checkpoint, device=device)  # None: the default device (devices.py)
     data = m.config.data
     if reference:
         C, H = m.image_shape[0], m.image_shape[-1]
@@ -106,9 +106,9 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddp
     report: dict = {"checkpoint": str(m.path), "step": m.step, "metrics": {}}
     # folders, npz files and toys have no held-out split: their "test" data is the training data
     held_out = dataset_for(data, split="test")
-    x_test = held_out.get_batch(torch.arange(min(n_bpd, len(held_out))))  # any Dataset: arrays or image folders
+    x_test = held_out.get_batch(torch.arange(min(n_bpd, len(held_out)))).to(m.device)  # any Dataset: arrays or image folders
     g = torch.Generator().manual_seed(seed)
-    null = m.null_condition(len(x_test))
+    null = m.null_condition(len(x_test), m.device)
     if m.autoencoder is not None and any(k.startswith("bpd") for k in metrics):
         raise UserError("bits/dim of a latent diffusion model would be of its latents, not the images; use `metrics` fd,kid,is")
     images = len(m.data_shape) == 3

@@ -295,8 +295,8 @@ class LabelEmbedding(nn.Module):
         if y is None:
             y = torch.full((batch,), self.num_classes, device=device, dtype=torch.long)
         y = torch.as_tensor(y, device=device).long()
-        # checked where a user's labels come in (sampling); training's come from the dataset, and the check's read of y
-        # would make a GPU's host wait at every step
-        if not self.training and bool(((y < 0) | (y > self.num_classes)).any()):
+        # a clear error for labels on the CPU or where a user's labels come in (sampling); a GPU's training labels come from
+        # the dataset, and the check's read of y would make its host wait at every step
+        if (y.device.type == "cpu" or not self.training) and bool(((y < 0) | (y > self.num_classes)).any()):
             raise UserError(f"class labels must lie in [0, {self.num_classes - 1}] (or {self.num_classes} = null)")
         return self.table(y)

@@ -83,9 +83,10 @@ def generate(m: DiffusionModel, n: int, request: GuidanceRequest | None = None, 
     precision: the network's ("fp32", "bf16", "fp16", or "auto": bf16 where the device computes it natively);
     the sampler's arithmetic stays float32."""
     device = m.device if device is None else torch.device(device)  # default: where the model's weights are
+    for name, value in (("n", n), ("batch_size", batch_size)):  # only what the caller gave
+        if value is not None and value < 1:
+            raise UserError(f"{name} = {value} must be >= 1")
     batch_size = batch_size or auto_batch_size(m.data_shape, device)
-    if n < 1 or batch_size < 1:
-        raise UserError(f"n = {n} and batch_size = {batch_size} must be >= 1")
     seeds = list(range(seed, seed + n)) if seeds is None else list(seeds)
     if len(seeds) != n:
         raise UserError(f"give one seed per sample ({n}), got {len(seeds)}")

@@ -84,7 +84,8 @@ class DenoiserTask(Task):
         self.weights: torch.Tensor | None = None  # per-example loss weights (DreamBooth's prior preservation)
         if cfg.dreambooth.instance_prompt:
             self.dataset = self.with_class_images(self.dataset)
-        self.autoencoder = load_autoencoder(cfg.data.autoencoder).network if cfg.data.autoencoder else None
+        # on the CPU: the latents are the dataset, which the engine keeps there
+        self.autoencoder = load_autoencoder(cfg.data.autoencoder, device="cpu").network if cfg.data.autoencoder else None
         if self.autoencoder is not None:  # latent diffusion: train on the scaled latents, show decoded samples
             self.dataset = encode_dataset(self.autoencoder, self.dataset)
         self.dataset = self.prepare(self.dataset)

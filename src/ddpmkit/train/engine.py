@@ -3,8 +3,8 @@
     for step in start .. steps - 1 (or fewer: train.fit_to_budget fits the run to train.max_minutes):
         indices, generator = the global batch of this step           (batches.py: a function of (seed, step))
         loss = mean of task.loss(model, this process's slice)        (the task's Algorithm 1, autoencoder loss, ...)
-        clip gradients, AdamW step at lr_at(step), EMA update        (a step whose loss or gradient is not finite
-                                                                      changes nothing: NaN guard, below)
+        clip gradients, AdamW step at lr_at(step), EMA update        (a step whose loss or gradient is not
+                                                                      finite changes nothing: NaN guard)
         log, pictures, held-out metrics, atomic checkpoint          (every so many steps: the host reads back here)
 
 `run` below is that loop, in one screen; `Trainer` holds the run's pieces and one method per part of a
@@ -19,11 +19,12 @@ One process or many (`torchrun`, `accelerate launch`) run the same code on any d
 knows, in fp32, bf16 or fp16 autocast. The time budget (train.max_minutes) stops every process at
 the same log step and checkpoints there.
 
-NaN guard: a step whose loss (on any process) or gradient norm is not finite changes nothing (the fused
-AdamW's found_inf, decided on the device) and is logged as skipped when its window is read back. After train.nan_patience such steps in a row the run rolls back to its last
-checkpoint with the learning rate halved; after train.max_rollbacks rollbacks it stops with one
-line that names the step and the likely cause. (With fp16, accelerate's loss scaler already skips
-steps with overflowing gradients and lowers its scale; only non-finite losses count there.)
+NaN guard: a step whose loss (on any process) or gradient norm is not finite changes nothing (the
+fused AdamW's found_inf, decided on the device) and is logged as skipped when its window is read
+back. After train.nan_patience such steps in a row the run rolls back to its last checkpoint with
+the learning rate halved; after train.max_rollbacks rollbacks it stops with one line that names
+the step and the likely cause. (With fp16, accelerate's loss scaler already skips steps with
+overflowing gradients and lowers its scale; only non-finite losses count there.)
 """
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ class DistillationTask(DenoiserTask):
         super().__init__(cfg)
         if not cfg.distill.teacher:
             raise TrainingError(f"{self.name} distillation needs distill.teacher, a run folder or a diffusers pipeline folder")
-        self.teacher: DiffusionModel = load_diffusion(cfg.distill.teacher)
+        self.teacher: DiffusionModel = load_diffusion(cfg.distill.teacher, device="cpu")  # moved to the training device by teacher_on
         t = self.teacher
         if t.kind not in ("denoiser", "progressive"):
             raise TrainingError(f"distill.teacher {cfg.distill.teacher} is a {t.kind}: distil a denoiser run or a progressive run")

@@ -29,7 +29,7 @@ def frozen_clip(cfg: Config, image_shape: tuple[int, ...]) -> nn.Module:
     """The CLIP network of unclip.clip, checked against the config and the data."""
     if not cfg.unclip.clip:
         raise ConfigError("set unclip.clip to a CLIP run folder (ddpmkit train clip)")
-    run = load(cfg.unclip.clip, kind="clip")
+    run = load(cfg.unclip.clip, device="cpu", kind="clip")  # embeddings are data: made on the CPU
     clip, theirs, ours = run.network, run.config.network, cfg.network
     if ours.text_encoder and (ours.text_encoder, ours.context_dim) != (theirs.text_encoder, theirs.context_dim):
         raise ConfigError(f"the CLIP at {cfg.unclip.clip} reads {theirs.text_encoder!r} tokens ({theirs.context_dim}-dim); set "

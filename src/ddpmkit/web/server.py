@@ -18,13 +18,13 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no teleme
 
 
 def make_page(runs: list[str | Path], limits: Limits | None = None, concurrency: int = 1,
-              work_dir: str | Path | None = None, loras: list[str] | None = None) -> tuple[gr.Blocks, Actions]:
+              work_dir: str | Path | None = None, loras: list[str] | None = None, device: str | None = None) -> tuple[gr.Blocks, Actions]:
     """The queued gradio app serving the diffusion runs in or under `runs` (with `loras`, "FILE:SCALE", merged into
     each), and its Actions."""
     found = find_runs(runs)
     if not found:
         raise FileNotFoundError(f"no diffusion runs in or under {[str(r) for r in runs]}; train one (ddpmkit train mnist) or name its folder")
-    actions = Actions(Shelf(found, loras), limits, work_dir)
+    actions = Actions(Shelf(found, loras, device), limits, work_dir)
     actions.warm_up()
     app = build_app(actions, concurrency)
     app.queue(max_size=64, default_concurrency_limit=concurrency)
@@ -32,10 +32,10 @@ def make_page(runs: list[str | Path], limits: Limits | None = None, concurrency:
 
 
 def serve(runs: list[str | Path], host: str = "127.0.0.1", port: int = 7860, limits: Limits | None = None, concurrency: int = 1,
-          block: bool = True, loras: list[str] | None = None) -> gr.Blocks:
+          block: bool = True, loras: list[str] | None = None, device: str | None = None) -> gr.Blocks:
     """Start the page on host:port. block=False returns the running app (app.close() stops it)."""
     limits = limits or Limits()
-    app, actions = make_page(runs, limits, concurrency, loras=loras)
+    app, actions = make_page(runs, limits, concurrency, loras=loras, device=device)
     app.launch(server_name=host, server_port=port, max_file_size=limits.max_upload_bytes, allowed_paths=[str(actions.work_dir)],
                ssr_mode=False, show_error=True, css=CSS, prevent_thread_lock=not block, inbrowser=False)
     return app

@@ -37,8 +37,8 @@ class Shelf:
     """Loaded models by run folder. Only the runs on the shelf are served: a visitor cannot make
     the server read an arbitrary path."""
 
-    def __init__(self, runs: list[str], loras: list[str] | None = None):
-        self.runs = list(runs)
+    def __init__(self, runs: list[str], loras: list[str] | None = None, device: str | None = None):
+        self.runs, self.device = list(runs), device  # device None: the default (CUDA, then MPS, then the CPU)
         self.loras = list(loras or [])  # `ddpmkit serve --lora FILE:SCALE`: merged into every model served (the operator's choice)
         self._models: dict[str, DiffusionModel] = {}
         self._lock = threading.Lock()
@@ -48,5 +48,5 @@ class Shelf:
             raise UserError(f"unknown run {run!r}; this page serves {self.runs or 'no runs (start it with ddpmkit serve RUN)'}")
         with self._lock:  # two first requests for one model load it once
             if run not in self._models:
-                self._models[run] = load_diffusion(run, loras=self.loras)
+                self._models[run] = load_diffusion(run, device=self.device, loras=self.loras)
             return self._models[run]

@@ -1,0 +1,230 @@
+"""Every GPU figure of the project in one run, on whatever device is here (CUDA, then MPS, then the CPU):
+
+    .venv/bin/python bench/gpu.py [--out gpu.json] [--rounds 5]     # the real measures (minutes on an H200)
+    .venv/bin/python bench/gpu.py --tiny                            # every part at toy sizes, in seconds (the tests run it)
+
+1. the demo preset's whole trainer (`ddpmkit train mnist`, 1,600 steps): steps/s, images/s and wall time, then the
+   demo's grid (500 digits, 16 autoguided DDIM steps) for the demo's wall time end to end;
+2. sampling the demo model: 500 digits x 1,000 ancestral steps (Algorithm 2) in one chunk on the device;
+3. DDPM's CIFAR-10 UNet (128-256-256-256 channels, 2 blocks per level, attention at 16x16) built by ddpmkit and by
+   diffusers' UNet2DModel, in this process, alternating rounds, medians: a training step (MSE + AdamW) in fp32/TF32 and
+   in bf16 autocast at batch 128, and the bf16 forward at batch 512, eager and torch.compile'd; images/s, TFLOP/s
+   (torch.utils.flop_counter's count) and the fraction of this device's own bf16 matrix-product rate, measured here.
+
+Figures go to stdout and, with --out, to a JSON file. Name the device beside every figure you quote: the first line
+says which it is.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import ddpmkit.threads  # noqa: F401 -- before torch: OpenMP threads wait passively beside other processes
+
+# isort: split
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from ddpmkit.config import load_config
+from ddpmkit.devices import default_device, describe_cpu
+from ddpmkit.nets.unet import UNet
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def seconds(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Seconds per call of fn, after one warm-up call, with the device drained before and after."""
+    fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / reps
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, reps: int) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / seconds(lambda: a @ b, device, reps) / 1e12
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return f"{p.name} ({p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs), torch {torch.__version__}, CUDA {torch.version.cuda}"
+    return describe_cpu() if device.type == "cpu" else f"{device.type}, torch {torch.__version__}"
+
+
+def demo_trainer(device: torch.device, tiny: bool, results: dict) -> Path:
+    """The demo preset's whole trainer on the device, then its grid: the wall time of `ddpmkit demo`."""
+    from ddpmkit.cli.train import draw_demo
+    from ddpmkit.train import train
+
+    run_dir = Path(tempfile.mkdtemp(prefix="gpu-bench-demo-"))
+    extra = ["train.steps=20", "train.keep_steps=10", "train.checkpoint_every=10", "train.sample_every=0", "train.eval_every=0",
+             "network.base_channels=8", "network.channel_mult=1,2", "network.attention_resolutions=14"] if tiny else []
+    cfg = load_config("mnist", [f"train.run_dir={run_dir}", "train.log_every=100" if not tiny else "train.log_every=5", *extra])
+    start = time.perf_counter()
+    train(cfg, progress=False)
+    trained = time.perf_counter() - start
+    n = 8 if tiny else 500
+    draw_demo(run_dir, cfg.train.keep_steps, n, "ddim_uniform", 4 if tiny else 16, 1.5)
+    total = time.perf_counter() - start
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    rates = [e["examples_per_s"] for e in log if "examples_per_s" in e][1:] or [float("nan")]
+    steps = cfg.train.steps
+    results["demo"] = {"steps": steps, "train_s": trained, "steps_per_s": steps / trained, "images_per_s_median_window": statistics.median(rates),
+                       "demo_wall_s": total, "grid_n": n, "precision": log[-1].get("precision")}
+    print(f"demo trainer: {steps} steps in {trained:.1f} s = {steps / trained:.1f} steps/s, {statistics.median(rates):.0f} images/s "
+          f"(median log window; {log[-1].get('precision')}); with the grid of {n}: {total:.1f} s end to end", flush=True)
+    return run_dir
+
+
+def sampling(run_dir: Path, device: torch.device, tiny: bool, results: dict) -> None:
+    """Algorithm 2 over all T steps for 500 digits in one chunk, on the device."""
+    from ddpmkit.models import load_diffusion
+    from ddpmkit.pipelines.generate import generate
+
+    m = load_diffusion(run_dir, device=device)
+    n, steps = (8, 10) if tiny else (500, 1000)
+    for precision in ("fp32", "auto"):
+        generate(m, min(n, 8), sampler="ddpm", steps=2, progress=False, device=device, precision=precision)  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        generate(m, n, sampler="ddpm", steps=steps, batch_size=n, progress=False, device=device, precision=precision)
+        sync(device)
+        s = time.perf_counter() - start
+        results.setdefault("sampling", {})[precision] = {"n": n, "steps": steps, "s": s, "ms_per_step": 1000 * s / steps}
+        print(f"ancestral sampling ({precision}): {n} digits x {steps} steps in {s:.2f} s ({1000 * s / steps:.2f} ms per step, one chunk)",
+              flush=True)
+
+
+def cifar_unets(tiny: bool) -> dict[str, Callable[[], torch.nn.Module]]:
+    """DDPM's CIFAR-10 UNet as ddpmkit builds it and as diffusers' UNet2DModel does (same widths and levels)."""
+    ch, mult = (8, (1, 2)) if tiny else (128, (1, 2, 2, 2))
+
+    def ours() -> torch.nn.Module:
+        return UNet(3, None, 32, ch, mult, 2 if not tiny else 1, (16,), num_heads=1, dropout=0.1)
+
+    def theirs() -> torch.nn.Module:
+        from diffusers import UNet2DModel
+
+        widths = tuple(ch * m for m in mult)
+        down = tuple("AttnDownBlock2D" if 32 // 2**i == 16 else "DownBlock2D" for i in range(len(mult)))
+        up = tuple("AttnUpBlock2D" if 32 // 2 ** (len(mult) - 1 - i) == 16 else "UpBlock2D" for i in range(len(mult)))
+        return UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=widths, layers_per_block=2 if not tiny else 1,
+                           down_block_types=down, up_block_types=up, dropout=0.1, attention_head_dim=None, norm_num_groups=min(32, ch))
+
+    return {"ddpmkit": ours, "diffusers": theirs}
+
+
+def wrap(name: str, net: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """net(x, t) -> the prediction, for either library (diffusers hands back an output object)."""
+    return (lambda x, t: net(x, t).sample) if name == "diffusers" else net
+
+
+def unet_modes(device: torch.device, tiny: bool, rounds: int, compiled: bool, results: dict, bf16_rate: float) -> None:
+    batch_train, batch_fwd = (2, 4) if tiny else (128, 512)
+    dev = device.type
+    rows: dict[tuple[str, str], list[float]] = {}
+    flops: dict[tuple[str, str], float] = {}
+    cases = []
+    for name, build in cifar_unets(tiny).items():
+        net = build().to(device)
+        params = sum(p.numel() for p in net.parameters()) / 1e6
+        results.setdefault("cifar_params_M", {})[name] = params
+        for comp in ([False, True] if compiled else [False]):
+            fn = wrap(name, torch.compile(net) if comp else net)
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type != "mps")
+            x, t = torch.randn(batch_train, 3, 32, 32, device=device), torch.randint(0, 1000, (batch_train,), device=device).float()
+            xf, tf = torch.randn(batch_fwd, 3, 32, 32, device=device), torch.randint(0, 1000, (batch_fwd,), device=device).float()
+
+            def train_step(fn=fn, opt=opt, x=x, t=t, bf16=False) -> None:
+                with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
+                    loss = F.mse_loss(fn(x, t).float(), x)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            @torch.no_grad()
+            def forward(fn=fn, x=xf, t=tf) -> None:
+                with torch.autocast(dev, dtype=torch.bfloat16):
+                    fn(x, t)
+
+            tag = f"{name}{' compiled' if comp else ''}"
+            cases += [((tag, "train fp32/TF32"), train_step, batch_train), ((tag, "train bf16"), lambda f=train_step: f(bf16=True), batch_train),
+                      ((tag, "forward bf16"), forward, batch_fwd)]
+    for key, fn, _ in cases:  # FLOPs of eager forms (compiled graphs do the same arithmetic)
+        base = (key[0].split()[0], key[1])
+        if base not in flops:
+            with FlopCounterMode(display=False) as counter:
+                fn()
+            flops[base] = counter.get_total_flops()
+    reps = 1 if tiny else 10
+    for _ in range(rounds):  # alternating rounds: drift hits every form alike
+        for key, fn, batch in cases:
+            rows.setdefault(key, []).append(batch / seconds(fn, device, reps))
+    out = results.setdefault("cifar", {})
+    for (tag, mode), rates in rows.items():
+        ips = statistics.median(rates)
+        per_image = flops[(tag.split()[0], mode)] / (batch_train if mode.startswith("train") else batch_fwd)
+        achieved = ips * per_image / 1e12
+        out[f"{tag} / {mode}"] = {"images_per_s": ips, "tflops": achieved, "of_bf16_matmul": achieved / bf16_rate, "rounds": rates}
+        print(f"CIFAR-10 UNet {tag:<20} {mode:<16} {ips:9.1f} images/s  {achieved:7.2f} TFLOP/s = {achieved / bf16_rate:5.1%} of bf16 matmul",
+              flush=True)
+    for comp in (["", " compiled"] if compiled else [""]):
+        for mode in ("train fp32/TF32", "train bf16", "forward bf16"):
+            a, b = out.get(f"ddpmkit{comp} / {mode}"), out.get(f"diffusers{comp} / {mode}")
+            if a and b:
+                print(f"  ddpmkit{comp} / diffusers{comp}, {mode}: x{a['images_per_s'] / b['images_per_s']:.2f}")
+    ours_bf16, theirs_bf16 = out.get("ddpmkit compiled / train bf16") or out.get("ddpmkit / train bf16"), out.get("diffusers / train bf16")
+    if ours_bf16 and theirs_bf16:
+        bf16_over_tf32 = out["ddpmkit / train bf16"]["images_per_s"] / out["ddpmkit / train fp32/TF32"]["images_per_s"]
+        print(f"  ddpmkit's best bf16 train step / diffusers' eager bf16 step: x{ours_bf16['images_per_s'] / theirs_bf16['images_per_s']:.2f} "
+              f"(target >= 2); bf16 / TF32 for ddpmkit eager: x{bf16_over_tf32:.2f}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None, help="default: CUDA, then MPS, then the CPU (ddpmkit's one rule)")
+    p.add_argument("--tiny", action="store_true", help="every part at toy sizes (seconds, any device): keeps the script runnable")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds of the CIFAR-10 UNet comparison")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd forms (their compile takes minutes)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["demo", "sampling", "cifar"], help="parts to leave out")
+    p.add_argument("--out", default=None, help="write every figure to this JSON file too")
+    args = p.parse_args()
+    device = torch.device(args.device) if args.device else default_device()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # "fp32" below means TF32 where the GPU has it
+    n, reps = (256, 2) if args.tiny else (8192, 20)
+    results: dict = {"device": describe(device), "tiny": args.tiny}
+    results["bf16_matmul_tflops"] = bf16 = matmul_tflops(device, torch.bfloat16, n, reps)
+    results["fp32_matmul_tflops"] = matmul_tflops(device, torch.float32, n, reps)
+    print(f"device: {results['device']}; {n}^2 matmul: bf16 {bf16:.1f} TFLOP/s, fp32{'/TF32' if device.type == 'cuda' else ''} "
+          f"{results['fp32_matmul_tflops']:.1f} TFLOP/s", flush=True)
+    run_dir = None
+    if "demo" not in args.skip:
+        run_dir = demo_trainer(device, args.tiny, results)
+    if "sampling" not in args.skip and run_dir is not None:
+        sampling(run_dir, device, args.tiny, results)
+    if "cifar" not in args.skip:
+        unet_modes(device, args.tiny, 1 if args.tiny else args.rounds, not (args.no_compile or args.tiny), results, bf16)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+        print(f"figures -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

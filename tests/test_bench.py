@@ -1,0 +1,47 @@
+"""Every benchmark under bench/ stays runnable: each answers --help (its imports and argument parser work), and
+the ones with a tiny mode run it. No figure is checked here: benchmarks print figures, tests do not time."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+SCRIPTS = sorted(p.name for p in BENCH.glob("*.py"))
+
+
+def run_main(name: str, argv: list[str], monkeypatch) -> int:
+    """bench/NAME's main() with argv, in this process (importing torch once for all of them keeps this to seconds)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{Path(name).stem}", BENCH / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", [name, *argv])
+    try:
+        return module.main() or 0
+    except SystemExit as e:
+        return e.code or 0
+
+
+def test_every_bench_script_is_listed():
+    assert len(SCRIPTS) >= 20 and "gpu.py" in SCRIPTS and "train_throughput.py" in SCRIPTS
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_bench_script_answers_help(name, monkeypatch, capsys):
+    assert run_main(name, ["--help"], monkeypatch) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage:") and len(out.splitlines()) > 3, out[:500]
+
+
+def test_train_throughput_tiny_mode(monkeypatch, capsys):
+    assert run_main("train_throughput.py", ["--presets", "toy2d", "--steps", "1"], monkeypatch) == 0
+    out = capsys.readouterr().out
+    assert "kind " in out and "toy2d" in out and "images/s" in out
+
+
+def test_gpu_bench_tiny_mode_runs_on_whatever_device_is_here(monkeypatch, capsys, tmp_path):
+    assert run_main("gpu.py", ["--tiny", "--out", str(tmp_path / "gpu.json")], monkeypatch) == 0
+    out = capsys.readouterr().out
+    assert "demo trainer" in out and "ancestral" in out and "CIFAR-10 UNet" in out
+    assert (tmp_path / "gpu.json").exists()

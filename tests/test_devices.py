@@ -1,0 +1,80 @@
+"""One rule for where a network runs (CUDA, then MPS, then the CPU), used by every face; and the CPU's kind."""
+import pytest
+import torch
+
+import ddpmkit.devices as devices
+from ddpmkit.cli import build_parser, main
+from ddpmkit.errors import UserError
+
+
+@pytest.mark.parametrize("cuda, mps, want", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_the_default_device_is_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, want):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert devices.default_device().type == want
+    assert devices.resolve_device(None).type == want and devices.resolve_device("auto").type == want
+    assert devices.resolve_device("cpu").type == "cpu"  # an explicit device overrides
+
+
+def test_a_device_this_machine_lacks_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for name, message in (("cuda", "sees no CUDA GPU"), ("mps", "MPS is not available"), ("gpu", "choose from auto, cpu, cuda, cuda:N, mps")):
+        with pytest.raises(UserError, match=message):
+            devices.resolve_device(name)
+
+
+def test_every_command_with_a_device_option_defaults_to_the_rule():
+    sub = next(a for a in build_parser()._actions if isinstance(a, type(build_parser()._subparsers._group_actions[0])))
+    with_device = {name: p for name, p in sub.choices.items() if any("--device" in a.option_strings for a in p._actions)}
+    assert {"sample", "eval", "tune-grid", "upscale", "img2img", "inpaint", "posterior", "interpolate", "voyage", "unclip", "variations",
+            "unclip-interpolate", "text-diff", "serve", "demo"} <= set(with_device)
+    for name, p in with_device.items():
+        action = next(a for a in p._actions if "--device" in a.option_strings)
+        assert action.default == "auto", name
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """default_device, counted: a face that follows the rule asks it (here it answers the CPU, as this machine would)."""
+    calls = []
+
+    def counted():
+        calls.append(1)
+        return torch.device("cpu")
+
+    monkeypatch.setattr(devices, "default_device", counted)
+    return calls
+
+
+def test_the_faces_run_their_networks_where_the_rule_says(web_runs, tmp_path, spy, capsys):
+    from ddpmkit.cli.train import draw_demo
+    from ddpmkit.web.shelf import Shelf
+
+    run = str(web_runs / "uncond")
+    faces = {
+        "sample": lambda: main(["sample", run, "--n", "2", "--steps", "2", "--no-gif", "--out", str(tmp_path / "s")]),
+        "img2img": lambda: main(["img2img", run, "digits:0", "--n", "1", "--steps", "2", "--out", str(tmp_path / "e")]),
+        "interpolate": lambda: main(["interpolate", run, "--seeds", "0,1", "--n", "2", "--steps", "2", "--out", str(tmp_path / "i")]),
+        "demo's grid": lambda: draw_demo(web_runs / "uncond", (), 2, "ddim_uniform", 2, 1.0),
+        "web page": lambda: Shelf([run]).get(run),
+    }
+    for name, face in faces.items():
+        before = len(spy)
+        assert face() in (0, None) or face is faces["web page"], name
+        assert len(spy) > before, f"{name} did not ask the device rule"
+    capsys.readouterr()
+
+
+def test_the_avx2_caps_make_an_avx512_machine_an_avx2_one_for_precision(monkeypatch):
+    from ddpmkit.precision import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not devices.cpu_computes_bf16() and resolve_precision("auto") == "no"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert devices.cpu_kind() == "AVX2" and "kind AVX2" in devices.describe_cpu()
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert devices.cpu_computes_bf16() and devices.cpu_kind() == "AVX-512-bf16" and resolve_precision("auto") == "bf16"
