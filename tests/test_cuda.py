@@ -22,7 +22,7 @@ def test_a_run_trained_on_the_gpu_computes_the_same_on_either_device(web_runs):
     bf16); loaded on the GPU and on the CPU, the network gives the same predictions."""
     config = json.loads(next((web_runs / "class").glob("ckpt-*/config.json")).read_text())
     assert config["train"]["mixed_precision"] in ("auto", "bf16")
-    cpu, gpu = load_diffusion(web_runs / "class"), load_diffusion(web_runs / "class", device="cuda")
+    cpu, gpu = load_diffusion(web_runs / "class", device="cpu"), load_diffusion(web_runs / "class", device="cuda")
     assert gpu.device.type == "cuda"
     x, t, y = torch.randn(4, *cpu.data_shape), torch.tensor([10.0, 200.0, 500.0, 900.0]), torch.tensor([0, 3, 7, 10])
     with torch.no_grad():
@@ -35,7 +35,7 @@ def test_a_run_trained_on_the_gpu_computes_the_same_on_either_device(web_runs):
 def test_gpu_samples_match_the_cpu_samples_of_the_same_seeds(web_runs, sampler):
     request = GuidanceRequest(classes=[3, 7], scale=2.0)
     kw = dict(request=request, sampler=sampler, steps=8, seed=5, options=sampler_options(sampler), progress=False)
-    cpu = generate(load_diffusion(web_runs / "class"), 4, **kw).images
+    cpu = generate(load_diffusion(web_runs / "class", device="cpu"), 4, **kw).images
     gpu_model = load_diffusion(web_runs / "class", device="cuda")
     gpu = generate(gpu_model, 4, **kw).images
     assert gpu.device.type == "cpu" and torch.isfinite(gpu).all()
@@ -47,7 +47,7 @@ def test_gpu_samples_match_the_cpu_samples_of_the_same_seeds(web_runs, sampler):
 
 
 def test_every_edit_on_the_gpu_matches_the_cpu(web_runs):
-    cpu, gpu = load_diffusion(web_runs / "uncond"), load_diffusion(web_runs / "uncond", device="cuda")
+    cpu, gpu = load_diffusion(web_runs / "uncond", device="cpu"), load_diffusion(web_runs / "uncond", device="cuda")
     image = torch.rand(1, *cpu.data_shape) * 2 - 1  # on the CPU, as a loaded picture is
     mask = torch.ones(1, 1, *cpu.data_shape[1:])
     mask[..., :, cpu.data_shape[-1] // 2:] = 0
@@ -64,3 +64,45 @@ def test_every_edit_on_the_gpu_matches_the_cpu(web_runs):
     filled = edit_inpaint(gpu, image, mask, n=2, steps=4, resample=2).cpu()
     kept = mask.bool().expand_as(filled)
     assert torch.equal(filled[kept], image.expand_as(filled)[kept])  # the kept half is the input, exactly
+
+
+def test_every_face_runs_on_the_gpu_by_default(web_runs, tmp_path, capsys):
+    """No --device: each command loads its model on the GPU (the rule) and finishes; the demo's grid too."""
+    from ddpmkit.cli import main
+    from ddpmkit.cli.train import draw_demo
+    from ddpmkit.web.shelf import Shelf
+
+    run, cls = str(web_runs / "uncond"), str(web_runs / "class")
+    assert Shelf([run]).get(run).device.type == "cuda"
+    for argv in (["sample", cls, "--n", "3", "--steps", "3", "--class", "2", "--guidance", "2", "--no-gif", "--out", str(tmp_path / "s")],
+                 ["img2img", run, "digits:0", "--n", "2", "--steps", "3", "--out", str(tmp_path / "e")],
+                 ["inpaint", run, "digits:0", "--n", "2", "--steps", "3", "--resample", "1", "--out", str(tmp_path / "e")],
+                 ["posterior", run, "digits:0", "--n", "2", "--steps", "3", "--out", str(tmp_path / "e")],
+                 ["interpolate", run, "--seeds", "0,1", "--n", "3", "--steps", "3", "--out", str(tmp_path / "e")],
+                 ["tune-grid", run, "--steps", "3", "--n", "2", "--evals", "4", "--out", str(tmp_path / "g.json")]):
+        assert main(argv) == 0, (argv, capsys.readouterr().err)
+    draw_demo(web_runs / "uncond", (), 4, "ddim_uniform", 3, 1.0)
+
+
+def test_a_training_step_on_the_gpu_reads_nothing_back(tmp_path):
+    """On the GPU itself: torch.cuda.set_sync_debug_mode("error") raises at any synchronizing call in a step."""
+    from ddpmkit.config import load_config
+    from ddpmkit.train import engine, train
+
+    cfg = load_config("mnist", [f"train.run_dir={tmp_path}", "train.steps=6", "train.log_every=3", "train.sample_every=0",
+                                "train.eval_every=0", "train.checkpoint_every=0", "train.keep_steps=", "train.batch_size=8"])
+    train_step = engine.Trainer.train_step
+
+    def strict(self, batch):
+        if self.state.step >= 2:  # after the first steps' one-off work (allocations, cuDNN's choices)
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            train_step(self, batch)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    engine.Trainer.train_step = strict
+    try:
+        train(cfg, progress=False)
+    finally:
+        engine.Trainer.train_step = train_step

@@ -152,3 +152,42 @@ def test_self_attention_is_softmax_of_scaled_dot_products_per_head():
     out = torch.einsum("bhlm,bhdm->bhdl", a, v).reshape(B, C, H * W)
     ref = x + (torch.einsum("oi,bil->bol", attn.proj.weight[:, :, 0], out) + attn.proj.bias[:, None]).reshape(B, C, H, W)
     torch.testing.assert_close(attn(x), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cin, cout, stride", [(8, 8, 1), (40, 8, 1), (1, 8, 1), (8, 1, 1), (8, 8, 2), (32, 32, 1)])
+def test_the_conv_layer_is_nn_conv2d_in_every_precision_and_layout(cin, cout, stride):
+    """ddpmkit's Conv2d computes a narrow convolution in channels-last under CPU bf16 autocast: the same function (values
+    and gradients, up to bf16 rounding), the same NCHW output layout, and exactly nn.Conv2d in fp32."""
+    import torch.nn.functional as F
+
+    from ddpmkit.nets.layers import Conv2d
+
+    torch.manual_seed(0)
+    conv = Conv2d(cin, cout, 3, stride=stride, padding=1)
+    x = torch.randn(3, cin, 12, 10, requires_grad=True)
+    assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, stride=stride, padding=1))  # fp32: nn.Conv2d itself
+    grads = {}
+    for name, fn in (("ddpmkit", conv), ("plain", lambda x: F.conv2d(x, conv.weight, conv.bias, stride=stride, padding=1))):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(x)
+        assert out.dtype == torch.bfloat16 and out.is_contiguous()  # NCHW for the layers after it
+        out.float().square().sum().backward()
+        grads[name] = (out.float(), x.grad.clone(), conv.weight.grad.clone())
+        x.grad = conv.weight.grad = conv.bias.grad = None
+    for a, b in zip(grads["ddpmkit"], grads["plain"]):
+        assert (a - b).abs().max() <= 0.02 * b.abs().max(), (a - b).abs().max()
+    assert x.grad is None and grads["ddpmkit"][1].is_contiguous()  # the gradient comes back in NCHW too
+
+
+def test_attention_computes_in_fp32_on_a_cpu_under_bf16_autocast():
+    import torch.nn.functional as F
+
+    from ddpmkit.nets.layers import attention
+
+    q, k, v = (torch.randn(2, 4, 49, 16).bfloat16() for _ in range(3))
+    mask = torch.rand(2, 1, 1, 49) > 0.2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v, mask)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask))
+    assert torch.equal(attention(q.float(), k.float(), v.float()), F.scaled_dot_product_attention(q.float(), k.float(), v.float()))

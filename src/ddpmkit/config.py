@@ -218,6 +218,10 @@ class TrainConfig:
     # deterministic kernels (cuDNN, cuBLAS, scatter/index ops) so that a resumed GPU run continues bit for
     # bit; false lets cuDNN pick the fastest, nondeterministic, algorithms. No effect on CPU.
     deterministic: bool = True
+    # torch.compile of the network for training: "no"; "default" (inductor's fused kernels); "reduce-overhead" (on a GPU
+    # also CUDA graphs: a small network's step without a launch per kernel); "max-autotune". Weights and checkpoints are the
+    # same either way; keep one only where bench/gpu.py shows it pays (on a CPU the compile alone takes minutes)
+    compile: Literal["no", "default", "reduce-overhead", "max-autotune"] = "no"
     log_every: int = 50
     sample_every: int = 1000  # 0 = never
     sample_steps: int = 100  # respaced ancestral steps for the periodic grids

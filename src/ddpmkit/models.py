@@ -82,18 +82,19 @@ class LoadedNetwork:
         return self.network.embed_texts({k: v.to(self.device) for k, v in tokens.items()}).cpu()
 
 
-def compile_for_sampling(network: nn.Module) -> nn.Module:
+def compile_for_sampling(network: nn.Module, mode: str | None = None) -> nn.Module:
     """torch.compile for sampling (about a minute on a CPU; the gain: bench/sampling_throughput.py
     --compile). "freezing" folds the weights into the graph as constants, so oneDNN convolutions take
     pre-packed weights instead of reordering them at every call; it applies under no_grad, which is
     how the samplers call the network, and the weights must not change afterwards. It is set in
     inductor's global config because passed as torch.compile(options=...) it folded less in a quick
     comparison on 2 CPU cores. Training does not compile, and a call that needs gradients (posterior
-    sampling) still gets them: freezing only changes the no_grad graph."""
+    sampling) still gets them: freezing only changes the no_grad graph. mode: torch.compile's, e.g. "reduce-overhead", which
+    on a GPU also captures the call as a CUDA graph (a small network's call without a launch per kernel)."""
     import torch._inductor.config as inductor_config  # 1.3 s to import: only where compiling is asked for
 
     inductor_config.freezing = True
-    return torch.compile(network)
+    return torch.compile(network, mode=mode)
 
 
 @dataclass
@@ -173,10 +174,10 @@ class DiffusionModel(LoadedNetwork):
             return {"image_embed": torch.zeros(n, self.config.unclip.embed_dim, device=device)}
         return {}
 
-    def compile(self) -> DiffusionModel:
-        """Compile the network for sampling (compile_for_sampling), once."""
+    def compile(self, mode: str | None = None) -> DiffusionModel:
+        """Compile the network for sampling (compile_for_sampling, in torch.compile's `mode`), once."""
         if not isinstance(self.network, torch._dynamo.eval_frame.OptimizedModule):
-            self.network = compile_for_sampling(self.network)
+            self.network = compile_for_sampling(self.network, mode)
         return self
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     m = load_model(args)
     args.sampler, args.steps = own_sampler(m, args.sampler, args.steps)  # a distilled run's few-step sampler by default
     if args.compile:
-        m.compile()
+        m.compile(None if args.compile == "default" else args.compile)
     total = args.steps or m.schedule.T
     t0 = time.time()
     gen = generate(m, args.n, request, args.sampler, args.steps, args.seed, options_from(args), args.batch_size,
@@ -82,7 +82,9 @@ def add_commands(sub) -> None:
     s.add_argument("--batch-size", type=int, default=None,
                    help="samples drawn at once (default: cache-sized chunks, 128 28x28 digits on a CPU; results do not depend on it)")
     s.add_argument("--no-gif", action="store_true")
-    s.add_argument("--compile", action="store_true", help="torch.compile the network first (about a minute; pays off for long runs)")
+    s.add_argument("--compile", nargs="?", const="default", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile the network first (about a minute on a CPU; pays off for long runs); reduce-overhead also "
+                        "captures CUDA graphs on a GPU")
     s.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="the network's arithmetic (bf16/fp16 autocast; the sampler's stays float32); auto = bf16 where the "
                         "device computes it natively (GPUs with bf16, CPUs with AVX-512 BF16 / AMX)")

@@ -4,6 +4,12 @@ The data order of step s comes from a permutation seeded by (seed, epoch), and e
 task draws (t, eps, flips, condition dropout, augmentation) from a generator seeded by (seed, s).
 Nothing random is carried from step to step, so a resumed run continues exactly; and N processes
 draw the global batch's randomness and each take their slice, so N processes train like one.
+
+On a GPU the step's bulk randomness (timesteps, noise, flips) is drawn there, from a generator of the
+training device seeded the same way (`device_generator`), so no step copies it from the host; on a CPU
+that generator is the step generator itself. Both hold per device kind: a run resumed on the same kind
+of device continues bit for bit, but the GPU's random stream is not the CPU's, so a run moved between a
+CPU and a GPU draws other noise from then on (and computes in other kernels).
 """
 from __future__ import annotations
 
@@ -12,9 +18,9 @@ from dataclasses import dataclass
 import torch
 
 
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    """A generator that depends only on (seed, step, stream)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7 + stream)
+def step_generator(seed: int, step: int, stream: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on `device` that depends only on (seed, step, stream)."""
+    return torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 7 + stream)
 
 
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
@@ -40,10 +46,16 @@ class Batch:
     generator: torch.Generator
     mine: slice  # this process's part of the global batch
     device: torch.device
+    device_generator: torch.Generator | None = None  # on `device` (the step generator itself on a CPU); None: draw on the CPU
 
     @property
     def size(self) -> int:
         return len(self.indices)
+
+    @property
+    def bulk_generator(self) -> torch.Generator:
+        """Where a task draws its bulk randomness (timesteps, noise): the device's generator when there is one."""
+        return self.generator if self.device_generator is None else self.device_generator
 
     def local(self, x: torch.Tensor) -> torch.Tensor:
         """This process's slice of a global-batch tensor, on the training device."""

@@ -36,22 +36,22 @@ def sample_timesteps(dc: DiffusionConfig, schedule: NoiseSchedule, n: int, gener
     asymmetric (SpeeD, Wang et al. 2024): P(t) is asymmetric_k times larger where log-SNR(t) >=
     asymmetric_log_snr than in the nearly pure-noise tail beyond it; or log-normal (EDM): ln sigma ~
     N(mean, std^2), sigma = exp(-log_snr / 2), at the timestep of the nearest log-SNR."""
-    T = schedule.T
+    T, device = schedule.T, generator.device  # drawn where the generator lives (a GPU's, in training there)
     if dc.timestep_sampling == "uniform":
-        return torch.randint(0, T, (n,), generator=generator)
+        return torch.randint(0, T, (n,), generator=generator, device=device)
     if dc.timestep_sampling == "asymmetric":
-        weights = torch.where(schedule.log_snr >= dc.asymmetric_log_snr, dc.asymmetric_k, 1.0)
+        weights = torch.where(schedule.log_snr >= dc.asymmetric_log_snr, dc.asymmetric_k, 1.0).to(device)
         return torch.multinomial(weights, n, replacement=True, generator=generator)
     if dc.timestep_sampling == "log_normal":
-        log_snr = -2 * (dc.log_normal_mean + dc.log_normal_std * torch.randn(n, generator=generator, dtype=torch.float64))
+        log_snr = -2 * (dc.log_normal_mean + dc.log_normal_std * torch.randn(n, generator=generator, dtype=torch.float64, device=device))
         return nearest_timestep(schedule, log_snr)
-    u = dc.logit_normal_mean + dc.logit_normal_std * torch.randn(n, generator=generator, dtype=torch.float64)
+    u = dc.logit_normal_mean + dc.logit_normal_std * torch.randn(n, generator=generator, dtype=torch.float64, device=device)
     return (torch.sigmoid(u) * T).long().clamp(0, T - 1)
 
 
 def nearest_timestep(schedule: NoiseSchedule, log_snr: torch.Tensor) -> torch.Tensor:
     """The timestep in 0..T-1 whose log-SNR is nearest to each value (log-SNR falls with t)."""
-    table = -schedule.log_snr  # increasing
+    table = -schedule.log_snr.to(log_snr.device)  # increasing
     right = torch.searchsorted(table, -log_snr).clamp(1, schedule.T - 1)
     left = right - 1
     closer_left = (table[left] + log_snr).abs() <= (table[right] + log_snr).abs()
@@ -77,6 +77,7 @@ def encode_dataset(autoencoder: nn.Module, dataset: Dataset) -> ArrayDataset:
 
 class DenoiserTask(Task):
     name = "denoiser"
+    resident_data = True  # on a GPU, keep an in-memory dataset there (examples); False: a task whose augmentation runs on the CPU
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
@@ -119,14 +120,15 @@ class DenoiserTask(Task):
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         dc, g, B = self.cfg.diffusion, batch.generator, batch.size
+        gd = batch.bulk_generator  # g itself on a CPU; the device's on a GPU (batches.py)
         # the global batch's randomness, always in this order (exact resume, N processes = 1)
-        t_all = sample_timesteps(dc, self.schedule, B, g)
-        noise_all = torch.randn((B, *self.shape), generator=g)
-        flip_all = torch.rand(B, generator=g) < 0.5
+        t_all = sample_timesteps(dc, self.schedule, B, gd)
+        noise_all = torch.randn((B, *self.shape), generator=gd, device=gd.device)
+        flip_all = torch.rand(B, generator=gd, device=gd.device) < 0.5
         cond_all = self.conditioning.batch(batch.indices, g)  # labels or prompt embeddings, some dropped to the null condition
-        x0 = self.dataset.get_batch(batch.indices[batch.mine])
+        x0 = self.examples(batch.indices[batch.mine], batch.device)
         if self.cfg.data.hflip:
-            x0 = torch.where(flip_all[batch.mine, None, None, None], x0.flip(-1), x0)
+            x0 = torch.where(flip_all[batch.mine].to(x0.device)[:, None, None, None], x0.flip(-1), x0)
         cond = {k: batch.local(v) for k, v in cond_all.items()}
         cond.update({k: v.to(batch.device) for k, v in self.stage_inputs(x0, batch).items()})
         losses = training_losses(model, x0.to(batch.device), batch.local(t_all), self.schedule, batch.local(noise_all), dc.prediction,
@@ -136,6 +138,16 @@ class DenoiserTask(Task):
         if self.weights is not None:
             return losses["loss"] * self.weights[batch.indices[batch.mine]].to(losses["loss"].device)
         return losses["loss"]
+
+    def examples(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The examples at `indices`, on `device`: from a copy of the dataset kept there when it is an in-memory array of
+        at most 2 GB (mnist5k is 4 MB), so a GPU step copies only the indices; else from the dataset on the CPU."""
+        resident = self.resident_data and isinstance(self.dataset, ArrayDataset) and self.dataset.x.nbytes <= 2 * 2**30
+        if device.type == "cpu" or not resident:
+            return self.dataset.get_batch(indices)
+        if getattr(self, "_resident", None) is None or self._resident.device != device:
+            self._resident = self.dataset.x.to(device)
+        return self._resident[indices.to(device, non_blocking=True)]
 
     def export(self, ema: nn.Module, folder: Path) -> None:
         """A LoRA on a Stable Diffusion folder's UNet is also written as diffusers reads it: pipe.load_lora_weights(ckpt)."""

@@ -150,6 +150,8 @@ class Trainer:
         self.model = task.build_model()
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         task.attach_ema(self.ema)
+        if self.tc.compile != "no":  # in place: parameters, state dict and checkpoints stay those of the plain module
+            self.model.compile(mode=None if self.tc.compile == "default" else self.tc.compile)
         # fused: one kernel for all parameters instead of several per tensor group; deterministic, so resume and
         # several processes stay exact (its speed-up is below a shared 2-core machine's noise: docs/ordinary_machine.md)
         trainable = [p for p in self.model.parameters() if p.requires_grad]  # all of them, except under LoRA (finetune.py)
@@ -215,8 +217,11 @@ class Trainer:
         """This step's global batch (a function of the seed and the step) and this process's slice of it."""
         step, tc, local = self.state.step, self.tc, self.tc.batch_size // self.world
         seed_dropout(self.accelerator.device, (tc.seed * 1_000_003 + step) * 31 + self.rank)
-        return Batch(step, batch_indices(step, tc.batch_size, self.task.num_examples, tc.seed), step_generator(tc.seed, step),
-                     slice(self.rank * local, (self.rank + 1) * local), self.accelerator.device)
+        device, generator = self.accelerator.device, step_generator(tc.seed, step)
+        # on a GPU the bulk randomness is drawn there (batches.py); on a CPU from the step generator, as always
+        on_device = generator if device.type == "cpu" else step_generator(tc.seed, step, stream=2, device=device)
+        return Batch(step, batch_indices(step, tc.batch_size, self.task.num_examples, tc.seed), generator,
+                     slice(self.rank * local, (self.rank + 1) * local), device, on_device)
 
     def train_step(self, batch: Batch) -> None:
         """Forward, backward, clipping and the optimizer step of one batch, with no read of a device value by the host:

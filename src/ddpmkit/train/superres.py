@@ -34,6 +34,8 @@ class SuperResTask(DenoiserTask):
         if len(self.shape) != 3 or cfg.superres.low_res >= self.shape[-1]:
             raise DataError(f"superres.low_res = {cfg.superres.low_res} must be smaller than the images' side; the data has shape {self.shape}")
 
+    resident_data = False  # the low-res input's augmentation is drawn and computed on the CPU
+
     def stage_inputs(self, x0: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         sr, g, B = self.cfg.superres, batch.generator, batch.size
         C, low = self.shape[0], sr.low_res
