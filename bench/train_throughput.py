@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import ddpmkit.threads  # noqa: F401 -- before torch: OpenMP threads wait passively beside other processes
+import ddpmkit.threads  # before torch: how OpenMP threads wait (ddpmkit/threads.py)
 
 # isort: split
 import torch
@@ -254,7 +254,8 @@ def layers(reps: int) -> None:
 
 def trainer_images_per_s(src: Path, run_dir: Path, steps: int, precision: str, preset: str = "mnist", extra: tuple[str, ...] = ()) -> float:
     """Median images/s of one `ddpmkit train PRESET` run of the code under src, from its log."""
-    env = {**os.environ, "PYTHONPATH": str(src)}
+    # each commit's code waits as its own ddpmkit/threads.py says, not as this process's does
+    env = {**{k: v for k, v in os.environ.items() if k not in ddpmkit.threads.SET_HERE}, "PYTHONPATH": str(src)}
     subprocess.run([sys.executable, "-m", "ddpmkit.cli", "train", preset, f"train.run_dir={run_dir}", f"train.steps={steps}",
                     "train.max_minutes=0", "train.log_every=10", "train.sample_every=0", "train.eval_every=0", "train.checkpoint_every=0",
                     "train.warmup_steps=0", f"train.mixed_precision={precision}", *extra, "--quiet"], check=True, env=env, capture_output=True)

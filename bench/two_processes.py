@@ -1,14 +1,15 @@
 """Two ddpmkit processes on one machine: a training run and a sampling loop, each alone and both at once.
 
-    .venv/bin/python bench/two_processes.py [--seconds 40] [--wait-policy passive|active|both]
+    .venv/bin/python bench/two_processes.py [--seconds 40] [--wait-policy brief|passive|active|both]
 
 A server beside a training run, or tests beside one, share the cores. Each process's speed (training
 images/s; 5-step DDIM calls on 4 digits per second) is measured alone and then with the other running,
 and printed as the fraction kept (an even share of the cores would be 50%; target >= 40% each).
 
---wait-policy sets OMP_WAIT_POLICY for both processes: "passive" is what ddpmkit sets when nothing else
-did (ddpmkit/threads.py), "active" spins (OpenMP's spin-then-sleep default is close to it), "both" runs
-the comparison once with each.
+--wait-policy sets how both processes' OpenMP threads wait: "brief" is what ddpmkit sets when nothing
+else did (ddpmkit/threads.py: OMP_WAIT_POLICY=PASSIVE with GOMP_SPINCOUNT=1000, a short spin, then
+sleep), "passive" sleeps at once (GOMP_SPINCOUNT=0), "active" spins (OpenMP's spin-then-sleep default is
+close to it), "both" runs the comparison once with each of the three.
 """
 from __future__ import annotations
 
@@ -34,6 +35,11 @@ print(calls / (time.time() - start))
 """
 
 
+POLICIES = {"brief": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"},
+            "passive": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"},
+            "active": {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "30000000000"}}
+
+
 def train_cmd(run_dir: Path, seconds: float) -> list[str]:
     return [sys.executable, "-m", "ddpmkit.cli", "train", "mnist", f"train.run_dir={run_dir}", "train.steps=100000",
             f"train.max_minutes={seconds / 60}", "train.fit_to_budget=false", "train.log_every=10", "train.sample_every=0",
@@ -50,7 +56,7 @@ def training_rate(run_dir: Path) -> float:
 
 
 def measure(policy: str, seconds: float, model: Path, tmp: Path) -> None:
-    env = {**os.environ, "OMP_WAIT_POLICY": policy.upper()}
+    env = {**os.environ, **POLICIES[policy]}
     sampler = [sys.executable, "-c", SAMPLER, str(model), str(seconds)]
     alone_sampling = float(subprocess.run(sampler, env=env, capture_output=True, text=True, check=True).stdout)
     subprocess.run(train_cmd(tmp / f"alone-{policy}", seconds), env=env, check=True, capture_output=True)
@@ -61,7 +67,8 @@ def measure(policy: str, seconds: float, model: Path, tmp: Path) -> None:
     together_sampling = float(subprocess.run(sampler, env=env, capture_output=True, text=True, check=True).stdout)
     trainer.wait()
     together_training = training_rate(tmp / f"together-{policy}")
-    print(f"OMP_WAIT_POLICY={policy.upper()}: training {alone_training:.0f} images/s alone, {together_training:.0f} beside sampling "
+    setting = " ".join(f"{k}={v}" for k, v in POLICIES[policy].items())
+    print(f"{setting}: training {alone_training:.0f} images/s alone, {together_training:.0f} beside sampling "
           f"({together_training / alone_training:.0%} kept); sampling {alone_sampling:.2f} calls/s alone, {together_sampling:.2f} "
           f"beside training ({together_sampling / alone_sampling:.0%} kept)", flush=True)
 
@@ -69,14 +76,14 @@ def measure(policy: str, seconds: float, model: Path, tmp: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=40.0, help="length of each timed window")
-    p.add_argument("--wait-policy", default="both", choices=["passive", "active", "both"])
+    p.add_argument("--wait-policy", default="both", choices=[*POLICIES, "both"])
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="two-processes-"))
     model = tmp / "model"  # a short run to sample from
     subprocess.run([sys.executable, "-m", "ddpmkit.cli", "train", "mnist", f"train.run_dir={model}", "train.steps=20",
                     "train.sample_every=0", "train.eval_every=0", "train.keep_steps=", "--quiet"], check=True, capture_output=True)
     print(f"{os.cpu_count()} CPUs; windows of {args.seconds:.0f} s")
-    for policy in (["passive", "active"] if args.wait_policy == "both" else [args.wait_policy]):
+    for policy in (list(POLICIES) if args.wait_policy == "both" else [args.wait_policy]):
         measure(policy, args.seconds, model, tmp)
 
 

@@ -3,13 +3,19 @@
 OpenMP threads that finish a parallel region spin for a while before they sleep, which is the fastest
 choice when a process has the cores to itself. Two processes on the same cores (a server beside a
 training run, tests beside one) then burn each other's time slices spinning: a 5-step sampling call
-took 15x longer beside a training run on 2 cores. Passive waiting (threads sleep at once) costs one
-process alone little and keeps each of two near its share (bench/two_processes.py). A value the user
-set in OMP_WAIT_POLICY is kept; the setting takes effect only if torch is not imported yet, which is
-why the package imports this module first.
+took 15x longer beside a training run on 2 cores. Passive waiting (threads sleep at once) keeps each
+of two near its share (bench/two_processes.py), but alone it cost the demo's bf16 step on an
+AVX-512-bf16 CPU a quarter of its speed: its kernels are short, and a thread woken from sleep for each
+one arrives late. So threads spin briefly first (GOMP_SPINCOUNT, libgomp's spin before it sleeps: 1,000
+turns, some microseconds, enough to bridge one kernel to the next), then sleep. Values the user set are
+kept; the settings take effect only if torch is not imported yet, which is why the package imports
+this module first.
 """
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+SETTINGS = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"}
+# what this module set rather than the user: a bench that starts another commit's code leaves these out of its environment
+SET_HERE = {name: value for name, value in SETTINGS.items() if name not in os.environ}
+os.environ.update(SET_HERE)

@@ -128,13 +128,19 @@ class PointwiseConv2d(nn.Conv2d):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hs)) v: q (B, nh, L, hs), k and v (B, nh, S, hs), mask broadcastable to (B, nh, L, S).
-    On a CPU it computes in fp32 even under bf16 autocast: torch's fused CPU attention kernel is ~20x slower
-    backward in bf16 than in fp32 at the demo UNet's 49 positions (bench/train_throughput.py --layers)."""
-    if q.device.type == "cpu" and cpu_autocast_dtype() is not None:
-        with torch.autocast("cpu", enabled=False):
-            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    """softmax(q k^T / sqrt(hs)) v: q (B, nh, L, hs), k and v (B, nh, S, hs), mask (True = attend) broadcastable to
+    (B, nh, L, S). On a CPU under bf16 autocast it is written out as two bf16 matrix products around an fp32 softmax:
+    torch's fused CPU attention kernel is ~8x slower forward and backward in bf16 than that, and ~2x slower in fp32, at
+    the demo UNet's 49 positions (bench/train_throughput.py --layers)."""
+    dtype = cpu_autocast_dtype() if q.device.type == "cpu" else None
+    if dtype is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    with torch.autocast("cpu", enabled=False):
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        logits = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (B, nh, L, S)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        return logits.softmax(-1).to(dtype) @ v
 
 
 class SelfAttention(nn.Module):
