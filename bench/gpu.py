@@ -72,14 +72,15 @@ def demo_trainer(device: torch.device, tiny: bool, results: dict) -> Path:
     from ddpmkit.train import train
 
     run_dir = Path(tempfile.mkdtemp(prefix="gpu-bench-demo-"))
-    extra = ["train.steps=20", "train.keep_steps=10", "train.checkpoint_every=10", "train.sample_every=0", "train.eval_every=0",
-             "network.base_channels=8", "network.channel_mult=1,2", "network.attention_resolutions=14"] if tiny else []
-    cfg = load_config("mnist", [f"train.run_dir={run_dir}", "train.log_every=100" if not tiny else "train.log_every=5", *extra])
+    extra = ["train.steps=6", "train.keep_steps=3", "train.checkpoint_every=3", "train.sample_every=0", "train.eval_every=0",
+             "train.batch_size=8", "data.name=digits", "network.base_channels=8", "network.channel_mult=1,2",
+             "network.attention_resolutions=4"] if tiny else []
+    cfg = load_config("mnist", [f"train.run_dir={run_dir}", "train.log_every=100" if not tiny else "train.log_every=2", *extra])
     start = time.perf_counter()
     train(cfg, progress=False)
     trained = time.perf_counter() - start
-    n = 8 if tiny else 500
-    draw_demo(run_dir, cfg.train.keep_steps, n, "ddim_uniform", 4 if tiny else 16, 1.5)
+    n = 4 if tiny else 500
+    draw_demo(run_dir, cfg.train.keep_steps, n, "ddim_uniform", 2 if tiny else 16, 1.5)
     total = time.perf_counter() - start
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     rates = [e["examples_per_s"] for e in log if "examples_per_s" in e][1:] or [float("nan")]
@@ -97,7 +98,7 @@ def sampling(run_dir: Path, device: torch.device, tiny: bool, results: dict) -> 
     from ddpmkit.pipelines.generate import generate
 
     m = load_diffusion(run_dir, device=device)
-    n, steps = (8, 10) if tiny else (500, 1000)
+    n, steps = (4, 3) if tiny else (500, 1000)
     for precision in ("fp32", "auto"):
         generate(m, min(n, 8), sampler="ddpm", steps=2, progress=False, device=device, precision=precision)  # warm-up
         sync(device)
@@ -207,7 +208,7 @@ def main() -> int:
     device = torch.device(args.device) if args.device else default_device()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # "fp32" below means TF32 where the GPU has it
-    n, reps = (256, 2) if args.tiny else (8192, 20)
+    n, reps = (128, 1) if args.tiny else (8192, 20)
     results: dict = {"device": describe(device), "tiny": args.tiny}
     results["bf16_matmul_tflops"] = bf16 = matmul_tflops(device, torch.bfloat16, n, reps)
     results["fp32_matmul_tflops"] = matmul_tflops(device, torch.float32, n, reps)

@@ -250,6 +250,41 @@ def layers(reps: int) -> None:
     for name, x, plain, fast in cases:
         a, b = ms(plain, x), ms(fast, x)
         print(f"  {name:<32} plain {a:6.2f} ms   ddpmkit {b:6.2f} ms   x{a / b:.2f}", flush=True)
+    if cpu_computes_bf16():
+        bf16_layers(ms)
+
+
+def bf16_layers(ms) -> None:
+    """Under CPU bf16 autocast (where the CPU computes bf16): the narrow convolutions in channels-last against oneDNN's
+    NCHW bf16 kernels, and attention written out against torch's fused kernel in bf16 and in fp32."""
+    import torch.nn.functional as F
+
+    from ddpmkit.nets.layers import Conv2d, attention
+
+    def autocast(fn):
+        def run(x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(x).float()
+        return run
+
+    torch.manual_seed(0)
+    cases = []
+    for cin, cout, size in [(8, 8, 28), (40, 8, 28), (16, 8, 28), (8, 1, 28), (32, 32, 14)]:
+        conv = Conv2d(cin, cout, 3, padding=1)
+        cases.append((f"3x3 conv {cin}->{cout} at {size}x{size}", torch.randn(64, cin, size, size, requires_grad=True),
+                      autocast(lambda x, c=conv: F.conv2d(x, c.weight, c.bias, padding=1)), autocast(conv)))
+    qkv = torch.randn(64, 3 * 64, 49, requires_grad=True)
+
+    def heads(x):
+        return x.reshape(64, 3, 4, 16, 49).transpose(-1, -2).unbind(1)  # q, k, v: (B, nh, L, hs)
+
+    for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        kernel = autocast(lambda x, d=dtype: F.scaled_dot_product_attention(*(t.to(d) for t in heads(x))))
+        cases.append((f"attention, 4 heads at 7x7 ({label} kernel)", qkv, kernel, autocast(lambda x: attention(*heads(x)))))
+    print("under bf16 autocast (this CPU computes bf16), plain form against ddpmkit's (batch 64, forward + backward):")
+    for name, x, plain, fast in cases:
+        a, b = ms(plain, x), ms(fast, x)
+        print(f"  {name:<40} plain {a:6.2f} ms   ddpmkit {b:6.2f} ms   x{a / b:.2f}", flush=True)
 
 
 def trainer_images_per_s(src: Path, run_dir: Path, steps: int, precision: str, preset: str = "mnist", extra: tuple[str, ...] = ()) -> float:
