@@ -47,7 +47,7 @@ def main() -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the network first (the time includes compiling)")
     p.add_argument("--batch", type=int, default=None, help="samples at once (default: generate's cache-sized chunks)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="where the network samples: cpu, cuda, mps")
+    p.add_argument("--device", default="auto", help="where the network samples: auto (CUDA, then MPS, then the CPU), cpu, cuda, mps")
     p.add_argument("--autoguide", default=None, help="a weaker model of the same kind to guide by (autoguidance)")
     p.add_argument("--autoguide-scale", type=float, default=2.0, help="the autoguidance weight w (1 = unguided)")
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA or raw weights of the checkpoint")
