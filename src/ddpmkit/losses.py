@@ -23,7 +23,7 @@ from .process import normal_kl, q_posterior_mean_variance, q_sample
 from .reverse import default_variance, p_mean_variance
 from .schedules import NoiseSchedule
 from .uncertainty import uncertainty_weighted_loss
-from .utils import mean_flat
+from .utils import mean_flat, on_device
 
 LossType = Literal["simple", "hybrid", "vlb"]
 LOSS_TYPES: tuple[str, ...] = get_args(LossType)
@@ -134,7 +134,7 @@ def training_losses(
         output, log_variance = output
     output, var_frac = split_variance(output, x_t, learned_variance)
     target = target_for(prediction, x0, noise, x_t, t, schedule)
-    snr = (schedule.log_snr.to(t.device)[t]).exp().to(x0.dtype)
+    snr = (on_device(schedule.log_snr, t.device)[t]).exp().to(x0.dtype)
     mse = mean_flat((target - output) ** 2)
     terms = {"mse": mse}
     if loss_type == "simple":

@@ -1,9 +1,24 @@
 """Small helpers shared by every module: broadcasting and table lookup."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .errors import UserError
+
+# device copies of the schedules' tables, made once: a copy per lookup from the host would make a GPU's host wait
+_ON_DEVICE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def on_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A (read-only, by convention) table on `device`, copied there once per table and device."""
+    if table.device == device:
+        return table
+    copies = _ON_DEVICE.setdefault(table, {})
+    if device not in copies:
+        copies[device] = table.to(device)
+    return copies[device]
 
 
 def append_dims(a: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -19,7 +34,7 @@ def extract(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.T
 
     The table stays float64; the result is cast to x's dtype and device at this edge only.
     """
-    values = table.to(t.device)[t.long()]
+    values = on_device(table, t.device)[t.long()]
     return append_dims(values, like.ndim).to(like.dtype)
 
 

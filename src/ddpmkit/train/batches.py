@@ -59,4 +59,4 @@ class Batch:
 
     def local(self, x: torch.Tensor) -> torch.Tensor:
         """This process's slice of a global-batch tensor, on the training device."""
-        return x[self.mine].to(self.device)
+        return x[self.mine].to(self.device, non_blocking=True)  # no wait for the device on a GPU
