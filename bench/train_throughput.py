@@ -269,14 +269,14 @@ def bf16_layers(ms) -> None:
 
     torch.manual_seed(0)
     cases = []
-    for cin, cout, size in [(8, 8, 28), (40, 8, 28), (16, 8, 28), (8, 1, 28), (32, 32, 14)]:
+    for cin, cout, size in [(8, 8, 28), (40, 8, 28), (16, 8, 28), (8, 1, 28), (32, 32, 14)]:  # 32->32: not narrow, the same kernel
         conv = Conv2d(cin, cout, 3, padding=1)
         cases.append((f"3x3 conv {cin}->{cout} at {size}x{size}", torch.randn(64, cin, size, size, requires_grad=True),
                       autocast(lambda x, c=conv: F.conv2d(x, c.weight, c.bias, padding=1)), autocast(conv)))
-    qkv = torch.randn(64, 3 * 64, 49, requires_grad=True)
+    qkv = torch.randn(64, 49, 3 * 64, requires_grad=True)  # (B, L, 3C), as SelfAttention makes it
 
     def heads(x):
-        return x.reshape(64, 3, 4, 16, 49).transpose(-1, -2).unbind(1)  # q, k, v: (B, nh, L, hs)
+        return x.reshape(64, 49, 3, 4, 16).permute(2, 0, 3, 1, 4).unbind(0)  # q, k, v: (B, nh, L, hs), hs contiguous
 
     for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         kernel = autocast(lambda x, d=dtype: F.scaled_dot_product_attention(*(t.to(d) for t in heads(x))))

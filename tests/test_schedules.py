@@ -61,6 +61,27 @@ def test_continuous_alpha_bar_equals_table(zt):
         assert torch.allclose(s.log_snr_at(t), s.log_snr)
     with pytest.raises(ValueError):
         s.alpha_bar_at(100.0)
+    # the unchecked form (networks' wrappers: t from a sampler or the trainer) is the same function, float32 t too
+    t32 = torch.tensor([-1.0, 0.0, 10.5, 99.0])
+    assert torch.equal(s.alpha_bar_at(t32, check=False), s.alpha_bar_at(t32.double()))
+
+
+def test_a_table_is_copied_to_a_device_once_and_forgotten_with_it():
+    import gc
+
+    from ddpmkit.utils import _ON_DEVICE, on_device
+
+    s = NoiseSchedule.from_name("linear", 50)
+    assert on_device(s.alpha_bar, "cpu") is s.alpha_bar  # already there: no copy
+    first = on_device(s.alpha_bar, "meta")  # "meta" stands in for a GPU here: another device, no data
+    assert first.device.type == "meta" and first.shape == s.alpha_bar.shape
+    assert on_device(s.alpha_bar, "meta") is first and on_device(s.betas, "meta") is not first  # one copy per table
+    respaced = s.respace([0, 10, 49])
+    on_device(respaced.alpha_bar, "meta")
+    entries = len(_ON_DEVICE)
+    del respaced
+    gc.collect()
+    assert len(_ON_DEVICE) == entries - 1  # a table's copies go with it
 
 
 def test_respace_keeps_marginals():

@@ -312,6 +312,16 @@ def test_ema_update_and_warmup():
     model = torch.nn.Linear(7, 5)
     ema_update(ema := torch.nn.Linear(7, 5), model, decay=ema_decay_at(500, 0.0))
     assert all(torch.equal(e, p) for e, p in zip(ema.parameters(), model.parameters()))
+    # the NaN guard's form, decided on the device: an applied step is the update above, a skipped one changes nothing
+    a, b, before = torch.nn.Linear(7, 5), torch.nn.Linear(7, 5), None
+    b.load_state_dict(a.state_dict())
+    before = [p.clone() for p in a.parameters()]
+    ema_update(a, model, decay=0.9)
+    ema_update(b, model, decay=0.9, applied=torch.tensor(True))
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    ema_update(b, model, decay=0.9, applied=torch.tensor(False))
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(before[0], next(a.parameters()))
 
 
 def test_timestep_sampling():

@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 
 from .errors import UserError
+from .utils import on_device
 
 ScheduleName = Literal["linear", "cosine", "scaled_linear", "sigmoid"]
 
@@ -186,7 +187,7 @@ class NoiseSchedule:
         t = t.to(on, torch.float64)
         if check and bool(((t < -1) | (t > self.T - 1)).any()):
             raise UserError(f"t must lie in [-1, {self.T - 1}], got min {t.min().item()}, max {t.max().item()}")
-        log_ab = self._log_alpha_bar_from(on)  # index 0 is t = -1
+        log_ab = on_device(self.log_alpha_bar_from_minus_one, on)  # index 0 is t = -1
         u = t + 1
         lo = u.floor().long().clamp(0, self.T)
         hi = (lo + 1).clamp(max=self.T)
@@ -196,12 +197,10 @@ class NoiseSchedule:
         out = torch.where(w == 0, a, a + w * (b - a))
         return out.exp()
 
-    def _log_alpha_bar_from(self, device: torch.device) -> torch.Tensor:
-        """[0, log alpha_bar_0, ..., log alpha_bar_{T-1}] on device, made once per device (no copy per network call)."""
-        tables = self.__dict__.setdefault("_log_alpha_bar_tables", {})
-        if device not in tables:
-            tables[device] = torch.cat([self.betas.new_zeros(1), self.alpha_bar.log()]).to(device)
-        return tables[device]
+    @cached_property
+    def log_alpha_bar_from_minus_one(self) -> torch.Tensor:
+        """[0, log alpha_bar_0, ..., log alpha_bar_{T-1}]: log alpha_bar at t = -1 (the data), 0, ..., T - 1."""
+        return torch.cat([self.betas.new_zeros(1), self.alpha_bar.log()])
 
     def log_snr_at(self, t: torch.Tensor | float) -> torch.Tensor:
         ab = self.alpha_bar_at(t)

@@ -4,9 +4,9 @@ OpenMP threads that finish a parallel region spin for a while before they sleep,
 choice when a process has the cores to itself. Two processes on the same cores (a server beside a
 training run, tests beside one) then burn each other's time slices spinning: a 5-step sampling call
 took 15x longer beside a training run on 2 cores. Passive waiting (threads sleep at once) keeps each
-of two near its share (bench/two_processes.py), but alone it cost the demo's bf16 step on an
-AVX-512-bf16 CPU a quarter of its speed: its kernels are short, and a thread woken from sleep for each
-one arrives late. So threads spin briefly first (GOMP_SPINCOUNT, libgomp's spin before it sleeps: 1,000
+of two near its share (bench/two_processes.py), but alone it costs a training run on an AVX-512-bf16
+CPU about a fifth of its speed (216 against 271 images/s spinning, that bench): its kernels are short,
+and a thread woken from sleep for each one arrives late. So threads spin briefly first (GOMP_SPINCOUNT, libgomp's spin before it sleeps: 1,000
 turns, some microseconds, enough to bridge one kernel to the next), then sleep. Values the user set are
 kept; the settings take effect only if torch is not imported yet, which is why the package imports
 this module first.

@@ -7,18 +7,22 @@ import torch
 
 from .errors import UserError
 
-# device copies of the schedules' tables, made once: a copy per lookup from the host would make a GPU's host wait
-_ON_DEVICE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# device copies of the schedules' tables, made once: a copy per lookup from the host would make a GPU's host wait.
+# Keyed by the table's id (a tensor cannot be a dict key by value: == compares elementwise); an entry goes when its
+# table does, so a respaced schedule per sampling call leaves nothing behind.
+_ON_DEVICE: dict[tuple[int, torch.device], tuple[weakref.ref, torch.Tensor]] = {}
 
 
-def on_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+def on_device(table: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """A (read-only, by convention) table on `device`, copied there once per table and device."""
+    device = torch.device(device)
     if table.device == device:
         return table
-    copies = _ON_DEVICE.setdefault(table, {})
-    if device not in copies:
-        copies[device] = table.to(device)
-    return copies[device]
+    key = (id(table), device)
+    hit = _ON_DEVICE.get(key)
+    if hit is None or hit[0]() is not table:
+        hit = _ON_DEVICE[key] = (weakref.ref(table, lambda _, key=key: _ON_DEVICE.pop(key, None)), table.to(device))
+    return hit[1]
 
 
 def append_dims(a: torch.Tensor, ndim: int) -> torch.Tensor:

@@ -130,8 +130,8 @@ class PointwiseConv2d(nn.Conv2d):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(hs)) v: q (B, nh, L, hs), k and v (B, nh, S, hs), mask (True = attend) broadcastable to
     (B, nh, L, S). On a CPU under bf16 autocast it is written out as two bf16 matrix products around an fp32 softmax:
-    torch's fused CPU attention kernel is ~8x slower forward and backward in bf16 than that, and ~2x slower in fp32, at
-    the demo UNet's 49 positions (bench/train_throughput.py --layers)."""
+    torch's fused CPU attention kernel, in bf16 or fp32, was ~5x slower forward and backward at the demo UNet's 49
+    positions on AVX-512-bf16 (bench/train_throughput.py --layers)."""
     dtype = cpu_autocast_dtype() if q.device.type == "cpu" else None
     if dtype is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -26,6 +26,7 @@ from ..models import load_autoencoder
 from ..parameterization import Denoiser
 from ..sampling import sample
 from ..schedules import NoiseSchedule
+from ..utils import on_device
 from .batches import Batch
 from .task import Task
 
@@ -40,7 +41,7 @@ def sample_timesteps(dc: DiffusionConfig, schedule: NoiseSchedule, n: int, gener
     if dc.timestep_sampling == "uniform":
         return torch.randint(0, T, (n,), generator=generator, device=device)
     if dc.timestep_sampling == "asymmetric":
-        weights = torch.where(schedule.log_snr >= dc.asymmetric_log_snr, dc.asymmetric_k, 1.0).to(device)
+        weights = torch.where(on_device(schedule.log_snr, device) >= dc.asymmetric_log_snr, dc.asymmetric_k, 1.0)
         return torch.multinomial(weights, n, replacement=True, generator=generator)
     if dc.timestep_sampling == "log_normal":
         log_snr = -2 * (dc.log_normal_mean + dc.log_normal_std * torch.randn(n, generator=generator, dtype=torch.float64, device=device))
@@ -51,7 +52,7 @@ def sample_timesteps(dc: DiffusionConfig, schedule: NoiseSchedule, n: int, gener
 
 def nearest_timestep(schedule: NoiseSchedule, log_snr: torch.Tensor) -> torch.Tensor:
     """The timestep in 0..T-1 whose log-SNR is nearest to each value (log-SNR falls with t)."""
-    table = -schedule.log_snr.to(log_snr.device)  # increasing
+    table = -on_device(schedule.log_snr, log_snr.device)  # increasing
     right = torch.searchsorted(table, -log_snr).clamp(1, schedule.T - 1)
     left = right - 1
     closer_left = (table[left] + log_snr).abs() <= (table[right] + log_snr).abs()
