@@ -256,10 +256,11 @@ def layers(reps: int) -> None:
 
 def bf16_layers(ms) -> None:
     """Under CPU bf16 autocast (where the CPU computes bf16): the narrow convolutions in channels-last against oneDNN's
-    NCHW bf16 kernels, and attention written out against torch's fused kernel in bf16 and in fp32."""
+    NCHW bf16 kernels, attention written out in bf16 against torch's fused kernel in bf16 and in fp32 and against the
+    same products around a softmax of fp32 logits, and the sub-pixel upsampling in channels-last against NCHW."""
     import torch.nn.functional as F
 
-    from ddpmkit.nets.layers import Conv2d, attention
+    from ddpmkit.nets.layers import Conv2d, attention, upsample_conv3x3
 
     def autocast(fn):
         def run(x):
@@ -281,6 +282,17 @@ def bf16_layers(ms) -> None:
     for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         kernel = autocast(lambda x, d=dtype: F.scaled_dot_product_attention(*(t.to(d) for t in heads(x))))
         cases.append((f"attention, 4 heads at 7x7 ({label} kernel)", qkv, kernel, autocast(lambda x: attention(*heads(x)))))
+
+    def fp32_softmax(x):  # ddpmkit's form until 2026-12-05: bf16 products around a softmax of fp32 logits
+        q, k, v = (t.to(torch.bfloat16) for t in heads(x))
+        return ((q @ k.transpose(-1, -2)).float() * 16**-0.5).softmax(-1).to(torch.bfloat16) @ v
+
+    cases.append(("attention, 4 heads at 7x7 (fp32 softmax)", qkv, autocast(fp32_softmax), autocast(lambda x: attention(*heads(x)))))
+    for ch, size in [(32, 14), (64, 7)]:  # the sub-pixel upsampling convolution, NCHW against channels-last
+        w, b = torch.randn(ch, ch, 3, 3) * 0.05, torch.zeros(ch)
+        cases.append((f"upsample + 3x3, {ch} ch {size}->{2 * size}", torch.randn(64, ch, size, size, requires_grad=True),
+                      autocast(lambda x, w=w, b=b: upsample_conv3x3(x, w, b, channels_last=False)),
+                      autocast(lambda x, w=w, b=b: upsample_conv3x3(x, w, b))))
     print("under bf16 autocast (this CPU computes bf16), plain form against ddpmkit's (batch 64, forward + backward):")
     for name, x, plain, fast in cases:
         a, b = ms(plain, x), ms(fast, x)
