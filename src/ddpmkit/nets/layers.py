@@ -141,8 +141,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """softmax(q k^T / sqrt(hs)) v: q (B, nh, L, hs), k and v (B, nh, S, hs), mask (True = attend) broadcastable to
     (B, nh, L, S). On a CPU under bf16 autocast it is written out in bf16 (torch's softmax kernel computes in fp32
     inside and rounds its output): torch's fused CPU attention kernel, in bf16 or fp32, was ~5x slower forward and
-    backward at the demo UNet's 49 positions on AVX-512-bf16, and casting the logits to fp32 and back cost ~1.7x
-    (bench/train_throughput.py --layers)."""
+    backward at the demo UNet's 49 positions on AVX-512-bf16, and a softmax of fp32 logits was no faster, with two
+    more casts each way (bench/train_throughput.py --layers)."""
     dtype = cpu_autocast_dtype() if q.device.type == "cpu" else None
     if dtype is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
