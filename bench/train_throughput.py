@@ -3,6 +3,7 @@
     .venv/bin/python bench/train_throughput.py [--presets mnist mnist_2023 imagen_base ...] [--steps 10]
     .venv/bin/python bench/train_throughput.py --candidates
     .venv/bin/python bench/train_throughput.py --layers
+    .venv/bin/python bench/train_throughput.py --blocks [--precision bf16]
     .venv/bin/python bench/train_throughput.py --against HEAD~1 [--precision no]
     .venv/bin/python bench/train_throughput.py --distillation runs/demo [--steps 40] [--rounds 2]
 
@@ -256,11 +257,10 @@ def layers(reps: int) -> None:
 
 def bf16_layers(ms) -> None:
     """Under CPU bf16 autocast (where the CPU computes bf16): the narrow convolutions in channels-last against oneDNN's
-    NCHW bf16 kernels, attention written out in bf16 against torch's fused kernel in bf16 and in fp32 and against the
-    same products around a softmax of fp32 logits, and the sub-pixel upsampling in channels-last against NCHW."""
+    NCHW bf16 kernels, and attention written out against torch's fused kernel in bf16 and in fp32."""
     import torch.nn.functional as F
 
-    from ddpmkit.nets.layers import Conv2d, attention, upsample_conv3x3
+    from ddpmkit.nets.layers import Conv2d, attention
 
     def autocast(fn):
         def run(x):
@@ -282,17 +282,6 @@ def bf16_layers(ms) -> None:
     for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         kernel = autocast(lambda x, d=dtype: F.scaled_dot_product_attention(*(t.to(d) for t in heads(x))))
         cases.append((f"attention, 4 heads at 7x7 ({label} kernel)", qkv, kernel, autocast(lambda x: attention(*heads(x)))))
-
-    def fp32_softmax(x):  # ddpmkit's form until 2026-12-05: bf16 products around a softmax of fp32 logits
-        q, k, v = (t.to(torch.bfloat16) for t in heads(x))
-        return ((q @ k.transpose(-1, -2)).float() * 16**-0.5).softmax(-1).to(torch.bfloat16) @ v
-
-    cases.append(("attention, 4 heads at 7x7 (fp32 softmax)", qkv, autocast(fp32_softmax), autocast(lambda x: attention(*heads(x)))))
-    for ch, size in [(32, 14), (64, 7)]:  # the sub-pixel upsampling convolution, NCHW against channels-last
-        w, b = torch.randn(ch, ch, 3, 3) * 0.05, torch.zeros(ch)
-        cases.append((f"upsample + 3x3, {ch} ch {size}->{2 * size}", torch.randn(64, ch, size, size, requires_grad=True),
-                      autocast(lambda x, w=w, b=b: upsample_conv3x3(x, w, b, channels_last=False)),
-                      autocast(lambda x, w=w, b=b: upsample_conv3x3(x, w, b))))
     print("under bf16 autocast (this CPU computes bf16), plain form against ddpmkit's (batch 64, forward + backward):")
     for name, x, plain, fast in cases:
         a, b = ms(plain, x), ms(fast, x)
@@ -359,6 +348,40 @@ def distillation_cost(teacher: str, steps: int, rounds: int) -> None:
               f"train.steps={config_of(p).train.steps}: ~{minutes[p]:.1f} min = {minutes[p] / minutes['mnist']:.2f}x the teacher's")
 
 
+def blocks(reps: int, precision: str) -> None:
+    """The demo UNet block by block: each block (and the input and output layers) timed alone, forward + backward, on
+    the inputs it receives in one training step of the demo preset (batch 64), under the precision `auto` picks here
+    (or the one given); the sum beside the whole step's time says how much lies between the blocks."""
+    from ddpmkit.nets import layers as L
+
+    bf16 = resolve_precision(precision) == "bf16"
+    t = Timed("mnist", [])
+    seen = []
+    hooks = [module.register_forward_hook(lambda m, args, out, name=name: seen.append((name, m, args, out)))
+             for name, module in t.model.named_modules()
+             if isinstance(module, (L.ResBlock, L.AttentionBlock, L.Upsample, L.Downsample)) or name.endswith(("input_conv", "out_conv"))]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        t.task.loss(t.model, t.batch())
+    for hook in hooks:
+        hook.remove()
+    print(f"{describe_cpu()}; the demo UNet's blocks, forward + backward, batch 64, {'bf16 autocast' if bf16 else 'fp32'}:")
+    total = 0.0
+    for name, module, args, out in seen:
+        inputs = [a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a for a in args]
+        grad = torch.randn_like(out)
+
+        def run(module=module, inputs=inputs, grad=grad):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                y = module(*inputs)
+            y.backward(grad)
+
+        ms = statistics.median(Timed.seconds(run, reps) for _ in range(3)) * 1000
+        total += ms
+        print(f"  {name.removeprefix('net.'):<22} {str(tuple(inputs[0].shape)):<18} -> {str(tuple(out.shape)):<18} {ms:6.2f} ms", flush=True)
+    step = Timed.seconds(lambda: t.train_step(bf16=bf16), reps) * 1000
+    print(f"  sum {total:.1f} ms; one whole training step {step:.1f} ms")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS)
@@ -367,11 +390,12 @@ def main() -> None:
     p.add_argument("--clip", default=None, help="a CLIP run for the unCLIP presets")
     p.add_argument("--candidates", action="store_true", help="time fused AdamW, channels-last, batch 128 and torch.compile instead")
     p.add_argument("--layers", action="store_true", help="time the attention, 1x1 skip and upsampling layers against their plain forms")
+    p.add_argument("--blocks", action="store_true", help="time each block of the demo UNet alone, forward + backward")
     p.add_argument("--against", default=None, help="a git ref: compare the whole trainer with the one at that ref")
     p.add_argument("--rounds", type=int, default=None, help="rounds for --against (default 3) and the interleaved demo ratio (default 9)")
     p.add_argument("--precision", default="auto", choices=["auto", "no", "bf16"],
-                   help="train.mixed_precision for --against (default auto, what `make demo` does; under the AVX2 caps give `no`: "
-                        "older trainers do not see the caps and would pick an emulated bf16)")
+                   help="train.mixed_precision for --against and --blocks (default auto, what `make demo` does; under the AVX2 caps "
+                        "give `no` to --against: older trainers do not see the caps and would pick an emulated bf16)")
     p.add_argument("--distillation", default=None, metavar="TEACHER",
                    help="a demo run (with its step-250 checkpoint): the distillation presets' training time against the teacher's")
     args = p.parse_args()
@@ -383,6 +407,8 @@ def main() -> None:
         return candidates(args.steps)
     if args.layers:
         return layers(args.steps)
+    if args.blocks:
+        return blocks(args.steps, args.precision)
     fp32 = matmul_gflops(torch.float32)
     bf16 = matmul_gflops(torch.bfloat16) if cpu_computes_bf16() else None
     print(f"{describe_cpu()}; 2048^2 matmul: fp32 {fp32:.1f} GFLOP/s"

@@ -40,6 +40,12 @@ def test_train_throughput_tiny_mode(monkeypatch, capsys):
     assert "kind " in out and "toy2d" in out and "images/s" in out
 
 
+def test_train_throughput_blocks_mode_times_every_block_of_the_demo_unet(monkeypatch, capsys):
+    assert run_main("train_throughput.py", ["--blocks", "--steps", "1", "--precision", "no"], monkeypatch) == 0
+    out = capsys.readouterr().out
+    assert "down.input_conv" in out and "down.mid_attn" in out and "out_conv" in out and "one whole training step" in out
+
+
 def test_gpu_bench_tiny_mode_runs_on_whatever_device_is_here(monkeypatch, capsys, tmp_path):
     assert run_main("gpu.py", ["--tiny", "--out", str(tmp_path / "gpu.json")], monkeypatch) == 0
     out = capsys.readouterr().out

@@ -6,10 +6,10 @@ training run, tests beside one) then burn each other's time slices spinning: a 5
 took 15x longer beside a training run on 2 cores. Passive waiting (threads sleep at once) keeps each
 of two near its share (bench/two_processes.py), but alone it costs a training run on an AVX-512-bf16
 CPU about a fifth of its speed (216 against 271 images/s spinning, that bench): its kernels are short,
-and a thread woken from sleep for each one arrives late. So threads spin briefly first (GOMP_SPINCOUNT, libgomp's spin before it sleeps: 1,000
-turns, some microseconds, enough to bridge one kernel to the next), then sleep. Values the user set are
-kept; the settings take effect only if torch is not imported yet, which is why the package imports
-this module first.
+and a thread woken from sleep for each one arrives late. So threads spin briefly first (GOMP_SPINCOUNT,
+libgomp's spin before it sleeps: 1,000 turns, some microseconds, enough to bridge one kernel to the
+next), then sleep. Values the user set are kept; the settings take effect only if torch is not imported
+yet, which is why the package imports this module first.
 """
 from __future__ import annotations
 

@@ -19,19 +19,9 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return F.pad(emb, (0, dim % 2))
 
 
-class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm (same parameters and state dict) that hands a channels-last input on a CPU to torch's NCHW kernel:
-    its channels-last CPU kernel was 5-20x slower in bf16 at the demo UNet's shapes, more than the copy."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.ndim == 4 and not x.is_contiguous():
-            x = x.contiguous()
-        return super().forward(x)
-
-
 def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with up to 32 groups that divide the channel count."""
-    return GroupNorm(math.gcd(32, channels), channels)
+    return nn.GroupNorm(math.gcd(32, channels), channels)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -139,19 +129,18 @@ class PointwiseConv2d(nn.Conv2d):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(hs)) v: q (B, nh, L, hs), k and v (B, nh, S, hs), mask (True = attend) broadcastable to
-    (B, nh, L, S). On a CPU under bf16 autocast it is written out in bf16 (torch's softmax kernel computes in fp32
-    inside and rounds its output): torch's fused CPU attention kernel, in bf16 or fp32, was ~5x slower forward and
-    backward at the demo UNet's 49 positions on AVX-512-bf16, and a softmax of fp32 logits was no faster, with two
-    more casts each way (bench/train_throughput.py --layers)."""
+    (B, nh, L, S). On a CPU under bf16 autocast it is written out as two bf16 matrix products around an fp32 softmax:
+    torch's fused CPU attention kernel, in bf16 or fp32, was ~5x slower forward and backward at the demo UNet's 49
+    positions on AVX-512-bf16 (bench/train_throughput.py --layers)."""
     dtype = cpu_autocast_dtype() if q.device.type == "cpu" else None
     if dtype is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     with torch.autocast("cpu", enabled=False):
-        q, k, v = q.to(dtype) * q.shape[-1] ** -0.5, k.to(dtype), v.to(dtype)  # the scale on q: L x hs, not L x S
-        logits = q @ k.transpose(-1, -2)  # (B, nh, L, S)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        logits = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (B, nh, L, S)
         if mask is not None:
             logits = logits.masked_fill(~mask, float("-inf"))
-        return logits.softmax(-1) @ v
+        return logits.softmax(-1).to(dtype) @ v
 
 
 class SelfAttention(nn.Module):
@@ -274,49 +263,11 @@ class _InterleavePhases(torch.autograd.Function):
         return out
 
 
-class _InterleavePhasesChannelsLast(torch.autograd.Function):
-    """_InterleavePhases for channels-last grids whose channel (2a + b) C + o holds phase (a, b) of output channel o:
-    (B, 4C, H + 1, W + 1) -> (B, C, 2H, 2W), both channels-last, so that every copy moves runs of C contiguous values."""
-
-    @staticmethod
-    def forward(ctx, grids: torch.Tensor) -> torch.Tensor:
-        B, C4, H, W = grids.shape
-        C, H, W = C4 // 4, H - 1, W - 1
-        phases = grids.permute(0, 2, 3, 1).reshape(B, H + 1, W + 1, 2, 2, C)  # a view of channels-last memory
-        out = grids.new_empty(B, H, 2, W, 2, C)
-        for a in (0, 1):
-            for b in (0, 1):
-                out[:, :, a, :, b] = phases[:, a:a + H, b:b + W, a, b]
-        return out.view(B, 2 * H, 2 * W, C).permute(0, 3, 1, 2)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        B, C, H2, W2 = grad.shape
-        H, W = H2 // 2, W2 // 2
-        grad = grad.permute(0, 2, 3, 1).contiguous().view(B, H, 2, W, 2, C)
-        out = grad.new_zeros(B, H + 1, W + 1, 2, 2, C)
-        for a in (0, 1):
-            for b in (0, 1):
-                out[:, a:a + H, b:b + W, a, b] = grad[:, :, a, :, b]
-        return out.view(B, H + 1, W + 1, 4 * C).permute(0, 3, 1, 2)
-
-
-def upsample_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     channels_last: bool | None = None) -> torch.Tensor:
+def upsample_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1), computed at x's resolution:
     one 2x2 convolution to the four phases' 4 * C_out channels over x padded by 1, interleaved. 4/9 of the FLOPs, less
-    the one extra row and column of the (H + 1) x (W + 1) grid (bench/train_throughput.py --layers times it).
-    channels_last (default: on a CPU under bf16 autocast, where oneDNN's bf16 kernels are faster in it for these
-    shapes) runs the convolution and the interleaving in channels-last and returns a channels-last tensor; otherwise
-    everything is NCHW, as in fp32 always."""
+    the one extra row and column of the (H + 1) x (W + 1) grid (bench/train_throughput.py --layers times it)."""
     rows = _PHASE_ROWS.to(weight)
-    if channels_last is None:
-        channels_last = x.device.type == "cpu" and cpu_autocast_dtype() == torch.bfloat16 and x.ndim == 4
-    if channels_last:
-        phases = torch.einsum("aru,oiuv,bsv->aboirs", rows, weight, rows)  # (2, 2, C_out, C_in, 2, 2)
-        phases = phases.reshape(4 * weight.shape[0], weight.shape[1], 2, 2)  # channel (2a + b) C_out + o
-        padded = F.pad(x, (1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
-        return _InterleavePhasesChannelsLast.apply(F.conv2d(padded, phases, None if bias is None else bias.repeat(4)))
     phases = torch.einsum("aru,oiuv,bsv->oabirs", rows, weight, rows)  # (C_out, 2, 2, C_in, 2, 2)
     phases = phases.reshape(4 * weight.shape[0], weight.shape[1], 2, 2)  # channel 4o + 2a + b
     grids = F.conv2d(F.pad(x, (1, 1, 1, 1)), phases, None if bias is None else bias.repeat_interleave(4))
