@@ -6,7 +6,11 @@
 1. the demo preset's whole trainer (`ddpmkit train mnist`, 1,600 steps): steps/s, images/s and wall time, then the
    demo's grid (500 digits, 16 autoguided DDIM steps) for the demo's wall time end to end;
 2. sampling the demo model: 500 digits x 1,000 ancestral steps (Algorithm 2) in one chunk on the device;
-3. DDPM's CIFAR-10 UNet (128-256-256-256 channels, 2 blocks per level, attention at 16x16) built by ddpmkit and by
+3. the engine's per-step overhead: the trainer's step (ddpmkit.train.engine: learning rate, accelerate, loss gather,
+   gradient norm, the NaN guard's flags, EMA, the once-per-window read-back) against a minimal PyTorch loop of the same
+   network, loss and batches (forward, backward, fused AdamW) in this process, alternating rounds, at batch 1 (where
+   the network's work is negligible) and at the preset's batch;
+4. DDPM's CIFAR-10 UNet (128-256-256-256 channels, 2 blocks per level, attention at 16x16) built by ddpmkit and by
    diffusers' UNet2DModel, in this process, alternating rounds, medians: a training step (MSE + AdamW) in fp32/TF32 and
    in bf16 autocast at batch 128, and the bf16 forward at batch 512, eager and torch.compile'd; images/s, TFLOP/s
    (torch.utils.flop_counter's count) and the fraction of this device's own bf16 matrix-product rate, measured here.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -111,6 +116,66 @@ def sampling(run_dir: Path, device: torch.device, tiny: bool, results: dict) -> 
               flush=True)
 
 
+def engine_overhead(device: torch.device, tiny: bool, rounds: int, results: dict) -> None:
+    """ms per training step of the engine's loop and of a minimal loop of the same network (same init, loss, batches,
+    precision, fused AdamW), alternating rounds on the same device; the difference is what the engine adds per step."""
+    for bs in (1, 4 if tiny else 64):
+        if not overhead_at(bs, device, tiny, rounds, results):
+            return
+
+
+def overhead_at(bs: int, device: torch.device, tiny: bool, rounds: int, results: dict) -> bool:
+    """engine_overhead at one batch size; False when the engine trains elsewhere than `device`."""
+    from ddpmkit.train import TASKS, batch_indices, step_generator
+    from ddpmkit.train.batches import Batch
+    from ddpmkit.train.engine import Trainer
+
+    small = ["data.name=digits", "network.base_channels=8", "network.channel_mult=1,2", "network.attention_resolutions=4"] if tiny else []
+    run_dir = tempfile.mkdtemp(prefix="gpu-bench-overhead-")  # the log the engine writes; removed after
+    cfg = load_config("mnist", [f"train.run_dir={run_dir}", f"train.batch_size={bs}", "train.steps=1000000", "train.sample_every=0",
+                                "train.eval_every=0", "train.checkpoint_every=0", "train.keep_steps=", "train.warmup_steps=0", *small])
+    trainer = Trainer(TASKS[cfg.train.task](cfg), cfg, progress=False)
+    trainer.start()
+    if trainer.accelerator.device != device:
+        print(f"engine overhead: skipped (the engine trains on {trainer.accelerator.device}, not {device})")
+        return False
+
+    def engine_step() -> None:  # one turn of ddpmkit.train.engine.run's loop
+        trainer.budget.tick()
+        trainer.train_step(trainer.next_batch())
+        trainer.periodic()
+
+    task = TASKS[cfg.train.task](cfg)
+    torch.manual_seed(cfg.train.seed)
+    model = task.build_model().to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, fused=device.type != "mps")
+    bf16, step, seed = trainer.precision == "bf16", [0], cfg.train.seed
+
+    def plain_step() -> None:
+        s = step[0]
+        gen = step_generator(seed, s) if device.type == "cpu" else step_generator(seed, s, stream=2, device=device)
+        batch = Batch(s, batch_indices(s, bs, task.num_examples, seed), step_generator(seed, s), slice(0, bs), device, gen)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = task.loss(model, batch).float().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step[0] += 1
+
+    reps = 2 if tiny else 30
+    times: dict[str, list[float]] = {"engine": [], "plain": []}
+    for _ in range(rounds):
+        times["engine"].append(1000 * seconds(engine_step, device, reps))
+        times["plain"].append(1000 * seconds(plain_step, device, reps))
+    trainer.log.close()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    engine, plain = statistics.median(times["engine"]), statistics.median(times["plain"])
+    results.setdefault("overhead", {})[f"batch {bs}"] = {"engine_ms": engine, "plain_ms": plain, "rounds": times, "precision": trainer.precision}
+    print(f"engine overhead, batch {bs} ({trainer.precision}): engine {engine:.2f} ms/step, minimal loop {plain:.2f} ms/step: "
+          f"{engine - plain:+.2f} ms ({engine / plain - 1:+.1%})", flush=True)
+    return True
+
+
 def cifar_unets(tiny: bool) -> dict[str, Callable[[], torch.nn.Module]]:
     """DDPM's CIFAR-10 UNet as ddpmkit builds it and as diffusers' UNet2DModel does (same widths and levels)."""
     ch, mult = (8, (1, 2)) if tiny else (128, (1, 2, 2, 2))
@@ -200,15 +265,15 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="default: CUDA, then MPS, then the CPU (ddpmkit's one rule)")
     p.add_argument("--tiny", action="store_true", help="every part at toy sizes (seconds, any device): keeps the script runnable")
-    p.add_argument("--rounds", type=int, default=5, help="alternating rounds of the CIFAR-10 UNet comparison")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds of the engine-overhead and CIFAR-10 UNet comparisons")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd forms (their compile takes minutes)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["demo", "sampling", "cifar"], help="parts to leave out")
+    p.add_argument("--skip", nargs="*", default=[], choices=["demo", "sampling", "overhead", "cifar"], help="parts to leave out")
     p.add_argument("--out", default=None, help="write every figure to this JSON file too")
     args = p.parse_args()
     device = torch.device(args.device) if args.device else default_device()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # "fp32" below means TF32 where the GPU has it
-    n, reps = (128, 1) if args.tiny else (8192, 20)
+    n, reps = (128, 1) if args.tiny else (8192, 20) if device.type != "cpu" else (2048, 8)  # a CPU: seconds, not minutes
     results: dict = {"device": describe(device), "tiny": args.tiny}
     results["bf16_matmul_tflops"] = bf16 = matmul_tflops(device, torch.bfloat16, n, reps)
     results["fp32_matmul_tflops"] = matmul_tflops(device, torch.float32, n, reps)
@@ -219,6 +284,8 @@ def main() -> int:
         run_dir = demo_trainer(device, args.tiny, results)
     if "sampling" not in args.skip and run_dir is not None:
         sampling(run_dir, device, args.tiny, results)
+    if "overhead" not in args.skip:
+        engine_overhead(device, args.tiny, 1 if args.tiny else args.rounds, results)
     if "cifar" not in args.skip:
         unet_modes(device, args.tiny, 1 if args.tiny else args.rounds, not (args.no_compile or args.tiny), results, bf16)
     if args.out:

@@ -1,6 +1,7 @@
 """Every benchmark under bench/ stays runnable: each answers --help (its imports and argument parser work), and
 the ones with a tiny mode run it. No figure is checked here: benchmarks print figures, tests do not time."""
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -49,5 +50,8 @@ def test_train_throughput_blocks_mode_times_every_block_of_the_demo_unet(monkeyp
 def test_gpu_bench_tiny_mode_runs_on_whatever_device_is_here(monkeypatch, capsys, tmp_path):
     assert run_main("gpu.py", ["--tiny", "--out", str(tmp_path / "gpu.json")], monkeypatch) == 0
     out = capsys.readouterr().out
-    assert "demo trainer" in out and "ancestral" in out and "CIFAR-10 UNet" in out
-    assert (tmp_path / "gpu.json").exists()
+    assert "demo trainer" in out and "ancestral" in out and "engine overhead, batch 1" in out and "CIFAR-10 UNet" in out
+    figures = json.loads((tmp_path / "gpu.json").read_text())
+    for batch in ("batch 1", "batch 4"):  # the engine's loop and the minimal loop were both timed, every round
+        row = figures["overhead"][batch]
+        assert row["engine_ms"] > 0 and row["plain_ms"] > 0 and len(row["rounds"]["engine"]) == len(row["rounds"]["plain"]) == 1
