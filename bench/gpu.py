@@ -136,7 +136,7 @@ def overhead_at(bs: int, device: torch.device, tiny: bool, rounds: int, results:
                                 "train.eval_every=0", "train.checkpoint_every=0", "train.keep_steps=", "train.warmup_steps=0", *small])
     trainer = Trainer(TASKS[cfg.train.task](cfg), cfg, progress=False)
     trainer.start()
-    if trainer.accelerator.device != device:
+    if trainer.accelerator.device.type != device.type:  # (accelerate names the index: cuda:0)
         print(f"engine overhead: skipped (the engine trains on {trainer.accelerator.device}, not {device})")
         return False
 
