@@ -126,8 +126,7 @@ def engine_overhead(device: torch.device, tiny: bool, rounds: int, results: dict
 
 def overhead_at(bs: int, device: torch.device, tiny: bool, rounds: int, results: dict) -> bool:
     """engine_overhead at one batch size; False when the engine trains elsewhere than `device`."""
-    from ddpmkit.train import TASKS, batch_indices, step_generator
-    from ddpmkit.train.batches import Batch
+    from ddpmkit.train import TASKS, step_batch
     from ddpmkit.train.engine import Trainer
 
     small = ["data.name=digits", "network.base_channels=8", "network.channel_mult=1,2", "network.attention_resolutions=4"] if tiny else []
@@ -152,9 +151,7 @@ def overhead_at(bs: int, device: torch.device, tiny: bool, rounds: int, results:
     bf16, step, seed = trainer.precision == "bf16", [0], cfg.train.seed
 
     def plain_step() -> None:
-        s = step[0]
-        gen = step_generator(seed, s) if device.type == "cpu" else step_generator(seed, s, stream=2, device=device)
-        batch = Batch(s, batch_indices(s, bs, task.num_examples, seed), step_generator(seed, s), slice(0, bs), device, gen)
+        batch = step_batch(seed, step[0], bs, task.num_examples, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = task.loss(model, batch).float().mean()
         loss.backward()

@@ -50,7 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ddpmkit.config import load_config
 from ddpmkit.devices import cpu_kind, describe_cpu
 from ddpmkit.precision import cpu_computes_bf16, resolve_precision
-from ddpmkit.train import TASKS, batch_indices, step_generator
+from ddpmkit.train import TASKS, step_batch
 from ddpmkit.train.batches import Batch
 
 # variants of the demo preset: its network until 2026-12-03, and the patched one it was measured against
@@ -83,9 +83,7 @@ class Timed:
         self.bs, self.step = self.cfg.train.batch_size, 0
 
     def batch(self) -> Batch:
-        tc = self.cfg.train
-        b = Batch(self.step, batch_indices(self.step, self.bs, self.task.num_examples, tc.seed), step_generator(tc.seed, self.step),
-                  slice(0, self.bs), torch.device("cpu"))
+        b = step_batch(self.cfg.train.seed, self.step, self.bs, self.task.num_examples, torch.device("cpu"))
         self.step += 1
         return b
 

@@ -12,7 +12,7 @@ from ..config import Config
 from ..finetune import pipeline_config
 from ..kinds import kind_of
 from .autoencoder import AutoencoderTask
-from .batches import Batch, batch_indices, step_generator
+from .batches import Batch, batch_indices, step_batch, step_generator
 from .classifier import NoisyClassifierTask
 from .clip import CLIPTask
 from .denoiser import DenoiserTask, sample_timesteps
@@ -37,4 +37,4 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
 # the built-in tasks are imported above so that they register themselves in TASKS
 __all__ = ["AutoencoderTask", "Batch", "CLIPTask", "ConsistencyTask", "Decay", "DecoderTask", "DenoiserTask", "JudgeTask", "NoisyClassifierTask",
            "PriorTask", "ProgressiveTask", "SuperResTask", "TASKS", "Task", "TrainingError", "batch_indices", "budget_horizon",
-           "ema_decay_at", "ema_update", "lr_at", "run", "sample_timesteps", "step_generator", "train"]
+           "ema_decay_at", "ema_update", "lr_at", "run", "sample_timesteps", "step_batch", "step_generator", "train"]

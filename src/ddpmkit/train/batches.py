@@ -60,3 +60,11 @@ class Batch:
     def local(self, x: torch.Tensor) -> torch.Tensor:
         """This process's slice of a global-batch tensor, on the training device."""
         return x[self.mine].to(self.device, non_blocking=True)  # no wait for the device on a GPU
+
+
+def step_batch(seed: int, step: int, batch_size: int, num_examples: int, device: torch.device, mine: slice | None = None) -> Batch:
+    """The Batch of `step` (a function of the seed and the step), `mine` of it on `device` (default: all of it).
+    On a GPU the bulk randomness is drawn there; on a CPU from the step generator itself."""
+    generator = step_generator(seed, step)
+    on_device = generator if device.type == "cpu" else step_generator(seed, step, stream=2, device=device)
+    return Batch(step, batch_indices(step, batch_size, num_examples, seed), generator, mine or slice(0, batch_size), device, on_device)

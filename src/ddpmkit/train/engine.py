@@ -51,7 +51,7 @@ from ..devices import has_accelerator
 from ..posthoc_ema import PowerEMA
 from ..precision import resolve_precision
 from ..viz import make_grid
-from .batches import Batch, batch_indices, step_generator
+from .batches import Batch, step_batch
 from .optim import Decay, budget_horizon, ema_decay_at, ema_update, lr_at
 from .task import Task, TrainingError
 
@@ -217,11 +217,8 @@ class Trainer:
         """This step's global batch (a function of the seed and the step) and this process's slice of it."""
         step, tc, local = self.state.step, self.tc, self.tc.batch_size // self.world
         seed_dropout(self.accelerator.device, (tc.seed * 1_000_003 + step) * 31 + self.rank)
-        device, generator = self.accelerator.device, step_generator(tc.seed, step)
-        # on a GPU the bulk randomness is drawn there (batches.py); on a CPU from the step generator, as always
-        on_device = generator if device.type == "cpu" else step_generator(tc.seed, step, stream=2, device=device)
-        return Batch(step, batch_indices(step, tc.batch_size, self.task.num_examples, tc.seed), generator,
-                     slice(self.rank * local, (self.rank + 1) * local), device, on_device)
+        return step_batch(tc.seed, step, tc.batch_size, self.task.num_examples, self.accelerator.device,
+                          slice(self.rank * local, (self.rank + 1) * local))
 
     def train_step(self, batch: Batch) -> None:
         """Forward, backward, clipping and the optimizer step of one batch, with no read of a device value by the host:
