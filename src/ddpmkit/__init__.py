@@ -1,6 +1,7 @@
 """ddpmkit: denoising diffusion models, correct to the equation."""
 # isort: off
 from . import threads  # noqa: F401  (first: it configures OpenMP before torch loads it)
+from . import heap  # noqa: F401  (malloc keeps freed activations for the next step)
 # isort: on
 from . import viz
 from .analytic import GaussianMixture

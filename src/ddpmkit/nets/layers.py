@@ -129,18 +129,20 @@ class PointwiseConv2d(nn.Conv2d):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(hs)) v: q (B, nh, L, hs), k and v (B, nh, S, hs), mask (True = attend) broadcastable to
-    (B, nh, L, S). On a CPU under bf16 autocast it is written out as two bf16 matrix products around an fp32 softmax:
-    torch's fused CPU attention kernel, in bf16 or fp32, was ~5x slower forward and backward at the demo UNet's 49
-    positions on AVX-512-bf16 (bench/train_throughput.py --layers)."""
+    (B, nh, L, S). On a CPU under bf16 autocast it is written out as two bf16 matrix products around torch's bf16
+    softmax: torch's fused CPU attention kernel, in bf16 or fp32, was ~5x slower forward and backward at the demo UNet's
+    49 positions on AVX-512-bf16 (bench/train_throughput.py --layers). The softmax kernel computes in fp32 inside and
+    rounds its output to bf16, as the product after it would; the scale goes on q (exact for a power-of-two head size),
+    so no pass over the (L, S) logits is spent on casts or the scale, forward or backward."""
     dtype = cpu_autocast_dtype() if q.device.type == "cpu" else None
     if dtype is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     with torch.autocast("cpu", enabled=False):
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        logits = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (B, nh, L, S)
+        logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, nh, L, S)
         if mask is not None:
             logits = logits.masked_fill(~mask, float("-inf"))
-        return logits.softmax(-1).to(dtype) @ v
+        return logits.softmax(-1) @ v
 
 
 class SelfAttention(nn.Module):
