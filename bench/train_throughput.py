@@ -6,6 +6,7 @@
     .venv/bin/python bench/train_throughput.py --blocks [--precision bf16]
     .venv/bin/python bench/train_throughput.py --against HEAD~1 [--precision no]
     .venv/bin/python bench/train_throughput.py --distillation runs/demo [--steps 40] [--rounds 2]
+    .venv/bin/python bench/train_throughput.py --heap [--steps 10] [--rounds 4]
 
 For each preset: one task of the training engine (the preset's own network, loss, batch size and conditions),
 timed over full training steps (batch lookup, forward, loss, backward, fused AdamW), and the same network's
@@ -28,6 +29,9 @@ in a temporary worktree: alternating runs in fresh processes, images/s from each
 (first log window dropped); prints the medians and their ratio. `--against 32bebf1` is the trainer and demo
 preset (16-32-64 UNet) as they were when issue 32 measured 90 images/s: the ratio is the whole gain since,
 network and layers, on this machine (target >= 1.3).
+
+--heap: the demo's training step with ddpmkit/heap.py's malloc thresholds against glibc's defaults, alternating fresh
+processes: ms per step, page faults per step and the kernel's (system) CPU time per step.
 """
 from __future__ import annotations
 
@@ -380,6 +384,42 @@ def blocks(reps: int, precision: str) -> None:
     print(f"  sum {total:.1f} ms; one whole training step {step:.1f} ms")
 
 
+HEAP_CHILD = """
+import resource, sys, time, types
+if sys.argv[1] == "default":  # glibc's own thresholds: ddpmkit's package import then finds heap.py already loaded
+    sys.modules["ddpmkit.heap"] = types.ModuleType("ddpmkit.heap")
+sys.path.insert(0, sys.argv[3])
+import train_throughput as tt
+t = tt.Timed("mnist", [])
+bf16 = tt.resolve_precision("auto") == "bf16"
+for _ in range(3):
+    t.train_step(bf16=bf16)
+n, r0, start = int(sys.argv[2]), resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+for _ in range(n):
+    t.train_step(bf16=bf16)
+seconds, r1 = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+print(seconds / n * 1e3, (r1.ru_minflt - r0.ru_minflt) / n, (r1.ru_stime - r0.ru_stime) / n * 1e3)
+"""
+
+
+def heap_effect(steps: int, rounds: int) -> None:
+    """ddpmkit.heap's thresholds against glibc's defaults on the demo step, alternating fresh processes."""
+    print(f"{describe_cpu()}; the demo's training step (precision auto = {resolve_precision('auto')}), {steps} steps per process:")
+    got: dict[str, list[list[float]]] = {"default": [], "ddpmkit": []}
+    for r in range(rounds):
+        for name in ("default", "ddpmkit"):
+            out = subprocess.run([sys.executable, "-c", HEAP_CHILD, name, str(steps), str(Path(__file__).parent)],
+                                 check=True, capture_output=True, text=True).stdout.split()
+            got[name].append([float(v) for v in out[-3:]])
+            ms, faults, sys_ms = got[name][-1]
+            print(f"  round {r}: {name:<8} {ms:6.1f} ms/step, {faults:6.0f} page faults/step, system time {sys_ms:5.2f} ms/step", flush=True)
+    for name, rows in got.items():
+        ms, faults, sys_ms = (statistics.median(col) for col in zip(*rows))
+        print(f"{name:<8} medians: {ms:.1f} ms/step, {faults:.0f} page faults/step, system time {sys_ms:.2f} ms/step")
+    paired = [d[0] / k[0] for d, k in zip(got["default"], got["ddpmkit"])]
+    print(f"step speed, ddpmkit's thresholds / glibc's: x{statistics.median(paired):.3f} (per round: {' '.join(f'{x:.2f}' for x in paired)})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS)
@@ -389,6 +429,7 @@ def main() -> None:
     p.add_argument("--candidates", action="store_true", help="time fused AdamW, channels-last, batch 128 and torch.compile instead")
     p.add_argument("--layers", action="store_true", help="time the attention, 1x1 skip and upsampling layers against their plain forms")
     p.add_argument("--blocks", action="store_true", help="time each block of the demo UNet alone, forward + backward")
+    p.add_argument("--heap", action="store_true", help="the demo step with ddpmkit's malloc thresholds against glibc's defaults")
     p.add_argument("--against", default=None, help="a git ref: compare the whole trainer with the one at that ref")
     p.add_argument("--rounds", type=int, default=None, help="rounds for --against (default 3) and the interleaved demo ratio (default 9)")
     p.add_argument("--precision", default="auto", choices=["auto", "no", "bf16"],
@@ -399,6 +440,8 @@ def main() -> None:
     args = p.parse_args()
     if args.distillation:
         return distillation_cost(args.distillation, args.steps if args.steps != 8 else 40, args.rounds or 2)
+    if args.heap:
+        return heap_effect(args.steps if args.steps != 8 else 10, args.rounds or 4)
     if args.against:
         return compare_with(args.against, args.steps, args.rounds or 3, args.precision)
     if args.candidates:
