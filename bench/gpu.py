@@ -13,7 +13,11 @@
 4. DDPM's CIFAR-10 UNet (128-256-256-256 channels, 2 blocks per level, attention at 16x16) built by ddpmkit and by
    diffusers' UNet2DModel, in this process, alternating rounds, medians: a training step (MSE + AdamW) in fp32/TF32 and
    in bf16 autocast at batch 128, and the bf16 forward at batch 512, eager and torch.compile'd; images/s, TFLOP/s
-   (torch.utils.flop_counter's count) and the fraction of this device's own bf16 matrix-product rate, measured here.
+   (torch.utils.flop_counter's count) and the fraction of this device's own bf16 matrix-product rate, measured here;
+   ddpmkit's network also in channels-last memory (weights and input), eager, as a candidate for the bf16 step;
+5. the nearest-2x + 3x3 upsampling's forms at the CIFAR-10 UNet's sizes, forward + backward in bf16 autocast and fp32:
+   the 2x2 phases ddpmkit computes, one stride-2 transposed convolution with a 4x4 kernel (the same map), and the plain
+   interpolate-then-convolve: which one a GPU wants.
 
 Figures go to stdout and, with --out, to a JSON file. Name the device beside every figure you quote: the first line
 says which it is.
@@ -203,15 +207,19 @@ def unet_modes(device: torch.device, tiny: bool, rounds: int, compiled: bool, re
     rows: dict[tuple[str, str], list[float]] = {}
     flops: dict[tuple[str, str], float] = {}
     cases = []
-    for name, build in cifar_unets(tiny).items():
-        net = build().to(device)
+    forms = [(name, build, form) for name, build in cifar_unets(tiny).items()
+             for form in (["", " channels-last"] if name == "ddpmkit" else [""])]
+    for name, build, form in forms:
+        layout = torch.channels_last if form else torch.contiguous_format
+        net = build().to(device, memory_format=layout)
         params = sum(p.numel() for p in net.parameters()) / 1e6
         results.setdefault("cifar_params_M", {})[name] = params
-        for comp in ([False, True] if compiled else [False]):
+        for comp in ([False, True] if compiled and not form else [False]):
             fn = wrap(name, torch.compile(net) if comp else net)
             opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type != "mps")
-            x, t = torch.randn(batch_train, 3, 32, 32, device=device), torch.randint(0, 1000, (batch_train,), device=device).float()
-            xf, tf = torch.randn(batch_fwd, 3, 32, 32, device=device), torch.randint(0, 1000, (batch_fwd,), device=device).float()
+            x = torch.randn(batch_train, 3, 32, 32, device=device).contiguous(memory_format=layout)
+            xf = torch.randn(batch_fwd, 3, 32, 32, device=device).contiguous(memory_format=layout)
+            t, tf = (torch.randint(0, 1000, (n,), device=device).float() for n in (batch_train, batch_fwd))
 
             def train_step(fn=fn, opt=opt, x=x, t=t, bf16=False) -> None:
                 with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
@@ -225,7 +233,7 @@ def unet_modes(device: torch.device, tiny: bool, rounds: int, compiled: bool, re
                 with torch.autocast(dev, dtype=torch.bfloat16):
                     fn(x, t)
 
-            tag = f"{name}{' compiled' if comp else ''}"
+            tag = f"{name}{form}{' compiled' if comp else ''}"
             cases += [((tag, "train fp32/TF32"), train_step, batch_train), ((tag, "train bf16"), lambda f=train_step: f(bf16=True), batch_train),
                       ((tag, "forward bf16"), forward, batch_fwd)]
     for key, fn, _ in cases:  # FLOPs of eager forms (compiled graphs do the same arithmetic)
@@ -244,18 +252,62 @@ def unet_modes(device: torch.device, tiny: bool, rounds: int, compiled: bool, re
         per_image = flops[(tag.split()[0], mode)] / (batch_train if mode.startswith("train") else batch_fwd)
         achieved = ips * per_image / 1e12
         out[f"{tag} / {mode}"] = {"images_per_s": ips, "tflops": achieved, "of_bf16_matmul": achieved / bf16_rate, "rounds": rates}
-        print(f"CIFAR-10 UNet {tag:<20} {mode:<16} {ips:9.1f} images/s  {achieved:7.2f} TFLOP/s = {achieved / bf16_rate:5.1%} of bf16 matmul",
+        print(f"CIFAR-10 UNet {tag:<24} {mode:<16} {ips:9.1f} images/s  {achieved:7.2f} TFLOP/s = {achieved / bf16_rate:5.1%} of bf16 matmul",
               flush=True)
     for comp in (["", " compiled"] if compiled else [""]):
         for mode in ("train fp32/TF32", "train bf16", "forward bf16"):
             a, b = out.get(f"ddpmkit{comp} / {mode}"), out.get(f"diffusers{comp} / {mode}")
             if a and b:
                 print(f"  ddpmkit{comp} / diffusers{comp}, {mode}: x{a['images_per_s'] / b['images_per_s']:.2f}")
-    ours_bf16, theirs_bf16 = out.get("ddpmkit compiled / train bf16") or out.get("ddpmkit / train bf16"), out.get("diffusers / train bf16")
+    ours = [row for key, row in out.items() if key.startswith("ddpmkit") and key.endswith("/ train bf16")]
+    ours_bf16 = max(ours, key=lambda row: row["images_per_s"]) if ours else None
+    theirs_bf16 = out.get("diffusers / train bf16")
     if ours_bf16 and theirs_bf16:
         bf16_over_tf32 = out["ddpmkit / train bf16"]["images_per_s"] / out["ddpmkit / train fp32/TF32"]["images_per_s"]
         print(f"  ddpmkit's best bf16 train step / diffusers' eager bf16 step: x{ours_bf16['images_per_s'] / theirs_bf16['images_per_s']:.2f} "
               f"(target >= 2); bf16 / TF32 for ddpmkit eager: x{bf16_over_tf32:.2f}")
+
+
+def upsampling_forms(device: torch.device, tiny: bool, rounds: int, results: dict) -> None:
+    """ddpmkit's 2x2-phase upsampling against a stride-2 transposed convolution and the plain form, at the CIFAR-10
+    UNet's sizes (batch 128, 256 channels, 8 -> 16 and 16 -> 32), forward + backward, alternating rounds."""
+    from ddpmkit.nets.layers import upsample_conv3x3
+
+    taps = torch.tensor([[0, 0, 1.0], [0, 1, 1], [1, 1, 0], [1, 0, 0]], device=device)  # 4x4 tap k <- these 3x3 rows
+
+    def transposed(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return F.conv_transpose2d(x, torch.einsum("ku,oiuv,lv->iokl", taps.to(w), w, taps.to(w)), b, stride=2, padding=1)
+
+    def plain(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), w, b, padding=1)
+
+    forms = {"phases (ddpmkit)": upsample_conv3x3, "transposed conv": transposed, "plain": plain}
+    batch, ch, sizes = (2, 8, (4,)) if tiny else (128, 256, (8, 16))
+    out = results.setdefault("upsampling", {})
+    for size in sizes:
+        x = torch.randn(batch, ch, size, size, device=device, requires_grad=True)
+        w = (torch.randn(ch, ch, 3, 3, device=device) / (3 * ch**0.5)).requires_grad_()
+        b = torch.zeros(ch, device=device, requires_grad=True)
+        want = plain(x, w, b)
+        for name, form in forms.items():  # the same map, or the figures mean nothing (TF32 rounds at ~1e-3)
+            err = (form(x, w, b) - want).abs().max().item() / want.abs().max().item()
+            if err > 2e-2:
+                out["error"] = f"{name} differs from the plain form by {err:.2g} of its largest value: not timed"
+                print(f"upsampling: {out['error']}", flush=True)
+                return
+        for bf16 in (True, False):
+            def step(form: Callable, bf16: bool = bf16, x: torch.Tensor = x, w: torch.Tensor = w, b: torch.Tensor = b) -> None:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    y = form(x, w, b)
+                y.float().square().mean().backward()
+
+            times: dict[str, list[float]] = {}
+            for _ in range(rounds):
+                for name, form in forms.items():
+                    times.setdefault(name, []).append(seconds(lambda form=form: step(form), device, 1 if tiny else 20) * 1e3)
+            label = f"{ch} ch {size}->{2 * size}, batch {batch}, {'bf16' if bf16 else 'fp32'}"
+            out[label] = {name: statistics.median(ms) for name, ms in times.items()}
+            print(f"upsampling {label}: " + ", ".join(f"{name} {ms:.3f} ms" for name, ms in out[label].items()), flush=True)
 
 
 def main() -> int:
@@ -264,7 +316,7 @@ def main() -> int:
     p.add_argument("--tiny", action="store_true", help="every part at toy sizes (seconds, any device): keeps the script runnable")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds of the engine-overhead and CIFAR-10 UNet comparisons")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd forms (their compile takes minutes)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["demo", "sampling", "overhead", "cifar"], help="parts to leave out")
+    p.add_argument("--skip", nargs="*", default=[], choices=["demo", "sampling", "overhead", "cifar", "upsampling"], help="parts to leave out")
     p.add_argument("--out", default=None, help="write every figure to this JSON file too")
     args = p.parse_args()
     device = torch.device(args.device) if args.device else default_device()
@@ -285,6 +337,8 @@ def main() -> int:
         engine_overhead(device, args.tiny, 1 if args.tiny else args.rounds, results)
     if "cifar" not in args.skip:
         unet_modes(device, args.tiny, 1 if args.tiny else args.rounds, not (args.no_compile or args.tiny), results, bf16)
+    if "upsampling" not in args.skip:
+        upsampling_forms(device, args.tiny, 1 if args.tiny else args.rounds, results)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
         print(f"figures -> {args.out}")
