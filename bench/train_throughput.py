@@ -284,6 +284,13 @@ def bf16_layers(ms) -> None:
     for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         kernel = autocast(lambda x, d=dtype: F.scaled_dot_product_attention(*(t.to(d) for t in heads(x))))
         cases.append((f"attention, 4 heads at 7x7 ({label} kernel)", qkv, kernel, autocast(lambda x: attention(*heads(x)))))
+
+    def fp32_softmax(x):  # ddpmkit's written-out form until 2026-12-05: the logits cast to fp32, scaled, cast back
+        q, k, v = (t.to(torch.bfloat16) for t in heads(x))
+        with torch.autocast("cpu", enabled=False):
+            return ((q @ k.transpose(-1, -2)).float() * 16**-0.5).softmax(-1).to(torch.bfloat16) @ v
+
+    cases.append(("attention, 4 heads at 7x7 (fp32 softmax)", qkv, autocast(fp32_softmax), autocast(lambda x: attention(*heads(x)))))
     print("under bf16 autocast (this CPU computes bf16), plain form against ddpmkit's (batch 64, forward + backward):")
     for name, x, plain, fast in cases:
         a, b = ms(plain, x), ms(fast, x)
