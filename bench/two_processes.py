@@ -1,6 +1,6 @@
 """Two ddpmkit processes on one machine: a training run and a sampling loop, each alone and both at once.
 
-    .venv/bin/python bench/two_processes.py [--seconds 40] [--wait-policy brief|passive|active|both]
+    .venv/bin/python bench/two_processes.py [--seconds 40] [--wait-policy brief|passive|active|both] [--spincount N]
 
 A server beside a training run, or tests beside one, share the cores. Each process's speed (training
 images/s; 5-step DDIM calls on 4 digits per second) is measured alone and then with the other running,
@@ -9,7 +9,8 @@ and printed as the fraction kept (an even share of the cores would be 50%; targe
 --wait-policy sets how both processes' OpenMP threads wait: "brief" is what ddpmkit sets when nothing
 else did (ddpmkit/threads.py: OMP_WAIT_POLICY=PASSIVE with GOMP_SPINCOUNT=1000, a short spin, then
 sleep), "passive" sleeps at once (GOMP_SPINCOUNT=0), "active" spins (OpenMP's spin-then-sleep default is
-close to it), "both" runs the comparison once with each of the three.
+close to it), "both" runs the comparison once with each of the three. --spincount N makes "brief" spin N
+turns instead (how a longer spin trades the fairness for speed alone: docs/ordinary_machine.md).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import ddpmkit.threads
 
 SAMPLER = r"""
 import sys, time, torch
@@ -35,7 +38,7 @@ print(calls / (time.time() - start))
 """
 
 
-POLICIES = {"brief": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"},
+POLICIES = {"brief": dict(ddpmkit.threads.SETTINGS),
             "passive": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"},
             "active": {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "30000000000"}}
 
@@ -77,7 +80,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=40.0, help="length of each timed window")
     p.add_argument("--wait-policy", default="both", choices=[*POLICIES, "both"])
+    p.add_argument("--spincount", type=int, help="brief waiting with this many spin turns instead of ddpmkit's")
     args = p.parse_args()
+    if args.spincount is not None:
+        if args.spincount < 0:
+            p.error(f"--spincount {args.spincount} must be >= 0")
+        POLICIES["brief"] = {**POLICIES["brief"], "GOMP_SPINCOUNT": str(args.spincount)}
     tmp = Path(tempfile.mkdtemp(prefix="two-processes-"))
     model = tmp / "model"  # a short run to sample from
     subprocess.run([sys.executable, "-m", "ddpmkit.cli", "train", "mnist", f"train.run_dir={model}", "train.steps=20",

@@ -58,3 +58,12 @@ def test_gpu_bench_tiny_mode_runs_on_whatever_device_is_here(monkeypatch, capsys
         assert row["engine_ms"] > 0 and row["plain_ms"] > 0 and len(row["rounds"]["engine"]) == len(row["rounds"]["plain"]) == 1
     for forms in figures["upsampling"].values():  # every form of the upsampling timed (each checked equal to the plain one)
         assert set(forms) == {"phases (ddpmkit)", "transposed conv", "plain"} and min(forms.values()) > 0
+
+
+def test_two_processes_brief_policy_is_ddpmkits_own_and_a_negative_spincount_is_refused(monkeypatch, capsys):
+    import ddpmkit.threads
+
+    assert run_main("two_processes.py", ["--spincount", "-1"], monkeypatch) == 2
+    assert "--spincount -1 must be >= 0" in capsys.readouterr().err
+    module = importlib.import_module("two_processes")  # (run_main put bench/ on the path)
+    assert module.POLICIES["brief"] == ddpmkit.threads.SETTINGS

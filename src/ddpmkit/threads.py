@@ -8,8 +8,9 @@ of two near its share (bench/two_processes.py), but alone it costs a training ru
 CPU about a fifth of its speed (216 against 271 images/s spinning, that bench): its kernels are short,
 and a thread woken from sleep for each one arrives late. So threads spin briefly first (GOMP_SPINCOUNT,
 libgomp's spin before it sleeps: 1,000 turns, some microseconds, enough to bridge one kernel to the
-next), then sleep. Values the user set are kept; the settings take effect only if torch is not imported
-yet, which is why the package imports this module first.
+next), then sleep. (3,000 turns leave a sampler beside a training run a quarter of its speed, under the
+bench's 40% target: bench/two_processes.py --spincount 3000, docs/ordinary_machine.md.) Values the user set are kept; the
+settings take effect only if torch is not imported yet, which is why the package imports this module first.
 """
 from __future__ import annotations
 
