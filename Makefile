@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # Python writes it on first import instead, for the modules actually used, so it must be allowed to
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: demo test lint install bench lessons clean
+.PHONY: demo test lint install bench lessons clean gpu-wheels
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ lessons: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/digits_quality.py
+
+# the pure-Python wheels a GPU machine with torch but no network lacks, for bench/gpu_session.sh (docs/gpu.md)
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .gpu-wheels diffusers==0.42.1 mlxtend==0.25.0 importlib_metadata
 
 clean:
 	rm -rf runs .pytest_cache

