@@ -1,6 +1,7 @@
 """Two ddpmkit processes on one machine: a training run and a sampling loop, each alone and both at once.
 
     .venv/bin/python bench/two_processes.py [--seconds 40] [--wait-policy brief|passive|active|both] [--spincount N]
+                                            [--train-spincount N]
 
 A server beside a training run, or tests beside one, share the cores. Each process's speed (training
 images/s; 5-step DDIM calls on 4 digits per second) is measured alone and then with the other running,
@@ -11,6 +12,8 @@ else did (ddpmkit/threads.py: OMP_WAIT_POLICY=PASSIVE with GOMP_SPINCOUNT=1000, 
 sleep), "passive" sleeps at once (GOMP_SPINCOUNT=0), "active" spins (OpenMP's spin-then-sleep default is
 close to it), "both" runs the comparison once with each of the three. --spincount N makes "brief" spin N
 turns instead (how a longer spin trades the fairness for speed alone: docs/ordinary_machine.md).
+--train-spincount N gives the training run alone that spin (a longer one for training only: what it costs
+whom, when the two share the cores).
 """
 from __future__ import annotations
 
@@ -58,19 +61,27 @@ def training_rate(run_dir: Path) -> float:
     return (done["step"] - first["step"]) * 64 / (done["elapsed_s"] - first["elapsed_s"])
 
 
-def measure(policy: str, seconds: float, model: Path, tmp: Path) -> None:
+def process_envs(policy: str, train_spincount: int | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """The sampler's environment and the training run's: the policy's settings, the training run's spin replaced."""
     env = {**os.environ, **POLICIES[policy]}
+    return env, (env if train_spincount is None else {**env, "GOMP_SPINCOUNT": str(train_spincount)})
+
+
+def measure(policy: str, seconds: float, model: Path, tmp: Path, train_spincount: int | None = None) -> None:
+    env, train_env = process_envs(policy, train_spincount)
     sampler = [sys.executable, "-c", SAMPLER, str(model), str(seconds)]
     alone_sampling = float(subprocess.run(sampler, env=env, capture_output=True, text=True, check=True).stdout)
-    subprocess.run(train_cmd(tmp / f"alone-{policy}", seconds), env=env, check=True, capture_output=True)
+    subprocess.run(train_cmd(tmp / f"alone-{policy}", seconds), env=train_env, check=True, capture_output=True)
     alone_training = training_rate(tmp / f"alone-{policy}")
     # both start together and run for the same window (each one's start-up is left out of its rate)
-    trainer = subprocess.Popen(train_cmd(tmp / f"together-{policy}", seconds), env=env, stdout=subprocess.DEVNULL,
+    trainer = subprocess.Popen(train_cmd(tmp / f"together-{policy}", seconds), env=train_env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     together_sampling = float(subprocess.run(sampler, env=env, capture_output=True, text=True, check=True).stdout)
     trainer.wait()
     together_training = training_rate(tmp / f"together-{policy}")
     setting = " ".join(f"{k}={v}" for k, v in POLICIES[policy].items())
+    if train_spincount is not None:
+        setting += f" (training: GOMP_SPINCOUNT={train_spincount})"
     print(f"{setting}: training {alone_training:.0f} images/s alone, {together_training:.0f} beside sampling "
           f"({together_training / alone_training:.0%} kept); sampling {alone_sampling:.2f} calls/s alone, {together_sampling:.2f} "
           f"beside training ({together_sampling / alone_sampling:.0%} kept)", flush=True)
@@ -81,10 +92,12 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=40.0, help="length of each timed window")
     p.add_argument("--wait-policy", default="both", choices=[*POLICIES, "both"])
     p.add_argument("--spincount", type=int, help="brief waiting with this many spin turns instead of ddpmkit's")
+    p.add_argument("--train-spincount", type=int, help="the training run's spin turns only (the sampler keeps the policy's)")
     args = p.parse_args()
+    for flag, value in (("--spincount", args.spincount), ("--train-spincount", args.train_spincount)):
+        if value is not None and value < 0:
+            p.error(f"{flag} {value} must be >= 0")
     if args.spincount is not None:
-        if args.spincount < 0:
-            p.error(f"--spincount {args.spincount} must be >= 0")
         POLICIES["brief"] = {**POLICIES["brief"], "GOMP_SPINCOUNT": str(args.spincount)}
     tmp = Path(tempfile.mkdtemp(prefix="two-processes-"))
     model = tmp / "model"  # a short run to sample from
@@ -92,7 +105,7 @@ def main() -> None:
                     "train.sample_every=0", "train.eval_every=0", "train.keep_steps=", "--quiet"], check=True, capture_output=True)
     print(f"{os.cpu_count()} CPUs; windows of {args.seconds:.0f} s")
     for policy in (list(POLICIES) if args.wait_policy == "both" else [args.wait_policy]):
-        measure(policy, args.seconds, model, tmp)
+        measure(policy, args.seconds, model, tmp, args.train_spincount)
 
 
 if __name__ == "__main__":

@@ -66,5 +66,10 @@ def test_two_processes_brief_policy_is_ddpmkits_own_and_a_negative_spincount_is_
 
     assert run_main("two_processes.py", ["--spincount", "-1"], monkeypatch) == 2
     assert "--spincount -1 must be >= 0" in capsys.readouterr().err
+    assert run_main("two_processes.py", ["--train-spincount", "-5"], monkeypatch) == 2
+    assert "--train-spincount -5 must be >= 0" in capsys.readouterr().err
     module = importlib.import_module("two_processes")  # (run_main put bench/ on the path)
     assert module.POLICIES["brief"] == ddpmkit.threads.SETTINGS
+    sampler, trainer = module.process_envs("brief", 10000)  # --train-spincount: the training run's spin alone
+    assert sampler["GOMP_SPINCOUNT"] == "1000" and trainer["GOMP_SPINCOUNT"] == "10000"
+    assert trainer["OMP_WAIT_POLICY"] == sampler["OMP_WAIT_POLICY"] == "PASSIVE"
