@@ -25,7 +25,7 @@ Presets that need another run (mnist_latent*: an autoencoder; unclip_*: a CLIP) 
 --autoencoder / --clip name one.
 
 --against REF: the whole trainer (`ddpmkit train mnist`) of this checkout against the one at git REF,
-in a temporary worktree: alternating runs in fresh processes, images/s from each run's train_log.jsonl
+in a temporary worktree: alternating runs in fresh processes (before-after, then after-before), images/s from each run's train_log.jsonl
 (first log window dropped); prints the medians and their ratio. `--against 32bebf1` is the trainer and demo
 preset (16-32-64 UNet) as they were when issue 32 measured 90 images/s: the ratio is the whole gain since,
 network and layers, on this machine (target >= 1.3).
@@ -159,6 +159,12 @@ def report(preset: str, overrides: list[str], reps: int, fp32_rate: float, bf16_
     return per_rate
 
 
+def in_turns(items: list, r: int) -> list:
+    """items in round r's order: as given in even rounds, reversed in odd ones, so that no item always runs first (the
+    VM's speed drifts within a round too: a fixed order once put the same one in the faster half of every pair)."""
+    return items if r % 2 == 0 else items[::-1]
+
+
 def interleaved_ratio(rounds: int, steps: int, networks: list[str]) -> None:
     """Each demo network's training images/s over the earlier network's, timed in alternating rounds of a few steps
     in this process, so that the shared machine's drift hits all alike; the median of the per-round ratios."""
@@ -167,8 +173,8 @@ def interleaved_ratio(rounds: int, steps: int, networks: list[str]) -> None:
     rates: dict[str, list[float]] = {name: [] for name in timed}
     for t in timed.values():
         t.train_step()  # warm-up
-    for _ in range(rounds):
-        for name, t in timed.items():
+    for r in range(rounds):
+        for name, t in in_turns(list(timed.items()), r):
             rates[name].append(t.bs / Timed.seconds(t.train_step, steps))
     print(f"interleaved, {rounds} rounds of {steps} steps: earlier network {statistics.median(rates['mnist_2023']):.1f} images/s")
     for name in networks:
@@ -317,8 +323,9 @@ def compare_with(ref: str, steps: int, rounds: int, precision: str) -> None:
     try:
         rates: dict[str, list[float]] = {"before": [], "after": []}
         per_rate: dict[str, list[float]] = {"before": [], "after": []}  # images/s per matmul GFLOP/s
+        sources = [("before", tmp / "before" / "src"), ("after", root / "src")]
         for r in range(rounds):  # interleaved: machine noise hits both alike
-            for name, src in (("before", tmp / "before" / "src"), ("after", root / "src")):
+            for name, src in in_turns(sources, r):
                 matmul = matmul_gflops(torch.float32)
                 rates[name].append(trainer_images_per_s(src, tmp / f"{name}{r}", steps, precision))
                 matmul = (matmul + matmul_gflops(torch.float32)) / 2  # this process's matmul rate around the run
@@ -347,7 +354,7 @@ def distillation_cost(teacher: str, steps: int, rounds: int) -> None:
     kept = Path(config_of("mnist_progressive_guided").distill.autoguide).name  # the demo's kept checkpoint, as the preset names it
     rates: dict[str, list[float]] = {p: [] for p in presets}
     for r in range(rounds):
-        for preset in presets:
+        for preset in in_turns(presets, r):
             extra = (f"distill.teacher={teacher}", f"distill.autoguide={teacher}/{kept}") if preset == "mnist_progressive_guided" else \
                 (f"distill.teacher={teacher}",) if preset != "mnist" else ()
             rates[preset].append(trainer_images_per_s(src, tmp / f"{preset}{r}", steps, "no", preset, extra))
@@ -414,7 +421,7 @@ def heap_effect(steps: int, rounds: int) -> None:
     print(f"{describe_cpu()}; the demo's training step (precision auto = {resolve_precision('auto')}), {steps} steps per process:")
     got: dict[str, list[list[float]]] = {"default": [], "ddpmkit": []}
     for r in range(rounds):
-        for name in ("default", "ddpmkit"):
+        for name in in_turns(["default", "ddpmkit"], r):
             out = subprocess.run([sys.executable, "-c", HEAP_CHILD, name, str(steps), str(Path(__file__).parent)],
                                  check=True, capture_output=True, text=True).stdout.split()
             got[name].append([float(v) for v in out[-3:]])

@@ -73,3 +73,9 @@ def test_two_processes_brief_policy_is_ddpmkits_own_and_a_negative_spincount_is_
     sampler, trainer = module.process_envs("brief", 10000)  # --train-spincount: the training run's spin alone
     assert sampler["GOMP_SPINCOUNT"] == "1000" and trainer["GOMP_SPINCOUNT"] == "10000"
     assert trainer["OMP_WAIT_POLICY"] == sampler["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_paired_benches_alternate_who_runs_first(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    module = importlib.import_module("train_throughput")
+    assert [module.in_turns(["before", "after"], r) for r in range(3)] == [["before", "after"], ["after", "before"], ["before", "after"]]
