@@ -7,6 +7,7 @@
     .venv/bin/python bench/train_throughput.py --against HEAD~1 [--precision no]
     .venv/bin/python bench/train_throughput.py --distillation runs/demo [--steps 40] [--rounds 2]
     .venv/bin/python bench/train_throughput.py --heap [--steps 10] [--rounds 4]
+    .venv/bin/python bench/train_throughput.py --spin [--steps 150] [--rounds 6]
 
 For each preset: one task of the training engine (the preset's own network, loss, batch size and conditions),
 timed over full training steps (batch lookup, forward, loss, backward, fused AdamW), and the same network's
@@ -29,6 +30,9 @@ in a temporary worktree: alternating runs in fresh processes (before-after, then
 (first log window dropped); prints the medians and their ratio. `--against 32bebf1` is the trainer and demo
 preset (16-32-64 UNet) as they were when issue 32 measured 90 images/s: the ratio is the whole gain since,
 network and layers, on this machine (target >= 1.3).
+
+--spin: the whole trainer (`ddpmkit train mnist`) with a training run's OpenMP spin (ddpmkit/threads.py: 10,000 turns
+before a thread sleeps) against the brief spin every other process gets (1,000), alternating fresh processes.
 
 --heap: the demo's training step with ddpmkit/heap.py's malloc thresholds against glibc's defaults, alternating fresh
 processes: ms per step, page faults per step and the kernel's (system) CPU time per step.
@@ -303,10 +307,11 @@ def bf16_layers(ms) -> None:
         print(f"  {name:<40} plain {a:6.2f} ms   ddpmkit {b:6.2f} ms   x{a / b:.2f}", flush=True)
 
 
-def trainer_images_per_s(src: Path, run_dir: Path, steps: int, precision: str, preset: str = "mnist", extra: tuple[str, ...] = ()) -> float:
+def trainer_images_per_s(src: Path, run_dir: Path, steps: int, precision: str, preset: str = "mnist", extra: tuple[str, ...] = (),
+                         wait: dict[str, str] | None = None) -> float:
     """Median images/s of one `ddpmkit train PRESET` run of the code under src, from its log."""
-    # each commit's code waits as its own ddpmkit/threads.py says, not as this process's does
-    env = {**{k: v for k, v in os.environ.items() if k not in ddpmkit.threads.SET_HERE}, "PYTHONPATH": str(src)}
+    # each commit's code waits as its own ddpmkit/threads.py says, not as this process's does (unless `wait` says how)
+    env = {**{k: v for k, v in os.environ.items() if k not in ddpmkit.threads.SET_HERE}, **(wait or {}), "PYTHONPATH": str(src)}
     subprocess.run([sys.executable, "-m", "ddpmkit.cli", "train", preset, f"train.run_dir={run_dir}", f"train.steps={steps}",
                     "train.max_minutes=0", "train.log_every=10", "train.sample_every=0", "train.eval_every=0", "train.checkpoint_every=0",
                     "train.warmup_steps=0", f"train.mixed_precision={precision}", *extra, "--quiet"], check=True, env=env, capture_output=True)
@@ -416,6 +421,21 @@ print(seconds / n * 1e3, (r1.ru_minflt - r0.ru_minflt) / n, (r1.ru_stime - r0.ru
 """
 
 
+def spin_effect(steps: int, rounds: int) -> None:
+    """The whole trainer with ddpmkit's training spin against the brief one, alternating fresh processes."""
+    src, tmp = Path(__file__).resolve().parents[1] / "src", Path(tempfile.mkdtemp(prefix="spin-"))
+    waits = {"brief": ddpmkit.threads.SETTINGS, "training": ddpmkit.threads.TRAINING_SETTINGS}
+    print(f"{describe_cpu()}; `ddpmkit train mnist`, {steps} steps, precision auto = {resolve_precision('auto')}:", flush=True)
+    rates: dict[str, list[float]] = {name: [] for name in waits}
+    for r in range(rounds):
+        for name in in_turns(list(waits), r):
+            rates[name].append(trainer_images_per_s(src, tmp / f"{name}{r}", steps, "auto", wait=waits[name]))
+            print(f"  round {r}: {name:<8} (GOMP_SPINCOUNT={waits[name]['GOMP_SPINCOUNT']}) {rates[name][-1]:.1f} images/s", flush=True)
+    paired = [t / b for t, b in zip(rates["training"], rates["brief"])]
+    print(f"medians: brief {statistics.median(rates['brief']):.1f}, training {statistics.median(rates['training']):.1f} images/s; "
+          f"training / brief x{statistics.median(paired):.3f} (per round: {' '.join(f'{x:.2f}' for x in paired)})")
+
+
 def heap_effect(steps: int, rounds: int) -> None:
     """ddpmkit.heap's thresholds against glibc's defaults on the demo step, alternating fresh processes."""
     print(f"{describe_cpu()}; the demo's training step (precision auto = {resolve_precision('auto')}), {steps} steps per process:")
@@ -444,6 +464,7 @@ def main() -> None:
     p.add_argument("--layers", action="store_true", help="time the attention, 1x1 skip and upsampling layers against their plain forms")
     p.add_argument("--blocks", action="store_true", help="time each block of the demo UNet alone, forward + backward")
     p.add_argument("--heap", action="store_true", help="the demo step with ddpmkit's malloc thresholds against glibc's defaults")
+    p.add_argument("--spin", action="store_true", help="the whole trainer with a training run's OpenMP spin against the brief one")
     p.add_argument("--against", default=None, help="a git ref: compare the whole trainer with the one at that ref")
     p.add_argument("--rounds", type=int, default=None, help="rounds for --against (default 3) and the interleaved demo ratio (default 9)")
     p.add_argument("--precision", default="auto", choices=["auto", "no", "bf16"],
@@ -456,6 +477,8 @@ def main() -> None:
         return distillation_cost(args.distillation, args.steps if args.steps != 8 else 40, args.rounds or 2)
     if args.heap:
         return heap_effect(args.steps if args.steps != 8 else 10, args.rounds or 4)
+    if args.spin:
+        return spin_effect(args.steps if args.steps != 8 else 150, args.rounds or 6)
     if args.against:
         return compare_with(args.against, args.steps, args.rounds or 3, args.precision)
     if args.candidates:

@@ -8,12 +8,11 @@ images/s; 5-step DDIM calls on 4 digits per second) is measured alone and then w
 and printed as the fraction kept (an even share of the cores would be 50%; target >= 40% each).
 
 --wait-policy sets how both processes' OpenMP threads wait: "brief" is what ddpmkit sets when nothing
-else did (ddpmkit/threads.py: OMP_WAIT_POLICY=PASSIVE with GOMP_SPINCOUNT=1000, a short spin, then
-sleep), "passive" sleeps at once (GOMP_SPINCOUNT=0), "active" spins (OpenMP's spin-then-sleep default is
-close to it), "both" runs the comparison once with each of the three. --spincount N makes "brief" spin N
-turns instead (how a longer spin trades the fairness for speed alone: docs/ordinary_machine.md).
---train-spincount N gives the training run alone that spin (a longer one for training only: what it costs
-whom, when the two share the cores).
+else did (ddpmkit/threads.py: OMP_WAIT_POLICY=PASSIVE, then GOMP_SPINCOUNT=1000 turns of spin before a thread
+sleeps for the sampler, 10,000 for the training run), "passive" sleeps at once (GOMP_SPINCOUNT=0), "active" spins
+(OpenMP's spin-then-sleep default is close to it), "both" runs the comparison once with each of the three.
+--spincount N makes both spin N turns instead (how a longer spin trades the fairness for speed alone:
+docs/ordinary_machine.md), --train-spincount N the training run alone.
 """
 from __future__ import annotations
 
@@ -61,14 +60,19 @@ def training_rate(run_dir: Path) -> float:
     return (done["step"] - first["step"]) * 64 / (done["elapsed_s"] - first["elapsed_s"])
 
 
-def process_envs(policy: str, train_spincount: int | None = None) -> tuple[dict[str, str], dict[str, str]]:
-    """The sampler's environment and the training run's: the policy's settings, the training run's spin replaced."""
-    env = {**os.environ, **POLICIES[policy]}
-    return env, (env if train_spincount is None else {**env, "GOMP_SPINCOUNT": str(train_spincount)})
+def process_envs(policy: str, spincount: int | None = None, train_spincount: int | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """The sampler's environment and the training run's: the policy's settings ("brief": each process's own, as
+    ddpmkit/threads.py chooses them), then --spincount for both and --train-spincount for the training run."""
+    training = ddpmkit.threads.TRAINING_SETTINGS if policy == "brief" else POLICIES[policy]
+    env, train_env = {**os.environ, **POLICIES[policy]}, {**os.environ, **training}
+    for spin, envs in ((spincount, (env, train_env)), (train_spincount, (train_env,))):
+        for e in envs if spin is not None else ():
+            e["GOMP_SPINCOUNT"] = str(spin)
+    return env, train_env
 
 
-def measure(policy: str, seconds: float, model: Path, tmp: Path, train_spincount: int | None = None) -> None:
-    env, train_env = process_envs(policy, train_spincount)
+def measure(policy: str, seconds: float, model: Path, tmp: Path, spincount: int | None = None, train_spincount: int | None = None) -> None:
+    env, train_env = process_envs(policy, spincount, train_spincount)
     sampler = [sys.executable, "-c", SAMPLER, str(model), str(seconds)]
     alone_sampling = float(subprocess.run(sampler, env=env, capture_output=True, text=True, check=True).stdout)
     subprocess.run(train_cmd(tmp / f"alone-{policy}", seconds), env=train_env, check=True, capture_output=True)
@@ -79,9 +83,9 @@ def measure(policy: str, seconds: float, model: Path, tmp: Path, train_spincount
     together_sampling = float(subprocess.run(sampler, env=env, capture_output=True, text=True, check=True).stdout)
     trainer.wait()
     together_training = training_rate(tmp / f"together-{policy}")
-    setting = " ".join(f"{k}={v}" for k, v in POLICIES[policy].items())
-    if train_spincount is not None:
-        setting += f" (training: GOMP_SPINCOUNT={train_spincount})"
+    setting = " ".join(f"{k}={env[k]}" for k in POLICIES[policy])
+    if train_env["GOMP_SPINCOUNT"] != env["GOMP_SPINCOUNT"]:
+        setting += f" (training: GOMP_SPINCOUNT={train_env['GOMP_SPINCOUNT']})"
     print(f"{setting}: training {alone_training:.0f} images/s alone, {together_training:.0f} beside sampling "
           f"({together_training / alone_training:.0%} kept); sampling {alone_sampling:.2f} calls/s alone, {together_sampling:.2f} "
           f"beside training ({together_sampling / alone_sampling:.0%} kept)", flush=True)
@@ -97,15 +101,13 @@ def main() -> None:
     for flag, value in (("--spincount", args.spincount), ("--train-spincount", args.train_spincount)):
         if value is not None and value < 0:
             p.error(f"{flag} {value} must be >= 0")
-    if args.spincount is not None:
-        POLICIES["brief"] = {**POLICIES["brief"], "GOMP_SPINCOUNT": str(args.spincount)}
     tmp = Path(tempfile.mkdtemp(prefix="two-processes-"))
     model = tmp / "model"  # a short run to sample from
     subprocess.run([sys.executable, "-m", "ddpmkit.cli", "train", "mnist", f"train.run_dir={model}", "train.steps=20",
                     "train.sample_every=0", "train.eval_every=0", "train.keep_steps=", "--quiet"], check=True, capture_output=True)
     print(f"{os.cpu_count()} CPUs; windows of {args.seconds:.0f} s")
     for policy in (list(POLICIES) if args.wait_policy == "both" else [args.wait_policy]):
-        measure(policy, args.seconds, model, tmp, args.train_spincount)
+        measure(policy, args.seconds, model, tmp, args.spincount, args.train_spincount)
 
 
 if __name__ == "__main__":

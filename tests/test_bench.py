@@ -70,9 +70,13 @@ def test_two_processes_brief_policy_is_ddpmkits_own_and_a_negative_spincount_is_
     assert "--train-spincount -5 must be >= 0" in capsys.readouterr().err
     module = importlib.import_module("two_processes")  # (run_main put bench/ on the path)
     assert module.POLICIES["brief"] == ddpmkit.threads.SETTINGS
-    sampler, trainer = module.process_envs("brief", 10000)  # --train-spincount: the training run's spin alone
-    assert sampler["GOMP_SPINCOUNT"] == "1000" and trainer["GOMP_SPINCOUNT"] == "10000"
+    sampler, trainer = module.process_envs("brief")  # each process as ddpmkit sets it: the training run spins longer
+    assert (sampler["GOMP_SPINCOUNT"], trainer["GOMP_SPINCOUNT"]) == ("1000", "10000")
     assert trainer["OMP_WAIT_POLICY"] == sampler["OMP_WAIT_POLICY"] == "PASSIVE"
+    sampler, trainer = module.process_envs("brief", 3000)  # --spincount: both
+    assert (sampler["GOMP_SPINCOUNT"], trainer["GOMP_SPINCOUNT"]) == ("3000", "3000")
+    sampler, trainer = module.process_envs("passive", None, 500)  # --train-spincount: the training run's alone
+    assert (sampler["GOMP_SPINCOUNT"], trainer["GOMP_SPINCOUNT"]) == ("0", "500")
 
 
 def test_paired_benches_alternate_who_runs_first(monkeypatch):
