@@ -11,9 +11,9 @@ libgomp's spin before it sleeps: 1,000 turns, some microseconds, enough to bridg
 next), then sleep.
 
 A training run (`ddpmkit train ...`, `ddpmkit demo`) spins longer: 10,000 turns. Alone it trains the demo
-~9% faster on AVX-512-bf16 (docs/ordinary_machine.md, tenth session), and a sampler or server beside it,
-which keeps the brief spin, still keeps about half its speed (bench/two_processes.py); the training run is
-the one that gives up time while both run. (Both processes at 3,000 turns left the sampler a quarter.)
+at x1.067 the images/s on AVX-512-bf16 (bench/train_throughput.py --spin, docs/ordinary_machine.md), and a sampler or
+server beside it, which keeps the brief spin, still keeps about half its speed (bench/two_processes.py); the
+training run is the one that gives up time while both run. (Both at 3,000 turns left the sampler a quarter.)
 
 Values the user set are kept; the settings take effect only if torch is not imported yet, which is why
 the package imports this module first.
