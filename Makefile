@@ -43,7 +43,7 @@ bench: $(STAMP)
 
 # the pure-Python wheels a GPU machine with torch but no network lacks, for bench/gpu_session.sh (docs/gpu.md)
 gpu-wheels: $(STAMP)
-	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .gpu-wheels diffusers==0.42.1 mlxtend==0.25.0 importlib_metadata
+	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .gpu-wheels diffusers==0.42.1 mlxtend==0.25.0 importlib_metadata==10.2.0
 
 clean:
 	rm -rf runs .pytest_cache

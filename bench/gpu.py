@@ -156,7 +156,7 @@ def judge_samples(run_dir: Path, device: torch.device) -> tuple[dict, str]:
     reports = sorted(out.glob("report_*.json"))
     if not reports:  # a failure is a figure too: keep its last lines, and go on with the other parts
         error = (done.stderr or done.stdout)[-2000:]
-        return {"judge_error": error}, f"; judging failed (exit {done.returncode}): {error.strip().splitlines()[-1:]}"
+        return {"judge_error": error}, f"; judging failed (exit {done.returncode}): {(error.strip().splitlines() or [''])[-1]}"
     report = json.loads(reports[0].read_text())
     figures = {k: report[k] for k in ("confident_fraction", "judge_fd", "nfe", "n", "seconds", "judge_test_accuracy")}
     return figures, (f"; {report['n']} samples (DPM-Solver++(2M), {report['nfe']} NFE) judged p >= 0.9: {report['confident_fraction']:.1%} "

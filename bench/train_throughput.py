@@ -7,7 +7,7 @@
     .venv/bin/python bench/train_throughput.py --against HEAD~1 [--precision no]
     .venv/bin/python bench/train_throughput.py --distillation runs/demo [--steps 40] [--rounds 2]
     .venv/bin/python bench/train_throughput.py --heap [--steps 10] [--rounds 4]
-    .venv/bin/python bench/train_throughput.py --spin [--steps 150] [--rounds 6]
+    .venv/bin/python bench/train_throughput.py --spin [--steps 150] [--rounds 6] [--precision no]
 
 For each preset: one task of the training engine (the preset's own network, loss, batch size and conditions),
 timed over full training steps (batch lookup, forward, loss, backward, fused AdamW), and the same network's
@@ -165,7 +165,8 @@ def report(preset: str, overrides: list[str], reps: int, fp32_rate: float, bf16_
 
 def in_turns(items: list, r: int) -> list:
     """items in round r's order: as given in even rounds, reversed in odd ones, so that no item always runs first (the
-    VM's speed drifts within a round too: a fixed order once put the same one in the faster half of every pair)."""
+    VM's speed drifts within a round too: in one run of the same code twice per round, the second was faster in every
+    round, which a fixed order would have credited to whichever runs second)."""
     return items if r % 2 == 0 else items[::-1]
 
 
@@ -421,15 +422,15 @@ print(seconds / n * 1e3, (r1.ru_minflt - r0.ru_minflt) / n, (r1.ru_stime - r0.ru
 """
 
 
-def spin_effect(steps: int, rounds: int) -> None:
+def spin_effect(steps: int, rounds: int, precision: str) -> None:
     """The whole trainer with ddpmkit's training spin against the brief one, alternating fresh processes."""
     src, tmp = Path(__file__).resolve().parents[1] / "src", Path(tempfile.mkdtemp(prefix="spin-"))
     waits = {"brief": ddpmkit.threads.SETTINGS, "training": ddpmkit.threads.TRAINING_SETTINGS}
-    print(f"{describe_cpu()}; `ddpmkit train mnist`, {steps} steps, precision auto = {resolve_precision('auto')}:", flush=True)
+    print(f"{describe_cpu()}; `ddpmkit train mnist`, {steps} steps, precision {precision} = {resolve_precision(precision)}:", flush=True)
     rates: dict[str, list[float]] = {name: [] for name in waits}
     for r in range(rounds):
         for name in in_turns(list(waits), r):
-            rates[name].append(trainer_images_per_s(src, tmp / f"{name}{r}", steps, "auto", wait=waits[name]))
+            rates[name].append(trainer_images_per_s(src, tmp / f"{name}{r}", steps, precision, wait=waits[name]))
             print(f"  round {r}: {name:<8} (GOMP_SPINCOUNT={waits[name]['GOMP_SPINCOUNT']}) {rates[name][-1]:.1f} images/s", flush=True)
     paired = [t / b for t, b in zip(rates["training"], rates["brief"])]
     print(f"medians: brief {statistics.median(rates['brief']):.1f}, training {statistics.median(rates['training']):.1f} images/s; "
@@ -478,7 +479,7 @@ def main() -> None:
     if args.heap:
         return heap_effect(args.steps if args.steps != 8 else 10, args.rounds or 4)
     if args.spin:
-        return spin_effect(args.steps if args.steps != 8 else 150, args.rounds or 6)
+        return spin_effect(args.steps if args.steps != 8 else 150, args.rounds or 6, args.precision)
     if args.against:
         return compare_with(args.against, args.steps, args.rounds or 3, args.precision)
     if args.candidates:
