@@ -92,9 +92,10 @@ def ddim_uniform(denoiser: Denoiser, x: torch.Tensor, noise, steps: int | None =
     uniform_grid, the grid its student learned, from x = x_T. noise is unused (deterministic)."""
     if steps is None:
         raise UserError("ddim_uniform needs the number of steps (a distilled run samples in its student_steps)")
-    grid = uniform_grid(denoiser.schedule, steps).to(x.device)
+    grid = uniform_grid(denoiser.schedule, steps)  # on the host, where reading a time back costs nothing
+    on = grid.to(x.device)
     for k in range(steps):
-        t, s = grid[k].expand(len(x)), grid[k + 1].expand(len(x))
+        t, s = on[k].expand(len(x)), on[k + 1].expand(len(x))
         x, x0 = ddim_step(denoiser, x, t, s, model_kwargs)
         if callback is not None:
             callback({"i": steps - 1 - k, "t": float(grid[k]), "x": x, "x0": x0})
@@ -176,13 +177,14 @@ def consistency_sampler(denoiser: Denoiser, x: torch.Tensor, noise, steps: int |
     """Multistep consistency sampling (SAMPLERS['consistency']): x0 = f(x_T, T - 1); then at each later time tau of the
     uniform grid, re-noise x0 to tau and map it back, `steps` network evaluations in all. denoiser: a consistency run's."""
     steps = steps or 1
-    times = uniform_grid(denoiser.schedule, steps)[:-1].to(x.device)  # T - 1, ..., T / steps - 1
+    times = uniform_grid(denoiser.schedule, steps)[:-1]  # T - 1, ..., T / steps - 1, on the host
+    on = times.to(x.device)
     x0 = x
-    for k, tau in enumerate(times):
+    for k, tau in enumerate(on):
         if k > 0:
             a, s = _alpha_sigma(denoiser.schedule, tau.expand(len(x)), x)
             x = a * x0 + s * noise.randn(x.shape[1:], x.dtype)
         x0 = denoiser(x, tau.expand(len(x)), **(model_kwargs or {})).x0
         if callback is not None:
-            callback({"i": steps - 1 - k, "t": float(tau), "x": x0, "x0": x0})
+            callback({"i": steps - 1 - k, "t": float(times[k]), "x": x0, "x0": x0})
     return x0

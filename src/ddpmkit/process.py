@@ -54,11 +54,9 @@ def q_posterior_mean_variance(
 
 
 def posterior_mean_coefficients(schedule: NoiseSchedule) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float64 tables (coef of x_0, coef of x_t) in mu-tilde_t(x_t, x_0) (DDPM eq. 7)."""
-    ab, ab_prev = schedule.alpha_bar, schedule.alpha_bar_prev
-    coef_x0 = ab_prev.sqrt() * schedule.betas / (1.0 - ab)
-    coef_xt = schedule.alphas.sqrt() * (1.0 - ab_prev) / (1.0 - ab)
-    return coef_x0, coef_xt
+    """The float64 tables (coef of x_0, coef of x_t) in mu-tilde_t(x_t, x_0) (DDPM eq. 7), computed once per schedule
+    (so a GPU gets its copy once, not at every step)."""
+    return schedule.posterior_mean_coef_x0, schedule.posterior_mean_coef_xt
 
 
 def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:

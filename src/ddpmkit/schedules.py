@@ -159,6 +159,16 @@ class NoiseSchedule:
         return (1.0 - self.alpha_bar_prev) / (1.0 - self.alpha_bar) * self.betas
 
     @cached_property
+    def posterior_mean_coef_x0(self) -> torch.Tensor:
+        """sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t): mu-tilde_t's coefficient of x_0 (DDPM eq. 7)."""
+        return self.alpha_bar_prev.sqrt() * self.betas / (1.0 - self.alpha_bar)
+
+    @cached_property
+    def posterior_mean_coef_xt(self) -> torch.Tensor:
+        """sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t): mu-tilde_t's coefficient of x_t (DDPM eq. 7)."""
+        return self.alphas.sqrt() * (1.0 - self.alpha_bar_prev) / (1.0 - self.alpha_bar)
+
+    @cached_property
     def posterior_log_variance_clipped(self) -> torch.Tensor:
         """log beta-tilde_t with the t=0 entry (beta-tilde_0 = 0) replaced by beta-tilde_1."""
         v = self.posterior_variance
@@ -183,7 +193,7 @@ class NoiseSchedule:
         for t a sampler or the trainer made (networks' wrappers), not for t a user gave.
         """
         t = torch.as_tensor(t)
-        on = t.device if t.device.type in ("cpu", "cuda") else torch.device("cpu")
+        on = t.device if t.device.type in ("cpu", "cuda", "meta") else torch.device("cpu")
         t = t.to(on, torch.float64)
         if check and bool(((t < -1) | (t > self.T - 1)).any()):
             raise UserError(f"t must lie in [-1, {self.T - 1}], got min {t.min().item()}, max {t.max().item()}")

@@ -265,11 +265,13 @@ class _InterleavePhases(torch.autograd.Function):
         return out
 
 
-def upsample_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def upsample_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1), computed at x's resolution:
     one 2x2 convolution to the four phases' 4 * C_out channels over x padded by 1, interleaved. 4/9 of the FLOPs, less
-    the one extra row and column of the (H + 1) x (W + 1) grid (bench/train_throughput.py --layers times it)."""
-    rows = _PHASE_ROWS.to(weight)
+    the one extra row and column of the (H + 1) x (W + 1) grid (bench/train_throughput.py --layers times it).
+    rows: _PHASE_ROWS already on weight's device (Upsample's buffer): copying it from the host at every call would make
+    a GPU's host wait there."""
+    rows = (_PHASE_ROWS if rows is None else rows).to(weight)
     phases = torch.einsum("aru,oiuv,bsv->oabirs", rows, weight, rows)  # (C_out, 2, 2, C_in, 2, 2)
     phases = phases.reshape(4 * weight.shape[0], weight.shape[1], 2, 2)  # channel 4o + 2a + b
     grids = F.conv2d(F.pad(x, (1, 1, 1, 1)), phases, None if bias is None else bias.repeat_interleave(4))
@@ -283,10 +285,11 @@ class Upsample(nn.Module):
     def __init__(self, channels: int, out_channels: int | None = None):
         super().__init__()
         self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+        self.register_buffer("phase_rows", _PHASE_ROWS.clone(), persistent=False)  # moves with the module; not in checkpoints
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if type(self.conv) is nn.Conv2d:
-            return upsample_conv3x3(x, self.conv.weight, self.conv.bias)
+            return upsample_conv3x3(x, self.conv.weight, self.conv.bias, self.phase_rows)
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))  # a layer peft wrapped (LoRA) runs as it is
 
 

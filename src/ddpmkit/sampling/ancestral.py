@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..parameterization import Denoiser
 from ..reverse import check_variance, default_variance, p_mean_variance
 from ..schedules import NoiseSchedule
-from .grids import integer_grid
+from .grids import batch_t, integer_grid
 from .noise import NoiseSource
 
 StepCallback = Callable[[dict], None]
@@ -65,7 +65,7 @@ def ddpm(
     batch = x.shape[0]
     for i in positions:
         i_vec = torch.full((batch,), i, device=x.device, dtype=torch.long)
-        t_model = schedule.timesteps[i].to(torch.float32).expand(batch).to(x.device)
+        t_model = batch_t(schedule.timesteps[i], x, torch.float32)
         out = denoiser(x, t_model, **(model_kwargs or {}))
         x0 = out.x0.clamp(-1, 1) if clip_x0 else out.x0
         mean, log_var = p_mean_variance(x0, x, i_vec, schedule, variance, out.var_frac)
@@ -107,9 +107,8 @@ def ddim(
     positions = range(schedule.T - 1, -1, -1)
     if progress:
         positions = tqdm(positions, desc=f"ddim(eta={eta:g})", leave=False)
-    batch = x.shape[0]
     for i in positions:
-        t_model = schedule.timesteps[i].to(torch.float32).expand(batch).to(x.device)
+        t_model = batch_t(schedule.timesteps[i], x, torch.float32)
         out = denoiser(x, t_model, **(model_kwargs or {}))
         x0, eps = out.x0, out.eps
         if clip_x0:

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..parameterization import Denoiser, DenoiserOutput
-from .grids import timestep_grid
+from .grids import batch_t, timestep_grid
 
 
 class SigmaDenoiser:
@@ -32,7 +32,7 @@ class SigmaDenoiser:
         self.clip_x0 = clip_x0
 
     def __call__(self, x_bar: torch.Tensor, sigma: float) -> DenoiserOutput:
-        t = self.schedule.t_at_sigma(sigma).to(x_bar.device).expand(x_bar.shape[0])
+        t = batch_t(self.schedule.t_at_sigma(sigma), x_bar)
         out = self.denoiser(x_bar / math.sqrt(1.0 + sigma**2), t, **self.model_kwargs)
         if self.clip_x0 and sigma > 0:
             # keep the data prediction in the data range, and eps consistent with it

@@ -21,6 +21,15 @@ from ..errors import UserError
 from ..schedules import NoiseSchedule
 
 
+def batch_t(t: torch.Tensor | float, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A grid time (a host number or 0-dim CPU tensor) for each of x's samples, filled on x's device. A CPU tensor
+    copied to a GPU at every step would make the host wait for the GPU there; a fill is queued like any kernel."""
+    if isinstance(t, torch.Tensor):
+        dtype = dtype or t.dtype
+        t = t.item()  # a CPU tensor: no wait
+    return torch.full((x.shape[0],), t, dtype=dtype or torch.float64, device=x.device)
+
+
 def _uniform(s: NoiseSchedule, n: int, **_) -> torch.Tensor:
     return torch.linspace(s.T - 1, 0, n, dtype=torch.float64)
 

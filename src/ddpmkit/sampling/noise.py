@@ -2,10 +2,20 @@
 
 EDM's StackedRandomGenerator idea: sample k is drawn from its own generator seeded with seed_k,
 so it comes out the same whatever the batch size or its position in the batch.
+
+Sample k's j-th draw of a shape with n values is the first n values of the j-th
+``torch.randn(m, generator=g_k)`` with m = n rounded up to a multiple of 16. torch's CPU normal sampler turns
+uniforms into normals 16 at a time, so K such draws made as one ``randn((K, m))`` are the same numbers
+(tests/test_sampling.py checks it for this torch): the draws are made in blocks, one call per sample for many
+steps, not one per sample per step. On a GPU the next block is drawn on a worker thread while the GPU runs
+the current steps, from pinned memory with a copy the host does not wait for, so a sampler's step makes no
+host-to-device copy and no per-sample call.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -13,11 +23,42 @@ from ..errors import UserError
 
 GeneratorLike = None | int | Sequence[int] | torch.Generator
 
+# values per sample a block may hold: 32 draws of a 28x28 digit, 8 of a 3x32x32 image, 1 from 3x128x128 up
+BLOCK_VALUES = 2**15
+MAX_BLOCK_DRAWS = 32
+
+_WORKER: ThreadPoolExecutor | None = None
+
+
+def padded(n: int) -> int:
+    """n values rounded up to whole groups of 16 (torch's CPU normal sampler's unit)."""
+    return 16 * -(-n // 16)
+
+
+def block_draws(k: int, values: int) -> int:
+    """Draws in the k-th block (k = 0, 1, ...) of a shape with `values` values per sample: 1, 1, 2, 4, ... up to
+    what BLOCK_VALUES allows. A function of k and the shape only, so a sample's numbers never depend on the batch,
+    the device or whether blocks are drawn ahead."""
+    cap = max(1, min(MAX_BLOCK_DRAWS, BLOCK_VALUES // values))
+    cap = 2 ** int(math.log2(cap))
+    return min(cap, 1 if k == 0 else 2 ** (k - 1))
+
+
+def _worker() -> ThreadPoolExecutor:
+    global _WORKER
+    if _WORKER is None:
+        _WORKER = ThreadPoolExecutor(1, thread_name_prefix="ddpmkit-noise")
+    return _WORKER
+
 
 class NoiseSource:
-    """Draws standard normal noise of shape (B, *shape) for a batch of B samples."""
+    """Draws standard normal noise of shape (B, *shape) for a batch of B samples.
 
-    def __init__(self, batch_size: int, generator: GeneratorLike = None, device: torch.device | str = "cpu"):
+    prefetch: draw the next block of per-sample noise on a worker thread while the current one is used (default:
+    on any device but the CPU, where the network and the draws share the same cores)."""
+
+    def __init__(self, batch_size: int, generator: GeneratorLike = None, device: torch.device | str = "cpu",
+                 prefetch: bool | None = None):
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.generators: list[torch.Generator] | None = None
@@ -30,14 +71,68 @@ class NoiseSource:
             if len(seeds) != batch_size:
                 raise UserError(f"got {len(seeds)} seeds for a batch of {batch_size} samples")
             self.generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        self.prefetch = self.device.type != "cpu" if prefetch is None else prefetch
+        self.pin = self.device.type == "cuda"
+        self._key: tuple | None = None  # (shape, dtype) of the block in use
+        self._block: torch.Tensor | None = None  # (B, draws, padded values) on the device
+        self._row = 0
+        self._blocks_drawn = 0  # blocks of this key so far
+        self._ahead: tuple[tuple, Future] | None = None  # (key, future of (block, states before it)) drawn ahead
 
     def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(B, *shape) standard normal noise."""
+        shape = tuple(int(s) for s in shape)
         if self.generators is not None:
-            # drawn on the CPU so the numbers do not depend on the device either
-            z = torch.stack([torch.randn(tuple(shape), generator=g, dtype=dtype) for g in self.generators])
-            return z.to(self.device)
+            return self._per_sample(shape, dtype)
         if self.generator is not None:
             z = torch.randn((self.batch_size, *shape), generator=self.generator, dtype=dtype, device=self.generator.device)
-            return z.to(self.device)
+            return self._to_device(z)
         return torch.randn((self.batch_size, *shape), dtype=dtype, device=self.device)
+
+    # ---- per-sample generators, in blocks ------------------------------------------------------------------
+    def _per_sample(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        key = (shape, dtype)
+        if key != self._key:
+            self._key, self._blocks_drawn, self._block = key, 0, None
+        if self._block is None or self._row == self._block.shape[1]:
+            self._block, self._row = self._next_block(key), 0
+            self._blocks_drawn += 1
+            if self.prefetch:
+                self._ahead = (key, _worker().submit(self._draw, key, self._blocks_drawn, True))
+        n = math.prod(shape)
+        z = self._block[:, self._row, :n].reshape(self.batch_size, *shape)
+        self._row += 1
+        return z
+
+    def _next_block(self, key: tuple) -> torch.Tensor:
+        """Block number self._blocks_drawn of `key`: the one drawn ahead if it is that one, else drawn now (after putting
+        the generators back where they were before a block drawn ahead for another key)."""
+        if self._ahead is not None:
+            ahead_key, future = self._ahead
+            self._ahead = None
+            block, states = future.result()
+            if ahead_key == key:
+                return self._to_device(block)
+            for g, state in zip(self.generators, states):
+                g.set_state(state)
+        return self._to_device(self._draw(key, self._blocks_drawn, False)[0])
+
+    def _draw(self, key: tuple, k: int, save_states: bool) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Block k of key on the CPU (pinned for a GPU), and the generators' states before it when it is drawn ahead.
+        Runs on the worker thread when drawn ahead; the copy to the device is queued by the sampler's own thread, on
+        its stream."""
+        shape, dtype = key
+        values = padded(math.prod(shape))
+        draws = block_draws(k, values)
+        states = [g.get_state() for g in self.generators] if save_states else None
+        block = torch.empty((self.batch_size, draws, values), dtype=dtype, pin_memory=self.pin)
+        for g, rows in zip(self.generators, block):
+            torch.randn((draws, values), generator=g, dtype=dtype, out=rows)  # drawn on the CPU: the same numbers on any device
+        return block, states
+
+    def _to_device(self, z: torch.Tensor) -> torch.Tensor:
+        if z.device == self.device:
+            return z
+        if self.pin and not z.is_pinned():
+            z = z.pin_memory()
+        return z.to(self.device, non_blocking=True)  # from pinned memory: queued, not waited for

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..parameterization import Denoiser
-from .grids import timestep_grid
+from .grids import batch_t, timestep_grid
 from .noise import NoiseSource
 
 
@@ -44,7 +44,7 @@ def euler_maruyama(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, step
         positions = tqdm(positions, desc="pc" if corrector_steps else "euler_maruyama", leave=False)
 
     def score_at(x: torch.Tensor, k: int):
-        out = denoiser(x, ts[k].to(x.device).expand(x.shape[0]), **kwargs)
+        out = denoiser(x, batch_t(ts[k], x), **kwargs)
         return -out.eps / (1 - torch.tensor(log_ab[k]).exp()).sqrt().item(), out.x0
 
     for k in positions:

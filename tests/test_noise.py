@@ -1,0 +1,55 @@
+"""Per-sample noise in blocks: the numbers are a function of the seed and the draw only (not of the block sizes, the
+batch, the device, or drawing ahead), and a block is one call per sample."""
+import math
+
+import pytest
+import torch
+
+from ddpmkit.sampling.noise import NoiseSource, block_draws, padded
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (2,), (3, 5, 7), (4, 8, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_each_draw_is_one_randn_per_sample_whatever_the_blocks(shape, dtype):
+    """torch's CPU sampler makes K draws of a multiple of 16 values as one call of K rows: the property blocks rely on."""
+    noise = NoiseSource(3, [7, 8, 9])
+    got = [noise.randn(shape, dtype) for _ in range(11)]  # blocks of 1, 1, 2, 4, 8... draws
+    for k, seed in enumerate((7, 8, 9)):
+        g, n = torch.Generator().manual_seed(seed), math.prod(shape)
+        want = [torch.randn(padded(n), generator=g, dtype=dtype)[:n].reshape(shape) for _ in range(11)]
+        assert all(torch.equal(z[k], w) for z, w in zip(got, want))
+
+
+def test_blocks_grow_to_a_cap_set_by_the_shape_alone():
+    assert [block_draws(k, 784) for k in range(8)] == [1, 1, 2, 4, 8, 16, 32, 32]
+    assert [block_draws(k, 3072) for k in range(6)] == [1, 1, 2, 4, 8, 8]
+    assert {block_draws(k, 3 * 128 * 128) for k in range(6)} == {1}
+
+
+def test_drawing_ahead_changes_no_number_even_when_the_shape_changes_midway():
+    """On a GPU the next block is drawn on a worker thread; a request for another shape or dtype puts the generators
+    back, so the numbers are those drawn one block at a time."""
+    requests = [((1, 4, 4), torch.float32)] * 5 + [((2, 3), torch.float32)] * 3 + [((1, 4, 4), torch.float64)] * 4
+    outs = []
+    for prefetch in (False, True):
+        noise = NoiseSource(4, [0, 1, 2, 3], prefetch=prefetch)
+        outs.append([noise.randn(shape, dtype) for shape, dtype in requests])
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    # and a sample's numbers do not depend on its batch
+    alone = NoiseSource(1, [2], prefetch=True)
+    assert all(torch.equal(alone.randn(shape, dtype)[0], z[2]) for (shape, dtype), z in zip(requests, outs[1]))
+
+
+def test_a_block_is_one_call_per_sample(monkeypatch):
+    calls = []
+    randn = torch.randn
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return randn(*args, **kwargs)
+
+    noise = NoiseSource(5, 0)
+    monkeypatch.setattr(torch, "randn", counted)
+    for _ in range(1 + 1 + 2 + 4 + 8):  # five blocks
+        noise.randn((1, 28, 28))
+    assert len(calls) == 5 * 5
