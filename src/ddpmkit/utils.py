@@ -25,6 +25,17 @@ def on_device(table: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return hit[1]
 
 
+def queued_copy(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """x on `device`, copied without making the host wait: a CPU tensor goes to a GPU from pinned memory, queued on the
+    stream (from ordinary memory the copy may wait until the GPU has caught up)."""
+    device = torch.device(device)
+    if x.device == device:
+        return x
+    if device.type == "cuda" and x.device.type == "cpu" and not x.is_pinned():
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
+
+
 def append_dims(a: torch.Tensor, ndim: int) -> torch.Tensor:
     """Append trailing singleton dims so a per-example tensor (B,) broadcasts against x (B, ...)."""
     missing = ndim - a.ndim

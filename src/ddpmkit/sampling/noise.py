@@ -20,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from ..errors import UserError
+from ..utils import queued_copy
 
 GeneratorLike = None | int | Sequence[int] | torch.Generator
 
@@ -131,8 +132,4 @@ class NoiseSource:
         return block, states
 
     def _to_device(self, z: torch.Tensor) -> torch.Tensor:
-        if z.device == self.device:
-            return z
-        if self.pin and not z.is_pinned():
-            z = z.pin_memory()
-        return z.to(self.device, non_blocking=True)  # from pinned memory: queued, not waited for
+        return queued_copy(z, self.device)

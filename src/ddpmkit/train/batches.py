@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..utils import queued_copy
+
 
 def step_generator(seed: int, step: int, stream: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator on `device` that depends only on (seed, step, stream)."""
@@ -59,7 +61,7 @@ class Batch:
 
     def local(self, x: torch.Tensor) -> torch.Tensor:
         """This process's slice of a global-batch tensor, on the training device."""
-        return x[self.mine].to(self.device, non_blocking=True)  # no wait for the device on a GPU
+        return queued_copy(x[self.mine], self.device)  # no wait for the device on a GPU
 
 
 def step_batch(seed: int, step: int, batch_size: int, num_examples: int, device: torch.device, mine: slice | None = None) -> Batch:

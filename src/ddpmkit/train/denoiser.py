@@ -26,7 +26,7 @@ from ..models import load_autoencoder
 from ..parameterization import Denoiser
 from ..sampling import sample
 from ..schedules import NoiseSchedule
-from ..utils import on_device
+from ..utils import on_device, queued_copy
 from .batches import Batch
 from .task import Task
 
@@ -148,7 +148,7 @@ class DenoiserTask(Task):
             return self.dataset.get_batch(indices)
         if getattr(self, "_resident", None) is None or self._resident.device != device:
             self._resident = self.dataset.x.to(device)
-        return self._resident[indices.to(device, non_blocking=True)]
+        return self._resident[queued_copy(indices, device)]
 
     def export(self, ema: nn.Module, folder: Path) -> None:
         """A LoRA on a Stable Diffusion folder's UNet is also written as diffusers reads it: pipe.load_lora_weights(ckpt)."""
