@@ -24,6 +24,7 @@ from .devices import resolve_device
 from .diffusers_bridge import PipelineParts, diffusion_config, frozen_parts, pipeline_folder, read_pipeline
 from .errors import UserError
 from .finetune import adapt
+from .graphs import CudaGraphed
 from .kinds import ModelKind, kind_of, sampling_kinds
 from .loras import LoRA, MergedLoRAs, merge_loras, parse_lora
 from .nets import build_for_task
@@ -82,6 +83,14 @@ class LoadedNetwork:
         return self.network.embed_texts({k: v.to(self.device) for k, v in tokens.items()}).cpu()
 
 
+SAMPLING_COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "cuda-graph"]
+
+
+def compiled(network: nn.Module) -> bool:
+    """Whether the network was compiled or captured for sampling already."""
+    return isinstance(network, (torch._dynamo.eval_frame.OptimizedModule, CudaGraphed))
+
+
 def compile_for_sampling(network: nn.Module, mode: str | None = None) -> nn.Module:
     """torch.compile for sampling (about a minute on a CPU; the gain: bench/sampling_throughput.py
     --compile). "freezing" folds the weights into the graph as constants, so oneDNN convolutions take
@@ -90,7 +99,14 @@ def compile_for_sampling(network: nn.Module, mode: str | None = None) -> nn.Modu
     inductor's global config because passed as torch.compile(options=...) it folded less in a quick
     comparison on 2 CPU cores. Training does not compile, and a call that needs gradients (posterior
     sampling) still gets them: freezing only changes the no_grad graph. mode: torch.compile's, e.g. "reduce-overhead", which
-    on a GPU also captures the call as a CUDA graph (a small network's call without a launch per kernel)."""
+    on a GPU also captures the call as a CUDA graph (a small network's call without a launch per kernel). mode "cuda-graph"
+    captures the plain network's call as a CUDA graph, with no compiling (graphs.py; a GPU only)."""
+    if mode == "cuda-graph":
+        device = next(network.parameters()).device
+        if device.type != "cuda":
+            raise UserError(f"--compile cuda-graph needs a CUDA GPU; the network is on {device.type} (leave --compile out, or pick "
+                            f"one of {SAMPLING_COMPILE_MODES[:3]})")
+        return CudaGraphed(network)
     import torch._inductor.config as inductor_config  # 1.3 s to import: only where compiling is asked for
 
     inductor_config.freezing = True
@@ -176,7 +192,7 @@ class DiffusionModel(LoadedNetwork):
 
     def compile(self, mode: str | None = None) -> DiffusionModel:
         """Compile the network for sampling (compile_for_sampling, in torch.compile's `mode`), once."""
-        if not isinstance(self.network, torch._dynamo.eval_frame.OptimizedModule):
+        if not compiled(self.network):
             self.network = compile_for_sampling(self.network, mode)
         return self
 

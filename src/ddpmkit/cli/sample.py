@@ -7,6 +7,7 @@ import time
 
 from ..checkpoint import atomic_write_text
 from ..evaluate.report import evaluate_checkpoint, format_report, parse_metrics
+from ..models import SAMPLING_COMPILE_MODES
 from ..pipelines.generate import generate, save_generated
 from ..pipelines.guided import guided_model
 from ..precision import CHOICES as PRECISIONS
@@ -82,9 +83,9 @@ def add_commands(sub) -> None:
     s.add_argument("--batch-size", type=int, default=None,
                    help="samples drawn at once (default: cache-sized chunks, 128 28x28 digits on a CPU; results do not depend on it)")
     s.add_argument("--no-gif", action="store_true")
-    s.add_argument("--compile", nargs="?", const="default", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+    s.add_argument("--compile", nargs="?", const="default", default=None, choices=SAMPLING_COMPILE_MODES,
                    help="torch.compile the network first (about a minute on a CPU; pays off for long runs); reduce-overhead also "
-                        "captures CUDA graphs on a GPU")
+                        "captures CUDA graphs on a GPU; cuda-graph captures them without compiling (a GPU only, seconds)")
     s.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="the network's arithmetic (bf16/fp16 autocast; the sampler's stays float32); auto = bf16 where the "
                         "device computes it natively (GPUs with bf16, CPUs with AVX-512 BF16 / AMX)")

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .. import viz
 from ..errors import UserError
-from ..models import DiffusionModel
+from ..models import DiffusionModel, compiled
 from ..precision import DTYPES, Autocast, resolve_precision
 from ..sampling import sample
 from .guided import GuidanceRequest, guided_model
@@ -64,8 +64,7 @@ def auto_streams(m: DiffusionModel, device: torch.device, chunks: int) -> int:
     one chunk at a time on 2 cores), else one. Compiled networks stay at one: dynamo's caches were not measured
     from two threads."""
     net = m.network.net if isinstance(m.network, Autocast) else m.network
-    compiled = isinstance(net, torch._dynamo.eval_frame.OptimizedModule)
-    if device.type != "cpu" or compiled or torch.get_num_threads() < 2:
+    if device.type != "cpu" or compiled(net) or torch.get_num_threads() < 2:
         return 1
     return min(2, chunks)
 
