@@ -5,7 +5,8 @@
 
 1. the demo preset's whole trainer (`ddpmkit train mnist`, 1,600 steps): steps/s, images/s and wall time, then the
    demo's grid (500 digits, 16 autoguided DDIM steps) for the demo's wall time end to end;
-2. sampling the demo model: 500 digits x 1,000 ancestral steps (Algorithm 2) in one chunk on the device;
+2. sampling the demo model: 500 digits x 1,000 ancestral steps (Algorithm 2) in one chunk on the device, the network
+   eager, captured as CUDA graphs (--compile cuda-graph) and torch.compile'd (reduce-overhead), fp32 and auto;
 3. the engine's per-step overhead: the trainer's step (ddpmkit.train.engine: learning rate, accelerate, loss gather,
    gradient norm, the NaN guard's flags, EMA, the once-per-window read-back) against a minimal PyTorch loop of the same
    network, loss and batches (forward, backward, fused AdamW) in this process, alternating rounds, at batch 1 (where
@@ -19,7 +20,9 @@
    20 steps, as the preset suggests) judged by bench/digits_quality.py: the share judged p >= 0.9 (target >= 95%);
 6. the nearest-2x + 3x3 upsampling's forms at the CIFAR-10 UNet's sizes, forward + backward in bf16 autocast and fp32:
    the 2x2 phases ddpmkit computes, one stride-2 transposed convolution with a 4x4 kernel (the same map), and the plain
-   interpolate-then-convolve: which one a GPU wants.
+   interpolate-then-convolve: which one a GPU wants;
+7. ("demo-compiled") the demo preset's trainer again with train.compile = "reduce-overhead": with the compile, and the
+   steps alone.
 
 Figures go to stdout and, with --out, to a JSON file, rewritten after each part (a run cut short keeps the parts
 it finished). Name the device beside every figure you quote: the first line says which it is.
@@ -79,16 +82,19 @@ def describe(device: torch.device) -> str:
     return describe_cpu() if device.type == "cpu" else f"{device.type}, torch {torch.__version__}"
 
 
+# --tiny: the demo preset at toy size
+TINY_DEMO = ["train.steps=6", "train.log_every=2", "train.eval_every=0", "train.batch_size=8", "data.name=digits", "network.base_channels=8",
+             "network.channel_mult=1,2", "network.attention_resolutions=4"]
+
+
 def demo_trainer(device: torch.device, tiny: bool, results: dict) -> Path:
     """The demo preset's whole trainer on the device, then its grid: the wall time of `ddpmkit demo`."""
     from ddpmkit.cli.train import draw_demo
     from ddpmkit.train import train
 
     run_dir = Path(tempfile.mkdtemp(prefix="gpu-bench-demo-"))
-    extra = ["train.steps=6", "train.keep_steps=3", "train.checkpoint_every=3", "train.sample_every=0", "train.eval_every=0",
-             "train.batch_size=8", "data.name=digits", "network.base_channels=8", "network.channel_mult=1,2",
-             "network.attention_resolutions=4"] if tiny else []
-    cfg = load_config("mnist", [f"train.run_dir={run_dir}", "train.log_every=100" if not tiny else "train.log_every=2", *extra])
+    extra = [*TINY_DEMO, "train.keep_steps=3", "train.checkpoint_every=3", "train.sample_every=0"] if tiny else ["train.log_every=100"]
+    cfg = load_config("mnist", [f"train.run_dir={run_dir}", *extra])
     start = time.perf_counter()
     train(cfg, progress=False)
     trained = time.perf_counter() - start
@@ -105,23 +111,57 @@ def demo_trainer(device: torch.device, tiny: bool, results: dict) -> Path:
     return run_dir
 
 
-def sampling(run_dir: Path, device: torch.device, tiny: bool, results: dict) -> None:
-    """Algorithm 2 over all T steps for 500 digits in one chunk, on the device."""
+def sampling(run_dir: Path, device: torch.device, tiny: bool, compiled: bool, results: dict) -> None:
+    """Algorithm 2 over all T steps for 500 digits in one chunk, on the device: the network eager, captured as CUDA
+    graphs (--compile cuda-graph, on a GPU) and torch.compile'd with CUDA graphs (reduce-overhead), in fp32 and in the
+    precision "auto" picks. A first call of 3 steps at the same batch does the one-off work (cuDNN's choices, the
+    capture, the compile); its time is reported beside the timed run's."""
     from ddpmkit.models import load_diffusion
     from ddpmkit.pipelines.generate import generate
 
-    m = load_diffusion(run_dir, device=device)
     n, steps = (4, 3) if tiny else (500, 1000)
-    for precision in ("fp32", "auto"):
-        generate(m, min(n, 8), sampler="ddpm", steps=2, progress=False, device=device, precision=precision)  # warm-up
+    modes = [("fp32", None), ("auto", None)]
+    modes += [("fp32", "cuda-graph"), ("auto", "cuda-graph")] if device.type == "cuda" else []
+    modes += [("auto", "reduce-overhead")] if compiled else []
+    for precision, mode in modes:
+        m = load_diffusion(run_dir, device=device)
+        if mode:
+            m.compile(mode)
+        start = time.perf_counter()
+        generate(m, n, sampler="ddpm", steps=3, batch_size=n, progress=False, device=device, precision=precision)
         sync(device)
+        first = time.perf_counter() - start
         start = time.perf_counter()
         generate(m, n, sampler="ddpm", steps=steps, batch_size=n, progress=False, device=device, precision=precision)
         sync(device)
         s = time.perf_counter() - start
-        results.setdefault("sampling", {})[precision] = {"n": n, "steps": steps, "s": s, "ms_per_step": 1000 * s / steps}
-        print(f"ancestral sampling ({precision}): {n} digits x {steps} steps in {s:.2f} s ({1000 * s / steps:.2f} ms per step, one chunk)",
-              flush=True)
+        label = precision if mode is None else f"{precision}, {mode}"
+        results.setdefault("sampling", {})[label] = {"n": n, "steps": steps, "s": s, "ms_per_step": 1000 * s / steps, "first_call_s": first}
+        print(f"ancestral sampling ({label}): {n} digits x {steps} steps in {s:.2f} s ({1000 * s / steps:.2f} ms per step, one chunk; "
+              f"first call of 3 steps {first:.1f} s)", flush=True)
+
+
+def demo_compiled(device: torch.device, tiny: bool, results: dict) -> None:
+    """The demo preset's trainer with train.compile = "reduce-overhead" (on a GPU: CUDA graphs of the compiled forward and
+    backward): the wall time with the compile, and the steps' own rate (median log window after the first). --tiny
+    leaves the compile out (minutes on a CPU), to keep the rest of the part runnable in the tests."""
+    from ddpmkit.train import train
+
+    run_dir = Path(tempfile.mkdtemp(prefix="gpu-bench-demo-compiled-"))
+    mode = "no" if tiny else "reduce-overhead"
+    cfg = load_config("mnist", [f"train.run_dir={run_dir}", f"train.compile={mode}", "train.sample_every=0", "train.keep_steps=",
+                                "train.checkpoint_every=0", *(TINY_DEMO if tiny else ["train.log_every=100"])])
+    start = time.perf_counter()
+    train(cfg, progress=False)
+    total = time.perf_counter() - start
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    rates = [e["examples_per_s"] for e in log if "examples_per_s" in e][1:] or [float("nan")]
+    steps, rate = cfg.train.steps, statistics.median(rates)
+    results["demo_compiled"] = {"steps": steps, "train_s_with_compile": total, "images_per_s_median_window": rate,
+                                "steps_s_at_that_rate": steps * cfg.train.batch_size / rate}
+    print(f"demo trainer, train.compile={mode}: {steps} steps in {total:.1f} s with the compile; {rate:.0f} images/s "
+          f"(median log window after the first) = {steps * cfg.train.batch_size / rate:.1f} s for the steps alone", flush=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def gpu_preset(device: torch.device, tiny: bool, results: dict) -> None:
@@ -353,7 +393,7 @@ def upsampling_forms(device: torch.device, tiny: bool, rounds: int, results: dic
             print(f"upsampling {label}: " + ", ".join(f"{name} {ms:.3f} ms" for name, ms in out[label].items()), flush=True)
 
 
-PARTS = ["demo", "sampling", "preset", "overhead", "cifar", "upsampling"]
+PARTS = ["demo", "sampling", "preset", "overhead", "cifar", "upsampling", "demo-compiled"]
 
 
 def main() -> int:
@@ -384,7 +424,7 @@ def main() -> int:
         run_dir = demo_trainer(device, args.tiny, results)
         save()
     if "sampling" not in args.skip and run_dir is not None:
-        sampling(run_dir, device, args.tiny, results)
+        sampling(run_dir, device, args.tiny, not (args.no_compile or args.tiny), results)
         save()
     if "preset" not in args.skip:
         gpu_preset(device, args.tiny, results)
@@ -397,6 +437,9 @@ def main() -> int:
         save()
     if "upsampling" not in args.skip:
         upsampling_forms(device, args.tiny, rounds, results)
+        save()
+    if "demo-compiled" not in args.skip and not args.no_compile:
+        demo_compiled(device, args.tiny, results)
         save()
     if args.out:
         print(f"figures -> {args.out}")
