@@ -53,3 +53,19 @@ def test_a_block_is_one_call_per_sample(monkeypatch):
     for _ in range(1 + 1 + 2 + 4 + 8):  # five blocks
         noise.randn((1, 28, 28))
     assert len(calls) == 5 * 5
+
+
+def test_the_cascades_stream_offsets_are_streams_apart_under_torchs_32_bit_seeds():
+    """torch's CPU generator keeps a seed's low 32 bits (2**32 + k draws what k draws): offsets of 2**32 and 2**40 had
+    given a cascade's stages and the augmentation noise sample k's base noise again."""
+    from ddpmkit.pipelines.cascade import STAGE_SEED_OFFSET
+    from ddpmkit.superres import AUG_SEED_OFFSET
+
+    def first(seed: int) -> torch.Tensor:
+        return torch.randn(16, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(first(2**32 + 5), first(5))  # why the offsets are below 2**32
+    streams = [i * STAGE_SEED_OFFSET + a for i in range(3) for a in (0, AUG_SEED_OFFSET)]  # 3 stages, each sampler and augmentation
+    gaps = [(a - b) % 2**32 for a in streams for b in streams if a != b]
+    assert min(gaps) > 10**8  # cascades of fewer samples never share a seed between two streams
+    assert not any(torch.equal(first(s % 2**32 + 7), first(7)) for s in streams[1:])

@@ -44,7 +44,9 @@ class Captured:
                 net(*self.inputs[0], **self.inputs[1])
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: the sampler's noise worker (sampling/noise.py) may allocate pinned memory meanwhile, which the
+        # default "global" mode would count against this capture
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.outputs = net(*self.inputs[0], **self.inputs[1])
 
     def __call__(self, args: tuple, kwargs: dict) -> Any:

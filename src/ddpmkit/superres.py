@@ -80,7 +80,9 @@ def gaussian_blur(z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return F.conv2d(rows, k[:, None, :, None], groups=B * C).reshape(B, C, h, w)
 
 
-AUG_SEED_OFFSET = 2**40  # sample k's augmentation noise uses seed k + this: a stream apart from the sampler's seed k
+# sample k's augmentation noise uses seed k + this: a stream apart from the sampler's seed k (below 2**32, which torch's CPU
+# generator keeps of a seed; with cascade.STAGE_SEED_OFFSET, no two streams of a cascade of n < 10**8 samples meet)
+AUG_SEED_OFFSET = 0x6A09E667
 
 
 def stage_inputs(z: torch.Tensor, level: float, schedule: NoiseSchedule, seeds: list[int]) -> dict[str, torch.Tensor]:
