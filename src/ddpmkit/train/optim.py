@@ -50,13 +50,14 @@ def lr_at(step: int, cfg: TrainConfig, decay: Decay | None = None) -> float:
 def ema_update(ema: nn.Module, model: nn.Module, decay: float, applied: torch.Tensor | None = None) -> None:
     """ema <- decay * ema + (1 - decay) * model, for parameters; buffers are copied. applied: a 0-dim bool on the
     device, False for a skipped step (the NaN guard), which then leaves the average as it was without a host sync."""
-    # one fused call over all tensors (a per-tensor loop costs more than a tiny model's step)
-    params = list(ema.parameters())
+    # one fused call over all tensors (a per-tensor loop costs more than a tiny model's step); under no_grad the
+    # model's parameters go in as they are (a detach of each was 168 more ops a step for the demo's UNet)
+    params, source = list(ema.parameters()), list(model.parameters())
     if applied is None:
-        torch._foreach_lerp_(params, [p.detach() for p in model.parameters()], 1.0 - decay)
+        torch._foreach_lerp_(params, source, 1.0 - decay)
     else:
         weight = applied.to(params[0].dtype) * (1.0 - decay) if params else None
-        torch._foreach_lerp_(params, [p.detach() for p in model.parameters()], [weight] * len(params))
+        torch._foreach_lerp_(params, source, [weight] * len(params))
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
 
