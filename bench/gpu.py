@@ -10,12 +10,14 @@
 3. the engine's per-step overhead: the trainer's step (ddpmkit.train.engine: learning rate, accelerate, loss gather,
    gradient norm, the NaN guard's flags, EMA, the once-per-window read-back) against a minimal PyTorch loop of the same
    network, loss and batches (forward, backward, fused AdamW) in this process, alternating rounds, at batch 1 (where
-   the network's work is negligible) and at the preset's batch;
+   the network's work is negligible) and at the preset's batch, where torch.profiler also counts the step's kernel
+   launches and its device time;
 4. DDPM's CIFAR-10 UNet (128-256-256-256 channels, 2 blocks per level, attention at 16x16) built by ddpmkit and by
    diffusers' UNet2DModel, in this process, alternating rounds, medians: a training step (MSE + AdamW) in fp32/TF32 and
    in bf16 autocast at batch 128, and the bf16 forward at batch 512, eager and torch.compile'd; images/s, TFLOP/s
    (torch.utils.flop_counter's count) and the fraction of this device's own bf16 matrix-product rate, measured here;
-   ddpmkit's network also in channels-last memory (weights and input), eager, as a candidate for the bf16 step;
+   ddpmkit's network also in channels-last memory (weights and input), eager, as a candidate for the bf16 step; then
+   torch.profiler's table of each eager bf16 step (the 15 ops with the most device time) to see where it goes;
 5. the GPU digit recipe (`ddpmkit train mnist_gpu`): its training's wall time, then 500 samples (DPM-Solver++(2M),
    20 steps, as the preset suggests) judged by bench/digits_quality.py: the share judged p >= 0.9 (target >= 95%);
 6. the nearest-2x + 3x3 upsampling's forms at the CIFAR-10 UNet's sizes, forward + backward in bf16 autocast and fp32:
@@ -251,6 +253,8 @@ def overhead_at(bs: int, device: torch.device, tiny: bool, rounds: int, results:
     for _ in range(rounds):
         times["engine"].append(1000 * seconds(engine_step, device, reps))
         times["plain"].append(1000 * seconds(plain_step, device, reps))
+    if bs > 1:  # the preset's batch: how many kernels a step launches, and how much of the step the device is busy
+        profile_step(engine_step, device, f"demo UNet, the engine's step at batch {bs}", results)
     trainer.log.close()
     shutil.rmtree(run_dir, ignore_errors=True)
     engine, plain = statistics.median(times["engine"]), statistics.median(times["plain"])
@@ -349,6 +353,31 @@ def unet_modes(device: torch.device, tiny: bool, rounds: int, compiled: bool, re
         bf16_over_tf32 = out["ddpmkit / train bf16"]["images_per_s"] / out["ddpmkit / train fp32/TF32"]["images_per_s"]
         print(f"  ddpmkit's best bf16 train step / diffusers' eager bf16 step: x{ours_bf16['images_per_s'] / theirs_bf16['images_per_s']:.2f} "
               f"(target >= 2); bf16 / TF32 for ddpmkit eager: x{bf16_over_tf32:.2f}")
+    for key, fn, _ in cases:  # where each eager bf16 step's time goes, kernel by kernel
+        if key[1] == "train bf16" and "compiled" not in key[0]:
+            profile_step(fn, device, f"CIFAR-10 UNet {key[0]}, bf16 train step", results)
+
+
+def profile_step(fn: Callable[[], object], device: torch.device, label: str, results: dict, calls: int = 3) -> None:
+    """torch.profiler over `calls` calls of fn after one warm-up: the ops that take the most device time (CPU time on a
+    CPU), kernel launches per call and the host's time per call, printed and kept in results["profiles"]."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        for _ in range(calls):
+            fn()
+        sync(device)
+    events = prof.key_averages()
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    table = events.table(sort_by=sort, row_limit=15, max_name_column_width=60)
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"))
+    device_ms = sum(e.self_device_time_total for e in events) / 1000 / calls if cuda else float("nan")
+    summary = {"kernel_launches_per_call": launches / calls, "device_ms_per_call": device_ms, "table": table}
+    results.setdefault("profiles", {})[label] = summary
+    print(f"profile: {label}: {launches / calls:.0f} kernel launches and {device_ms:.2f} ms of device time per call\n{table}", flush=True)
 
 
 def upsampling_forms(device: torch.device, tiny: bool, rounds: int, results: dict) -> None:

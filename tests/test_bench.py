@@ -64,6 +64,9 @@ def test_gpu_bench_tiny_mode_runs_on_whatever_device_is_here(monkeypatch, capsys
     for batch in ("batch 1", "batch 4"):  # the engine's loop and the minimal loop were both timed, every round
         row = figures["overhead"][batch]
         assert row["engine_ms"] > 0 and row["plain_ms"] > 0 and len(row["rounds"]["engine"]) == len(row["rounds"]["plain"]) == 1
+    profiles = figures["profiles"]  # torch.profiler's table of each eager bf16 CIFAR-10 step and of the engine's step
+    assert {"CIFAR-10 UNet ddpmkit, bf16 train step", "CIFAR-10 UNet diffusers, bf16 train step",
+            "demo UNet, the engine's step at batch 4"} <= set(profiles) and all("aten::" in p["table"] for p in profiles.values())
     for forms in figures["upsampling"].values():  # every form of the upsampling timed (each checked equal to the plain one)
         assert set(forms) == {"phases (ddpmkit)", "transposed conv", "plain"} and min(forms.values()) > 0
 
