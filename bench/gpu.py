@@ -288,7 +288,8 @@ def wrap(name: str, net: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tenso
     return (lambda x, t: net(x, t).sample) if name == "diffusers" else net
 
 
-def unet_modes(device: torch.device, tiny: bool, rounds: int, compiled: bool, results: dict, bf16_rate: float) -> None:
+def unet_modes(device: torch.device, tiny: bool, rounds: int, compiled: bool, results: dict, bf16_rate: float,
+               compile_theirs: bool = True) -> None:
     batch_train, batch_fwd = (2, 4) if tiny else (128, 512)
     dev = device.type
     rows: dict[tuple[str, str], list[float]] = {}
@@ -301,7 +302,7 @@ def unet_modes(device: torch.device, tiny: bool, rounds: int, compiled: bool, re
         net = build().to(device, memory_format=layout)
         params = sum(p.numel() for p in net.parameters()) / 1e6
         results.setdefault("cifar_params_M", {})[name] = params
-        for comp in ([False, True] if compiled and not form else [False]):
+        for comp in ([False, True] if compiled and not form and (compile_theirs or name == "ddpmkit") else [False]):
             fn = wrap(name, torch.compile(net) if comp else net)
             opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type != "mps")
             x = torch.randn(batch_train, 3, 32, 32, device=device).contiguous(memory_format=layout)
@@ -431,6 +432,8 @@ def main() -> int:
     p.add_argument("--tiny", action="store_true", help="every part at toy sizes (seconds, any device): keeps the script runnable")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds of the engine-overhead and CIFAR-10 UNet comparisons")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd forms (their compile takes minutes)")
+    p.add_argument("--quick", action="store_true", help="only the compiles the acceptance needs: ddpmkit's CIFAR-10 UNet, not "
+                   "diffusers' or the sampler's reduce-overhead, and no demo-compiled part (a lent GPU's 15 minutes)")
     p.add_argument("--skip", nargs="*", default=[], choices=PARTS, help="parts to leave out")
     p.add_argument("--out", default=None, help="write every figure to this JSON file too")
     args = p.parse_args()
@@ -444,32 +447,36 @@ def main() -> int:
     print(f"device: {results['device']}; {n}^2 matmul: bf16 {bf16:.1f} TFLOP/s, fp32{'/TF32' if device.type == 'cuda' else ''} "
           f"{results['fp32_matmul_tflops']:.1f} TFLOP/s", flush=True)
 
-    def save() -> None:  # after every part: a run cut short keeps what it measured
+    started = time.perf_counter()
+
+    def save(part: str) -> None:  # after every part: a run cut short keeps what it measured, and what each part took
+        results.setdefault("part_seconds", {})[part] = seconds_taken = time.perf_counter() - started
+        print(f"[{part}: done at {seconds_taken:.0f} s]", flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))
 
     rounds, run_dir = 1 if args.tiny else args.rounds, None
     if "demo" not in args.skip:
         run_dir = demo_trainer(device, args.tiny, results)
-        save()
+        save("demo")
     if "sampling" not in args.skip and run_dir is not None:
-        sampling(run_dir, device, args.tiny, not (args.no_compile or args.tiny), results)
-        save()
+        sampling(run_dir, device, args.tiny, not (args.no_compile or args.tiny or args.quick), results)
+        save("sampling")
     if "preset" not in args.skip:
         gpu_preset(device, args.tiny, results)
-        save()
+        save("preset")
     if "overhead" not in args.skip:
         engine_overhead(device, args.tiny, rounds, results)
-        save()
+        save("overhead")
     if "cifar" not in args.skip:
-        unet_modes(device, args.tiny, rounds, not (args.no_compile or args.tiny), results, bf16)
-        save()
+        unet_modes(device, args.tiny, rounds, not (args.no_compile or args.tiny), results, bf16, compile_theirs=not args.quick)
+        save("cifar")
     if "upsampling" not in args.skip:
         upsampling_forms(device, args.tiny, rounds, results)
-        save()
-    if "demo-compiled" not in args.skip and not args.no_compile:
+        save("upsampling")
+    if "demo-compiled" not in args.skip and not (args.no_compile or args.quick):
         demo_compiled(device, args.tiny, results)
-        save()
+        save("demo-compiled")
     if args.out:
         print(f"figures -> {args.out}")
     return 0

