@@ -20,7 +20,8 @@ SMALL_UNET = ["network.base_channels=8", "network.channel_mult=1,2", "network.at
 
 
 class HostCopies(TorchDispatchMode):
-    """Counts copies from the CPU to another device while `on`, by (queued or waited for, where in ddpmkit)."""
+    """Counts copies from the CPU to another device while `on`: "queued" those made by utils.queued_copy (pinned and
+    non-blocking on a GPU), the others by where in ddpmkit they are made."""
 
     def __init__(self):
         super().__init__()
@@ -32,8 +33,8 @@ class HostCopies(TorchDispatchMode):
             to_copy = func is torch.ops.aten._to_copy.default
             src, dst = (args[0], kwargs.get("device")) if to_copy else (args[1], args[0].device)
             if dst is not None and src.device.type == "cpu" and torch.device(dst).type != "cpu":
-                queued = kwargs.get("non_blocking", False) if to_copy else (len(args) > 2 and args[2])
                 where = [f for f in traceback.extract_stack() if "/ddpmkit/" in f.filename][-1]
+                queued = where.name == "queued_copy"
                 self.copies["queued" if queued else f"waited for: {where.filename.split('/ddpmkit/')[-1]}:{where.lineno}"] += 1
         return func(*args, **kwargs)
 

@@ -26,14 +26,15 @@ def on_device(table: torch.Tensor, device: torch.device | str) -> torch.Tensor:
 
 
 def queued_copy(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """x on `device`, copied without making the host wait: a CPU tensor goes to a GPU from pinned memory, queued on the
-    stream (from ordinary memory the copy may wait until the GPU has caught up)."""
+    """x on `device`, copied without making the host wait: a CPU tensor goes to a CUDA GPU from pinned memory, queued on
+    the stream (from ordinary memory the copy may wait until the GPU has caught up; torch's pinned-memory cache keeps the
+    buffer until the copy is done). Other devices (MPS) copy as usual: nothing there keeps the host buffer alive."""
     device = torch.device(device)
     if x.device == device:
         return x
-    if device.type == "cuda" and x.device.type == "cpu" and not x.is_pinned():
-        x = x.pin_memory()
-    return x.to(device, non_blocking=True)
+    if device.type != "cuda" or x.device.type != "cpu":
+        return x.to(device)
+    return (x if x.is_pinned() else x.pin_memory()).to(device, non_blocking=True)
 
 
 def append_dims(a: torch.Tensor, ndim: int) -> torch.Tensor:
