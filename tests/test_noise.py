@@ -69,3 +69,8 @@ def test_the_cascades_stream_offsets_are_streams_apart_under_torchs_32_bit_seeds
     gaps = [(a - b) % 2**32 for a in streams for b in streams if a != b]
     assert min(gaps) > 10**8  # cascades of fewer samples never share a seed between two streams
     assert not any(torch.equal(first(s % 2**32 + 7), first(7)) for s in streams[1:])
+
+
+def test_noise_comes_contiguous_like_a_fresh_tensor():
+    noise = NoiseSource(3, 0)
+    assert all(noise.randn((1, 4, 4)).is_contiguous() for _ in range(6))

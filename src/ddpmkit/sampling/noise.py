@@ -101,7 +101,8 @@ class NoiseSource:
             if self.prefetch:
                 self._ahead = (key, _worker().submit(self._draw, key, self._blocks_drawn, True))
         n = math.prod(shape)
-        z = self._block[:, self._row, :n].reshape(self.batch_size, *shape)
+        # contiguous, as a stacked draw was: a strided view would, e.g., make torch.compile specialise twice (x_T, then x_t)
+        z = self._block[:, self._row, :n].reshape(self.batch_size, *shape).contiguous()
         self._row += 1
         return z
 
