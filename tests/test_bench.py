@@ -48,9 +48,13 @@ def test_train_throughput_blocks_mode_times_every_block_of_the_demo_unet(monkeyp
 
 
 def test_noise_draws_bench_checks_both_ways_agree_and_prints_both(monkeypatch, capsys):
-    assert run_main("noise_draws.py", ["--n", "3", "--steps", "2", "--rounds", "2"], monkeypatch) == 0
+    from ddpmkit.sampling import noise
+
+    monkeypatch.setattr(noise, "WORKERS", noise.WORKERS)  # --workers sets it: put it back afterwards
+    assert run_main("noise_draws.py", ["--n", "3", "--steps", "2", "--rounds", "2", "--workers", "2"], monkeypatch) == 0
     out = capsys.readouterr().out
     assert "1x28x28: one call per sample per step" in out and "3x32x32:" in out and "per round:" in out
+    assert "drawn ahead by 2 thread(s)" in out
 
 
 def test_gpu_bench_tiny_mode_runs_on_whatever_device_is_here(monkeypatch, capsys, tmp_path):

@@ -26,9 +26,13 @@ def test_blocks_grow_to_a_cap_set_by_the_shape_alone():
     assert {block_draws(k, 3 * 128 * 128) for k in range(6)} == {1}
 
 
-def test_drawing_ahead_changes_no_number_even_when_the_shape_changes_midway():
-    """On a GPU the next block is drawn on a worker thread; a request for another shape or dtype puts the generators
-    back, so the numbers are those drawn one block at a time."""
+@pytest.mark.parametrize("workers", [1, 3])
+def test_drawing_ahead_changes_no_number_even_when_the_shape_changes_midway(monkeypatch, workers):
+    """On a GPU the next block is drawn on worker threads, a slice of the samples each; a request for another shape or
+    dtype puts the generators back, so the numbers are those drawn one block at a time."""
+    from ddpmkit.sampling import noise as module
+
+    monkeypatch.setattr(module, "WORKERS", workers)
     requests = [((1, 4, 4), torch.float32)] * 5 + [((2, 3), torch.float32)] * 3 + [((1, 4, 4), torch.float64)] * 4
     outs = []
     for prefetch in (False, True):

@@ -6,14 +6,16 @@ so it comes out the same whatever the batch size or its position in the batch.
 Sample k's j-th draw of a shape with n values is the first n values of the j-th
 ``torch.randn(m, generator=g_k)`` with m = n rounded up to a multiple of 16. torch's CPU normal sampler turns
 uniforms into normals 16 at a time, so K such draws made as one ``randn((K, m))`` are the same numbers
-(tests/test_sampling.py checks it for this torch): the draws are made in blocks, one call per sample for many
-steps, not one per sample per step. On a GPU the next block is drawn on a worker thread while the GPU runs
+(tests/test_noise.py checks it for this torch): the draws are made in blocks, one call per sample for many
+steps, not one per sample per step. On a GPU the next block is drawn on worker threads while the GPU runs
 the current steps, from pinned memory with a copy the host does not wait for, so a sampler's step makes no
 host-to-device copy and no per-sample call.
 """
 from __future__ import annotations
 
+import itertools
 import math
+import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -28,7 +30,10 @@ GeneratorLike = None | int | Sequence[int] | torch.Generator
 BLOCK_VALUES = 2**15
 MAX_BLOCK_DRAWS = 32
 
-_WORKER: ThreadPoolExecutor | None = None
+# threads that draw blocks ahead, each for a slice of the samples (a draw of many values runs without Python's lock):
+# a quarter of the cores, at most 4, so the sampler's own thread and torch's keep theirs
+WORKERS = max(1, min(4, (os.cpu_count() or 1) // 4))
+_POOL: ThreadPoolExecutor | None = None
 
 
 def padded(n: int) -> int:
@@ -45,17 +50,28 @@ def block_draws(k: int, values: int) -> int:
     return min(cap, 1 if k == 0 else 2 ** (k - 1))
 
 
-def _worker() -> ThreadPoolExecutor:
-    global _WORKER
-    if _WORKER is None:
-        _WORKER = ThreadPoolExecutor(1, thread_name_prefix="ddpmkit-noise")
-    return _WORKER
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(WORKERS, thread_name_prefix="ddpmkit-noise")
+    return _POOL
+
+
+class Ahead:
+    """A block being drawn on the worker threads: the pinned block, and per slice of samples a future of their
+    generators' states before it (to put back if the sampler asks for another shape instead)."""
+
+    def __init__(self, key: tuple, block: torch.Tensor, parts: list[Future]):
+        self.key, self.block, self.parts = key, block, parts
+
+    def states(self) -> list[torch.Tensor]:
+        return [state for part in self.parts for state in part.result()]  # waits for every slice
 
 
 class NoiseSource:
     """Draws standard normal noise of shape (B, *shape) for a batch of B samples.
 
-    prefetch: draw the next block of per-sample noise on a worker thread while the current one is used (default:
+    prefetch: draw the next block of per-sample noise on worker threads while the current one is used (default:
     on any device but the CPU, where the network and the draws share the same cores)."""
 
     def __init__(self, batch_size: int, generator: GeneratorLike = None, device: torch.device | str = "cpu",
@@ -78,7 +94,7 @@ class NoiseSource:
         self._block: torch.Tensor | None = None  # (B, draws, padded values) on the device
         self._row = 0
         self._blocks_drawn = 0  # blocks of this key so far
-        self._ahead: tuple[tuple, Future] | None = None  # (key, future of (block, states before it)) drawn ahead
+        self._ahead: Ahead | None = None  # the next block, drawn ahead
 
     def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(B, *shape) standard normal noise."""
@@ -99,7 +115,7 @@ class NoiseSource:
             self._block, self._row = self._next_block(key), 0
             self._blocks_drawn += 1
             if self.prefetch:
-                self._ahead = (key, _worker().submit(self._draw, key, self._blocks_drawn, True))
+                self._ahead = self._draw_ahead(key, self._blocks_drawn)
         n = math.prod(shape)
         # contiguous, as a stacked draw was: a strided view would, e.g., make torch.compile specialise twice (x_T, then x_t)
         z = self._block[:, self._row, :n].reshape(self.batch_size, *shape).contiguous()
@@ -110,27 +126,39 @@ class NoiseSource:
         """Block number self._blocks_drawn of `key`: the one drawn ahead if it is that one, else drawn now (after putting
         the generators back where they were before a block drawn ahead for another key)."""
         if self._ahead is not None:
-            ahead_key, future = self._ahead
-            self._ahead = None
-            block, states = future.result()
-            if ahead_key == key:
-                return self._to_device(block)
+            ahead, self._ahead = self._ahead, None
+            states = ahead.states()
+            if ahead.key == key:
+                return self._to_device(ahead.block)
             for g, state in zip(self.generators, states):
                 g.set_state(state)
-        return self._to_device(self._draw(key, self._blocks_drawn, False)[0])
+        block = self._empty_block(key, self._blocks_drawn)
+        _fill(block, self.generators, 0, self.batch_size, False)
+        return self._to_device(block)
 
-    def _draw(self, key: tuple, k: int, save_states: bool) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """Block k of key on the CPU (pinned for a GPU), and the generators' states before it when it is drawn ahead.
-        Runs on the worker thread when drawn ahead; the copy to the device is queued by the sampler's own thread, on
-        its stream."""
+    def _empty_block(self, key: tuple, k: int) -> torch.Tensor:
+        """Block k of key, to be filled: (B, draws, padded values) on the CPU, pinned for a GPU."""
         shape, dtype = key
         values = padded(math.prod(shape))
-        draws = block_draws(k, values)
-        states = [g.get_state() for g in self.generators] if save_states else None
-        block = torch.empty((self.batch_size, draws, values), dtype=dtype, pin_memory=self.pin)
-        for g, rows in zip(self.generators, block):
-            torch.randn((draws, values), generator=g, dtype=dtype, out=rows)  # drawn on the CPU: the same numbers on any device
-        return block, states
+        return torch.empty((self.batch_size, block_draws(k, values), values), dtype=dtype, pin_memory=self.pin)
+
+    def _draw_ahead(self, key: tuple, k: int) -> Ahead:
+        """Block k of key, filled by the worker threads, a slice of the samples each; the copy to the device is queued
+        later by the sampler's own thread, on its stream."""
+        block = self._empty_block(key, k)
+        bounds = [self.batch_size * i // WORKERS for i in range(WORKERS + 1)]
+        parts = [_pool().submit(_fill, block, self.generators, lo, hi, True) for lo, hi in itertools.pairwise(bounds) if hi > lo]
+        return Ahead(key, block, parts)
 
     def _to_device(self, z: torch.Tensor) -> torch.Tensor:
         return queued_copy(z, self.device)
+
+
+def _fill(block: torch.Tensor, generators: list[torch.Generator], lo: int, hi: int, save_states: bool) -> list[torch.Tensor]:
+    """Samples lo..hi-1's rows of a block, each from its own generator, on the CPU (the same numbers on any device);
+    with save_states, their generators' states before the draws."""
+    states = [g.get_state() for g in generators[lo:hi]] if save_states else []
+    draws, values = block.shape[1:]
+    for g, rows in zip(generators[lo:hi], block[lo:hi]):
+        torch.randn((draws, values), generator=g, dtype=block.dtype, out=rows)
+    return states
