@@ -480,3 +480,21 @@ def test_an_ordinary_training_step_reads_nothing_back_and_a_log_window_reads_onc
     # steps 4 and 8 end a log window and the last step (9) ends the run: one read each; every other step none
     assert [(s, n) for kind, s, n in per_step if kind == "periodic" and n] == [(4, 1), (8, 1), (9, 1)]
     assert len([e for e in _log(tmp_path) if "examples_per_s" in e]) == 3
+
+
+@pytest.mark.slow
+def test_a_compiled_training_run_follows_the_eager_one_and_saves_plain_checkpoints(tmp_path):
+    """train.compile compiles the network in place (on a GPU, "reduce-overhead" also captures CUDA graphs): the same
+    losses within rounding (inductor fuses the arithmetic differently), the same checkpoint keys, and a run that loads
+    as an uncompiled one. The toy MLP keeps the compile to seconds."""
+    runs = {}
+    for mode in ("no", "default"):
+        cfg = load_config("toy2d", [f"train.run_dir={tmp_path / mode}", "train.steps=6", "train.log_every=1", "train.batch_size=64",
+                                    f"train.compile={mode}", "train.sample_every=0"])
+        train(cfg, progress=False)
+        runs[mode] = [e["loss"] for e in _log(tmp_path / mode) if "loss" in e]
+    assert len(runs["default"]) == len(runs["no"]) == 6
+    assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(runs["default"], runs["no"])), runs
+    plain, compiled = (load_file(next((tmp_path / m).glob("ckpt-*/model.safetensors"))) for m in ("no", "default"))
+    assert set(compiled) == set(plain) and not any("_orig_mod" in k for k in compiled)
+    assert load_diffusion(tmp_path / "default").network is not None
