@@ -78,3 +78,23 @@ def test_the_cascades_stream_offsets_are_streams_apart_under_torchs_32_bit_seeds
 def test_noise_comes_contiguous_like_a_fresh_tensor():
     noise = NoiseSource(3, 0)
     assert all(noise.randn((1, 4, 4)).is_contiguous() for _ in range(6))
+
+
+def test_a_forked_child_draws_ahead_with_threads_of_its_own():
+    """The worker threads do not survive a fork; a child that samples (e.g. a data-loading worker) must not wait on them."""
+    import os
+
+    NoiseSource(2, [0, 1], prefetch=True).randn((4,))  # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 if it drew, 1 on an error; a wait on dead threads ends at the alarm (exit code -14)
+        import signal
+
+        ok = False
+        try:
+            signal.alarm(20)
+            noise = NoiseSource(2, [0, 1], prefetch=True)
+            ok = all(z.shape == (2, 4) for z in (noise.randn((4,)) for _ in range(5)))
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -57,6 +57,14 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL
 
 
+def _forget_pool() -> None:
+    global _POOL
+    _POOL = None  # a forked child has none of its parent's threads: it starts its own pool when it needs one
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 class Ahead:
     """A block being drawn on the worker threads: the pinned block, and per slice of samples a future of their
     generators' states before it (to put back if the sampler asks for another shape instead)."""
