@@ -44,8 +44,8 @@ class Captured:
                 net(*self.inputs[0], **self.inputs[1])
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        # thread_local: the sampler's noise worker (sampling/noise.py) may allocate pinned memory meanwhile, which the
-        # default "global" mode would count against this capture
+        # thread_local: other threads (the noise workers, a web server's requests) may go on meanwhile; the default
+        # "global" mode would count their CUDA calls against this capture
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.outputs = net(*self.inputs[0], **self.inputs[1])
 
