@@ -367,10 +367,15 @@ def profile_step(fn: Callable[[], object], device: torch.device, label: str, res
     cuda = device.type == "cuda"
     fn()
     sync(device)
-    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
-        for _ in range(calls):
-            fn()
-        sync(device)
+    try:
+        with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+            for _ in range(calls):
+                fn()
+            sync(device)
+    except (RuntimeError, ValueError, AssertionError) as e:  # a profile explains the figures, it is not one: go on
+        results.setdefault("profiles", {})[label] = {"error": repr(e)}
+        print(f"profile: {label}: failed: {e!r}", flush=True)
+        return
     events = prof.key_averages()
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     table = events.table(sort_by=sort, row_limit=15, max_name_column_width=60)
