@@ -336,6 +336,16 @@ def unet_modes(device: torch.device, tiny: bool, rounds: int, compiled: bool, re
                 fn()
             flops[base] = counter.get_total_flops()
     reps = 1 if tiny else 10
+    runnable = []
+    for case in cases:  # the first call compiles a compiled form; one that fails on this GPU is reported, the rest go on
+        try:
+            case[1]()
+            runnable.append(case)
+        except RuntimeError as e:
+            results.setdefault("cifar_errors", {})[" / ".join(case[0])] = repr(e)[-2000:]
+            print(f"CIFAR-10 UNet {' / '.join(case[0])}: failed: {str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)}",
+                  flush=True)
+    cases = runnable
     for _ in range(rounds):  # alternating rounds: drift hits every form alike
         for key, fn, batch in cases:
             rows.setdefault(key, []).append(batch / seconds(fn, device, reps))
