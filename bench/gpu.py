@@ -54,6 +54,12 @@ from ddpmkit.devices import default_device, describe_cpu
 from ddpmkit.nets.unet import UNet
 
 
+def last_line(e: BaseException) -> str:
+    """An error's last line: what a failed part prints in the log (the whole error goes to gpu.json)."""
+    text = str(e).strip()
+    return text.splitlines()[-1] if text else repr(e)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -141,7 +147,7 @@ def sampling(run_dir: Path, device: torch.device, tiny: bool, compiled: bool, re
             s = time.perf_counter() - start
         except RuntimeError as e:  # a compile that fails on this GPU is a finding too: the other modes go on
             results.setdefault("sampling", {})[label] = {"error": repr(e)[-2000:]}
-            print(f"ancestral sampling ({label}): failed: {str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)}", flush=True)
+            print(f"ancestral sampling ({label}): failed: {last_line(e)}", flush=True)
             continue
         results.setdefault("sampling", {})[label] = {"n": n, "steps": steps, "s": s, "ms_per_step": 1000 * s / steps, "first_call_s": first}
         print(f"ancestral sampling ({label}): {n} digits x {steps} steps in {s:.2f} s ({1000 * s / steps:.2f} ms per step, one chunk; "
@@ -159,7 +165,12 @@ def demo_compiled(device: torch.device, tiny: bool, results: dict) -> None:
     cfg = load_config("mnist", [f"train.run_dir={run_dir}", f"train.compile={mode}", "train.sample_every=0", "train.keep_steps=",
                                 "train.checkpoint_every=0", *(TINY_DEMO if tiny else ["train.log_every=100"])])
     start = time.perf_counter()
-    train(cfg, progress=False)
+    try:
+        train(cfg, progress=False)
+    except RuntimeError as e:  # the compile failing on this GPU is the finding
+        results["demo_compiled"] = {"error": repr(e)[-2000:]}
+        print(f"demo trainer, train.compile={mode}: failed: {last_line(e)}", flush=True)
+        return
     total = time.perf_counter() - start
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     rates = [e["examples_per_s"] for e in log if "examples_per_s" in e][1:] or [float("nan")]
@@ -343,7 +354,7 @@ def unet_modes(device: torch.device, tiny: bool, rounds: int, compiled: bool, re
             runnable.append(case)
         except RuntimeError as e:
             results.setdefault("cifar_errors", {})[" / ".join(case[0])] = repr(e)[-2000:]
-            print(f"CIFAR-10 UNet {' / '.join(case[0])}: failed: {str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)}",
+            print(f"CIFAR-10 UNet {' / '.join(case[0])}: failed: {last_line(e)}",
                   flush=True)
     cases = runnable
     for _ in range(rounds):  # alternating rounds: drift hits every form alike
