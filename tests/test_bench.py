@@ -75,6 +75,28 @@ def test_gpu_bench_tiny_mode_runs_on_whatever_device_is_here(monkeypatch, capsys
         assert set(forms) == {"phases (ddpmkit)", "transposed conv", "plain"} and min(forms.values()) > 0
 
 
+def test_gpu_bench_reports_a_failing_compile_and_measures_the_other_modes(monkeypatch, capsys, tmp_path):
+    """A lent GPU comes once: a compile that fails there must cost one line, not the part's other figures."""
+    from ddpmkit.models import DiffusionModel
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_gpu_failing", BENCH / "gpu.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    results: dict = {}
+    run_dir = gpu.demo_trainer(gpu.torch.device("cpu"), True, results)
+
+    def failing(self, mode=None):
+        raise RuntimeError("inductor: something long\nBackendCompilerFailed: the last line")
+
+    monkeypatch.setattr(DiffusionModel, "compile", failing)
+    gpu.sampling(run_dir, gpu.torch.device("cpu"), True, True, results)  # compiled=True: the reduce-overhead mode too
+    out = capsys.readouterr().out
+    assert "ancestral sampling (auto, reduce-overhead): failed: BackendCompilerFailed: the last line" in out
+    assert "BackendCompilerFailed" in results["sampling"]["auto, reduce-overhead"]["error"]
+    assert results["sampling"]["fp32"]["s"] > 0 and results["sampling"]["auto"]["s"] > 0
+
+
 def test_two_processes_brief_policy_is_ddpmkits_own_and_a_negative_spincount_is_refused(monkeypatch, capsys):
     import ddpmkit.threads
 
