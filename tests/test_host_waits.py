@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ddpmkit.config import load_config
 from ddpmkit.losses import training_losses
-from ddpmkit.nets import build_network
+from ddpmkit.nets import build_for_task
 from ddpmkit.sampling import sample
 from ddpmkit.schedules import NoiseSchedule
 
@@ -39,8 +39,12 @@ class HostCopies(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+DEMO = load_config("mnist", SMALL_UNET)  # the demo's recipe at toy width: its UNet inside EDM's preconditioning, x0-prediction
+
+
 def small_unet() -> torch.nn.Module:
-    return build_network(load_config("mnist", SMALL_UNET).network, (1, 28, 28)).to("meta")
+    """The network as a run of the demo preset builds it (build_for_task), on the meta device."""
+    return build_for_task(DEMO, (1, 28, 28)).to("meta")
 
 
 @pytest.mark.parametrize("sampler, options", [("ddpm", {}), ("ddim", {"eta": 1.0}), ("dpmpp_2m", {}), ("heun", {}), ("unipc", {}),
@@ -53,13 +57,14 @@ def test_a_sampler_step_copies_nothing_the_host_waits_for(sampler, options):
 
     with copies:
         sample(net, (3, 1, 28, 28), NoiseSchedule.from_name("linear", 1000), sampler=sampler, steps=8, generator=0, device="meta",
-               callback=after_step, **options)
+               prediction=DEMO.diffusion.prediction, callback=after_step, **options)
     assert [k for k in copies.copies if k != "queued"] == []
     assert copies.copies["queued"] <= 3  # the noise of 7 steps comes in blocks of 1, 2 and 4 draws: one copy each
 
 
 def test_a_training_step_copies_nothing_the_host_waits_for():
     net, copies = small_unet().train(), HostCopies()
+    assert type(net).__name__ == "EDMPreconditioned"  # as the demo's runs train it
     schedule = NoiseSchedule.from_name("linear", 1000)
     with copies:
         for step in range(2):
@@ -67,5 +72,5 @@ def test_a_training_step_copies_nothing_the_host_waits_for():
             x0 = torch.empty(4, 1, 28, 28, device="meta")
             t = torch.empty(4, dtype=torch.long, device="meta")
             noise = torch.empty_like(x0)
-            training_losses(net, x0, t, schedule, noise)["loss"].mean().backward()
+            training_losses(net, x0, t, schedule, noise, DEMO.diffusion.prediction)["loss"].mean().backward()
     assert copies.copies == Counter()
