@@ -12,10 +12,12 @@
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
-if compgen -G ".gpu-wheels/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps .gpu-wheels/*.whl || exit 1
+site=
+if compgen -G ".gpu-wheels/*.whl" >/dev/null; then  # into a folder of its own: the image's site-packages may be read-only
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu-site .gpu-wheels/*.whl || exit 1
+    site=/tmp/gpu-site
 fi
-export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD/src${site:+:$site}${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$out/gpu.txt"
 if [ "${GPU_SESSION_TESTS:-1}" != 0 ]; then  # a failure is reported, the figures still taken
     python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"

@@ -7,7 +7,7 @@ d92e8c4) against the blocks `ddpmkit.sampling.noise.NoiseSource` draws now (one 
 On a GPU this time is the host's, not the GPU's: with 1,000 ancestral steps for 500 digits it is spent 1,000 times,
 and the target for the whole run is 5 s. Both ways give the same numbers (tests/test_noise.py); the script checks it.
 Last, a loop that spends --beside-ms per step waiting for something else (a sleep: the host is free, as while a GPU
-computes) takes its noise in line, or drawn ahead on the worker thread as on a GPU: what the overlap saves.
+computes) takes its noise in line, or drawn ahead on the worker threads as on a GPU: what the overlap saves.
 """
 from __future__ import annotations
 

@@ -20,10 +20,23 @@ def test_each_draw_is_one_randn_per_sample_whatever_the_blocks(shape, dtype):
         assert all(torch.equal(z[k], w) for z, w in zip(got, want))
 
 
-def test_blocks_grow_to_a_cap_set_by_the_shape_alone():
-    assert [block_draws(k, 784) for k in range(8)] == [1, 1, 2, 4, 8, 16, 32, 32]
+def test_blocks_grow_to_a_cap_per_sample_and_per_block():
+    assert [block_draws(k, 784, 500) for k in range(8)] == [1, 1, 2, 4, 8, 16, 32, 32]
     assert [block_draws(k, 3072) for k in range(6)] == [1, 1, 2, 4, 8, 8]
     assert {block_draws(k, 3 * 128 * 128) for k in range(6)} == {1}
+    assert [block_draws(k, 784, 8192) for k in range(4)] == [1, 1, 2, 2]  # 64 MB a block at most
+
+
+def test_a_batch_whose_blocks_are_capped_draws_the_same_numbers(monkeypatch):
+    """Blocks of 1 draw for a big batch, of up to 32 for a small one: each sample's numbers are its definition's."""
+    from ddpmkit.sampling import noise as module
+
+    monkeypatch.setattr(module, "BLOCK_TOTAL", 3 * 32)  # 3 samples of 32 values: one draw a block
+    capped = NoiseSource(3, [4, 5, 6])
+    assert [block_draws(k, 32, 3) for k in range(4)] == [1, 1, 1, 1]
+    got = [capped.randn((2, 16)) for _ in range(6)]
+    alone = NoiseSource(1, [5])  # one sample: blocks of 1, 1, 2, 4 draws
+    assert all(torch.equal(z[1], alone.randn((2, 16))[0]) for z in got)
 
 
 @pytest.mark.parametrize("workers", [1, 3])

@@ -4,12 +4,13 @@ EDM's StackedRandomGenerator idea: sample k is drawn from its own generator seed
 so it comes out the same whatever the batch size or its position in the batch.
 
 Sample k's j-th draw of a shape with n values is the first n values of the j-th
-``torch.randn(m, generator=g_k)`` with m = n rounded up to a multiple of 16. torch's CPU normal sampler turns
-uniforms into normals 16 at a time, so K such draws made as one ``randn((K, m))`` are the same numbers
-(tests/test_noise.py checks it for this torch): the draws are made in blocks, one call per sample for many
-steps, not one per sample per step. On a GPU the next block is drawn on worker threads while the GPU runs
-the current steps, from pinned memory with a copy the host does not wait for, so a sampler's step makes no
-host-to-device copy and no per-sample call.
+``torch.randn(m, generator=g_k)`` with m = n rounded up to a multiple of 16 (when a sampler switches to another
+shape, the rest of the current block is skipped). torch's CPU normal sampler turns uniforms into normals 16 at a
+time, so K such draws made as one ``randn((K, m))`` are the same numbers whatever K (tests/test_noise.py checks
+it for this torch): the draws are made in blocks, one call per sample for many steps, not one per sample per
+step. On a GPU the next block is drawn on worker threads while the GPU runs the current steps, into pinned
+memory, and copied once per block with a copy the host does not wait for: no step waits and none makes a
+per-sample call.
 """
 from __future__ import annotations
 
@@ -26,9 +27,12 @@ from ..utils import queued_copy
 
 GeneratorLike = None | int | Sequence[int] | torch.Generator
 
-# values per sample a block may hold: 32 draws of a 28x28 digit, 8 of a 3x32x32 image, 1 from 3x128x128 up
+# values per sample a block may hold: 32 draws of a 28x28 digit, 8 of a 3x32x32 image, 1 from 3x128x128 up; and
+# values a whole block may hold (64 MB of float32, pinned on the host and again on a GPU): 32 draws of 500 digits,
+# 2 of 8,192
 BLOCK_VALUES = 2**15
 MAX_BLOCK_DRAWS = 32
+BLOCK_TOTAL = 2**24
 
 # threads that draw blocks ahead, each for a slice of the samples (a draw of many values runs without Python's lock):
 # a quarter of the cores, at most 4, so the sampler's own thread and torch's keep theirs
@@ -41,11 +45,11 @@ def padded(n: int) -> int:
     return 16 * -(-n // 16)
 
 
-def block_draws(k: int, values: int) -> int:
-    """Draws in the k-th block (k = 0, 1, ...) of a shape with `values` values per sample: 1, 1, 2, 4, ... up to
-    what BLOCK_VALUES allows. A function of k and the shape only, so a sample's numbers never depend on the batch,
-    the device or whether blocks are drawn ahead."""
-    cap = max(1, min(MAX_BLOCK_DRAWS, BLOCK_VALUES // values))
+def block_draws(k: int, values: int, batch: int = 1) -> int:
+    """Draws in the k-th block (k = 0, 1, ...) for `batch` samples of `values` (padded) values each: 1, 1, 2, 4, ... up
+    to what BLOCK_VALUES and BLOCK_TOTAL allow. The numbers do not depend on it (whole groups of 16 values: module
+    docstring), so neither do they on the batch, the device or drawing ahead."""
+    cap = max(1, min(MAX_BLOCK_DRAWS, BLOCK_VALUES // values, BLOCK_TOTAL // (batch * values)))
     cap = 2 ** int(math.log2(cap))
     return min(cap, 1 if k == 0 else 2 ** (k - 1))
 
@@ -148,7 +152,7 @@ class NoiseSource:
         """Block k of key, to be filled: (B, draws, padded values) on the CPU, pinned for a GPU."""
         shape, dtype = key
         values = padded(math.prod(shape))
-        return torch.empty((self.batch_size, block_draws(k, values), values), dtype=dtype, pin_memory=self.pin)
+        return torch.empty((self.batch_size, block_draws(k, values, self.batch_size), values), dtype=dtype, pin_memory=self.pin)
 
     def _draw_ahead(self, key: tuple, k: int) -> Ahead:
         """Block k of key, filled by the worker threads, a slice of the samples each; the copy to the device is queued
