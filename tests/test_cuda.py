@@ -84,17 +84,21 @@ def test_every_face_runs_on_the_gpu_by_default(web_runs, tmp_path, capsys):
     draw_demo(web_runs / "uncond", (), 4, "ddim_uniform", 3, 1.0)
 
 
-def test_a_training_step_on_the_gpu_reads_nothing_back(tmp_path):
-    """On the GPU itself: torch.cuda.set_sync_debug_mode("error") raises at any synchronizing call in a step."""
+@pytest.mark.parametrize("compile_mode", ["no", "cuda-graph"])
+def test_a_training_step_on_the_gpu_reads_nothing_back(tmp_path, compile_mode):
+    """On the GPU itself: torch.cuda.set_sync_debug_mode("error") raises at any synchronizing call in a step; also when
+    the step's network runs as captured CUDA graphs (after the capture, which synchronizes once)."""
     from ddpmkit.config import load_config
     from ddpmkit.train import engine, train
 
     cfg = load_config("mnist", [f"train.run_dir={tmp_path}", "train.steps=6", "train.log_every=3", "train.sample_every=0",
-                                "train.eval_every=0", "train.checkpoint_every=0", "train.keep_steps=", "train.batch_size=8"])
+                                "train.eval_every=0", "train.checkpoint_every=0", "train.keep_steps=", "train.batch_size=8",
+                                f"train.compile={compile_mode}"])
     train_step = engine.Trainer.train_step
+    first_strict = 2 if compile_mode == "no" else 3  # the graphs are captured in the third step
 
     def strict(self, batch):
-        if self.state.step >= 2:  # after the first steps' one-off work (allocations, cuDNN's choices)
+        if self.state.step >= first_strict:  # after the first steps' one-off work (allocations, cuDNN's choices, a capture)
             torch.cuda.set_sync_debug_mode("error")
         try:
             train_step(self, batch)
@@ -106,6 +110,37 @@ def test_a_training_step_on_the_gpu_reads_nothing_back(tmp_path):
         train(cfg, progress=False)
     finally:
         engine.Trainer.train_step = train_step
+
+
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_a_training_run_through_cuda_graphs_follows_the_eager_one(tmp_path, precision, monkeypatch):
+    """train.compile = "cuda-graph": the demo's network captured once (forward and backward) and replayed; the same kernels
+    as eager, so the same losses and weights within rounding, and checkpoints with the plain module's keys."""
+    from safetensors.torch import load_file
+
+    from ddpmkit import graphs
+    from ddpmkit.config import load_config
+    from ddpmkit.train import train
+
+    made, capture = [], graphs.make_graphed
+    monkeypatch.setattr(graphs, "make_graphed", lambda one, tensors: made.append(len(tensors)) or capture(one, tensors))
+    losses, weights = {}, {}
+    for mode in ("no", "cuda-graph"):
+        run = tmp_path / mode
+        cfg = load_config("mnist", [f"train.run_dir={run}", "train.steps=10", "train.log_every=1", "train.sample_every=0",
+                                    "train.eval_every=0", "train.keep_steps=", "train.batch_size=16",
+                                    f"train.mixed_precision={precision}", f"train.compile={mode}"])
+        train(cfg, progress=False)
+        log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+        losses[mode] = [e["loss"] for e in log if "loss" in e]
+        weights[mode] = load_file(next(run.glob("ckpt-*/model.safetensors")))
+    assert made == [2]  # x_t and t: one signature, captured once
+    assert len(losses["no"]) == len(losses["cuda-graph"]) == 10
+    tolerance = 1e-5 if precision == "fp32" else 1e-3
+    assert all(abs(a - b) <= tolerance * abs(a) for a, b in zip(losses["no"], losses["cuda-graph"])), losses
+    assert set(weights["no"]) == set(weights["cuda-graph"])
+    for k, w in weights["no"].items():
+        assert (w - weights["cuda-graph"][k]).abs().max() <= tolerance * (1 + w.abs().max()), k
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "dpmpp_2m", "dpmpp_2m_sde"])

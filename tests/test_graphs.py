@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ddpmkit.errors import UserError
-from ddpmkit.graphs import CudaGraphed, signature
+from ddpmkit.graphs import CudaGraphed, TrainingGraphs, capture_training, signature
 from ddpmkit.models import compile_for_sampling
 
 
@@ -35,3 +35,124 @@ def test_calls_a_gpu_cannot_capture_run_as_they_are():
     out = graphed(x.requires_grad_())
     out.sum().backward()
     assert x.grad is not None
+
+
+# ---- training (train.compile = "cuda-graph"): the dispatch, on the CPU with a stand-in for the capture
+
+class Net(nn.Module):
+    """x, t and a keyword label: the argument shapes a denoiser takes."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.emb = nn.Embedding(4, 3)
+
+    def forward(self, x, t, y=None, scale: float = 1.0):
+        h = self.lin(x) * t[:, None] * scale
+        return h if y is None else h + self.emb(y)
+
+
+class Node(torch.autograd.Function):
+    """The identity as one custom autograd node: a graphed callable's outputs come from one such node."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def installed(net: nn.Module, fail: bool = False) -> tuple[TrainingGraphs, list]:
+    """TrainingGraphs on net's CPU calls; the stand-in 'capture' records what it was given and calls it eagerly."""
+    made = []
+
+    def capture(one, tensors):
+        if fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        made.append((one, tuple(x.shape for x in tensors)))
+        return lambda *xs: Node.apply(one(*xs))
+
+    graphs = TrainingGraphs(net, capture=capture, device_type="cpu")
+    net.forward = graphs
+    return graphs, made
+
+
+def test_training_calls_are_captured_after_the_warmup_per_signature_and_rebound_to_each_call():
+    torch.manual_seed(0)
+    net, reference = Net(), Net()
+    reference.load_state_dict(net.state_dict())
+    keys = list(net.state_dict())
+    graphs, made = installed(net)
+    for _ in range(5):
+        x, t, y = torch.randn(4, 3), torch.rand(4), torch.randint(0, 4, (4,))
+        out = net(x, t, y=y, scale=2.0)  # the captured call puts each call's tensors back where they were
+        out.square().sum().backward()
+        reference(x, t, y=y, scale=2.0).square().sum().backward()
+        for p, q in zip(net.parameters(), reference.parameters()):
+            assert torch.allclose(p.grad, q.grad)
+    assert len(made) == 1 and made[0][1] == ((4, 3), (4,), (4,))
+    assert graphs.counts == {"eager": 2, "captured": 1, "replayed": 3}
+    assert list(net.state_dict()) == keys  # in place: the state dict (checkpoints) is the plain module's
+    net(torch.randn(2, 3), torch.rand(2)).sum().backward()  # another signature: eager until its own warm-up is over
+    net(torch.randn(4, 3), torch.rand(4), y=torch.zeros(4, dtype=torch.long), scale=3.0).sum().backward()
+    assert len(made) == 1 and graphs.counts["eager"] == 4
+
+
+def test_a_second_call_before_the_first_ones_backward_runs_eagerly():
+    """Replaying again would overwrite the activations the first call's backward needs."""
+    net = Net()
+    graphs, _ = installed(net)
+    x, t = torch.randn(4, 3), torch.rand(4)
+    for _ in range(3):
+        net(x, t).sum().backward()
+    assert graphs.counts["replayed"] == 1
+    first = net(x, t)
+    second = net(x, t)  # the first one's graph is alive: eager
+    assert graphs.counts["replayed"] == 2 and graphs.counts["eager"] == 3
+    (first + second).sum().backward()
+    net(x, t).sum().backward()  # the first one's backward has run: replayed again
+    assert graphs.counts["replayed"] == 3
+    dropped = net(x, t)
+    assert net(x, t) is not None and graphs.counts["eager"] == 4
+    del dropped  # a replay whose graph was dropped without a backward: its activations are free again
+    net(x, t).sum().backward()
+    assert graphs.counts["replayed"] == 5
+
+
+def test_calls_without_gradients_in_eval_mode_or_after_a_failed_capture_run_eagerly():
+    net = Net()
+    graphs, made = installed(net)
+    x, t = torch.randn(4, 3), torch.rand(4)
+    with torch.no_grad():
+        for _ in range(4):
+            net(x, t)
+    net.eval()
+    for _ in range(4):
+        net(x, t)
+    assert not made and graphs.counts == {"eager": 8}
+    net.train()
+    failing = Net()
+    graphs, _ = installed(failing, fail=True)
+    with pytest.warns(UserWarning, match="could not capture the training step as CUDA graphs, running it eagerly"):
+        for _ in range(6):
+            failing(x, t).sum().backward()
+    assert graphs.counts == {"eager": 6} and list(graphs.graphs.values()) == [None]
+
+
+def test_training_through_cuda_graphs_on_a_cpu_is_one_clear_error():
+    with pytest.raises(UserError, match=r'train.compile = "cuda-graph" needs a CUDA GPU; this run trains on cpu .*"reduce-overhead"'):
+        capture_training(Net(), torch.device("cpu"))
+    with pytest.raises(UserError, match=r'trains in one process; this run has 2'):
+        capture_training(Net(), torch.device("cuda"), processes=2)
+
+
+def test_a_run_asking_for_cuda_graphs_on_a_cpu_stops_before_its_first_step(tmp_path):
+    from ddpmkit.config import load_config
+    from ddpmkit.train import train
+
+    cfg = load_config("toy2d", [f"train.run_dir={tmp_path}", "train.steps=2", "train.compile=cuda-graph"])
+    with pytest.raises(UserError, match='needs a CUDA GPU; this run trains on cpu'):
+        train(cfg, progress=False)
+    assert not list(tmp_path.glob("ckpt-*"))

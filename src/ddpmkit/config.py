@@ -220,8 +220,10 @@ class TrainConfig:
     deterministic: bool = True
     # torch.compile of the network for training: "no"; "default" (inductor's fused kernels); "reduce-overhead" (on a GPU
     # also CUDA graphs: a small network's step without a launch per kernel); "max-autotune". Weights and checkpoints are the
-    # same either way; keep one only where bench/gpu.py shows it pays (on a CPU the compile alone takes minutes)
-    compile: Literal["no", "default", "reduce-overhead", "max-autotune"] = "no"
+    # same either way; keep one only where bench/gpu.py shows it pays (on a CPU the compile alone takes minutes).
+    # "cuda-graph": no compile; the network's forward and backward captured as CUDA graphs in seconds (ddpmkit.graphs;
+    # one process on a CUDA GPU)
+    compile: Literal["no", "default", "reduce-overhead", "max-autotune", "cuda-graph"] = "no"
     log_every: int = 50
     sample_every: int = 1000  # 0 = never
     sample_steps: int = 100  # respaced ancestral steps for the periodic grids

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import CheckpointInfo, list_checkpoints, load_training_state, read_config, save_checkpoint
 from ..config import Config
 from ..devices import has_accelerator
+from ..graphs import capture_training
 from ..posthoc_ema import PowerEMA
 from ..precision import resolve_precision
 from ..viz import make_grid
@@ -150,7 +151,10 @@ class Trainer:
         self.model = task.build_model()
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         task.attach_ema(self.ema)
-        if self.tc.compile != "no":  # in place: parameters, state dict and checkpoints stay those of the plain module
+        # in place: parameters, state dict and checkpoints stay those of the plain module
+        if self.tc.compile == "cuda-graph":
+            self.graphs = capture_training(self.model, self.accelerator.device, self.world)
+        elif self.tc.compile != "no":
             self.model.compile(mode=None if self.tc.compile == "default" else self.tc.compile)
         # fused: one kernel for all parameters instead of several per tensor group; deterministic, so resume and
         # several processes stay exact (its speed-up is below a shared 2-core machine's noise: docs/ordinary_machine.md)
