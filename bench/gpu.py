@@ -4,7 +4,8 @@
     .venv/bin/python bench/gpu.py --tiny                            # every part at toy sizes, in seconds (the tests run it)
 
 1. the demo preset's whole trainer (`ddpmkit train mnist`, 1,600 steps): steps/s, images/s and wall time, then the
-   demo's grid (500 digits, 16 autoguided DDIM steps) for the demo's wall time end to end;
+   demo's grid (500 digits, 16 autoguided DDIM steps) for the demo's wall time end to end; then ("demo-graphed") the
+   trainer again with train.compile = "cuda-graph" (forward and backward replayed as CUDA graphs; CUDA only);
 2. sampling the demo model: 500 digits x 1,000 ancestral steps (Algorithm 2) in one chunk on the device, the network
    eager, captured as CUDA graphs (--compile cuda-graph) and torch.compile'd (reduce-overhead), fp32 and auto;
 3. the engine's per-step overhead: the trainer's step (ddpmkit.train.engine: learning rate, accelerate, loss gather,
@@ -18,8 +19,9 @@
    (torch.utils.flop_counter's count) and the fraction of this device's own bf16 matrix-product rate, measured here;
    ddpmkit's network also in channels-last memory (weights and input), eager, as a candidate for the bf16 step; then
    torch.profiler's table of each eager bf16 step (the 15 ops with the most device time) to see where it goes;
-5. the GPU digit recipe (`ddpmkit train mnist_gpu`): its training's wall time, then 500 samples (DPM-Solver++(2M),
-   20 steps, as the preset suggests) judged by bench/digits_quality.py: the share judged p >= 0.9 (target >= 95%);
+5. the GPU digit recipe (`ddpmkit train mnist_gpu`, with train.compile = "cuda-graph" on CUDA): its training's wall
+   time, then 500 samples (DPM-Solver++(2M), 20 steps, as the preset suggests) judged by bench/digits_quality.py:
+   the share judged p >= 0.9 (target >= 95%);
 6. the nearest-2x + 3x3 upsampling's forms at the CIFAR-10 UNet's sizes, forward + backward in bf16 autocast and fp32:
    the 2x2 phases ddpmkit computes, one stride-2 transposed convolution with a 4x4 kernel (the same map), and the plain
    interpolate-then-convolve: which one a GPU wants;
@@ -154,31 +156,43 @@ def sampling(run_dir: Path, device: torch.device, tiny: bool, compiled: bool, re
               f"first call of 3 steps {first:.1f} s)", flush=True)
 
 
-def demo_compiled(device: torch.device, tiny: bool, results: dict) -> None:
-    """The demo preset's trainer with train.compile = "reduce-overhead" (on a GPU: CUDA graphs of the compiled forward and
-    backward): the wall time with the compile, and the steps' own rate (median log window after the first). --tiny
-    leaves the compile out (minutes on a CPU), to keep the rest of the part runnable in the tests."""
+def demo_variant(device: torch.device, tiny: bool, mode: str, results: dict) -> None:
+    """The demo preset's trainer with train.compile = mode: "cuda-graph" (the network's forward and backward captured as
+    CUDA graphs, no compile; CUDA only) or "reduce-overhead" (torch.compile with CUDA graphs on a GPU). The wall time
+    with the capture or compile, and the steps' own rate (median log window after the first). --tiny leaves the compile
+    out (minutes on a CPU), to keep the rest of the part runnable in the tests."""
+    import warnings
+
     from ddpmkit.train import train
 
-    run_dir = Path(tempfile.mkdtemp(prefix="gpu-bench-demo-compiled-"))
-    mode = "no" if tiny else "reduce-overhead"
+    key = f"demo {mode}"
+    if mode == "cuda-graph" and device.type != "cuda":
+        results[key] = {"skipped": f"needs CUDA, the device is {device.type}"}
+        print(f"demo trainer, train.compile={mode}: skipped (needs CUDA; the device is {device.type})", flush=True)
+        return
+    run_dir = Path(tempfile.mkdtemp(prefix="gpu-bench-demo-variant-"))
+    mode = "no" if tiny and mode == "reduce-overhead" else mode
     cfg = load_config("mnist", [f"train.run_dir={run_dir}", f"train.compile={mode}", "train.sample_every=0", "train.keep_steps=",
                                 "train.checkpoint_every=0", *(TINY_DEMO if tiny else ["train.log_every=100"])])
     start = time.perf_counter()
     try:
-        train(cfg, progress=False)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            train(cfg, progress=False)
     except RuntimeError as e:  # the compile failing on this GPU is the finding
-        results["demo_compiled"] = {"error": repr(e)[-2000:]}
+        results[key] = {"error": repr(e)[-2000:]}
         print(f"demo trainer, train.compile={mode}: failed: {last_line(e)}", flush=True)
         return
     total = time.perf_counter() - start
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     rates = [e["examples_per_s"] for e in log if "examples_per_s" in e][1:] or [float("nan")]
     steps, rate = cfg.train.steps, statistics.median(rates)
-    results["demo_compiled"] = {"steps": steps, "train_s_with_compile": total, "images_per_s_median_window": rate,
-                                "steps_s_at_that_rate": steps * cfg.train.batch_size / rate}
-    print(f"demo trainer, train.compile={mode}: {steps} steps in {total:.1f} s with the compile; {rate:.0f} images/s "
-          f"(median log window after the first) = {steps * cfg.train.batch_size / rate:.1f} s for the steps alone", flush=True)
+    eager = [str(w.message) for w in said if "running it eagerly" in str(w.message)]  # a capture that failed: say so
+    results[key] = {"steps": steps, "train_s_with_compile": total, "images_per_s_median_window": rate,
+                    "steps_s_at_that_rate": steps * cfg.train.batch_size / rate, "loss_last": log[-1].get("loss"), "fell_back": eager}
+    print(f"demo trainer, train.compile={mode}: {steps} steps in {total:.1f} s with the {'capture' if mode == 'cuda-graph' else 'compile'}; "
+          f"{rate:.0f} images/s (median log window after the first) = {steps * cfg.train.batch_size / rate:.1f} s for the steps alone"
+          f"{'; FELL BACK TO EAGER: ' + eager[0] if eager else ''}", flush=True)
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -191,12 +205,13 @@ def gpu_preset(device: torch.device, tiny: bool, results: dict) -> None:
     extra = ["train.steps=4", "train.batch_size=8", "train.warmup_steps=1", "train.keep_steps=", "train.checkpoint_every=0",
              "train.sample_every=0", "data.name=digits", "network.base_channels=8", "network.channel_mult=1,2",
              "network.num_res_blocks=1", "network.attention_resolutions=4"] if tiny else []
-    cfg = load_config("mnist_gpu", [f"train.run_dir={run_dir}", *extra])
+    graphed = device.type == "cuda"  # the recipe as docs/gpu.md gives it for a CUDA GPU: train.compile = "cuda-graph"
+    cfg = load_config("mnist_gpu", [f"train.run_dir={run_dir}", *extra, *(["train.compile=cuda-graph"] if graphed else [])])
     start = time.perf_counter()
     train(cfg, progress=False)
     trained = time.perf_counter() - start
-    figures = {"steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "train_s": trained}
-    line = f"mnist_gpu: {cfg.train.steps} steps of {cfg.train.batch_size} in {trained:.1f} s"
+    figures = {"steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "train_s": trained, "compile": cfg.train.compile}
+    line = f"mnist_gpu (train.compile={cfg.train.compile}): {cfg.train.steps} steps of {cfg.train.batch_size} in {trained:.1f} s"
     if not tiny:
         judged, said = judge_samples(run_dir, device)
         figures.update(judged)
@@ -454,7 +469,7 @@ def upsampling_forms(device: torch.device, tiny: bool, rounds: int, results: dic
             print(f"upsampling {label}: " + ", ".join(f"{name} {ms:.3f} ms" for name, ms in out[label].items()), flush=True)
 
 
-PARTS = ["demo", "sampling", "preset", "overhead", "cifar", "upsampling", "demo-compiled"]
+PARTS = ["demo", "demo-graphed", "sampling", "preset", "overhead", "cifar", "upsampling", "demo-compiled"]
 
 
 def main() -> int:
@@ -490,6 +505,9 @@ def main() -> int:
     if "demo" not in args.skip:
         run_dir = demo_trainer(device, args.tiny, results)
         save("demo")
+    if "demo-graphed" not in args.skip:
+        demo_variant(device, args.tiny, "cuda-graph", results)
+        save("demo-graphed")
     if "sampling" not in args.skip and run_dir is not None:
         sampling(run_dir, device, args.tiny, not (args.no_compile or args.tiny or args.quick), results)
         save("sampling")
@@ -506,7 +524,7 @@ def main() -> int:
         upsampling_forms(device, args.tiny, rounds, results)
         save("upsampling")
     if "demo-compiled" not in args.skip and not (args.no_compile or args.quick):
-        demo_compiled(device, args.tiny, results)
+        demo_variant(device, args.tiny, "reduce-overhead", results)
         save("demo-compiled")
     if args.out:
         print(f"figures -> {args.out}")

