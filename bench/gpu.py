@@ -17,8 +17,10 @@
    diffusers' UNet2DModel, in this process, alternating rounds, medians: a training step (MSE + AdamW) in fp32/TF32 and
    in bf16 autocast at batch 128, and the bf16 forward at batch 512, eager and torch.compile'd; images/s, TFLOP/s
    (torch.utils.flop_counter's count) and the fraction of this device's own bf16 matrix-product rate, measured here;
-   ddpmkit's network also in channels-last memory (weights and input), eager, as a candidate for the bf16 step; then
-   torch.profiler's table of each eager bf16 step (the 15 ops with the most device time) to see where it goes;
+   ddpmkit's network also in channels-last memory (weights and input), eager, as a candidate for the bf16 step, and
+   with its norms as CUDA autocast runs nn.GroupNorm (fp32 in and out; "autocast-norms", the form before
+   layers.GroupNorm kept bf16); then torch.profiler's table of each eager bf16 step (the 15 ops with the most device
+   time) to see where it goes;
 5. the GPU digit recipe (`ddpmkit train mnist_gpu`, with train.compile = "cuda-graph" on CUDA): its training's wall
    time, then 500 samples (DPM-Solver++(2M), 20 steps, as the preset suggests) judged by bench/digits_quality.py:
    the share judged p >= 0.9 (target >= 95%);
@@ -53,6 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ddpmkit.config import load_config
 from ddpmkit.devices import default_device, describe_cpu
+from ddpmkit.nets.layers import GroupNorm
 from ddpmkit.nets.unet import UNet
 
 
@@ -327,10 +330,14 @@ def unet_modes(device: torch.device, tiny: bool, rounds: int, compiled: bool, re
     flops: dict[tuple[str, str], float] = {}
     cases = []
     forms = [(name, build, form) for name, build in cifar_unets(tiny).items()
-             for form in (["", " channels-last"] if name == "ddpmkit" else [""])]
+             for form in (["", " channels-last", " autocast-norms"] if name == "ddpmkit" else [""])]
     for name, build, form in forms:
-        layout = torch.channels_last if form else torch.contiguous_format
+        layout = torch.channels_last if "channels-last" in form else torch.contiguous_format
         net = build().to(device, memory_format=layout)
+        if "autocast-norms" in form:  # the norms as CUDA autocast runs nn.GroupNorm (fp32 in and out): ddpmkit before layers.GroupNorm
+            for m in net.modules():
+                if isinstance(m, GroupNorm):
+                    m.__class__ = torch.nn.GroupNorm
         params = sum(p.numel() for p in net.parameters()) / 1e6
         results.setdefault("cifar_params_M", {})[name] = params
         for comp in ([False, True] if compiled and not form and (compile_theirs or name == "ddpmkit") else [False]):
@@ -353,8 +360,9 @@ def unet_modes(device: torch.device, tiny: bool, rounds: int, compiled: bool, re
                     fn(x, t)
 
             tag = f"{name}{form}{' compiled' if comp else ''}"
-            cases += [((tag, "train fp32/TF32"), train_step, batch_train), ((tag, "train bf16"), lambda f=train_step: f(bf16=True), batch_train),
-                      ((tag, "forward bf16"), forward, batch_fwd)]
+            cases += [((tag, "train bf16"), lambda f=train_step: f(bf16=True), batch_train), ((tag, "forward bf16"), forward, batch_fwd)]
+            if "autocast-norms" not in form:  # that form differs from the first only under autocast
+                cases.append(((tag, "train fp32/TF32"), train_step, batch_train))
     for key, fn, _ in cases:  # FLOPs of eager forms (compiled graphs do the same arithmetic)
         base = (key[0].split()[0], key[1])
         if base not in flops:
@@ -395,6 +403,9 @@ def unet_modes(device: torch.device, tiny: bool, rounds: int, compiled: bool, re
         bf16_over_tf32 = out["ddpmkit / train bf16"]["images_per_s"] / out["ddpmkit / train fp32/TF32"]["images_per_s"]
         print(f"  ddpmkit's best bf16 train step / diffusers' eager bf16 step: x{ours_bf16['images_per_s'] / theirs_bf16['images_per_s']:.2f} "
               f"(target >= 2); bf16 / TF32 for ddpmkit eager: x{bf16_over_tf32:.2f}")
+    plain, before = out.get("ddpmkit / train bf16"), out.get("ddpmkit autocast-norms / train bf16")
+    if plain and before:
+        print(f"  ddpmkit's bf16 norms / autocast's fp32 norms, train bf16: x{plain['images_per_s'] / before['images_per_s']:.2f}")
     for key, fn, _ in cases:  # where each eager bf16 step's time goes, kernel by kernel
         if key[1] == "train bf16" and "compiled" not in key[0]:
             profile_step(fn, device, f"CIFAR-10 UNet {key[0]}, bf16 train step", results)

@@ -143,6 +143,30 @@ def test_a_training_run_through_cuda_graphs_follows_the_eager_one(tmp_path, prec
         assert (w - weights["cuda-graph"][k]).abs().max() <= tolerance * (1 + w.abs().max()), k
 
 
+def test_under_cuda_bf16_autocast_the_norms_keep_bf16_and_the_network_computes_what_fp32_does():
+    """layers.GroupNorm: CUDA autocast would hand back fp32 from every norm; ddpmkit's keeps the activations in bf16."""
+    from ddpmkit.nets.layers import GroupNorm
+    from ddpmkit.nets.unet import UNet
+
+    torch.manual_seed(0)
+    net = UNet(3, None, 16, 32, (1, 2), 1, (8,), num_heads=1).cuda().eval()  # eval: no dropout masks to differ
+    with torch.no_grad():  # the zero-initialised closing layers would make the output trivial
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    seen = []
+    for m in net.modules():
+        if isinstance(m, GroupNorm):
+            m.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    x, t = torch.randn(4, 3, 16, 16, device="cuda"), torch.rand(4, device="cuda") * 999
+    fp32 = net(x, t)
+    assert seen and set(seen) == {torch.float32}
+    seen.clear()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        bf16 = net(x, t)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert (bf16.float() - fp32).abs().max() <= 0.05 * fp32.abs().max()
+
+
 @pytest.mark.parametrize("sampler", ["ddpm", "dpmpp_2m", "dpmpp_2m_sde"])
 def test_a_sampler_step_on_the_gpu_waits_for_nothing(web_runs, sampler):
     """After the first step (the schedule's tables go to the GPU once) no step synchronizes: the per-sample noise comes

@@ -200,3 +200,41 @@ def test_attention_under_cpu_bf16_autocast_is_the_softmax_formula():
     for g, t in zip(grads, (q, k, v)):
         assert (g - t.grad).abs().max() < 0.05 * t.grad.abs().max()
     assert torch.equal(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))  # fp32: torch's kernel itself
+
+
+def test_group_norm_in_bf16_is_the_fp32_norm_rounded_and_its_gradients_reach_the_fp32_parameters():
+    """The form CUDA bf16 autocast runs (layers.GroupNorm): x, weight and bias in bf16, statistics in fp32 inside the
+    kernel. It is the fp32 norm of the bf16-rounded input with the weight and bias rounded, rounded: within a bf16 step
+    or two of it; the gradients reaching the fp32 parameters within 2% of the fp32 norm's."""
+    from ddpmkit.nets.layers import group_norm, group_norm_in
+
+    torch.manual_seed(0)
+    norm = group_norm(64)  # 32 groups of 2 channels
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    x = torch.randn(4, 64, 8, 8) * 3 + 1
+    reference = norm(x)
+    y = group_norm_in(norm, x, torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and reference.dtype == torch.float32
+    rounded_input = norm(x.bfloat16().float())
+    bound = 2**-7 * (rounded_input.abs() + norm.bias.abs()[None, :, None, None]) + 1e-5  # (the bias can cancel)
+    assert ((y.float() - rounded_input).abs() <= bound).all()
+    g = torch.randn_like(reference)
+    grads = torch.autograd.grad((reference * g).sum(), (norm.weight, norm.bias))
+    grads_bf16 = torch.autograd.grad((y.float() * g).sum(), (norm.weight, norm.bias))
+    for a, b in zip(grads, grads_bf16):
+        assert b.dtype == torch.float32 and ((a - b).abs() <= 0.02 * a.abs().max()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_norm_layer_is_nn_group_norm_itself_off_cuda(dtype):
+    """Only CUDA's autocast casts a norm's input to fp32; on the CPU (autocast or not) the layer is nn.GroupNorm."""
+    from ddpmkit.nets.layers import GroupNorm
+
+    norm = GroupNorm(4, 16)
+    x = torch.randn(2, 16, 5, 5).to(dtype)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            assert torch.equal(norm(x), torch.nn.GroupNorm.forward(norm, x))
+    assert list(norm.state_dict()) == ["weight", "bias"] and isinstance(norm, torch.nn.GroupNorm)

@@ -19,9 +19,30 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return F.pad(emb, (0, dim % 2))
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same parameters, state dict and result up to rounding) which under CUDA's bf16 autocast normalizes
+    the bf16 activations as they are and hands back bf16. The kernel accumulates its statistics in fp32 either way; CUDA
+    autocast would cast each activation to fp32 first and hand back fp32, so every norm cost a cast, fp32 traffic through
+    the SiLU after it and another cast before the next convolution, forward and backward. CPU autocast already keeps
+    bf16 in and out: there, and outside autocast, it is nn.GroupNorm itself (bench/gpu.py times both on a GPU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cuda" or not torch.is_autocast_enabled("cuda") or torch.get_autocast_dtype("cuda") != torch.bfloat16:
+            return super().forward(x)
+        with torch.autocast("cuda", enabled=False):
+            return group_norm_in(self, x, torch.bfloat16)
+
+
+def group_norm_in(norm: nn.GroupNorm, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """norm(x) computed on x, weight and bias in `dtype`, its output in `dtype` (statistics in fp32 inside the kernel)."""
+    weight = None if norm.weight is None else norm.weight.to(dtype)
+    bias = None if norm.bias is None else norm.bias.to(dtype)
+    return F.group_norm(x.to(dtype), norm.num_groups, weight, bias, norm.eps)
+
+
+def group_norm(channels: int) -> GroupNorm:
     """GroupNorm with up to 32 groups that divide the channel count."""
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+    return GroupNorm(math.gcd(32, channels), channels)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
