@@ -149,6 +149,9 @@ class _Replay:
         return not self.done and self.node() is not None
 
 
+BUSY_WARNING = 10  # calls that found the graph busy before TrainingGraphs says so, once
+
+
 class TrainingGraphs:
     """A network's training calls (gradients on, module in training mode, every tensor on a GPU) captured per signature
     after `warmup` eager calls of it, forward and backward, and replayed: one launch each instead of one per kernel.
@@ -164,7 +167,7 @@ class TrainingGraphs:
         self.graphs: dict[tuple, Callable | None] = {}  # None: the capture failed
         self.calls: Counter = Counter()
         self.pending: dict[tuple, _Replay] = {}  # each signature's last replay
-        self.counts: Counter = Counter()  # "eager", "captured", "replayed": what bench/gpu.py and the tests read
+        self.counts: Counter = Counter()  # "eager" (of which "busy": the graph's last replay awaited its backward), "captured", "replayed"
 
     def __call__(self, *args, **kwargs) -> Any:
         if not (torch.is_grad_enabled() and self.net.training and all_on(args, kwargs, self.device_type)):
@@ -176,7 +179,13 @@ class TrainingGraphs:
                 return self.run_eagerly(args, kwargs)
             self.graphs[key] = self.captured(args, kwargs)
         graphed, last = self.graphs[key], self.pending.get(key)
-        if graphed is None or (last is not None and last.live):
+        if graphed is not None and last is not None and last.live:
+            self.counts["busy"] += 1
+            if self.counts["busy"] == BUSY_WARNING:
+                warnings.warn(f"ddpmkit: {BUSY_WARNING} training calls of the network came before the backward of the call "
+                              "before them and ran eagerly (train.compile = \"cuda-graph\" replays one call per backward)", stacklevel=2)
+            return self.run_eagerly(args, kwargs)
+        if graphed is None:
             return self.run_eagerly(args, kwargs)
         out = graphed(*[x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)])
         self.counts["replayed"] += 1
