@@ -74,6 +74,44 @@ def test_gpu_bench_tiny_mode_runs_on_whatever_device_is_here(monkeypatch, capsys
             "demo UNet, the engine's step at batch 4"} <= set(profiles) and all("aten::" in p["table"] for p in profiles.values())
     for forms in figures["upsampling"].values():  # every form of the upsampling timed (each checked equal to the plain one)
         assert set(forms) == {"phases (ddpmkit)", "transposed conv", "plain"} and min(forms.values()) > 0
+    assert run_main("gpu_report.py", [str(tmp_path / "gpu.json")], monkeypatch) == 0  # the report reads what gpu.py wrote
+    report = capsys.readouterr().out
+    assert "| demo preset, 6 steps | <= 15 s | eager " in report and "| toy sizes |" in report and "NOT met" not in report
+    assert "| ddpmkit autocast-norms | train bf16 |" in report and "trained in" in report
+
+
+def test_gpu_report_judges_each_acceptance_point_from_the_figures(monkeypatch, capsys, tmp_path):
+    """Two calls' files merged; each point's verdict from its figure; a missing part is "not measured", never a guess."""
+    device = "NVIDIA H200, 139 GiB"
+    first = {"device": device, "tiny": False, "bf16_matmul_tflops": 790.0,
+             "demo": {"steps": 1600, "train_s": 41.0, "images_per_s_median_window": 2600.0},
+             "demo cuda-graph": {"steps": 1600, "train_s_with_compile": 9.5, "images_per_s_median_window": 12000.0},
+             "sampling": {"fp32": {"n": 500, "steps": 1000, "s": 7.25, "ms_per_step": 7.25, "first_call_s": 0.5},
+                          "fp32, cuda-graph": {"n": 500, "steps": 1000, "s": 4.5, "ms_per_step": 4.5, "first_call_s": 1.0}},
+             "mnist_gpu": {"train_s": 80.0, "compile": "cuda-graph", "confident_fraction": 0.93, "seconds": 20.0}}
+    row = {"tflops": 250.0, "of_bf16_matmul": 250 / 790}
+    second = {"device": device, "tiny": False, "bf16_matmul_tflops": 790.0,
+              "cifar": {"ddpmkit / train bf16": {**row, "images_per_s": 3000.0}, "ddpmkit / train fp32/TF32": {**row, "images_per_s": 2500.0},
+                        "ddpmkit channels-last / train bf16": {**row, "images_per_s": 3400.0},
+                        "ddpmkit autocast-norms / train bf16": {**row, "images_per_s": 9000.0},  # a form before the change: not ddpmkit's
+                        "diffusers / train bf16": {**row, "images_per_s": 1600.0}}}
+    paths = [tmp_path / "1.json", tmp_path / "2.json"]
+    for path, figures in zip(paths, (first, second)):
+        path.write_text(json.dumps(figures))
+    assert run_main("gpu_report.py", [str(p) for p in paths], monkeypatch) == 0
+    out = capsys.readouterr().out
+    assert "| demo preset, 1600 steps | <= 15 s | eager 41.0 s, cuda-graph (capture included) 9.5 s | met |" in out
+    assert "| 500 x 1,000 ancestral steps | <= 5 s | fp32 7.25 s, fp32, cuda-graph 4.50 s | met |" in out
+    assert "| x2.12 (ddpmkit channels-last: 3400 against 1600 images/s) | met |" in out
+    assert "| ddpmkit's CIFAR-10 UNet: bf16 / TF32 train step (eager) | > 1x | x1.20 | met |" in out
+    assert "| 93.0% judged p >= 0.9; 80 s training (train.compile=cuda-graph), 20 s sampling + judging | NOT met |" in out
+    assert run_main("gpu_report.py", [str(paths[0])], monkeypatch) == 0  # the first call's file alone
+    assert "| CIFAR-10 UNet bf16 train step / diffusers' eager bf16 | >= 2x | the part did not run | not measured |" in capsys.readouterr().out
+    paths[1].write_text(json.dumps({**second, "device": "another GPU"}))
+    assert run_main("gpu_report.py", [str(p) for p in paths], monkeypatch) == 2
+    assert "2.json was measured on 'another GPU', the others on 'NVIDIA H200, 139 GiB'" in capsys.readouterr().err
+    assert run_main("gpu_report.py", [str(tmp_path / "none.json")], monkeypatch) == 2
+    assert "No such file" in capsys.readouterr().err
 
 
 def test_gpu_bench_reports_a_failing_compile_and_measures_the_other_modes(monkeypatch, capsys, tmp_path):
