@@ -12,7 +12,8 @@
    gradient norm, the NaN guard's flags, EMA, the once-per-window read-back) against a minimal PyTorch loop of the same
    network, loss and batches (forward, backward, fused AdamW) in this process, alternating rounds, at batch 1 (where
    the network's work is negligible) and at the preset's batch, where torch.profiler also counts the step's kernel
-   launches and its device time;
+   launches and its device time, and a dispatch mode the ops that compute in the network's forward, in the backward
+   and in the rest of the step (what stays eager under train.compile = "cuda-graph");
 4. DDPM's CIFAR-10 UNet (128-256-256-256 channels, 2 blocks per level, attention at 16x16) built by ddpmkit and by
    diffusers' UNet2DModel, in this process, alternating rounds, medians: a training step (MSE + AdamW) in fp32/TF32 and
    in bf16 autocast at batch 128, and the bf16 forward at batch 512, eager and torch.compile'd; images/s, TFLOP/s
@@ -51,6 +52,7 @@ import ddpmkit.threads  # noqa: F401 -- before torch: OpenMP threads wait passiv
 # isort: split
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddpmkit.config import load_config
@@ -289,6 +291,7 @@ def overhead_at(bs: int, device: torch.device, tiny: bool, rounds: int, results:
         times["plain"].append(1000 * seconds(plain_step, device, reps))
     if bs > 1:  # the preset's batch: how many kernels a step launches, and how much of the step the device is busy
         profile_step(engine_step, device, f"demo UNet, the engine's step at batch {bs}", results)
+        ops_by_phase(trainer, engine_step, results)
     trainer.log.close()
     shutil.rmtree(run_dir, ignore_errors=True)
     engine, plain = statistics.median(times["engine"]), statistics.median(times["plain"])
@@ -296,6 +299,50 @@ def overhead_at(bs: int, device: torch.device, tiny: bool, rounds: int, results:
     print(f"engine overhead, batch {bs} ({trainer.precision}): engine {engine:.2f} ms/step, minimal loop {plain:.2f} ms/step: "
           f"{engine - plain:+.2f} ms ({engine / plain - 1:+.1%})", flush=True)
     return True
+
+
+class _Ops(TorchDispatchMode):
+    """Counts the aten ops that compute (not the views) by phase: set .phase from outside."""
+
+    VIEWS = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze", "slice", "select", "as_strided",
+             "alias", "detach", "unbind", "split", "split_with_sizes", "_reshape_alias", "lift_fresh", "unflatten"}
+
+    def __init__(self):
+        super().__init__()
+        self.phase, self.counts = "rest", {"forward": 0, "backward": 0, "rest": 0}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in self.VIEWS:
+            self.counts[self.phase] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_by_phase(trainer, engine_step: Callable[[], None], results: dict) -> None:
+    """The ops of one engine step that compute, in the network's forward, in the backward and the rest (batch, loss, NaN
+    guard, clipping, optimizer, EMA): with train.compile = "cuda-graph" the first two are two graph replays and the
+    rest stays one launch per op."""
+    ops = _Ops()
+    net = trainer.raw
+    hooks = [net.register_forward_pre_hook(lambda *_: setattr(ops, "phase", "forward")),
+             net.register_forward_hook(lambda *_: setattr(ops, "phase", "rest"))]
+    backward = trainer.accelerator.backward
+
+    def counted_backward(loss, **kwargs):
+        ops.phase = "backward"
+        backward(loss, **kwargs)
+        ops.phase = "rest"
+
+    trainer.accelerator.backward = counted_backward
+    try:
+        with ops:
+            engine_step()
+    finally:
+        trainer.accelerator.backward = backward
+        for hook in hooks:
+            hook.remove()
+    results.setdefault("overhead", {})["ops_per_step"] = ops.counts
+    print(f"engine step's ops that compute ({trainer.precision}): network forward {ops.counts['forward']}, backward "
+          f"{ops.counts['backward']}, the rest {ops.counts['rest']} (eager even with train.compile = cuda-graph)", flush=True)
 
 
 def cifar_unets(tiny: bool) -> dict[str, Callable[[], torch.nn.Module]]:

@@ -120,7 +120,11 @@ def tables(f: dict) -> list[str]:
     overhead = f.get("overhead", {})
     if overhead:
         lines += ["", "| engine overhead | engine ms/step | minimal loop ms/step |", "|---|---|---|"]
-        lines += [f"| {k} ({v['precision']}) | {v['engine_ms']:.2f} | {v['plain_ms']:.2f} |" for k, v in overhead.items()]
+        lines += [f"| {k} ({v['precision']}) | {v['engine_ms']:.2f} | {v['plain_ms']:.2f} |" for k, v in overhead.items() if "engine_ms" in v]
+        ops = overhead.get("ops_per_step")
+        if ops:
+            lines += ["", f"Ops that compute in one engine step of the demo: network forward {ops['forward']}, backward {ops['backward']}, "
+                          f"the rest {ops['rest']} (eager even with train.compile = cuda-graph)."]
     profiles = f.get("profiles", {})
     if profiles:
         lines += ["", "| profile | kernel launches per call | device ms per call |", "|---|---|---|"]

@@ -78,6 +78,8 @@ def test_gpu_bench_tiny_mode_runs_on_whatever_device_is_here(monkeypatch, capsys
     report = capsys.readouterr().out
     assert "| demo preset, 6 steps | <= 15 s | eager " in report and "| toy sizes |" in report and "NOT met" not in report
     assert "| ddpmkit autocast-norms | train bf16 |" in report and "trained in" in report
+    ops = figures["overhead"]["ops_per_step"]  # the engine step's ops by phase, counted once
+    assert min(ops.values()) > 0 and f"network forward {ops['forward']}, backward {ops['backward']}, the rest {ops['rest']}" in report
 
 
 def test_gpu_report_judges_each_acceptance_point_from_the_figures(monkeypatch, capsys, tmp_path):
