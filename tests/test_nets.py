@@ -238,3 +238,18 @@ def test_the_norm_layer_is_nn_group_norm_itself_off_cuda(dtype):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             assert torch.equal(norm(x), torch.nn.GroupNorm.forward(norm, x))
     assert list(norm.state_dict()) == ["weight", "bias"] and isinstance(norm, torch.nn.GroupNorm)
+
+
+@pytest.mark.parametrize("preset", ["mnist", "mnist_gpu"])
+def test_the_presets_networks_trace_as_one_graph_for_torch_compile(preset, tmp_path):
+    """No graph break, first call included (functools.cached_property's lock broke it in three on Python 3.11): a
+    compiled or reduce-overhead step is one graph, not three with eager code between."""
+    import torch._dynamo
+
+    from ddpmkit.config import load_config
+    from ddpmkit.train import TASKS
+
+    cfg = load_config(preset, [f"train.run_dir={tmp_path}", "network.base_channels=8"])
+    net = TASKS[cfg.train.task](cfg).build_model()
+    explained = torch._dynamo.explain(net)(torch.randn(2, 1, 28, 28), torch.tensor([3.0, 700.0]))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), [b.reason for b in explained.break_reasons]

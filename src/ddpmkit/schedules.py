@@ -11,13 +11,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Literal
 
 import torch
 
 from .errors import UserError
-from .utils import on_device
+from .utils import cached_table, on_device
 
 ScheduleName = Literal["linear", "cosine", "scaled_linear", "sigmoid"]
 
@@ -140,35 +139,35 @@ class NoiseSchedule:
     def T(self) -> int:
         return self.betas.numel()
 
-    @cached_property
+    @cached_table
     def alphas(self) -> torch.Tensor:
         return 1.0 - self.betas
 
-    @cached_property
+    @cached_table
     def alpha_bar(self) -> torch.Tensor:
         return torch.cumprod(self.alphas, 0)
 
-    @cached_property
+    @cached_table
     def alpha_bar_prev(self) -> torch.Tensor:
         """alpha_bar_{t-1}, with alpha_bar_{-1} = 1 (x_{-1} is the data x_0 itself)."""
         return torch.cat([self.betas.new_ones(1), self.alpha_bar[:-1]])
 
-    @cached_property
+    @cached_table
     def posterior_variance(self) -> torch.Tensor:
         """beta-tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t (DDPM eq. 7)."""
         return (1.0 - self.alpha_bar_prev) / (1.0 - self.alpha_bar) * self.betas
 
-    @cached_property
+    @cached_table
     def posterior_mean_coef_x0(self) -> torch.Tensor:
         """sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t): mu-tilde_t's coefficient of x_0 (DDPM eq. 7)."""
         return self.alpha_bar_prev.sqrt() * self.betas / (1.0 - self.alpha_bar)
 
-    @cached_property
+    @cached_table
     def posterior_mean_coef_xt(self) -> torch.Tensor:
         """sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t): mu-tilde_t's coefficient of x_t (DDPM eq. 7)."""
         return self.alphas.sqrt() * (1.0 - self.alpha_bar_prev) / (1.0 - self.alpha_bar)
 
-    @cached_property
+    @cached_table
     def posterior_log_variance_clipped(self) -> torch.Tensor:
         """log beta-tilde_t with the t=0 entry (beta-tilde_0 = 0) replaced by beta-tilde_1."""
         v = self.posterior_variance
@@ -176,7 +175,7 @@ class NoiseSchedule:
             return self.betas.log()
         return torch.cat([v[1:2], v[1:]]).log()
 
-    @cached_property
+    @cached_table
     def log_snr(self) -> torch.Tensor:
         """lambda_t = log(alpha_bar_t / (1 - alpha_bar_t))."""
         ab = self.alpha_bar
@@ -207,7 +206,7 @@ class NoiseSchedule:
         out = torch.where(w == 0, a, a + w * (b - a))
         return out.exp()
 
-    @cached_property
+    @cached_table
     def log_alpha_bar_from_minus_one(self) -> torch.Tensor:
         """[0, log alpha_bar_0, ..., log alpha_bar_{T-1}]: log alpha_bar at t = -1 (the data), 0, ..., T - 1."""
         return torch.cat([self.betas.new_zeros(1), self.alpha_bar.log()])

@@ -13,6 +13,24 @@ from .errors import UserError
 _ON_DEVICE: dict[tuple[int, torch.device], tuple[weakref.ref, torch.Tensor]] = {}
 
 
+class cached_table:
+    """functools.cached_property without its lock, as Python 3.12 has it: on 3.11 torch.compile cannot enter the lock
+    and broke a compiled network's graph in three at its first call (the schedule's tables read in its forward). Two
+    threads that race compute the same table twice; both keep equal values."""
+
+    def __init__(self, fn):
+        self.fn, self.name, self.__doc__ = fn, fn.__name__, fn.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, owner: type | None = None):
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.fn(obj)
+        return value
+
+
 def on_device(table: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """A (read-only, by convention) table on `device`, copied there once per table and device."""
     device = torch.device(device)
