@@ -127,3 +127,30 @@ def test_training_keeps_snapshots_resumes_exactly_and_posthoc_ema_samples(tmp_pa
     assert m.step == 12 and m.config.diffusion.precondition == "edm"
     x = ddpmkit.sample(m.network, (16, 2), m.schedule, sampler="ddim", steps=5, prediction="x0", generator=0).x
     assert x.shape == (16, 2) and torch.isfinite(x).all()
+
+
+def test_folding_in_a_step_is_one_multi_tensor_op_per_average():
+    """On a GPU every op is a launch: the averages' update is one _foreach_lerp_ each, not one lerp per tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    power = PowerEMA(model, (0.05, 0.1))
+    with Ops() as ops:
+        power.update(model, 3)
+    assert [n for n in ops.names if "lerp" in n] == ["_foreach_lerp_", "_foreach_lerp_"]
+    beta = (1 - 1 / 3) ** (gamma_from_sigma_rel(0.1) + 1)  # and the arithmetic is the per-tensor lerp's
+    expected = torch.lerp(torch.zeros(()), model[0].weight.detach(), 1 - beta)
+    fresh = PowerEMA(model, (0.1,))
+    for a in fresh.averages[0].values():
+        a.zero_()
+    fresh.update(model, 3)
+    assert torch.equal(fresh.averages[0]["0.weight"], expected.expand_as(model[0].weight))

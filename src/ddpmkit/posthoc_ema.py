@@ -75,8 +75,8 @@ class PowerEMA:
         current = model.state_dict()
         for gamma, avg in zip(self.gammas, self.averages):
             beta = (1.0 - 1.0 / t) ** (gamma + 1)
-            for k, a in avg.items():
-                a.lerp_(current[k].detach().float(), 1.0 - beta)
+            # one multi-tensor op per average: a per-tensor loop was a launch per tensor and average at every step on a GPU
+            torch._foreach_lerp_(list(avg.values()), [current[k].float() for k in avg], 1.0 - beta)
 
     def to(self, device: torch.device | str) -> PowerEMA:
         self.averages = [{k: v.to(device) for k, v in avg.items()} for avg in self.averages]
