@@ -307,6 +307,10 @@ def test_ema_update_and_warmup():
     ema_update(ema, model, decay=0.75)  # 0.75 * 1 + 0.25 * 3
     assert all(torch.allclose(p, torch.full_like(p, 1.5)) for p in ema.parameters())
     assert ema_decay_at(0, 0.999) == pytest.approx(0.1) and ema_decay_at(10**6, 0.999) == 0.999
+    norm_ema, norm = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)  # buffers are copied, not averaged
+    norm(torch.randn(8, 3))
+    ema_update(norm_ema, norm, decay=0.9)
+    assert all(torch.equal(e, b) for e, b in zip(norm_ema.buffers(), norm.buffers()))
     # decay 0 (train.ema_decay = 0): the "EMA" is exactly the last weights, bit for bit
     torch.manual_seed(0)
     model = torch.nn.Linear(7, 5)

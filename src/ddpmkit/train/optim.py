@@ -58,8 +58,9 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, applied: torch.Te
     else:
         weight = applied.to(params[0].dtype) * (1.0 - decay) if params else None
         torch._foreach_lerp_(params, source, [weight] * len(params))
-    for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(b)
+    buffers, sources = list(ema.buffers()), list(model.buffers())
+    if buffers:
+        torch._foreach_copy_(buffers, sources)
 
 
 def ema_decay_at(step: int, decay: float) -> float:
