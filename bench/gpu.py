@@ -161,11 +161,12 @@ def sampling(run_dir: Path, device: torch.device, tiny: bool, compiled: bool, re
               f"first call of 3 steps {first:.1f} s)", flush=True)
 
 
-def demo_variant(device: torch.device, tiny: bool, mode: str, results: dict) -> None:
+def demo_variant(device: torch.device, tiny: bool, mode: str, results: dict, keep: bool = False) -> Path | None:
     """The demo preset's trainer with train.compile = mode: "cuda-graph" (the network's forward and backward captured as
     CUDA graphs, no compile; CUDA only) or "reduce-overhead" (torch.compile with CUDA graphs on a GPU). The wall time
     with the capture or compile, and the steps' own rate (median log window after the first). --tiny leaves the compile
-    out (minutes on a CPU), to keep the rest of the part runnable in the tests."""
+    out (minutes on a CPU), to keep the rest of the part runnable in the tests. keep: return the run's folder (its final
+    checkpoint is the demo model, for the sampling part) instead of removing it; None when the part did not run."""
     import warnings
 
     from ddpmkit.train import train
@@ -174,7 +175,7 @@ def demo_variant(device: torch.device, tiny: bool, mode: str, results: dict) -> 
     if mode == "cuda-graph" and device.type != "cuda":
         results[key] = {"skipped": f"needs CUDA, the device is {device.type}"}
         print(f"demo trainer, train.compile={mode}: skipped (needs CUDA; the device is {device.type})", flush=True)
-        return
+        return None
     run_dir = Path(tempfile.mkdtemp(prefix="gpu-bench-demo-variant-"))
     mode = "no" if tiny and mode == "reduce-overhead" else mode
     cfg = load_config("mnist", [f"train.run_dir={run_dir}", f"train.compile={mode}", "train.sample_every=0", "train.keep_steps=",
@@ -187,7 +188,7 @@ def demo_variant(device: torch.device, tiny: bool, mode: str, results: dict) -> 
     except RuntimeError as e:  # the compile failing on this GPU is the finding
         results[key] = {"error": repr(e)[-2000:]}
         print(f"demo trainer, train.compile={mode}: failed: {last_line(e)}", flush=True)
-        return
+        return None
     total = time.perf_counter() - start
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     rates = [e["examples_per_s"] for e in log if "examples_per_s" in e][1:] or [float("nan")]
@@ -198,7 +199,10 @@ def demo_variant(device: torch.device, tiny: bool, mode: str, results: dict) -> 
     print(f"demo trainer, train.compile={mode}: {steps} steps in {total:.1f} s with the {'capture' if mode == 'cuda-graph' else 'compile'}; "
           f"{rate:.0f} images/s (median log window after the first) = {steps * cfg.train.batch_size / rate:.1f} s for the steps alone"
           f"{'; FELL BACK TO EAGER: ' + eager[0] if eager else ''}", flush=True)
+    if keep:
+        return run_dir
     shutil.rmtree(run_dir, ignore_errors=True)
+    return None
 
 
 def gpu_preset(device: torch.device, tiny: bool, results: dict) -> None:
@@ -560,13 +564,15 @@ def main() -> int:
             Path(args.out).write_text(json.dumps(results, indent=1))
 
     rounds, run_dir = 1 if args.tiny else args.rounds, None
+    if "demo-graphed" not in args.skip:  # first: the acceptance's likeliest figure; its run serves sampling if "demo" is skipped
+        run_dir = demo_variant(device, args.tiny, "cuda-graph", results, keep=True)
+        save("demo-graphed")
     if "demo" not in args.skip:
         run_dir = demo_trainer(device, args.tiny, results)
         save("demo")
-    if "demo-graphed" not in args.skip:
-        demo_variant(device, args.tiny, "cuda-graph", results)
-        save("demo-graphed")
-    if "sampling" not in args.skip and run_dir is not None:
+    if "sampling" not in args.skip and run_dir is None:
+        print("ancestral sampling: skipped (no demo model: neither part demo nor demo-graphed trained one here)", flush=True)
+    elif "sampling" not in args.skip:
         sampling(run_dir, device, args.tiny, not (args.no_compile or args.tiny or args.quick), results)
         save("sampling")
     if "preset" not in args.skip:
