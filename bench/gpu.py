@@ -194,10 +194,13 @@ def demo_variant(device: torch.device, tiny: bool, mode: str, results: dict, kee
     rates = [e["examples_per_s"] for e in log if "examples_per_s" in e][1:] or [float("nan")]
     steps, rate = cfg.train.steps, statistics.median(rates)
     eager = [str(w.message) for w in said if "running it eagerly" in str(w.message)]  # a capture that failed: say so
-    results[key] = {"steps": steps, "train_s_with_compile": total, "images_per_s_median_window": rate,
-                    "steps_s_at_that_rate": steps * cfg.train.batch_size / rate, "loss_last": log[-1].get("loss"), "fell_back": eager}
+    calls = log[-1].get("cuda_graph", {})  # the engine's count of the network's calls: replayed, eager, captured
+    results[key] = {"steps": steps, "train_s_with_compile": total, "images_per_s_median_window": rate, "cuda_graph_calls": calls,
+                    "steps_s_at_that_rate": steps * cfg.train.batch_size / rate, "fell_back": eager,
+                    "loss_last": next((e["loss"] for e in reversed(log) if "loss" in e), None)}
     print(f"demo trainer, train.compile={mode}: {steps} steps in {total:.1f} s with the {'capture' if mode == 'cuda-graph' else 'compile'}; "
           f"{rate:.0f} images/s (median log window after the first) = {steps * cfg.train.batch_size / rate:.1f} s for the steps alone"
+          f"{'; calls ' + ', '.join(f'{k} {v}' for k, v in calls.items()) if calls else ''}"
           f"{'; FELL BACK TO EAGER: ' + eager[0] if eager else ''}", flush=True)
     if keep:
         return run_dir

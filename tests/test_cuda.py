@@ -134,6 +134,8 @@ def test_a_training_run_through_cuda_graphs_follows_the_eager_one(tmp_path, prec
         log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
         losses[mode] = [e["loss"] for e in log if "loss" in e]
         weights[mode] = load_file(next(run.glob("ckpt-*/model.safetensors")))
+        calls = log[-1].get("cuda_graph")  # the run's own count of the network's calls
+        assert calls == ({"eager": 2, "captured": 1, "replayed": 8} if mode == "cuda-graph" else None), calls
     assert made == [2]  # x_t and t: one signature, captured once
     assert len(losses["no"]) == len(losses["cuda-graph"]) == 10
     tolerance = 1e-5 if precision == "fp32" else 1e-3

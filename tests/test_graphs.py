@@ -1,5 +1,8 @@
-"""CUDA-graph replay of a network's sampling calls (graphs.py): what holds without a GPU. tests/test_cuda.py checks
-on a GPU that captured calls give the eager samples."""
+"""CUDA-graph replay of a network's sampling and training calls (graphs.py): what holds without a GPU, the capture
+itself stood in for where a test needs one. tests/test_cuda.py checks on a GPU that captured calls give the eager
+samples and the eager training."""
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -161,3 +164,31 @@ def test_a_run_asking_for_cuda_graphs_on_a_cpu_stops_before_its_first_step(tmp_p
     with pytest.raises(UserError, match='needs a CUDA GPU; this run trains on cpu'):
         train(cfg, progress=False)
     assert not list(tmp_path.glob("ckpt-*"))
+
+
+def test_the_engine_trains_through_training_graphs_and_logs_their_calls(tmp_path, monkeypatch):
+    """train.compile = "cuda-graph" wired into the real engine, the capture itself stood in for (it needs CUDA): the
+    network's forward becomes TrainingGraphs, its calls replay from the third step, the losses and checkpoints are the
+    eager run's, and the run's last log line counts the calls."""
+    from safetensors.torch import load_file
+
+    from ddpmkit.config import load_config
+    from ddpmkit.train import engine, train
+
+    def install(net, device, processes=1):
+        graphs = TrainingGraphs(net, capture=lambda one, tensors: (lambda *xs: Node.apply(one(*xs))), device_type="cpu")
+        net.forward = graphs
+        return graphs
+
+    monkeypatch.setattr(engine, "capture_training", install)
+    losses, logs = {}, {}
+    for mode in ("no", "cuda-graph"):
+        cfg = load_config("toy2d", [f"train.run_dir={tmp_path / mode}", "train.steps=8", "train.log_every=1", "train.sample_every=0",
+                                    f"train.compile={mode}"])
+        train(cfg, progress=False)
+        logs[mode] = [json.loads(line) for line in (tmp_path / mode / "train_log.jsonl").read_text().splitlines()]
+        losses[mode] = [e["loss"] for e in logs[mode] if "loss" in e]
+    assert len(losses["no"]) == 8 and losses["cuda-graph"] == losses["no"]
+    assert logs["cuda-graph"][-1]["cuda_graph"] == {"eager": 2, "captured": 1, "replayed": 6} and "cuda_graph" not in logs["no"][-1]
+    plain, graphed = (load_file(next((tmp_path / m).glob("ckpt-*/model.safetensors"))) for m in ("no", "cuda-graph"))
+    assert set(plain) == set(graphed) and all(torch.equal(plain[k], graphed[k]) for k in plain)

@@ -152,6 +152,7 @@ class Trainer:
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         task.attach_ema(self.ema)
         # in place: parameters, state dict and checkpoints stay those of the plain module
+        self.graphs = None
         if self.tc.compile == "cuda-graph":
             self.graphs = capture_training(self.model, self.accelerator.device, self.world)
         elif self.tc.compile != "no":
@@ -362,8 +363,9 @@ class Trainer:
         final: dict = {}
         if acc.is_main_process:
             final = self.task.finish(self.ema.eval(), self.raw)
+            graphs = {"cuda_graph": dict(self.graphs.counts)} if self.graphs is not None else {}  # calls replayed, eager, captured
             self.log.record({"step": st.step, "done": True, "world_size": self.world, "precision": self.precision,
-                             "params_in_sync": in_sync, "elapsed_s": time.time() - self.t_start, **final})
+                             "params_in_sync": in_sync, "elapsed_s": time.time() - self.t_start, **graphs, **final})
         self.checkpoint(final)
         self.log.close()
         return self.run_dir
