@@ -112,11 +112,12 @@ def tables(f: dict) -> list[str]:
                   for k, v in sampling.items()]
     trainers = [(k, f[k]) for k in ("demo", "demo cuda-graph", "demo reduce-overhead") if k in f]
     if trainers:
-        lines += ["", "| demo trainer | train s | images/s (median log window) |", "|---|---|---|"]
+        lines += ["", "| demo trainer | train s | images/s (median log window) | the network's calls |", "|---|---|---|---|"]
         for k, v in trainers:
             seconds = v.get("train_s", v.get("train_s_with_compile"))
-            lines.append(f"| {k} | {seconds:.1f} | {v.get('images_per_s_median_window', float('nan')):,.0f} |" if seconds is not None
-                         else f"| {k} | {why_not(v)} | |")
+            calls = ", ".join(f"{name} {n}" for name, n in v.get("cuda_graph_calls", {}).items()) or "eager"
+            lines.append(f"| {k} | {seconds:.1f} | {v.get('images_per_s_median_window', float('nan')):,.0f} | {calls} |" if seconds is not None
+                         else f"| {k} | {why_not(v)} | | |")
     overhead = f.get("overhead", {})
     if overhead:
         lines += ["", "| engine overhead | engine ms/step | minimal loop ms/step |", "|---|---|---|"]

@@ -87,7 +87,8 @@ def test_gpu_report_judges_each_acceptance_point_from_the_figures(monkeypatch, c
     device = "NVIDIA H200, 139 GiB"
     first = {"device": device, "tiny": False, "bf16_matmul_tflops": 790.0,
              "demo": {"steps": 1600, "train_s": 41.0, "images_per_s_median_window": 2600.0},
-             "demo cuda-graph": {"steps": 1600, "train_s_with_compile": 9.5, "images_per_s_median_window": 12000.0},
+             "demo cuda-graph": {"steps": 1600, "train_s_with_compile": 9.5, "images_per_s_median_window": 12000.0,
+                                 "cuda_graph_calls": {"eager": 2, "captured": 1, "replayed": 1598}},
              "sampling": {"fp32": {"n": 500, "steps": 1000, "s": 7.25, "ms_per_step": 7.25, "first_call_s": 0.5},
                           "fp32, cuda-graph": {"n": 500, "steps": 1000, "s": 4.5, "ms_per_step": 4.5, "first_call_s": 1.0}},
              "mnist_gpu": {"train_s": 80.0, "compile": "cuda-graph", "confident_fraction": 0.93, "seconds": 20.0}}
@@ -103,6 +104,7 @@ def test_gpu_report_judges_each_acceptance_point_from_the_figures(monkeypatch, c
     assert run_main("gpu_report.py", [str(p) for p in paths], monkeypatch) == 0
     out = capsys.readouterr().out
     assert "| demo preset, 1600 steps | <= 15 s | eager 41.0 s, cuda-graph (capture included) 9.5 s | met |" in out
+    assert "| demo cuda-graph | 9.5 | 12,000 | eager 2, captured 1, replayed 1598 |" in out
     assert "| 500 x 1,000 ancestral steps | <= 5 s | fp32 7.25 s, fp32, cuda-graph 4.50 s | met |" in out
     assert "| x2.12 (ddpmkit channels-last: 3400 against 1600 images/s) | met |" in out
     assert "| ddpmkit's CIFAR-10 UNet: bf16 / TF32 train step (eager) | > 1x | x1.20 | met |" in out
