@@ -24,7 +24,8 @@
    time) to see where it goes;
 5. the GPU digit recipe (`ddpmkit train mnist_gpu`, with train.compile = "cuda-graph" on CUDA): its training's wall
    time, then 500 samples (DPM-Solver++(2M), 20 steps, as the preset suggests) judged by bench/digits_quality.py:
-   the share judged p >= 0.9 (target >= 95%);
+   the share judged p >= 0.9 (target >= 95%), unguided and autoguided by the step-1,000 checkpoint the preset keeps
+   (w = 1.5, the demo's);
 6. the nearest-2x + 3x3 upsampling's forms at the CIFAR-10 UNet's sizes, forward + backward in bf16 autocast and fp32:
    the 2x2 phases ddpmkit computes, one stride-2 transposed convolution with a 4x4 kernel (the same map), and the plain
    interpolate-then-convolve: which one a GPU wants;
@@ -228,24 +229,32 @@ def gpu_preset(device: torch.device, tiny: bool, results: dict) -> None:
         judged, said = judge_samples(run_dir, device)
         figures.update(judged)
         line += said if "judge_error" in judged else f"{said}; training + sampling {trained + judged['seconds']:.0f} s"
+        weaker = run_dir / f"ckpt-{cfg.train.keep_steps[0]:07d}" if cfg.train.keep_steps else None
+        if weaker is not None and weaker.is_dir():  # the recipe keeps an early checkpoint for autoguidance, as the demo does
+            figures["autoguided"], said = judge_samples(run_dir, device, weaker)
+            line += said
     results["mnist_gpu"] = figures
     print(line, flush=True)
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def judge_samples(run_dir: Path, device: torch.device) -> tuple[dict, str]:
-    """bench/digits_quality.py on a run: 500 samples by DPM-Solver++(2M) in 20 steps, judged. (figures, a line)."""
-    out = run_dir / "quality"
+def judge_samples(run_dir: Path, device: torch.device, autoguide: Path | None = None, scale: float = 1.5) -> tuple[dict, str]:
+    """bench/digits_quality.py on a run: 500 samples by DPM-Solver++(2M) in 20 steps, judged; with `autoguide`, guided
+    by that weaker checkpoint at w = scale (the demo's w). (figures, a line)."""
+    out = run_dir / ("quality-autoguided" if autoguide else "quality")
+    guided = ["--autoguide", str(autoguide), "--autoguide-scale", f"{scale:g}"] if autoguide else []
     done = subprocess.run([sys.executable, str(Path(__file__).with_name("digits_quality.py")), "--checkpoint", str(run_dir), "--n", "500",
-                           "--sampler", "dpmpp_2m", "--steps", "20", "--device", str(device), "--out", str(out)], capture_output=True, text=True)
+                           "--sampler", "dpmpp_2m", "--steps", "20", "--device", str(device), "--out", str(out), *guided],
+                          capture_output=True, text=True)
     reports = sorted(out.glob("report_*.json"))
     if not reports:  # a failure is a figure too: keep its last lines, and go on with the other parts
         error = (done.stderr or done.stdout)[-2000:]
         return {"judge_error": error}, f"; judging failed (exit {done.returncode}): {(error.strip().splitlines() or [''])[-1]}"
     report = json.loads(reports[0].read_text())
     figures = {k: report[k] for k in ("confident_fraction", "judge_fd", "nfe", "n", "seconds", "judge_test_accuracy")}
-    return figures, (f"; {report['n']} samples (DPM-Solver++(2M), {report['nfe']} NFE) judged p >= 0.9: {report['confident_fraction']:.1%} "
-                     f"(target >= 95%), judge-FD {report['judge_fd']:.2f}")
+    how = f"autoguided by {autoguide.name} at w = {scale:g}, " if autoguide else ""
+    return figures, (f"; {report['n']} samples (DPM-Solver++(2M), {how}{report['nfe']} NFE) judged p >= 0.9: "
+                     f"{report['confident_fraction']:.1%} (target >= 95%), judge-FD {report['judge_fd']:.2f}")
 
 
 def engine_overhead(device: torch.device, tiny: bool, rounds: int, results: dict) -> None:

@@ -78,9 +78,12 @@ def acceptance(f: dict) -> list[tuple[str, str, str, str]]:
         rows.append(("ddpmkit's CIFAR-10 UNet: bf16 / TF32 train step (eager)", "> 1x", "the part did not run", "not measured"))
     preset = f.get("mnist_gpu", {})
     judged = preset.get("confident_fraction")
+    guided = preset.get("autoguided", {}).get("confident_fraction")
     if judged is not None:
-        figure = (f"{judged:.1%} judged p >= 0.9; {preset['train_s']:.0f} s training (train.compile={preset.get('compile')}), "
+        figure = (f"{judged:.1%} judged p >= 0.9" + (f" unguided, {guided:.1%} autoguided (w = 1.5)" if guided is not None else "") +
+                  f"; {preset['train_s']:.0f} s training (train.compile={preset.get('compile')}), "
                   f"{preset.get('seconds', float('nan')):.0f} s sampling + judging")
+        judged = max(judged, guided) if guided is not None else judged
     elif "train_s" in preset and "judge_error" not in preset:
         figure = f"trained in {preset['train_s']:.1f} s, not judged" + (" (--tiny)" if tiny else "")
     else:
