@@ -554,6 +554,9 @@ def main() -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd forms (their compile takes minutes)")
     p.add_argument("--quick", action="store_true", help="only the compiles the acceptance needs: ddpmkit's CIFAR-10 UNet, not "
                    "diffusers' or the sampler's reduce-overhead, and no demo-compiled part (a lent GPU's 15 minutes)")
+    p.add_argument("--parts", nargs="*", default=None, choices=PARTS, help="the parts to run, in this order (default: all, in the "
+                   "order above, the demo-graphed part first: the acceptance's likeliest figure; sampling uses the demo model "
+                   "a part before it trained)")
     p.add_argument("--skip", nargs="*", default=[], choices=PARTS, help="parts to leave out")
     p.add_argument("--out", default=None, help="write every figure to this JSON file too")
     args = p.parse_args()
@@ -575,33 +578,35 @@ def main() -> int:
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))
 
-    rounds, run_dir = 1 if args.tiny else args.rounds, None
-    if "demo-graphed" not in args.skip:  # first: the acceptance's likeliest figure; its run serves sampling if "demo" is skipped
-        run_dir = demo_variant(device, args.tiny, "cuda-graph", results, keep=True)
-        save("demo-graphed")
-    if "demo" not in args.skip:
-        run_dir = demo_trainer(device, args.tiny, results)
-        save("demo")
-    if "sampling" not in args.skip and run_dir is None:
-        print("ancestral sampling: skipped (no demo model: neither part demo nor demo-graphed trained one here)", flush=True)
-    elif "sampling" not in args.skip:
-        sampling(run_dir, device, args.tiny, not (args.no_compile or args.tiny or args.quick), results)
-        save("sampling")
-    if "preset" not in args.skip:
-        gpu_preset(device, args.tiny, results)
-        save("preset")
-    if "overhead" not in args.skip:
-        engine_overhead(device, args.tiny, rounds, results)
-        save("overhead")
-    if "cifar" not in args.skip:
-        unet_modes(device, args.tiny, rounds, not (args.no_compile or args.tiny), results, bf16, compile_theirs=not args.quick)
-        save("cifar")
-    if "upsampling" not in args.skip:
-        upsampling_forms(device, args.tiny, rounds, results)
-        save("upsampling")
-    if "demo-compiled" not in args.skip and not (args.no_compile or args.quick):
-        demo_variant(device, args.tiny, "reduce-overhead", results)
-        save("demo-compiled")
+    rounds, compiles = 1 if args.tiny else args.rounds, not (args.no_compile or args.tiny)
+    run_dir: list[Path | None] = [None]  # the demo model a part trained, for the sampling part
+
+    def demo_graphed() -> None:
+        run_dir[0] = demo_variant(device, args.tiny, "cuda-graph", results, keep=True) or run_dir[0]
+
+    def demo() -> None:
+        run_dir[0] = demo_trainer(device, args.tiny, results)
+
+    def sample() -> None:
+        if run_dir[0] is None:
+            print("ancestral sampling: skipped (no demo model: neither part demo nor demo-graphed trained one here)", flush=True)
+        else:
+            sampling(run_dir[0], device, args.tiny, compiles and not args.quick, results)
+
+    def demo_compiled() -> None:  # (--tiny runs the part with train.compile = "no": the compile takes minutes on a CPU)
+        if args.no_compile or args.quick:
+            print("demo trainer, train.compile=reduce-overhead: skipped (--quick or --no-compile)", flush=True)
+        else:
+            demo_variant(device, args.tiny, "reduce-overhead", results)
+
+    run = {"demo-graphed": demo_graphed, "demo": demo, "sampling": sample, "preset": lambda: gpu_preset(device, args.tiny, results),
+           "overhead": lambda: engine_overhead(device, args.tiny, rounds, results),
+           "cifar": lambda: unet_modes(device, args.tiny, rounds, compiles, results, bf16, compile_theirs=not args.quick),
+           "upsampling": lambda: upsampling_forms(device, args.tiny, rounds, results), "demo-compiled": demo_compiled}
+    for part in args.parts or PARTS:
+        if part not in args.skip:
+            run[part]()
+            save(part)
     if args.out:
         print(f"figures -> {args.out}")
     return 0
