@@ -543,7 +543,7 @@ def upsampling_forms(device: torch.device, tiny: bool, rounds: int, results: dic
             print(f"upsampling {label}: " + ", ".join(f"{name} {ms:.3f} ms" for name, ms in out[label].items()), flush=True)
 
 
-PARTS = ["demo", "demo-graphed", "sampling", "preset", "overhead", "cifar", "upsampling", "demo-compiled"]
+PARTS = ["demo-graphed", "demo", "sampling", "preset", "overhead", "cifar", "upsampling", "demo-compiled"]
 
 
 def main() -> int:
