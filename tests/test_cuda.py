@@ -115,7 +115,8 @@ def test_a_training_step_on_the_gpu_reads_nothing_back(tmp_path, compile_mode):
 @pytest.mark.parametrize("precision", ["fp32", "auto"])
 def test_a_training_run_through_cuda_graphs_follows_the_eager_one(tmp_path, precision, monkeypatch):
     """train.compile = "cuda-graph": the demo's network captured once (forward and backward) and replayed; the same kernels
-    as eager, so the same losses and weights within rounding, and checkpoints with the plain module's keys."""
+    as eager, so the same losses and weights within rounding, and checkpoints with the plain module's keys. With dropout
+    (mnist_gpu has 0.1): each step's masks come from the step's seed in the graph as eagerly."""
     from safetensors.torch import load_file
 
     from ddpmkit import graphs
@@ -128,7 +129,7 @@ def test_a_training_run_through_cuda_graphs_follows_the_eager_one(tmp_path, prec
     for mode in ("no", "cuda-graph"):
         run = tmp_path / mode
         cfg = load_config("mnist", [f"train.run_dir={run}", "train.steps=10", "train.log_every=1", "train.sample_every=0",
-                                    "train.eval_every=0", "train.keep_steps=", "train.batch_size=16",
+                                    "train.eval_every=0", "train.keep_steps=", "train.batch_size=16", "network.dropout=0.1",
                                     f"train.mixed_precision={precision}", f"train.compile={mode}"])
         train(cfg, progress=False)
         log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
