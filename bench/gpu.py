@@ -57,7 +57,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddpmkit.config import load_config
-from ddpmkit.devices import default_device, describe_cpu
+from ddpmkit.devices import default_device, describe_device
 from ddpmkit.nets.layers import GroupNorm
 from ddpmkit.nets.unet import UNet
 
@@ -89,13 +89,6 @@ def seconds(fn: Callable[[], object], device: torch.device, reps: int) -> float:
 def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, reps: int) -> float:
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     return 2 * n**3 / seconds(lambda: a @ b, device, reps) / 1e12
-
-
-def describe(device: torch.device) -> str:
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        return f"{p.name} ({p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs), torch {torch.__version__}, CUDA {torch.version.cuda}"
-    return describe_cpu() if device.type == "cpu" else f"{device.type}, torch {torch.__version__}"
 
 
 # --tiny: the demo preset at toy size
@@ -564,7 +557,7 @@ def main() -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # "fp32" below means TF32 where the GPU has it
     n, reps = (128, 1) if args.tiny else (8192, 20) if device.type != "cpu" else (2048, 8)  # a CPU: seconds, not minutes
-    results: dict = {"device": describe(device), "tiny": args.tiny}
+    results: dict = {"device": describe_device(device), "tiny": args.tiny}
     results["bf16_matmul_tflops"] = bf16 = matmul_tflops(device, torch.bfloat16, n, reps)
     results["fp32_matmul_tflops"] = matmul_tflops(device, torch.float32, n, reps)
     print(f"device: {results['device']}; {n}^2 matmul: bf16 {bf16:.1f} TFLOP/s, fp32{'/TF32' if device.type == 'cuda' else ''} "

@@ -162,3 +162,17 @@ def test_user_errors_are_one_line_in_the_faces_words_and_bugs_keep_their_traceba
     monkeypatch.setattr(forward, "cmd_forward", raising(ValueError("a bug")))
     with pytest.raises(ValueError, match="a bug"):
         run(capsys, "forward", "mnist5k:7")
+
+
+def test_train_says_where_and_in_what_precision_it_trains(tmp_path, capsys):
+    """One line before the progress bar: the device (a GPU user sees it is used), the precision, how the network runs."""
+    from ddpmkit.devices import describe_cpu
+    from ddpmkit.precision import resolve_precision
+
+    assert main(["train", "toy2d", "train.steps=2", f"train.run_dir={tmp_path / 'a'}"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"train denoiser on {describe_cpu()}; fp32"
+    assert main(["train", "toy2d", "train.steps=2", "train.mixed_precision=auto", f"train.run_dir={tmp_path / 'b'}"]) == 0
+    picked = {"no": "fp32", "bf16": "bf16"}[resolve_precision("auto")]  # bf16 on a CPU with AVX-512-bf16, else fp32
+    assert capsys.readouterr().out.splitlines()[0] == f"train denoiser on {describe_cpu()}; {picked} (auto)"
+    assert main(["train", "toy2d", "train.steps=2", f"train.run_dir={tmp_path / 'c'}", "--quiet"]) == 0
+    assert "train denoiser on" not in capsys.readouterr().out  # --quiet: no bar, no line

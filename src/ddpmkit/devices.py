@@ -85,6 +85,14 @@ def cpu_kind() -> str:
     return "AVX2" if capability == "AVX2" else capability
 
 
+def describe_device(device: torch.device) -> str:
+    """One line naming the device a figure or a run comes from: the GPU's name and memory, or describe_cpu()."""
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return f"{p.name} ({p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs), torch {torch.__version__}, CUDA {torch.version.cuda}"
+    return describe_cpu() if device.type == "cpu" else f"{device.type}, torch {torch.__version__}"
+
+
 def describe_cpu() -> str:
     """One line naming the CPU, its kind, the caps in force and the threads: printed beside every CPU figure."""
     caps = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if os.environ.get(k)]

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointInfo, list_checkpoints, load_training_state, read_config, save_checkpoint
 from ..config import Config
-from ..devices import has_accelerator
+from ..devices import describe_device, has_accelerator
 from ..graphs import capture_training
 from ..posthoc_ema import PowerEMA
 from ..precision import resolve_precision
@@ -199,6 +199,11 @@ class Trainer:
             for stale in self.run_dir.glob(".tmp-ckpt-*"):  # a checkpoint a killed run was writing: never complete, never read
                 shutil.rmtree(stale, ignore_errors=True)
         self.log = _RunLog(self.run_dir, acc.is_main_process)
+        if self.progress and acc.is_main_process:  # where and how it trains, before the bar: a GPU user sees it is used
+            how = {"no": "", "cuda-graph": ", the network replayed as CUDA graphs"}.get(self.tc.compile, f", compiled ({self.tc.compile})")
+            processes = f", {self.world} processes" if self.world > 1 else ""
+            precision = ("fp32" if self.precision == "no" else self.precision) + (" (auto)" if self.tc.mixed_precision == "auto" else "")
+            print(f"train {self.task.name} on {describe_device(acc.device)}; {precision}{how}{processes}", flush=True)
         self.bar = tqdm(total=self.tc.steps, initial=self.state.step, disable=not (self.progress and acc.is_main_process),
                         desc=f"train {self.task.name}", dynamic_ncols=True)
         self.t_start = time.time()
