@@ -396,7 +396,9 @@ def unet_modes(device: torch.device, tiny: bool, rounds: int, compiled: bool, re
                     m.__class__ = torch.nn.GroupNorm
         params = sum(p.numel() for p in net.parameters()) / 1e6
         results.setdefault("cifar_params_M", {})[name] = params
-        for comp in ([False, True] if compiled and not form and (compile_theirs or name == "ddpmkit") else [False]):
+        # compiled: each library's plain form; without --quick also ddpmkit's channels-last one (compiles only compare there)
+        compile_this = not form or (form == " channels-last" and compile_theirs)
+        for comp in ([False, True] if compiled and compile_this and (compile_theirs or name == "ddpmkit") else [False]):
             fn = wrap(name, torch.compile(net) if comp else net)
             opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type != "mps")
             x = torch.randn(batch_train, 3, 32, 32, device=device).contiguous(memory_format=layout)
