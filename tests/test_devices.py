@@ -78,3 +78,16 @@ def test_the_avx2_caps_make_an_avx512_machine_an_avx2_one_for_precision(monkeypa
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
     assert devices.cpu_computes_bf16() and devices.cpu_kind() == "AVX-512-bf16" and resolve_precision("auto") == "bf16"
+
+
+def test_a_process_under_a_cpu_capability_cap_caches_its_compiled_kernels_apart():
+    """Inductor's disk cache ignores the ATEN_CPU_CAPABILITY cap: kernels built uncapped, loaded under the AVX2 caps,
+    trained a compiled toy to NaN (ddpmkit/inductor_cache.py). A capped process gets a folder of its own."""
+    import tempfile
+
+    from ddpmkit.inductor_cache import cache_dir_for
+
+    assert cache_dir_for({}) is None  # uncapped: torch's own default
+    folder = cache_dir_for({"ATEN_CPU_CAPABILITY": "AVX2"})
+    assert folder.startswith(tempfile.gettempdir()) and folder.endswith("_avx2") and "torchinductor_" in folder
+    assert cache_dir_for({"ATEN_CPU_CAPABILITY": "avx2", "TORCHINDUCTOR_CACHE_DIR": "/mine"}) is None  # the user's choice stands

@@ -2,6 +2,7 @@
 # isort: off
 from . import threads  # noqa: F401  (first: it configures OpenMP before torch loads it)
 from . import heap  # noqa: F401  (malloc keeps freed activations for the next step)
+from . import inductor_cache  # noqa: F401  (torch.compile's kernels cached apart under a CPU capability cap)
 # isort: on
 from . import viz
 from .analytic import GaussianMixture
