@@ -47,12 +47,13 @@ def acceptance(f: dict) -> list[tuple[str, str, str, str]]:
     times = {"eager": demo.get("train_s"), "cuda-graph (capture included)": graphed.get("train_s_with_compile")}
     times = {k: v for k, v in times.items() if isinstance(v, (int, float))}
     best = min(times.items(), key=lambda kv: kv[1]) if times else None
-    figure = ", ".join(f"{k} {v:.1f} s" for k, v in times.items()) or why_not(graphed or demo)
+    failed = f.get("part_errors", {})  # a part that raised: bench/gpu.py went on with the others
+    figure = ", ".join(f"{k} {v:.1f} s" for k, v in times.items()) or why_not(graphed or demo or {"error": failed.get("demo-graphed")})
     rows.append((f"demo preset, {demo.get('steps', 1600)} steps", f"<= {TARGETS['demo_s']:.0f} s", figure,
                  verdict(best[1] if best else None, TARGETS["demo_s"], True, tiny)))
     sampling = {k: v for k, v in f.get("sampling", {}).items() if isinstance(v.get("s"), (int, float))}
     best_s = min(sampling.items(), key=lambda kv: kv[1]["s"]) if sampling else None
-    figure = ", ".join(f"{k} {v['s']:.2f} s" for k, v in sampling.items()) or "the part did not run"
+    figure = ", ".join(f"{k} {v['s']:.2f} s" for k, v in sampling.items()) or why_not({"error": failed.get("sampling")})
     n, steps = (best_s[1]["n"], best_s[1]["steps"]) if best_s else (500, 1000)
     rows.append((f"{n} x {steps:,} ancestral steps", f"<= {TARGETS['sampling_s']:.0f} s", figure,
                  verdict(best_s[1]["s"] if best_s else None, TARGETS["sampling_s"], True, tiny)))
@@ -69,7 +70,10 @@ def acceptance(f: dict) -> list[tuple[str, str, str, str]]:
                      f"{row['of_bf16_matmul']:.1%} ({row['tflops']:.1f} TFLOP/s of {f.get('bf16_matmul_tflops', float('nan')):.0f})",
                      verdict(row["of_bf16_matmul"], TARGETS["of_bf16_matmul"], False, tiny)))
     else:
-        rows.append(("CIFAR-10 UNet bf16 train step / diffusers' eager bf16", ">= 2x", why_not(f.get("cifar_errors", {})), "not measured"))
+        errors = f.get("cifar_errors") or {}  # the cases that failed inside the part, or the part itself
+        reason = f"error: {next(iter(errors))}: {why_not({'error': next(iter(errors.values()))})[7:]}" if errors else \
+            why_not({"error": failed.get("cifar")})
+        rows.append(("CIFAR-10 UNet bf16 train step / diffusers' eager bf16", ">= 2x", reason, "not measured"))
     bf16, tf32 = cifar.get("ddpmkit / train bf16"), cifar.get("ddpmkit / train fp32/TF32")
     if bf16 and tf32:
         ratio = bf16["images_per_s"] / tf32["images_per_s"]
@@ -87,7 +91,7 @@ def acceptance(f: dict) -> list[tuple[str, str, str, str]]:
     elif "train_s" in preset and "judge_error" not in preset:
         figure = f"trained in {preset['train_s']:.1f} s, not judged" + (" (--tiny)" if tiny else "")
     else:
-        figure = why_not(preset)
+        figure = why_not(preset or {"error": failed.get("preset")})
     rows.append(("mnist_gpu's 500 samples", f">= {TARGETS['judged']:.0%} judged p >= 0.9", figure, verdict(judged, TARGETS["judged"], False, tiny)))
     return rows
 
@@ -95,7 +99,7 @@ def acceptance(f: dict) -> list[tuple[str, str, str, str]]:
 def why_not(part: dict) -> str:
     """Why a part has no figure: skipped, failed (its last line), or did not run."""
     for key in ("skipped", "error", "judge_error"):
-        if key in part:
+        if part.get(key):
             return f"{key}: {str(part[key]).strip().splitlines()[-1][:160]}"
     return "the part did not run"
 

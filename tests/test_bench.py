@@ -113,11 +113,32 @@ def test_gpu_report_judges_each_acceptance_point_from_the_figures(monkeypatch, c
            "20 s sampling + judging | met |" in out
     assert run_main("gpu_report.py", [str(paths[0])], monkeypatch) == 0  # the first call's file alone
     assert "| CIFAR-10 UNet bf16 train step / diffusers' eager bf16 | >= 2x | the part did not run | not measured |" in capsys.readouterr().out
+    paths[0].write_text(json.dumps({**first, "part_errors": {"cifar": "RuntimeError('CUDA out of memory')"}}))  # a part that raised
+    assert run_main("gpu_report.py", [str(paths[0])], monkeypatch) == 0
+    assert "| >= 2x | error: RuntimeError('CUDA out of memory') | not measured |" in capsys.readouterr().out
     paths[1].write_text(json.dumps({**second, "device": "another GPU"}))
     assert run_main("gpu_report.py", [str(p) for p in paths], monkeypatch) == 2
     assert "2.json was measured on 'another GPU', the others on 'NVIDIA H200, 139 GiB'" in capsys.readouterr().err
     assert run_main("gpu_report.py", [str(tmp_path / "none.json")], monkeypatch) == 2
     assert "No such file" in capsys.readouterr().err
+
+
+def test_gpu_bench_goes_on_after_a_part_that_raises(monkeypatch, capsys, tmp_path):
+    """One line and a "part_errors" entry for the part; the parts after it still run and are saved."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_gpu_raising", BENCH / "gpu.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+
+    def raising(*args, **kwargs):
+        raise KeyError("something the preset part did not expect")
+
+    monkeypatch.setattr(gpu, "gpu_preset", raising)
+    monkeypatch.setattr(sys, "argv", ["gpu.py", "--tiny", "--parts", "preset", "demo-graphed", "--out", str(tmp_path / "gpu.json")])
+    assert gpu.main() == 0
+    assert "part preset: failed: 'something the preset part did not expect'" in capsys.readouterr().out
+    figures = json.loads((tmp_path / "gpu.json").read_text())
+    assert "KeyError" in figures["part_errors"]["preset"] and list(figures["part_seconds"]) == ["preset", "demo-graphed"]
 
 
 def test_gpu_bench_reports_a_failing_compile_and_measures_the_other_modes(monkeypatch, capsys, tmp_path):
