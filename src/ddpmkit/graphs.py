@@ -35,7 +35,11 @@ from .errors import UserError
 def signature(args: tuple, kwargs: dict) -> tuple:
     """What a captured graph is specific to: every tensor's shape, dtype, device and whether it requires a gradient,
     every other argument's value, and the autocast state."""
-    leaves, spec = tree_flatten((args, kwargs))
+    return signature_of(*tree_flatten((args, kwargs)))
+
+
+def signature_of(leaves: list, spec: Any) -> tuple:
+    """signature() of a call already flattened (a call is flattened once: it is on every step's path)."""
     parts = [("tensor", tuple(x.shape), x.dtype, x.device, x.requires_grad) if isinstance(x, torch.Tensor)
              else ("value", x if isinstance(x, (bool, int, float, str, type(None))) else repr(x)) for x in leaves]
     autocast = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
@@ -47,6 +51,7 @@ class Captured:
 
     def __init__(self, net: nn.Module, args: tuple, kwargs: dict):
         self.inputs = tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, (args, kwargs))
+        self.static = [x for x in tree_flatten(self.inputs)[0] if isinstance(x, torch.Tensor)]  # where each call's tensors go
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up off the main stream, as PyTorch's CUDA-graph notes advise
@@ -59,10 +64,9 @@ class Captured:
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.outputs = net(*self.inputs[0], **self.inputs[1])
 
-    def __call__(self, args: tuple, kwargs: dict) -> Any:
-        for static, x in zip(tree_flatten(self.inputs)[0], tree_flatten((args, kwargs))[0]):
-            if isinstance(static, torch.Tensor):
-                static.copy_(x)
+    def __call__(self, tensors: list[torch.Tensor]) -> Any:
+        for static, x in zip(self.static, tensors):
+            static.copy_(x)
         self.graph.replay()
         return tree_map(lambda y: y.clone() if isinstance(y, torch.Tensor) else y, self.outputs)
 
@@ -77,9 +81,11 @@ class CudaGraphed(nn.Module):
         self.calls: Counter = Counter()
 
     def forward(self, *args, **kwargs) -> Any:
-        if torch.is_grad_enabled() or not all_on(args, kwargs):
+        leaves, spec = tree_flatten((args, kwargs))
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        if torch.is_grad_enabled() or not all_on(tensors):
             return self.net(*args, **kwargs)
-        key = signature(args, kwargs)
+        key = signature_of(leaves, spec)
         if key not in self.graphs:
             self.calls[key] += 1
             if self.calls[key] <= self.warmup:  # eager first: lazy initialisation, cuDNN's choice of algorithms
@@ -90,12 +96,11 @@ class CudaGraphed(nn.Module):
                 warnings.warn(f"ddpmkit: could not capture the network as a CUDA graph, running it eagerly: {e}", stacklevel=2)
                 self.graphs[key] = None
         captured = self.graphs[key]
-        return self.net(*args, **kwargs) if captured is None else captured(args, kwargs)
+        return self.net(*args, **kwargs) if captured is None else captured(tensors)
 
 
-def all_on(args: tuple, kwargs: dict, device_type: str = "cuda") -> bool:
+def all_on(tensors: list[torch.Tensor], device_type: str = "cuda") -> bool:
     """Whether a call has tensors and all of them are on that kind of device (else it runs as it is)."""
-    tensors = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
     return bool(tensors) and all(x.device.type == device_type for x in tensors)
 
 
@@ -170,14 +175,16 @@ class TrainingGraphs:
         self.counts: Counter = Counter()  # "eager" (of which "busy": the graph's last replay awaited its backward), "captured", "replayed"
 
     def __call__(self, *args, **kwargs) -> Any:
-        if not (torch.is_grad_enabled() and self.net.training and all_on(args, kwargs, self.device_type)):
+        leaves, spec = tree_flatten((args, kwargs))
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        if not (torch.is_grad_enabled() and self.net.training and all_on(tensors, self.device_type)):
             return self.run_eagerly(args, kwargs)
-        key = signature(args, kwargs)
+        key = signature_of(leaves, spec)
         if key not in self.graphs:
             self.calls[key] += 1
             if self.calls[key] <= self.warmup:  # eager first: lazy initialisation, cuDNN's choice of algorithms
                 return self.run_eagerly(args, kwargs)
-            self.graphs[key] = self.captured(args, kwargs)
+            self.graphs[key] = self.captured(args, kwargs, tuple(tensors))
         graphed, last = self.graphs[key], self.pending.get(key)
         if graphed is not None and last is not None and last.live:
             self.counts["busy"] += 1
@@ -187,7 +194,7 @@ class TrainingGraphs:
             return self.run_eagerly(args, kwargs)
         if graphed is None:
             return self.run_eagerly(args, kwargs)
-        out = graphed(*[x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)])
+        out = graphed(*tensors)
         self.counts["replayed"] += 1
         first = next((y for y in tree_flatten(out)[0] if isinstance(y, torch.Tensor) and y.grad_fn is not None), None)
         if first is not None:
@@ -198,8 +205,7 @@ class TrainingGraphs:
         self.counts["eager"] += 1
         return self.eager(*args, **kwargs)
 
-    def captured(self, args: tuple, kwargs: dict) -> Callable | None:
-        tensors = tuple(x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor))
+    def captured(self, args: tuple, kwargs: dict, tensors: tuple[torch.Tensor, ...]) -> Callable | None:
         try:
             graphed = (self.capture or make_graphed)(_OneSignature(self.eager, self.net, args, kwargs), tensors)
         except (RuntimeError, AssertionError) as e:  # an op that cannot be captured (a host read, a copy from the CPU)
