@@ -5,6 +5,7 @@ import scipy.linalg
 import torch
 
 from ddpmkit.analytic import GaussianMixture
+from ddpmkit.errors import UserError
 from ddpmkit.evaluate.inception import FIDInceptionV3, inception_features, load_fid_inception
 from ddpmkit.evaluate.likelihood import dequantize, ode_nll, vlb
 from ddpmkit.evaluate.metrics import FeatureStats, fid_from_features, frechet_distance, inception_score, kernel_inception_distance
@@ -109,6 +110,11 @@ def test_inception_score_limits():
     confident = np.eye(10)[np.arange(1000) % 10] * 0.999 + 0.0001
     assert inception_score(confident)[0] == pytest.approx(10, rel=0.02)
     assert inception_score(np.full((1000, 10), 0.1))[0] == pytest.approx(1.0)
+    # fewer samples than splits: one split per sample (a split of one sample scores exactly 1), never NaN
+    assert inception_score(confident[:6]) == inception_score(confident[:6], splits=6) == (pytest.approx(1.0), 0.0)
+    assert inception_score(confident[:3], splits=1)[0] == pytest.approx(3, rel=0.02)
+    with pytest.raises(UserError, match="n >= 1"):
+        inception_score(np.zeros((0, 10)))
 
 
 def test_inception_network_loads_weights_from_a_file_and_computes_features(tmp_path):

@@ -84,12 +84,13 @@ def kernel_inception_distance(a: torch.Tensor | np.ndarray, b: torch.Tensor | np
 
 
 def inception_score(probs: torch.Tensor | np.ndarray, splits: int = 10) -> tuple[float, float]:
-    """IS (Salimans et al. 2016) = exp(E_x KL(p(y|x) || p(y))), mean and std over `splits` splits."""
+    """IS (Salimans et al. 2016) = exp(E_x KL(p(y|x) || p(y))), mean and std over `splits` splits (at most one per
+    sample: an empty split would make the score NaN)."""
     p = np.asarray(probs, dtype=np.float64)
-    if p.ndim != 2 or not np.allclose(p.sum(1), 1, atol=1e-4):
-        raise UserError("inception_score needs class probabilities (n, classes) whose rows sum to 1")
+    if p.ndim != 2 or len(p) == 0 or not np.allclose(p.sum(1), 1, atol=1e-4):
+        raise UserError("inception_score needs class probabilities (n, classes), n >= 1, whose rows sum to 1")
     scores = []
-    for part in np.array_split(p, splits):
+    for part in np.array_split(p, min(splits, len(p))):
         py = part.mean(0, keepdims=True)
         kl = (part * (np.log(np.clip(part, 1e-12, None)) - np.log(np.clip(py, 1e-12, None)))).sum(1).mean()
         scores.append(math.exp(kl))
