@@ -23,9 +23,9 @@
    layers.GroupNorm kept bf16); then torch.profiler's table of each eager bf16 step (the 15 ops with the most device
    time) to see where it goes;
 5. the GPU digit recipe (`ddpmkit train mnist_gpu`, with train.compile = "cuda-graph" on CUDA): its training's wall
-   time, then 500 samples (DPM-Solver++(2M), 20 steps, as the preset suggests) judged by bench/digits_quality.py:
-   the share judged p >= 0.9 (target >= 95%), unguided and autoguided by the step-1,000 checkpoint the preset keeps
-   (w = 1.5, the demo's);
+   time, then 500 samples judged by bench/digits_quality.py: the share judged p >= 0.9 (target >= 95%) with
+   DPM-Solver++(2M) in 20 steps (as the preset suggests) and with 1,000 ancestral steps (digits_quality.py's default),
+   each unguided and autoguided by the step-1,000 checkpoint the preset keeps (w = 1.5, the demo's);
 6. the nearest-2x + 3x3 upsampling's forms at the CIFAR-10 UNet's sizes, forward + backward in bf16 autocast and fp32:
    the 2x2 phases ddpmkit computes, one stride-2 transposed convolution with a 4x4 kernel (the same map), and the plain
    interpolate-then-convolve: which one a GPU wants;
@@ -202,9 +202,16 @@ def demo_variant(device: torch.device, tiny: bool, mode: str, results: dict, kee
     return None
 
 
-def gpu_preset(device: torch.device, tiny: bool, results: dict) -> None:
-    """`ddpmkit train mnist_gpu` on the device, then bench/digits_quality.py on its EMA weights (--tiny: a toy network
-    and no judging, which would train the judge CNN first)."""
+# how bench/gpu.py judges mnist_gpu's 500 samples, in this order (the cheapest first: a call cut short keeps them):
+# (the figures' key, sampler, steps, autoguided by the recipe's early checkpoint); DPM-Solver++(2M) in 20 steps is what
+# a user samples with, 1,000 ancestral steps bench/digits_quality.py's default (Algorithm 2)
+JUDGINGS = [("dpmpp_2m", "dpmpp_2m", 20, False), ("autoguided", "dpmpp_2m", 20, True),
+            ("ancestral", "ddpm", None, False), ("ancestral autoguided", "ddpm", None, True)]
+
+
+def gpu_preset(device: torch.device, tiny: bool, results: dict, keep: Callable[[], None] = lambda: None) -> None:
+    """`ddpmkit train mnist_gpu` on the device, then bench/digits_quality.py on its EMA weights, each way JUDGINGS names
+    (--tiny: a toy network and no judging, which would train the judge CNN first). `keep` saves the figures so far."""
     from ddpmkit.train import train
 
     run_dir = Path(tempfile.mkdtemp(prefix="gpu-bench-preset-"))
@@ -216,38 +223,40 @@ def gpu_preset(device: torch.device, tiny: bool, results: dict) -> None:
     start = time.perf_counter()
     train(cfg, progress=False)
     trained = time.perf_counter() - start
-    figures = {"steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "train_s": trained, "compile": cfg.train.compile}
-    line = f"mnist_gpu (train.compile={cfg.train.compile}): {cfg.train.steps} steps of {cfg.train.batch_size} in {trained:.1f} s"
-    if not tiny:
-        judged, said = judge_samples(run_dir, device)
-        figures.update(judged)
-        line += said if "judge_error" in judged else f"{said}; training + sampling {trained + judged['seconds']:.0f} s"
-        weaker = run_dir / f"ckpt-{cfg.train.keep_steps[0]:07d}" if cfg.train.keep_steps else None
-        if weaker is not None and weaker.is_dir():  # the recipe keeps an early checkpoint for autoguidance, as the demo does
-            figures["autoguided"], said = judge_samples(run_dir, device, weaker)
-            line += said
-    results["mnist_gpu"] = figures
-    print(line, flush=True)
+    results["mnist_gpu"] = figures = {"steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "train_s": trained,
+                                      "compile": cfg.train.compile, "judged": {}}
+    print(f"mnist_gpu (train.compile={cfg.train.compile}): {cfg.train.steps} steps of {cfg.train.batch_size} in {trained:.1f} s",
+          flush=True)
+    keep()
+    weaker = run_dir / f"ckpt-{cfg.train.keep_steps[0]:07d}" if cfg.train.keep_steps else None
+    for key, sampler, steps, guided in [] if tiny else JUDGINGS:
+        if guided and (weaker is None or not weaker.is_dir()):
+            continue  # the recipe keeps an early checkpoint for autoguidance, as the demo does
+        figures["judged"][key], said = judge_samples(run_dir, device, sampler, steps, weaker if guided else None)
+        print(f"mnist_gpu: {said}", flush=True)
+        keep()
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def judge_samples(run_dir: Path, device: torch.device, autoguide: Path | None = None, scale: float = 1.5) -> tuple[dict, str]:
-    """bench/digits_quality.py on a run: 500 samples by DPM-Solver++(2M) in 20 steps, judged; with `autoguide`, guided
-    by that weaker checkpoint at w = scale (the demo's w). (figures, a line)."""
-    out = run_dir / ("quality-autoguided" if autoguide else "quality")
+def judge_samples(run_dir: Path, device: torch.device, sampler: str, steps: int | None, autoguide: Path | None = None,
+                  scale: float = 1.5) -> tuple[dict, str]:
+    """bench/digits_quality.py on a run: 500 samples by `sampler` in `steps` (None: all T), judged; with `autoguide`,
+    guided by that weaker checkpoint at w = scale (the demo's w). (figures, a line)."""
+    out = run_dir / f"quality-{sampler}{'-autoguided' if autoguide else ''}"
     guided = ["--autoguide", str(autoguide), "--autoguide-scale", f"{scale:g}"] if autoguide else []
     done = subprocess.run([sys.executable, str(Path(__file__).with_name("digits_quality.py")), "--checkpoint", str(run_dir), "--n", "500",
-                           "--sampler", "dpmpp_2m", "--steps", "20", "--device", str(device), "--out", str(out), *guided],
-                          capture_output=True, text=True)
+                           "--sampler", sampler, *(["--steps", str(steps)] if steps else []), "--device", str(device),
+                           "--out", str(out), *guided], capture_output=True, text=True)
     reports = sorted(out.glob("report_*.json"))
     if not reports:  # a failure is a figure too: keep its last lines, and go on with the other parts
         error = (done.stderr or done.stdout)[-2000:]
-        return {"judge_error": error}, f"; judging failed (exit {done.returncode}): {(error.strip().splitlines() or [''])[-1]}"
+        return {"judge_error": error}, f"judging failed (exit {done.returncode}): {(error.strip().splitlines() or [''])[-1]}"
     report = json.loads(reports[0].read_text())
     figures = {k: report[k] for k in ("confident_fraction", "judge_fd", "nfe", "n", "seconds", "judge_test_accuracy")}
-    how = f"autoguided by {autoguide.name} at w = {scale:g}, " if autoguide else ""
-    return figures, (f"; {report['n']} samples (DPM-Solver++(2M), {how}{report['nfe']} NFE) judged p >= 0.9: "
-                     f"{report['confident_fraction']:.1%} (target >= 95%), judge-FD {report['judge_fd']:.2f}")
+    figures["how"] = how = (f"{'DPM-Solver++(2M)' if sampler == 'dpmpp_2m' else sampler}, {report['nfe']} NFE" +
+                            (f", autoguided by {autoguide.name} at w = {scale:g}" if autoguide else ""))
+    return figures, (f"{report['n']} samples ({how}) judged p >= 0.9: {report['confident_fraction']:.1%} (target >= 95%), "
+                     f"judge-FD {report['judge_fd']:.2f}, {report['seconds']:.0f} s")
 
 
 def engine_overhead(device: torch.device, tiny: bool, rounds: int, results: dict) -> None:
@@ -567,11 +576,14 @@ def main() -> int:
 
     started = time.perf_counter()
 
-    def save(part: str) -> None:  # after every part: a run cut short keeps what it measured, and what each part took
-        results.setdefault("part_seconds", {})[part] = seconds_taken = time.perf_counter() - started
-        print(f"[{part}: done at {seconds_taken:.0f} s]", flush=True)
+    def keep() -> None:  # the figures so far to the file: a run cut short keeps what it measured
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))
+
+    def save(part: str) -> None:  # after every part, with what each part took
+        results.setdefault("part_seconds", {})[part] = seconds_taken = time.perf_counter() - started
+        print(f"[{part}: done at {seconds_taken:.0f} s]", flush=True)
+        keep()
 
     rounds, compiles = 1 if args.tiny else args.rounds, not (args.no_compile or args.tiny)
     run_dir: list[Path | None] = [None]  # the demo model a part trained, for the sampling part
@@ -594,7 +606,7 @@ def main() -> int:
         else:
             demo_variant(device, args.tiny, "reduce-overhead", results)
 
-    run = {"demo-graphed": demo_graphed, "demo": demo, "sampling": sample, "preset": lambda: gpu_preset(device, args.tiny, results),
+    run = {"demo-graphed": demo_graphed, "demo": demo, "sampling": sample, "preset": lambda: gpu_preset(device, args.tiny, results, keep),
            "overhead": lambda: engine_overhead(device, args.tiny, rounds, results),
            "cifar": lambda: unet_modes(device, args.tiny, rounds, compiles, results, bf16, compile_theirs=not args.quick),
            "upsampling": lambda: upsampling_forms(device, args.tiny, rounds, results), "demo-compiled": demo_compiled}

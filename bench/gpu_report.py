@@ -81,17 +81,18 @@ def acceptance(f: dict) -> list[tuple[str, str, str, str]]:
     else:
         rows.append(("ddpmkit's CIFAR-10 UNet: bf16 / TF32 train step (eager)", "> 1x", "the part did not run", "not measured"))
     preset = f.get("mnist_gpu", {})
-    judged = preset.get("confident_fraction")
-    guided = preset.get("autoguided", {}).get("confident_fraction")
-    if judged is not None:
-        figure = (f"{judged:.1%} judged p >= 0.9" + (f" unguided, {guided:.1%} autoguided (w = 1.5)" if guided is not None else "") +
-                  f"; {preset['train_s']:.0f} s training (train.compile={preset.get('compile')}), "
-                  f"{preset.get('seconds', float('nan')):.0f} s sampling + judging")
-        judged = max(judged, guided) if guided is not None else judged
-    elif "train_s" in preset and "judge_error" not in preset:
-        figure = f"trained in {preset['train_s']:.1f} s, not judged" + (" (--tiny)" if tiny else "")
+    judged = {key: j for key, j in preset.get("judged", {}).items() if "confident_fraction" in j}
+    best = max(judged.values(), key=lambda j: j["confident_fraction"], default=None)
+    if best is not None:  # each way it was judged, named; the verdict on the best of them, named too
+        figure = ("; ".join(f"{j['confident_fraction']:.1%} ({j['how']})" if "confident_fraction" in j else f"{key}: {why_not(j)}"
+                            for key, j in preset["judged"].items()) +
+                  f"; {preset['train_s']:.0f} s training (train.compile={preset.get('compile')})" +
+                  (f"; best: {best['how']}" if len(judged) > 1 else ""))
     else:
-        figure = why_not(preset or {"error": failed.get("preset")})
+        errors = [j["judge_error"] for j in preset.get("judged", {}).values() if "judge_error" in j]
+        figure = why_not({"judge_error": errors[0]}) if errors else why_not(preset or {"error": failed.get("preset")}) \
+            if "train_s" not in preset else f"trained in {preset['train_s']:.1f} s, not judged" + (" (--tiny)" if tiny else "")
+    judged = best["confident_fraction"] if best is not None else None
     rows.append(("mnist_gpu's 500 samples", f">= {TARGETS['judged']:.0%} judged p >= 0.9", figure, verdict(judged, TARGETS["judged"], False, tiny)))
     return rows
 

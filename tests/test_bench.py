@@ -91,8 +91,10 @@ def test_gpu_report_judges_each_acceptance_point_from_the_figures(monkeypatch, c
                                  "cuda_graph_calls": {"eager": 2, "captured": 1, "replayed": 1598}},
              "sampling": {"fp32": {"n": 500, "steps": 1000, "s": 7.25, "ms_per_step": 7.25, "first_call_s": 0.5},
                           "fp32, cuda-graph": {"n": 500, "steps": 1000, "s": 4.5, "ms_per_step": 4.5, "first_call_s": 1.0}},
-             "mnist_gpu": {"train_s": 80.0, "compile": "cuda-graph", "confident_fraction": 0.93, "seconds": 20.0,
-                           "autoguided": {"confident_fraction": 0.96}}}
+             "mnist_gpu": {"train_s": 80.0, "compile": "cuda-graph", "judged": {
+                 "dpmpp_2m": {"confident_fraction": 0.93, "how": "DPM-Solver++(2M), 20 NFE"},
+                 "autoguided": {"confident_fraction": 0.96, "how": "DPM-Solver++(2M), 40 NFE, autoguided by ckpt-0001000 at w = 1.5"},
+                 "ancestral": {"judge_error": "Traceback ...\nRuntimeError: CUDA error: an illegal memory access"}}}}
     row = {"tflops": 250.0, "of_bf16_matmul": 250 / 790}
     second = {"device": device, "tiny": False, "bf16_matmul_tflops": 790.0,
               "cifar": {"ddpmkit / train bf16": {**row, "images_per_s": 3000.0}, "ddpmkit / train fp32/TF32": {**row, "images_per_s": 2500.0},
@@ -109,8 +111,9 @@ def test_gpu_report_judges_each_acceptance_point_from_the_figures(monkeypatch, c
     assert "| 500 x 1,000 ancestral steps | <= 5 s | fp32 7.25 s, fp32, cuda-graph 4.50 s | met |" in out
     assert "| x2.12 (ddpmkit channels-last: 3400 against 1600 images/s) | met |" in out
     assert "| ddpmkit's CIFAR-10 UNet: bf16 / TF32 train step (eager) | > 1x | x1.20 | met |" in out
-    assert "| 93.0% judged p >= 0.9 unguided, 96.0% autoguided (w = 1.5); 80 s training (train.compile=cuda-graph), " \
-           "20 s sampling + judging | met |" in out
+    assert "| 93.0% (DPM-Solver++(2M), 20 NFE); 96.0% (DPM-Solver++(2M), 40 NFE, autoguided by ckpt-0001000 at w = 1.5); ancestral: " \
+           "judge_error: RuntimeError: CUDA error: an illegal memory access; 80 s training (train.compile=cuda-graph); " \
+           "best: DPM-Solver++(2M), 40 NFE, autoguided by ckpt-0001000 at w = 1.5 | met |" in out
     assert run_main("gpu_report.py", [str(paths[0])], monkeypatch) == 0  # the first call's file alone
     assert "| CIFAR-10 UNet bf16 train step / diffusers' eager bf16 | >= 2x | the part did not run | not measured |" in capsys.readouterr().out
     paths[0].write_text(json.dumps({**first, "part_errors": {"cifar": "RuntimeError('CUDA out of memory')"}}))  # a part that raised
