@@ -87,7 +87,9 @@ def acceptance(f: dict) -> list[tuple[str, str, str, str]]:
         figure = ("; ".join(f"{j['confident_fraction']:.1%} ({j['how']})" if "confident_fraction" in j else f"{key}: {why_not(j)}"
                             for key, j in preset["judged"].items()) +
                   f"; {preset['train_s']:.0f} s training (train.compile={preset.get('compile')})" +
-                  (f"; best: {best['how']}" if len(judged) > 1 else ""))
+                  (f"; best: {best['how']}" if len(judged) > 1 else "") +
+                  (f" (the judge reads {best['real_confident_fraction']:.1%} of the real held-out digits so)"
+                   if "real_confident_fraction" in best else ""))
     else:
         errors = [j["judge_error"] for j in preset.get("judged", {}).values() if "judge_error" in j]
         figure = why_not({"judge_error": errors[0]}) if errors else why_not(preset or {"error": failed.get("preset")}) \
