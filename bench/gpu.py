@@ -389,7 +389,7 @@ def wrap(name: str, net: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tenso
 
 
 def unet_modes(device: torch.device, tiny: bool, rounds: int, compiled: bool, results: dict, bf16_rate: float,
-               compile_theirs: bool = True) -> None:
+               all_compiles: bool = True) -> None:
     batch_train, batch_fwd = (2, 4) if tiny else (128, 512)
     dev = device.type
     rows: dict[tuple[str, str], list[float]] = {}
@@ -406,9 +406,10 @@ def unet_modes(device: torch.device, tiny: bool, rounds: int, compiled: bool, re
                     m.__class__ = torch.nn.GroupNorm
         params = sum(p.numel() for p in net.parameters()) / 1e6
         results.setdefault("cifar_params_M", {})[name] = params
-        # compiled: each library's plain form; without --quick also ddpmkit's channels-last one (compiles only compare there)
-        compile_this = not form or (form == " channels-last" and compile_theirs)
-        for comp in ([False, True] if compiled and compile_this and (compile_theirs or name == "ddpmkit") else [False]):
+        # compiled: each library's plain form and ddpmkit's channels-last one; with --quick (all_compiles False) only
+        # ddpmkit's plain form's bf16 training step, the acceptance's figure (each other compile costs a GPU minute or so)
+        compile_this = not form or (form == " channels-last" and all_compiles)
+        for comp in ([False, True] if compiled and compile_this and (all_compiles or name == "ddpmkit") else [False]):
             fn = wrap(name, torch.compile(net) if comp else net)
             opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type != "mps")
             x = torch.randn(batch_train, 3, 32, 32, device=device).contiguous(memory_format=layout)
@@ -428,7 +429,10 @@ def unet_modes(device: torch.device, tiny: bool, rounds: int, compiled: bool, re
                     fn(x, t)
 
             tag = f"{name}{form}{' compiled' if comp else ''}"
-            cases += [((tag, "train bf16"), lambda f=train_step: f(bf16=True), batch_train), ((tag, "forward bf16"), forward, batch_fwd)]
+            cases.append(((tag, "train bf16"), lambda f=train_step: f(bf16=True), batch_train))
+            if comp and not all_compiles:
+                continue
+            cases.append(((tag, "forward bf16"), forward, batch_fwd))
             if "autocast-norms" not in form:  # that form differs from the first only under autocast
                 cases.append(((tag, "train fp32/TF32"), train_step, batch_train))
     for key, fn, _ in cases:  # FLOPs of eager forms (compiled graphs do the same arithmetic)
@@ -557,8 +561,9 @@ def main() -> int:
     p.add_argument("--tiny", action="store_true", help="every part at toy sizes (seconds, any device): keeps the script runnable")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds of the engine-overhead and CIFAR-10 UNet comparisons")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd forms (their compile takes minutes)")
-    p.add_argument("--quick", action="store_true", help="only the compiles the acceptance needs: ddpmkit's CIFAR-10 UNet, not "
-                   "diffusers' or the sampler's reduce-overhead, and no demo-compiled part (a lent GPU's 15 minutes)")
+    p.add_argument("--quick", action="store_true", help="only the compile the acceptance needs: ddpmkit's CIFAR-10 UNet's bf16 "
+                   "training step, not its forward or fp32 step, diffusers' or the sampler's reduce-overhead, and no "
+                   "demo-compiled part (a lent GPU's 15 minutes)")
     p.add_argument("--parts", nargs="*", default=None, choices=PARTS, help="the parts to run, in this order (default: all, in the "
                    "order above, the demo-graphed part first: the acceptance's likeliest figure; sampling uses the demo model "
                    "a part before it trained)")
@@ -609,7 +614,7 @@ def main() -> int:
 
     run = {"demo-graphed": demo_graphed, "demo": demo, "sampling": sample, "preset": lambda: gpu_preset(device, args.tiny, results, keep),
            "overhead": lambda: engine_overhead(device, args.tiny, rounds, results),
-           "cifar": lambda: unet_modes(device, args.tiny, rounds, compiles, results, bf16, compile_theirs=not args.quick),
+           "cifar": lambda: unet_modes(device, args.tiny, rounds, compiles, results, bf16, all_compiles=not args.quick),
            "upsampling": lambda: upsampling_forms(device, args.tiny, rounds, results), "demo-compiled": demo_compiled}
     for part in args.parts or PARTS:
         if part in args.skip:
