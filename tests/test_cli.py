@@ -61,6 +61,22 @@ def test_bad_input_gives_one_clear_line(capsys, argv, message):
     assert len(lines) == 1 and message in lines[0], err
 
 
+def test_a_compile_that_fails_on_this_machine_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    """torch.compile failing for a reason of the machine's (here a real one: no working C++ compiler for inductor's CPU
+    kernels, as on many laptops) ends the run with one line that says how to go on, not inductor's traceback, before
+    any checkpoint."""
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # nothing compiled before to reuse
+    code, out, err = run(capsys, "train", "toy2d", "train.steps=2", "train.compile=default", f"train.run_dir={tmp_path / 'run'}")
+    assert code == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("ddpmkit train: error: torch.compile could not compile the network with torch ") and \
+        "No working C++ compiler" in last and "train.compile=no" in last, last
+    assert not list((tmp_path / "run").glob("ckpt-*"))
+
+
 def test_corrupt_image_in_training_folder(tmp_path, capsys):
     folder = tmp_path / "imgs"
     folder.mkdir()

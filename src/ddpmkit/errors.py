@@ -22,3 +22,17 @@ class UserError(ValueError):
 
 # what the faces show as one line: user errors, and files that are not there
 USER_ERRORS: tuple[type[Exception], ...] = (UserError, FileNotFoundError)
+
+
+def compile_failure(e: BaseException) -> str | None:
+    """One line for torch.compile failing on this machine (no C++ compiler for a CPU, a lowering this torch lacks),
+    or None for any other error. Not the user's input, but nothing they can fix in ddpmkit either: they can run
+    without compiling, which computes the same."""
+    import torch
+    from torch._dynamo.exc import BackendCompilerFailed  # InductorError is one
+
+    if not isinstance(e, BackendCompilerFailed):
+        return None
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    return (f"torch.compile could not compile the network with torch {torch.__version__}: {first[:300]}. Run without "
+            "compiling (train.compile=no, or leave --compile out); on a CPU torch.compile needs a working C++ compiler (CXX)")

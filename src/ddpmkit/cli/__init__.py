@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import USER_ERRORS, UserError
+from ..errors import USER_ERRORS, UserError, compile_failure
 from . import cascade, edit, forward, sample, serve, train, unclip
 
 # the library's parameter names in its messages, as the command line spells them
@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         message = e.render(FLAGS) if isinstance(e, UserError) else str(e)
         print(f"ddpmkit {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if (why := compile_failure(e)) is None:
+            raise  # a bug: its traceback
+        print(f"ddpmkit {args.command}: error: {why}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

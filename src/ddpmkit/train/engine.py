@@ -472,12 +472,16 @@ def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True) ->
         trainer.resume()
     trainer.start()
     state = trainer.state
-    while state.step < state.decay.end:
-        trainer.budget.tick()
-        trainer.train_step(trainer.next_batch())
-        if trainer.periodic():
-            trainer.accelerator.print(f"stopping after {cfg.train.max_minutes} minutes at step {state.step}")
-            break
+    try:
+        while state.step < state.decay.end:
+            trainer.budget.tick()
+            trainer.train_step(trainer.next_batch())
+            if trainer.periodic():
+                trainer.accelerator.print(f"stopping after {cfg.train.max_minutes} minutes at step {state.step}")
+                break
+    except BaseException:
+        trainer.bar.close()  # an error's line goes under the bar, not onto its end
+        raise
     return trainer.finish()
 
 
