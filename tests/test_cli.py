@@ -5,6 +5,7 @@ from PIL import Image
 
 from ddpmkit.cli import main
 from ddpmkit.config import PRESET_DIR
+from ddpmkit.errors import compile_failure
 
 
 def run(capsys, *argv):
@@ -75,6 +76,7 @@ def test_a_compile_that_fails_on_this_machine_is_one_clear_line(tmp_path, capsys
     assert last.startswith("ddpmkit train: error: torch.compile could not compile the network with torch ") and \
         "No working C++ compiler" in last and "train.compile=no" in last, last
     assert not list((tmp_path / "run").glob("ckpt-*"))
+    assert compile_failure(RuntimeError("a bug")) is None  # any other error keeps its traceback
 
 
 def test_corrupt_image_in_training_folder(tmp_path, capsys):

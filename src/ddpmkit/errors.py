@@ -7,7 +7,10 @@ its own words (`--class` on the command line) with ``render``.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Mapping
+
+import torch
 
 _NAME = re.compile(r"`([A-Za-z_.]+)`")
 
@@ -28,8 +31,9 @@ def compile_failure(e: BaseException) -> str | None:
     """One line for torch.compile failing on this machine (no C++ compiler for a CPU, a lowering this torch lacks),
     or None for any other error. Not the user's input, but nothing they can fix in ddpmkit either: they can run
     without compiling, which computes the same."""
-    import torch
-    from torch._dynamo.exc import BackendCompilerFailed  # InductorError is one
+    if "torch._dynamo" not in sys.modules:  # nothing was compiled: not a compile failure (and no 1.2 s import to find out)
+        return None
+    from torch._dynamo.exc import BackendCompilerFailed  # loaded already (above); InductorError is one
 
     if not isinstance(e, BackendCompilerFailed):
         return None
