@@ -10,8 +10,10 @@
    --autoguide RUN/ckpt-... --autoguide-scale w guides every step by a weaker model (the demo keeps
    its step-250 checkpoint for this); the NFE then counts both networks.
 3. Report the share judged with confidence >= 0.9 (target >= 80%), each class's share of the
-   samples (target 5-15% each) and the judge-FD (Frechet distance in the judge's feature space to
-   the 500 held-out digits), and save the grid.
+   samples (target 5-15% each), the judge-FD (Frechet distance in the judge's feature space to
+   the 500 held-out digits) and the share of samples that copy a training digit (nearest /
+   second-nearest training digit < 1/3, beside the held-out real digits' share: a network that
+   learnt its 4,500 digits by heart would be judged well), and save the grid.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from pathlib import Path
 from ddpmkit import viz
 from ddpmkit.data import load_dataset
 from ddpmkit.evaluate.cached_judge import load_judge
+from ddpmkit.evaluate.copies import copies
 from ddpmkit.evaluate.judge import judge
 from ddpmkit.evaluate.report import DigitScorer
 from ddpmkit.models import load_diffusion
@@ -58,8 +61,11 @@ def main() -> int:
     ensure_judge()  # trained into the cache on first use
     classifier, acc = load_judge()
     print(f"judge accuracy on 500 held-out real digits: {acc:.2%}  (target >= 97%)  [{time.time() - t0:.0f}s]")
-    real = judge(classifier, load_dataset("mnist5k", split="test").x)
-    print(f"reference, real held-out digits: confident (p >= 0.9) {real.confident_fraction:.1%}, mean confidence {real.mean_confidence:.3f}")
+    held_out, train = load_dataset("mnist5k", split="test").x, load_dataset("mnist5k", split="train").x
+    real = judge(classifier, held_out)
+    real_copies = copies(held_out, train)
+    print(f"reference, real held-out digits: confident (p >= 0.9) {real.confident_fraction:.1%}, mean confidence {real.mean_confidence:.3f}, "
+          f"copies of a training digit {real_copies.fraction:.1%}")
 
     m = load_diffusion(args.checkpoint, weights=args.weights, device=args.device)
     if args.compile:
@@ -79,6 +85,9 @@ def main() -> int:
     print(verdict.table())
     fd = DigitScorer()(x)["fd"]
     print(f"judge-FD to the 500 held-out digits: {fd:.2f}")
+    copied = copies(x, train)
+    print(f"copies of a training digit (nearest / second-nearest < 1/3): {copied.fraction:.1%}, median ratio {copied.ratio.median():.2f} "
+          f"(real held-out digits: {real_copies.fraction:.1%}, {real_copies.ratio.median():.2f})")
     ok_conf = verdict.confident_fraction >= 0.80
     ok_cover = all(0.05 <= s <= 0.15 for s in verdict.class_shares)
     print(f"targets: confident >= 80%: {'PASS' if ok_conf else 'FAIL'};  every class 5-15%: {'PASS' if ok_cover else 'FAIL'};"
@@ -87,7 +96,9 @@ def main() -> int:
               "options": {k: v for k, v in vars(args).items() if k in ("variance", "grid", "eta", "order", "autoguide", "autoguide_scale")},
               "nfe": nfe, "n": args.n,
               "judge_test_accuracy": acc, "real_confident_fraction": real.confident_fraction, "confident_fraction": verdict.confident_fraction,
-              "class_shares": verdict.class_shares, "judge_fd": fd, "mean_confidence": verdict.mean_confidence, "seconds": elapsed}
+              "class_shares": verdict.class_shares, "judge_fd": fd, "mean_confidence": verdict.mean_confidence, "seconds": elapsed,
+              "copied_fraction": copied.fraction, "real_copied_fraction": real_copies.fraction,
+              "median_copy_ratio": copied.ratio.median().item(), "real_median_copy_ratio": real_copies.ratio.median().item()}
     (out / f"report_{tag}.json").write_text(json.dumps(report, indent=2))
     return 0 if ok_conf and ok_cover and acc >= 0.97 else 1
 

@@ -253,11 +253,11 @@ def judge_samples(run_dir: Path, device: torch.device, sampler: str, steps: int 
         return {"judge_error": error}, f"judging failed (exit {done.returncode}): {(error.strip().splitlines() or [''])[-1]}"
     report = json.loads(reports[0].read_text())
     figures = {k: report[k] for k in ("confident_fraction", "judge_fd", "nfe", "n", "seconds", "judge_test_accuracy",
-                                      "real_confident_fraction")}
+                                      "real_confident_fraction", "copied_fraction", "real_copied_fraction")}
     figures["how"] = how = (f"{'DPM-Solver++(2M)' if sampler == 'dpmpp_2m' else sampler}, {report['nfe']} NFE" +
                             (f", autoguided by {autoguide.name} at w = {scale:g}" if autoguide else ""))
     return figures, (f"{report['n']} samples ({how}) judged p >= 0.9: {report['confident_fraction']:.1%} (target >= 95%), "
-                     f"judge-FD {report['judge_fd']:.2f}, {report['seconds']:.0f} s")
+                     f"judge-FD {report['judge_fd']:.2f}, copies of a training digit {report['copied_fraction']:.1%}, {report['seconds']:.0f} s")
 
 
 def engine_overhead(device: torch.device, tiny: bool, rounds: int, results: dict) -> None:

@@ -89,7 +89,9 @@ def acceptance(f: dict) -> list[tuple[str, str, str, str]]:
                   f"; {preset['train_s']:.0f} s training (train.compile={preset.get('compile')})" +
                   (f"; best: {best['how']}" if len(judged) > 1 else "") +
                   (f" (the judge reads {best['real_confident_fraction']:.1%} of the real held-out digits so)"
-                   if "real_confident_fraction" in best else ""))
+                   if "real_confident_fraction" in best else "") +
+                  (f"; {best['copied_fraction']:.1%} of its samples copy a training digit (real held-out digits: "
+                   f"{best['real_copied_fraction']:.1%})" if "copied_fraction" in best else ""))
     elif errors := [j["judge_error"] for j in preset.get("judged", {}).values() if "judge_error" in j]:
         figure = why_not({"judge_error": errors[0]})
     elif "train_s" in preset:

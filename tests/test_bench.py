@@ -94,7 +94,7 @@ def test_gpu_report_judges_each_acceptance_point_from_the_figures(monkeypatch, c
              "mnist_gpu": {"train_s": 80.0, "compile": "cuda-graph", "judged": {
                  "dpmpp_2m": {"confident_fraction": 0.93, "how": "DPM-Solver++(2M), 20 NFE"},
                  "autoguided": {"confident_fraction": 0.96, "how": "DPM-Solver++(2M), 40 NFE, autoguided by ckpt-0001000 at w = 1.5",
-                                "real_confident_fraction": 0.964},
+                                "real_confident_fraction": 0.964, "copied_fraction": 0.004, "real_copied_fraction": 0.0},
                  "ancestral": {"judge_error": "Traceback ...\nRuntimeError: CUDA error: an illegal memory access"}}}}
     row = {"tflops": 250.0, "of_bf16_matmul": 250 / 790}
     second = {"device": device, "tiny": False, "bf16_matmul_tflops": 790.0,
@@ -115,7 +115,7 @@ def test_gpu_report_judges_each_acceptance_point_from_the_figures(monkeypatch, c
     assert "| 93.0% (DPM-Solver++(2M), 20 NFE); 96.0% (DPM-Solver++(2M), 40 NFE, autoguided by ckpt-0001000 at w = 1.5); ancestral: " \
            "judge_error: RuntimeError: CUDA error: an illegal memory access; 80 s training (train.compile=cuda-graph); " \
            "best: DPM-Solver++(2M), 40 NFE, autoguided by ckpt-0001000 at w = 1.5 (the judge reads 96.4% of the real held-out " \
-           "digits so) | met |" in out
+           "digits so); 0.4% of its samples copy a training digit (real held-out digits: 0.0%) | met |" in out
     assert run_main("gpu_report.py", [str(paths[0])], monkeypatch) == 0  # the first call's file alone
     assert "| CIFAR-10 UNet bf16 train step / diffusers' eager bf16 | >= 2x | the part did not run | not measured |" in capsys.readouterr().out
     paths[0].write_text(json.dumps({**first, "part_errors": {"cifar": "RuntimeError('CUDA out of memory')"}}))  # a part that raised

@@ -128,6 +128,11 @@ def test_train_then_sample_writes_grid_pngs_and_gif(tmp_path, capsys):
     assert metrics["bpd_vlb"]["value"] > 0 and metrics["bpd_ode"]["value"] > 0 and "bpd_vlb" in out
     code, out, err = run(capsys, "eval", str(run_dir), "--metrics", "fd", "--out", str(report))
     assert code == 2 and "use --features inception" in err
+    code, out, err = run(capsys, "eval", str(run_dir), "--metrics", "copies", "--n", "4", "--sampler", "ddim", "--steps", "2",
+                         "--out", str(report))
+    copied = json.loads(report.read_text())["metrics"]["copies"]
+    assert code == 0 and 0 <= copied["value"] <= 1 and copied["real"] == 0.0, err  # digits' 300 held-out: none passes for a copy
+    assert "copies" in out and "of the 1497 training images of digits" in out and "held-out real images: 0" in out, out
     code, out, err = run(capsys, "eval", str(run_dir), "--metrics", "fid,psnr")
     assert code == 2 and "unknown metric(s) ['psnr']" in err
 

@@ -199,3 +199,40 @@ def test_the_judge_trains_through_the_engine_into_the_cache_folder_once(tmp_path
     held_out = load_dataset("digits", split="test")
     verdict = judge(again, held_out.x)
     assert verdict.n == len(held_out) and abs(sum(verdict.class_shares) - 1) < 1e-6
+
+
+def test_a_copy_is_a_sample_much_nearer_its_nearest_training_image_than_the_second():
+    """The ratio test ||x - n1|| / ||x - n2|| < 1/3 on training images 10 e_k (all sqrt(200) apart), with distances
+    worked out by hand."""
+    from ddpmkit.evaluate.copies import copies
+
+    e = torch.eye(100, dtype=torch.float64)
+    train = (10 * e[:20]).reshape(20, 1, 10, 10)
+    x = torch.stack([10 * e[3],  # a training image itself: ratio 0
+                     10 * e[4] + 2 * e[50],  # 2 / sqrt(204) = 0.140: a copy
+                     5 * e[0] + 5 * e[1],  # halfway between two: ratio 1
+                     10 * e[7] + 6 * e[50],  # 6 / sqrt(236) = 0.391, not a copy (its squared ratio, 0.153, would be)
+                     10 * e[9] + 4.5 * e[50]]).reshape(5, 1, 10, 10)  # 4.5 / sqrt(220.25) = 0.303: a copy
+    c = copies(x, train)
+    want = torch.tensor([0, 2 / 204 ** 0.5, 1, 6 / 236 ** 0.5, 4.5 / 220.25 ** 0.5], dtype=torch.float64)
+    assert torch.allclose(c.ratio.double(), want, atol=1e-6)
+    assert c.fraction == pytest.approx(0.6) and c.n == 5
+    assert c.nearest[[0, 1, 3, 4]].tolist() == [3, 4, 7, 9] and c.nearest[2].item() in (0, 1)
+    assert torch.allclose(c.distance.double(), torch.tensor([0, 2, 50 ** 0.5, 6, 4.5], dtype=torch.float64), atol=1e-6)
+    small = copies(x, train, chunk=3)  # the training images in chunks: the same nearest two
+    assert torch.equal(small.ratio, c.ratio) and torch.equal(small.nearest[[0, 1, 3, 4]], c.nearest[[0, 1, 3, 4]])
+    with pytest.raises(UserError, match="shape"):
+        copies(x.reshape(5, 100), train)
+    with pytest.raises(UserError, match="at least 2"):
+        copies(x, train[:1])
+
+
+def test_real_held_out_digits_are_not_copies_and_noisy_training_digits_are():
+    from ddpmkit.data import load_dataset
+    from ddpmkit.evaluate.copies import copies
+
+    train, held_out = load_dataset("mnist5k", split="train").x, load_dataset("mnist5k", split="test").x
+    assert copies(held_out, train).fraction == 0.0  # the 500 held-out digits: the smallest ratio is 0.59
+    noisy = train[:300] + 0.01 * torch.randn(300, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert copies(noisy, train).fraction > 0.97
+    assert copies((train[:300] + train[300:600]) / 2, train).fraction == 0.0  # two digits' average: equally near both

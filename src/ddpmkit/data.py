@@ -24,6 +24,7 @@ from .superres import downsample
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 TOYS = ("swiss_roll", "moons", "8gaussians", "checkerboard")
 BUILTIN = ("mnist5k", "digits") + TOYS
+SPLIT = ("mnist5k", "digits")  # the datasets with a held-out split of their own; any other's "test" is its training data
 
 
 class DataError(UserError):

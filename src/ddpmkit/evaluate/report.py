@@ -11,17 +11,18 @@ import torch
 
 from ..checkpoint import atomic_write_text
 from ..config import DataConfig
-from ..data import dataset_for
+from ..data import SPLIT, Dataset, dataset_for
 from ..errors import UserError
 from ..models import DiffusersModel, load_diffusion
 from ..pipelines.generate import generate
 from ..pipelines.guided import GuidanceRequest
 from .cached_judge import load_judge
+from .copies import COPY_RATIO, copies
 from .inception import inception_features, load_fid_inception
 from .likelihood import LN2, dequantize, dequantized_bits_per_dim, ode_nll, vlb
 from .metrics import FeatureStats, frechet_distance, inception_score, kernel_inception_distance
 
-METRICS = ("bpd", "bpd_vlb", "bpd_ode", "fd", "kid", "is")
+METRICS = ("bpd", "bpd_vlb", "bpd_ode", "fd", "kid", "is", "copies")
 
 
 def parse_metrics(spec: str) -> list[str]:
@@ -130,31 +131,55 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddp
         report["metrics"]["bpd_ode"] = {"value": value.mean().item(), "n": len(x_test), "nfe": res.nfe,
                                         "seconds": time.time() - t0,
                                         "unit": "bits/dim (uniform dequantisation, Hutchinson)" if images else "bits/dim"}
-    quality = [q for q in ("fd", "kid", "is") if q in metrics]
-    if quality:
+    sampled = [q for q in ("fd", "kid", "is", "copies") if q in metrics]
+    if sampled:
         if not images:
-            raise UserError("fd/kid/is are defined for image data")
-        feature_net = FeatureNet(features, data.name, inception_path, prepare_judge)
+            raise UserError(f"{'/'.join(sampled)} are defined for image data")
+        quality = [q for q in sampled if q != "copies"]
+        feature_net = FeatureNet(features, data.name, inception_path, prepare_judge) if quality else None
         t0 = time.time()
         gen = generate(m, n, request or GuidanceRequest(), sampler, steps, seed, sampler_options, batch_size)
-        nfe = gen.nfe
-        fake_f, fake_p = feature_net(gen.images)  # latent diffusion: decoded images
-        real_f, _ = feature_net(held_out.get_batch(torch.arange(len(held_out))))
-        report["sampling"] = {"sampler": sampler, "nfe": nfe, "n": n, "seconds": time.time() - t0, "features": features,
-                              "reference": f"{reference or data.name + ' held-out split'} ({len(held_out)} images)"}
-        label = "" if features == "inception" else " (classifier features; not comparable with papers)"
-        if "fd" in quality:
-            a, b = FeatureStats.of(fake_f), FeatureStats.of(real_f)
-            report["metrics"]["fd"] = {"value": frechet_distance(a.mu, a.sigma, b.mu, b.sigma), "unit": "FID" + label}
-        if "kid" in quality:
-            mean, std = kernel_inception_distance(fake_f, real_f, subset_size=min(1000, n, len(held_out)))
-            report["metrics"]["kid"] = {"value": mean, "std": std, "unit": "KID" + label}
-        if "is" in quality:
-            mean, std = inception_score(fake_p)
-            report["metrics"]["is"] = {"value": mean, "std": std, "unit": "IS" + label}
+        source = reference or (f"{data.name} held-out split" if data.name in SPLIT else f"{data.name}, its training data (no held-out split)")
+        report["sampling"] = {"sampler": sampler, "nfe": gen.nfe, "n": n, "seconds": time.time() - t0, "features": features,
+                              "reference": f"{source} ({len(held_out)} images)"}
+        if feature_net is not None:
+            report["metrics"].update(feature_metrics(feature_net, gen.images, held_out, quality, features))
+        if "copies" in sampled:
+            report["metrics"]["copies"] = copy_metric(gen.images, dataset_for(data, split="train"),
+                                                      held_out if data.name in SPLIT else None, reference or data.name)
     if out is not None:
         atomic_write_text(out, json.dumps(report, indent=2))
     return report
+
+
+def feature_metrics(feature_net: FeatureNet, x: torch.Tensor, held_out: Dataset, quality: list[str], features: str) -> dict:
+    """FD, KID and IS of images x (those of `quality`) in feature_net's features, against the held-out images."""
+    fake_f, fake_p = feature_net(x)  # latent diffusion: decoded images
+    real_f, _ = feature_net(held_out.get_batch(torch.arange(len(held_out))))
+    label = "" if features == "inception" else " (classifier features; not comparable with papers)"
+    out: dict = {}
+    if "fd" in quality:
+        a, b = FeatureStats.of(fake_f), FeatureStats.of(real_f)
+        out["fd"] = {"value": frechet_distance(a.mu, a.sigma, b.mu, b.sigma), "unit": "FID" + label}
+    if "kid" in quality:
+        mean, std = kernel_inception_distance(fake_f, real_f, subset_size=min(1000, len(x), len(held_out)))
+        out["kid"] = {"value": mean, "std": std, "unit": "KID" + label}
+    if "is" in quality:
+        mean, std = inception_score(fake_p)
+        out["is"] = {"value": mean, "std": std, "unit": "IS" + label}
+    return out
+
+
+def copy_metric(x: torch.Tensor, train: Dataset, held_out: Dataset | None, name: str) -> dict:
+    """The share of images x that copy a training image (copies.py), with the share of held-out real images that pass
+    for copies by the same test where the data has a held-out split: the level of a model that copies nothing."""
+    images = train.get_batch(torch.arange(len(train)))
+    out = {"value": copies(x, images).fraction,
+           "unit": f"share of samples that copy one of the {len(train)} training images of {name} "
+                   f"(nearest / second-nearest distance < {COPY_RATIO:.3g})"}
+    if held_out is not None:
+        out["real"] = copies(held_out.get_batch(torch.arange(len(held_out))), images).fraction
+    return out
 
 
 def format_report(report: dict) -> str:
@@ -165,5 +190,6 @@ def format_report(report: dict) -> str:
     width = max(len(k) for k in report["metrics"]) if report["metrics"] else 0
     for name, m in report["metrics"].items():
         extra = f" +- {m['std']:.4g}" if "std" in m else ""
+        extra += f" (held-out real images: {m['real']:.4g})" if "real" in m else ""
         lines.append(f"  {name:<{width}}  {m['value']:.4g}{extra}  [{m['unit']}]")
     return "\n".join(lines)
