@@ -13,7 +13,8 @@
    samples (target 5-15% each), the judge-FD (Frechet distance in the judge's feature space to
    the 500 held-out digits) and the share of samples that copy a training digit (nearest /
    second-nearest training digit < 1/3, beside the held-out real digits' share: a network that
-   learnt its 4,500 digits by heart would be judged well), and save the grid.
+   learnt its 4,500 digits by heart would be judged well), and save the grid and a picture of the
+   10 samples most like a training digit above that digit.
 """
 from __future__ import annotations
 
@@ -86,6 +87,11 @@ def main() -> int:
     fd = DigitScorer()(x)["fd"]
     print(f"judge-FD to the 500 held-out digits: {fd:.2f}")
     copied = copies(x, train)
+    closest = copied.ratio.argsort()[:10]  # the samples most like one training digit, whether copies or not
+    ratios = ", ".join(f"{r:.2f}" for r in copied.ratio[closest].tolist())
+    viz.labelled_rows([("samples", x[closest].cpu()), ("nearest\ntraining digit", train[copied.nearest[closest]])],
+                      out / f"nearest_{tag}.png", n=10,
+                      title=f"the samples most like a training digit; nearest / second-nearest distance {ratios} (< 0.33: a copy)")
     print(f"copies of a training digit (nearest / second-nearest < 1/3): {copied.fraction:.1%}, median ratio {copied.ratio.median():.2f} "
           f"(real held-out digits: {real_copies.fraction:.1%}, {real_copies.ratio.median():.2f})")
     ok_conf = verdict.confident_fraction >= 0.80

@@ -132,6 +132,7 @@ def test_train_then_sample_writes_grid_pngs_and_gif(tmp_path, capsys):
                          "--out", str(report))
     copied = json.loads(report.read_text())["metrics"]["copies"]
     assert code == 0 and 0 <= copied["value"] <= 1 and copied["real"] == 0.0, err  # digits' 300 held-out: none passes for a copy
+    assert 0 < copied["median_ratio"] <= 1 and 0.6 < copied["real_median_ratio"] <= 1
     assert "copies" in out and "of the 1497 training images of digits" in out and "held-out real images: 0" in out, out
     code, out, err = run(capsys, "eval", str(run_dir), "--metrics", "fid,psnr")
     assert code == 2 and "unknown metric(s) ['psnr']" in err

@@ -174,11 +174,13 @@ def copy_metric(x: torch.Tensor, train: Dataset, held_out: Dataset | None, name:
     """The share of images x that copy a training image (copies.py), with the share of held-out real images that pass
     for copies by the same test where the data has a held-out split: the level of a model that copies nothing."""
     images = train.get_batch(torch.arange(len(train)))
-    out = {"value": copies(x, images).fraction,
+    c = copies(x, images)
+    out = {"value": c.fraction, "median_ratio": c.ratio.median().item(),  # the ratio's drift toward 0 before copies show
            "unit": f"share of samples that copy one of the {len(train)} training images of {name} "
                    f"(nearest / second-nearest distance < {COPY_RATIO:.3g})"}
     if held_out is not None:
-        out["real"] = copies(held_out.get_batch(torch.arange(len(held_out))), images).fraction
+        real = copies(held_out.get_batch(torch.arange(len(held_out))), images)
+        out["real"], out["real_median_ratio"] = real.fraction, real.ratio.median().item()
     return out
 
 
