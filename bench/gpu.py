@@ -210,14 +210,17 @@ JUDGINGS = [("dpmpp_2m", "dpmpp_2m", 20, False), ("autoguided", "dpmpp_2m", 20, 
 
 
 def gpu_preset(device: torch.device, tiny: bool, results: dict, keep: Callable[[], None] = lambda: None) -> None:
-    """`ddpmkit train mnist_gpu` on the device, then bench/digits_quality.py on its EMA weights, each way JUDGINGS names
-    (--tiny: a toy network and no judging, which would train the judge CNN first). `keep` saves the figures so far."""
+    """`ddpmkit train mnist_gpu` on the device, then bench/digits_quality.py on its EMA weights, each way JUDGINGS names.
+    --tiny: a toy network, and the first two judgings on 20 samples in 2 steps where a judge is cached (the carried one
+    in bench/gpu_rehearsal.sh: the judging path as the GPU runs it; none is trained here). `keep` saves the figures."""
+    from ddpmkit.checkpoint import list_checkpoints
+    from ddpmkit.evaluate.cached_judge import judge_dir
     from ddpmkit.train import train
 
     run_dir = Path(tempfile.mkdtemp(prefix="gpu-bench-preset-"))
-    extra = ["train.steps=4", "train.batch_size=8", "train.warmup_steps=1", "train.keep_steps=", "train.checkpoint_every=0",
-             "train.sample_every=0", "data.name=digits", "network.base_channels=8", "network.channel_mult=1,2",
-             "network.num_res_blocks=1", "network.attention_resolutions=4"] if tiny else []
+    extra = ["train.steps=4", "train.batch_size=8", "train.warmup_steps=1", "train.keep_steps=[2]", "train.checkpoint_every=0",
+             "train.sample_every=0", "network.base_channels=8", "network.channel_mult=1,2", "network.num_res_blocks=1",
+             "network.attention_resolutions=14"] if tiny else []
     graphed = device.type == "cuda"  # the recipe as docs/gpu.md gives it for a CUDA GPU: train.compile = "cuda-graph"
     cfg = load_config("mnist_gpu", [f"train.run_dir={run_dir}", *extra, *(["train.compile=cuda-graph"] if graphed else [])])
     start = time.perf_counter()
@@ -229,22 +232,25 @@ def gpu_preset(device: torch.device, tiny: bool, results: dict, keep: Callable[[
           flush=True)
     keep()
     weaker = run_dir / f"ckpt-{cfg.train.keep_steps[0]:07d}" if cfg.train.keep_steps else None
-    for key, sampler, steps, guided in [] if tiny else JUDGINGS:
+    judgings, n = JUDGINGS, 500
+    if tiny:
+        judgings, n = [(key, sampler, 2, guided) for key, sampler, _, guided in JUDGINGS[:2]] if list_checkpoints(judge_dir()) else [], 20
+    for key, sampler, steps, guided in judgings:
         if guided and (weaker is None or not weaker.is_dir()):
             continue  # the recipe keeps an early checkpoint for autoguidance, as the demo does
-        figures["judged"][key], said = judge_samples(run_dir, device, sampler, steps, weaker if guided else None)
+        figures["judged"][key], said = judge_samples(run_dir, device, sampler, steps, weaker if guided else None, n=n)
         print(f"mnist_gpu: {said}", flush=True)
         keep()
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def judge_samples(run_dir: Path, device: torch.device, sampler: str, steps: int | None, autoguide: Path | None = None,
-                  scale: float = 1.5) -> tuple[dict, str]:
-    """bench/digits_quality.py on a run: 500 samples by `sampler` in `steps` (None: all T), judged; with `autoguide`,
+                  scale: float = 1.5, n: int = 500) -> tuple[dict, str]:
+    """bench/digits_quality.py on a run: n samples by `sampler` in `steps` (None: all T), judged; with `autoguide`,
     guided by that weaker checkpoint at w = scale (the demo's w). (figures, a line)."""
     out = run_dir / f"quality-{sampler}{'-autoguided' if autoguide else ''}"
     guided = ["--autoguide", str(autoguide), "--autoguide-scale", f"{scale:g}"] if autoguide else []
-    done = subprocess.run([sys.executable, str(Path(__file__).with_name("digits_quality.py")), "--checkpoint", str(run_dir), "--n", "500",
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("digits_quality.py")), "--checkpoint", str(run_dir), "--n", str(n),
                            "--sampler", sampler, *(["--steps", str(steps)] if steps else []), "--device", str(device),
                            "--out", str(out), *guided], capture_output=True, text=True)
     reports = sorted(out.glob("report_*.json"))

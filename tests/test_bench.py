@@ -190,3 +190,23 @@ def test_paired_benches_alternate_who_runs_first(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     module = importlib.import_module("train_throughput")
     assert [module.in_turns(["before", "after"], r) for r in range(3)] == [["before", "after"], ["after", "before"], ["before", "after"]]
+
+
+def test_gpu_bench_judges_mnist_gpu_as_on_a_gpu_where_a_judge_is_cached(monkeypatch, capsys, tmp_path):
+    """bench/gpu.py's judging at toy size: bench/digits_quality.py in a subprocess on the trained preset, unguided and
+    autoguided by its early checkpoint, its report read back (judged share, copies) and given by gpu_report.py. The
+    judge: trained for a few steps into the test's own cache (the GPU run carries the real one)."""
+    from ddpmkit.train.judge import ensure_judge
+
+    monkeypatch.setenv("DDPMKIT_CACHE", str(tmp_path / "cache"))
+    ensure_judge("mnist5k", progress=False, overrides=["train.steps=5", "train.warmup_steps=1", "train.log_every=5"])
+    assert run_main("gpu.py", ["--tiny", "--parts", "preset", "--out", str(tmp_path / "gpu.json")], monkeypatch) == 0
+    judged = json.loads((tmp_path / "gpu.json").read_text())["mnist_gpu"]["judged"]
+    assert set(judged) == {"dpmpp_2m", "autoguided"}, judged
+    for j in judged.values():
+        assert j["n"] == 20 and 0 <= j["confident_fraction"] <= 1 and 0 <= j["copied_fraction"] <= 1 and j["real_copied_fraction"] == 0.0
+    assert judged["autoguided"]["how"] == "DPM-Solver++(2M), 4 NFE, autoguided by ckpt-0000002 at w = 1.5"
+    capsys.readouterr()
+    assert run_main("gpu_report.py", [str(tmp_path / "gpu.json")], monkeypatch) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| mnist_gpu's 500 samples"))
+    assert "autoguided by ckpt-0000002" in row and "of its samples copy a training digit (real held-out digits: 0.0%)" in row, row
