@@ -80,27 +80,48 @@ def acceptance(f: dict) -> list[tuple[str, str, str, str]]:
         rows.append(("ddpmkit's CIFAR-10 UNet: bf16 / TF32 train step (eager)", "> 1x", f"x{ratio:.2f}", verdict(ratio, 1.0 + 1e-9, False, tiny)))
     else:
         rows.append(("ddpmkit's CIFAR-10 UNet: bf16 / TF32 train step (eager)", "> 1x", "the part did not run", "not measured"))
-    preset = f.get("mnist_gpu", {})
-    judged = {key: j for key, j in preset.get("judged", {}).items() if "confident_fraction" in j}
-    best = max(judged.values(), key=lambda j: j["confident_fraction"], default=None)
-    if best is not None:  # each way it was judged, named; the verdict on the best of them, named too
-        figure = ("; ".join(f"{j['confident_fraction']:.1%} ({j['how']})" if "confident_fraction" in j else f"{key}: {why_not(j)}"
-                            for key, j in preset["judged"].items()) +
-                  f"; {preset['train_s']:.0f} s training (train.compile={preset.get('compile')})" +
-                  (f"; best: {best['how']}" if len(judged) > 1 else "") +
-                  (f" (the judge reads {best['real_confident_fraction']:.1%} of the real held-out digits so)"
-                   if "real_confident_fraction" in best else "") +
-                  (f"; {best['copied_fraction']:.1%} of its samples copy a training digit (real held-out digits: "
-                   f"{best['real_copied_fraction']:.1%})" if "copied_fraction" in best else ""))
+    rows.append(judged_row(f.get("mnist_gpu", {}), failed, tiny))
+    return rows
+
+
+def even(judging: dict) -> bool:
+    """Every digit has 5-15% of the samples (digits_quality's coverage target). The judge is sure of noise and of blank
+    images too, each as one class, so a broken network could read 100% judged: such a judging does not count."""
+    return all(0.05 <= share <= 0.15 for share in judging.get("class_shares", [0.1]))
+
+
+def judged_row(preset: dict, failed: dict, tiny: bool) -> tuple[str, str, str, str]:
+    """mnist_gpu's acceptance row: each way it was judged, named, with its copies of training digits; the verdict on
+    the best judging whose classes are even, named too."""
+    point, target = "mnist_gpu's 500 samples", f">= {TARGETS['judged']:.0%} judged p >= 0.9"
+    judged = [j for j in preset.get("judged", {}).values() if "confident_fraction" in j]
+    best = max((j for j in judged if even(j)), key=lambda j: j["confident_fraction"], default=None)
+    if judged:
+        parts = []
+        for key, j in preset["judged"].items():
+            if "confident_fraction" not in j:
+                parts.append(f"{key}: {why_not(j)}")
+                continue
+            notes = [f"copies {j['copied_fraction']:.1%}"] if "copied_fraction" in j else []
+            if not even(j):
+                shares = j["class_shares"]
+                notes.append(f"{max(shares):.0%} of it one digit ({shares.index(max(shares))}): not counted")
+            parts.append(f"{j['confident_fraction']:.1%} ({j['how']}{''.join('; ' + n for n in notes)})")
+        figure = "; ".join(parts) + f"; {preset['train_s']:.0f} s training (train.compile={preset.get('compile')})"
+        if best is not None and len(judged) > 1:
+            figure += f"; best: {best['how']}"
+        if real := next((j for j in judged if "real_confident_fraction" in j), None):  # the same for every judging
+            figure += (f" (the real held-out digits: judged {real['real_confident_fraction']:.1%}" +
+                       (f", copies {real['real_copied_fraction']:.1%}" if "real_copied_fraction" in real else "") + ")")
+        if best is None:  # every judging uneven: a broken network, whatever its share
+            return point, target, figure, "toy sizes" if tiny else "NOT met"
     elif errors := [j["judge_error"] for j in preset.get("judged", {}).values() if "judge_error" in j]:
         figure = why_not({"judge_error": errors[0]})
     elif "train_s" in preset:
         figure = f"trained in {preset['train_s']:.1f} s, not judged" + (" (--tiny)" if tiny else "")
     else:
         figure = why_not(preset or {"error": failed.get("preset")})
-    judged = best["confident_fraction"] if best is not None else None
-    rows.append(("mnist_gpu's 500 samples", f">= {TARGETS['judged']:.0%} judged p >= 0.9", figure, verdict(judged, TARGETS["judged"], False, tiny)))
-    return rows
+    return point, target, figure, verdict(best["confident_fraction"] if best is not None else None, TARGETS["judged"], False, tiny)
 
 
 def why_not(part: dict) -> str:

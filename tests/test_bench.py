@@ -112,10 +112,10 @@ def test_gpu_report_judges_each_acceptance_point_from_the_figures(monkeypatch, c
     assert "| 500 x 1,000 ancestral steps | <= 5 s | fp32 7.25 s, fp32, cuda-graph 4.50 s | met |" in out
     assert "| x2.12 (ddpmkit channels-last: 3400 against 1600 images/s) | met |" in out
     assert "| ddpmkit's CIFAR-10 UNet: bf16 / TF32 train step (eager) | > 1x | x1.20 | met |" in out
-    assert "| 93.0% (DPM-Solver++(2M), 20 NFE); 96.0% (DPM-Solver++(2M), 40 NFE, autoguided by ckpt-0001000 at w = 1.5); ancestral: " \
-           "judge_error: RuntimeError: CUDA error: an illegal memory access; 80 s training (train.compile=cuda-graph); " \
-           "best: DPM-Solver++(2M), 40 NFE, autoguided by ckpt-0001000 at w = 1.5 (the judge reads 96.4% of the real held-out " \
-           "digits so); 0.4% of its samples copy a training digit (real held-out digits: 0.0%) | met |" in out
+    assert "| 93.0% (DPM-Solver++(2M), 20 NFE); 96.0% (DPM-Solver++(2M), 40 NFE, autoguided by ckpt-0001000 at w = 1.5; copies " \
+           "0.4%); ancestral: judge_error: RuntimeError: CUDA error: an illegal memory access; 80 s training (train.compile=" \
+           "cuda-graph); best: DPM-Solver++(2M), 40 NFE, autoguided by ckpt-0001000 at w = 1.5 (the real held-out digits: " \
+           "judged 96.4%, copies 0.0%) | met |" in out
     assert run_main("gpu_report.py", [str(paths[0])], monkeypatch) == 0  # the first call's file alone
     assert "| CIFAR-10 UNet bf16 train step / diffusers' eager bf16 | >= 2x | the part did not run | not measured |" in capsys.readouterr().out
     paths[0].write_text(json.dumps({**first, "part_errors": {"cifar": "RuntimeError('CUDA out of memory')"}}))  # a part that raised
@@ -126,6 +126,26 @@ def test_gpu_report_judges_each_acceptance_point_from_the_figures(monkeypatch, c
     assert "2.json was measured on 'another GPU', the others on 'NVIDIA H200, 139 GiB'" in capsys.readouterr().err
     assert run_main("gpu_report.py", [str(tmp_path / "none.json")], monkeypatch) == 2
     assert "No such file" in capsys.readouterr().err
+
+
+def test_gpu_report_does_not_count_a_judging_whose_samples_are_mostly_one_digit(monkeypatch, capsys, tmp_path):
+    """The judge is sure of noise and of blank images, each as one class (all -1 images: "1", p ~ 1), so a broken network
+    can be "judged" 100%: a judging counts only with every digit at 5-15% of the samples, digits_quality's target."""
+    even, ones = [0.1] * 10, [0.0, 0.91] + [0.01] * 8
+
+    def report(*judgings: tuple[float, list[float]]) -> str:
+        judged = {f"way {i}": {"confident_fraction": c, "how": f"way {i}", "class_shares": shares} for i, (c, shares) in enumerate(judgings)}
+        path = tmp_path / "gpu.json"
+        path.write_text(json.dumps({"device": "a GPU", "tiny": False, "mnist_gpu": {"train_s": 80.0, "compile": "no", "judged": judged}}))
+        assert run_main("gpu_report.py", [str(path)], monkeypatch) == 0
+        return next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| mnist_gpu's 500 samples"))
+
+    row = report((1.0, ones))
+    assert "100.0% (way 0; 91% of it one digit (1): not counted)" in row and row.endswith("| NOT met |"), row
+    row = report((1.0, ones), (0.96, even))  # the best that counts
+    assert "best: way 1" in row and row.endswith("| met |"), row
+    row = report((1.0, ones), (0.90, even))
+    assert "best: way 1" in row and row.endswith("| NOT met |"), row
 
 
 def test_gpu_bench_goes_on_after_a_part_that_raises(monkeypatch, capsys, tmp_path):
@@ -209,4 +229,5 @@ def test_gpu_bench_judges_mnist_gpu_as_on_a_gpu_where_a_judge_is_cached(monkeypa
     capsys.readouterr()
     assert run_main("gpu_report.py", [str(tmp_path / "gpu.json")], monkeypatch) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| mnist_gpu's 500 samples"))
-    assert "autoguided by ckpt-0000002" in row and "of its samples copy a training digit (real held-out digits: 0.0%)" in row, row
+    assert "autoguided by ckpt-0000002 at w = 1.5; copies " in row and "(the real held-out digits: judged " in row, row
+    assert all(len(j["class_shares"]) == 10 for j in judged.values())
