@@ -254,10 +254,12 @@ def test_eval_of_a_pipeline_against_a_folder_of_real_images(tiny_sd, tmp_path, c
     argv = ["eval", str(tiny_sd), "--metrics", "fd,kid,is", "--features", "inception", "--inception", str(weights), "--n", "6",
             "--sampler", "dpmpp_2m", "--steps", "3", "--prompt", PROMPT, "--out", str(tmp_path / "report.json")]
     assert main(argv) == 2 and "give --reference, a folder of real images" in capsys.readouterr().err
-    assert main([*argv, "--reference", str(real)]) == 0
+    assert main([*argv[:2], "--metrics", "fd,kid,is,copies", *argv[4:], "--reference", str(real)]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
-    assert set(report["metrics"]) == {"fd", "kid", "is"} and report["metrics"]["fd"]["value"] > 0
+    assert set(report["metrics"]) == {"fd", "kid", "is", "copies"} and report["metrics"]["fd"]["value"] > 0
     assert report["sampling"]["reference"] == f"{real} (6 images)"
+    copied = report["metrics"]["copies"]  # against the folder's images, read as a Dataset; a folder has no held-out split
+    assert 0 <= copied["value"] <= 1 and "real" not in copied and f"one of the 6 images of {real} " in copied["unit"]
 
 
 @pytest.mark.parametrize("changes", [{"rescale_betas_zero_snr": True, "prediction_type": "v_prediction"},

@@ -221,6 +221,10 @@ def test_a_copy_is_a_sample_much_nearer_its_nearest_training_image_than_the_seco
     assert torch.allclose(c.distance.double(), torch.tensor([0, 2, 50 ** 0.5, 6, 4.5], dtype=torch.float64), atol=1e-6)
     small = copies(x, train, chunk=3)  # the training images in chunks: the same nearest two
     assert torch.equal(small.ratio, c.ratio) and torch.equal(small.nearest[[0, 1, 3, 4]], c.nearest[[0, 1, 3, 4]])
+    from ddpmkit.data import ArrayDataset
+
+    read = copies(x, ArrayDataset(train.float()), chunk=7)  # a Dataset (e.g. a folder of images), read 7 at a time
+    assert torch.equal(read.ratio, c.ratio) and read.fraction == c.fraction
     with pytest.raises(UserError, match="shape"):
         copies(x.reshape(5, 100), train)
     with pytest.raises(UserError, match="at least 2"):

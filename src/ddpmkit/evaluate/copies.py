@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data import Dataset
 from ..errors import UserError
 
 COPY_RATIO = 1 / 3
@@ -33,19 +34,21 @@ class Copies:
 
 
 @torch.no_grad()
-def nearest_two(x: torch.Tensor, train: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Euclidean distances from each of x: (n, ...) to its nearest and second-nearest row of train: (N, ...), as
-    (n, 2), and the nearest's index (n,). train is read `chunk` rows at a time (CIFAR-10's 50,000 at once would be
-    600 MB as float32)."""
+def nearest_two(x: torch.Tensor, train: torch.Tensor | Dataset, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euclidean distances from each of x: (n, ...) to its nearest and second-nearest image of train (a tensor (N, ...)
+    or a Dataset, e.g. a folder of images), as (n, 2), and the nearest's index (n,). train is read `chunk` images at a
+    time (CIFAR-10's 50,000 at once would be 600 MB as float32)."""
     if len(train) < 2:
         raise UserError(f"the copy test needs at least 2 training images, got {len(train)}")
-    if x.shape[1:] != train.shape[1:]:
-        raise UserError(f"samples of shape {tuple(x.shape[1:])} cannot be compared with training images of shape {tuple(train.shape[1:])}")
+    shape = tuple(train.shape[1:]) if isinstance(train, torch.Tensor) else tuple(train.shape)
+    if tuple(x.shape[1:]) != shape:
+        raise UserError(f"samples of shape {tuple(x.shape[1:])} cannot be compared with training images of shape {shape}")
     a = x.reshape(len(x), -1).double()
     best = torch.full((len(a), 2), float("inf"), dtype=torch.float64)
     index = torch.zeros(len(a), 2, dtype=torch.long)
     for start in range(0, len(train), chunk):
-        b = train[start:start + chunk].reshape(-1, a.shape[1]).to(a.device, torch.float64)
+        rows = train[start:start + chunk] if isinstance(train, torch.Tensor) else train.get_batch(torch.arange(start, min(start + chunk, len(train))))
+        b = rows.reshape(-1, a.shape[1]).to(a.device, torch.float64)
         # float64: an exact copy's distance is 0 to ~1e-7 relative, not float32's cancellation noise
         d = torch.cdist(a, b)
         k = min(2, d.shape[1])
@@ -57,7 +60,7 @@ def nearest_two(x: torch.Tensor, train: torch.Tensor, chunk: int = 4096) -> tupl
     return best, index[:, 0]
 
 
-def copies(x: torch.Tensor, train: torch.Tensor, ratio: float = COPY_RATIO, chunk: int = 4096) -> Copies:
+def copies(x: torch.Tensor, train: torch.Tensor | Dataset, ratio: float = COPY_RATIO, chunk: int = 4096) -> Copies:
     """The ratio test on images x against the training images: which of x copy one."""
     d, nearest = nearest_two(x, train, chunk)
     r = d[:, 0] / d[:, 1].clamp_min(1e-12)  # two identical training images: both are "nearest", ratio 1 unless x is one

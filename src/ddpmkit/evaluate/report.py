@@ -146,7 +146,8 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddp
             report["metrics"].update(feature_metrics(feature_net, gen.images, held_out, quality, features))
         if "copies" in sampled:
             report["metrics"]["copies"] = copy_metric(gen.images, dataset_for(data, split="train"),
-                                                      held_out if data.name in SPLIT else None, reference or data.name)
+                                                      held_out if data.name in SPLIT else None,
+                                                      f"images of {reference}" if reference else f"training images of {data.name}")
     if out is not None:
         atomic_write_text(out, json.dumps(report, indent=2))
     return report
@@ -170,16 +171,15 @@ def feature_metrics(feature_net: FeatureNet, x: torch.Tensor, held_out: Dataset,
     return out
 
 
-def copy_metric(x: torch.Tensor, train: Dataset, held_out: Dataset | None, name: str) -> dict:
+def copy_metric(x: torch.Tensor, train: Dataset, held_out: Dataset | None, what: str) -> dict:
     """The share of images x that copy a training image (copies.py), with the share of held-out real images that pass
     for copies by the same test where the data has a held-out split: the level of a model that copies nothing."""
-    images = train.get_batch(torch.arange(len(train)))
-    c = copies(x, images)
+    c = copies(x, train)  # read a chunk at a time: a folder's images are not all held at once
     out = {"value": c.fraction, "median_ratio": c.ratio.median().item(),  # the ratio's drift toward 0 before copies show
-           "unit": f"share of samples that copy one of the {len(train)} training images of {name} "
+           "unit": f"share of samples that copy one of the {len(train)} {what} "
                    f"(nearest / second-nearest distance < {COPY_RATIO:.3g})"}
     if held_out is not None:
-        real = copies(held_out.get_batch(torch.arange(len(held_out))), images)
+        real = copies(held_out.get_batch(torch.arange(len(held_out))), train)
         out["real"], out["real_median_ratio"] = real.fraction, real.ratio.median().item()
     return out
 
