@@ -8,7 +8,9 @@ A DreamBooth run of the one engine (the [dreambooth] section: instance prompt "a
 base draws for "a handwritten digit", prior_loss_weight 1) learns them from the base's config and weights. Then the
 base and the tuned model draw n digits per prompt from the same seeds (DPM-Solver++(2M), 20 steps, guidance 3), and
 the bench reports the thick share (ink over the 95th percentile of held-out digits), the share the judge reads with
-confidence >= 0.9, the judge-FD and the classes' range, with the same-seed grid.
+confidence >= 0.9, the judge-FD, the classes' range and the share that copies one of the instance images (nearest /
+second-nearest instance image < 1/3, ddpmkit.evaluate.copies: learnt the style, or the 20 pictures?), with the
+same-seed grid.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ import torch
 
 from ddpmkit import viz
 from ddpmkit.config import load_config
+from ddpmkit.data import load_dataset
+from ddpmkit.evaluate.copies import copies
 from ddpmkit.evaluate.report import DigitScorer
 from ddpmkit.models import load_diffusion
 from ddpmkit.pipelines import generate
@@ -66,9 +70,11 @@ def main() -> int:
     seconds = time.time() - t0
     ensure_judge()
     scorer = DigitScorer()
+    instances = load_dataset("folder", str(style), 28, 1)
     rows, pictures = [], []
     print(f"\nDreamBooth: {args.steps} steps in {seconds / 60:.1f} min (with drawing {args.class_images} class images); thick: ink > "
-          f"{threshold:.3f}\n| model | prompt | thick | judged p >= 0.9 | judge-FD | classes |\n|---|---|---|---|---|---|")
+          f"{threshold:.3f}\n| model | prompt | thick | judged p >= 0.9 | judge-FD | classes | copies of an instance image |"
+          f"\n|---|---|---|---|---|---|---|")
     for name, path in (("base", args.base), ("DreamBooth", str(run))):
         m = load_diffusion(path)
         for prompt in (INSTANCE, CLASS):
@@ -76,11 +82,11 @@ def main() -> int:
             s = scorer(x)
             shares = torch.bincount(scorer.features(x)[1].argmax(1), minlength=10).float() / len(x)
             row = {"model": name, "prompt": prompt, "thick": (ink(x) > threshold).float().mean().item(), "confident": s["confident"],
-                   "judge_fd": s["fd"], "classes": [round(v, 3) for v in shares.tolist()]}
+                   "judge_fd": s["fd"], "classes": [round(v, 3) for v in shares.tolist()], "copies": copies(x, instances).fraction}
             rows.append(row)
             pictures.append((f"{name}\n{prompt!r}", x[:10]))
             print(f"| {name} | {prompt} | {row['thick']:.1%} | {row['confident']:.1%} | {row['judge_fd']:.2f} | "
-                  f"{shares.min():.1%}-{shares.max():.1%} |", flush=True)
+                  f"{shares.min():.1%}-{shares.max():.1%} | {row['copies']:.1%} |", flush=True)
     viz.labelled_rows(pictures, out / "grid.png", n=10, title="the same seeds, before and after DreamBooth")
     (out / "report.json").write_text(json.dumps({"threshold": threshold, "train_seconds": seconds, "rows": rows}, indent=2))
     print(f"-> {out / 'grid.png'}, {out / 'report.json'}")
