@@ -103,7 +103,7 @@ def main() -> int:
               "nfe": nfe, "n": args.n,
               "judge_test_accuracy": acc, "real_confident_fraction": real.confident_fraction, "confident_fraction": verdict.confident_fraction,
               "class_shares": verdict.class_shares, "judge_fd": fd, "mean_confidence": verdict.mean_confidence, "seconds": elapsed,
-              "copied_fraction": copied.fraction, "real_copied_fraction": real_copies.fraction,
+              "classes_even": ok_cover, "copied_fraction": copied.fraction, "real_copied_fraction": real_copies.fraction,
               "median_copy_ratio": copied.ratio.median().item(), "real_median_copy_ratio": real_copies.ratio.median().item()}
     (out / f"report_{tag}.json").write_text(json.dumps(report, indent=2))
     return 0 if ok_conf and ok_cover and acc >= 0.97 else 1

@@ -259,7 +259,7 @@ def judge_samples(run_dir: Path, device: torch.device, sampler: str, steps: int 
         return {"judge_error": error}, f"judging failed (exit {done.returncode}): {(error.strip().splitlines() or [''])[-1]}"
     report = json.loads(reports[0].read_text())
     figures = {k: report[k] for k in ("confident_fraction", "judge_fd", "nfe", "n", "seconds", "judge_test_accuracy",
-                                      "real_confident_fraction", "copied_fraction", "real_copied_fraction", "class_shares")}
+                                      "real_confident_fraction", "copied_fraction", "real_copied_fraction", "class_shares", "classes_even")}
     figures["how"] = how = (f"{'DPM-Solver++(2M)' if sampler == 'dpmpp_2m' else sampler}, {report['nfe']} NFE" +
                             (f", autoguided by {autoguide.name} at w = {scale:g}" if autoguide else ""))
     return figures, (f"{report['n']} samples ({how}) judged p >= 0.9: {report['confident_fraction']:.1%} (target >= 95%), "

@@ -134,7 +134,8 @@ def test_gpu_report_does_not_count_a_judging_whose_samples_are_mostly_one_digit(
     even, ones = [0.1] * 10, [0.0, 0.91] + [0.01] * 8
 
     def report(*judgings: tuple[float, list[float]]) -> str:
-        judged = {f"way {i}": {"confident_fraction": c, "how": f"way {i}", "class_shares": shares} for i, (c, shares) in enumerate(judgings)}
+        judged = {f"way {i}": {"confident_fraction": c, "how": f"way {i}", "class_shares": shares, "classes_even": shares is even}
+                  for i, (c, shares) in enumerate(judgings)}
         path = tmp_path / "gpu.json"
         path.write_text(json.dumps({"device": "a GPU", "tiny": False, "mnist_gpu": {"train_s": 80.0, "compile": "no", "judged": judged}}))
         assert run_main("gpu_report.py", [str(path)], monkeypatch) == 0
@@ -230,4 +231,4 @@ def test_gpu_bench_judges_mnist_gpu_as_on_a_gpu_where_a_judge_is_cached(monkeypa
     assert run_main("gpu_report.py", [str(tmp_path / "gpu.json")], monkeypatch) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| mnist_gpu's 500 samples"))
     assert "autoguided by ckpt-0000002 at w = 1.5; copies " in row and "(the real held-out digits: judged " in row, row
-    assert all(len(j["class_shares"]) == 10 for j in judged.values())
+    assert all(len(j["class_shares"]) == 10 and isinstance(j["classes_even"], bool) for j in judged.values())
