@@ -33,12 +33,15 @@
    steps alone.
 
 Figures go to stdout and, with --out, to a JSON file, rewritten after each part (a run cut short keeps the parts
-it finished). Name the device beside every figure you quote: the first line says which it is.
+it finished). With --deadline S the parts should be done S seconds after the start (a lent GPU's call has a time
+limit): a part that would start later is skipped, and mnist_gpu's training stops in time for its judgings.
+Name the device beside every figure you quote: the first line says which it is.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import subprocess
@@ -209,27 +212,45 @@ JUDGINGS = [("dpmpp_2m", "dpmpp_2m", 20, False), ("autoguided", "dpmpp_2m", 20, 
             ("ancestral", "ddpm", None, False), ("ancestral autoguided", "ddpm", None, True)]
 
 
-def gpu_preset(device: torch.device, tiny: bool, results: dict, keep: Callable[[], None] = lambda: None) -> None:
+# what mnist_gpu's four judgings are given under --deadline: four runs of bench/digits_quality.py, each starting torch
+# and its judge, the two ancestral ones 1,000 network calls of 500 digits (about 6 ms each for 4.1M parameters at
+# 100 TFLOP/s, twice that autoguided); an estimate until a GPU has timed them (gpu.json's judgings give their seconds)
+JUDGING_RESERVE_S = 120.0
+MIN_TRAINING_S = 30.0  # however late the part starts: a pace to report
+
+
+def gpu_preset(device: torch.device, tiny: bool, results: dict, keep: Callable[[], None] = lambda: None,
+               time_left: Callable[[], float] = lambda: math.inf) -> None:
     """`ddpmkit train mnist_gpu` on the device, then bench/digits_quality.py on its EMA weights, each way JUDGINGS names.
     --tiny: a toy network, and the first two judgings on 20 samples in 2 steps where a judge is cached (the carried one
-    in bench/gpu_rehearsal.sh: the judging path as the GPU runs it; none is trained here). `keep` saves the figures."""
+    in bench/gpu_rehearsal.sh: the judging path as the GPU runs it; none is trained here). `keep` saves the figures.
+    `time_left` (--deadline): the training stops early enough (train.max_minutes) to leave JUDGING_RESERVE_S for the
+    judgings, and a judging that would start past the deadline is skipped, so that a call's time limit never costs
+    the figures of a run that took longer than planned: its pace, and the quality of the weights it reached."""
     from ddpmkit.checkpoint import list_checkpoints
     from ddpmkit.evaluate.cached_judge import judge_dir
     from ddpmkit.train import train
 
     run_dir = Path(tempfile.mkdtemp(prefix="gpu-bench-preset-"))
-    extra = ["train.steps=4", "train.batch_size=8", "train.warmup_steps=1", "train.keep_steps=[2]", "train.checkpoint_every=0",
+    extra = ["train.steps=4", "train.batch_size=8", "train.warmup_steps=1", "train.keep_steps=[2]", "train.checkpoint_every=0", "train.log_every=1",
              "train.sample_every=0", "network.base_channels=8", "network.channel_mult=1,2", "network.num_res_blocks=1",
              "network.attention_resolutions=14"] if tiny else []
     graphed = device.type == "cuda"  # the recipe as docs/gpu.md gives it for a CUDA GPU: train.compile = "cuda-graph"
+    if math.isfinite(budget := time_left() - JUDGING_RESERVE_S):
+        extra.append(f"train.max_minutes={max(budget, MIN_TRAINING_S) / 60!r}")
     cfg = load_config("mnist_gpu", [f"train.run_dir={run_dir}", *extra, *(["train.compile=cuda-graph"] if graphed else [])])
     start = time.perf_counter()
     train(cfg, progress=False)
     trained = time.perf_counter() - start
-    results["mnist_gpu"] = figures = {"steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "train_s": trained,
-                                      "compile": cfg.train.compile, "judged": {}}
-    print(f"mnist_gpu (train.compile={cfg.train.compile}): {cfg.train.steps} steps of {cfg.train.batch_size} in {trained:.1f} s",
-          flush=True)
+    done = final_step(run_dir)
+    results["mnist_gpu"] = figures = {"steps": cfg.train.steps, "steps_done": done, "batch_size": cfg.train.batch_size,
+                                      "train_s": trained, "compile": cfg.train.compile, "judged": {}}
+    said = f"{cfg.train.steps} steps of {cfg.train.batch_size} in {trained:.1f} s"
+    if done < cfg.train.steps:  # train.max_minutes stopped it: its pace, and what the whole run would take at that pace
+        figures["whole_run_s"] = trained * cfg.train.steps / max(done, 1)
+        said = (f"stopped by --deadline at step {done} of {cfg.train.steps} (of {cfg.train.batch_size}) after {trained:.1f} s: "
+                f"the whole run about {figures['whole_run_s']:.0f} s at that pace; its weights so far are judged")
+    print(f"mnist_gpu (train.compile={cfg.train.compile}): {said}", flush=True)
     keep()
     weaker = run_dir / f"ckpt-{cfg.train.keep_steps[0]:07d}" if cfg.train.keep_steps else None
     judgings, n = JUDGINGS, 500
@@ -238,10 +259,20 @@ def gpu_preset(device: torch.device, tiny: bool, results: dict, keep: Callable[[
     for key, sampler, steps, guided in judgings:
         if guided and (weaker is None or not weaker.is_dir()):
             continue  # the recipe keeps an early checkpoint for autoguidance, as the demo does
+        if time_left() <= 0:
+            figures["judged"][key] = {"skipped": "past --deadline"}
+            print(f"mnist_gpu: judging {key}: skipped (past --deadline)", flush=True)
+            continue
         figures["judged"][key], said = judge_samples(run_dir, device, sampler, steps, weaker if guided else None, n=n)
         print(f"mnist_gpu: {said}", flush=True)
         keep()
     shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def final_step(run_dir: Path) -> int:
+    """The step a run stopped at: its train_log.jsonl's last "done" line."""
+    entries = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    return max(e["step"] for e in entries if e.get("done"))
 
 
 def judge_samples(run_dir: Path, device: torch.device, sampler: str, steps: int | None, autoguide: Path | None = None,
@@ -575,7 +606,14 @@ def main() -> int:
                    "a part before it trained)")
     p.add_argument("--skip", nargs="*", default=[], choices=PARTS, help="parts to leave out")
     p.add_argument("--out", default=None, help="write every figure to this JSON file too")
+    p.add_argument("--deadline", type=float, default=0.0, help="seconds from the start by which the parts should be done (a "
+                   "call's time limit less what runs after it): a part past it is skipped, and mnist_gpu's training stops in "
+                   "time for its judgings (0: none)")
     args = p.parse_args()
+    t0 = time.perf_counter()
+
+    def time_left() -> float:
+        return args.deadline - (time.perf_counter() - t0) if args.deadline > 0 else math.inf
     device = torch.device(args.device) if args.device else default_device()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # "fp32" below means TF32 where the GPU has it
@@ -618,12 +656,17 @@ def main() -> int:
         else:
             demo_variant(device, args.tiny, "reduce-overhead", results)
 
-    run = {"demo-graphed": demo_graphed, "demo": demo, "sampling": sample, "preset": lambda: gpu_preset(device, args.tiny, results, keep),
+    run = {"demo-graphed": demo_graphed, "demo": demo, "sampling": sample, "preset": lambda: gpu_preset(device, args.tiny, results, keep, time_left),
            "overhead": lambda: engine_overhead(device, args.tiny, rounds, results),
            "cifar": lambda: unet_modes(device, args.tiny, rounds, compiles, results, bf16, all_compiles=not args.quick),
            "upsampling": lambda: upsampling_forms(device, args.tiny, rounds, results), "demo-compiled": demo_compiled}
     for part in args.parts or PARTS:
         if part in args.skip:
+            continue
+        if time_left() <= 0:  # what comes after this script (the tests) keeps its time
+            results.setdefault("part_skipped", {})[part] = f"past --deadline {args.deadline:g} s"
+            print(f"part {part}: skipped (past --deadline {args.deadline:g} s)", flush=True)
+            keep()
             continue
         try:
             run[part]()

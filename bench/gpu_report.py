@@ -47,13 +47,16 @@ def acceptance(f: dict) -> list[tuple[str, str, str, str]]:
     times = {"eager": demo.get("train_s"), "cuda-graph (capture included)": graphed.get("train_s_with_compile")}
     times = {k: v for k, v in times.items() if isinstance(v, (int, float))}
     best = min(times.items(), key=lambda kv: kv[1]) if times else None
-    failed = f.get("part_errors", {})  # a part that raised: bench/gpu.py went on with the others
-    figure = ", ".join(f"{k} {v:.1f} s" for k, v in times.items()) or why_not(graphed or demo or {"error": failed.get("demo-graphed")})
+    def missing(part: str) -> dict:  # a part that raised (bench/gpu.py went on with the others) or was past --deadline
+        return {"skipped": f.get("part_skipped", {}).get(part), "error": f.get("part_errors", {}).get(part)}
+
+    figure = ", ".join(f"{k} {v:.1f} s" for k, v in times.items()) or why_not(graphed or demo or next(
+        (m for m in map(missing, ("demo-graphed", "demo")) if any(m.values())), {}))
     rows.append((f"demo preset, {demo.get('steps', 1600)} steps", f"<= {TARGETS['demo_s']:.0f} s", figure,
                  verdict(best[1] if best else None, TARGETS["demo_s"], True, tiny)))
     sampling = {k: v for k, v in f.get("sampling", {}).items() if isinstance(v.get("s"), (int, float))}
     best_s = min(sampling.items(), key=lambda kv: kv[1]["s"]) if sampling else None
-    figure = ", ".join(f"{k} {v['s']:.2f} s" for k, v in sampling.items()) or why_not({"error": failed.get("sampling")})
+    figure = ", ".join(f"{k} {v['s']:.2f} s" for k, v in sampling.items()) or why_not(missing("sampling"))
     n, steps = (best_s[1]["n"], best_s[1]["steps"]) if best_s else (500, 1000)
     rows.append((f"{n} x {steps:,} ancestral steps", f"<= {TARGETS['sampling_s']:.0f} s", figure,
                  verdict(best_s[1]["s"] if best_s else None, TARGETS["sampling_s"], True, tiny)))
@@ -72,7 +75,7 @@ def acceptance(f: dict) -> list[tuple[str, str, str, str]]:
     else:
         errors = f.get("cifar_errors") or {}  # the cases that failed inside the part, or the part itself
         reason = f"error: {next(iter(errors))}: {why_not({'error': next(iter(errors.values()))})[7:]}" if errors else \
-            why_not({"error": failed.get("cifar")})
+            why_not(missing("cifar"))
         rows.append(("CIFAR-10 UNet bf16 train step / diffusers' eager bf16", ">= 2x", reason, "not measured"))
     bf16, tf32 = cifar.get("ddpmkit / train bf16"), cifar.get("ddpmkit / train fp32/TF32")
     if bf16 and tf32:
@@ -80,7 +83,7 @@ def acceptance(f: dict) -> list[tuple[str, str, str, str]]:
         rows.append(("ddpmkit's CIFAR-10 UNet: bf16 / TF32 train step (eager)", "> 1x", f"x{ratio:.2f}", verdict(ratio, 1.0 + 1e-9, False, tiny)))
     else:
         rows.append(("ddpmkit's CIFAR-10 UNet: bf16 / TF32 train step (eager)", "> 1x", "the part did not run", "not measured"))
-    rows.append(judged_row(f.get("mnist_gpu", {}), failed, tiny))
+    rows.append(judged_row(f.get("mnist_gpu", {}), missing("preset"), tiny))
     return rows
 
 
@@ -91,9 +94,10 @@ def even(judging: dict) -> bool:
     return judging.get("classes_even", True)
 
 
-def judged_row(preset: dict, failed: dict, tiny: bool) -> tuple[str, str, str, str]:
+def judged_row(preset: dict, missing: dict, tiny: bool) -> tuple[str, str, str, str]:
     """mnist_gpu's acceptance row: each way it was judged, named, with its copies of training digits; the verdict on
-    the best judging whose classes are even, named too."""
+    the best judging whose classes are even, named too. A run --deadline stopped early meets the target only if its
+    weights so far did; below it, the recipe was not measured."""
     point, target = "mnist_gpu's 500 samples", f">= {TARGETS['judged']:.0%} judged p >= 0.9"
     judged = [j for j in preset.get("judged", {}).values() if "confident_fraction" in j]
     best = max((j for j in judged if even(j)), key=lambda j: j["confident_fraction"], default=None)
@@ -108,7 +112,7 @@ def judged_row(preset: dict, failed: dict, tiny: bool) -> tuple[str, str, str, s
                 shares = j["class_shares"]
                 notes.append(f"{max(shares):.0%} of it one digit ({shares.index(max(shares))}): not counted")
             parts.append(f"{j['confident_fraction']:.1%} ({j['how']}{''.join('; ' + n for n in notes)})")
-        figure = "; ".join(parts) + f"; {preset['train_s']:.0f} s training (train.compile={preset.get('compile')})"
+        figure = "; ".join(parts) + f"; {training(preset)}"
         if best is not None and len(judged) > 1:
             figure += f"; best: {best['how']}"
         if real := next((j for j in judged if "real_confident_fraction" in j), None):  # the same for every judging
@@ -119,10 +123,26 @@ def judged_row(preset: dict, failed: dict, tiny: bool) -> tuple[str, str, str, s
     elif errors := [j["judge_error"] for j in preset.get("judged", {}).values() if "judge_error" in j]:
         figure = why_not({"judge_error": errors[0]})
     elif "train_s" in preset:
-        figure = f"trained in {preset['train_s']:.1f} s, not judged" + (" (--tiny)" if tiny else "")
+        figure = f"{training(preset)}, not judged" + (" (--tiny)" if tiny else "")
     else:
-        figure = why_not(preset or {"error": failed.get("preset")})
-    return point, target, figure, verdict(best["confident_fraction"] if best is not None else None, TARGETS["judged"], False, tiny)
+        figure = why_not(preset or missing)
+    said = verdict(best["confident_fraction"] if best is not None else None, TARGETS["judged"], False, tiny)
+    if partial(preset) and said in ("met", "NOT met"):
+        said = f"met by step {preset['steps_done']:,}" if said == "met" else "not measured (a partial run)"
+    return point, target, figure, said
+
+
+def partial(preset: dict) -> bool:
+    return preset.get("steps_done", preset.get("steps", 0)) < preset.get("steps", 0)
+
+
+def training(preset: dict) -> str:
+    """The preset's training time, or where --deadline stopped it and what the whole run would take at its pace."""
+    how = f"train.compile={preset.get('compile')}"
+    if partial(preset):
+        return (f"stopped by --deadline at step {preset['steps_done']:,} of {preset['steps']:,} after {preset['train_s']:.0f} s "
+                f"(the whole run about {preset['whole_run_s']:.0f} s at that pace; {how})")
+    return f"{preset['train_s']:.0f} s training ({how})"
 
 
 def why_not(part: dict) -> str:

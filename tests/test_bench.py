@@ -77,7 +77,7 @@ def test_gpu_bench_tiny_mode_runs_on_whatever_device_is_here(monkeypatch, capsys
     assert run_main("gpu_report.py", [str(tmp_path / "gpu.json")], monkeypatch) == 0  # the report reads what gpu.py wrote
     report = capsys.readouterr().out
     assert "| demo preset, 6 steps | <= 15 s | eager " in report and "| toy sizes |" in report and "NOT met" not in report
-    assert "| ddpmkit autocast-norms | train bf16 |" in report and "trained in" in report
+    assert "| ddpmkit autocast-norms | train bf16 |" in report and "s training (train.compile=no), not judged (--tiny)" in report
     ops = figures["overhead"]["ops_per_step"]  # the engine step's ops by phase, counted once
     assert min(ops.values()) > 0 and f"network forward {ops['forward']}, backward {ops['backward']}, the rest {ops['rest']}" in report
 
@@ -165,6 +165,42 @@ def test_gpu_bench_goes_on_after_a_part_that_raises(monkeypatch, capsys, tmp_pat
     assert "part preset: failed: 'something the preset part did not expect'" in capsys.readouterr().out
     figures = json.loads((tmp_path / "gpu.json").read_text())
     assert "KeyError" in figures["part_errors"]["preset"] and list(figures["part_seconds"]) == ["preset", "demo-graphed"]
+
+
+def test_gpu_bench_deadline_stops_the_preset_in_time_for_its_judgings_and_skips_later_parts(monkeypatch, capsys, tmp_path):
+    """--deadline (a lent GPU's call has a time limit): mnist_gpu's training gets train.max_minutes = what is left less
+    the judgings' reserve, so a run slower than planned stops with its pace and weights measured, and the report says
+    so, never "NOT met" for a recipe it did not finish; a part that would start past the deadline is skipped."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_gpu_deadline", BENCH / "gpu.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    monkeypatch.setattr(gpu, "JUDGING_RESERVE_S", 1e6)  # nothing left for training: it stops at its first log step
+    monkeypatch.setattr(gpu, "MIN_TRAINING_S", 1e-3)
+    out_file = tmp_path / "gpu.json"
+    monkeypatch.setattr(sys, "argv", ["gpu.py", "--tiny", "--parts", "preset", "--deadline", "600", "--out", str(out_file)])
+    assert gpu.main() == 0
+    assert "mnist_gpu (train.compile=no): stopped by --deadline at step 1 of 4 (of 8) after " in capsys.readouterr().out
+    preset = json.loads(out_file.read_text())["mnist_gpu"]
+    assert preset["steps_done"] == 1 and preset["steps"] == 4 and preset["whole_run_s"] == pytest.approx(4 * preset["train_s"])
+
+    report = importlib.util.module_from_spec(spec := importlib.util.spec_from_file_location("bench_gpu_report_d", BENCH / "gpu_report.py"))
+    spec.loader.exec_module(report)
+    judging = {"confident_fraction": 0.96, "how": "way 0", "classes_even": True}
+    for share, said in ((0.96, "met by step 1"), (0.90, "not measured (a partial run)")):
+        row = report.judged_row({**preset, "judged": {"w": {**judging, "confident_fraction": share}}}, {}, False)
+        assert "stopped by --deadline at step 1 of 4 after " in row[2] and "(the whole run about " in row[2] and row[3] == said, row
+    row = report.judged_row({**preset, "steps_done": 4, "judged": {"w": {**judging, "confident_fraction": 0.90}}}, {}, False)
+    assert row[3] == "NOT met" and f"{preset['train_s']:.0f} s training (train.compile=no)" in row[2], row  # the whole run
+
+    monkeypatch.setattr(sys, "argv", ["gpu.py", "--tiny", "--parts", "demo", "preset", "--deadline", "1e-9", "--out", str(out_file)])
+    assert gpu.main() == 0
+    assert "part demo: skipped (past --deadline 1e-09 s)" in capsys.readouterr().out
+    figures = json.loads(out_file.read_text())
+    assert set(figures["part_skipped"]) == {"demo", "preset"} and "mnist_gpu" not in figures and "part_seconds" not in figures
+    rows = {r[0]: r for r in report.acceptance(figures)}
+    assert rows["demo preset, 1600 steps"][2:] == ("skipped: past --deadline 1e-09 s", "not measured")
+    assert rows["mnist_gpu's 500 samples"][2:] == ("skipped: past --deadline 1e-09 s", "not measured")
 
 
 def test_gpu_bench_reports_a_failing_compile_and_measures_the_other_modes(monkeypatch, capsys, tmp_path):
