@@ -426,7 +426,9 @@ def wrap(name: str, net: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tenso
 
 
 def unet_modes(device: torch.device, tiny: bool, rounds: int, compiled: bool, results: dict, bf16_rate: float,
-               all_compiles: bool = True) -> None:
+               all_compiles: bool = True, keep: Callable[[], None] = lambda: None) -> None:
+    """The CIFAR-10 UNets' modes (module docstring, 4.), each case's medians saved (`keep`) as soon as it is timed, the
+    eager forms before the compiled ones: a call cut short during a compile keeps every eager figure."""
     batch_train, batch_fwd = (2, 4) if tiny else (128, 512)
     dev = device.type
     rows: dict[tuple[str, str], list[float]] = {}
@@ -479,27 +481,37 @@ def unet_modes(device: torch.device, tiny: bool, rounds: int, compiled: bool, re
                 fn()
             flops[base] = counter.get_total_flops()
     reps = 1 if tiny else 10
-    runnable = []
-    for case in cases:  # the first call compiles a compiled form; one that fails on this GPU is reported, the rest go on
-        try:
-            case[1]()
-            runnable.append(case)
-        except RuntimeError as e:
-            results.setdefault("cifar_errors", {})[" / ".join(case[0])] = repr(e)[-2000:]
-            print(f"CIFAR-10 UNet {' / '.join(case[0])}: failed: {last_line(e)}",
-                  flush=True)
-    cases = runnable
-    for _ in range(rounds):  # alternating rounds: drift hits every form alike
-        for key, fn, batch in cases:
-            rows.setdefault(key, []).append(batch / seconds(fn, device, reps))
     out = results.setdefault("cifar", {})
-    for (tag, mode), rates in rows.items():
-        ips = statistics.median(rates)
+
+    def record(tag: str, mode: str, say: bool = False) -> None:  # the case's median so far into the results
+        ips = statistics.median(rates := rows[(tag, mode)])
         per_image = flops[(tag.split()[0], mode)] / (batch_train if mode.startswith("train") else batch_fwd)
         achieved = ips * per_image / 1e12
         out[f"{tag} / {mode}"] = {"images_per_s": ips, "tflops": achieved, "of_bf16_matmul": achieved / bf16_rate, "rounds": rates}
-        print(f"CIFAR-10 UNet {tag:<24} {mode:<16} {ips:9.1f} images/s  {achieved:7.2f} TFLOP/s = {achieved / bf16_rate:5.1%} of bf16 matmul",
-              flush=True)
+        if say:
+            print(f"CIFAR-10 UNet {tag:<24} {mode:<16} {ips:9.1f} images/s  {achieved:7.2f} TFLOP/s = {achieved / bf16_rate:5.1%} of bf16 matmul",
+                  flush=True)
+
+    cases.sort(key=lambda case: "compiled" in case[0][0])  # (stable) the eager forms first
+    failed = set()
+    for r in range(rounds):  # alternating rounds: drift hits every form alike
+        for key, fn, batch in cases:
+            if key in failed:
+                continue
+            if r == 0:  # the first call compiles a compiled form; one that fails on this GPU is reported, the rest go on
+                try:
+                    fn()
+                except RuntimeError as e:
+                    failed.add(key)
+                    results.setdefault("cifar_errors", {})[" / ".join(key)] = repr(e)[-2000:]
+                    print(f"CIFAR-10 UNet {' / '.join(key)}: failed: {last_line(e)}", flush=True)
+                    continue
+            rows.setdefault(key, []).append(batch / seconds(fn, device, reps))
+            record(*key)
+            keep()
+    for tag, mode in rows:
+        record(tag, mode, say=True)
+    cases = [case for case in cases if case[0] not in failed]
     for comp in (["", " compiled"] if compiled else [""]):
         for mode in ("train fp32/TF32", "train bf16", "forward bf16"):
             a, b = out.get(f"ddpmkit{comp} / {mode}"), out.get(f"diffusers{comp} / {mode}")
@@ -658,7 +670,7 @@ def main() -> int:
 
     run = {"demo-graphed": demo_graphed, "demo": demo, "sampling": sample, "preset": lambda: gpu_preset(device, args.tiny, results, keep, time_left),
            "overhead": lambda: engine_overhead(device, args.tiny, rounds, results),
-           "cifar": lambda: unet_modes(device, args.tiny, rounds, compiles, results, bf16, all_compiles=not args.quick),
+           "cifar": lambda: unet_modes(device, args.tiny, rounds, compiles, results, bf16, all_compiles=not args.quick, keep=keep),
            "upsampling": lambda: upsampling_forms(device, args.tiny, rounds, results), "demo-compiled": demo_compiled}
     for part in args.parts or PARTS:
         if part in args.skip:
