@@ -210,19 +210,17 @@ def test_gpu_bench_saves_each_cifar_case_as_soon_as_it_is_timed(monkeypatch):
     spec = importlib.util.spec_from_file_location("bench_gpu_keep", BENCH / "gpu.py")
     gpu = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu)
+    monkeypatch.setattr(gpu.torch, "compile", lambda net: net)  # the compiled forms' order, not their compile (minutes on a CPU)
     results: dict = {}
     kept: list[dict] = []
-    gpu.unet_modes(gpu.torch.device("cpu"), True, 2, False, results, 1.0, keep=lambda: kept.append(json.loads(json.dumps(results["cifar"]))))
-    cases = len(results["cifar"])
-    assert cases == 11 and len(kept) == 2 * cases  # 4 forms x 3 modes, less the autocast-norms' fp32 one; 2 rounds
-    assert [len(k) for k in kept[:cases]] == list(range(1, cases + 1)) and kept[-1] == results["cifar"]
+    gpu.unet_modes(gpu.torch.device("cpu"), True, 2, True, results, 1.0, keep=lambda: kept.append(json.loads(json.dumps(results["cifar"]))))
+    order = list(results["cifar"])
+    eager = [key for key in order if "compiled" not in key]
+    assert len(eager) == 11  # 4 forms x 3 modes, less the autocast-norms' fp32 one
+    assert order[:len(eager)] == eager and len(order) > len(eager)  # every compiled form after every eager one
+    cases = len(order)
+    assert len(kept) == 2 * cases and [len(k) for k in kept[:cases]] == list(range(1, cases + 1)) and kept[-1] == results["cifar"]
     assert all(len(row["rounds"]) == 1 for row in kept[cases - 1].values()) and all(len(row["rounds"]) == 2 for row in kept[-1].values())
-    monkeypatch.setattr(gpu.torch, "compile", lambda net: net)  # the compiled forms' order, not their compile (minutes on a CPU)
-    results, kept = {}, []
-    gpu.unet_modes(gpu.torch.device("cpu"), True, 1, True, results, 1.0, keep=lambda: kept.append(list(results["cifar"])))
-    order = kept[-1]
-    first_compiled = next(i for i, key in enumerate(order) if "compiled" in key)
-    assert first_compiled == cases and all("compiled" in key for key in order[first_compiled:]) and len(order) > cases, order
 
 
 def test_gpu_bench_reports_a_failing_compile_and_measures_the_other_modes(monkeypatch, capsys, tmp_path):
