@@ -615,7 +615,7 @@ def main() -> int:
                    "demo-compiled part (a lent GPU's 15 minutes)")
     p.add_argument("--parts", nargs="*", default=None, choices=PARTS, help="the parts to run, in this order (default: all, in the "
                    "order above, the demo-graphed part first: the acceptance's likeliest figure; sampling uses the demo model "
-                   "a part before it trained)")
+                   "a part before it trained, or trains one eagerly first (part demo))")
     p.add_argument("--skip", nargs="*", default=[], choices=PARTS, help="parts to leave out")
     p.add_argument("--out", default=None, help="write every figure to this JSON file too")
     p.add_argument("--deadline", type=float, default=0.0, help="seconds from the start by which the parts should be done (a "
@@ -657,10 +657,11 @@ def main() -> int:
         run_dir[0] = demo_trainer(device, args.tiny, results)
 
     def sample() -> None:
-        if run_dir[0] is None:
-            print("ancestral sampling: skipped (no demo model: neither part demo nor demo-graphed trained one here)", flush=True)
-        else:
-            sampling(run_dir[0], device, args.tiny, compiles and not args.quick, results)
+        if run_dir[0] is None:  # demo-graphed did not run, needs CUDA or failed: the sampling figure must not be lost to it
+            print("ancestral sampling: no demo model yet, so the demo trainer first, eagerly (part demo)", flush=True)
+            demo()
+            save("demo")
+        sampling(run_dir[0], device, args.tiny, compiles and not args.quick, results)
 
     def demo_compiled() -> None:  # (--tiny runs the part with train.compile = "no": the compile takes minutes on a CPU)
         if args.no_compile or args.quick:

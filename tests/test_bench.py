@@ -203,6 +203,16 @@ def test_gpu_bench_deadline_stops_the_preset_in_time_for_its_judgings_and_skips_
     assert rows["mnist_gpu's 500 samples"][2:] == ("skipped: past --deadline 1e-09 s", "not measured")
 
 
+def test_gpu_bench_samples_a_demo_it_trains_itself_when_no_part_before_trained_one(monkeypatch, capsys, tmp_path):
+    """Call 1 samples the model part demo-graphed trained: where that part needs CUDA or failed, sampling trains the
+    demo eagerly first (a figure too) rather than losing the sampling figure."""
+    assert run_main("gpu.py", ["--tiny", "--parts", "demo-graphed", "sampling", "--out", str(tmp_path / "gpu.json")], monkeypatch) == 0
+    assert "ancestral sampling: no demo model yet, so the demo trainer first, eagerly (part demo)" in capsys.readouterr().out
+    figures = json.loads((tmp_path / "gpu.json").read_text())
+    assert figures["demo"]["train_s"] > 0 and figures["sampling"]["fp32"]["s"] > 0 and figures["sampling"]["auto"]["s"] > 0
+    assert list(figures["part_seconds"]) == ["demo-graphed", "demo", "sampling"]
+
+
 def test_gpu_bench_saves_each_cifar_case_as_soon_as_it_is_timed(monkeypatch):
     """A lent GPU's call can be cut at its time limit mid-part: the CIFAR-10 part hands every case's median to `keep`
     (gpu.json) as it is timed, eager forms first, so a cut during a compile (minutes) keeps the eager figures."""
