@@ -47,11 +47,12 @@ def acceptance(f: dict) -> list[tuple[str, str, str, str]]:
     times = {"eager": demo.get("train_s"), "cuda-graph (capture included)": graphed.get("train_s_with_compile")}
     times = {k: v for k, v in times.items() if isinstance(v, (int, float))}
     best = min(times.items(), key=lambda kv: kv[1]) if times else None
-    def missing(part: str) -> dict:  # a part that raised (bench/gpu.py went on with the others) or was past --deadline
-        return {"skipped": f.get("part_skipped", {}).get(part), "error": f.get("part_errors", {}).get(part)}
 
-    figure = ", ".join(f"{k} {v:.1f} s" for k, v in times.items()) or why_not(graphed or demo or next(
-        (m for m in map(missing, ("demo-graphed", "demo")) if any(m.values())), {}))
+    def missing(*parts: str) -> dict:  # the first of these parts that raised (bench/gpu.py went on) or was past --deadline
+        said = [{"skipped": f.get("part_skipped", {}).get(p), "error": f.get("part_errors", {}).get(p)} for p in parts]
+        return next((m for m in said if any(m.values())), said[0])
+
+    figure = ", ".join(f"{k} {v:.1f} s" for k, v in times.items()) or why_not(graphed or demo or missing("demo-graphed", "demo"))
     rows.append((f"demo preset, {demo.get('steps', 1600)} steps", f"<= {TARGETS['demo_s']:.0f} s", figure,
                  verdict(best[1] if best else None, TARGETS["demo_s"], True, tiny)))
     sampling = {k: v for k, v in f.get("sampling", {}).items() if isinstance(v.get("s"), (int, float))}
