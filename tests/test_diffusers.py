@@ -225,13 +225,13 @@ def test_tune_grid_on_stable_diffusion_writes_a_grid_sample_accepts(tiny_sd, tmp
     assert len(ts) == 4 and ts == sorted(ts, reverse=True)
 
 
-def test_the_web_page_serves_a_pipeline_folder(tiny_sd, tiny_ddpm):
+def test_the_web_page_serves_a_pipeline_folder(tiny_sd, tiny_ddpm, tmp_path):
     from ddpmkit.web.actions import Actions
     from ddpmkit.web.shelf import Shelf, find_runs
 
     runs = find_runs([tiny_sd, tiny_ddpm.parent])
     assert runs == [str(tiny_sd), str(tiny_ddpm)]
-    actions = Actions(Shelf(runs))
+    actions = Actions(Shelf(runs), work_dir=tmp_path / "work")
     assert "text-conditional" in actions.describe(str(tiny_sd))[0]
     _, settings = actions.settings(str(tiny_sd), PROMPT, "dpmpp_2m", 4, "default", 3.0, 5, 2)
     final = list(actions.generate(settings))[-1]

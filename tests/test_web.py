@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -68,9 +69,11 @@ def server(runs, tmp_path_factory):
                 pytest.fail(f"ddpmkit serve did not start: {Path(log.name).read_text()[-2000:]}")
             time.sleep(0.5)
     yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    proc.terminate()  # SIGTERM, as `kill` or a service manager stops it: the page removes the requests' files
+    assert proc.wait(timeout=30) == 0
     log.close()
+    said = re.search(r"the requests' files under (\S+),", Path(log.name).read_text())
+    assert said and not Path(said[1]).exists(), "ddpmkit serve left its work folder behind"
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ gradio needed): bounds, the reading of the class/prompt box, the reproducing com
 previews, cancelling, the light lane, edits and interpolations on tiny runs."""
 from __future__ import annotations
 
+import os
 import shlex
 import threading
 import time
@@ -192,7 +193,7 @@ def text_actions(tmp_path_factory):
     run = tmp_path_factory.mktemp("text") / "run"
     train(load_config(PRESET_DIR / "mnist.toml", [*TINY_DIGITS_RUN, f"train.run_dir={run}", "network.text_encoder=all-MiniLM-L6-v2",
                                                    "network.text_max_tokens=8"]), progress=False)
-    return Actions(Shelf([str(run)]), Limits()), str(run)
+    return Actions(Shelf([str(run)]), Limits(), run.parent / "work"), str(run)
 
 
 def test_prompts_and_the_voyage_on_a_text_model(text_actions):
@@ -269,3 +270,25 @@ def test_a_served_lora_is_merged_and_named_in_the_command(web_runs, tmp_path):
     expected = generate(load_diffusion(base, loras=[spec]), 4, s.request, "ddim", 6, 5, {"clip_x0": True}, progress=False).images
     plain = generate(load_diffusion(base), 4, s.request, "ddim", 6, 5, {"clip_x0": True}, progress=False).images
     assert np.array_equal(final["result"], picture(expected, nrow=2)) and not torch.equal(expected, plain)
+
+
+def test_request_folders_older_than_the_limit_go_and_the_page_removes_only_the_folder_it_made(web_runs, tmp_path):
+    """A page serving for weeks must not fill the disk: a request's files stay `keep_files_s`, then go at the next request;
+    `close()` (what `ddpmkit serve` calls when it stops) removes the work folder the page made, never one it was given."""
+    shelf = Shelf(find_runs([web_runs]))
+    own = Actions(shelf, Limits(keep_files_s=60))
+    old, fresh = own._folder("generate"), own._folder("edit")
+    (old / "grid.png").write_bytes(b"x")
+    now = time.time()
+    os.utime(old, (now - 61, now - 61))
+    os.utime(fresh, (now - 59, now - 59))
+    newest = own._folder("generate")  # prunes first
+    assert not old.exists() and fresh.is_dir() and newest.is_dir()
+    assert sorted(own.prune(now=now + 120)) == sorted([fresh, newest])  # both older than 60 s two minutes on
+    assert list(own.work_dir.iterdir()) == []
+    own.close()
+    assert not own.work_dir.exists()
+    given = Actions(shelf, Limits(), tmp_path / "work")
+    given._folder("generate")
+    given.close()
+    assert (tmp_path / "work").is_dir() and len(list((tmp_path / "work").iterdir())) == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import shlex
+import shutil
 import tempfile
 import threading
 import time
@@ -71,6 +72,7 @@ class Actions:
 
     def __init__(self, shelf: Shelf, limits: Limits | None = None, work_dir: str | Path | None = None):
         self.shelf, self.limits = shelf, limits or Limits()
+        self._own_dir = work_dir is None  # a folder it made itself goes when the page closes; a given one stays
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="ddpmkit-web-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._light = threading.Condition()
@@ -101,8 +103,23 @@ class Actions:
         self.forward(None, 0, "linear", 0)
 
     def _folder(self, what: str) -> Path:
-        """A fresh folder per request, so that concurrent visitors never share files."""
+        """A fresh folder per request, so that concurrent visitors never share files; the folders of requests older
+        than `limits.keep_files_s` go first, so a page that serves for weeks does not fill the disk."""
+        self.prune()
         return Path(tempfile.mkdtemp(prefix=f"{what}-", dir=self.work_dir))
+
+    def prune(self, now: float | None = None) -> list[Path]:
+        """Remove the request folders last written more than `limits.keep_files_s` ago; returns them."""
+        cutoff = (time.time() if now is None else now) - self.limits.keep_files_s
+        old = [f for f in self.work_dir.iterdir() if f.is_dir() and f.stat().st_mtime < cutoff]
+        for f in old:
+            shutil.rmtree(f, ignore_errors=True)  # a visitor's download of it may race this: nothing to keep then
+        return old
+
+    def close(self) -> None:
+        """Remove the work folder if this made it (`ddpmkit serve` calls this when it stops)."""
+        if self._own_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
 
     # -- models -------------------------------------------------------------------------------
     def own_sampler(self, run: str) -> tuple[str, int] | None:

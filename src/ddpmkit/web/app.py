@@ -44,7 +44,8 @@ def build_app(actions: Actions, concurrency: int = 1) -> gr.Blocks:
     runs, limits = actions.shelf.runs, actions.limits
     cancels: dict[str, threading.Event] = {}  # session -> its running generation's stop flag
 
-    with gr.Blocks(title="ddpmkit", analytics_enabled=False) as app:
+    keep = limits.keep_files_s  # gradio's copies of uploads and results go after as long as ours (checked every <= 10 min)
+    with gr.Blocks(title="ddpmkit", analytics_enabled=False, delete_cache=(min(keep, 600), keep)) as app:
         gr.Markdown("# ddpmkit\nDenoising diffusion models: sample, watch the forward process, edit, interpolate.")
         with gr.Row():
             run = gr.Dropdown(runs, value=runs[0] if runs else None, label="model (a run folder)", allow_custom_value=True,

@@ -28,6 +28,7 @@ class Limits:
     max_upload_bytes: int = 8 * 1024 * 1024
     max_upload_pixels: int = 4096 * 4096
     max_seed: int = 2**31 - 1
+    keep_files_s: int = 3600  # how long a request's files (its download links) stay on disk
 
     def steps(self, steps: float | None, name: str = "steps") -> int:
         return self.whole(steps, name, 1, self.max_steps)

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import atexit
 import os
 from pathlib import Path
 
@@ -36,6 +37,9 @@ def serve(runs: list[str | Path], host: str = "127.0.0.1", port: int = 7860, lim
     """Start the page on host:port. block=False returns the running app (app.close() stops it)."""
     limits = limits or Limits()
     app, actions = make_page(runs, limits, concurrency, loras=loras, device=device)
+    atexit.register(actions.close)
+    print(f"ddpmkit serve: the requests' files under {actions.work_dir}, each kept {limits.keep_files_s // 60} min, all removed when the "
+          "page stops", flush=True)
     app.launch(server_name=host, server_port=port, max_file_size=limits.max_upload_bytes, allowed_paths=[str(actions.work_dir)],
                ssr_mode=False, show_error=True, css=CSS, prevent_thread_lock=not block, inbrowser=False)
     return app
