@@ -160,7 +160,8 @@ def two_process_runs(tmp_path_factory) -> Path:
             train(load_config(common[0], [*common[1:], f"train.run_dir={root / kind / 'one'}"]), progress=False)
     runs = root / "runs.json"
     runs.write_text(json.dumps([[*_two_process_spec(k, base), f"train.run_dir={root / k / 'two'}"] for k in kinds]))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    # --log-dir: torchrun's own folder inside the test's, where it would leave an empty torchelastic_* in /tmp per run
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "--log-dir", str(root / "torchrun")]
     subprocess.run([*torchrun, str(ROOT / "tests" / "train_many.py"), str(runs)], check=True, cwd=ROOT, env=env)
     return root
 
