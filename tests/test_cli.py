@@ -1,4 +1,7 @@
 """The command line: outputs exist and look right; bad input ends in one clear line."""
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -54,6 +57,7 @@ def test_forward_spectrum_whitens_with_t():
     (["sample", "/no/run", "--steps", "0"], "--steps 0: give a whole number >= 1 (leave --steps out for the run's own"),
     (["sample", "/no/run", "--n", "-3"], "--n -3: give a whole number >= 1"),
     (["demo", "--steps", "0"], "--steps 0: give a whole number >= 1"),
+    (["serve", "/no/run", "--port", "99999"], "--port 99999: give a port in 1..65535"),
 ])
 def test_bad_input_gives_one_clear_line(capsys, argv, message):
     code, out, err = run(capsys, *argv)
@@ -200,3 +204,25 @@ def test_train_says_where_and_in_what_precision_it_trains(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[0] == f"train denoiser on {describe_cpu()}; {picked} (auto)"
     assert main(["train", "toy2d", "train.steps=2", f"train.run_dir={tmp_path / 'c'}", "--quiet"]) == 0
     assert "train denoiser on" not in capsys.readouterr().out  # --quiet: no bar, no line
+
+
+def test_serve_on_a_busy_port_is_one_clear_line_and_leaves_no_folder(web_runs, capsys):
+    """gradio tries only the port it is given: a busy one ends `ddpmkit serve` with one line naming it, and the folder the
+    page had made for its requests is gone."""
+    pytest.importorskip("gradio")
+    import signal
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        sigterm = signal.getsignal(signal.SIGTERM)  # `ddpmkit serve` sets its own; this process is pytest's
+        try:
+            code, out, err = run(capsys, "serve", str(web_runs / "uncond"), "--port", str(port))
+        finally:
+            signal.signal(signal.SIGTERM, sigterm)
+    assert code == 2 and err.strip() == (f"ddpmkit serve: error: cannot serve on 127.0.0.1:{port}: the port is in use or the address is not "
+                                         "this machine's; choose another with --port (or --host)"), err
+    folder = re.search(r"files under (\S+),", out)
+    assert folder and not Path(folder[1]).exists()

@@ -15,6 +15,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from ..web.server import serve  # the web face needs the optional gradio extra: imported only for this command
     except ImportError as e:
         raise UserError(f"the web page needs gradio: pip install 'ddpmkit[web]' ({e})") from None
+    if not 1 <= args.port <= 65535:
+        raise UserError(f"--port {args.port}: give a port in 1..65535 (default 7860)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the page as Ctrl-C does: its files are removed
     serve(args.runs or ["runs"], host=args.host, port=args.port, concurrency=args.concurrency,
           limits=Limits(max_steps=args.max_steps, max_images=args.max_images), loras=args.lora, device=args.device)

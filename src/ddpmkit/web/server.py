@@ -10,6 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from ..errors import UserError
 from .actions import Actions
 from .app import CSS, build_app
 from .limits import Limits
@@ -40,6 +41,11 @@ def serve(runs: list[str | Path], host: str = "127.0.0.1", port: int = 7860, lim
     atexit.register(actions.close)
     print(f"ddpmkit serve: the requests' files under {actions.work_dir}, each kept {limits.keep_files_s // 60} min, all removed when the "
           "page stops", flush=True)
-    app.launch(server_name=host, server_port=port, max_file_size=limits.max_upload_bytes, allowed_paths=[str(actions.work_dir)],
-               ssr_mode=False, show_error=True, css=CSS, prevent_thread_lock=not block, inbrowser=False)
+    try:
+        app.launch(server_name=host, server_port=port, max_file_size=limits.max_upload_bytes, allowed_paths=[str(actions.work_dir)],
+                   ssr_mode=False, show_error=True, css=CSS, prevent_thread_lock=not block, inbrowser=False)
+    except OSError as e:  # gradio tries the one port it is given: busy, or an address this machine does not have
+        actions.close()
+        raise UserError(f"cannot serve on {host}:{port}: the port is in use or the address is not this machine's; choose another "
+                        "with --port (or --host)") from e
     return app
