@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..parameterization import Denoiser
 from ..reverse import check_variance, default_variance, p_mean_variance
 from ..schedules import NoiseSchedule
-from .grids import batch_t, integer_grid
+from .grids import batch_t, check_grid_name, integer_grid
 from .noise import NoiseSource
 
 StepCallback = Callable[[dict], None]
@@ -29,6 +29,7 @@ StepCallback = Callable[[dict], None]
 def _respaced(schedule: NoiseSchedule, steps: int | None, grid) -> NoiseSchedule:
     """The schedule on the grid's integer timesteps (all T steps when steps is None or T)."""
     if (steps is None or steps == schedule.T) and isinstance(grid, str):
+        check_grid_name(grid)  # every grid of T steps is all of them, but a misspelt name is still an error
         return schedule
     return schedule.respace(integer_grid(grid, schedule, steps))
 

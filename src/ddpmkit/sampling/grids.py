@@ -73,6 +73,11 @@ GRIDS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
+def check_grid_name(grid: str) -> None:
+    if grid not in GRIDS:
+        raise UserError(f"unknown grid {grid!r}; choose one of {sorted(GRIDS)}")
+
+
 def timestep_grid(grid: str | torch.Tensor, schedule: NoiseSchedule, steps: int | None, **options) -> torch.Tensor:
     """The decreasing timesteps (float64, shape (steps,)) a sampler visits.
 
@@ -87,8 +92,7 @@ def timestep_grid(grid: str | torch.Tensor, schedule: NoiseSchedule, steps: int 
         if t.numel() < 1 or bool((t[1:] >= t[:-1]).any()) or t.min() < 0 or t.max() > schedule.T - 1:
             raise UserError(f"an explicit grid must be strictly decreasing timesteps in [0, {schedule.T - 1}]")
         return t
-    if grid not in GRIDS:
-        raise UserError(f"unknown grid {grid!r}; choose one of {sorted(GRIDS)}")
+    check_grid_name(grid)
     steps = schedule.T if steps is None else int(steps)
     if not 1 <= steps <= schedule.T:
         raise UserError(f"steps must lie in [1, {schedule.T}], got {steps}")
