@@ -279,6 +279,10 @@ def test_autoguidance_through_the_guidance_door(web_runs):
         assert torch.allclose(generate(m, 3, request, sampler="ddim", steps=4, progress=False).images, plain, atol=1e-6)
     with pytest.raises(ValueError, match="weaker model of the same kind.*conditioning none vs class"):
         generate(m, 3, GuidanceRequest(autoguide=str(web_runs / "class")), sampler="ddim", steps=4, progress=False)
+    for s in (0.0, 1.0):  # the unguided model itself, which cascades ask of their unconditional stages
+        assert torch.equal(generate(m, 3, GuidanceRequest(scale=s), sampler="ddim", steps=4, progress=False).images, plain)
+    with pytest.raises(ValueError, match=r"classifier-free guidance \(scale 3\) needs a class- or text-conditional model; this one is unc"):
+        generate(m, 3, GuidanceRequest(scale=3.0), sampler="ddim", steps=4, progress=False)  # was ignored without a word
     c = load_diffusion(web_runs / "class")
     with pytest.raises(ValueError, match="autoguidance guides one branch"):
         generate(c, 3, GuidanceRequest(autoguide=str(web_runs / "class"), scale=3.0), sampler="ddim", steps=4, progress=False)

@@ -125,6 +125,9 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
         raise UserError("use one of classifier guidance (`classifier`) and CLIP guidance (`clip`), not both")
     if request.classes and not (m.conditioning == "class" or request.classifier):
         raise UserError("giving `classes` needs a class-conditional model (network.num_classes > 0) or `classifier` for classifier guidance")
+    if m.conditioning == "none" and request.scale not in (None, 0.0, 1.0):  # 0 and 1 are the unguided model itself
+        raise UserError(f"classifier-free guidance (scale {request.scale:g}) needs a class- or text-conditional model; this one is "
+                        "unconditional: leave the scale out, or guide it with `autoguide` or `classifier`/`clip` and their own scales")
     scale = request.scale if request.scale is not None else (0.0 if request.classifier or request.clip else DEFAULT_SCALE)
     labels = torch.tensor(cycle(request.classes or list(range(max(m.num_classes, 10))), n), device=device)
     model: Denoiser = m.denoiser
