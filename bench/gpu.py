@@ -650,11 +650,18 @@ def main() -> int:
     rounds, compiles = 1 if args.tiny else args.rounds, not (args.no_compile or args.tiny)
     run_dir: list[Path | None] = [None]  # the demo model a part trained, for the sampling part
 
+    trained: list[Path] = []  # the demo runs kept for sampling, removed at the end
+
+    def trained_demo(run: Path | None) -> None:
+        if run is not None:
+            run_dir[0] = run
+            trained.append(run)
+
     def demo_graphed() -> None:
-        run_dir[0] = demo_variant(device, args.tiny, "cuda-graph", results, keep=True) or run_dir[0]
+        trained_demo(demo_variant(device, args.tiny, "cuda-graph", results, keep=True))
 
     def demo() -> None:
-        run_dir[0] = demo_trainer(device, args.tiny, results)
+        trained_demo(demo_trainer(device, args.tiny, results))
 
     def sample() -> None:
         if run_dir[0] is None:  # demo-graphed did not run, needs CUDA or failed: the sampling figure must not be lost to it
@@ -687,6 +694,8 @@ def main() -> int:
             results.setdefault("part_errors", {})[part] = repr(e)[-2000:]
             print(f"part {part}: failed: {last_line(e)}", flush=True)
         save(part)
+    for run in trained:
+        shutil.rmtree(run, ignore_errors=True)
     if args.out:
         print(f"figures -> {args.out}")
     return 0

@@ -2,6 +2,7 @@
 the ones with a tiny mode run it. No figure is checked here: benchmarks print figures, tests do not time."""
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -253,6 +254,7 @@ def test_gpu_bench_reports_a_failing_compile_and_measures_the_other_modes(monkey
     assert "ancestral sampling (auto, reduce-overhead): failed: BackendCompilerFailed: the last line" in out
     assert "BackendCompilerFailed" in results["sampling"]["auto, reduce-overhead"]["error"]
     assert results["sampling"]["fp32"]["s"] > 0 and results["sampling"]["auto"]["s"] > 0
+    shutil.rmtree(run_dir)  # the bench's main() removes the demo runs it trained; this test called the part itself
 
 
 def test_two_processes_brief_policy_is_ddpmkits_own_and_a_negative_spincount_is_refused(monkeypatch, capsys):
