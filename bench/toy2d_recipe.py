@@ -10,6 +10,7 @@ the smallest mode's share (1/8 = 12.5% when balanced; the test asks > 7%).
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -49,6 +50,7 @@ def main() -> int:
             near = (x.double() - ring.means[k]).norm(dim=1) < 0.5
             smallest = torch.bincount(k[near], minlength=8).min().item() / len(k)
             print(f"| {recipe} | {seed} | {secs:.1f} | {near.double().mean():.1%} | {smallest:.1%} |", flush=True)
+            shutil.rmtree(run, ignore_errors=True)
     return 0
 
 

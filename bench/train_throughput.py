@@ -40,8 +40,10 @@ processes: ms per step, page faults per step and the kernel's (system) CPU time 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -323,6 +325,7 @@ def trainer_images_per_s(src: Path, run_dir: Path, steps: int, precision: str, p
 def compare_with(ref: str, steps: int, rounds: int, precision: str) -> None:
     root = Path(__file__).resolve().parents[1]
     tmp = Path(tempfile.mkdtemp(prefix="throughput-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # the runs go when the bench ends
     kind = f"{describe_cpu()}; train.mixed_precision={precision} (here: {resolve_precision(precision)})"
     print(f"CPU: {kind}", flush=True)
     subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(tmp / "before"), ref], check=True, capture_output=True)
@@ -356,6 +359,7 @@ def distillation_cost(teacher: str, steps: int, rounds: int) -> None:
     from ddpmkit.config import load_config as config_of
 
     src, tmp = Path(__file__).resolve().parents[1] / "src", Path(tempfile.mkdtemp(prefix="distill-cost-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # the runs go when the bench ends
     presets = ["mnist", "mnist_progressive", "mnist_progressive_guided", "mnist_consistency"]
     kept = Path(config_of("mnist_progressive_guided").distill.autoguide).name  # the demo's kept checkpoint, as the preset names it
     rates: dict[str, list[float]] = {p: [] for p in presets}
@@ -425,6 +429,7 @@ print(seconds / n * 1e3, (r1.ru_minflt - r0.ru_minflt) / n, (r1.ru_stime - r0.ru
 def spin_effect(steps: int, rounds: int, precision: str) -> None:
     """The whole trainer with ddpmkit's training spin against the brief one, alternating fresh processes."""
     src, tmp = Path(__file__).resolve().parents[1] / "src", Path(tempfile.mkdtemp(prefix="spin-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # the runs go when the bench ends
     waits = {"brief": ddpmkit.threads.SETTINGS, "training": ddpmkit.threads.TRAINING_SETTINGS}
     print(f"{describe_cpu()}; `ddpmkit train mnist`, {steps} steps, precision {precision} = {resolve_precision(precision)}:", flush=True)
     rates: dict[str, list[float]] = {name: [] for name in waits}

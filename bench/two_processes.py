@@ -17,8 +17,10 @@ docs/ordinary_machine.md), --train-spincount N the training run alone.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -102,6 +104,7 @@ def main() -> None:
         if value is not None and value < 0:
             p.error(f"{flag} {value} must be >= 0")
     tmp = Path(tempfile.mkdtemp(prefix="two-processes-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # the runs go when the bench ends
     model = tmp / "model"  # a short run to sample from
     subprocess.run([sys.executable, "-m", "ddpmkit.cli", "train", "mnist", f"train.run_dir={model}", "train.steps=20",
                     "train.sample_every=0", "train.eval_every=0", "train.keep_steps=", "--quiet"], check=True, capture_output=True)
