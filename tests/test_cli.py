@@ -58,6 +58,13 @@ def test_forward_spectrum_whitens_with_t():
     (["sample", "/no/run", "--n", "-3"], "--n -3: give a whole number >= 1"),
     (["demo", "--steps", "0"], "--steps 0: give a whole number >= 1"),
     (["serve", "/no/run", "--port", "99999"], "--port 99999: give a port in 1..65535"),
+    # every command's counts, checked before any model loads
+    (["interpolate", "/no/run", "--n", "0"], "--n 0: give a whole number >= 1"),
+    (["eval", "/no/run", "--n-bpd", "0"], "--n-bpd 0: give a whole number >= 1"),
+    (["tune-grid", "/no/run", "--evals", "-1"], "--evals -1: give a whole number >= 1"),
+    (["voyage", "keys.txt", "--model", "/no/run", "--frames", "0"], "--frames 0: give a whole number >= 1"),
+    (["interpolate", "/no/run", "--seeds", "1"], "--seeds takes two seeds separated by a comma, e.g. 3,14; got '1'"),
+    (["interpolate", "/no/run", "--images", "mnist5k:0"], "--images takes two images separated by a comma, e.g. mnist5k:0,mnist5k:1"),
 ])
 def test_bad_input_gives_one_clear_line(capsys, argv, message):
     code, out, err = run(capsys, *argv)

@@ -171,6 +171,9 @@ def test_bad_grid_and_sampler_names_list_the_options():
         ddpmkit.sample(MIX.eps_model(S), (2, 2), S, sampler="dpm")
     with pytest.raises(ValueError, match="decreasing"):
         timestep_grid(torch.tensor([0.0, 500.0]), S, None)
+    for sampler, option in (("dpmpp_2m", {"order": 3}), ("dpmpp_3m", {"eta": 1.0}), ("dpmpp_3m_sde", {"order": 2})):  # what the name fixes
+        with pytest.raises(ValueError, match=rf"sampler '{sampler}' fixes {next(iter(option))} = "):
+            ddpmkit.sample(MIX.eps_model(S), (2, 2), S, sampler=sampler, steps=3, **option)
     for steps in (None, S.T, 10):  # all T steps visit every timestep whatever the grid, but the name is still checked
         with pytest.raises(ValueError, match=r"unknown grid 'nope'; choose one of \["):
             ddpmkit.sample(MIX.eps_model(S), (2, 2), S, sampler="ddpm", steps=steps, grid="nope")

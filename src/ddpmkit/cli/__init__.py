@@ -15,6 +15,7 @@ import sys
 
 from ..errors import USER_ERRORS, UserError, compile_failure
 from . import cascade, edit, forward, sample, serve, train, unclip
+from .common import check_counts
 
 # the library's parameter names in its messages, as the command line spells them
 FLAGS = {"classes": "--class", "prompts": "--prompt", "scale": "--guidance", "clip": "--clip", "classifier": "--classifier",
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_counts(args)
         args.func(args)
     except USER_ERRORS as e:
         message = e.render(FLAGS) if isinstance(e, UserError) else str(e)

@@ -46,10 +46,16 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
                         "on a Stable Diffusion folder, a ddpmkit LoRA run (train.lora_rank) on the run it fine-tuned")
 
 
+# every count a command takes: whole numbers >= 1 (argparse checks that they are whole)
+COUNTS = ("n", "steps", "batch_size", "n_bpd", "evals", "order", "resample", "frames", "frame_ms", "upscale", "best_of", "prior_steps",
+          "size", "T", "concurrency", "max_steps", "max_images")
+
+
 def check_counts(args: argparse.Namespace) -> None:
-    """--n, --steps and --batch-size where the user gave them: whole numbers >= 1, one line naming the flag and
-    its value. (The run's own steps are spelled by leaving --steps out, never by 0.)"""
-    for flag in ("n", "steps", "batch_size"):
+    """The counts the user gave (COUNTS) are >= 1, else one line naming the flag and its value; `main` checks them
+    before any command runs, so a mistyped count fails before a model loads. (The run's own steps are spelled by
+    leaving --steps out, never by 0.)"""
+    for flag in COUNTS:
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             hint = {"steps": " (leave --steps out for the run's own: all T steps for Algorithm 2, or a distilled run's few)",

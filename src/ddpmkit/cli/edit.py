@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .. import viz
+from ..errors import UserError
 from ..images import MASK_HALVES, load_image_as, make_mask
 from ..models import DiffusionModel, load_diffusion
 from ..pipelines.edit import edit_img2img, edit_inpaint, edit_posterior, interpolation_images, interpolation_prompts, interpolation_seeds
@@ -50,13 +51,22 @@ def cmd_posterior(args: argparse.Namespace) -> None:
     _strip([image, shown_x_t, xs], Path(args.out) / f"posterior_t{args.t}.png", args.n + 2)
 
 
+def two(text: str, flag: str, example: str) -> list[str]:
+    """The two comma-separated items of --seeds or --images (whole numbers for --seeds)."""
+    items = [s.strip() for s in text.split(",")]
+    if len(items) != 2 or not all(items) or (flag == "--seeds" and not all(s.lstrip("-").isdigit() for s in items)):
+        raise UserError(f"{flag} takes two {'seeds' if flag == '--seeds' else 'images'} separated by a comma, e.g. {example}; got {text!r}")
+    return items
+
+
 def cmd_interpolate(args: argparse.Namespace) -> None:
+    seeds = [int(s) for s in two(args.seeds or "0,1", "--seeds", "3,14")]  # the flags first: a typo fails before the model loads
+    images = two(args.images, "--images", "mnist5k:0,mnist5k:1") if args.images else None
+    request = guidance_request(args)
     m = load_diffusion(args.checkpoint, device=args.device)
     out = Path(args.out)
-    seeds = [int(s) for s in (args.seeds or "0,1").split(",")]
-    request = guidance_request(args)
-    if args.images:
-        a, b = (load_image_as(s, m.image_shape) for s in args.images.split(","))
+    if images:
+        a, b = (load_image_as(s, m.image_shape) for s in images)
         x = interpolation_images(m, a, b, args.t, args.n, request, args.steps, args.seed)
         return _strip([x], out / f"interpolate_images_t{args.t}.png", args.n)
     if args.prompts:

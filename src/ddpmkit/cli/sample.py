@@ -20,7 +20,6 @@ from .common import (
     add_device_option,
     add_guidance_args,
     add_sampler_args,
-    check_counts,
     guidance_request,
     load_model,
     options_from,
@@ -29,7 +28,6 @@ from .common import (
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    check_counts(args)  # first, like the scales: a mistyped count fails before the model loads
     if args.then:
         return run_cascade(args)
     request = guidance_request(args)  # first: a bad scale fails before the model loads
@@ -49,7 +47,6 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    check_counts(args)
     report = evaluate_checkpoint(args.checkpoint, parse_metrics(args.metrics), sampler=args.sampler, steps=args.steps,
                                  n=args.n, n_bpd=args.n_bpd, seed=args.seed, features=args.features,
                                  sampler_options=options_from(args), inception_path=args.inception, out=args.out,
@@ -61,7 +58,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_tune_grid(args: argparse.Namespace) -> None:
     """Optimise a step grid for a checkpoint and a sampler, and write it as JSON for --grid."""
-    check_counts(args)
     m = load_model(args)
     options = {"order": args.order} if args.order is not None else {}
     model, kwargs, extra = guided_model(m, args.n, guidance_request(args), args.sampler, args.device)  # the grid of the guided ODE

@@ -17,7 +17,7 @@ from ..posthoc_ema import write_checkpoint
 from ..sampling import SAMPLERS
 from ..sampling.options import sampler_options
 from ..train import train
-from .common import add_device_option, check_counts
+from .common import add_device_option
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -36,7 +36,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """Train the digit model for the preset's fixed number of steps, then sample a grid and its reverse process."""
-    check_counts(args)
     cfg = load_config("mnist", [f"train.run_dir={args.run_dir}", f"train.max_minutes={args.minutes}"] + list(args.overrides))
     cap = f", stopping after {args.minutes:g} minutes at most" if args.minutes else ""
     print(f"[demo] training a {cfg.network.kind} on {cfg.data.name} for {cfg.train.steps} steps{cap} -> {args.run_dir}")

@@ -127,20 +127,28 @@ def dpmpp(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int | 
     return x_bar
 
 
+def _named(name: str, fixed: dict, kw: dict) -> dict:
+    """The options of a named DPM-Solver++ variant: the ones its name fixes are refused by name (not a TypeError)."""
+    if clash := sorted(set(kw) & set(fixed)):
+        raise UserError(f"sampler {name!r} fixes {', '.join(f'{k} = {fixed[k]:g}' for k in clash)}: choose among dpmpp_2m, dpmpp_3m "
+                        "(ODE, order 2 or 3) and dpmpp_2m_sde, dpmpp_3m_sde (eta 1 unless given)")
+    return {**fixed, **kw}
+
+
 def dpmpp_2m(denoiser, x, noise, **kw):
-    return dpmpp(denoiser, x, noise, order=2, eta=0.0, **kw)
+    return dpmpp(denoiser, x, noise, **_named("dpmpp_2m", {"order": 2, "eta": 0.0}, kw))
 
 
 def dpmpp_3m(denoiser, x, noise, **kw):
-    return dpmpp(denoiser, x, noise, order=3, eta=0.0, **kw)
+    return dpmpp(denoiser, x, noise, **_named("dpmpp_3m", {"order": 3, "eta": 0.0}, kw))
 
 
 def dpmpp_2m_sde(denoiser, x, noise, **kw):
-    return dpmpp(denoiser, x, noise, order=2, **{"eta": 1.0, **kw})
+    return dpmpp(denoiser, x, noise, **_named("dpmpp_2m_sde", {"order": 2}, {"eta": 1.0, **kw}))
 
 
 def dpmpp_3m_sde(denoiser, x, noise, **kw):
-    return dpmpp(denoiser, x, noise, order=3, **{"eta": 1.0, **kw})
+    return dpmpp(denoiser, x, noise, **_named("dpmpp_3m_sde", {"order": 3}, {"eta": 1.0, **kw}))
 
 
 def _unipc_coefficients(rks: list[float], h: float, variant: str) -> tuple[torch.Tensor, torch.Tensor, float, float]:
