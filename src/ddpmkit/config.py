@@ -109,6 +109,17 @@ class NetworkConfig:
     context_dim: int = 384  # width of the text encoder's token embeddings
     text_max_tokens: int = 16  # prompts are padded or cut to this many tokens
 
+    def __post_init__(self) -> None:
+        least = {"base_channels": 1, "num_res_blocks": 0, "num_heads": 1, "patch_size": 1, "mlp_hidden": 1, "mlp_layers": 1,
+                 "num_classes": 0, "context_dim": 1, "text_max_tokens": 1}
+        for name, low in least.items():
+            if getattr(self, name) < low:
+                raise ConfigError(f"network.{name} = {getattr(self, name)} must be >= {low}")
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ConfigError(f"network.channel_mult = {list(self.channel_mult)} must be one width multiple >= 1 per level, e.g. [1, 2, 4]")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"network.dropout = {self.dropout} must be in [0, 1)")
+
 
 @dataclass(frozen=True)
 class AutoencoderConfig:
