@@ -33,14 +33,16 @@ def test_bad_values():
         load_config("nope.toml")
     with pytest.raises(ConfigError, match=r"train.ema_decay = 1.0 must be in \[0, 1\)"):
         load_config(None, ["train.ema_decay=1"])
-    # the network's sizes: before, a zero width or head count ended in torch's traceback and dropout 1.5 in a ValueError
+    # the network's and data's sizes: before, a zero width or head count ended in torch's traceback and dropout 1.5 in a ValueError
     for override, message in (("network.base_channels=0", r"network.base_channels = 0 must be >= 1"),
                               ("network.num_heads=0", r"network.num_heads = 0 must be >= 1"),
                               ("network.num_classes=-1", r"network.num_classes = -1 must be >= 0"),
                               ("network.channel_mult=[]", r"network.channel_mult = \[\] must be one width multiple >= 1 per level"),
                               ("network.channel_mult=[1,0]", r"network.channel_mult = \[1, 0\] must be"),
                               ("network.dropout=1.5", r"network.dropout = 1.5 must be in \[0, 1\)"),
-                              ("network.dropout=-0.1", r"network.dropout = -0.1 must be in \[0, 1\)")):
+                              ("network.dropout=-0.1", r"network.dropout = -0.1 must be in \[0, 1\)"),
+                              ("data.image_size=0", r"data.image_size = 0 must be >= 1"), ("data.channels=2", r"data.channels = 2 must be 1"),
+                              ("diffusion.min_snr_gamma=-1", r"diffusion.min_snr_gamma = -1.0 must be >= 0")):
         with pytest.raises(ConfigError, match=message):
             load_config("mnist", [override])
     assert load_config("mnist", ["network.num_res_blocks=0", "network.dropout=0"]).network.num_res_blocks == 0  # the bounds are valid

@@ -34,6 +34,12 @@ class DataConfig:
     autoencoder: str = ""  # a train-autoencoder folder: diffuse in its latent space (latent diffusion)
     resize: int = 0  # > 0: area-downsample the images to resize x resize (e.g. 14: the base stage of a 14 -> 28 cascade)
 
+    def __post_init__(self) -> None:
+        if self.image_size < 1 or self.resize < 0:
+            raise ConfigError(f"data.image_size = {self.image_size} must be >= 1 and data.resize = {self.resize} >= 0 (0 = as loaded)")
+        if self.channels not in (1, 3):
+            raise ConfigError(f"data.channels = {self.channels} must be 1 (grey) or 3 (RGB)")
+
 
 @dataclass(frozen=True)
 class DiffusionConfig:
@@ -83,6 +89,8 @@ class DiffusionConfig:
             raise ConfigError(f"diffusion.uncertainty_weighting learns a weight for the simple loss: set loss = 'simple', not {self.loss!r}")
         if self.asymmetric_k <= 0:
             raise ConfigError(f"diffusion.asymmetric_k = {self.asymmetric_k} must be > 0")
+        if self.min_snr_gamma < 0:
+            raise ConfigError(f"diffusion.min_snr_gamma = {self.min_snr_gamma} must be >= 0 (0 = off)")
 
     def noise_schedule(self) -> NoiseSchedule:
         """The float64 schedule tables these settings name."""
