@@ -1,4 +1,5 @@
 """The command line: outputs exist and look right; bad input ends in one clear line."""
+import json
 import re
 from pathlib import Path
 
@@ -233,3 +234,25 @@ def test_serve_on_a_busy_port_is_one_clear_line_and_leaves_no_folder(web_runs, c
                                          "this machine's; choose another with --port (or --host)"), err
     folder = re.search(r"files under (\S+),", out)
     assert folder and not Path(folder[1]).exists()
+
+
+def test_training_into_a_folder_that_holds_a_run_is_refused_unless_it_resumes_or_overwrites(tmp_path, capsys):
+    """`sample RUN` reads the newest checkpoint: a shorter new run over an older one would be shadowed by the older's,
+    and their logs would mix. Refused with one line; --overwrite removes the earlier run's files (only those) first."""
+    from ddpmkit.checkpoint import list_checkpoints
+    from ddpmkit.models import load_diffusion
+
+    folder = tmp_path / "run"
+    args = ["train", "toy2d", "train.sample_every=0", "train.eval_every=0", f"train.run_dir={folder}"]
+    assert main([*args, "train.steps=4", "train.checkpoint_every=2", "--quiet"]) == 0
+    (folder / "notes.txt").write_text("mine")
+    code, out, err = run(capsys, *args, "train.steps=3", "--quiet")
+    assert code == 2 and err.strip() == (f"ddpmkit train: error: {folder} already holds a run (newest checkpoint ckpt-0000004): continue it "
+                                         "with --resume, start it over with --overwrite, or give another train.run_dir")
+    assert [p.name for p in list_checkpoints(folder)] == ["ckpt-0000002", "ckpt-0000004"]  # untouched
+    assert main([*args, "train.steps=3", "--quiet", "--overwrite"]) == 0
+    assert [p.name for p in list_checkpoints(folder)] == ["ckpt-0000003"] and load_diffusion(folder).step == 3
+    log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+    assert max(e["step"] for e in log) == 3 and sum("done" in e for e in log) == 1  # the new run's lines alone
+    assert (folder / "notes.txt").read_text() == "mine"  # what the run did not write stays
+    assert main([*args, "train.steps=5", "--quiet", "--resume"]) == 0 and load_diffusion(folder).step == 5

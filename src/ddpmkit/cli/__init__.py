@@ -20,7 +20,7 @@ from .common import check_counts
 # the library's parameter names in its messages, as the command line spells them
 FLAGS = {"classes": "--class", "prompts": "--prompt", "scale": "--guidance", "clip": "--clip", "classifier": "--classifier",
          "autoguide": "--autoguide", "features": "--features", "reference": "--reference", "metrics": "--metrics",
-         "mask": "--mask", "resume": "--resume"}
+         "mask": "--mask", "resume": "--resume", "overwrite": "--overwrite"}
 
 
 def build_parser() -> argparse.ArgumentParser:

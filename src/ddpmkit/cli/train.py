@@ -23,7 +23,7 @@ from .common import add_device_option
 def cmd_train(args: argparse.Namespace) -> None:
     overrides = list(args.overrides) + ([f"train.task={args.task}"] if args.task else [])
     cfg = load_config(args.config, overrides)
-    run_dir = train(cfg, resume=args.resume, progress=not args.quiet)
+    run_dir = train(cfg, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
         hint = kind_of(cfg.train.task).next_step.format(run=run_dir)
         print(f"{cfg.train.task} run folder: {run_dir}" + (f"  ({hint})" if hint else ""))
@@ -39,7 +39,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     cfg = load_config("mnist", [f"train.run_dir={args.run_dir}", f"train.max_minutes={args.minutes}"] + list(args.overrides))
     cap = f", stopping after {args.minutes:g} minutes at most" if args.minutes else ""
     print(f"[demo] training a {cfg.network.kind} on {cfg.data.name} for {cfg.train.steps} steps{cap} -> {args.run_dir}")
-    train(cfg, resume=False)
+    train(cfg, overwrite=True)  # the demo's folder is the demo's: `make demo` again starts it over
     draw_demo(Path(args.run_dir), cfg.train.keep_steps, args.n, args.sampler, args.steps, args.autoguide_scale, args.device)
 
 
@@ -90,7 +90,9 @@ def add_commands(sub) -> None:
         t = sub.add_parser(name, help=what)
         t.add_argument("config", help=f"a TOML config file, or a preset: {presets}")
         t.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-3")
-        t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.run_dir")
+        how = t.add_mutually_exclusive_group()
+        how.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.run_dir")
+        how.add_argument("--overwrite", action="store_true", help="train.run_dir holds an earlier run: remove its checkpoints and logs, start over")
         t.add_argument("--quiet", action="store_true", help="no progress bar")
         t.set_defaults(func=cmd_train, task=task)
 

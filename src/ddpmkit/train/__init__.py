@@ -25,13 +25,15 @@ from .task import TASKS, Task, TrainingError
 from .unclip import DecoderTask, PriorTask
 
 
-def train(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
-    """Train the model cfg.train.task names, as configured; returns the run folder."""
+def train(cfg: Config, resume: bool = False, progress: bool = True, overwrite: bool = False) -> Path:
+    """Train the model cfg.train.task names, as configured; returns the run folder. resume: continue the newest
+    checkpoint in train.run_dir; otherwise a folder that already holds a run is refused, or with overwrite=True
+    cleared of that run's files first."""
     cfg = pipeline_config(cfg)  # fine-tuning a diffusers pipeline folder: its UNet, scheduler, VAE and text encoder
     kind = kind_of(cfg.train.task)
     if kind.name not in TASKS:
         raise TrainingError(f"train.task {kind.name!r} has no Task subclass of that name to train it; the ones with one: {sorted(TASKS)}")
-    return run(TASKS[kind.name](cfg), cfg, resume=resume, progress=progress)
+    return run(TASKS[kind.name](cfg), cfg, resume=resume, progress=progress, overwrite=overwrite)
 
 
 # the built-in tasks are imported above so that they register themselves in TASKS

@@ -464,12 +464,37 @@ class Budget:
         return fit
 
 
-def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True) -> Path:
+RUN_FILES = ("ckpt-*", "train_log.jsonl", "tb", "samples", "posthoc")  # what a run writes into its folder
+
+
+def check_fresh(run_dir: Path, overwrite: bool) -> None:
+    """A run that does not resume must not start in another run's folder: `sample RUN` and `--resume` read the newest
+    checkpoint, so an older, longer run's would shadow this one's, and the logs would mix. overwrite: start over."""
+    found = list_checkpoints(run_dir)
+    if found and not overwrite:
+        raise TrainingError(f"{run_dir} already holds a run (newest checkpoint {found[-1].name}): continue it with `resume`, "
+                            "start it over with `overwrite`, or give another train.run_dir")
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove what an earlier run wrote into run_dir (RUN_FILES; nothing else), for a run started over."""
+    for pattern in RUN_FILES:
+        for path in run_dir.glob(pattern):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True, overwrite: bool = False) -> Path:
     """Train task's model as cfg.train says; returns the run folder. Launch with `accelerate
-    launch` or `torchrun` for several processes; the code is the same."""
+    launch` or `torchrun` for several processes; the code is the same. A run that does not resume starts in a
+    folder without checkpoints, or with overwrite=True removes the earlier run's files first."""
+    if not resume:
+        check_fresh(Path(cfg.train.run_dir), overwrite)
     trainer = Trainer(task, cfg, progress)
     if resume:
         trainer.resume()
+    elif overwrite and trainer.accelerator.is_main_process:
+        clear_run(trainer.run_dir)
+    trainer.accelerator.wait_for_everyone()  # no process starts before the folder is cleared
     trainer.start()
     state = trainer.state
     try:
