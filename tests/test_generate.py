@@ -72,3 +72,20 @@ def test_bad_counts_name_only_what_the_caller_gave(model, kwargs, message):
     with pytest.raises(UserError) as e:
         generate(model, **kwargs, steps=2, progress=False)
     assert str(e.value) == message  # not the automatic chunk size, which the caller never gave
+
+
+def test_a_folder_holds_one_calls_samples_and_nothing_of_the_call_before(model, tmp_path):
+    """64 samples of one model, then 16 of another into the same --out: before, samples 16..63 of the first stayed beside
+    the second's, and a GIF of a call that recorded none was the earlier call's."""
+    from ddpmkit.pipelines.generate import save_generated
+
+    out = tmp_path / "samples"
+    save_generated(generate(model, 6, sampler="ddim", steps=2, seed=10, record_every=1, progress=False), out, seed=10)
+    (out / "mine.txt").write_text("kept")
+    assert sorted(f.name for f in (out / "samples").iterdir()) == [f"{s:06d}.png" for s in range(10, 16)]
+    assert (out / "reverse_process.gif").is_file()
+    second = generate(model, 2, sampler="ddim", steps=2, seed=3_000_000, progress=False)  # seven-digit names, no GIF recorded
+    save_generated(second, out, seed=3_000_000, gif=False)
+    assert sorted(f.name for f in (out / "samples").iterdir()) == ["3000000.png", "3000001.png"]
+    assert not (out / "reverse_process.gif").exists() and not (out / "predicted_x0.gif").exists()
+    assert torch.equal(torch.load(out / "samples.pt"), second.images) and (out / "mine.txt").read_text() == "kept"

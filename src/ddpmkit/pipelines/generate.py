@@ -155,11 +155,18 @@ def _side_by_side(draw: Callable, chunks: list[tuple[int, int]], streams: int) -
     return [done[k % streams][k // streams] for k in range(len(chunks))]
 
 
+GENERATED_FILES = ("grid.png", "reverse_process.gif", "predicted_x0.gif", "scatter.png", "samples.pt")
+
+
 def save_generated(out: Generated, folder: str | Path, seed: int = 0, gif: bool = True) -> Path:
     """grid.png, samples/<seed>.png and (when recorded) reverse_process.gif and predicted_x0.gif
-    for images; scatter.png for 2-D data; samples.pt either way."""
+    for images; scatter.png for 2-D data; samples.pt either way. What an earlier call wrote into the folder goes
+    first, so that it never holds two calls' samples (64 of one model beside 16 of another) or a stale GIF."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    earlier = [folder / name for name in GENERATED_FILES] + [f for f in folder.glob("samples/*.png") if f.stem.isdigit()]
+    for path in earlier:
+        path.unlink(missing_ok=True)  # only the files this writes: anything else in the folder stays
     x = out.images
     if x.ndim == 4:
         viz.save_grid(x, folder / "grid.png")
