@@ -143,3 +143,24 @@ def test_presets_ship_inside_the_package_and_configs_is_the_same_folder():
     configs = Path(__file__).resolve().parents[1] / "configs"
     if configs.exists():  # a source checkout: configs/ is the package's presets folder
         assert configs.resolve() == PRESET_DIR.resolve()
+
+
+def test_every_progress_bar_is_drawn_by_progress_bar_which_redraws_a_piped_one_every_30_s():
+    """One way to draw a bar: where the output is a file or a pipe (nohup, a SLURM job, CI) tqdm's ten redraws a second
+    are ten lines a second of the log; ddpmkit.progress draws those every 30 s, and a terminal's as tqdm does."""
+    import io
+
+    from ddpmkit.progress import PIPED_INTERVAL_S, progress_bar
+
+    others = sorted(str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if "tqdm" in p.read_text() and p.name != "progress.py")
+    assert others == []
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    piped, terminal = progress_bar(total=3, file=io.StringIO()), progress_bar(total=3, file=Terminal())
+    assert PIPED_INTERVAL_S == 30 and piped.mininterval == 30 and terminal.mininterval == 0.1
+    assert progress_bar(total=3, file=io.StringIO(), mininterval=1).mininterval == 1  # the caller's choice stands
+    for b in (piped, terminal):
+        b.close()

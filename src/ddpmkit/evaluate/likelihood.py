@@ -9,12 +9,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..losses import vlb_term
 from ..parameterization import Denoiser, ModelFn, Prediction, as_denoiser
 from ..process import prior_kl, q_sample
+from ..progress import progress_bar
 from ..reverse import default_variance, p_mean_variance
 from ..sampling.continuous import SigmaDenoiser
 from ..schedules import NoiseSchedule
@@ -66,7 +66,7 @@ def vlb(model: Denoiser | ModelFn, x0: torch.Tensor, schedule: NoiseSchedule | N
     terms = torch.zeros(B, schedule.T, dtype=torch.float64, device=x0.device)
     steps = range(schedule.T - 1, -1, -1)
     if progress:
-        steps = tqdm(steps, desc="variational bound", leave=False)
+        steps = progress_bar(steps, desc="variational bound", leave=False)
     with torch.no_grad():
         for t in steps:
             t_vec = torch.full((B,), t, device=x0.device, dtype=torch.long)

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import viz
 from ..errors import UserError
 from ..models import DiffusionModel, compiled
 from ..precision import DTYPES, Autocast, resolve_precision
+from ..progress import progress_bar
 from ..sampling import sample
 from .guided import GuidanceRequest, guided_model
 
@@ -97,7 +97,7 @@ def generate(m: DiffusionModel, n: int, request: GuidanceRequest | None = None, 
     sizes = [n // chunks + (k < n % chunks) for k in range(chunks)]
     starts = list(itertools.accumulate([0, *sizes[:-1]]))
     streams = min(streams or auto_streams(m, device, chunks), chunks)
-    bar = tqdm(total=chunks * (steps or m.schedule.T), desc=f"{sampler} ({chunks} chunks, {streams} at once)",
+    bar = progress_bar(total=chunks * (steps or m.schedule.T), desc=f"{sampler} ({chunks} chunks, {streams} at once)",
                unit="step", disable=not progress or streams == 1)
     failed = threading.Event()  # a chunk that raised (e.g. a callback cancelling) stops the others at their next step
 

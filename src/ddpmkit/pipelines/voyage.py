@@ -20,11 +20,11 @@ import ast
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..editing import lerp_condition, seed_noise, slerp
 from ..errors import UserError
 from ..models import DiffusionModel
+from ..progress import progress_bar
 from ..sampling import sample
 from .generate import resolve_options
 from .guided import DEFAULT_SCALE, GuidanceRequest, guided_model
@@ -79,7 +79,7 @@ def render_voyage(m: DiffusionModel, keyframes: list[tuple[int, str]], frames_be
     x_T = torch.cat(x_T)
     request = GuidanceRequest(conditions={key: torch.cat([kw[key] for kw in kwargs]) for key in kwargs[0]}, scale=guidance)
     out = []
-    for start in tqdm(range(0, len(x_T), batch), desc="voyage", leave=False, disable=not progress):
+    for start in progress_bar(range(0, len(x_T), batch), desc="voyage", leave=False, disable=not progress):
         sl = slice(start, start + batch)
         n = len(x_T[sl])
         model, cond, options = guided_model(m, n, request.slice(start, n), sampler, device)

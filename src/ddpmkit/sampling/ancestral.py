@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..parameterization import Denoiser
+from ..progress import progress_bar
 from ..reverse import check_variance, default_variance, p_mean_variance
 from ..schedules import NoiseSchedule
 from .grids import batch_t, check_grid_name, integer_grid
@@ -62,7 +62,7 @@ def ddpm(
     schedule = _respaced(denoiser.schedule, steps, grid)
     positions = range(schedule.T - 1, -1, -1)
     if progress:
-        positions = tqdm(positions, desc="ddpm", leave=False)
+        positions = progress_bar(positions, desc="ddpm", leave=False)
     batch = x.shape[0]
     for i in positions:
         i_vec = torch.full((batch,), i, device=x.device, dtype=torch.long)
@@ -107,7 +107,7 @@ def ddim(
     ab = schedule.alpha_bar
     positions = range(schedule.T - 1, -1, -1)
     if progress:
-        positions = tqdm(positions, desc=f"ddim(eta={eta:g})", leave=False)
+        positions = progress_bar(positions, desc=f"ddim(eta={eta:g})", leave=False)
     for i in positions:
         t_model = batch_t(schedule.timesteps[i], x, torch.float32)
         out = denoiser(x, t_model, **(model_kwargs or {}))

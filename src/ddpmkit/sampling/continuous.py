@@ -15,9 +15,9 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
-from tqdm.auto import tqdm
 
 from ..parameterization import Denoiser, DenoiserOutput
+from ..progress import progress_bar
 from .grids import batch_t, timestep_grid
 
 
@@ -62,7 +62,7 @@ class Trajectory:
         if not self.progress:
             return range(self.n)
 
-        return tqdm(range(self.n), desc=self.name, leave=False)
+        return progress_bar(range(self.n), desc=self.name, leave=False)
 
     def report(self, k: int, x_bar: torch.Tensor, x0: torch.Tensor) -> None:
         """After step k (sigma_k -> sigma_{k+1}): x_bar is at sigma_{k+1}, x0 was predicted at sigma_k."""

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..parameterization import Denoiser, ModelFn, Prediction, as_denoiser
+from ..progress import progress_bar
 from ..schedules import NoiseSchedule
 from . import sample
 
@@ -63,7 +63,7 @@ def optimize_grid(model: Denoiser | ModelFn, shape: Sequence[int], schedule: Noi
 
     bar = None
     if progress:
-        bar = tqdm(total=max_evals, desc=f"optimising a {steps}-step grid for {sampler}", leave=False)
+        bar = progress_bar(total=max_evals, desc=f"optimising a {steps}-step grid for {sampler}", leave=False)
 
     def counted(z) -> float:
         if bar is not None:

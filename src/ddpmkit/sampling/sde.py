@@ -14,10 +14,10 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..parameterization import Denoiser
+from ..progress import progress_bar
 from .grids import batch_t, timestep_grid
 from .noise import NoiseSource
 
@@ -41,7 +41,7 @@ def euler_maruyama(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, step
     n = len(ts)
     positions = range(n)
     if progress:
-        positions = tqdm(positions, desc="pc" if corrector_steps else "euler_maruyama", leave=False)
+        positions = progress_bar(positions, desc="pc" if corrector_steps else "euler_maruyama", leave=False)
 
     def score_at(x: torch.Tensor, k: int):
         out = denoiser(x, batch_t(ts[k], x), **kwargs)

@@ -43,7 +43,6 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointInfo, list_checkpoints, load_training_state, read_config, save_checkpoint
 from ..config import Config
@@ -51,6 +50,7 @@ from ..devices import describe_device, has_accelerator
 from ..graphs import capture_training
 from ..posthoc_ema import PowerEMA
 from ..precision import resolve_precision
+from ..progress import progress_bar
 from ..viz import make_grid
 from .batches import Batch, step_batch
 from .optim import Decay, budget_horizon, ema_decay_at, ema_update, lr_at
@@ -204,7 +204,7 @@ class Trainer:
             processes = f", {self.world} processes" if self.world > 1 else ""
             precision = ("fp32" if self.precision == "no" else self.precision) + (" (auto)" if self.tc.mixed_precision == "auto" else "")
             print(f"train {self.task.name} on {describe_device(acc.device)}; {precision}{how}{processes}", flush=True)
-        self.bar = tqdm(total=self.tc.steps, initial=self.state.step, disable=not (self.progress and acc.is_main_process),
+        self.bar = progress_bar(total=self.tc.steps, initial=self.state.step, disable=not (self.progress and acc.is_main_process),
                         desc=f"train {self.task.name}", dynamic_ncols=True)
         self.t_start = time.time()
         self.budget.start(self.t_start)
