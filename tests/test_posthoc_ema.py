@@ -84,6 +84,9 @@ def test_reconstruction_of_another_length_and_an_earlier_step(tmp_path):
         err, scale = (state["w"] - direct).abs().max().item(), (naive - direct).abs().max().item()
         assert err < 0.05 * scale, (sr, t, err, scale)
         assert info["profile_error"] < 0.05
+    # past the last snapshot the weights were never kept: before, a "reconstruction" with a 100% profile error was written
+    with pytest.raises(ValueError, match=r"step 1001 is after the last post-hoc EMA snapshot \(step 1000\); choose a step <= 1000"):
+        reconstruct(tmp_path, 0.075, n + 1)
 
 
 def test_no_snapshots_says_how_to_get_them(tmp_path):

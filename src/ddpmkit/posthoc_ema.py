@@ -114,7 +114,10 @@ def reconstruct(run_dir: str | Path, sigma_rel: float, t: int | None = None) -> 
     snaps = list_snapshots(run_dir)
     if not snaps:
         raise FileNotFoundError(f"no post-hoc EMA snapshots in {Path(run_dir) / 'posthoc'}: train with train.posthoc_ema set")
-    t = snaps[-1][0] if t is None else t
+    last = snaps[-1][0]
+    t = last if t is None else t
+    if t > last:  # the weights after the last snapshot were never kept: no profile ending later can be fitted
+        raise UserError(f"step {t} is after the last post-hoc EMA snapshot (step {last}); choose a step <= {last}")
     snaps = [(s, p) for s, p in snaps if s <= t]
     if not snaps:
         raise UserError(f"no snapshot at or before step {t}")
