@@ -256,3 +256,26 @@ def test_training_into_a_folder_that_holds_a_run_is_refused_unless_it_resumes_or
     assert max(e["step"] for e in log) == 3 and sum("done" in e for e in log) == 1  # the new run's lines alone
     assert (folder / "notes.txt").read_text() == "mine"  # what the run did not write stays
     assert main([*args, "train.steps=5", "--quiet", "--resume"]) == 0 and load_diffusion(folder).step == 5
+
+
+def test_weights_that_do_not_fit_their_config_are_one_line_that_counts_what_differs(web_runs, tmp_path, capsys):
+    """ema.safetensors of another run (or edited by hand): before, torch's error listed every one of hundreds of names."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from ddpmkit.checkpoint import list_checkpoints
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(web_runs / "uncond", run_dir)
+    ckpt = list_checkpoints(run_dir)[-1]
+    other = list_checkpoints(web_runs / "class")[-1]
+    shutil.copy(other / "ema.safetensors", ckpt / "ema.safetensors")  # the class-conditional run's weights
+    code, out, err = run(capsys, "sample", str(run_dir), "--n", "2", "--steps", "2", "--sampler", "ddim", "--out", str(tmp_path / "s"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and len(err) < 600, err
+    assert f"the weights in {ckpt} do not fit the network its config.json describes: " in err and "unexpected (e.g. " in err
+    state = load_file(list_checkpoints(web_runs / "uncond")[-1] / "ema.safetensors")
+    name = sorted(k for k in state if k.endswith("out_conv.bias"))[0]
+    save_file({**state, name: state[name][:0]}, ckpt / "ema.safetensors")  # one tensor cut short
+    code, out, err = run(capsys, "sample", str(run_dir), "--n", "2", "--steps", "2", "--sampler", "ddim", "--out", str(tmp_path / "s"))
+    assert code == 2 and err.strip().endswith(f"1 tensors of another shape (e.g. {name}: saved (0,), network {tuple(state[name].shape)})"), err

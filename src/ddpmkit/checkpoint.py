@@ -98,14 +98,18 @@ def saved_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_saved_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """The inverse of saved_state: a network with adapters takes exactly its adapter tensors."""
-    if not has_adapters(module):
-        module.load_state_dict(state)
-        return
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    adapters_missing = [k for k in missing if ADAPTER_KEY in k]
-    if adapters_missing or unexpected:
-        raise RuntimeError(f"adapter weights do not fit: missing {adapters_missing[:4]}, unexpected {list(unexpected)[:4]}")
+    """The inverse of saved_state: a network with adapters takes exactly its adapter tensors. Weights that do not fit
+    raise a RuntimeError that counts what differs with a few names (torch's lists every one of hundreds)."""
+    own, adapters = module.state_dict(), has_adapters(module)
+    missing = [k for k in own if k not in state and (ADAPTER_KEY in k or not adapters)]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [f"{k}: saved {tuple(v.shape)}, network {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if missing or unexpected or reshaped:
+        kind = "adapter tensors" if adapters else "tensors"
+        said = [f"{len(found)} {kind} {what} (e.g. {', '.join(found[:3])})" for found, what in
+                ((missing, "missing"), (unexpected, "unexpected"), (reshaped, "of another shape")) if found]
+        raise RuntimeError("; ".join(said))
+    module.load_state_dict(state, strict=not adapters)
 
 
 def save_checkpoint(run_dir: str | Path, config: Config, info: CheckpointInfo, model: nn.Module, ema: nn.Module,
