@@ -68,6 +68,12 @@ def test_npz(tmp_path):
     (tmp_path / "c.npz").write_bytes(b"garbage")
     with pytest.raises(DataError, match="cannot read"):
         load_npz(tmp_path / "c.npz")
+    np.savez(tmp_path / "d.npz", x=x[:0])  # before: numpy's "zero-size array to reduction operation" traceback
+    with pytest.raises(DataError, match=r"d.npz: the array 'x' of shape \(0, 6, 6, 3\) holds no examples"):
+        load_npz(tmp_path / "d.npz")
+    np.savez(tmp_path / "e.npz", x=x, y=np.arange(4))  # before: taken without a word
+    with pytest.raises(DataError, match=r"'y' must hold one label per example: shape \(4,\) for 5 examples"):
+        load_npz(tmp_path / "e.npz")
 
 
 def test_the_datasets_read_from_the_packages_files_equal_the_packages_loaders():
