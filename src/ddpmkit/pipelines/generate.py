@@ -98,7 +98,7 @@ def generate(m: DiffusionModel, n: int, request: GuidanceRequest | None = None, 
     starts = list(itertools.accumulate([0, *sizes[:-1]]))
     streams = min(streams or auto_streams(m, device, chunks), chunks)
     bar = progress_bar(total=chunks * (steps or m.schedule.T), desc=f"{sampler} ({chunks} chunks, {streams} at once)",
-               unit="step", disable=not progress or streams == 1)
+                       unit="step", disable=not progress or streams == 1)
     failed = threading.Event()  # a chunk that raised (e.g. a callback cancelling) stops the others at their next step
 
     def on_step(info: dict, start: int) -> None:

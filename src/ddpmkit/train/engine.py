@@ -205,7 +205,7 @@ class Trainer:
             precision = ("fp32" if self.precision == "no" else self.precision) + (" (auto)" if self.tc.mixed_precision == "auto" else "")
             print(f"train {self.task.name} on {describe_device(acc.device)}; {precision}{how}{processes}", flush=True)
         self.bar = progress_bar(total=self.tc.steps, initial=self.state.step, disable=not (self.progress and acc.is_main_process),
-                        desc=f"train {self.task.name}", dynamic_ncols=True)
+                                desc=f"train {self.task.name}", dynamic_ncols=True)
         self.t_start = time.time()
         self.budget.start(self.t_start)
         self.window = LogWindow(self.tc.batch_size)
@@ -480,7 +480,10 @@ def clear_run(run_dir: Path) -> None:
     """Remove what an earlier run wrote into run_dir (RUN_FILES; nothing else), for a run started over."""
     for pattern in RUN_FILES:
         for path in run_dir.glob(pattern):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True, overwrite: bool = False) -> Path:
