@@ -65,6 +65,12 @@ def test_a_config_extends_a_preset_and_overrides_its_keys(tmp_path):
     child.write_text('extends = "no_such_preset"\n')
     with pytest.raises(ConfigError, match="config file not found: no_such_preset; presets: "):
         load_config(child)
+    run = tmp_path / "run"  # a run folder stands for its config.json, as `sample RUN` and train.init_from=RUN take it
+    run.mkdir()
+    (run / "config.json").write_text(load_config("mnist_class", ["train.steps=7"]).to_json())
+    assert load_config(run) == load_config(run / "config.json") == load_config("mnist_class", ["train.steps=7"])
+    with pytest.raises(ConfigError, match="config file not found: "):
+        load_config(tmp_path)  # a folder without one
 
 
 @pytest.mark.parametrize("preset", ["mnist_progressive", "mnist_progressive_guided", "mnist_consistency"])

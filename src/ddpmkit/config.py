@@ -475,10 +475,13 @@ def preset_names() -> list[str]:
 
 
 def resolve_config_path(spec: str | Path) -> Path:
-    """A config file path, or the name of a shipped preset ('mnist', 'mnist.toml', 'configs/mnist.toml')."""
+    """A config file path, a run folder (its config.json), or the name of a shipped preset ('mnist', 'mnist.toml',
+    'configs/mnist.toml')."""
     path = Path(spec)
     if path.is_file():
         return path
+    if path.is_dir() and (path / "config.json").is_file():  # a run folder, as `sample` and train.init_from take one
+        return path / "config.json"
     preset = PRESET_DIR / (path.stem + ".toml")
     if path.suffix in ("", ".toml") and preset.is_file():
         return preset

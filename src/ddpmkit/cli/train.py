@@ -88,7 +88,7 @@ def add_commands(sub) -> None:
                              ("train-classifier", "classifier", "train the noisy classifier p(y | x_t) (= train with train.task=classifier)"),
                              ("train-clip", "clip", "train a CLIP, e.g. the clip or clip_noisy preset (= train with train.task=clip)")):
         t = sub.add_parser(name, help=what)
-        t.add_argument("config", help=f"a TOML config file, or a preset: {presets}")
+        t.add_argument("config", help=f"a TOML config file, a run folder (its config.json), or a preset: {presets}")
         t.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-3")
         how = t.add_mutually_exclusive_group()
         how.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.run_dir")
