@@ -225,7 +225,8 @@ def dopri5(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int |
     s_max, s_min = tr.sigmas[0], tr.sigmas[-2]
 
     def f(u: torch.Tensor, x_bar: torch.Tensor) -> torch.Tensor:
-        return x_bar - tr.D(x_bar, math.exp(u.item())).x0
+        # torchdiffeq hands u back in x_bar's dtype: float32 rounding can put exp(u) just past sigma_max (the cosine schedule)
+        return x_bar - tr.D(x_bar, min(max(math.exp(u.item()), s_min), s_max)).x0
 
     span = torch.tensor([math.log(s_max), math.log(s_min)], dtype=torch.float64)
     from torchdiffeq import odeint  # slow to import (scipy): only for the adaptive reference solve
