@@ -42,10 +42,13 @@ def test_bad_values():
                               ("network.dropout=1.5", r"network.dropout = 1.5 must be in \[0, 1\)"),
                               ("network.dropout=-0.1", r"network.dropout = -0.1 must be in \[0, 1\)"),
                               ("data.image_size=0", r"data.image_size = 0 must be >= 1"), ("data.channels=2", r"data.channels = 2 must be 1"),
-                              ("diffusion.min_snr_gamma=-1", r"diffusion.min_snr_gamma = -1.0 must be >= 0")):
+                              ("diffusion.min_snr_gamma=-1", r"diffusion.min_snr_gamma = -1.0 must be >= 0"),
+                              ("diffusion.zero_terminal_snr=true diffusion.prediction=eps diffusion.precondition=none",
+                               r"zero_terminal_snr = true with prediction = 'eps': an eps model")):
         with pytest.raises(ConfigError, match=message):
-            load_config("mnist", [override])
+            load_config("mnist", override.split())
     assert load_config("mnist", ["network.num_res_blocks=0", "network.dropout=0"]).network.num_res_blocks == 0  # the bounds are valid
+    assert load_config(None, ["diffusion.zero_terminal_snr=true", "diffusion.prediction=v"]).diffusion.zero_terminal_snr
 
 
 def test_a_config_extends_a_preset_and_overrides_its_keys(tmp_path):

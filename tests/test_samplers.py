@@ -197,3 +197,25 @@ def test_optimised_grid_beats_the_named_grids_on_fresh_trajectories():
     assert err(grid) < 0.7 * min(err(g) for g in ("logsnr", "karras", "uniform"))
     # zero gaps parameters are the uniform-in-log-SNR grid
     assert torch.allclose(S.log_snr_at(grid_from_gaps(torch.zeros(5), S)), S.log_snr_at(timestep_grid("logsnr", S, 6)), atol=1e-9)
+
+
+def test_a_zero_terminal_snr_schedule_samples_a_v_model_in_alpha_bar_and_refuses_the_rest():
+    """alpha_bar_T = 0 (Lin et al. 2024): an eps-model has no x_0 there, and sigma (or the SDE's beta integral) is
+    infinite; before, every sampler gave NaN samples or failed on a NaN timestep."""
+    ring = GaussianMixture.ring(4, radius=1.0, std=0.1)
+    zt = NoiseSchedule.from_name("cosine", 1000, zero_terminal_snr=True)
+    assert zt.alpha_bar[-1].item() == 0.0
+
+    def v_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # the exact v = sqrt(ab) eps - sqrt(1 - ab) x0
+        ab = zt.alpha_bar_at(t, check=False).to(x.dtype)
+        eps, a = ring.eps_star(x, ab), ab[:, None]
+        x0 = torch.where(a > 0, (x - (1 - a).sqrt() * eps) / a.sqrt().clamp_min(1e-300), ring.mean().to(x.dtype).expand_as(x))
+        return a.sqrt() * eps - (1 - a).sqrt() * x0
+
+    for sampler in ("ddim", "ddpm"):
+        x = ddpmkit.sample(v_model, (512, 2), zt, sampler=sampler, steps=50, generator=0, prediction="v").x
+        assert torch.isfinite(x).all() and (x.norm(dim=1) - 1).abs().mean() < 0.1  # on the ring (std 0.1: 0.08 exactly)
+    with pytest.raises(ValueError, match=r"the dpmpp_2m sampler integrates in sigma .* one of \['ddim', 'ddpm'\]"):
+        ddpmkit.sample(v_model, (4, 2), zt, sampler="dpmpp_2m", steps=10, prediction="v")
+    with pytest.raises(ValueError, match="an eps-prediction gives no x_0"):
+        ddpmkit.sample(ring.eps_model(zt), (4, 2), zt, sampler="ddim", steps=10)

@@ -91,6 +91,10 @@ class DiffusionConfig:
             raise ConfigError(f"diffusion.asymmetric_k = {self.asymmetric_k} must be > 0")
         if self.min_snr_gamma < 0:
             raise ConfigError(f"diffusion.min_snr_gamma = {self.min_snr_gamma} must be >= 0 (0 = off)")
+        if self.zero_terminal_snr and self.prediction == "eps":
+            # at SNR 0 (alpha_bar_T = 0) x_0 = (x_T - sqrt(1 - alpha_bar_T) eps) / sqrt(alpha_bar_T) divides by zero
+            raise ConfigError("diffusion.zero_terminal_snr = true with prediction = 'eps': an eps model cannot give x_0 at zero "
+                              "SNR (every sample would be NaN); zero-SNR models predict 'v' (Lin et al. 2024) or 'x0'")
 
     def noise_schedule(self) -> NoiseSchedule:
         """The float64 schedule tables these settings name."""

@@ -36,6 +36,9 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "pc": pc,
 }
 STOCHASTIC = {"consistency", "ddpm", "dpmpp_2m_sde", "dpmpp_3m_sde", "euler_maruyama", "pc"}  # and ddim with eta > 0
+# the samplers that step in alpha_bar itself; the others integrate in sigma = sqrt((1 - alpha_bar) / alpha_bar) or over the
+# SDE's beta, both infinite at a zero-terminal-SNR schedule's last step (alpha_bar_T = 0)
+ALPHA_BAR_STEPPERS = {"ddpm", "ddim", "ddim_uniform", "consistency"}
 
 
 @dataclass
@@ -59,6 +62,17 @@ def _check_options(sampler: str, options: dict) -> None:
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise UserError(f"sampler {sampler!r} takes no option(s) {unknown}; its options are {known}")
+
+
+def check_zero_terminal_snr(sampler: str, prediction: str) -> None:
+    """A schedule that ends at SNR 0 (Lin et al. 2024) samples with a v- or x0-model and a sampler that steps in alpha_bar;
+    anything else gave NaN samples or a NaN timestep deep in the sampler."""
+    if prediction == "eps":
+        raise UserError("this schedule ends at zero SNR (alpha_bar_T = 0), where an eps-prediction gives no x_0 (it divides "
+                        "by sqrt(alpha_bar_T) = 0): zero-SNR models predict v or x0")
+    if sampler not in ALPHA_BAR_STEPPERS:
+        raise UserError(f"the {sampler} sampler integrates in sigma or over the SDE's beta, both infinite at this schedule's "
+                        f"zero-SNR last step; sample it with one of {sorted(ALPHA_BAR_STEPPERS - {'consistency', 'ddim_uniform'})}")
 
 
 def sample(
@@ -102,6 +116,8 @@ def sample(
     if len(shape) < 2:
         raise UserError(f"shape must be (batch, *dims), got {shape}")
     denoiser = as_denoiser(model, None if schedule is None else schedule.to("cpu"), prediction, learned_variance)
+    if float(denoiser.schedule.alpha_bar[-1]) == 0.0:
+        check_zero_terminal_snr(sampler, denoiser.prediction)
     if device is None:
         params = getattr(denoiser.model, "parameters", None)
         first = next(params(), None) if callable(params) else None
