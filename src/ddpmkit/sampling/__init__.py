@@ -36,9 +36,9 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "pc": pc,
 }
 STOCHASTIC = {"consistency", "ddpm", "dpmpp_2m_sde", "dpmpp_3m_sde", "euler_maruyama", "pc"}  # and ddim with eta > 0
-# the samplers that step in alpha_bar itself; the others integrate in sigma = sqrt((1 - alpha_bar) / alpha_bar) or over the
-# SDE's beta, both infinite at a zero-terminal-SNR schedule's last step (alpha_bar_T = 0)
-ALPHA_BAR_STEPPERS = {"ddpm", "ddim", "ddim_uniform", "consistency"}
+# the samplers that integrate over the SDE's beta (infinite at a zero-terminal-SNR schedule's last step, alpha_bar_T = 0),
+# and the adaptive reference solver; the others step in alpha_bar, or in sigma after an exact first step from pure noise
+NOT_AT_ZERO_SNR = {"euler_maruyama", "pc", "dopri5"}
 
 
 @dataclass
@@ -70,9 +70,9 @@ def check_zero_terminal_snr(sampler: str, prediction: str) -> None:
     if prediction == "eps":
         raise UserError("this schedule ends at zero SNR (alpha_bar_T = 0), where an eps-prediction gives no x_0 (it divides "
                         "by sqrt(alpha_bar_T) = 0): zero-SNR models predict v or x0")
-    if sampler not in ALPHA_BAR_STEPPERS:
-        raise UserError(f"the {sampler} sampler integrates in sigma or over the SDE's beta, both infinite at this schedule's "
-                        f"zero-SNR last step; sample it with one of {sorted(ALPHA_BAR_STEPPERS - {'consistency', 'ddim_uniform'})}")
+    if sampler in NOT_AT_ZERO_SNR:
+        raise UserError(f"the {sampler} sampler does not start from a zero-SNR schedule's pure noise (the SDE's beta integral is "
+                        f"infinite there); sample it with another, e.g. {sorted(set(SAMPLERS) - NOT_AT_ZERO_SNR - {'consistency'})}")
 
 
 def sample(

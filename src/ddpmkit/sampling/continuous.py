@@ -53,10 +53,25 @@ class Trajectory:
         self.ts = timestep_grid(grid, schedule, steps, **options)
         self.sigmas: list[float] = schedule.sigma_at(self.ts).tolist() + [0.0]
         self.n = len(self.ts)  # network evaluations on the grid
-        self.x_bar = x * math.sqrt(1.0 + self.sigmas[0] ** 2)  # x is x_t at the first grid time
         self.callback = callback
         self.progress = progress
         self.name = name
+        if math.isinf(self.sigmas[0]):  # zero terminal SNR: x_bar is infinite there, so the first step is taken in x
+            self.x_bar = self.step_from_pure_noise(x)
+        else:
+            self.x_bar = x * math.sqrt(1.0 + self.sigmas[0] ** 2)  # x is x_t at the first grid time
+
+    def step_from_pure_noise(self, x: torch.Tensor) -> torch.Tensor:
+        """The exact first step from a grid that starts at alpha_bar = 0 (sigma = inf), where x = x_T is pure noise:
+        eps = x_T exactly, so x_bar at the next sigma is x0 + sigma_1 x_T (DDIM's step, the limit of every solver's
+        first step). The grid then starts at its second point."""
+        D = self.D
+        out = D.denoiser(x, batch_t(self.ts[0], x), **D.model_kwargs)
+        x0 = out.x0.clamp(-1, 1) if D.clip_x0 else out.x0
+        x_bar = x0 + self.sigmas[1] * x
+        self.report(0, x_bar, x0)
+        self.ts, self.sigmas, self.n = self.ts[1:], self.sigmas[1:], self.n - 1
+        return x_bar
 
     def steps(self) -> Iterable[int]:
         if not self.progress:

@@ -63,6 +63,7 @@ def _from_sigmas(s: NoiseSchedule, sigmas: torch.Tensor) -> torch.Tensor:
     return t
 
 
+SIGMA_SPACED = ("karras", "logsnr")  # the grids spaced by sigma, from sigma_{T-1}
 GRIDS: dict[str, Callable[..., torch.Tensor]] = {
     "uniform": _uniform,
     "trailing": _trailing,
@@ -98,6 +99,12 @@ def timestep_grid(grid: str | torch.Tensor, schedule: NoiseSchedule, steps: int 
         raise UserError(f"steps must lie in [1, {schedule.T}], got {steps}")
     if steps == 1:
         return torch.tensor([schedule.T - 1.0], dtype=torch.float64)
+    if grid in SIGMA_SPACED and float(schedule.alpha_bar[-1]) == 0.0:
+        # zero terminal SNR: sigma_{T-1} is infinite, so T-1 comes first and the others are spaced below it, on the
+        # schedule without its last step (whose sigmas are all finite)
+        below = NoiseSchedule(schedule.betas[:-1])
+        rest = GRIDS[grid](below, steps - 1, **options) if steps > 2 else torch.zeros(1, dtype=torch.float64)
+        return torch.cat([torch.tensor([schedule.T - 1.0], dtype=torch.float64), rest])
     return GRIDS[grid](schedule, steps, **options)
 
 
