@@ -71,8 +71,9 @@ def check_zero_terminal_snr(sampler: str, prediction: str) -> None:
         raise UserError("this schedule ends at zero SNR (alpha_bar_T = 0), where an eps-prediction gives no x_0 (it divides "
                         "by sqrt(alpha_bar_T) = 0): zero-SNR models predict v or x0")
     if sampler in NOT_AT_ZERO_SNR:
-        raise UserError(f"the {sampler} sampler does not start from a zero-SNR schedule's pure noise (the SDE's beta integral is "
-                        f"infinite there); sample it with another, e.g. {sorted(set(SAMPLERS) - NOT_AT_ZERO_SNR - {'consistency'})}")
+        raise UserError(f"the {sampler} sampler does not start from a zero-SNR schedule's pure noise (alpha_bar_T = 0: sigma and "
+                        f"the SDE's beta integral are infinite there); sample it with another, e.g. "
+                        f"{sorted(set(SAMPLERS) - NOT_AT_ZERO_SNR - {'consistency'})}")
 
 
 def sample(
