@@ -201,8 +201,8 @@ def test_optimised_grid_beats_the_named_grids_on_fresh_trajectories():
 
 def test_a_zero_terminal_snr_schedule_samples_a_v_model_from_its_pure_noise():
     """alpha_bar_T = 0 (Lin et al. 2024): sigma is infinite at T-1, so the sigma-space solvers take their first step
-    exactly in x (eps = x_T there) and the sigma-spaced grids are spaced below T-1; an eps-model has no x_0 at SNR 0,
-    and the SDE's beta integral is infinite there. Before, every sampler gave NaN samples or failed on a NaN timestep."""
+    exactly in x (eps = x_T there), the SDE samplers DDPM's ancestral step, and the sigma-spaced grids are spaced below
+    T-1; an eps-model has no x_0 at SNR 0. Before, every sampler gave NaN samples or failed on a NaN timestep."""
     ring = GaussianMixture.ring(4, radius=1.0, std=0.1)
     zt = NoiseSchedule.from_name("cosine", 1000, zero_terminal_snr=True)
     assert zt.alpha_bar[-1].item() == 0.0
@@ -216,15 +216,15 @@ def test_a_zero_terminal_snr_schedule_samples_a_v_model_from_its_pure_noise():
     for grid in ("karras", "logsnr"):
         t = timestep_grid(grid, zt, 10)
         assert t[0] == zt.T - 1 and t[-1] == 0 and bool((t[1:] < t[:-1]).all()) and torch.isfinite(zt.sigma_at(t[1:])).all()
-    for sampler in ("ddim", "ddpm", "euler", "heun", "dpmpp_2m", "dpmpp_3m_sde", "unipc", "ipndm"):
+    for sampler in ("ddim", "ddpm", "euler", "heun", "dpmpp_2m", "dpmpp_3m_sde", "unipc", "ipndm", "euler_maruyama", "pc"):
         seen: list[int] = []
         out = ddpmkit.sample(v_model, (512, 2), zt, sampler=sampler, steps=50, generator=0, prediction="v",
                              callback=lambda info, seen=seen: seen.append(info["i"]))
         assert torch.isfinite(out.x).all() and (out.x.norm(dim=1) - 1).abs().mean() < 0.1, sampler  # on the ring (0.08 exactly)
         # heun: 2n - 1 NFE less the one its exact first step does not need
-        assert seen == list(range(49, -1, -1)) and out.nfe == (98 if sampler == "heun" else 50), (sampler, out.nfe)
-    for sampler in ("euler_maruyama", "pc", "dopri5"):
-        with pytest.raises(ValueError, match=rf"the {sampler} sampler does not start from a zero-SNR schedule's pure noise"):
-            ddpmkit.sample(v_model, (4, 2), zt, sampler=sampler, steps=10, prediction="v")
+        nfe = {"heun": 98, "pc": 98}.get(sampler, 50)  # pc: a correction at each level but the first and the last
+        assert seen == list(range(49, -1, -1)) and out.nfe == nfe, (sampler, out.nfe)
+    with pytest.raises(ValueError, match=r"the dopri5 sampler does not start from a zero-SNR schedule's pure noise"):
+        ddpmkit.sample(v_model, (4, 2), zt, sampler="dopri5", steps=10, prediction="v")
     with pytest.raises(ValueError, match="an eps-prediction gives no x_0"):
         ddpmkit.sample(ring.eps_model(zt), (4, 2), zt, sampler="ddim", steps=10)

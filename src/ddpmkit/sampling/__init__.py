@@ -36,9 +36,9 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "pc": pc,
 }
 STOCHASTIC = {"consistency", "ddpm", "dpmpp_2m_sde", "dpmpp_3m_sde", "euler_maruyama", "pc"}  # and ddim with eta > 0
-# the samplers that integrate over the SDE's beta (infinite at a zero-terminal-SNR schedule's last step, alpha_bar_T = 0),
-# and the adaptive reference solver; the others step in alpha_bar, or in sigma after an exact first step from pure noise
-NOT_AT_ZERO_SNR = {"euler_maruyama", "pc", "dopri5"}
+# the adaptive reference solver does not start at a zero-terminal-SNR schedule's pure noise (alpha_bar_T = 0); the others
+# step in alpha_bar, or take an exact first step from there (in sigma, or the SDE's ancestral step)
+NOT_AT_ZERO_SNR = {"dopri5"}
 
 
 @dataclass

@@ -51,6 +51,11 @@ def euler_maruyama(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, step
         if k == n - 1:
             x0 = score_at(x, k)[1]
             x = x0
+        elif k == 0 and math.isinf(log_ab[0]):
+            # zero terminal SNR: the SDE's beta integral from alpha_bar = 0 is infinite, but x_T is exactly N(0, I) and
+            # x_{t_1} given x_0 is Gaussian: DDPM's ancestral step from there (its x_T coefficient is 0), no corrector
+            x0 = score_at(x, k)[1]
+            x = math.exp(0.5 * log_ab[1]) * x0 + math.sqrt(-math.expm1(log_ab[1])) * noise.randn(x.shape[1:], x.dtype)
         else:
             t = ts[k].item()
             # Langevin corrector at level t (score_sde's LangevinCorrector for the VP SDE)
