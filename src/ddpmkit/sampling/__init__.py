@@ -36,9 +36,6 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "pc": pc,
 }
 STOCHASTIC = {"consistency", "ddpm", "dpmpp_2m_sde", "dpmpp_3m_sde", "euler_maruyama", "pc"}  # and ddim with eta > 0
-# the adaptive reference solver does not start at a zero-terminal-SNR schedule's pure noise (alpha_bar_T = 0); the others
-# step in alpha_bar, or take an exact first step from there (in sigma, or the SDE's ancestral step)
-NOT_AT_ZERO_SNR = {"dopri5"}
 
 
 @dataclass
@@ -64,16 +61,12 @@ def _check_options(sampler: str, options: dict) -> None:
         raise UserError(f"sampler {sampler!r} takes no option(s) {unknown}; its options are {known}")
 
 
-def check_zero_terminal_snr(sampler: str, prediction: str) -> None:
-    """A schedule that ends at SNR 0 (Lin et al. 2024) samples with a v- or x0-model and a sampler that steps in alpha_bar;
-    anything else gave NaN samples or a NaN timestep deep in the sampler."""
+def check_zero_terminal_snr(prediction: str) -> None:
+    """A schedule that ends at SNR 0 (Lin et al. 2024) samples a v- or x0-model: every sampler steps in alpha_bar there,
+    or takes an exact first step from the pure noise (in sigma, or the SDE's ancestral step). An eps-model gave NaN."""
     if prediction == "eps":
         raise UserError("this schedule ends at zero SNR (alpha_bar_T = 0), where an eps-prediction gives no x_0 (it divides "
                         "by sqrt(alpha_bar_T) = 0): zero-SNR models predict v or x0")
-    if sampler in NOT_AT_ZERO_SNR:
-        raise UserError(f"the {sampler} sampler does not start from a zero-SNR schedule's pure noise (alpha_bar_T = 0: sigma and "
-                        f"the SDE's beta integral are infinite there); sample it with another, e.g. "
-                        f"{sorted(set(SAMPLERS) - NOT_AT_ZERO_SNR - {'consistency'})}")
 
 
 def sample(
@@ -118,7 +111,7 @@ def sample(
         raise UserError(f"shape must be (batch, *dims), got {shape}")
     denoiser = as_denoiser(model, None if schedule is None else schedule.to("cpu"), prediction, learned_variance)
     if float(denoiser.schedule.alpha_bar[-1]) == 0.0:
-        check_zero_terminal_snr(sampler, denoiser.prediction)
+        check_zero_terminal_snr(denoiser.prediction)
     if device is None:
         params = getattr(denoiser.model, "parameters", None)
         first = next(params(), None) if callable(params) else None

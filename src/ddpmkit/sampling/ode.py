@@ -221,7 +221,12 @@ def dopri5(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int |
     """Adaptive Dormand-Prince 5(4) from torchdiffeq, in u = log sigma (dx_bar/du = x_bar - D) from
     the first to the last grid point, then x_0 = D(x_bar; sigma_min). The reference solution:
     NFE depends on the tolerances, not on `steps`."""
-    tr = Trajectory(denoiser, x, 2, grid, model_kwargs, callback, progress, "dopri5", options)
+    T = denoiser.schedule.T
+    if float(denoiser.schedule.alpha_bar[-1]) == 0.0 and T > 2:  # zero terminal SNR: the exact first step goes to T-2
+        grid, points = torch.tensor([T - 1.0, T - 2.0, 0.0], dtype=torch.float64), 3  # (finite sigma), the solve from there
+    else:
+        points = 2
+    tr = Trajectory(denoiser, x, points, grid, model_kwargs, callback, progress, "dopri5", options)
     s_max, s_min = tr.sigmas[0], tr.sigmas[-2]
 
     def f(u: torch.Tensor, x_bar: torch.Tensor) -> torch.Tensor:
