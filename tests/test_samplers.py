@@ -205,7 +205,7 @@ def test_a_zero_terminal_snr_schedule_samples_a_v_model_from_its_pure_noise():
     grids are spaced below T-1; an eps-model has no x_0 at SNR 0. Before, every sampler gave NaN samples or failed on a NaN timestep."""
     ring = GaussianMixture.ring(4, radius=1.0, std=0.1)
     zt = NoiseSchedule.from_name("cosine", 1000, zero_terminal_snr=True)
-    assert zt.alpha_bar[-1].item() == 0.0
+    assert zt.alpha_bar[-1].item() == 0.0 and zt.zero_terminal_snr and not S.zero_terminal_snr
 
     def v_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # the exact v = sqrt(ab) eps - sqrt(1 - ab) x0
         ab = zt.alpha_bar_at(t, check=False).to(x.dtype)
@@ -224,6 +224,20 @@ def test_a_zero_terminal_snr_schedule_samples_a_v_model_from_its_pure_noise():
         # heun: 2n - 1 NFE less the one its exact first step does not need
         nfe = {"heun": 98, "pc": 98}.get(sampler, 50)  # pc: a correction at each level but the first and the last
         assert seen == list(range(49, -1, -1)) and out.nfe == nfe, (sampler, out.nfe)
+    # the first steps to the equation: Euler in sigma is DDIM on the same grid (DDIM eq. 14), from the pure noise too; the
+    # SDE's first step is DDPM's ancestral step (mean sqrt(ab_1) x0, variance 1 - ab_1), the same noise drawn
+    x_T = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for steps in (2, 10):
+        euler, ddim = (ddpmkit.sample(v_model, x_T.shape, zt, sampler=s, steps=steps, grid="uniform", x_T=x_T, prediction="v").x
+                       for s in ("euler", "ddim"))
+        assert (euler - ddim).abs().max() < 1e-12
+    firsts = {}
+    for sampler in ("ddpm", "euler_maruyama"):
+        steps_x: list[torch.Tensor] = []
+        ddpmkit.sample(v_model, x_T.shape, zt, sampler=sampler, steps=10, grid="uniform", x_T=x_T, prediction="v", generator=5,
+                       callback=lambda info, steps_x=steps_x: steps_x.append(info["x"].clone()))
+        firsts[sampler] = steps_x[0]
+    assert torch.equal(firsts["ddpm"], firsts["euler_maruyama"])
     x = ddpmkit.sample(v_model, (512, 2), zt, sampler="dopri5", generator=0, prediction="v", rtol=1e-4, atol=1e-4).x
     assert torch.isfinite(x).all() and (x.norm(dim=1) - 1).abs().mean() < 0.1  # the adaptive solve from T-2
     with pytest.raises(ValueError, match="an eps-prediction gives no x_0"):

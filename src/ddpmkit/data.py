@@ -208,14 +208,15 @@ def load_npz(path: str | Path) -> ArrayDataset:
         with np.load(path) as f:
             if not f.files:
                 raise DataError(f"{path} holds no arrays")
-            x = f["x"] if "x" in f.files else f[f.files[0]]
+            key = "x" if "x" in f.files else f.files[0]
+            x = f[key]
             y = f["y"] if "y" in f.files else None
     except DataError:
         raise
     except Exception as e:
         raise DataError(f"cannot read {path}: {type(e).__name__}: {e}") from e
     if x.ndim == 0 or len(x) == 0:
-        raise DataError(f"{path}: the array {'x' if 'x' in f.files else f.files[0]!r} of shape {x.shape} holds no examples")
+        raise DataError(f"{path}: the array {key!r} of shape {x.shape} holds no examples")
     if y is not None and (y.ndim != 1 or len(y) != len(x)):
         raise DataError(f"{path}: 'y' must hold one label per example: shape {y.shape} for {len(x)} examples")
     if x.dtype == np.uint8:

@@ -139,6 +139,11 @@ class NoiseSchedule:
     def T(self) -> int:
         return self.betas.numel()
 
+    @property
+    def zero_terminal_snr(self) -> bool:
+        """Whether the last step is pure noise (alpha_bar_T = 0, Lin et al. 2024): sigma is infinite there."""
+        return float(self.alpha_bar[-1]) == 0.0
+
     @cached_table
     def alphas(self) -> torch.Tensor:
         return 1.0 - self.betas

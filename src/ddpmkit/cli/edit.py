@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,17 +53,20 @@ def cmd_posterior(args: argparse.Namespace) -> None:
     _strip([image, shown_x_t, xs], Path(args.out) / f"posterior_t{args.t}.png", args.n + 2)
 
 
-def two(text: str, flag: str, example: str) -> list[str]:
-    """The two comma-separated items of --seeds or --images (whole numbers for --seeds)."""
+def two(text: str, flag: str, what: str, example: str, parse: Callable[[str], Any] = str) -> list:
+    """The two comma-separated items of --seeds (parse=int) or --images, or one line saying what the flag takes."""
     items = [s.strip() for s in text.split(",")]
-    if len(items) != 2 or not all(items) or (flag == "--seeds" and not all(s.lstrip("-").isdigit() for s in items)):
-        raise UserError(f"{flag} takes two {'seeds' if flag == '--seeds' else 'images'} separated by a comma, e.g. {example}; got {text!r}")
-    return items
+    try:
+        if len(items) == 2 and all(items):
+            return [parse(s) for s in items]
+    except ValueError:
+        pass
+    raise UserError(f"{flag} takes two {what} separated by a comma, e.g. {example}; got {text!r}")
 
 
 def cmd_interpolate(args: argparse.Namespace) -> None:
-    seeds = [int(s) for s in two(args.seeds or "0,1", "--seeds", "3,14")]  # the flags first: a typo fails before the model loads
-    images = two(args.images, "--images", "mnist5k:0,mnist5k:1") if args.images else None
+    seeds = two(args.seeds or "0,1", "--seeds", "seeds", "3,14", int)  # the flags first: a typo fails before the model loads
+    images = two(args.images, "--images", "images", "mnist5k:0,mnist5k:1") if args.images else None
     request = guidance_request(args)
     m = load_diffusion(args.checkpoint, device=args.device)
     out = Path(args.out)

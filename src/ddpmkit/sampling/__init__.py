@@ -61,14 +61,6 @@ def _check_options(sampler: str, options: dict) -> None:
         raise UserError(f"sampler {sampler!r} takes no option(s) {unknown}; its options are {known}")
 
 
-def check_zero_terminal_snr(prediction: str) -> None:
-    """A schedule that ends at SNR 0 (Lin et al. 2024) samples a v- or x0-model: every sampler steps in alpha_bar there,
-    or takes an exact first step from the pure noise (in sigma, or the SDE's ancestral step). An eps-model gave NaN."""
-    if prediction == "eps":
-        raise UserError("this schedule ends at zero SNR (alpha_bar_T = 0), where an eps-prediction gives no x_0 (it divides "
-                        "by sqrt(alpha_bar_T) = 0): zero-SNR models predict v or x0")
-
-
 def sample(
     model: Denoiser | ModelFn,
     shape: Sequence[int],
@@ -110,8 +102,10 @@ def sample(
     if len(shape) < 2:
         raise UserError(f"shape must be (batch, *dims), got {shape}")
     denoiser = as_denoiser(model, None if schedule is None else schedule.to("cpu"), prediction, learned_variance)
-    if float(denoiser.schedule.alpha_bar[-1]) == 0.0:
-        check_zero_terminal_snr(denoiser.prediction)
+    # at SNR 0 every sampler steps in alpha_bar or takes an exact first step from the pure noise, but an eps-model gives NaN
+    if denoiser.schedule.zero_terminal_snr and denoiser.prediction == "eps":
+        raise UserError("this schedule ends at zero SNR (alpha_bar_T = 0), where an eps-prediction gives no x_0 (it divides "
+                        "by sqrt(alpha_bar_T) = 0): zero-SNR models predict v or x0")
     if device is None:
         params = getattr(denoiser.model, "parameters", None)
         first = next(params(), None) if callable(params) else None

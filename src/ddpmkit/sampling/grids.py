@@ -99,7 +99,7 @@ def timestep_grid(grid: str | torch.Tensor, schedule: NoiseSchedule, steps: int 
         raise UserError(f"steps must lie in [1, {schedule.T}], got {steps}")
     if steps == 1:
         return torch.tensor([schedule.T - 1.0], dtype=torch.float64)
-    if grid in SIGMA_SPACED and float(schedule.alpha_bar[-1]) == 0.0:
+    if grid in SIGMA_SPACED and schedule.zero_terminal_snr:
         # zero terminal SNR: sigma_{T-1} is infinite, so T-1 comes first and the others are spaced below it, on the
         # schedule without its last step (whose sigmas are all finite)
         below = NoiseSchedule(schedule.betas[:-1])

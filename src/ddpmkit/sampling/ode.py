@@ -222,7 +222,7 @@ def dopri5(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int |
     the first to the last grid point, then x_0 = D(x_bar; sigma_min). The reference solution:
     NFE depends on the tolerances, not on `steps`."""
     T = denoiser.schedule.T
-    if float(denoiser.schedule.alpha_bar[-1]) == 0.0 and T > 2:  # zero terminal SNR: the exact first step goes to T-2
+    if denoiser.schedule.zero_terminal_snr and T > 2:  # zero terminal SNR: the exact first step goes to T-2
         grid, points = torch.tensor([T - 1.0, T - 2.0, 0.0], dtype=torch.float64), 3  # (finite sigma), the solve from there
     else:
         points = 2
