@@ -66,6 +66,10 @@ def test_forward_spectrum_whitens_with_t():
     (["voyage", "keys.txt", "--model", "/no/run", "--frames", "0"], "--frames 0: give a whole number >= 1"),
     (["interpolate", "/no/run", "--seeds", "1"], "--seeds takes two seeds separated by a comma, e.g. 3,14; got '1'"),
     (["interpolate", "/no/run", "--images", "mnist5k:0"], "--images takes two images separated by a comma, e.g. mnist5k:0,mnist5k:1"),
+    # counts whose memory grows past what the picture shows: one line at once, not a kill for memory minutes later
+    (["forward", "mnist5k:0", "--size", "100000"], "--size 100000: at most 1024 (the strip shows each image at 192 pixels"),
+    (["forward", "mnist5k:0", "--T", "1000000000"], "--T 1000000000: at most 100000"),
+    (["voyage", "keys.txt", "--model", "/no/run", "--upscale", "100000"], "--upscale 100000: at most 32"),
 ])
 def test_bad_input_gives_one_clear_line(capsys, argv, message):
     code, out, err = run(capsys, *argv)

@@ -49,10 +49,14 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
 # every count a command takes: whole numbers >= 1 (argparse checks that they are whole)
 COUNTS = ("n", "steps", "batch_size", "n_bpd", "evals", "order", "resample", "frames", "frame_ms", "upscale", "best_of", "prior_steps",
           "size", "T", "concurrency", "max_steps", "max_images")
+# the counts whose memory grows with their square (or their length) past what the picture can show: one line, not an OOM kill
+CEILINGS = {"size": (1024, "the strip shows each image at 192 pixels; larger only slows the spectrum"),
+            "upscale": (32, "each pixel becomes upscale x upscale pixels of every frame"),
+            "T": (100_000, "the schedule's steps; DDPM used 1000")}
 
 
 def check_counts(args: argparse.Namespace) -> None:
-    """The counts the user gave (COUNTS) are >= 1, else one line naming the flag and its value; `main` checks them
+    """The counts the user gave (COUNTS) are >= 1 and within their CEILINGS, else one line naming the flag and its value; `main` checks them
     before any command runs, so a mistyped count fails before a model loads. (The run's own steps are spelled by
     leaving --steps out, never by 0.)"""
     for flag in COUNTS:
@@ -61,6 +65,9 @@ def check_counts(args: argparse.Namespace) -> None:
             hint = {"steps": " (leave --steps out for the run's own: all T steps for Algorithm 2, or a distilled run's few)",
                     "batch_size": " (leave --batch-size out for chunks sized to the device)"}.get(flag, "")
             raise UserError(f"--{flag.replace('_', '-')} {value}: give a whole number >= 1{hint}")
+        ceiling, why = CEILINGS.get(flag, (None, ""))
+        if ceiling is not None and value is not None and value > ceiling:
+            raise UserError(f"--{flag.replace('_', '-')} {value}: at most {ceiling} ({why})")
 
 
 def own_sampler(m, sampler: str | None, steps: int | None) -> tuple[str, int | None]:
