@@ -4,7 +4,7 @@
     .venv/bin/python bench/train_throughput.py --candidates
     .venv/bin/python bench/train_throughput.py --layers
     .venv/bin/python bench/train_throughput.py --blocks [--precision bf16]
-    .venv/bin/python bench/train_throughput.py --against HEAD~1 [--precision no]
+    .venv/bin/python bench/train_throughput.py --against HEAD~1 [--precision no] [--steps 150] [--rounds 3] [--presets mnist]
     .venv/bin/python bench/train_throughput.py --distillation runs/demo [--steps 40] [--rounds 2]
     .venv/bin/python bench/train_throughput.py --heap [--steps 10] [--rounds 4]
     .venv/bin/python bench/train_throughput.py --spin [--steps 150] [--rounds 6] [--precision no]
@@ -310,19 +310,23 @@ def bf16_layers(ms) -> None:
         print(f"  {name:<40} plain {a:6.2f} ms   ddpmkit {b:6.2f} ms   x{a / b:.2f}", flush=True)
 
 
+TRAINER_LOG_EVERY = 10  # steps per log window of the trainer runs that --against and --spin time
+
+
 def trainer_images_per_s(src: Path, run_dir: Path, steps: int, precision: str, preset: str = "mnist", extra: tuple[str, ...] = (),
                          wait: dict[str, str] | None = None) -> float:
     """Median images/s of one `ddpmkit train PRESET` run of the code under src, from its log."""
     # each commit's code waits as its own ddpmkit/threads.py says, not as this process's does (unless `wait` says how)
     env = {**{k: v for k, v in os.environ.items() if k not in ddpmkit.threads.SET_HERE}, **(wait or {}), "PYTHONPATH": str(src)}
     subprocess.run([sys.executable, "-m", "ddpmkit.cli", "train", preset, f"train.run_dir={run_dir}", f"train.steps={steps}",
-                    "train.max_minutes=0", "train.log_every=10", "train.sample_every=0", "train.eval_every=0", "train.checkpoint_every=0",
+                    "train.max_minutes=0", f"train.log_every={TRAINER_LOG_EVERY}", "train.sample_every=0", "train.eval_every=0",
+                    "train.checkpoint_every=0",
                     "train.warmup_steps=0", f"train.mixed_precision={precision}", *extra, "--quiet"], check=True, env=env, capture_output=True)
     rates = [e["examples_per_s"] for e in map(json.loads, (run_dir / "train_log.jsonl").read_text().splitlines()) if "examples_per_s" in e]
     return statistics.median(rates[1:])
 
 
-def compare_with(ref: str, steps: int, rounds: int, precision: str) -> None:
+def compare_with(ref: str, steps: int, rounds: int, precision: str, preset: str = "mnist") -> None:
     root = Path(__file__).resolve().parents[1]
     tmp = Path(tempfile.mkdtemp(prefix="throughput-"))
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # the runs go when the bench ends
@@ -336,7 +340,7 @@ def compare_with(ref: str, steps: int, rounds: int, precision: str) -> None:
         for r in range(rounds):  # interleaved: machine noise hits both alike
             for name, src in in_turns(sources, r):
                 matmul = matmul_gflops(torch.float32)
-                rates[name].append(trainer_images_per_s(src, tmp / f"{name}{r}", steps, precision))
+                rates[name].append(trainer_images_per_s(src, tmp / f"{name}{r}", steps, precision, preset))
                 matmul = (matmul + matmul_gflops(torch.float32)) / 2  # this process's matmul rate around the run
                 per_rate[name].append(rates[name][-1] / matmul)
                 print(f"  round {r}: {name} {rates[name][-1]:.1f} images/s, matmul {matmul:.1f} GFLOP/s: "
@@ -344,11 +348,12 @@ def compare_with(ref: str, steps: int, rounds: int, precision: str) -> None:
         for label, v in (("images/s", rates), ("images/s per matmul GFLOP/s", per_rate)):
             before, after = statistics.median(v["before"]), statistics.median(v["after"])
             paired = [a / b for a, b in zip(v["after"], v["before"])]
-            print(f"`ddpmkit train mnist` ({precision}, {cpu_kind()}), {steps} steps x {rounds} rounds, {label}: before ({ref}) {before:.3f}, "
+            print(f"`ddpmkit train {preset}` ({precision}, {cpu_kind()}), {steps} steps x {rounds} rounds, {label}: before ({ref}) {before:.3f}, "
                   f"after {after:.3f}, ratio {after / before:.3f} (per round: {' '.join(f'{r:.2f}' for r in paired)}; "
                   f"median {statistics.median(paired):.3f})")
-        print(f"issue 32's figure for the trainer at 32bebf1 on its machine: 90 images/s at 66.5 GFLOP/s = {90 / 66.5:.3f} "
-              f"images/s per matmul GFLOP/s; after / that = {statistics.median(per_rate['after']) / (90 / 66.5):.2f}")
+        if preset == "mnist":
+            print(f"issue 32's figure for the trainer at 32bebf1 on its machine: 90 images/s at 66.5 GFLOP/s = {90 / 66.5:.3f} "
+                  f"images/s per matmul GFLOP/s; after / that = {statistics.median(per_rate['after']) / (90 / 66.5):.2f}")
     finally:
         subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(tmp / "before")], capture_output=True)
 
@@ -462,8 +467,11 @@ def heap_effect(steps: int, rounds: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS)
-    p.add_argument("--steps", type=int, default=8, help="timed steps per preset (after one warm-up step)")
+    p.add_argument("--presets", nargs="+", default=None, help="presets to time (default: the demo's and the others'; "
+                   "--against: one, default mnist)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps per preset, after one warm-up step (default 8; --against and --spin: 150 steps of the whole trainer, "
+                        "--distillation 40, --heap 10)")
     p.add_argument("--autoencoder", default=None, help="an autoencoder run for the latent presets")
     p.add_argument("--clip", default=None, help="a CLIP run for the unCLIP presets")
     p.add_argument("--candidates", action="store_true", help="time fused AdamW, channels-last, batch 128 and torch.compile instead")
@@ -479,14 +487,21 @@ def main() -> None:
     p.add_argument("--distillation", default=None, metavar="TEACHER",
                    help="a demo run (with its step-250 checkpoint): the distillation presets' training time against the teacher's")
     args = p.parse_args()
+    if (args.against or args.spin) and args.steps is not None and args.steps < 3 * TRAINER_LOG_EVERY:
+        p.error(f"--steps {args.steps}: the whole trainer's images/s come from its log, every {TRAINER_LOG_EVERY} steps, "
+                f"the first window being warm-up; give --steps >= {3 * TRAINER_LOG_EVERY} (default 150)")
     if args.distillation:
-        return distillation_cost(args.distillation, args.steps if args.steps != 8 else 40, args.rounds or 2)
+        return distillation_cost(args.distillation, args.steps or 40, args.rounds or 2)
     if args.heap:
-        return heap_effect(args.steps if args.steps != 8 else 10, args.rounds or 4)
+        return heap_effect(args.steps or 10, args.rounds or 4)
     if args.spin:
-        return spin_effect(args.steps if args.steps != 8 else 150, args.rounds or 6, args.precision)
+        return spin_effect(args.steps or 150, args.rounds or 6, args.precision)
     if args.against:
-        return compare_with(args.against, args.steps, args.rounds or 3, args.precision)
+        if args.presets and len(args.presets) != 1:
+            p.error("--against times one preset's whole trainer: give one --presets NAME (default mnist)")
+        return compare_with(args.against, args.steps or 150, args.rounds or 3, args.precision, (args.presets or ["mnist"])[0])
+    args.presets = args.presets or DEFAULT_PRESETS
+    args.steps = args.steps or 8
     if args.candidates:
         return candidates(args.steps)
     if args.layers:

@@ -42,6 +42,18 @@ def test_train_throughput_tiny_mode(monkeypatch, capsys):
     assert "kind " in out and "toy2d" in out and "images/s" in out
 
 
+def test_train_throughput_against_a_ref_times_both_trainers_and_refuses_too_few_steps(monkeypatch, capsys):
+    """The issue's own check (`--against 3f2fa28`) ran its default 8 steps, fewer than one timed log window, and ended in
+    statistics' "no median for empty data"; now 150 by default, a count below three windows is refused at once, and the
+    command runs, here with the toy preset against this very commit."""
+    assert run_main("train_throughput.py", ["--against", "HEAD", "--steps", "8"], monkeypatch) == 2
+    assert "--steps 8: the whole trainer's images/s come from its log, every 10 steps" in capsys.readouterr().err
+    assert run_main("train_throughput.py", ["--against", "HEAD", "--presets", "toy2d", "--steps", "30", "--rounds", "1",
+                                            "--precision", "no"], monkeypatch) == 0
+    out = capsys.readouterr().out
+    assert "round 0: before" in out and "round 0: after" in out and "`ddpmkit train toy2d` (no, " in out and "ratio " in out
+
+
 def test_train_throughput_blocks_mode_times_every_block_of_the_demo_unet(monkeypatch, capsys):
     assert run_main("train_throughput.py", ["--blocks", "--steps", "1", "--precision", "no"], monkeypatch) == 0
     out = capsys.readouterr().out
