@@ -199,3 +199,24 @@ def test_sampling_through_captured_cuda_graphs_gives_the_eager_samples(web_runs,
     assert (graphed - eager).abs().max() < tolerance, (graphed - eager).abs().max()
     again = generate(m, 6, GuidanceRequest(classes=[1, 2], scale=2.0), **kw).images  # replays only, from the first step
     assert (again - graphed).abs().max() < tolerance
+
+
+def test_a_chunk_the_gpu_has_no_memory_for_is_drawn_in_halves_with_the_same_samples(web_runs, capsys):
+    """A GPU really out of memory: the caching allocator is allowed 32 MB more than it holds, so generate's own chunk
+    (all 2,000 digits at once) does not fit; it is drawn again in halves until one fits, with the samples of the same
+    seeds, and a chunk size the caller gave stays an OutOfMemoryError."""
+    m = load_diffusion(web_runs / "uncond", device="cuda")
+    kw = dict(sampler="ddim", steps=4, seed=1, progress=False)
+    want = generate(m, 2000, batch_size=100, **kw).images
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + 32 * 2**20) / total)
+    try:
+        got = generate(m, 2000, **kw).images
+        with pytest.raises(torch.OutOfMemoryError):
+            generate(m, 2000, batch_size=2000, **kw)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    assert "had no memory for 2000 samples at once; drawing chunks of 1000" in capsys.readouterr().err
+    assert (got - want).abs().max() < 1e-3

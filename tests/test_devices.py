@@ -91,3 +91,20 @@ def test_a_process_under_a_cpu_capability_cap_caches_its_compiled_kernels_apart(
     folder = cache_dir_for({"ATEN_CPU_CAPABILITY": "AVX2"})
     assert folder.startswith(tempfile.gettempdir()) and folder.endswith("_avx2") and "torchinductor_" in folder
     assert cache_dir_for({"ATEN_CPU_CAPABILITY": "avx2", "TORCHINDUCTOR_CACHE_DIR": "/mine"}) is None  # the user's choice stands
+
+
+def test_a_device_without_memory_for_a_tensor_is_one_line_that_names_its_size_and_what_to_make_smaller():
+    """The CPU allocator's real failure (a tensor larger than the machine's memory and swap: refused at once, never
+    touched) and CUDA's OutOfMemoryError are told apart from other RuntimeErrors, and the CLI's line names the size
+    and the flag or config key to make smaller."""
+    from ddpmkit.cli.common import no_memory
+    from ddpmkit.devices import out_of_memory
+
+    with pytest.raises(RuntimeError) as cpu:
+        torch.empty(10**14, dtype=torch.uint8)
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.10 GiB")
+    assert out_of_memory(cpu.value) and out_of_memory(cuda) and not out_of_memory(RuntimeError("shape mismatch"))
+    assert no_memory(cpu.value, "sample").startswith("the device had no memory for a tensor of 93132.3 GiB; give a smaller --batch-size")
+    assert no_memory(cuda, "train") == ("the device had no memory for a tensor of 2.00 GiB; give train.batch_size=N (a smaller batch), "
+                                        "or a smaller network")
+    assert no_memory(RuntimeError("MPS backend out of memory"), "demo").startswith("the device had no memory; give train.batch_size=N")

@@ -89,3 +89,26 @@ def test_a_folder_holds_one_calls_samples_and_nothing_of_the_call_before(model, 
     assert sorted(f.name for f in (out / "samples").iterdir()) == ["3000000.png", "3000001.png"]
     assert not (out / "reverse_process.gif").exists() and not (out / "predicted_x0.gif").exists()
     assert torch.equal(torch.load(out / "samples.pt"), second.images) and (out / "mine.txt").read_text() == "kept"
+
+
+def test_a_chunk_the_device_has_no_memory_for_is_drawn_again_in_halves_with_the_same_samples(model, capsys):
+    """Where generate chose the chunk size (the caller gave none), a chunk the device has no memory for is drawn again in
+    halves until it fits, and the samples are those of that chunk size from the start (each sample has its own seed); a
+    chunk size the caller gave is theirs: the error stays. The network here raises what CUDA's allocator raises past
+    5 samples at once; tests/test_cuda.py makes a GPU really run out."""
+    def no_memory_past_5(module, args):
+        if args[0].shape[0] > 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.10 GiB")
+
+    kw = dict(sampler="ddim", steps=3, seed=2, progress=False, streams=1)
+    fits = generate(model, 12, batch_size=3, **kw).images
+    hook = model.network.register_forward_pre_hook(no_memory_past_5)
+    try:
+        halved = generate(model, 12, **kw).images  # 12 at once (the CPU's chunk holds 128), then 6, then 3
+        with pytest.raises(torch.OutOfMemoryError):
+            generate(model, 12, batch_size=6, **kw)
+    finally:
+        hook.remove()
+    assert torch.equal(halved, fits)
+    err = capsys.readouterr().err
+    assert "cpu had no memory for 12 samples at once; drawing chunks of 6" in err and "no memory for 6 samples at once; drawing chunks of 3" in err

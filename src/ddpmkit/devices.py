@@ -49,6 +49,24 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+# what an allocator raises when a tensor does not fit: CUDA's (and XPU's) OutOfMemoryError; the CPU's, MPS's and a CUDA
+# library's own allocation a RuntimeError with one of these phrases
+_NO_MEMORY = ("DefaultCPUAllocator: can't allocate memory", "MPS backend out of memory", "CUDA error: out of memory")
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether e says the device had no memory for a tensor (a chunk or a batch too large for it)."""
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and any(p in str(e) for p in _NO_MEMORY))
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Hand the caching allocator's free blocks back (after an allocation failed), so a smaller retry finds them."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
 def onednn_isa_allows_bf16() -> bool:
     """Whether ONEDNN_MAX_CPU_ISA (or its old name DNNL_MAX_CPU_ISA) leaves oneDNN its bf16 instructions:
     capping it at AVX2 (with ATEN_CPU_CAPABILITY=avx2) makes an AVX-512 machine behave like an AVX2 one."""

@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..devices import out_of_memory
 from ..errors import USER_ERRORS, UserError, compile_failure
 from . import cascade, edit, forward, sample, serve, train, unclip
-from .common import check_counts
+from .common import check_counts, no_memory
 
 # the library's parameter names in its messages, as the command line spells them
 FLAGS = {"classes": "--class", "prompts": "--prompt", "scale": "--guidance", "clip": "--clip", "classifier": "--classifier",
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ddpmkit {args.command}: error: {message}", file=sys.stderr)
         return 2
     except RuntimeError as e:
+        if out_of_memory(e):
+            print(f"ddpmkit {args.command}: error: {no_memory(e, args.command)}", file=sys.stderr)
+            return 2
         if (why := compile_failure(e)) is None:
             raise  # a bug: its traceback
         print(f"ddpmkit {args.command}: error: {why}", file=sys.stderr)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 import torch
 
@@ -68,6 +69,22 @@ def check_counts(args: argparse.Namespace) -> None:
         ceiling, why = CEILINGS.get(flag, (None, ""))
         if ceiling is not None and value is not None and value > ceiling:
             raise UserError(f"--{flag.replace('_', '-')} {value}: at most {ceiling} ({why})")
+
+
+# the commands that train: a batch too large for the device is train.batch_size there, --batch-size elsewhere
+TRAINING_COMMANDS = ("train", "train-autoencoder", "train-classifier", "train-clip", "demo")
+
+
+def no_memory(e: RuntimeError, command: str) -> str:
+    """One line for a device that had no memory for a tensor (devices.out_of_memory(e)): its size where torch names
+    it, and what to make smaller."""
+    size = re.search(r"[Tt]ried to allocate ([0-9.]+ [KMGT]iB|[0-9]+ bytes)", str(e))
+    what = size and size.group(1)
+    if what and what.endswith("bytes"):
+        what = f"{int(what.split()[0]) / 2**30:.1f} GiB"
+    fix = "train.batch_size=N (a smaller batch), or a smaller network" if command in TRAINING_COMMANDS else \
+        "a smaller --batch-size (or leave it out: generation then sizes its chunks to the device, halving them where they do not fit)"
+    return f"the device had no memory{f' for a tensor of {what}' if what else ''}; give {fix}"
 
 
 def own_sampler(m, sampler: str | None, steps: int | None) -> tuple[str, int | None]:

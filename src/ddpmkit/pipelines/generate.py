@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .. import viz
+from ..devices import out_of_memory, release_cached_memory
 from ..errors import UserError
 from ..models import DiffusionModel, compiled
 from ..precision import DTYPES, Autocast, resolve_precision
@@ -58,6 +60,13 @@ def auto_batch_size(data_shape: tuple[int, ...], device: str | torch.device = "c
     return max(1, budget // per_sample)
 
 
+def equal_chunks(n: int, batch_size: int) -> list[int]:
+    """n split into the fewest chunks of at most batch_size, as equal as n allows: one shape for the network (and for
+    torch.compile) where it can."""
+    chunks = -(-n // batch_size)
+    return [n // chunks + (k < n % chunks) for k in range(chunks)]
+
+
 def auto_streams(m: DiffusionModel, device: torch.device, chunks: int) -> int:
     """Chunks drawn side by side when the caller does not say: two on a CPU with two or more threads, each
     thread computing one chunk with one core (bench/sampling_throughput.py: 1,022 against 942 image-evaluations/s
@@ -85,6 +94,7 @@ def generate(m: DiffusionModel, n: int, request: GuidanceRequest | None = None, 
     for name, value in (("n", n), ("batch_size", batch_size)):  # only what the caller gave
         if value is not None and value < 1:
             raise UserError(f"{name} = {value} must be >= 1")
+    shrink = batch_size is None  # a chunk size chosen here halves where the device has no memory for it; the caller's stays
     batch_size = batch_size or auto_batch_size(m.data_shape, device)
     seeds = list(range(seed, seed + n)) if seeds is None else list(seeds)
     if len(seeds) != n:
@@ -93,9 +103,9 @@ def generate(m: DiffusionModel, n: int, request: GuidanceRequest | None = None, 
     options = resolve_options(m, options)
     if (precision := resolve_precision(precision)) != "no":
         m = dataclasses.replace(m, network=Autocast(m.network, DTYPES[precision]))
-    chunks = -(-n // batch_size)  # equal-sized chunks: one shape for the network (and for torch.compile) where n allows
-    sizes = [n // chunks + (k < n % chunks) for k in range(chunks)]
+    sizes = equal_chunks(n, batch_size)
     starts = list(itertools.accumulate([0, *sizes[:-1]]))
+    chunks = len(sizes)
     streams = min(streams or auto_streams(m, device, chunks), chunks)
     bar = progress_bar(total=chunks * (steps or m.schedule.T), desc=f"{sampler} ({chunks} chunks, {streams} at once)",
                        unit="step", disable=not progress or streams == 1)
@@ -121,7 +131,23 @@ def generate(m: DiffusionModel, n: int, request: GuidanceRequest | None = None, 
             raise
 
     if streams == 1:
-        parts = [draw(start, b) for start, b in zip(starts, sizes)]
+        parts = []
+        while len(parts) < len(sizes):
+            start, b = starts[len(parts)], sizes[len(parts)]
+            try:
+                parts.append(draw(start, b))
+                continue
+            except RuntimeError as e:  # torch.OutOfMemoryError is one
+                if not (shrink and b > 1 and out_of_memory(e)):
+                    raise
+            failed.clear()  # out of the except clause: the traceback's frames, and the chunk's tensors they hold, are gone
+            release_cached_memory(device)
+            # the rest in halves; the per-sample seeds make them the samples the larger chunks would have been
+            sizes[len(parts):] = equal_chunks(n - start, max(1, b // 2))
+            starts = list(itertools.accumulate([0, *sizes[:-1]]))
+            bar.total = bar.n + (len(sizes) - len(parts)) * (steps or m.schedule.T)
+            print(f"ddpmkit: {device} had no memory for {b} samples at once; drawing chunks of {sizes[len(parts)]} "
+                  f"(the same samples)", file=sys.stderr)
     else:
         parts = _side_by_side(draw, list(zip(starts, sizes)), streams)
     bar.close()
