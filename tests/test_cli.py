@@ -52,6 +52,7 @@ def test_forward_spectrum_whitens_with_t():
     (["forward", "mnist5k:0", "--schedule", "cosin"], "unknown noise schedule 'cosin'"),
     (["sample", "/no/run"], "no checkpoint at /no/run"),
     (["train", "toy2d", "train.batch_size=-3"], "train.batch_size = -3 must be >= 1"),
+    (["train", "toy2d", "train.batch_size=10000000000"], "train.batch_size = 10000000000 must be <= 1048576"),
     (["train", "toy2d", "train.lr=0"], "train.lr = 0.0 must be > 0"),
     (["sample", "/no/run", "--guidance", "nan"], "the guidance must be a finite number, got nan"),
     (["sample", "/no/run", "--autoguide-scale", "inf"], "the autoguidance weight must be a finite number, got inf"),

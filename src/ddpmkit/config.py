@@ -204,6 +204,9 @@ class UnCLIPConfig:
                               f"prior_width = {self.prior_width} divisible by prior_heads = {self.prior_heads}")
 
 
+MAX_BATCH = 2**20  # train.batch_size's bound: far past any diffusion recipe's (EDM2's largest: 2,048)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     # which kind of model this run trains
@@ -276,6 +279,8 @@ class TrainConfig:
         for name, low in least.items():
             if getattr(self, name) < low:
                 raise ConfigError(f"train.{name} = {getattr(self, name)} must be >= {low}")
+        if self.batch_size > MAX_BATCH:  # the batch's indices alone would be gigabytes, drawn for minutes before any step
+            raise ConfigError(f"train.batch_size = {self.batch_size} must be <= {MAX_BATCH} (examples a step, over all processes)")
         if not (self.lr > 0 and math.isfinite(self.lr)) or self.max_minutes < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError(f"train.lr = {self.lr} must be > 0, and train.max_minutes = {self.max_minutes}, train.weight_decay = "
                               f"{self.weight_decay} and train.grad_clip = {self.grad_clip} >= 0")
