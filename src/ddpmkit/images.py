@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .data import DataError, Dataset, load_dataset, load_image_file
+from .data import GREY_MODES, DataError, Dataset, load_dataset, load_image_file
 from .errors import UserError
 from .superres import downsample, upsample
 
@@ -36,7 +36,7 @@ def load_image(spec: str, size: int | None = None, channels: int | None = None) 
         raise DataError(f"image not found: {path} (or use a built-in one such as mnist5k:0)")
     try:
         with Image.open(path) as im:
-            grey, side = im.mode in ("L", "1", "I;16"), min(im.size)
+            grey, side = im.mode in GREY_MODES, min(im.size)
     except Exception as e:  # noqa: BLE001 -- Pillow raises many types for broken files
         raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
     return load_image_file(path, size or min(side, 256), channels or (1 if grey else 3))[None]
