@@ -40,10 +40,11 @@ def test_image_folder(tmp_path):
     assert batch[0].max().item() == pytest.approx(-1.0) and batch[1].mean().item() == pytest.approx(80 / 127.5 - 1, abs=1e-2)
 
 
-def test_images_load_as_a_viewer_shows_them_phone_photos_upright_and_16_bit_grey_scaled(tmp_path):
+def test_images_load_as_a_viewer_shows_them_upright_transparency_on_white_16_bit_grey_scaled(tmp_path):
     """A phone's portrait photo stores its pixels sideways with an EXIF orientation (6: turn 90 degrees clockwise to
-    show), which the loader ignored; a 16-bit grey PNG became white (Pillow's convert clips at 255). Both now load as a
-    viewer shows them, by ImageFolder and by the edits' and the web page's load_image alike, and a .tif is found."""
+    show), which the loader ignored; a sprite's transparent pixels showed the colour noise under them; a 16-bit grey PNG
+    became white (Pillow's convert clips at 255). Each now loads as a viewer shows it, by ImageFolder and by the edits'
+    and the web page's load_image alike, and a .tif is found."""
     from ddpmkit.images import load_image
 
     photo = np.zeros((20, 40, 3), np.uint8)
@@ -57,8 +58,22 @@ def test_images_load_as_a_viewer_shows_them_phone_photos_upright_and_16_bit_grey
     got = ImageFolder(tmp_path, image_size=20).get_batch(torch.tensor([0]))[0]
     assert (got - want).abs().mean() < 0.05 and got[:, :10].mean() > 0.9 and got[:, 10:].mean() < -0.9
 
-    ramp = np.linspace(0, 65535, 32 * 32).round().astype(np.uint16).reshape(32, 32)
     (tmp_path / "phone.jpg").unlink()
+    rng = np.random.default_rng(0)
+    sprite = rng.integers(0, 256, (16, 16, 4), dtype=np.uint8)  # colour noise under ...
+    sprite[..., 3] = 0  # ... transparent pixels, but for an opaque black square
+    sprite[4:12, 4:12] = (0, 0, 0, 255)
+    Image.fromarray(sprite, "RGBA").save(tmp_path / "sprite.png")
+    Image.fromarray(sprite[..., [0, 3]], "LA").save(tmp_path / "sprite_grey.png")
+    for channels in (3, 1):
+        x = ImageFolder(tmp_path, image_size=16, channels=channels).get_batch(torch.tensor([0, 1]))
+        square = torch.zeros(16, 16, dtype=torch.bool)
+        square[4:12, 4:12] = True
+        assert x.shape == (2, channels, 16, 16) and (x[..., square] == -1).all() and (x[..., ~square] == 1).all()
+    (tmp_path / "sprite.png").unlink()
+    (tmp_path / "sprite_grey.png").unlink()
+
+    ramp = np.linspace(0, 65535, 32 * 32).round().astype(np.uint16).reshape(32, 32)
     Image.fromarray(ramp).save(tmp_path / "scan.tif")
     Image.fromarray(ramp).save(tmp_path / "deep.png")
     eight_bit = torch.from_numpy((ramp / 257).round().astype(np.float32) / 127.5 - 1)[None]

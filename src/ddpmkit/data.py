@@ -106,9 +106,14 @@ class ImageFolder:
 
 def upright_8bit(im: Image.Image) -> Image.Image:
     """An opened image as a viewer shows it, in 8 bits a channel: turned by its EXIF orientation (a phone stores a
-    portrait photo's pixels sideways and says so there), and 16- or 32-bit grey (scientific and medical PNGs, TIFFs)
+    portrait photo's pixels sideways and says so there), transparent parts on white, and 16- or 32-bit grey (scientific and medical PNGs, TIFFs)
     scaled to 8 bits, where Pillow's convert("L") would clip every value above 255 (a 16-bit image became white)."""
     im = ImageOps.exif_transpose(im)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        # transparent pixels keep whatever colour was under them (often black, or noise): shown on white, as a page shows them
+        grey = im.mode == "LA"
+        im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+        return im.convert("L" if grey else "RGB")
     if not (im.mode.startswith("I") or im.mode == "F"):
         return im
     values = np.asarray(im, dtype=np.float64)
