@@ -71,6 +71,12 @@ def test_caption_files_next_to_images(tmp_path):
         read_caption_files([tmp_path / "a.png", tmp_path / "b.png"])
     (tmp_path / "b.txt").write_text("")
     assert read_caption_files([tmp_path / "a.png", tmp_path / "b.png"]) == ["a red circle", ""]
+    # a Windows editor's UTF-8 with a byte-order mark is the same caption; another encoding is one clear line
+    (tmp_path / "a.txt").write_text("a caf\u00e9 sign", encoding="utf-8-sig")
+    assert read_caption_files([tmp_path / "a.png"]) == ["a caf\u00e9 sign"]
+    (tmp_path / "b.txt").write_text("a caf\u00e9 sign", encoding="cp1252")
+    with pytest.raises(DataError, match=r".*b.txt is not UTF-8 text \(byte 0xe9 at 5\); save it as UTF-8"):
+        read_caption_files([tmp_path / "a.png", tmp_path / "b.png"])
 
 
 @pytest.fixture(scope="module")

@@ -74,6 +74,13 @@ def test_a_config_extends_a_preset_and_overrides_its_keys(tmp_path):
     assert load_config(run) == load_config(run / "config.json") == load_config("mnist_class", ["train.steps=7"])
     with pytest.raises(ConfigError, match="config file not found: "):
         load_config(tmp_path)  # a folder without one
+    # UTF-8 on every system (the locale's encoding was read before), a Windows editor's byte-order mark dropped (it was
+    # "Invalid statement (at line 1, column 1)"), another encoding one line (it was a UnicodeDecodeError traceback)
+    child.write_text('\ufeffextends = "mnist"\n[train]\nsteps = 5\nrun_dir = "runs/caf\u00e9"\n', encoding="utf-8")
+    assert load_config(child) == load_config("mnist", ["train.steps=5", "train.run_dir=runs/caf\u00e9"])
+    child.write_text('extends = "mnist"\n[train]\nrun_dir = "runs/caf\u00e9"\n', encoding="cp1252")
+    with pytest.raises(ConfigError, match=r".*child.toml is not UTF-8 text \(byte 0xe9 at 45\); save it as UTF-8"):
+        load_config(child)
 
 
 @pytest.mark.parametrize("preset", ["mnist_progressive", "mnist_progressive_guided", "mnist_consistency"])

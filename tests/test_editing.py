@@ -7,6 +7,7 @@ import torch
 
 from ddpmkit.analytic import GaussianMixture
 from ddpmkit.editing import grid_from, img2img, inpaint, posterior_samples, slerp
+from ddpmkit.errors import UserError
 from ddpmkit.pipelines.voyage import read_keyframes
 from ddpmkit.schedules import NoiseSchedule
 
@@ -77,6 +78,11 @@ def test_keyframe_files(tmp_path):
     lines = tmp_path / "seq.txt"
     lines.write_text("# keyframes\n3 a handwritten three\n\n7 'a seven'\n")
     assert read_keyframes(lines) == [(3, "a handwritten three"), (7, "a seven")]
+    lines.write_text("3 a caf\u00e9\n7 a seven\n", encoding="utf-8-sig")  # a Windows editor's byte-order mark: not in the seed
+    assert read_keyframes(lines) == [(3, "a caf\u00e9"), (7, "a seven")]
+    lines.write_text("3 a caf\u00e9\n7 a seven\n", encoding="cp1252")
+    with pytest.raises(UserError, match=r"seq.txt is not UTF-8 text \(byte 0xe9 at 7\); save it as UTF-8"):
+        read_keyframes(lines)
     for bad, message in (("[3, 'a', 'b']", "alternate"), ("3 a\nx b\n", "SEED PROMPT"), ("3 only one\n", "at least 2")):
         (tmp_path / "bad.txt").write_text(bad)
         with pytest.raises(ValueError, match=message):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .data import DataError
+from .errors import read_user_text
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -53,11 +54,11 @@ def digit_captions(templates: tuple[str, ...] = TRAIN_TEMPLATES) -> list[list[st
 def read_caption_files(images: list[Path]) -> list[str]:
     """The caption of each image from a text file next to it with the same stem (cat.png -> cat.txt).
 
-    A missing caption file is an error naming the first few images without one; an empty file is
+    A missing caption file is an error naming the first few, one that is not UTF-8 names itself; an empty file is
     an empty (unconditional) caption."""
     missing = [p for p in images if not p.with_suffix(".txt").is_file()]
     if missing:
         shown = ", ".join(str(p.with_suffix(".txt")) for p in missing[:3])
         raise DataError(f"{len(missing)} image(s) have no caption file next to them (e.g. {shown}); "
                         "write one .txt per image, with the image's stem")
-    return [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in images]
+    return [read_user_text(p.with_suffix(".txt"), DataError).strip() for p in images]

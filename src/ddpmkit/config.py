@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import UserError
+from .errors import UserError, read_user_text
 from .losses import LossType
 from .parameterization import Prediction
 from .schedules import NoiseSchedule
@@ -503,7 +503,7 @@ def read_values(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
     path = resolve_config_path(path)
     if path.resolve() in seen:
         raise ConfigError(f"{path} extends itself (through {' -> '.join(p.name for p in seen)})")
-    text = path.read_text()
+    text = read_user_text(path, ConfigError)
     try:
         values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -25,6 +26,15 @@ class UserError(ValueError):
 
 # what the faces show as one line: user errors, and files that are not there
 USER_ERRORS: tuple[type[Exception], ...] = (UserError, FileNotFoundError)
+
+
+def read_user_text(path: str | Path, error: type[UserError] = UserError) -> str:
+    """A text file a user wrote (a config, captions, keyframes): UTF-8 on every system (not the locale's encoding), the
+    byte-order mark some Windows editors write dropped; another encoding is one `error` naming the file and the byte."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise error(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at {e.start}); save it as UTF-8") from None
 
 
 def compile_failure(e: BaseException) -> str | None:

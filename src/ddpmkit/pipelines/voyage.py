@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..editing import lerp_condition, seed_noise, slerp
-from ..errors import UserError
+from ..errors import UserError, read_user_text
 from ..models import DiffusionModel
 from ..progress import progress_bar
 from ..sampling import sample
@@ -35,7 +35,7 @@ def read_keyframes(path: str | Path) -> list[tuple[int, str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"keyframe file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_user_text(path)
     if "[" in text:
         try:
             items = ast.literal_eval(text[text.index("["):text.rindex("]") + 1])
