@@ -296,3 +296,21 @@ def test_a_network_or_batch_the_device_has_no_memory_for_is_one_line_before_any_
     assert re.fullmatch(r"ddpmkit train: error: the device had no memory for a tensor of [0-9.]+ GiB; give train\.batch_size=N "
                         r"\(a smaller batch\), or a smaller network", lines[0]), lines[0]
     assert not list((tmp_path / "r").glob("ckpt-*"))
+
+
+def test_an_out_path_that_cannot_be_written_is_one_line_before_any_work(tmp_path, capsys, web_runs):
+    """`sample --out FILE` sampled, then ended in a FileExistsError traceback (the samples lost); a run folder where a
+    file is ended likewise. Now --out is checked before any model loads, and a path the machine refuses is one line."""
+    (tmp_path / "afile").touch()
+    (tmp_path / "adir").mkdir()
+    run_dir = str(web_runs / "uncond")
+    for argv, message in (
+            (["sample", run_dir, "--out", str(tmp_path / "afile")], f"--out {tmp_path / 'afile'} is a file; give a folder path"),
+            (["forward", "mnist5k:0", "--out", str(tmp_path / "afile" / "sub")], f"cannot write under {tmp_path / 'afile'} (a file)"),
+            (["tune-grid", run_dir, "--out", str(tmp_path / "adir")], "is a folder; give a file path (e.g. grid.json)"),
+            (["eval", run_dir, "--out", str(tmp_path / "adir")], "is a folder; give a file path (e.g. eval_report.json)"),
+            (["train", "toy2d", f"train.run_dir={tmp_path / 'afile'}", "--quiet"], f"{tmp_path / 'afile'}: a file is in the way of a folder")):
+        code, out, err = run(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0], err
+    assert set(tmp_path.iterdir()) == {tmp_path / "adir", tmp_path / "afile"} and not any((tmp_path / "adir").iterdir())  # nothing made

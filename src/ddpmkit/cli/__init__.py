@@ -16,7 +16,7 @@ import sys
 from ..devices import out_of_memory
 from ..errors import USER_ERRORS, UserError, compile_failure
 from . import cascade, edit, forward, sample, serve, train, unclip
-from .common import check_counts, no_memory
+from .common import check_counts, check_out, no_memory, path_error
 
 # the library's parameter names in its messages, as the command line spells them
 FLAGS = {"classes": "--class", "prompts": "--prompt", "scale": "--guidance", "clip": "--clip", "classifier": "--classifier",
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_counts(args)
+        check_out(args)
         args.func(args)
     except USER_ERRORS as e:
         message = e.render(FLAGS) if isinstance(e, UserError) else str(e)
@@ -48,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         if (why := compile_failure(e)) is None:
             raise  # a bug: its traceback
         print(f"ddpmkit {args.command}: error: {why}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the machine refuses (a folder where a file must go, no permission, a full disk)
+        if e.filename is None:
+            raise  # not about a file: a bug's traceback
+        print(f"ddpmkit {args.command}: error: {path_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import re
+from pathlib import Path
 
 import torch
 
@@ -85,6 +88,35 @@ def no_memory(e: RuntimeError, command: str) -> str:
     fix = "train.batch_size=N (a smaller batch), or a smaller network" if command in TRAINING_COMMANDS else \
         "a smaller --batch-size (or leave it out: generation then sizes its chunks to the device, halving them where they do not fit)"
     return f"the device had no memory{f' for a tensor of {what}' if what else ''}; give {fix}"
+
+
+# the commands whose --out names a file (a JSON report or grid), with their default; every other --out names a folder
+OUT_FILES = {"eval": "eval_report.json", "tune-grid": "grid.json"}
+
+
+def check_out(args: argparse.Namespace) -> None:
+    """--out can be written, checked before any work (samples computed for minutes, then lost to a path that cannot
+    take them): a folder's path is not a file, a file's is not a folder, and the nearest folder that exists above it can
+    be written to. Nothing is created here."""
+    out = getattr(args, "out", None)
+    if out is None:
+        return
+    path, is_file = Path(out), args.command in OUT_FILES
+    if path.exists() and path.is_dir() == is_file:
+        raise UserError(f"--out {out} is a {'folder' if is_file else 'file'}; give a {'file' if is_file else 'folder'} path "
+                        f"({'e.g. ' + OUT_FILES[args.command] if is_file else 'a new name makes one'})")
+    above = path.parent if is_file else path
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir() or not os.access(above, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: cannot write under {above} ({'a file' if not above.is_dir() else 'permission denied'})")
+
+
+def path_error(e: OSError) -> str:
+    """One line for a path the machine refused: which path, and why in words a user can act on."""
+    why = {errno.EEXIST: "a file is in the way of a folder of that name", errno.ENOTDIR: "a file is in the way of a folder on that path",
+           errno.ENOSPC: "no space left on the device", errno.EACCES: "permission denied", errno.EROFS: "a read-only file system"}
+    return f"{e.filename}: {why.get(e.errno, e.strerror)}"
 
 
 def own_sampler(m, sampler: str | None, steps: int | None) -> tuple[str, int | None]:
