@@ -226,6 +226,18 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert list_checkpoints(tmp_path) == [] and not list(tmp_path.glob(".tmp-*"))
 
 
+def test_a_report_write_that_fails_leaves_the_old_report_and_no_temporary_file(tmp_path):
+    """atomic_write_text (reports, grids): a write that fails half-way (here a real one: text UTF-8 cannot encode) left
+    its .tmp- file beside the old report."""
+    from ddpmkit.checkpoint import atomic_write_text
+
+    atomic_write_text(tmp_path / "report.json", '{"fd": 1.5, "sampler": "\u00e9"}')
+    with pytest.raises(UnicodeEncodeError):
+        atomic_write_text(tmp_path / "report.json", "a lone surrogate \ud800")
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    assert (tmp_path / "report.json").read_text(encoding="utf-8") == '{"fd": 1.5, "sampler": "\u00e9"}'
+
+
 def test_keep_checkpoints_prunes_all_but_the_newest_and_the_kept_steps(tmp_path):
     cfg = load_config(PRESET_DIR / "toy2d.toml", [f"train.run_dir={tmp_path}", "train.steps=10", "train.checkpoint_every=2",
                                                    "train.keep_checkpoints=2", "train.keep_steps=[3,4]", "train.sample_every=0"])
