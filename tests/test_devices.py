@@ -108,3 +108,24 @@ def test_a_device_without_memory_for_a_tensor_is_one_line_that_names_its_size_an
     assert no_memory(cuda, "train") == ("the device had no memory for a tensor of 2.00 GiB; give train.batch_size=N (a smaller batch), "
                                         "or a smaller network")
     assert no_memory(RuntimeError("MPS backend out of memory"), "demo").startswith("the device had no memory; give train.batch_size=N")
+
+
+def test_an_nvidia_gpu_this_torch_cannot_use_is_named_before_training_on_the_cpu(tmp_path, monkeypatch, capsys):
+    """`make demo` pins the CPU build of torch (for laptops); on a machine with an NVIDIA driver it then trained on the
+    CPU without a word. The driver's file (here one the test writes, as the driver would) makes the trainer say why and
+    what to install; without it, or with a torch that sees the GPU, nothing is said."""
+    from ddpmkit.devices import unused_gpu
+
+    driver = tmp_path / "version"
+    assert unused_gpu(driver) is None  # no NVIDIA driver: nothing to say
+    driver.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.95.05\n")
+    if torch.cuda.is_available():
+        assert unused_gpu(driver) is None
+    else:
+        hint = unused_gpu(driver)
+        assert hint.startswith("note: this machine has an NVIDIA GPU, but torch ") and "make TORCH_PIN= demo" in hint
+        assert ("a CPU build" in hint) == (torch.version.cuda is None)
+        monkeypatch.setattr(devices, "NVIDIA_DRIVER", driver)  # where the trainer looks, as on a machine with the driver
+        assert main(["train", "toy2d", "train.steps=1", f"train.run_dir={tmp_path / 'run'}"]) == 0
+        out = capsys.readouterr().out
+        assert out.index("train denoiser on ") < out.index(hint)

@@ -103,6 +103,19 @@ def cpu_kind() -> str:
     return "AVX2" if capability == "AVX2" else capability
 
 
+NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")  # there on Linux wherever NVIDIA's kernel driver is loaded
+
+
+def unused_gpu(driver: Path | None = None) -> str | None:
+    """A line for a machine with an NVIDIA GPU that this torch cannot use (a CPU build, as the Makefile pins for
+    laptops, or a CUDA build the driver is too old for), else None: training there runs on the CPU, 10-100x slower."""
+    if torch.cuda.is_available() or not (driver or NVIDIA_DRIVER).exists():
+        return None
+    build = "a CPU build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, which this driver does not run"
+    return (f"note: this machine has an NVIDIA GPU, but torch {torch.__version__} ({build}) cannot use it, so this runs on the "
+            "CPU: install a CUDA build of torch into .venv and run `make TORCH_PIN= demo` (README; docs/gpu.md)")
+
+
 def describe_device(device: torch.device) -> str:
     """One line naming the device a figure or a run comes from: the GPU's name and memory, or describe_cpu()."""
     if device.type == "cuda":

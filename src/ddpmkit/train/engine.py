@@ -46,7 +46,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from ..checkpoint import CheckpointInfo, list_checkpoints, load_training_state, read_config, save_checkpoint
 from ..config import Config
-from ..devices import describe_device, has_accelerator
+from ..devices import describe_device, has_accelerator, unused_gpu
 from ..graphs import capture_training
 from ..posthoc_ema import PowerEMA
 from ..precision import resolve_precision
@@ -204,6 +204,8 @@ class Trainer:
             processes = f", {self.world} processes" if self.world > 1 else ""
             precision = ("fp32" if self.precision == "no" else self.precision) + (" (auto)" if self.tc.mixed_precision == "auto" else "")
             print(f"train {self.task.name} on {describe_device(acc.device)}; {precision}{how}{processes}", flush=True)
+            if acc.device.type == "cpu" and (hint := unused_gpu()):
+                print(hint, flush=True)
         self.bar = progress_bar(total=self.tc.steps, initial=self.state.step, disable=not (self.progress and acc.is_main_process),
                                 desc=f"train {self.task.name}", dynamic_ncols=True)
         self.t_start = time.time()
