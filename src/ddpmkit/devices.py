@@ -107,7 +107,7 @@ NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")  # there on Linux wherever N
 
 
 def unused_gpu(driver: Path | None = None) -> str | None:
-    """A line for a machine with an NVIDIA GPU that this torch cannot use (a CPU build, as the Makefile pins for
+    """A line for a machine with an NVIDIA GPU that this torch cannot use (a CPU build, as a laptop's index gives,
     laptops, or a CUDA build the driver is too old for), else None: training there runs on the CPU, 10-100x slower."""
     if torch.cuda.is_available() or not (driver or NVIDIA_DRIVER).exists():
         return None
