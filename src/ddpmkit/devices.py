@@ -107,8 +107,8 @@ NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")  # there on Linux wherever N
 
 
 def unused_gpu(driver: Path | None = None) -> str | None:
-    """A line for a machine with an NVIDIA GPU that this torch cannot use (a CPU build, as a laptop's index gives,
-    laptops, or a CUDA build the driver is too old for), else None: training there runs on the CPU, 10-100x slower."""
+    """A line for a machine with an NVIDIA GPU that this torch cannot use (a CPU build, or a CUDA build the driver is
+    too old for), else None: training there runs on the CPU, 10-100x slower."""
     if torch.cuda.is_available() or not (driver or NVIDIA_DRIVER).exists():
         return None
     build = "a CPU build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, which this driver does not run"
