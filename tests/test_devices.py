@@ -80,6 +80,19 @@ def test_the_avx2_caps_make_an_avx512_machine_an_avx2_one_for_precision(monkeypa
     assert devices.cpu_computes_bf16() and devices.cpu_kind() == "AVX-512-bf16" and resolve_precision("auto") == "bf16"
 
 
+def test_auto_precision_is_bf16_only_on_gpus_that_compute_it(monkeypatch):
+    """torch.cuda.is_bf16_supported() says yes on a T4 or V100 (compute capability 7.x: bf16 emulated, slower than
+    fp32), so "auto" trained Colab's free T4 in emulated bf16. Now bf16 from Ampere (8.0) on, or under ROCm."""
+    from ddpmkit.precision import gpu_computes_bf16, resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, want in (((7, 0), "no"), ((7, 5), "no"), ((8, 0), "bf16"), ((8, 9), "bf16"), ((9, 0), "bf16"), ((10, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert resolve_precision("auto") == want, capability
+        assert resolve_precision("bf16") == "bf16" and resolve_precision("fp32") == "no"  # what the user names stays
+    assert gpu_computes_bf16((7, 5), rocm=True) and not gpu_computes_bf16((6, 1))
+
+
 def test_a_process_under_a_cpu_capability_cap_caches_its_compiled_kernels_apart():
     """Inductor's disk cache ignores the ATEN_CPU_CAPABILITY cap: kernels built uncapped, loaded under the AVX2 caps,
     trained a compiled toy to NaN (ddpmkit/inductor_cache.py). A capped process gets a folder of its own."""

@@ -36,17 +36,23 @@ def dtype_of(setting: str | torch.dtype) -> torch.dtype:
 
 def resolve_precision(setting: str) -> str:
     """"no", "bf16" or "fp16" (accelerate's words) for a setting that may be "auto": bf16 where the device computes
-    it natively (CUDA with bf16; CPUs with AVX-512 BF16, whose instructions and AMX tiles make it 1.4-2.5x faster for
+    it natively (CUDA GPUs from Ampere on, gpu_computes_bf16; CPUs with AVX-512 BF16, whose instructions and AMX tiles make it 1.4-2.5x faster for
     the demo UNet, bench/sampling_throughput.py), else "no": on an AVX2-only CPU bf16 is emulated and ~8x slower."""
     setting = canonical(setting)
     if setting != "auto":
         return "no" if setting == "fp32" else setting
     if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+        return "bf16" if gpu_computes_bf16(torch.cuda.get_device_capability(), bool(torch.version.hip)) else "no"
     return "bf16" if cpu_computes_bf16() else "no"
 
 
-__all__ = ["CHOICES", "DTYPES", "Autocast", "canonical", "cpu_computes_bf16", "dtype_of", "resolve_precision"]
+def gpu_computes_bf16(capability: tuple[int, int], rocm: bool = False) -> bool:
+    """Whether a GPU computes bf16 natively: NVIDIA's from Ampere on (compute capability 8.0), AMD's under ROCm.
+    torch.cuda.is_bf16_supported() also says yes for a T4 or V100 (7.x), which only emulates it, slower than fp32."""
+    return rocm or tuple(capability) >= (8, 0)
+
+
+__all__ = ["CHOICES", "DTYPES", "Autocast", "canonical", "cpu_computes_bf16", "dtype_of", "gpu_computes_bf16", "resolve_precision"]
 
 
 class Autocast(nn.Module):
