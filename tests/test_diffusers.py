@@ -14,6 +14,7 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 import ddpmkit
+from ddpmkit.checkpoint import CheckpointError
 from ddpmkit.cli import main
 from ddpmkit.diffusers_bridge import DiffusersError, schedule_from_config
 from ddpmkit.editing import seed_noise
@@ -162,7 +163,7 @@ def test_unsupported_scheduler_configs_name_what_is_supported(config, message):
         schedule_from_config(config)
 
 
-def test_bad_folders_say_what_is_missing(tiny_sd, tmp_path):
+def test_bad_folders_say_what_is_missing(tiny_sd, tmp_path, monkeypatch):
     import shutil
 
     assert main(["sample", str(tmp_path), "--n", "1"]) == 2  # neither a run nor a pipeline
@@ -176,6 +177,14 @@ def test_bad_folders_say_what_is_missing(tiny_sd, tmp_path):
         ddpmkit.load(broken)
     with pytest.raises(DiffusersError, match="ddpmkit downloads nothing.*huggingface-cli download someone/no-such-model"):
         ddpmkit.load("someone/no-such-model")
+    with pytest.raises(CheckpointError, match=r"is a diffusers pipeline \(a denoiser\), not an autoencoder model$"):
+        ddpmkit.load(tiny_sd, kind="autoencoder")
+    # a run not trained yet (the DreamBooth preset's train.init_from before `ddpmkit train mnist_text`) is no hub id
+    with pytest.raises(CheckpointError, match=r"^no checkpoint at runs/mnist_text \(expected a ckpt-XXXXXXX folder"):
+        ddpmkit.load("runs/mnist_text")
+    monkeypatch.chdir(tmp_path.parent)
+    with pytest.raises(CheckpointError, match=rf"^no checkpoint at {tmp_path.name}/no_run "):
+        ddpmkit.load(f"{tmp_path.name}/no_run")  # its first folder is one here
     with pytest.raises(ValueError, match="precision 'int8': choose from"):
         ddpmkit.load(tiny_sd, dtype="int8")
 

@@ -43,7 +43,8 @@ def pipeline_folder(path: str | Path) -> Path | None:
     if (path / PIPELINE_INDEX).is_file():
         return path
     text = str(path)
-    if path.exists() or text.count("/") != 1 or text.startswith((".", "/")):
+    # a local path, not a hub id: "runs/mnist_text" before it is trained (its first folder here, or the runs/ every preset uses)
+    if path.exists() or text.count("/") != 1 or text.startswith((".", "/", "runs/")) or Path(text.split("/")[0]).is_dir():
         return None
     try:
         from huggingface_hub import snapshot_download  # optional: comes with the diffusers extra

@@ -287,17 +287,22 @@ def load(path: str | Path, weights: str = "ema", device: str | torch.device | No
     return m
 
 
+def article(word: str) -> str:
+    """'an' before a vowel's sound ("an autoencoder"), else 'a'."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
 def _load(path: str | Path, weights: str, device: torch.device, kind: str | None, dtype: str | torch.dtype | None) -> LoadedNetwork:
     folder = pipeline_folder(path)
     if folder is not None:
         if kind not in (None, "diffusion", "denoiser"):
-            raise CheckpointError(f"{folder} is a diffusers pipeline (a denoiser), not a {kind} model")
+            raise CheckpointError(f"{folder} is a diffusers pipeline (a denoiser), not {article(kind)} {kind} model")
         return load_pipeline(folder, device, dtype)
     ckpt = resolve_checkpoint(path)
     config, info = read_config(ckpt)
     task = config.train.task
     if kind is not None and task not in (sampling_kinds() if kind == "diffusion" else (kind,)):
-        raise CheckpointError(f"{ckpt} holds a {task} (train.task = {task!r}), not a {kind} model")
+        raise CheckpointError(f"{ckpt} holds {article(task)} {task} (train.task = {task!r}), not {article(kind)} {kind} model")
     if config.network.kind == "diffusers":
         return _load_pipeline_run(ckpt, config, info, weights, device, dtype)
     net = build_for_task(config, info.data_shape)
