@@ -292,3 +292,21 @@ def test_request_folders_older_than_the_limit_go_and_the_page_removes_only_the_f
     given._folder("generate")
     given.close()
     assert (tmp_path / "work").is_dir() and len(list((tmp_path / "work").iterdir())) == 1
+
+
+def test_a_device_without_memory_for_a_request_is_the_pages_message_and_a_bug_stays_a_traceback():
+    """A request the device has no memory for (a real CPU allocator refusal here) was gradio's bare "Error" with a
+    traceback in the server's log; now the page says what to do. A user error keeps its own message, and any other
+    RuntimeError (a bug) is raised as it is."""
+    import gradio as gr
+
+    from ddpmkit.errors import UserError
+    from ddpmkit.web.app import page_error, shown_errors
+
+    with pytest.raises(gr.Error, match="the device had no memory for this request: ask for fewer images"):
+        shown_errors(lambda: torch.empty(10**14, dtype=torch.uint8))()
+    assert page_error(UserError("seed must be a whole number")).message == "seed must be a whole number"
+    bug = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    assert page_error(bug) is bug
+    with pytest.raises(RuntimeError, match="mat1 and mat2"):
+        shown_errors(lambda: torch.zeros(2, 3) @ torch.zeros(2, 3))()

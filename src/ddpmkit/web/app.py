@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import gradio as gr
 
+from ..devices import out_of_memory
 from ..errors import USER_ERRORS, UserError
 from ..pipelines.guided import DEFAULT_SCALE
 from ..sampling import SAMPLERS
@@ -29,14 +30,25 @@ def shown_errors(fn: Callable) -> Callable:
     def wrapped(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as e:
-            raise gr.Error(shown(e), print_exception=False) from None
+        except (*USER_ERRORS, RuntimeError) as e:
+            raise page_error(e) from None
     return wrapped
 
 
 def shown(e: Exception) -> str:
     """A user error's message in the page's words."""
     return e.render(WORDS) if isinstance(e, UserError) else str(e)
+
+
+def page_error(e: Exception) -> Exception:
+    """The page's message for a user error, or for a device without memory for a request (generation halves its own
+    chunks first: this is one sample, or an edit, that does not fit); any other error as it is (a bug: its traceback)."""
+    if isinstance(e, RuntimeError) and not isinstance(e, USER_ERRORS):
+        if not out_of_memory(e):
+            return e
+        return gr.Error("the device had no memory for this request: ask for fewer images, or serve on a device with more "
+                        "memory (ddpmkit serve --device)", print_exception=False)
+    return gr.Error(shown(e), print_exception=False)
 
 
 def build_app(actions: Actions, concurrency: int = 1) -> gr.Blocks:
@@ -158,8 +170,8 @@ def build_app(actions: Actions, concurrency: int = 1) -> gr.Blocks:
                         progress=gr.Progress()):  # noqa: B008 -- how gradio hands a progress bar to a callback
             try:
                 _, settings = actions.settings(run_, condition_, sampler_, steps_, grid_, guidance_, seed_, n_)
-            except USER_ERRORS as e:
-                raise gr.Error(shown(e), print_exception=False) from None
+            except (*USER_ERRORS, RuntimeError) as e:
+                raise page_error(e) from None
             stop_flag = cancels[request.session_hash] = threading.Event()
             yield None, None, None, settings.seed, "", None
             try:
@@ -171,8 +183,8 @@ def build_app(actions: Actions, concurrency: int = 1) -> gr.Blocks:
                         yield gr.skip(), gr.skip(), update["result"], update["seed"], update["command"], update["files"]
             except Cancelled:
                 gr.Info("cancelled")
-            except USER_ERRORS as e:
-                raise gr.Error(shown(e), print_exception=False) from None
+            except (*USER_ERRORS, RuntimeError) as e:
+                raise page_error(e) from None
             finally:
                 stop_flag.set()  # also stops the sampler when the page cancels or the visitor leaves
                 cancels.pop(request.session_hash, None)
