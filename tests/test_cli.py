@@ -314,3 +314,16 @@ def test_an_out_path_that_cannot_be_written_is_one_line_before_any_work(tmp_path
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and message in lines[0], err
     assert set(tmp_path.iterdir()) == {tmp_path / "adir", tmp_path / "afile"} and not any((tmp_path / "adir").iterdir())  # nothing made
+
+
+def test_a_weights_file_given_for_a_model_says_which_folder_to_give(tmp_path, capsys, web_runs):
+    """A file was "no checkpoint at FILE" though it exists: a file inside a checkpoint names its folder, and a single
+    weights file (AUTOMATIC1111's Stable Diffusion .safetensors) says how it becomes a folder."""
+    ckpt = next((web_runs / "uncond").glob("ckpt-*"))
+    code, out, err = run(capsys, "sample", str(ckpt / "ema.safetensors"), "--n", "1")
+    want = f"ddpmkit sample: error: {ckpt / 'ema.safetensors'} is a file of the checkpoint {ckpt}: give that folder (or its run folder)"
+    assert code == 2 and err.strip() == want
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    code, out, err = run(capsys, "sample", str(tmp_path / "model.safetensors"), "--n", "1")
+    assert code == 2 and "is a single weights file; ddpmkit loads run folders and diffusers pipeline folders" in err
+    assert "from_single_file" in err and len(err.strip().splitlines()) == 1

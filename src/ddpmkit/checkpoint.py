@@ -156,6 +156,15 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def single_file(path: Path) -> str:
+    """What to give instead of a weights file: its checkpoint folder (a file inside one), or a folder converted from it."""
+    if (path.parent / "config.json").is_file() and (path.parent / "ema.safetensors").is_file():
+        return f"{path} is a file of the checkpoint {path.parent}: give that folder (or its run folder)"
+    return (f"{path} is a single weights file; ddpmkit loads run folders and diffusers pipeline folders. A single-file Stable "
+            "Diffusion checkpoint (AUTOMATIC1111's) becomes a folder with diffusers, where its config is at hand: "
+            "`StableDiffusionPipeline.from_single_file(FILE).save_pretrained(DIR)`; a LoRA file is given with --lora")
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder from itself or from its run folder (then the newest)."""
     path = Path(path)
@@ -164,6 +173,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     found = list_checkpoints(path)
     if found:
         return found[-1]
+    if path.is_file():
+        raise CheckpointError(single_file(path))
     raise CheckpointError(f"no checkpoint at {path} (expected a ckpt-XXXXXXX folder, a run folder containing one, or a diffusers "
                           "pipeline folder with model_index.json)")
 
