@@ -149,6 +149,9 @@ def test_a_lora_run_merges_into_its_base_at_a_scale_and_unmerges(base_run, new_s
                   progress=False)
     with pytest.raises(LoRAError, match="another kind of network"):
         load_diffusion(other, loras=[str(run)])
+    (tmp_path / "kohya.safetensors").write_bytes(b"a LoRA file")  # a diffusers or Kohya LoRA file is for SD folders
+    with pytest.raises(LoRAError, match=r"kohya.safetensors is a LoRA file \(diffusers' or Kohya's format\): it merges into a Stable"):
+        load_diffusion(base_run, loras=[str(tmp_path / "kohya.safetensors")])
 
 
 @needs_text

@@ -120,6 +120,9 @@ def _merge_run(m: LoadedModel, lora: LoRA, name: str):
     from peft import LoraConfig, inject_adapter_in_model  # the [finetune] extra
     from peft.tuners.lora import LoraLayer
 
+    if Path(lora.path).is_file():
+        raise LoRAError(f"--lora {lora.path} is a LoRA file (diffusers' or Kohya's format): it merges into a Stable Diffusion "
+                        f"folder; into a ddpmkit run such as {m.path} merges a ddpmkit LoRA run's folder (train.lora_rank > 0)")
     ckpt = resolve_checkpoint(lora.path)
     cfg, _ = read_config(ckpt)
     tc = cfg.train
