@@ -139,6 +139,11 @@ def test_inception_network_loads_weights_from_a_file_and_computes_features(tmp_p
         load_fid_inception(bad)
     with pytest.raises(FileNotFoundError):
         load_fid_inception(tmp_path / "missing.pth")
+    (tmp_path / "cut.pth").write_bytes(path.read_bytes()[:1000])  # a download cut short: one line, not torch's dozen
+    with pytest.raises(ValueError) as cut:
+        load_fid_inception(tmp_path / "cut.pth")
+    assert "\n" not in str(cut.value) and str(cut.value).startswith(f"cannot read Inception weights {tmp_path / 'cut.pth'} (")
+    assert str(cut.value).endswith("is it pt_inception-2015-12-05-6726825d.pth (about 91 MB), whole?")
 
 
 def test_vlb_estimate_is_unbiased():

@@ -191,7 +191,9 @@ def load_fid_inception(path: str | Path | None = None, device: str | torch.devic
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- torch.load raises many types for a damaged file
-        raise UserError(f"cannot read Inception weights {file}: {type(e).__name__}: {e}") from None
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0]  # torch's advice runs on for a dozen lines
+        raise UserError(f"cannot read Inception weights {file} ({type(e).__name__}: {first}): is it {WEIGHTS_NAME} "
+                        f"(about 91 MB), whole?") from None
     net = FIDInceptionV3()
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
