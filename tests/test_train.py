@@ -226,6 +226,24 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert list_checkpoints(tmp_path) == [] and not list(tmp_path.glob(".tmp-*"))
 
 
+def test_a_damaged_newest_checkpoint_says_how_to_resume_from_the_one_before(tmp_path):
+    """A checkpoint damaged from outside (a disk error, a copy cut short; ddpmkit's own writes are atomic) stopped
+    `--resume` with the file's error alone; it now names the checkpoint before, and resuming from it works."""
+    from ddpmkit.checkpoint import CheckpointError
+
+    overrides = [f"train.run_dir={tmp_path}", "train.steps=4", "train.checkpoint_every=2"]
+    train(load_config(PRESET_DIR / "toy2d.toml", overrides), progress=False)
+    newest = tmp_path / "ckpt-0000004"
+    weights = (newest / "ema.safetensors").read_bytes()
+    (newest / "ema.safetensors").write_bytes(weights[:100])
+    more = load_config(PRESET_DIR / "toy2d.toml", [*overrides[:1], "train.steps=6", "train.checkpoint_every=2"])
+    with pytest.raises(CheckpointError, match=rf"ema.safetensors: .*; move it out of {tmp_path} to resume from ckpt-0000002, the one before$"):
+        train(more, resume=True, progress=False)
+    newest.rename(tmp_path.parent / f"{tmp_path.name}-damaged")
+    train(more, resume=True, progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path)][-1] == "ckpt-0000006"
+
+
 def test_a_report_write_that_fails_leaves_the_old_report_and_no_temporary_file(tmp_path):
     """atomic_write_text (reports, grids): a write that fails half-way (here a real one: text UTF-8 cannot encode) left
     its .tmp- file beside the old report."""
