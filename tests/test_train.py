@@ -228,7 +228,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 def test_a_damaged_newest_checkpoint_says_how_to_resume_from_the_one_before(tmp_path):
     """A checkpoint damaged from outside (a disk error, a copy cut short; ddpmkit's own writes are atomic) stopped
-    `--resume` with the file's error alone; it now names the checkpoint before, and resuming from it works."""
+    `--resume` and loading with the file's error alone; both now name the checkpoint before, and resuming from it works."""
     from ddpmkit.checkpoint import CheckpointError
 
     overrides = [f"train.run_dir={tmp_path}", "train.steps=4", "train.checkpoint_every=2"]
@@ -239,6 +239,8 @@ def test_a_damaged_newest_checkpoint_says_how_to_resume_from_the_one_before(tmp_
     more = load_config(PRESET_DIR / "toy2d.toml", [*overrides[:1], "train.steps=6", "train.checkpoint_every=2"])
     with pytest.raises(CheckpointError, match=rf"ema.safetensors: .*; move it out of {tmp_path} to resume from ckpt-0000002, the one before$"):
         train(more, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match=rf"; the checkpoint before it, {tmp_path / 'ckpt-0000002'}, can be given instead$"):
+        load_diffusion(tmp_path)  # sample, eval, the edits and the page load it so
     newest.rename(tmp_path.parent / f"{tmp_path.name}-damaged")
     train(more, resume=True, progress=False)
     assert [p.name for p in list_checkpoints(tmp_path)][-1] == "ckpt-0000006"

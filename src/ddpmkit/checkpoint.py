@@ -165,6 +165,12 @@ def single_file(path: Path) -> str:
             "`StableDiffusionPipeline.from_single_file(FILE).save_pretrained(DIR)`; a LoRA file is given with --lora")
 
 
+def one_before(ckpt: Path) -> Path | None:
+    """The checkpoint before ckpt in its run folder, if any: where to go on from when ckpt is damaged."""
+    earlier = [c for c in list_checkpoints(Path(ckpt).parent) if c.name < Path(ckpt).name]
+    return earlier[-1] if earlier else None
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder from itself or from its run folder (then the newest)."""
     path = Path(path)

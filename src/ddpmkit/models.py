@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_saved_state, read_config, read_weights, resolve_checkpoint
+from .checkpoint import CheckpointError, load_saved_state, one_before, read_config, read_weights, resolve_checkpoint
 from .config import Config
 from .devices import resolve_device
 from .diffusers_bridge import PipelineParts, diffusion_config, frozen_parts, pipeline_folder, read_pipeline
@@ -287,6 +287,12 @@ def load(path: str | Path, weights: str = "ema", device: str | torch.device | No
     return m
 
 
+def damaged(e: CheckpointError, ckpt: Path) -> CheckpointError:
+    """e, for a checkpoint that cannot be read, with the one before it to load instead where its run has one."""
+    before = one_before(ckpt)
+    return CheckpointError(f"{e}; the checkpoint before it, {before}, can be given instead" if before else str(e))
+
+
 def article(word: str) -> str:
     """'an' before a vowel's sound ("an autoencoder"), else 'a'."""
     return "an" if word[:1].lower() in "aeiou" else "a"
@@ -299,7 +305,10 @@ def _load(path: str | Path, weights: str, device: torch.device, kind: str | None
             raise CheckpointError(f"{folder} is a diffusers pipeline (a denoiser), not {article(kind)} {kind} model")
         return load_pipeline(folder, device, dtype)
     ckpt = resolve_checkpoint(path)
-    config, info = read_config(ckpt)
+    try:
+        config, info = read_config(ckpt)
+    except CheckpointError as e:
+        raise damaged(e, ckpt) from None
     task = config.train.task
     if kind is not None and task not in (sampling_kinds() if kind == "diffusion" else (kind,)):
         raise CheckpointError(f"{ckpt} holds {article(task)} {task} (train.task = {task!r}), not {article(kind)} {kind} model")
@@ -308,7 +317,10 @@ def _load(path: str | Path, weights: str, device: torch.device, kind: str | None
     net = build_for_task(config, info.data_shape)
     if config.train.lora_rank:  # the checkpoint holds the adapters; their base is the run it fine-tuned
         net = adapt(net, config)
-    state = read_weights(ckpt, weights)
+    try:
+        state = read_weights(ckpt, weights)
+    except CheckpointError as e:
+        raise damaged(e, ckpt) from None
     try:
         load_saved_state(net, upgrade_legacy_keys(state) if isinstance(net, UNet) else state)
     except RuntimeError as e:

@@ -44,7 +44,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from ..checkpoint import CheckpointError, CheckpointInfo, list_checkpoints, load_training_state, read_config, save_checkpoint
+from ..checkpoint import CheckpointError, CheckpointInfo, list_checkpoints, load_training_state, one_before, read_config, save_checkpoint
 from ..config import Config
 from ..devices import describe_device, has_accelerator, unused_gpu
 from ..graphs import capture_training
@@ -176,8 +176,8 @@ class Trainer:
             info = _check_resumable(self.cfg, found[-1])
             self.restore(found[-1], self.model)
         except CheckpointError as e:  # damaged from outside (the writes are atomic): say how to go on from the one before
-            before = f"; move it out of {self.run_dir} to resume from {found[-2].name}, the one before" if len(found) > 1 else ""
-            raise CheckpointError(f"{e}{before}") from None
+            before = one_before(found[-1])
+            raise CheckpointError(f"{e}; move it out of {self.run_dir} to resume from {before.name}, the one before" if before else str(e)) from None
         st = self.state
         st.step, st.lr_scale, st.fitted = info.step, info.lr_scale, bool(info.horizon)
         if st.fitted:  # a resumed run keeps the decay the budget chose (checkpoints before re-fitting have no decay_from)
