@@ -226,6 +226,31 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert list_checkpoints(tmp_path) == [] and not list(tmp_path.glob(".tmp-*"))
 
 
+def test_a_folder_a_run_is_training_in_refuses_a_second_run_until_the_first_ends(tmp_path, capsys):
+    """Two `ddpmkit train` into one folder (two terminals, a job started twice) mixed their checkpoints and logs, and a
+    second one with --overwrite deleted the first's files while it trained. A real first run in its own process; the
+    second, in this one, is refused in one line and touches nothing; once the first is killed (its lock goes with it,
+    nothing stale) the folder trains again."""
+    from ddpmkit.cli import main
+
+    first = subprocess.Popen(_cli("train", "toy2d", f"train.run_dir={tmp_path}", "train.steps=1000000", "train.checkpoint_every=20",
+                                  "--quiet"), cwd=ROOT)
+    deadline = time.time() + 120
+    while not list_checkpoints(tmp_path) and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        code = main(["train", "toy2d", f"train.run_dir={tmp_path}", "train.steps=2", "--overwrite", "--quiet"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err == (f"ddpmkit train: error: {tmp_path} is being trained by another process (pid {first.pid}): let it "
+                                     "finish (then continue it with --resume), or give another train.run_dir"), err
+        assert first.poll() is None and list_checkpoints(tmp_path) and (tmp_path / "config.json").is_file()  # it trains on
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert main(["train", "toy2d", f"train.run_dir={tmp_path}", "train.steps=2", "--overwrite", "--quiet"]) == 0
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-0000002"]
+
+
 def test_a_damaged_newest_checkpoint_says_how_to_resume_from_the_one_before(tmp_path):
     """A checkpoint damaged from outside (a disk error, a copy cut short; ddpmkit's own writes are atomic) stopped
     `--resume` and loading with the file's error alone; both now name the checkpoint before, and resuming from it works."""

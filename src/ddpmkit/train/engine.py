@@ -44,6 +44,11 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
+try:
+    import fcntl  # POSIX only: the run folder's lock
+except ImportError:  # Windows: no lock
+    fcntl = None
+
 from ..checkpoint import CheckpointError, CheckpointInfo, list_checkpoints, load_training_state, one_before, read_config, save_checkpoint
 from ..config import Config
 from ..devices import describe_device, has_accelerator, unused_gpu
@@ -492,10 +497,51 @@ def clear_run(run_dir: Path) -> None:
                 path.unlink()
 
 
+class RunLock:
+    """One training run at a time in a run folder: a second `ddpmkit train` into it (another terminal, a job started
+    twice) would mix its checkpoints and logs into the first's, and with `overwrite` delete them. The launch's first
+    process holds an exclusive lock on RUN/.lock while it trains; the system drops it when the process ends, however
+    it ends, so a killed run leaves nothing stale."""
+
+    def __init__(self, run_dir: Path):
+        self.file = None
+        if fcntl is None or int(os.environ.get("RANK", "0")) != 0:  # no flock (Windows), or not the launch's first process
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        f = open(run_dir / ".lock", "a+")  # noqa: SIM115 -- held open for the run's length, closed by release()
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip()
+            f.close()
+            raise TrainingError(f"{run_dir} is being trained by another process{f' (pid {pid})' if pid else ''}: let it finish "
+                                "(then continue it with `resume`), or give another train.run_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self.file = f
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()  # closing drops the lock; the file stays (removing it could let two processes lock two files)
+            self.file = None
+
+
 def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True, overwrite: bool = False) -> Path:
     """Train task's model as cfg.train says; returns the run folder. Launch with `accelerate
     launch` or `torchrun` for several processes; the code is the same. A run that does not resume starts in a
-    folder without checkpoints, or with overwrite=True removes the earlier run's files first."""
+    folder without checkpoints, or with overwrite=True removes the earlier run's files first. One run at a time
+    trains in a folder (RunLock)."""
+    lock = RunLock(Path(cfg.train.run_dir))
+    try:
+        return _run(task, cfg, resume, progress, overwrite)
+    finally:
+        lock.release()
+
+
+def _run(task: Task, cfg: Config, resume: bool, progress: bool, overwrite: bool) -> Path:
     if not resume:
         check_fresh(Path(cfg.train.run_dir), overwrite)
     trainer = Trainer(task, cfg, progress)
