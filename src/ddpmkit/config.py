@@ -279,6 +279,8 @@ class TrainConfig:
         for name, low in least.items():
             if getattr(self, name) < low:
                 raise ConfigError(f"train.{name} = {getattr(self, name)} must be >= {low}")
+        if not 0 <= self.seed < 2**40:  # each step's generator is seeded by (seed * 1,000,003 + step) * 7 + stream: 64 bits
+            raise ConfigError(f"train.seed = {self.seed} must be in 0 .. 2**40-1")
         if self.batch_size > MAX_BATCH:  # the batch's indices alone would be gigabytes, drawn for minutes before any step
             raise ConfigError(f"train.batch_size = {self.batch_size} must be <= {MAX_BATCH} (examples a step, over all processes)")
         if not (self.lr > 0 and math.isfinite(self.lr)) or self.max_minutes < 0 or self.weight_decay < 0 or self.grad_clip < 0:

@@ -72,6 +72,15 @@ def check_counts(args: argparse.Namespace) -> None:
         ceiling, why = CEILINGS.get(flag, (None, ""))
         if ceiling is not None and value is not None and value > ceiling:
             raise UserError(f"--{flag.replace('_', '-')} {value}: at most {ceiling} ({why})")
+    if isinstance(getattr(args, "seed", None), int):
+        check_seed(args.seed, "--seed")
+
+
+def check_seed(seed: int, flag: str) -> int:
+    """A seed a generator takes (64 bits; past them torch's "Overflow when unpacking long long"), else one line."""
+    if not -(2**63) <= seed < 2**63:
+        raise UserError(f"{flag} {seed}: give a whole number in -2**63 .. 2**63-1")
+    return seed
 
 
 # the commands that train: a batch too large for the device is train.batch_size there, --batch-size elsewhere

@@ -16,7 +16,7 @@ from ..models import DiffusionModel, load_diffusion
 from ..pipelines.edit import edit_img2img, edit_inpaint, edit_posterior, interpolation_images, interpolation_prompts, interpolation_seeds
 from ..pipelines.voyage import read_keyframes, render_voyage
 from ..sampling import SAMPLERS
-from .common import add_device_args, add_device_option, add_guidance_args, guidance_request, load_model
+from .common import add_device_args, add_device_option, add_guidance_args, check_seed, guidance_request, load_model
 
 try:  # optional: MP4 output of the voyage
     import imageio.v2 as imageio
@@ -65,7 +65,7 @@ def two(text: str, flag: str, what: str, example: str, parse: Callable[[str], An
 
 
 def cmd_interpolate(args: argparse.Namespace) -> None:
-    seeds = two(args.seeds or "0,1", "--seeds", "seeds", "3,14", int)  # the flags first: a typo fails before the model loads
+    seeds = [check_seed(s, "--seeds") for s in two(args.seeds or "0,1", "--seeds", "seeds", "3,14", int)]  # before the model loads
     images = two(args.images, "--images", "images", "mnist5k:0,mnist5k:1") if args.images else None
     request = guidance_request(args)
     m = load_diffusion(args.checkpoint, device=args.device)
