@@ -63,6 +63,10 @@ def test_forward_spectrum_whitens_with_t():
     (["sample", "/no/run", "--steps", "0"], "--steps 0: give a whole number >= 1 (leave --steps out for the run's own"),
     (["sample", "/no/run", "--n", "-3"], "--n -3: give a whole number >= 1"),
     (["demo", "--steps", "0"], "--steps 0: give a whole number >= 1"),
+    # checked before the demo's minutes of training, not after them
+    (["demo", "--autoguide-scale", "nan"], "the autoguidance weight must be a finite number, got nan"),
+    (["demo", "--autoguide-scale", "-1"], "the autoguidance weight w must be a finite number >= 0"),
+    (["demo", "--minutes", "nan"], "train.max_minutes = nan must be a finite number"),
     (["serve", "/no/run", "--port", "99999"], "--port 99999: give a port in 1..65535"),
     # every command's counts, checked before any model loads
     (["interpolate", "/no/run", "--n", "0"], "--n 0: give a whole number >= 1"),

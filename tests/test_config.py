@@ -43,6 +43,11 @@ def test_bad_values():
                               ("network.dropout=-0.1", r"network.dropout = -0.1 must be in \[0, 1\)"),
                               ("data.image_size=0", r"data.image_size = 0 must be >= 1"), ("data.channels=2", r"data.channels = 2 must be 1"),
                               ("diffusion.min_snr_gamma=-1", r"diffusion.min_snr_gamma = -1.0 must be >= 0"),
+                              # every float setting is finite: NaN or inf weights trained NaN losses or were ignored silently
+                              ("diffusion.min_snr_gamma=nan", r"diffusion.min_snr_gamma = nan must be a finite number"),
+                              ("diffusion.sigma_data=inf", r"diffusion.sigma_data = inf must be a finite number"),
+                              ("train.max_minutes=nan", r"train.max_minutes = nan must be a finite number"),
+                              ("train.adam_betas=[0.9,nan]", r"train.adam_betas = nan must be a finite number"),
                               ("diffusion.zero_terminal_snr=true diffusion.prediction=eps diffusion.precondition=none",
                                r"zero_terminal_snr = true with prediction = 'eps': an eps model")):
         with pytest.raises(ConfigError, match=message):

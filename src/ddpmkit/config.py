@@ -283,7 +283,8 @@ class TrainConfig:
             raise ConfigError(f"train.seed = {self.seed} must be in 0 .. 2**40-1")
         if self.batch_size > MAX_BATCH:  # the batch's indices alone would be gigabytes, drawn for minutes before any step
             raise ConfigError(f"train.batch_size = {self.batch_size} must be <= {MAX_BATCH} (examples a step, over all processes)")
-        if not (self.lr > 0 and math.isfinite(self.lr)) or self.max_minutes < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+        if not (self.lr > 0 and math.isfinite(self.lr)) or not 0 <= self.max_minutes < math.inf \
+                or not self.weight_decay >= 0 or not self.grad_clip >= 0:  # written so that NaN fails them too
             raise ConfigError(f"train.lr = {self.lr} must be > 0, and train.max_minutes = {self.max_minutes}, train.weight_decay = "
                               f"{self.weight_decay} and train.grad_clip = {self.grad_clip} >= 0")
         if self.lora_rank < 0 or self.lora_alpha < 0:
@@ -385,6 +386,14 @@ def _section_classes() -> dict[str, type]:
     return {name: hints[name] for name in SECTIONS}
 
 
+def _finite(x: float, where: str) -> float:
+    """Every float setting is a finite number: a NaN or infinite weight, scale or mean trained NaN losses (the NaN
+    guard then rolling back again and again) or was ignored, without a word."""
+    if not math.isfinite(x):
+        raise ConfigError(f"{where} = {x} must be a finite number")
+    return x
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if origin is Literal:
@@ -403,7 +412,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 value = [item(v.strip()) for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
             if not isinstance(value, (list, tuple)):
                 raise ConfigError(f"{where} must be a list, got {value!r}")
-            return tuple(item(v) for v in value)
+            items = tuple(item(v) for v in value)
+            return tuple(_finite(v, where) for v in items) if item is float else items
+        except ConfigError:
+            raise
         except ValueError:
             raise ConfigError(f"{where} = {value!r} must be a list of {item.__name__}s") from None
     try:
@@ -418,9 +430,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 raise UserError(value)
             return int(value)
         if hint is float:
-            return float(value)
+            return _finite(float(value), where)
         if hint is str:
             return str(value)
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         raise ConfigError(f"{where} = {value!r} is not a valid {hint.__name__}") from None
     return value

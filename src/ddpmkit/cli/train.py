@@ -37,6 +37,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     """Train the digit model for the preset's fixed number of steps, then sample a grid and its reverse process."""
     cfg = load_config("mnist", [f"train.run_dir={args.run_dir}", f"train.max_minutes={args.minutes}"] + list(args.overrides))
+    GuidanceRequest(autoguide_scale=args.autoguide_scale)  # its checks before minutes of training, not after them
     cap = f", stopping after {args.minutes:g} minutes at most" if args.minutes else ""
     print(f"[demo] training a {cfg.network.kind} on {cfg.data.name} for {cfg.train.steps} steps{cap} -> {args.run_dir}")
     train(cfg, overwrite=True)  # the demo's folder is the demo's: `make demo` again starts it over

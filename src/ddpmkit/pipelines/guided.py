@@ -49,6 +49,9 @@ class GuidanceRequest:
         for name, value in scales.items():
             if value is not None and not math.isfinite(value):
                 raise UserError(f"the {name} must be a finite number, got {value}")
+        if self.autoguide_scale < 0:
+            raise UserError(f"the autoguidance weight w must be a finite number >= 0 (1 = the model alone, 2 a usual choice), "
+                            f"got {self.autoguide_scale}")
 
     @property
     def autoguided_networks(self) -> int:
