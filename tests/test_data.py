@@ -153,3 +153,17 @@ def test_the_datasets_read_from_the_packages_files_equal_the_packages_loaders():
     assert packaged_table("sklearn", "no/such/file.csv") is None and packaged_table("no_such_package", "x.csv") is None
     everything = load_dataset("digits", split="all")
     assert torch.equal(everything.x, torch.tensor(d.images[:, None] / 8.0 - 1.0, dtype=torch.float32))
+
+
+def test_a_built_in_example_takes_the_size_and_channels_asked_for_as_a_file_does():
+    """`ddpmkit forward mnist5k:7 --size 64` drew the 28x28 digit, the size ignored (a file was resized); and a grey digit
+    stayed grey for a stage that takes RGB (`upscale` asks for its channels). Both now as for a file."""
+    from ddpmkit.images import fit_image, load_image
+
+    digit = load_image("mnist5k:7")
+    assert digit.shape == (1, 1, 28, 28)
+    big, rgb = load_image("mnist5k:7", 56), load_image("mnist5k:7", channels=3)
+    assert big.shape == (1, 1, 56, 56) and torch.equal(big, fit_image(digit, (1, 56, 56)))
+    assert (big[..., ::2, ::2] - digit).abs().mean() < 0.1  # the same digit, twice the size
+    assert rgb.shape == (1, 3, 28, 28) and all(torch.equal(rgb[:, c], digit[:, 0]) for c in range(3))
+    assert load_image("digits:3", 16, 3).shape == (1, 3, 16, 16)

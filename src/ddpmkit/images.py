@@ -24,13 +24,17 @@ def _builtin(name: str) -> Dataset:
 def load_image(spec: str, size: int | None = None, channels: int | None = None) -> torch.Tensor:
     """An image file, or 'mnist5k:INDEX' / 'digits:INDEX' from the built-in data: (1, C, H, W) in
     [-1, 1]. Files are centre-cropped to a square and resized to `size` (default: their shorter
-    side, at most 256), grey or RGB as stored unless `channels` says."""
+    side, at most 256), grey or RGB as stored unless `channels` says; built-in examples are resized to `size` and
+    given `channels` likewise (fit_image)."""
     if ":" in spec and not Path(spec).exists():
         name, idx = spec.split(":", 1)
         ds = _builtin(name)
         if not idx.isdigit() or int(idx) >= len(ds):
             raise DataError(f"{spec}: the index must be a number in 0..{len(ds) - 1}")
-        return ds.get_batch(torch.tensor([int(idx)]))
+        image = ds.get_batch(torch.tensor([int(idx)]))
+        if size or channels:  # as a file is resized: `forward mnist5k:7 --size 64` ignored its size
+            image = fit_image(image, (channels or image.shape[1], size or image.shape[-1], size or image.shape[-1]))
+        return image
     path = Path(spec)
     if not path.is_file():
         raise DataError(f"image not found: {path} (or use a built-in one such as mnist5k:0)")
