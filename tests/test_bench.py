@@ -54,6 +54,13 @@ def test_train_throughput_against_a_ref_times_both_trainers_and_refuses_too_few_
     assert "round 0: before" in out and "round 0: after" in out and "`ddpmkit train toy2d` (no, " in out and "ratio " in out
 
 
+def test_image_folder_bench_times_both_ways_on_photos_it_makes(monkeypatch, capsys):
+    argv = ["--images", "2", "--width", "400", "--height", "300", "--size", "16", "--rounds", "1"]
+    assert run_main("image_folder.py", argv, monkeypatch) == 0
+    out = capsys.readouterr().out
+    assert "kind " in out and "plain full decode" in out and "ImageFolder first pass" in out and "later passes" in out
+
+
 def test_train_throughput_blocks_mode_times_every_block_of_the_demo_unet(monkeypatch, capsys):
     assert run_main("train_throughput.py", ["--blocks", "--steps", "1", "--precision", "no"], monkeypatch) == 0
     out = capsys.readouterr().out

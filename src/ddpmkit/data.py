@@ -91,10 +91,10 @@ class ImageFolder:
         self.channels = channels
         self.labels = None
         # each image decoded once, on first use, where they fit FOLDER_CACHE_BYTES: a step then reads memory, not files
-        # (64 phone photos of 12 megapixels took 9 s to decode, every step)
+        # (a batch of large photos was decoded anew at every step; bench/image_folder.py)
         fits = len(self.files) * channels * image_size**2 <= FOLDER_CACHE_BYTES
         self._pixels = torch.empty((len(self.files), channels, image_size, image_size), dtype=torch.uint8) if fits else None
-        self._decoded = torch.zeros(len(self.files), dtype=torch.bool)
+        self._decoded = [False] * len(self.files)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -140,7 +140,7 @@ def read_image(path: str | Path, image_size: int, channels: int = 3) -> np.ndarr
     try:
         with Image.open(path) as im:
             # a JPEG many times the size asked for decodes at 1/2, 1/4 or 1/8 scale (its DCT's own), still >= twice that
-            # size: a 12-megapixel photo in 20 ms instead of 140
+            # size (bench/image_folder.py times it)
             im.draft("L" if channels == 1 else "RGB", (2 * image_size, 2 * image_size))
             im = upright_8bit(im).convert("L" if channels == 1 else "RGB")
             side = min(im.size)
