@@ -7,6 +7,7 @@ import torch
 
 import ddpmkit
 from ddpmkit.analytic import GaussianMixture, nearest_component
+from ddpmkit.errors import UserError
 from ddpmkit.parameterization import v_from_x0_eps, x0_from_eps
 from ddpmkit.sampling import SAMPLERS, timestep_grid
 from ddpmkit.sampling.optimize import grid_from_gaps, optimize_grid
@@ -195,6 +196,12 @@ def test_optimised_grid_beats_the_named_grids_on_fresh_trajectories():
         return (ddpmkit.sample(model, x_T.shape, S, sampler="unipc", steps=6, grid=g, x_T=x_T, order=2).x - ref).norm(dim=1).median().item()
 
     assert err(grid) < 0.7 * min(err(g) for g in ("logsnr", "karras", "uniform"))
+    # more points than the schedule has steps: one line before the reference solve (the model is never called)
+    calls = []
+    for steps in (2, S.T + 1, 10**6):
+        with pytest.raises(UserError, match=r"fewer than 3 points|steps must lie in \[3, 1000\]"):
+            optimize_grid(lambda x, t: calls.append(1) or x, (2, 2), S, steps=steps)
+    assert not calls
     # zero gaps parameters are the uniform-in-log-SNR grid
     assert torch.allclose(S.log_snr_at(grid_from_gaps(torch.zeros(5), S)), S.log_snr_at(timestep_grid("logsnr", S, 6)), atol=1e-9)
 

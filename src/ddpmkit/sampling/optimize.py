@@ -45,10 +45,12 @@ def optimize_grid(model: Denoiser | ModelFn, shape: Sequence[int], schedule: Noi
     Returns a float64 tensor to pass as ``grid=`` to ``ddpmkit.sample``. Each objective evaluation
     runs the sampler once; the reference costs one adaptive solve.
     """
-    if steps < 3:
-        raise UserError("a grid with fewer than 3 points has nothing to optimise")
     denoiser = as_denoiser(model, schedule, prediction)
     schedule = denoiser.schedule
+    if steps < 3:
+        raise UserError("a grid with fewer than 3 points has nothing to optimise")
+    if steps > schedule.T:  # checked before the reference solve: the search's simplex has steps^2 entries
+        raise UserError(f"steps must lie in [3, {schedule.T}] (the model's T), got {steps}")
     x_T = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     first = next(denoiser.model.parameters()) if hasattr(denoiser.model, "parameters") else None
     if first is not None:
