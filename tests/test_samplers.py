@@ -180,6 +180,10 @@ def test_bad_grid_and_sampler_names_list_the_options():
     for sampler, option in (("dpmpp_2m", {"order": 3}), ("dpmpp_3m", {"eta": 1.0}), ("dpmpp_3m_sde", {"order": 2})):  # what the name fixes
         with pytest.raises(ValueError, match=rf"sampler '{sampler}' fixes {next(iter(option))} = "):
             ddpmkit.sample(MIX.eps_model(S), (2, 2), S, sampler=sampler, steps=3, **option)
+    for sampler in ("ddim", "dpmpp_2m_sde", "dpmpp_3m_sde"):  # eta = inf made every sample NaN without a word
+        for eta in (-1.0, math.nan, math.inf):
+            with pytest.raises(UserError, match=r"eta must be a finite number >= 0, got "):
+                ddpmkit.sample(MIX.eps_model(S), (2, 2), S, sampler=sampler, steps=3, eta=eta)
     for steps in (None, S.T, 10):  # all T steps visit every timestep whatever the grid, but the name is still checked
         with pytest.raises(ValueError, match=r"unknown grid 'nope'; choose one of \["):
             ddpmkit.sample(MIX.eps_model(S), (2, 2), S, sampler="ddpm", steps=steps, grid="nope")
@@ -201,7 +205,13 @@ def test_optimised_grid_beats_the_named_grids_on_fresh_trajectories():
     for steps in (2, S.T + 1, 10**6):
         with pytest.raises(UserError, match=r"fewer than 3 points|steps must lie in \[3, 1000\]"):
             optimize_grid(lambda x, t: calls.append(1) or x, (2, 2), S, steps=steps)
+    # and so are the sampler's options and the reference's tolerance (they failed after the reference solve, or inside it)
+    with pytest.raises(UserError, match="UniPC order must be 1, 2 or 3, got 9"):
+        optimize_grid(lambda x, t: calls.append(1) or x, (2, 2), S, steps=4, order=9)
     assert not calls
+    for tol in (0.0, math.nan):  # torchdiffeq's "underflow in dt" assertion inside the solve
+        with pytest.raises(UserError, match=r"dopri5's tolerances must lie in \(0, 1\)"):
+            optimize_grid(MIX.eps_model(S), (2, 2), S, steps=4, reference_tol=tol)
     # zero gaps parameters are the uniform-in-log-SNR grid
     assert torch.allclose(S.log_snr_at(grid_from_gaps(torch.zeros(5), S)), S.log_snr_at(timestep_grid("logsnr", S, 6)), atol=1e-9)
 

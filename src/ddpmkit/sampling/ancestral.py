@@ -11,6 +11,7 @@ the kept subsequence so every step is again an exact DDPM posterior step.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -101,8 +102,8 @@ def ddim(
     eta = 0 is the deterministic sampler (an Euler step of the probability-flow ODE in
     x / sqrt(alpha_bar)); eta = 1 is exactly DDPM ancestral sampling with sigma_t^2 = beta-tilde_t.
     """
-    if not 0.0 <= eta:
-        raise UserError(f"eta must be >= 0, got {eta}")
+    if not 0.0 <= eta < math.inf:
+        raise UserError(f"eta must be a finite number >= 0, got {eta}")
     schedule = _respaced(denoiser.schedule, steps, grid)
     ab = schedule.alpha_bar
     positions = range(schedule.T - 1, -1, -1)

@@ -90,8 +90,8 @@ def dpmpp(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int | 
         raise UserError(f"solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
     if order not in (1, 2, 3):
         raise UserError(f"DPM-Solver++ order must be 1, 2 or 3, got {order}")
-    if eta < 0:
-        raise UserError(f"eta must be >= 0, got {eta}")
+    if not 0.0 <= eta < math.inf:
+        raise UserError(f"eta must be a finite number >= 0, got {eta}")
     name = f"dpmpp_{order}m" + ("_sde" if eta else "")
     tr = Trajectory(denoiser, x, steps, grid, model_kwargs, callback, progress, name, options)
     x_bar, s, lam = tr.x_bar, tr.sigmas, tr.lambdas()
@@ -221,6 +221,8 @@ def dopri5(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int |
     """Adaptive Dormand-Prince 5(4) from torchdiffeq, in u = log sigma (dx_bar/du = x_bar - D) from
     the first to the last grid point, then x_0 = D(x_bar; sigma_min). The reference solution:
     NFE depends on the tolerances, not on `steps`."""
+    if not (0 < rtol < 1 and 0 < atol < 1):  # torchdiffeq's "underflow in dt" assertion at 0 or NaN
+        raise UserError(f"dopri5's tolerances must lie in (0, 1), got rtol = {rtol}, atol = {atol}")
     T = denoiser.schedule.T
     if denoiser.schedule.zero_terminal_snr and T > 2:  # zero terminal SNR: the exact first step goes to T-2
         grid, points = torch.tensor([T - 1.0, T - 2.0, 0.0], dtype=torch.float64), 3  # (finite sigma), the solve from there

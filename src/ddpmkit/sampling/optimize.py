@@ -55,30 +55,31 @@ def optimize_grid(model: Denoiser | ModelFn, shape: Sequence[int], schedule: Noi
     first = next(denoiser.model.parameters()) if hasattr(denoiser.model, "parameters") else None
     if first is not None:
         x_T = x_T.to(first.device, first.dtype)
+    # the sampler on the starting grid (uniform in log-SNR: zero gaps) first, so that its options are checked before the
+    # long reference solve; Nelder-Mead's first evaluation reuses it
+    n = steps - 1
+    start = sample(denoiser, shape, sampler=sampler, grid=grid_from_gaps(torch.zeros(n), schedule), x_T=x_T, model_kwargs=model_kwargs,
+                   **sampler_options).x
     ref = sample(denoiser, shape, sampler="dopri5", x_T=x_T, rtol=reference_tol, atol=reference_tol, model_kwargs=model_kwargs).x
 
     def loss(z) -> float:
-        grid = grid_from_gaps(torch.as_tensor(z), schedule)
-        x = sample(denoiser, shape, sampler=sampler, grid=grid, x_T=x_T, model_kwargs=model_kwargs, **sampler_options).x
+        if not np.any(z):
+            x = start
+        else:
+            x = sample(denoiser, shape, sampler=sampler, grid=grid_from_gaps(torch.as_tensor(z), schedule), x_T=x_T, model_kwargs=model_kwargs,
+                       **sampler_options).x
         err = (x - ref).flatten(1).norm(dim=1).mean().item()
         return err if math.isfinite(err) else 1e10
 
-    bar = None
-    if progress:
-        bar = progress_bar(total=max_evals, desc=f"optimising a {steps}-step grid for {sampler}", leave=False)
-
-    def counted(z) -> float:
-        if bar is not None:
-            bar.update(1)
-        return loss(z)
-
     # start uniform in log-sigma (= uniform in log-SNR), with simplex edges that move a gap by ~40%
-    n = steps - 1
     simplex = np.vstack([np.zeros(n), 0.4 * np.eye(n)])
     from scipy.optimize import minimize  # slow to import: only when a grid is tuned
 
-    result = minimize(counted, simplex[0], method="Nelder-Mead",
-                      options={"maxfev": max_evals, "xatol": 1e-4, "fatol": 1e-12, "adaptive": True, "initial_simplex": simplex})
-    if bar is not None:
-        bar.close()
+    with progress_bar(total=max_evals, desc=f"optimising a {steps}-step grid for {sampler}", leave=False, disable=not progress) as bar:
+        def counted(z) -> float:
+            bar.update(1)
+            return loss(z)
+
+        result = minimize(counted, simplex[0], method="Nelder-Mead",
+                          options={"maxfev": max_evals, "xatol": 1e-4, "fatol": 1e-12, "adaptive": True, "initial_simplex": simplex})
     return grid_from_gaps(torch.as_tensor(result.x), schedule)
