@@ -29,6 +29,16 @@ def test_bad_values():
         load_config(None, ["train.steps=many"])
     with pytest.raises(ConfigError, match="section.key=value"):
         parse_overrides(["lr=3"])
+    # true/false for a number was Python's 1/0 (train.posthoc_ema=true became the width 1.0, train.steps=true one step),
+    # and a number other than 0/1 for a switch was True
+    for override, message in (("train.steps=true", r"train.steps = True must be a number, not true or false"),
+                              ("train.lr=false", r"train.lr = False must be a number"),
+                              ("train.posthoc_ema=true", r"train.posthoc_ema = True must be a list of numbers, not true or false"),
+                              ("network.channel_mult=[1,true]", r"network.channel_mult = \[1, True\] must be a list of numbers"),
+                              ("data.hflip=5", r"data.hflip = 5 is not a valid bool"), ("data.hflip=0.5", r"data.hflip = 0.5 is not a valid bool")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [override])
+    assert load_config(None, ["data.hflip=1"]).data.hflip is True and load_config(None, ["data.hflip=false"]).data.hflip is False
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("nope.toml")
     with pytest.raises(ConfigError, match=r"train.ema_decay = 1.0 must be in \[0, 1\)"):

@@ -403,6 +403,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             hint_txt = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{where} = {value!r} is not valid{hint_txt}; choose one of {list(options)}")
         return value
+    if hint in (int, float) or (origin is tuple and typing.get_args(hint)[0] in (int, float)):
+        if any(isinstance(v, bool) for v in (value if isinstance(value, (list, tuple)) else [value])):  # Python's True == 1
+            raise ConfigError(f"{where} = {value!r} must be {'a list of numbers' if origin is tuple else 'a number'}, not true or false")
     if origin is tuple:
         if isinstance(value, (int, float)):
             value = [value]
@@ -424,6 +427,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise UserError(value)
                 return value.lower() in ("true", "1", "yes")
+            if value not in (0, 1):  # 0.5 or 7 for a switch is a slip, not True
+                raise UserError(value)
             return bool(value)
         if hint is int:
             if isinstance(value, float) and not value.is_integer():
