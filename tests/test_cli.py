@@ -188,6 +188,17 @@ def test_demo_trains_and_draws_its_grid_autoguided_by_its_kept_checkpoint(tmp_pa
     assert code == 0, err
     same = [np.asarray(Image.open(d / "grid.png")) for d in (run_dir / "demo_samples", tmp_path / "same")]
     assert np.array_equal(*same)
+    # the demo starts its own folder over (here with 2 steps: the 6 steps' checkpoints are gone), but not another run's
+    code, _, err = run(capsys, "demo", "--n", "2", "--steps", "3", "--run-dir", str(run_dir), "train.steps=2", "train.checkpoint_every=2",
+                       "train.keep_steps=[]", "train.sample_every=0", "train.eval_every=0", "train.warmup_steps=1", "--autoguide-scale", "1")
+    assert code == 0, err
+    assert sorted(p.name for p in run_dir.glob("ckpt-*")) == ["ckpt-0000002"]
+    other = tmp_path / "other"
+    code, _, err = run(capsys, "train", "toy2d", "train.steps=2", f"train.run_dir={other}", "--quiet")
+    assert code == 0, err
+    code, _, err = run(capsys, "demo", "--run-dir", str(other), "train.steps=2")
+    assert code == 2 and err.strip().splitlines()[-1].startswith(f"ddpmkit demo: error: {other} holds a run the demo did not make "), err
+    assert [p.name for p in other.glob("ckpt-*")] == ["ckpt-0000002"] and not (other / ".made-by-demo").exists()
 
 
 def test_user_errors_are_one_line_in_the_faces_words_and_bugs_keep_their_traceback(monkeypatch, capsys):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from ..checkpoint import list_checkpoints
 from ..config import load_config, preset_names
 from ..errors import UserError
 from ..kinds import kind_of
@@ -38,10 +39,26 @@ def cmd_demo(args: argparse.Namespace) -> None:
     """Train the digit model for the preset's fixed number of steps, then sample a grid and its reverse process."""
     cfg = load_config("mnist", [f"train.run_dir={args.run_dir}", f"train.max_minutes={args.minutes}"] + list(args.overrides))
     GuidanceRequest(autoguide_scale=args.autoguide_scale)  # its checks before minutes of training, not after them
+    claim_demo_folder(Path(args.run_dir))
     cap = f", stopping after {args.minutes:g} minutes at most" if args.minutes else ""
     print(f"[demo] training a {cfg.network.kind} on {cfg.data.name} for {cfg.train.steps} steps{cap} -> {args.run_dir}")
     train(cfg, overwrite=True)  # the demo's folder is the demo's: `make demo` again starts it over
     draw_demo(Path(args.run_dir), cfg.train.keep_steps, args.n, args.sampler, args.steps, args.autoguide_scale, args.device)
+
+
+DEMO_DIR = "runs/demo"
+DEMO_MARK = ".made-by-demo"  # in a folder the demo trained: the only folders besides DEMO_DIR it starts over
+
+
+def claim_demo_folder(run_dir: Path) -> None:
+    """The demo starts its folder over (its checkpoints deleted); a --run-dir that holds a run the demo did not make
+    (`--run-dir runs/mnist`, a day's training) is refused, not deleted."""
+    found = list_checkpoints(run_dir)
+    if found and run_dir != Path(DEMO_DIR) and not (run_dir / DEMO_MARK).is_file():
+        raise UserError(f"{run_dir} holds a run the demo did not make (newest checkpoint {found[-1].name}), and the demo starts its "
+                        "folder over: give the demo another --run-dir (or continue that run with `ddpmkit train CONFIG --resume`)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / DEMO_MARK).write_text("this run folder was made by `ddpmkit demo`, which starts it over each time\n")
 
 
 def draw_demo(run_dir: Path, keep_steps: tuple[int, ...], n: int, sampler: str, steps: int, autoguide_scale: float,
@@ -113,6 +130,7 @@ def add_commands(sub) -> None:
     d.add_argument("--steps", type=int, default=16, help="sampler steps (Algorithm 2 over all T: --sampler ddpm --steps 1000)")
     d.add_argument("--autoguide-scale", type=float, default=1.5,
                    help="autoguidance weight w by the early checkpoint the preset keeps (1 = unguided; each step then costs one evaluation, not two)")
-    d.add_argument("--run-dir", default="runs/demo")
+    d.add_argument("--run-dir", default=DEMO_DIR, help="the demo's run folder, started over each time (default: %(default)s); "
+                                                      "a folder holding another run is refused")
     add_device_option(d)  # for the grid; training runs where the engine puts it
     d.set_defaults(func=cmd_demo)
