@@ -123,6 +123,12 @@ def test_training_keeps_snapshots_resumes_exactly_and_posthoc_ema_samples(tmp_pa
     with pytest.raises(SystemExit):
         main(["posthoc-ema", str(straight), "--sigma-rel", "wide"])
     assert main(["posthoc-ema", str(straight), "--sigma-rel", "0.1"]) == 0
+    assert main(["posthoc-ema", str(straight), "--sigma-rel", "0.1"]) == 0  # again: it replaces its own output
+    # an --out that holds a trained run (the run itself) is refused: its step-12 checkpoint would have been replaced
+    before = (list_checkpoints(straight)[-1] / "ema.safetensors").read_bytes()
+    for out in (straight, resumed):
+        assert main(["posthoc-ema", str(straight), "--sigma-rel", "0.07", "--out", str(out)]) == 2
+        assert (list_checkpoints(out)[-1] / "ema.safetensors").read_bytes() == before
     m = load_diffusion(straight / "posthoc-ema-0.1")
     tracked = load_file(list_checkpoints(straight)[-1] / "power_ema.safetensors")
     state = m.network.state_dict()

@@ -150,6 +150,9 @@ def write_checkpoint(run_dir: str | Path, sigma_rel: float, t: int | None = None
         raise FileNotFoundError(f"no checkpoint of {run_dir} at or before step {info['t']}")
     source = found[-1]
     out = Path(out) if out is not None else Path(run_dir) / f"posthoc-ema-{sigma_rel:g}"
+    trained = [c for c in list_checkpoints(out) if "posthoc_ema" not in json.loads((c / "config.json").read_text()).get("metrics", {})]
+    if trained:  # its step's checkpoint would be replaced (`--out RUN`: the run's own weights)
+        raise UserError(f"{out} holds a trained run (checkpoint {trained[-1].name}); give an --out of its own for the post-hoc EMA")
     final = out / f"ckpt-{info['t']:07d}"
     with atomic_folder(final) as tmp:
         meta = json.loads((source / "config.json").read_text())
