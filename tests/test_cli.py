@@ -1,4 +1,5 @@
 """The command line: outputs exist and look right; bad input ends in one clear line."""
+import argparse
 import json
 import re
 from pathlib import Path
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpmkit.cli import main
+from ddpmkit.cli import build_parser, main
 from ddpmkit.config import PRESET_DIR
 from ddpmkit.errors import compile_failure
 
@@ -44,6 +45,17 @@ def test_forward_spectrum_whitens_with_t():
     assert slopes[0] < -1.0 and slopes[0] < slopes[1] < slopes[2] and abs(slopes[2]) < 0.3
 
 
+def test_every_argument_of_every_command_says_what_it_is():
+    """`ddpmkit CMD --help` explains each flag and positional (65 had no text, e.g. sample's --out and --n), and none is
+    taken only to be ignored: posterior draws by Algorithm 2 from x_t by definition, so it offers no --sampler."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    bare = {name: [a.dest for a in p._actions if not a.help] for name, p in commands.items()}
+    assert not {name: dests for name, dests in bare.items() if dests}
+    assert "sampler" not in {a.dest for a in commands["posterior"]._actions}
+    assert "(default: samples)" in commands["sample"].format_help()
+
+
 @pytest.mark.parametrize("argv,message", [
     (["train", "configs/mnist.toml", "data.name=folder", "data.path=/no/such/folder"], "image folder not found: /no/such/folder"),
     (["train", "configs/mnist.toml", "diffusion.schedule=cosinus"], "choose one of ['linear', 'cosine', 'scaled_linear', 'sigmoid']"),
@@ -75,6 +87,9 @@ def test_forward_spectrum_whitens_with_t():
     (["voyage", "keys.txt", "--model", "/no/run", "--frames", "0"], "--frames 0: give a whole number >= 1"),
     (["interpolate", "/no/run", "--seeds", "1"], "--seeds takes two seeds separated by a comma, e.g. 3,14; got '1'"),
     (["interpolate", "/no/run", "--images", "mnist5k:0"], "--images takes two images separated by a comma, e.g. mnist5k:0,mnist5k:1"),
+    # --images runs Algorithm 2 from x_t (DDPM Fig. 8): another sampler was taken and ignored
+    (["interpolate", "/no/run", "--images", "mnist5k:0,mnist5k:1", "--sampler", "unipc"],
+     "runs Algorithm 2 (ddpm) from there, as DDPM's Fig. 8: leave out --sampler unipc"),
     # counts whose memory grows past what the picture shows: one line at once, not a kill for memory minutes later
     (["forward", "mnist5k:0", "--size", "100000"], "--size 100000: at most 1024 (the strip shows each image at 192 pixels"),
     (["forward", "mnist5k:0", "--T", "1000000000"], "--T 1000000000: at most 100000"),

@@ -14,7 +14,18 @@ from ..pipelines.cascade import Stage, cascade, check_low_res, super_resolve
 from ..pipelines.generate import save_generated
 from ..superres import downsample, upsample
 from ..utils import side
-from .common import add_device_option, add_guidance_args, add_sampler_args, guidance_request, load_model, options_from, own_sampler, parse_stage
+from .common import (
+    NO_GIF_HELP,
+    add_device_option,
+    add_guidance_args,
+    add_sampler_args,
+    guidance_request,
+    load_model,
+    options_from,
+    out_help,
+    own_sampler,
+    parse_stage,
+)
 
 
 def run_cascade(args: argparse.Namespace) -> None:
@@ -76,8 +87,8 @@ def add_commands(sub) -> None:
     u.add_argument("--aug", type=float, default=None, help="noise-augmentation level of the low-res input in [0, 1] (default: the stage's)")
     add_sampler_args(u)
     u.add_argument("--batch-size", type=int, default=None, help="samples drawn at once (default: cache-sized chunks)")
-    u.add_argument("--no-gif", action="store_true")
-    u.add_argument("--out", default="upscaled")
+    u.add_argument("--no-gif", action="store_true", help=NO_GIF_HELP)
+    u.add_argument("--out", default="upscaled", help=out_help())
     add_guidance_args(u)
     add_device_option(u)
     u.set_defaults(func=cmd_upscale)

@@ -50,6 +50,16 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
                         "on a Stable Diffusion folder, a ddpmkit LoRA run (train.lora_rank) on the run it fine-tuned")
 
 
+RUN_HELP = "a run folder (its newest checkpoint), a ckpt-XXXXXXX folder, or a diffusers pipeline folder"
+IMAGE_HELP = "an image file, or a built-in example such as mnist5k:7"
+NO_GIF_HELP = "no reverse-process GIFs (they keep every step's images in memory)"
+
+
+def out_help(what: str = "output folder") -> str:
+    """--out's help: what it names, and its default."""
+    return f"{what} (default: %(default)s)"
+
+
 # every count a command takes: whole numbers >= 1 (argparse checks that they are whole)
 COUNTS = ("n", "steps", "batch_size", "n_bpd", "evals", "order", "resample", "frames", "frame_ms", "upscale", "best_of", "prior_steps",
           "size", "T", "concurrency", "max_steps", "max_images")
@@ -144,10 +154,14 @@ def load_model(args: argparse.Namespace):
     return load_diffusion(path, device=args.device, dtype=args.dtype, loras=args.lora)
 
 
-def add_sampler_args(p: argparse.ArgumentParser, sampler: str | None = "ddpm", steps: int | None = None, full: bool = True) -> None:
-    """--sampler/--steps/--seed, and with full=True the solver options too."""
-    p.add_argument("--sampler", default=sampler, choices=sorted(SAMPLERS), help="ddpm = Algorithm 2; see the README")
-    p.add_argument("--steps", type=int, default=steps, help="grid points, one network evaluation each (default: all T)" if steps is None else None)
+def add_sampler_args(p: argparse.ArgumentParser, sampler: str | None = "ddpm", steps: int | None = None, full: bool = True,
+                     sampler_help: str = "ddpm = Algorithm 2; see the README") -> None:
+    """--sampler/--steps/--seed, and with full=True the solver options too; sampler_help="" leaves --sampler out (a
+    command whose sampler is its definition's)."""
+    if sampler_help:
+        p.add_argument("--sampler", default=sampler, choices=sorted(SAMPLERS), help=sampler_help)
+    p.add_argument("--steps", type=int, default=steps,
+                   help=f"grid points, one network evaluation each (default: {'all T' if steps is None else steps})")
     p.add_argument("--seed", type=int, default=0, help="sample k uses seed + k")
     if full:
         p.add_argument("--grid", default=None, help=f"step grid: {', '.join(GRIDS)}, or a JSON file from tune-grid")

@@ -16,7 +16,18 @@ from ..models import DiffusionModel, load_diffusion
 from ..pipelines.edit import edit_img2img, edit_inpaint, edit_posterior, interpolation_images, interpolation_prompts, interpolation_seeds
 from ..pipelines.voyage import read_keyframes, render_voyage
 from ..sampling import SAMPLERS
-from .common import add_device_args, add_device_option, add_guidance_args, check_seed, guidance_request, load_model
+from .common import (
+    IMAGE_HELP,
+    RUN_HELP,
+    add_device_args,
+    add_device_option,
+    add_guidance_args,
+    add_sampler_args,
+    check_seed,
+    guidance_request,
+    load_model,
+    out_help,
+)
 
 try:  # optional: MP4 output of the voyage
     import imageio.v2 as imageio
@@ -67,6 +78,10 @@ def two(text: str, flag: str, what: str, example: str, parse: Callable[[str], An
 def cmd_interpolate(args: argparse.Namespace) -> None:
     seeds = [check_seed(s, "--seeds") for s in two(args.seeds or "0,1", "--seeds", "seeds", "3,14", int)]  # before the model loads
     images = two(args.images, "--images", "images", "mnist5k:0,mnist5k:1") if args.images else None
+    if images and args.sampler not in (None, "ddpm"):
+        raise UserError(f"--images mixes two images at x_t and runs Algorithm 2 (ddpm) from there, as DDPM's Fig. 8: "
+                        f"leave out --sampler {args.sampler}")
+    args.sampler = args.sampler or "ddim"
     request = guidance_request(args)
     m = load_diffusion(args.checkpoint, device=args.device)
     out = Path(args.out)
@@ -103,37 +118,36 @@ def cmd_voyage(args: argparse.Namespace) -> None:
 
 
 def add_commands(sub) -> None:
-    def common(p: argparse.ArgumentParser, sampler: str, steps: int) -> None:
-        p.add_argument("checkpoint")
-        p.add_argument("--n", type=int, default=8)
-        p.add_argument("--sampler", default=sampler, choices=sorted(SAMPLERS))
-        p.add_argument("--steps", type=int, default=steps)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--out", default="edits")
+    def common(p: argparse.ArgumentParser, sampler: str | None, steps: int, n: str, sampler_help: str = "ddpm = Algorithm 2; see the README") -> None:
+        p.add_argument("checkpoint", help=RUN_HELP)
+        p.add_argument("--n", type=int, default=8, help=f"{n} (default: %(default)s)")
+        add_sampler_args(p, sampler, steps, full=False, sampler_help=sampler_help)
+        p.add_argument("--out", default="edits", help=out_help())
         add_guidance_args(p)
         add_device_option(p)
 
     p = sub.add_parser("img2img", help="SDEdit: noise an image to strength * T and denoise it")
-    common(p, "ddim", 50)
-    p.add_argument("image", help="an image file or mnist5k:INDEX")
+    common(p, "ddim", 50, "edited images")
+    p.add_argument("image", help=IMAGE_HELP)
     p.add_argument("--strength", type=float, default=0.5, help="0 = keep the image, 1 = ignore it")
     p.set_defaults(func=cmd_img2img)
 
     p = sub.add_parser("inpaint", help="RePaint: fill the masked part of an image")
-    common(p, "ddpm", 100)
-    p.add_argument("image")
+    common(p, "ddpm", 100, "fillings")
+    p.add_argument("image", help=IMAGE_HELP)
     p.add_argument("--mask", default="right", help=f"{', '.join(MASK_HALVES)} (the half to fill) or a PNG (white = keep)")
     p.add_argument("--resample", type=int, default=5, help="RePaint passes per step (1 = replace the known part only)")
     p.set_defaults(func=cmd_inpaint)
 
     p = sub.add_parser("posterior", help="noise an image to x_t once and draw several x_0 ~ p(x_0 | x_t)")
-    common(p, "ddpm", 100)
-    p.add_argument("image")
-    p.add_argument("--t", type=int, default=500)
+    common(p, None, 100, "draws of x_0, each by Algorithm 2 from the same x_t", sampler_help="")
+    p.add_argument("image", help=IMAGE_HELP)
+    p.add_argument("--t", type=int, default=500, help="the timestep x_t is drawn at, in 0..T-1 (default: %(default)s)")
     p.set_defaults(func=cmd_posterior)
 
     p = sub.add_parser("interpolate", help="between two seeds (slerp of x_T), two images (through x_t) or two prompts")
-    common(p, "ddim", 50)
+    common(p, None, 50, "frames, both ends included",
+           sampler_help="default: ddim for --seeds and --prompts; --images runs Algorithm 2 (ddpm) from x_t, as DDPM's Fig. 8")
     p.add_argument("--seeds", default=None, help="two seeds, e.g. 3,14")
     p.add_argument("--images", default=None, help="two images, e.g. mnist5k:0,mnist5k:1 (DDPM Fig. 8)")
     p.add_argument("--t", type=int, default=500, help="noise level for --images")
@@ -144,11 +158,11 @@ def add_commands(sub) -> None:
     p.add_argument("file", help="keyframes: the lecture's seed_and_prompt_sequence list, or 'SEED PROMPT' lines")
     p.add_argument("--model", required=True, help="a text-conditional run")
     p.add_argument("--frames", type=int, default=8, help="frames from one keyframe to the next")
-    p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--frame-ms", type=int, default=120)
-    p.add_argument("--upscale", type=int, default=4)
-    p.add_argument("--out", default="voyage")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default: %(default)s)")
+    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="each frame's sampler (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=20, help="each frame's steps, one network evaluation each (default: %(default)s)")
+    p.add_argument("--frame-ms", type=int, default=120, help="milliseconds each frame shows (default: %(default)s)")
+    p.add_argument("--upscale", type=int, default=4, help="each pixel shown as upscale x upscale pixels (default: %(default)s)")
+    p.add_argument("--out", default="voyage", help=out_help())
     add_device_args(p)
     p.set_defaults(func=cmd_voyage)

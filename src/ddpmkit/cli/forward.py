@@ -5,8 +5,9 @@ import argparse
 
 from ..errors import UserError
 from ..images import load_image
-from ..schedules import NoiseSchedule
+from ..schedules import SCHEDULES, NoiseSchedule
 from ..viz import forward_process_figures
+from .common import IMAGE_HELP, out_help
 
 
 def cmd_forward(args: argparse.Namespace) -> None:
@@ -22,11 +23,11 @@ def cmd_forward(args: argparse.Namespace) -> None:
 
 def add_commands(sub) -> None:
     f = sub.add_parser("forward", help="show the forward process of an image and its Fourier spectrum")
-    f.add_argument("image", help="an image file, or mnist5k:INDEX")
+    f.add_argument("image", help=IMAGE_HELP)
     f.add_argument("--t", default="0,50,100,200,400,700,999", help="comma-separated timesteps")
-    f.add_argument("--schedule", default="linear")
-    f.add_argument("--T", type=int, default=1000)
+    f.add_argument("--schedule", default="linear", help=f"the noise schedule: {', '.join(SCHEDULES)} (default: %(default)s)")
+    f.add_argument("--T", type=int, default=1000, help="the schedule's steps (default: %(default)s)")
     f.add_argument("--size", type=int, default=None, help="resize to this square size")
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--out", default="forward")
+    f.add_argument("--seed", type=int, default=0, help="the seed of the noise eps (default: %(default)s)")
+    f.add_argument("--out", default="forward", help=out_help())
     f.set_defaults(func=cmd_forward)

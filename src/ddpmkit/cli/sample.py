@@ -16,6 +16,8 @@ from ..sampling.optimize import optimize_grid
 from ..train.judge import ensure_judge
 from .cascade import run_cascade
 from .common import (
+    NO_GIF_HELP,
+    RUN_HELP,
     add_device_args,
     add_device_option,
     add_guidance_args,
@@ -23,6 +25,7 @@ from .common import (
     guidance_request,
     load_model,
     options_from,
+    out_help,
     own_sampler,
 )
 
@@ -73,12 +76,12 @@ def cmd_tune_grid(args: argparse.Namespace) -> None:
 
 def add_commands(sub) -> None:
     s = sub.add_parser("sample", help="draw samples from a run (grid, PNGs, reverse-process GIF)")
-    s.add_argument("checkpoint", help="a run folder (newest checkpoint) or a ckpt-XXXXXXX folder")
-    s.add_argument("--n", type=int, default=64)
+    s.add_argument("checkpoint", help=RUN_HELP)
+    s.add_argument("--n", type=int, default=64, help="samples (default: %(default)s)")
     add_sampler_args(s, sampler=None)  # None: the run's own (ddim_uniform / consistency for distilled runs), else ddpm
     s.add_argument("--batch-size", type=int, default=None,
                    help="samples drawn at once (default: cache-sized chunks, 128 28x28 digits on a CPU; results do not depend on it)")
-    s.add_argument("--no-gif", action="store_true")
+    s.add_argument("--no-gif", action="store_true", help=NO_GIF_HELP)
     s.add_argument("--compile", nargs="?", const="default", default=None, choices=SAMPLING_COMPILE_MODES,
                    help="torch.compile the network first (about a minute on a CPU; pays off for long runs); reduce-overhead also "
                         "captures CUDA graphs on a GPU; cuda-graph captures them without compiling (a GPU only, seconds)")
@@ -86,7 +89,7 @@ def add_commands(sub) -> None:
                    help="the network's arithmetic (bf16/fp16 autocast; the sampler's stays float32); auto = bf16 where the "
                         "device computes it natively (GPUs with bf16, CPUs with AVX-512 BF16 / AMX)")
     add_device_args(s)
-    s.add_argument("--out", default="samples")
+    s.add_argument("--out", default="samples", help=out_help())
     s.add_argument("--then", action="append", default=[], metavar="STAGE",
                    help="a super-resolution stage after the model (repeat for more): RUN[,sampler=..,steps=..,guidance=..,aug=..,"
                         "threshold=..]; the prompts or classes go to every conditional stage")
@@ -94,7 +97,7 @@ def add_commands(sub) -> None:
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("eval", help="bits/dim on held-out data and FD/KID/IS of samples, as a table and JSON")
-    e.add_argument("checkpoint")
+    e.add_argument("checkpoint", help=RUN_HELP)
     e.add_argument("--metrics", default="bpd,fd,kid,is,copies",
                    help="comma-separated: bpd (= bpd_vlb,bpd_ode), fd, kid, is, copies (the share of samples that copy a training image)")
     e.add_argument("--features", default="classifier", choices=["classifier", "inception"],
@@ -106,21 +109,22 @@ def add_commands(sub) -> None:
                                                      "needed for diffusers pipeline folders)")
     e.add_argument("--n-bpd", type=int, default=100, help="held-out examples for bits/dim")
     add_sampler_args(e)
-    e.add_argument("--out", default="eval_report.json")
+    e.add_argument("--out", default="eval_report.json", help=out_help("the JSON report"))
     add_guidance_args(e)
     add_device_option(e)
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("tune-grid", help="optimise a few-step grid for a run and sampler (use with sample --grid)")
-    g.add_argument("checkpoint")
-    g.add_argument("--sampler", default="unipc", choices=sorted(set(SAMPLERS) - {"dopri5"}))
-    g.add_argument("--steps", type=int, default=10)
-    g.add_argument("--order", type=int, default=None)
+    g.add_argument("checkpoint", help=RUN_HELP)
+    g.add_argument("--sampler", default="unipc", choices=sorted(set(SAMPLERS) - {"dopri5"}),
+                   help="the sampler the grid is for (default: %(default)s)")
+    g.add_argument("--steps", type=int, default=10, help="grid points, one network evaluation each (default: %(default)s)")
+    g.add_argument("--order", type=int, default=None, help="order of unipc / ipndm / dpmpp solvers")
     g.add_argument("--n", type=int, default=16, help="training trajectories")
     g.add_argument("--evals", type=int, default=300, help="sampler runs the search may spend")
     g.add_argument("--seed", type=int, default=1000, help="seed of the training trajectories")
     g.add_argument("--reference-tol", type=float, default=1e-5, help="rtol = atol of the dopri5 reference solution")
-    g.add_argument("--out", default="grid.json")
+    g.add_argument("--out", default="grid.json", help=out_help("the grid's JSON file, for sample --grid"))
     add_guidance_args(g)
     add_device_args(g)
     g.set_defaults(func=cmd_tune_grid)

@@ -26,7 +26,7 @@ def add_commands(sub) -> None:
     s = sub.add_parser("serve", help="a web page: generate with a live preview, the forward process, edit, interpolate")
     s.add_argument("runs", nargs="*", help="run folders, or folders of runs (default: ./runs)")
     s.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines too")
-    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--port", type=int, default=7860, help="the port to serve on (default: %(default)s)")
     s.add_argument("--concurrency", type=int, default=1, help="sampling requests run at once; the others queue")
     s.add_argument("--max-steps", type=int, default=1000, help="steps one request may ask for")
     s.add_argument("--max-images", type=int, default=64, help="images one request may ask for")

@@ -125,7 +125,7 @@ def add_commands(sub) -> None:
     d = sub.add_parser("demo", help="train on mnist5k for a fixed number of steps, then sample (what `make demo` runs)")
     d.add_argument("overrides", nargs="*", help="section.key=value overrides of the mnist preset, e.g. train.steps=10")
     d.add_argument("--minutes", type=float, default=0.0, help="stop training after this long (default 0: no limit, the same steps everywhere)")
-    d.add_argument("--n", type=int, default=64)
+    d.add_argument("--n", type=int, default=64, help="digits in the grid (default: %(default)s)")
     d.add_argument("--sampler", default="ddim_uniform", choices=sorted(SAMPLERS), help="ddpm = Algorithm 2 (then --steps 1000)")
     d.add_argument("--steps", type=int, default=16, help="sampler steps (Algorithm 2 over all T: --sampler ddpm --steps 1000)")
     d.add_argument("--autoguide-scale", type=float, default=1.5,

@@ -14,7 +14,7 @@ from ..models import load_diffusion
 from ..pipelines import unclip
 from ..pipelines.generate import save_generated
 from ..utils import side
-from .common import add_device_option, add_sampler_args, options_from, parse_stage
+from .common import NO_GIF_HELP, add_device_option, add_sampler_args, options_from, out_help, parse_stage
 
 
 def _decode_kwargs(args: argparse.Namespace) -> dict:
@@ -88,12 +88,15 @@ def cmd_text_diff(args: argparse.Namespace) -> None:
     print(f"{args.image} moved from {args.source!r} toward {args.target!r} at theta {amounts} -> {folder} (text_diff.png)")
 
 
+DECODER_HELP = "a decoder run (ddpmkit train unclip_decoder)"
+
+
 def _decoder_args(p: argparse.ArgumentParser, out: str) -> None:
     add_sampler_args(p)
     p.add_argument("--guidance", type=float, default=unclip.DEFAULT_DECODER_SCALE, help="the decoder's classifier-free guidance scale")
     p.add_argument("--batch-size", type=int, default=None, help="samples drawn at once (default: cache-sized chunks; results do not depend on it)")
-    p.add_argument("--no-gif", action="store_true")
-    p.add_argument("--out", default=out)
+    p.add_argument("--no-gif", action="store_true", help=NO_GIF_HELP)
+    p.add_argument("--out", default=out, help=out_help())
     add_device_option(p)
 
 
@@ -106,7 +109,7 @@ def add_commands(sub) -> None:
     u.add_argument("prior", help="a prior run (ddpmkit train unclip_prior)")
     u.add_argument("decoder", help="a decoder run (ddpmkit train unclip_decoder) on the same CLIP")
     u.add_argument("--prompt", action="append", required=True, help="a caption (repeat for several, cycled over the samples)")
-    u.add_argument("--n", type=int, default=16)
+    u.add_argument("--n", type=int, default=16, help="samples (default: %(default)s)")
     u.add_argument("--prior-guidance", type=float, default=unclip.DEFAULT_PRIOR_SCALE, help="the prior's classifier-free guidance scale")
     u.add_argument("--best-of", type=int, default=1, help="prior samples per image; the one closest to the caption in CLIP space is kept")
     u.add_argument("--prior-steps", type=int, default=64, help="deterministic DDIM steps of the prior")
@@ -115,7 +118,7 @@ def add_commands(sub) -> None:
     u.set_defaults(func=cmd_unclip)
 
     v = sub.add_parser("variations", help="unCLIP image variations: decode an image's CLIP embedding with new noise")
-    v.add_argument("decoder", help="a decoder run (ddpmkit train unclip_decoder)")
+    v.add_argument("decoder", help=DECODER_HELP)
     v.add_argument("images", nargs="+", help="image files, or built-in examples such as mnist5k:7")
     v.add_argument("--n", type=int, default=4, help="variations per image")
     _fit_arg(v)
@@ -123,17 +126,17 @@ def add_commands(sub) -> None:
     v.set_defaults(func=cmd_variations)
 
     i = sub.add_parser("unclip-interpolate", help="decode the slerp between two images' CLIP embeddings (same noise)")
-    i.add_argument("decoder")
+    i.add_argument("decoder", help=DECODER_HELP)
     i.add_argument("a", help="first image (file or e.g. mnist5k:3)")
     i.add_argument("b", help="second image")
-    i.add_argument("--frames", type=int, default=8)
+    i.add_argument("--frames", type=int, default=8, help="frames, both ends included (default: %(default)s)")
     _fit_arg(i)
     _decoder_args(i, "unclip_interpolation")
     i.set_defaults(func=cmd_interpolate)
 
     d = sub.add_parser("text-diff", help="move an image's CLIP embedding toward a caption (DALL-E 2's text diffs)")
-    d.add_argument("decoder")
-    d.add_argument("image")
+    d.add_argument("decoder", help=DECODER_HELP)
+    d.add_argument("image", help="the image to move (file or e.g. mnist5k:3)")
     d.add_argument("--from", dest="source", required=True, help="a caption of the image as it is, e.g. 'a handwritten three'")
     d.add_argument("--to", dest="target", required=True, help="the caption to move toward, e.g. 'a handwritten eight'")
     d.add_argument("--amounts", default="0,0.2,0.4,0.6,0.8", help="slerp weights theta toward the text direction")
