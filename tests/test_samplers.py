@@ -11,6 +11,7 @@ from ddpmkit.errors import UserError
 from ddpmkit.parameterization import v_from_x0_eps, x0_from_eps
 from ddpmkit.sampling import SAMPLERS, timestep_grid
 from ddpmkit.sampling.optimize import grid_from_gaps, optimize_grid
+from ddpmkit.sampling.options import sampler_options
 from ddpmkit.schedules import NoiseSchedule
 
 S = NoiseSchedule.from_name("linear", 1000)
@@ -180,6 +181,13 @@ def test_bad_grid_and_sampler_names_list_the_options():
     for sampler, option in (("dpmpp_2m", {"order": 3}), ("dpmpp_3m", {"eta": 1.0}), ("dpmpp_3m_sde", {"order": 2})):  # what the name fixes
         with pytest.raises(ValueError, match=rf"sampler '{sampler}' fixes {next(iter(option))} = "):
             ddpmkit.sample(MIX.eps_model(S), (2, 2), S, sampler=sampler, steps=3, **option)
+    # an option given to a sampler that does not take it names the sampler and where the option belongs (it was "for
+    # this sampler"), and --variance for another sampler than ddpm is refused (it was ignored)
+    with pytest.raises(UserError, match=r"sampler 'euler' takes no option\(s\) \['eta'\]; eta is for ddim, dpmpp_2m_sde and dpmpp_3m_sde$"):
+        ddpmkit.sample(MIX.eps_model(S), (2, 2), S, sampler="euler", steps=3, eta=1.0)
+    with pytest.raises(UserError, match=r"`variance` beta is sigma_t\^2 of Algorithm 2: only sampler 'ddpm' takes it, not 'ddim'"):
+        sampler_options("ddim", variance="beta")
+    assert sampler_options("ddpm", variance="beta")["variance"] == "beta" and "variance" not in sampler_options("ddim")
     for sampler in ("ddim", "dpmpp_2m_sde", "dpmpp_3m_sde"):  # eta = inf made every sample NaN without a word
         for eta in (-1.0, math.nan, math.inf):
             with pytest.raises(UserError, match=r"eta must be a finite number >= 0, got "):

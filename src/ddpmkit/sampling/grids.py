@@ -79,6 +79,16 @@ def check_grid_name(grid: str) -> None:
         raise UserError(f"unknown grid {grid!r}; choose one of {sorted(GRIDS)}")
 
 
+# the samplers each option of the command line belongs to (a message for the others)
+OPTION_SAMPLERS = {"eta": "ddim, dpmpp_2m_sde and dpmpp_3m_sde", "order": "unipc, ipndm and the dpmpp samplers", "variance": "ddpm",
+                   "rtol": "dopri5", "atol": "dopri5"}
+
+
+def where_options_belong(options: list[str]) -> str:
+    """"; eta is for ddim, ..." for each option of OPTION_SAMPLERS, for a message that refuses them."""
+    return "".join(f"; {k} is for {OPTION_SAMPLERS[k]}" for k in options if k in OPTION_SAMPLERS)
+
+
 def timestep_grid(grid: str | torch.Tensor, schedule: NoiseSchedule, steps: int | None, **options) -> torch.Tensor:
     """The decreasing timesteps (float64, shape (steps,)) a sampler visits.
 
@@ -87,7 +97,7 @@ def timestep_grid(grid: str | torch.Tensor, schedule: NoiseSchedule, steps: int 
     """
     unknown = sorted(set(options) - {"rho"})
     if unknown:
-        raise UserError(f"unknown sampler option(s) {unknown} for this sampler")
+        raise UserError(f"unknown sampler option(s) {unknown} for this sampler{where_options_belong(unknown)}")
     if isinstance(grid, torch.Tensor):
         t = grid.to(torch.float64).flatten()
         if t.numel() < 1 or bool((t[1:] >= t[:-1]).any()) or t.min() < 0 or t.max() > schedule.T - 1:

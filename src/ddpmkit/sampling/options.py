@@ -23,6 +23,8 @@ def sampler_options(sampler: str, grid: str | torch.Tensor | None = None, varian
         options["grid"] = read_grid_file(grid) if from_file else grid
     if sampler == "ddpm":
         options["variance"] = variance
+    elif variance != "auto":  # it was ignored
+        raise UserError(f"`variance` {variance} is sigma_t^2 of Algorithm 2: only sampler 'ddpm' takes it, not {sampler!r}")
     if sampler not in NO_CLIP:
         options["clip_x0"] = clip_x0
     if eta is not None:
