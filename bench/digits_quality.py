@@ -43,7 +43,8 @@ def main() -> int:
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--steps", type=int, default=None, help="default: all T steps")
     p.add_argument("--sampler", default="ddpm")
-    p.add_argument("--variance", default="beta_tilde", choices=["beta_tilde", "beta"], help="sigma_t^2 for ddpm")
+    p.add_argument("--variance", default="auto", choices=["auto", "beta_tilde", "beta", "learned"],
+                   help="sigma_t^2 for ddpm (auto: the model's learned one, else beta_tilde)")
     p.add_argument("--grid", default=None, help="a grid name or a JSON file from `ddpmkit tune-grid`")
     p.add_argument("--eta", type=float, default=None)
     p.add_argument("--order", type=int, default=None)
