@@ -269,6 +269,11 @@ def test_a_damaged_newest_checkpoint_says_how_to_resume_from_the_one_before(tmp_
     newest.rename(tmp_path.parent / f"{tmp_path.name}-damaged")
     train(more, resume=True, progress=False)
     assert [p.name for p in list_checkpoints(tmp_path)][-1] == "ckpt-0000006"
+    # a resume whose settings would change the weights or the data names each key that differs (it named five sections)
+    changed = load_config(PRESET_DIR / "toy2d.toml", [*overrides[:1], "train.steps=8", "diffusion.T=50", "network.mlp_hidden=64"])
+    with pytest.raises(TrainingError, match=r"differ from .*ckpt-0000006/config.json: network.mlp_hidden = 64 here, 128 there; "
+                                            r"diffusion.T = 50 here, 1000 there$"):
+        train(changed, resume=True, progress=False)
 
 
 def test_a_report_write_that_fails_leaves_the_old_report_and_no_temporary_file(tmp_path):

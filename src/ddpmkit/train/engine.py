@@ -34,7 +34,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -108,10 +108,12 @@ def seed_dropout(device: torch.device, seed: int) -> None:
 
 def _check_resumable(cfg: Config, ckpt: Path) -> CheckpointInfo:
     saved, info = read_config(ckpt)
-    same = (saved.network, saved.diffusion, saved.data, saved.autoencoder, saved.train.task) == \
-           (cfg.network, cfg.diffusion, cfg.data, cfg.autoencoder, cfg.train.task)
-    if not same:
-        raise TrainingError(f"`resume`: the task, data, network, diffusion or autoencoder settings differ from {ckpt / 'config.json'}")
+    differ = [f"train.task = {cfg.train.task!r} here, {saved.train.task!r} there"] if saved.train.task != cfg.train.task else []
+    for section in ("network", "diffusion", "data", "autoencoder"):
+        here, there = asdict(getattr(cfg, section)), asdict(getattr(saved, section))
+        differ += [f"{section}.{key} = {here[key]!r} here, {there[key]!r} there" for key in here if here[key] != there[key]]
+    if differ:  # the weights or the data would not be the run's
+        raise TrainingError(f"`resume`: settings that define the run differ from {ckpt / 'config.json'}: {'; '.join(differ)}")
     return info
 
 
