@@ -251,7 +251,7 @@ def test_a_folder_a_run_is_training_in_refuses_a_second_run_until_the_first_ends
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-0000002"]
 
 
-def test_a_damaged_newest_checkpoint_says_how_to_resume_from_the_one_before(tmp_path):
+def test_a_damaged_newest_checkpoint_says_how_to_resume_from_the_one_before(tmp_path, capsys):
     """A checkpoint damaged from outside (a disk error, a copy cut short; ddpmkit's own writes are atomic) stopped
     `--resume` and loading with the file's error alone; both now name the checkpoint before, and resuming from it works."""
     from ddpmkit.checkpoint import CheckpointError
@@ -269,6 +269,10 @@ def test_a_damaged_newest_checkpoint_says_how_to_resume_from_the_one_before(tmp_
     newest.rename(tmp_path.parent / f"{tmp_path.name}-damaged")
     train(more, resume=True, progress=False)
     assert [p.name for p in list_checkpoints(tmp_path)][-1] == "ckpt-0000006"
+    # a resume already at train.steps says so (it ended at once without a word)
+    capsys.readouterr()
+    train(load_config(PRESET_DIR / "toy2d.toml", [*overrides[:1], "train.steps=4"]), resume=True, progress=False)
+    assert f"{tmp_path} is at step 6, train.steps = 4: nothing more to train (give a larger train.steps to go on)" in capsys.readouterr().out
     # a resume whose settings would change the weights or the data names each key that differs (it named five sections)
     changed = load_config(PRESET_DIR / "toy2d.toml", [*overrides[:1], "train.steps=8", "diffusion.T=50", "network.mlp_hidden=64"])
     with pytest.raises(TrainingError, match=r"differ from .*ckpt-0000006/config.json: network.mlp_hidden = 64 here, 128 there; "

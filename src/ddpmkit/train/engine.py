@@ -554,6 +554,10 @@ def _run(task: Task, cfg: Config, resume: bool, progress: bool, overwrite: bool)
     trainer.accelerator.wait_for_everyone()  # no process starts before the folder is cleared
     trainer.start()
     state = trainer.state
+    if resume and state.step >= state.decay.end:  # else it ended at once without a word
+        if trainer.accelerator.is_main_process:
+            trainer.bar.write(f"{trainer.run_dir} is at step {state.step}, train.steps = {state.decay.end}: nothing more to train "
+                              "(give a larger train.steps to go on)")
     try:
         while state.step < state.decay.end:
             trainer.budget.tick()
