@@ -88,8 +88,10 @@ def test_every_argument_of_every_command_says_what_it_is():
     (["interpolate", "/no/run", "--seeds", "1"], "--seeds takes two seeds separated by a comma, e.g. 3,14; got '1'"),
     (["interpolate", "/no/run", "--images", "mnist5k:0"], "--images takes two images separated by a comma, e.g. mnist5k:0,mnist5k:1"),
     # --images runs Algorithm 2 from x_t (DDPM Fig. 8): another sampler was taken and ignored
-    (["interpolate", "/no/run", "--images", "mnist5k:0,mnist5k:1", "--sampler", "unipc"],
-     "runs Algorithm 2 (ddpm) from there, as DDPM's Fig. 8: leave out --sampler unipc"),
+    (["interpolate", "/no/run", "--images", "mnist5k:0,mnist5k:1", "--sampler", "unipc", "--seeds", "3,14"],
+     "runs Algorithm 2 (ddpm) from there, as DDPM's Fig. 8, with --seed's noise: leave out --seeds and --sampler unipc"),
+    (["interpolate", "/no/run", "--seeds", "3,14", "--t", "300"], "--t belongs to --images; --seeds gives the seeds of x_T (the slerp runs"),
+    (["interpolate", "/no/run", "--seed", "5", "--t", "300"], "--seed and --t belong to --images"),
     # counts whose memory grows past what the picture shows: one line at once, not a kill for memory minutes later
     (["forward", "mnist5k:0", "--size", "100000"], "--size 100000: at most 1024 (the strip shows each image at 192 pixels"),
     (["forward", "mnist5k:0", "--T", "1000000000"], "--T 1000000000: at most 100000"),

@@ -75,13 +75,26 @@ def two(text: str, flag: str, what: str, example: str, parse: Callable[[str], An
     raise UserError(f"{flag} takes two {what} separated by a comma, e.g. {example}; got {text!r}")
 
 
+def check_interpolation_flags(args: argparse.Namespace, images: bool) -> None:
+    """Each flag belongs to a mode; one given to another mode was taken and ignored."""
+    if images:
+        given = [flag for flag, value in (("--seeds", args.seeds), ("--prompts", args.prompts)) if value is not None]
+        given += [f"--sampler {args.sampler}"] if args.sampler not in (None, "ddpm") else []
+        if given:
+            raise UserError(f"--images mixes two images at x_t and runs Algorithm 2 (ddpm) from there, as DDPM's Fig. 8, with --seed's "
+                            f"noise: leave out {' and '.join(given)}")
+    else:
+        given = [flag for flag, value in (("--seed", args.seed), ("--t", args.t)) if value is not None]
+        if given:
+            raise UserError(f"{' and '.join(given)} {'belong' if len(given) > 1 else 'belongs'} to --images; --seeds gives the seeds of x_T "
+                            f"({'--prompts start from the first' if args.prompts else 'the slerp runs between them'})")
+
+
 def cmd_interpolate(args: argparse.Namespace) -> None:
     seeds = [check_seed(s, "--seeds") for s in two(args.seeds or "0,1", "--seeds", "seeds", "3,14", int)]  # before the model loads
     images = two(args.images, "--images", "images", "mnist5k:0,mnist5k:1") if args.images else None
-    if images and args.sampler not in (None, "ddpm"):
-        raise UserError(f"--images mixes two images at x_t and runs Algorithm 2 (ddpm) from there, as DDPM's Fig. 8: "
-                        f"leave out --sampler {args.sampler}")
-    args.sampler = args.sampler or "ddim"
+    check_interpolation_flags(args, bool(images))
+    args.sampler, args.seed, args.t = args.sampler or "ddim", args.seed or 0, 500 if args.t is None else args.t
     request = guidance_request(args)
     m = load_diffusion(args.checkpoint, device=args.device)
     out = Path(args.out)
@@ -148,11 +161,11 @@ def add_commands(sub) -> None:
     p = sub.add_parser("interpolate", help="between two seeds (slerp of x_T), two images (through x_t) or two prompts")
     common(p, None, 50, "frames, both ends included",
            sampler_help="default: ddim for --seeds and --prompts; --images runs Algorithm 2 (ddpm) from x_t, as DDPM's Fig. 8")
-    p.add_argument("--seeds", default=None, help="two seeds, e.g. 3,14")
-    p.add_argument("--images", default=None, help="two images, e.g. mnist5k:0,mnist5k:1 (DDPM Fig. 8)")
-    p.add_argument("--t", type=int, default=500, help="noise level for --images")
-    p.add_argument("--prompts", nargs=2, default=None, help="two prompts (text models), from the first seed")
-    p.set_defaults(func=cmd_interpolate)
+    p.add_argument("--seeds", default=None, help="two seeds, e.g. 3,14 (default: 0,1): the slerp between their x_T")
+    p.add_argument("--images", default=None, help="two images, e.g. mnist5k:0,mnist5k:1 (DDPM Fig. 8), mixed at x_t")
+    p.add_argument("--t", type=int, default=None, help="noise level for --images (default: 500)")
+    p.add_argument("--prompts", nargs=2, default=None, help="two prompts (text models), from the first of --seeds")
+    p.set_defaults(func=cmd_interpolate, seed=None)  # --seed is --images' noise; --seeds gives the other modes theirs
 
     p = sub.add_parser("voyage", help="render (seed, prompt) keyframes as an animation (GIF, MP4)")
     p.add_argument("file", help="keyframes: the lecture's seed_and_prompt_sequence list, or 'SEED PROMPT' lines")
