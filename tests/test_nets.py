@@ -24,7 +24,8 @@ def test_unet_shapes(channels, size, mult, attn):
 def test_unet_errors():
     with pytest.raises(ValueError, match="divisible by 4"):
         UNet(1, image_size=30, channel_mult=(1, 2, 2))
-    with pytest.raises(ValueError, match=r"not UNet resolutions; choose from \[28, 14, 7\]"):
+    with pytest.raises(ValueError, match=r"\[16\] \(network.attention_resolutions\) are not resolutions of this UNet on 28x28 inputs; "
+                                         r"choose from \[28, 14, 7\]"):
         UNet(1, image_size=28, channel_mult=(1, 2, 2), attention_resolutions=(16,))
     with pytest.raises(ValueError, match="use network.kind='mlp'"):
         build_network(NetworkConfig(kind="unet"), (2,))

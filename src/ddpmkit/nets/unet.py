@@ -38,7 +38,8 @@ def check_levels(image_size: int, channel_mult: tuple[int, ...], attention_resol
     resolutions = [image_size // 2**i for i in range(len(channel_mult))]
     unknown = set(attention_resolutions) - set(resolutions)
     if unknown:
-        raise UserError(f"attention_resolutions {sorted(unknown)} are not UNet resolutions; choose from {resolutions}")
+        raise UserError(f"attention_resolutions {sorted(unknown)} (network.attention_resolutions) are not resolutions of this UNet on "
+                        f"{image_size}x{image_size} inputs; choose from {resolutions}")
     return resolutions
 
 
