@@ -146,6 +146,23 @@ def test_inception_network_loads_weights_from_a_file_and_computes_features(tmp_p
     assert str(cut.value).endswith("is it pt_inception-2015-12-05-6726825d.pth (about 91 MB), whole?")
 
 
+def test_inception_weights_that_cannot_be_downloaded_are_one_line_in_the_faces_words(tmp_path, monkeypatch, capsys):
+    """No weights anywhere and no way to download them (here a real refusal: a loopback port nothing listens on) is one
+    line that says where to put them and how to go on offline (it was three lines with a library name in backticks)."""
+    from ddpmkit.cli import main
+    from ddpmkit.evaluate import inception
+
+    monkeypatch.setattr(inception, "WEIGHTS_URL", "http://127.0.0.1:9/pt_inception.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("DDPMKIT_INCEPTION", raising=False)
+    with pytest.raises(FileNotFoundError, match=r"could not be downloaded \(URLError\): download http://127.0.0.1:9/pt_inception.pth "):
+        inception.find_weights()
+    assert main(["eval", "/no/run", "--features", "inception", "--metrics", "fd"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.endswith("give its path (--inception or DDPMKIT_INCEPTION); offline, use the classifier-feature "
+                                            "metrics instead (--features classifier)"), err
+
+
 def test_vlb_estimate_is_unbiased():
     from ddpmkit.evaluate.likelihood import vlb_estimate
 

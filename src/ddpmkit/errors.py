@@ -16,12 +16,17 @@ import torch
 _NAME = re.compile(r"`([A-Za-z_.]+)`")
 
 
+def render(error: BaseException, words: Mapping[str, str]) -> str:
+    """The message with each `name` that `words` knows replaced by the face's word for it (any of USER_ERRORS)."""
+    return _NAME.sub(lambda m: words.get(m[1], m[0]), str(error))
+
+
 class UserError(ValueError):
     """Bad input: a value, a file, a config, a combination of options. Subclasses say which part."""
 
     def render(self, words: Mapping[str, str]) -> str:
-        """The message with each `name` that `words` knows replaced by the face's word for it."""
-        return _NAME.sub(lambda m: words.get(m[1], m[0]), str(self))
+        """render(self, words)."""
+        return render(self, words)
 
 
 # what the faces show as one line: user errors, and files that are not there

@@ -14,14 +14,15 @@ import argparse
 import sys
 
 from ..devices import out_of_memory
-from ..errors import USER_ERRORS, UserError, compile_failure
+from ..errors import USER_ERRORS, compile_failure, render
 from . import cascade, edit, forward, sample, serve, train, unclip
 from .common import check_counts, check_out, no_memory, path_error
 
 # the library's parameter names in its messages, as the command line spells them
 FLAGS = {"classes": "--class", "prompts": "--prompt", "scale": "--guidance", "clip": "--clip", "classifier": "--classifier",
          "autoguide": "--autoguide", "features": "--features", "reference": "--reference", "metrics": "--metrics",
-         "mask": "--mask", "resume": "--resume", "overwrite": "--overwrite", "variance": "--variance"}
+         "mask": "--mask", "resume": "--resume", "overwrite": "--overwrite", "variance": "--variance",
+         "inception": "--inception"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         check_out(args)
         args.func(args)
     except USER_ERRORS as e:
-        message = e.render(FLAGS) if isinstance(e, UserError) else str(e)
+        message = render(e, FLAGS)
         print(f"ddpmkit {args.command}: error: {message}", file=sys.stderr)
         return 2
     except RuntimeError as e:

@@ -179,9 +179,9 @@ def find_weights(path: str | Path | None = None) -> Path:
         return hub
     except Exception as e:  # noqa: BLE001 -- no network, a proxy, a full disk: each becomes the one message below
         raise FileNotFoundError(
-            f"the FID Inception weights {WEIGHTS_NAME} are not on this machine and could not be downloaded ({type(e).__name__}).\n"
-            f"Download {WEIGHTS_URL} elsewhere and put it at {hub}, or pass its path / set DDPMKIT_INCEPTION.\n"
-            f"Offline, use the classifier-feature metrics instead (`features` classifier)."
+            f"the FID Inception weights {WEIGHTS_NAME} are not on this machine and could not be downloaded ({type(e).__name__}): "
+            f"download {WEIGHTS_URL} elsewhere and put it at {hub}, or give its path (`inception` or DDPMKIT_INCEPTION); "
+            f"offline, use the classifier-feature metrics instead (`features` classifier)"
         ) from None
 
 

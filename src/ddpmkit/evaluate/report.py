@@ -18,7 +18,7 @@ from ..pipelines.generate import generate
 from ..pipelines.guided import GuidanceRequest
 from .cached_judge import load_judge
 from .copies import COPY_RATIO, copies
-from .inception import inception_features, load_fid_inception
+from .inception import find_weights, inception_features, load_fid_inception
 from .likelihood import LN2, dequantize, dequantized_bits_per_dim, ode_nll, vlb
 from .metrics import FeatureStats, frechet_distance, inception_score, kernel_inception_distance
 
@@ -97,6 +97,10 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddp
     reference: a folder of real images to compare with (default: the held-out split of the run's
     data; a diffusers pipeline folder has no data of its own, so it needs one).
     prepare_judge(dataset): called before the cached judge is read (classifier features), e.g. to train it."""
+    sampled = [q for q in ("fd", "kid", "is", "copies") if q in metrics]
+    quality = [q for q in sampled if q != "copies"]
+    if quality and features == "inception":
+        find_weights(inception_path)  # a missing file is one line at once, not after the model loads and bits/dim run
     m = load_diffusion(checkpoint, device=device)  # None: the default device (devices.py)
     data = m.config.data
     if reference:
@@ -104,6 +108,10 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddp
         data = DataConfig(name="folder", path=str(reference), image_size=H, channels=C)
     elif isinstance(m, DiffusersModel):
         raise UserError(f"{m.path} is a diffusers pipeline: give `reference`, a folder of real images to compare its samples with")
+    images = len(m.data_shape) == 3
+    if sampled and not images:
+        raise UserError(f"{'/'.join(sampled)} are defined for image data")
+    feature_net = FeatureNet(features, data.name, inception_path, prepare_judge) if quality else None  # its errors before bits/dim
     report: dict = {"checkpoint": str(m.path), "step": m.step, "metrics": {}}
     # folders, npz files and toys have no held-out split: their "test" data is the training data
     held_out = dataset_for(data, split="test")
@@ -112,7 +120,6 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddp
     null = m.null_condition(len(x_test), m.device)
     if m.autoencoder is not None and any(k.startswith("bpd") for k in metrics):
         raise UserError("bits/dim of a latent diffusion model would be of its latents, not the images; use `metrics` fd,kid,is")
-    images = len(m.data_shape) == 3
     if "bpd_vlb" in metrics:
         t0 = time.time()
         res = vlb(m.denoiser, x_test, clip_x0=images,
@@ -131,12 +138,7 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddp
         report["metrics"]["bpd_ode"] = {"value": value.mean().item(), "n": len(x_test), "nfe": res.nfe,
                                         "seconds": time.time() - t0,
                                         "unit": "bits/dim (uniform dequantisation, Hutchinson)" if images else "bits/dim"}
-    sampled = [q for q in ("fd", "kid", "is", "copies") if q in metrics]
     if sampled:
-        if not images:
-            raise UserError(f"{'/'.join(sampled)} are defined for image data")
-        quality = [q for q in sampled if q != "copies"]
-        feature_net = FeatureNet(features, data.name, inception_path, prepare_judge) if quality else None
         t0 = time.time()
         gen = generate(m, n, request or GuidanceRequest(), sampler, steps, seed, sampler_options, batch_size)
         source = reference or (f"{data.name} held-out split" if data.name in SPLIT else f"{data.name}, its training data (no held-out split)")

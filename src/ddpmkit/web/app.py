@@ -9,7 +9,7 @@ from collections.abc import Callable
 import gradio as gr
 
 from ..devices import out_of_memory
-from ..errors import USER_ERRORS, UserError
+from ..errors import USER_ERRORS, render
 from ..pipelines.guided import DEFAULT_SCALE
 from ..sampling import SAMPLERS
 from ..sampling.grids import GRIDS
@@ -37,7 +37,7 @@ def shown_errors(fn: Callable) -> Callable:
 
 def shown(e: Exception) -> str:
     """A user error's message in the page's words."""
-    return e.render(WORDS) if isinstance(e, UserError) else str(e)
+    return render(e, WORDS)
 
 
 def page_error(e: Exception) -> Exception:
