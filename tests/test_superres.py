@@ -249,6 +249,13 @@ def test_cascade_and_upscale_from_the_command_line(tiny_cascade, tmp_path, capsy
     assert code == 0, err
     assert "2 image(s) x 2 upscaled 4x4 -> 8x8" in out and (tmp_path / "u" / "upscale.png").is_file()
     assert torch.load(tmp_path / "u" / "samples.pt").shape == (4, 1, 8, 8)
+    # the command the training run ends with (it lacked --fit, so it failed on the 28x28 built-in digit)
+    from ddpmkit.kinds import kind_of
+
+    hint = kind_of("superres").next_step.format(run=sr).split(": ", 1)[1].split(", or ")[0]
+    assert hint == f"ddpmkit upscale {sr} mnist5k:7 --fit"
+    code, out, err = _cli(capsys, *hint.split()[1:], "--steps", "2", "--out", tmp_path / "hint")
+    assert code == 0 and "1 image(s) x 1 upscaled 4x4 -> 8x8" in out, err
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -123,7 +123,7 @@ register(ModelKind("consistency", lambda cfg, shape: build_network(cfg.network, 
                    wrap=lambda net, cfg: ConsistencyFunction(net, cfg.diffusion.noise_schedule()),
                    sampler="consistency", next_step="sample it in one to a few steps: ddpmkit sample {run} --steps 2"))
 register(ModelKind("superres", build_super_resolution, samples=True, inputs=("low_res", "aug_level"),
-                   next_step="upscale with it: ddpmkit upscale {run} mnist5k:7, or after a base model: ddpmkit sample BASE --then {run}"))
+                   next_step="upscale with it: ddpmkit upscale {run} mnist5k:7 --fit, or after a base model: ddpmkit sample BASE --then {run}"))
 register(ModelKind("autoencoder", lambda cfg, shape: Autoencoder(shape, cfg.autoencoder),
                    next_step="latent diffusion: ddpmkit train mnist_latent data.autoencoder={run}"))
 register(ModelKind("classifier", build_noisy_classifier,
