@@ -265,8 +265,13 @@ def test_text_to_image_variations_interpolation_and_text_diffs_from_the_command_
     code, out, err = _cli(capsys, "variations", d, "digits:3", "digits:7", "--n", "3", "--steps", "3", "--out", tmp_path / "v")
     assert code == 0, err
     assert torch.load(tmp_path / "v" / "samples.pt").shape == (6, 1, 8, 8) and (tmp_path / "v" / "variations.png").is_file()
-    # --fit fits a built-in digit of another size as it fits a file (it was "the model makes images of shape (1, 8, 8)")
-    code, out, err = _cli(capsys, "variations", d, "mnist5k:3", "--fit", "--n", "1", "--steps", "2", "--no-gif", "--out", tmp_path / "f")
+    # the command a decoder run ends with: --fit fits a built-in digit of another size as it fits a file (it was "the
+    # model makes images of shape (1, 8, 8), the image has (1, 28, 28)")
+    from ddpmkit.kinds import kind_of
+
+    hint = kind_of("decoder").next_step.format(run=d).split(": ", 1)[1].split(";")[0]
+    assert hint == f"ddpmkit variations {d} mnist5k:7 --fit"
+    code, out, err = _cli(capsys, *hint.split()[1:], "--n", "1", "--steps", "2", "--no-gif", "--out", tmp_path / "f")
     assert code == 0 and torch.load(tmp_path / "f" / "samples.pt").shape == (1, 1, 8, 8), err
     code, out, err = _cli(capsys, "unclip-interpolate", d, "digits:3", "digits:7", "--frames", "4", "--steps", "3", "--out", tmp_path / "i")
     assert code == 0, err

@@ -135,7 +135,8 @@ register(ModelKind("clip", build_clip,
 register(ModelKind("prior", build_prior, samples=True, inputs=("text_embed",),
                    next_step="text to image: ddpmkit unclip {run} DECODER --prompt \"a handwritten seven\""))
 register(ModelKind("decoder", build_decoder, samples=True, inputs=("image_embed",),
-                   next_step="image variations: ddpmkit variations {run} image.png; text to image: ddpmkit unclip PRIOR {run} --prompt \"...\""))
+                   next_step="image variations: ddpmkit variations {run} mnist5k:7 --fit; "
+                             "text to image: ddpmkit unclip PRIOR {run} --prompt \"...\""))
 
 
 def build_for_task(cfg: Config, shape: tuple[int, ...]) -> nn.Module:
