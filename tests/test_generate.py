@@ -112,3 +112,19 @@ def test_a_chunk_the_device_has_no_memory_for_is_drawn_again_in_halves_with_the_
     assert torch.equal(halved, fits)
     err = capsys.readouterr().err
     assert "cpu had no memory for 12 samples at once; drawing chunks of 6" in err and "no memory for 6 samples at once; drawing chunks of 3" in err
+
+
+def test_vector_samples_are_not_clipped_to_the_pixel_range(tmp_path):
+    """The predicted x_0 is clipped to [-1, 1] only where it is pixels: a 2-D toy lies in [-3, 3], and `ddpmkit sample`
+    of a toy run (clip_x0 on by default, as for images) drew every point inside the square [-1, 1]^2."""
+    from ddpmkit.config import load_config
+    from ddpmkit.pipelines.generate import resolve_options
+    from ddpmkit.sampling.options import sampler_options
+    from ddpmkit.train import train
+
+    run = train(load_config("toy2d", [f"train.run_dir={tmp_path}", "train.steps=300", "train.checkpoint_every=0"]), progress=False)
+    m = load_diffusion(str(run))
+    options = sampler_options("ddpm")  # what the command line and the web page ask for: clip_x0=True
+    assert options["clip_x0"] and not resolve_options(m, options)["clip_x0"]
+    x = generate(m, 500, None, "ddpm", 50, 0, options, progress=False).images
+    assert x.abs().max() > 1.5, x.abs().max()  # the data's own range, not the square
