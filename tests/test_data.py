@@ -1,9 +1,12 @@
+import re
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from ddpmkit.data import DataError, ImageFolder, load_dataset, load_npz, make_toy
+from ddpmkit.errors import Note
 
 
 def test_mnist5k_split_and_range():
@@ -121,11 +124,23 @@ def test_npz(tmp_path):
     ds = load_npz(tmp_path / "a.npz")
     assert ds.shape == (3, 6, 6) and ds.labels.tolist() == [0, 1, 2, 3, 4]
     assert torch.allclose(ds.x[1, :, 2, 3], torch.tensor(x[1, 2, 3] / 127.5 - 1, dtype=torch.float32))
-    np.savez(tmp_path / "b.npz", x=np.full((3, 2), 4.0))
-    with pytest.raises(DataError, match=r"\[-1, 1\]"):
+    # float images must lie in [-1, 1]; vectors take any finite scale (the 2-D toys lie in [-3, 3]: such points were refused)
+    np.savez(tmp_path / "b.npz", x=np.full((3, 4, 4), 4.0))
+    with pytest.raises(DataError, match=r"float images must lie in \[-1, 1\] \(got \[4, 4\]\)"):
         load_npz(tmp_path / "b.npz")
+    np.savez(tmp_path / "v.npz", x=np.linspace(-3, 3, 8).reshape(4, 2))
+    assert torch.allclose(load_npz(tmp_path / "v.npz").x, torch.linspace(-3, 3, 8).reshape(4, 2))
+    for bad, message in ((np.array([[np.nan, 0.0]]), "holds NaN or infinite values"),
+                         (np.array([["a", "b"]]), "holds <U1 values; save numbers")):  # numpy's ValueError traceback before
+        np.savez(tmp_path / "n.npz", x=bad)
+        with pytest.raises(DataError, match=re.escape(message)):
+            load_npz(tmp_path / "n.npz")
+    # float images in [0, 1] (x / 255) train as pale grey ones: a note says so and how to save them
+    np.savez(tmp_path / "u.npz", x=x / 255.0)
+    with pytest.warns(Note, match=r"as if scaled to \[0, 1\]; ddpmkit takes float images in \[-1, 1\] .* save 2 \* x - 1, or uint8"):
+        load_npz(tmp_path / "u.npz")
     (tmp_path / "c.npz").write_bytes(b"garbage")
-    with pytest.raises(DataError, match="cannot read"):
+    with pytest.raises(DataError, match=r"cannot read .*c.npz: not an .npz file \(numpy.savez writes one\)$"):  # it said "pickled data"
         load_npz(tmp_path / "c.npz")
     np.savez(tmp_path / "d.npz", x=x[:0])  # before: numpy's "zero-size array to reduction operation" traceback
     with pytest.raises(DataError, match=r"d.npz: the array 'x' of shape \(0, 6, 6, 3\) holds no examples"):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -18,7 +20,7 @@ from PIL import Image, ImageOps
 
 from .analytic import GaussianMixture
 from .config import DataConfig
-from .errors import UserError
+from .errors import Note, UserError
 from .superres import downsample
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
@@ -242,7 +244,7 @@ def make_toy(name: str, n: int = 20000, seed: int = 0) -> ArrayDataset:
 def load_npz(path: str | Path) -> ArrayDataset:
     """Arrays from an .npz file: key 'x' (or the first array), optional 'y' labels.
 
-    uint8 data is scaled from [0, 255]; float data must already lie in [-1, 1].
+    uint8 data is scaled from [0, 255]; float images must already lie in [-1, 1] (vectors take any finite scale).
     Shapes: (N, D) vectors, (N, H, W), (N, H, W, C) with C in {1, 3, 4}, or (N, C, H, W).
     """
     path = Path(path)
@@ -257,17 +259,26 @@ def load_npz(path: str | Path) -> ArrayDataset:
             y = f["y"] if "y" in f.files else None
     except DataError:
         raise
-    except Exception as e:
-        raise DataError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+    except Exception as e:  # noqa: BLE001 -- a damaged or foreign file, whatever numpy raises: one line
+        what = "not an .npz file (numpy.savez writes one)" if not zipfile.is_zipfile(path) else f"{type(e).__name__}: {e}"
+        raise DataError(f"cannot read {path}: {what}") from e
     if x.ndim == 0 or len(x) == 0:
         raise DataError(f"{path}: the array {key!r} of shape {x.shape} holds no examples")
     if y is not None and (y.ndim != 1 or len(y) != len(x)):
         raise DataError(f"{path}: 'y' must hold one label per example: shape {y.shape} for {len(x)} examples")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.iscomplexobj(x):
+        raise DataError(f"{path}: the array {key!r} holds {x.dtype} values; save numbers (uint8 images, or floats)")
     if x.dtype == np.uint8:
         x = x.astype(np.float32) / 127.5 - 1.0
     x = x.astype(np.float32)
-    if not np.isfinite(x).all() or x.min() < -1.0001 or x.max() > 1.0001:
-        raise DataError(f"{path}: float data must be finite and lie in [-1, 1] (got [{x.min():.3g}, {x.max():.3g}]); save uint8 or rescale")
+    if not np.isfinite(x).all():
+        raise DataError(f"{path}: the array {key!r} holds NaN or infinite values")
+    images = x.ndim > 2
+    if images and (x.min() < -1.0001 or x.max() > 1.0001):  # pixels; vectors (the 2-D toys lie in [-3, 3]) take any scale
+        raise DataError(f"{path}: float images must lie in [-1, 1] (got [{x.min():.3g}, {x.max():.3g}]); save uint8 or rescale")
+    if images and x.min() >= 0 and x.max() > 0.5:
+        warnings.warn(f"{path}: the float images lie in [{x.min():.3g}, {x.max():.3g}], as if scaled to [0, 1]; ddpmkit takes float "
+                      "images in [-1, 1] (black is -1), so they train as pale grey ones: save 2 * x - 1, or uint8", Note)
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):

@@ -21,6 +21,11 @@ def render(error: BaseException, words: Mapping[str, str]) -> str:
     return _NAME.sub(lambda m: words.get(m[1], m[0]), str(error))
 
 
+class Note(UserWarning):
+    """Not an error, but what a user should know about their input (data that look mis-scaled): warnings.warn(msg, Note);
+    the command line shows it as one "note:" line, without the warning's file and line."""
+
+
 class UserError(ValueError):
     """Bad input: a value, a file, a config, a combination of options. Subclasses say which part."""
 

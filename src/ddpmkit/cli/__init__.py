@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+from collections.abc import Callable
 
 from ..devices import out_of_memory
-from ..errors import USER_ERRORS, compile_failure, render
+from ..errors import USER_ERRORS, Note, compile_failure, render
 from . import cascade, edit, forward, sample, serve, train, unclip
 from .common import check_counts, check_out, no_memory, path_error
 
@@ -33,8 +35,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def notes_as_lines(show: Callable[..., None]) -> Callable[..., None]:
+    """A warnings.showwarning for the command line: ddpmkit's Notes as one "note:" line, any other warning by `show`."""
+    def show_note(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, Note):
+            print(f"note: {message}", file=file or sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+    return show_note
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():  # show_note for this command only (main also runs inside tests and notebooks)
+        warnings.showwarning = notes_as_lines(warnings.showwarning)
+        return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """args.func(args), with every user error, allocation failure and refused path as one line (exit 2)."""
     try:
         check_counts(args)
         check_out(args)
