@@ -278,7 +278,7 @@ def load_npz(path: str | Path) -> ArrayDataset:
         raise DataError(f"{path}: float images must lie in [-1, 1] (got [{x.min():.3g}, {x.max():.3g}]); save uint8 or rescale")
     if images and x.min() >= 0 and x.max() > 0.5:
         warnings.warn(f"{path}: the float images lie in [{x.min():.3g}, {x.max():.3g}], as if scaled to [0, 1]; ddpmkit takes float "
-                      "images in [-1, 1] (black is -1), so they train as pale grey ones: save 2 * x - 1, or uint8", Note)
+                      "images in [-1, 1] (black is -1), so they train as pale grey ones: save 2 * x - 1, or uint8", Note, stacklevel=2)
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
