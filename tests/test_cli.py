@@ -215,7 +215,7 @@ def test_demo_trains_and_draws_its_grid_autoguided_by_its_kept_checkpoint(tmp_pa
     assert code == 0, err
     code, _, err = run(capsys, "demo", "--run-dir", str(other), "train.steps=2")
     assert code == 2 and err.strip().splitlines()[-1].startswith(f"ddpmkit demo: error: {other} holds a run the demo did not make "), err
-    assert [p.name for p in other.glob("ckpt-*")] == ["ckpt-0000002"] and not (other / ".made-by-demo").exists()
+    assert [p.name for p in other.glob("ckpt-*")] == ["ckpt-0000002"] and not (other / ".made-by-the-demo").exists()
 
 
 def test_user_errors_are_one_line_in_the_faces_words_and_bugs_keep_their_traceback(monkeypatch, capsys):

@@ -573,3 +573,21 @@ def test_a_compiled_training_run_follows_the_eager_one_and_saves_plain_checkpoin
     plain, compiled = (load_file(next((tmp_path / m).glob("ckpt-*/model.safetensors"))) for m in ("no", "default"))
     assert set(compiled) == set(plain) and not any("_orig_mod" in k for k in compiled)
     assert load_diffusion(tmp_path / "default").network is not None
+
+
+def test_the_lessons_start_over_only_runs_they_made(tmp_path, monkeypatch):
+    """A lesson retrains its run when its config changed, deleting the folder's checkpoints; with DDPMKIT_LESSONS_RUNS
+    pointing at the user's runs (whose folders bear the presets' names) it deleted their run of that name. Now a
+    folder the lessons did not make is refused, and one they made is started over as before."""
+    from ddpmkit.errors import UserError
+    from ddpmkit.lessons import small_run
+
+    monkeypatch.setenv("DDPMKIT_LESSONS_RUNS", str(tmp_path))
+    mine = train(load_config("toy2d", [f"train.run_dir={tmp_path / 'toy2d'}", "train.steps=2"]), progress=False)
+    with pytest.raises(UserError, match=r"toy2d holds a run the lessons did not make \(newest checkpoint ckpt-0000002\)"):
+        small_run("toy2d", 3, fast_steps=3, fast_overrides=())
+    assert [p.name for p in list_checkpoints(mine)] == ["ckpt-0000002"]
+    lesson = small_run("toy2d", 3, name="lesson", fast_steps=3, fast_overrides=())
+    assert small_run("toy2d", 3, name="lesson", fast_steps=3, fast_overrides=()) == lesson  # the same config: reused
+    small_run("toy2d", 4, name="lesson", fast_steps=4, fast_overrides=())  # another: started over
+    assert [p.name for p in list_checkpoints(lesson)] == ["ckpt-0000004"]

@@ -156,6 +156,19 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def claim_run_folder(run_dir: Path, maker: str, remedy: str) -> None:
+    """A run folder that `maker` (the demo, the lessons) starts over, its checkpoints deleted: one without checkpoints, or
+    one `maker` made before (it leaves a mark); a folder that holds another run (`ddpmkit demo --run-dir runs/mnist`, a
+    day's training) is refused, not deleted. The folder is made and marked."""
+    mark = run_dir / f".made-by-{maker.replace(' ', '-')}"
+    found = list_checkpoints(run_dir)
+    if found and not mark.is_file():
+        raise UserError(f"{run_dir} holds a run {maker} did not make (newest checkpoint {found[-1].name}), and {maker} starts its "
+                        f"folder over: {remedy}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    mark.write_text(f"this run folder was made by {maker}, which starts it over when it trains again\n")
+
+
 def single_file(path: Path) -> str:
     """What to give instead of a weights file: its checkpoint folder (a file inside one), or a folder converted from it."""
     if (path.parent / "config.json").is_file() and (path.parent / "ema.safetensors").is_file():

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # the lessons are notebooks: pyplot draws inlin
 import torch
 from PIL import Image
 
-from .checkpoint import list_checkpoints, read_config
+from .checkpoint import claim_run_folder, list_checkpoints, read_config
 from .config import load_config
 from .train import train
 from .viz import make_grid
@@ -63,8 +63,16 @@ def small_run(preset: str, steps: int, *overrides: str, name: str | None = None,
     done = list_checkpoints(folder)
     if done and read_config(done[-1])[0] == cfg:  # the same run, finished: a rerun of the lesson reuses it
         return folder
-    if folder.is_dir():  # another config (a different lesson version, or fast mode): train afresh
-        shutil.rmtree(folder)
+    # another config (a different lesson version, or fast mode): train afresh, in a folder of the lessons' own (with
+    # DDPMKIT_LESSONS_RUNS=runs, runs/mnist may be the user's run of that name: refused, not deleted)
+    if "DDPMKIT_LESSONS_RUNS" in os.environ:
+        claim_run_folder(folder, "the lessons", "set DDPMKIT_LESSONS_RUNS to a folder of the lessons' own")
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif not path.name.startswith(".made-by-"):
+                path.unlink()
     return train(cfg, progress=not FAST)
 
 

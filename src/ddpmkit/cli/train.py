@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from ..checkpoint import list_checkpoints
+from ..checkpoint import claim_run_folder
 from ..config import load_config, preset_names
 from ..errors import UserError
 from ..kinds import kind_of
@@ -39,26 +39,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
     """Train the digit model for the preset's fixed number of steps, then sample a grid and its reverse process."""
     cfg = load_config("mnist", [f"train.run_dir={args.run_dir}", f"train.max_minutes={args.minutes}"] + list(args.overrides))
     GuidanceRequest(autoguide_scale=args.autoguide_scale)  # its checks before minutes of training, not after them
-    claim_demo_folder(Path(args.run_dir))
+    if Path(args.run_dir) != Path(DEMO_DIR):
+        claim_run_folder(Path(args.run_dir), "the demo",
+                         "give the demo another --run-dir (or continue that run with `ddpmkit train CONFIG --resume`)")
     cap = f", stopping after {args.minutes:g} minutes at most" if args.minutes else ""
     print(f"[demo] training a {cfg.network.kind} on {cfg.data.name} for {cfg.train.steps} steps{cap} -> {args.run_dir}")
     train(cfg, overwrite=True)  # the demo's folder is the demo's: `make demo` again starts it over
     draw_demo(Path(args.run_dir), cfg.train.keep_steps, args.n, args.sampler, args.steps, args.autoguide_scale, args.device)
 
 
-DEMO_DIR = "runs/demo"
-DEMO_MARK = ".made-by-demo"  # in a folder the demo trained: the only folders besides DEMO_DIR it starts over
-
-
-def claim_demo_folder(run_dir: Path) -> None:
-    """The demo starts its folder over (its checkpoints deleted); a --run-dir that holds a run the demo did not make
-    (`--run-dir runs/mnist`, a day's training) is refused, not deleted."""
-    found = list_checkpoints(run_dir)
-    if found and run_dir != Path(DEMO_DIR) and not (run_dir / DEMO_MARK).is_file():
-        raise UserError(f"{run_dir} holds a run the demo did not make (newest checkpoint {found[-1].name}), and the demo starts its "
-                        "folder over: give the demo another --run-dir (or continue that run with `ddpmkit train CONFIG --resume`)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / DEMO_MARK).write_text("this run folder was made by `ddpmkit demo`, which starts it over each time\n")
+DEMO_DIR = "runs/demo"  # the demo's own: started over without a mark (claim_run_folder)
 
 
 def draw_demo(run_dir: Path, keep_steps: tuple[int, ...], n: int, sampler: str, steps: int, autoguide_scale: float,
