@@ -35,6 +35,7 @@ def test_bad_values():
                               ("train.lr=false", r"train.lr = False must be a number"),
                               ("train.posthoc_ema=true", r"train.posthoc_ema = True must be a list of numbers, not true or false"),
                               ("network.channel_mult=[1,true]", r"network.channel_mult = \[1, True\] must be a list of numbers"),
+                              ("train.keep_steps=[250,-5]", r"train.keep_steps = \[250, -5\] must be steps >= 1"),
                               ("data.hflip=5", r"data.hflip = 5 is not a valid bool"), ("data.hflip=0.5", r"data.hflip = 0.5 is not a valid bool")):
         with pytest.raises(ConfigError, match=message):
             load_config(None, [override])

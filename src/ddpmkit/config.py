@@ -279,6 +279,8 @@ class TrainConfig:
         for name, low in least.items():
             if getattr(self, name) < low:
                 raise ConfigError(f"train.{name} = {getattr(self, name)} must be >= {low}")
+        if any(step < 1 for step in self.keep_steps):  # no checkpoint is ever written at step 0 or before
+            raise ConfigError(f"train.keep_steps = {list(self.keep_steps)} must be steps >= 1")
         if not 0 <= self.seed < 2**40:  # each step's generator is seeded by (seed * 1,000,003 + step) * 7 + stream: 64 bits
             raise ConfigError(f"train.seed = {self.seed} must be in 0 .. 2**40-1")
         if self.batch_size > MAX_BATCH:  # the batch's indices alone would be gigabytes, drawn for minutes before any step
