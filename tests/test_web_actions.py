@@ -310,3 +310,19 @@ def test_a_device_without_memory_for_a_request_is_the_pages_message_and_a_bug_st
     assert page_error(bug) is bug
     with pytest.raises(RuntimeError, match="mat1 and mat2"):
         shown_errors(lambda: torch.zeros(2, 3) @ torch.zeros(2, 3))()
+
+
+def test_runs_of_points_are_not_served_and_the_page_says_which(tmp_path, capsys):
+    """A 2-D toy run was listed on the page, and its generate crashed in the grid's permute with a traceback; the page
+    draws images, so such runs are left out, by name, with the command that draws them."""
+    from ddpmkit.cli import main
+    from ddpmkit.config import load_config
+    from ddpmkit.train import train
+
+    toy = train(load_config("toy2d", [f"train.run_dir={tmp_path / 'toy'}", "train.steps=2"]), progress=False)
+    skipped: list[str] = []
+    assert find_runs([tmp_path], skipped) == []
+    assert skipped == [f"{toy} (its samples are 2-D points, not images: ddpmkit sample {toy} draws them)"]
+    assert main(["serve", str(toy)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("ddpmkit serve: error: no diffusion runs of images in or under") and f"not served: {toy} (" in err

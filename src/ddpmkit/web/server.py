@@ -23,9 +23,13 @@ def make_page(runs: list[str | Path], limits: Limits | None = None, concurrency:
               work_dir: str | Path | None = None, loras: list[str] | None = None, device: str | None = None) -> tuple[gr.Blocks, Actions]:
     """The queued gradio app serving the diffusion runs in or under `runs` (with `loras`, "FILE:SCALE", merged into
     each), and its Actions."""
-    found = find_runs(runs)
+    skipped: list[str] = []
+    found = find_runs(runs, skipped)
     if not found:
-        raise FileNotFoundError(f"no diffusion runs in or under {[str(r) for r in runs]}; train one (ddpmkit train mnist) or name its folder")
+        raise FileNotFoundError(f"no diffusion runs of images in or under {[str(r) for r in runs]}; train one (ddpmkit train mnist) "
+                                "or name its folder" + (f"; not served: {'; '.join(skipped)}" if skipped else ""))
+    for why in skipped:
+        print(f"ddpmkit serve: not serving {why}", flush=True)
     actions = Actions(Shelf(found, loras, device), limits, work_dir)
     actions.warm_up()
     app = build_app(actions, concurrency)

@@ -12,9 +12,10 @@ from ..kinds import KINDS
 from ..models import DiffusionModel, load_diffusion
 
 
-def find_runs(paths: list[str | Path]) -> list[str]:
-    """Run folders of models that sample, and diffusers pipeline folders: each path is one, or a
-    folder of them (one level down)."""
+def find_runs(paths: list[str | Path], skipped: list[str] | None = None) -> list[str]:
+    """Run folders of models that sample images, and diffusers pipeline folders: each path is one, or a
+    folder of them (one level down). Runs of vectors (the 2-D toys), which the page cannot show, go to `skipped`
+    with the reason."""
     found = []
     for path in map(Path, paths):
         single = list_checkpoints(path) or (path / PIPELINE_INDEX).is_file()
@@ -24,12 +25,17 @@ def find_runs(paths: list[str | Path]) -> list[str]:
                 found.append(str(run))
                 continue
             try:
-                config, _ = read_config(resolve_checkpoint(run))
+                config, info = read_config(resolve_checkpoint(run))
             except CheckpointError:
                 continue
             kind = KINDS.get(config.train.task)
-            if kind is not None and kind.samples and not kind.needs_low_res:  # SR stages need a low-res input
-                found.append(str(run))
+            if kind is None or not kind.samples or kind.needs_low_res:  # SR stages need a low-res input
+                continue
+            if len(info.data_shape) != 3:  # the page draws images; its generate crashed in the grid's permute
+                if skipped is not None:
+                    skipped.append(f"{run} (its samples are {info.data_shape[0]}-D points, not images: ddpmkit sample {run} draws them)")
+                continue
+            found.append(str(run))
     return list(dict.fromkeys(found))
 
 
