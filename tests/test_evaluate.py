@@ -1,4 +1,6 @@
 """Likelihoods against exact densities, and the sample-quality metrics against independent computations."""
+import json
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -262,3 +264,19 @@ def test_real_held_out_digits_are_not_copies_and_noisy_training_digits_are():
     noisy = train[:300] + 0.01 * torch.randn(300, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     assert copies(noisy, train).fraction > 0.97
     assert copies((train[:300] + train[300:600]) / 2, train).fraction == 0.0  # two digits' average: equally near both
+
+
+def test_eval_by_default_runs_the_metrics_that_apply_to_the_samples(tmp_path, capsys):
+    """`ddpmkit eval RUN` without --metrics ran bpd,fd,kid,is,copies for every run, so a 2-D toy run ended in "fd/kid/is/copies
+    are defined for image data" (and a latent run in "bits/dim of a latent diffusion model..."); the default is now what
+    applies, and a metric asked for that does not apply is still refused."""
+    from ddpmkit.cli import main
+    from ddpmkit.config import load_config
+    from ddpmkit.train import train
+
+    toy = train(load_config("toy2d", [f"train.run_dir={tmp_path / 'toy'}", "train.steps=2"]), progress=False)
+    assert main(["eval", str(toy), "--n-bpd", "8", "--out", str(tmp_path / "r.json")]) == 0
+    assert set(json.loads((tmp_path / "r.json").read_text())["metrics"]) == {"bpd_vlb", "bpd_ode"}
+    capsys.readouterr()
+    assert main(["eval", str(toy), "--metrics", "fd", "--out", str(tmp_path / "r.json")]) == 2
+    assert capsys.readouterr().err.strip().endswith("fd is defined for images; these samples are 2-D points (--metrics bpd: bits/dim)")

@@ -9,7 +9,7 @@ from ddpmkit.cli import main
 from ddpmkit.config import PRESET_DIR, AutoencoderConfig
 from ddpmkit.data import load_dataset
 from ddpmkit.evaluate.metrics import psnr
-from ddpmkit.models import load_autoencoder
+from ddpmkit.models import load_autoencoder, load_diffusion
 from ddpmkit.nets.autoencoder import Autoencoder
 
 
@@ -58,6 +58,10 @@ def test_autoencoder_then_latent_diffusion_from_the_command_line(tmp_path, capsy
     x = torch.load(out / "samples.pt")
     assert x.shape == (3, 1, 8, 8) and x.min() >= -1 and x.max() <= 1  # decoded images, not latents
     assert (out / "reverse_process.gif").is_file()
+    # `ddpmkit eval` with its default metrics: those that apply (bits/dim refused a latent model, so the default failed)
+    from ddpmkit.evaluate.report import applicable_metrics
+
+    assert applicable_metrics(load_diffusion(ldm_run)) == ["fd", "kid", "is", "copies"]
     code = main(["train", str(PRESET_DIR / "mnist_latent.toml"), "data.name=digits", f"data.autoencoder={tmp_path / 'none'}",
                  f"train.run_dir={tmp_path / 'x'}", "--quiet"])
     assert code == 2 and "no autoencoder" in capsys.readouterr().err

@@ -98,8 +98,9 @@ def add_commands(sub) -> None:
 
     e = sub.add_parser("eval", help="bits/dim on held-out data and FD/KID/IS of samples, as a table and JSON")
     e.add_argument("checkpoint", help=RUN_HELP)
-    e.add_argument("--metrics", default="bpd,fd,kid,is,copies",
-                   help="comma-separated: bpd (= bpd_vlb,bpd_ode), fd, kid, is, copies (the share of samples that copy a training image)")
+    e.add_argument("--metrics", default=None,
+                   help="comma-separated: bpd (= bpd_vlb,bpd_ode), fd, kid, is, copies (the share of samples that copy a training image); "
+                        "default: all that apply (no bpd for latent models, only bpd for 2-D points)")
     e.add_argument("--features", default="classifier", choices=["classifier", "inception"],
                    help="feature network for fd/kid/is: the judge (a digit classifier kept in $DDPMKIT_CACHE; offline, "
                         "not comparable with papers) or the FID Inception")

@@ -25,7 +25,10 @@ from .metrics import FeatureStats, frechet_distance, inception_score, kernel_inc
 METRICS = ("bpd", "bpd_vlb", "bpd_ode", "fd", "kid", "is", "copies")
 
 
-def parse_metrics(spec: str) -> list[str]:
+def parse_metrics(spec: str | None) -> list[str] | None:
+    """The metrics a comma-separated list names (bpd: both likelihoods); None: every metric that applies."""
+    if spec is None:
+        return None
     names = [m.strip() for m in spec.split(",") if m.strip()]
     names = [{"fid": "fd"}.get(m, m) for m in names]
     bad = [m for m in names if m not in METRICS]
@@ -87,7 +90,13 @@ class DigitScorer:
         return out
 
 
-def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddpm", steps: int | None = None,
+def applicable_metrics(m) -> list[str]:
+    """Every metric the model's samples have: bits/dim where x_0 is the data (not latents), the sample metrics for images."""
+    images, latent = len(m.data_shape) == 3, m.autoencoder is not None or isinstance(m, DiffusersModel)
+    return ([] if latent else ["bpd_vlb", "bpd_ode"]) + (["fd", "kid", "is", "copies"] if images else [])
+
+
+def evaluate_checkpoint(checkpoint: str, metrics: list[str] | None, sampler: str = "ddpm", steps: int | None = None,
                         n: int = 1000, n_bpd: int = 100, seed: int = 0, features: str = "classifier",
                         sampler_options: dict | None = None, batch_size: int | None = None, inception_path: str | None = None,
                         out: str | Path | None = None, request=None, reference: str | None = None,
@@ -96,12 +105,14 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddp
     for the samples; bits/dim of a conditional model is that of its unconditional branch.
     reference: a folder of real images to compare with (default: the held-out split of the run's
     data; a diffusers pipeline folder has no data of its own, so it needs one).
-    prepare_judge(dataset): called before the cached judge is read (classifier features), e.g. to train it."""
-    sampled = [q for q in ("fd", "kid", "is", "copies") if q in metrics]
-    quality = [q for q in sampled if q != "copies"]
-    if quality and features == "inception":
+    prepare_judge(dataset): called before the cached judge is read (classifier features), e.g. to train it.
+    metrics None: every metric that applies (applicable_metrics: a 2-D toy has no FD, a latent model no bits/dim)."""
+    if metrics is not None and features == "inception" and {"fd", "kid", "is"} & set(metrics):
         find_weights(inception_path)  # a missing file is one line at once, not after the model loads and bits/dim run
     m = load_diffusion(checkpoint, device=device)  # None: the default device (devices.py)
+    metrics = applicable_metrics(m) if metrics is None else metrics
+    sampled = [q for q in ("fd", "kid", "is", "copies") if q in metrics]
+    quality = [q for q in sampled if q != "copies"]
     data = m.config.data
     if reference:
         C, H = m.image_shape[0], m.image_shape[-1]
@@ -110,7 +121,8 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str], sampler: str = "ddp
         raise UserError(f"{m.path} is a diffusers pipeline: give `reference`, a folder of real images to compare its samples with")
     images = len(m.data_shape) == 3
     if sampled and not images:
-        raise UserError(f"{'/'.join(sampled)} are defined for image data")
+        raise UserError(f"{'/'.join(sampled)} {'are' if len(sampled) > 1 else 'is'} defined for images; these samples are "
+                        f"{m.data_shape[0]}-D points (`metrics` bpd: bits/dim)")
     feature_net = FeatureNet(features, data.name, inception_path, prepare_judge) if quality else None  # its errors before bits/dim
     report: dict = {"checkpoint": str(m.path), "step": m.step, "metrics": {}}
     # folders, npz files and toys have no held-out split: their "test" data is the training data
