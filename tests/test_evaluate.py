@@ -280,3 +280,8 @@ def test_eval_by_default_runs_the_metrics_that_apply_to_the_samples(tmp_path, ca
     capsys.readouterr()
     assert main(["eval", str(toy), "--metrics", "fd", "--out", str(tmp_path / "r.json")]) == 2
     assert capsys.readouterr().err.strip().endswith("fd is defined for images; these samples are 2-D points (--metrics bpd: bits/dim)")
+    # and the edits, which work on images, say so (a toy run's edits failed in an image's reshaping, interpolate with a traceback)
+    for argv in (["img2img", str(toy), "mnist5k:0"], ["interpolate", str(toy), "--seeds", "1,2"]):
+        assert main([*argv, "--steps", "2", "--out", str(tmp_path / "e")]) == 2
+        assert capsys.readouterr().err.strip() == (f"ddpmkit {argv[0]}: error: {toy} makes 2-D points, not images, and `ddpmkit {argv[0]}` "
+                                                   f"edits images; ddpmkit sample {toy} draws the points")

@@ -35,8 +35,17 @@ except ImportError:
     imageio = None
 
 
-def _model_image(args: argparse.Namespace) -> tuple[DiffusionModel, torch.Tensor]:
+def image_model(args: argparse.Namespace) -> DiffusionModel:
+    """The run the edit works on: one that makes images (a 2-D toy's edits failed in an image's reshaping)."""
     m = load_diffusion(args.checkpoint, device=args.device)
+    if len(m.image_shape) != 3:
+        raise UserError(f"{args.checkpoint} makes {m.image_shape[0]}-D points, not images, and `ddpmkit {args.command}` edits images; "
+                        f"ddpmkit sample {args.checkpoint} draws the points")
+    return m
+
+
+def _model_image(args: argparse.Namespace) -> tuple[DiffusionModel, torch.Tensor]:
+    m = image_model(args)
     return m, load_image_as(args.image, m.image_shape)
 
 
@@ -96,7 +105,7 @@ def cmd_interpolate(args: argparse.Namespace) -> None:
     check_interpolation_flags(args, bool(images))
     args.sampler, args.seed, args.t = args.sampler or "ddim", args.seed or 0, 500 if args.t is None else args.t
     request = guidance_request(args)
-    m = load_diffusion(args.checkpoint, device=args.device)
+    m = image_model(args)
     out = Path(args.out)
     if images:
         a, b = (load_image_as(s, m.image_shape) for s in images)
