@@ -101,7 +101,8 @@ def check_cascade(stages: list[Stage]) -> None:
         if not stage.model.is_super_resolution:
             raise CascadeError(f"{stage.model.path} comes after another stage but is not a super-resolution stage (train.task = 'superres')")
         if tuple(out) != stage.model.low_res_shape:
-            raise CascadeError(f"{prev.model.path} makes {out[0]}-channel {side(out)} images, but the next stage {stage.model.path} "
+            made = f"{out[0]}-channel {side(out)} images" if len(out) == 3 else f"{out[0]}-D points, not images"
+            raise CascadeError(f"{prev.model.path} makes {made}, but the next stage {stage.model.path} "
                                f"takes {stage.model.low_res_shape[0]}-channel {side(stage.model.low_res_shape)} ones")
 
 
