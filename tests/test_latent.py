@@ -58,10 +58,17 @@ def test_autoencoder_then_latent_diffusion_from_the_command_line(tmp_path, capsy
     x = torch.load(out / "samples.pt")
     assert x.shape == (3, 1, 8, 8) and x.min() >= -1 and x.max() <= 1  # decoded images, not latents
     assert (out / "reverse_process.gif").is_file()
-    # `ddpmkit eval` with its default metrics: those that apply (bits/dim refused a latent model, so the default failed)
+    # `ddpmkit eval` with its default metrics: those that apply (bits/dim refused a latent model, and the classifier
+    # features a dataset other than mnist5k, so the default failed on this run twice over)
+    from ddpmkit.errors import Note
     from ddpmkit.evaluate.report import applicable_metrics
 
-    assert applicable_metrics(load_diffusion(ldm_run)) == ["fd", "kid", "is", "copies"]
+    m = load_diffusion(ldm_run)
+    assert applicable_metrics(m, "mnist5k") == applicable_metrics(m, "digits", "inception") == ["fd", "kid", "is", "copies"]
+    with pytest.warns(Note, match=r"no fd, kid or is: the classifier features exist for mnist5k only, not 'digits'"):
+        assert applicable_metrics(m, "digits") == ["copies"]
+    assert main(["eval", str(ldm_run), "--n", "4", "--steps", "2", "--out", str(tmp_path / "r.json")]) == 0
+    assert "copies" in capsys.readouterr().out
     code = main(["train", str(PRESET_DIR / "mnist_latent.toml"), "data.name=digits", f"data.autoencoder={tmp_path / 'none'}",
                  f"train.run_dir={tmp_path / 'x'}", "--quiet"])
     assert code == 2 and "no autoencoder" in capsys.readouterr().err

@@ -39,7 +39,7 @@ def notes_as_lines(show: Callable[..., None]) -> Callable[..., None]:
     """A warnings.showwarning for the command line: ddpmkit's Notes as one "note:" line, any other warning by `show`."""
     def show_note(message, category, filename, lineno, file=None, line=None) -> None:
         if issubclass(category, Note):
-            print(f"note: {message}", file=file or sys.stderr)
+            print(f"note: {render(message, FLAGS)}", file=file or sys.stderr)
         else:
             show(message, category, filename, lineno, file, line)
     return show_note

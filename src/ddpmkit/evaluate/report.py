@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from ..checkpoint import atomic_write_text
 from ..config import DataConfig
 from ..data import SPLIT, Dataset, dataset_for
-from ..errors import UserError
+from ..errors import Note, UserError
 from ..models import DiffusersModel, load_diffusion
 from ..pipelines.generate import generate
 from ..pipelines.guided import GuidanceRequest
@@ -90,10 +91,15 @@ class DigitScorer:
         return out
 
 
-def applicable_metrics(m) -> list[str]:
-    """Every metric the model's samples have: bits/dim where x_0 is the data (not latents), the sample metrics for images."""
+def applicable_metrics(m, dataset: str = "mnist5k", features: str = "classifier") -> list[str]:
+    """Every metric the model's samples have: bits/dim where x_0 is the data (not latents); for images the share of
+    copies, and FD/KID/IS where `features` exist for the dataset (the classifier's for mnist5k only; a Note says so)."""
     images, latent = len(m.data_shape) == 3, m.autoencoder is not None or isinstance(m, DiffusersModel)
-    return ([] if latent else ["bpd_vlb", "bpd_ode"]) + (["fd", "kid", "is", "copies"] if images else [])
+    quality = images and (features == "inception" or dataset == "mnist5k")
+    if images and not quality:
+        warnings.warn(f"no fd, kid or is: the classifier features exist for mnist5k only, not {dataset!r} (`features` inception "
+                      "gives them)", Note, stacklevel=2)
+    return ([] if latent else ["bpd_vlb", "bpd_ode"]) + (["fd", "kid", "is"] if quality else []) + (["copies"] if images else [])
 
 
 def evaluate_checkpoint(checkpoint: str, metrics: list[str] | None, sampler: str = "ddpm", steps: int | None = None,
@@ -110,15 +116,15 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str] | None, sampler: str
     if metrics is not None and features == "inception" and {"fd", "kid", "is"} & set(metrics):
         find_weights(inception_path)  # a missing file is one line at once, not after the model loads and bits/dim run
     m = load_diffusion(checkpoint, device=device)  # None: the default device (devices.py)
-    metrics = applicable_metrics(m) if metrics is None else metrics
-    sampled = [q for q in ("fd", "kid", "is", "copies") if q in metrics]
-    quality = [q for q in sampled if q != "copies"]
     data = m.config.data
     if reference:
         C, H = m.image_shape[0], m.image_shape[-1]
         data = DataConfig(name="folder", path=str(reference), image_size=H, channels=C)
     elif isinstance(m, DiffusersModel):
         raise UserError(f"{m.path} is a diffusers pipeline: give `reference`, a folder of real images to compare its samples with")
+    metrics = applicable_metrics(m, data.name, features) if metrics is None else metrics
+    sampled = [q for q in ("fd", "kid", "is", "copies") if q in metrics]
+    quality = [q for q in sampled if q != "copies"]
     images = len(m.data_shape) == 3
     if sampled and not images:
         raise UserError(f"{'/'.join(sampled)} {'are' if len(sampled) > 1 else 'is'} defined for images; these samples are "
