@@ -66,7 +66,7 @@ def render_voyage(m: DiffusionModel, keyframes: list[tuple[int, str]], frames_be
     """Frames (N, C, H, W) in [-1, 1] through the keyframes of a text-conditional model m (latent
     models are decoded). N = (keyframes - 1) * frames_between + 1."""
     if m.conditioning != "text":
-        raise UserError("a voyage needs a text-conditional model (network.text_encoder), e.g. one trained with configs/mnist_text.toml")
+        raise UserError("a voyage needs a text-conditional model (network.text_encoder), e.g. one of ddpmkit train mnist_text")
     device = m.device if device is None else torch.device(device)
     conds = [m.encode_prompts([p]) for _, p in keyframes]
     noises = [seed_noise(s, m.data_shape) for s, _ in keyframes]
