@@ -19,6 +19,20 @@ def run(capsys, *argv):
     return code, captured.out, captured.err
 
 
+def test_overrides_may_follow_a_flag(tmp_path, capsys):
+    """`ddpmkit train mnist --overwrite train.lr=1e-3`: argparse ends the overrides at the first flag, and the ones after it
+    were "unrecognized arguments"; they are overrides wherever they stand, and anything else after a flag is refused."""
+    code, out, err = run(capsys, "train", "toy2d", "train.steps=2", "--quiet", f"train.run_dir={tmp_path / 'r'}", "train.seed=3")
+    assert code == 0, err
+    assert json.loads((tmp_path / "r" / "ckpt-0000002" / "config.json").read_text())["train"]["seed"] == 3
+    with pytest.raises(SystemExit):
+        main(["train", "toy2d", "--quiet", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sample", str(tmp_path / "r"), "--n", "2", "train.steps=3"])  # sample takes no overrides
+    assert "unrecognized arguments: train.steps=3" in capsys.readouterr().err
+
+
 def test_forward_writes_strip_and_spectrum(tmp_path, capsys):
     code, out, err = run(capsys, "forward", "mnist5k:7", "--out", str(tmp_path), "--t", "0,100,999")
     assert code == 0, err

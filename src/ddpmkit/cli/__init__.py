@@ -45,8 +45,20 @@ def notes_as_lines(show: Callable[..., None]) -> Callable[..., None]:
     return show_note
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; section.key=value overrides may also come after a flag (`train mnist --overwrite train.lr=1e-3`:
+    argparse ends a positional list at the first flag and called the rest unrecognized)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     with warnings.catch_warnings():  # show_note for this command only (main also runs inside tests and notebooks)
         warnings.showwarning = notes_as_lines(warnings.showwarning)
         return run_command(args)
