@@ -182,5 +182,10 @@ def test_dreambooth_draws_and_caches_its_class_images_and_weighs_the_prior(new_s
     assert cache.stat().st_mtime_ns == stamp and list_checkpoints(run)
     with pytest.raises(dreambooth.DreamBoothError, match="give train.init_from"):
         DenoiserTask(load_config("mnist_text", [*text, "dreambooth.instance_prompt=a sks digit"]))
+    # a base that takes no prompt: it said "giving --prompt needs a text-conditional model", a flag `train` has not
+    plain = train(load_config("mnist", [*TINY, "train.steps=1", "train.checkpoint_every=0", f"train.run_dir={tmp_path / 'plain'}"]),
+                  progress=False)
+    with pytest.raises(dreambooth.DreamBoothError, match=rf"the base model {plain} \(train.init_from\) is conditioned on none, not text"):
+        DenoiserTask(load_config("mnist_text", [*db[:-3], f"train.init_from={plain}", f"train.run_dir={tmp_path / 'db2'}"]))
     with pytest.raises(ConfigError, match="give dreambooth.class_prompt"):
         load_config("mnist_text", [*text, "dreambooth.instance_prompt=a sks digit", "dreambooth.class_images=4"])

@@ -52,6 +52,9 @@ def class_images(cfg: Config, image_shape: tuple[int, ...]) -> torch.Tensor:
             if json.loads((f.metadata() or {}).get("drawn", "{}")) == how:
                 return f.get_tensor("images")
     base = load_diffusion(cfg.train.init_from, device="cpu")  # class images are data: made on the CPU, as the engine's data is
+    if base.conditioning != "text":  # else GuidanceRequest's "giving --prompt needs ...", a flag this command has not
+        raise DreamBoothError(f"DreamBooth binds a new subject to a prompt: the base model {cfg.train.init_from} (train.init_from) is "
+                              f"conditioned on {base.conditioning}, not text (e.g. ddpmkit train mnist_text)")
     if tuple(base.image_shape) != tuple(image_shape):
         raise DreamBoothError(f"the base model {cfg.train.init_from} draws images of shape {tuple(base.image_shape)}, the instance images "
                               f"are {tuple(image_shape)}")
