@@ -109,6 +109,7 @@ def test_every_argument_of_every_command_says_what_it_is():
     # counts whose memory grows past what the picture shows: one line at once, not a kill for memory minutes later
     (["forward", "mnist5k:0", "--size", "100000"], "--size 100000: at most 1024 (the strip shows each image at 192 pixels"),
     (["forward", "mnist5k:0", "--T", "1000000000"], "--T 1000000000: at most 100000"),
+    (["forward", "mnist5k:0", "--size", "1"], "the spectrum needs an image of at least 2x2 pixels; this one is 1x1"),  # an IndexError
     (["voyage", "keys.txt", "--model", "/no/run", "--upscale", "100000"], "--upscale 100000: at most 32"),
 ])
 def test_bad_input_gives_one_clear_line(capsys, argv, message):

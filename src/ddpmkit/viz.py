@@ -179,6 +179,8 @@ def forward_process_figures(x0: torch.Tensor, schedule: NoiseSchedule, timesteps
     bad = [t for t in timesteps if not 0 <= t < schedule.T]
     if bad:
         raise UserError(f"timesteps {bad} outside [0, {schedule.T - 1}]")
+    if min(x0.shape[-2:]) < 2:  # one row or column has no spatial frequencies (the spectrum's IndexError)
+        raise UserError(f"the spectrum needs an image of at least 2x2 pixels; this one is {x0.shape[-1]}x{x0.shape[-2]} (--size resizes it)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
