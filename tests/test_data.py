@@ -139,6 +139,10 @@ def test_npz(tmp_path):
     np.savez(tmp_path / "u.npz", x=x / 255.0)
     with pytest.warns(Note, match=r"as if scaled to \[0, 1\]; ddpmkit takes float images in \[-1, 1\] .* save 2 \* x - 1, or uint8"):
         load_npz(tmp_path / "u.npz")
+    with pytest.raises(DataError, match=r"is a folder; data.name=npz reads one .npz file \(data.name=folder reads a folder of images\)"):
+        load_npz(tmp_path)
+    with pytest.raises(DataError, match=r"a.npz is a file, not a folder of images \(its folder: .*\); an .npz file is read with data.name=npz"):
+        ImageFolder(tmp_path / "a.npz", 8)
     (tmp_path / "c.npz").write_bytes(b"garbage")
     with pytest.raises(DataError, match=r"cannot read .*c.npz: not an .npz file \(numpy.savez writes one\)$"):  # it said "pickled data"
         load_npz(tmp_path / "c.npz")

@@ -73,6 +73,9 @@ class ImageFolder:
 
     def __init__(self, root: str | Path, image_size: int, channels: int = 3):
         self.root = Path(root)
+        if self.root.is_file():
+            raise DataError(f"{self.root} is a file, not a folder of images (its folder: {self.root.parent})"
+                            + ("; an .npz file is read with data.name=npz" if self.root.suffix == ".npz" else ""))
         if not self.root.is_dir():
             raise DataError(f"image folder not found: {self.root}")
         self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -248,6 +251,8 @@ def load_npz(path: str | Path) -> ArrayDataset:
     Shapes: (N, D) vectors, (N, H, W), (N, H, W, C) with C in {1, 3, 4}, or (N, C, H, W).
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; data.name=npz reads one .npz file (data.name=folder reads a folder of images)")
     if not path.is_file():
         raise DataError(f"npz file not found: {path}")
     try:
