@@ -1,6 +1,7 @@
 """Post-hoc EMA: the power-function profiles, and reconstructions against averages tracked directly."""
 import math
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -12,8 +13,9 @@ import ddpmkit
 from ddpmkit.checkpoint import list_checkpoints
 from ddpmkit.cli import main
 from ddpmkit.config import load_config
+from ddpmkit.errors import Note
 from ddpmkit.models import load_diffusion
-from ddpmkit.posthoc_ema import PowerEMA, gamma_from_sigma_rel, list_snapshots, profile, reconstruct, sigma_rel_from_gamma
+from ddpmkit.posthoc_ema import POOR_FIT, PowerEMA, gamma_from_sigma_rel, list_snapshots, profile, reconstruct, sigma_rel_from_gamma
 from ddpmkit.train import train
 
 
@@ -84,6 +86,13 @@ def test_reconstruction_of_another_length_and_an_earlier_step(tmp_path):
         err, scale = (state["w"] - direct).abs().max().item(), (naive - direct).abs().max().item()
         assert err < 0.05 * scale, (sr, t, err, scale)
         assert info["profile_error"] < 0.05
+    # a width far from the tracked ones is made only roughly: a note says so (the CLI printed the error in passing)
+    with pytest.warns(Note, match=r"sigma_rel 0.002: the snapshots' averages \(widths 0.05, 0.1, 20 snapshots\) make this width only "
+                                  r"roughly \(profile fit error \d+%\)"):
+        assert reconstruct(tmp_path, 0.002)[1]["profile_error"] > POOR_FIT
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and none for a width it makes well
+        reconstruct(tmp_path, 0.075)
     # past the last snapshot the weights were never kept: before, a "reconstruction" with a 100% profile error was written
     with pytest.raises(ValueError, match=r"step 1001 is after the last post-hoc EMA snapshot \(step 1000\); choose a step <= 1000"):
         reconstruct(tmp_path, 0.075, n + 1)
