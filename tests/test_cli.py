@@ -85,7 +85,8 @@ def test_every_argument_of_every_command_says_what_it_is():
     (["interpolate", "/no/run", "--seeds", f"3,{2**70}"], f"--seeds {2**70}: give a whole number in -2**63 .. 2**63-1"),
     (["train", "toy2d", "train.lr=0"], "train.lr = 0.0 must be > 0"),
     (["sample", "/no/run", "--guidance", "nan"], "the guidance must be a finite number, got nan"),
-    (["sample", "/no/run", "--autoguide-scale", "inf"], "the autoguidance weight must be a finite number, got inf"),
+    (["sample", "/no/run", "--autoguide", "/no/run/ckpt-0000002", "--autoguide-scale", "inf"],
+     "the autoguidance weight must be a finite number, got inf"),
     (["sample", "/no/run", "--steps", "0"], "--steps 0: give a whole number >= 1 (leave --steps out for the run's own"),
     (["sample", "/no/run", "--n", "-3"], "--n -3: give a whole number >= 1"),
     (["demo", "--steps", "0"], "--steps 0: give a whole number >= 1"),
@@ -109,6 +110,9 @@ def test_every_argument_of_every_command_says_what_it_is():
     # counts whose memory grows past what the picture shows: one line at once, not a kill for memory minutes later
     (["forward", "mnist5k:0", "--size", "100000"], "--size 100000: at most 1024 (the strip shows each image at 192 pixels"),
     (["forward", "mnist5k:0", "--T", "1000000000"], "--T 1000000000: at most 100000"),
+    # a guide's weight without the guide was taken and ignored
+    (["sample", "/no/run", "--classifier-scale", "5"], "--classifier-scale weighs --classifier guidance: give --classifier RUN too, or leave"),
+    (["sample", "/no/run", "--autoguide-scale", "2"], "--autoguide-scale weighs --autoguide guidance: give --autoguide RUN too"),
     (["forward", "mnist5k:0", "--size", "1"], "the spectrum needs an image of at least 2x2 pixels; this one is 1x1"),  # an IndexError
     (["voyage", "keys.txt", "--model", "/no/run", "--upscale", "100000"], "--upscale 100000: at most 32"),
 ])

@@ -27,12 +27,12 @@ def add_guidance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi in [0, 1] (Lin et al.)")
     p.add_argument("--dynamic-threshold", type=float, default=0.0, help="Imagen's dynamic thresholding percentile, e.g. 0.995 (0 = off)")
     p.add_argument("--classifier", default=None, help="a noisy-classifier run (ddpmkit train mnist_classifier): classifier guidance")
-    p.add_argument("--classifier-scale", type=float, default=1.0, help="classifier guidance scale s")
+    p.add_argument("--classifier-scale", type=float, default=None, help="classifier guidance scale s (default 1)")
     p.add_argument("--clip", default=None, help="a noisy-CLIP run (ddpmkit train clip_noisy): CLIP guidance toward --prompt")
-    p.add_argument("--clip-scale", type=float, default=100.0, help="CLIP guidance scale s (the score is a cosine, hence ~100)")
+    p.add_argument("--clip-scale", type=float, default=None, help="CLIP guidance scale s (default 100: the score is a cosine)")
     p.add_argument("--autoguide", default=None, metavar="WEAKER",
                    help="autoguidance (Karras et al. 2024) by a weaker model of the same kind, e.g. an early checkpoint RUN/ckpt-0000300")
-    p.add_argument("--autoguide-scale", type=float, default=2.0, help="autoguidance weight w: bad + w (good - bad); 1 = off")
+    p.add_argument("--autoguide-scale", type=float, default=None, help="autoguidance weight w: bad + w (good - bad); 1 = off (default 2)")
 
 
 def add_device_option(p: argparse.ArgumentParser) -> None:
@@ -183,9 +183,14 @@ def guidance_request(args: argparse.Namespace) -> GuidanceRequest:
         classes = [int(c) for c in args.class_.split(",")] if args.class_ else []
     except ValueError:
         raise UserError(f"--class takes class numbers, e.g. 7 or 0,1,2; got {args.class_!r}") from None
+    scales = {}  # a guide's weight without the guide was taken and ignored
+    for guide, weight in (("classifier", "classifier_scale"), ("clip", "clip_scale"), ("autoguide", "autoguide_scale")):
+        if getattr(args, weight) is not None:
+            if getattr(args, guide) is None:
+                raise UserError(f"--{weight.replace('_', '-')} weighs --{guide} guidance: give --{guide} RUN too, or leave it out")
+            scales[weight] = getattr(args, weight)
     return GuidanceRequest(classes=classes, prompts=args.prompt or [], scale=args.guidance, rescale=args.guidance_rescale,
-                           threshold=args.dynamic_threshold, classifier=args.classifier, classifier_scale=args.classifier_scale,
-                           clip=args.clip, clip_scale=args.clip_scale, autoguide=args.autoguide, autoguide_scale=args.autoguide_scale)
+                           threshold=args.dynamic_threshold, classifier=args.classifier, clip=args.clip, autoguide=args.autoguide, **scales)
 
 
 # what a stage spec may set: "runs/imagen_sr,sampler=unipc,steps=20,aug=0.2"
