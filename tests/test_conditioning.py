@@ -216,6 +216,14 @@ def test_noisy_classifier_and_classifier_guidance_from_the_command_line(tmp_path
     code = main(["sample", str(model_run), "--n", "2", "--steps", "2", "--classifier", str(model_run), "--class", "1",
                  "--no-gif", "--out", str(tmp_path / "x")])
     assert code == 2 and "holds a denoiser" in capsys.readouterr().err
+    # a class the classifier has not, and a classifier of another image size: index and shape errors deep in the guidance
+    # (a traceback), or guidance of 28x28 digits by an 8x8 classifier without a word
+    code = main(["sample", str(model_run), "--n", "2", "--steps", "2", "--classifier", str(clf_run), "--class", "12", "--out", str(tmp_path / "x")])
+    assert code == 2 and f"--class must lie in 0..9, the classes of the classifier at {clf_run}/ckpt-" in capsys.readouterr().err
+    big = train(load_config(PRESET_DIR / "mnist.toml", [*TINY_DIGITS, "data.resize=4", f"train.run_dir={tmp_path / 'big'}", "train.steps=1"]),
+                progress=False)
+    code = main(["sample", str(big), "--n", "2", "--steps", "2", "--classifier", str(clf_run), "--class", "1", "--out", str(tmp_path / "x")])
+    assert code == 2 and "sees x_t of shape (1, 8, 8); the model's x_t has shape (1, 4, 4)" in capsys.readouterr().err
 
 
 def test_the_guidance_door_means_what_it_says_for_every_scale(tiny_text_run):

@@ -210,6 +210,12 @@ def _gradient_guided(m: DiffusionModel, guide: LoadedNetwork, guidance: Classifi
         c, d = guide.config.diffusion, m.config.diffusion
         raise UserError(f"the {guide.kind} at {guide.path} was trained with the {c.schedule} schedule, T={c.T}; "
                         f"the model uses {d.schedule}, T={d.T}")
+    if tuple(guide.data_shape) != tuple(m.data_shape):  # it ran on any size (convolutions), guiding toward nothing it learned
+        raise UserError(f"the {guide.kind} at {guide.path} sees x_t of shape {tuple(guide.data_shape)}; the model's x_t has shape "
+                        f"{tuple(m.data_shape)}")
+    classes = guide.config.network.num_classes
+    if guide.kind == "classifier" and bool(((target < 0) | (target >= classes)).any()):  # else an index error deep in the loss
+        raise UserError(f"`classes` must lie in 0..{classes - 1}, the classes of the classifier at {guide.path}")
     if sampler == "ddpm":  # Algorithm 1: shift the mean by s * Sigma * grad score
         return guidance.unguided, {guidance.key: target}, {"cond_fn": guidance.cond_fn}
     return guidance, {guidance.key: target}, {}  # Algorithm 2: the eps correction, for every other sampler
