@@ -206,12 +206,13 @@ class _Bound(DenoiserWrapper):
 def _gradient_guided(m: DiffusionModel, guide: LoadedNetwork, guidance: ClassifierGuidance, target: torch.Tensor,
                      sampler: str) -> tuple[Denoiser, dict, dict]:
     """Classifier or CLIP guidance (of a model with its kwargs bound) toward target, as the sampler takes it."""
+    what = {"clip": "CLIP"}.get(guide.kind, guide.kind)
     if not guide.schedule.same_as(m.schedule):  # the real schedules (a diffusers pipeline's comes from its scheduler config)
         c, d = guide.config.diffusion, m.config.diffusion
-        raise UserError(f"the {guide.kind} at {guide.path} was trained with the {c.schedule} schedule, T={c.T}; "
+        raise UserError(f"the {what} at {guide.path} was trained with the {c.schedule} schedule, T={c.T}; "
                         f"the model uses {d.schedule}, T={d.T}")
     if tuple(guide.data_shape) != tuple(m.data_shape):  # it ran on any size (convolutions), guiding toward nothing it learned
-        raise UserError(f"the {guide.kind} at {guide.path} sees x_t of shape {tuple(guide.data_shape)}; the model's x_t has shape "
+        raise UserError(f"the {what} at {guide.path} sees x_t of shape {tuple(guide.data_shape)}; the model's x_t has shape "
                         f"{tuple(m.data_shape)}")
     classes = guide.config.network.num_classes
     if guide.kind == "classifier" and bool(((target < 0) | (target >= classes)).any()):  # else an index error deep in the loss
