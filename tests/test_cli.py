@@ -19,6 +19,22 @@ def run(capsys, *argv):
     return code, captured.out, captured.err
 
 
+def test_a_bare_command_shows_the_commands_and_version_says_what_runs(capsys):
+    """`ddpmkit` alone said "the following arguments are required: command"; `ddpmkit --version` and `python -m ddpmkit`
+    did not exist."""
+    import subprocess
+    import sys
+
+    import torch
+
+    with pytest.raises(SystemExit) as bare:
+        main([])
+    out = capsys.readouterr().out
+    assert bare.value.code == 2 and "train any model from a config file or preset" in out and "ddpmkit COMMAND --help" in out
+    done = subprocess.run([sys.executable, "-m", "ddpmkit", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("ddpmkit ") and f"torch {torch.__version__}, Python " in done.stdout, done
+
+
 def test_overrides_may_follow_a_flag(tmp_path, capsys):
     """`ddpmkit train mnist --overwrite train.lr=1e-3`: argparse ends the overrides at the first flag, and the ones after it
     were "unrecognized arguments"; they are overrides wherever they stand, and anything else after a flag is refused."""

@@ -11,9 +11,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 import warnings
 from collections.abc import Callable
+
+import torch
 
 from ..devices import out_of_memory
 from ..errors import USER_ERRORS, Note, compile_failure, render
@@ -28,8 +31,10 @@ FLAGS = {"classes": "--class", "prompts": "--prompt", "scale": "--guidance", "cl
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ddpmkit", description="Denoising diffusion models: train, sample, look.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="ddpmkit", description="Denoising diffusion models: train, sample, look.",
+                                epilog="ddpmkit COMMAND --help says what each command takes; `ddpmkit demo` trains and samples the digits.")
+    p.add_argument("--version", action="version", version=version_line())
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (train, sample, cascade, forward, edit, unclip, serve):
         module.add_commands(sub)
     return p
@@ -45,10 +50,22 @@ def notes_as_lines(show: Callable[..., None]) -> Callable[..., None]:
     return show_note
 
 
+def version_line() -> str:
+    """ddpmkit's version and the torch it runs on (what a bug report needs)."""
+    try:
+        mine = importlib.metadata.version("ddpmkit")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        mine = "(not installed)"
+    return f"ddpmkit {mine}, torch {torch.__version__}, Python {sys.version.split()[0]}"
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """The command line; section.key=value overrides may also come after a flag (`train mnist --overwrite train.lr=1e-3`:
     argparse ends a positional list at the first flag and called the rest unrecognized)."""
     parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # a bare `ddpmkit`: the commands, not "arguments are required: command"
+        parser.print_help()
+        parser.exit(2)
     args, extra = parser.parse_known_args(argv)
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]
