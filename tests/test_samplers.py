@@ -1,5 +1,7 @@
 """ODE and SDE samplers driven by exact denoisers: convergence order, agreement, distributions."""
+import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -267,3 +269,23 @@ def test_a_zero_terminal_snr_schedule_samples_a_v_model_from_its_pure_noise():
     assert torch.isfinite(x).all() and (x.norm(dim=1) - 1).abs().mean() < 0.1  # the adaptive solve from T-2
     with pytest.raises(ValueError, match="an eps-prediction gives no x_0"):
         ddpmkit.sample(ring.eps_model(zt), (4, 2), zt, sampler="ddim", steps=10)
+
+
+def test_a_tuned_grid_file_sets_the_steps_and_names_its_sampler(tmp_path):
+    """A tune-grid file beside --steps of another count ignored --steps without a word, and one tuned for unipc ran
+    under ddim without a word; now the first is refused and the second noted."""
+    from ddpmkit.cli import build_parser
+    from ddpmkit.cli.common import options_from
+    from ddpmkit.errors import Note
+
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"sampler": "unipc", "steps": 4, "timesteps": [999.0, 442.5, 44.8, 0.0]}))
+    args = lambda *more: build_parser().parse_args(["sample", "RUN", "--grid", str(grid), *more])  # noqa: E731
+    with pytest.raises(UserError, match=r"--grid .*grid.json holds 4 steps, --steps says 10: leave --steps out"):
+        options_from(args("--sampler", "unipc", "--steps", "10"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # its own sampler, with or without the same --steps: no note
+        for more in ((), ("--steps", "4")):
+            assert options_from(args("--sampler", "unipc", *more))["grid"].tolist() == [999.0, 442.5, 44.8, 0.0]
+    with pytest.warns(Note, match=r"grid.json was tuned for unipc, not ddim: another sampler's best grid may lie elsewhere"):
+        options_from(args("--sampler", "ddim"))

@@ -172,9 +172,13 @@ def add_sampler_args(p: argparse.ArgumentParser, sampler: str | None = "ddpm", s
 
 
 def options_from(args: argparse.Namespace) -> dict:
-    """The sampler options the command line asked for."""
-    return sampler_options(args.sampler, getattr(args, "grid", None), getattr(args, "variance", "auto"),
-                           not getattr(args, "no_clip", False), getattr(args, "eta", None), getattr(args, "order", None))
+    """The sampler options the command line asked for; a grid file fixes the steps (--steps was ignored beside it)."""
+    options = sampler_options(args.sampler, getattr(args, "grid", None), getattr(args, "variance", "auto"),
+                              not getattr(args, "no_clip", False), getattr(args, "eta", None), getattr(args, "order", None))
+    points = len(options["grid"]) if isinstance(options.get("grid"), torch.Tensor) else None
+    if points is not None and getattr(args, "steps", None) not in (None, points):
+        raise UserError(f"--grid {args.grid} holds {points} steps, --steps says {args.steps}: leave --steps out (the grid sets them)")
+    return options
 
 
 def guidance_request(args: argparse.Namespace) -> GuidanceRequest:

@@ -3,11 +3,12 @@ against what each sampler takes."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import Note, UserError
 
 NO_CLIP = ("euler_maruyama", "pc", "dopri5", "ddim_uniform", "consistency")  # samplers that never clip the predicted x_0
 
@@ -20,7 +21,7 @@ def sampler_options(sampler: str, grid: str | torch.Tensor | None = None, varian
     from_file = isinstance(grid, str) and grid.endswith(".json")
     options: dict = {}
     if grid is not None:
-        options["grid"] = read_grid_file(grid) if from_file else grid
+        options["grid"] = read_grid_file(grid, sampler) if from_file else grid
     if sampler == "ddpm":
         options["variance"] = variance
     elif variance != "auto":  # it was ignored
@@ -34,13 +35,20 @@ def sampler_options(sampler: str, grid: str | torch.Tensor | None = None, varian
     return options
 
 
-def read_grid_file(path) -> torch.Tensor:
-    """The timesteps of a grid file {"timesteps": [...]} written by `ddpmkit tune-grid`."""
+def read_grid_file(path, sampler: str | None = None) -> torch.Tensor:
+    """The timesteps of a grid file {"timesteps": [...]} written by `ddpmkit tune-grid`; a Note where it was tuned for
+    another sampler than `sampler` (it still runs: a grid is a grid)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"grid file not found: {path}")
     try:
-        return torch.tensor(json.loads(path.read_text())["timesteps"], dtype=torch.float64)
+        content = json.loads(path.read_text())
+        timesteps = torch.tensor(content["timesteps"], dtype=torch.float64)
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path} is not a grid file with a 'timesteps' list: {e}") from None
+    tuned = content.get("sampler")
+    if sampler is not None and tuned not in (None, sampler):
+        warnings.warn(f"{path} was tuned for {tuned}, not {sampler}: another sampler's best grid may lie elsewhere "
+                      f"(ddpmkit tune-grid RUN --sampler {sampler})", Note, stacklevel=2)
+    return timesteps
 
