@@ -126,6 +126,8 @@ def test_every_argument_of_every_command_says_what_it_is():
     # counts whose memory grows past what the picture shows: one line at once, not a kill for memory minutes later
     (["forward", "mnist5k:0", "--size", "100000"], "--size 100000: at most 1024 (the strip shows each image at 192 pixels"),
     (["forward", "mnist5k:0", "--T", "1000000000"], "--T 1000000000: at most 100000"),
+    (["text-diff", "/no/run", "mnist5k:3", "--from", "a", "--to", "b", "--amounts", "0,nan"], "--amounts takes numbers in [0, 1] separated"),
+    (["text-diff", "/no/run", "mnist5k:3", "--from", "a", "--to", "b", "--amounts", "0.5,5"], "--amounts takes numbers in [0, 1] separated"),
     # a guide's weight without the guide was taken and ignored
     (["sample", "/no/run", "--classifier-scale", "5"], "--classifier-scale weighs --classifier guidance: give --classifier RUN too, or leave"),
     (["sample", "/no/run", "--autoguide-scale", "2"], "--autoguide-scale weighs --autoguide guidance: give --autoguide RUN too"),

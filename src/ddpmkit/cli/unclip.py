@@ -75,12 +75,14 @@ def cmd_interpolate(args: argparse.Namespace) -> None:
 
 
 def cmd_text_diff(args: argparse.Namespace) -> None:
-    decoder = load_diffusion(args.decoder, device=args.device)
-    image = _images(decoder, [args.image], args.fit)
-    try:
+    try:  # before the decoder loads; nan or 5 drew NaN or past-the-text images
         amounts = [float(a) for a in args.amounts.split(",")]
+        if not all(0 <= a <= 1 for a in amounts):
+            raise ValueError
     except ValueError:
         raise UserError(f"--amounts takes numbers in [0, 1] separated by commas; got {args.amounts!r}") from None
+    decoder = load_diffusion(args.decoder, device=args.device)
+    image = _images(decoder, [args.image], args.fit)
     out = unclip.text_diff(decoder, image, args.source, args.target, amounts, seed=args.seed, **_decode_kwargs(args))
     folder = save_generated(out, args.out, args.seed, gif=False)
     viz.labelled_rows([("source", image), ("theta " + ", ".join(f"{a:g}" for a in amounts), out.images)], folder / "text_diff.png",
