@@ -33,8 +33,9 @@ def test_augmentation_is_the_forward_process_at_level_s():
     ab[0] = 1.0
     ab[1] = float(schedule.alpha_bar_at(249.75))
     torch.testing.assert_close(out, ab.sqrt()[:, None, None, None] * z + (1 - ab).sqrt()[:, None, None, None] * xi)
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        augment(z, torch.tensor([0.0, 0.5, 1.5]), schedule, xi)
+    for bad in (1.5, float("nan")):  # NaN passed the check and drew NaN low-res inputs
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            augment(z, torch.tensor([0.0, 0.5, bad]), schedule, xi)
 
 
 def test_blur_keeps_constants_and_means_and_sigma_zero_is_the_identity():

@@ -49,7 +49,7 @@ def upsample(z: torch.Tensor, size: int, mode: str = "bicubic") -> torch.Tensor:
 def aug_timestep(level: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
     """The real timestep of augmentation level s in [0, 1]: s (T - 1) (float64)."""
     level = torch.as_tensor(level, dtype=torch.float64)
-    if bool(((level < 0) | (level > 1)).any()):
+    if not bool(((level >= 0) & (level <= 1)).all()):  # written so that NaN fails too
         raise UserError(f"augmentation levels must lie in [0, 1], got {level.min().item():g} .. {level.max().item():g}")
     return level * (schedule.T - 1)
 
