@@ -178,8 +178,9 @@ def test_bad_grid_and_sampler_names_list_the_options():
         timestep_grid("karas", S, 10)
     with pytest.raises(ValueError, match="dpmpp_2m"):
         ddpmkit.sample(MIX.eps_model(S), (2, 2), S, sampler="dpm")
-    with pytest.raises(ValueError, match="decreasing"):
-        timestep_grid(torch.tensor([0.0, 500.0]), S, None)
+    for bad in ([0.0, 500.0], [999.0, math.nan, 0.0]):  # NaN (a hand-edited grid file) was "cannot convert float NaN to integer"
+        with pytest.raises(ValueError, match="decreasing"):
+            timestep_grid(torch.tensor(bad), S, None)
     for sampler, option in (("dpmpp_2m", {"order": 3}), ("dpmpp_3m", {"eta": 1.0}), ("dpmpp_3m_sde", {"order": 2})):  # what the name fixes
         with pytest.raises(ValueError, match=rf"sampler '{sampler}' fixes {next(iter(option))} = "):
             ddpmkit.sample(MIX.eps_model(S), (2, 2), S, sampler=sampler, steps=3, **option)

@@ -100,7 +100,7 @@ def timestep_grid(grid: str | torch.Tensor, schedule: NoiseSchedule, steps: int 
         raise UserError(f"unknown sampler option(s) {unknown} for this sampler{where_options_belong(unknown)}")
     if isinstance(grid, torch.Tensor):
         t = grid.to(torch.float64).flatten()
-        if t.numel() < 1 or bool((t[1:] >= t[:-1]).any()) or t.min() < 0 or t.max() > schedule.T - 1:
+        if t.numel() < 1 or not bool(t.isfinite().all()) or bool((t[1:] >= t[:-1]).any()) or t.min() < 0 or t.max() > schedule.T - 1:
             raise UserError(f"an explicit grid must be strictly decreasing timesteps in [0, {schedule.T - 1}]")
         return t
     check_grid_name(grid)
