@@ -198,6 +198,9 @@ def test_train_then_sample_writes_grid_pngs_and_gif(tmp_path, capsys):
     code, out, err = run(capsys, "sample", str(run_dir), "--n", "2", "--sampler", "unipc", "--grid", str(grid), "--no-gif",
                          "--out", str(tmp_path / "g"))
     assert code == 0 and "4 network evaluations" in out, err
+    # --dtype is a diffusers folder's weights' type: for a ddpmkit run it was ignored; --precision is what computes in bf16
+    code, out, err = run(capsys, "sample", str(run_dir), "--n", "2", "--steps", "2", "--dtype", "bf16", "--out", str(tmp_path / "d"))
+    assert code == 2 and "is a ddpmkit run, whose float32 weights compute in bf16 or fp16 with --precision" in err
     report = tmp_path / "eval.json"
     code, out, err = run(capsys, "eval", str(run_dir), "--metrics", "bpd", "--n-bpd", "2", "--out", str(report))
     assert code == 0, err

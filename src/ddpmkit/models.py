@@ -314,6 +314,9 @@ def _load(path: str | Path, weights: str, device: torch.device, kind: str | None
         raise CheckpointError(f"{ckpt} holds {article(task)} {task} (train.task = {task!r}), not {article(kind)} {kind} model")
     if config.network.kind == "diffusers":
         return _load_pipeline_run(ckpt, config, info, weights, device, dtype)
+    if dtype is not None:  # it was ignored: a ddpmkit run keeps float32 weights and computes in the precision asked
+        raise CheckpointError(f"`dtype` is the weights' type of a diffusers pipeline folder; {ckpt} is a ddpmkit run, whose float32 "
+                              "weights compute in bf16 or fp16 with `precision` (e.g. ddpmkit sample RUN --precision bf16)")
     net = build_for_task(config, info.data_shape)
     if config.train.lora_rank:  # the checkpoint holds the adapters; their base is the run it fine-tuned
         net = adapt(net, config)
