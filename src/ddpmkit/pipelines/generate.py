@@ -33,8 +33,8 @@ from .guided import GuidanceRequest, guided_model
 class Generated:
     images: torch.Tensor  # (n, ...) decoded samples
     nfe: int  # network evaluations per sample
-    xs: list[torch.Tensor] = field(default_factory=list)  # decoded x_t along the way (record_every > 0)
-    x0s: list[torch.Tensor] = field(default_factory=list)  # decoded predicted x_0 along the way
+    xs: list[torch.Tensor] = field(default_factory=list)  # decoded x_t along the way (record_every > 0), first GIF_SAMPLES samples
+    x0s: list[torch.Tensor] = field(default_factory=list)  # decoded predicted x_0 along the way, likewise
 
 
 def bounded_x0(m: DiffusionModel) -> bool:
@@ -50,6 +50,10 @@ def resolve_options(m: DiffusionModel, options: dict | None) -> dict:
         options["clip_x0"] = False
     return options
 
+
+# samples the reverse-process GIFs show (the first ones): every sample's x_t at 50 steps was 1.4 GB for 2,000 digits, and a
+# GIF of a 45 x 45 grid shows nothing a 8 x 8 one does not
+GIF_SAMPLES = 64
 
 # values (batch x C x H x W) per chunk that keep a CPU's activations in cache: 128 digits of 28x28 was the fastest
 # chunk for the demo UNet on 2 cores (bench/sampling_throughput.py measures it on yours)
@@ -126,11 +130,13 @@ def generate(m: DiffusionModel, n: int, request: GuidanceRequest | None = None, 
     def draw(start: int, b: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], int]:
         try:
             model, kwargs, extra = guided_model(m, b, request.slice(start, b, m.num_classes), sampler, device)
+            shown = max(0, min(b, GIF_SAMPLES - start))  # of this chunk's samples, those the GIFs show
             res = sample(model, (b, *m.data_shape), sampler=sampler, steps=steps, generator=seeds[start:start + b],
-                         record_every=record_every, progress=progress and streams == 1, model_kwargs=kwargs, device=device,
-                         callback=lambda info: on_step(info, start), **options, **extra)
+                         record_every=record_every if shown else 0, progress=progress and streams == 1, model_kwargs=kwargs,
+                         device=device, callback=lambda info: on_step(info, start), **options, **extra)
             with torch.no_grad():  # decoding latents (a VAE) needs no graph: the samples are the result
-                return m.decode(res.x).cpu(), [m.decode(x) for x in res.xs], [m.decode(x) for x in res.x0s], res.nfe
+                return (m.decode(res.x).cpu(), [m.decode(x[:shown]) for x in res.xs], [m.decode(x[:shown]) for x in res.x0s],
+                        res.nfe)
         except BaseException:
             failed.set()
             raise
@@ -156,7 +162,7 @@ def generate(m: DiffusionModel, n: int, request: GuidanceRequest | None = None, 
     else:
         parts = _side_by_side(draw, list(zip(starts, sizes)), streams)
     bar.close()
-    join = lambda frames: [torch.cat(f) for f in zip(*frames)]  # noqa: E731 -- chunks side by side, per recorded step
+    join = lambda frames: [torch.cat(f) for f in zip(*(f for f in frames if f))]  # noqa: E731 -- the GIFs' chunks, per recorded step
     images, xs, x0s, nfes = zip(*parts)
     return Generated(torch.cat(images), nfes[-1], join(xs), join(x0s))
 
