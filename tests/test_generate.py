@@ -89,6 +89,11 @@ def test_a_folder_holds_one_calls_samples_and_nothing_of_the_call_before(model, 
     assert sorted(f.name for f in (out / "samples").iterdir()) == ["3000000.png", "3000001.png"]
     assert not (out / "reverse_process.gif").exists() and not (out / "predicted_x0.gif").exists()
     assert torch.equal(torch.load(out / "samples.pt"), second.images) and (out / "mine.txt").read_text() == "kept"
+    # negative seeds name their files -000002.png: they stayed beside the next call's samples
+    save_generated(generate(model, 2, sampler="ddim", steps=2, seed=-2, progress=False), out, seed=-2, gif=False)
+    assert sorted(f.name for f in (out / "samples").iterdir()) == ["-00001.png", "-00002.png"]
+    save_generated(second, out, seed=3_000_000, gif=False)
+    assert sorted(f.name for f in (out / "samples").iterdir()) == ["3000000.png", "3000001.png"]
 
 
 def test_a_chunk_the_device_has_no_memory_for_is_drawn_again_in_halves_with_the_same_samples(model, capsys):

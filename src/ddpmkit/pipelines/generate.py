@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 import sys
 import threading
 from collections.abc import Callable
@@ -201,7 +202,7 @@ def save_generated(out: Generated, folder: str | Path, seed: int = 0, gif: bool 
     first, so that it never holds two calls' samples (64 of one model beside 16 of another) or a stale GIF."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    earlier = [folder / name for name in GENERATED_FILES] + [f for f in folder.glob("samples/*.png") if f.stem.isdigit()]
+    earlier = [folder / name for name in GENERATED_FILES] + [f for f in folder.glob("samples/*.png") if re.fullmatch(r"-?\d+", f.stem)]
     for path in earlier:
         path.unlink(missing_ok=True)  # only the files this writes: anything else in the folder stays
     x = out.images
