@@ -189,3 +189,23 @@ def test_dreambooth_draws_and_caches_its_class_images_and_weighs_the_prior(new_s
         DenoiserTask(load_config("mnist_text", [*db[:-3], f"train.init_from={plain}", f"train.run_dir={tmp_path / 'db2'}"]))
     with pytest.raises(ConfigError, match="give dreambooth.class_prompt"):
         load_config("mnist_text", [*text, "dreambooth.instance_prompt=a sks digit", "dreambooth.class_images=4"])
+
+
+def test_a_lora_run_finds_its_base_from_another_working_folder(tmp_path, monkeypatch):
+    """A LoRA run names its base as training was given it (train.init_from=runs/base, from the project's folder), so
+    `cd runs && ddpmkit sample lora` (or a page served from elsewhere) said "no checkpoint at runs/base". The base is now
+    also looked for from the folder the run trained from; a base that is gone says which run it was."""
+    from ddpmkit.checkpoint import CheckpointError
+
+    monkeypatch.chdir(tmp_path)
+    one = [*TINY, "train.steps=1", "train.checkpoint_every=0"]
+    train(load_config("mnist", [*one, "train.run_dir=runs/base"]), progress=False)
+    train(load_config("mnist", [*one, "train.init_from=runs/base", "train.lora_rank=2", "train.run_dir=runs/lora"]), progress=False)
+    here = load_diffusion("runs/lora").network.state_dict()
+    monkeypatch.chdir(tmp_path / "runs")
+    there = load_diffusion("lora").network.state_dict()
+    assert all(torch.equal(here[k], there[k]) for k in here)
+    (tmp_path / "runs" / "base").rename(tmp_path / "moved")
+    with pytest.raises(CheckpointError, match=r"lora/ckpt-0000001 is a LoRA run: its adapters sit on the weights of runs/base \(its "
+                                              r"train.init_from\), which cannot be loaded from here \(no checkpoint at runs/base"):
+        load_diffusion("lora")

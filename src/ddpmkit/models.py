@@ -10,6 +10,7 @@ schedule by hand.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -319,7 +320,12 @@ def _load(path: str | Path, weights: str, device: torch.device, kind: str | None
                               "weights compute in bf16 or fp16 with `precision` (e.g. ddpmkit sample RUN --precision bf16)")
     net = build_for_task(config, info.data_shape)
     if config.train.lora_rank:  # the checkpoint holds the adapters; their base is the run it fine-tuned
-        net = adapt(net, config)
+        config = with_base_found(ckpt, config)
+        try:
+            net = adapt(net, config)
+        except CheckpointError as e:
+            raise CheckpointError(f"{ckpt} is a LoRA run: its adapters sit on the weights of {config.train.init_from} (its "
+                                  f"train.init_from), which cannot be loaded from here ({e})") from None
     try:
         state = read_weights(ckpt, weights)
     except CheckpointError as e:
@@ -334,6 +340,22 @@ def _load(path: str | Path, weights: str, device: torch.device, kind: str | None
         return LoadedNetwork(**common)
     autoencoder = load_autoencoder(config.data.autoencoder, device=device).network if config.data.autoencoder else None
     return DiffusionModel(**common, autoencoder=autoencoder)
+
+
+def with_base_found(ckpt: Path, config: Config) -> Config:
+    """config with a relative train.init_from found: as given (from the working folder), else from the folder the run
+    trained from (train.run_dir = "runs/lora" in runs/lora/ckpt-...: two folders up), so that `cd runs && ddpmkit sample
+    lora` finds the base "runs/mnist" that training named from the project's folder."""
+    base, run_dir = Path(config.train.init_from), Path(config.train.run_dir)
+    if base.is_absolute() or base.exists() or run_dir.is_absolute():
+        return config
+    here = ckpt.resolve().parent.parts
+    if here[len(here) - len(run_dir.parts):] != run_dir.parts:
+        return config
+    trained_from = Path(*here[:len(here) - len(run_dir.parts)])
+    if not (trained_from / base).exists():
+        return config
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, init_from=str(trained_from / base)))
 
 
 def _load_pipeline_run(ckpt: Path, config: Config, info, weights: str, device, dtype) -> DiffusersModel:
