@@ -191,10 +191,11 @@ def test_dreambooth_draws_and_caches_its_class_images_and_weighs_the_prior(new_s
         load_config("mnist_text", [*text, "dreambooth.instance_prompt=a sks digit", "dreambooth.class_images=4"])
 
 
-def test_a_lora_run_finds_its_base_from_another_working_folder(tmp_path, monkeypatch):
+def test_a_run_finds_the_runs_it_names_from_another_working_folder(tmp_path, monkeypatch):
     """A LoRA run names its base as training was given it (train.init_from=runs/base, from the project's folder), so
     `cd runs && ddpmkit sample lora` (or a page served from elsewhere) said "no checkpoint at runs/base". The base is now
-    also looked for from the folder the run trained from; a base that is gone says which run it was."""
+    also looked for from the folder the run trained from (so is a latent run's autoencoder, an unCLIP run's CLIP); a base
+    that is gone says which run it was."""
     from ddpmkit.checkpoint import CheckpointError
 
     monkeypatch.chdir(tmp_path)
@@ -205,6 +206,14 @@ def test_a_lora_run_finds_its_base_from_another_working_folder(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path / "runs")
     there = load_diffusion("lora").network.state_dict()
     assert all(torch.equal(here[k], there[k]) for k in here)
+    # likewise a latent run's autoencoder (data.autoencoder=runs/ae)
+    monkeypatch.chdir(tmp_path)
+    train(load_config("mnist_autoencoder", ["data.name=digits", "autoencoder.pad_to=8", "autoencoder.channel_mult=1,2",
+                                            "autoencoder.base_channels=8", "train.steps=1", "train.run_dir=runs/ae"]), progress=False)
+    train(load_config("mnist_latent", ["data.name=digits", "data.autoencoder=runs/ae", "network.base_channels=8",
+                                       "network.attention_resolutions=2", "train.steps=1", "train.run_dir=runs/ldm"]), progress=False)
+    monkeypatch.chdir(tmp_path / "runs")
+    assert load_diffusion("ldm").autoencoder is not None
     (tmp_path / "runs" / "base").rename(tmp_path / "moved")
     with pytest.raises(CheckpointError, match=r"lora/ckpt-0000001 is a LoRA run: its adapters sit on the weights of runs/base \(its "
                                               r"train.init_from\), which cannot be loaded from here \(no checkpoint at runs/base"):

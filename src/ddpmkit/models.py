@@ -310,6 +310,7 @@ def _load(path: str | Path, weights: str, device: torch.device, kind: str | None
         config, info = read_config(ckpt)
     except CheckpointError as e:
         raise damaged(e, ckpt) from None
+    config = with_paths_found(ckpt, config)
     task = config.train.task
     if kind is not None and task not in (sampling_kinds() if kind == "diffusion" else (kind,)):
         raise CheckpointError(f"{ckpt} holds {article(task)} {task} (train.task = {task!r}), not {article(kind)} {kind} model")
@@ -320,7 +321,6 @@ def _load(path: str | Path, weights: str, device: torch.device, kind: str | None
                               "weights compute in bf16 or fp16 with `precision` (e.g. ddpmkit sample RUN --precision bf16)")
     net = build_for_task(config, info.data_shape)
     if config.train.lora_rank:  # the checkpoint holds the adapters; their base is the run it fine-tuned
-        config = with_base_found(ckpt, config)
         try:
             net = adapt(net, config)
         except CheckpointError as e:
@@ -342,20 +342,26 @@ def _load(path: str | Path, weights: str, device: torch.device, kind: str | None
     return DiffusionModel(**common, autoencoder=autoencoder)
 
 
-def with_base_found(ckpt: Path, config: Config) -> Config:
-    """config with a relative train.init_from found: as given (from the working folder), else from the folder the run
-    trained from (train.run_dir = "runs/lora" in runs/lora/ckpt-...: two folders up), so that `cd runs && ddpmkit sample
-    lora` finds the base "runs/mnist" that training named from the project's folder."""
-    base, run_dir = Path(config.train.init_from), Path(config.train.run_dir)
-    if base.is_absolute() or base.exists() or run_dir.is_absolute():
-        return config
+# the runs and folders a run's config names that loading it reads: a LoRA run's base, a latent run's autoencoder, an
+# unCLIP run's CLIP, a fine-tuned pipeline's folder
+LOADED_PATHS = (("train", "init_from"), ("data", "autoencoder"), ("unclip", "clip"), ("network", "pipeline"))
+
+
+def with_paths_found(ckpt: Path, config: Config) -> Config:
+    """config with each relative path of LOADED_PATHS found: as given (from the working folder), else from the folder
+    the run trained from (train.run_dir = "runs/lora" in runs/lora/ckpt-...: two folders up), so that `cd runs &&
+    ddpmkit sample lora` finds the base "runs/mnist" that training named from the project's folder."""
+    run_dir = Path(config.train.run_dir)
     here = ckpt.resolve().parent.parts
-    if here[len(here) - len(run_dir.parts):] != run_dir.parts:
+    if run_dir.is_absolute() or here[len(here) - len(run_dir.parts):] != run_dir.parts:
         return config
     trained_from = Path(*here[:len(here) - len(run_dir.parts)])
-    if not (trained_from / base).exists():
-        return config
-    return dataclasses.replace(config, train=dataclasses.replace(config.train, init_from=str(trained_from / base)))
+    for section, key in LOADED_PATHS:
+        path = Path(getattr(getattr(config, section), key))
+        if str(path) in ("", ".") or path.is_absolute() or path.exists() or not (trained_from / path).exists():
+            continue  # none, or found as given, or nowhere: the loader's own message then
+        config = dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **{key: str(trained_from / path)})})
+    return config
 
 
 def _load_pipeline_run(ckpt: Path, config: Config, info, weights: str, device, dtype) -> DiffusersModel:
