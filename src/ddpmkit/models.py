@@ -342,9 +342,9 @@ def _load(path: str | Path, weights: str, device: torch.device, kind: str | None
     return DiffusionModel(**common, autoencoder=autoencoder)
 
 
-# the runs and folders a run's config names that loading it reads: a LoRA run's base, a latent run's autoencoder, an
-# unCLIP run's CLIP, a fine-tuned pipeline's folder
-LOADED_PATHS = (("train", "init_from"), ("data", "autoencoder"), ("unclip", "clip"), ("network", "pipeline"))
+# the runs and folders a run's config names that loading or evaluating it reads: a LoRA run's base, a latent run's
+# autoencoder, an unCLIP run's CLIP, a fine-tuned pipeline's folder, the image folder or .npz it trained on (eval's data)
+LOADED_PATHS = (("train", "init_from"), ("data", "autoencoder"), ("unclip", "clip"), ("network", "pipeline"), ("data", "path"))
 
 
 def with_paths_found(ckpt: Path, config: Config) -> Config:
