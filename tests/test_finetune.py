@@ -212,8 +212,14 @@ def test_a_run_finds_the_runs_it_names_from_another_working_folder(tmp_path, mon
                                             "autoencoder.base_channels=8", "train.steps=1", "train.run_dir=runs/ae"]), progress=False)
     train(load_config("mnist_latent", ["data.name=digits", "data.autoencoder=runs/ae", "network.base_channels=8",
                                        "network.attention_resolutions=2", "train.steps=1", "train.run_dir=runs/ldm"]), progress=False)
+    (tmp_path / "imgs").mkdir()  # and the image folder a run trained on (eval's held-out data)
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    train(load_config("mnist", [*one, "data.name=folder", "data.path=imgs", "data.image_size=8", "data.channels=1",
+                                "train.run_dir=runs/folder"]), progress=False)
     monkeypatch.chdir(tmp_path / "runs")
     assert load_diffusion("ldm").autoencoder is not None
+    assert load_diffusion("folder").config.data.path == str(tmp_path / "imgs")
     (tmp_path / "runs" / "base").rename(tmp_path / "moved")
     with pytest.raises(CheckpointError, match=r"lora/ckpt-0000001 is a LoRA run: its adapters sit on the weights of runs/base \(its "
                                               r"train.init_from\), which cannot be loaded from here \(no checkpoint at runs/base"):
