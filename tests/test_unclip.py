@@ -280,6 +280,14 @@ def test_text_to_image_variations_interpolation_and_text_diffs_from_the_command_
                           "--steps", "3", "--out", tmp_path / "t")
     assert code == 0, err
     assert torch.load(tmp_path / "t" / "samples.pt").shape == (2, 1, 8, 8)
+    # one caption twice has no direction (the "moves" went toward the zero vector), an interpolation of one frame is none,
+    # and more prior steps than its T named no flag
+    for argv, message in ((["text-diff", d, "digits:3", "--from", "a three", "--to", "a three"], "--from 'a three' and --to 'a three' "
+                            "have the same CLIP text embedding: there is no direction"),
+                          (["unclip-interpolate", d, "digits:3", "digits:7", "--frames", "1"], "an interpolation needs at least 2 frames"),
+                          (["unclip", p, d, "--prompt", "a one", "--prior-steps", "5000"], "--prior-steps 5000: the prior has T = ")):
+        code, out, err = _cli(capsys, *argv, "--steps", "2", "--out", tmp_path / "bad")
+        assert code == 2 and message in err, err
 
 
 def test_unclip_samples_do_not_depend_on_the_batch_size(tiny_unclip):

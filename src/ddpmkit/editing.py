@@ -123,10 +123,17 @@ def seed_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     return NoiseSource(1, [seed]).randn(shape)
 
 
+def check_frames(n: int) -> int:
+    """An interpolation's frame count: both ends at least (one frame showed the first end alone, as if interpolated)."""
+    if n < 2:
+        raise UserError(f"an interpolation needs at least 2 frames, its two ends; got {n}")
+    return n
+
+
 def interpolate_seeds(model: Denoiser | ModelFn, seed_a: int, seed_b: int, n: int, shape: tuple[int, ...], schedule: NoiseSchedule | None = None,
                       sampler: str = "ddim", steps: int = 50, prediction: Prediction = "eps", **kwargs) -> torch.Tensor:
     """n samples along the slerp from seed_a's x_T to seed_b's, with a deterministic sampler."""
-    alphas = torch.linspace(0, 1, n)
+    alphas = torch.linspace(0, 1, check_frames(n))
     x_T = torch.cat([slerp(seed_noise(seed_a, shape), seed_noise(seed_b, shape), float(a)) for a in alphas])
     return sample(as_denoiser(model, schedule, prediction), (n, *shape), sampler=sampler, steps=steps, x_T=x_T,
                   generator=0, **kwargs).x
@@ -137,6 +144,7 @@ def interpolate_images(model: Denoiser | ModelFn, xa: torch.Tensor, xb: torch.Te
     """The DDPM paper's interpolation (section 4.3, Fig. 8): encode two images xa, xb: (1, ...) to
     x_t with q (the same noise), interpolate linearly, and decode every mixture with the reverse
     process from t (the same reverse noise for all, so neighbours differ only by the mixture)."""
+    check_frames(n)
     denoiser = as_denoiser(model, schedule, prediction)
     schedule = denoiser.schedule
     eps = NoiseSource(1, [seed], xa.device).randn(xa.shape[1:])

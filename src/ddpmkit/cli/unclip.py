@@ -39,6 +39,8 @@ def _images(decoder, specs: list[str], fit: bool) -> torch.Tensor:
 def cmd_unclip(args: argparse.Namespace) -> None:
     prior, decoder = load_diffusion(args.prior, device=args.device), load_diffusion(args.decoder, device=args.device)
     unclip.check_pair(prior, decoder)
+    if args.prior_steps > prior.schedule.T:  # else the sampler's "steps must lie in [1, 1000]", which names no flag
+        raise UserError(f"--prior-steps {args.prior_steps}: the prior has T = {prior.schedule.T} steps")
     t0 = time.time()
     result = unclip.text_to_image(prior, decoder, args.prompt, args.n, args.prior_guidance, args.best_of, args.prior_steps,
                                   seed=args.seed, then=[parse_stage(s, decoder.device) for s in args.then], **_decode_kwargs(args))

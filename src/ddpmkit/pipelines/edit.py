@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import torch
 
-from ..editing import img2img, inpaint, interpolate_images, interpolate_seeds, lerp_condition, posterior_samples, seed_noise
+from ..editing import check_frames, img2img, inpaint, interpolate_images, interpolate_seeds, lerp_condition, posterior_samples, seed_noise
 from ..errors import UserError
 from ..models import DiffusionModel
 from ..sampling import sample
@@ -106,7 +106,7 @@ def interpolation_prompts(m: DiffusionModel, prompt_a: str, prompt_b: str, n: in
     if m.conditioning != "text":
         raise UserError(f"interpolating prompts needs a text-conditional model; {m.path} is conditioned on {m.conditioning}")
     ca, cb = m.encode_prompts([prompt_a]), m.encode_prompts([prompt_b])
-    conds = [lerp_condition(ca, cb, float(w)) for w in torch.linspace(0, 1, n)]
+    conds = [lerp_condition(ca, cb, float(w)) for w in torch.linspace(0, 1, check_frames(n))]
     request = replace(request or GuidanceRequest(), conditions={k: torch.cat([c[k] for c in conds]) for k in ca})
     model, kwargs, options = guided_model(m, n, request, sampler)
     x_T = seed_noise(seed, m.data_shape).expand(n, *m.data_shape)

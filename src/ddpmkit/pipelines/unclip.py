@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..editing import check_frames
 from ..errors import UserError
 from ..models import DiffusionModel
 from ..nets.prior import prior_data_scale
@@ -148,6 +149,7 @@ def interpolate(decoder: DiffusionModel, a: torch.Tensor, b: torch.Tensor, frame
     weights from 0 to 1, all with the same noise (seed), so only the embedding changes."""
     check_images(decoder, a)
     check_images(decoder, b)
+    check_frames(frames)
     za, zb = decoder.clip.network.embed_images(torch.cat([a[:1], b[:1]]).float())
     w = torch.linspace(0, 1, frames)
     embeds = F.normalize(slerp(za.expand(frames, -1), zb.expand(frames, -1), w), dim=-1)
@@ -171,5 +173,8 @@ def text_diff(decoder: DiffusionModel, image: torch.Tensor, source: str, target:
     if not amounts:
         raise UnCLIPError("give at least one amount theta in [0, 1]")
     z_src, z_tgt = decoder.clip.embed_texts([source, target])
+    if float((z_tgt - z_src).norm()) < 1e-6:  # normalise(0) is 0: the "moves" were toward nothing
+        raise UnCLIPError(f"`source` {source!r} and `target` {target!r} have the same CLIP text embedding: there is no direction to "
+                          "move the image along; give two different captions")
     embeds = text_diff_embeddings(decoder.clip.network.embed_images(image[:1].float())[0], z_src, z_tgt, amounts)
     return decode(decoder, embeds, seeds=[seed] * len(amounts), **decode_kwargs)
