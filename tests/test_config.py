@@ -88,8 +88,10 @@ def test_a_config_extends_a_preset_and_overrides_its_keys(tmp_path):
     run.mkdir()
     (run / "config.json").write_text(load_config("mnist_class", ["train.steps=7"]).to_json())
     assert load_config(run) == load_config(run / "config.json") == load_config("mnist_class", ["train.steps=7"])
-    with pytest.raises(ConfigError, match="config file not found: "):
+    with pytest.raises(ConfigError, match=r"is a folder without a config.json \(a run folder holds one\); presets: "):
         load_config(tmp_path)  # a folder without one
+    with pytest.raises(ConfigError, match=r"config file not found: mnsit \(did you mean 'mnist'\?\); presets: "):
+        load_config("mnsit")
     # UTF-8 on every system (the locale's encoding was read before), a Windows editor's byte-order mark dropped (it was
     # "Invalid statement (at line 1, column 1)"), another encoding one line (it was a UnicodeDecodeError traceback)
     child.write_text('\ufeffextends = "mnist"\n[train]\nsteps = 5\nrun_dir = "runs/caf\u00e9"\n', encoding="utf-8")

@@ -517,7 +517,9 @@ def resolve_config_path(spec: str | Path) -> Path:
     preset = PRESET_DIR / (path.stem + ".toml")
     if path.suffix in ("", ".toml") and preset.is_file():
         return preset
-    raise ConfigError(f"config file not found: {spec}; presets: {', '.join(preset_names())}")
+    close = difflib.get_close_matches(path.stem, preset_names(), n=1)
+    what = f"{spec} is a folder without a config.json (a run folder holds one)" if path.is_dir() else f"config file not found: {spec}"
+    raise ConfigError(f"{what}{f' (did you mean {close[0]!r}?)' if close else ''}; presets: {', '.join(preset_names())}")
 
 
 def read_values(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
