@@ -47,6 +47,9 @@ def test_overrides_may_follow_a_flag(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["sample", str(tmp_path / "r"), "--n", "2", "train.steps=3"])  # sample takes no overrides
     assert "unrecognized arguments: train.steps=3" in capsys.readouterr().err
+    # a mistyped run folder names the run beside it
+    code, out, err = run(capsys, "sample", str(tmp_path / "rr"), "--n", "1")
+    assert code == 2 and err.strip().endswith(f"; did you mean {tmp_path / 'r'}?"), err
 
 
 def test_forward_writes_strip_and_spectrum(tmp_path, capsys):

@@ -16,6 +16,7 @@ never leaves a half-written checkpoint where resume or sampling would read it. E
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import os
 import re
@@ -195,7 +196,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if path.is_file():
         raise CheckpointError(single_file(path))
     raise CheckpointError(f"no checkpoint at {path} (expected a ckpt-XXXXXXX folder, a run folder containing one, or a diffusers "
-                          "pipeline folder with model_index.json)")
+                          f"pipeline folder with model_index.json){nearby_run(path)}")
+
+
+def nearby_run(path: Path) -> str:
+    """"; did you mean runs/mnist?" for a mistyped run folder whose neighbour is a run, else ""."""
+    parent = path.parent if path.parent != Path("") else Path(".")
+    if path.exists() or not parent.is_dir():
+        return ""
+    runs = [p.name for p in parent.iterdir() if p.is_dir() and list_checkpoints(p)]
+    close = difflib.get_close_matches(path.name, runs, n=1)
+    return f"; did you mean {parent / close[0]}?" if close else ""
 
 
 def read_config(ckpt: Path) -> tuple[Config, CheckpointInfo]:
