@@ -113,6 +113,7 @@ def test_every_argument_of_every_command_says_what_it_is():
     (["demo", "--autoguide-scale", "nan"], "the autoguidance weight must be a finite number, got nan"),
     (["demo", "--autoguide-scale", "-1"], "the autoguidance weight w must be a finite number >= 0"),
     (["demo", "--minutes", "nan"], "train.max_minutes = nan must be a finite number"),
+    (["demo", "--steps", "5000"], "--steps 5000: the demo's model has T = 1000 steps"),  # it came after the training
     (["serve", "/no/run", "--port", "99999"], "--port 99999: give a port in 1..65535"),
     # every command's counts, checked before any model loads
     (["interpolate", "/no/run", "--n", "0"], "--n 0: give a whole number >= 1"),

@@ -39,6 +39,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     """Train the digit model for the preset's fixed number of steps, then sample a grid and its reverse process."""
     cfg = load_config("mnist", [f"train.run_dir={args.run_dir}", f"train.max_minutes={args.minutes}"] + list(args.overrides))
     GuidanceRequest(autoguide_scale=args.autoguide_scale)  # its checks before minutes of training, not after them
+    if args.steps > cfg.diffusion.T:  # likewise: the grid's sampler refused it after the training
+        raise UserError(f"--steps {args.steps}: the demo's model has T = {cfg.diffusion.T} steps")
     if Path(args.run_dir) != Path(DEMO_DIR):
         claim_run_folder(Path(args.run_dir), "the demo",
                          "give the demo another --run-dir (or continue that run with `ddpmkit train CONFIG --resume`)")
