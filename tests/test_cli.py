@@ -266,10 +266,10 @@ def test_user_errors_are_one_line_in_the_faces_words_and_bugs_keep_their_traceba
     """A UserError names library parameters; the CLI shows it as one line with its flags. Any other
     exception, even a ValueError from deep inside torch, is a bug: it propagates with its traceback."""
     from ddpmkit.cli import forward
-    from ddpmkit.errors import UserError
+    from ddpmkit.errors import UserError, render
 
     err = UserError("`classes` must lie in 0..9, and `unknown` stays as written")
-    assert err.render({"classes": "--class"}) == "--class must lie in 0..9, and `unknown` stays as written"
+    assert render(err, {"classes": "--class"}) == "--class must lie in 0..9, and `unknown` stays as written"
     assert isinstance(err, ValueError)  # library callers that catch ValueError keep working
 
     def raising(exc):

@@ -29,10 +29,6 @@ class Note(UserWarning):
 class UserError(ValueError):
     """Bad input: a value, a file, a config, a combination of options. Subclasses say which part."""
 
-    def render(self, words: Mapping[str, str]) -> str:
-        """render(self, words)."""
-        return render(self, words)
-
 
 # what the faces show as one line: user errors, and files that are not there
 USER_ERRORS: tuple[type[Exception], ...] = (UserError, FileNotFoundError)

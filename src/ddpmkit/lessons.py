@@ -67,13 +67,7 @@ def small_run(preset: str, steps: int, *overrides: str, name: str | None = None,
     # DDPMKIT_LESSONS_RUNS=runs, runs/mnist may be the user's run of that name: refused, not deleted)
     if "DDPMKIT_LESSONS_RUNS" in os.environ:
         claim_run_folder(folder, "the lessons", "set DDPMKIT_LESSONS_RUNS to a folder of the lessons' own")
-    if folder.is_dir():
-        for path in folder.iterdir():
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif not path.name.startswith(".made-by-"):
-                path.unlink()
-    return train(cfg, progress=not FAST)
+    return train(cfg, progress=not FAST, overwrite=True)  # the engine removes the earlier run's files
 
 
 def show(images: torch.Tensor, title: str = "", nrow: int | None = None, scale: float = 0.35):

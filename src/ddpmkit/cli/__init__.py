@@ -26,9 +26,8 @@ from .common import check_counts, check_out, no_memory, path_error
 # the library's parameter names in its messages, as the command line spells them
 FLAGS = {"classes": "--class", "prompts": "--prompt", "scale": "--guidance", "clip": "--clip", "classifier": "--classifier",
          "autoguide": "--autoguide", "features": "--features", "reference": "--reference", "metrics": "--metrics",
-         "mask": "--mask", "resume": "--resume", "overwrite": "--overwrite", "variance": "--variance", "dtype": "--dtype", "precision": "--precision",
-         "inception": "--inception",
-         "source": "--from", "target": "--to"}
+         "mask": "--mask", "resume": "--resume", "overwrite": "--overwrite", "variance": "--variance", "dtype": "--dtype",
+         "precision": "--precision", "inception": "--inception", "source": "--from", "target": "--to"}
 
 
 def build_parser() -> argparse.ArgumentParser:

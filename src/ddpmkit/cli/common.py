@@ -52,7 +52,8 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
 
 RUN_HELP = "a run folder (its newest checkpoint), a ckpt-XXXXXXX folder, or a diffusers pipeline folder"
 IMAGE_HELP = "an image file, or a built-in example such as mnist5k:7"
-NO_GIF_HELP = "no reverse-process GIFs (they keep every step's images in memory)"
+NO_GIF_HELP = "no reverse-process GIFs (of the first 64 samples, a frame every 1/50 of the steps)"
+SAMPLER_HELP = "ddpm = Algorithm 2; see the README"
 
 
 def out_help(what: str = "output folder") -> str:
@@ -155,7 +156,7 @@ def load_model(args: argparse.Namespace):
 
 
 def add_sampler_args(p: argparse.ArgumentParser, sampler: str | None = "ddpm", steps: int | None = None, full: bool = True,
-                     sampler_help: str = "ddpm = Algorithm 2; see the README") -> None:
+                     sampler_help: str = SAMPLER_HELP) -> None:
     """--sampler/--steps/--seed, and with full=True the solver options too; sampler_help="" leaves --sampler out (a
     command whose sampler is its definition's)."""
     if sampler_help:

@@ -19,6 +19,7 @@ from ..sampling import SAMPLERS
 from .common import (
     IMAGE_HELP,
     RUN_HELP,
+    SAMPLER_HELP,
     add_device_args,
     add_device_option,
     add_guidance_args,
@@ -140,7 +141,7 @@ def cmd_voyage(args: argparse.Namespace) -> None:
 
 
 def add_commands(sub) -> None:
-    def common(p: argparse.ArgumentParser, sampler: str | None, steps: int, n: str, sampler_help: str = "ddpm = Algorithm 2; see the README") -> None:
+    def common(p: argparse.ArgumentParser, sampler: str | None, steps: int, n: str, sampler_help: str = SAMPLER_HELP) -> None:
         p.add_argument("checkpoint", help=RUN_HELP)
         p.add_argument("--n", type=int, default=8, help=f"{n} (default: %(default)s)")
         add_sampler_args(p, sampler, steps, full=False, sampler_help=sampler_help)

@@ -35,6 +35,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         dist.destroy_process_group()
 
 
+DEMO_DIR = "runs/demo"  # the demo's own: started over without a mark (claim_run_folder)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     """Train the digit model for the preset's fixed number of steps, then sample a grid and its reverse process."""
     cfg = load_config("mnist", [f"train.run_dir={args.run_dir}", f"train.max_minutes={args.minutes}"] + list(args.overrides))
@@ -48,9 +51,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"[demo] training a {cfg.network.kind} on {cfg.data.name} for {cfg.train.steps} steps{cap} -> {args.run_dir}")
     train(cfg, overwrite=True)  # the demo's folder is the demo's: `make demo` again starts it over
     draw_demo(Path(args.run_dir), cfg.train.keep_steps, args.n, args.sampler, args.steps, args.autoguide_scale, args.device)
-
-
-DEMO_DIR = "runs/demo"  # the demo's own: started over without a mark (claim_run_folder)
 
 
 def draw_demo(run_dir: Path, keep_steps: tuple[int, ...], n: int, sampler: str, steps: int, autoguide_scale: float,

@@ -16,10 +16,9 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from ..errors import UserError
 from ..parameterization import Denoiser, DenoiserOutput
 from ..progress import progress_bar
-from .grids import batch_t, timestep_grid, where_options_belong
+from .grids import batch_t, timestep_grid
 
 
 class SigmaDenoiser:
@@ -51,10 +50,7 @@ class Trajectory:
         schedule = denoiser.schedule
         options = dict(options or {})  # clip_x0 for the denoiser; the rest (rho) for the grid
         self.D = SigmaDenoiser(denoiser, model_kwargs, clip_x0=options.pop("clip_x0", False))
-        unknown = sorted(set(options) - {"rho"})
-        if unknown:  # what the solver's own signature did not take, named with the sampler and where it belongs
-            raise UserError(f"sampler {name!r} takes no option(s) {unknown}{where_options_belong(unknown)}")
-        self.ts = timestep_grid(grid, schedule, steps, **options)
+        self.ts = timestep_grid(grid, schedule, steps, name, **options)
         self.sigmas: list[float] = schedule.sigma_at(self.ts).tolist() + [0.0]
         self.n = len(self.ts)  # network evaluations on the grid
         self.callback = callback

@@ -84,20 +84,18 @@ OPTION_SAMPLERS = {"eta": "ddim, dpmpp_2m_sde and dpmpp_3m_sde", "order": "unipc
                    "rtol": "dopri5", "atol": "dopri5"}
 
 
-def where_options_belong(options: list[str]) -> str:
-    """"; eta is for ddim, ..." for each option of OPTION_SAMPLERS, for a message that refuses them."""
-    return "".join(f"; {k} is for {OPTION_SAMPLERS[k]}" for k in options if k in OPTION_SAMPLERS)
-
-
-def timestep_grid(grid: str | torch.Tensor, schedule: NoiseSchedule, steps: int | None, **options) -> torch.Tensor:
+def timestep_grid(grid: str | torch.Tensor, schedule: NoiseSchedule, steps: int | None, sampler: str | None = None,
+                  **options) -> torch.Tensor:
     """The decreasing timesteps (float64, shape (steps,)) a sampler visits.
 
     grid: a name from GRIDS, or an explicit decreasing tensor of timesteps in [0, T-1].
+    sampler: the name of the sampler whose leftover options these are, for the message that refuses them.
     options: rho for 'karras'.
     """
     unknown = sorted(set(options) - {"rho"})
-    if unknown:
-        raise UserError(f"unknown sampler option(s) {unknown} for this sampler{where_options_belong(unknown)}")
+    if unknown:  # what the solver's own signature did not take, with where it belongs
+        where = "".join(f"; {k} is for {OPTION_SAMPLERS[k]}" for k in unknown if k in OPTION_SAMPLERS)
+        raise UserError(f"{f'sampler {sampler!r}' if sampler else 'this sampler'} takes no option(s) {unknown}{where}")
     if isinstance(grid, torch.Tensor):
         t = grid.to(torch.float64).flatten()
         if t.numel() < 1 or not bool(t.isfinite().all()) or bool((t[1:] >= t[:-1]).any()) or t.min() < 0 or t.max() > schedule.T - 1:
