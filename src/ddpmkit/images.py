@@ -47,15 +47,10 @@ def load_image(spec: str, size: int | None = None, channels: int | None = None) 
 
 
 def load_image_as(spec: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """An image in the shape (C, H, W) a model makes: (1, C, H, W); files are resized from their own pixels, built-in
-    examples (mnist5k:7) as load_image does (fit_image; they were an error, so `img2img` of mnist5k:7 on a 64x64 model
-    failed where the web page fits the same digit)."""
-    image = load_image(spec)
-    if tuple(image.shape[1:]) == tuple(shape):
-        return image
-    if ":" in spec and not Path(spec).exists():
-        return fit_image(image, tuple(shape))
-    return load_image_file(spec, shape[-1], shape[0])[None]
+    """An image in the (square) shape (C, H, W) a model makes: (1, C, H, W), a file resized from its own pixels and a
+    built-in example fitted (load_image; a built-in example of another shape was an error, so `img2img` of mnist5k:7 on
+    a 64x64 model failed where the web page fits the same digit)."""
+    return load_image(spec, shape[-1], shape[0])
 
 
 def fit_image(image: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
