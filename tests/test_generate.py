@@ -136,8 +136,8 @@ def test_vector_samples_are_not_clipped_to_the_pixel_range(tmp_path):
 
 
 def test_the_gifs_record_the_first_samples_only(model):
-    """Every sample's x_t and x_0 at every recorded step stayed in memory for the GIFs (1.4 GB for 2,000 digits at 50
-    steps, a GIF of a 45 x 45 grid); the GIFs now show the first GIF_SAMPLES, and the samples are the same."""
+    """Every sample's x_t and x_0 at every recorded step stayed in memory for the GIFs (memory growing with n, for a GIF
+    of a 45 x 45 grid at 2,000 digits); the GIFs now show the first GIF_SAMPLES, and the samples are the same."""
     from ddpmkit.pipelines.generate import GIF_SAMPLES
 
     n, kw = GIF_SAMPLES + 6, dict(sampler="ddim", steps=4, seed=3, batch_size=GIF_SAMPLES // 2 + 1, progress=False)  # 3 chunks

@@ -52,8 +52,8 @@ def resolve_options(m: DiffusionModel, options: dict | None) -> dict:
     return options
 
 
-# samples the reverse-process GIFs show (the first ones): every sample's x_t at 50 steps was 1.4 GB for 2,000 digits, and a
-# GIF of a 45 x 45 grid shows nothing a 8 x 8 one does not
+# samples the reverse-process GIFs show (the first ones): every sample's x_t and x_0 at 50 steps took memory growing with n,
+# and a GIF of a 45 x 45 grid shows nothing an 8 x 8 one does not
 GIF_SAMPLES = 64
 
 # values (batch x C x H x W) per chunk that keep a CPU's activations in cache: 128 digits of 28x28 was the fastest
