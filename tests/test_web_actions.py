@@ -122,6 +122,23 @@ def test_cancel_stops_the_sampler_between_steps(actions, web_runs):
     assert seen < 10
 
 
+def test_a_request_the_page_stops_reading_stops_its_sampler(actions, web_runs, monkeypatch):
+    """A visitor who leaves closes the request's generator at a preview: its worker thread sampled on to the end for
+    nobody (and, in the tests, into the next test's). Now it stops at its next step."""
+    steps, pause = [], actions.yield_to_light
+    monkeypatch.setattr(actions, "yield_to_light", lambda *a, **k: (steps.append(1), pause(*a, **k)))  # counts the worker's steps
+    _, s = actions.settings(str(web_runs / "uncond"), "", "ddpm", 100, "default", 3.0, 0, 1)
+    updates = actions.generate(s, preview_every_s=0.0)
+    next(updates)
+    with actions.light():  # the worker waits at its next step while the page goes away
+        updates.close()  # what gradio does when the client goes away
+    workers = lambda: [t for t in threading.enumerate() if t.name == "ddpmkit-generate"]  # noqa: E731
+    deadline = time.monotonic() + 30
+    while workers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not workers() and len(steps) < 50, len(steps)  # it ran on for all 100 steps
+
+
 def test_samplers_pause_while_a_light_request_runs(actions):
     order = []
     with actions.light():

@@ -191,11 +191,12 @@ class Actions:
         it at the next step (then it raises Cancelled)."""
         m = self.shelf.get(s.run)
         cancel = cancel or threading.Event()
+        abandoned = threading.Event()  # the page stopped reading (a visitor left): the worker stops too, not samples on for nobody
         events: queue.Queue = queue.Queue()
         shown = min(s.n, 16)
 
         def on_step(info: dict) -> None:
-            if cancel.is_set():
+            if cancel.is_set() or abandoned.is_set():
                 raise Cancelled()
             self.yield_to_light()
             events.put(("step", info))
@@ -211,18 +212,21 @@ class Actions:
 
         threading.Thread(target=work, daemon=True, name="ddpmkit-generate").start()
         last = 0.0
-        while True:
-            kind, value = events.get()
-            if kind == "error":
-                raise value
-            if kind == "done":
-                break
-            done = s.steps - value["i"]
-            now = time.monotonic()
-            if now - last >= preview_every_s or value["i"] == 0:
-                last = now
-                x, x0 = value["x"][:shown], value["x0"][:shown]
-                yield {"progress": (done, s.steps), "x_t": picture(m.decode(x).clamp(-1, 1)), "x0": picture(m.decode(x0))}
+        try:
+            while True:
+                kind, value = events.get()
+                if kind == "error":
+                    raise value
+                if kind == "done":
+                    break
+                done = s.steps - value["i"]
+                now = time.monotonic()
+                if now - last >= preview_every_s or value["i"] == 0:
+                    last = now
+                    x, x0 = value["x"][:shown], value["x0"][:shown]
+                    yield {"progress": (done, s.steps), "x_t": picture(m.decode(x).clamp(-1, 1)), "x0": picture(m.decode(x0))}
+        finally:  # also when the generator is closed half-way (GeneratorExit at a yield)
+            abandoned.set()
         out: Generated = value
         folder = save_generated(out, self._folder("generate"), s.seed, gif=True)
         files = [folder / "grid.png", folder / "reverse_process.gif", folder / "predicted_x0.gif"]
