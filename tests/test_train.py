@@ -226,6 +226,45 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert list_checkpoints(tmp_path) == [] and not list(tmp_path.glob(".tmp-*"))
 
 
+def test_a_checkpoint_written_again_keeps_the_old_one_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    """The same step written twice (a rerun's output, a resumed run's last step): the old folder was deleted before
+    the new one's rename, so a write that died there left neither. Now the old one goes aside and comes back."""
+    import ddpmkit.checkpoint as ck
+
+    final = tmp_path / "ckpt-0000004"
+    final.mkdir()
+    (final / "model.safetensors").write_text("old weights")
+    real_replace = os.replace
+
+    def dies_on_the_new_folders_rename(src, dst):
+        if Path(src).name.startswith(".tmp-"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ck.os, "replace", dies_on_the_new_folders_rename)
+    with pytest.raises(KeyboardInterrupt), ck.atomic_folder(final) as tmp:
+        (tmp / "model.safetensors").write_text("new weights")
+    assert (final / "model.safetensors").read_text() == "old weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-0000004"]
+    monkeypatch.undo()
+    with ck.atomic_folder(final) as tmp:
+        (tmp / "model.safetensors").write_text("new weights")
+    assert (final / "model.safetensors").read_text() == "new weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-0000004"]
+
+    # a process killed between the two renames left the old folder aside: the next run's lock puts it back; one
+    # killed after them left it beside its replacement: removed, as is a write never completed
+    (tmp_path / ".old-ckpt-0000008-ab_1").mkdir()
+    (tmp_path / ".old-ckpt-0000008-ab_1" / "model.safetensors").write_text("step 8")
+    (tmp_path / ".old-ckpt-0000004-cd_2").mkdir()
+    (tmp_path / ".tmp-ckpt-0000012-ef_3").mkdir()
+    from ddpmkit.train.engine import RunLock
+
+    RunLock(tmp_path).release()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".lock") == ["ckpt-0000004", "ckpt-0000008"]
+    assert (tmp_path / "ckpt-0000008" / "model.safetensors").read_text() == "step 8"
+
+
 def test_a_folder_a_run_is_training_in_refuses_a_second_run_until_the_first_ends(tmp_path, capsys):
     """Two `ddpmkit train` into one folder (two terminals, a job started twice) mixed their checkpoints and logs, and a
     second one with --overwrite deleted the first's files while it trained. A real first run in its own process; the

@@ -57,19 +57,42 @@ INFO_KEYS = tuple(f.name for f in fields(CheckpointInfo))  # what config.json ho
 
 @contextlib.contextmanager
 def atomic_folder(final: Path):
-    """Yield a temporary folder next to `final`; on success it replaces `final` in one rename, on
-    any error it is removed, so readers never see a half-written folder."""
+    """Yield a temporary folder next to `final`; on success it takes `final`'s place by renames, on any error it is
+    removed, so readers never see a half-written folder.
+
+    An existing `final` (the same step written again) is renamed aside first and removed only once the new folder is
+    in place: deleting it first would leave it half-deleted, or gone with the new one, if the process died meanwhile."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    aside: Path | None = None
     try:
         yield tmp
         if final.exists():
-            shutil.rmtree(final)
+            aside = tmp.with_name(f".old-{tmp.name[len('.tmp-'):]}")
+            os.replace(final, aside)
         os.replace(tmp, final)
     except BaseException:
+        if aside is not None and aside.exists() and not final.exists():
+            os.replace(aside, final)  # the new folder never took its place: the old one goes back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def tidy_interrupted_writes(parent: Path, prefix: str = "ckpt-") -> None:
+    """Tidy what a process killed inside atomic_folder left in parent for folders named prefix*: a .tmp- folder (never
+    complete, never read) is removed; a .old- folder (one that a rewrite of the same step put aside) is removed where
+    its replacement took its place, else it goes back."""
+    for stale in parent.glob(f".tmp-{prefix}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for aside in parent.glob(f".old-{prefix}*"):
+        final = parent / aside.name[len(".old-"):].rsplit("-", 1)[0]  # mkdtemp's suffix holds no "-"
+        if final.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(aside, final)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -49,7 +49,16 @@ try:
 except ImportError:  # Windows: no lock
     fcntl = None
 
-from ..checkpoint import CheckpointError, CheckpointInfo, list_checkpoints, load_training_state, one_before, read_config, save_checkpoint
+from ..checkpoint import (
+    CheckpointError,
+    CheckpointInfo,
+    list_checkpoints,
+    load_training_state,
+    one_before,
+    read_config,
+    save_checkpoint,
+    tidy_interrupted_writes,
+)
 from ..config import Config
 from ..devices import describe_device, has_accelerator, unused_gpu
 from ..graphs import capture_training
@@ -207,8 +216,6 @@ class Trainer:
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(self.cfg.to_json())
-            for stale in self.run_dir.glob(".tmp-ckpt-*"):  # a checkpoint a killed run was writing: never complete, never read
-                shutil.rmtree(stale, ignore_errors=True)
         self.log = _RunLog(self.run_dir, acc.is_main_process)
         if self.progress and acc.is_main_process:  # where and how it trains, before the bar: a GPU user sees it is used
             how = {"no": "", "cuda-graph": ", the network replayed as CUDA graphs"}.get(self.tc.compile, f", compiled ({self.tc.compile})")
@@ -524,6 +531,7 @@ class RunLock:
         f.write(f"{os.getpid()}\n")
         f.flush()
         self.file = f
+        tidy_interrupted_writes(run_dir)  # what a killed run left of a checkpoint it was writing, before anyone lists them
 
     def release(self) -> None:
         if self.file is not None:
