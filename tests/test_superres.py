@@ -11,7 +11,7 @@ from ddpmkit.analytic import GaussianSuperRes
 from ddpmkit.config import Config, SuperResConfig, TrainConfig
 from ddpmkit.models import DiffusionModel
 from ddpmkit.nets import UNet
-from ddpmkit.pipelines.cascade import CascadeError, Stage, cascade, check_cascade, super_resolve
+from ddpmkit.pipelines.cascade import CascadeError, Stage, cascade, check_cascade, stage_request, super_resolve
 from ddpmkit.pipelines.guided import GuidanceRequest, guided_model
 from ddpmkit.schedules import NoiseSchedule
 from ddpmkit.superres import augment, downsample, gaussian_blur, stage_inputs, upsample
@@ -126,6 +126,14 @@ def test_guidance_gives_both_branches_the_low_res_image():
         assert not torch.allclose(cond, other)  # the network does look at the low-res image
     with pytest.raises(ValueError, match="super-resolution stage .*upscale"):
         guided_model(m, 2, GuidanceRequest(classes=[1, 2]))
+    # guidance rescale is for classifier-free guidance: taken at 2.5, refused where none runs (it was ignored)
+    rescaled, _, _ = guided_model(m, 2, GuidanceRequest(classes=[1, 2], scale=2.5, rescale=0.7, extra=extra))
+    assert rescaled.rescale == 0.7
+    with pytest.raises(ValueError, match=r"guidance rescale \(phi 0.7\) rescales classifier-free guidance, which scale 1 does not use"):
+        guided_model(m, 2, GuidanceRequest(classes=[1, 2], scale=1.0, rescale=0.7, extra=extra))
+    # a cascade's rescale goes to the stages that guide so (the default scale is 3) and not to the others
+    assert stage_request(Stage(m), GuidanceRequest(rescale=0.7)).rescale == 0.7
+    assert stage_request(Stage(m, scale=0.0), GuidanceRequest(rescale=0.7)).rescale == 0.0
 
 
 def test_the_unet_checks_its_low_res_input():
@@ -303,6 +311,8 @@ def test_a_latent_base_model_feeds_its_decoded_images_to_the_stage(tiny_cascade,
     with torch.no_grad():
         outs = cascade([Stage(base, "ddim", 3), Stage(ddpmkit.load(sr), "ddim", 3, scale=0.0)], 2, progress=False)
     assert outs[0].images.shape == (2, 1, 4, 4) and outs[1].images.shape == (2, 1, 8, 8)
+    with pytest.raises(ValueError, match="guidance rescale .* no stage of this cascade uses"):
+        cascade([Stage(base, "ddim", 3), Stage(ddpmkit.load(sr), "ddim", 3, scale=0.0)], 2, GuidanceRequest(rescale=0.5), progress=False)
 
 
 @needs_text

@@ -24,7 +24,8 @@ def add_guidance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", default=None, help="prompt for a text-conditional model (repeat for several, cycled)")
     p.add_argument("--guidance", type=float, default=None,
                    help=f"classifier-free guidance scale s (0 = unconditional, 1 = conditional; default {DEFAULT_SCALE:g}, or 0 with --classifier)")
-    p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi in [0, 1] (Lin et al.)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0,
+                   help="guidance rescale phi in [0, 1] (Lin et al.) of classifier-free guidance (0 = off, the default)")
     p.add_argument("--dynamic-threshold", type=float, default=0.0, help="Imagen's dynamic thresholding percentile, e.g. 0.995 (0 = off)")
     p.add_argument("--classifier", default=None, help="a noisy-classifier run (ddpmkit train mnist_classifier): classifier guidance")
     p.add_argument("--classifier-scale", type=float, default=None, help="classifier guidance scale s (default 1)")

@@ -24,7 +24,7 @@ from ..models import DiffusionModel
 from ..superres import stage_inputs
 from ..utils import side
 from .generate import Generated, generate
-from .guided import GuidanceRequest
+from .guided import GuidanceRequest, applies_cfg
 
 # torch's CPU generator keeps only a seed's low 32 bits (2**32 + k draws what k draws), so the offset is below 2**32: the
 # golden-ratio constant puts stage i's seeds 2.65e9 i (mod 2**32) from the base's, apart for any n below 10**8
@@ -113,7 +113,10 @@ def stage_request(stage: Stage, request: GuidanceRequest) -> GuidanceRequest:
         request = replace(request, prompts=[], classes=[])
     if stage.model.conditioning == "none" or stage.model.is_super_resolution:
         request = replace(request, conditions=None)
-    return replace(request, scale=stage.scale, threshold=stage.threshold)
+    request = replace(request, scale=stage.scale, threshold=stage.threshold)
+    if not applies_cfg(stage.model, request.cfg_scale):
+        request = replace(request, rescale=0.0)  # the cascade's guidance rescale is for the stages guided by classifier-free guidance
+    return request
 
 
 def cascade(stages: list[Stage], n: int, request: GuidanceRequest | None = None, seed: int = 0, batch_size: int | None = None,
@@ -122,6 +125,9 @@ def cascade(stages: list[Stage], n: int, request: GuidanceRequest | None = None,
     record_every > 0 records the reverse process of every stage (for GIFs)."""
     check_cascade(stages)
     request = request or GuidanceRequest()
+    if request.rescale and not any(stage_request(stage, request).rescale for stage in stages):
+        raise CascadeError(f"guidance rescale (phi {request.rescale:g}) rescales classifier-free guidance, which no stage of this "
+                           "cascade uses (each is unconditional or at scale 0 or 1): leave it out")
     outs: list[Generated] = []
     for i, stage in enumerate(stages):
         common = dict(sampler=stage.sampler, steps=stage.steps, seed=seed + i * STAGE_SEED_OFFSET, options=stage.options,

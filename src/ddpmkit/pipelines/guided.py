@@ -54,6 +54,11 @@ class GuidanceRequest:
                             f"got {self.autoguide_scale}")
 
     @property
+    def cfg_scale(self) -> float:
+        """The classifier-free guidance scale used: the one given, else 0 beside a classifier or CLIP, else DEFAULT_SCALE."""
+        return self.scale if self.scale is not None else (0.0 if self.classifier or self.clip else DEFAULT_SCALE)
+
+    @property
     def autoguided_networks(self) -> int:
         """Networks each guided evaluation runs for autoguidance: the model and the weaker one (Autoguidance skips the
         weaker one at w = 1), for counting network evaluations."""
@@ -111,6 +116,11 @@ def _conditions(m: DiffusionModel, n: int, request: GuidanceRequest, labels: tor
     return {}
 
 
+def applies_cfg(m: DiffusionModel, scale: float) -> bool:
+    """Whether guided_model guides m by classifier-free guidance at this scale (0 and 1 are one branch alone)."""
+    return m.conditioning != "none" and scale not in (0.0, 1.0)
+
+
 def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = None, sampler: str = "ddpm",
                  device: str | torch.device | None = None) -> tuple[Denoiser, dict, dict]:
     """(denoiser, model_kwargs, sampler options) for n samples of the loaded model as requested.
@@ -131,7 +141,11 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
     if m.conditioning == "none" and request.scale not in (None, 0.0, 1.0):  # 0 and 1 are the unguided model itself
         raise UserError(f"classifier-free guidance (scale {request.scale:g}) needs a class- or text-conditional model; this one is "
                         "unconditional: leave the scale out, or guide it with `autoguide` or `classifier`/`clip` and their own scales")
-    scale = request.scale if request.scale is not None else (0.0 if request.classifier or request.clip else DEFAULT_SCALE)
+    scale = request.cfg_scale
+    if request.rescale and not applies_cfg(m, scale):  # else taken and ignored
+        raise UserError(f"guidance rescale (phi {request.rescale:g}) rescales classifier-free guidance, which "
+                        + ("this unconditional model does not use" if m.conditioning == "none" else f"scale {scale:g} does not use")
+                        + ": leave it out" + ("" if m.conditioning == "none" else ", or give a guidance scale other than 0 and 1"))
     labels = torch.tensor(cycle(request.classes or list(range(max(m.num_classes, 10))), n), device=device)
     model: Denoiser = m.denoiser
     kwargs: dict = {}
