@@ -4,9 +4,10 @@ import dataclasses
 import pytest
 import torch
 
+from ddpmkit.errors import UserError
 from ddpmkit.models import load_diffusion
 from ddpmkit.pipelines.generate import auto_streams, generate
-from ddpmkit.pipelines.guided import weaker_model
+from ddpmkit.pipelines.guided import GuidanceRequest, weaker_model
 from ddpmkit.precision import Autocast, resolve_precision
 
 
@@ -133,6 +134,9 @@ def test_vector_samples_are_not_clipped_to_the_pixel_range(tmp_path):
     assert options["clip_x0"] and not resolve_options(m, options)["clip_x0"]
     x = generate(m, 500, None, "ddpm", 50, 0, options, progress=False).images
     assert x.abs().max() > 1.5, x.abs().max()  # the data's own range, not the square
+    # nor does dynamic thresholding rescale the points into the square: refused (it was taken)
+    with pytest.raises(UserError, match=r"dynamic thresholding \(percentile 0.995\) keeps pixels in \[-1, 1\]; this model's x_0 is a vector of 2"):
+        generate(m, 5, GuidanceRequest(threshold=0.995), "ddpm", 50, 0, options, progress=False)
 
 
 def test_the_gifs_record_the_first_samples_only(model):

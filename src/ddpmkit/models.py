@@ -169,6 +169,13 @@ class DiffusionModel(LoadedNetwork):
         return (self.data_shape[0], self.config.superres.low_res, self.config.superres.low_res)
 
     @property
+    def bounded_x0(self) -> bool:
+        """Whether x_0 is pixels in [-1, 1], which the samplers may clip it to and dynamic thresholding may rescale it
+        into: not latents, not vectors (the 2-D toys lie in [-3, 3]; clipped, `ddpmkit sample` of a toy run drew every
+        point inside the square [-1, 1]^2)."""
+        return self.autoencoder is None and len(self.data_shape) == 3
+
+    @property
     def image_shape(self) -> tuple[int, ...]:
         """The shape of one output: decoded images for latent models, else data_shape."""
         return tuple(self.autoencoder.image_shape) if self.autoencoder is not None else self.data_shape

@@ -18,7 +18,7 @@ from ..editing import check_frames, img2img, inpaint, interpolate_images, interp
 from ..errors import UserError
 from ..models import DiffusionModel
 from ..sampling import sample
-from .generate import bounded_x0, generate
+from .generate import generate
 from .guided import GuidanceRequest, guided_model
 
 
@@ -47,7 +47,7 @@ def edit_inpaint(m: DiffusionModel, image: torch.Tensor, mask: torch.Tensor, n: 
     z, mask = m.encode(image), mask.to(m.device)
     keep = mask if m.autoencoder is None else latent_mask(mask, tuple(z.shape[-2:]))
     x = inpaint(model, z.expand(n, *z.shape[1:]), keep, steps=steps, resample=resample, generator=seed,
-                clip_x0=bounded_x0(m), model_kwargs=kwargs)
+                clip_x0=m.bounded_x0, model_kwargs=kwargs)
     return m.decode(x)
 
 

@@ -38,16 +38,10 @@ class Generated:
     x0s: list[torch.Tensor] = field(default_factory=list)  # decoded predicted x_0 along the way, likewise
 
 
-def bounded_x0(m: DiffusionModel) -> bool:
-    """Whether the model's x_0 is pixels in [-1, 1], which the samplers may clip it to: not latents, not vectors (the
-    2-D toys lie in [-3, 3]; clipped, `ddpmkit sample` of a toy run drew every point inside the square [-1, 1]^2)."""
-    return m.autoencoder is None and len(m.data_shape) == 3
-
-
 def resolve_options(m: DiffusionModel, options: dict | None) -> dict:
-    """Sampler options with no clipping of the predicted x_0 where it is not pixels (bounded_x0)."""
+    """Sampler options with no clipping of the predicted x_0 where it is not pixels (DiffusionModel.bounded_x0)."""
     options = dict(options or {})
-    if not bounded_x0(m) and "clip_x0" in options:
+    if not m.bounded_x0 and "clip_x0" in options:
         options["clip_x0"] = False
     return options
 

@@ -174,6 +174,10 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
                             f"(the unconditional one), not {scale:g}")
         model = Autoguidance(model, weaker_model(m, request.autoguide, device), request.autoguide_scale)
     if request.threshold:
+        if not m.bounded_x0:  # it would rescale latents or points into [-1, 1]
+            raise UserError(f"dynamic thresholding (percentile {request.threshold:g}) keeps pixels in [-1, 1]; this model's x_0 is "
+                            + ("a latent" if m.autoencoder is not None else f"a vector of {m.data_shape[0]} numbers, not an image")
+                            + ": leave it out")
         model = DynamicThresholding(model, request.threshold)
     if request.classifier:
         clf = load_classifier(request.classifier, device=device)
