@@ -334,6 +334,26 @@ def test_clip_guidance_from_the_command_line(tiny_unclip, tmp_path, capsys):
     assert code == 2 and "give --prompt" in err
 
 
+def test_the_prior_and_decoder_in_the_faces_made_for_denoisers(tiny_unclip, tmp_path, capsys):
+    """`sample PRIOR` ended in matplotlib's traceback (a 2-D scatter of 8-D embeddings), `eval PRIOR` in a shape error
+    deep in the network, `eval DECODER` after its bits/dim; `serve` offered the decoder, whose every draw failed."""
+    from ddpmkit.web.shelf import find_runs
+
+    p, d = tiny_unclip["prior"], tiny_unclip["decoder"]
+    code, out, err = _cli(capsys, "sample", p, "--prompt", "a seven", "--n", "3", "--steps", "2", "--out", tmp_path / "s")
+    assert code == 0, err
+    assert sorted(f.name for f in (tmp_path / "s").iterdir()) == ["samples.pt"] and torch.load(tmp_path / "s" / "samples.pt").shape == (3, 8)
+    assert f"they are 8-D vectors, in {tmp_path / 's' / 'samples.pt'} (torch.load); text to image: ddpmkit unclip {p} DECODER" in out
+    for run, takes in ((p, "a prompt's CLIP text embedding"), (d, "a CLIP image embedding")):
+        code, out, err = _cli(capsys, "eval", run, "--n", "4", "--n-bpd", "2")
+        assert code == 2 and f"is a {run.name} run (its network takes {takes}): eval measures denoisers of images or points; " in err, err
+        assert err.count("\n") == 1
+    skipped: list[str] = []
+    assert find_runs([p.parent], skipped) == [str(tiny_unclip["denoiser"])]
+    assert [why.split(" (")[0] for why in skipped] == [str(d), str(p)]
+    assert f"(a decoder run, whose network takes a CLIP image embedding: image variations: ddpmkit variations {d} " in skipped[0]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["variations", "{decoder}", "{image}"], "is a 3-channel 12x12 image; the decoder's CLIP embeds 1-channel 8x8 images (add --fit"),
     (["variations", "{decoder}", "mnist5k:3"], "mnist5k:3 is a 1-channel 28x28 image; the decoder's CLIP embeds 1-channel 8x8"),

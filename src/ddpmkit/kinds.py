@@ -19,6 +19,9 @@ if TYPE_CHECKING:  # annotations only: config and nets import this module's regi
     from .config import Config
 
 
+INPUT_WORDS = {"low_res": "a low-res image", "text_embed": "a prompt's CLIP text embedding", "image_embed": "a CLIP image embedding"}
+
+
 @dataclass(frozen=True)
 class ModelKind:
     name: str  # the train.task value
@@ -34,6 +37,11 @@ class ModelKind:
     @property
     def needs_low_res(self) -> bool:
         return "low_res" in self.inputs
+
+    @property
+    def takes(self) -> str:
+        """Its inputs beyond (x_t, t, condition) in words, for messages ('' for none)."""
+        return " and ".join(INPUT_WORDS[k] for k in self.inputs if k in INPUT_WORDS)
 
     @property
     def uses_clip(self) -> bool:

@@ -47,6 +47,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
     what = f" ({request.describe()})" if request.describe() else ""
     print(f"{args.n} samples from {m.path} (step {m.step}){what} with {args.sampler} in {elapsed:.1f}s, "
           f"{gen.nfe} network evaluations -> {out}")
+    if len(m.data_shape) == 1 and m.data_shape[0] != 2:  # no picture of them: say what they are and what uses them
+        use = m.model_kind.next_step.format(run=args.checkpoint)
+        print(f"they are {m.data_shape[0]}-D vectors, in {out / 'samples.pt'} (torch.load)" + (f"; {use}" if use else ""))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

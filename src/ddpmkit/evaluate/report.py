@@ -116,6 +116,9 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str] | None, sampler: str
     if metrics is not None and features == "inception" and {"fd", "kid", "is"} & set(metrics):
         find_weights(inception_path)  # a missing file is one line at once, not after the model loads and bits/dim run
     m = load_diffusion(checkpoint, device=device)  # None: the default device (devices.py)
+    if not isinstance(m, DiffusersModel) and m.model_kind.inputs:  # its samples need more than noise (it failed deep inside)
+        raise UserError(f"{m.path} is a {m.kind} run (its network takes {m.model_kind.takes}): eval measures denoisers of images or points; "
+                        + m.model_kind.next_step.format(run=checkpoint))
     data = m.config.data
     if reference:
         C, H = m.image_shape[0], m.image_shape[-1]

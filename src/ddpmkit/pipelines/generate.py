@@ -192,7 +192,7 @@ GENERATED_FILES = ("grid.png", "reverse_process.gif", "predicted_x0.gif", "scatt
 
 def save_generated(out: Generated, folder: str | Path, seed: int = 0, gif: bool = True) -> Path:
     """grid.png, samples/<seed>.png and (when recorded) reverse_process.gif and predicted_x0.gif
-    for images; scatter.png for 2-D data; samples.pt either way. What an earlier call wrote into the folder goes
+    for images; scatter.png for 2-D points; samples.pt in every case. What an earlier call wrote into the folder goes
     first, so that it never holds two calls' samples (64 of one model beside 16 of another) or a stale GIF."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -208,7 +208,7 @@ def save_generated(out: Generated, folder: str | Path, seed: int = 0, gif: bool 
         if gif and out.xs:
             viz.reverse_process_gif(out.xs, folder / "reverse_process.gif")
             viz.reverse_process_gif(out.x0s, folder / "predicted_x0.gif")
-    else:
+    elif x.shape[-1] == 2:  # other vectors (unCLIP's prior: CLIP embeddings) have no picture, only samples.pt
         viz.scatter_2d(x, folder / "scatter.png", title=f"{len(x)} samples, {out.nfe} NFE")
     torch.save(x, folder / "samples.pt")
     return folder

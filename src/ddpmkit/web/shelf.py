@@ -14,8 +14,9 @@ from ..models import DiffusionModel, load_diffusion
 
 def find_runs(paths: list[str | Path], skipped: list[str] | None = None) -> list[str]:
     """Run folders of models that sample images, and diffusers pipeline folders: each path is one, or a
-    folder of them (one level down). Runs of vectors (the 2-D toys), which the page cannot show, go to `skipped`
-    with the reason."""
+    folder of them (one level down). Runs of vectors (the 2-D toys), which the page cannot show, and runs whose network
+    takes more than a class or prompt (super-resolution stages, unCLIP's prior and decoder) go to `skipped` with the
+    reason."""
     found = []
     for path in map(Path, paths):
         single = list_checkpoints(path) or (path / PIPELINE_INDEX).is_file()
@@ -29,7 +30,11 @@ def find_runs(paths: list[str | Path], skipped: list[str] | None = None) -> list
             except CheckpointError:
                 continue
             kind = KINDS.get(config.train.task)
-            if kind is None or not kind.samples or kind.needs_low_res:  # SR stages need a low-res input
+            if kind is None or not kind.samples:
+                continue
+            if kind.inputs:  # an SR stage, unCLIP's prior or decoder: the page has no low-res image or CLIP embedding to give
+                if skipped is not None:
+                    skipped.append(f"{run} (a {kind.name} run, whose network takes {kind.takes}: {kind.next_step.format(run=run)})")
                 continue
             if len(info.data_shape) != 3:  # the page draws images; its generate crashed in the grid's permute
                 if skipped is not None:
