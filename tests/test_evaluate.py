@@ -285,3 +285,17 @@ def test_eval_by_default_runs_the_metrics_that_apply_to_the_samples(tmp_path, ca
         assert main([*argv, "--steps", "2", "--out", str(tmp_path / "e")]) == 2
         assert capsys.readouterr().err.strip() == (f"ddpmkit {argv[0]}: error: {toy} makes 2-D points, not images, and `ddpmkit {argv[0]}` "
                                                    f"edits images; ddpmkit sample {toy} draws the points")
+
+
+def test_eval_measures_a_distilled_run_in_its_own_few_steps(web_runs, tmp_path, capsys):
+    """`ddpmkit eval` of a consistency (or progressive) run drew its samples with 1,000 ancestral steps: not the
+    few-step model that was distilled, at hundreds of times the work. It now samples as `ddpmkit sample` does."""
+    import ddpmkit
+    from ddpmkit.cli import main
+
+    run, report = web_runs / "consistency", tmp_path / "r.json"
+    assert main(["eval", str(run), "--metrics", "copies", "--n", "4", "--out", str(report)]) == 0
+    sampling = json.loads(report.read_text())["sampling"]
+    assert sampling["sampler"] == "consistency" and sampling["nfe"] == ddpmkit.load(run).metrics["sample_steps"] <= 4, sampling
+    assert main(["eval", str(run), "--metrics", "copies", "--n", "4", "--sampler", "ddim", "--steps", "3", "--out", str(report)]) == 0
+    assert json.loads(report.read_text())["sampling"] | {"seconds": 0} == {**sampling, "sampler": "ddim", "nfe": 3, "seconds": 0}

@@ -169,6 +169,20 @@ class DiffusionModel(LoadedNetwork):
         return (self.data_shape[0], self.config.superres.low_res, self.config.superres.low_res)
 
     @property
+    def own_sampler(self) -> tuple[str, int | None] | None:
+        """A distilled run's own few-step sampler and the steps it was distilled for; None for the others."""
+        own = self.model_kind.sampler
+        return (own, self.metrics.get("sample_steps")) if own else None
+
+    def sampler_or_own(self, sampler: str | None, steps: int | None) -> tuple[str, int | None]:
+        """The sampler and steps asked for, else the run's own (own_sampler), else Algorithm 2 over all T steps: what
+        `sample`, `eval` and cascades draw with by default."""
+        if sampler is not None:
+            return sampler, steps
+        own = self.own_sampler
+        return (own[0], steps or own[1]) if own else ("ddpm", steps)
+
+    @property
     def bounded_x0(self) -> bool:
         """Whether x_0 is pixels in [-1, 1], which the samplers may clip it to and dynamic thresholding may rescale it
         into: not latents, not vectors (the 2-D toys lie in [-3, 3]; clipped, `ddpmkit sample` of a toy run drew every

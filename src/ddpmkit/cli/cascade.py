@@ -23,7 +23,6 @@ from .common import (
     load_model,
     options_from,
     out_help,
-    own_sampler,
     parse_stage,
 )
 
@@ -33,7 +32,7 @@ def run_cascade(args: argparse.Namespace) -> None:
     stages side by side (cascade.png), and the last stage's samples and reverse process."""
     request = guidance_request(args)
     m = load_model(args)
-    args.sampler, args.steps = own_sampler(m, args.sampler, args.steps)  # a distilled base samples in its few steps by default
+    args.sampler, args.steps = m.sampler_or_own(args.sampler, args.steps)  # a distilled base samples in its few steps by default
     base = Stage(m, args.sampler, args.steps, request.scale, request.threshold, None, options_from(args))
     stages = [base] + [parse_stage(spec, m.device) for spec in args.then]
     t0 = time.time()

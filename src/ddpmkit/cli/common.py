@@ -140,15 +140,6 @@ def path_error(e: OSError) -> str:
     return f"{e.filename}: {why.get(e.errno, e.strerror)}"
 
 
-def own_sampler(m, sampler: str | None, steps: int | None) -> tuple[str, int | None]:
-    """The sampler and steps asked for, else the run's own (a distilled run's few-step sampler and its step count),
-    else Algorithm 2 over all T steps."""
-    if sampler is not None:
-        return sampler, steps
-    own = m.model_kind.sampler
-    return own or "ddpm", steps or (m.metrics.get("sample_steps") if own else None)
-
-
 def load_model(args: argparse.Namespace):
     """The model a command samples (args.checkpoint, or args.model), with its device, dtype and LoRAs."""
     path = getattr(args, "checkpoint", None) or args.model

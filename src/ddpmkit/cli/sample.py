@@ -6,8 +6,9 @@ import json
 import time
 
 from ..checkpoint import atomic_write_text
-from ..evaluate.report import evaluate_checkpoint, format_report, parse_metrics
-from ..models import SAMPLING_COMPILE_MODES
+from ..devices import resolve_device
+from ..evaluate.report import check_feature_weights, evaluate_checkpoint, format_report, parse_metrics
+from ..models import SAMPLING_COMPILE_MODES, load_diffusion
 from ..pipelines.generate import generate, save_generated
 from ..pipelines.guided import guided_model
 from ..precision import CHOICES as PRECISIONS
@@ -26,7 +27,6 @@ from .common import (
     load_model,
     options_from,
     out_help,
-    own_sampler,
 )
 
 
@@ -35,7 +35,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         return run_cascade(args)
     request = guidance_request(args)  # first: a bad scale fails before the model loads
     m = load_model(args)
-    args.sampler, args.steps = own_sampler(m, args.sampler, args.steps)  # a distilled run's few-step sampler by default
+    args.sampler, args.steps = m.sampler_or_own(args.sampler, args.steps)  # a distilled run's few-step sampler by default
     if args.compile:
         m.compile(None if args.compile == "default" else args.compile)
     total = args.steps or m.schedule.T
@@ -53,11 +53,14 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    report = evaluate_checkpoint(args.checkpoint, parse_metrics(args.metrics), sampler=args.sampler, steps=args.steps,
-                                 n=args.n, n_bpd=args.n_bpd, seed=args.seed, features=args.features,
-                                 sampler_options=options_from(args), inception_path=args.inception, out=args.out,
-                                 request=guidance_request(args), reference=args.reference,
-                                 prepare_judge=ensure_judge, device=args.device)  # evaluation reads the cached judge; this trains it on first use
+    metrics, request = parse_metrics(args.metrics), guidance_request(args)
+    check_feature_weights(metrics, args.features, args.inception)  # before the model loads
+    m = load_diffusion(args.checkpoint, device=resolve_device(args.device))
+    args.sampler, args.steps = m.sampler_or_own(args.sampler, args.steps)  # a distilled run is measured in its own few steps
+    report = evaluate_checkpoint(m, metrics, sampler=args.sampler, steps=args.steps, n=args.n, n_bpd=args.n_bpd, seed=args.seed,
+                                 features=args.features, sampler_options=options_from(args), inception_path=args.inception, out=args.out,
+                                 request=request, reference=args.reference,
+                                 prepare_judge=ensure_judge)  # evaluation reads the cached judge; this trains it on first use
     print(format_report(report))
     print(f"report: {args.out}")
 
@@ -112,7 +115,7 @@ def add_commands(sub) -> None:
     e.add_argument("--reference", default=None, help="a folder of real images to compare with (default: the run's held-out data; "
                                                      "needed for diffusers pipeline folders)")
     e.add_argument("--n-bpd", type=int, default=100, help="held-out examples for bits/dim")
-    add_sampler_args(e)
+    add_sampler_args(e, sampler=None)  # None: the run's own (a distilled run's few-step sampler), else ddpm
     e.add_argument("--out", default="eval_report.json", help=out_help("the JSON report"))
     add_guidance_args(e)
     add_device_option(e)

@@ -14,7 +14,7 @@ from ..checkpoint import atomic_write_text
 from ..config import DataConfig
 from ..data import SPLIT, Dataset, dataset_for
 from ..errors import Note, UserError
-from ..models import DiffusersModel, load_diffusion
+from ..models import DiffusersModel, DiffusionModel, load_diffusion
 from ..pipelines.generate import generate
 from ..pipelines.guided import GuidanceRequest
 from .cached_judge import load_judge
@@ -102,7 +102,13 @@ def applicable_metrics(m, dataset: str = "mnist5k", features: str = "classifier"
     return ([] if latent else ["bpd_vlb", "bpd_ode"]) + (["fd", "kid", "is"] if quality else []) + (["copies"] if images else [])
 
 
-def evaluate_checkpoint(checkpoint: str, metrics: list[str] | None, sampler: str = "ddpm", steps: int | None = None,
+def check_feature_weights(metrics: list[str] | None, features: str, inception_path: str | None) -> None:
+    """A missing Inception file is one line at once, not after the model loads and bits/dim run."""
+    if metrics is not None and features == "inception" and {"fd", "kid", "is"} & set(metrics):
+        find_weights(inception_path)
+
+
+def evaluate_checkpoint(checkpoint: str | DiffusionModel, metrics: list[str] | None, sampler: str | None = None, steps: int | None = None,
                         n: int = 1000, n_bpd: int = 100, seed: int = 0, features: str = "classifier",
                         sampler_options: dict | None = None, batch_size: int | None = None, inception_path: str | None = None,
                         out: str | Path | None = None, request=None, reference: str | None = None,
@@ -112,13 +118,15 @@ def evaluate_checkpoint(checkpoint: str, metrics: list[str] | None, sampler: str
     reference: a folder of real images to compare with (default: the held-out split of the run's
     data; a diffusers pipeline folder has no data of its own, so it needs one).
     prepare_judge(dataset): called before the cached judge is read (classifier features), e.g. to train it.
-    metrics None: every metric that applies (applicable_metrics: a 2-D toy has no FD, a latent model no bits/dim)."""
-    if metrics is not None and features == "inception" and {"fd", "kid", "is"} & set(metrics):
-        find_weights(inception_path)  # a missing file is one line at once, not after the model loads and bits/dim run
-    m = load_diffusion(checkpoint, device=device)  # None: the default device (devices.py)
+    metrics None: every metric that applies (applicable_metrics: a 2-D toy has no FD, a latent model no bits/dim).
+    checkpoint: a path, or a model already loaded (then `device` is its own); sampler None: the run's own (a distilled
+    run's few-step sampler), else Algorithm 2."""
+    check_feature_weights(metrics, features, inception_path)
+    m = checkpoint if isinstance(checkpoint, DiffusionModel) else load_diffusion(checkpoint, device=device)  # None: the default device
+    sampler, steps = m.sampler_or_own(sampler, steps)
     if not isinstance(m, DiffusersModel) and m.model_kind.inputs:  # its samples need more than noise (it failed deep inside)
         raise UserError(f"{m.path} is a {m.kind} run (its network takes {m.model_kind.takes}): eval measures denoisers of images or points; "
-                        + m.model_kind.next_step.format(run=checkpoint))
+                        + m.model_kind.next_step.format(run=m.path.parent))
     data = m.config.data
     if reference:
         C, H = m.image_shape[0], m.image_shape[-1]

@@ -124,9 +124,8 @@ class Actions:
     # -- models -------------------------------------------------------------------------------
     def own_sampler(self, run: str) -> tuple[str, int] | None:
         """A distilled run's own few-step sampler and step count (what the page switches to), else None."""
-        m = self.shelf.get(run)
-        own = m.model_kind.sampler
-        return (own, int(m.metrics.get("sample_steps") or 1)) if own else None
+        own = self.shelf.get(run).own_sampler
+        return (own[0], int(own[1] or 1)) if own else None
 
     def describe(self, run: str) -> tuple[str, str, str]:
         """(a line about the model, the label of the class/prompt box, its placeholder)."""
