@@ -47,6 +47,16 @@ def test_overrides_may_follow_a_flag(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["sample", str(tmp_path / "r"), "--n", "2", "train.steps=3"])  # sample takes no overrides
     assert "unrecognized arguments: train.steps=3" in capsys.readouterr().err
+    # an unknown flag is the command's error, with its usage and the flag meant (it was the top-level `ddpmkit [-h]
+    # [--version] COMMAND ...`, and an override beside it was called unrecognized too)
+    with pytest.raises(SystemExit):
+        main(["train", "toy2d", "--quiett", "train.seed=3"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: ddpmkit train ")
+    assert err.endswith("ddpmkit train: error: unrecognized arguments: --quiett (did you mean --quiet?)\n")
+    with pytest.raises(SystemExit):
+        main(["interpolate", str(tmp_path / "r"), "--seeds", "1,2", "--stepz", "2", "--frames", "3"])
+    assert capsys.readouterr().err.endswith("ddpmkit interpolate: error: unrecognized arguments: --stepz (did you mean --steps?) 2 --frames 3\n")
     # a mistyped run folder names the run beside it
     code, out, err = run(capsys, "sample", str(tmp_path / "rr"), "--n", "1")
     assert code == 2 and err.strip().endswith(f"; did you mean {tmp_path / 'r'}?"), err

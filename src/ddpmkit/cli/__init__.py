@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib.metadata
 import sys
 import warnings
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (train, sample, cascade, forward, edit, unclip, serve):
         module.add_commands(sub)
+    p.set_defaults(commands=sub.choices)  # each command's own parser, for its usage in an error (parse)
     return p
 
 
@@ -67,10 +69,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.print_help()
         parser.exit(2)
     args, extra = parser.parse_known_args(argv)
-    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-        args.overrides = [*args.overrides, *extra]
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *(e for e in extra if "=" in e and not e.startswith("-"))]
+        extra = [e for e in extra if e not in args.overrides]
+    if extra:  # in the command's words: its usage and the flag meant, not `ddpmkit [-h] [--version] COMMAND ...`
+        command = args.commands[args.command]
+        flags = {o.lstrip("-"): o for action in command._actions for o in action.option_strings if o.startswith("--")}
+        meant = [f"{e} (did you mean {flags[close[0]]}?)"
+                 if e.startswith("--") and (close := difflib.get_close_matches(e.split("=")[0].lstrip("-"), flags, 1, cutoff=0.7)) else e
+                 for e in extra]
+        command.error(f"unrecognized arguments: {' '.join(meant)}")
+    del args.commands
     return args
 
 
