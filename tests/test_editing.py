@@ -75,6 +75,8 @@ def test_keyframe_files(tmp_path):
     lecture = tmp_path / "seq.py"
     lecture.write_text("seed_and_prompt_sequence = [  \n  3764, 'in the beginning there was nothing',  \n  1537, 'the big bang',\n]\n")
     assert read_keyframes(lecture) == [(3764, "in the beginning there was nothing"), (1537, "the big bang")]
+    lecture.write_text("seed_and_prompt_sequence = [(3764, 'in the beginning'), (1537, 'the big bang')]\n")  # pairs (were refused)
+    assert read_keyframes(lecture) == [(3764, "in the beginning"), (1537, "the big bang")]
     lines = tmp_path / "seq.txt"
     lines.write_text("# keyframes\n3 a handwritten three\n\n7 'a seven'\n")
     assert read_keyframes(lines) == [(3, "a handwritten three"), (7, "a seven")]
@@ -83,7 +85,8 @@ def test_keyframe_files(tmp_path):
     lines.write_text("3 a caf\u00e9\n7 a seven\n", encoding="cp1252")
     with pytest.raises(UserError, match=r"seq.txt is not UTF-8 text \(byte 0xe9 at 7\); save it as UTF-8"):
         read_keyframes(lines)
-    for bad, message in (("[3, 'a', 'b']", "alternate"), ("3 a\nx b\n", "SEED PROMPT"), ("3 only one\n", "at least 2")):
+    for bad, message in (("[3, 'a', 'b']", "alternate"), ("[(3, 'a'), ('b', 4)]", "alternate"), ("3 a\nx b\n", "SEED PROMPT"),
+                         ("3 only one\n", "at least 2")):
         (tmp_path / "bad.txt").write_text(bad)
         with pytest.raises(ValueError, match=message):
             read_keyframes(tmp_path / "bad.txt")

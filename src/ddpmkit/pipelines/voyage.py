@@ -41,8 +41,10 @@ def read_keyframes(path: str | Path) -> list[tuple[int, str]]:
             items = ast.literal_eval(text[text.index("["):text.rindex("]") + 1])
         except (ValueError, SyntaxError) as e:
             raise UserError(f"{path}: cannot read the list of seeds and prompts ({e})") from None
+        if all(isinstance(item, (tuple, list)) and len(item) == 2 for item in items):  # [(seed, prompt), ...] as well
+            items = [x for item in items for x in item]
         if len(items) % 2 or not all(isinstance(s, int) and isinstance(p, str) for s, p in zip(items[::2], items[1::2])):
-            raise UserError(f"{path}: the list must alternate integer seeds and prompt strings")
+            raise UserError(f"{path}: the list must alternate integer seeds and prompt strings (or hold (seed, prompt) pairs)")
         frames = list(zip(items[::2], items[1::2]))
     else:
         frames = []
