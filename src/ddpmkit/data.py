@@ -126,7 +126,8 @@ class ImageFolder:
 def upright_8bit(im: Image.Image) -> Image.Image:
     """An opened image as a viewer shows it, in 8 bits a channel: turned by its EXIF orientation (a phone stores a
     portrait photo's pixels sideways and says so there), transparent parts on white, and 16- or 32-bit grey (scientific and medical PNGs, TIFFs)
-    scaled to 8 bits, where Pillow's convert("L") would clip every value above 255 (a 16-bit image became white)."""
+    scaled to 8 bits, where Pillow's convert("L") would clip every value above 255 (a 16-bit image became white); a
+    32-bit float image in [0, 1] is scaled from 1, else as 8- or 16-bit values."""
     im = ImageOps.exif_transpose(im)
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         # transparent pixels keep whatever colour was under them (often black, or noise): shown on white, as a page shows them
@@ -135,8 +136,11 @@ def upright_8bit(im: Image.Image) -> Image.Image:
         return im.convert("L" if grey else "RGB")
     if not (im.mode.startswith("I") or im.mode == "F"):
         return im
-    values = np.asarray(im, dtype=np.float64)
-    top = 65535.0 if im.mode.startswith("I;16") or values.max() > 255 else 255.0  # mode "I" holds 16-bit PNGs too
+    values = np.nan_to_num(np.asarray(im, dtype=np.float64))
+    if im.mode == "F" and values.size and 0 <= values.min() and values.max() <= 1:
+        top = 1.0  # a float image in [0, 1], the usual convention (it became black: each value below 1 of 255)
+    else:
+        top = 65535.0 if im.mode.startswith("I;16") or values.max() > 255 else 255.0  # mode "I" holds 16-bit PNGs too
     return Image.fromarray(np.clip(values / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
 
 
