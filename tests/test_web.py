@@ -320,6 +320,8 @@ def test_cancel_stops_a_long_generation(page, runs):
 def test_interpolation_between_two_seeds_is_an_animation(page, runs):
     choose_model(page, runs / "uncond", "unconditional")
     page.get_by_role("tab", name="Interpolate / voyage").click()
+    # an unconditional model is offered the interpolations it takes (prompts and voyages were offered, and failed)
+    assert page.locator("#interp-mode label").all_inner_texts() == ["seeds", "images"]
     fill(page, "interp-seed-a", 3)
     fill(page, "interp-seed-b", 14)
     page.click("#interp-go")

@@ -193,6 +193,7 @@ def test_interpolations_render_a_gif_and_a_strip(actions, web_runs):
     assert strip.shape[1] == 4 * (16 + 2) + 2  # four 8x8 frames shown 2x
     with pytest.raises(ValueError, match="needs a text-conditional model"):
         actions.interpolate(run, "prompts", 3, 14, 0, 1, 300, "a one", "a two", [], 4, "", 3.0, "ddim", 5)
+    assert actions.interpolations(run) == ["seeds", "images"]  # what the page offers this model: no prompts, no voyage
     with pytest.raises(ValueError, match=r"a voyage needs 2..12 keyframes \(seed, prompt\), got 1"):
         actions.interpolate(run, "voyage", 3, 14, 0, 1, 300, "", "", [[0, "a one"], [1, ""]], 4, "", 3.0, "ddim", 5)
     with pytest.raises(ValueError, match="frames must lie in 2..32"):

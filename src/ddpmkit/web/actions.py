@@ -34,6 +34,8 @@ from .shelf import Shelf
 PREVIEW_UPSCALE = 4  # the models are small (8x8 .. 64x64): show pixels big enough to see
 DEFAULT_GRID = "default"  # the sampler's own grid, as the CLI without --grid
 
+INTERPOLATIONS = ("seeds", "images", "prompts", "voyage")  # the last two need a text-conditional model
+
 
 class Cancelled(Exception):
     """Raised inside the sampler's step callback when the visitor pressed Cancel."""
@@ -303,6 +305,10 @@ class Actions:
         return (painted < 0.25).float()  # a pixel mostly painted over is filled in
 
     # -- interpolate / voyage -----------------------------------------------------------------
+    def interpolations(self, run: str) -> list[str]:
+        """The interpolations the run's model takes (what the page offers): prompts and voyages need a text-conditional one."""
+        return [*INTERPOLATIONS[:2], *(INTERPOLATIONS[2:] if self.shelf.get(run).conditioning == "text" else ())]
+
     def interpolate(self, run: str, mode: str, seed_a: float, seed_b: float, digit_a: float, digit_b: float, t: float,
                     prompt_a: str, prompt_b: str, keyframes: list[list], frames: float, condition: str, guidance: float | None,
                     sampler: str, steps: float) -> tuple[str, np.ndarray]:
@@ -332,7 +338,7 @@ class Actions:
             x = render_voyage(m, keys, frames_between=frames, guidance=guidance if guidance is not None else DEFAULT_SCALE, sampler=sampler,
                               steps=steps, progress=False)
         else:
-            raise UserError(f"unknown interpolation {mode!r}; choose seeds, images, prompts or voyage")
+            raise UserError(f"unknown interpolation {mode!r}; choose {', '.join(INTERPOLATIONS)}")
         upscale = max(1, 128 // m.image_shape[-1])
         gif = viz.save_gif([viz.make_grid(f[None], nrow=1, pad=0, upscale=upscale) for f in x], self._folder("interpolate") / f"{mode}.gif",
                            duration_ms=120, hold_last_ms=480)

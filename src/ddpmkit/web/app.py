@@ -160,11 +160,14 @@ def build_app(actions: Actions, concurrency: int = 1) -> gr.Blocks:
         def describe(run_: str):
             text, label, placeholder = actions.describe(run_)
             own = actions.own_sampler(run_)  # a distilled run: its own few-step sampler and steps
+            modes = actions.interpolations(run_)  # prompts and voyages for a text-conditional model only
+            prompts = gr.update(visible="prompts" in modes)
             return (text, gr.update(label=label, placeholder=placeholder), gr.update(value=own[0]) if own else gr.update(),
-                    gr.update(value=own[1]) if own else gr.update())
+                    gr.update(value=own[1]) if own else gr.update(), gr.update(choices=modes, value=modes[0]), prompts, prompts, prompts)
 
-        run.change(describe, run, [about, condition, sampler, steps], concurrency_id=LIGHT, concurrency_limit=None)
-        app.load(describe, run, [about, condition, sampler, steps], concurrency_id=LIGHT, concurrency_limit=None)
+        described = [about, condition, sampler, steps, i_mode, i_prompt_a, i_prompt_b, i_keys]
+        run.change(describe, run, described, concurrency_id=LIGHT, concurrency_limit=None)
+        app.load(describe, run, described, concurrency_id=LIGHT, concurrency_limit=None)
 
         def on_generate(run_, condition_, guidance_, sampler_, steps_, grid_, seed_, n_, request: gr.Request,
                         progress=gr.Progress()):  # noqa: B008 -- how gradio hands a progress bar to a callback
