@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import ddpmkit
 from conftest import needs_text
 from ddpmkit.analytic import GaussianMixture, nearest_component
-from ddpmkit.checkpoint import list_checkpoints
+from ddpmkit.checkpoint import list_checkpoints, read_config
 from ddpmkit.config import PRESET_DIR, ConfigError, load_config
 from ddpmkit.models import load_diffusion
 from ddpmkit.superres import downsample
@@ -124,6 +124,35 @@ def test_resume_after_kill_is_exact(tmp_path, capsys, kind):
     eb = load_file(list_checkpoints(killed)[-1] / "ema.safetensors")
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
     assert not list(killed.glob(".tmp-*"))
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_of_it_that_resumes_exactly(tmp_path, capsys):
+    """Ctrl-C raised KeyboardInterrupt wherever the run was (the newest periodic checkpoint was all that was kept: up to
+    train.checkpoint_every steps lost). Now the first one stops the run at the end of its step with a checkpoint there,
+    and --resume from it ends with the weights of a run never stopped."""
+    n = 600
+    base = ["toy2d", f"train.steps={n}", "train.batch_size=64", "train.log_every=10", "train.checkpoint_every=100000",
+            "train.keep_checkpoints=0", "train.max_minutes=0"]
+    stopped = tmp_path / "stopped"
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same summation order as this process
+    proc = subprocess.Popen(_cli("train", *base, f"train.run_dir={stopped}", "--quiet"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    log, deadline = stopped / "train_log.jsonl", time.time() + 120
+    while not (log.exists() and log.read_text().strip()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    said, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, said
+    at = [read_config(c)[1].step for c in list_checkpoints(stopped)]
+    assert len(at) == 1 and 10 <= at[0] < n, (at, said)  # the step it stopped at, not a periodic one
+    assert f"stopped at step {at[0]} of {n}, with a checkpoint of it: continue with `ddpmkit train {stopped / 'config.json'} --resume`" in said
+    from ddpmkit.cli import main
+
+    assert main(["train", str(stopped / "config.json"), "--resume", "--quiet"]) == 0
+    assert f"resumed from {stopped / f'ckpt-{at[0]:07d}'} at step {at[0]}" in "".join(capsys.readouterr())
+    straight = train(load_config(base[0], [*base[1:], f"train.run_dir={tmp_path / 'straight'}"]), progress=False)
+    a, b = _weights(straight), _weights(stopped)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # two processes for the kinds whose batches differ in how they split: per-example losses (denoiser), extra

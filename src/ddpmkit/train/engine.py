@@ -68,6 +68,7 @@ from ..progress import progress_bar
 from ..viz import make_grid
 from .batches import Batch, step_batch
 from .optim import Decay, budget_horizon, ema_decay_at, ema_update, lr_at
+from .stop import GracefulStop
 from .task import Task, TrainingError
 
 
@@ -377,6 +378,18 @@ class Trainer:
             self.checkpoint()
         return log_due and self.budget.time_is_up()
 
+    def stop_here(self) -> None:
+        """A checkpoint of this step (unless periodic() just wrote one) for an exact `resume`: the run was asked to stop."""
+        st = self.state
+        self.settle()
+        if not (found := list_checkpoints(self.run_dir)) or read_config(found[-1])[1].step != st.step:
+            self.checkpoint()
+        self.log.record({"step": st.step, "interrupted": True})
+        self.log.close()
+        self.bar.close()
+        self.accelerator.print(f"stopped at step {st.step} of {st.decay.end}, with a checkpoint of it: continue with "
+                               f"`ddpmkit train {self.run_dir / 'config.json'} --resume`")
+
     def finish(self) -> Path:
         """The last post-hoc EMA snapshot, the task's final metrics and the last checkpoint."""
         acc, st = self.accelerator, self.state
@@ -567,12 +580,16 @@ def _run(task: Task, cfg: Config, resume: bool, progress: bool, overwrite: bool)
             trainer.bar.write(f"{trainer.run_dir} is at step {state.step}, train.steps = {state.decay.end}: nothing more to train "
                               "(give a larger train.steps to go on)")
     try:
-        while state.step < state.decay.end:
-            trainer.budget.tick()
-            trainer.train_step(trainer.next_batch())
-            if trainer.periodic():
-                trainer.accelerator.print(f"stopping after {cfg.train.max_minutes} minutes at step {state.step}")
-                break
+        with GracefulStop(trainer.world) as stop:  # Ctrl-C: stop at the end of the step, with a checkpoint of it
+            while state.step < state.decay.end:
+                trainer.budget.tick()
+                trainer.train_step(trainer.next_batch())
+                if trainer.periodic():
+                    trainer.accelerator.print(f"stopping after {cfg.train.max_minutes} minutes at step {state.step}")
+                    break
+                if stop.requested:
+                    trainer.stop_here()
+                    raise KeyboardInterrupt
     except BaseException:
         trainer.bar.close()  # an error's line goes under the bar, not onto its end
         raise
