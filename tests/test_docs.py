@@ -63,3 +63,14 @@ def test_the_readme_library_section_runs(doc_runs):
     blocks = BLOCK.findall(section)
     assert blocks, "the README's library section has no python block"
     run_page(blocks, doc_runs)
+
+
+def test_the_readme_names_every_preset_and_every_kind_of_run():
+    """The README's list of presets and of train.task kinds (it lacked six presets and two kinds)."""
+    from ddpmkit.config import PRESET_DIR
+    from ddpmkit.kinds import KINDS
+    from ddpmkit.train import train  # noqa: F401 -- registers every kind
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in [p.stem for p in PRESET_DIR.glob("*.toml")] + sorted(KINDS) if f"`{name}`" not in readme]
+    assert not missing, missing
