@@ -161,11 +161,14 @@ def build_app(actions: Actions, concurrency: int = 1) -> gr.Blocks:
             text, label, placeholder = actions.describe(run_)
             own = actions.own_sampler(run_)  # a distilled run: its own few-step sampler and steps
             modes = actions.interpolations(run_)  # prompts and voyages for a text-conditional model only
-            prompts = gr.update(visible="prompts" in modes)
+            text_modes = "prompts" in modes
+            prompts = gr.update(visible=text_modes)
             return (text, gr.update(label=label, placeholder=placeholder), gr.update(value=own[0]) if own else gr.update(),
-                    gr.update(value=own[1]) if own else gr.update(), gr.update(choices=modes, value=modes[0]), prompts, prompts, prompts)
+                    gr.update(value=own[1]) if own else gr.update(), gr.update(choices=modes, value=modes[0]), prompts, prompts, prompts,
+                    gr.update(label="seed A (prompts: the seed)" if text_modes else "seed A"),
+                    gr.update(label="frames (voyage: between keyframes)" if text_modes else "frames"))
 
-        described = [about, condition, sampler, steps, i_mode, i_prompt_a, i_prompt_b, i_keys]
+        described = [about, condition, sampler, steps, i_mode, i_prompt_a, i_prompt_b, i_keys, i_seed_a, i_frames]
         run.change(describe, run, described, concurrency_id=LIGHT, concurrency_limit=None)
         app.load(describe, run, described, concurrency_id=LIGHT, concurrency_limit=None)
 
