@@ -178,6 +178,8 @@ def test_bad_grid_and_sampler_names_list_the_options():
         timestep_grid("karas", S, 10)
     with pytest.raises(ValueError, match="dpmpp_2m"):
         ddpmkit.sample(MIX.eps_model(S), (2, 2), S, sampler="dpm")
+    with pytest.raises(ValueError, match=r"shape must be \(batch, \*dims\) of sizes >= 1, got \(0, 2\)"):  # was a reshape error
+        ddpmkit.sample(MIX.eps_model(S), (0, 2), S, sampler="ddim", steps=3)
     for bad in ([0.0, 500.0], [999.0, math.nan, 0.0]):  # NaN (a hand-edited grid file) was "cannot convert float NaN to integer"
         with pytest.raises(ValueError, match="decreasing"):
             timestep_grid(torch.tensor(bad), S, None)

@@ -99,8 +99,8 @@ def sample(
         raise UserError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
     _check_options(sampler, sampler_options)
     shape = tuple(int(s) for s in shape)
-    if len(shape) < 2:
-        raise UserError(f"shape must be (batch, *dims), got {shape}")
+    if len(shape) < 2 or min(shape) < 1:
+        raise UserError(f"shape must be (batch, *dims) of sizes >= 1, got {shape}")
     denoiser = as_denoiser(model, None if schedule is None else schedule.to("cpu"), prediction, learned_variance)
     # at SNR 0 every sampler steps in alpha_bar or takes an exact first step from the pure noise, but an eps-model gives NaN
     if denoiser.schedule.zero_terminal_snr and denoiser.prediction == "eps":
