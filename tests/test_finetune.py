@@ -98,8 +98,14 @@ def test_fine_tuning_errors_are_clear(base_run, new_style, tmp_path):
     with pytest.raises(ConfigError, match="give train.init_from"):
         load_config("mnist", [*TINY, "train.lora_rank=4"])
     other = load_config("mnist", [*TINY, "network.base_channels=16", f"train.init_from={base_run}", f"train.run_dir={tmp_path / 'o'}"])
-    with pytest.raises(FineTuneError, match="another network"):
+    with pytest.raises(FineTuneError, match=r"network.base_channels = 16 here, 8 there: give the same keys, or start from its config "
+                                            rf"\(`ddpmkit train {base_run / 'config.json'} ...`\)"):
         DenoiserTask(other).build_model()
+    # a network that cannot be built at all on these images (the preset's attention at 7x7 on 8x8 ones, as a DreamBooth
+    # preset over a base trained with other keys) named the attention resolutions, not the base it must match
+    unbuildable = load_config("mnist", [*TINY, "network.attention_resolutions=7", f"train.init_from={base_run}", f"train.run_dir={tmp_path / 'o'}"])
+    with pytest.raises(FineTuneError, match=r"network.attention_resolutions = \(7,\) here, \(4,\) there"):
+        DenoiserTask(unbuildable).build_model()
     bad = load_config("mnist", lora(base_run, new_style, tmp_path / "b", "train.lora_targets=to_q"))
     with pytest.raises(FineTuneError, match=r"no layer of this network is named \['to_q'\]: train.lora_targets takes some of \["):
         DenoiserTask(bad).build_model()

@@ -379,6 +379,14 @@ class Config:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
+    def differences(self, other: Config, sections: tuple[str, ...]) -> list[str]:
+        """"section.key = value here, value there" for train.task and every key of `sections` that differs from other's."""
+        differ = [f"train.task = {self.train.task!r} here, {other.train.task!r} there"] if self.train.task != other.train.task else []
+        for section in sections:
+            here, there = dataclasses.asdict(getattr(self, section)), dataclasses.asdict(getattr(other, section))
+            differ += [f"{section}.{key} = {here[key]!r} here, {there[key]!r} there" for key in here if here[key] != there[key]]
+        return differ
+
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 

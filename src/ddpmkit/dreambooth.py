@@ -56,8 +56,9 @@ def class_images(cfg: Config, image_shape: tuple[int, ...]) -> torch.Tensor:
         raise DreamBoothError(f"DreamBooth binds a new subject to a prompt: the base model {cfg.train.init_from} (train.init_from) is "
                               f"conditioned on {base.conditioning}, not text (e.g. ddpmkit train mnist_text)")
     if tuple(base.image_shape) != tuple(image_shape):
+        C, size = base.image_shape[0], base.image_shape[-1]
         raise DreamBoothError(f"the base model {cfg.train.init_from} draws images of shape {tuple(base.image_shape)}, the instance images "
-                              f"are {tuple(image_shape)}")
+                              f"are {tuple(image_shape)}: load them at its size with data.image_size={size} data.channels={C}")
     print(f"dreambooth: drawing {db.class_images} class images of {db.class_prompt!r} with the base model (cached in {cache})")
     images = generate(base, db.class_images, GuidanceRequest(prompts=[db.class_prompt], scale=db.class_guidance), db.class_sampler,
                       db.class_steps, seed=0, progress=False).images.contiguous()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,16 +29,23 @@ class FineTuneError(UserError):
     pass
 
 
-def base_weights(init_from: str, cfg: Config) -> dict[str, torch.Tensor]:
-    """The EMA weights of the run to start from, checked to be of the same kind and network."""
+def base_checkpoint(init_from: str, cfg: Config) -> Path:
+    """The checkpoint of the run to start from, checked to be of the same kind and network (before this run's network
+    is built: one of another shape fails in its own words, far from the cause)."""
     ckpt = resolve_checkpoint(init_from)
     base_cfg, _ = read_config(ckpt)
     if base_cfg.train.lora_rank:
         raise FineTuneError(f"train.init_from {init_from} is itself a LoRA run: start from a run with full weights")
-    if (base_cfg.train.task, base_cfg.network) != (cfg.train.task, cfg.network):
-        raise FineTuneError(f"train.init_from {init_from} is a {base_cfg.train.task} run with another network: a fine-tuning run has its "
-                            f"base's train.task and [network] section (start from its config, `ddpmkit train {ckpt}/config.json ...`)")
-    return read_weights(ckpt, "ema")
+    if differ := cfg.differences(base_cfg, ("network",)):
+        config = ckpt.parent / "config.json" if (ckpt.parent / "config.json").is_file() else ckpt / "config.json"
+        raise FineTuneError(f"train.init_from {init_from}: a fine-tuning run has its base's train.task and [network] section, and "
+                            f"{'; '.join(differ)}: give the same keys, or start from its config (`ddpmkit train {config} ...`)")
+    return ckpt
+
+
+def base_weights(init_from: str, cfg: Config) -> dict[str, torch.Tensor]:
+    """The EMA weights of the run to start from (base_checkpoint)."""
+    return read_weights(base_checkpoint(init_from, cfg), "ema")
 
 
 def pipeline_config(cfg: Config) -> Config:

@@ -34,7 +34,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -118,11 +118,7 @@ def seed_dropout(device: torch.device, seed: int) -> None:
 
 def _check_resumable(cfg: Config, ckpt: Path) -> CheckpointInfo:
     saved, info = read_config(ckpt)
-    differ = [f"train.task = {cfg.train.task!r} here, {saved.train.task!r} there"] if saved.train.task != cfg.train.task else []
-    for section in ("network", "diffusion", "data", "autoencoder"):
-        here, there = asdict(getattr(cfg, section)), asdict(getattr(saved, section))
-        differ += [f"{section}.{key} = {here[key]!r} here, {there[key]!r} there" for key in here if here[key] != there[key]]
-    if differ:  # the weights or the data would not be the run's
+    if differ := cfg.differences(saved, ("network", "diffusion", "data", "autoencoder")):  # the weights or the data would not be the run's
         raise TrainingError(f"`resume`: settings that define the run differ from {ckpt / 'config.json'}: {'; '.join(differ)}")
     return info
 

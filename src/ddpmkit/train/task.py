@@ -12,7 +12,7 @@ from torch import nn
 from ..config import Config
 from ..data import Dataset, dataset_for
 from ..errors import UserError
-from ..finetune import adapt
+from ..finetune import adapt, base_checkpoint
 from ..nets import build_for_task
 from .batches import Batch
 
@@ -49,6 +49,8 @@ class Task:
     def build_model(self) -> nn.Module:
         """A freshly initialised network of this kind (the engine seeds torch first), or, with train.init_from,
         the weights of the run it fine-tunes (with LoRA adapters when train.lora_rank > 0)."""
+        if self.cfg.train.init_from and self.cfg.network.kind != "diffusers":
+            base_checkpoint(self.cfg.train.init_from, self.cfg)  # its kind and network first
         return adapt(build_for_task(self.cfg, self.shape), self.cfg)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
