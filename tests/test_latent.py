@@ -71,4 +71,4 @@ def test_autoencoder_then_latent_diffusion_from_the_command_line(tmp_path, capsy
     assert "copies" in capsys.readouterr().out
     code = main(["train", str(PRESET_DIR / "mnist_latent.toml"), "data.name=digits", f"data.autoencoder={tmp_path / 'none'}",
                  f"train.run_dir={tmp_path / 'x'}", "--quiet"])
-    assert code == 2 and "no autoencoder" in capsys.readouterr().err
+    assert code == 2 and f"data.autoencoder = {tmp_path / 'none'}: no checkpoint at" in capsys.readouterr().err

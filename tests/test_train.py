@@ -659,3 +659,19 @@ def test_the_lessons_start_over_only_runs_they_made(tmp_path, monkeypatch):
     assert small_run("toy2d", 3, name="lesson", fast_steps=3, fast_overrides=()) == lesson  # the same config: reused
     small_run("toy2d", 4, name="lesson", fast_steps=4, fast_overrides=())  # another: started over
     assert [p.name for p in list_checkpoints(lesson)] == ["ckpt-0000004"]
+
+
+def test_a_run_the_config_names_that_does_not_exist_is_one_line_with_the_command_that_makes_it(tmp_path, monkeypatch, capsys):
+    """`ddpmkit train unclip_prior` before `ddpmkit train clip` said "no checkpoint at runs/clip": neither the key that
+    names it nor how to make it. Each named run is checked before training, and a preset's (or the demo's) run says so."""
+    from ddpmkit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for preset, key, make in (("unclip_prior", "unclip.clip = runs/clip", "ddpmkit train clip"),
+                              ("mnist_latent", "data.autoencoder = runs/mnist_autoencoder", "ddpmkit train mnist_autoencoder"),
+                              ("mnist_consistency", "distill.teacher = runs/demo", "ddpmkit demo"),
+                              ("mnist_dreambooth", "train.init_from = runs/mnist_text", "ddpmkit train mnist_text")):
+        assert main(["train", preset, "train.steps=1"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"ddpmkit train: error: {key}: no checkpoint at ") and err.endswith(f"; make it first: {make}\n"), err
+    assert not (tmp_path / "runs").exists()  # refused before any run folder was made

@@ -514,6 +514,14 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 
+def how_to_make(run_dir: str) -> str:
+    """The command whose run lands in run_dir ("runs/clip": `ddpmkit train clip`; "runs/demo": `ddpmkit demo`), or ""."""
+    if Path(run_dir) == Path("runs/demo"):
+        return "ddpmkit demo"
+    made = [name for name in preset_names() if Path(read_values(name).get("train", {}).get("run_dir", TrainConfig.run_dir)) == Path(run_dir)]
+    return f"ddpmkit train {made[0]}" if made else ""
+
+
 def resolve_config_path(spec: str | Path) -> Path:
     """A config file path, a run folder (its config.json), or the name of a shipped preset ('mnist', 'mnist.toml',
     'configs/mnist.toml')."""
