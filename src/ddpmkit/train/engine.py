@@ -523,9 +523,12 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         self.file = None
-        if fcntl is None or int(os.environ.get("RANK", "0")) != 0:  # no flock (Windows), or not the launch's first process
+        if int(os.environ.get("RANK", "0")) != 0:  # not the launch's first process
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        if fcntl is None:  # no flock (Windows): no lock, but the folder is still tidied
+            tidy_interrupted_writes(run_dir)
+            return
         f = open(run_dir / ".lock", "a+")  # noqa: SIM115 -- held open for the run's length, closed by release()
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
