@@ -157,7 +157,7 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
             kwargs = m.null_condition(n, device)  # the unconditional branch alone: one network call, not two
         else:
             kwargs = _conditions(m, n, request, labels, device)
-        if scale not in (0.0, 1.0):
+        if applies_cfg(m, scale):
             null = m.null_condition(1, device)
             model = ClassifierFreeGuidance(model, scale, null_label=m.num_classes if m.conditioning == "class" else None,
                                            null=null if m.conditioning != "class" else None, rescale=request.rescale)
