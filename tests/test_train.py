@@ -675,3 +675,8 @@ def test_a_run_the_config_names_that_does_not_exist_is_one_line_with_the_command
         err = capsys.readouterr().err
         assert err.startswith(f"ddpmkit train: error: {key}: no checkpoint at ") and err.endswith(f"; make it first: {make}\n"), err
     assert not (tmp_path / "runs").exists()  # refused before any run folder was made
+    # a run that names its own folder (or a checkpoint in it) would write over the model it reads: --overwrite deleted it
+    # and a LoRA run's adapters then sat on weights that no longer existed
+    assert main(["train", "toy2d", "train.init_from=runs/toy2d/ckpt-0000010", "--overwrite"]) == 2
+    assert capsys.readouterr().err == ("ddpmkit train: error: train.init_from = runs/toy2d/ckpt-0000010 is in this run's own folder "
+                                       "(train.run_dir): the run would write over the model it reads; give another train.run_dir\n")
