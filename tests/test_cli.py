@@ -417,3 +417,26 @@ def test_a_weights_file_given_for_a_model_says_which_folder_to_give(tmp_path, ca
     code, out, err = run(capsys, "sample", str(tmp_path / "model.safetensors"), "--n", "1")
     assert code == 2 and "is a single weights file; ddpmkit loads run folders and diffusers pipeline folders" in err
     assert "from_single_file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_out_path_among_a_runs_own_files_is_refused_and_the_run_kept(web_runs, tmp_path, capsys):
+    """`eval RUN --out RUN/config.json` replaced the run's config with the report (the run no longer loaded), and
+    `tune-grid --out RUN/ckpt-.../config.json` a checkpoint's; any --out inside a checkpoint is refused before work."""
+    import shutil
+
+    from ddpmkit.checkpoint import list_checkpoints
+
+    folder = tmp_path / "run"
+    shutil.copytree(web_runs / "uncond", folder)
+    ckpt = list_checkpoints(folder)[-1]
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    for argv, why in ((["eval", str(folder), "--metrics", "bpd_vlb", "--n-bpd", "2", "--out", str(folder / "config.json")],
+                       f"is the config of the run {folder}: give the file another name"),
+                      (["tune-grid", str(folder), "--steps", "3", "--out", str(ckpt / "config.json")],
+                       f"is inside the checkpoint {ckpt}, whose files are the run's: give a path outside it"),
+                      (["sample", str(folder), "--n", "2", "--steps", "2", "--out", str(ckpt / "s")], f"is inside the checkpoint {ckpt}")):
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and err.startswith(f"ddpmkit {argv[0]}: error: --out {argv[-1]} {why}"), err
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    code, out, err = run(capsys, "sample", str(folder), "--n", "2", "--steps", "2", "--no-gif", "--out", str(folder / "mine"))
+    assert code == 0, err  # beside the run's files is fine

@@ -193,9 +193,26 @@ def claim_run_folder(run_dir: Path, maker: str, remedy: str) -> None:
     mark.write_text(f"this run folder was made by {maker}, which starts it over when it trains again\n")
 
 
+def is_checkpoint(folder: Path) -> bool:
+    """A checkpoint folder (ckpt-XXXXXXX or posthoc-ema's output): its config and EMA weights."""
+    return (folder / "config.json").is_file() and (folder / "ema.safetensors").is_file()
+
+
+def inside_a_run(path: Path) -> str:
+    """Why writing `path` (a file or folder a command makes) would damage a run, or "": a path in a checkpoint folder,
+    or a run folder's own config.json (`eval --out runs/x/config.json` replaced it with the report)."""
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if is_checkpoint(folder):
+            return f"is inside the checkpoint {folder}, whose files are the run's: give a path outside it"
+    if path.name == "config.json" and list_checkpoints(path.parent):
+        return f"is the config of the run {path.parent}: give the file another name"
+    return ""
+
+
 def single_file(path: Path) -> str:
     """What to give instead of a weights file: its checkpoint folder (a file inside one), or a folder converted from it."""
-    if (path.parent / "config.json").is_file() and (path.parent / "ema.safetensors").is_file():
+    if is_checkpoint(path.parent):
         return f"{path} is a file of the checkpoint {path.parent}: give that folder (or its run folder)"
     return (f"{path} is a single weights file; ddpmkit loads run folders and diffusers pipeline folders. A single-file Stable "
             "Diffusion checkpoint (AUTOMATIC1111's) becomes a folder with diffusers, where its config is at hand: "
@@ -211,7 +228,7 @@ def one_before(ckpt: Path) -> Path | None:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder from itself or from its run folder (then the newest)."""
     path = Path(path)
-    if (path / "config.json").is_file() and (path / "ema.safetensors").is_file():
+    if is_checkpoint(path):
         return path
     found = list_checkpoints(path)
     if found:

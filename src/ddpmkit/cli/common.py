@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import inside_a_run
 from ..devices import resolve_device
 from ..errors import UserError
 from ..models import load_diffusion
@@ -131,6 +132,8 @@ def check_out(args: argparse.Namespace) -> None:
         above = above.parent
     if not above.is_dir() or not os.access(above, os.W_OK | os.X_OK):
         raise UserError(f"--out {out}: cannot write under {above} ({'a file' if not above.is_dir() else 'permission denied'})")
+    if why := inside_a_run(path):  # the report or the samples would replace or sit among a run's own files
+        raise UserError(f"--out {out} {why}")
 
 
 def path_error(e: OSError) -> str:
