@@ -72,5 +72,6 @@ def test_the_readme_names_every_preset_and_every_kind_of_run():
     from ddpmkit.train import train  # noqa: F401 -- registers every kind
 
     readme = (ROOT / "README.md").read_text()
-    missing = [name for name in [p.stem for p in PRESET_DIR.glob("*.toml")] + sorted(KINDS) if f"`{name}`" not in readme]
+    built_in = [name for name, kind in KINDS.items() if kind.build.__module__.startswith("ddpmkit.")]  # not a test's own kind
+    missing = [name for name in [p.stem for p in PRESET_DIR.glob("*.toml")] + built_in if f"`{name}`" not in readme]
     assert not missing, missing
