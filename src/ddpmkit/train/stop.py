@@ -29,7 +29,8 @@ class GracefulStop:
 
     def __enter__(self) -> GracefulStop:
         if self.active:
-            self.previous = signal.signal(signal.SIGINT, self.request)
+            # None: a handler set outside Python (an embedding program); Python's own raises KeyboardInterrupt
+            self.previous = signal.signal(signal.SIGINT, self.request) or signal.default_int_handler
         return self
 
     def request(self, signum: int, frame: FrameType | None) -> None:
