@@ -1,6 +1,7 @@
 """generate(): chunks drawn side by side by threads, and the network in bf16 with float32 sampler arithmetic."""
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -134,6 +135,14 @@ def test_vector_samples_are_not_clipped_to_the_pixel_range(tmp_path):
     assert options["clip_x0"] and not resolve_options(m, options)["clip_x0"]
     x = generate(m, 500, None, "ddpm", 50, 0, options, progress=False).images
     assert x.abs().max() > 1.5, x.abs().max()  # the data's own range, not the square
+    # `ddpmkit sample` of it draws the points over the data they were trained on (grey), as the trainer's previews do
+    from PIL import Image
+
+    from ddpmkit.cli import main
+
+    assert main(["sample", str(run), "--n", "50", "--steps", "5", "--out", str(tmp_path / "s")]) == 0
+    pixels = np.asarray(Image.open(tmp_path / "s" / "scatter.png").convert("RGB")).reshape(-1, 3)
+    assert (np.abs(pixels.astype(int) - 191).max(1) <= 2).sum() > 1000  # the data's grey (matplotlib's "0.75"): 4,656 pixels, 33 without it
     # nor does dynamic thresholding rescale the points into the square: refused (it was taken)
     with pytest.raises(UserError, match=r"dynamic thresholding \(percentile 0.995\) keeps pixels in \[-1, 1\]; this model's x_0 is a vector of 2"):
         generate(m, 5, GuidanceRequest(threshold=0.995), "ddpm", 50, 0, options, progress=False)

@@ -5,7 +5,10 @@ import argparse
 import json
 import time
 
+import torch
+
 from ..checkpoint import atomic_write_text
+from ..data import dataset_for
 from ..devices import resolve_device
 from ..evaluate.report import check_feature_weights, evaluate_checkpoint, format_report, parse_metrics
 from ..models import SAMPLING_COMPILE_MODES, load_diffusion
@@ -43,7 +46,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
     gen = generate(m, args.n, request, args.sampler, args.steps, args.seed, options_from(args), args.batch_size,
                    record_every=0 if args.no_gif else max(1, total // 50), device=args.device, precision=args.precision)
     elapsed = time.time() - t0
-    out = save_generated(gen, args.out, args.seed, gif=not args.no_gif)
+    points = m.data_shape == (2,)  # drawn over the data they were trained on, as the trainer's previews are
+    data = dataset_for(m.config.data, "train") if points else None
+    reference = data.get_batch(torch.arange(min(len(data), 5000))) if data is not None else None
+    out = save_generated(gen, args.out, args.seed, gif=not args.no_gif, reference=reference)
     what = f" ({request.describe()})" if request.describe() else ""
     print(f"{args.n} samples from {m.path} (step {m.step}){what} with {args.sampler} in {elapsed:.1f}s, "
           f"{gen.nfe} network evaluations -> {out}")

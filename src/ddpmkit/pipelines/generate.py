@@ -190,10 +190,10 @@ def _side_by_side(draw: Callable, chunks: list[tuple[int, int]], streams: int) -
 GENERATED_FILES = ("grid.png", "reverse_process.gif", "predicted_x0.gif", "scatter.png", "samples.pt")
 
 
-def save_generated(out: Generated, folder: str | Path, seed: int = 0, gif: bool = True) -> Path:
-    """grid.png, samples/<seed>.png and (when recorded) reverse_process.gif and predicted_x0.gif
-    for images; scatter.png for 2-D points; samples.pt in every case. What an earlier call wrote into the folder goes
-    first, so that it never holds two calls' samples (64 of one model beside 16 of another) or a stale GIF."""
+def save_generated(out: Generated, folder: str | Path, seed: int = 0, gif: bool = True, reference: torch.Tensor | None = None) -> Path:
+    """grid.png, samples/<seed>.png and (when recorded) reverse_process.gif and predicted_x0.gif for images; scatter.png
+    for 2-D points (over `reference`, the data, in grey); samples.pt in every case. What an earlier call wrote into the
+    folder goes first, so that it never holds two calls' samples (64 of one model beside 16 of another) or a stale GIF."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     earlier = [folder / name for name in GENERATED_FILES] + [f for f in folder.glob("samples/*.png") if re.fullmatch(r"-?\d+", f.stem)]
@@ -209,6 +209,6 @@ def save_generated(out: Generated, folder: str | Path, seed: int = 0, gif: bool 
             viz.reverse_process_gif(out.xs, folder / "reverse_process.gif")
             viz.reverse_process_gif(out.x0s, folder / "predicted_x0.gif")
     elif x.shape[-1] == 2:  # other vectors (unCLIP's prior: CLIP embeddings) have no picture, only samples.pt
-        viz.scatter_2d(x, folder / "scatter.png", title=f"{len(x)} samples, {out.nfe} NFE")
+        viz.scatter_2d(x, folder / "scatter.png", reference, title=f"{len(x)} samples, {out.nfe} NFE")
     torch.save(x, folder / "samples.pt")
     return folder
