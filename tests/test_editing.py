@@ -2,6 +2,7 @@
 RePaint on a Gaussian mixture, slerp, and the voyage keyframe files."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,3 +114,19 @@ def test_editing_commands(tmp_path, capsys):
         assert (out / made).is_file(), made
     assert main(["inpaint", str(run), "digits:3", "--mask", "middle", "--out", str(out)]) == 2
     assert "--mask must be one of" in capsys.readouterr().err
+    # a mask PNG: what it fills is said (a mask drawn the other way round shows there); one that keeps every pixel has
+    # nothing to fill (the "inpainting" returned the image), one that fills every pixel gets a note
+    from PIL import Image
+
+    for value, name in ((255, "white"), (0, "black")):
+        Image.new("L", (20, 20), value).save(tmp_path / f"{name}.png")
+    left = np.full((20, 20), 255, np.uint8)
+    left[:, :10] = 0
+    Image.fromarray(left).save(tmp_path / "left.png")
+    assert main(["inpaint", str(run), "digits:3", "--mask", str(tmp_path / "white.png"), "--out", str(out)]) == 2
+    assert f"the mask {tmp_path / 'white.png'} keeps every pixel (white = keep, black = fill): nothing to fill" in capsys.readouterr().err
+    assert main(["inpaint", str(run), "digits:3", "--mask", str(tmp_path / "black.png"), "--steps", "2", "--out", str(out)]) == 0
+    said = capsys.readouterr()
+    assert "note: the mask" in said.err and "fills every pixel" in said.err and "filled 100% of the image" in said.out
+    assert main(["inpaint", str(run), "digits:3", "--mask", str(tmp_path / "left.png"), "--steps", "2", "--out", str(out)]) == 0
+    assert "filled 50% of the image (the mask's black part; white keeps)" in capsys.readouterr().out

@@ -3,13 +3,14 @@ and inpainting masks. Used by the editing commands, `forward`, the benches and t
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from .data import GREY_MODES, DataError, Dataset, load_dataset, load_image_file
-from .errors import UserError
+from .errors import Note, UserError
 from .superres import downsample, upsample
 
 MASK_HALVES = ("left", "right", "top", "bottom")
@@ -80,4 +81,10 @@ def make_mask(spec: str, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
         return mask
     if not Path(spec).is_file():
         raise UserError(f"`mask` must be one of {list(MASK_HALVES)} or a PNG file (white = keep); got {spec!r}")
-    return (load_image_file(spec, H, 1)[None] > 0).float()
+    mask = (load_image_file(spec, H, 1)[None] > 0).float()
+    if bool(mask.all()):  # an inpainting that returns the image (or a mask drawn the other way: white where to fill)
+        raise UserError(f"the mask {spec} keeps every pixel (white = keep, black = fill): nothing to fill; paint black where "
+                        "the image should be filled in")
+    if not bool(mask.any()):
+        warnings.warn(f"the mask {spec} fills every pixel (black = fill): the samples ignore the image", Note, stacklevel=2)
+    return mask

@@ -65,6 +65,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     m, image = _model_image(args)
     mask = make_mask(args.mask, image.shape)
     x = edit_inpaint(m, image, mask, args.n, guidance_request(args), args.steps, args.resample, args.seed, args.sampler)
+    print(f"filled {1 - mask.mean().item():.0%} of the image (the mask's black part; white keeps)")  # a mask drawn inverted shows here
     _strip([image, image * mask, x], Path(args.out) / "inpaint.png", args.n + 2)
 
 
