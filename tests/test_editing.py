@@ -114,6 +114,9 @@ def test_editing_commands(tmp_path, capsys):
         assert (out / made).is_file(), made
     assert main(["inpaint", str(run), "digits:3", "--mask", "middle", "--out", str(out)]) == 2
     assert "--mask must be one of" in capsys.readouterr().err
+    for t in ("0", "1000"):  # posterior refused them; interpolate mixed the images at t = 0, and failed past T
+        assert main(["interpolate", str(run), "--images", "digits:0,digits:1", "--t", t, "--out", str(out)]) == 2
+        assert capsys.readouterr().err.strip().endswith(f"error: t must lie in 1..999, got {t}")
     # a mask PNG: what it fills is said (a mask drawn the other way round shows there); one that keeps every pixel has
     # nothing to fill (the "inpainting" returned the image), one that fills every pixel gets a note
     from PIL import Image

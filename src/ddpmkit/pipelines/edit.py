@@ -71,12 +71,17 @@ def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return (torch.nn.functional.interpolate(mask.float(), size=size, mode="area") > 0.999).float()
 
 
+def check_level(m: DiffusionModel, t: int) -> None:
+    """The noise level an edit noises its image to, x_t: 1..T-1 (0 is no noise worth a reverse process)."""
+    if not 0 < t < m.schedule.T:
+        raise UserError(f"t must lie in 1..{m.schedule.T - 1}, got {t}")
+
+
 def edit_posterior(m: DiffusionModel, image: torch.Tensor, t: int, n: int, request: GuidanceRequest | None = None,
                    steps: int = 100, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise one image to x_t once and draw n samples of p(x_0 | x_t). Returns (x_t as a picture
     (1, C, H, W): zeros for latent models, whose noisy latent is no picture; samples (n, C, H, W))."""
-    if not 0 < t < m.schedule.T:
-        raise UserError(f"t must lie in 1..{m.schedule.T - 1}, got {t}")
+    check_level(m, t)
     model, kwargs, _ = guided_model(m, n, request, "ddpm")
     x_t, xs = posterior_samples(model, m.encode(image), t, n, steps=steps, seed=seed, model_kwargs=kwargs)
     shown = x_t.clamp(-1, 1) if m.autoencoder is None else torch.zeros_like(image)
@@ -95,6 +100,7 @@ def interpolation_seeds(m: DiffusionModel, seed_a: int, seed_b: int, n: int, req
 def interpolation_images(m: DiffusionModel, a: torch.Tensor, b: torch.Tensor, t: int, n: int, request: GuidanceRequest | None = None,
                          steps: int = 50, seed: int = 0) -> torch.Tensor:
     """DDPM Fig. 8: two images (1, C, H, W) noised to x_t with the same noise, mixed, denoised: (n, C, H, W)."""
+    check_level(m, t)  # t = 0 mixed the images with next to no noise; past T, an index error
     model, kwargs, _ = guided_model(m, n, request, "ddpm")
     x = interpolate_images(model, m.encode(a), m.encode(b), t, n, seed=seed, steps=steps, model_kwargs=kwargs)
     return m.decode(x)
