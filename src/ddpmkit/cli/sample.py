@@ -8,7 +8,7 @@ import time
 import torch
 
 from ..checkpoint import atomic_write_text
-from ..data import dataset_for
+from ..data import DataError, dataset_for
 from ..devices import resolve_device
 from ..evaluate.report import check_feature_weights, evaluate_checkpoint, format_report, parse_metrics
 from ..models import SAMPLING_COMPILE_MODES, load_diffusion
@@ -46,16 +46,25 @@ def cmd_sample(args: argparse.Namespace) -> None:
     gen = generate(m, args.n, request, args.sampler, args.steps, args.seed, options_from(args), args.batch_size,
                    record_every=0 if args.no_gif else max(1, total // 50), device=args.device, precision=args.precision)
     elapsed = time.time() - t0
-    points = m.data_shape == (2,)  # drawn over the data they were trained on, as the trainer's previews are
-    data = dataset_for(m.config.data, "train") if points else None
-    reference = data.get_batch(torch.arange(min(len(data), 5000))) if data is not None else None
-    out = save_generated(gen, args.out, args.seed, gif=not args.no_gif, reference=reference)
+    out = save_generated(gen, args.out, args.seed, gif=not args.no_gif, reference=training_points(m))
     what = f" ({request.describe()})" if request.describe() else ""
     print(f"{args.n} samples from {m.path} (step {m.step}){what} with {args.sampler} in {elapsed:.1f}s, "
           f"{gen.nfe} network evaluations -> {out}")
     if len(m.data_shape) == 1 and m.data_shape[0] != 2:  # no picture of them: say what they are and what uses them
         use = m.model_kind.next_step.format(run=args.checkpoint)
         print(f"they are {m.data_shape[0]}-D vectors, in {out / 'samples.pt'} (torch.load)" + (f"; {use}" if use else ""))
+
+
+def training_points(m) -> torch.Tensor | None:
+    """Up to 5,000 of the 2-D points a toy run trained on, to draw its samples over (as the trainer's previews are); None
+    for other runs, or where the data cannot be read from here (an .npz moved since: the samples are drawn alone)."""
+    if m.data_shape != (2,):
+        return None
+    try:
+        data = dataset_for(m.config.data, "train")
+    except (DataError, OSError):
+        return None
+    return data.get_batch(torch.arange(min(len(data), 5000)))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
