@@ -13,6 +13,9 @@ unexport PYTHONDONTWRITEBYTECODE
 .PHONY: demo test lint install bench lessons clean gpu-wheels
 
 $(STAMP): pyproject.toml Makefile
+	@# before minutes of installing: pip's own refusal ("requires a different Python") came after torch was in
+	@$$(test -x $(PY) && echo $(PY) || echo $(PYTHON)) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else \
+		f"ddpmkit needs Python 3.11 or newer; {sys.executable} is {sys.version.split()[0]}: run make PYTHON=python3.11 (or newer)")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(TORCH_PIN),$(PY) -m pip install -q --no-compile "$(TORCH_PIN)")

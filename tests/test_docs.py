@@ -4,6 +4,8 @@ section and of docs/library.md, in order, one namespace per page. The run folder
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,17 @@ def test_the_readme_names_every_preset_and_every_kind_of_run():
     built_in = [name for name, kind in KINDS.items() if kind.build.__module__.startswith("ddpmkit.")]  # not a test's own kind
     missing = [name for name in [p.stem for p in PRESET_DIR.glob("*.toml")] + built_in if f"`{name}`" not in readme]
     assert not missing, missing
+
+
+OLD_PYTHON = next((p for p in ("/root/.pyenv/versions/3.10.13/bin/python", "/usr/bin/python3.10") if Path(p).is_file()), None)
+
+
+@pytest.mark.skipif(OLD_PYTHON is None or shutil.which("make") is None, reason="needs make and a Python 3.10 to refuse")
+def test_make_refuses_a_python_older_than_3_11_before_installing_anything(tmp_path):
+    """`make demo` with Ubuntu 22.04's python3 (3.10) installed torch for minutes, then pip said "requires a different
+    Python"; the Makefile now says so first, and makes no .venv."""
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    done = subprocess.run(["make", f"PYTHON={OLD_PYTHON}", "install"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "ddpmkit needs Python 3.11 or newer" in done.stderr and "3.10" in done.stderr, done.stderr
+    assert not (tmp_path / ".venv").exists()
