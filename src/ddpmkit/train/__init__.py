@@ -46,9 +46,9 @@ NAMED_RUNS = (("train", "init_from"), ("data", "autoencoder"), ("unclip", "clip"
 def check_named_runs(cfg: Config) -> None:
     """Each run the config names exists, else one line with its key and, where a preset or the demo makes it, the
     command (`ddpmkit train unclip_prior` before `ddpmkit train clip` said only "no checkpoint at runs/clip")."""
+    run_dir = Path(cfg.train.run_dir).resolve()
     for section, key in NAMED_RUNS:
         value = getattr(getattr(cfg, section), key)
-        run_dir = Path(cfg.train.run_dir).resolve()
         if value and (Path(value).resolve() == run_dir or run_dir in Path(value).resolve().parents):  # its writes would replace it
             raise TrainingError(f"{section}.{key} = {value} is in this run's own folder (train.run_dir): the run would write over the "
                                 "model it reads; give another train.run_dir")

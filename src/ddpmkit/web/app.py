@@ -25,6 +25,10 @@ CSS = """
 """
 
 
+# the Interpolate tab's labels for a text-conditional model; the others' drop the prompts' and voyages' part
+SEED_A_LABEL, FRAMES_LABEL = "seed A (prompts: the seed)", "frames (voyage: between keyframes)"
+
+
 def shown_errors(fn: Callable) -> Callable:
     """fn with user errors shown as the page's message instead of a traceback in the log."""
     def wrapped(*args, **kwargs):
@@ -133,7 +137,7 @@ def build_app(actions: Actions, concurrency: int = 1) -> gr.Blocks:
                 with gr.Column(scale=1, min_width=280):
                     i_mode = gr.Radio(["seeds", "images", "prompts", "voyage"], value="seeds", label="between", elem_id="interp-mode")
                     with gr.Row():
-                        i_seed_a = gr.Number(0, label="seed A (prompts: the seed)", precision=0, elem_id="interp-seed-a")
+                        i_seed_a = gr.Number(0, label=SEED_A_LABEL, precision=0, elem_id="interp-seed-a")
                         i_seed_b = gr.Number(1, label="seed B", precision=0, elem_id="interp-seed-b")
                     with gr.Row():
                         i_digit_a = gr.Number(0, label="digit A (images)", precision=0)
@@ -146,7 +150,7 @@ def build_app(actions: Actions, concurrency: int = 1) -> gr.Blocks:
                                           headers=["seed", "prompt"], datatype=["number", "str"], type="array",
                                           label=f"voyage keyframes (seed, prompt), at most {limits.max_keyframes}", elem_id="interp-keys")
                     with gr.Row():
-                        i_frames = gr.Number(8, label="frames (voyage: between keyframes)", precision=0)
+                        i_frames = gr.Number(8, label=FRAMES_LABEL, precision=0)
                         i_sampler = gr.Dropdown(sorted(SAMPLERS), value="ddim", label="sampler")
                         i_steps = gr.Number(20, label="steps", precision=0)
                     i_go = gr.Button("Render", variant="primary", elem_id="interp-go")
@@ -165,8 +169,8 @@ def build_app(actions: Actions, concurrency: int = 1) -> gr.Blocks:
             prompts = gr.update(visible=text_modes)
             return (text, gr.update(label=label, placeholder=placeholder), gr.update(value=own[0]) if own else gr.update(),
                     gr.update(value=own[1]) if own else gr.update(), gr.update(choices=modes, value=modes[0]), prompts, prompts, prompts,
-                    gr.update(label="seed A (prompts: the seed)" if text_modes else "seed A"),
-                    gr.update(label="frames (voyage: between keyframes)" if text_modes else "frames"))
+                    gr.update(label=SEED_A_LABEL if text_modes else "seed A"),
+                    gr.update(label=FRAMES_LABEL if text_modes else "frames"))
 
         described = [about, condition, sampler, steps, i_mode, i_prompt_a, i_prompt_b, i_keys, i_seed_a, i_frames]
         run.change(describe, run, described, concurrency_id=LIGHT, concurrency_limit=None)
