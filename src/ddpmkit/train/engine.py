@@ -493,7 +493,9 @@ class Budget:
         return fit
 
 
-RUN_FILES = ("ckpt-*", "train_log.jsonl", "tb", "samples", "posthoc")  # what a run writes into its folder
+# what a run writes into its folder: its previews by name, not all of samples/, which is also `ddpmkit sample`'s
+# default --out (a run folder that is the working folder holds what was drawn there)
+RUN_FILES = ("ckpt-*", "train_log.jsonl", "tb", "samples/step-*.png", "posthoc")
 
 
 def check_fresh(run_dir: Path, overwrite: bool) -> None:
@@ -513,6 +515,9 @@ def clear_run(run_dir: Path) -> None:
                 shutil.rmtree(path)
             else:
                 path.unlink()
+    previews = run_dir / "samples"
+    if previews.is_dir() and not any(previews.iterdir()):
+        previews.rmdir()
 
 
 class RunLock:
