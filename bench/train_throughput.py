@@ -23,7 +23,8 @@ also times the two in alternating rounds and prints the median ratio, which the 
 level's width).
 
 Presets that need another run (mnist_latent*: an autoencoder; unclip_*: a CLIP) are skipped unless
---autoencoder / --clip name one.
+--autoencoder / --clip name one; the images preset (your own images, sized for a GPU) is timed on the folder --images names:
+`--presets images --images my_photos`, and a smaller form with `--overrides data.image_size=32 network.base_channels=32`.
 
 --against REF: the whole trainer (`ddpmkit train mnist`) of this checkout against the one at git REF,
 in a temporary worktree: alternating runs in fresh processes (before-after, then after-before), images/s from each run's train_log.jsonl
@@ -474,6 +475,8 @@ def main() -> None:
                         "--distillation 40, --heap 10)")
     p.add_argument("--autoencoder", default=None, help="an autoencoder run for the latent presets")
     p.add_argument("--clip", default=None, help="a CLIP run for the unCLIP presets")
+    p.add_argument("--images", default=None, metavar="FOLDER", help="a folder of images for the images preset")
+    p.add_argument("--overrides", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every timed preset")
     p.add_argument("--candidates", action="store_true", help="time fused AdamW, channels-last, batch 128 and torch.compile instead")
     p.add_argument("--layers", action="store_true", help="time the attention, 1x1 skip and upsampling layers against their plain forms")
     p.add_argument("--blocks", action="store_true", help="time each block of the demo UNet alone, forward + backward")
@@ -519,6 +522,9 @@ def main() -> None:
             overrides.append(f"data.autoencoder={args.autoencoder}")
         if args.clip and preset.startswith("unclip"):
             overrides.append(f"unclip.clip={args.clip}")
+        if args.images and preset == "images":
+            overrides.append(f"data.path={args.images}")
+        overrides += args.overrides
         per_rate[preset] = report(preset, overrides, args.steps, fp32, bf16)
     if per_rate.get("mnist") and per_rate.get("mnist_2023"):
         print(f"demo network, images/s per matmul GFLOP/s: {per_rate['mnist']:.3f} against {per_rate['mnist_2023']:.3f} for the earlier "

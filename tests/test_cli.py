@@ -183,6 +183,34 @@ def test_corrupt_image_in_training_folder(tmp_path, capsys):
     assert not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("ckpt-*"))
 
 
+def test_the_images_preset_trains_on_a_folder_of_photos(tmp_path, capsys, monkeypatch):
+    """A practitioner's own images had no preset: `train mnist data.name=folder ...` ended in the digits' attention at
+    7x7 and sigma_data. The images preset: RGB 64x64 with flips, a GPU-sized UNet whose attention levels exist at 64x64
+    and below; without data.path it says what to give."""
+    from ddpmkit.config import load_config
+    from ddpmkit.nets import build_network
+
+    cfg = load_config("images")
+    assert (cfg.data.name, cfg.data.image_size, cfg.data.channels, cfg.data.hflip, cfg.diffusion.sigma_data) == ("folder", 64, 3, True, 0.5)
+    net = build_network(cfg.network, (3, 64, 64))  # the preset's comment gives its size
+    assert round(sum(p.numel() for p in net.parameters()) / 1e6, 1) == 19.4
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "train", "images")
+    assert code == 2 and err.strip().endswith("needs data.path: the folder of your images (data.path=my_photos)"), err
+    rng = np.random.default_rng(0)
+    (tmp_path / "photos" / "trip").mkdir(parents=True)
+    for i, (h, w) in enumerate([(30, 40), (48, 32), (24, 24), (40, 60)]):  # landscape, portrait, square; a subfolder
+        pixels = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "photos" / ("trip" if i % 2 else "") / f"{i}.jpg")
+    tiny = ["data.image_size=16", "network.base_channels=8", "train.batch_size=4", "train.steps=2", "train.warmup_steps=1",
+            "train.sample_every=0", "train.eval_every=0", "train.checkpoint_every=2", "--quiet"]
+    code, out, err = run(capsys, "train", "images", "data.path=photos", *tiny)
+    assert code == 0, err
+    code, out, err = run(capsys, "sample", "runs/images", "--n", "2", "--steps", "3", "--no-gif", "--out", "s")
+    assert code == 0, err
+    assert [Image.open(tmp_path / "s" / "samples" / f"00000{i}.png").mode for i in range(2)] == ["RGB", "RGB"]
+
+
 def test_train_then_sample_writes_grid_pngs_and_gif(tmp_path, capsys):
     run_dir = tmp_path / "run"
     code, _, err = run(capsys, "train", str(PRESET_DIR / "mnist.toml"), "data.name=digits", "network.base_channels=8",
@@ -333,14 +361,20 @@ def test_serve_on_a_busy_port_is_one_clear_line_and_leaves_no_folder(web_runs, c
 
 def test_training_into_a_folder_that_holds_a_run_is_refused_unless_it_resumes_or_overwrites(tmp_path, capsys):
     """`sample RUN` reads the newest checkpoint: a shorter new run over an older one would be shadowed by the older's,
-    and their logs would mix. Refused with one line; --overwrite removes the earlier run's files (only those) first."""
+    and their logs would mix. Refused with one line; --overwrite removes the earlier run's files (only those) first:
+    `ddpmkit sample`'s default --out is ./samples, the run's preview folder when the run folder is the working one, and
+    --overwrite deleted the samples drawn there with it."""
     from ddpmkit.checkpoint import list_checkpoints
     from ddpmkit.models import load_diffusion
 
     folder = tmp_path / "run"
     args = ["train", "toy2d", "train.sample_every=0", "train.eval_every=0", f"train.run_dir={folder}"]
-    assert main([*args, "train.steps=4", "train.checkpoint_every=2", "--quiet"]) == 0
+    assert main([*args, "train.steps=4", "train.checkpoint_every=2", "train.sample_every=2", "--quiet"]) == 0
+    assert sorted(p.name for p in (folder / "samples").iterdir()) == ["step-0000002.png", "step-0000004.png"]
     (folder / "notes.txt").write_text("mine")
+    (folder / "samples" / "samples").mkdir()  # what `ddpmkit sample RUN --out RUN/samples` (or `sample .` in it) writes
+    for drawn in ("grid.png", "samples/000000.png"):
+        (folder / "samples" / drawn).write_bytes(b"drawn")
     code, out, err = run(capsys, *args, "train.steps=3", "--quiet")
     assert code == 2 and err.strip() == (f"ddpmkit train: error: {folder} already holds a run (newest checkpoint ckpt-0000004): continue it "
                                          "with --resume, start it over with --overwrite, or give another train.run_dir")
@@ -350,6 +384,7 @@ def test_training_into_a_folder_that_holds_a_run_is_refused_unless_it_resumes_or
     log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
     assert max(e["step"] for e in log) == 3 and sum("done" in e for e in log) == 1  # the new run's lines alone
     assert (folder / "notes.txt").read_text() == "mine"  # what the run did not write stays
+    assert sorted(str(p.relative_to(folder)) for p in (folder / "samples").rglob("*.png")) == ["samples/grid.png", "samples/samples/000000.png"]
     assert main([*args, "train.steps=5", "--quiet", "--resume"]) == 0 and load_diffusion(folder).step == 5
 
 

@@ -308,7 +308,8 @@ def load_dataset(name: str, path: str | None = None, image_size: int | None = No
         return make_toy(name)
     if name in ("folder", "npz"):
         if not path:
-            raise DataError(f"dataset {name!r} needs data.path")
+            what = "the folder of your images (data.path=my_photos)" if name == "folder" else "an .npz file (data.path=images.npz)"
+            raise DataError(f"dataset {name!r} needs data.path: {what}")
         if name == "npz":
             return load_npz(path)
         return ImageFolder(path, image_size or 64, channels)
