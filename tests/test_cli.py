@@ -209,6 +209,8 @@ def test_the_images_preset_trains_on_a_folder_of_photos(tmp_path, capsys, monkey
     code, out, err = run(capsys, "sample", "runs/images", "--n", "2", "--steps", "3", "--no-gif", "--out", "s")
     assert code == 0, err
     assert [Image.open(tmp_path / "s" / "samples" / f"00000{i}.png").mode for i in range(2)] == ["RGB", "RGB"]
+    code, out, err = run(capsys, "eval", "runs/images", "--metrics", "bpd_vlb", "--n-bpd", "2")  # said nothing of which images
+    assert code == 0 and "[bits/dim (discretised decoder)], 2 examples of folder, its training data (no held-out split)" in out, err + out
 
 
 def test_train_then_sample_writes_grid_pngs_and_gif(tmp_path, capsys):
@@ -250,6 +252,7 @@ def test_train_then_sample_writes_grid_pngs_and_gif(tmp_path, capsys):
 
     metrics = json.loads(report.read_text())["metrics"]
     assert metrics["bpd_vlb"]["value"] > 0 and metrics["bpd_ode"]["value"] > 0 and "bpd_vlb" in out
+    assert "[bits/dim (discretised decoder)], 2 examples of digits held-out split" in out, out  # which images the bits are of
     code, out, err = run(capsys, "eval", str(run_dir), "--metrics", "fd", "--out", str(report))
     assert code == 2 and "use --features inception" in err
     code, out, err = run(capsys, "eval", str(run_dir), "--metrics", "copies", "--n", "4", "--sampler", "ddim", "--steps", "2",

@@ -145,6 +145,7 @@ def evaluate_checkpoint(checkpoint: str | DiffusionModel, metrics: list[str] | N
     # folders, npz files and toys have no held-out split: their "test" data is the training data
     held_out = dataset_for(data, split="test")
     x_test = held_out.get_batch(torch.arange(min(n_bpd, len(held_out)))).to(m.device)  # any Dataset: arrays or image folders
+    source = reference or (f"{data.name} held-out split" if data.name in SPLIT else f"{data.name}, its training data (no held-out split)")
     g = torch.Generator().manual_seed(seed)
     null = m.null_condition(len(x_test), m.device)
     if m.autoencoder is not None and any(k.startswith("bpd") for k in metrics):
@@ -158,7 +159,7 @@ def evaluate_checkpoint(checkpoint: str | DiffusionModel, metrics: list[str] | N
             "value": res.bits_per_dim.mean().item(), "n": len(x_test), "seconds": time.time() - t0,
             "L_T": res.prior.mean().item() / LN2, "L_0": per_t[0].item() / LN2,
             "largest_terms": [(int(t), per_t[t].item() / LN2) for t in per_t.argsort(descending=True)[:5]],
-            "unit": "bits/dim (discretised decoder)" if images else "bits/dim (continuous)"}
+            "unit": "bits/dim (discretised decoder)" if images else "bits/dim (continuous)", "data": f"{len(x_test)} examples of {source}"}
     if "bpd_ode" in metrics:
         t0 = time.time()
         x = dequantize(x_test, g) if images else x_test
@@ -166,11 +167,11 @@ def evaluate_checkpoint(checkpoint: str | DiffusionModel, metrics: list[str] | N
         value = dequantized_bits_per_dim(res.nll) if images else res.bits_per_dim
         report["metrics"]["bpd_ode"] = {"value": value.mean().item(), "n": len(x_test), "nfe": res.nfe,
                                         "seconds": time.time() - t0,
-                                        "unit": "bits/dim (uniform dequantisation, Hutchinson)" if images else "bits/dim"}
+                                        "unit": "bits/dim (uniform dequantisation, Hutchinson)" if images else "bits/dim",
+                                        "data": f"{len(x_test)} examples of {source}"}
     if sampled:
         t0 = time.time()
         gen = generate(m, n, request or GuidanceRequest(), sampler, steps, seed, sampler_options, batch_size)
-        source = reference or (f"{data.name} held-out split" if data.name in SPLIT else f"{data.name}, its training data (no held-out split)")
         report["sampling"] = {"sampler": sampler, "nfe": gen.nfe, "n": n, "seconds": time.time() - t0, "features": features,
                               "reference": f"{source} ({len(held_out)} images)"}
         if feature_net is not None:
@@ -224,5 +225,5 @@ def format_report(report: dict) -> str:
     for name, m in report["metrics"].items():
         extra = f" +- {m['std']:.4g}" if "std" in m else ""
         extra += f" (held-out real images: {m['real']:.4g})" if "real" in m else ""
-        lines.append(f"  {name:<{width}}  {m['value']:.4g}{extra}  [{m['unit']}]")
+        lines.append(f"  {name:<{width}}  {m['value']:.4g}{extra}  [{m['unit']}]" + (f", {m['data']}" if "data" in m else ""))
     return "\n".join(lines)
