@@ -155,6 +155,54 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_of_it_that_resumes_exactl
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_ctrl_c_stops_every_process_of_a_launch_at_one_log_step_with_a_checkpoint_of_it(tmp_path):
+    """Under torchrun Ctrl-C was Python's own in each process (each would notice a request at a step of its own, and a
+    checkpoint is written by all together): the steps since the last checkpoint were lost. Now every process stops at
+    the next log step if any was asked, with a checkpoint there. The Ctrl-C reaches each process twice (from the
+    terminal and from torchrun, which passes it on): the copy is not a second Ctrl-C."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541", "--log-dir", str(tmp_path / "tr")]
+    args = ["toy2d", "train.steps=100000", "train.batch_size=64", "train.log_every=20", "train.checkpoint_every=100000",
+            "train.keep_checkpoints=0", "train.max_minutes=0", f"train.run_dir={run_dir}", "--quiet"]
+    # a session of its own: the test's Ctrl-C goes to torchrun and its processes, as a terminal's goes to its foreground group
+    proc = subprocess.Popen([*torchrun, "-m", "ddpmkit.cli", "train", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log, deadline = run_dir / "train_log.jsonl", time.time() + 120
+    while not (log.exists() and log.read_text().strip()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    said, _ = proc.communicate(timeout=120)
+    at = [read_config(c)[1].step for c in list_checkpoints(run_dir)]
+    assert len(at) == 1 and at[0] % 20 == 0 and 20 <= at[0] < 100000, (at, said)  # a log step, not a periodic checkpoint
+    assert said.count("Ctrl-C: stopping at the next log step (every train.log_every = 20 steps), with a checkpoint of it") == 1, said
+    assert said.count(f"stopped at step {at[0]} of 100000, with a checkpoint of it") == 1 and said.count("interrupted\n") == 1, said
+    assert json.loads(log.read_text().splitlines()[-1]) == {"step": at[0], "interrupted": True}
+    assert load_diffusion(run_dir).step == at[0]
+
+
+def test_a_second_ctrl_c_stops_at_once_but_a_launchers_copy_of_the_first_does_not(monkeypatch):
+    from ddpmkit.train import stop
+
+    monkeypatch.setattr(stop, "ECHO_S", 0.3)
+    with stop.GracefulStop(processes=2, announce=False) as asked:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # the launcher's copy, milliseconds later
+        time.sleep(0.05)
+        assert asked.requested
+        time.sleep(0.3)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    with stop.GracefulStop(processes=1, announce=False) as asked:  # one process: no copy to wait for
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 # two processes for the kinds whose batches differ in how they split: per-example losses (denoiser), extra
 # per-example inputs built from each process's half (superres), and a loss that couples the whole batch (clip);
 # the autoencoder and the classifier take the denoiser's path (a per-example mean over a plain image batch)
@@ -608,9 +656,9 @@ def test_an_ordinary_training_step_reads_nothing_back_and_a_log_window_reads_onc
 
     periodic = engine.Trainer.periodic
 
-    def periodic_then_count(self):
+    def periodic_then_count(self, *stop_requested):
         before = reads.count
-        out = periodic(self)
+        out = periodic(self, *stop_requested)
         per_step.append(("periodic", self.state.step, reads.count - before))
         return out
 

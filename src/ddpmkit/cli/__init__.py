@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib.metadata
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -114,6 +115,7 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"ddpmkit {args.command}: error: {path_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # once for a launch of several processes
+            print("interrupted", file=sys.stderr)
         return 130
     return 0

@@ -342,9 +342,11 @@ class Trainer:
 
     # ---- what happens every so many steps
 
-    def periodic(self) -> bool:
+    def periodic(self, stop_requested: bool = False) -> str | None:
         """At a log step (or before a preview, evaluation or checkpoint): read the window back (NaN guard, time budget),
-        then the log line, previews and held-out metrics (main process), and checkpoints. Returns whether the time is up."""
+        then the log line, previews and held-out metrics (main process), and checkpoints. Returns why every process
+        stops at this log step, if it does: "time" (train.max_minutes) or "stop" (Ctrl-C in a multi-process run:
+        stop_requested in any process); else None."""
         st, tc, main = self.state, self.tc, self.accelerator.is_main_process
         log_due = st.step % tc.log_every == 0 or st.step == st.decay.end
         sample_due = bool(tc.sample_every and st.step % tc.sample_every == 0)
@@ -352,9 +354,9 @@ class Trainer:
         # a kept step (train.keep_steps, e.g. autoguidance's weaker model) is written even between checkpoint_every's
         ckpt_due = bool((tc.checkpoint_every and st.step % tc.checkpoint_every == 0) or st.step in tc.keep_steps) and st.step < st.decay.end
         if not (log_due or sample_due or eval_due or ckpt_due):
-            return False  # an ordinary step: nothing read back
+            return None  # an ordinary step: nothing read back
         if self.settle():
-            return False
+            return None
         if log_due and self.window.steps:
             rate, mean_loss = self.window.flush()
             self.bar.set_postfix(loss=f"{mean_loss:.4f}", ex_s=f"{rate:.0f}")
@@ -372,7 +374,7 @@ class Trainer:
             self.model.train()
         if ckpt_due:
             self.checkpoint()
-        return log_due and self.budget.time_is_up()
+        return self.budget.verdict(stop_requested) if log_due else None
 
     def stop_here(self) -> None:
         """A checkpoint of this step (unless periodic() just wrote one) for an exact `resume`: the run was asked to stop."""
@@ -456,15 +458,16 @@ class Budget:
         self.t_start = t_start
         self.fitting = self.tc.fit_to_budget and self.tc.max_minutes > 0 and not self.trainer.state.fitted  # (a resumed run keeps its decay)
 
-    def time_is_up(self) -> bool:
-        """At a log step: whether train.max_minutes has passed on any process, so that every process stops at the same step."""
-        if self.tc.max_minutes <= 0:
-            return False
-        mine = (time.time() - self.t_start) > 60 * self.tc.max_minutes
-        if self.trainer.world == 1:
-            return mine
-        acc = self.trainer.accelerator
-        return bool(acc.gather(torch.tensor([float(mine)], device=acc.device)).any())
+    def verdict(self, stop_requested: bool) -> str | None:
+        """At a log step: "time" if train.max_minutes has passed on any process, else "stop" if any process of a
+        multi-process run was asked to stop (one process stops at its own step boundary), so that every process stops at
+        the same step; else None."""
+        up = self.tc.max_minutes > 0 and (time.time() - self.t_start) > 60 * self.tc.max_minutes
+        if self.trainer.world > 1:
+            acc = self.trainer.accelerator
+            up, stop_requested = acc.gather(torch.tensor([[float(up), float(stop_requested)]], device=acc.device)).any(0).tolist()
+            return "time" if up else "stop" if stop_requested else None
+        return "time" if up else None
 
     def tick(self) -> None:
         """Before each step: time from the 10th (the first carry one-off costs) and re-fit when it is due."""
@@ -584,14 +587,17 @@ def _run(task: Task, cfg: Config, resume: bool, progress: bool, overwrite: bool)
             trainer.bar.write(f"{trainer.run_dir} is at step {state.step}, train.steps = {state.decay.end}: nothing more to train "
                               "(give a larger train.steps to go on)")
     try:
-        with GracefulStop(trainer.world) as stop:  # Ctrl-C: stop at the end of the step, with a checkpoint of it
+        # Ctrl-C: stop at the end of the step (several processes: at the next log step), with a checkpoint of it
+        when = "after this step" if trainer.world == 1 else f"at the next log step (every train.log_every = {cfg.train.log_every} steps)"
+        with GracefulStop(trainer.world, trainer.accelerator.is_main_process, when) as stop:
             while state.step < state.decay.end:
                 trainer.budget.tick()
                 trainer.train_step(trainer.next_batch())
-                if trainer.periodic():
+                why = trainer.periodic(stop.requested)
+                if why == "time":
                     trainer.accelerator.print(f"stopping after {cfg.train.max_minutes} minutes at step {state.step}")
                     break
-                if stop.requested:
+                if why == "stop" or (stop.requested and trainer.world == 1):
                     trainer.stop_here()
                     raise KeyboardInterrupt
     except BaseException:
