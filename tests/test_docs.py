@@ -79,6 +79,53 @@ def test_the_readme_names_every_preset_and_every_kind_of_run():
     assert not missing, missing
 
 
+DOC_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"```(?:bash|sh|console)?\n(.*?)```", re.S)
+
+
+def shown_commands(page: Path) -> list[str]:
+    """The `ddpmkit ...` command lines of a page's shell blocks (also `torchrun ... -m ddpmkit.cli ...` and after `&&`),
+    without comments and line continuations."""
+    found = []
+    for block in FENCE.findall(page.read_text()):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            for part in line.split(" # ")[0].split("&&"):
+                if m := re.match(r"\s*(?:ddpmkit|\S.* -m ddpmkit(?:\.cli)?)\s+(?!\S*:\s)(.*)$", part):  # not an error line
+                    found.append(m.group(1).strip())
+    return found
+
+
+def test_every_command_the_docs_show_is_one_the_command_line_takes():
+    """The pages' shell lines (94 when this test came) parse as written, their flags and choices those of today's
+    command line, and a preset's overrides are keys of that preset; a command named inline (`ddpmkit sample
+    --precision auto`) names flags its command has. Nothing checked that a renamed flag or key left the docs behind."""
+    import shlex
+
+    from ddpmkit.cli import build_parser, parse
+    from ddpmkit.config import PRESET_DIR, load_config
+
+    commands = {page.name: shown_commands(page) for page in DOC_PAGES}
+    assert sum(map(len, commands.values())) >= 90 and len(commands["README.md"]) >= 50
+    for page, lines in commands.items():
+        for line in lines:
+            try:
+                args = parse(shlex.split(line))
+            except SystemExit:
+                pytest.fail(f"{page}: `ddpmkit {line}` is not a command the command line takes")
+            if args.command == "train" and (PRESET_DIR / f"{args.config}.toml").is_file():
+                needs = ["train.init_from=models/sd"] if args.config == "sd_lora" and not any("init_from" in o for o in args.overrides) else []
+                load_config(args.config, [*args.overrides, *needs])  # a misspelt key is a ConfigError
+    parsers = build_parser().get_default("commands")
+    for page in DOC_PAGES:
+        for inline in re.findall(r"`ddpmkit ([a-z][-a-z0-9]*)((?: [^`]*)?)`", page.read_text()):
+            name, rest = inline
+            assert name in parsers or name == "COMMAND", f"{page.name}: `ddpmkit {name}...` names no command"
+            if name in parsers:
+                flags = {o for action in parsers[name]._actions for o in action.option_strings}
+                unknown = [f for f in re.findall(r"(?<!\S)(--[a-z][-a-z0-9]*)", rest) if f not in flags]
+                assert not unknown, f"{page.name}: `ddpmkit {name}{rest}`: {name} has no {unknown}"
+
+
 OLD_PYTHON = next((p for p in ("/root/.pyenv/versions/3.10.13/bin/python", "/usr/bin/python3.10") if Path(p).is_file()), None)
 
 
