@@ -8,6 +8,7 @@ import time
 from importlib.util import find_spec
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -728,3 +729,26 @@ def test_a_run_the_config_names_that_does_not_exist_is_one_line_with_the_command
     assert main(["train", "toy2d", "train.init_from=runs/toy2d/ckpt-0000010", "--overwrite"]) == 2
     assert capsys.readouterr().err == ("ddpmkit train: error: train.init_from = runs/toy2d/ckpt-0000010 is in this run's own folder "
                                        "(train.run_dir): the run would write over the model it reads; give another train.run_dir\n")
+
+
+@pytest.mark.parametrize("hflip", [True, False])
+def test_hflip_flips_about_half_of_each_batch_left_to_right(tmp_path, monkeypatch, hflip):
+    """data.hflip (the images preset's default) had no test: dropped or always on, nothing failed. One image, white on
+    its left: each training x0 is it (hflip off), or it or its mirror image, each about half the time (hflip on)."""
+    from PIL import Image
+
+    from ddpmkit.train import denoiser
+    from ddpmkit.train.batches import step_batch
+
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    pixels[:, :3] = 255
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "photos" / "left.png")
+    cfg = load_config("images", [f"data.path={tmp_path / 'photos'}", "data.image_size=8", f"data.hflip={hflip}", "train.batch_size=256"])
+    seen = []
+    monkeypatch.setattr(denoiser, "training_losses", lambda model, x0, *a, **k: seen.append(x0) or {"loss": torch.zeros(len(x0))})
+    DenoiserTask(cfg).loss(None, step_batch(cfg.train.seed, 0, 256, 1, torch.device("cpu")))
+    left, right = seen[0][..., :3].mean((1, 2, 3)), seen[0][..., -3:].mean((1, 2, 3))
+    mirrored = int(((left == -1) & (right == 1)).sum())
+    assert int(((left == 1) & (right == -1)).sum()) + mirrored == 256  # each the image or its mirror, nothing else
+    assert (96 <= mirrored <= 160) if hflip else mirrored == 0  # Binomial(256, 1/2): mean 128, sd 8
