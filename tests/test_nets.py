@@ -22,8 +22,8 @@ def test_unet_shapes(channels, size, mult, attn):
 
 
 def test_unet_errors():
-    with pytest.raises(ValueError, match="divisible by 4"):
-        UNet(1, image_size=30, channel_mult=(1, 2, 2))
+    with pytest.raises(ValueError, match=r"divisible by 4 for 3 UNet levels \(network.channel_mult = \[1, 2, 2\]\): resize the data to 28 or 32 "):
+        UNet(1, image_size=30, channel_mult=(1, 2, 2))  # the sizes that work, not "resize the data or use fewer levels"
     with pytest.raises(ValueError, match=r"\[16\] \(network.attention_resolutions\) are not resolutions of this UNet on 28x28 inputs; "
                                          r"choose from \[28, 14, 7\]"):
         UNet(1, image_size=28, channel_mult=(1, 2, 2), attention_resolutions=(16,))

@@ -31,9 +31,11 @@ def check_levels(image_size: int, channel_mult: tuple[int, ...], attention_resol
     """The resolution of each level; clear errors for sizes the levels cannot halve."""
     factor = 2 ** (len(channel_mult) - 1)
     if image_size % factor:
+        near = " or ".join(str(k * factor) for k in (image_size // factor, image_size // factor + 1) if k)
         raise UserError(
             f"image size {image_size} must be divisible by {factor} for {len(channel_mult)} UNet levels "
-            f"(channel_mult={tuple(channel_mult)}); resize the data or use fewer levels"
+            f"(network.channel_mult = {list(channel_mult)}): resize the data to {near} (data.image_size for a folder of images, "
+            "data.resize otherwise), or give fewer levels"
         )
     resolutions = [image_size // 2**i for i in range(len(channel_mult))]
     unknown = set(attention_resolutions) - set(resolutions)
