@@ -213,6 +213,36 @@ def test_the_images_preset_trains_on_a_folder_of_photos(tmp_path, capsys, monkey
     assert code == 0 and "[bits/dim (discretised decoder)], 2 examples of folder, its training data (no held-out split)" in out, err + out
 
 
+def test_a_folder_with_a_subfolder_per_class_trains_a_class_conditional_model(tmp_path, capsys, monkeypatch):
+    """A folder's images had no labels, so `network.num_classes` on one ended in "has no labels (use mnist5k, ...)":
+    a practitioner's photos sorted into one subfolder per class (torchvision's ImageFolder layout) could not train a
+    class-conditional model. Each first-level subfolder is now a class, numbered in sorted order, and the run says
+    which number is which."""
+    from ddpmkit.data import ImageFolder
+
+    monkeypatch.chdir(tmp_path)
+    colours = {"red": (255, 0, 0), "blue": (0, 0, 255), "green/dark": (0, 90, 0)}  # a deeper folder belongs to its first level
+    for name, rgb in colours.items():
+        (tmp_path / "pets" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((12, 12, 3), rgb, np.uint8)).save(tmp_path / "pets" / name / f"{i}.png")
+    folder = ImageFolder(tmp_path / "pets", 8)
+    assert folder.classes == ("blue", "green", "red") and folder.labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3
+    assert (folder.get_batch(folder.labels.eq(2).nonzero()[:, 0])[:, 0] == 1).all()  # the red ones are red
+    tiny = ["data.path=pets", "data.image_size=16", "network.base_channels=8", "train.batch_size=6", "train.steps=2",
+            "train.warmup_steps=1", "train.sample_every=0", "train.eval_every=0"]
+    code, _, err = run(capsys, "train", "images", *tiny, "network.num_classes=2")
+    assert code == 2 and err.strip().endswith("pets has 3 class subfolders (blue, green, red): set network.num_classes = 3"), err
+    code, out, err = run(capsys, "train", "images", *tiny, "network.num_classes=3")
+    assert code == 0, err
+    assert "classes, the subfolders of pets: 0 blue, 1 green, 2 red (sample one with --class NUMBER)" in out, out
+    code, out, err = run(capsys, "sample", "runs/images", "--class", "2", "--n", "2", "--steps", "2", "--no-gif", "--out", "s")
+    assert code == 0 and (tmp_path / "s" / "grid.png").is_file(), err
+    Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(tmp_path / "pets" / "loose.png")  # one image outside the subfolders
+    code, _, err = run(capsys, "train", "images", *tiny, "network.num_classes=3", "train.run_dir=runs/other")
+    assert code == 2 and "pets has images outside subfolders: for classes, put each class's images in a subfolder of its own" in err, err
+
+
 def test_train_then_sample_writes_grid_pngs_and_gif(tmp_path, capsys):
     run_dir = tmp_path / "run"
     code, _, err = run(capsys, "train", str(PRESET_DIR / "mnist.toml"), "data.name=digits", "network.base_channels=8",

@@ -42,6 +42,7 @@ class TrainingConditions:
     caption_ids: torch.Tensor | None = None  # (N, K): the K captions example n may get (rows of `table`)
     null: dict[str, torch.Tensor] = field(default_factory=dict)  # 'text': the empty prompt's embedding
     preview_rows: torch.Tensor | None = None  # 'text': captions shown in the periodic sample grids
+    names: tuple[str, ...] = ()  # 'class' from an image folder: label i is the subfolder names[i]
 
     @classmethod
     def for_config(cls, cfg: Config, dataset) -> TrainingConditions:
@@ -49,13 +50,21 @@ class TrainingConditions:
         if net.text_encoder:
             return cls._text(cfg, dataset)
         if net.num_classes > 0:
-            labels = getattr(dataset, "labels", None)
+            labels, names = getattr(dataset, "labels", None), getattr(dataset, "classes", None)
+            if labels is None and names is not None:  # an image folder with images outside subfolders
+                raise ConditioningError(f"network.num_classes = {net.num_classes} but {cfg.data.path} has images outside subfolders: for "
+                                        f"classes, put each class's images in a subfolder of its own ({cfg.data.path}/cat/..., "
+                                        f"{cfg.data.path}/dog/...)")
             if labels is None:
                 raise ConditioningError(f"network.num_classes = {net.num_classes} but dataset {cfg.data.name!r} has no labels "
-                                        "(use mnist5k, digits, a toy with labels, or an .npz with a 'y' array)")
+                                        "(use mnist5k, digits, a toy with labels, an image folder with a subfolder per class, "
+                                        "or an .npz with a 'y' array)")
+            if names and len(names) != net.num_classes:
+                raise ConditioningError(f"{cfg.data.path} has {len(names)} class subfolders ({', '.join(names[:10])}"
+                                        f"{', ...' if len(names) > 10 else ''}): set network.num_classes = {len(names)}")
             if int(labels.max()) >= net.num_classes or int(labels.min()) < 0:
                 raise ConditioningError(f"the labels lie in [{int(labels.min())}, {int(labels.max())}] but network.num_classes = {net.num_classes}")
-            return cls("class", p, labels=labels.long(), null_label=net.num_classes)
+            return cls("class", p, labels=labels.long(), null_label=net.num_classes, names=tuple(names or ()))
         return cls()
 
     @classmethod

@@ -66,6 +66,8 @@ class ArrayDataset:
 
 class ImageFolder:
     """Every image (IMAGE_SUFFIXES) under a folder (recursively), upright, centre-cropped and resized to image_size.
+    Where every image lies in a subfolder (root/cat/..., root/dog/...), each subfolder is a class: labels are the
+    subfolders' indices in sorted order (`classes`), as torchvision's ImageFolder numbers them.
 
     Files are checked when the dataset is made, so a corrupt image is reported by its path before
     training starts, not as a crash deep inside a training step.
@@ -94,7 +96,10 @@ class ImageFolder:
             raise DataError(f"{len(bad)} unreadable image(s) in {self.root}: " + "; ".join(bad[:5]))
         self.image_size = image_size
         self.channels = channels
-        self.labels = None
+        subfolders = [p.relative_to(self.root).parts[0] if len(p.relative_to(self.root).parts) > 1 else None for p in self.files]
+        self.classes: tuple[str, ...] = () if None in subfolders else tuple(sorted(set(subfolders)))
+        index = {name: i for i, name in enumerate(self.classes)}
+        self.labels = torch.tensor([index[c] for c in subfolders]) if self.classes else None
         # each image decoded once, on first use, where they fit FOLDER_CACHE_BYTES: a step then reads memory, not files
         # (a batch of large photos was decoded anew at every step; bench/image_folder.py)
         fits = len(self.files) * channels * image_size**2 <= FOLDER_CACHE_BYTES
@@ -316,6 +321,13 @@ def load_dataset(name: str, path: str | None = None, image_size: int | None = No
     raise DataError(f"unknown dataset {name!r}; choose one of {list(BUILTIN) + ['folder', 'npz']}")
 
 
+def carry_names(source: Dataset, derived: Dataset) -> None:
+    """A folder's image files (their captions) and class names, onto a dataset made from it (resized, encoded)."""
+    for name in ("files", "classes"):
+        if hasattr(source, name):
+            setattr(derived, name, getattr(source, name))
+
+
 @dataclass
 class Resized:
     """Another image dataset, area-downsampled to size x size as it is read (labels and files carry over)."""
@@ -329,8 +341,7 @@ class Resized:
         if not 1 <= self.size <= min(self.inner.shape[1:]):
             raise DataError(f"data.resize = {self.size} must lie in 1..{min(self.inner.shape[1:])} (the images are {self.inner.shape[1:]})")
         self.labels = getattr(self.inner, "labels", None)
-        if hasattr(self.inner, "files"):
-            self.files = self.inner.files
+        carry_names(self.inner, self)
 
     @property
     def shape(self) -> tuple[int, ...]:

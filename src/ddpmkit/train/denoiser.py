@@ -18,7 +18,7 @@ from torch import nn
 from .. import dreambooth, viz
 from ..conditioning import TrainingConditions
 from ..config import Config, DiffusionConfig
-from ..data import ArrayDataset, DataError, Dataset
+from ..data import ArrayDataset, DataError, Dataset, carry_names
 from ..evaluate.likelihood import LN2, vlb_estimate
 from ..finetune import write_diffusers_lora
 from ..losses import training_losses
@@ -61,11 +61,10 @@ def nearest_timestep(schedule: NoiseSchedule, log_snr: torch.Tensor) -> torch.Te
 
 def map_dataset(fn, dataset: Dataset) -> ArrayDataset:
     """fn applied to every example (a frozen encoder: latents, CLIP embeddings); labels (and image
-    files, for their captions) carry over."""
+    files, for their captions, and class names) carry over."""
     with torch.no_grad():  # the encoder is frozen: its outputs are data, not part of any step's graph
         out = ArrayDataset(fn(dataset.get_batch(torch.arange(len(dataset)))), getattr(dataset, "labels", None))
-    if hasattr(dataset, "files"):
-        out.files = dataset.files
+    carry_names(dataset, out)
     return out
 
 
@@ -94,6 +93,13 @@ class DenoiserTask(Task):
         self.shape, self.num_examples = tuple(self.dataset.shape), len(self.dataset)
         self.schedule = cfg.diffusion.noise_schedule()
         self.conditioning = self.training_conditions()
+
+    def about(self) -> str:
+        names = self.conditioning.names  # a folder's classes: the numbers `--class` takes are not written anywhere else
+        if not names:
+            return ""
+        listed = ", ".join(f"{i} {name}" for i, name in enumerate(names[:20])) + (f", ... {len(names) - 1} {names[-1]}" if len(names) > 20 else "")
+        return f"classes, the subfolders of {self.cfg.data.path}: {listed} (sample one with --class NUMBER)"
 
     def prepare(self, dataset: Dataset) -> Dataset:
         """The data this denoiser diffuses (the prior: CLIP image embeddings of the images)."""

@@ -221,6 +221,8 @@ class Trainer:
             print(f"train {self.task.name} on {describe_device(acc.device)}; {precision}{how}{processes}", flush=True)
             if acc.device.type == "cpu" and (hint := unused_gpu()):
                 print(hint, flush=True)
+            if about := self.task.about():
+                print(about, flush=True)
         self.bar = progress_bar(total=self.tc.steps, initial=self.state.step, disable=not (self.progress and acc.is_main_process),
                                 desc=f"train {self.task.name}", dynamic_ncols=True)
         self.t_start = time.time()
