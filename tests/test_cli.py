@@ -235,9 +235,24 @@ def test_a_folder_with_a_subfolder_per_class_trains_a_class_conditional_model(tm
     assert code == 2 and err.strip().endswith("pets has 3 class subfolders (blue, green, red): set network.num_classes = 3"), err
     code, out, err = run(capsys, "train", "images", *tiny, "network.num_classes=3")
     assert code == 0, err
-    assert "classes, the subfolders of pets: 0 blue, 1 green, 2 red (sample one with --class NUMBER)" in out, out
+    assert "classes, the subfolders of pets: 0 blue, 1 green, 2 red (sample one: --class NAME or NUMBER)" in out, out
     code, out, err = run(capsys, "sample", "runs/images", "--class", "2", "--n", "2", "--steps", "2", "--no-gif", "--out", "s")
     assert code == 0 and (tmp_path / "s" / "grid.png").is_file(), err
+    # the checkpoint records the names: a class by its name draws what its number draws
+    code, out, err = run(capsys, "sample", "runs/images", "--class", "red", "--n", "2", "--steps", "2", "--no-gif", "--out", "named")
+    assert code == 0, err
+    assert all(Image.open(tmp_path / d / "samples" / "000000.png").tobytes() == Image.open(tmp_path / "s" / "samples" / "000000.png").tobytes()
+               for d in ("named",))
+    code, _, err = run(capsys, "sample", "runs/images", "--class", "purple", "--n", "2", "--steps", "2")
+    assert code == 2 and err.strip().endswith("no class 'purple' in runs/images/ckpt-0000002: its classes are 0 blue, 1 green, 2 red"), err
+    from ddpmkit.web.actions import Actions
+    from ddpmkit.web.limits import Limits
+    from ddpmkit.web.shelf import Shelf
+
+    page = Actions(Shelf(["runs/images"]), Limits(), tmp_path / "work")
+    assert page.describe("runs/images")[0].endswith("class-conditional: 0 blue, 1 green, 2 red")
+    request, flags = page.request(page.shelf.get("runs/images"), "red, 0", 3.0)
+    assert request.classes == [2, 0] and flags[:2] == ["--class", "red,0"]
     Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(tmp_path / "pets" / "loose.png")  # one image outside the subfolders
     code, _, err = run(capsys, "train", "images", *tiny, "network.num_classes=3", "train.run_dir=runs/other")
     assert code == 2 and "pets has images outside subfolders: for classes, put each class's images in a subfolder of its own" in err, err

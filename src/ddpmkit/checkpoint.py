@@ -50,6 +50,7 @@ class CheckpointInfo:
     metrics: dict = field(default_factory=dict)
     horizon: int = 0  # the step count train.fit_to_budget chose (0 = train.steps)
     decay_from: tuple[int, float] = (0, 0.0)  # the step and cosine progress where the decay to `horizon` was last re-fitted
+    class_names: tuple[str, ...] = ()  # an image folder's classes (its subfolders): label i is class_names[i]
 
 
 INFO_KEYS = tuple(f.name for f in fields(CheckpointInfo))  # what config.json holds beside the config sections
@@ -155,6 +156,8 @@ def save_checkpoint(run_dir: str | Path, config: Config, info: CheckpointInfo, m
             meta["horizon"], meta["decay_from"] = info.horizon, list(info.decay_from)
         if info.metrics:
             meta["metrics"] = info.metrics
+        if info.class_names:
+            meta["class_names"] = list(info.class_names)
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
         save_file(saved_state(model), tmp / "model.safetensors")
         save_file(saved_state(ema), tmp / "ema.safetensors")
@@ -262,7 +265,8 @@ def read_config(ckpt: Path) -> tuple[Config, CheckpointInfo]:
         raise CheckpointError(f"{Path(ckpt) / 'config.json'}: {e}") from None
     decay_start, decay_progress = extra.get("decay_from", (0, 0.0))
     info = CheckpointInfo(int(extra.get("step", 0)), tuple(extra.get("data_shape", ())), float(extra.get("lr_scale", 1.0)),
-                          dict(extra.get("metrics", {})), int(extra.get("horizon", 0)), (int(decay_start), float(decay_progress)))
+                          dict(extra.get("metrics", {})), int(extra.get("horizon", 0)), (int(decay_start), float(decay_progress)),
+                          tuple(str(name) for name in extra.get("class_names", ())))
     return config, info
 
 

@@ -21,6 +21,12 @@ class ConditioningError(UserError):
     """The data cannot provide what the network is conditioned on."""
 
 
+def listed_classes(names: tuple[str, ...], most: int = 20) -> str:
+    """'0 cat, 1 dog, ...': class numbers with their names (the first `most` and the last)."""
+    shown = ", ".join(f"{i} {name}" for i, name in enumerate(names[:most]))
+    return shown + (f", ... {len(names) - 1} {names[-1]}" if len(names) > most else "")
+
+
 def prompt_encoder(cfg: Config):
     """The frozen encoder of a text model's prompts: a pipeline's own tokenizer and text encoder, or network.text_encoder."""
     net = cfg.network

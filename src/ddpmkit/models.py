@@ -46,6 +46,7 @@ class LoadedNetwork:
     step: int
     path: Path
     metrics: dict = field(default_factory=dict)  # the task's final metrics (PSNR, accuracy, ...)
+    class_names: tuple[str, ...] = ()  # an image folder's classes, in label order (checkpoint.CheckpointInfo)
 
     @property
     def kind(self) -> str:
@@ -356,7 +357,8 @@ def _load(path: str | Path, weights: str, device: torch.device, kind: str | None
     except RuntimeError as e:
         raise CheckpointError(f"the weights in {ckpt} do not fit the network its config.json describes: {e}") from None
     net.to(device).eval()
-    common = dict(network=net, config=config, data_shape=info.data_shape, step=info.step, path=ckpt, metrics=info.metrics)
+    common = dict(network=net, config=config, data_shape=info.data_shape, step=info.step, path=ckpt, metrics=info.metrics,
+                  class_names=info.class_names)
     if not kind_of(task).samples:
         return LoadedNetwork(**common)
     autoencoder = load_autoencoder(config.data.autoencoder, device=device).network if config.data.autoencoder else None

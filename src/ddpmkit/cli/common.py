@@ -22,7 +22,7 @@ from ..sampling.options import sampler_options
 def add_guidance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--class", dest="class_", default=None,
                    help="class label(s) for conditional models or classifier guidance, e.g. 7 or 0,1,2 (cycled); an image folder's "
-                        "classes are its subfolders numbered in sorted order, as training listed them")
+                        "classes are its subfolders, by name (--class cat,dog) or numbered in sorted order")
     p.add_argument("--prompt", action="append", default=None, help="prompt for a text-conditional model (repeat for several, cycled)")
     p.add_argument("--guidance", type=float, default=None,
                    help=f"classifier-free guidance scale s (0 = unconditional, 1 = conditional; default {DEFAULT_SCALE:g}, or 0 with --classifier)")
@@ -180,10 +180,8 @@ def options_from(args: argparse.Namespace) -> dict:
 
 def guidance_request(args: argparse.Namespace) -> GuidanceRequest:
     """--class/--prompt/--guidance/... as a GuidanceRequest."""
-    try:
-        classes = [int(c) for c in args.class_.split(",")] if args.class_ else []
-    except ValueError:
-        raise UserError(f"--class takes class numbers, e.g. 7 or 0,1,2; got {args.class_!r}") from None
+    # numbers, or names where the model's classes have them (an image folder's subfolders); checked against the model
+    classes = [int(c) if c.strip().lstrip("-").isdigit() else c.strip() for c in args.class_.split(",")] if args.class_ else []
     scales = {}  # a guide's weight without the guide was taken and ignored
     for guide, weight in (("classifier", "classifier_scale"), ("clip", "clip_scale"), ("autoguide", "autoguide_scale")):
         if getattr(args, weight) is not None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..conditioning import listed_classes
 from ..errors import UserError
 from ..guidance import Autoguidance, ClassifierFreeGuidance, ClassifierGuidance, CLIPGuidance, DynamicThresholding
 from ..models import DiffusionModel, LoadedNetwork, load_classifier, load_clip, load_diffusion
@@ -26,7 +27,7 @@ DEFAULT_SCALE = 3.0  # classifier-free guidance scale for conditional models whe
 
 @dataclass
 class GuidanceRequest:
-    classes: list[int] = field(default_factory=list)  # cycled over the samples; empty = 0, 1, 2, ...
+    classes: list[int | str] = field(default_factory=list)  # cycled over the samples; empty = 0, 1, 2, ...; names: class_numbers
     prompts: list[str] = field(default_factory=list)  # cycled over the samples (text-conditional models)
     conditions: dict[str, torch.Tensor] | None = None  # precomputed condition kwargs, one row per sample (e.g. interpolated prompts)
     scale: float | None = None  # classifier-free guidance; None = 3 for conditional models (0 with a classifier)
@@ -116,6 +117,18 @@ def _conditions(m: DiffusionModel, n: int, request: GuidanceRequest, labels: tor
     return {}
 
 
+def class_numbers(m: DiffusionModel, classes: list[int | str]) -> list[int]:
+    """Each class as its number: given so, or by its name where the model's classes have names (an image folder's
+    subfolders, checkpoint.CheckpointInfo.class_names)."""
+    numbers = []
+    for c in classes:
+        if isinstance(c, str) and c not in m.class_names:
+            raise UserError(f"no class {c!r} in {m.path}: " + (f"its classes are {listed_classes(m.class_names)}" if m.class_names
+                                                                else "its classes have no names; give class numbers, e.g. 7 or 0,1,2"))
+        numbers.append(m.class_names.index(c) if isinstance(c, str) else int(c))
+    return numbers
+
+
 def applies_cfg(m: DiffusionModel, scale: float) -> bool:
     """Whether guided_model guides m by classifier-free guidance at this scale (0 and 1 are one branch alone)."""
     return m.conditioning != "none" and scale not in (0.0, 1.0)
@@ -146,7 +159,7 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
         raise UserError(f"guidance rescale (phi {request.rescale:g}) rescales classifier-free guidance, which "
                         + ("this unconditional model does not use" if m.conditioning == "none" else f"scale {scale:g} does not use")
                         + ": leave it out" + ("" if m.conditioning == "none" else ", or give a guidance scale other than 0 and 1"))
-    labels = torch.tensor(cycle(request.classes or list(range(max(m.num_classes, 10))), n), device=device)
+    labels = torch.tensor(cycle(class_numbers(m, request.classes) or list(range(max(m.num_classes, 10))), n), device=device)
     model: Denoiser = m.denoiser
     kwargs: dict = {}
     options: dict = {}

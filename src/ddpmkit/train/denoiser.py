@@ -94,12 +94,9 @@ class DenoiserTask(Task):
         self.schedule = cfg.diffusion.noise_schedule()
         self.conditioning = self.training_conditions()
 
-    def about(self) -> str:
-        names = self.conditioning.names  # a folder's classes: the numbers `--class` takes are not written anywhere else
-        if not names:
-            return ""
-        listed = ", ".join(f"{i} {name}" for i, name in enumerate(names[:20])) + (f", ... {len(names) - 1} {names[-1]}" if len(names) > 20 else "")
-        return f"classes, the subfolders of {self.cfg.data.path}: {listed} (sample one with --class NUMBER)"
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.conditioning.names
 
     def prepare(self, dataset: Dataset) -> Dataset:
         """The data this denoiser diffuses (the prior: CLIP image embeddings of the images)."""

@@ -59,6 +59,7 @@ from ..checkpoint import (
     save_checkpoint,
     tidy_interrupted_writes,
 )
+from ..conditioning import listed_classes
 from ..config import Config
 from ..devices import describe_device, has_accelerator, unused_gpu
 from ..graphs import capture_training
@@ -221,8 +222,8 @@ class Trainer:
             print(f"train {self.task.name} on {describe_device(acc.device)}; {precision}{how}{processes}", flush=True)
             if acc.device.type == "cpu" and (hint := unused_gpu()):
                 print(hint, flush=True)
-            if about := self.task.about():
-                print(about, flush=True)
+            if names := self.task.class_names:  # which number is which class (the checkpoints record it too)
+                print(f"classes, the subfolders of {self.cfg.data.path}: {listed_classes(names)} (sample one: --class NAME or NUMBER)", flush=True)
         self.bar = progress_bar(total=self.tc.steps, initial=self.state.step, disable=not (self.progress and acc.is_main_process),
                                 desc=f"train {self.task.name}", dynamic_ncols=True)
         self.t_start = time.time()
@@ -234,7 +235,7 @@ class Trainer:
         st = self.state
         if self.accelerator.is_main_process:
             info = CheckpointInfo(st.step, self.task.shape, st.lr_scale, metrics or {}, st.decay.end if st.fitted else 0,
-                                  (st.decay.start, st.decay.progress))
+                                  (st.decay.start, st.decay.progress), self.task.class_names)
             extra = {"power_ema": self.power.state_dict()} if self.power is not None else None
             save_checkpoint(self.run_dir, self.cfg, info, self.raw, self.ema, self.optimizer, self.tc.keep_checkpoints, extra,
                             self.tc.keep_steps, export=lambda folder: self.task.export(self.ema, folder))

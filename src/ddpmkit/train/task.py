@@ -42,9 +42,10 @@ class Task:
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
-    def about(self) -> str:
-        """A line the run prints before its first step about what it learns from (empty: nothing to say)."""
-        return ""
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The classes' names where the data names them (an image folder's subfolders; label i is the i-th), else ()."""
+        return ()
 
     def load_data(self, split: str = "train") -> Dataset:
         """The configured dataset (data.name, data.path, data.resize, ...), one split of it."""

@@ -18,12 +18,13 @@ import numpy as np
 import torch
 
 from .. import viz
+from ..conditioning import listed_classes
 from ..errors import UserError
 from ..images import fit_image, load_image, load_image_as, make_mask
 from ..models import DiffusionModel
 from ..pipelines.edit import edit_img2img, edit_inpaint, edit_posterior, interpolation_images, interpolation_prompts, interpolation_seeds
 from ..pipelines.generate import Generated, generate, save_generated
-from ..pipelines.guided import DEFAULT_SCALE, GuidanceRequest
+from ..pipelines.guided import DEFAULT_SCALE, GuidanceRequest, class_numbers
 from ..pipelines.voyage import render_voyage
 from ..sampling.grids import GRIDS
 from ..sampling.options import sampler_options
@@ -138,6 +139,9 @@ class Actions:
         distilled = f"a {m.kind} run, sampled with its own {own[0]} in {own[1]} step(s); " if own else ""
         about = (f"**{run}**: step {m.step}, {space} images, {m.prediction} prediction, "
                  f"{m.config.diffusion.schedule} schedule, T = {m.schedule.T}; {distilled}")
+        if c == "class" and m.class_names:
+            return about + f"class-conditional: {listed_classes(m.class_names)}", "class", \
+                f"class names or numbers, e.g. {m.class_names[0]} or 0,1 (empty: all in turn)"
         if c == "class":
             return about + f"class-conditional ({m.num_classes} classes)", "class", \
                 f"class numbers 0..{m.num_classes - 1}, e.g. 7 or 0,1,2 (empty: all in turn)"
@@ -156,14 +160,18 @@ class Actions:
             raise UserError(f"the guidance scale must lie in 0..30, got {guidance}")
         flags = ["--guidance", f"{guidance:g}"]
         if m.conditioning == "class":
-            try:
-                classes = [int(c) for c in condition.replace(" ", "").split(",")] if condition else []
-            except ValueError:
-                raise UserError(f"this model takes class numbers 0..{m.num_classes - 1} (e.g. 7 or 0,1,2), not a prompt: {condition!r}") from None
+            typed = [c.strip() for c in condition.split(",")] if condition else []
+            if m.class_names:  # an image folder's classes: by name or number
+                classes = class_numbers(m, [int(c) if c.lstrip("-").isdigit() else c for c in typed])
+            else:
+                try:
+                    classes = [int(c) for c in typed]
+                except ValueError:
+                    raise UserError(f"this model takes class numbers 0..{m.num_classes - 1} (e.g. 7 or 0,1,2), not a prompt: {condition!r}") from None
             bad = [c for c in classes if not 0 <= c < m.num_classes]
             if bad:
                 raise UserError(f"classes {bad} are not among this model's 0..{m.num_classes - 1}")
-            return GuidanceRequest(classes=classes, scale=guidance), (["--class", ",".join(map(str, classes))] if classes else []) + flags
+            return GuidanceRequest(classes=classes, scale=guidance), (["--class", ",".join(typed)] if classes else []) + flags
         if m.conditioning == "text":
             if not condition:
                 raise UserError("this model is text-conditional: type a prompt")
