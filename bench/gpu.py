@@ -29,7 +29,9 @@
 6. the nearest-2x + 3x3 upsampling's forms at the CIFAR-10 UNet's sizes, forward + backward in bf16 autocast and fp32:
    the 2x2 phases ddpmkit computes, one stride-2 transposed convolution with a 4x4 kernel (the same map), and the plain
    interpolate-then-convolve: which one a GPU wants;
-7. ("demo-compiled") the demo preset's trainer again with train.compile = "reduce-overhead": with the compile, and the
+7. ("images") the images preset's trainer (one's own photos: 64x64 RGB, a 19.4M-parameter UNet) for 200 steps on a
+   folder of random photos made here: images/s, and the minutes its 40,000 steps take at that rate;
+8. ("demo-compiled") the demo preset's trainer again with train.compile = "reduce-overhead": with the compile, and the
    steps alone.
 
 Figures go to stdout and, with --out, to a JSON file, rewritten after each part (a run cut short keeps the parts
@@ -56,6 +58,7 @@ import ddpmkit.threads  # noqa: F401 -- before torch: OpenMP threads wait passiv
 # isort: split
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -203,6 +206,38 @@ def demo_variant(device: torch.device, tiny: bool, mode: str, results: dict, kee
         return run_dir
     shutil.rmtree(run_dir, ignore_errors=True)
     return None
+
+
+def images_preset(device: torch.device, tiny: bool, results: dict) -> None:
+    """The images preset's whole trainer (one's own photos: 64x64 RGB, flips, a 19.4M-parameter UNet, bf16 where the
+    device has it) for 200 steps on a folder of random photos made here: its images/s (median log window after the
+    first) and the minutes its 40,000 steps take at that rate."""
+    from ddpmkit.train import train
+
+    root = Path(tempfile.mkdtemp(prefix="gpu-bench-images-"))
+    (root / "photos").mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(64):  # the data's content does not change the step's work
+        Image.fromarray(torch.randint(0, 256, (80, 96, 3), dtype=torch.uint8, generator=g).numpy()).save(root / "photos" / f"{i}.png")
+    extra = (["data.image_size=16", "network.base_channels=8", "train.batch_size=4", "train.steps=6", "train.log_every=2"] if tiny
+             else ["train.steps=200", "train.log_every=50"])
+    cfg = load_config("images", [f"data.path={root / 'photos'}", f"train.run_dir={root / 'run'}", "train.sample_every=0", "train.eval_every=0",
+                                 "train.checkpoint_every=0", "train.keep_steps=", *extra])
+    start = time.perf_counter()
+    try:
+        train(cfg, progress=False)
+        total = time.perf_counter() - start
+        log = [json.loads(line) for line in (root / "run" / "train_log.jsonl").read_text().splitlines()]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    rate = statistics.median([e["examples_per_s"] for e in log if "examples_per_s" in e][1:] or [float("nan")])
+    full = load_config("images").train
+    minutes = full.steps * full.batch_size / rate / 60
+    results["images"] = {"steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "train_s": total, "images_per_s_median_window": rate,
+                         "precision": log[-1].get("precision"), "preset_steps": full.steps, "preset_minutes_at_that_rate": minutes}
+    print(f"images preset: {cfg.train.steps} steps of {cfg.train.batch_size} in {total:.1f} s, {rate:,.0f} images/s (median log window "
+          f"after the first; {log[-1].get('precision')}): its {full.steps:,} steps of {full.batch_size} take {minutes:.1f} min at that rate",
+          flush=True)
 
 
 # how bench/gpu.py judges mnist_gpu's 500 samples, in this order (the cheapest first: a call cut short keeps them):
@@ -601,7 +636,7 @@ def upsampling_forms(device: torch.device, tiny: bool, rounds: int, results: dic
             print(f"upsampling {label}: " + ", ".join(f"{name} {ms:.3f} ms" for name, ms in out[label].items()), flush=True)
 
 
-PARTS = ["demo-graphed", "demo", "sampling", "preset", "overhead", "cifar", "upsampling", "demo-compiled"]
+PARTS = ["demo-graphed", "demo", "sampling", "preset", "overhead", "cifar", "upsampling", "images", "demo-compiled"]
 
 
 def main() -> int:
@@ -682,7 +717,8 @@ def main() -> int:
     run = {"demo-graphed": demo_graphed, "demo": demo, "sampling": sample, "preset": lambda: gpu_preset(device, args.tiny, results, keep, time_left),
            "overhead": lambda: engine_overhead(device, args.tiny, rounds, results),
            "cifar": lambda: unet_modes(device, args.tiny, rounds, compiles, results, bf16, all_compiles=not args.quick, keep=keep),
-           "upsampling": lambda: upsampling_forms(device, args.tiny, rounds, results), "demo-compiled": demo_compiled}
+           "upsampling": lambda: upsampling_forms(device, args.tiny, rounds, results), "images": lambda: images_preset(device, args.tiny, results),
+           "demo-compiled": demo_compiled}
     for part in args.parts or PARTS:
         if part in args.skip:
             continue

@@ -22,7 +22,7 @@ export PATH=$PWD/$env/bin:$PATH TORCHINDUCTOR_CACHE_DIR=$PWD/$env/inductor
 python3 -c "import torch, sys; print('rehearsal: Python', sys.version.split()[0], 'torch', torch.__version__)"
 out=$(mktemp -d)
 GPU_SESSION_TESTS=after OUT=$out/call1 bash bench/gpu_session.sh --tiny --quick --deadline 320 --parts demo-graphed sampling preset
-GPU_SESSION_TESTS=0 OUT=$out/call2 bash bench/gpu_session.sh --tiny --quick --rounds 3 --parts cifar upsampling overhead demo
+GPU_SESSION_TESTS=0 OUT=$out/call2 bash bench/gpu_session.sh --tiny --quick --rounds 3 --parts cifar upsampling overhead demo images
 python3 bench/gpu_report.py "$out/call1/gpu.json" "$out/call2/gpu.json" --tests "$out/call1/test_cuda.log"
 # a part that raised is the rehearsal's failure: on the GPU it would cost that part's figures
 if grep -q part_errors "$out/call1/gpu.json" "$out/call2/gpu.json"; then

@@ -175,6 +175,11 @@ def tables(f: dict) -> list[str]:
             calls = ", ".join(f"{name} {n}" for name, n in v.get("cuda_graph_calls", {}).items()) or "eager"
             lines.append(f"| {k} | {seconds:.1f} | {v.get('images_per_s_median_window', float('nan')):,.0f} | {calls} |" if seconds is not None
                          else f"| {k} | {why_not(v)} | | |")
+    images = f.get("images", {})
+    if "images_per_s_median_window" in images:
+        lines += ["", f"The images preset (64x64 RGB, 19.4M parameters, {images['precision']}): {images['images_per_s_median_window']:,.0f} "
+                      f"images/s over {images['steps']} steps of {images['batch_size']}, so its {images['preset_steps']:,} steps take "
+                      f"{images['preset_minutes_at_that_rate']:.1f} min at that rate."]
     overhead = f.get("overhead", {})
     if overhead:
         lines += ["", "| engine overhead | engine ms/step | minimal loop ms/step |", "|---|---|---|"]

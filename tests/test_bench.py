@@ -84,6 +84,7 @@ def test_gpu_bench_tiny_mode_runs_on_whatever_device_is_here(monkeypatch, capsys
     assert "ddpmkit channels-last" in out and "upsampling" in out and "mnist_gpu (train.compile=no): 4 steps of 8" in out
     assert "demo trainer, train.compile=no: 6 steps" in out and "ancestral sampling (auto): 4 digits x 3 steps" in out
     assert "demo trainer, train.compile=cuda-graph: skipped (needs CUDA; the device is cpu)" in out
+    assert "images preset: 6 steps of 4 in " in out and "its 40,000 steps of 64 take " in out
     figures = json.loads((tmp_path / "gpu.json").read_text())
     assert figures["mnist_gpu"]["train_s"] > 0 and "judge_error" not in figures["mnist_gpu"]
     for batch in ("batch 1", "batch 4"):  # the engine's loop and the minimal loop were both timed, every round
@@ -98,6 +99,7 @@ def test_gpu_bench_tiny_mode_runs_on_whatever_device_is_here(monkeypatch, capsys
     report = capsys.readouterr().out
     assert "| demo preset, 6 steps | <= 15 s | eager " in report and "| toy sizes |" in report and "NOT met" not in report
     assert "| ddpmkit autocast-norms | train bf16 |" in report and "s training (train.compile=no), not judged (--tiny)" in report
+    assert "The images preset (64x64 RGB, 19.4M parameters, " in report and "so its 40,000 steps take " in report
     ops = figures["overhead"]["ops_per_step"]  # the engine step's ops by phase, counted once
     assert min(ops.values()) > 0 and f"network forward {ops['forward']}, backward {ops['backward']}, the rest {ops['rest']}" in report
 
