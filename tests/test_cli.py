@@ -253,6 +253,17 @@ def test_a_folder_with_a_subfolder_per_class_trains_a_class_conditional_model(tm
     assert page.describe("runs/images")[0].endswith("class-conditional: 0 blue, 1 green, 2 red")
     request, flags = page.request(page.shelf.get("runs/images"), "red, 0", 3.0)
     assert request.classes == [2, 0] and flags[:2] == ["--class", "red,0"]
+    # a noisy classifier of the same folder guides an unconditional model toward a class by its name
+    code, _, err = run(capsys, "train", "mnist_classifier", "data.name=folder", *tiny, "network.attention_resolutions=", "network.num_classes=3",
+                       "diffusion.schedule=cosine", "train.run_dir=runs/clf", "--quiet")
+    assert code == 0, err
+    code, _, err = run(capsys, "train", "images", *tiny, "train.run_dir=runs/plain", "--quiet")
+    assert code == 0, err
+    code, _, err = run(capsys, "sample", "runs/plain", "--classifier", "runs/clf", "--class", "green,0", "--n", "2", "--steps", "2",
+                       "--no-gif", "--out", "guided")
+    assert code == 0 and (tmp_path / "guided" / "grid.png").is_file(), err
+    code, _, err = run(capsys, "sample", "runs/plain", "--classifier", "runs/clf", "--class", "cyan", "--n", "2", "--steps", "2")
+    assert code == 2 and "no class 'cyan' in runs/clf/ckpt-0000002: its classes are 0 blue, 1 green, 2 red" in err, err
     Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(tmp_path / "pets" / "loose.png")  # one image outside the subfolders
     code, _, err = run(capsys, "train", "images", *tiny, "network.num_classes=3", "train.run_dir=runs/other")
     assert code == 2 and "pets has images outside subfolders: for classes, put each class's images in a subfolder of its own" in err, err

@@ -117,9 +117,9 @@ def _conditions(m: DiffusionModel, n: int, request: GuidanceRequest, labels: tor
     return {}
 
 
-def class_numbers(m: DiffusionModel, classes: list[int | str]) -> list[int]:
-    """Each class as its number: given so, or by its name where the model's classes have names (an image folder's
-    subfolders, checkpoint.CheckpointInfo.class_names)."""
+def class_numbers(m: LoadedNetwork, classes: list[int | str]) -> list[int]:
+    """Each class as its number: given so, or by its name where the classes of m (a class-conditional model, or the
+    classifier that guides one) have names (an image folder's subfolders, checkpoint.CheckpointInfo.class_names)."""
     numbers = []
     for c in classes:
         if isinstance(c, str) and c not in m.class_names:
@@ -159,7 +159,9 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
         raise UserError(f"guidance rescale (phi {request.rescale:g}) rescales classifier-free guidance, which "
                         + ("this unconditional model does not use" if m.conditioning == "none" else f"scale {scale:g} does not use")
                         + ": leave it out" + ("" if m.conditioning == "none" else ", or give a guidance scale other than 0 and 1"))
-    labels = torch.tensor(cycle(class_numbers(m, request.classes) or list(range(max(m.num_classes, 10))), n), device=device)
+    clf = load_classifier(request.classifier, device=device) if request.classifier else None
+    named = clf if clf is not None and m.conditioning != "class" else m  # whose classes the names are
+    labels = torch.tensor(cycle(class_numbers(named, request.classes) or list(range(max(m.num_classes, 10))), n), device=device)
     model: Denoiser = m.denoiser
     kwargs: dict = {}
     options: dict = {}
@@ -192,8 +194,7 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
                             + ("a latent" if m.autoencoder is not None else f"a vector of {m.data_shape[0]} numbers, not an image")
                             + ": leave it out")
         model = DynamicThresholding(model, request.threshold)
-    if request.classifier:
-        clf = load_classifier(request.classifier, device=device)
+    if clf is not None:
         model, kwargs, options = _gradient_guided(m, clf, ClassifierGuidance(_Bound(model, kwargs), clf.network, request.classifier_scale),
                                              labels, sampler)
     if request.clip:

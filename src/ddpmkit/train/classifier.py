@@ -30,6 +30,10 @@ class LabelledImagesTask(Task):
         self.shape, self.num_examples = tuple(self.data.shape), len(self.data)
         self.held_out = self.load_data("test")
 
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(getattr(self.data, "classes", ()))  # an image folder's subfolders, where they are its classes
+
     def shifted(self, batch: Batch) -> torch.Tensor:
         """The global batch, each image shifted by up to 2 pixels (drawn from the step's generator)."""
         return random_shift(self.data.get_batch(batch.indices), 2, batch.generator)
