@@ -202,10 +202,11 @@ def test_the_images_preset_trains_on_a_folder_of_photos(tmp_path, capsys, monkey
     for i, (h, w) in enumerate([(30, 40), (48, 32), (24, 24), (40, 60)]):  # landscape, portrait, square; a subfolder
         pixels = (rng.random((h, w, 3)) * 255).astype(np.uint8)
         Image.fromarray(pixels).save(tmp_path / "photos" / ("trip" if i % 2 else "") / f"{i}.jpg")
-    tiny = ["data.image_size=16", "network.base_channels=8", "train.batch_size=4", "train.steps=2", "train.warmup_steps=1",
+    tiny = ["data.image_size=16", "network.base_channels=8", "diffusion.T=100", "train.batch_size=4", "train.steps=2", "train.warmup_steps=1",
             "train.sample_every=0", "train.eval_every=0", "train.checkpoint_every=2", "--quiet"]
     code, out, err = run(capsys, "train", "images", "data.path=photos", *tiny)
     assert code == 0, err
+    assert out.strip().endswith("(sample it: ddpmkit sample runs/images --sampler dpmpp_2m --steps 20)"), out  # not T ancestral steps
     code, out, err = run(capsys, "sample", "runs/images", "--n", "2", "--steps", "3", "--no-gif", "--out", "s")
     assert code == 0, err
     assert [Image.open(tmp_path / "s" / "samples" / f"00000{i}.png").mode for i in range(2)] == ["RGB", "RGB"]

@@ -27,6 +27,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     run_dir = train(cfg, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
         hint = kind_of(cfg.train.task).next_step.format(run=run_dir)
+        if cfg.train.task == "denoiser" and cfg.diffusion.precondition == "edm":  # good with a few deterministic steps, not T
+            hint += " --sampler dpmpp_2m --steps 20"
         print(f"{cfg.train.task} run folder: {run_dir}" + (f"  ({hint})" if hint else ""))
     if dist.is_available() and dist.is_initialized():
         # shut the process group down before exiting: a process that exits with gloo's threads
