@@ -321,3 +321,12 @@ def test_gpu_bench_judges_mnist_gpu_as_on_a_gpu_where_a_judge_is_cached(monkeypa
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| mnist_gpu's 500 samples"))
     assert "autoguided by ckpt-0000002 at w = 1.5; copies " in row and "(the real held-out digits: judged " in row, row
     assert all(len(j["class_shares"]) == 10 and isinstance(j["classes_even"], bool) for j in judged.values())
+
+
+def test_images_recipe_trains_samples_and_compares_with_the_crops(monkeypatch, capsys, tmp_path):
+    argv = ["--out", str(tmp_path), "--crops", "8", "--steps", "2", "--samples", "4", "--figure", str(tmp_path / "f.png")]
+    assert run_main("images_recipe.py", argv, monkeypatch) == 0
+    out = capsys.readouterr().out
+    assert "8 crops, 2 steps, 4 samples" in out and "  crops   R " in out and "  samples R " in out and (tmp_path / "f.png").is_file()
+    assert run_main("images_recipe.py", argv, monkeypatch) == 0  # its run is sampled again, not trained again
+    assert "is at step 2 already: not trained again" in capsys.readouterr().out
