@@ -752,3 +752,26 @@ def test_hflip_flips_about_half_of_each_batch_left_to_right(tmp_path, monkeypatc
     mirrored = int(((left == -1) & (right == 1)).sum())
     assert int(((left == 1) & (right == -1)).sum()) + mirrored == 256  # each the image or its mirror, nothing else
     assert (96 <= mirrored <= 160) if hflip else mirrored == 0  # Binomial(256, 1/2): mean 128, sd 8
+
+
+def test_a_stop_writes_its_checkpoint_whatever_the_folder_already_shows(tmp_path, monkeypatch):
+    """Stopping on Ctrl-C, a process skipped the checkpoint if the folder already held one of this step: in a two-process
+    run the second process could see the first's fresh checkpoint, skip the checkpoint's barrier and leave the first
+    waiting in it ("Connection closed by peer", no line saying how to continue; seen in CI). Whether this step was saved
+    is the processes' common record now. Here the folder holds a checkpoint of step 3 from another run, as the first
+    process's would be."""
+    from ddpmkit.train import engine
+    from ddpmkit.train.task import TASKS
+
+    cfg = load_config("toy2d", [f"train.run_dir={tmp_path}", "train.steps=3", "train.checkpoint_every=0", "train.sample_every=0",
+                                "train.log_every=1", "train.max_minutes=0"])
+    train(cfg, progress=False)  # ckpt-0000003 in the folder
+    trainer = engine.Trainer(TASKS["denoiser"](cfg), cfg, progress=False)
+    trainer.start()
+    for _ in range(3):
+        trainer.train_step(trainer.next_batch())
+        trainer.periodic()
+    calls = []
+    monkeypatch.setattr(engine.Trainer, "checkpoint", lambda self, metrics=None: calls.append(self.state.step))
+    trainer.stop_here()
+    assert calls == [3]

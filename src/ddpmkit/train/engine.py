@@ -167,6 +167,7 @@ class Trainer:
         task.attach_ema(self.ema)
         # in place: parameters, state dict and checkpoints stay those of the plain module
         self.graphs = None
+        self.saved_step = -1  # the step of this run's newest checkpoint (every process knows it alike)
         if self.tc.compile == "cuda-graph":
             self.graphs = capture_training(self.model, self.accelerator.device, self.world)
         elif self.tc.compile != "no":
@@ -194,6 +195,7 @@ class Trainer:
             raise CheckpointError(f"{e}; move it out of {self.run_dir} to resume from {before.name}, the one before" if before else str(e)) from None
         st = self.state
         st.step, st.lr_scale, st.fitted = info.step, info.lr_scale, bool(info.horizon)
+        self.saved_step = st.step
         if st.fitted:  # a resumed run keeps the decay the budget chose (checkpoints before re-fitting have no decay_from)
             st.decay = Decay(*info.decay_from, info.horizon) if info.decay_from[0] else Decay.over(self.tc, info.horizon)
         self.accelerator.print(f"resumed from {found[-1]} at step {st.step}")
@@ -239,6 +241,7 @@ class Trainer:
             extra = {"power_ema": self.power.state_dict()} if self.power is not None else None
             save_checkpoint(self.run_dir, self.cfg, info, self.raw, self.ema, self.optimizer, self.tc.keep_checkpoints, extra,
                             self.tc.keep_steps, export=lambda folder: self.task.export(self.ema, folder))
+        self.saved_step = st.step
         self.accelerator.wait_for_everyone()
 
     # ---- one step
@@ -383,7 +386,9 @@ class Trainer:
         """A checkpoint of this step (unless periodic() just wrote one) for an exact `resume`: the run was asked to stop."""
         st = self.state
         self.settle()
-        if not (found := list_checkpoints(self.run_dir)) or read_config(found[-1])[1].step != st.step:
+        # not the folder's listing: another process may not have seen the first process's checkpoint of this step yet, and
+        # one that wrote none would leave the others waiting in the checkpoint's barrier
+        if self.saved_step != st.step:
             self.checkpoint()
         self.log.record({"step": st.step, "interrupted": True})
         self.log.close()

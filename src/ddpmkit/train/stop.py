@@ -10,7 +10,7 @@ Several processes must stop at the same step (a checkpoint is written by all of 
 stopped alone would leave the others waiting in an all-reduce), and each sees the Ctrl-C at a step of its own, so
 there the request is compared at the next log step, where the processes already exchange the time budget's flag:
 every process stops there if any was asked. A launcher (torchrun, accelerate launch) passes the terminal's Ctrl-C
-on to its processes, which also get it from the terminal: a second SIGINT within ECHO_S of the first is that copy,
+on to its processes, which also get it from the terminal: a second SIGINT within ECHO_S (3 s) of the first is that copy,
 not a second Ctrl-C. Off the main thread, where signal handlers cannot be set, Ctrl-C is Python's own.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 from types import FrameType
 from typing import Any
 
-ECHO_S = 1.0  # a launcher's copy of a Ctrl-C arrives within milliseconds; a person's second press takes longer
+ECHO_S = 3.0  # a launcher's copy of a Ctrl-C arrives within milliseconds, a busy machine's within seconds; a second press later
 
 
 class GracefulStop:
