@@ -192,3 +192,26 @@ def test_a_built_in_example_takes_the_size_and_channels_asked_for_as_a_file_does
     assert (big[..., ::2, ::2] - digit).abs().mean() < 0.1  # the same digit, twice the size
     assert rgb.shape == (1, 3, 28, 28) and all(torch.equal(rgb[:, c], digit[:, 0]) for c in range(3))
     assert load_image("digits:3", 16, 3).shape == (1, 3, 16, 16)
+
+
+def test_an_npz_names_its_labels_for_class_conditional_runs(tmp_path, capsys):
+    """A folder's subfolders name its classes; an .npz had no way to: its 'names' array now does (label i is names[i]),
+    through data.resize too, and `--class NAME` then samples by name."""
+    from ddpmkit.cli import main
+    from ddpmkit.config import load_config
+    from ddpmkit.data import dataset_for
+
+    x = np.zeros((6, 8, 8), np.uint8)
+    x[3:] = 255
+    np.savez(tmp_path / "d.npz", x=x, y=np.array([0, 0, 0, 1, 1, 1]), names=np.array(["dark", "light"]))
+    assert dataset_for(load_config("mnist", ["data.name=npz", f"data.path={tmp_path / 'd.npz'}", "data.resize=4"]).data).classes == ("dark", "light")
+    np.savez(tmp_path / "bad.npz", x=x, y=np.array([0, 0, 0, 1, 1, 2]), names=np.array(["dark", "light"]))
+    with pytest.raises(DataError, match=r"'names' must name every label of 'y', label i by names\[i\]: shape \(2,\) for labels up to 2"):
+        load_npz(tmp_path / "bad.npz")
+    run = tmp_path / "run"
+    assert main(["train", "mnist", "data.name=npz", f"data.path={tmp_path / 'd.npz'}", "network.num_classes=2", "network.base_channels=8",
+                 "network.channel_mult=1,2", "network.attention_resolutions=", "train.steps=2", "train.batch_size=6", "train.sample_every=0",
+                 "train.eval_every=0", f"train.run_dir={run}", "--quiet"]) == 0
+    assert main(["sample", str(run), "--class", "light", "--n", "2", "--steps", "2", "--no-gif", "--out", str(tmp_path / "s")]) == 0
+    assert main(["sample", str(run), "--class", "grey", "--n", "2", "--steps", "2"]) == 2
+    assert "its classes are 0 dark, 1 light" in capsys.readouterr().err

@@ -56,8 +56,8 @@ class TrainingConditions:
         if net.text_encoder:
             return cls._text(cfg, dataset)
         if net.num_classes > 0:
-            labels, names = getattr(dataset, "labels", None), getattr(dataset, "classes", None)
-            if labels is None and names is not None:  # an image folder with images outside subfolders
+            labels, names = getattr(dataset, "labels", None), getattr(dataset, "classes", ())
+            if labels is None and hasattr(dataset, "files"):  # an image folder with images outside subfolders
                 raise ConditioningError(f"network.num_classes = {net.num_classes} but {cfg.data.path} has images outside subfolders: for "
                                         f"classes, put each class's images in a subfolder of its own ({cfg.data.path}/cat/..., "
                                         f"{cfg.data.path}/dog/...)")
@@ -66,7 +66,8 @@ class TrainingConditions:
                                         "(use mnist5k, digits, a toy with labels, an image folder with a subfolder per class, "
                                         "or an .npz with a 'y' array)")
             if names and len(names) != net.num_classes:
-                raise ConditioningError(f"{cfg.data.path} has {len(names)} class subfolders ({', '.join(names[:10])}"
+                kind = "class subfolders" if hasattr(dataset, "files") else "class names"
+                raise ConditioningError(f"{cfg.data.path} has {len(names)} {kind} ({', '.join(names[:10])}"
                                         f"{', ...' if len(names) > 10 else ''}): set network.num_classes = {len(names)}")
             if int(labels.max()) >= net.num_classes or int(labels.min()) < 0:
                 raise ConditioningError(f"the labels lie in [{int(labels.min())}, {int(labels.max())}] but network.num_classes = {net.num_classes}")

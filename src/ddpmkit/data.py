@@ -254,7 +254,7 @@ def make_toy(name: str, n: int = 20000, seed: int = 0) -> ArrayDataset:
 
 
 def load_npz(path: str | Path) -> ArrayDataset:
-    """Arrays from an .npz file: key 'x' (or the first array), optional 'y' labels.
+    """Arrays from an .npz file: key 'x' (or the first array), optional 'y' labels and 'names' (label i's name).
 
     uint8 data is scaled from [0, 255]; float images must already lie in [-1, 1] (vectors take any finite scale).
     Shapes: (N, D) vectors, (N, H, W), (N, H, W, C) with C in {1, 3, 4}, or (N, C, H, W).
@@ -271,6 +271,7 @@ def load_npz(path: str | Path) -> ArrayDataset:
             key = "x" if "x" in f.files else f.files[0]
             x = f[key]
             y = f["y"] if "y" in f.files else None
+            names = f["names"] if "names" in f.files else None
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 -- a damaged or foreign file, whatever numpy raises: one line
@@ -300,7 +301,13 @@ def load_npz(path: str | Path) -> ArrayDataset:
     elif x.ndim not in (2, 4):
         raise DataError(f"{path}: cannot use array of shape {x.shape}; expected (N, D), (N, H, W), (N, H, W, C) or (N, C, H, W)")
     labels = torch.as_tensor(y, dtype=torch.long) if y is not None else None
-    return ArrayDataset(torch.from_numpy(np.ascontiguousarray(x)), labels)
+    out = ArrayDataset(torch.from_numpy(np.ascontiguousarray(x)), labels)
+    if names is not None:  # label i's name (`--class NAME`)
+        if labels is None or names.ndim != 1 or not len(names) > int(labels.max()):
+            raise DataError(f"{path}: 'names' must name every label of 'y', label i by names[i]: shape {names.shape} for labels up to "
+                            f"{'none' if labels is None else int(labels.max())}")
+        out.classes = tuple(str(name) for name in names.tolist())
+    return out
 
 
 def load_dataset(name: str, path: str | None = None, image_size: int | None = None, channels: int = 3, split: str = "train") -> Dataset:
@@ -361,5 +368,7 @@ def dataset_for(d: DataConfig, split: str = "train") -> Dataset:
         return data
     resized = Resized(data, d.resize)
     if isinstance(data, ArrayDataset):  # in memory: downsample once
-        return ArrayDataset(resized.get_batch(torch.arange(len(data))), data.labels)
+        small = ArrayDataset(resized.get_batch(torch.arange(len(data))), data.labels)
+        carry_names(data, small)
+        return small
     return resized
