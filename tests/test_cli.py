@@ -236,7 +236,7 @@ def test_a_folder_with_a_subfolder_per_class_trains_a_class_conditional_model(tm
     assert code == 2 and err.strip().endswith("pets has 3 class subfolders (blue, green, red): set network.num_classes = 3"), err
     code, out, err = run(capsys, "train", "images", *tiny, "network.num_classes=3")
     assert code == 0, err
-    assert "classes, the subfolders of pets: 0 blue, 1 green, 2 red (sample one: --class NAME or NUMBER)" in out, out
+    assert "classes of pets: 0 blue, 1 green, 2 red (sample one: --class NAME or NUMBER)" in out, out
     code, out, err = run(capsys, "sample", "runs/images", "--class", "2", "--n", "2", "--steps", "2", "--no-gif", "--out", "s")
     assert code == 0 and (tmp_path / "s" / "grid.png").is_file(), err
     # the checkpoint records the names: a class by its name draws what its number draws

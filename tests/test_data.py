@@ -215,3 +215,17 @@ def test_an_npz_names_its_labels_for_class_conditional_runs(tmp_path, capsys):
     assert main(["sample", str(run), "--class", "light", "--n", "2", "--steps", "2", "--no-gif", "--out", str(tmp_path / "s")]) == 0
     assert main(["sample", str(run), "--class", "grey", "--n", "2", "--steps", "2"]) == 2
     assert "its classes are 0 dark, 1 light" in capsys.readouterr().err
+
+
+def test_a_class_is_read_by_its_name_first_then_as_a_number():
+    """Subfolders named 2 and 10 sort as ("10", "2"): `--class 2` means the folder 2 (label 1), not label 2."""
+    from types import SimpleNamespace
+
+    from ddpmkit.errors import UserError
+    from ddpmkit.pipelines.guided import class_numbers
+
+    named = SimpleNamespace(class_names=("10", "2"), path="runs/x")
+    assert class_numbers(named, ["2", "10", 0, " 1"]) == [1, 0, 0, 1]
+    assert class_numbers(SimpleNamespace(class_names=(), path="runs/x"), ["7", 3]) == [7, 3]
+    with pytest.raises(UserError, match=r"no class 'owl' in runs/x: its classes are 0 10, 1 2"):
+        class_numbers(named, ["owl"])

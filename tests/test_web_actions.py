@@ -16,6 +16,7 @@ from PIL import Image
 from ddpmkit.cli import build_parser
 from ddpmkit.cli.common import guidance_request, options_from
 from ddpmkit.pipelines.generate import generate
+from ddpmkit.pipelines.guided import class_numbers
 from ddpmkit.web.actions import Actions, Cancelled, picture
 from ddpmkit.web.limits import Limits
 from ddpmkit.web.shelf import Shelf, find_runs
@@ -89,8 +90,8 @@ def test_the_command_under_the_result_asks_the_cli_for_the_same_thing(actions, w
     _, s = actions.settings(str(web_runs / "class"), "3,4", "unipc", 12, "karras", 1.5, 42, 5)
     args = build_parser().parse_args(shlex.split(s.command())[1:])
     assert (args.checkpoint, args.n, args.sampler, args.steps, args.seed, args.grid) == (s.run, 5, "unipc", 12, 42, "karras")
-    cli = guidance_request(args)
-    assert (cli.classes, cli.prompts, cli.scale) == (s.request.classes, s.request.prompts, s.request.scale)
+    cli = guidance_request(args)  # its classes as typed, read against the model as the sampler reads them
+    assert (class_numbers(actions.shelf.get(s.run), cli.classes), cli.prompts, cli.scale) == (s.request.classes, s.request.prompts, s.request.scale)
     assert options_from(args) == {"grid": "karras", "clip_x0": True}
     with pytest.raises(ValueError, match=r"unknown grid 'wavy'; choose one of \['default'"):
         actions.settings(str(web_runs / "class"), "", "unipc", 12, "wavy", 1.5, 42, 5)

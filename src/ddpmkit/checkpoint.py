@@ -50,7 +50,7 @@ class CheckpointInfo:
     metrics: dict = field(default_factory=dict)
     horizon: int = 0  # the step count train.fit_to_budget chose (0 = train.steps)
     decay_from: tuple[int, float] = (0, 0.0)  # the step and cosine progress where the decay to `horizon` was last re-fitted
-    class_names: tuple[str, ...] = ()  # an image folder's classes (its subfolders): label i is class_names[i]
+    class_names: tuple[str, ...] = ()  # the data's names of its labels (a folder's subfolders, an .npz's names): label i's is [i]
 
 
 INFO_KEYS = tuple(f.name for f in fields(CheckpointInfo))  # what config.json holds beside the config sections

@@ -48,7 +48,7 @@ class TrainingConditions:
     caption_ids: torch.Tensor | None = None  # (N, K): the K captions example n may get (rows of `table`)
     null: dict[str, torch.Tensor] = field(default_factory=dict)  # 'text': the empty prompt's embedding
     preview_rows: torch.Tensor | None = None  # 'text': captions shown in the periodic sample grids
-    names: tuple[str, ...] = ()  # 'class' from an image folder: label i is the subfolder names[i]
+    names: tuple[str, ...] = ()  # 'class' where the data names its labels (a folder's subfolders, an .npz's names): label i is names[i]
 
     @classmethod
     def for_config(cls, cfg: Config, dataset) -> TrainingConditions:

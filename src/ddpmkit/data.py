@@ -96,7 +96,8 @@ class ImageFolder:
             raise DataError(f"{len(bad)} unreadable image(s) in {self.root}: " + "; ".join(bad[:5]))
         self.image_size = image_size
         self.channels = channels
-        subfolders = [p.relative_to(self.root).parts[0] if len(p.relative_to(self.root).parts) > 1 else None for p in self.files]
+        parts = [p.relative_to(self.root).parts for p in self.files]
+        subfolders = [q[0] if len(q) > 1 else None for q in parts]
         self.classes: tuple[str, ...] = () if None in subfolders else tuple(sorted(set(subfolders)))
         index = {name: i for i, name in enumerate(self.classes)}
         self.labels = torch.tensor([index[c] for c in subfolders]) if self.classes else None

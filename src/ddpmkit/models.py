@@ -46,7 +46,7 @@ class LoadedNetwork:
     step: int
     path: Path
     metrics: dict = field(default_factory=dict)  # the task's final metrics (PSNR, accuracy, ...)
-    class_names: tuple[str, ...] = ()  # an image folder's classes, in label order (checkpoint.CheckpointInfo)
+    class_names: tuple[str, ...] = ()  # the names of its classes, in label order, where the data had them (CheckpointInfo)
 
     @property
     def kind(self) -> str:

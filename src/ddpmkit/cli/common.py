@@ -180,8 +180,7 @@ def options_from(args: argparse.Namespace) -> dict:
 
 def guidance_request(args: argparse.Namespace) -> GuidanceRequest:
     """--class/--prompt/--guidance/... as a GuidanceRequest."""
-    # numbers, or names where the model's classes have them (an image folder's subfolders); checked against the model
-    classes = [int(c) if c.strip().lstrip("-").isdigit() else c.strip() for c in args.class_.split(",")] if args.class_ else []
+    classes = args.class_.split(",") if args.class_ else []  # numbers or names: read against the model (guided.class_numbers)
     scales = {}  # a guide's weight without the guide was taken and ignored
     for guide, weight in (("classifier", "classifier_scale"), ("clip", "clip_scale"), ("autoguide", "autoguide_scale")):
         if getattr(args, weight) is not None:

@@ -118,14 +118,20 @@ def _conditions(m: DiffusionModel, n: int, request: GuidanceRequest, labels: tor
 
 
 def class_numbers(m: LoadedNetwork, classes: list[int | str]) -> list[int]:
-    """Each class as its number: given so, or by its name where the classes of m (a class-conditional model, or the
-    classifier that guides one) have names (an image folder's subfolders, checkpoint.CheckpointInfo.class_names)."""
+    """Each class as its number, from a number or text: a class's name where the classes of m (a class-conditional
+    model, or the classifier that guides one) have names (an image folder's subfolders or an .npz's `names`,
+    checkpoint.CheckpointInfo.class_names), first, so that subfolders named 0..9 are meant by their names; else a
+    whole number."""
     numbers = []
     for c in classes:
-        if isinstance(c, str) and c not in m.class_names:
-            raise UserError(f"no class {c!r} in {m.path}: " + (f"its classes are {listed_classes(m.class_names)}" if m.class_names
-                                                                else "its classes have no names; give class numbers, e.g. 7 or 0,1,2"))
-        numbers.append(m.class_names.index(c) if isinstance(c, str) else int(c))
+        text = str(c).strip()
+        if text in m.class_names:
+            numbers.append(m.class_names.index(text))
+        elif text.lstrip("-").isdigit():
+            numbers.append(int(text))
+        else:
+            raise UserError(f"no class {text!r} in {m.path}: " + (f"its classes are {listed_classes(m.class_names)}" if m.class_names
+                                                                   else "its classes have no names; give class numbers, e.g. 7 or 0,1,2"))
     return numbers
 
 

@@ -32,7 +32,7 @@ class LabelledImagesTask(Task):
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        return tuple(getattr(self.data, "classes", ()))  # an image folder's subfolders, where they are its classes
+        return tuple(getattr(self.data, "classes", ()))  # a folder's subfolders or an .npz's names, where the data has them
 
     def shifted(self, batch: Batch) -> torch.Tensor:
         """The global batch, each image shifted by up to 2 pixels (drawn from the step's generator)."""

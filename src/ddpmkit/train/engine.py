@@ -225,7 +225,7 @@ class Trainer:
             if acc.device.type == "cpu" and (hint := unused_gpu()):
                 print(hint, flush=True)
             if names := self.task.class_names:  # which number is which class (the checkpoints record it too)
-                print(f"classes, the subfolders of {self.cfg.data.path}: {listed_classes(names)} (sample one: --class NAME or NUMBER)", flush=True)
+                print(f"classes of {self.cfg.data.path}: {listed_classes(names)} (sample one: --class NAME or NUMBER)", flush=True)
         self.bar = progress_bar(total=self.tc.steps, initial=self.state.step, disable=not (self.progress and acc.is_main_process),
                                 desc=f"train {self.task.name}", dynamic_ncols=True)
         self.t_start = time.time()

@@ -162,7 +162,7 @@ class Actions:
         if m.conditioning == "class":
             typed = [c.strip() for c in condition.split(",")] if condition else []
             if m.class_names:  # an image folder's classes: by name or number
-                classes = class_numbers(m, [int(c) if c.lstrip("-").isdigit() else c for c in typed])
+                classes = class_numbers(m, typed)
             else:
                 try:
                     classes = [int(c) for c in typed]
