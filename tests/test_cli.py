@@ -303,8 +303,11 @@ def test_train_then_sample_writes_grid_pngs_and_gif(tmp_path, capsys):
     code, out, err = run(capsys, "sample", str(run_dir), "--n", "2", "--steps", "2", "--dtype", "bf16", "--out", str(tmp_path / "d"))
     assert code == 2 and "is a ddpmkit run, whose float32 weights compute in bf16 or fp16 with --precision" in err
     report = tmp_path / "eval.json"
-    code, out, err = run(capsys, "eval", str(run_dir), "--metrics", "bpd", "--n-bpd", "2", "--out", str(report))
+    code, out, err = run(capsys, "eval", str(run_dir), "--metrics", "bpd", "--n", "50", "--n-bpd", "2", "--out", str(report))
     assert code == 0, err
+    # --n counts samples, which bits/dim draw none of: said, not silently unused
+    assert "note: --n 50 counts the samples of fd/kid/is/copies, which this evaluation (bpd_vlb, bpd_ode) does not draw; " \
+           "bits/dim are of --n-bpd 2 examples" in err, err
     import json
 
     metrics = json.loads(report.read_text())["metrics"]

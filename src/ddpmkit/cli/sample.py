@@ -126,7 +126,7 @@ def add_commands(sub) -> None:
                    help="feature network for fd/kid/is: the judge (a digit classifier kept in $DDPMKIT_CACHE; offline, "
                         "not comparable with papers) or the FID Inception")
     e.add_argument("--inception", default=None, help="path of pt_inception-2015-12-05-6726825d.pth (else $DDPMKIT_INCEPTION / torch hub cache)")
-    e.add_argument("--n", type=int, default=1000, help="samples for fd/kid/is")
+    e.add_argument("--n", type=int, default=None, help="samples for fd/kid/is/copies (default: 1000)")
     e.add_argument("--reference", default=None, help="a folder of real images to compare with (default: the run's held-out data; "
                                                      "needed for diffusers pipeline folders)")
     e.add_argument("--n-bpd", type=int, default=100, help="held-out examples for bits/dim")
