@@ -288,6 +288,17 @@ def test_train_then_sample_writes_grid_pngs_and_gif(tmp_path, capsys):
     code, out, err = run(capsys, "sample", str(run_dir), "--n", "2", "--sampler", "unipc", "--steps", "5", "--grid", "karras",
                          "--no-gif", "--out", str(tmp_path / "u"))
     assert code == 0 and "5 network evaluations" in out, err
+    # EDM's stochastic Heun with its churn, Euler ancestral with its eta; churn for another sampler is one line
+    code, out, err = run(capsys, "sample", str(run_dir), "--n", "2", "--sampler", "edm", "--steps", "3", "--churn", "10", "--no-gif",
+                         "--out", str(tmp_path / "e"))
+    assert code == 0 and "with edm" in out and "5 network evaluations" in out, err
+    code, out, err = run(capsys, "sample", str(run_dir), "--n", "2", "--sampler", "euler_ancestral", "--steps", "3", "--eta", "0.5",
+                         "--no-gif", "--out", str(tmp_path / "e"))
+    assert code == 0 and "3 network evaluations" in out, err
+    code, out, err = run(capsys, "sample", str(run_dir), "--n", "2", "--sampler", "heun", "--churn", "10", "--out", str(tmp_path / "e"))
+    assert code == 2 and "sampler 'heun' takes no option(s) ['churn']; churn is for edm" in err, err
+    code, out, err = run(capsys, "sample", str(run_dir), "--n", "2", "--sampler", "edm", "--churn", "-1", "--out", str(tmp_path / "e"))
+    assert code == 2 and "--churn must be a finite number >= 0, got -1.0" in err, err
     code, out, err = run(capsys, "sample", str(run_dir), "--n", "2", "--sampler", "ddim", "--steps", "3", "--autoguide", str(run_dir),
                          "--autoguide-scale", "2", "--no-gif", "--out", str(tmp_path / "ag"))
     assert code == 0 and (tmp_path / "ag" / "grid.png").is_file(), err

@@ -12,6 +12,7 @@ from ddpmkit.analytic import GaussianMixture, nearest_component
 from ddpmkit.errors import UserError
 from ddpmkit.parameterization import v_from_x0_eps, x0_from_eps
 from ddpmkit.sampling import SAMPLERS, timestep_grid
+from ddpmkit.sampling.grids import integer_grid
 from ddpmkit.sampling.optimize import grid_from_gaps, optimize_grid
 from ddpmkit.sampling.options import sampler_options
 from ddpmkit.schedules import NoiseSchedule
@@ -106,6 +107,9 @@ def test_ddim_eta1_is_ancestral_ddpm():
         ("pc", 250, {}),
         ("dpmpp_2m_sde", 100, {}),
         ("dpmpp_3m_sde", 100, {}),
+        ("euler_ancestral", 200, {}),
+        ("edm", 50, {}),  # EDM's ImageNet churn
+        ("edm", 100, {"churn": 200, "churn_max": 1e9}),  # the most churn, at every noise level
     ],
 )
 def test_stochastic_samplers_reproduce_the_mixture(sampler, steps, options):
@@ -117,6 +121,32 @@ def test_stochastic_samplers_reproduce_the_mixture(sampler, steps, options):
     for j in range(3):
         spread = (out.x[k == j].double() - MIX.means[j]).std().item()
         assert spread == pytest.approx(MIX.stds[j].item(), rel=0.1), (j, spread)
+
+
+@pytest.mark.parametrize("steps, eta", [(25, 1.0), (100, 0.7)])
+def test_euler_ancestral_is_ddim_with_the_same_eta_draw_for_draw(steps, eta):
+    """On the schedule's own (integer) timesteps, Euler ancestral's sigma_down and sigma_up are DDIM's eq. 12 divided
+    by sqrt(alpha_bar_s): the same samples from the same noise."""
+    model, grid = MIX.eps_model(S), integer_grid("uniform", S, steps).flip(0)
+    a = ddpmkit.sample(model, (16, 2), S, sampler="ddim", steps=steps, eta=eta, generator=5)
+    b = ddpmkit.sample(model, (16, 2), S, sampler="euler_ancestral", grid=grid, eta=eta, generator=5)
+    assert a.nfe == b.nfe == steps and torch.allclose(a.x, b.x, atol=1e-5), (a.x - b.x).abs().max()
+    ode = ddpmkit.sample(model, (16, 2), S, sampler="euler_ancestral", steps=steps, eta=0.0, generator=5)
+    assert torch.equal(ode.x, ddpmkit.sample(model, (16, 2), S, sampler="euler", steps=steps, generator=5).x)  # eta 0: Euler
+
+
+def test_edm_is_heun_without_churn_and_churns_only_within_its_range():
+    model = MIX.eps_model(S)
+    heun = ddpmkit.sample(model, (16, 2), S, sampler="heun", steps=20, generator=5)
+    for options in ({"churn": 0.0}, {"churn_min": 1e3, "churn_max": 1e4}):  # no grid sigma of the linear schedule above 157
+        edm = ddpmkit.sample(model, (16, 2), S, sampler="edm", steps=20, generator=5, **options)
+        assert torch.equal(edm.x, heun.x) and edm.nfe == heun.nfe == 39, options
+    churned = ddpmkit.sample(model, (16, 2), S, sampler="edm", steps=20, generator=5)
+    assert churned.nfe == 39 and not torch.allclose(churned.x, heun.x, atol=1e-3)
+    assert torch.equal(churned.x, ddpmkit.sample(model, (16, 2), S, sampler="edm", steps=20, generator=5).x)  # the seed's own noise
+    for bad, why in (({"churn": -1.0}, "`churn` must be a finite number >= 0"), ({"churn_max": 0.01}, "`churn_max` must be >= `churn_min`")):
+        with pytest.raises(UserError, match=why):
+            ddpmkit.sample(model, (4, 2), S, sampler="edm", steps=5, **bad)
 
 
 PREDICTORS = {
@@ -188,8 +218,11 @@ def test_bad_grid_and_sampler_names_list_the_options():
             ddpmkit.sample(MIX.eps_model(S), (2, 2), S, sampler=sampler, steps=3, **option)
     # an option given to a sampler that does not take it names the sampler and where the option belongs (it was "for
     # this sampler"), and --variance for another sampler than ddpm is refused (it was ignored)
-    with pytest.raises(UserError, match=r"sampler 'euler' takes no option\(s\) \['eta'\]; eta is for ddim, dpmpp_2m_sde and dpmpp_3m_sde$"):
+    with pytest.raises(UserError, match=r"sampler 'euler' takes no option\(s\) \['eta'\]; eta is for ddim, euler_ancestral, dpmpp_2m_sde and "
+                                        r"dpmpp_3m_sde$"):
         ddpmkit.sample(MIX.eps_model(S), (2, 2), S, sampler="euler", steps=3, eta=1.0)
+    with pytest.raises(UserError, match=r"sampler 'heun' takes no option\(s\) \['churn'\]; churn is for edm$"):
+        ddpmkit.sample(MIX.eps_model(S), (2, 2), S, sampler="heun", steps=3, **sampler_options("heun", churn=10.0))
     with pytest.raises(UserError, match=r"`variance` beta is sigma_t\^2 of Algorithm 2: only sampler 'ddpm' takes it, not 'ddim'"):
         sampler_options("ddim", variance="beta")
     assert sampler_options("ddpm", variance="beta")["variance"] == "beta" and "variance" not in sampler_options("ddim")

@@ -29,7 +29,8 @@ from .common import check_counts, check_out, no_memory, path_error
 FLAGS = {"classes": "--class", "prompts": "--prompt", "scale": "--guidance", "clip": "--clip", "classifier": "--classifier",
          "autoguide": "--autoguide", "features": "--features", "reference": "--reference", "metrics": "--metrics",
          "mask": "--mask", "resume": "--resume", "overwrite": "--overwrite", "variance": "--variance", "dtype": "--dtype",
-         "precision": "--precision", "n": "--n", "n_bpd": "--n-bpd", "inception": "--inception", "source": "--from", "target": "--to"}
+         "precision": "--precision", "n": "--n", "n_bpd": "--n-bpd", "eta": "--eta", "churn": "--churn",
+         "inception": "--inception", "source": "--from", "target": "--to"}
 
 
 def build_parser() -> argparse.ArgumentParser:

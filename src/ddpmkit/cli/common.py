@@ -162,7 +162,9 @@ def add_sampler_args(p: argparse.ArgumentParser, sampler: str | None = "ddpm", s
     p.add_argument("--seed", type=int, default=0, help="sample k uses seed + k")
     if full:
         p.add_argument("--grid", default=None, help=f"step grid: {', '.join(GRIDS)}, or a JSON file from tune-grid")
-        p.add_argument("--eta", type=float, default=None, help="noise of ddim and the *_sde samplers (0 = ODE)")
+        p.add_argument("--eta", type=float, default=None, help="noise of ddim, euler_ancestral and the *_sde samplers (0 = ODE)")
+        p.add_argument("--churn", type=float, default=None,
+                       help="EDM's S_churn for the edm sampler: noise added and removed each step (default 40, EDM's ImageNet setting; 0 = heun)")
         p.add_argument("--order", type=int, default=None, help="order of unipc / ipndm / dpmpp solvers")
         p.add_argument("--variance", default="auto", choices=["auto", "beta_tilde", "beta", "learned"], help="sigma_t^2 of Algorithm 2")
         p.add_argument("--no-clip", action="store_true", help="do not clip predicted x_0 to [-1, 1]")
@@ -171,7 +173,8 @@ def add_sampler_args(p: argparse.ArgumentParser, sampler: str | None = "ddpm", s
 def options_from(args: argparse.Namespace) -> dict:
     """The sampler options the command line asked for; a grid file fixes the steps (--steps was ignored beside it)."""
     options = sampler_options(args.sampler, getattr(args, "grid", None), getattr(args, "variance", "auto"),
-                              not getattr(args, "no_clip", False), getattr(args, "eta", None), getattr(args, "order", None))
+                              not getattr(args, "no_clip", False), getattr(args, "eta", None), getattr(args, "order", None),
+                              getattr(args, "churn", None))
     points = len(options["grid"]) if isinstance(options.get("grid"), torch.Tensor) else None
     if points is not None and getattr(args, "steps", None) not in (None, points):
         raise UserError(f"--grid {args.grid} holds {points} steps, --steps says {args.steps}: leave --steps out (the grid sets them)")
@@ -193,12 +196,12 @@ def guidance_request(args: argparse.Namespace) -> GuidanceRequest:
 
 # what a stage spec may set: "runs/imagen_sr,sampler=unipc,steps=20,aug=0.2"
 STAGE_KEYS = {"sampler": str, "steps": int, "guidance": float, "aug": float, "threshold": float, "grid": str, "eta": float,
-              "order": int, "variance": str}
+              "order": int, "variance": str, "churn": float}
 
 
 def parse_stage(spec: str, device: str | torch.device | None = None) -> Stage:
     """A stage from 'RUN[,key=value,...]' (keys: sampler, steps, guidance, aug, threshold, grid,
-    eta, order, variance), loading the run."""
+    eta, order, variance, churn), loading the run."""
     run, *pairs = [p.strip() for p in spec.split(",")]
     values: dict = {}
     for pair in pairs:
@@ -213,6 +216,7 @@ def parse_stage(spec: str, device: str | torch.device | None = None) -> Stage:
     sampler = values.get("sampler", "ddpm")
     if sampler not in SAMPLERS:
         raise CascadeError(f"unknown sampler {sampler!r} in stage {spec!r}; choose one of {sorted(SAMPLERS)}")
-    options = sampler_options(sampler, values.get("grid"), values.get("variance", "auto"), eta=values.get("eta"), order=values.get("order"))
+    options = sampler_options(sampler, values.get("grid"), values.get("variance", "auto"), eta=values.get("eta"), order=values.get("order"),
+                              churn=values.get("churn"))
     return Stage(load_diffusion(run, device=device), sampler, values.get("steps"), values.get("guidance"), values.get("threshold", 0.0),
                  values.get("aug"), options)

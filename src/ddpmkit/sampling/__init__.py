@@ -12,6 +12,7 @@ from ..errors import UserError
 from ..parameterization import Denoiser, ModelFn, Prediction, as_denoiser
 from ..schedules import NoiseSchedule
 from .ancestral import ddim, ddpm
+from .churn import edm, euler_ancestral
 from .grids import GRIDS, timestep_grid
 from .noise import GeneratorLike, NoiseSource
 from .ode import dopri5, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, dpmpp_3m_sde, euler, heun, ipndm, unipc
@@ -34,8 +35,11 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "dpmpp_3m_sde": dpmpp_3m_sde,
     "euler_maruyama": euler_maruyama,
     "pc": pc,
+    "euler_ancestral": euler_ancestral,  # noise, then the ODE: k-diffusion's "Euler a"
+    "edm": edm,  # EDM's stochastic Heun (Algorithm 2)
 }
-STOCHASTIC = {"consistency", "ddpm", "dpmpp_2m_sde", "dpmpp_3m_sde", "euler_maruyama", "pc"}  # and ddim with eta > 0
+# and ddim with eta > 0; euler_ancestral with eta = 0 and edm with churn = 0 are ODE solvers
+STOCHASTIC = {"consistency", "ddpm", "dpmpp_2m_sde", "dpmpp_3m_sde", "euler_maruyama", "pc", "euler_ancestral", "edm"}
 
 
 @dataclass

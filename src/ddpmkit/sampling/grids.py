@@ -80,7 +80,8 @@ def check_grid_name(grid: str) -> None:
 
 
 # the samplers each option of the command line belongs to (a message for the others)
-OPTION_SAMPLERS = {"eta": "ddim, dpmpp_2m_sde and dpmpp_3m_sde", "order": "unipc, ipndm and the dpmpp samplers", "variance": "ddpm",
+OPTION_SAMPLERS = {"eta": "ddim, euler_ancestral, dpmpp_2m_sde and dpmpp_3m_sde", "churn": "edm",
+                   "order": "unipc, ipndm and the dpmpp samplers", "variance": "ddpm",
                    "rtol": "dopri5", "atol": "dopri5"}
 
 

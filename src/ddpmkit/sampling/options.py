@@ -14,7 +14,7 @@ NO_CLIP = ("euler_maruyama", "pc", "dopri5", "ddim_uniform", "consistency")  # s
 
 
 def sampler_options(sampler: str, grid: str | torch.Tensor | None = None, variance: str = "auto", clip_x0: bool = True,
-                    eta: float | None = None, order: int | None = None) -> dict:
+                    eta: float | None = None, order: int | None = None, churn: float | None = None) -> dict:
     """The options `sample(..., sampler=sampler, **options)` takes. variance='auto' is the
     model's own (the ancestral sampler resolves it); grid may be a name, a tensor
     of timesteps, or a JSON file from `ddpmkit tune-grid`."""
@@ -32,6 +32,8 @@ def sampler_options(sampler: str, grid: str | torch.Tensor | None = None, varian
         options["eta"] = eta
     if order is not None:
         options["order"] = order
+    if churn is not None:
+        options["churn"] = churn
     return options
 
 
