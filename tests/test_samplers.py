@@ -254,6 +254,10 @@ def test_optimised_grid_beats_the_named_grids_on_fresh_trajectories():
     # and so are the sampler's options and the reference's tolerance (they failed after the reference solve, or inside it)
     with pytest.raises(UserError, match="UniPC order must be 1, 2 or 3, got 9"):
         optimize_grid(lambda x, t: calls.append(1) or x, (2, 2), S, steps=4, order=9)
+    # a stochastic sampler's endpoint moves with its fresh noise: no grid brings it to the ODE's (it ran, on noise)
+    for sampler, options in (("edm", {}), ("dpmpp_2m_sde", {}), ("ddim", {"eta": 1.0})):
+        with pytest.raises(UserError, match=rf"sampler '{sampler}' draws fresh noise as it goes.*tune the grid of an ODE solver"):
+            optimize_grid(lambda x, t: calls.append(1) or x, (2, 2), S, sampler=sampler, steps=4, **options)
     assert not calls
     for tol in (0.0, math.nan):  # torchdiffeq's "underflow in dt" assertion inside the solve
         with pytest.raises(UserError, match=r"dopri5's tolerances must lie in \(0, 1\)"):

@@ -15,7 +15,7 @@ from ..models import SAMPLING_COMPILE_MODES, load_diffusion
 from ..pipelines.generate import generate, save_generated
 from ..pipelines.guided import guided_model
 from ..precision import CHOICES as PRECISIONS
-from ..sampling import SAMPLERS
+from ..sampling import SAMPLERS, STOCHASTIC
 from ..sampling.optimize import optimize_grid
 from ..train.judge import ensure_judge
 from .cascade import run_cascade
@@ -138,8 +138,8 @@ def add_commands(sub) -> None:
 
     g = sub.add_parser("tune-grid", help="optimise a few-step grid for a run and sampler (use with sample --grid)")
     g.add_argument("checkpoint", help=RUN_HELP)
-    g.add_argument("--sampler", default="unipc", choices=sorted(set(SAMPLERS) - {"dopri5"}),
-                   help="the sampler the grid is for (default: %(default)s)")
+    g.add_argument("--sampler", default="unipc", choices=sorted(set(SAMPLERS) - {"dopri5"} - STOCHASTIC),
+                   help="the ODE solver the grid is for (default: %(default)s)")
     g.add_argument("--steps", type=int, default=10, help="grid points, one network evaluation each (default: %(default)s)")
     g.add_argument("--order", type=int, default=None, help="order of unipc / ipndm / dpmpp solvers")
     g.add_argument("--n", type=int, default=16, help="training trajectories")

@@ -19,7 +19,7 @@ from ..errors import UserError
 from ..parameterization import Denoiser, ModelFn, Prediction, as_denoiser
 from ..progress import progress_bar
 from ..schedules import NoiseSchedule
-from . import sample
+from . import STOCHASTIC, sample
 
 
 def grid_from_gaps(z: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
@@ -45,6 +45,10 @@ def optimize_grid(model: Denoiser | ModelFn, shape: Sequence[int], schedule: Noi
     Returns a float64 tensor to pass as ``grid=`` to ``ddpmkit.sample``. Each objective evaluation
     runs the sampler once; the reference costs one adaptive solve.
     """
+    if sampler in STOCHASTIC or sampler_options.get("eta"):  # its endpoint moves with its noise, not with the grid alone
+        raise UserError(f"sampler {sampler!r} draws fresh noise as it goes, so it does not follow the probability-flow ODE whose "
+                        "endpoint a tuned grid is fitted to; tune the grid of an ODE solver (unipc, dpmpp_2m, dpmpp_3m, ipndm, heun, "
+                        "euler, ddim)")
     denoiser = as_denoiser(model, schedule, prediction)
     schedule = denoiser.schedule
     if steps < 3:
