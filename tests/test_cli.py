@@ -103,7 +103,9 @@ def test_every_argument_of_every_command_says_what_it_is():
     (["train", "configs/mnist.toml", "data.name=folder", "data.path=/no/such/folder"], "image folder not found: /no/such/folder"),
     (["train", "configs/mnist.toml", "diffusion.schedule=cosinus"], "choose one of ['linear', 'cosine', 'scaled_linear', 'sigmoid']"),
     (["train", "configs/mnist.toml", "train.batchsize=3"], "did you mean 'train.batch_size'"),
-    (["forward", "missing.png"], "image not found: missing.png"),
+    (["forward", "missing.png"], "image not found: missing.png: give an image file (or a built-in one such as mnist5k:0)"),
+    (["forward", ""], "an empty path: give an image file"),  # was "image not found: ."
+    (["forward", "."], ". is a folder: give an image file"),
     (["forward", "mnist5k:0", "--schedule", "cosin"], "unknown noise schedule 'cosin'"),
     (["sample", "/no/run"], "no checkpoint at /no/run"),
     (["train", "toy2d", "train.batch_size=-3"], "train.batch_size = -3 must be >= 1"),

@@ -37,8 +37,9 @@ def load_image(spec: str, size: int | None = None, channels: int | None = None) 
             image = fit_image(image, (channels or image.shape[1], size or image.shape[-1], size or image.shape[-1]))
         return image
     path = Path(spec)
-    if not path.is_file():
-        raise DataError(f"image not found: {path} (or use a built-in one such as mnist5k:0)")
+    if not path.is_file():  # spec, not path: Path('') is '.', and "not found: ." named no input at all
+        what = "an empty path" if not spec.strip() else f"{spec} is a folder" if path.is_dir() else f"image not found: {spec}"
+        raise DataError(f"{what}: give an image file (or a built-in one such as mnist5k:0)")
     try:
         with Image.open(path) as im:
             grey, side = im.mode in GREY_MODES, min(im.size)
