@@ -283,13 +283,14 @@ def test_a_zero_terminal_snr_schedule_samples_a_v_model_from_its_pure_noise():
     for grid in ("karras", "logsnr"):
         t = timestep_grid(grid, zt, 10)
         assert t[0] == zt.T - 1 and t[-1] == 0 and bool((t[1:] < t[:-1]).all()) and torch.isfinite(zt.sigma_at(t[1:])).all()
-    for sampler in ("ddim", "ddpm", "euler", "heun", "dpmpp_2m", "dpmpp_3m_sde", "unipc", "ipndm", "euler_maruyama", "pc"):
+    for sampler in ("ddim", "ddpm", "euler", "heun", "dpmpp_2m", "dpmpp_3m_sde", "unipc", "ipndm", "euler_maruyama", "pc",
+                    "euler_ancestral", "edm"):
         seen: list[int] = []
         out = ddpmkit.sample(v_model, (512, 2), zt, sampler=sampler, steps=50, generator=0, prediction="v",
                              callback=lambda info, seen=seen: seen.append(info["i"]))
         assert torch.isfinite(out.x).all() and (out.x.norm(dim=1) - 1).abs().mean() < 0.1, sampler  # on the ring (0.08 exactly)
         # heun: 2n - 1 NFE less the one its exact first step does not need
-        nfe = {"heun": 98, "pc": 98}.get(sampler, 50)  # pc: a correction at each level but the first and the last
+        nfe = {"heun": 98, "edm": 98, "pc": 98}.get(sampler, 50)  # pc: a correction at each level but the first and the last
         assert seen == list(range(49, -1, -1)) and out.nfe == nfe, (sampler, out.nfe)
     # the first steps to the equation: Euler in sigma is DDIM on the same grid (DDIM eq. 14), from the pure noise too; the
     # SDE's first step is DDPM's ancestral step (mean sqrt(ab_1) x0, variance 1 - ab_1), the same noise drawn
