@@ -123,6 +123,22 @@ def test_ddpmkit_samplers_reproduce_the_diffusers_pipeline(tiny_sd, scheduler, s
     assert (images - (out.images + 1) / 2).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("guidance", [1.0, 5.0])
+def test_euler_ancestral_reproduces_diffusers_euler_ancestral_noise_for_noise(tiny_sd, guidance):
+    """Stable Diffusion's "Euler a": diffusers draws each step's noise from the generator it is given, as ddpmkit draws
+    sample 0's from the generator of its seed (one (4, 8, 8) draw a step), so the same seed gives the same latents."""
+    pipe = _diffusers_pipe(tiny_sd, "EulerAncestralDiscreteScheduler")
+    noise = seed_noise(7, (4, 8, 8))
+    ref = pipe(PROMPT, num_inference_steps=10, guidance_scale=guidance, latents=noise.clone(), output_type="latent",
+               generator=torch.Generator().manual_seed(11)).images
+    grid = pipe.scheduler.timesteps.to(torch.float64)
+    m = ddpmkit.load(tiny_sd)
+    model, kwargs, options = guided_model(m, 1, GuidanceRequest(prompts=[PROMPT], scale=guidance), "euler_ancestral")
+    x = ddpmkit.sample(model, (1, 4, 8, 8), sampler="euler_ancestral", steps=10, x_T=noise, grid=grid, clip_x0=False, generator=11,
+                       model_kwargs=kwargs, **options).x
+    assert ref.abs().max() > 0.1 and (x - ref).abs().max() < 1e-4 * ref.abs().max(), (x - ref).abs().max()
+
+
 def test_the_unconditional_pipeline_matches_diffusers_ddim(tiny_ddpm):
     pipe = diffusers.DDIMPipeline.from_pretrained(tiny_ddpm)
     pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
