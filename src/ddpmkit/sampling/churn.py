@@ -74,11 +74,6 @@ def edm(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int | No
         if gamma > 0 and churn_min <= s[k] <= churn_max:
             sigma_hat = min((1 + gamma) * s[k], sigma_max)
             x_bar = x_bar + math.sqrt(sigma_hat**2 - s[k] ** 2) * s_noise * noise.randn(x_bar.shape[1:], x_bar.dtype)
-        out = tr.D(x_bar, sigma_hat)
-        x_next = x_bar + (s[k + 1] - sigma_hat) * out.eps
-        if s[k + 1] > 0:
-            slope = tr.D(x_next, s[k + 1]).eps
-            x_next = x_bar + (s[k + 1] - sigma_hat) * 0.5 * (out.eps + slope)
-        x_bar = x_next
+        x_bar, out = tr.heun_step(x_bar, sigma_hat, s[k + 1])
         tr.report(k, x_bar, out.x0)
     return x_bar

@@ -85,6 +85,15 @@ class Trajectory:
             x = x_bar / math.sqrt(1.0 + self.sigmas[k + 1] ** 2)
             self.callback({"i": self.n - 1 - k, "t": int(round(self.ts[k].item())), "x": x, "x0": x0})
 
+    def heun_step(self, x_bar: torch.Tensor, sigma: float, sigma_next: float) -> tuple[torch.Tensor, DenoiserOutput]:
+        """Heun's step from sigma to sigma_next (EDM, Algorithm 1, lines 4-8): an Euler step, then the average of the
+        slopes eps at both ends; a step to sigma = 0 stays Euler. Returns x_bar at sigma_next and the output at sigma."""
+        out = self.D(x_bar, sigma)
+        x_next = x_bar + (sigma_next - sigma) * out.eps
+        if sigma_next > 0:
+            x_next = x_bar + (sigma_next - sigma) * 0.5 * (out.eps + self.D(x_next, sigma_next).eps)
+        return x_next, out
+
     def lambdas(self) -> list[float]:
         """lambda_k = -log sigma_k (half the log-SNR); +inf at sigma = 0."""
         return [-math.log(s) if s > 0 else math.inf for s in self.sigmas]

@@ -36,12 +36,7 @@ def heun(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int | N
     tr = Trajectory(denoiser, x, steps, grid, model_kwargs, callback, progress, "heun", options)
     x_bar, s = tr.x_bar, tr.sigmas
     for k in tr.steps():
-        out = tr.D(x_bar, s[k])
-        x_next = x_bar + (s[k + 1] - s[k]) * out.eps
-        if s[k + 1] > 0:
-            slope = tr.D(x_next, s[k + 1]).eps
-            x_next = x_bar + (s[k + 1] - s[k]) * 0.5 * (out.eps + slope)
-        x_bar = x_next
+        x_bar, out = tr.heun_step(x_bar, s[k], s[k + 1])
         tr.report(k, x_bar, out.x0)
     return x_bar
 
