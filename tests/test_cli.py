@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ddpmkit.cli import build_parser, main
@@ -290,13 +291,17 @@ def test_train_then_sample_writes_grid_pngs_and_gif(tmp_path, capsys):
     code, out, err = run(capsys, "sample", str(run_dir), "--n", "2", "--sampler", "unipc", "--steps", "5", "--grid", "karras",
                          "--no-gif", "--out", str(tmp_path / "u"))
     assert code == 0 and "5 network evaluations" in out, err
-    # EDM's stochastic Heun with its churn, Euler ancestral with its eta; churn for another sampler is one line
-    code, out, err = run(capsys, "sample", str(run_dir), "--n", "2", "--sampler", "edm", "--steps", "3", "--churn", "10", "--no-gif",
-                         "--out", str(tmp_path / "e"))
-    assert code == 0 and "with edm" in out and "5 network evaluations" in out, err
-    code, out, err = run(capsys, "sample", str(run_dir), "--n", "2", "--sampler", "euler_ancestral", "--steps", "3", "--eta", "0.5",
-                         "--no-gif", "--out", str(tmp_path / "e"))
-    assert code == 0 and "3 network evaluations" in out, err
+    # EDM's stochastic Heun with its --churn, Euler ancestral with its --eta, reaching the samplers: without noise they
+    # are heun and euler; churn for another sampler is one line
+    drawn = {}
+    for name, argv in (("edm0", ["edm", "--churn", "0"]), ("edm10", ["edm", "--churn", "10"]), ("heun", ["heun"]),
+                       ("ea0", ["euler_ancestral", "--eta", "0"]), ("ea1", ["euler_ancestral", "--eta", "1"]), ("euler", ["euler"])):
+        code, out, err = run(capsys, "sample", str(run_dir), "--n", "2", "--steps", "3", "--no-gif", "--out", str(tmp_path / name),
+                             "--sampler", *argv)
+        assert code == 0 and f"with {argv[0]}" in out and f"{5 if argv[0] in ('edm', 'heun') else 3} network evaluations" in out, err
+        drawn[name] = torch.load(tmp_path / name / "samples.pt")
+    assert torch.equal(drawn["edm0"], drawn["heun"]) and not torch.allclose(drawn["edm10"], drawn["heun"], atol=1e-3)
+    assert torch.equal(drawn["ea0"], drawn["euler"]) and not torch.allclose(drawn["ea1"], drawn["euler"], atol=1e-3)
     code, out, err = run(capsys, "sample", str(run_dir), "--n", "2", "--sampler", "heun", "--churn", "10", "--out", str(tmp_path / "e"))
     assert code == 2 and "sampler 'heun' takes no option(s) ['churn']; churn is for edm" in err, err
     code, out, err = run(capsys, "sample", str(run_dir), "--n", "2", "--sampler", "edm", "--churn", "-1", "--out", str(tmp_path / "e"))
