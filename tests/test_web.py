@@ -220,9 +220,10 @@ def test_same_seed_and_settings_give_the_same_image_as_the_cli(page, runs, tmp_p
     from ddpmkit.web.actions import picture
 
     choose_model(page, runs / "class", "class-conditional")
+    fill(page, "gen-eta", 0.5)  # the page's default sampler, dpmpp_2m_sde, with half its noise
     command = generate(page, steps=5, n=4, seed=11, condition="1,7")
     argv = shlex.split(command)
-    assert argv[:2] == ["ddpmkit", "sample"] and argv[-2:] == ["--out", "samples"]
+    assert argv[:2] == ["ddpmkit", "sample"] and argv[-2:] == ["--out", "samples"] and "--sampler dpmpp_2m_sde --steps 5 --eta 0.5" in command
     assert main([*argv[1:-2], "--out", str(tmp_path), "--no-gif"]) == 0
     cli = torch.load(tmp_path / "samples.pt")
     assert np.array_equal(shown_image(page, "gen-result"), picture(cli))  # what the page shows
@@ -276,6 +277,7 @@ def test_img2img_on_an_uploaded_image(page, runs, tmp_path):
     ("generate", "prompt for a class model", "takes class numbers 0..9"),
     ("generate", "unknown run", "unknown run"),
     ("generate", "absurd steps", "steps must lie in 1..200"),
+    ("generate", "eta for an ODE solver", "sampler 'heun' takes no option(s) ['eta']; eta is for ddim, euler_ancestral"),
     ("forward", "corrupt upload", "not an image Pillow can read"),
 ])
 def test_invalid_input_shows_one_clear_message_and_the_server_keeps_serving(page, runs, shots, tmp_path, where, action, message):
@@ -288,6 +290,11 @@ def test_invalid_input_shows_one_clear_message_and_the_server_keeps_serving(page
     elif action == "absurd steps":
         choose_model(page, runs / "uncond", "unconditional")
         fill(page, "gen-steps", 100000)
+        page.click("#gen-go")
+    elif action == "eta for an ODE solver":  # refused by the sampler, in the page's worker thread
+        choose_model(page, runs / "uncond", "unconditional")
+        fill(page, "gen-sampler", "heun")
+        fill(page, "gen-eta", 0.5)
         page.click("#gen-go")
     else:
         (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")

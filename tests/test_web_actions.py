@@ -45,6 +45,9 @@ def test_find_runs_lists_diffusion_runs_and_the_shelf_serves_only_those(web_runs
     (lambda L: L.images(9), "number of images must lie in 1..8, got 9"),
     (lambda L: L.frames(1), "frames must lie in 2..32"),
     (lambda L: L.seed(-2), "seed must lie in 0..2147483647"),
+    (lambda L: L.noise(-0.5, "eta", L.max_eta), "eta must lie in 0..10 (empty = the sampler's default), got -0.5"),
+    (lambda L: L.noise(float("nan"), "churn", L.max_churn), "churn must lie in 0..1000 (empty = the sampler's default), got nan"),
+    (lambda L: L.noise("lots", "eta", L.max_eta), "eta must be a number in 0..10, or empty for the sampler's default; got 'lots'"),
     (lambda L: L.prompt("x" * 201), "the prompt has 201 characters; at most 200"),
 ])
 def test_limits_name_the_value_and_the_bound(call, message):
@@ -93,6 +96,14 @@ def test_the_command_under_the_result_asks_the_cli_for_the_same_thing(actions, w
     cli = guidance_request(args)  # its classes as typed, read against the model as the sampler reads them
     assert (class_numbers(actions.shelf.get(s.run), cli.classes), cli.prompts, cli.scale) == (s.request.classes, s.request.prompts, s.request.scale)
     assert options_from(args) == {"grid": "karras", "clip_x0": True}
+    for sampler, eta, churn, flags in (("euler_ancestral", 0.3, None, "--eta 0.3"), ("edm", None, 12.5, "--churn 12.5"),
+                                       ("dpmpp_2m_sde", 1 / 3, None, f"--eta {1 / 3!r}")):  # every digit the sampler used
+        boxes = ["" if v is None else str(v) for v in (eta, churn)]  # the page's text boxes: empty is the sampler's default
+        _, s = actions.settings(str(web_runs / "uncond"), "", sampler, 6, "default", 0.0, 1, 2, *boxes)
+        assert flags in s.command()
+        args = build_parser().parse_args(shlex.split(s.command())[1:])
+        asked = {k: v for k, v in (("eta", eta), ("churn", churn)) if v is not None}
+        assert {k: v for k, v in options_from(args).items() if k in ("eta", "churn")} == asked
     with pytest.raises(ValueError, match=r"unknown grid 'wavy'; choose one of \['default'"):
         actions.settings(str(web_runs / "class"), "", "unipc", 12, "wavy", 1.5, 42, 5)
     with pytest.raises(ValueError, match="unknown sampler 'fast'"):

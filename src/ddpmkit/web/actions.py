@@ -54,12 +54,17 @@ class Settings:
     seed: int
     request: GuidanceRequest
     extra_flags: list[str] = field(default_factory=list)  # the class/prompt and guidance as CLI flags
+    eta: float | None = None  # None: the sampler's own
+    churn: float | None = None
 
     def command(self) -> str:
         """The `ddpmkit sample` command that draws the same images."""
         flags = ["ddpmkit", "sample", self.run, "--n", str(self.n), "--sampler", self.sampler, "--steps", str(self.steps)]
         if self.grid:
             flags += ["--grid", self.grid]
+        for name in ("eta", "churn"):
+            if (value := getattr(self, name)) is not None:
+                flags += [f"--{name}", f"{value:g}" if float(f"{value:g}") == value else repr(value)]  # 0.5, not 0.5000; every digit kept
         flags += ["--seed", str(self.seed), *self.extra_flags, "--out", "samples"]
         return shlex.join(flags)
 
@@ -179,7 +184,7 @@ class Actions:
         raise UserError(f"{m.path} is conditioned on {m.conditioning}; the page serves class, text and unconditional models")
 
     def settings(self, run: str, condition: str, sampler: str, steps: float, grid: str, guidance: float | None, seed: float,
-                 n: float) -> tuple[DiffusionModel, Settings]:
+                 n: float, eta: float | None = None, churn: float | None = None) -> tuple[DiffusionModel, Settings]:
         m = self.shelf.get(run)
         grid = None if grid in (None, "", DEFAULT_GRID) else grid
         if grid is not None and grid not in GRIDS:
@@ -187,7 +192,7 @@ class Actions:
         request, flags = self.request(m, condition, guidance)
         flags += [f for spec in self.shelf.loras for f in ("--lora", spec)]  # the served model's LoRAs, as the CLI merges them
         s = Settings(run, self.limits.images(n), check_sampler(sampler), self.limits.steps(steps), grid, self.limits.seed(seed),
-                     request, flags)
+                     request, flags, self.limits.noise(eta, "eta", self.limits.max_eta), self.limits.noise(churn, "churn", self.limits.max_churn))
         if s.steps > m.schedule.T:
             raise UserError(f"this model has T = {m.schedule.T} steps; steps must lie in 1..{m.schedule.T}")
         return m, s
@@ -212,7 +217,7 @@ class Actions:
 
         def work() -> None:
             try:
-                options = sampler_options(s.sampler, s.grid)
+                options = sampler_options(s.sampler, s.grid, eta=s.eta, churn=s.churn)
                 out = generate(m, s.n, s.request, s.sampler, s.steps, s.seed, options, record_every=max(1, s.steps // 50),
                                progress=False, callback=on_step)
                 events.put(("done", out))

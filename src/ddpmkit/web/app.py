@@ -76,6 +76,9 @@ def build_app(actions: Actions, concurrency: int = 1) -> gr.Blocks:
                     with gr.Row():
                         sampler = gr.Dropdown(sorted(SAMPLERS), value="dpmpp_2m_sde", label="sampler", elem_id="gen-sampler")
                         grid = gr.Dropdown([DEFAULT_GRID, *GRIDS], value=DEFAULT_GRID, label="grid", elem_id="gen-grid")
+                    with gr.Row():  # text, not gr.Number: an empty number box is sent as 0, and empty means the sampler's own
+                        eta = gr.Textbox(label="eta: ddim, euler_ancestral, *_sde", placeholder="default", max_lines=1, elem_id="gen-eta")
+                        churn = gr.Textbox(label="churn: edm", placeholder="default (40)", max_lines=1, elem_id="gen-churn")
                     with gr.Row():
                         steps = gr.Number(20, label=f"steps (1..{limits.max_steps})", precision=0, elem_id="gen-steps")
                         n = gr.Number(16, label=f"images (1..{limits.max_images})", precision=0, elem_id="gen-n")
@@ -176,10 +179,10 @@ def build_app(actions: Actions, concurrency: int = 1) -> gr.Blocks:
         run.change(describe, run, described, concurrency_id=LIGHT, concurrency_limit=None)
         app.load(describe, run, described, concurrency_id=LIGHT, concurrency_limit=None)
 
-        def on_generate(run_, condition_, guidance_, sampler_, steps_, grid_, seed_, n_, request: gr.Request,
+        def on_generate(run_, condition_, guidance_, sampler_, steps_, grid_, seed_, n_, eta_, churn_, request: gr.Request,
                         progress=gr.Progress()):  # noqa: B008 -- how gradio hands a progress bar to a callback
             try:
-                _, settings = actions.settings(run_, condition_, sampler_, steps_, grid_, guidance_, seed_, n_)
+                _, settings = actions.settings(run_, condition_, sampler_, steps_, grid_, guidance_, seed_, n_, eta_, churn_)
             except (*USER_ERRORS, RuntimeError) as e:
                 raise page_error(e) from None
             stop_flag = cancels[request.session_hash] = threading.Event()
@@ -204,7 +207,7 @@ def build_app(actions: Actions, concurrency: int = 1) -> gr.Blocks:
             if flag is not None:
                 flag.set()
 
-        go.click(on_generate, [run, condition, guidance, sampler, steps, grid, seed, n],
+        go.click(on_generate, [run, condition, guidance, sampler, steps, grid, seed, n, eta, churn],
                              [x_t, x0, result, seed_used, command, files], api_name="generate", concurrency_id=HEAVY, concurrency_limit=concurrency)
         # not gradio's cancels=: that drops the event mid-step; the flag stops the sampler between two
         # steps, and the page then says "cancelled"

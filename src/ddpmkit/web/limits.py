@@ -28,6 +28,8 @@ class Limits:
     max_upload_bytes: int = 8 * 1024 * 1024
     max_upload_pixels: int = 4096 * 4096
     max_seed: int = 2**31 - 1
+    max_eta: float = 10.0  # past 1 the ancestral samplers' noise saturates at the next level's sigma
+    max_churn: float = 1000.0  # EDM's gamma saturates at sqrt(2) - 1 once churn / steps passes it
     keep_files_s: int = 3600  # how long a request's files (its download links) stay on disk
 
     def steps(self, steps: float | None, name: str = "steps") -> int:
@@ -46,6 +48,19 @@ class Limits:
         if not low <= int(value) <= high:
             raise UserError(f"{name} must lie in {low}..{high}, got {int(value)}")
         return int(value)
+
+    def noise(self, value: str | float | None, name: str, high: float) -> float | None:
+        """A sampler's noise (eta, churn) in [0, high] from its text box, or None (empty: the sampler's own default)."""
+        if isinstance(value, str):
+            try:
+                value = float(value) if value.strip() else None
+            except ValueError:
+                raise UserError(f"{name} must be a number in 0..{high:g}, or empty for the sampler's default; got {value!r}") from None
+        if value is None:
+            return None
+        if not (math.isfinite(value) and 0 <= value <= high):
+            raise UserError(f"{name} must lie in 0..{high:g} (empty = the sampler's default), got {value!r}")
+        return float(value)
 
     def seed(self, seed: float | None) -> int:
         """-1 (or empty) draws a random seed; the page shows the one used."""
