@@ -138,6 +138,8 @@ def test_every_argument_of_every_command_says_what_it_is():
     # --images runs Algorithm 2 from x_t (DDPM Fig. 8): another sampler was taken and ignored
     (["interpolate", "/no/run", "--images", "mnist5k:0,mnist5k:1", "--sampler", "unipc", "--seeds", "3,14"],
      "runs Algorithm 2 (ddpm) from there, as DDPM's Fig. 8, with --seed's noise: leave out --seeds and --sampler unipc"),
+    (["interpolate", "/no/run", "--images", "mnist5k:0,mnist5k:1", "--eta", "0.5", "--no-clip"],
+     "with --seed's noise: leave out --eta and --no-clip"),
     (["interpolate", "/no/run", "--seeds", "3,14", "--t", "300"], "--t belongs to --images; --seeds gives the seeds of x_T (the slerp runs"),
     (["interpolate", "/no/run", "--seed", "5", "--t", "300"], "--seed and --t belong to --images"),
     # counts whose memory grows past what the picture shows: one line at once, not a kill for memory minutes later

@@ -189,6 +189,16 @@ def test_voyage_renders_the_same_gif_bytes_twice(tiny_text_run, tmp_path, capsys
     code = main(["interpolate", str(tiny_text_run), "--prompts", "a handwritten one", "a handwritten two", "--n", "4",
                  "--steps", "3", "--out", str(tmp_path / "prompts")])
     assert code == 0 and (tmp_path / "prompts" / "interpolate_prompts.png").is_file()
+    # a stochastic sampler draws the same noise for every frame (between a keyframe and itself every frame is one
+    # sample; noise per frame flickered), and its options reach it (eta 0 is Euler's ODE)
+    from ddpmkit.pipelines.voyage import render_voyage
+
+    m, still = load_diffusion(tiny_text_run), [(3, "a handwritten one"), (3, "a handwritten one")]
+    frames = render_voyage(m, still, frames_between=3, sampler="euler_ancestral", steps=3, progress=False)
+    assert torch.allclose(frames, frames[:1].expand_as(frames), atol=1e-5)  # slerp(a, a, w) is a to round-off; per-frame noise: 0.6 apart
+    ode = render_voyage(m, still, frames_between=1, sampler="euler_ancestral", steps=3, progress=False, options={"eta": 0.0})
+    assert torch.equal(ode, render_voyage(m, still, frames_between=1, sampler="euler", steps=3, progress=False))
+    assert not torch.allclose(ode[0], frames[0])
 
 
 def test_noisy_classifier_and_classifier_guidance_from_the_command_line(tmp_path, capsys):

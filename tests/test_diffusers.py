@@ -355,6 +355,16 @@ def test_lora_on_the_command_line_and_its_errors(tiny_sd, diffusers_lora, tmp_pa
     assert main(["sample", str(tiny_sd), "--prompt", PROMPT, "--steps", "2", "--lora", str(tmp_path / "junk.safetensors"),
                  "--out", str(tmp_path / "x")]) == 2
     assert "is not a LoRA for this pipeline" in capsys.readouterr().err
+    # the editing commands merge LoRAs (and take --dtype) as sample does: at scale 0 the edit is the folder's own
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "image.png")
+    strips = {}
+    for name, lora in (("plain", []), ("zero", ["--lora", f"{diffusers_lora}:0"]), ("style", ["--lora", f"{diffusers_lora}:0.8"])):
+        assert main(["img2img", str(tiny_sd), str(tmp_path / "image.png"), "--prompt", PROMPT, "--steps", "3", "--n", "1", *lora,
+                     "--out", str(tmp_path / name)]) == 0, capsys.readouterr().err
+        strips[name] = (tmp_path / name / "img2img.png").read_bytes()
+    assert strips["zero"] == strips["plain"] != strips["style"]
 
 
 @pytest.fixture(scope="module")

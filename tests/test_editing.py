@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ddpmkit.analytic import GaussianMixture
-from ddpmkit.editing import grid_from, img2img, inpaint, posterior_samples, slerp
+from ddpmkit.editing import grid_from, img2img, inpaint, interpolate_seeds, posterior_samples, slerp
 from ddpmkit.errors import UserError
 from ddpmkit.pipelines.voyage import read_keyframes
 from ddpmkit.schedules import NoiseSchedule
@@ -72,6 +72,21 @@ def test_slerp_keeps_the_norm_and_hits_the_endpoints():
     assert ((a + b) / 2).norm(dim=1).mean() < 0.8 * mid.norm(dim=1).mean()
 
 
+def test_an_interpolation_draws_the_same_sampler_noise_for_every_frame():
+    """Frames differ by their x_T only: between a seed and itself every frame of a stochastic sampler is the same sample
+    (noise per frame made a flickering animation), and the frames are the samples of seed_a's noise."""
+    gm = GaussianMixture(torch.tensor([[-1.5, 0.0], [1.5, 0.0]]), torch.tensor([0.2, 0.2]), torch.tensor([0.5, 0.5]))
+    drawn = {}
+    for sampler, options in (("ddpm", {}), ("euler_ancestral", {"eta": 1.0}), ("edm", {"churn": 10.0})):
+        drawn[sampler] = same = interpolate_seeds(gm.eps_model(S), 7, 7, 4, (2,), S, sampler=sampler, steps=10, **options)
+        assert torch.equal(same, same[:1].expand(4, 2)), sampler
+        other = interpolate_seeds(gm.eps_model(S), 8, 8, 4, (2,), S, sampler=sampler, steps=10, **options)
+        assert not torch.allclose(same[0], other[0]), sampler  # another seed: another x_T and other noise
+    ode = interpolate_seeds(gm.eps_model(S), 7, 7, 2, (2,), S, sampler="euler_ancestral", steps=10, eta=0.0)
+    assert torch.equal(ode, interpolate_seeds(gm.eps_model(S), 7, 7, 2, (2,), S, sampler="euler", steps=10))
+    assert not torch.allclose(ode[0], drawn["euler_ancestral"][0])  # eta reached the sampler
+
+
 def test_keyframe_files(tmp_path):
     lecture = tmp_path / "seq.py"
     lecture.write_text("seed_and_prompt_sequence = [  \n  3764, 'in the beginning there was nothing',  \n  1537, 'the big bang',\n]\n")
@@ -112,6 +127,24 @@ def test_editing_commands(tmp_path, capsys):
                         "interpolate_images_t300.png")):
         assert main([*argv, "--n", "3", "--out", str(out)]) == 0, capsys.readouterr().err
         assert (out / made).is_file(), made
+    # the solver options reach img2img, interpolate and voyage (test_conditioning): without noise edm is heun and
+    # euler_ancestral is euler, with it they differ
+    strips = {}
+    for name, argv in (("edm0", ["img2img", "--sampler", "edm", "--churn", "0"]), ("edm10", ["img2img", "--sampler", "edm", "--churn", "10"]),
+                       ("heun", ["img2img", "--sampler", "heun"]), ("ea0", ["interpolate", "--sampler", "euler_ancestral", "--eta", "0"]),
+                       ("ea1", ["interpolate", "--sampler", "euler_ancestral"]), ("euler", ["interpolate", "--sampler", "euler"])):
+        image = ["digits:3", "--strength", "0.5"] if argv[0] == "img2img" else ["--seeds", "3,14"]
+        assert main([argv[0], str(run), *image, *argv[1:], "--steps", "4", "--n", "3", "--out", str(tmp_path / name)]) == 0, \
+            capsys.readouterr().err
+        strips[name] = next((tmp_path / name).glob("*.png")).read_bytes()
+    assert strips["edm0"] == strips["heun"] != strips["edm10"] and strips["ea0"] == strips["euler"] != strips["ea1"]
+    # a grid file spans the whole trajectory, img2img starts partway; RePaint's steps are Algorithm 2's
+    (tmp_path / "grid.json").write_text('{"timesteps": [999, 500, 100, 0]}')
+    assert main(["img2img", str(run), "digits:3", "--grid", str(tmp_path / "grid.json"), "--out", str(out)]) == 2
+    assert "a tuned grid file spans the whole trajectory: give a grid name" in capsys.readouterr().err
+    assert main(["img2img", str(run), "digits:3", "--grid", "karras", "--steps", "4", "--n", "2", "--out", str(out)]) == 0
+    assert main(["inpaint", str(run), "digits:3", "--sampler", "ddim", "--out", str(out)]) == 2
+    assert "RePaint inpaints with Algorithm 2 (ddpm)" in capsys.readouterr().err
     assert main(["inpaint", str(run), "digits:3", "--mask", "middle", "--out", str(out)]) == 2
     assert "--mask must be one of" in capsys.readouterr().err
     for t in ("0", "1000"):  # posterior refused them; interpolate mixed the images at t = 0, and failed past T

@@ -132,11 +132,12 @@ def check_frames(n: int) -> int:
 
 def interpolate_seeds(model: Denoiser | ModelFn, seed_a: int, seed_b: int, n: int, shape: tuple[int, ...], schedule: NoiseSchedule | None = None,
                       sampler: str = "ddim", steps: int = 50, prediction: Prediction = "eps", **kwargs) -> torch.Tensor:
-    """n samples along the slerp from seed_a's x_T to seed_b's, with a deterministic sampler."""
+    """n samples along the slerp from seed_a's x_T to seed_b's. A stochastic sampler draws the same noise for every
+    frame (seed_a's), so neighbouring frames differ only by their x_T."""
     alphas = torch.linspace(0, 1, check_frames(n))
     x_T = torch.cat([slerp(seed_noise(seed_a, shape), seed_noise(seed_b, shape), float(a)) for a in alphas])
     return sample(as_denoiser(model, schedule, prediction), (n, *shape), sampler=sampler, steps=steps, x_T=x_T,
-                  generator=0, **kwargs).x
+                  generator=[seed_a] * n, **kwargs).x
 
 
 def interpolate_images(model: Denoiser | ModelFn, xa: torch.Tensor, xb: torch.Tensor, t: int, n: int, schedule: NoiseSchedule | None = None,

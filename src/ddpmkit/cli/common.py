@@ -161,13 +161,19 @@ def add_sampler_args(p: argparse.ArgumentParser, sampler: str | None = "ddpm", s
                    help=f"grid points, one network evaluation each (default: {'all T' if steps is None else steps})")
     p.add_argument("--seed", type=int, default=0, help="sample k uses seed + k")
     if full:
-        p.add_argument("--grid", default=None, help=f"step grid: {', '.join(GRIDS)}, or a JSON file from tune-grid")
-        p.add_argument("--eta", type=float, default=None, help="noise of ddim, euler_ancestral and the *_sde samplers (0 = ODE)")
-        p.add_argument("--churn", type=float, default=None,
-                       help="EDM's S_churn for the edm sampler: noise added and removed each step (default 40, EDM's ImageNet setting; 0 = heun)")
-        p.add_argument("--order", type=int, default=None, help="order of unipc / ipndm / dpmpp solvers")
-        p.add_argument("--variance", default="auto", choices=["auto", "beta_tilde", "beta", "learned"], help="sigma_t^2 of Algorithm 2")
-        p.add_argument("--no-clip", action="store_true", help="do not clip predicted x_0 to [-1, 1]")
+        add_solver_args(p)
+
+
+def add_solver_args(p: argparse.ArgumentParser, grid_files: bool = True) -> None:
+    """The sampler's own options (--grid, --eta, --churn, --order, --variance, --no-clip), which options_from reads;
+    grid_files=False where the trajectory starts partway (img2img), so a tuned full grid cannot apply."""
+    p.add_argument("--grid", default=None, help=f"step grid: {', '.join(GRIDS)}{', or a JSON file from tune-grid' if grid_files else ''}")
+    p.add_argument("--eta", type=float, default=None, help="noise of ddim, euler_ancestral and the *_sde samplers (0 = ODE)")
+    p.add_argument("--churn", type=float, default=None,
+                   help="EDM's S_churn for the edm sampler: noise added and removed each step (default 40, EDM's ImageNet setting; 0 = heun)")
+    p.add_argument("--order", type=int, default=None, help="order of unipc / ipndm / dpmpp solvers")
+    p.add_argument("--variance", default="auto", choices=["auto", "beta_tilde", "beta", "learned"], help="sigma_t^2 of Algorithm 2")
+    p.add_argument("--no-clip", action="store_true", help="do not clip predicted x_0 to [-1, 1]")
 
 
 def options_from(args: argparse.Namespace) -> dict:

@@ -12,8 +12,16 @@ import torch
 from .. import viz
 from ..errors import UserError
 from ..images import MASK_HALVES, load_image_as, make_mask
-from ..models import DiffusionModel, load_diffusion
-from ..pipelines.edit import edit_img2img, edit_inpaint, edit_posterior, interpolation_images, interpolation_prompts, interpolation_seeds
+from ..models import DiffusionModel
+from ..pipelines.edit import (
+    check_partway_grid,
+    edit_img2img,
+    edit_inpaint,
+    edit_posterior,
+    interpolation_images,
+    interpolation_prompts,
+    interpolation_seeds,
+)
 from ..pipelines.voyage import read_keyframes, render_voyage
 from ..sampling import SAMPLERS
 from .common import (
@@ -21,12 +29,13 @@ from .common import (
     RUN_HELP,
     SAMPLER_HELP,
     add_device_args,
-    add_device_option,
     add_guidance_args,
     add_sampler_args,
+    add_solver_args,
     check_seed,
     guidance_request,
     load_model,
+    options_from,
     out_help,
 )
 
@@ -37,8 +46,9 @@ except ImportError:
 
 
 def image_model(args: argparse.Namespace) -> DiffusionModel:
-    """The run the edit works on: one that makes images (a 2-D toy's edits failed in an image's reshaping)."""
-    m = load_diffusion(args.checkpoint, device=args.device)
+    """The run the edit works on, with its --dtype and --lora: one that makes images (a 2-D toy's edits failed in an
+    image's reshaping)."""
+    m = load_model(args)
     if len(m.image_shape) != 3:
         raise UserError(f"{args.checkpoint} makes {m.image_shape[0]}-D points, not images, and `ddpmkit {args.command}` edits images; "
                         f"ddpmkit sample {args.checkpoint} draws the points")
@@ -56,8 +66,9 @@ def _strip(rows: list[torch.Tensor], path: Path, nrow: int) -> None:
 
 
 def cmd_img2img(args: argparse.Namespace) -> None:
+    check_partway_grid(args.grid)  # before options_from reads the file and counts its steps against --steps
     m, image = _model_image(args)
-    out = edit_img2img(m, image, args.n, args.strength, guidance_request(args), args.sampler, args.steps, args.seed)
+    out = edit_img2img(m, image, args.n, args.strength, guidance_request(args), args.sampler, args.steps, args.seed, options_from(args))
     _strip([image, out], Path(args.out) / "img2img.png", args.n + 1)
 
 
@@ -91,6 +102,8 @@ def check_interpolation_flags(args: argparse.Namespace, images: bool) -> None:
     if images:
         given = [flag for flag, value in (("--seeds", args.seeds), ("--prompts", args.prompts)) if value is not None]
         given += [f"--sampler {args.sampler}"] if args.sampler not in (None, "ddpm") else []
+        given += [f"--{flag}" for flag in ("grid", "eta", "churn", "order") if getattr(args, flag) is not None]
+        given += [flag for flag, value in (("--variance", args.variance != "auto"), ("--no-clip", args.no_clip)) if value]
         if given:
             raise UserError(f"--images mixes two images at x_t and runs Algorithm 2 (ddpm) from there, as DDPM's Fig. 8, with --seed's "
                             f"noise: leave out {' and '.join(given)}")
@@ -114,9 +127,9 @@ def cmd_interpolate(args: argparse.Namespace) -> None:
         x = interpolation_images(m, a, b, args.t, args.n, request, args.steps, args.seed)
         return _strip([x], out / f"interpolate_images_t{args.t}.png", args.n)
     if args.prompts:
-        x = interpolation_prompts(m, args.prompts[0], args.prompts[1], args.n, seeds[0], request, args.sampler, args.steps)
+        x = interpolation_prompts(m, args.prompts[0], args.prompts[1], args.n, seeds[0], request, args.sampler, args.steps, options_from(args))
         return _strip([x], out / "interpolate_prompts.png", args.n)
-    x = interpolation_seeds(m, seeds[0], seeds[1], args.n, request, args.sampler, args.steps)
+    x = interpolation_seeds(m, seeds[0], seeds[1], args.n, request, args.sampler, args.steps, options_from(args))
     _strip([x], out / f"interpolate_seeds_{seeds[0]}_{seeds[1]}.png", args.n)
 
 
@@ -126,7 +139,7 @@ def cmd_voyage(args: argparse.Namespace) -> None:
     m = load_model(args)
     t0 = time.time()
     frames = render_voyage(m, keyframes, frames_between=args.frames, guidance=args.guidance, sampler=args.sampler, steps=args.steps,
-                           device=args.device)
+                           device=args.device, options=options_from(args))
     out = Path(args.out)
     images = [viz.make_grid(f[None], nrow=1, pad=0, upscale=args.upscale) for f in frames]
     gif = viz.save_gif(images, out / "voyage.gif", duration_ms=args.frame_ms, hold_last_ms=args.frame_ms * 4)
@@ -142,16 +155,19 @@ def cmd_voyage(args: argparse.Namespace) -> None:
 
 
 def add_commands(sub) -> None:
-    def common(p: argparse.ArgumentParser, sampler: str | None, steps: int, n: str, sampler_help: str = SAMPLER_HELP) -> None:
+    def common(p: argparse.ArgumentParser, sampler: str | None, steps: int, n: str, sampler_help: str = SAMPLER_HELP,
+               solver: bool = False, grid_files: bool = True) -> None:
         p.add_argument("checkpoint", help=RUN_HELP)
         p.add_argument("--n", type=int, default=8, help=f"{n} (default: %(default)s)")
         add_sampler_args(p, sampler, steps, full=False, sampler_help=sampler_help)
+        if solver:  # the sampler's own options, where the command's sampler is the user's choice
+            add_solver_args(p, grid_files)
         p.add_argument("--out", default="edits", help=out_help())
         add_guidance_args(p)
-        add_device_option(p)
+        add_device_args(p)
 
     p = sub.add_parser("img2img", help="SDEdit: noise an image to strength * T and denoise it")
-    common(p, "ddim", 50, "edited images")
+    common(p, "ddim", 50, "edited images", solver=True, grid_files=False)  # its grid starts partway, at strength * T
     p.add_argument("image", help=IMAGE_HELP)
     p.add_argument("--strength", type=float, default=0.5, help="0 = keep the image, 1 = ignore it")
     p.set_defaults(func=cmd_img2img)
@@ -171,7 +187,7 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("interpolate", help="between two seeds (slerp of x_T), two images (through x_t) or two prompts")
     common(p, None, 50, "frames, both ends included",
-           sampler_help="default: ddim for --seeds and --prompts; --images runs Algorithm 2 (ddpm) from x_t, as DDPM's Fig. 8")
+           sampler_help="default: ddim for --seeds and --prompts; --images runs Algorithm 2 (ddpm) from x_t, as DDPM's Fig. 8", solver=True)
     p.add_argument("--seeds", default=None, help="two seeds, e.g. 3,14 (default: 0,1): the slerp between their x_T")
     p.add_argument("--images", default=None, help="two images, e.g. mnist5k:0,mnist5k:1 (DDPM Fig. 8), mixed at x_t")
     p.add_argument("--t", type=int, default=None, help="noise level for --images (default: 500)")
@@ -185,6 +201,7 @@ def add_commands(sub) -> None:
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default: %(default)s)")
     p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="each frame's sampler (default: %(default)s)")
     p.add_argument("--steps", type=int, default=20, help="each frame's steps, one network evaluation each (default: %(default)s)")
+    add_solver_args(p)
     p.add_argument("--frame-ms", type=int, default=120, help="milliseconds each frame shows (default: %(default)s)")
     p.add_argument("--upscale", type=int, default=4, help="each pixel shown as upscale x upscale pixels (default: %(default)s)")
     p.add_argument("--out", default="voyage", help=out_help())

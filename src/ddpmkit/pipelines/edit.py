@@ -18,18 +18,29 @@ from ..editing import check_frames, img2img, inpaint, interpolate_images, interp
 from ..errors import UserError
 from ..models import DiffusionModel
 from ..sampling import sample
-from .generate import generate
+from .generate import generate, resolve_options
 from .guided import GuidanceRequest, guided_model
 
 
 def edit_img2img(m: DiffusionModel, image: torch.Tensor, n: int, strength: float = 0.5, request: GuidanceRequest | None = None,
-                 sampler: str = "ddim", steps: int = 50, seed: int = 0) -> torch.Tensor:
-    """n SDEdit variations of one image: (1, C, H, W) -> (n, C, H, W)."""
-    model, kwargs, options = guided_model(m, n, request, sampler)
+                 sampler: str = "ddim", steps: int = 50, seed: int = 0, options: dict | None = None) -> torch.Tensor:
+    """n SDEdit variations of one image: (1, C, H, W) -> (n, C, H, W). options: the sampler's
+    (sampling.options.sampler_options); a grid there is a name, whose part below the strength's t runs."""
+    options = resolve_options(m, options)
+    grid = check_partway_grid(options.pop("grid", "uniform"))
+    model, kwargs, extra = guided_model(m, n, request, sampler)
     z = m.encode(image)
-    out = img2img(model, z.expand(n, *z.shape[1:]), strength=strength, sampler=sampler, steps=steps, generator=seed,
-                  model_kwargs=kwargs, **options)
+    out = img2img(model, z.expand(n, *z.shape[1:]), strength=strength, sampler=sampler, steps=steps, generator=seed, grid=grid,
+                  model_kwargs=kwargs, **options, **extra)
     return m.decode(out.x)
+
+
+def check_partway_grid(grid: str | torch.Tensor | None) -> str | None:
+    """img2img's grid: a name (its part below strength * T runs); a tuned grid (a tensor, or a tune-grid file) spans the
+    whole trajectory."""
+    if grid is not None and not (isinstance(grid, str) and not grid.endswith(".json")):
+        raise UserError("img2img starts partway down a grid, at strength * T; a tuned grid file spans the whole trajectory: give a grid name")
+    return grid
 
 
 def edit_inpaint(m: DiffusionModel, image: torch.Tensor, mask: torch.Tensor, n: int, request: GuidanceRequest | None = None,
@@ -43,6 +54,9 @@ def edit_inpaint(m: DiffusionModel, image: torch.Tensor, mask: torch.Tensor, n: 
         raise UserError(f"the mask is {tuple(mask.shape[-2:])} pixels, the image {tuple(image.shape[-2:])}")
     if getattr(m, "inpainting", False):
         return _inpaint_conditioned(m, image, mask, n, request, sampler, steps, seed, options)
+    if sampler != "ddpm":  # RePaint's steps are Algorithm 2's; another sampler was taken and ignored
+        raise UserError(f"RePaint inpaints with Algorithm 2 (ddpm), noising back `resample` times a step; sampler {sampler!r} needs a "
+                        "9-channel inpainting UNet (a Stable Diffusion inpainting folder): leave the sampler out")
     model, kwargs, _ = guided_model(m, n, request, "ddpm")
     z, mask = m.encode(image), mask.to(m.device)
     keep = mask if m.autoencoder is None else latent_mask(mask, tuple(z.shape[-2:]))
@@ -89,11 +103,11 @@ def edit_posterior(m: DiffusionModel, image: torch.Tensor, t: int, n: int, reque
 
 
 def interpolation_seeds(m: DiffusionModel, seed_a: int, seed_b: int, n: int, request: GuidanceRequest | None = None,
-                        sampler: str = "ddim", steps: int = 50) -> torch.Tensor:
+                        sampler: str = "ddim", steps: int = 50, options: dict | None = None) -> torch.Tensor:
     """n samples along the slerp from seed_a's x_T to seed_b's: (n, C, H, W)."""
-    model, kwargs, _ = guided_model(m, n, request, sampler)
+    model, kwargs, extra = guided_model(m, n, request, sampler)
     x = interpolate_seeds(model, seed_a, seed_b, n, m.data_shape, sampler=sampler, steps=steps, model_kwargs=kwargs,
-                          device=m.device)
+                          device=m.device, **resolve_options(m, options), **extra)
     return m.decode(x)
 
 
@@ -107,15 +121,16 @@ def interpolation_images(m: DiffusionModel, a: torch.Tensor, b: torch.Tensor, t:
 
 
 def interpolation_prompts(m: DiffusionModel, prompt_a: str, prompt_b: str, n: int, seed: int = 0, request: GuidanceRequest | None = None,
-                          sampler: str = "ddim", steps: int = 50) -> torch.Tensor:
-    """n samples from one seed's x_T along the line between two prompts' embeddings: (n, C, H, W)."""
+                          sampler: str = "ddim", steps: int = 50, options: dict | None = None) -> torch.Tensor:
+    """n samples from one seed's x_T along the line between two prompts' embeddings: (n, C, H, W). A stochastic sampler
+    draws the same noise (the seed's) for every frame."""
     if m.conditioning != "text":
         raise UserError(f"interpolating prompts needs a text-conditional model; {m.path} is conditioned on {m.conditioning}")
     ca, cb = m.encode_prompts([prompt_a]), m.encode_prompts([prompt_b])
     conds = [lerp_condition(ca, cb, float(w)) for w in torch.linspace(0, 1, check_frames(n))]
     request = replace(request or GuidanceRequest(), conditions={k: torch.cat([c[k] for c in conds]) for k in ca})
-    model, kwargs, options = guided_model(m, n, request, sampler)
+    model, kwargs, extra = guided_model(m, n, request, sampler)
     x_T = seed_noise(seed, m.data_shape).expand(n, *m.data_shape)
-    x = sample(model, x_T.shape, sampler=sampler, steps=steps, x_T=x_T, generator=0, model_kwargs=kwargs,
-               device=m.device, **options).x
+    x = sample(model, x_T.shape, sampler=sampler, steps=steps, x_T=x_T, generator=[seed] * n, model_kwargs=kwargs,
+               device=m.device, **resolve_options(m, options), **extra).x
     return m.decode(x)

@@ -2,8 +2,9 @@
 
 Between keyframes k and k+1 the starting noise moves along the slerp between the two seeds'
 x_T and the prompt along the line between the two prompts' token embeddings; every frame is
-sampled with the same deterministic sampler and guidance, so the animation is smooth and the
-same file always renders the same frames (and the same GIF bytes).
+sampled with the same sampler and guidance (a stochastic sampler with the same noise for every
+frame), so the animation is smooth and the same file always renders the same frames (and the
+same GIF bytes).
 
 The keyframe file is either the lecture's Python list
 
@@ -64,9 +65,10 @@ def read_keyframes(path: str | Path) -> list[tuple[int, str]]:
 @torch.no_grad()
 def render_voyage(m: DiffusionModel, keyframes: list[tuple[int, str]], frames_between: int = 8, guidance: float = DEFAULT_SCALE,
                   sampler: str = "ddim", steps: int = 20, batch: int = 32, progress: bool = True,
-                  device: str | torch.device | None = None) -> torch.Tensor:
+                  device: str | torch.device | None = None, options: dict | None = None) -> torch.Tensor:
     """Frames (N, C, H, W) in [-1, 1] through the keyframes of a text-conditional model m (latent
-    models are decoded). N = (keyframes - 1) * frames_between + 1."""
+    models are decoded). N = (keyframes - 1) * frames_between + 1. options: the sampler's
+    (sampling.options.sampler_options)."""
     if m.conditioning != "text":
         raise UserError("a voyage needs a text-conditional model (network.text_encoder), e.g. one of ddpmkit train mnist_text")
     device = m.device if device is None else torch.device(device)
@@ -84,8 +86,9 @@ def render_voyage(m: DiffusionModel, keyframes: list[tuple[int, str]], frames_be
     for start in progress_bar(range(0, len(x_T), batch), desc="voyage", leave=False, disable=not progress):
         sl = slice(start, start + batch)
         n = len(x_T[sl])
-        model, cond, options = guided_model(m, n, request.slice(start, n), sampler, device)
-        res = sample(model, x_T[sl].shape, sampler=sampler, steps=steps, x_T=x_T[sl], generator=0, device=device,
-                     model_kwargs=cond, **resolve_options(m, options))
+        model, cond, extra = guided_model(m, n, request.slice(start, n), sampler, device)
+        # a stochastic sampler's noise is the same for every frame (the first keyframe's seed): frames differ by x_T and prompt only
+        res = sample(model, x_T[sl].shape, sampler=sampler, steps=steps, x_T=x_T[sl], generator=[keyframes[0][0]] * n, device=device,
+                     model_kwargs=cond, **resolve_options(m, options), **extra)
         out.append(m.decode(res.x).cpu())
     return torch.cat(out)
