@@ -1,8 +1,10 @@
 import pytest
 import torch
 
+from conftest import HostReads
 from ddpmkit.config import NetworkConfig
 from ddpmkit.nets import MLPDenoiser, UNet, build_network
+from ddpmkit.nets.classifier import random_shift
 from ddpmkit.nets.layers import timestep_embedding
 
 
@@ -254,3 +256,17 @@ def test_the_presets_networks_trace_as_one_graph_for_torch_compile(preset, tmp_p
     net = TASKS[cfg.train.task](cfg).build_model()
     explained = torch._dynamo.explain(net)(torch.randn(2, 1, 28, 28), torch.tensor([3.0, 700.0]))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), [b.reason for b in explained.break_reasons]
+
+
+def test_random_shift_translates_each_image_by_its_own_draw_and_reads_nothing_back():
+    """The classifier's and CLIP's augmentation: image i is the padded image's window at (dy_i, dx_i), the draws of the
+    generator; one gather (a slice per image read its bounds back: 64 waits a step on a GPU for CLIP's batch)."""
+    x, m = torch.randn(24, 3, 9, 7), 2
+    with HostReads() as reads:
+        out = random_shift(x, m, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    dx, dy = (torch.randint(0, 2 * m + 1, (24,), generator=g) for _ in range(2))
+    padded = torch.nn.functional.pad(x, (m,) * 4, value=-1.0)
+    for i in range(24):
+        assert torch.equal(out[i], padded[i, :, dy[i]:dy[i] + 9, dx[i]:dx[i] + 7]), i
+    assert reads.count == 0 and len({(a, b) for a, b in zip(dx.tolist(), dy.tolist())}) > 10  # many shifts, none read
