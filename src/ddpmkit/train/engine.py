@@ -66,6 +66,7 @@ from ..graphs import capture_training
 from ..posthoc_ema import PowerEMA
 from ..precision import resolve_precision
 from ..progress import progress_bar
+from ..utils import queued_copy
 from ..viz import make_grid
 from .batches import Batch, step_batch
 from .optim import Decay, budget_horizon, ema_decay_at, ema_update, lr_at
@@ -305,13 +306,14 @@ class Trainer:
 
     # ---- the NaN guard, read back once per log window
 
-    def settle(self) -> bool:
+    def settle(self, shared: torch.Tensor | None = None) -> bool:
         """Read the window's step flags back (the one host sync of a log window), log its skipped steps, and roll back
         if train.nan_patience steps in a row were skipped. Returns whether it rolled back. Steps after the one that
         triggered a rollback are undone by it (it restores weights, optimizer and EMA), so a rollback decided here
-        leaves the run as one decided after every step would."""
+        leaves the run as one decided after every step would. shared: the processes' gathered stop flags
+        (Budget.share), read back in the same sync."""
         st = self.state
-        for step, lr, losses, bad in self.window.read():
+        for step, lr, losses, bad in self.window.read(shared):
             if not bad:
                 st.bad_in_a_row = 0
                 continue
@@ -361,7 +363,8 @@ class Trainer:
         ckpt_due = bool((tc.checkpoint_every and st.step % tc.checkpoint_every == 0) or st.step in tc.keep_steps) and st.step < st.decay.end
         if not (log_due or sample_due or eval_due or ckpt_due):
             return None  # an ordinary step: nothing read back
-        if self.settle():
+        shared = self.budget.share(stop_requested) if log_due else None  # several processes: their flags, gathered on the device
+        if self.settle(shared):
             return None
         if log_due and self.window.steps:
             rate, mean_loss = self.window.flush()
@@ -380,7 +383,7 @@ class Trainer:
             self.model.train()
         if ckpt_due:
             self.checkpoint()
-        return self.budget.verdict(stop_requested) if log_due else None
+        return self.budget.verdict(stop_requested, self.window.shared) if log_due else None
 
     def stop_here(self) -> None:
         """A checkpoint of this step (unless periodic() just wrote one) for an exact `resume`: the run was asked to stop."""
@@ -424,6 +427,7 @@ class LogWindow:
 
     def __init__(self, batch_size: int):
         self.batch_size = batch_size
+        self.shared: list[float] | None = None  # the values of the last read()'s `shared`
         self.clear()
 
     def clear(self) -> None:
@@ -434,12 +438,17 @@ class LogWindow:
         self.steps += 1
         self.pending.append((step, lr, losses, bad))
 
-    def read(self) -> list[tuple[int, float, list[float], int]]:
-        """(step, lr, losses, flag) of every step added since the last read, in one read of device values."""
-        if not self.pending:
+    def read(self, shared: torch.Tensor | None = None) -> list[tuple[int, float, list[float], int]]:
+        """(step, lr, losses, flag) of every step added since the last read, in one read of device values; the values
+        of `shared` (a device tensor read in the same sync) are left in self.shared."""
+        if not self.pending and shared is None:
+            self.shared = None
             return []
-        packed = torch.stack([torch.cat([bad[None].to(losses.dtype), losses]) for _, _, losses, bad in self.pending])
-        values = packed.tolist()  # (steps, 1 + world): the window's one host sync
+        parts = [torch.cat([bad[None].float(), losses.float()]) for _, _, losses, bad in self.pending]  # (flag, loss per process)
+        flat = torch.cat([*parts, *([] if shared is None else [shared.flatten().float()])]).tolist()  # the window's one host sync
+        width = len(parts[0]) if parts else 0
+        values = [flat[k * width:(k + 1) * width] for k in range(len(parts))]
+        self.shared = None if shared is None else flat[len(parts) * width:]
         out = [(step, lr, row[1:], int(row[0])) for (step, lr, _, _), row in zip(self.pending, values)]
         self.good_losses += [sum(row[1:]) / len(row[1:]) for row in values if not row[0]]
         self.pending = []
@@ -466,16 +475,27 @@ class Budget:
         self.t_start = t_start
         self.fitting = self.tc.fit_to_budget and self.tc.max_minutes > 0 and not self.trainer.state.fitted  # (a resumed run keeps its decay)
 
-    def verdict(self, stop_requested: bool) -> str | None:
+    def time_up(self) -> bool:
+        return self.tc.max_minutes > 0 and (time.time() - self.t_start) > 60 * self.tc.max_minutes
+
+    def share(self, stop_requested: bool) -> torch.Tensor | None:
+        """Several processes: every process's (time up, stop requested), gathered on the device (world, 2) for the log
+        window's one read (LogWindow.read); one process: None (it decides alone)."""
+        if self.trainer.world == 1:
+            return None
+        acc = self.trainer.accelerator
+        mine = torch.tensor([[float(self.time_up()), float(stop_requested)]])
+        return acc.gather(queued_copy(mine, acc.device))  # queued from pinned memory: a plain copy would make the host wait
+
+    def verdict(self, stop_requested: bool, shared: list[float] | None = None) -> str | None:
         """At a log step: "time" if train.max_minutes has passed on any process, else "stop" if any process of a
         multi-process run was asked to stop (one process stops at its own step boundary), so that every process stops at
-        the same step; else None."""
-        up = self.tc.max_minutes > 0 and (time.time() - self.t_start) > 60 * self.tc.max_minutes
+        the same step; else None. shared: every process's (time up, stop requested) as read back with the window
+        (share), several processes only."""
         if self.trainer.world > 1:
-            acc = self.trainer.accelerator
-            up, stop_requested = acc.gather(torch.tensor([[float(up), float(stop_requested)]], device=acc.device)).any(0).tolist()
+            up, stop_requested = any(shared[0::2]), any(shared[1::2])
             return "time" if up else "stop" if stop_requested else None
-        return "time" if up else None
+        return "time" if self.time_up() else None
 
     def tick(self) -> None:
         """Before each step: time from the 10th (the first carry one-off costs) and re-fit when it is due."""
