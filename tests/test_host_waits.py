@@ -15,6 +15,7 @@ from ddpmkit.losses import training_losses
 from ddpmkit.nets import build_for_task
 from ddpmkit.sampling import sample
 from ddpmkit.schedules import NoiseSchedule
+from test_train import KIND_PARAMS, KINDS
 
 SMALL_UNET = ["network.base_channels=8", "network.channel_mult=1,2", "network.attention_resolutions=14"]
 
@@ -74,3 +75,22 @@ def test_a_training_step_copies_nothing_the_host_waits_for():
             noise = torch.empty_like(x0)
             training_losses(net, x0, t, schedule, noise, DEMO.diffusion.prediction)["loss"].mean().backward()
     assert copies.copies == Counter()
+
+
+@pytest.mark.parametrize("kind", KIND_PARAMS)
+def test_every_kinds_training_step_copies_only_queued(kind):
+    """The whole step of each task kind (its data, augmentation and conditioning made on the CPU, the loss on the meta
+    device): what it copies to the device goes queued. The super-resolution task's CPU-made low-res input and its
+    examples were plain copies, and v-prediction's target copied the alpha_bar table at every step."""
+    from ddpmkit.train.batches import Batch, batch_indices, step_generator
+    from ddpmkit.train.task import TASKS
+
+    cfg = load_config(KINDS[kind][0], KINDS[kind][1:])
+    task = TASKS[cfg.train.task](cfg)
+    net, meta, copies = task.build_model().to("meta").train(), torch.device("meta"), HostCopies()
+    with copies:
+        for step in range(2):
+            copies.on = step > 0
+            batch = Batch(step, batch_indices(step, 16, task.num_examples, 0), step_generator(0, step), slice(0, 16), meta)
+            task.loss(net, batch).mean().backward()
+    assert set(copies.copies) == {"queued"}, copies.copies

@@ -54,6 +54,10 @@ def test_blur_of_an_impulse_is_the_normalised_gaussian_kernel():
     g = torch.exp(-0.5 * d**2)
     g = torch.where(d.abs() <= 3, g, 0.0)  # the kernel reaches 3 sigma
     torch.testing.assert_close(out, torch.outer(g, g) / g.sum() ** 2, atol=1e-6, rtol=1e-5)
+    # the trainer's bound on sigma sets the kernel's reach (no read of sigma): 3 x 1.5 pixels, 4.5 -> 5
+    wide = gaussian_blur(z, torch.tensor([1.0]), max_sigma=1.5)[0, 0].double()
+    g = torch.exp(-0.5 * d**2)
+    torch.testing.assert_close(wide, torch.outer(g, g) / g.sum() ** 2, atol=1e-6, rtol=1e-5)
 
 
 def test_stage_inputs_do_not_depend_on_the_batch():

@@ -12,14 +12,17 @@ from ddpmkit.config import load_config
 from ddpmkit.train import train
 
 *runs, last = json.loads(Path(sys.argv[1]).read_text())
-for k, (config, *overrides) in enumerate(runs):
+
+# each run's host reads per step and per log window (tests/conftest.py), in each process, written beside the run
+for config, *overrides in runs:
     cfg = load_config(config, overrides)
-    if k:
-        train(cfg, progress=False)
-        continue
-    with reads_per_call() as calls:  # the first run's host reads per step and per log window, in each process
+    with reads_per_call() as calls:
         train(cfg, progress=False)
     (Path(cfg.train.run_dir) / f"host_reads.{os.environ['RANK']}.json").write_text(json.dumps(calls))
 # the last one through the command line's entry point, as `torchrun -m ddpmkit.cli train` runs it: it also shuts
 # the process group down at the end
-sys.exit(main(["train", *last, "--quiet"]))
+with reads_per_call() as calls:
+    code = main(["train", *last, "--quiet"])
+run_dir = next(o.split("=", 1)[1] for o in last if o.startswith("train.run_dir="))
+(Path(run_dir) / f"host_reads.{os.environ['RANK']}.json").write_text(json.dumps(calls))
+sys.exit(code)

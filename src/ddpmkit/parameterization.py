@@ -16,7 +16,7 @@ import torch
 from .errors import UserError
 from .process import posterior_mean_coefficients
 from .schedules import NoiseSchedule
-from .utils import append_dims, extract
+from .utils import append_dims, extract, on_device
 
 Prediction = Literal["eps", "x0", "v", "mu"]
 PREDICTIONS: tuple[str, ...] = get_args(Prediction)
@@ -79,7 +79,7 @@ def target_for(prediction: str, x0: torch.Tensor, eps: torch.Tensor, x_t: torch.
     if prediction == "x0":
         return x0
     if prediction == "v":
-        return v_from_x0_eps(x0, eps, schedule.alpha_bar.to(t.device)[t])
+        return v_from_x0_eps(x0, eps, on_device(schedule.alpha_bar, t.device)[t])  # the table copied there once, not every step
     return mu_from_x0(x_t, x0, t, schedule)
 
 
@@ -96,7 +96,7 @@ def to_x0_eps(
         if not bool((t == t.round()).all()):
             raise UserError("prediction='mu' is only defined at integer timesteps; use a discrete sampler")
         x0 = x0_from_mu(x_t, output, t.long(), schedule)
-        return x0, eps_from_x0(x_t, x0, schedule.alpha_bar.to(t.device)[t.long()])
+        return x0, eps_from_x0(x_t, x0, on_device(schedule.alpha_bar, t.device)[t.long()])
     alpha_bar = schedule.alpha_bar_at(t, check=False).to(t.device)
     if prediction == "eps":
         return x0_from_eps(x_t, output, alpha_bar), output

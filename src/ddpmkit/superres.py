@@ -46,28 +46,32 @@ def upsample(z: torch.Tensor, size: int, mode: str = "bicubic") -> torch.Tensor:
     return F.interpolate(z, size=(size, size), mode=mode, align_corners=False)
 
 
-def aug_timestep(level: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
-    """The real timestep of augmentation level s in [0, 1]: s (T - 1) (float64)."""
+def aug_timestep(level: torch.Tensor, schedule: NoiseSchedule, check: bool = True) -> torch.Tensor:
+    """The real timestep of augmentation level s in [0, 1]: s (T - 1) (float64). check=False skips the range check
+    (a read of the levels) for levels the trainer drew."""
     level = torch.as_tensor(level, dtype=torch.float64)
-    if not bool(((level >= 0) & (level <= 1)).all()):  # written so that NaN fails too
+    if check and not bool(((level >= 0) & (level <= 1)).all()):  # written so that NaN fails too
         raise UserError(f"augmentation levels must lie in [0, 1], got {level.min().item():g} .. {level.max().item():g}")
     return level * (schedule.T - 1)
 
 
-def augment(z: torch.Tensor, level: torch.Tensor, schedule: NoiseSchedule, noise: torch.Tensor) -> torch.Tensor:
+def augment(z: torch.Tensor, level: torch.Tensor, schedule: NoiseSchedule, noise: torch.Tensor, check: bool = True) -> torch.Tensor:
     """Noise conditioning augmentation: z_s = sqrt(alpha_bar(s)) z + sqrt(1 - alpha_bar(s)) xi.
 
-    z: (B, C, h, w) clean low-res images; level: (B,) in [0, 1]; noise xi: like z. Level 0 returns z."""
-    ab = schedule.alpha_bar_at(aug_timestep(level.cpu(), schedule))
+    z: (B, C, h, w) clean low-res images; level: (B,) in [0, 1]; noise xi: like z. Level 0 returns z. check=False:
+    levels the trainer drew, not read back to check their range."""
+    ab = schedule.alpha_bar_at(aug_timestep(level.cpu(), schedule, check), check=check)
     ab = torch.where(level.cpu() == 0, torch.ones_like(ab), ab)  # exactly the clean image at s = 0
     ab = append_dims(ab, z.ndim).to(z.device)
     return (ab.sqrt() * z + (1 - ab).sqrt() * noise.to(z.device)).to(z.dtype)
 
 
-def gaussian_blur(z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def gaussian_blur(z: torch.Tensor, sigma: torch.Tensor, max_sigma: float | None = None) -> torch.Tensor:
     """Blur augmentation (CDM section 4.2): each image blurred by its own Gaussian kernel of
-    standard deviation sigma (B,) pixels (sigma 0 leaves it as it is). z: (B, C, h, w)."""
-    radius = max(1, math.ceil(3 * float(sigma.max())))
+    standard deviation sigma (B,) pixels (sigma 0 leaves it as it is). z: (B, C, h, w). The kernels reach 3 max_sigma
+    pixels (default: sigma's largest, read back); the trainer gives its bound, so that a step reads nothing and every
+    process's kernels have one size."""
+    radius = max(1, math.ceil(3 * (float(sigma.max()) if max_sigma is None else max_sigma)))
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
     s = sigma.to(torch.float64).clamp(min=1e-6)[:, None]
     kernel = torch.exp(-0.5 * (offsets[None] / s) ** 2)

@@ -134,8 +134,8 @@ class DenoiserTask(Task):
         if self.cfg.data.hflip:
             x0 = torch.where(flip_all[batch.mine].to(x0.device)[:, None, None, None], x0.flip(-1), x0)
         cond = {k: batch.local(v) for k, v in cond_all.items()}
-        cond.update({k: v.to(batch.device) for k, v in self.stage_inputs(x0, batch).items()})
-        losses = training_losses(model, x0.to(batch.device), batch.local(t_all), self.schedule, batch.local(noise_all), dc.prediction,
+        cond.update({k: queued_copy(v, batch.device) for k, v in self.stage_inputs(x0, batch).items()})  # made on the CPU (superres)
+        losses = training_losses(model, queued_copy(x0, batch.device), batch.local(t_all), self.schedule, batch.local(noise_all), dc.prediction,
                                  dc.loss, dc.learned_variance, dc.min_snr_gamma or None,
                                  dc.sigma_data if dc.loss_weighting == "edm" else None, model_kwargs=cond,
                                  uncertainty=dc.uncertainty_weighting)

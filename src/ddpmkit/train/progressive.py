@@ -38,6 +38,7 @@ from ..guidance import Autoguidance
 from ..models import DiffusionModel, load_diffusion
 from ..parameterization import Denoiser
 from ..pipelines.guided import weaker_model
+from ..utils import queued_copy
 from .batches import Batch
 from .denoiser import DenoiserTask
 from .task import TrainingError
@@ -119,10 +120,10 @@ class ProgressiveTask(DistillationTask):
         j_all = torch.randint(1, K + 1, (B,), generator=g)  # the student's grid point of each example
         noise_all = torch.randn((B, *self.shape), generator=g)
         cond_all = self.conditioning.batch(batch.indices, g)
-        x0 = self.dataset.get_batch(batch.indices[batch.mine]).to(batch.device)
+        x0 = queued_copy(self.dataset.get_batch(batch.indices[batch.mine]), batch.device)
         cond = {k: batch.local(v) for k, v in cond_all.items()}
         return progressive_loss(self.denoiser(model), self.teacher_on(batch.device), x0, batch.local(j_all), K, batch.local(noise_all),
-                                model_kwargs=cond)
+                                model_kwargs=cond, check=False)  # j_all is in 1..K by its draw
 
     def preview_sampling(self) -> dict:
         return {"sampler": "ddim_uniform", "steps": self.cfg.distill.student_steps}
@@ -156,7 +157,7 @@ class ConsistencyTask(DistillationTask):
         n_all = torch.randint(0, N - 1, (B,), generator=g)  # the grid interval t_n < t_{n+1} of each example
         noise_all = torch.randn((B, *self.shape), generator=g)
         cond_all = self.conditioning.batch(batch.indices, g)
-        x0 = self.dataset.get_batch(batch.indices[batch.mine]).to(batch.device)
+        x0 = queued_copy(self.dataset.get_batch(batch.indices[batch.mine]), batch.device)
         cond = {k: batch.local(v) for k, v in cond_all.items()}
         return consistency_loss(self.denoiser(model), self.denoiser(self.target), self.teacher_on(batch.device), x0,
                                 batch.local(n_all).to(batch.device), N, batch.local(noise_all), model_kwargs=cond)

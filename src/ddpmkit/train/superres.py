@@ -46,9 +46,9 @@ class SuperResTask(DenoiserTask):
         sigma_all = torch.where(blur_all, lo + (hi - lo) * torch.rand(B, generator=g), 0.0)
         z = downsample(x0, low)
         if sr.blur_prob > 0:
-            z = gaussian_blur(z, sigma_all[batch.mine])
+            z = gaussian_blur(z, sigma_all[batch.mine], max_sigma=hi)
         level = level_all[batch.mine]
-        return {"low_res": augment(z, level, self.schedule, xi_all[batch.mine]), "aug_level": level.float()}
+        return {"low_res": augment(z, level, self.schedule, xi_all[batch.mine], check=False), "aug_level": level.float()}
 
     def held_out_inputs(self, x0: torch.Tensor) -> dict[str, torch.Tensor]:
         """The clean low-res images at level 0: the VLB of p(x | D(x))."""
