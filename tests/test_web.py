@@ -262,9 +262,10 @@ def test_img2img_on_an_uploaded_image(page, runs, tmp_path):
     page.set_input_files("#edit-upload input[type=file]", str(tmp_path / "one.png"))
     fill(page, "edit-steps", 10)
     fill(page, "edit-n", 3)
+    fill(page, "edit-eta", 0.5)  # DDIM halfway to Algorithm 2's noise
     page.click("#edit-go")
     command = wait_value(page, "edit-command")
-    assert command.startswith(f"ddpmkit img2img {runs / 'uncond'} image.png --strength 0.5 --sampler ddim --n 3 --steps 10")
+    assert command.startswith(f"ddpmkit img2img {runs / 'uncond'} image.png --strength 0.5 --sampler ddim --eta 0.5 --n 3 --steps 10")
     side = int(page.inner_text("#about").split(" images")[0].split("x")[-1])
     strip = shown_image(page, "edit-result")
     assert strip.shape[:2] == (side * 4 + 4, 4 * (side * 4 + 2) + 2)  # input + 3 edits in a row
@@ -340,3 +341,8 @@ def test_interpolation_between_two_seeds_is_an_animation(page, runs):
         gif.seek(k)
         frames.append(np.asarray(gif.convert("L"), dtype=float))
     assert np.abs(frames[0] - frames[1]).mean() > 1  # the two ends differ: seed 3 is not seed 14
+    # the tab's eta reaches the request: two images run Algorithm 2 from x_t, which takes none
+    page.locator("#interp-mode label", has_text="images").click()
+    fill(page, "interp-eta", 0.5)
+    page.click("#interp-go")
+    assert "eta and churn are the sampler's of seeds, prompts and voyages" in error_message(page)

@@ -194,6 +194,13 @@ def test_edits_return_the_input_beside_its_edits(actions, web_runs):
         Actions.mask("drawn", np.zeros((256, 256, 4), np.uint8), (1, 1, 8, 8))
     with pytest.raises(ValueError, match="choose img2img, inpaint or posterior"):
         actions.edit(run, None, 3, "blur", 0.3, 300, "right", None, "", 3.0, "ddim", 5, 0, 1)
+    # img2img's sampler takes its eta and churn as the command line does: without noise euler_ancestral is euler
+    strips = {name: actions.edit(run, None, 3, "img2img", 0.5, 300, "right", None, "", 3.0, sampler, 4, 0, 2, eta, "")
+              for name, sampler, eta in (("ea0", "euler_ancestral", "0"), ("ea", "euler_ancestral", ""), ("euler", "euler", ""))}
+    assert np.array_equal(strips["ea0"][0], strips["euler"][0]) and not np.array_equal(strips["ea"][0], strips["euler"][0])
+    assert "--sampler euler_ancestral --eta 0 --n 2" in strips["ea0"][1]
+    with pytest.raises(ValueError, match=r"eta and churn are the sampler's of img2img; this one runs Algorithm 2 \(ddpm\)"):
+        actions.edit(run, None, 3, "posterior", 0.3, 300, "right", None, "", 3.0, "ddim", 5, 0, 1, "", "10")
 
 
 def test_interpolations_render_a_gif_and_a_strip(actions, web_runs):
@@ -210,6 +217,14 @@ def test_interpolations_render_a_gif_and_a_strip(actions, web_runs):
         actions.interpolate(run, "voyage", 3, 14, 0, 1, 300, "", "", [[0, "a one"], [1, ""]], 4, "", 3.0, "ddim", 5)
     with pytest.raises(ValueError, match="frames must lie in 2..32"):
         actions.interpolate(run, "seeds", 3, 14, 0, 1, 300, "", "", [], 40, "", 3.0, "ddim", 5)
+    # a stochastic sampler with its eta: the frames between a seed and itself are one sample (the same noise for all)
+    _, still = actions.interpolate(run, "seeds", 3, 3, 0, 1, 300, "", "", [], 3, "", 3.0, "euler_ancestral", 5, "0.7", "")
+    frame = still.shape[1] // 3
+    assert np.array_equal(still[:, :frame], still[:, frame:2 * frame])
+    _, ode = actions.interpolate(run, "seeds", 3, 3, 0, 1, 300, "", "", [], 3, "", 3.0, "euler_ancestral", 5, "0", "")
+    assert not np.array_equal(ode, still)  # eta reached the sampler
+    with pytest.raises(ValueError, match="eta and churn are the sampler's of seeds, prompts and voyages"):
+        actions.interpolate(run, "images", 3, 14, 0, 1, 300, "", "", [], 4, "", 3.0, "ddim", 5, "0.5", "")
 
 
 @pytest.fixture(scope="module")

@@ -62,11 +62,15 @@ class Settings:
         flags = ["ddpmkit", "sample", self.run, "--n", str(self.n), "--sampler", self.sampler, "--steps", str(self.steps)]
         if self.grid:
             flags += ["--grid", self.grid]
-        for name in ("eta", "churn"):
-            if (value := getattr(self, name)) is not None:
-                flags += [f"--{name}", f"{value:g}" if float(f"{value:g}") == value else repr(value)]  # 0.5, not 0.5000; every digit kept
+        flags += noise_flags(self.eta, self.churn)
         flags += ["--seed", str(self.seed), *self.extra_flags, "--out", "samples"]
         return shlex.join(flags)
+
+
+def noise_flags(eta: float | None, churn: float | None) -> list[str]:
+    """--eta/--churn as the command under a result gives them: 0.5, not 0.5000, and every digit the sampler used."""
+    return [f for name, value in (("eta", eta), ("churn", churn)) if value is not None
+            for f in (f"--{name}", f"{value:g}" if float(f"{value:g}") == value else repr(value))]
 
 
 def picture(x: torch.Tensor, upscale: int = PREVIEW_UPSCALE, nrow: int | None = None) -> np.ndarray:
@@ -192,10 +196,18 @@ class Actions:
         request, flags = self.request(m, condition, guidance)
         flags += [f for spec in self.shelf.loras for f in ("--lora", spec)]  # the served model's LoRAs, as the CLI merges them
         s = Settings(run, self.limits.images(n), check_sampler(sampler), self.limits.steps(steps), grid, self.limits.seed(seed),
-                     request, flags, self.limits.noise(eta, "eta", self.limits.max_eta), self.limits.noise(churn, "churn", self.limits.max_churn))
+                     request, flags, *self.noise(eta, churn))
         if s.steps > m.schedule.T:
             raise UserError(f"this model has T = {m.schedule.T} steps; steps must lie in 1..{m.schedule.T}")
         return m, s
+
+    def noise(self, eta: str | float | None, churn: str | float | None, only_for: str | None = None) -> tuple[float | None, float | None]:
+        """The eta and churn boxes, checked (empty: None, the sampler's default); only_for names what takes them where
+        the request at hand runs Algorithm 2 instead (a value there was taken and ignored)."""
+        eta, churn = self.limits.noise(eta, "eta", self.limits.max_eta), self.limits.noise(churn, "churn", self.limits.max_churn)
+        if only_for and (eta, churn) != (None, None):
+            raise UserError(f"eta and churn are the sampler's of {only_for}; this one runs Algorithm 2 (ddpm): leave them empty")
+        return eta, churn
 
     # -- generate -----------------------------------------------------------------------------
     def generate(self, s: Settings, cancel: threading.Event | None = None, preview_every_s: float = 0.2) -> Iterator[dict]:
@@ -275,18 +287,21 @@ class Actions:
     # -- edit ---------------------------------------------------------------------------------
     def edit(self, run: str, upload: str | None, digit: float | None, mode: str, strength: float, t: float, mask: str,
              drawn: np.ndarray | None, condition: str, guidance: float | None, sampler: str, steps: float, seed: float,
-             n: float) -> tuple[np.ndarray, str]:
-        """img2img, inpaint or posterior on one image: (a strip [input, (masked / x_t), outputs], the command)."""
+             n: float, eta: str | float | None = None, churn: str | float | None = None) -> tuple[np.ndarray, str]:
+        """img2img, inpaint or posterior on one image: (a strip [input, (masked / x_t), outputs], the command). eta and
+        churn: img2img's sampler's."""
         m = self.shelf.get(run)
         image, spec = self.source(upload, digit, m.image_shape)
         request, flags = self.request(m, condition, guidance)
         n, steps, seed, sampler = self.limits.images(n), self.limits.steps(steps), self.limits.seed(seed), check_sampler(sampler)
         common = ["--n", str(n), "--steps", str(steps), "--seed", str(seed), *flags]
+        noise = self.noise(eta, churn, None if mode == "img2img" else "img2img")
         if mode == "img2img":
             if not 0 < strength <= 1:
                 raise UserError(f"strength must lie in (0, 1], got {strength}")
-            out = edit_img2img(m, image, n, strength, request, sampler, steps, seed)
-            rows, cmd = [image, out], ["img2img", run, spec, "--strength", f"{strength:g}", "--sampler", sampler, *common]
+            options = sampler_options(sampler, eta=noise[0], churn=noise[1])
+            out = edit_img2img(m, image, n, strength, request, sampler, steps, seed, options)
+            rows, cmd = [image, out], ["img2img", run, spec, "--strength", f"{strength:g}", "--sampler", sampler, *noise_flags(*noise), *common]
         elif mode == "inpaint":
             keep = self.mask(mask, drawn, image.shape)
             out = edit_inpaint(m, image, keep, n, request, steps, seed=seed)
@@ -324,14 +339,17 @@ class Actions:
 
     def interpolate(self, run: str, mode: str, seed_a: float, seed_b: float, digit_a: float, digit_b: float, t: float,
                     prompt_a: str, prompt_b: str, keyframes: list[list], frames: float, condition: str, guidance: float | None,
-                    sampler: str, steps: float) -> tuple[str, np.ndarray]:
-        """Frames between two seeds, two images, two prompts, or through (seed, prompt) keyframes: (GIF path, strip)."""
+                    sampler: str, steps: float, eta: str | float | None = None, churn: str | float | None = None) -> tuple[str, np.ndarray]:
+        """Frames between two seeds, two images, two prompts, or through (seed, prompt) keyframes: (GIF path, strip).
+        eta and churn: the sampler's, but for images (Algorithm 2 from x_t)."""
         m = self.shelf.get(run)
         frames, steps, sampler = self.limits.frames(frames), self.limits.steps(steps), check_sampler(sampler)
+        noise = self.noise(eta, churn, "seeds, prompts and voyages" if mode == "images" else None)
+        options = sampler_options(sampler, eta=noise[0], churn=noise[1])
         if mode == "seeds":
             request, _ = self.request(m, condition, guidance)
             a, b = self.limits.seed(seed_a), self.limits.seed(seed_b)
-            x = interpolation_seeds(m, a, b, frames, request, sampler, steps)
+            x = interpolation_seeds(m, a, b, frames, request, sampler, steps, options)
         elif mode == "images":
             request, _ = self.request(m, condition, guidance)
             a, _ = self.source(None, digit_a, m.image_shape)
@@ -339,7 +357,7 @@ class Actions:
             x = interpolation_images(m, a, b, self.limits.whole(t, "t", 1, m.schedule.T - 1), frames, request, steps)
         elif mode == "prompts":
             pa, pb = self.limits.prompt(prompt_a), self.limits.prompt(prompt_b)
-            x = interpolation_prompts(m, pa, pb, frames, self.limits.seed(seed_a), GuidanceRequest(scale=guidance), sampler, steps)
+            x = interpolation_prompts(m, pa, pb, frames, self.limits.seed(seed_a), GuidanceRequest(scale=guidance), sampler, steps, options)
         elif mode == "voyage":
             rows = [r for r in (keyframes or []) if r and str(r[0]).strip() != "" and len(r) > 1 and str(r[1]).strip()]
             if not 2 <= len(rows) <= self.limits.max_keyframes:
@@ -349,7 +367,7 @@ class Actions:
             except (TypeError, ValueError) as e:
                 raise UserError(f"each keyframe is a seed (a whole number) and a prompt: {e}") from None
             x = render_voyage(m, keys, frames_between=frames, guidance=guidance if guidance is not None else DEFAULT_SCALE, sampler=sampler,
-                              steps=steps, progress=False)
+                              steps=steps, progress=False, options=options)
         else:
             raise UserError(f"unknown interpolation {mode!r}; choose {', '.join(INTERPOLATIONS)}")
         upscale = max(1, 128 // m.image_shape[-1])

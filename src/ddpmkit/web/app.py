@@ -55,6 +55,13 @@ def page_error(e: Exception) -> Exception:
     return gr.Error(shown(e), print_exception=False)
 
 
+def noise_boxes(tab: str) -> tuple[gr.Textbox, gr.Textbox]:
+    """A tab's eta and churn boxes, empty for the sampler's default: text, not gr.Number, whose empty box is sent as 0."""
+    with gr.Row():
+        return (gr.Textbox(label="eta: ddim, euler_ancestral, *_sde", placeholder="default", max_lines=1, elem_id=f"{tab}-eta"),
+                gr.Textbox(label="churn: edm", placeholder="default (40)", max_lines=1, elem_id=f"{tab}-churn"))
+
+
 def build_app(actions: Actions, concurrency: int = 1) -> gr.Blocks:
     """The Blocks app over the actions' shelf. concurrency: sampling requests run at once (the rest queue)."""
     runs, limits = actions.shelf.runs, actions.limits
@@ -76,9 +83,7 @@ def build_app(actions: Actions, concurrency: int = 1) -> gr.Blocks:
                     with gr.Row():
                         sampler = gr.Dropdown(sorted(SAMPLERS), value="dpmpp_2m_sde", label="sampler", elem_id="gen-sampler")
                         grid = gr.Dropdown([DEFAULT_GRID, *GRIDS], value=DEFAULT_GRID, label="grid", elem_id="gen-grid")
-                    with gr.Row():  # text, not gr.Number: an empty number box is sent as 0, and empty means the sampler's own
-                        eta = gr.Textbox(label="eta: ddim, euler_ancestral, *_sde", placeholder="default", max_lines=1, elem_id="gen-eta")
-                        churn = gr.Textbox(label="churn: edm", placeholder="default (40)", max_lines=1, elem_id="gen-churn")
+                    eta, churn = noise_boxes("gen")
                     with gr.Row():
                         steps = gr.Number(20, label=f"steps (1..{limits.max_steps})", precision=0, elem_id="gen-steps")
                         n = gr.Number(16, label=f"images (1..{limits.max_images})", precision=0, elem_id="gen-n")
@@ -125,6 +130,7 @@ def build_app(actions: Actions, concurrency: int = 1) -> gr.Blocks:
                     with gr.Row():
                         e_sampler = gr.Dropdown(sorted(SAMPLERS), value="ddim", label="sampler (img2img)", elem_id="edit-sampler")
                         e_steps = gr.Number(50, label="steps", precision=0, elem_id="edit-steps")
+                    e_eta, e_churn = noise_boxes("edit")
                     with gr.Row():
                         e_n = gr.Number(4, label="images", precision=0, elem_id="edit-n")
                         e_seed = gr.Number(0, label="seed (-1 = random)", precision=0, elem_id="edit-seed")
@@ -156,6 +162,7 @@ def build_app(actions: Actions, concurrency: int = 1) -> gr.Blocks:
                         i_frames = gr.Number(8, label=FRAMES_LABEL, precision=0)
                         i_sampler = gr.Dropdown(sorted(SAMPLERS), value="ddim", label="sampler")
                         i_steps = gr.Number(20, label="steps", precision=0)
+                    i_eta, i_churn = noise_boxes("interp")
                     i_go = gr.Button("Render", variant="primary", elem_id="interp-go")
                 with gr.Column(scale=2):
                     i_gif = gr.Image(label="animation", type="filepath", interactive=False, format="png", elem_id="interp-gif",
@@ -230,15 +237,16 @@ def build_app(actions: Actions, concurrency: int = 1) -> gr.Blocks:
             trigger(editor_background, [e_upload, e_digit], e_draw, concurrency_id=LIGHT, concurrency_limit=None)
 
         @shown_errors
-        def on_edit(run_, upload, digit, mode, strength, t, mask, drawn, condition_, guidance_, sampler_, steps_, seed_, n_):
+        def on_edit(run_, upload, digit, mode, strength, t, mask, drawn, condition_, guidance_, sampler_, steps_, seed_, n_, eta_, churn_):
             layers = (drawn or {}).get("layers") or []
             return actions.edit(run_, upload, digit, mode, strength, t, mask, layers[0] if layers else None, condition_, guidance_,
-                                sampler_, steps_, seed_, n_)
+                                sampler_, steps_, seed_, n_, eta_, churn_)
 
         e_go.click(on_edit, [run, e_upload, e_digit, e_mode, e_strength, e_t, e_mask, e_draw, condition, guidance, e_sampler, e_steps,
-                             e_seed, e_n], [e_out, e_command], api_name="edit", concurrency_id=HEAVY, concurrency_limit=concurrency)
+                             e_seed, e_n, e_eta, e_churn], [e_out, e_command], api_name="edit", concurrency_id=HEAVY, concurrency_limit=concurrency)
 
         i_go.click(shown_errors(actions.interpolate), [run, i_mode, i_seed_a, i_seed_b, i_digit_a, i_digit_b, i_t, i_prompt_a,
-                                                       i_prompt_b, i_keys, i_frames, condition, guidance, i_sampler, i_steps],
+                                                       i_prompt_b, i_keys, i_frames, condition, guidance, i_sampler, i_steps, i_eta,
+                                                       i_churn],
                    [i_gif, i_strip], api_name="interpolate", concurrency_id=HEAVY, concurrency_limit=concurrency)
     return app
