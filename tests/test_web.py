@@ -121,6 +121,13 @@ def fill(pg, elem_id: str, value) -> None:
     box.press("Enter")
 
 
+def choose(pg, elem_id: str, option: str) -> None:
+    """Pick an option of a dropdown from its list (typing it and Enter was lost under load: the box went back to its value)."""
+    field(pg, elem_id).click()
+    pg.get_by_role("option", name=option, exact=True).click()
+    pg.wait_for_function(f"document.querySelector('#{elem_id} input').value === '{option}'")
+
+
 def choose_model(pg, run: Path, expect: str) -> None:
     fill(pg, "run", run)
     wait_text(pg, "about", str(run))
@@ -294,7 +301,7 @@ def test_invalid_input_shows_one_clear_message_and_the_server_keeps_serving(page
         page.click("#gen-go")
     elif action == "eta for an ODE solver":  # refused by the sampler, in the page's worker thread
         choose_model(page, runs / "uncond", "unconditional")
-        fill(page, "gen-sampler", "heun")
+        choose(page, "gen-sampler", "heun")
         fill(page, "gen-eta", 0.5)
         page.click("#gen-go")
     else:
@@ -312,7 +319,7 @@ def test_invalid_input_shows_one_clear_message_and_the_server_keeps_serving(page
 
 def test_cancel_stops_a_long_generation(page, runs):
     choose_model(page, runs / "uncond", "unconditional")
-    fill(page, "gen-sampler", "ddpm")
+    choose(page, "gen-sampler", "ddpm")
     fill(page, "gen-steps", 200)
     fill(page, "gen-n", 64)
     fill(page, "gen-seed", 1)
