@@ -84,21 +84,15 @@ def test_every_face_runs_on_the_gpu_by_default(web_runs, tmp_path, capsys):
     draw_demo(web_runs / "uncond", (), 4, "ddim_uniform", 3, 1.0)
 
 
-@pytest.mark.parametrize("compile_mode", ["no", "cuda-graph"])
-def test_a_training_step_on_the_gpu_reads_nothing_back(tmp_path, compile_mode):
-    """On the GPU itself: torch.cuda.set_sync_debug_mode("error") raises at any synchronizing call in a step; also when
-    the step's network runs as captured CUDA graphs (after the capture, which synchronizes once)."""
-    from ddpmkit.config import load_config
+def train_strictly(cfg, first_strict: int = 2) -> None:
+    """train(cfg) with torch.cuda.set_sync_debug_mode("error") in every step from first_strict on (after the first steps'
+    one-off work: allocations, cuDNN's choices, a capture): any synchronizing call in a step raises."""
     from ddpmkit.train import engine, train
 
-    cfg = load_config("mnist", [f"train.run_dir={tmp_path}", "train.steps=6", "train.log_every=3", "train.sample_every=0",
-                                "train.eval_every=0", "train.checkpoint_every=0", "train.keep_steps=", "train.batch_size=8",
-                                f"train.compile={compile_mode}"])
     train_step = engine.Trainer.train_step
-    first_strict = 2 if compile_mode == "no" else 3  # the graphs are captured in the third step
 
     def strict(self, batch):
-        if self.state.step >= first_strict:  # after the first steps' one-off work (allocations, cuDNN's choices, a capture)
+        if self.state.step >= first_strict:
             torch.cuda.set_sync_debug_mode("error")
         try:
             train_step(self, batch)
@@ -110,6 +104,34 @@ def test_a_training_step_on_the_gpu_reads_nothing_back(tmp_path, compile_mode):
         train(cfg, progress=False)
     finally:
         engine.Trainer.train_step = train_step
+
+
+QUIET_RUN = ["train.steps=6", "train.log_every=3", "train.sample_every=0", "train.eval_every=0", "train.checkpoint_every=0", "train.keep_steps="]
+
+
+@pytest.mark.parametrize("compile_mode", ["no", "cuda-graph"])
+def test_a_training_step_on_the_gpu_reads_nothing_back(tmp_path, compile_mode):
+    """On the GPU itself: torch.cuda.set_sync_debug_mode("error") raises at any synchronizing call in a step; also when
+    the step's network runs as captured CUDA graphs (after the capture, which synchronizes once)."""
+    from ddpmkit.config import load_config
+
+    cfg = load_config("mnist", [f"train.run_dir={tmp_path}", *QUIET_RUN, "train.batch_size=8", f"train.compile={compile_mode}"])
+    train_strictly(cfg, 2 if compile_mode == "no" else 3)  # the graphs are captured in the third step
+
+
+# the other kinds' steps at toy size (tests/test_train.py counts their reads on the CPU; here the GPU's own sync check):
+# class labels, CPU-made super-resolution inputs with v-prediction, the classifier's augmentation
+OTHER_KINDS = {"mnist_class": [], "mnist_classifier": ["network.attention_resolutions="],
+               "imagen_sr": ["network.text_encoder=", "superres.low_res=4", "superres.blur_prob=0.5"]}
+
+
+@pytest.mark.parametrize("preset", sorted(OTHER_KINDS))
+def test_every_kinds_training_step_on_the_gpu_reads_nothing_back(tmp_path, preset):
+    from ddpmkit.config import load_config
+
+    train_strictly(load_config(preset, ["data.name=digits", "network.base_channels=8", "network.channel_mult=1,2", "train.batch_size=8",
+                                        "network.attention_resolutions=4", *OTHER_KINDS[preset], f"train.run_dir={tmp_path}", *QUIET_RUN,
+                                        "train.max_minutes=0"]))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "auto"])
