@@ -260,7 +260,7 @@ def test_the_presets_networks_trace_as_one_graph_for_torch_compile(preset, tmp_p
 
 def test_random_shift_translates_each_image_by_its_own_draw_and_reads_nothing_back():
     """The classifier's and CLIP's augmentation: image i is the padded image's window at (dy_i, dx_i), the draws of the
-    generator; one gather (a slice per image read its bounds back: 64 waits a step on a GPU for CLIP's batch)."""
+    generator; one gather (a slice per image read its four bounds back: 64 waits a step on a GPU for a batch of 16)."""
     x, m = torch.randn(24, 3, 9, 7), 2
     with HostReads() as reads:
         out = random_shift(x, m, torch.Generator().manual_seed(5))
