@@ -142,7 +142,9 @@ def test_editing_commands(tmp_path, capsys):
     (tmp_path / "grid.json").write_text('{"timesteps": [999, 500, 100, 0]}')
     assert main(["img2img", str(run), "digits:3", "--grid", str(tmp_path / "grid.json"), "--out", str(out)]) == 2
     assert "a tuned grid file spans the whole trajectory: give a grid name" in capsys.readouterr().err
-    assert main(["img2img", str(run), "digits:3", "--grid", "karras", "--steps", "4", "--n", "2", "--out", str(out)]) == 0
+    for grid in ("karras", "uniform"):  # a grid's name reaches img2img: its part below strength * T differs
+        assert main(["img2img", str(run), "digits:3", "--grid", grid, "--steps", "4", "--n", "2", "--out", str(tmp_path / grid)]) == 0
+    assert (tmp_path / "karras" / "img2img.png").read_bytes() != (tmp_path / "uniform" / "img2img.png").read_bytes()
     assert main(["inpaint", str(run), "digits:3", "--sampler", "ddim", "--out", str(out)]) == 2
     assert "RePaint inpaints with Algorithm 2 (ddpm)" in capsys.readouterr().err
     assert main(["inpaint", str(run), "digits:3", "--mask", "middle", "--out", str(out)]) == 2

@@ -36,7 +36,7 @@ class DigitClassifier(nn.Module):
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
     """Translate each image by up to max_shift pixels (background -1 fills in): (B, C, H, W). One gather, not a slice per
-    image: a slice's bounds are read by the host (two reads per image, each a wait on a GPU)."""
+    image: a slice's bounds are read by the host (four reads per image, each a wait on a GPU)."""
     B, C, H, W = x.shape
     padded = F.pad(x, (max_shift,) * 4, value=-1.0)
     dx = torch.randint(0, 2 * max_shift + 1, (B,), generator=generator, device=generator.device)

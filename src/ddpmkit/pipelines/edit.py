@@ -38,7 +38,7 @@ def edit_img2img(m: DiffusionModel, image: torch.Tensor, n: int, strength: float
 def check_partway_grid(grid: str | torch.Tensor | None) -> str | None:
     """img2img's grid: a name (its part below strength * T runs); a tuned grid (a tensor, or a tune-grid file) spans the
     whole trajectory."""
-    if grid is not None and not (isinstance(grid, str) and not grid.endswith(".json")):
+    if grid is not None and (not isinstance(grid, str) or grid.endswith(".json")):
         raise UserError("img2img starts partway down a grid, at strength * T; a tuned grid file spans the whole trajectory: give a grid name")
     return grid
 

@@ -188,7 +188,7 @@ class Actions:
         raise UserError(f"{m.path} is conditioned on {m.conditioning}; the page serves class, text and unconditional models")
 
     def settings(self, run: str, condition: str, sampler: str, steps: float, grid: str, guidance: float | None, seed: float,
-                 n: float, eta: float | None = None, churn: float | None = None) -> tuple[DiffusionModel, Settings]:
+                 n: float, eta: str | float | None = None, churn: str | float | None = None) -> tuple[DiffusionModel, Settings]:
         m = self.shelf.get(run)
         grid = None if grid in (None, "", DEFAULT_GRID) else grid
         if grid is not None and grid not in GRIDS:

@@ -28,7 +28,7 @@ class Limits:
     max_upload_bytes: int = 8 * 1024 * 1024
     max_upload_pixels: int = 4096 * 4096
     max_seed: int = 2**31 - 1
-    max_eta: float = 10.0  # past 1 the ancestral samplers' noise saturates at the next level's sigma
+    max_eta: float = 10.0  # a public page's bound: 1 is Algorithm 2's noise, and more is seldom wanted
     max_churn: float = 1000.0  # EDM's gamma saturates at sqrt(2) - 1 once churn / steps passes it
     keep_files_s: int = 3600  # how long a request's files (its download links) stay on disk
 
