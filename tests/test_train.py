@@ -640,6 +640,7 @@ def test_an_ordinary_training_step_reads_nothing_back_and_a_log_window_reads_onc
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group(name="compile")  # with the sampling compile of test_web_actions: one process warms inductor for both
 def test_a_compiled_training_run_follows_the_eager_one_and_saves_plain_checkpoints(tmp_path):
     """train.compile compiles the network in place (on a GPU, "reduce-overhead" also captures CUDA graphs): the same
     losses within rounding (inductor fuses the arithmetic differently), the same checkpoint keys, and a run that loads

@@ -271,6 +271,7 @@ def test_generate_chunks_by_cache_size_and_the_result_does_not_depend_on_the_chu
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group(name="compile")  # with the training compile of test_train: one process warms inductor for both
 def test_compiled_network_samples_the_same(tmp_path):
     from ddpmkit.config import PRESET_DIR, load_config
     from ddpmkit.models import load_diffusion
