@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from importlib.util import find_spec
 from pathlib import Path
@@ -285,13 +286,21 @@ def test_two_processes_train_like_one(two_process_runs, kind):
     assert (a - b).norm() / moved < 1e-3, ((a - b).norm() / moved).item()
 
 
+def started_since(threads: set[threading.Thread]) -> list[str]:
+    """The threads alive now that were not in `threads`, but tqdm's monitor (tqdm's one per process, started with its
+    first bar)."""
+    return [t.name for t in threading.enumerate() if t not in threads and t.name != "tqdm_monitor"]
+
+
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
     cfg = load_config(PRESET_DIR / "toy2d.toml", [f"train.run_dir={tmp_path}", "train.steps=200", "train.lr=1e12",
                                                   "train.warmup_steps=1", "train.grad_clip=0", "train.checkpoint_every=1000"])
+    threads = set(threading.enumerate())
     with pytest.raises(TrainingError, match=r"training stopped at step \d+: the (loss|gradient) was not finite .*lower train.lr") as e:
         train(cfg, progress=False)
     assert "\n" not in str(e.value) and "last good checkpoint: none" in str(e.value)
     assert list_checkpoints(tmp_path) == []
+    assert started_since(threads) == []  # the failed run closed its TensorBoard writer (a thread each, and a file)
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -303,9 +312,11 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(ck, "save_file", crash)
+    threads = set(threading.enumerate())
     with pytest.raises(OSError, match="disk full"):
         train(cfg, progress=False)
     assert list_checkpoints(tmp_path) == [] and not list(tmp_path.glob(".tmp-*"))
+    assert started_since(threads) == []  # nor here, where the error came from a checkpoint
 
 
 def test_a_checkpoint_written_again_keeps_the_old_one_until_the_new_one_is_in_place(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import threading
 import time
 
@@ -370,6 +371,8 @@ def test_runs_of_points_are_not_served_and_the_page_says_which(tmp_path, capsys)
     skipped: list[str] = []
     assert find_runs([tmp_path], skipped) == []
     assert skipped == [f"{toy} (its samples are 2-D points, not images: ddpmkit sample {toy} draws them)"]
+    handler = signal.getsignal(signal.SIGTERM)
     assert main(["serve", str(toy)]) == 2
+    assert signal.getsignal(signal.SIGTERM) is handler  # serve's own `kill` handler ends with it
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("ddpmkit serve: error: no diffusion runs of images in or under") and f"not served: {toy} (" in err

@@ -17,9 +17,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UserError(f"the web page needs gradio: pip install 'ddpmkit[web]' ({e})") from None
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port {args.port}: give a port in 1..65535 (default 7860)")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the page as Ctrl-C does: its files are removed
-    serve(args.runs or ["runs"], host=args.host, port=args.port, concurrency=args.concurrency,
-          limits=Limits(max_steps=args.max_steps, max_images=args.max_images), loras=args.lora, device=args.device)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the page as Ctrl-C does: its files are removed
+    try:
+        serve(args.runs or ["runs"], host=args.host, port=args.port, concurrency=args.concurrency,
+              limits=Limits(max_steps=args.max_steps, max_images=args.max_images), loras=args.lora, device=args.device)
+    finally:  # a caller of main() in its own process (a notebook, the tests) keeps its own handler
+        signal.signal(signal.SIGTERM, previous)
 
 
 def add_commands(sub) -> None:

@@ -399,6 +399,13 @@ class Trainer:
         self.accelerator.print(f"stopped at step {st.step} of {st.decay.end}, with a checkpoint of it: continue with "
                                f"`ddpmkit train {self.run_dir / 'config.json'} --resume`")
 
+    def close_after_error(self) -> None:
+        """What start() made, if it ran: the bar (an error's line goes under it, not onto its end) and the log, whose
+        TensorBoard writer (a thread and a file) a caller that goes on after the error (a notebook, a test) would keep."""
+        for part in (getattr(self, "bar", None), getattr(self, "log", None)):
+            if part is not None:
+                part.close()
+
     def finish(self) -> Path:
         """The last post-hoc EMA snapshot, the task's final metrics and the last checkpoint."""
         acc, st = self.accelerator, self.state
@@ -603,6 +610,14 @@ def _run(task: Task, cfg: Config, resume: bool, progress: bool, overwrite: bool)
     if not resume:
         check_fresh(Path(cfg.train.run_dir), overwrite)
     trainer = Trainer(task, cfg, progress)
+    try:
+        return _train(trainer, cfg, resume, overwrite)
+    except BaseException:
+        trainer.close_after_error()
+        raise
+
+
+def _train(trainer: Trainer, cfg: Config, resume: bool, overwrite: bool) -> Path:
     if resume:
         trainer.resume()
     elif overwrite and trainer.accelerator.is_main_process:
@@ -614,23 +629,19 @@ def _run(task: Task, cfg: Config, resume: bool, progress: bool, overwrite: bool)
         if trainer.accelerator.is_main_process:
             trainer.bar.write(f"{trainer.run_dir} is at step {state.step}, train.steps = {state.decay.end}: nothing more to train "
                               "(give a larger train.steps to go on)")
-    try:
-        # Ctrl-C: stop at the end of the step (several processes: at the next log step), with a checkpoint of it
-        when = "after this step" if trainer.world == 1 else f"at the next log step (every train.log_every = {cfg.train.log_every} steps)"
-        with GracefulStop(trainer.world, trainer.accelerator.is_main_process, when) as stop:
-            while state.step < state.decay.end:
-                trainer.budget.tick()
-                trainer.train_step(trainer.next_batch())
-                why = trainer.periodic(stop.requested)
-                if why == "time":
-                    trainer.accelerator.print(f"stopping after {cfg.train.max_minutes} minutes at step {state.step}")
-                    break
-                if why == "stop" or (stop.requested and trainer.world == 1):
-                    trainer.stop_here()
-                    raise KeyboardInterrupt
-    except BaseException:
-        trainer.bar.close()  # an error's line goes under the bar, not onto its end
-        raise
+    # Ctrl-C: stop at the end of the step (several processes: at the next log step), with a checkpoint of it
+    when = "after this step" if trainer.world == 1 else f"at the next log step (every train.log_every = {cfg.train.log_every} steps)"
+    with GracefulStop(trainer.world, trainer.accelerator.is_main_process, when) as stop:
+        while state.step < state.decay.end:
+            trainer.budget.tick()
+            trainer.train_step(trainer.next_batch())
+            why = trainer.periodic(stop.requested)
+            if why == "time":
+                trainer.accelerator.print(f"stopping after {cfg.train.max_minutes} minutes at step {state.step}")
+                break
+            if why == "stop" or (stop.requested and trainer.world == 1):
+                trainer.stop_here()
+                raise KeyboardInterrupt
     return trainer.finish()
 
 
