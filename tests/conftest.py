@@ -2,6 +2,7 @@ import atexit
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
 import threading
 from collections.abc import Callable
@@ -111,6 +112,24 @@ def pytest_collection_modifyitems(items):
     start early instead of leaving one worker busy at the end while the other idles."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
+
+
+def process_state() -> dict[str, object]:
+    """What one test could leave to the next in its worker process (the CI once failed on such a leak)."""
+    return {"torch threads": torch.get_num_threads(), "default dtype": torch.get_default_dtype(), "grad mode": torch.is_grad_enabled(),
+            "deterministic algorithms": torch.are_deterministic_algorithms_enabled(), "working folder": os.getcwd(),
+            "SIGINT handler": signal.getsignal(signal.SIGINT), "SIGTERM handler": signal.getsignal(signal.SIGTERM)}
+
+
+@pytest.fixture(autouse=True)
+def leaves_the_process_as_it_found_it():
+    """Fails a test that changes the process's state for the tests after it (monkeypatch's changes are undone first:
+    an autouse fixture is set up before, and torn down after, the fixtures a test asks for)."""
+    before = process_state()
+    yield
+    after = process_state()
+    changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    assert not changed, f"the test left the process changed for the next test in its worker (before, after): {changed}"
 
 @pytest.fixture
 def toy_overrides(tmp_path):
