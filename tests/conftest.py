@@ -86,12 +86,11 @@ def reads_per_call():
             setattr(engine.Trainer, name, method)
 
 
-
 def in_a_thread(fn: Callable[[], T]) -> T:
     """fn() run in a thread of its own: its result, or what it raised, raised here. For a real allocation failure (a
     tensor larger than memory): glibc moves the thread whose allocation failed to another malloc arena, whose emptied
     heaps go back to the OS, so the test worker's main thread would lose the heap that ddpmkit/heap.py keeps, and
-    every later test in the worker (tests/test_heap.py among them) would pay fresh pages at each step."""
+    every later test in the worker would pay fresh pages at each step."""
     out: dict[str, object] = {}
 
     def run() -> None:
@@ -107,11 +106,11 @@ def in_a_thread(fn: Callable[[], T]) -> T:
         raise out["raised"]
     return out["result"]
 
+
 def pytest_collection_modifyitems(items):
     """The slow tests first (a stable sort): pytest-xdist hands tests out in this order, so the long ones
     start early instead of leaving one worker busy at the end while the other idles."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
 
 
 def process_state() -> dict[str, object]:
@@ -130,6 +129,7 @@ def leaves_the_process_as_it_found_it():
     after = process_state()
     changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
     assert not changed, f"the test left the process changed for the next test in its worker (before, after): {changed}"
+
 
 @pytest.fixture
 def toy_overrides(tmp_path):

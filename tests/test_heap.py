@@ -38,7 +38,7 @@ print(json.dumps([faults_of_a_step() for _ in range(8)]))
 def test_a_training_steps_activations_are_reused_without_page_faults():
     faults = json.loads(subprocess.run([sys.executable, "-c", STEP_FAULTS], capture_output=True, text=True, check=True).stdout)
     # without the thresholds glibc hands the freed activations back to the OS and each of these steps maps
-    # 6,000-11,000 fresh 4-KiB pages again (2 cores, fp32); with them the heap serves them
+    # 14,000-15,600 fresh 4-KiB pages again (this step, one thread, fp32); with them the heap serves them
     assert sum(faults) / len(faults) < 1_000, faults
 
 
