@@ -254,5 +254,12 @@ def test_the_guidance_door_means_what_it_says_for_every_scale(tiny_text_run):
             assert torch.allclose(model(x, t, **kwargs).x0, x0_of(expected), atol=1e-5), scale
         model, kwargs, _ = guided_model(m, 3, GuidanceRequest(conditions=cond, scale=0.0))
         assert torch.allclose(model(x, t, **kwargs).x0, x0_of(eps_u), atol=1e-5)  # --guidance 0 means 0, also for interpolate --prompts
+        # the empty prompt is the null condition: eps_u + s (eps_u - eps_u) = eps_u, from one network call instead of two
+        model, kwargs, _ = guided_model(m, 3, GuidanceRequest(prompts=[""], scale=2.5))
+        assert not isinstance(model, ClassifierFreeGuidance) and torch.allclose(model(x, t, **kwargs).x0, x0_of(eps_u), atol=1e-5)
+        model, kwargs, _ = guided_model(m, 3, GuidanceRequest(prompts=["", "a handwritten one"], scale=2.5))  # not all null: guided
+        prompted = torch.tensor([False, True, False]).view(3, 1, 1, 1)  # the prompts cycle: '', one, ''
+        expected = torch.where(prompted, eps_u + 2.5 * (eps_c - eps_u), eps_u)
+        assert isinstance(model, ClassifierFreeGuidance) and torch.allclose(model(x, t, **kwargs).x0, x0_of(expected), atol=1e-5)
     with pytest.raises(ValueError, match="class-conditional model"):
         guided_model(m, 3, GuidanceRequest(classes=[1]))

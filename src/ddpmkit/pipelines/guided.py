@@ -140,12 +140,20 @@ def applies_cfg(m: DiffusionModel, scale: float) -> bool:
     return m.conditioning != "none" and scale not in (0.0, 1.0)
 
 
+def _is_null(condition: dict[str, torch.Tensor], null: dict[str, torch.Tensor]) -> bool:
+    """Whether every sample's condition is the null one (e.g. `--prompt ''`, the documented way to unconditional samples
+    of a text model): then eps_u + s (eps_c - eps_u) = eps_u for every s, and one network call a step gives it, not two.
+    One comparison before sampling; SDXL's null is zeros, not the empty prompt's encoding, so its '' is still guided."""
+    return set(condition) == set(null) and all(condition[k].shape == null[k].shape and torch.equal(condition[k], null[k]) for k in null)
+
+
 def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = None, sampler: str = "ddpm",
                  device: str | torch.device | None = None) -> tuple[Denoiser, dict, dict]:
     """(denoiser, model_kwargs, sampler options) for n samples of the loaded model as requested.
 
     Classifier-free guidance: scale 0 is the unconditional branch alone, 1 the conditional model
-    alone, anything else eps_u + s (eps_c - eps_u) in one batched call."""
+    alone, anything else eps_u + s (eps_c - eps_u) in one batched call (the network alone where every sample's condition
+    is the null one: _is_null)."""
     request = request or GuidanceRequest()
     device = m.device if device is None else torch.device(device)  # conditions go where the network is
     if request.clip and not request.prompts:
@@ -178,7 +186,7 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
             kwargs = m.null_condition(n, device)  # the unconditional branch alone: one network call, not two
         else:
             kwargs = _conditions(m, n, request, labels, device)
-        if applies_cfg(m, scale):
+        if applies_cfg(m, scale) and not _is_null(kwargs, m.null_condition(n, device)):
             null = m.null_condition(1, device)
             model = ClassifierFreeGuidance(model, scale, null_label=m.num_classes if m.conditioning == "class" else None,
                                            null=null if m.conditioning != "class" else None, rescale=request.rescale)
