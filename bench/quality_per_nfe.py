@@ -4,7 +4,8 @@
         [--samplers ddpm:1000 dpmpp_2m_sde:20 ddim:20 unipc:20 dpmpp_2m:20 heun:10 ddim:10 unipc:10] \
         [--posthoc-ema 0.03,0.05,0.08,0.12]
 
-Each sampler is NAME:STEPS or NAME:STEPS:GRID (a grid name or a `ddpmkit tune-grid` JSON file); the
+Each sampler is NAME:STEPS or NAME:STEPS:GRID (a grid name or a `ddpmkit tune-grid` JSON file), either with the sampler's
+own options after another colon (dpmpp_3m:20:third_order=exact); the
 table reports the NFE actually spent (Heun spends two per step but one on the last). For each
 checkpoint: n samples with the same seeds, the share the judge reads with confidence >= 0.9 and
 the judge-FD (Frechet distance in the judge's feature space to mnist5k's 500 held-out digits;
@@ -37,11 +38,21 @@ from ddpmkit.train.judge import ensure_judge
 DEFAULT_SAMPLERS = ["ddpm:1000", "dpmpp_2m_sde:20", "ddim:20", "unipc:20", "dpmpp_2m:20", "heun:10", "ddim:10", "unipc:10", "dpmpp_2m:10"]
 
 
-def parse_sampler(spec: str) -> tuple[str, int, str | None]:
+def parse_sampler(spec: str) -> tuple[str, int, str | None, dict]:
+    """NAME:STEPS[:GRID][:KEY=VALUE,...] -> (name, steps, grid, the sampler's extra options)."""
     parts = spec.split(":")
+    extra = parts.pop() if len(parts) > 2 and "=" in parts[-1] else ""
     if len(parts) not in (2, 3) or not parts[1].isdigit():
-        raise SystemExit(f"sampler spec {spec!r} must be NAME:STEPS or NAME:STEPS:GRID")
-    return parts[0], int(parts[1]), parts[2] if len(parts) == 3 else None
+        raise SystemExit(f"sampler spec {spec!r} must be NAME:STEPS, NAME:STEPS:GRID or either with :KEY=VALUE,... "
+                         "(e.g. dpmpp_3m:20:third_order=exact)")
+    options = {}
+    for item in filter(None, extra.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            options[key] = float(value) if "." in value else int(value)
+        except ValueError:
+            options[key] = value
+    return parts[0], int(parts[1]), parts[2] if len(parts) == 3 else None, options
 
 
 def main() -> int:
@@ -72,13 +83,14 @@ def main() -> int:
     print("| model | step | sampler | NFE | judged p >= 0.9 | judge-FD | seconds |\n|---|---|---|---|---|---|---|", flush=True)
     for name, path in targets:
         m = load_diffusion(path)
-        for (sampler, steps, grid), (guided, request) in ((s, r) for s in samplers for r in requests):
+        for (sampler, steps, grid, extra), (guided, request) in ((s, r) for s in samplers for r in requests):
             t0 = time.time()
-            gen = generate(m, args.n, request, sampler=sampler, steps=steps, seed=args.seed, options=sampler_options(sampler, grid),
-                           progress=False, precision=args.precision)
+            gen = generate(m, args.n, request, sampler=sampler, steps=steps, seed=args.seed,
+                           options={**sampler_options(sampler, grid), **extra}, progress=False, precision=args.precision)
             secs = time.time() - t0
             s = scorer(gen.images)
-            label = sampler + (f" ({grid})" if grid else "") + guided + ("" if args.precision == "fp32" else f", {args.precision}")
+            label = (sampler + (f" ({grid})" if grid else "") + "".join(f", {k}={v}" for k, v in extra.items()) + guided
+                     + ("" if args.precision == "fp32" else f", {args.precision}"))
             nfe = gen.nfe * (request.autoguided_networks if request is not None else 1)
             rows.append({"model": name, "step": m.step, "sampler": label, "steps": steps, "nfe": nfe, "n": args.n,
                          "confident": s["confident"], "judge_fd": s["fd"], "seconds": secs})

@@ -56,6 +56,8 @@ DDPMKIT = {  # sampler -> (grids to try, NFE -> steps)
     "unipc": (["karras", "logsnr"], lambda n: n),
     "ipndm": (["karras", "logsnr", "quadratic"], lambda n: n),
 }
+# extra rows: (label, sampler, its options)
+VARIANTS = [("dpmpp_3m, third_order=exact", "dpmpp_3m", {"third_order": "exact"})]
 # samplers whose grid is also optimised (sampling/optimize.py) on 100 other trajectories, for NFE <= 20
 OPTIMISED = {"unipc": {"order": 2}, "ipndm": {"order": 3}}
 
@@ -137,14 +139,14 @@ def main() -> None:
         ref = ddpmkit.sample(gm.eps_model(schedule), x_T.shape, schedule, sampler="dopri5", x_T=x_T, rtol=1e-10, atol=1e-10)
         print(f"\n== {pname}: {args.n} trajectories; reference dopri5 {ref.nfe} NFE in {time.time() - t0:.1f}s")
         rows: dict[str, dict[int, tuple[float, str]]] = {}
-        for sampler, (grids, _) in DDPMKIT.items():
+        for label, sampler, options in [(s, s, {}) for s in DDPMKIT] + VARIANTS:
             for nfe in nfes:
-                for grid in grids:
-                    x, used = run_ddpmkit(gm, schedule, x_T, sampler, grid, nfe)
+                for grid in DDPMKIT[sampler][0]:
+                    x, used = run_ddpmkit(gm, schedule, x_T, sampler, grid, nfe, **options)
                     err = median_error(x, ref.x)
-                    best = rows.setdefault(f"ddpmkit {sampler}", {}).get(nfe)
+                    best = rows.setdefault(f"ddpmkit {label}", {}).get(nfe)
                     if best is None or err < best[0]:
-                        rows[f"ddpmkit {sampler}"][nfe] = (err, f"{grid}, {used} NFE")
+                        rows[f"ddpmkit {label}"][nfe] = (err, f"{grid}, {used} NFE")
         for sampler, options in OPTIMISED.items():
             for nfe in [n for n in nfes if n <= 20]:
                 t1 = time.time()

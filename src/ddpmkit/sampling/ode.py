@@ -64,9 +64,13 @@ def ipndm(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int | 
     return x_bar
 
 
+# the weight of phi_3 d2 in DPM-Solver++'s third-order step (dpmpp's `third_order`)
+THIRD_ORDER_WEIGHTS = {"published": 1.0, "exact": 2.0}
+
+
 def dpmpp(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int | None = None, grid="logsnr",
-          order: int = 2, eta: float = 0.0, lower_order_final: bool = True, solver_type: str = "heun", callback=None,
-          model_kwargs=None, progress=False, **options) -> torch.Tensor:
+          order: int = 2, eta: float = 0.0, lower_order_final: bool = True, solver_type: str = "heun", third_order: str = "published",
+          callback=None, model_kwargs=None, progress=False, **options) -> torch.Tensor:
     """DPM-Solver++ multistep (Lu et al. 2022) in data prediction, of order 1, 2 or 3.
 
     With h = lambda_next - lambda and the exponential integrator for the linear part,
@@ -80,9 +84,16 @@ def dpmpp(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int | 
     solver_type: how order 2 weighs the divided difference d1 = (D - D_prev) / r. "heun" is the
     paper's phi_2 = (e^{-h} - 1) / h + 1 (diffusers' solver_type="heun"); "midpoint" is
     (1 - e^{-h}) / 2, k-diffusion's 2M and diffusers' default. Both are second order.
+
+    third_order: the weight of d2 in a third-order step. "published" is phi_3 d2, DPM-Solver++(3M) as its authors,
+    diffusers and k-diffusion compute it; d2 there is h^2 D''/2, so the step integrates only half of D's quadratic term
+    and the solver converges at order 2. "exact" is 2 phi_3 d2: the exponential Adams-Bashforth step, exact for a D
+    quadratic in lambda, of order 3 (tests/test_samplers.py checks both; bench/samplers.py compares them).
     """
     if solver_type not in ("heun", "midpoint"):
         raise UserError(f"solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
+    if third_order not in THIRD_ORDER_WEIGHTS:
+        raise UserError(f"third_order must be one of {sorted(THIRD_ORDER_WEIGHTS)}, got {third_order!r}")
     if order not in (1, 2, 3):
         raise UserError(f"DPM-Solver++ order must be 1, 2 or 3, got {order}")
     if not 0.0 <= eta < math.inf:
@@ -114,7 +125,7 @@ def dpmpp(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int | 
                 d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
                 d2 = (d1_0 - d1_1) / (r0 + r1)
                 phi_3 = phi_2 / h_eta - 0.5
-                x_bar = x_bar + phi_2 * d1 - phi_3 * d2
+                x_bar = x_bar + phi_2 * d1 - THIRD_ORDER_WEIGHTS[third_order] * phi_3 * d2
             if eta > 0:
                 x_bar = x_bar + s[k + 1] * math.sqrt(-math.expm1(-2 * eta * h)) * noise.randn(x_bar.shape[1:], x_bar.dtype)
             past = [(D, h)] + past[:1]
