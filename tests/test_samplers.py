@@ -106,6 +106,31 @@ def test_dpmpp_multistep_steps_integrate_a_polynomial_denoiser_exactly(order, th
     assert (x_bars[1] - first).abs().max() > 1e-3
 
 
+def test_a_clipped_x0_keeps_eps_consistent_so_ddim_and_euler_stay_one_sampler():
+    """With clip_x0 a solver clips the predicted x_0 to [-1, 1] and recomputes eps from it (eps = (x_t - sqrt(ab) x_0) /
+    sqrt(1 - ab)), so that x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps still holds. Then each DDIM step is eq. 12 with the
+    clipped x_0, and Euler in sigma, which clips in its own space, is still the same step. Modes at +-1.5 make the clip
+    bite in half the steps."""
+    wide = GaussianMixture(torch.tensor([[1.5, -1.2], [-1.4, 0.3]]), torch.tensor([0.3, 0.4]), torch.ones(2))
+    model = wide.eps_model(S)
+    x_T = torch.randn(256, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    seen: list[dict] = []
+    # 28 uniform steps from 999 are whole timesteps (999 = 27 x 37), DDIM's respaced ones, so both visit the same points
+    ddim = ddpmkit.sample(model, x_T.shape, S, sampler="ddim", steps=28, grid="uniform", x_T=x_T, clip_x0=True,
+                          callback=seen.append).x
+    euler = ddpmkit.sample(model, x_T.shape, S, sampler="euler", steps=28, grid="uniform", x_T=x_T, clip_x0=True).x
+    assert (euler - ddim).abs().max() < 1e-10
+    assert sum(bool((info["x0"].abs() == 1).any()) for info in seen) >= 14  # clipped in half the steps or more (16 of 28)
+    assert ddim.abs().max() <= 1  # the last step lands on a clipped x_0
+    x_t = x_T
+    for j, info in enumerate(seen):
+        ab_t = S.alpha_bar[info["t"]]
+        ab_s = S.alpha_bar[seen[j + 1]["t"]] if j + 1 < len(seen) else torch.tensor(1.0, dtype=torch.float64)
+        eps = (x_t - ab_t.sqrt() * info["x0"]) / (1 - ab_t).sqrt()
+        assert torch.allclose(info["x"], ab_s.sqrt() * info["x0"] + (1 - ab_s).sqrt() * eps, atol=1e-10), j
+        x_t = info["x"]
+
+
 def test_dopri5_matches_the_closed_form():
     out = ddpmkit.sample(GAUSS.eps_model(S), X_T.shape, S, sampler="dopri5", x_T=X_T, rtol=1e-9, atol=1e-9)
     assert (out.x - REF).abs().max().item() < 1e-6
