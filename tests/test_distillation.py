@@ -259,8 +259,10 @@ def test_the_consistency_target_is_the_ode_solution_and_the_loss_vanishes_at_the
 def test_multistep_consistency_sampling_with_the_exact_function_draws_the_data(steps):
     import ddpmkit
 
-    out = ddpmkit.sample(F_STAR, (6000, 2), sampler="consistency", steps=steps, generator=0, x_T=None)
-    assert out.nfe == steps
+    left: list[int] = []
+    out = ddpmkit.sample(F_STAR, (6000, 2), sampler="consistency", steps=steps, generator=0, x_T=None,
+                         callback=lambda info: left.append(info["i"]))
+    assert out.nfe == steps and left == list(range(steps - 1, -1, -1))  # the callback counts the steps left, as every sampler's
     torch.testing.assert_close(out.x.double().mean(0), MU.double(), atol=0.03, rtol=0)
     torch.testing.assert_close(out.x.double().std(0), torch.full((2,), STD, dtype=torch.float64), atol=0.02, rtol=0)
 

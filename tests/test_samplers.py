@@ -230,10 +230,12 @@ def test_every_sampler_drives_every_parameterization(sampler, prediction):
     eps_fn = MIX.eps_model(S)
     model = PREDICTORS[prediction](eps_fn)
     kw = dict(steps=12, generator=3)
-    a = ddpmkit.sample(eps_fn, (8, 2), S, sampler=sampler, **kw)
+    left: list[int] = []
+    a = ddpmkit.sample(eps_fn, (8, 2), S, sampler=sampler, callback=lambda info: left.append(info["i"]), **kw)
     b = ddpmkit.sample(model, (8, 2), S, sampler=sampler, prediction=prediction, **kw)
     assert torch.allclose(a.x, b.x, atol=1e-4)
     assert a.nfe == b.nfe
+    assert left == list(range(len(left) - 1, -1, -1)) and len(left) >= 11  # the steps left, down to 0 (progress, previews)
 
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))

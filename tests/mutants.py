@@ -1,0 +1,75 @@
+"""Do the math tests fail when a formula is wrong? Flip one arithmetic operator (+ <-> -, * <-> /) in a module, run
+the tests that should catch it, put the module back; a mutant the tests pass is a formula no test pins.
+
+    .venv/bin/python tests/mutants.py --files src/ddpmkit/sampling/ode.py --tests tests/test_samplers.py [--n 40]
+
+Mutants are drawn at random (--seed) from every such operator outside error messages and asserts; the module is
+always restored (also on Ctrl-C; after a kill, `git checkout` the file). A surviving mutant is either a gap in the
+tests or an equivalent mutant (e.g. a normalising constant that cancels in a ratio). 2026-12-07: 80 mutants of the
+sampler, schedule, loss and guidance modules left 17 survivors; tests/test_analytic.py and the 3M and clipping tests
+in tests/test_samplers.py came of them (docs/samplers_and_evaluation.md).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SWAP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult}
+
+
+def operators(tree: ast.Module) -> list[ast.BinOp]:
+    """The arithmetic operators a mutant may flip, in a fixed order: none inside f-strings, raise or assert."""
+    quiet = {id(n) for node in ast.walk(tree) if isinstance(node, (ast.JoinedStr, ast.Raise, ast.Assert)) for n in ast.walk(node)}
+    return [n for n in ast.walk(tree) if isinstance(n, ast.BinOp) and type(n.op) in SWAP and id(n) not in quiet]
+
+
+def mutant(source: str, index: int) -> tuple[str, int, str, str]:
+    """The module with its index-th operator flipped (comments are lost: the text is regenerated), the line, and the
+    expression before and after."""
+    tree = ast.parse(source)
+    node = operators(tree)[index]
+    before = ast.unparse(node)
+    node.op = SWAP[type(node.op)]()
+    return ast.unparse(tree), node.lineno, before, ast.unparse(node)
+
+
+def killed(tests: list[str]) -> bool:
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-n", "2", "-p", "no:cacheprovider", *tests],
+                         capture_output=True, text=True)
+    return run.returncode != 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--files", nargs="+", required=True, help="modules to mutate")
+    p.add_argument("--tests", nargs="+", required=True, help="pytest paths that should catch every mutant")
+    p.add_argument("--n", type=int, default=40, help="mutants to try (at random among all)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    pool = [(Path(f), i) for f in args.files for i in range(len(operators(ast.parse(Path(f).read_text()))))]
+    chosen = random.Random(args.seed).sample(pool, min(args.n, len(pool)))
+    print(f"{len(pool)} possible mutants; trying {len(chosen)}", flush=True)
+    survivors = 0
+    for path, index in chosen:
+        original = path.read_text()
+        text, line, before, after = mutant(original, index)
+        t0 = time.time()
+        try:
+            path.write_text(text)
+            caught = killed(args.tests)
+        finally:
+            path.write_text(original)
+        survivors += not caught
+        print(f"{'killed  ' if caught else 'SURVIVED'} {path}:{line}  {before[:80]}  ->  {after[:80]}  ({time.time() - t0:.0f} s)",
+              flush=True)
+    print(f"{survivors} of {len(chosen)} survived")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
