@@ -46,9 +46,9 @@ def test_img2img_at_low_strength_stays_near_the_input_and_at_full_strength_forge
 
 
 def test_repaint_fills_in_the_conditional_of_a_gaussian_mixture():
-    """Known first coordinate -1.5 singles out the component at (-1.5, 0), std 0.2: RePaint's
-    filled-in second coordinate must follow N(0, 0.2^2)."""
-    mix = GaussianMixture(torch.tensor([[-1.5, 0.0], [1.5, 0.5], [0.0, -1.5]]), torch.tensor([0.2, 0.3, 0.15]),
+    """Known first coordinate -1.5 singles out the component at (-1.5, 0.5), std 0.2: RePaint's
+    filled-in second coordinate must follow N(0.5, 0.2^2) (a mean away from 0, so that a sign is seen)."""
+    mix = GaussianMixture(torch.tensor([[-1.5, 0.5], [1.5, 1.0], [0.0, -1.0]]), torch.tensor([0.2, 0.3, 0.15]),
                           torch.tensor([0.5, 0.3, 0.2]))
     x0 = torch.tensor([[-1.5, 3.0]]).expand(600, 2)  # the 3.0 is hidden by the mask
     mask = torch.tensor([[1.0, 0.0]])
@@ -56,12 +56,12 @@ def test_repaint_fills_in_the_conditional_of_a_gaussian_mixture():
     assert torch.equal(out[:, 0], x0[:, 0])  # the known part is kept exactly
     filled = out[:, 1].double()
     # replacing the known part by q-samples is an approximation of conditioning: early, noisy steps
-    # still mix in the other components a little (a bias of about -0.04 here, a fifth of the std)
-    assert abs(filled.mean().item()) < 0.06 and 0.18 < filled.std().item() < 0.22
+    # still mix in the other components a little (a bias of about -0.02 here, a tenth of the std)
+    assert abs(filled.mean().item() - 0.5) < 0.06 and 0.18 < filled.std().item() < 0.22
     # resampling (noise back one step, denoise again) keeps the right component; with a coarse
     # respaced chain each extra pass also trims a little variance, as ancestral steps do
     again = inpaint(mix.eps_model(S), x0, mask, S, steps=100, resample=3, generator=0, clip_x0=False)[:, 1].double()
-    assert abs(again.mean().item()) < 0.06 and 0.13 < again.std().item() < 0.22
+    assert abs(again.mean().item() - 0.5) < 0.06 and 0.13 < again.std().item() < 0.22
 
 
 def test_slerp_keeps_the_norm_and_hits_the_endpoints():
@@ -85,6 +85,26 @@ def test_an_interpolation_draws_the_same_sampler_noise_for_every_frame():
     ode = interpolate_seeds(gm.eps_model(S), 7, 7, 2, (2,), S, sampler="euler_ancestral", steps=10, eta=0.0)
     assert torch.equal(ode, interpolate_seeds(gm.eps_model(S), 7, 7, 2, (2,), S, sampler="euler", steps=10))
     assert not torch.allclose(ode[0], drawn["euler_ancestral"][0])  # eta reached the sampler
+
+
+def test_image_interpolation_decodes_the_mixture_of_both_images_noised_alike_and_prompts_mix_linearly():
+    """DDPM's section 4.3: frame k decodes (1 - lam_k) x_t(a) + lam_k x_t(b), both noised by q with the same eps
+    (editing.noised with the seed), by ancestral steps from t with the same reverse noise (seed + 1) for every frame."""
+    import ddpmkit
+    from ddpmkit.editing import grid_from, interpolate_images, lerp_condition, noised
+
+    gm = GaussianMixture(torch.tensor([[-1.5, 0.5], [1.5, -0.5]]), torch.tensor([0.2, 0.3]), torch.tensor([0.5, 0.5]))
+    xa, xb = torch.tensor([[-1.4, 0.6]]), torch.tensor([[1.6, -0.3]])
+    frames = interpolate_images(gm.eps_model(S), xa, xb, t=400, n=3, schedule=S, seed=5, steps=40)
+    lam = torch.tensor([0.0, 0.5, 1.0])[:, None]
+    x_t = (1 - lam) * noised(xa, 400, S, generator=[5]) + lam * noised(xb, 400, S, generator=[5])
+    expected = ddpmkit.sample(gm.eps_model(S), x_t.shape, S, sampler="ddpm", generator=[6] * 3, x_T=x_t, grid=grid_from(400.0, S, 40)).x
+    assert torch.allclose(frames, expected, atol=1e-6)
+    # two prompt encodings: the tokens mix linearly, the mask keeps a token either prompt has
+    a = {"context": torch.tensor([[[1.0, 2.0], [0.0, 0.0]]]), "context_mask": torch.tensor([[True, False]])}
+    b = {"context": torch.tensor([[[3.0, -2.0], [4.0, 8.0]]]), "context_mask": torch.tensor([[True, True]])}
+    mixed = lerp_condition(a, b, 0.25)
+    assert torch.allclose(mixed["context"], torch.tensor([[[1.5, 1.0], [1.0, 2.0]]])) and mixed["context_mask"].tolist() == [[True, True]]
 
 
 def test_keyframe_files(tmp_path):

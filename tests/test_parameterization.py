@@ -52,5 +52,10 @@ def test_denoiser_contract_and_errors():
     bad = Denoiser(lambda x, t: torch.zeros(3, 5), s, "eps")
     with pytest.raises(ValueError, match="returned shape"):
         bad(torch.ones(3, 2), 10)
+    # a learned variance doubles the channels: the prediction and v, whose frac = (v + 1) / 2
+    learned = Denoiser(lambda x, t: torch.cat([torch.zeros_like(x), torch.full_like(x, 0.5)], 1), s, "eps", learned_variance=True)
+    assert torch.equal(learned(torch.ones(3, 2, 4), 10).var_frac, torch.full((3, 2, 4), 0.75))
+    with pytest.raises(ValueError, match="must return 4 channels, got 3"):
+        Denoiser(lambda x, t: torch.zeros(3, 3, 4), s, "eps", learned_variance=True)(torch.ones(3, 2, 4), 10)
     with pytest.raises(ValueError, match="integer"):
         Denoiser(lambda x, t: x, s, "mu")(torch.ones(3, 2), 10.5)
