@@ -116,3 +116,15 @@ def test_sigma_at_and_its_inverse():
     assert s.t_at_sigma(0.0).item() == -1.0
     with pytest.raises(ValueError, match="sigma must lie"):
         s.t_at_sigma(1e9)
+
+
+def test_the_linear_schedule_scales_its_end_points_for_other_lengths_and_spacing_keeps_both_ends():
+    """improved-diffusion's scaling: for T steps the linear betas run from 1e-4 * 1000/T to 0.02 * 1000/T, so alpha_bar
+    at the end stays about the same; spaced timesteps always include T - 1 and 0, and one step is T - 1 alone."""
+    for T in (250, 1000, 4000):
+        betas = NoiseSchedule.from_name("linear", T).betas
+        assert betas[0].item() == pytest.approx(1e-4 * 1000 / T) and betas[-1].item() == pytest.approx(0.02 * 1000 / T)
+    ends = [NoiseSchedule.from_name("linear", T).alpha_bar[-1].item() for T in (250, 1000, 4000)]
+    assert max(ends) / min(ends) < 1.5  # 3.3e-5, 4.0e-5, 4.2e-5; unscaled 0.08 at T = 250 and 2.7e-18 at 4000
+    assert spaced_timesteps(1000, 1).tolist() == [999]
+    assert spaced_timesteps(1000, 4).tolist() == [0, 333, 666, 999]
