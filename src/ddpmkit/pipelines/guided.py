@@ -144,7 +144,8 @@ def _is_null(condition: dict[str, torch.Tensor], null: dict[str, torch.Tensor]) 
     """Whether every sample's condition is the null one (e.g. `--prompt ''`, the documented way to unconditional samples
     of a text model): then eps_u + s (eps_c - eps_u) = eps_u for every s, and one network call a step gives it, not two.
     One comparison before sampling; SDXL's null is zeros, not the empty prompt's encoding, so its '' is still guided."""
-    return set(condition) == set(null) and all(condition[k].shape == null[k].shape and torch.equal(condition[k], null[k]) for k in null)
+    return set(condition) == set(null) and all(condition[k].shape[1:] == null[k].shape[1:]
+                                               and torch.equal(condition[k], null[k].expand_as(condition[k])) for k in null)
 
 
 def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = None, sampler: str = "ddpm",
@@ -186,8 +187,8 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
             kwargs = m.null_condition(n, device)  # the unconditional branch alone: one network call, not two
         else:
             kwargs = _conditions(m, n, request, labels, device)
-        if applies_cfg(m, scale) and not _is_null(kwargs, m.null_condition(n, device)):
-            null = m.null_condition(1, device)
+        null = m.null_condition(1, device) if applies_cfg(m, scale) else {}
+        if null and not _is_null(kwargs, null):
             model = ClassifierFreeGuidance(model, scale, null_label=m.num_classes if m.conditioning == "class" else None,
                                            null=null if m.conditioning != "class" else None, rescale=request.rescale)
     if m.is_super_resolution and not (request.extra and "low_res" in request.extra):
