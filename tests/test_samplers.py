@@ -13,6 +13,7 @@ from ddpmkit.errors import UserError
 from ddpmkit.parameterization import v_from_x0_eps, x0_from_eps
 from ddpmkit.sampling import SAMPLERS, timestep_grid
 from ddpmkit.sampling.grids import integer_grid
+from ddpmkit.sampling.noise import NoiseSource
 from ddpmkit.sampling.optimize import grid_from_gaps, optimize_grid
 from ddpmkit.sampling.options import sampler_options
 from ddpmkit.schedules import NoiseSchedule
@@ -189,6 +190,31 @@ def test_stochastic_samplers_reproduce_the_mixture(sampler, steps, options):
     for j in range(3):
         spread = (out.x[k == j].double() - MIX.means[j]).std().item()
         assert spread == pytest.approx(MIX.stds[j].item(), rel=0.1), (j, spread)
+
+
+def test_pc_corrector_is_score_sdes_langevin_step_draw_for_draw():
+    """score_sde's LangevinCorrector for the VP SDE, written out for one sample at a time: grad = score(x, t), step =
+    2 (1 - beta_t) (snr |z| / |grad|)^2, x + step grad + sqrt(2 step) z, with |z|^2 and |grad|^2 at their values for
+    noise (D and D / (1 - alpha_bar_t)), then the predictor, Euler-Maruyama with the exact beta integral. Each sample
+    of a batch matches it draw for draw: the corrector's step size is pinned (the distribution tests cannot see it)."""
+    S50, snr, n = NoiseSchedule.from_name("linear", 50), 0.3, 6
+    x_T = torch.randn(n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    out = ddpmkit.sample(MIX.eps_model(S50), x_T.shape, S50, sampler="pc", steps=50, snr=snr, x_T=x_T, generator=30).x
+    log_ab = S50.alpha_bar.log()
+
+    def eps(x, t):
+        return MIX.eps_star(x, S50.alpha_bar[t].expand(1))
+
+    for k in range(n):
+        x, z = x_T[k:k + 1], NoiseSource(1, [30 + k])
+        for t in range(49, 0, -1):
+            grad, noise = -eps(x, t) / (1 - S50.alpha_bar[t]).sqrt(), z.randn((2,), torch.float64)
+            step = (snr * math.sqrt(2) / math.sqrt(2 / (1 - S50.alpha_bar[t]))) ** 2 * 2 * (1 - S50.betas[t])
+            x = x + step * grad + (2 * step).sqrt() * noise
+            B = log_ab[t - 1] - log_ab[t]
+            x = x + (0.5 * x - eps(x, t) / (1 - S50.alpha_bar[t]).sqrt()) * B + B.sqrt() * z.randn((2,), torch.float64)
+        x0 = (x - (1 - S50.alpha_bar[0]).sqrt() * eps(x, 0)) / S50.alpha_bar[0].sqrt()
+        assert torch.allclose(out[k], x0[0], atol=1e-9), (k, out[k], x0[0])
 
 
 @pytest.mark.parametrize("steps, eta", [(25, 1.0), (100, 0.7)])
