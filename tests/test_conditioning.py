@@ -8,9 +8,9 @@ from conftest import needs_text
 from ddpmkit.analytic import GaussianMixture, nearest_component
 from ddpmkit.captions import PARAPHRASES, TRAIN_TEMPLATES, digit_captions, read_caption_files
 from ddpmkit.cli import main
-from ddpmkit.conditioning import ConditioningError, TrainingConditions
+from ddpmkit.conditioning import ConditioningError, TrainingConditions, listed_classes, prompt_encoder
 from ddpmkit.config import PRESET_DIR, load_config
-from ddpmkit.data import ArrayDataset, DataError
+from ddpmkit.data import ArrayDataset, DataError, load_digits
 from ddpmkit.guidance import ClassifierFreeGuidance
 from ddpmkit.models import load_diffusion
 from ddpmkit.nets import UNet
@@ -29,6 +29,12 @@ def test_label_dropout_replaces_a_share_of_labels_by_the_null_label():
     dropped = y == 7
     assert abs(dropped.float().mean().item() - 0.2) < 4 * (0.2 * 0.8 / 20000) ** 0.5
     assert torch.equal(y[~dropped], labels[idx][~dropped])  # the rest keep their own label
+
+
+def test_listed_classes_names_the_first_and_the_last():
+    assert listed_classes(("cat", "dog")) == "0 cat, 1 dog"
+    names = tuple(f"c{i}" for i in range(30))
+    assert listed_classes(names, most=3) == "0 c0, 1 c1, 2 c2, ... 29 c29"
 
 
 def test_conditioning_needs_labels(tmp_path):
@@ -62,6 +68,26 @@ def test_digit_captions_and_held_out_paraphrases():
     assert len(caps) == 10 and all(len(row) == len(TRAIN_TEMPLATES) for row in caps)
     assert "a handwritten seven" in caps[7] and "the number 7, drawn thick" in caps[7]
     assert not set(PARAPHRASES) & set(TRAIN_TEMPLATES)
+
+
+@needs_text
+def test_each_digit_is_captioned_by_its_own_digits_captions():
+    """A text model of digits learns digit d from d's captions only: every caption a batch draws for an example is
+    one of its label's (all of its label's K, over many batches)."""
+    cfg = load_config("mnist_text", ["data.name=digits", "train.cond_drop_prob=0"])
+    data = load_digits()
+    conditions = TrainingConditions.for_config(cfg, data)
+    # each caption's encoding, fingerprinted by two random projections: (10, K, 2)
+    project = torch.randn(cfg.network.text_max_tokens * cfg.network.context_dim, 2, generator=torch.Generator().manual_seed(0))
+    own = torch.stack([prompt_encoder(cfg).encode(row)["context"].flatten(1) @ project for row in digit_captions()])
+    idx = torch.arange(0, len(data), 3)
+    seen = torch.zeros(len(idx), len(TRAIN_TEMPLATES), dtype=torch.bool)
+    for seed in range(40):
+        context = conditions.batch(idx, torch.Generator().manual_seed(seed))["context"].flatten(1) @ project  # (B, 2)
+        match = (own[data.labels[idx].long()] - context[:, None]).abs().amax(2) < 1e-4  # (B, K)
+        assert match.any(1).all(), idx[~match.any(1)]
+        seen |= match
+    assert seen.float().mean() > 0.9
 
 
 def test_caption_files_next_to_images(tmp_path):

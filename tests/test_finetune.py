@@ -17,6 +17,7 @@ from ddpmkit.finetune import FineTuneError
 from ddpmkit.losses import training_losses
 from ddpmkit.models import load_diffusion
 from ddpmkit.train import DenoiserTask, train
+from ddpmkit.train.batches import step_batch
 
 pytest.importorskip("peft")
 
@@ -182,6 +183,13 @@ def test_dreambooth_draws_and_caches_its_class_images_and_weighs_the_prior(new_s
     # the weights make a batch's mean the DreamBooth loss: instance mean + prior_loss_weight * class mean
     losses = torch.rand(22)
     torch.testing.assert_close((task.weights * losses).mean(), losses[:16].mean() + 0.5 * losses[16:].mean())
+    # ... and the task's loss weighs each example of a batch by its own
+    network, weights = load_diffusion(base).network, task.weights
+    weighted = task.loss(network, step_batch(0, 3, 22, 22, torch.device("cpu")))
+    task.weights = None
+    batch = step_batch(0, 3, 22, 22, torch.device("cpu"))
+    torch.testing.assert_close(weighted, task.loss(network, batch) * weights[batch.indices])
+    task.weights = weights
     cache = tmp_path / "db" / dreambooth.CACHE
     stamp = cache.stat().st_mtime_ns
     run = train(load_config("mnist_text", db), progress=False)  # trains, reusing the cached class images

@@ -1,11 +1,14 @@
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import HostReads
 from ddpmkit.config import NetworkConfig
 from ddpmkit.nets import MLPDenoiser, UNet, build_network
 from ddpmkit.nets.classifier import random_shift
-from ddpmkit.nets.layers import timestep_embedding
+from ddpmkit.nets.layers import ResBlock, timestep_embedding
 
 
 @pytest.mark.parametrize("channels,size,mult,attn", [(1, 28, (1, 2, 4), (7,)), (3, 32, (1, 2, 2, 2), (8, 4)), (4, 8, (1, 2), ())])
@@ -41,10 +44,31 @@ def test_learned_variance_doubles_channels():
 
 
 def test_timestep_embedding():
-    e = timestep_embedding(torch.tensor([0.0, 10.0]), 8)
-    assert e.shape == (2, 8)
-    assert torch.allclose(e[0], torch.tensor([1.0] * 4 + [0.0] * 4))  # cos(0) = 1, sin(0) = 0
-    assert e[1, 0].item() == pytest.approx(torch.cos(torch.tensor(10.0)).item(), abs=1e-6)
+    """The Transformer's sinusoids (DDPM's time embedding): cos, then sin, of t / 10000^(i / half), i = 0..half-1."""
+    t = torch.tensor([0.0, 10.0, 999.0])
+    e = timestep_embedding(t, 8)
+    assert e.shape == (3, 8)
+    for b, tb in enumerate(t.tolist()):
+        for i in range(4):
+            arg = tb / 10000 ** (i / 4)
+            assert e[b, i].item() == pytest.approx(math.cos(arg), abs=1e-3) and e[b, 4 + i].item() == pytest.approx(math.sin(arg), abs=1e-3)
+    assert torch.equal(timestep_embedding(t, 9)[:, :8], e) and not timestep_embedding(t, 9)[:, 8].any()  # an odd width: a zero column
+
+
+def test_resblock_is_adms_block_written_out():
+    """GroupNorm, SiLU, conv; the embedding's scale and shift of the second norm (h (1 + scale) + shift); SiLU, conv;
+    plus the skip (a 1x1 conv where the channels change). Every layer is perturbed: the last conv starts at zero."""
+    block = ResBlock(8, 16, emb_dim=12).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(p.numel()))
+    x, emb = torch.randn(2, 8, 6, 6), torch.randn(2, 12)
+    n1, n2, c1, c2, skip = block.norm1, block.norm2, block.conv1, block.conv2, block.skip
+    h = F.conv2d(F.silu(F.group_norm(x, n1.num_groups, n1.weight, n1.bias)), c1.weight, c1.bias, padding=1)
+    scale, shift = F.linear(F.silu(emb), block.emb.weight, block.emb.bias)[:, :, None, None].chunk(2, dim=1)
+    h = F.group_norm(h, n2.num_groups, n2.weight, n2.bias) * (1 + scale) + shift
+    h = F.conv2d(F.silu(h), c2.weight, c2.bias, padding=1)
+    torch.testing.assert_close(block(x, emb), F.conv2d(x, skip.weight, skip.bias) + h, atol=1e-5, rtol=1e-5)
 
 
 def test_patch_size_folds_pixels_into_channels():
