@@ -9,6 +9,7 @@ from ddpmkit.config import NetworkConfig
 from ddpmkit.nets import MLPDenoiser, UNet, build_network
 from ddpmkit.nets.classifier import random_shift
 from ddpmkit.nets.layers import ResBlock, timestep_embedding
+from ddpmkit.nets.unet import Conditioning
 
 
 @pytest.mark.parametrize("channels,size,mult,attn", [(1, 28, (1, 2, 4), (7,)), (3, 32, (1, 2, 2, 2), (8, 4)), (4, 8, (1, 2), ())])
@@ -69,6 +70,29 @@ def test_resblock_is_adms_block_written_out():
     h = F.group_norm(h, n2.num_groups, n2.weight, n2.bias) * (1 + scale) + shift
     h = F.conv2d(F.silu(h), c2.weight, c2.bias, padding=1)
     torch.testing.assert_close(block(x, emb), F.conv2d(x, skip.weight, skip.bias) + h, atol=1e-5, rtol=1e-5)
+
+
+def test_the_conditioning_embeddings_add_up_as_written_out():
+    """The time embedding (MLP of the sinusoids of t), plus the noise-augmentation level's (of 1000 s), the label's, the
+    pooled projected prompt tokens' and the CLIP image embedding's; the image embedding also gives k extra tokens after
+    the prompt's, unmasked."""
+    E, B, L, k = 32, 3, 5, 4
+    cond = Conditioning(16, E, num_classes=4, context_dim=6, aug_level=True, image_embed_dim=7, embed_tokens=k)
+    x, t, s, y = torch.zeros(B, 1, 4, 4), torch.tensor([3.0, 500.0, 999.0]), torch.tensor([0.0, 0.3, 1.0]), torch.tensor([0, 3, 2])
+    context, mask, image = torch.randn(B, L, 6), torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]).bool(), torch.randn(B, 7)
+    emb, tokens, token_mask = cond(x, t, y=y, context=context, mask=mask, aug_level=s, image_embed=image)
+    projected = cond.context_proj(context)
+    pooled = torch.stack([projected[b, mask[b]].mean(0) for b in range(B)])
+    expected = (cond.time_mlp(timestep_embedding(t, 16)) + cond.aug_mlp(timestep_embedding(1000 * s, 16)) + cond.label_emb.table(y)
+                + cond.context_emb(pooled) + cond.image_emb(image))
+    torch.testing.assert_close(emb, expected)
+    torch.testing.assert_close(tokens, torch.cat([projected, cond.image_tokens(image).view(B, k, E)], 1))
+    assert torch.equal(token_mask, torch.cat([mask, torch.ones(B, k, dtype=torch.bool)], 1))
+    decoder = Conditioning(16, E, image_embed_dim=7, embed_tokens=k)  # unCLIP's decoder without a prompt: its k tokens alone
+    emb, tokens, token_mask = decoder(x, t, image_embed=image)
+    torch.testing.assert_close(emb, decoder.time_mlp(timestep_embedding(t, 16)) + decoder.image_emb(image))
+    torch.testing.assert_close(tokens, decoder.image_tokens(image).view(B, k, E))
+    assert token_mask.shape == (B, k) and token_mask.all()
 
 
 def test_patch_size_folds_pixels_into_channels():
