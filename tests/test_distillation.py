@@ -18,6 +18,7 @@ from ddpmkit.distillation import (
 )
 from ddpmkit.parameterization import Denoiser
 from ddpmkit.schedules import NoiseSchedule
+from ddpmkit.train.progressive import ProgressiveTask, grid_points
 
 S = NoiseSchedule.from_name("linear", 1000)
 MU, STD = torch.tensor([0.7, -0.4]), 0.5
@@ -154,6 +155,21 @@ def test_a_progressive_run_of_the_engine_samples_in_half_the_steps_what_its_teac
     # rounds chain: the next student takes half of this one's steps, not any other number
     with pytest.raises(TrainingError, match="its student takes half, distill.student_steps = 2"):
         train(load_config(config, student_overrides(tmp_path / "pd4", tmp_path / "bad", 3)), progress=False)
+    assert ProgressiveTask(load_config(config, student_overrides(tmp_path / "pd4", tmp_path / "next", 2))).round == 2
+
+
+def test_a_student_takes_at_most_half_of_t_steps_and_trains_on_every_grid_point(toy_teacher, tmp_path):
+    from ddpmkit.config import load_config
+    from ddpmkit.train import TrainingError
+
+    config = str(toy_teacher / "config.json")
+    T = load_config(config).diffusion.T
+    with pytest.raises(TrainingError, match=rf"2 x distill.student_steps = {T + 2} steps exceed T = {T}"):
+        ProgressiveTask(load_config(config, student_overrides(toy_teacher, tmp_path / "big", T // 2 + 1)))
+    assert ProgressiveTask(load_config(config, student_overrides(toy_teacher, tmp_path / "ok", T // 2))).round == 1
+    j = grid_points(5, 10_000, torch.Generator().manual_seed(0))
+    counts = torch.bincount(j, minlength=7)  # 1..5, each about 2,000 times
+    assert counts[0] == counts[6] == 0 and (counts[1:6] > 1900).all(), counts
 
 
 def test_a_progressive_run_resumes_exactly(toy_teacher, tmp_path):

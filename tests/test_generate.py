@@ -159,3 +159,12 @@ def test_the_gifs_record_the_first_samples_only(model):
     plain = generate(model, n, **kw)
     assert not plain.xs and torch.equal(recorded.images, plain.images)
     assert torch.allclose(recorded.xs[-1].cpu(), recorded.images[:GIF_SAMPLES], atol=1e-6)  # the last frame: those samples
+
+
+def test_a_slice_of_a_request_cycles_its_classes_and_prompts_as_the_whole_batch_does():
+    """Chunks of a long run take samples start..start+n-1 of the one big batch: classes and prompts in turn, rows of
+    per-sample conditions as they are."""
+    request = GuidanceRequest(classes=[0, 1, 2], prompts=["a", "b"], conditions={"c": torch.arange(10)})
+    part = request.slice(5, 4)
+    assert part.classes == [2, 0, 1, 2] and part.prompts == ["b", "a", "b", "a"] and part.conditions["c"].tolist() == [5, 6, 7, 8]
+    assert GuidanceRequest().slice(5, 3, num_classes=4).classes == [1, 2, 3]  # a class model's default: 0, 1, 2, ... in turn

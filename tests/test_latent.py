@@ -6,11 +6,14 @@ import pytest
 import torch
 
 from ddpmkit.cli import main
-from ddpmkit.config import PRESET_DIR, AutoencoderConfig
+from ddpmkit.config import PRESET_DIR, AutoencoderConfig, load_config
 from ddpmkit.data import load_dataset
 from ddpmkit.evaluate.metrics import psnr
 from ddpmkit.models import load_autoencoder, load_diffusion
 from ddpmkit.nets.autoencoder import Autoencoder
+from ddpmkit.nets.layers import ResBlock
+from ddpmkit.train.autoencoder import AutoencoderTask
+from ddpmkit.train.batches import step_batch
 
 
 def test_autoencoder_kl_is_the_closed_form_of_the_gaussian_posterior():
@@ -25,6 +28,30 @@ def test_autoencoder_kl_is_the_closed_form_of_the_gaussian_posterior():
     reference = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).flatten(1).sum(1)
     assert torch.allclose(kl, reference, rtol=1e-5)
     assert ae.latent_shape == (2, 4, 4) and ae.decode(mean).shape == x.shape
+
+
+def test_the_autoencoder_loss_is_the_squared_error_of_a_reparameterised_sample_plus_the_weighted_kl():
+    """Per example: |decode(mean + sigma eps) - x|^2 + kl_weight KL(q(z | x) || N(0, I)), eps the step's first draw."""
+    cfg = load_config("mnist_autoencoder", ["data.name=digits", "autoencoder.pad_to=8", "autoencoder.channel_mult=1,2",
+                                            "autoencoder.base_channels=8", "autoencoder.kl_weight=0.3"])
+    task = AutoencoderTask(cfg)
+    ae = Autoencoder(task.shape, cfg.autoencoder)
+    with torch.no_grad():
+        for p in ae.parameters():
+            p.normal_(0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
+    loss = task.loss(ae, step_batch(0, 2, 8, task.num_examples, torch.device("cpu")))
+    batch = step_batch(0, 2, 8, task.num_examples, torch.device("cpu"))
+    eps = torch.randn((8, *task.latent_shape), generator=batch.generator)
+    x = task.data.get_batch(batch.indices)
+    mean, log_var = ae.encode(x)
+    q = torch.distributions.Normal(mean, (0.5 * log_var).exp())
+    kl = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).flatten(1).sum(1)
+    expected = ((ae.decode(mean + q.stddev * eps) - x) ** 2).flatten(1).sum(1) + 0.3 * kl
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)
+    assert loss.shape == (8,) and kl.min() > 0
+    # latent diffusion's decoder: LDM's num_res_blocks + 1 blocks a level going up (the encoder has num_res_blocks)
+    blocks = [sum(isinstance(m, ResBlock) for m in part.modules()) for part in (ae.encoder, ae.decoder)]
+    assert blocks == [2 + 2 * cfg.autoencoder.num_res_blocks, 2 + 2 * (cfg.autoencoder.num_res_blocks + 1)]
 
 
 def test_padding_and_psnr():
@@ -45,6 +72,10 @@ def test_autoencoder_then_latent_diffusion_from_the_command_line(tmp_path, capsy
     assert "PSNR" in capsys.readouterr().out
     ae = load_autoencoder(ae_run)
     assert ae.metrics["latent_elements"] == 3 * 4 * 4 and ae.metrics["image_elements"] == 64
+    held_out = load_dataset("digits", split="test").x[:500]
+    recon = ae.network.from_latent(ae.network.to_latent(held_out))
+    assert ae.metrics["mse"] == pytest.approx(((recon - held_out) ** 2).mean().item(), rel=1e-4)
+    assert ae.metrics["psnr_db"] == pytest.approx(psnr(recon, held_out).mean().item(), rel=1e-4)
     train_latents = ae.network.to_latent(load_dataset("digits").x)
     assert abs(train_latents.std().item() - 1.0) < 1e-3  # the stored scale factor gives unit variance
 

@@ -8,13 +8,15 @@ import torch
 
 from conftest import needs_text
 from ddpmkit.analytic import GaussianSuperRes
-from ddpmkit.config import Config, SuperResConfig, TrainConfig
+from ddpmkit.config import Config, SuperResConfig, TrainConfig, load_config
 from ddpmkit.models import DiffusionModel
 from ddpmkit.nets import UNet
 from ddpmkit.pipelines.cascade import CascadeError, Stage, cascade, check_cascade, stage_request, super_resolve
 from ddpmkit.pipelines.guided import GuidanceRequest, guided_model
 from ddpmkit.schedules import NoiseSchedule
 from ddpmkit.superres import augment, downsample, gaussian_blur, stage_inputs, upsample
+from ddpmkit.train.batches import step_batch
+from ddpmkit.train.superres import SuperResTask
 
 
 def test_area_downsampling_is_the_mean_of_each_block():
@@ -108,6 +110,30 @@ def test_exact_super_resolution_reproduces_the_conditional_gaussian(level):
     assert (emp - wrong).norm() / cov.norm() > 0.3
     if level == 0:  # the low-res part is pinned: every sample averages back to z
         torch.testing.assert_close(downsample(out.reshape(n, 1, 4, 4).float(), 2), z.expand(n, 1, 2, 2), atol=0.02, rtol=0)
+
+
+def test_training_blurs_each_low_res_input_by_a_sigma_drawn_uniformly_between_lo_and_hi():
+    """With blur_prob 1 and no noise augmentation, each training input is the downsampled image blurred by its own
+    sigma ~ U(lo, hi): recovered here by fitting sigma per image."""
+    cfg = load_config("imagen_sr", ["data.name=digits", "superres.low_res=4", "superres.aug_max=0", "superres.blur_prob=1",
+                                    "superres.blur_sigma=0.5,1.5", "network.text_encoder="])
+    task = SuperResTask(cfg)
+    batch = step_batch(0, 1, 64, task.num_examples, torch.device("cpu"))
+    x0 = task.examples(batch.indices, batch.device)
+    low_res = task.stage_inputs(x0, batch)["low_res"]
+    z = downsample(x0, 4)
+
+    def misfit(s: torch.Tensor) -> torch.Tensor:
+        return (gaussian_blur(z, s, max_sigma=1.5) - low_res).flatten(1).norm(dim=1)
+
+    a, b = torch.full((64,), 1e-3), torch.full((64,), 1.5)
+    for _ in range(40):  # a ternary search per image: the misfit has one minimum in sigma
+        m1, m2 = a + (b - a) / 3, b - (b - a) / 3
+        closer = misfit(m1) < misfit(m2)
+        a, b = torch.where(closer, a, m1), torch.where(closer, m2, b)
+    fitted = (a + b) / 2
+    assert misfit(fitted).max() < 1e-4 and fitted.min() >= 0.499, fitted
+    assert fitted.min() < 0.6 and fitted.max() > 1.4 and 0.85 < fitted.mean() < 1.15, fitted
 
 
 def test_guidance_gives_both_branches_the_low_res_image():

@@ -99,6 +99,11 @@ class DistillationTask(DenoiserTask):
         return {}  # the VLB of a few-step student says nothing about its samples
 
 
+def grid_points(K: int, B: int, generator: torch.Generator) -> torch.Tensor:
+    """The student's grid point j in 1..K of each of B examples, uniformly: its step from t_j to t_{j-1}."""
+    return torch.randint(1, K + 1, (B,), generator=generator)
+
+
 class ProgressiveTask(DistillationTask):
     name = "progressive"
 
@@ -117,7 +122,7 @@ class ProgressiveTask(DistillationTask):
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         K, g, B = self.cfg.distill.student_steps, batch.generator, batch.size
         # the global batch's randomness, always in this order (exact resume, N processes = 1)
-        j_all = torch.randint(1, K + 1, (B,), generator=g)  # the student's grid point of each example
+        j_all = grid_points(K, B, g)
         noise_all = torch.randn((B, *self.shape), generator=g)
         cond_all = self.conditioning.batch(batch.indices, g)
         x0 = queued_copy(self.dataset.get_batch(batch.indices[batch.mine]), batch.device)
