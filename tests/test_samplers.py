@@ -306,7 +306,8 @@ def test_bad_grid_and_sampler_names_list_the_options():
         ddpmkit.sample(MIX.eps_model(S), (2, 2), S, sampler="dpm")
     with pytest.raises(ValueError, match=r"shape must be \(batch, \*dims\) of sizes >= 1, got \(0, 2\)"):  # was a reshape error
         ddpmkit.sample(MIX.eps_model(S), (0, 2), S, sampler="ddim", steps=3)
-    for bad in ([0.0, 500.0], [999.0, math.nan, 0.0]):  # NaN (a hand-edited grid file) was "cannot convert float NaN to integer"
+    # NaN (a hand-edited grid file) was "cannot convert float NaN to integer"; timesteps lie in [0, T - 1]
+    for bad in ([0.0, 500.0], [999.0, math.nan, 0.0], [999.5, 0.0], [999.0, -0.5]):
         with pytest.raises(ValueError, match="decreasing"):
             timestep_grid(torch.tensor(bad), S, None)
     for sampler, option in (("dpmpp_2m", {"order": 3}), ("dpmpp_3m", {"eta": 1.0}), ("dpmpp_3m_sde", {"order": 2})):  # what the name fixes
