@@ -3,9 +3,10 @@ the tests that should catch it, put the module back; a mutant the tests pass is 
 
     .venv/bin/python tests/mutants.py --files src/ddpmkit/sampling/ode.py --tests tests/test_samplers.py [--n 40]
 
-Mutants are drawn at random (--seed) from every such operator outside error messages and asserts; the module is
-always restored (also on Ctrl-C; after a kill, `git checkout` the file). A surviving mutant is either a gap in the
-tests or an equivalent mutant (e.g. a normalising constant that cancels in a ratio, the sign of a Gaussian draw).
+Mutants are drawn at random (--seed) from every such operator outside error messages and asserts; the module is always
+restored (also on Ctrl-C; after a kill, `git checkout` the file); a test run past --timeout counts as caught (hung). A
+surviving mutant is either a gap in the tests or an equivalent mutant (e.g. a normalising constant that cancels in a
+ratio, the sign of a Gaussian draw).
 2026-12-07: 80 mutants of the sampler, schedule, loss and guidance modules left 17 survivors; tests/test_analytic.py
 and the 3M and clipping tests in tests/test_samplers.py came of them (docs/samplers_and_evaluation.md). Seven more
 batches the same day (236 mutants, also of the networks, conditioning, the training tasks, grids and cascades) left
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -41,10 +44,17 @@ def mutant(source: str, index: int) -> tuple[str, int, str, str]:
     return ast.unparse(tree), node.lineno, before, ast.unparse(node)
 
 
-def killed(tests: list[str]) -> bool:
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-n", "2", "-p", "no:cacheprovider", *tests],
-                         capture_output=True, text=True)
-    return run.returncode != 0
+def verdict(tests: list[str], timeout: float) -> str:
+    """'killed' when the tests fail, 'hung' when they outlast `timeout` (e.g. a counter that never reaches its limit;
+    the whole process group is stopped), 'SURVIVED' when they pass."""
+    run = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-x", "-n", "2", "-p", "no:cacheprovider", *tests],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        return "killed" if run.wait(timeout) != 0 else "SURVIVED"
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+        return "hung"
 
 
 def main() -> int:
@@ -53,6 +63,7 @@ def main() -> int:
     p.add_argument("--tests", nargs="+", required=True, help="pytest paths that should catch every mutant")
     p.add_argument("--n", type=int, default=40, help="mutants to try (at random among all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=600, help="seconds before a test run counts as hung (caught)")
     args = p.parse_args()
     pool = [(Path(f), i) for f in args.files for i in range(len(operators(ast.parse(Path(f).read_text()))))]
     chosen = random.Random(args.seed).sample(pool, min(args.n, len(pool)))
@@ -64,12 +75,11 @@ def main() -> int:
         t0 = time.time()
         try:
             path.write_text(text)
-            caught = killed(args.tests)
+            outcome = verdict(args.tests, args.timeout)
         finally:
             path.write_text(original)
-        survivors += not caught
-        print(f"{'killed  ' if caught else 'SURVIVED'} {path}:{line}  {before[:80]}  ->  {after[:80]}  ({time.time() - t0:.0f} s)",
-              flush=True)
+        survivors += outcome == "SURVIVED"
+        print(f"{outcome:8} {path}:{line}  {before[:80]}  ->  {after[:80]}  ({time.time() - t0:.0f} s)", flush=True)
     print(f"{survivors} of {len(chosen)} survived")
     return 1 if survivors else 0
 
