@@ -7,7 +7,7 @@ import torch
 
 from ddpmkit.errors import UserError
 from ddpmkit.models import load_diffusion
-from ddpmkit.pipelines.generate import auto_streams, generate
+from ddpmkit.pipelines.generate import auto_batch_size, auto_streams, equal_chunks, generate
 from ddpmkit.pipelines.guided import GuidanceRequest, weaker_model
 from ddpmkit.precision import Autocast, resolve_precision
 
@@ -98,6 +98,14 @@ def test_a_folder_holds_one_calls_samples_and_nothing_of_the_call_before(model, 
     assert sorted(f.name for f in (out / "samples").iterdir()) == ["3000000.png", "3000001.png"]
 
 
+def test_chunks_split_n_as_equally_as_the_batch_size_allows_and_a_gpu_takes_64_cpu_chunks():
+    for n, b in ((10, 4), (12, 3), (7, 7), (129, 128), (1, 5)):
+        sizes = equal_chunks(n, b)
+        assert sum(sizes) == n and max(sizes) <= b and max(sizes) - min(sizes) <= 1 and len(sizes) == -(-n // b), (n, b, sizes)
+    assert auto_batch_size((1, 28, 28)) == 128 and auto_batch_size((1, 28, 28), "cuda") == 64 * 128
+    assert auto_batch_size((3, 32, 32), "cpu") == 128 * 28 * 28 // (3 * 32 * 32)
+
+
 def test_a_chunk_the_device_has_no_memory_for_is_drawn_again_in_halves_with_the_same_samples(model, capsys):
     """Where generate chose the chunk size (the caller gave none), a chunk the device has no memory for is drawn again in
     halves until it fits, and the samples are those of that chunk size from the start (each sample has its own seed); a
@@ -119,6 +127,21 @@ def test_a_chunk_the_device_has_no_memory_for_is_drawn_again_in_halves_with_the_
     assert torch.equal(halved, fits)
     err = capsys.readouterr().err
     assert "cpu had no memory for 12 samples at once; drawing chunks of 6" in err and "no memory for 6 samples at once; drawing chunks of 3" in err
+    # a later chunk that does not fit: the samples left after the chunks drawn are split in halves
+    c, calls = auto_batch_size(model.data_shape), []
+
+    def no_memory_for_a_second_full_chunk(module, args):
+        calls.append(args[0].shape[0])
+        if args[0].shape[0] > c // 2 and len(calls) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+
+    hook = model.network.register_forward_pre_hook(no_memory_for_a_second_full_chunk)
+    try:
+        late = generate(model, 2 * c, **kw).images  # two chunks of c; the second one in halves
+    finally:
+        hook.remove()
+    assert calls == [c] * 4 + [c // 2] * 6 and torch.equal(late, generate(model, 2 * c, batch_size=c // 2, **kw).images)
+    assert f"cpu had no memory for {c} samples at once; drawing chunks of {c // 2}" in capsys.readouterr().err
 
 
 def test_vector_samples_are_not_clipped_to_the_pixel_range(tmp_path):
