@@ -1,3 +1,4 @@
+import math
 import re
 
 import numpy as np
@@ -25,6 +26,8 @@ def test_digits_and_toys():
     for name in ["swiss_roll", "moons", "8gaussians", "checkerboard"]:
         toy = make_toy(name, n=1000)
         assert toy.shape == (2,) and toy.x.abs().max() < 5
+    radius = 5 * make_toy("swiss_roll", n=1000).x.norm(dim=1)  # u (cos u, sin u) / 5 for u in [1.5 pi, 4.5 pi], plus noise
+    assert radius.min() > 1.5 * math.pi - 1.25 and radius.max() < 4.5 * math.pi + 1.25 and radius.max() > 4 * math.pi  # noise: 0.25 a coordinate
     with pytest.raises(DataError, match="choose one of"):
         make_toy("spiral")
 
