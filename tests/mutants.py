@@ -8,11 +8,12 @@ restored (also on Ctrl-C; after a kill, `git checkout` the file); a test run pas
 surviving mutant is either a gap in the tests or an equivalent mutant (e.g. a normalising constant that cancels in a
 ratio, the sign of a Gaussian draw).
 2026-12-07: 80 mutants of the sampler, schedule, loss and guidance modules left 17 survivors; tests/test_analytic.py
-and the 3M and clipping tests in tests/test_samplers.py came of them (docs/samplers_and_evaluation.md). Nine more
-batches the same day (289 mutants, also of the networks, conditioning, the training tasks, grids, cascades, the
-training engine and generate's chunks) left 63; each that is not equivalent is now caught (but 4 progress-bar totals),
-mostly by a layer or a loss written out from its parts (tests/test_nets.py, tests/test_latent.py). A zero-initialised
-layer hides what comes before it: perturb every weight first.
+and the 3M and clipping tests in tests/test_samplers.py came of them (docs/samplers_and_evaluation.md). Ten more
+batches the same day (309 mutants, also of the networks, conditioning, the training tasks, grids, cascades, the
+training engine, generate's chunks, the data and the web page) left 70; each that is not equivalent is now caught (but
+4 progress-bar totals and 5 of the data and the page, in issue 47's note), mostly by a layer or a loss written out
+from its parts (tests/test_nets.py, tests/test_latent.py). A zero-initialised layer hides what comes before it:
+perturb every weight first.
 """
 from __future__ import annotations
 
