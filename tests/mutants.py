@@ -10,9 +10,9 @@ ratio, the sign of a Gaussian draw).
 2026-12-07: 80 mutants of the sampler, schedule, loss and guidance modules left 17 survivors; tests/test_analytic.py
 and the 3M and clipping tests in tests/test_samplers.py came of them (docs/samplers_and_evaluation.md). Ten more
 batches the same day (309 mutants, also of the networks, conditioning, the training tasks, grids, cascades, the
-training engine, generate's chunks, the data and the web page) left 70; each that is not equivalent is now caught (but
-4 progress-bar totals and 5 of the data and the page, in issue 47's note), mostly by a layer or a loss written out
-from its parts (tests/test_nets.py, tests/test_latent.py). A zero-initialised layer hides what comes before it:
+training engine, generate's chunks, the data and the web page) left 70; each that is not equivalent is now caught,
+mostly by a layer or a loss written out from its parts (tests/test_nets.py, tests/test_latent.py); three of the
+progress-bar total's were in a line that did nothing (the bar it set is off there), now gone. A zero-initialised layer hides what comes before it:
 perturb every weight first.
 """
 from __future__ import annotations

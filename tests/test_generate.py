@@ -17,11 +17,13 @@ def model(web_runs):
     return load_diffusion(str(web_runs / "uncond"))
 
 
-def test_chunks_drawn_side_by_side_are_the_chunks_drawn_one_at_a_time(model):
+def test_chunks_drawn_side_by_side_are_the_chunks_drawn_one_at_a_time(model, capsys):
     threads = torch.get_num_threads()
-    kw = dict(sampler="dpmpp_2m_sde", steps=4, seed=5, batch_size=3, progress=False)
-    one = generate(model, 8, **kw, streams=1).images
+    kw = dict(sampler="dpmpp_2m_sde", steps=4, seed=5, batch_size=3)
+    one = generate(model, 8, **kw, streams=1, progress=False).images
     two = generate(model, 8, **kw, streams=2).images
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]  # one bar over the chunks' steps
+    assert bar.startswith("dpmpp_2m_sde (3 chunks, 2 at once): 100%") and "| 12/12 [" in bar
     assert torch.allclose(one, two, atol=1e-5) and torch.get_num_threads() == threads  # torch's threads restored
     assert auto_streams(model, torch.device("cpu"), 3) == min(2, threads) and auto_streams(model, torch.device("cpu"), 1) == 1
     assert auto_streams(model, torch.device("cuda"), 3) == 1

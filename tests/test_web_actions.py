@@ -122,6 +122,9 @@ def test_generate_streams_previews_then_the_result_of_the_library(actions, web_r
     expected = generate(m, 3, s.request, "ddim", 8, 5, {"clip_x0": True}, progress=False).images
     assert np.array_equal(final["result"], picture(expected, nrow=2))
     assert updates[-2]["x0"].shape == final["result"].shape
+    # previews at most every preview_every_s: of a fast run, its first step and its last
+    steps = [u["progress"] for u in actions.generate(s, preview_every_s=3600.0) if "progress" in u]
+    assert steps == [(1, 8), (8, 8)]
 
 
 def test_cancel_stops_the_sampler_between_steps(actions, web_runs):
@@ -186,6 +189,12 @@ def test_edits_return_the_input_beside_its_edits(actions, web_runs):
     assert strip.shape == (side + 4, 3 * (side + 2) + 2) and command.startswith(f"ddpmkit img2img {run} mnist5k:3 --strength 0.3")
     strip, _ = actions.edit(run, None, 3, "posterior", 0.3, 300, "right", None, "", 3.0, "ddim", 5, 0, 2)
     assert strip.shape[1] == 4 * (side + 2) + 2  # input, x_t, 2 samples
+    # the posterior's t runs over 1..T - 1 (T = 1000): its ends are taken, one past either is refused before any work
+    for t in (1, 999):
+        assert actions.edit(run, None, 3, "posterior", 0.3, t, "right", None, "", 3.0, "ddim", 2, 0, 1)[0].shape[1] == 3 * (side + 2) + 2
+    for t in (0, 1000):
+        with pytest.raises(ValueError, match=f"t must lie in 1..999, got {t}"):
+            actions.edit(run, None, 3, "posterior", 0.3, t, "right", None, "", 3.0, "ddim", 2, 0, 1)
     drawn = np.zeros((256, 256, 4), np.uint8)
     drawn[:, 128:, 3] = 255  # the right half painted over
     strip, command = actions.edit(run, None, 3, "inpaint", 0.3, 300, "drawn", drawn, "", 3.0, "ddim", 5, 0, 1)
@@ -212,6 +221,10 @@ def test_interpolations_render_a_gif_and_a_strip(actions, web_runs):
         assert im.n_frames == 5
     _, strip = actions.interpolate(run, "images", 3, 14, 0, 1, 300, "", "", [], 4, "", 3.0, "ddim", 5)
     assert strip.shape[1] == 4 * (16 + 2) + 2  # four 8x8 frames shown 2x
+    assert actions.interpolate(run, "images", 3, 14, 0, 1, 999, "", "", [], 2, "", 3.0, "ddim", 2)[1].shape[1] == 2 * (16 + 2) + 2
+    for t in (0, 1000):  # the images' t runs over 1..T - 1 as the posterior's does
+        with pytest.raises(ValueError, match=f"t must lie in 1..999, got {t}"):
+            actions.interpolate(run, "images", 3, 14, 0, 1, t, "", "", [], 2, "", 3.0, "ddim", 2)
     with pytest.raises(ValueError, match="needs a text-conditional model"):
         actions.interpolate(run, "prompts", 3, 14, 0, 1, 300, "a one", "a two", [], 4, "", 3.0, "ddim", 5)
     assert actions.interpolations(run) == ["seeds", "images"]  # what the page offers this model: no prompts, no voyage
@@ -245,6 +258,9 @@ def text_actions(tmp_path_factory):
 
 def test_prompts_and_the_voyage_on_a_text_model(text_actions):
     actions, run = text_actions
+    about, label, _ = actions.describe(run)
+    assert about.endswith("T = 1000; text-conditional") and label == "prompt"
+    assert actions.interpolations(run) == ["seeds", "images", "prompts", "voyage"]
     m, s = actions.settings(run, "a handwritten three", "ddim", 4, "default", 2.0, 0, 2)
     assert s.request.prompts == ["a handwritten three"] and "--prompt 'a handwritten three' --guidance 2" in s.command()
     with pytest.raises(ValueError, match="text-conditional: type a prompt"):

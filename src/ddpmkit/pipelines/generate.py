@@ -111,6 +111,7 @@ def generate(m: DiffusionModel, n: int, request: GuidanceRequest | None = None, 
     starts = list(itertools.accumulate([0, *sizes[:-1]]))
     chunks = len(sizes)
     streams = min(streams or auto_streams(m, device, chunks), chunks)
+    # one bar for chunks side by side; one chunk at a time shows its sampler's own bar (also while halving for memory)
     bar = progress_bar(total=chunks * (steps or m.schedule.T), desc=f"{sampler} ({chunks} chunks, {streams} at once)",
                        unit="step", disable=not progress or streams == 1)
     failed = threading.Event()  # a chunk that raised (e.g. a callback cancelling) stops the others at their next step
@@ -151,7 +152,6 @@ def generate(m: DiffusionModel, n: int, request: GuidanceRequest | None = None, 
             # the rest in halves; the per-sample seeds make them the samples the larger chunks would have been
             sizes[len(parts):] = equal_chunks(n - start, max(1, b // 2))
             starts = list(itertools.accumulate([0, *sizes[:-1]]))
-            bar.total = bar.n + (len(sizes) - len(parts)) * (steps or m.schedule.T)
             print(f"ddpmkit: {device} had no memory for {b} samples at once; drawing chunks of {sizes[len(parts)]} "
                   f"(the same samples)", file=sys.stderr)
     else:

@@ -237,7 +237,7 @@ class Actions:
                 events.put(("error", e))
 
         threading.Thread(target=work, daemon=True, name="ddpmkit-generate").start()
-        last = 0.0
+        last = -float("inf")  # the first step is always shown (monotonic time may start near 0 after a boot)
         try:
             while True:
                 kind, value = events.get()
