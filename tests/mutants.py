@@ -27,22 +27,35 @@ import sys
 import time
 from pathlib import Path
 
-SWAP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult}
+ARITH = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult}  # a sign or a coefficient
+BOUNDS = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt}  # an end of a range in or out: off by one
 
 
-def operators(tree: ast.Module) -> list[ast.BinOp]:
-    """The arithmetic operators a mutant may flip, in a fixed order: none inside f-strings, raise or assert."""
+def sites(tree: ast.Module, kinds: tuple[str, ...] = ("arith",)) -> list[tuple[ast.AST, int]]:
+    """The operators a mutant may flip, in a fixed order, as (node, k): a BinOp (k = -1) for "arith", the k-th comparison
+    of a Compare for "bounds"; none inside f-strings, raise or assert."""
     quiet = {id(n) for node in ast.walk(tree) if isinstance(node, (ast.JoinedStr, ast.Raise, ast.Assert)) for n in ast.walk(node)}
-    return [n for n in ast.walk(tree) if isinstance(n, ast.BinOp) and type(n.op) in SWAP and id(n) not in quiet]
+    found: list[tuple[ast.AST, int]] = []
+    for n in ast.walk(tree):
+        if id(n) in quiet:
+            continue
+        if "arith" in kinds and isinstance(n, ast.BinOp) and type(n.op) in ARITH:
+            found.append((n, -1))
+        if "bounds" in kinds and isinstance(n, ast.Compare):
+            found += [(n, k) for k, op in enumerate(n.ops) if type(op) in BOUNDS]
+    return found
 
 
-def mutant(source: str, index: int) -> tuple[str, int, str, str]:
-    """The module with its index-th operator flipped (comments are lost: the text is regenerated), the line, and the
+def mutant(source: str, index: int, kinds: tuple[str, ...] = ("arith",)) -> tuple[str, int, str, str]:
+    """The module with its index-th site flipped (comments are lost: the text is regenerated), the line, and the
     expression before and after."""
     tree = ast.parse(source)
-    node = operators(tree)[index]
+    node, k = sites(tree, kinds)[index]
     before = ast.unparse(node)
-    node.op = SWAP[type(node.op)]()
+    if k < 0:
+        node.op = ARITH[type(node.op)]()
+    else:
+        node.ops[k] = BOUNDS[type(node.ops[k])]()
     return ast.unparse(tree), node.lineno, before, ast.unparse(node)
 
 
@@ -66,14 +79,17 @@ def main() -> int:
     p.add_argument("--n", type=int, default=40, help="mutants to try (at random among all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600, help="seconds before a test run counts as hung (caught)")
+    p.add_argument("--kinds", nargs="+", choices=("arith", "bounds"), default=["arith"],
+                   help="arith: + <-> -, * <-> /; bounds: < <-> <=, > <-> >=")
     args = p.parse_args()
-    pool = [(Path(f), i) for f in args.files for i in range(len(operators(ast.parse(Path(f).read_text()))))]
+    kinds = tuple(args.kinds)
+    pool = [(Path(f), i) for f in args.files for i in range(len(sites(ast.parse(Path(f).read_text()), kinds)))]
     chosen = random.Random(args.seed).sample(pool, min(args.n, len(pool)))
     print(f"{len(pool)} possible mutants; trying {len(chosen)}", flush=True)
     survivors = 0
     for path, index in chosen:
         original = path.read_text()
-        text, line, before, after = mutant(original, index)
+        text, line, before, after = mutant(original, index, kinds)
         t0 = time.time()
         try:
             path.write_text(text)
