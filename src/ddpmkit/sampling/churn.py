@@ -68,7 +68,7 @@ def edm(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int | No
     tr = Trajectory(denoiser, x, steps, grid, model_kwargs, callback, progress, "edm", options)
     x_bar, s = tr.x_bar, tr.sigmas
     sigma_max = tr.D.schedule.sigma_at(tr.D.schedule.T - 1).item()
-    gamma = min(churn / tr.n, math.sqrt(2) - 1)
+    gamma = min(churn / tr.n, math.sqrt(2) - 1) if tr.n else 0.0  # n = 0: one step from pure noise, taken exactly
     for k in tr.steps():
         sigma_hat = s[k]
         if gamma > 0 and churn_min <= s[k] <= churn_max:

@@ -233,7 +233,7 @@ def dopri5(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int |
     if denoiser.schedule.zero_terminal_snr and T > 2:  # zero terminal SNR: the exact first step goes to T-2
         grid, points = torch.tensor([T - 1.0, T - 2.0, 0.0], dtype=torch.float64), 3  # (finite sigma), the solve from there
     else:
-        points = 2
+        points = min(2, T)  # T = 1: one grid point, nothing to solve
     tr = Trajectory(denoiser, x, points, grid, model_kwargs, callback, progress, "dopri5", options)
     s_max, s_min = tr.sigmas[0], tr.sigmas[-2]
 
@@ -244,7 +244,8 @@ def dopri5(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, steps: int |
     span = torch.tensor([math.log(s_max), math.log(s_min)], dtype=torch.float64)
     from torchdiffeq import odeint  # slow to import (scipy): only for the adaptive reference solve
 
-    x_bar = odeint(f, tr.x_bar, span, rtol=rtol, atol=atol, method="dopri5")[-1]
+    # a span of one point (T = 1, or T = 2 with zero terminal SNR, whose exact first step lands on t = 0): no solve
+    x_bar = odeint(f, tr.x_bar, span, rtol=rtol, atol=atol, method="dopri5")[-1] if s_max > s_min else tr.x_bar
     out = tr.D(x_bar, s_min)
-    tr.report(1, out.x0, out.x0)
+    tr.report(tr.n - 1, out.x0, out.x0)
     return out.x0

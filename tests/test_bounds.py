@@ -1,0 +1,149 @@
+"""Every range a formula or an option takes, at its ends: the end inside is taken (and does what the formula says there),
+the end outside is refused with its message. Written from `tests/mutants.py --kinds bounds`, whose `<` <-> `<=` flips
+in the schedules and samplers these tests passed before (33 of 60)."""
+import math
+
+import pytest
+import torch
+
+import ddpmkit
+from ddpmkit.analytic import GaussianMixture
+from ddpmkit.errors import UserError
+from ddpmkit.guidance import DynamicThresholding
+from ddpmkit.parameterization import as_denoiser
+from ddpmkit.sampling import SAMPLERS, timestep_grid
+from ddpmkit.sampling.optimize import optimize_grid
+from ddpmkit.schedules import NoiseSchedule, spaced_timesteps
+
+S = NoiseSchedule.from_name("linear", 1000)
+MU, SD = torch.tensor([0.5, -0.4, 0.2], dtype=torch.float64), 0.3
+GAUSS = GaussianMixture.gaussian(MU, SD)
+X_T = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+
+def test_a_schedule_of_one_step_and_betas_in_0_1():
+    one = NoiseSchedule(torch.tensor([0.5]))
+    assert one.T == 1 and one.alpha_bar.tolist() == [0.5]
+    assert NoiseSchedule.from_name("linear", 1).T == 1 and NoiseSchedule(torch.tensor([0.1, 1.0])).alpha_bar[-1] == 0  # beta = 1 taken
+    for betas in ([0.0, 0.1], [0.1, -0.2], [0.1, 1.5]):  # beta_t = 0 adds no noise: sigma_0 = 0 and eps is undefined there
+        with pytest.raises(UserError, match=r"every beta_t must lie in \(0, 1\]"):
+            NoiseSchedule(torch.tensor(betas))
+    with pytest.raises(UserError, match="at least one step"):
+        NoiseSchedule(torch.tensor([]))
+    with pytest.raises(UserError, match="T must be >= 1, got 0"):
+        NoiseSchedule.from_name("linear", 0)
+
+
+def test_respacing_and_spaced_timesteps_take_every_step_up_to_T_minus_1():
+    assert S.respace([0, S.T - 1]).timesteps.tolist() == [0, 999]
+    with pytest.raises(UserError, match=r"respaced timesteps must lie in \[0, 999\]"):
+        S.respace([0, S.T])
+    assert torch.equal(spaced_timesteps(S.T, S.T), torch.arange(S.T)) and spaced_timesteps(S.T, 1).tolist() == [999]
+    for steps in (0, S.T + 1):
+        with pytest.raises(UserError, match=rf"steps must lie in \[1, 1000\], got {steps}"):
+            spaced_timesteps(S.T, steps)
+
+
+def test_explicit_grids_of_one_point_are_taken_and_repeated_timesteps_refused():
+    assert timestep_grid(torch.tensor([500.0]), S, None).tolist() == [500.0]
+    for grid in ([500.0, 500.0, 0.0], [500.0, 600.0, 0.0]):
+        with pytest.raises(UserError, match=r"strictly decreasing timesteps in \[0, 999\]"):
+            timestep_grid(torch.tensor(grid), S, None)
+
+
+def gaussian_x0_model(schedule: NoiseSchedule):
+    """E[x_0 | x_t] for N(mu, s^2 I) data, finite at alpha_bar = 0 (zero terminal SNR), where an eps-model has no x_0."""
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ab = schedule.alpha_bar_at(t, check=False).to(x.dtype)[:, None]
+        return MU + ab.sqrt() * SD**2 / (ab * SD**2 + 1 - ab) * (x - ab.sqrt() * MU)
+    return model
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_one_step_lands_on_the_x0_prediction_on_a_schedule_of_one_step_and_of_T(sampler):
+    """steps = 1 is taken by every sampler and grid: one step from the first grid point (t = 0 on a schedule of T = 1,
+    t = T - 1 on T = 1000) to sigma = 0 lands on the denoiser's x_0 there, whatever the solver's order (its higher
+    terms need past steps) or its noise (none is added at the last step). dopri5 solves the whole ODE whatever `steps`,
+    so only on T = 1."""
+    for schedule in (NoiseSchedule.from_name("cosine", 1), S)[:1 if sampler == "dopri5" else 2]:
+        model = gaussian_x0_model(schedule)
+        x0 = model(X_T, torch.full((len(X_T),), schedule.T - 1.0))
+        out = ddpmkit.sample(model, X_T.shape, schedule, sampler=sampler, steps=1, prediction="x0", x_T=X_T, generator=0)
+        assert out.nfe == 1 and torch.allclose(out.x, x0, atol=1e-10, rtol=0)
+    for grid in ("karras", "logsnr", "uniform"):
+        assert timestep_grid(grid, S, 1).tolist() == [999.0]
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_every_sampler_samples_the_shortest_zero_terminal_snr_schedules(sampler):
+    """T = 2 and 3 with alpha_bar_{T-1} = 0, in 1 and 2 steps: the first step from pure noise is exact (x_0 = the
+    prediction at SNR 0, here the data's mean), then the rest. edm divided its churn by the steps left (0); dopri5
+    handed torchdiffeq a span of one point."""
+    for T in (2, 3):
+        zt = NoiseSchedule.from_name("cosine", T, zero_terminal_snr=True)
+        model = gaussian_x0_model(zt)
+        for steps in (1, 2):
+            out = ddpmkit.sample(model, X_T.shape, zt, sampler=sampler, steps=steps, prediction="x0", x_T=X_T, generator=0).x
+            assert bool(out.isfinite().all())
+            if T == 2 and (steps == 1 or sampler == "dopri5"):  # only the first step, or dopri5: from t = 0 (nothing to solve)
+                s0 = zt.sigma_at(0).item()
+                x_bar = MU + s0 * X_T  # the exact step to sigma_0: x_0 (= MU) + sigma_0 eps, eps = x_T at SNR 0
+                at_0 = MU + SD**2 / (SD**2 + s0**2) * (x_bar - MU)
+                assert torch.allclose(out, MU if steps == 1 and sampler != "dopri5" else at_0, atol=1e-10), (T, steps)
+
+
+def test_two_sigma_spaced_steps_on_a_zero_terminal_snr_schedule_are_T_minus_1_then_0():
+    zt = NoiseSchedule.from_name("cosine", 1000, zero_terminal_snr=True)
+    for grid in ("karras", "logsnr"):
+        assert timestep_grid(grid, zt, 2).tolist() == [999.0, 0.0]
+
+
+def test_the_churn_window_includes_both_its_ends():
+    """EDM's Algorithm 2 churns where S_tmin <= sigma_k <= S_tmax: a window that is one sigma of the grid, [s_k, s_k],
+    churns that step alone, as a window just around it does; one just beside it churns none (Heun)."""
+    s = S.sigma_at(timestep_grid("karras", S, 6)).tolist()
+
+    def edm(lo: float, hi: float) -> torch.Tensor:
+        return ddpmkit.sample(GAUSS.eps_model(S), X_T.shape, S, sampler="edm", steps=6, x_T=X_T, generator=3, churn_min=lo, churn_max=hi).x
+
+    exact, around, beside = edm(s[2], s[2]), edm(s[2] * (1 - 1e-9), s[2] * (1 + 1e-9)), edm(s[2] * (1 + 1e-9), s[2] * (1 + 2e-9))
+    heun = ddpmkit.sample(GAUSS.eps_model(S), X_T.shape, S, sampler="heun", steps=6, x_T=X_T).x
+    assert torch.equal(exact, around) and torch.equal(beside, heun) and not torch.allclose(exact, heun, atol=1e-3)
+    with pytest.raises(UserError, match=r"`churn_max` must be >= `churn_min` \(0.5\), got 0.4"):
+        edm(0.5, 0.4)
+
+
+@pytest.mark.parametrize("sampler, options, message", [
+    ("euler_ancestral", {"eta": math.inf}, "`eta` must be a finite number >= 0, got inf"),
+    ("edm", {"churn": math.inf}, "`churn` must be a finite number >= 0, got inf"),
+    ("edm", {"s_noise": math.inf}, "`s_noise` must be a finite number >= 0, got inf"),
+    ("pc", {"snr": 0.0}, "corrector_steps must be >= 0 and snr > 0"),
+    ("dopri5", {"rtol": 0.0}, r"dopri5's tolerances must lie in \(0, 1\), got rtol = 0.0"),
+    ("dopri5", {"rtol": 1.0}, r"dopri5's tolerances must lie in \(0, 1\), got rtol = 1.0"),
+    ("dopri5", {"atol": 0.0}, r"dopri5's tolerances must lie in \(0, 1\), got rtol = 1e-05, atol = 0.0"),
+    ("dopri5", {"atol": 1.0}, r"dopri5's tolerances must lie in \(0, 1\), got rtol = 1e-05, atol = 1.0"),
+])
+def test_a_samplers_option_at_its_open_end_is_refused(sampler, options, message):
+    with pytest.raises(UserError, match=message):
+        ddpmkit.sample(GAUSS.eps_model(S), X_T.shape, S, sampler=sampler, steps=4, x_T=X_T, **options)
+
+
+def test_dynamic_thresholding_takes_percentile_1_static_clipping_and_refuses_0():
+    """percentile 1: s = max(1, max |x0_hat|), so every sample is divided into [-1, 1] by its own largest value."""
+    far = as_denoiser(lambda x, t: -4 * x, S)  # x_0 = (x + 4 sqrt(1 - ab) x) / sqrt(ab): far outside [-1, 1]
+    x, t = X_T.float(), torch.full((8,), 500.0)
+    raw, held = far(x, t).x0, DynamicThresholding(far, 1.0)(x, t).x0
+    assert torch.allclose(held, raw / raw.abs().amax(1, keepdim=True).clamp(min=1), atol=1e-6)
+    with pytest.raises(UserError, match=r"percentile must lie in \(0, 1\], got 0.0"):
+        DynamicThresholding(far, 0.0)
+
+
+def test_a_tuned_grid_takes_3_points_up_to_T():
+    s4 = NoiseSchedule.from_name("linear", 4)
+    model = GAUSS.eps_model(s4)
+    for steps in (3, 4):  # real timesteps from T - 1 down to 0
+        grid = optimize_grid(model, (4, 3), s4, sampler="ddim", steps=steps, max_evals=4)
+        assert len(grid) == steps and grid[0] == 3 and grid[-1] == 0 and bool((grid[1:] < grid[:-1]).all())
+    for steps in (2, 5):
+        with pytest.raises(UserError, match=r"fewer than 3 points|steps must lie in \[3, 4\]"):
+            optimize_grid(model, (4, 3), s4, sampler="ddim", steps=steps)
