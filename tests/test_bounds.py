@@ -3,15 +3,22 @@ the end outside is refused with its message. Written from `tests/mutants.py --ki
 in the schedules and samplers these tests passed before (33 of 60)."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import ddpmkit
 from ddpmkit.analytic import GaussianMixture
+from ddpmkit.distillation import consistency_grid, uniform_grid
+from ddpmkit.editing import img2img, inpaint
 from ddpmkit.errors import UserError
+from ddpmkit.evaluate.copies import copies
+from ddpmkit.evaluate.likelihood import ode_nll, vlb, vlb_estimate
+from ddpmkit.evaluate.metrics import FeatureStats, fid_from_features, kernel_inception_distance
 from ddpmkit.guidance import DynamicThresholding
 from ddpmkit.parameterization import as_denoiser
 from ddpmkit.sampling import SAMPLERS, timestep_grid
+from ddpmkit.sampling.noise import NoiseSource
 from ddpmkit.sampling.optimize import optimize_grid
 from ddpmkit.schedules import NoiseSchedule, spaced_timesteps
 
@@ -147,3 +154,64 @@ def test_a_tuned_grid_takes_3_points_up_to_T():
     for steps in (2, 5):
         with pytest.raises(UserError, match=r"fewer than 3 points|steps must lie in \[3, 4\]"):
             optimize_grid(model, (4, 3), s4, sampler="ddim", steps=steps)
+
+
+def test_repaint_on_a_schedule_of_one_step_keeps_the_known_pixels_and_fills_in_the_x0_prediction():
+    """On T = 1 RePaint takes one step at t = 0, where the posterior mean is the x_0 prediction and no noise is added:
+    the unknown pixels are the denoiser's x_0 of the first draw, the known ones the input."""
+    one = NoiseSchedule.from_name("cosine", 1)
+    model = gaussian_x0_model(one)
+    mask = torch.tensor([1.0, 0.0, 1.0])
+    for resample in (1, 3):  # a resampling loop stops at t = 0: nothing to noise back to
+        out = inpaint(model, X_T, mask, one, steps=1, resample=resample, generator=4, prediction="x0", clip_x0=False)
+        x_T = NoiseSource(len(X_T), 4).randn(X_T.shape[1:], X_T.dtype)
+        assert torch.allclose(out, mask * X_T + (1 - mask) * model(x_T, torch.zeros(len(X_T))), atol=1e-12)
+    for strength in (0.0, 1.5):
+        with pytest.raises(UserError, match=rf"strength must lie in \(0, 1\], got {strength}"):
+            img2img(model, X_T, one, strength=strength, prediction="x0")
+
+
+def test_the_bound_and_the_likelihood_at_their_ends():
+    """The bound's estimate on T = 1 is the bound (L_T + L_0: no t to draw); the ODE likelihood refuses t_start = -1
+    (sigma = 0), and 'auto' takes the exact divergence up to 32 dimensions, Hutchinson's from 33."""
+    one = NoiseSchedule.from_name("linear", 1)
+    x = (X_T.clamp(-1, 1) * 127.5).round() / 127.5
+    same = lambda: torch.Generator().manual_seed(5)  # noqa: E731 -- L_0 is taken at one draw of x_0's noisy copy
+    assert torch.equal(vlb_estimate(GAUSS.eps_model(one), x, one, generator=same()), vlb(GAUSS.eps_model(one), x, one, generator=same()).total)
+    with pytest.raises(UserError, match=r"t_start must be > -1 \(sigma = 0 is the data itself\)"):
+        ode_nll(GAUSS.eps_model(S), X_T, S, t_start=-1.0)
+    for dim, kind in ((32, "exact"), (33, "hutchinson")):
+        g = GaussianMixture.gaussian(torch.zeros(dim, dtype=torch.float64), 0.5)
+        x = torch.randn(2, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        auto, chosen = (ode_nll(g.eps_model(S), x, S, divergence=d, rtol=1e-3, atol=1e-3, generator=torch.Generator().manual_seed(1)).nll
+                        for d in ("auto", kind))
+        assert torch.equal(auto, chosen), dim
+
+
+def test_the_metrics_and_the_copy_test_take_their_smallest_sets():
+    """FD and KID from 2 samples (a covariance needs 2), the copy test against 2 training images (a nearest and a second)."""
+    f = np.array([[0.0, 1.0], [2.0, 3.0]])
+    stats = FeatureStats.of(f)
+    assert stats.n == 2 and np.allclose(stats.sigma, [[2.0, 2.0], [2.0, 2.0]]) and fid_from_features(f, f) == pytest.approx(0, abs=1e-6)
+    k = lambda a, b: (a @ b / 2 + 1) ** 3  # noqa: E731 -- KID's kernel in d = 2
+    # unbiased MMD^2 of a set of two with itself: the off-diagonal k(a, b) twice, less twice the mean over all four pairs
+    mmd = 2 * k(f[0], f[1]) - 2 * (k(f[0], f[0]) + k(f[1], f[1]) + 2 * k(f[0], f[1])) / 4
+    assert kernel_inception_distance(f, f, subsets=2) == (pytest.approx(mmd, rel=1e-12), 0.0) and mmd == -197.0
+    for few in (f[:1], np.zeros((0, 2))):
+        with pytest.raises(UserError, match=r"n >= 2"):
+            FeatureStats.of(few)
+    with pytest.raises(UserError, match="KID needs at least 2 samples in each set"):
+        kernel_inception_distance(f[:1], f)
+    train = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
+    found = copies(torch.tensor([[0.1, 0.0], [5.0, 0.0]]), train)
+    assert found.nearest.tolist() == [0, 0] and found.fraction == 0.5  # the first is 0.1 from one and 9.9 from the other
+    with pytest.raises(UserError, match="at least 2 training images, got 1"):
+        copies(train[:1], train[:1])
+
+
+def test_distillation_grids_take_every_step_and_two_points():
+    assert torch.equal(uniform_grid(S, S.T), torch.arange(S.T - 1, -2, -1, dtype=torch.float64))  # T steps: every t, then -1
+    assert consistency_grid(S, 2).tolist() == [0.0, 999.0] and torch.equal(consistency_grid(S, S.T), torch.arange(S.T, dtype=torch.float64))
+    for points in (1, S.T + 1):
+        with pytest.raises(UserError, match=rf"the consistency grid needs 2..1000 points, got {points}"):
+            consistency_grid(S, points)

@@ -55,8 +55,10 @@ def test_sigma_rel_and_gamma_invert_each_other():
     tau = np.arange(1, t + 1)
     mean = (w * tau).sum()
     assert math.sqrt((w * (tau - mean) ** 2).sum()) / t == pytest.approx(0.1, rel=0.01)
-    with pytest.raises(ValueError, match="sigma_rel"):
-        gamma_from_sigma_rel(0.5)
+    for sr in (0.5, 12**-0.5, 0.0):  # 1/sqrt(12) is the uniform profile, gamma = 0: the range is open at both ends
+        with pytest.raises(ValueError, match=rf"sigma_rel = {sr} must lie in \(0, 0.2887\)"):
+            gamma_from_sigma_rel(sr)
+    assert sigma_rel_from_gamma(0.0) == pytest.approx(12**-0.5, rel=1e-12) and gamma_from_sigma_rel(0.2886) > 0
 
 
 def test_tracked_average_has_the_profile_weights():
@@ -143,6 +145,9 @@ def test_training_keeps_snapshots_resumes_exactly_and_posthoc_ema_samples(tmp_pa
     state = m.network.state_dict()
     assert all(torch.allclose(state[k], tracked[f"1/{k}"], atol=1e-5) for k in state)  # 0.1 is the second tracked width
     assert m.step == 12 and m.config.diffusion.precondition == "edm"
+    # the rest is the newest checkpoint at or before the snapshot's step: here step 12's own
+    assert (list_checkpoints(straight / "posthoc-ema-0.1")[-1] / "model.safetensors").read_bytes() == \
+        (list_checkpoints(straight)[-1] / "model.safetensors").read_bytes() and list_checkpoints(straight)[-1].name == "ckpt-0000012"
     x = ddpmkit.sample(m.network, (16, 2), m.schedule, sampler="ddim", steps=5, prediction="x0", generator=0).x
     assert x.shape == (16, 2) and torch.isfinite(x).all()
 

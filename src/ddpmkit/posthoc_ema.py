@@ -34,7 +34,9 @@ SNAPSHOT_RE = re.compile(r"^phema-(\d+)\.safetensors$")
 def gamma_from_sigma_rel(sigma_rel: float) -> float:
     """The exponent gamma of the profile of relative width sigma_rel: the largest real root of
     gamma^3 + 7 gamma^2 + (16 - 1/sigma_rel^2) gamma + (12 - 1/sigma_rel^2) = 0."""
-    if not 0 < sigma_rel < 12**-0.5:  # gamma > -1 needs sigma_rel below the width of the uniform profile, 1/sqrt(12)
+    # 1/sqrt(12) is the width of the uniform profile (gamma = 0); wider ones have gamma in (-1, 0) and weigh the first
+    # weights the most: an average that ought to favour the last ones has gamma > 0
+    if not 0 < sigma_rel < 12**-0.5:
         raise UserError(f"sigma_rel = {sigma_rel} must lie in (0, {12**-0.5:.4f})")
     k = sigma_rel**-2
     roots = np.roots([1.0, 7.0, 16.0 - k, 12.0 - k])
