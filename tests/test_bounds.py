@@ -9,6 +9,7 @@ import torch
 
 import ddpmkit
 from ddpmkit.analytic import GaussianMixture
+from ddpmkit.config import Config, NetworkConfig, SuperResConfig
 from ddpmkit.distillation import consistency_grid, uniform_grid
 from ddpmkit.editing import img2img, inpaint
 from ddpmkit.errors import UserError
@@ -16,11 +17,17 @@ from ddpmkit.evaluate.copies import copies
 from ddpmkit.evaluate.likelihood import ode_nll, vlb, vlb_estimate
 from ddpmkit.evaluate.metrics import FeatureStats, fid_from_features, kernel_inception_distance
 from ddpmkit.guidance import DynamicThresholding
+from ddpmkit.images import load_image
+from ddpmkit.models import load_diffusion
+from ddpmkit.nets import build_super_resolution
 from ddpmkit.parameterization import as_denoiser
+from ddpmkit.pipelines.edit import check_level
+from ddpmkit.pipelines.guided import GuidanceRequest, guided_model
 from ddpmkit.sampling import SAMPLERS, timestep_grid
 from ddpmkit.sampling.noise import NoiseSource
 from ddpmkit.sampling.optimize import optimize_grid
 from ddpmkit.schedules import NoiseSchedule, spaced_timesteps
+from ddpmkit.superres import downsample
 
 S = NoiseSchedule.from_name("linear", 1000)
 MU, SD = torch.tensor([0.5, -0.4, 0.2], dtype=torch.float64), 0.3
@@ -215,3 +222,38 @@ def test_distillation_grids_take_every_step_and_two_points():
     for points in (1, S.T + 1):
         with pytest.raises(UserError, match=rf"the consistency grid needs 2..1000 points, got {points}"):
             consistency_grid(S, points)
+
+
+def test_a_models_classes_levels_and_images_at_their_ends(web_runs):
+    """The class-conditional run's classes 0..9 (10 is the null label, not a class), an edit's level t in 1..T - 1,
+    the built-in digits' indices 0..4999, an image downsampled to its own size, and autoguidance's weight 0."""
+    m = load_diffusion(str(web_runs / "class"))
+    for classes in ([0, 9], [10], [-1]):
+        if classes == [0, 9]:
+            assert guided_model(m, 2, GuidanceRequest(classes=classes, scale=2.0), "ddim")[1]["y"].tolist() == [0, 9]
+            continue
+        with pytest.raises(UserError, match=r"`classes` must lie in 0..9"):
+            guided_model(m, 2, GuidanceRequest(classes=classes, scale=2.0), "ddim")
+    for t in (1, m.schedule.T - 1):
+        check_level(m, t)
+    for t in (0, m.schedule.T):
+        with pytest.raises(UserError, match=rf"t must lie in 1..999, got {t}"):
+            check_level(m, t)
+    assert load_image("mnist5k:4999").shape == (1, 1, 28, 28)
+    with pytest.raises(UserError, match=r"mnist5k:5000: the index must be a number in 0..4999"):
+        load_image("mnist5k:5000")
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(downsample(x, 8), x) and downsample(x, 1).shape == (2, 3, 1, 1)
+    for size in (0, 9):
+        with pytest.raises(UserError, match=rf"cannot downsample \(8, 8\) images to {size}x{size}"):
+            downsample(x, size)
+    assert GuidanceRequest(autoguide_scale=0.0).autoguide_scale == 0.0  # w = 0: the weaker model alone
+    with pytest.raises(UserError, match="the autoguidance weight w must be a finite number >= 0"):
+        GuidanceRequest(autoguide_scale=-0.5)
+
+
+def test_a_super_resolution_stage_takes_a_low_res_side_up_to_one_less_than_the_images():
+    net = NetworkConfig(base_channels=8, channel_mult=(1, 2), attention_resolutions=())
+    assert build_super_resolution(Config(network=net, superres=SuperResConfig(low_res=7)), (1, 8, 8)).low_res_channels == 1
+    with pytest.raises(UserError, match="superres.low_res = 8 must be smaller than the images' side 8"):
+        build_super_resolution(Config(network=net, superres=SuperResConfig(low_res=8)), (1, 8, 8))

@@ -42,7 +42,8 @@ def test_conditioning_needs_labels(tmp_path):
     with pytest.raises(ConditioningError, match="has no labels"):
         TrainingConditions.for_config(cfg, ArrayDataset(torch.zeros(4, 2)))
     with pytest.raises(ConditioningError, match="num_classes = 3"):
-        TrainingConditions.for_config(cfg, ArrayDataset(torch.zeros(4, 2), torch.tensor([0, 1, 2, 5])))
+        TrainingConditions.for_config(cfg, ArrayDataset(torch.zeros(4, 2), torch.tensor([0, 1, 2, 3])))  # 3 is one past 0..2
+    assert TrainingConditions.for_config(cfg, ArrayDataset(torch.zeros(4, 2), torch.tensor([0, 1, 2, 2]))).null_label == 3
 
 
 @pytest.mark.slow
@@ -243,7 +244,7 @@ def test_noisy_classifier_and_classifier_guidance_from_the_command_line(tmp_path
     for sampler in ("ddpm", "ddim"):  # Algorithm 1 and Algorithm 2
         out = tmp_path / sampler
         code = main(["sample", str(model_run), "--n", "3", "--steps", "4", "--sampler", sampler, "--classifier", str(clf_run),
-                     "--class", "1,2", "--classifier-scale", "2", "--no-gif", "--out", str(out)])
+                     "--class", "0,9", "--classifier-scale", "2", "--no-gif", "--out", str(out)])  # its first and last
         assert code == 0, capsys.readouterr().err
         assert torch.load(out / "samples.pt").isfinite().all()
     code = main(["sample", str(model_run), "--n", "2", "--steps", "2", "--classifier", str(tmp_path / "nothing"), "--class", "1",
@@ -254,7 +255,7 @@ def test_noisy_classifier_and_classifier_guidance_from_the_command_line(tmp_path
     assert code == 2 and "holds a denoiser" in capsys.readouterr().err
     # a class the classifier has not, and a classifier of another image size: index and shape errors deep in the guidance
     # (a traceback), or guidance of 28x28 digits by an 8x8 classifier without a word
-    code = main(["sample", str(model_run), "--n", "2", "--steps", "2", "--classifier", str(clf_run), "--class", "12", "--out", str(tmp_path / "x")])
+    code = main(["sample", str(model_run), "--n", "2", "--steps", "2", "--classifier", str(clf_run), "--class", "10", "--out", str(tmp_path / "x")])
     assert code == 2 and f"--class must lie in 0..9, the classes of the classifier at {clf_run}/ckpt-" in capsys.readouterr().err
     big = train(load_config(PRESET_DIR / "mnist.toml", [*TINY_DIGITS, "data.resize=4", f"train.run_dir={tmp_path / 'big'}", "train.steps=1"]),
                 progress=False)

@@ -26,6 +26,12 @@ def test_chunks_drawn_side_by_side_are_the_chunks_drawn_one_at_a_time(model, cap
     assert bar.startswith("dpmpp_2m_sde (3 chunks, 2 at once): 100%") and "| 12/12 [" in bar
     assert torch.allclose(one, two, atol=1e-5) and torch.get_num_threads() == threads  # torch's threads restored
     assert auto_streams(model, torch.device("cpu"), 3) == min(2, threads) and auto_streams(model, torch.device("cpu"), 1) == 1
+    try:  # two threads are enough for two streams (a pytest-xdist worker may have one)
+        for n_threads, streams in ((2, 2), (1, 1)):
+            torch.set_num_threads(n_threads)
+            assert auto_streams(model, torch.device("cpu"), 3) == streams
+    finally:
+        torch.set_num_threads(threads)
     assert auto_streams(model, torch.device("cuda"), 3) == 1
 
 
@@ -144,6 +150,22 @@ def test_a_chunk_the_device_has_no_memory_for_is_drawn_again_in_halves_with_the_
         hook.remove()
     assert calls == [c] * 4 + [c // 2] * 6 and torch.equal(late, generate(model, 2 * c, batch_size=c // 2, **kw).images)
     assert f"cpu had no memory for {c} samples at once; drawing chunks of {c // 2}" in capsys.readouterr().err
+    # no memory even for one sample at once: the error, after halving down to 1 (not the same chunk of 1 again and again)
+    sizes = []
+
+    def no_memory_at_all(module, args):
+        sizes.append(args[0].shape[0])
+        if len(sizes) > 10:  # a loop, failed here rather than hung
+            raise AssertionError(f"chunks of {sizes}")
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+
+    hook = model.network.register_forward_pre_hook(no_memory_at_all)
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            generate(model, 4, **kw)
+    finally:
+        hook.remove()
+    assert sizes == [4, 2, 1]
 
 
 def test_vector_samples_are_not_clipped_to_the_pixel_range(tmp_path):
