@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpmkit.data import DataError, ImageFolder, load_dataset, load_npz, make_toy
+from ddpmkit.data import DataError, ImageFolder, Resized, load_dataset, load_npz, make_toy
 from ddpmkit.errors import Note
 
 
@@ -44,6 +44,13 @@ def test_image_folder(tmp_path):
     batch = ds.get_batch(torch.tensor([0, 2]))
     assert batch.shape == (2, 3, 16, 16)
     assert batch[0].max().item() == pytest.approx(-1.0) and batch[1].mean().item() == pytest.approx(80 / 127.5 - 1, abs=1e-2)
+    assert ds.classes == () and ds.labels is None  # files directly in the folder: no classes (a subfolder per class makes them)
+    # data.resize from 1 up to the side itself
+    for size in (1, 16):
+        assert Resized(ds, size).get_batch(torch.tensor([1])).shape == (1, 3, size, size)
+    for size in (0, 17):
+        with pytest.raises(DataError, match=rf"data.resize = {size} must lie in 1..16"):
+            Resized(ds, size)
 
 
 def test_images_load_as_a_viewer_shows_them_upright_transparency_on_white_16_bit_grey_scaled(tmp_path):
@@ -93,6 +100,11 @@ def test_images_load_as_a_viewer_shows_them_upright_transparency_on_white_16_bit
     Image.fromarray((ramp / 65535).astype(np.float32), "F").save(tmp_path / "float.tif")
     x = ImageFolder(tmp_path, image_size=32, channels=1).get_batch(torch.tensor([0]))[0]
     assert (x - eight_bit).abs().max() < 1e-6
+    # a 32-bit integer image whose values reach 255 and no further is 8-bit, not 16-bit (which would make it near black)
+    (tmp_path / "float.tif").unlink()
+    Image.fromarray(np.arange(32 * 32).reshape(32, 32).astype(np.int32) % 256, "I").save(tmp_path / "wide.tif")
+    x = ImageFolder(tmp_path, image_size=32, channels=1).get_batch(torch.tensor([0]))[0]
+    assert torch.equal(x, torch.from_numpy((np.arange(32 * 32).reshape(1, 32, 32) % 256).astype(np.float32) / 127.5 - 1))
 
 
 def test_an_image_folder_decodes_each_image_once_and_a_large_jpeg_at_its_dct_scale(tmp_path):

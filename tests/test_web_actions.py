@@ -63,6 +63,14 @@ def test_random_seed_and_upload_checks(tmp_path):
     assert len(seeds) > 1 and all(0 <= s <= limits.max_seed for s in seeds) and limits.seed(7) == 7
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "ok.png")
     assert limits.upload(tmp_path / "ok.png") == tmp_path / "ok.png"
+    # an upload of exactly the bytes and the pixels allowed is taken; one byte or one pixel more is not
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "edge.png")
+    edge = (tmp_path / "edge.png").stat().st_size
+    assert Limits(max_upload_bytes=edge, max_upload_pixels=64 * 64).upload(tmp_path / "edge.png") == tmp_path / "edge.png"
+    with pytest.raises(ValueError, match="MB; at most"):
+        Limits(max_upload_bytes=edge - 1).upload(tmp_path / "edge.png")
+    with pytest.raises(ValueError, match="64x64 pixels; at most 4095"):
+        Limits(max_upload_pixels=64 * 64 - 1).upload(tmp_path / "edge.png")
     Image.fromarray(np.zeros((65, 64), np.uint8)).save(tmp_path / "wide.png")
     with pytest.raises(ValueError, match="64x65 pixels; at most 4096"):
         limits.upload(tmp_path / "wide.png")
@@ -81,10 +89,13 @@ def test_the_class_or_prompt_box_is_read_as_the_model_takes_it(actions, web_runs
     assert actions.request(cls, "", 3.0)[0].classes == []  # all classes in turn, as the CLI without --class
     with pytest.raises(ValueError, match=r"takes class numbers 0..9 \(e.g. 7 or 0,1,2\), not a prompt: 'a seven'"):
         actions.request(cls, "a seven", 3.0)
-    with pytest.raises(ValueError, match=r"classes \[12\] are not among this model's 0..9"):
-        actions.request(cls, "12", 3.0)
-    with pytest.raises(ValueError, match="guidance scale must lie in 0..30"):
-        actions.request(cls, "1", 31.0)
+    assert actions.request(cls, "0,9", 0.0)[0].classes == [0, 9] and actions.request(cls, "1", 30.0)[0].scale == 30.0  # the ends
+    for typed in ("12", "10", "-1"):
+        with pytest.raises(ValueError, match=rf"classes \[{typed}\] are not among this model's 0..9"):
+            actions.request(cls, typed, 3.0)
+    for scale in (31.0, 30.5, -0.5):
+        with pytest.raises(ValueError, match="guidance scale must lie in 0..30"):
+            actions.request(cls, "1", scale)
     assert actions.request(unc, "", 3.0) == (type(request)(), [])
     with pytest.raises(ValueError, match="this model is unconditional"):
         actions.request(unc, "7", 3.0)
@@ -392,3 +403,34 @@ def test_runs_of_points_are_not_served_and_the_page_says_which(tmp_path, capsys)
     assert signal.getsignal(signal.SIGTERM) is handler  # serve's own `kill` handler ends with it
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("ddpmkit serve: error: no diffusion runs of images in or under") and f"not served: {toy} (" in err
+
+
+def test_the_pages_other_limits_take_their_ends(actions, web_runs):
+    """Each bound of the page at its ends: the prompt's length, eta's and churn's largest values, steps up to the
+    model's T (the limits allow more), img2img's strength 1, a voyage's 12 keyframes (rows without a prompt skipped),
+    and a mask pixel painted over by exactly a quarter (filled in: 'kept' needs less than a quarter)."""
+    limits = Limits()
+    assert limits.prompt("x" * 200) == "x" * 200 and limits.noise(10.0, "eta", limits.max_eta) == 10.0
+    assert limits.noise("1000", "churn", limits.max_churn) == 1000.0 and limits.noise(0.0, "eta", limits.max_eta) == 0.0
+    with pytest.raises(ValueError, match="the prompt has 201 characters; at most 200 are allowed"):
+        limits.prompt("x" * 201)
+    run = str(web_runs / "uncond")
+    wide = Actions(actions.shelf, Limits(max_steps=2000), actions.work_dir)
+    assert wide.settings(run, "", "ddim", 1000, "default", None, 0, 1)[1].steps == 1000  # built, not sampled
+    with pytest.raises(ValueError, match="this model has T = 1000 steps; steps must lie in 1..1000"):
+        wide.settings(run, "", "ddim", 1001, "default", None, 0, 1)
+    strip, command = actions.edit(run, None, 3, "img2img", 1.0, 500, "right", None, "", 3.0, "ddim", 2, 0, 1)
+    assert "--strength 1 " in command
+    with pytest.raises(ValueError, match=r"strength must lie in \(0, 1\], got 0.0"):
+        actions.edit(run, None, 3, "img2img", 0.0, 500, "right", None, "", 3.0, "ddim", 2, 0, 1)
+    # keyframe counts are checked before the model is: 12 reach the model's own refusal (no prompts), 13 do not
+    rows = [[k, f"a {k}"] for k in range(12)] + [[5], ["", "a prompt without a seed"]]
+    with pytest.raises(ValueError, match="text-conditional"):
+        actions.interpolate(run, "voyage", 0, 0, 0, 1, 300, "", "", rows, 3, "", 3.0, "ddim", 3)
+    with pytest.raises(ValueError, match="a voyage needs 2..12 keyframes"):
+        actions.interpolate(run, "voyage", 0, 0, 0, 1, 300, "", "", rows + [[12, "a 12"]], 3, "", 3.0, "ddim", 3)
+    drawn = np.zeros((256, 256, 4), np.uint8)
+    drawn[:16, :16, 3] = 255  # a quarter of the top-left 32x32 cell of an 8x8 image
+    drawn[:15, 32:48, 3] = 255  # a little less of the next one
+    keep = Actions.mask("drawn", drawn, (1, 1, 8, 8))[0, 0]
+    assert keep[0, 0] == 0 and keep[0, 1] == 1 and keep.sum() == 63
