@@ -1,3 +1,5 @@
+import math
+
 import pytest
 
 from ddpmkit.config import PRESET_DIR, ConfigError, load_config, parse_overrides
@@ -110,3 +112,38 @@ def test_the_distillation_presets_have_the_demo_models_settings(preset):
     assert cfg.train.task == preset.split("_")[1] and cfg.distill.teacher == "runs/demo"
     if cfg.distill.autoguide:  # the weaker model is the checkpoint the demo keeps for autoguidance
         assert cfg.distill.autoguide in [f"runs/demo/ckpt-{step:07d}" for step in demo.train.keep_steps]
+
+
+@pytest.mark.parametrize("override, taken", [
+    # each bound's end: taken where the message says "<=" or ">=", refused one step past it (tests/mutants.py --kinds bounds)
+    ("data.image_size=1", True), ("diffusion.logit_normal_std=0", False), ("diffusion.log_normal_std=0", False),
+    ("diffusion.sigma_data=0", False), ("diffusion.asymmetric_k=0", False), ("network.dropout=0", True), ("network.dropout=1", False),
+    ("superres.low_res=1", True), ("superres.low_res=0", False), ("superres.aug_level=0", True), ("superres.aug_level=1", True),
+    ("superres.aug_max=0", True), ("superres.aug_max=1", True), ("superres.blur_prob=1", True), ("superres.blur_sigma=[0,0]", True),
+    ("superres.blur_sigma=[0.6,0.4]", False), ("clip.embed_dim=2", True), ("clip.embed_dim=1", False), ("clip.text_hidden=1", True),
+    ("clip.init_temperature=0", False), ("unclip.embed_dim=2", True), ("unclip.embed_tokens=1", True), ("unclip.prior_layers=1", True),
+    ("train.keep_steps=[1]", True), ("train.keep_steps=[0]", False), ("train.seed=0", True), (f"train.seed={2**40 - 1}", True),
+    (f"train.seed={2**40}", False), (f"train.batch_size={2**20}", True), (f"train.batch_size={2**20 + 1}", False),
+    ("train.max_minutes=0", True), ("train.max_minutes=inf", False), ("train.lr=0", False), ("train.adam_betas=[0,0.999]", True),
+    ("train.adam_betas=[0.9,1.0]", False), ("train.cond_drop_prob=1", True), ("train.cond_drop_prob=0", True),
+    (f"train.posthoc_ema=[0.05,{12**-0.5!r}]", False), ("train.posthoc_ema=[0,0.1]", False), ("train.posthoc_ema=[0.05,0.2886]", True),
+    ("train.posthoc_every=1", True), ("train.budget_calibration=11", True), ("train.budget_calibration=10", False),
+    ("train.nan_patience=1", True), ("train.max_rollbacks=0", True), ("distill.points=2", True), ("distill.points=1", False),
+    ("distill.autoguide_scale=0", True), ("distill.autoguide_scale=inf", False), ("dreambooth.class_steps=1", True),
+    ("dreambooth.class_steps=0", False), ("dreambooth.prior_loss_weight=0", True),
+])
+def test_each_bound_of_the_config_at_its_end(override, taken):
+    if taken:
+        load_config(None, [override])
+    else:
+        with pytest.raises(ConfigError, match=override.split("=")[0].split(".")[1]):  # the message names the key
+            load_config(None, [override])
+
+
+def test_a_config_built_in_python_refuses_infinite_numbers_as_the_loader_does():
+    from ddpmkit.config import DistillConfig, TrainConfig
+
+    for build, key in ((lambda: TrainConfig(max_minutes=math.inf), "max_minutes"),
+                       (lambda: DistillConfig(autoguide_scale=math.inf), "autoguide_scale")):
+        with pytest.raises(ConfigError, match=key):
+            build()
