@@ -16,7 +16,7 @@ progress-bar total's were in a line that did nothing (the bar it set is off ther
 Then `--kinds bounds` (six batches, 231 mutants: the samplers and schedules, the evaluation and editing modules, the
 networks and pipelines, the training engine, the page and the data, all 56 of config.py) left 134: an option's value
 exactly at an end of its range, taken or refused against its message, and three samplers that failed on the
-shortest schedules. 33 are equivalent (noise times a zero sigma, float equalities, identities); the rest are caught,
+shortest schedules. 31 are equivalent (noise times a zero sigma, float equalities, identities); the rest are caught,
 mostly in tests/test_bounds.py and the config table in tests/test_config.py. A zero-initialised layer hides what comes before it:
 perturb every weight first.
 """
