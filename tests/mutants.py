@@ -13,10 +13,10 @@ batches the same day (309 mutants, also of the networks, conditioning, the train
 training engine, generate's chunks, the data and the web page) left 70; each that is not equivalent is now caught,
 mostly by a layer or a loss written out from its parts (tests/test_nets.py, tests/test_latent.py); three of the
 progress-bar total's were in a line that did nothing (the bar it set is off there), now gone.
-Then `--kinds bounds` (six batches, 231 mutants: the samplers and schedules, the evaluation and editing modules, the
-networks and pipelines, the training engine, the page and the data, all 56 of config.py) left 134: an option's value
-exactly at an end of its range, taken or refused against its message, and three samplers that failed on the
-shortest schedules. 31 are equivalent (noise times a zero sigma, float equalities, identities); the rest are caught,
+Then `--kinds bounds` (seven batches, 243 mutants: the samplers and schedules, the evaluation and editing modules, the
+networks and pipelines, the training engine, the page and the data, all 56 of config.py, the distillation and unCLIP
+tasks) left 142: an option's value exactly at an end of its range, taken or refused against its message, and three
+samplers that failed on the shortest schedules. 36 are equivalent (noise times a zero sigma, float equalities, identities); the rest are caught,
 mostly in tests/test_bounds.py and the config table in tests/test_config.py. A zero-initialised layer hides what comes before it:
 perturb every weight first.
 """

@@ -167,6 +167,20 @@ def test_a_student_takes_at_most_half_of_t_steps_and_trains_on_every_grid_point(
     with pytest.raises(TrainingError, match=rf"2 x distill.student_steps = {T + 2} steps exceed T = {T}"):
         ProgressiveTask(load_config(config, student_overrides(toy_teacher, tmp_path / "big", T // 2 + 1)))
     assert ProgressiveTask(load_config(config, student_overrides(toy_teacher, tmp_path / "ok", T // 2))).round == 1
+    assert ProgressiveTask(load_config(config, student_overrides(toy_teacher, tmp_path / "one", 1))).round == 1  # a one-step student
+    with pytest.raises(TrainingError, match="needs distill.student_steps >= 1"):
+        ProgressiveTask(load_config(config, student_overrides(toy_teacher, tmp_path / "none", 0)))
+    # a consistency student's teacher grid holds up to T points, one a timestep
+    from ddpmkit.train.progressive import ConsistencyTask
+
+    for points, taken in ((T, True), (T + 1, False)):
+        cfg = load_config(config, ["train.task=consistency", f"distill.teacher={toy_teacher}", f"distill.points={points}",
+                                   f"train.run_dir={tmp_path / 'cd'}"])
+        if taken:
+            ConsistencyTask(cfg)
+        else:
+            with pytest.raises(TrainingError, match=rf"distill.points = {T + 1} exceeds T = {T}"):
+                ConsistencyTask(cfg)
     j = grid_points(5, 10_000, torch.Generator().manual_seed(0))
     counts = torch.bincount(j, minlength=7)  # 1..5, each about 2,000 times
     assert counts[0] == counts[6] == 0 and (counts[1:6] > 1900).all(), counts
