@@ -23,7 +23,7 @@ from ddpmkit.nets import build_super_resolution
 from ddpmkit.parameterization import as_denoiser
 from ddpmkit.pipelines.edit import check_level
 from ddpmkit.pipelines.guided import GuidanceRequest, guided_model
-from ddpmkit.sampling import SAMPLERS, timestep_grid
+from ddpmkit.sampling import SAMPLERS, STOCHASTIC, timestep_grid
 from ddpmkit.sampling.noise import NoiseSource
 from ddpmkit.sampling.optimize import optimize_grid
 from ddpmkit.schedules import NoiseSchedule, spaced_timesteps
@@ -91,7 +91,8 @@ def test_one_step_lands_on_the_x0_prediction_on_a_schedule_of_one_step_and_of_T(
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_every_sampler_samples_the_shortest_zero_terminal_snr_schedules(sampler):
     """T = 2 and 3 with alpha_bar_{T-1} = 0, in 1 and 2 steps: the first step from pure noise is exact (x_0 = the
-    prediction at SNR 0, here the data's mean), then the rest. edm divided its churn by the steps left (0); dopri5
+    prediction at SNR 0, here the data's mean), then the rest; on T = 2 every deterministic sampler's second step lands
+    on the x_0 prediction at t = 0 (the stochastic ones draw noise on the way). edm divided its churn by the steps left (0); dopri5
     handed torchdiffeq a span of one point."""
     for T in (2, 3):
         zt = NoiseSchedule.from_name("cosine", T, zero_terminal_snr=True)
@@ -99,11 +100,12 @@ def test_every_sampler_samples_the_shortest_zero_terminal_snr_schedules(sampler)
         for steps in (1, 2):
             out = ddpmkit.sample(model, X_T.shape, zt, sampler=sampler, steps=steps, prediction="x0", x_T=X_T, generator=0).x
             assert bool(out.isfinite().all())
-            if T == 2 and (steps == 1 or sampler == "dopri5"):  # only the first step, or dopri5: from t = 0 (nothing to solve)
+            if T == 2 and steps == 1 and sampler != "dopri5":  # only the exact step from pure noise: the prediction at SNR 0
+                assert torch.allclose(out, MU.expand_as(out), atol=1e-10), (T, steps)
+            elif T == 2 and (sampler == "dopri5" or sampler not in STOCHASTIC):  # the exact step to t = 0, then one to sigma = 0
                 s0 = zt.sigma_at(0).item()
                 x_bar = MU + s0 * X_T  # the exact step to sigma_0: x_0 (= MU) + sigma_0 eps, eps = x_T at SNR 0
-                at_0 = MU + SD**2 / (SD**2 + s0**2) * (x_bar - MU)
-                assert torch.allclose(out, MU if steps == 1 and sampler != "dopri5" else at_0, atol=1e-10), (T, steps)
+                assert torch.allclose(out, MU + SD**2 / (SD**2 + s0**2) * (x_bar - MU), atol=1e-10), (T, steps)
 
 
 def test_two_sigma_spaced_steps_on_a_zero_terminal_snr_schedule_are_T_minus_1_then_0():
