@@ -34,12 +34,39 @@ from pathlib import Path
 
 ARITH = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult}  # a sign or a coefficient
 BOUNDS = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt}  # an end of a range in or out: off by one
+KINDS = ("arith", "bounds", "consts")
+
+
+def _defaults(tree: ast.Module) -> set[int]:
+    """ids of the nodes in option defaults (a function's argument defaults, a class's annotated fields): a changed
+    default is another recipe, not a wrong formula."""
+    roots: list[ast.AST] = []
+    for n in ast.walk(tree):
+        if isinstance(n, ast.arguments):
+            roots += [d for d in (*n.defaults, *n.kw_defaults) if d is not None]
+        if isinstance(n, ast.ClassDef):
+            roots += [s.value for s in n.body if isinstance(s, ast.AnnAssign) and s.value is not None]
+    return {id(m) for r in roots for m in ast.walk(r)}
+
+
+def _number(node: ast.AST) -> bool:
+    return isinstance(node, ast.Constant) and type(node.value) in (int, float)
+
+
+def _changed(value: int | float) -> int | float:
+    """A number one off (ints: a count, an index, an exponent) or twice as large (floats; 0.0 becomes 1.0)."""
+    if isinstance(value, int):
+        return value + 1
+    return 2 * value if value else 1.0
 
 
 def sites(tree: ast.Module, kinds: tuple[str, ...] = ("arith",)) -> list[tuple[ast.AST, int]]:
-    """The operators a mutant may flip, in a fixed order, as (node, k): a BinOp (k = -1) for "arith", the k-th comparison
-    of a Compare for "bounds"; none inside f-strings, raise or assert."""
+    """The sites a mutant may change, in a fixed order, as (node, k): a BinOp (k = -1) for "arith", the k-th comparison
+    of a Compare for "bounds", a number (k = -2) for "consts" (not in option defaults); none inside f-strings, raise or
+    assert."""
     quiet = {id(n) for node in ast.walk(tree) if isinstance(node, (ast.JoinedStr, ast.Raise, ast.Assert)) for n in ast.walk(node)}
+    if "consts" in kinds:
+        quiet |= _defaults(tree)
     found: list[tuple[ast.AST, int]] = []
     for n in ast.walk(tree):
         if id(n) in quiet:
@@ -48,6 +75,8 @@ def sites(tree: ast.Module, kinds: tuple[str, ...] = ("arith",)) -> list[tuple[a
             found.append((n, -1))
         if "bounds" in kinds and isinstance(n, ast.Compare):
             found += [(n, k) for k, op in enumerate(n.ops) if type(op) in BOUNDS]
+        if "consts" in kinds and _number(n):
+            found.append((n, -2))
     return found
 
 
@@ -57,7 +86,9 @@ def mutant(source: str, index: int, kinds: tuple[str, ...] = ("arith",)) -> tupl
     tree = ast.parse(source)
     node, k = sites(tree, kinds)[index]
     before = ast.unparse(node)
-    if k < 0:
+    if k == -2:
+        node.value = _changed(node.value)
+    elif k < 0:
         node.op = ARITH[type(node.op)]()
     else:
         node.ops[k] = BOUNDS[type(node.ops[k])]()
@@ -84,8 +115,8 @@ def main() -> int:
     p.add_argument("--n", type=int, default=40, help="mutants to try (at random among all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600, help="seconds before a test run counts as hung (caught)")
-    p.add_argument("--kinds", nargs="+", choices=("arith", "bounds"), default=["arith"],
-                   help="arith: + <-> -, * <-> /; bounds: < <-> <=, > <-> >=")
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=["arith"],
+                   help="arith: + <-> -, * <-> /; bounds: < <-> <=, > <-> >=; consts: an int n -> n + 1, a float x -> 2x (not in defaults)")
     args = p.parse_args()
     kinds = tuple(args.kinds)
     pool = [(Path(f), i) for f in args.files for i in range(len(sites(ast.parse(Path(f).read_text()), kinds)))]
