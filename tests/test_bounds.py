@@ -89,6 +89,25 @@ def test_one_step_lands_on_the_x0_prediction_on_a_schedule_of_one_step_and_of_T(
 
 
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_one_clipped_step_lands_on_the_x0_prediction_clipped_at_both_ends(sampler):
+    """With clip_x0 the one step lands on the x_0 prediction clamped to [-1, 1] (t = 0 on T = 1): data 3x wider than the
+    range, so entries leave it at both ends."""
+    schedule = NoiseSchedule.from_name("cosine", 1)
+    base = gaussian_x0_model(schedule)
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return 3 * base(x, t)
+    x0 = model(X_T, torch.zeros(len(X_T)))
+    assert (x0 > 1).any() and (x0 < -1).any()
+    if sampler in ("ddim_uniform", "consistency", "euler_maruyama", "pc"):  # no clip_x0 (the message: tests/test_samplers.py)
+        with pytest.raises(UserError, match="takes no option"):
+            ddpmkit.sample(model, X_T.shape, schedule, sampler=sampler, steps=1, prediction="x0", x_T=X_T, clip_x0=True)
+        return
+    out = ddpmkit.sample(model, X_T.shape, schedule, sampler=sampler, steps=1, prediction="x0", x_T=X_T, generator=0, clip_x0=True)
+    assert torch.allclose(out.x, x0.clamp(-1, 1), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_every_sampler_samples_the_shortest_zero_terminal_snr_schedules(sampler):
     """T = 2 and 3 with alpha_bar_{T-1} = 0, in 1 and 2 steps: the first step from pure noise is exact (x_0 = the
     prediction at SNR 0, here the data's mean), then the rest; on T = 2 every deterministic sampler's second step lands

@@ -203,6 +203,11 @@ def test_classifier_free_guidance_with_a_text_like_condition():
     out = ClassifierFreeGuidance(D(model), 2.5, null=null)(x, t, extra=extra, **ctx)
     e_c, e_u = model(x, t, extra=extra, **ctx), model(x, t, null["context"].expand(3, 4, 5), ctx["context_mask"], extra)
     assert torch.allclose(out.eps, e_u + 2.5 * (e_c - e_u), atol=1e-5)
+    # a condition given once, with a batch axis of 1, is the same condition for every row
+    one = {"context": ctx["context"][:1], "context_mask": ctx["context_mask"][:1]}
+    once = ClassifierFreeGuidance(D(model), 2.5, null=null)(x, t, extra=extra, **one)
+    rows = {key: value.expand(3, *value.shape[1:]) for key, value in one.items()}
+    assert torch.equal(once.eps, ClassifierFreeGuidance(D(model), 2.5, null=null)(x, t, extra=extra, **rows).eps)
     with pytest.raises(ValueError, match="needs the condition"):
         ClassifierFreeGuidance(D(model), 2.5, null=null)(x, t, extra=extra)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from ddpmkit.losses import discretized_gaussian_log_likelihood, snr_weight, training_losses, vlb_term
+from ddpmkit.losses import discretized_gaussian_log_likelihood, gaussian_log_likelihood, snr_weight, training_losses, vlb_term
 from ddpmkit.process import q_posterior_mean_variance, q_sample
 from ddpmkit.reverse import p_mean_variance
 from ddpmkit.schedules import NoiseSchedule
@@ -28,6 +28,14 @@ def test_discretized_likelihood_matches_scipy():
     levels = torch.linspace(-1, 1, 256, dtype=torch.float64)
     total = discretized_gaussian_log_likelihood(levels, torch.full_like(levels, 0.1), torch.full_like(levels, -3.0)).exp().sum()
     assert total.item() == pytest.approx(1.0, abs=1e-9)
+
+
+def test_continuous_likelihood_is_the_normal_log_density():
+    x = torch.tensor([-1.0, -0.2, 0.3, 2.0], dtype=torch.float64)
+    mean = torch.tensor([-0.9, -0.25, 0.0, 0.95], dtype=torch.float64)
+    log_var = torch.log(torch.tensor([0.01, 0.04, 1.0, 3.0], dtype=torch.float64))
+    want = norm.logpdf(x.numpy(), mean.numpy(), (0.5 * log_var).exp().numpy())
+    assert torch.allclose(gaussian_log_likelihood(x, mean, log_var), torch.from_numpy(want), rtol=1e-12)
 
 
 def test_vlb_term_matches_monte_carlo_kl():

@@ -133,9 +133,12 @@ def test_a_clipped_x0_keeps_eps_consistent_so_ddim_and_euler_stay_one_sampler():
 
 
 def test_dopri5_matches_the_closed_form():
-    out = ddpmkit.sample(GAUSS.eps_model(S), X_T.shape, S, sampler="dopri5", x_T=X_T, rtol=1e-9, atol=1e-9)
+    seen: list[dict] = []
+    out = ddpmkit.sample(GAUSS.eps_model(S), X_T.shape, S, sampler="dopri5", x_T=X_T, rtol=1e-9, atol=1e-9, callback=seen.append)
     assert (out.x - REF).abs().max().item() < 1e-6
     assert out.nfe > 10
+    # one report, at the end of the solve: no steps left, the grid's last time, x and x_0 the sample
+    assert [(info["i"], info["t"]) for info in seen] == [(0, 0)] and torch.equal(seen[0]["x"], out.x) and torch.equal(seen[0]["x0"], out.x)
     # float32 on the cosine schedule: torchdiffeq hands the time back in float32, whose rounding put sigma just past the
     # schedule's sigma_max (2.0e4) and failed the first call; the closed form holds within float32 rounding
     cosine = NoiseSchedule.from_name("cosine", 1000)
@@ -318,6 +321,9 @@ def test_bad_grid_and_sampler_names_list_the_options():
     with pytest.raises(UserError, match=r"sampler 'euler' takes no option\(s\) \['eta'\]; eta is for ddim, euler_ancestral, dpmpp_2m_sde and "
                                         r"dpmpp_3m_sde$"):
         ddpmkit.sample(MIX.eps_model(S), (2, 2), S, sampler="euler", steps=3, eta=1.0)
+    with pytest.raises(UserError, match=r"sampler 'pc' takes no option\(s\) \['clip_x0'\]; clip_x0 is for every sampler but ddim_uniform, "
+                                        r"consistency, euler_maruyama and pc$"):
+        ddpmkit.sample(MIX.eps_model(S), (2, 2), S, sampler="pc", steps=3, clip_x0=True)
     with pytest.raises(UserError, match=r"sampler 'heun' takes no option\(s\) \['churn'\]; churn is for edm$"):
         ddpmkit.sample(MIX.eps_model(S), (2, 2), S, sampler="heun", steps=3, **sampler_options("heun", churn=10.0))
     with pytest.raises(UserError, match=r"`variance` beta is sigma_t\^2 of Algorithm 2: only sampler 'ddpm' takes it, not 'ddim'"):

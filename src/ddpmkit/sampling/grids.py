@@ -82,7 +82,8 @@ def check_grid_name(grid: str) -> None:
 # the samplers each option of the command line belongs to (a message for the others)
 OPTION_SAMPLERS = {"eta": "ddim, euler_ancestral, dpmpp_2m_sde and dpmpp_3m_sde", "churn": "edm",
                    "order": "unipc, ipndm and the dpmpp samplers", "variance": "ddpm",
-                   "rtol": "dopri5", "atol": "dopri5"}
+                   "rtol": "dopri5", "atol": "dopri5",
+                   "clip_x0": "every sampler but ddim_uniform, consistency, euler_maruyama and pc"}
 
 
 def timestep_grid(grid: str | torch.Tensor, schedule: NoiseSchedule, steps: int | None, sampler: str | None = None,

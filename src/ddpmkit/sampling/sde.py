@@ -35,13 +35,14 @@ def euler_maruyama(denoiser: Denoiser, x: torch.Tensor, noise: NoiseSource, step
     if corrector_steps < 0 or snr <= 0:
         raise UserError("corrector_steps must be >= 0 and snr > 0")
     schedule = denoiser.schedule
-    ts = timestep_grid(grid, schedule, steps, **grid_options)
+    name = "pc" if corrector_steps else "euler_maruyama"
+    ts = timestep_grid(grid, schedule, steps, name, **grid_options)
     log_ab = schedule.alpha_bar_at(ts).log().tolist()
     kwargs = model_kwargs or {}
     n = len(ts)
     positions = range(n)
     if progress:
-        positions = progress_bar(positions, desc="pc" if corrector_steps else "euler_maruyama", leave=False)
+        positions = progress_bar(positions, desc=name, leave=False)
 
     def score_at(x: torch.Tensor, k: int):
         out = denoiser(x, batch_t(ts[k], x), **kwargs)
