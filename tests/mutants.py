@@ -34,7 +34,7 @@ from pathlib import Path
 
 ARITH = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult}  # a sign or a coefficient
 BOUNDS = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt}  # an end of a range in or out: off by one
-KINDS = ("arith", "bounds", "consts")
+KINDS = ("arith", "bounds", "consts", "swap")
 
 
 def _defaults(tree: ast.Module) -> set[int]:
@@ -60,38 +60,54 @@ def _changed(value: int | float) -> int | float:
     return 2 * value if value else 1.0
 
 
-def sites(tree: ast.Module, kinds: tuple[str, ...] = ("arith",)) -> list[tuple[ast.AST, int]]:
-    """The sites a mutant may change, in a fixed order, as (node, k): a BinOp (k = -1) for "arith", the k-th comparison
-    of a Compare for "bounds", a number (k = -2) for "consts" (not in option defaults); none inside f-strings, raise or
-    assert."""
+Site = tuple[ast.AST, str, int]  # the node, its kind, which of its parts (a comparison's, an argument's index)
+COMMUTATIVE = {"max", "min", "maximum", "minimum", "hypot", "logaddexp"}  # swapping their arguments changes nothing
+
+
+def _swappable(node: ast.Call) -> list[int]:
+    """k for each pair of neighbouring positional arguments k, k + 1 that differ (not in a commutative call)."""
+    name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+    if name in COMMUTATIVE or any(isinstance(a, ast.Starred) for a in node.args):
+        return []
+    return [k for k in range(len(node.args) - 1) if ast.dump(node.args[k]) != ast.dump(node.args[k + 1])]
+
+
+def sites(tree: ast.Module, kinds: tuple[str, ...] = ("arith",)) -> list[Site]:
+    """The sites a mutant may change, in a fixed order: a BinOp for "arith", the k-th comparison of a Compare for
+    "bounds", a number for "consts" (not in option defaults), the k-th and (k+1)-th positional arguments of a call for
+    "swap"; none inside f-strings, raise or assert."""
     quiet = {id(n) for node in ast.walk(tree) if isinstance(node, (ast.JoinedStr, ast.Raise, ast.Assert)) for n in ast.walk(node)}
     if "consts" in kinds:
         quiet |= _defaults(tree)
-    found: list[tuple[ast.AST, int]] = []
+    found: list[Site] = []
     for n in ast.walk(tree):
         if id(n) in quiet:
             continue
         if "arith" in kinds and isinstance(n, ast.BinOp) and type(n.op) in ARITH:
-            found.append((n, -1))
+            found.append((n, "arith", 0))
         if "bounds" in kinds and isinstance(n, ast.Compare):
-            found += [(n, k) for k, op in enumerate(n.ops) if type(op) in BOUNDS]
+            found += [(n, "bounds", k) for k, op in enumerate(n.ops) if type(op) in BOUNDS]
         if "consts" in kinds and _number(n):
-            found.append((n, -2))
+            found.append((n, "consts", 0))
+        if "swap" in kinds and isinstance(n, ast.Call):
+            found += [(n, "swap", k) for k in _swappable(n)]
     return found
 
 
 def mutant(source: str, index: int, kinds: tuple[str, ...] = ("arith",)) -> tuple[str, int, str, str]:
-    """The module with its index-th site flipped (comments are lost: the text is regenerated), the line, and the
+    """The module with its index-th site changed (comments are lost: the text is regenerated), the line, and the
     expression before and after."""
     tree = ast.parse(source)
-    node, k = sites(tree, kinds)[index]
+    node, kind, k = sites(tree, kinds)[index]
     before = ast.unparse(node)
-    if k == -2:
-        node.value = _changed(node.value)
-    elif k < 0:
+    if kind == "arith":
         node.op = ARITH[type(node.op)]()
-    else:
+    elif kind == "bounds":
         node.ops[k] = BOUNDS[type(node.ops[k])]()
+    elif kind == "consts":
+        node.value = _changed(node.value)
+    else:
+        node.args[k], node.args[k + 1] = node.args[k + 1], node.args[k]
     return ast.unparse(tree), node.lineno, before, ast.unparse(node)
 
 
@@ -116,7 +132,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600, help="seconds before a test run counts as hung (caught)")
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=["arith"],
-                   help="arith: + <-> -, * <-> /; bounds: < <-> <=, > <-> >=; consts: an int n -> n + 1, a float x -> 2x (not in defaults)")
+                   help="arith: + <-> -, * <-> /; bounds: < <-> <=, > <-> >=; consts: an int n -> n + 1, a float x -> 2x (not in defaults); "
+                        "swap: two neighbouring positional arguments of a call")
     args = p.parse_args()
     kinds = tuple(args.kinds)
     pool = [(Path(f), i) for f in args.files for i in range(len(sites(ast.parse(Path(f).read_text()), kinds)))]

@@ -24,11 +24,24 @@ class Recipe:
 
 def test_each_kind_finds_its_sites_and_none_in_messages_asserts_or_defaults() -> None:
     tree = ast.parse(SOURCE)
-    assert [ast.unparse(n) for n, _ in mutants.sites(tree, ("arith",))] == ["0.5 * x + 2", "x - 1", "0.5 * x"]  # breadth first
-    assert [(ast.unparse(n), k) for n, k in mutants.sites(tree, ("bounds",))] == [("x < 0", 0), ("x > steps", 0)]
+    assert [ast.unparse(n) for n, _, _ in mutants.sites(tree, ("arith",))] == ["0.5 * x + 2", "x - 1", "0.5 * x"]  # breadth first
+    assert [(ast.unparse(n), k) for n, _, k in mutants.sites(tree, ("bounds",))] == [("x < 0", 0), ("x > steps", 0)]
     # 50, 0.0 and 2e-4 are defaults; the numbers in the message and the assert are quiet; `size = 3` is not annotated
-    assert sorted(n.value for n, _ in mutants.sites(tree, ("consts",))) == [0, 0.5, 1, 2, 3]
-    assert len(mutants.sites(tree, mutants.KINDS)) == 3 + 2 + 5
+    assert sorted(n.value for n, _, _ in mutants.sites(tree, ("consts",))) == [0, 0.5, 1, 2, 3]
+    assert len(mutants.sites(tree, mutants.KINDS)) == 3 + 2 + 5  # the only call is in the raise
+
+
+CALLS = '''
+a = pow(x, 2, 2)
+b = max(x, y) + f(*z)
+c = g(x, y, k=1)
+'''
+
+
+def test_swaps_are_of_neighbouring_arguments_that_differ_in_a_call_that_is_not_commutative() -> None:
+    found = mutants.sites(ast.parse(CALLS), ("swap",))
+    assert [(ast.unparse(n), k) for n, _, k in found] == [("pow(x, 2, 2)", 0), ("g(x, y, k=1)", 0)]
+    assert [mutants.mutant(CALLS, i, ("swap",))[1:] for i in range(2)] == [(2, "pow(x, 2, 2)", "pow(2, x, 2)"), (4, "g(x, y, k=1)", "g(y, x, k=1)")]
 
 
 def test_a_mutant_changes_one_site_and_says_which() -> None:
