@@ -228,8 +228,16 @@ def test_euler_ancestral_is_ddim_with_the_same_eta_draw_for_draw(steps, eta):
     a = ddpmkit.sample(model, (16, 2), S, sampler="ddim", steps=steps, eta=eta, generator=5)
     b = ddpmkit.sample(model, (16, 2), S, sampler="euler_ancestral", grid=grid, eta=eta, generator=5)
     assert a.nfe == b.nfe == steps and torch.allclose(a.x, b.x, atol=1e-5), (a.x - b.x).abs().max()
-    ode = ddpmkit.sample(model, (16, 2), S, sampler="euler_ancestral", steps=steps, eta=0.0, generator=5)
-    assert torch.equal(ode.x, ddpmkit.sample(model, (16, 2), S, sampler="euler", steps=steps, generator=5).x)  # eta 0: Euler
+    ode, euler = (calls(model, "euler_ancestral", steps=steps, eta=0.0), calls(model, "euler", steps=steps))
+    assert ode == euler  # eta 0: Euler, and the same reports of each step
+
+
+def calls(model, sampler: str, **options) -> list[tuple]:
+    """What a sampler's callback sees at each step (the steps left, t, x_t, the predicted x_0) and its samples."""
+    seen: list[tuple] = []
+    out = ddpmkit.sample(model, (16, 2), S, sampler=sampler, generator=5,
+                         callback=lambda info: seen.append((info["i"], info["t"], info["x"].tolist(), info["x0"].tolist())), **options)
+    return [*seen, out.x.tolist()]
 
 
 def test_edm_is_heun_without_churn_and_churns_only_within_its_range():
@@ -238,6 +246,7 @@ def test_edm_is_heun_without_churn_and_churns_only_within_its_range():
     for options in ({"churn": 0.0}, {"churn_min": 1e3, "churn_max": 1e4}):  # no grid sigma of the linear schedule above 157
         edm = ddpmkit.sample(model, (16, 2), S, sampler="edm", steps=20, generator=5, **options)
         assert torch.equal(edm.x, heun.x) and edm.nfe == heun.nfe == 39, options
+    assert calls(model, "edm", steps=20, churn=0.0) == calls(model, "heun", steps=20)  # each step's report too
     churned = ddpmkit.sample(model, (16, 2), S, sampler="edm", steps=20, generator=5)
     assert churned.nfe == 39 and not torch.allclose(churned.x, heun.x, atol=1e-3)
     assert torch.equal(churned.x, ddpmkit.sample(model, (16, 2), S, sampler="edm", steps=20, generator=5).x)  # the seed's own noise
@@ -324,6 +333,9 @@ def test_bad_grid_and_sampler_names_list_the_options():
     with pytest.raises(UserError, match=r"sampler 'pc' takes no option\(s\) \['clip_x0'\]; clip_x0 is for every sampler but ddim_uniform, "
                                         r"consistency, euler_maruyama and pc$"):
         ddpmkit.sample(MIX.eps_model(S), (2, 2), S, sampler="pc", steps=3, clip_x0=True)
+    for sampler in ("euler_ancestral", "ipndm", "edm", "dopri5"):  # the solvers that hand their other options to the grid
+        with pytest.raises(UserError, match=rf"sampler '{sampler}' takes no option\(s\) \['variance'\]; variance is for ddpm$"):
+            ddpmkit.sample(MIX.eps_model(S), (2, 2), S, sampler=sampler, steps=3, variance="beta")
     with pytest.raises(UserError, match=r"sampler 'heun' takes no option\(s\) \['churn'\]; churn is for edm$"):
         ddpmkit.sample(MIX.eps_model(S), (2, 2), S, sampler="heun", steps=3, **sampler_options("heun", churn=10.0))
     with pytest.raises(UserError, match=r"`variance` beta is sigma_t\^2 of Algorithm 2: only sampler 'ddpm' takes it, not 'ddim'"):

@@ -194,10 +194,6 @@ class ClassifierGuidance(DenoiserWrapper):
             x = x_t.detach().requires_grad_(True)
             return torch.autograd.grad(self.score(x, t, target).sum(), x)[0].to(x_t.dtype)
 
-    def grad_log_prob(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """grad_x log p_phi(y | x_t): (B, ...)."""
-        return self.grad_score(x_t, t, y)
-
     def _target(self, kwargs: dict) -> torch.Tensor:
         target = kwargs.pop(self.key, None)
         if target is None:
