@@ -15,6 +15,17 @@ from ddpmkit.schedules import NoiseSchedule
 S = NoiseSchedule.from_name("linear", 1000)
 
 
+def test_img2img_with_a_seed_per_row_gives_each_row_what_it_gives_alone():
+    """Seeds per row: the noising and the sampler's noise of row i come from seed i, whatever the batch."""
+    gm = GaussianMixture(torch.tensor([[-1.5, 0.0], [1.5, 0.0]]), torch.tensor([0.2, 0.2]), torch.tensor([0.5, 0.5]))
+    x0 = torch.tensor([[-1.5, 0.1], [1.4, 0.0], [0.2, -0.3]], dtype=torch.float64)
+    seeds = [5, 6, 7]
+    batch = img2img(gm.eps_model(S), x0, S, strength=0.6, sampler="ddpm", steps=20, generator=seeds).x
+    for i, seed in enumerate(seeds):
+        alone = img2img(gm.eps_model(S), x0[i:i + 1], S, strength=0.6, sampler="ddpm", steps=20, generator=[seed]).x
+        assert torch.allclose(batch[i:i + 1], alone, atol=1e-12, rtol=0), i
+
+
 def test_grid_from_starts_at_the_strength_and_follows_the_named_grid():
     g = grid_from(499.5, S, 10)
     assert g[0] == 499.5 and bool((g[1:] < g[:-1]).all()) and g[-1] == 0

@@ -93,6 +93,19 @@ def test_with_the_true_reverse_kernels_the_bound_is_the_true_nll_plus_the_decode
     assert vlb(eps, x[:2000], sched, decoder="gaussian").total.mean() > nll[:2000].mean() + 1.0
 
 
+def test_vlb_with_clip_x0_clips_the_prediction_to_the_data_range():
+    """Data N(0, 0.1^2): E[x_0 | x_t] has a std of at most 0.1 at every t, so clipping to [-1, 1] never bites and the
+    bound is the unclipped one; data N(0, 2^2) leaves the range, and the clipped bound differs."""
+    s = NoiseSchedule.from_name("linear", 20)
+    for sd, same in ((0.1, True), (2.0, False)):
+        data = GaussianMixture.gaussian(torch.zeros(3, dtype=torch.float64), sd)
+        x = data.sample(16, generator=torch.Generator().manual_seed(1))[0]
+        kw = dict(decoder="gaussian")
+        plain = vlb(data.eps_model(s), x, s, generator=torch.Generator().manual_seed(2), **kw).total
+        clipped = vlb(data.eps_model(s), x, s, generator=torch.Generator().manual_seed(2), clip_x0=True, **kw).total
+        assert torch.equal(plain, clipped) == same, sd
+
+
 def test_vlb_terms_are_the_loss_terms():
     """Column t of the breakdown is the training loss's vlb_term at t; the prior is L_T."""
     from ddpmkit.losses import training_losses
