@@ -61,7 +61,7 @@ def _changed(value: int | float) -> int | float:
 
 
 Site = tuple[ast.AST, str, int]  # the node, its kind, which of its parts (a comparison's, an argument's index)
-COMMUTATIVE = {"max", "min", "maximum", "minimum", "hypot", "logaddexp", "equal"}  # swapping their arguments changes nothing
+COMMUTATIVE = {"max", "min", "maximum", "minimum", "hypot", "logaddexp", "equal", "transpose", "swapaxes", "swapdims"}  # order is moot
 
 
 def _swappable(node: ast.Call) -> list[int]:

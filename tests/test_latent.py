@@ -54,6 +54,19 @@ def test_the_autoencoder_loss_is_the_squared_error_of_a_reparameterised_sample_p
     assert blocks == [2 + 2 * cfg.autoencoder.num_res_blocks, 2 + 2 * (cfg.autoencoder.num_res_blocks + 1)]
 
 
+def test_the_encoders_log_variance_is_clamped_to_minus_30_and_20():
+    """latent-diffusion's DiagonalGaussianDistribution clamps log sigma^2 to [-30, 20]: exp stays finite in fp32."""
+    ae = Autoencoder((1, 8, 8), AutoencoderConfig(base_channels=8, channel_mult=(1,), z_channels=2, num_res_blocks=1))
+    last = ae.encoder.net[-1]
+    x = torch.zeros(1, 1, 8, 8)
+    for bias, end in ((1e4, 20.0), (-1e4, -30.0)):
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.fill_(bias)
+        mean, log_var = ae.encoder(x)
+        assert torch.equal(mean, torch.full_like(mean, bias)) and torch.equal(log_var, torch.full_like(log_var, end))
+
+
 def test_padding_and_psnr():
     ae = Autoencoder((1, 28, 28), AutoencoderConfig(channel_mult=(1, 2, 2), pad_to=32, base_channels=8))
     assert ae.latent_shape == (3, 8, 8) and ae.decode(torch.zeros(2, 3, 8, 8)).shape == (2, 1, 28, 28)

@@ -81,6 +81,9 @@ def test_the_conditioning_embeddings_add_up_as_written_out():
     x, t, s, y = torch.zeros(B, 1, 4, 4), torch.tensor([3.0, 500.0, 999.0]), torch.tensor([0.0, 0.3, 1.0]), torch.tensor([0, 3, 2])
     context, mask, image = torch.randn(B, L, 6), torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]).bool(), torch.randn(B, 7)
     emb, tokens, token_mask = cond(x, t, y=y, context=context, mask=mask, aug_level=s, image_embed=image)
+    first, last = cond.time_mlp[0], cond.time_mlp[2]  # the time MLP: Linear, SiLU, Linear (ADM's time_embed)
+    sinusoids = timestep_embedding(t, 16)
+    torch.testing.assert_close(cond.time_mlp(sinusoids), F.linear(F.silu(F.linear(sinusoids, first.weight, first.bias)), last.weight, last.bias))
     projected = cond.context_proj(context)
     pooled = torch.stack([projected[b, mask[b]].mean(0) for b in range(B)])
     expected = (cond.time_mlp(timestep_embedding(t, 16)) + cond.aug_mlp(timestep_embedding(1000 * s, 16)) + cond.label_emb.table(y)
@@ -203,6 +206,31 @@ def test_self_attention_is_softmax_of_scaled_dot_products_per_head():
     out = torch.einsum("bhlm,bhdm->bhdl", a, v).reshape(B, C, H * W)
     ref = x + (torch.einsum("oi,bil->bol", attn.proj.weight[:, :, 0], out) + attn.proj.bias[:, None]).reshape(B, C, H, W)
     torch.testing.assert_close(attn(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cross_attention_is_softmax_of_scaled_dot_products_per_head_over_the_real_tokens():
+    """Image positions (queries) attend to the layer-normed context's tokens (keys and values), each head on its own
+    channels, masked tokens left out; a zero-initialised output projection would hide all of it, so it is drawn."""
+    from ddpmkit.nets.layers import CrossAttention
+
+    torch.manual_seed(0)
+    B, C, H, W, nh, D, L = 2, 8, 3, 4, 2, 5, 6
+    attn = CrossAttention(C, D, nh)
+    torch.nn.init.normal_(attn.proj.weight)
+    x, context = torch.randn(B, C, H, W), torch.randn(B, L, D)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]]).bool()
+    hs = C // nh
+    q = torch.einsum("oi,bil->bol", attn.q.weight[:, :, 0], attn.norm(x).reshape(B, C, H * W)) + attn.q.bias[:, None]
+    q = q.reshape(B, nh, hs, H * W)  # channel head * hs + d
+    k, v = (attn.kv(attn.context_norm(context)).reshape(B, L, 2, nh, hs)).unbind(2)  # (B, L, nh, hs)
+    logits = torch.einsum("bhdl,bmhd->bhlm", q, k) / hs**0.5
+    a = torch.softmax(logits.masked_fill(~mask[:, None, None, :], float("-inf")), dim=-1)
+    out = torch.einsum("bhlm,bmhd->bhdl", a, v).reshape(B, C, H * W)
+    ref = x + (torch.einsum("oi,bil->bol", attn.proj.weight[:, :, 0], out) + attn.proj.bias[:, None]).reshape(B, C, H, W)
+    torch.testing.assert_close(attn(x, context, mask), ref, rtol=1e-5, atol=1e-5)
+    # the masked tokens are left out: changing them changes nothing
+    other = torch.where(mask[:, :, None], context, torch.randn(B, L, D))
+    torch.testing.assert_close(attn(x, other, mask), attn(x, context, mask), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("cin, cout, stride", [(8, 8, 1), (40, 8, 1), (1, 8, 1), (8, 1, 1), (8, 8, 2), (32, 32, 1)])
