@@ -38,9 +38,10 @@ KINDS = ("arith", "bounds", "consts", "swap")
 
 
 def _defaults(tree: ast.Module) -> set[int]:
-    """ids of the nodes in option defaults (a function's argument defaults, a class's annotated fields): a changed
-    default is another recipe, not a wrong formula."""
-    roots: list[ast.AST] = []
+    """ids of the nodes in option defaults (a function's argument defaults, a class's annotated fields) and in a module's
+    named settings (`GIF_SAMPLES = 64`, a seed offset): a changed default is another recipe, not a wrong formula."""
+    roots: list[ast.AST] = [s.value for s in tree.body if isinstance(s, (ast.Assign, ast.AnnAssign)) and s.value is not None
+                            and all(isinstance(t, ast.Name) and t.id.isupper() for t in (s.targets if isinstance(s, ast.Assign) else [s.target]))]
     for n in ast.walk(tree):
         if isinstance(n, ast.arguments):
             roots += [d for d in (*n.defaults, *n.kw_defaults) if d is not None]

@@ -81,6 +81,15 @@ def test_slerp_keeps_the_norm_and_hits_the_endpoints():
     mid = slerp(a, b, 0.5)
     assert torch.allclose(mid.norm(dim=1), (a.norm(dim=1) + b.norm(dim=1)) / 2, rtol=0.03)  # a straight line would lose ~30%
     assert ((a + b) / 2).norm(dim=1).mean() < 0.8 * mid.norm(dim=1).mean()
+    # unit vectors (unCLIP's embeddings) with a weight per row: on the sphere, the ends and the great circle's midpoint
+    e0, e1 = torch.tensor([[1.0, 0.0, 0.0]]).expand(3, -1), torch.tensor([[0.0, 1.0, 0.0]]).expand(3, -1)
+    out = slerp(e0, e1, torch.tensor([0.0, 0.5, 1.0]))
+    torch.testing.assert_close(out, torch.tensor([[1.0, 0.0, 0.0], [0.5**0.5, 0.5**0.5, 0.0], [0.0, 1.0, 0.0]]), atol=1e-6, rtol=0)
+    # a vector and itself: in float32 a unit vector's dot with itself rounds above 1 for about a quarter of them
+    # (arccos would be NaN); the slerp is the vector
+    u = torch.nn.functional.normalize(torch.randn(1000, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    assert ((u * u).sum(-1) > 1).sum() > 100
+    torch.testing.assert_close(slerp(u, u, torch.full((1000,), 0.3)), u, atol=1e-6, rtol=0)
 
 
 def test_an_interpolation_draws_the_same_sampler_noise_for_every_frame():

@@ -19,6 +19,10 @@ def f(x, steps: int = 50, *, eta: float = 0.0):
 class Recipe:
     lr: float = 2e-4
     size = 3
+
+
+GIF_SAMPLES: int = 64
+OFFSET = 0x6A09E667
 '''
 
 
@@ -26,7 +30,8 @@ def test_each_kind_finds_its_sites_and_none_in_messages_asserts_or_defaults() ->
     tree = ast.parse(SOURCE)
     assert [ast.unparse(n) for n, _, _ in mutants.sites(tree, ("arith",))] == ["0.5 * x + 2", "x - 1", "0.5 * x"]  # breadth first
     assert [(ast.unparse(n), k) for n, _, k in mutants.sites(tree, ("bounds",))] == [("x < 0", 0), ("x > steps", 0)]
-    # 50, 0.0 and 2e-4 are defaults; the numbers in the message and the assert are quiet; `size = 3` is not annotated
+    # 50, 0.0 and 2e-4 are defaults, GIF_SAMPLES and OFFSET named settings, the numbers in the message and the assert quiet;
+    # `size = 3` is not an annotated field
     assert sorted(n.value for n, _, _ in mutants.sites(tree, ("consts",))) == [0, 0.5, 1, 2, 3]
     assert len(mutants.sites(tree, mutants.KINDS)) == 3 + 2 + 5  # the only call is in the raise
 

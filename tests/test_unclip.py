@@ -16,7 +16,7 @@ from ddpmkit.losses import info_nce
 from ddpmkit.models import DiffusionModel
 from ddpmkit.nets.classifier import NoisyClassifier
 from ddpmkit.nets.clip import CLIP
-from ddpmkit.nets.prior import prior_data_scale
+from ddpmkit.nets.prior import PriorTransformer, prior_data_scale
 from ddpmkit.pipelines import unclip
 from ddpmkit.schedules import NoiseSchedule
 
@@ -170,15 +170,14 @@ def test_the_prior_diffuses_embeddings_at_unit_variance_per_coordinate():
     torch.testing.assert_close((prior_data_scale(64) * z).pow(2).mean(), torch.tensor(1.0))
 
 
-def test_slerp_stays_on_the_sphere_and_hits_both_ends():
-    a = F.normalize(torch.tensor([[1.0, 0.0, 0.0]]), dim=-1)
-    b = F.normalize(torch.tensor([[0.0, 1.0, 0.0]]), dim=-1)
-    w = torch.tensor([0.0, 0.5, 1.0])
-    out = unclip.slerp(a.expand(3, -1), b.expand(3, -1), w)
-    torch.testing.assert_close(out[0], a[0])
-    torch.testing.assert_close(out[2], b[0], atol=1e-6, rtol=0)
-    torch.testing.assert_close(out.norm(dim=-1), torch.ones(3))
-    torch.testing.assert_close(out[1], torch.tensor([0.5**0.5, 0.5**0.5, 0.0]))
+def test_the_prior_without_a_context_mask_attends_to_every_caption_token():
+    torch.manual_seed(0)
+    prior = PriorTransformer(embed_dim=6, context_dim=5, width=16, layers=1, heads=2).eval()
+    B, L = 2, 3  # unequal: a (L, B) mask would not fit
+    x, t, h, context = torch.randn(B, 6), torch.tensor([10.0, 500.0]), torch.randn(B, 6), torch.randn(B, L, 5)
+    every = torch.ones(B, L, dtype=torch.bool)
+    torch.testing.assert_close(prior(x, t, h, context), prior(x, t, h, context, every), rtol=0, atol=0)
+    assert not torch.allclose(prior(x, t, h, context), prior(x, t, h, context, torch.tensor([[1, 0, 0], [1, 1, 0]]).bool()))
 
 
 def test_the_decoder_unet_takes_the_embedding_as_time_embedding_and_tokens():

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..editing import check_frames
+from ..editing import check_frames, slerp
 from ..errors import UserError
 from ..models import DiffusionModel
 from ..nets.prior import prior_data_scale
@@ -54,13 +54,6 @@ def check_images(decoder: DiffusionModel, images: torch.Tensor) -> None:
     shape = decoder.clip.network.image_shape
     if images.ndim != 4 or tuple(images.shape[1:]) != shape:
         raise UnCLIPError(f"the decoder's CLIP embeds images of shape {shape} (C, H, W); got {tuple(images.shape[1:])}")
-
-
-def slerp(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:
-    """Spherical interpolation of unit vectors a, b: (n, E) at weights w (n,) in [0, 1] -> (n, E)."""
-    w = torch.as_tensor(w, dtype=a.dtype).reshape(-1, 1)
-    omega = torch.arccos((a * b).sum(-1, keepdim=True).clamp(-1 + 1e-7, 1 - 1e-7))
-    return (torch.sin((1 - w) * omega) * a + torch.sin(w * omega) * b) / torch.sin(omega)
 
 
 def best_of(candidates: torch.Tensor, text_embed: torch.Tensor) -> torch.Tensor:
