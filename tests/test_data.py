@@ -207,6 +207,13 @@ def test_a_built_in_example_takes_the_size_and_channels_asked_for_as_a_file_does
     assert (big[..., ::2, ::2] - digit).abs().mean() < 0.1  # the same digit, twice the size
     assert rgb.shape == (1, 3, 28, 28) and all(torch.equal(rgb[:, c], digit[:, 0]) for c in range(3))
     assert load_image("digits:3", 16, 3).shape == (1, 3, 16, 16)
+    # bicubic overshoots at the strokes' edges on both sides; the fitted image is clipped to the pixel range [-1, 1]
+    from ddpmkit.superres import upsample
+    raw = upsample(digit, 56, "bicubic")
+    assert raw.min() < -1 and raw.max() > 1 and big.min() == -1 and big.max() == 1
+    # RGB to grey is the mean of the channels
+    colours = torch.rand(1, 3, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert torch.equal(fit_image(colours, (1, 28, 28)), colours.mean(1, keepdim=True))
 
 
 def test_an_npz_names_its_labels_for_class_conditional_runs(tmp_path, capsys):
@@ -244,3 +251,27 @@ def test_a_class_is_read_by_its_name_first_then_as_a_number():
     assert class_numbers(SimpleNamespace(class_names=(), path="runs/x"), ["7", 3]) == [7, 3]
     with pytest.raises(UserError, match=r"no class 'owl' in runs/x: its classes are 0 10, 1 2"):
         class_numbers(named, ["owl"])
+
+
+def test_two_moons_label_each_point_by_its_moon():
+    """Label 0 is the upper moon (before the shift and scale: (cos u, sin u)), label 1 the lower one."""
+    data = make_toy("moons")
+    x, y = data.x.double(), data.labels
+    assert y.unique().tolist() == [0, 1]
+    assert x[y == 0, 1].mean() > x[y == 1, 1].mean() + 0.5  # the upper moon's heights are above the lower's
+    assert x[y == 0, 0].mean() < x[y == 1, 0].mean()  # and to its left
+
+
+def test_a_resized_dataset_keeps_the_channels_and_takes_the_new_side():
+    grey = Resized(load_dataset("mnist5k"), 14)
+    assert grey.shape == (1, 14, 14) == tuple(grey.get_batch(torch.arange(2)).shape[1:])
+
+
+def test_a_float_image_is_read_as_0_to_1_up_to_exactly_1_and_as_0_to_255_above(tmp_path):
+    """A float (mode F) image in [0, 1] is the usual convention (1 is white); one whose maximum passes 1 is in 0..255."""
+    for top, level in ((1.0, 255), (1.01, 1)):
+        folder = tmp_path / str(top)
+        folder.mkdir()
+        Image.fromarray(np.full((6, 6), top, dtype=np.float32), "F").save(folder / "f.tif")
+        images = load_dataset("folder", path=str(folder), image_size=6, channels=1)  # the size asked for, not 64
+        assert images.shape == (1, 6, 6) and round((images.get_batch(torch.arange(1)).max().item() + 1) / 2 * 255) == level, top

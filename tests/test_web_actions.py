@@ -17,6 +17,7 @@ from PIL import Image
 from conftest import in_a_thread
 from ddpmkit.cli import build_parser
 from ddpmkit.cli.common import guidance_request, options_from
+from ddpmkit.pipelines.edit import interpolation_seeds
 from ddpmkit.pipelines.generate import generate
 from ddpmkit.pipelines.guided import class_numbers
 from ddpmkit.web.actions import Actions, Cancelled, picture
@@ -230,6 +231,8 @@ def test_interpolations_render_a_gif_and_a_strip(actions, web_runs):
     gif, strip = actions.interpolate(run, "seeds", 3, 14, 0, 1, 500, "", "", [], 5, "", 3.0, "ddim", 5)
     with Image.open(gif) as im:
         assert im.n_frames == 5
+    # from seed a's sample to seed b's, as the library draws them
+    assert np.array_equal(strip, picture(interpolation_seeds(actions.shelf.get(run), 3, 14, 5, None, "ddim", 5, {"clip_x0": True}), 2, 5))
     _, strip = actions.interpolate(run, "images", 3, 14, 0, 1, 300, "", "", [], 4, "", 3.0, "ddim", 5)
     assert strip.shape[1] == 4 * (16 + 2) + 2  # four 8x8 frames shown 2x
     assert actions.interpolate(run, "images", 3, 14, 0, 1, 999, "", "", [], 2, "", 3.0, "ddim", 2)[1].shape[1] == 2 * (16 + 2) + 2

@@ -33,6 +33,7 @@ from .limits import Limits, check_sampler
 from .shelf import Shelf
 
 PREVIEW_UPSCALE = 4  # the models are small (8x8 .. 64x64): show pixels big enough to see
+GIF_SIDE = 128  # an interpolation's GIF frames are upscaled by whole pixels to about this side
 DEFAULT_GRID = "default"  # the sampler's own grid, as the CLI without --grid
 
 INTERPOLATIONS = ("seeds", "images", "prompts", "voyage")  # the last two need a text-conditional model
@@ -370,7 +371,7 @@ class Actions:
                               steps=steps, progress=False, options=options)
         else:
             raise UserError(f"unknown interpolation {mode!r}; choose {', '.join(INTERPOLATIONS)}")
-        upscale = max(1, 128 // m.image_shape[-1])
+        upscale = max(1, GIF_SIDE // m.image_shape[-1])
         gif = viz.save_gif([viz.make_grid(f[None], nrow=1, pad=0, upscale=upscale) for f in x], self._folder("interpolate") / f"{mode}.gif",
                            duration_ms=120, hold_last_ms=480)
         return str(gif), picture(x, upscale=2, nrow=min(len(x), 16))
