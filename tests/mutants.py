@@ -19,6 +19,10 @@ tasks) left 142: an option's value exactly at an end of its range, taken or refu
 samplers that failed on the shortest schedules. 36 are equivalent (noise times a zero sigma, float equalities, identities); the rest are caught,
 mostly in tests/test_bounds.py and the config table in tests/test_config.py. A zero-initialised layer hides what comes before it:
 perturb every weight first.
+Then `--kinds consts` and `--kinds swap` (eight batches, 325 mutants: the samplers and schedules, evaluation and editing,
+the networks, the pipelines, the data and the page, the training tasks) left 61: unCLIP's second copy of slerp (gone),
+cross-attention never written out, an unused alias, a seed per row never given to img2img, a clip never tested at
+both ends; 19 are equivalent or settings, 3 in the preview path are still to be rerun against tests/test_train.py.
 """
 from __future__ import annotations
 

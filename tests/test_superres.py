@@ -134,6 +134,11 @@ def test_training_blurs_each_low_res_input_by_a_sigma_drawn_uniformly_between_lo
     fitted = (a + b) / 2
     assert misfit(fitted).max() < 1e-4 and fitted.min() >= 0.499, fitted
     assert fitted.min() < 0.6 and fitted.max() > 1.4 and 0.85 < fitted.mean() < 1.15, fitted
+    # with blur_prob 1/2, about half the inputs are blurred and the others are the plain downsampled images, exactly
+    half = SuperResTask(load_config("imagen_sr", ["data.name=digits", "superres.low_res=4", "superres.aug_max=0", "superres.blur_prob=0.5",
+                                                  "superres.blur_sigma=0.5,1.5", "network.text_encoder="]))
+    plain = (half.stage_inputs(x0, batch)["low_res"] == z).flatten(1).all(1)
+    assert 16 < int(plain.sum()) < 48, plain
 
 
 def test_guidance_gives_both_branches_the_low_res_image():
