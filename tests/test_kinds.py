@@ -2,9 +2,11 @@
 all the trainer, the loader, sampling and the command line need."""
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 import ddpmkit
+from ddpmkit.config import load_config
 from ddpmkit.kinds import KINDS, ModelKind, kind_of, register
 from ddpmkit.train import TASKS, DenoiserTask
 
@@ -60,3 +62,14 @@ def test_every_built_in_kind_has_its_task_and_the_loader_knows_which_sample():
     assert built_in <= set(KINDS) and built_in <= set(TASKS)
     assert {name for name in built_in if KINDS[name].samples} == {"denoiser", "superres", "prior", "decoder"}
     assert KINDS["superres"].needs_low_res and KINDS["decoder"].uses_clip and KINDS["prior"].uses_clip
+
+
+def test_an_image_models_preview_is_a_grid_of_its_samples(tmp_path):
+    """What the engine saves every train.sample_every steps: train.num_samples samples of fixed seeds, as a grid."""
+    task = DenoiserTask(load_config("mnist", ["network.base_channels=8", "network.channel_mult=[1]", "network.attention_resolutions=[]",
+                                              "train.num_samples=4", "train.sample_steps=2"]))
+    torch.manual_seed(0)
+    x = task.preview(task.build_model().eval(), tmp_path / "step.png")
+    assert x.shape == (4, 1, 28, 28)
+    with Image.open(tmp_path / "step.png") as grid:
+        assert grid.size[0] > 2 * 28 and grid.size[1] > 28  # more than one sample across, and a full one down
