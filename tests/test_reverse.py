@@ -24,6 +24,18 @@ def test_variance_choices():
         p_log_variance("learned", i, x, s)
 
 
+def test_the_large_variance_at_t_0_is_the_posteriors_at_t_1_on_every_schedule_length():
+    """improved-diffusion's "fixedlarge": beta_t for t >= 1 and, at t = 0 (where beta_0 is tiny), beta-tilde_1; on a
+    schedule of one step there is no t = 1, and beta_0 is taken."""
+    x = torch.zeros(1, 2, dtype=torch.float64)
+    for T in (2, 3, 1000):
+        s = NoiseSchedule.from_name("linear", T)
+        large = torch.cat([p_log_variance("beta", torch.tensor([t]), x, s)[:, 0] for t in range(min(T, 3))])
+        assert torch.allclose(large, torch.cat([s.posterior_variance[1:2], s.betas[1:3]]).log(), rtol=1e-12, atol=0), T
+    one = NoiseSchedule.from_name("cosine", 1)
+    assert torch.allclose(p_log_variance("beta", torch.tensor([0]), x, one)[:, 0], one.betas.log())
+
+
 def test_p_mean_is_algorithm2_update():
     """mu_theta = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps)  (Algorithm 2, line 4)."""
     s = NoiseSchedule.from_name("cosine", 1000)
