@@ -6,6 +6,7 @@ from PIL import Image
 from torch import nn
 
 import ddpmkit
+from ddpmkit import viz
 from ddpmkit.config import load_config
 from ddpmkit.kinds import KINDS, ModelKind, kind_of, register
 from ddpmkit.train import TASKS, DenoiserTask
@@ -69,7 +70,10 @@ def test_an_image_models_preview_is_a_grid_of_its_samples(tmp_path):
     task = DenoiserTask(load_config("mnist", ["network.base_channels=8", "network.channel_mult=[1]", "network.attention_resolutions=[]",
                                               "train.num_samples=4", "train.sample_steps=2"]))
     torch.manual_seed(0)
-    x = task.preview(task.build_model().eval(), tmp_path / "step.png")
-    assert x.shape == (4, 1, 28, 28)
-    with Image.open(tmp_path / "step.png") as grid:
+    network = task.build_model().eval()
+    x = task.preview(network, tmp_path / "step.png")
+    assert x.shape == (4, 1, 28, 28) and torch.equal(x, task.preview(network, tmp_path / "again.png"))  # fixed seeds
+    viz.save_grid(x, tmp_path / "those.png")
+    with Image.open(tmp_path / "step.png") as grid, Image.open(tmp_path / "those.png") as those:
         assert grid.size[0] > 2 * 28 and grid.size[1] > 28  # more than one sample across, and a full one down
+        assert grid.tobytes() == those.tobytes()  # the picture is of the samples returned
