@@ -289,6 +289,38 @@ def test_prompts_and_the_voyage_on_a_text_model(text_actions):
         actions.interpolate(run, "voyage", 0, 0, 0, 1, 300, "", "", [["x", "a one"], [1, "a two"]], 3, "", 3.0, "ddim", 3)
 
 
+def test_interpolations_run_from_their_first_end_to_their_second(text_actions):
+    """The first frame of an interpolation is its first end's, the last its second's: prompts (one seed's x_T) and a
+    voyage's keyframes are what `generate` draws for that seed and prompt (ddim: no noise but x_T), and an image
+    interpolation's first frame does not depend on the second image nor its last on the first. The posterior edit shows
+    its x_t, the image noised with the seed, clamped to [-1, 1]."""
+    from ddpmkit.editing import noised
+    from ddpmkit.pipelines.edit import edit_posterior, interpolation_images, interpolation_prompts
+    from ddpmkit.pipelines.guided import GuidanceRequest
+    from ddpmkit.pipelines.voyage import render_voyage
+
+    actions, run = text_actions
+    m = actions.shelf.get(run)
+
+    def alone(prompt: str, seed: int) -> torch.Tensor:
+        return generate(m, 1, GuidanceRequest(prompts=[prompt]), "ddim", 3, seed=seed, progress=False).images[0]
+
+    frames = interpolation_prompts(m, "a one", "a two", 3, seed=4, steps=3)
+    assert torch.allclose(frames[0], alone("a one", 4), atol=1e-6) and torch.allclose(frames[-1], alone("a two", 4), atol=1e-6)
+    assert not torch.allclose(frames[0], frames[-1], atol=1e-4)  # the prompts are told apart (2.7e-3 for this tiny model)
+    keys = [(3, "a one"), (5, "a two"), (9, "a six")]
+    voyage = render_voyage(m, keys, frames_between=2, steps=3, progress=False)
+    for frame, (seed, prompt) in zip(voyage[::2], keys, strict=True):
+        assert torch.allclose(frame, alone(prompt, seed), atol=1e-6)
+    ramp = torch.linspace(-1, 1, 64).reshape(1, 1, 8, 8)
+    a, b, c, prompt = ramp, -ramp, 0.3 * ramp, GuidanceRequest(prompts=["a one"])
+    ab, ac, cb = (interpolation_images(m, x, y, 300, 3, prompt, steps=4) for x, y in ((a, b), (a, c), (c, b)))
+    assert torch.equal(ab[0], ac[0]) and torch.equal(ab[-1], cb[-1])
+    assert not torch.allclose(ab[0], cb[0], atol=0.1) and not torch.allclose(ab[-1], ac[-1], atol=0.1)
+    shown, _ = edit_posterior(m, a, 900, 2, prompt, steps=3, seed=6)
+    assert torch.equal(shown, noised(a, 900, m.schedule, [6]).clamp(-1, 1)) and shown.min() == -1 and shown.max() == 1
+
+
 def test_generate_chunks_by_cache_size_and_the_result_does_not_depend_on_the_chunk(actions, web_runs):
     from ddpmkit.pipelines.generate import auto_batch_size
 
