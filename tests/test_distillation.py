@@ -58,7 +58,12 @@ def test_the_target_is_the_teachers_two_steps_in_one():
         torch.testing.assert_close(ddim_from(S, z_t, target, t, t_next), two, rtol=1e-9, atol=1e-9)
         one = ddim_step(TEACHER, z_t, t, t_next)[0]
         assert (one - two).abs().max() > 1e-4  # one teacher step is not two: there is something to learn
-    assert torch.equal(truncated_snr_weight(S, torch.tensor([S.T - 1.0]))[0:1], torch.ones(1, dtype=torch.float64))
+    # max(SNR_t, 1), SNR_t = alpha_bar_t / (1 - alpha_bar_t): the SNR itself at small t, 1 where the SNR falls below it
+    t = torch.tensor([0.0, 50.0, 200.0, 600.0, S.T - 1.0])
+    ab = S.alpha_bar[t.long()]
+    weight = truncated_snr_weight(S, t)
+    assert torch.allclose(weight, torch.maximum(ab / (1 - ab), torch.ones(5, dtype=torch.float64)), rtol=1e-12)
+    assert weight[0] > 100 and weight[-1] == 1.0
 
 
 class GridAffine(nn.Module):

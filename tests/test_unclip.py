@@ -237,6 +237,19 @@ def _cli(capsys, *argv):
     return code, out, err
 
 
+def test_clip_trains_on_every_images_caption_whatever_the_drop_probability():
+    """CLIP has no unconditional branch: the task keeps every caption (train.cond_drop_prob is for denoisers), and each
+    image's is one of its digit's captions."""
+    from ddpmkit.config import load_config
+    from ddpmkit.train.clip import CLIPTask
+
+    task = CLIPTask(load_config("clip", [*TINY, "train.cond_drop_prob=0.5"]))
+    indices = torch.arange(64)
+    text = task.captions.batch(indices, torch.Generator().manual_seed(0))
+    captions = task.captions.table["context"][task.captions.caption_ids[indices]]  # (B, templates, L, D): each image's
+    assert all(any(torch.equal(row, c) for c in own) for row, own in zip(text["context"], captions, strict=True))
+
+
 def test_the_unclip_runs_train_through_the_engine_and_load(tiny_unclip):
     import ddpmkit
 
