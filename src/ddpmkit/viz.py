@@ -95,23 +95,22 @@ def scatter_2d(x: torch.Tensor, path: str | Path, reference: torch.Tensor | None
 def radial_power_spectrum(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Radially averaged power spectrum of images (B, C, H, W), averaged over batch and channels.
 
-    Returns (frequencies in cycles/pixel, power). Natural images fall off roughly as 1/f^2;
-    white noise is flat -- which is why the forward process drowns high frequencies first.
+    Returns (frequencies in cycles/pixel, power): ring k averages |FFT|^2 / (H W) over the frequencies nearest
+    k / min(H, W) in radius (a cosine of k cycles across the image lands in ring k; white noise of variance
+    s^2 is s^2 in every ring), the DC term left out. Natural images fall off roughly as 1/f^2; white noise
+    is flat -- which is why the forward process drowns high frequencies first.
     """
     x = x.detach().double().cpu()
     H, W = x.shape[-2:]
-    power = torch.fft.fftshift(torch.fft.fft2(x), dim=(-2, -1)).abs().pow(2).mean(dim=(0, 1)) / (H * W)
-    fy = torch.fft.fftshift(torch.fft.fftfreq(H, dtype=torch.float64))
-    fx = torch.fft.fftshift(torch.fft.fftfreq(W, dtype=torch.float64))
-    radius = (fy[:, None] ** 2 + fx[None] ** 2).sqrt()
-    nbins = min(H, W) // 2
-    edges = torch.linspace(0, 0.5, nbins + 1, dtype=torch.float64)
-    which = torch.bucketize(radius.flatten(), edges[1:-1])
-    totals = torch.zeros(nbins, dtype=torch.float64).index_add_(0, which, power.flatten())
-    counts = torch.zeros(nbins, dtype=torch.float64).index_add_(0, which, torch.ones_like(power.flatten()))
-    centers = 0.5 * (edges[1:] + edges[:-1])
+    power = torch.fft.fft2(x).abs().pow(2).mean(dim=(0, 1)).flatten() / (H * W)
+    fy, fx = torch.fft.fftfreq(H, dtype=torch.float64), torch.fft.fftfreq(W, dtype=torch.float64)
+    n = min(H, W)
+    ring = ((fy[:, None] ** 2 + fx[None] ** 2).sqrt() * n).round().long().flatten()
+    totals = torch.zeros(int(ring.max()) + 1, dtype=torch.float64).index_add_(0, ring, power)
+    counts = torch.bincount(ring, minlength=len(totals)).double()
     keep = counts > 0
-    return centers[keep][1:].numpy(), (totals[keep] / counts[keep])[1:].numpy()  # drop DC
+    keep[0] = False  # DC: the mean, not a frequency
+    return (torch.arange(len(totals), dtype=torch.float64) / n)[keep].numpy(), (totals / counts.clamp(min=1))[keep].numpy()
 
 
 def spectra_figure(spectra: dict[str, tuple[np.ndarray, np.ndarray]], title: str = "", size: tuple[float, float] = (5, 4)) -> Figure:
