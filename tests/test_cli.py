@@ -109,6 +109,7 @@ def test_every_argument_of_every_command_says_what_it_is():
     (["forward", ""], "an empty path: give an image file"),  # was "image not found: ."
     (["forward", "."], ". is a folder: give an image file"),
     (["forward", "mnist5k:0", "--schedule", "cosin"], "unknown noise schedule 'cosin'"),
+    (["forward", "mnist5k:0", "--t", "0,1000"], "timesteps [1000] outside [0, 999]"),  # t = 0 .. T - 1
     (["sample", "/no/run"], "no checkpoint at /no/run"),
     (["train", "toy2d", "train.batch_size=-3"], "train.batch_size = -3 must be >= 1"),
     (["train", "toy2d", "train.batch_size=10000000000"], "train.batch_size = 10000000000 must be <= 1048576"),

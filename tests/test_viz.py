@@ -29,6 +29,7 @@ def test_make_grid_places_image_i_at_row_i_div_cols_and_column_i_mod_cols_on_whi
         expected[2 + 4 * r: 2 + 4 * r + 2, 2 + 5 * c: 2 + 5 * c + 3] = level
     assert (grid == expected).all()
     assert make_grid(x, nrow=2).shape == (3 * 4 + 2, 2 * 5 + 2, 1)  # nrow is the number of columns
+    assert make_grid(x, upscale=2).shape == (2 * (4 + 2) + 2, 3 * (6 + 2) + 2, 1)  # the saved grids' default
     ramp = torch.linspace(-1, 1, 6).reshape(1, 1, 2, 3)
     big = make_grid(ramp, upscale=3, pad=0)  # each pixel a 3x3 block
     assert (big[..., 0] == np.kron(to_uint8(ramp)[0, ..., 0], np.ones((3, 3), dtype=np.uint8))).all()
@@ -38,6 +39,8 @@ def test_saved_grid_and_gif_hold_the_pictures_and_their_timing(tmp_path):
     x = torch.linspace(-1, 1, 2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
     with Image.open(save_grid(x, tmp_path / "grid.png")) as im:  # saved at twice the size
         assert (np.asarray(im) == make_grid(x, upscale=2)).all()
+    with Image.open(save_grid(x[:, :1], tmp_path / "grey.png")) as im:  # one channel: a greyscale PNG
+        assert im.mode == "L" and (np.asarray(im) == make_grid(x[:, :1], upscale=2)[..., 0]).all()
     frames = [make_grid(x * w) for w in (1.0, 0.5, 0.0)]
     with Image.open(save_gif(frames, tmp_path / "a.gif", duration_ms=40, hold_last_ms=900)) as im:
         assert im.n_frames == 3 and im.info["loop"] == 0
