@@ -517,6 +517,14 @@ def test_unsupported_unets_say_what_is_supported(tiny_sd, tmp_path):
     config.write_text(json.dumps({**json.loads(config.read_text()), "in_channels": 8}))  # instruct-pix2pix's layout
     with pytest.raises(DiffusersError, match="unsupported UNet with 8 input and 4 output channels; ddpmkit runs text-to-image UNets"):
         ddpmkit.load(folder)
+    # a config that leaves the channels out has diffusers' defaults, 4 in and 4 out: a text-to-image UNet, or with
+    # 9 in an inpainting one
+    from ddpmkit.diffusers_bridge import check_unet_config
+
+    for taken in ({}, {"in_channels": 4}, {"out_channels": 4}, {"in_channels": 9}):
+        check_unet_config(taken)
+    with pytest.raises(DiffusersError, match="8 input and 4 output channels"):
+        check_unet_config({"in_channels": 8})
 
 
 def test_a_stable_diffusion_folder_is_a_teacher_for_progressive_distillation(tiny_sd, captioned_images, tmp_path):
