@@ -22,8 +22,13 @@ perturb every weight first.
 Then `--kinds consts` and `--kinds swap` (nine batches, 355 mutants: the samplers and schedules, evaluation and editing,
 the networks, the pipelines, the data and the page, the training tasks) left 77: unCLIP's second copy of slerp (gone),
 cross-attention never written out, an unused alias, a seed per row never given to img2img, a clip never tested at
-both ends, an image preview never drawn in a test; 23 are equivalent or settings, 47 now caught, and 7 of the ninth
-batch still open (the direction of the images', prompts' and voyage's interpolations; q_step's arguments).
+both ends, an image preview never drawn in a test; 23 are equivalent or settings, 54 now caught (the ninth batch's
+last 7 the next day: the direction of the interpolations, in tests/test_web_actions.py; the others by other files).
+Then four more (2026-12-07, 110 mutants: distillation and the CLIP, classifier and unCLIP tasks, the training engine and
+its optimizer schedule, viz.py with every kind, the diffusers bridge) left 35: the truncated-SNR weight above its floor,
+CLIP's captions under a drop probability, the spectrum's rings (a cosine of k cycles was binned below k / n: fixed),
+a grey grid's PNG, t = T in the forward command, diffusers' default channel counts; the engine left none; 20 are the
+pictures' settings (figure sizes, margins, fonts) or equivalent.
 """
 from __future__ import annotations
 
