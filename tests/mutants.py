@@ -25,10 +25,10 @@ cross-attention never written out, an unused alias, a seed per row never given t
 both ends, an image preview never drawn in a test; 23 are equivalent or settings, 54 now caught (the ninth batch's
 last 7 the next day: the direction of the interpolations, in tests/test_web_actions.py; the others by other files).
 Then four more (2026-12-07, 110 mutants: distillation and the CLIP, classifier and unCLIP tasks, the training engine and
-its optimizer schedule, viz.py with every kind, the diffusers bridge) left 35: the truncated-SNR weight above its floor,
+its optimizer schedule, viz.py with every kind, the diffusers bridge) left 35, 17 now caught: the truncated-SNR weight above its floor,
 CLIP's captions under a drop probability, the spectrum's rings (a cosine of k cycles was binned below k / n: fixed),
-a grey grid's PNG, t = T in the forward command, diffusers' default channel counts; the engine left none; 20 are the
-pictures' settings (figure sizes, margins, fonts) or equivalent.
+a grey grid's PNG, t = T in the forward command, diffusers' default channel counts; the engine left none; 18 are the
+pictures' settings (figure sizes, margins, fonts, a preview seed) or equivalent.
 """
 from __future__ import annotations
 
