@@ -97,8 +97,9 @@ def radial_power_spectrum(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
     Returns (frequencies in cycles/pixel, power): ring k averages |FFT|^2 / (H W) over the frequencies nearest
     k / min(H, W) in radius (a cosine of k cycles across the image lands in ring k; white noise of variance
-    s^2 is s^2 in every ring), the DC term left out. Natural images fall off roughly as 1/f^2; white noise
-    is flat -- which is why the forward process drowns high frequencies first.
+    s^2 is s^2 in every ring), for k = 1 .. min(H, W) // 2: the DC term is left out, and so are the corners past
+    the Nyquist frequency, where only part of each ring lies on the grid. Natural images fall off roughly as
+    1/f^2; white noise is flat -- which is why the forward process drowns high frequencies first.
     """
     x = x.detach().double().cpu()
     H, W = x.shape[-2:]
@@ -108,9 +109,9 @@ def radial_power_spectrum(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     ring = ((fy[:, None] ** 2 + fx[None] ** 2).sqrt() * n).round().long().flatten()
     totals = torch.zeros(int(ring.max()) + 1, dtype=torch.float64).index_add_(0, ring, power)
     counts = torch.bincount(ring, minlength=len(totals)).double()
-    keep = counts > 0
-    keep[0] = False  # DC: the mean, not a frequency
-    return (torch.arange(len(totals), dtype=torch.float64) / n)[keep].numpy(), (totals / counts.clamp(min=1))[keep].numpy()
+    k = torch.arange(len(totals))
+    keep = (counts > 0) & (k >= 1) & (k <= n // 2)  # not DC (the mean), not the corners past 0.5 cycles/pixel
+    return (k.double() / n)[keep].numpy(), (totals / counts.clamp(min=1))[keep].numpy()
 
 
 def spectra_figure(spectra: dict[str, tuple[np.ndarray, np.ndarray]], title: str = "", size: tuple[float, float] = (5, 4)) -> Figure:
