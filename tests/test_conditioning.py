@@ -1,5 +1,6 @@
 """Conditional training end to end: label dropout, text encoders and captions, cross-attention,
 the noisy classifier, and the command line's --class / --prompt / --classifier."""
+import numpy as np
 import pytest
 import torch
 
@@ -216,6 +217,12 @@ def test_voyage_renders_the_same_gif_bytes_twice(tiny_text_run, tmp_path, capsys
     code = main(["interpolate", str(tiny_text_run), "--prompts", "a handwritten one", "a handwritten two", "--n", "4",
                  "--steps", "3", "--out", str(tmp_path / "prompts")])
     assert code == 0 and (tmp_path / "prompts" / "interpolate_prompts.png").is_file()
+    from ddpmkit.pipelines.edit import interpolation_prompts
+    from ddpmkit.viz import make_grid
+
+    frames = interpolation_prompts(load_diffusion(tiny_text_run), "a handwritten one", "a handwritten two", 4, steps=3)  # seed 0, ddim
+    with Image.open(tmp_path / "prompts" / "interpolate_prompts.png") as im:  # the library's frames, first prompt first
+        assert (np.asarray(im) == make_grid(frames, nrow=4, upscale=2)[..., 0]).all()
     # a stochastic sampler draws the same noise for every frame (between a keyframe and itself every frame is one
     # sample; noise per frame flickered), and its options reach it (eta 0 is Euler's ODE)
     from ddpmkit.pipelines.voyage import render_voyage

@@ -167,6 +167,20 @@ def test_editing_commands(tmp_path, capsys):
                         "interpolate_images_t300.png")):
         assert main([*argv, "--n", "3", "--out", str(out)]) == 0, capsys.readouterr().err
         assert (out / made).is_file(), made
+    # the strips are the library's edits, in the order given (seed 3 first, digits:0 first)
+    from PIL import Image
+
+    from ddpmkit.images import load_image_as
+    from ddpmkit.models import load_diffusion
+    from ddpmkit.pipelines.edit import interpolation_images, interpolation_seeds
+    from ddpmkit.viz import make_grid
+
+    m = load_diffusion(str(run))
+    a, b = (load_image_as(name, m.image_shape) for name in ("digits:0", "digits:1"))
+    for made, x in (("interpolate_seeds_3_14.png", interpolation_seeds(m, 3, 14, 3, steps=5)),
+                    ("interpolate_images_t300.png", interpolation_images(m, a, b, 300, 3, steps=5))):
+        with Image.open(out / made) as im:
+            assert (np.asarray(im) == make_grid(x, nrow=3, upscale=2)[..., 0]).all(), made
     # the solver options reach img2img, interpolate and voyage (test_conditioning): without noise edm is heun and
     # euler_ancestral is euler, with it they differ
     strips = {}
