@@ -170,12 +170,17 @@ def test_editing_commands(tmp_path, capsys):
     # the strips are the library's edits, in the order given (seed 3 first, digits:0 first)
     from PIL import Image
 
-    from ddpmkit.images import load_image_as
+    from ddpmkit.images import load_image_as, make_mask
     from ddpmkit.models import load_diffusion
-    from ddpmkit.pipelines.edit import interpolation_images, interpolation_seeds
+    from ddpmkit.pipelines.edit import edit_inpaint, interpolation_images, interpolation_seeds
     from ddpmkit.viz import make_grid
 
     m = load_diffusion(str(run))
+    three = load_image_as("digits:3", m.image_shape)
+    left = make_mask("left", three.shape)
+    filled = edit_inpaint(m, three, left, 3, steps=5, resample=2)  # the image, what is kept, the completions
+    with Image.open(out / "inpaint.png") as im:
+        assert (np.asarray(im) == make_grid(torch.cat([three, three * left, filled]), nrow=5, upscale=2)[..., 0]).all()
     a, b = (load_image_as(name, m.image_shape) for name in ("digits:0", "digits:1"))
     for made, x in (("interpolate_seeds_3_14.png", interpolation_seeds(m, 3, 14, 3, steps=5)),
                     ("interpolate_images_t300.png", interpolation_images(m, a, b, 300, 3, steps=5))):
