@@ -28,7 +28,10 @@ Then four more (2026-12-07, 110 mutants: distillation and the CLIP, classifier a
 its optimizer schedule, viz.py with every kind, the diffusers bridge) left 35, 17 now caught: the truncated-SNR weight above its floor,
 CLIP's captions under a drop probability, the spectrum's rings (a cosine of k cycles was binned below k / n: fixed),
 a grey grid's PNG, t = T in the forward command, diffusers' default channel counts; the engine left none; 18 are the
-pictures' settings (figure sizes, margins, fonts, a preview seed) or equivalent.
+pictures' settings (figure sizes, margins, fonts, a preview seed) or equivalent. A fourteenth (bounds, consts, swap of
+the CLI's plumbing: cli/common.py, cli/sample.py, cli/edit.py; 30 mutants) left 13: the edit commands' argument order
+to the pipelines (their strips are now the library's edits, pixel for pixel; 4), 3 caught by other files, and 6
+command-line defaults (steps, the GIF's cadence, a grid file's rounding).
 """
 from __future__ import annotations
 
