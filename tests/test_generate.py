@@ -215,3 +215,19 @@ def test_a_slice_of_a_request_cycles_its_classes_and_prompts_as_the_whole_batch_
     part = request.slice(5, 4)
     assert part.classes == [2, 0, 1, 2] and part.prompts == ["b", "a", "b", "a"] and part.conditions["c"].tolist() == [5, 6, 7, 8]
     assert GuidanceRequest().slice(5, 3, num_classes=4).classes == [1, 2, 3]  # a class model's default: 0, 1, 2, ... in turn
+
+
+def test_only_pixel_models_clip_their_x0_prediction(tmp_path):
+    """x_0 is clipped to [-1, 1] for images in pixels only: not for latents (decoded later), not for points (the 2-D toys
+    lie in [-3, 3])."""
+    from ddpmkit.config import load_config
+    from ddpmkit.models import DiffusionModel
+    from ddpmkit.pipelines.generate import resolve_options
+
+    net, cfg = torch.nn.Identity(), load_config("mnist")
+    pixels = DiffusionModel(net, cfg, (1, 28, 28), 0, tmp_path)
+    latents = DiffusionModel(net, cfg, (4, 8, 8), 0, tmp_path, autoencoder=torch.nn.Identity())
+    points = DiffusionModel(net, cfg, (2,), 0, tmp_path)
+    assert pixels.bounded_x0 and not latents.bounded_x0 and not points.bounded_x0
+    assert resolve_options(pixels, {"clip_x0": True}) == {"clip_x0": True}
+    assert resolve_options(latents, {"clip_x0": True}) == resolve_options(points, {"clip_x0": True}) == {"clip_x0": False}
