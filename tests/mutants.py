@@ -31,7 +31,8 @@ a grey grid's PNG, t = T in the forward command, diffusers' default channel coun
 pictures' settings (figure sizes, margins, fonts, a preview seed) or equivalent. A fourteenth (bounds, consts, swap of
 the CLI's plumbing: cli/common.py, cli/sample.py, cli/edit.py; 30 mutants) left 13: the edit commands' argument order
 to the pipelines (their strips are now the library's edits, pixel for pixel; 4), 3 caught by other files, and 6
-command-line defaults (steps, the GIF's cadence, a grid file's rounding).
+command-line defaults (steps, the GIF's cadence, a grid file's rounding). A fifteenth (consts, swap of models.py and
+checkpoint.py; 20 mutants) left 10: which models clip x_0 (pixels only; now tested), 9 caught by other files.
 """
 from __future__ import annotations
 
