@@ -57,9 +57,8 @@ def test_a_cosine_of_k_cycles_is_at_k_over_n_and_white_noise_is_flat_at_its_vari
     H, W = shape
     n = min(H, W)
     k = 5  # cycles across the short side
-    cols = torch.arange(W, dtype=torch.float64) if n == W else None
-    rows = torch.arange(H, dtype=torch.float64)
-    wave = torch.cos(2 * math.pi * k / n * (rows[:, None] if cols is None else cols[None, :])).expand(H, W)
+    line = torch.cos(2 * math.pi * k / n * torch.arange(n, dtype=torch.float64))
+    wave = (line[:, None] if n == H else line[None, :]).expand(H, W)  # varying along the short side
     f, p = radial_power_spectrum(wave.reshape(1, 1, H, W))
     assert np.allclose(f, np.arange(1, n // 2 + 1) / n) and f[int(np.argmax(p))] == pytest.approx(k / n)  # 1/n .. Nyquist
     # the cosine's power, |FFT|^2 / (H W) = H W / 4 at each of its 2 frequencies, averaged over its ring's frequencies
