@@ -297,9 +297,7 @@ class Actions:
         n, steps, seed, sampler = self.limits.images(n), self.limits.steps(steps), self.limits.seed(seed), check_sampler(sampler)
         common = ["--n", str(n), "--steps", str(steps), "--seed", str(seed), *flags]
         noise = self.noise(eta, churn, None if mode == "img2img" else "img2img")
-        if mode == "img2img":
-            if not 0 < strength <= 1:
-                raise UserError(f"strength must lie in (0, 1], got {strength}")
+        if mode == "img2img":  # the strength is checked by editing.img2img, with the command line's message
             options = sampler_options(sampler, eta=noise[0], churn=noise[1])
             out = edit_img2img(m, image, n, strength, request, sampler, steps, seed, options)
             rows, cmd = [image, out], ["img2img", run, spec, "--strength", f"{strength:g}", "--sampler", sampler, *noise_flags(*noise), *common]
