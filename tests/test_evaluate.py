@@ -170,6 +170,18 @@ def test_inception_score_limits():
         inception_score(np.zeros((0, 10)))
 
 
+def test_the_fid_inception_has_the_published_networks_parameters():
+    """The weights file fixes every tensor's shape; without it (no download here), the count pins them: torchvision
+    documents 27,161,264 parameters for Inception-v3, of which the auxiliary classifier (1x1 768->128, 5x5 128->768,
+    each with batch-norm scale and shift, and a 768->1000 linear layer) holds 3,326,696; the FID network has no auxiliary
+    head and 1,008 classes, 8 more than torchvision's 1,000 (8 x 2,048 weights and 8 biases)."""
+    aux = 768 * 128 + 2 * 128 + 128 * 768 * 5 * 5 + 2 * 768 + 768 * 1000 + 1000
+    assert aux == 3_326_696
+    net = FIDInceptionV3()
+    assert sum(p.numel() for p in net.parameters()) == 27_161_264 - aux + 8 * 2048 + 8 == 23_850_960
+    assert net.fc.weight.shape == (1008, 2048) and net.Conv2d_1a_3x3.conv.weight.shape == (32, 3, 3, 3)
+
+
 def test_inception_network_loads_weights_from_a_file_and_computes_features(tmp_path):
     torch.manual_seed(0)
     net = FIDInceptionV3().eval()
