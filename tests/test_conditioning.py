@@ -144,6 +144,22 @@ def test_the_bundled_encoders_embeddings_are_cached_on_disk_and_equal_the_encode
 
 
 @needs_text
+def test_an_encoder_from_a_folder_is_not_cached_and_encodes_in_batches_as_the_bundled_one(encoder, tmp_path, monkeypatch):
+    """Any encoder but the bundled one (here the bundled one's weights saved to a folder) has no embedding cache: it
+    loads at once and encodes every call, in batches of batch_size, the bundled encoder's tensors."""
+    from ddpmkit.text import TextEncoder
+
+    monkeypatch.setenv("DDPMKIT_CACHE", str(tmp_path / "cache"))
+    encoder.model.save(str(tmp_path / "minilm"))
+    folder = TextEncoder(str(tmp_path / "minilm"), max_tokens=12)
+    assert folder.cache_file is None and "model" in folder.__dict__
+    prompts = ["a handwritten seven", "", "a very long prompt " * 10]
+    want, got = encoder.encode(prompts), folder.encode(prompts, batch_size=2)
+    assert not (tmp_path / "cache").exists() and got["context_mask"].sum(1).tolist() == [6, 2, 12]
+    assert torch.allclose(got["context"], want["context"], atol=1e-5) and torch.equal(got["context_mask"], want["context_mask"])
+
+
+@needs_text
 def test_unknown_text_encoder_is_one_clear_error():
     from ddpmkit.text import TextEncoder, TextEncoderError
 
