@@ -201,6 +201,10 @@ def test_dreambooth_draws_and_caches_its_class_images_and_weighs_the_prior(new_s
                   progress=False)
     with pytest.raises(dreambooth.DreamBoothError, match=rf"the base model {plain} \(train.init_from\) is conditioned on none, not text"):
         DenoiserTask(load_config("mnist_text", [*db[:-3], f"train.init_from={plain}", f"train.run_dir={tmp_path / 'db2'}"]))
+    side = load_diffusion(base).image_shape[-1]  # instance images of another size: the size and channels to load them at
+    with pytest.raises(dreambooth.DreamBoothError, match=rf"the instance images are \(1, 12, 12\): load them at its size with data.image_size={side} "
+                                                         r"data.channels=1$"):
+        DenoiserTask(load_config("mnist_text", [*db[:-1], "data.image_size=12", f"train.run_dir={tmp_path / 'db3'}"]))
     with pytest.raises(ConfigError, match="give dreambooth.class_prompt"):
         load_config("mnist_text", [*text, "dreambooth.instance_prompt=a sks digit", "dreambooth.class_images=4"])
 
