@@ -1,5 +1,7 @@
 """Conditional training end to end: label dropout, text encoders and captions, cross-attention,
 the noisy classifier, and the command line's --class / --prompt / --classifier."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -157,6 +159,20 @@ def test_an_encoder_from_a_folder_is_not_cached_and_encodes_in_batches_as_the_bu
     want, got = encoder.encode(prompts), folder.encode(prompts, batch_size=2)
     assert not (tmp_path / "cache").exists() and got["context_mask"].sum(1).tolist() == [6, 2, 12]
     assert torch.allclose(got["context"], want["context"], atol=1e-5) and torch.equal(got["context_mask"], want["context_mask"])
+
+
+@needs_text
+def test_the_bundled_encoder_loads_from_its_package_with_the_hub_offline(monkeypatch):
+    """The bundled weights are a local folder; loading them also turns the hub off for the process (a run must never
+    wait on the network), unless the user set HF_HUB_OFFLINE themselves."""
+    from ddpmkit import text
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    model = text._load.__wrapped__("all-MiniLM-L6-v2", "cpu")  # not the cached load: this one runs
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and model.get_sentence_embedding_dimension() == 384
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    text._load.__wrapped__("all-MiniLM-L6-v2", "cpu")
+    assert os.environ["HF_HUB_OFFLINE"] == "0"
 
 
 @needs_text

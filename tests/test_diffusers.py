@@ -387,6 +387,25 @@ def sd_lora(tiny_sd, images, run, *extra: str) -> list[str]:
             f"train.run_dir={run}", *extra]
 
 
+def test_an_unconditional_pipeline_fine_tunes_unconditionally_in_pixels(tiny_ddpm, captioned_images, tmp_path):
+    """A folder with no text encoder (google/ddpm-cifar10-32's layout) fine-tunes as what it is: no prompts and no classes
+    (the images' captions unused, their folder needs no class subfolders), in pixel space, with the folder's schedule."""
+    from safetensors.torch import load_file
+
+    from ddpmkit.checkpoint import list_checkpoints
+    from ddpmkit.config import load_config
+    from ddpmkit.train import train
+
+    run = train(load_config("sd_lora", [f"train.init_from={tiny_ddpm}", f"data.path={captioned_images}", "data.image_size=8", "train.steps=2",
+                                        "train.batch_size=4", "train.lora_rank=4", "train.checkpoint_every=0", "train.mixed_precision=fp32",
+                                        f"train.run_dir={tmp_path / 'run'}"]), progress=False)
+    tuned = ddpmkit.load(run)
+    assert (tuned.conditioning, tuned.config.network.num_classes, tuned.config.network.text_encoder) == ("none", 0, "")
+    assert tuned.autoencoder is None and tuned.image_shape == (3, 8, 8) and tuned.config.diffusion.schedule == "linear"
+    assert all("lora_" in k for k in load_file(list_checkpoints(run)[-1] / "ema.safetensors"))
+    assert ddpmkit.generate(tuned, 2, steps=3, seed=0, progress=False).images.shape == (2, 3, 8, 8)
+
+
 def test_a_lora_fine_tune_of_a_stable_diffusion_folder_learns_saves_for_diffusers_and_resumes(tiny_sd, captioned_images, tmp_path):
     from safetensors.torch import load_file
 
