@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shlex
 
+import numpy as np
 import pytest
 import torch
 
@@ -345,9 +346,14 @@ def test_a_diffusers_lora_merged_at_a_scale_samples_as_diffusers_does_and_unmerg
 
 
 def test_lora_on_the_command_line_and_its_errors(tiny_sd, diffusers_lora, tmp_path, capsys):
+    from PIL import Image
+
     assert main(["sample", str(tiny_sd), "--prompt", PROMPT, "--sampler", "ddim", "--steps", "3", "--n", "1", "--no-gif",
                  "--lora", f"{diffusers_lora}:0.8", "--lora", str(diffusers_lora.parent), "--out", str(tmp_path / "s")]) == 0
     assert (tmp_path / "s" / "grid.png").is_file()
+    assert main(["sample", str(tiny_sd), "--prompt", PROMPT, "--sampler", "ddim", "--steps", "3", "--n", "1", "--no-gif",
+                 "--lora", str(diffusers_lora.parent), "--out", str(tmp_path / "s_folder")]) == 0
+    grids = {"folder": np.asarray(Image.open(tmp_path / "s_folder" / "grid.png"))}
     for spec, message in [(f"{tmp_path}/missing.safetensors:0.5", "no such file"), (f"{diffusers_lora}:nan", "finite number")]:
         assert main(["sample", str(tiny_sd), "--prompt", PROMPT, "--steps", "2", "--lora", spec, "--out", str(tmp_path / "x")]) == 2
         assert message in capsys.readouterr().err
@@ -355,9 +361,21 @@ def test_lora_on_the_command_line_and_its_errors(tiny_sd, diffusers_lora, tmp_pa
     assert main(["sample", str(tiny_sd), "--prompt", PROMPT, "--steps", "2", "--lora", str(tmp_path / "junk.safetensors"),
                  "--out", str(tmp_path / "x")]) == 2
     assert "is not a LoRA for this pipeline" in capsys.readouterr().err
-    # the editing commands merge LoRAs (and take --dtype) as sample does: at scale 0 the edit is the folder's own
-    from PIL import Image
+    # a ddpmkit checkpoint folder: an SD LoRA run's holds diffusers' file and merges (as the folder alone does); another
+    # run's (no such file) merges into the run it fine-tuned, not into a pipeline folder
+    import shutil
 
+    shutil.copytree(diffusers_lora.parent, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    for name in ("ckpt", "run"):
+        code = main(["sample", str(tiny_sd), "--prompt", PROMPT, "--sampler", "ddim", "--steps", "3", "--n", "1", "--no-gif",
+                     "--lora", str(tmp_path / name), "--out", str(tmp_path / f"s_{name}")])
+        grids[name] = code == 0 and np.asarray(Image.open(tmp_path / f"s_{name}" / "grid.png"))
+    assert (grids["ckpt"] == grids["folder"]).all() and grids["run"] is False
+    assert f"--lora {tmp_path / 'run'} is a ddpmkit run: a ddpmkit LoRA run merges into the run it fine-tuned" in capsys.readouterr().err
+    # the editing commands merge LoRAs (and take --dtype) as sample does: at scale 0 the edit is the folder's own
     Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "image.png")
     strips = {}
     for name, lora in (("plain", []), ("zero", ["--lora", f"{diffusers_lora}:0"]), ("style", ["--lora", f"{diffusers_lora}:0.8"])):
