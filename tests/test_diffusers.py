@@ -104,13 +104,14 @@ def _diffusers_pipe(folder, scheduler: str, **config):
     ("DDIMScheduler", "ddim", {"set_alpha_to_one": True}),
     ("EulerDiscreteScheduler", "euler", {}),
     ("DPMSolverMultistepScheduler", "dpmpp_2m", {}),  # diffusers' default 2M is the midpoint form: solver_type below
+    ("HeunDiscreteScheduler", "heun", {}),  # its timesteps name each point twice (2N - 1 calls): the grid is each once
 ])
 @pytest.mark.parametrize("guidance", [1.0, 5.0])
 def test_ddpmkit_samplers_reproduce_the_diffusers_pipeline(tiny_sd, scheduler, sampler, config, guidance):
     pipe = _diffusers_pipe(tiny_sd, scheduler, **config)
     noise = seed_noise(7, (4, 8, 8))
     ref = pipe(PROMPT, num_inference_steps=10, guidance_scale=guidance, latents=noise.clone(), output_type="latent").images
-    grid = pipe.scheduler.timesteps.to(torch.float64)  # the timesteps diffusers visited: ddpmkit takes them as its grid
+    grid = pipe.scheduler.timesteps.to(torch.float64).unique_consecutive()  # the timesteps diffusers visited: ddpmkit's grid
     m = ddpmkit.load(tiny_sd)
     model, kwargs, options = guided_model(m, 1, GuidanceRequest(prompts=[PROMPT], scale=guidance), sampler)
     variant = {"solver_type": "midpoint"} if sampler == "dpmpp_2m" else {}
