@@ -100,21 +100,24 @@ def _diffusers_pipe(folder, scheduler: str, **config):
 
 # DDIM: with set_alpha_to_one=False (SD's config) diffusers' last DDIM step lands on alpha_bar_0,
 # not on x_0, so the parity test sets it True; everywhere else the grids and the math are the same.
-@pytest.mark.parametrize("scheduler, sampler, config", [
-    ("DDIMScheduler", "ddim", {"set_alpha_to_one": True}),
-    ("EulerDiscreteScheduler", "euler", {}),
-    ("DPMSolverMultistepScheduler", "dpmpp_2m", {}),  # diffusers' default 2M is the midpoint form: solver_type below
-    ("HeunDiscreteScheduler", "heun", {}),  # its timesteps name each point twice (2N - 1 calls): the grid is each once
+@pytest.mark.parametrize("scheduler, sampler, config, variant", [
+    ("DDIMScheduler", "ddim", {"set_alpha_to_one": True}, {}),
+    ("EulerDiscreteScheduler", "euler", {}, {}),
+    ("DPMSolverMultistepScheduler", "dpmpp_2m", {}, {"solver_type": "midpoint"}),  # diffusers' default 2M is the midpoint form
+    # 3M: diffusers lowers the last steps' order below 15 steps only (ddpmkit always): at 10 steps both do
+    ("DPMSolverMultistepScheduler", "dpmpp_3m", {"solver_order": 3}, {"solver_type": "midpoint"}),
+    ("UniPCMultistepScheduler", "unipc", {}, {}),  # bh2, order 2, the corrector on
+    ("UniPCMultistepScheduler", "unipc", {"solver_order": 3}, {"order": 3}),
+    ("HeunDiscreteScheduler", "heun", {}, {}),  # its timesteps name each point twice (2N - 1 calls): the grid is each once
 ])
 @pytest.mark.parametrize("guidance", [1.0, 5.0])
-def test_ddpmkit_samplers_reproduce_the_diffusers_pipeline(tiny_sd, scheduler, sampler, config, guidance):
+def test_ddpmkit_samplers_reproduce_the_diffusers_pipeline(tiny_sd, scheduler, sampler, config, variant, guidance):
     pipe = _diffusers_pipe(tiny_sd, scheduler, **config)
     noise = seed_noise(7, (4, 8, 8))
     ref = pipe(PROMPT, num_inference_steps=10, guidance_scale=guidance, latents=noise.clone(), output_type="latent").images
     grid = pipe.scheduler.timesteps.to(torch.float64).unique_consecutive()  # the timesteps diffusers visited: ddpmkit's grid
     m = ddpmkit.load(tiny_sd)
     model, kwargs, options = guided_model(m, 1, GuidanceRequest(prompts=[PROMPT], scale=guidance), sampler)
-    variant = {"solver_type": "midpoint"} if sampler == "dpmpp_2m" else {}
     x = ddpmkit.sample(model, (1, 4, 8, 8), sampler=sampler, steps=10, x_T=noise, grid=grid, clip_x0=False,
                        model_kwargs=kwargs, **options, **variant).x
     assert ref.abs().max() > 0.1 and (x - ref).abs().max() < 1e-4 * ref.abs().max()
@@ -125,19 +128,60 @@ def test_ddpmkit_samplers_reproduce_the_diffusers_pipeline(tiny_sd, scheduler, s
     assert (images - (out.images + 1) / 2).abs().max() < 1e-4
 
 
+# diffusers' (0.42) third-order multistep step for the SDE (sde-dpmsolver++, solver_order=3) weighs D2 by
+# alpha_t ((1 - e^{-2h} - 2h) / (2h)^2 - 0.5), which tends to -alpha_t as h -> 0: a D2 term of the second order, not the
+# third. The step's own ODE form (h for 2h) gives + 0.5: alpha_t h / 3 + O(h^2), k-diffusion's phi_3 with h_eta = 2h.
+SDE_3M_D2 = "((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * D2"
+
+
+def test_dpmpp_3m_sde_is_diffusers_3m_sde_with_the_sign_of_its_d2_weight_corrected(tiny_sd, monkeypatch):
+    """Noise for noise, as the 2M SDE: where diffusers' source still has the -0.5 above, its 3M SDE differs from
+    ddpmkit's by more than 5% of the latents, and the same step with +0.5 is ddpmkit's to 1e-4; where it is fixed,
+    diffusers' own step is."""
+    import inspect
+    import textwrap
+
+    from diffusers.schedulers import scheduling_dpmsolver_multistep as module
+
+    def latents() -> tuple[torch.Tensor, torch.Tensor]:
+        pipe = _diffusers_pipe(tiny_sd, "DPMSolverMultistepScheduler", solver_order=3, algorithm_type="sde-dpmsolver++", solver_type="midpoint")
+        ref = pipe(PROMPT, num_inference_steps=10, guidance_scale=3.0, latents=seed_noise(7, (4, 8, 8)), output_type="latent",
+                   generator=torch.Generator().manual_seed(11)).images
+        model, kwargs, options = guided_model(ddpmkit.load(tiny_sd), 1, GuidanceRequest(prompts=[PROMPT], scale=3.0), "dpmpp_3m_sde")
+        x = ddpmkit.sample(model, (1, 4, 8, 8), sampler="dpmpp_3m_sde", steps=10, x_T=seed_noise(7, (4, 8, 8)), clip_x0=False,
+                           grid=pipe.scheduler.timesteps.to(torch.float64), generator=11, model_kwargs=kwargs, solver_type="midpoint", **options).x
+        return x, ref
+    step = textwrap.dedent(inspect.getsource(module.DPMSolverMultistepScheduler.multistep_dpm_solver_third_order_update))
+    if SDE_3M_D2 in step:
+        x, ref = latents()
+        assert (x - ref).abs().max() > 0.05 * ref.abs().max()
+        namespace = dict(vars(module))
+        exec(step.replace(SDE_3M_D2, SDE_3M_D2.replace("- 0.5", "+ 0.5")), namespace)
+        monkeypatch.setattr(module.DPMSolverMultistepScheduler, "multistep_dpm_solver_third_order_update",
+                            namespace["multistep_dpm_solver_third_order_update"])
+    x, ref = latents()
+    assert ref.abs().max() > 0.1 and (x - ref).abs().max() < 1e-4 * ref.abs().max(), (x - ref).abs().max()
+
+
+@pytest.mark.parametrize("scheduler, sampler, config, variant", [
+    ("EulerAncestralDiscreteScheduler", "euler_ancestral", {}, {}),
+    ("DPMSolverMultistepScheduler", "dpmpp_2m_sde", {"algorithm_type": "sde-dpmsolver++", "solver_type": "midpoint"}, {"solver_type": "midpoint"}),
+    ("DPMSolverMultistepScheduler", "dpmpp_2m_sde", {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}, {}),
+])
 @pytest.mark.parametrize("guidance", [1.0, 5.0])
-def test_euler_ancestral_reproduces_diffusers_euler_ancestral_noise_for_noise(tiny_sd, guidance):
-    """Stable Diffusion's "Euler a": diffusers draws each step's noise from the generator it is given, as ddpmkit draws
-    sample 0's from the generator of its seed (one (4, 8, 8) draw a step), so the same seed gives the same latents."""
-    pipe = _diffusers_pipe(tiny_sd, "EulerAncestralDiscreteScheduler")
+def test_stochastic_samplers_reproduce_diffusers_noise_for_noise(tiny_sd, scheduler, sampler, config, variant, guidance):
+    """Stable Diffusion's "Euler a" and DPM-Solver++(2M) SDE: diffusers draws each step's noise from the generator it is
+    given, as ddpmkit draws sample 0's from the generator of its seed (one (4, 8, 8) draw a step), so the same seed gives
+    the same latents (the SDE's 2M in either second-order weight)."""
+    pipe = _diffusers_pipe(tiny_sd, scheduler, **config)
     noise = seed_noise(7, (4, 8, 8))
     ref = pipe(PROMPT, num_inference_steps=10, guidance_scale=guidance, latents=noise.clone(), output_type="latent",
                generator=torch.Generator().manual_seed(11)).images
     grid = pipe.scheduler.timesteps.to(torch.float64)
     m = ddpmkit.load(tiny_sd)
-    model, kwargs, options = guided_model(m, 1, GuidanceRequest(prompts=[PROMPT], scale=guidance), "euler_ancestral")
-    x = ddpmkit.sample(model, (1, 4, 8, 8), sampler="euler_ancestral", steps=10, x_T=noise, grid=grid, clip_x0=False, generator=11,
-                       model_kwargs=kwargs, **options).x
+    model, kwargs, options = guided_model(m, 1, GuidanceRequest(prompts=[PROMPT], scale=guidance), sampler)
+    x = ddpmkit.sample(model, (1, 4, 8, 8), sampler=sampler, steps=10, x_T=noise, grid=grid, clip_x0=False, generator=11,
+                       model_kwargs=kwargs, **options, **variant).x
     assert ref.abs().max() > 0.1 and (x - ref).abs().max() < 1e-4 * ref.abs().max(), (x - ref).abs().max()
 
 
