@@ -164,25 +164,52 @@ def test_dpmpp_3m_sde_is_diffusers_3m_sde_with_the_sign_of_its_d2_weight_correct
 
 
 @pytest.mark.parametrize("scheduler, sampler, config, variant", [
+    ("DDPMScheduler", "ddpm", {}, {}),  # "fixed_small": beta-tilde
+    ("DDIMScheduler", "ddim", {"set_alpha_to_one": True}, {"eta": 1.0}),
+    ("DDIMScheduler", "ddim", {"set_alpha_to_one": True}, {"eta": 0.5}),
     ("EulerAncestralDiscreteScheduler", "euler_ancestral", {}, {}),
     ("DPMSolverMultistepScheduler", "dpmpp_2m_sde", {"algorithm_type": "sde-dpmsolver++", "solver_type": "midpoint"}, {"solver_type": "midpoint"}),
     ("DPMSolverMultistepScheduler", "dpmpp_2m_sde", {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}, {}),
 ])
 @pytest.mark.parametrize("guidance", [1.0, 5.0])
 def test_stochastic_samplers_reproduce_diffusers_noise_for_noise(tiny_sd, scheduler, sampler, config, variant, guidance):
-    """Stable Diffusion's "Euler a" and DPM-Solver++(2M) SDE: diffusers draws each step's noise from the generator it is
-    given, as ddpmkit draws sample 0's from the generator of its seed (one (4, 8, 8) draw a step), so the same seed gives
-    the same latents (the SDE's 2M in either second-order weight)."""
+    """Ancestral DDPM, DDIM with eta > 0, Stable Diffusion's "Euler a" and DPM-Solver++(2M) SDE: diffusers draws each
+    step's noise from the generator it is given, as ddpmkit draws sample 0's from the generator of its seed (one
+    (4, 8, 8) draw a step), so the same seed gives the same latents (the SDE's 2M in either second-order weight)."""
     pipe = _diffusers_pipe(tiny_sd, scheduler, **config)
     noise = seed_noise(7, (4, 8, 8))
     ref = pipe(PROMPT, num_inference_steps=10, guidance_scale=guidance, latents=noise.clone(), output_type="latent",
-               generator=torch.Generator().manual_seed(11)).images
+               generator=torch.Generator().manual_seed(11), **({"eta": variant["eta"]} if "eta" in variant else {})).images
     grid = pipe.scheduler.timesteps.to(torch.float64)
     m = ddpmkit.load(tiny_sd)
     model, kwargs, options = guided_model(m, 1, GuidanceRequest(prompts=[PROMPT], scale=guidance), sampler)
     x = ddpmkit.sample(model, (1, 4, 8, 8), sampler=sampler, steps=10, x_T=noise, grid=grid, clip_x0=False, generator=11,
                        model_kwargs=kwargs, **options, **variant).x
     assert ref.abs().max() > 0.1 and (x - ref).abs().max() < 1e-4 * ref.abs().max(), (x - ref).abs().max()
+
+
+def test_ddpm_with_beta_is_diffusers_fixed_large_but_for_the_noise_diffusers_adds_to_x_0(tiny_sd):
+    """sigma_t^2 = beta_t (diffusers' "fixed_large"): step for step diffusers' latents, up to the last step, where
+    diffusers adds noise of variance beta (1 - alpha_bar_1 respaced, 0.0017) to the sample it returns and ddpmkit, as
+    improved-diffusion, takes beta-tilde there (0: x_0 itself). The difference is that noise: diffusers' tenth draw."""
+    pipe = _diffusers_pipe(tiny_sd, "DDPMScheduler", variance_type="fixed_large")
+    theirs, ours = [], []
+
+    def keep(pipe, i, t, tensors):
+        theirs.append(tensors["latents"].clone())
+        return tensors
+    ref = pipe(PROMPT, num_inference_steps=10, guidance_scale=3.0, latents=seed_noise(7, (4, 8, 8)), output_type="latent",
+               generator=torch.Generator().manual_seed(11), callback_on_step_end=keep).images
+    model, kwargs, options = guided_model(ddpmkit.load(tiny_sd), 1, GuidanceRequest(prompts=[PROMPT], scale=3.0), "ddpm")
+    x = ddpmkit.sample(model, (1, 4, 8, 8), sampler="ddpm", steps=10, x_T=seed_noise(7, (4, 8, 8)), clip_x0=False, variance="beta",
+                       grid=pipe.scheduler.timesteps.to(torch.float64), generator=11, model_kwargs=kwargs,
+                       callback=lambda info: ours.append(info["x"].clone()), **options).x
+    scale = ref.abs().max()
+    assert len(theirs) == len(ours) == 10 and all((a - b).abs().max() < 1e-4 * scale for a, b in zip(theirs[:-1], ours[:-1]))
+    g = torch.Generator().manual_seed(11)
+    last = [torch.randn((1, 4, 8, 8), generator=g) for _ in range(10)][-1]
+    beta = 1 - pipe.scheduler.alphas_cumprod[pipe.scheduler.timesteps[-1]]
+    assert 1e-3 < beta < 3e-3 and (ref - x - beta.sqrt() * last).abs().max() < 1e-4 * scale < (ref - x).abs().max()
 
 
 def test_the_unconditional_pipeline_matches_diffusers_ddim(tiny_ddpm):
