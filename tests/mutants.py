@@ -33,6 +33,13 @@ the CLI's plumbing: cli/common.py, cli/sample.py, cli/edit.py; 30 mutants) left 
 to the pipelines (their strips are now the library's edits, pixel for pixel; 4), 3 caught by other files, and 6
 command-line defaults (steps, the GIF's cadence, a grid file's rounding). A fifteenth (consts, swap of models.py and
 checkpoint.py; 20 mutants) left 10: which models clip x_0 (pixels only; now tested), 9 caught by other files.
+Three more (consts and swaps; 64 mutants): evaluation (report.py, inception.py, metrics.py: 24) left 5: a kernel size
+of the FID Inception (its parameter count is now torchvision's documented one less the auxiliary head), the benches'
+DigitScorer never run in a test (its arguments swapped: now run on the held-out digits), 1 caught by another file, a
+tolerance and an equivalent np.clip; text.py, loras.py, finetune.py and dreambooth.py (24) left 6, 5 now caught (an
+encoder from a folder, the hub turned off, an unconditional pipeline's fine-tune, DreamBooth's size message, a LoRA
+checkpoint folder) and a config default; the page's limits, shelf and server (16, bounds too) left 1: a random seed
+drawn from one past max_seed (now tested).
 """
 from __future__ import annotations
 

@@ -62,6 +62,8 @@ def test_random_seed_and_upload_checks(tmp_path):
     limits = Limits(max_upload_bytes=2000, max_upload_pixels=64 * 64)
     seeds = {limits.seed(-1) for _ in range(20)}
     assert len(seeds) > 1 and all(0 <= s <= limits.max_seed for s in seeds) and limits.seed(7) == 7
+    small = {Limits(max_seed=1).seed(-1) for _ in range(64)}  # drawn from 0..max_seed, the range a typed seed may take
+    assert small == {0, 1} and Limits(max_seed=1).seed(1) == 1
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "ok.png")
     assert limits.upload(tmp_path / "ok.png") == tmp_path / "ok.png"
     # an upload of exactly the bytes and the pixels allowed is taken; one byte or one pixel more is not
