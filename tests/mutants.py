@@ -39,7 +39,8 @@ DigitScorer never run in a test (its arguments swapped: now run on the held-out 
 tolerance and an equivalent np.clip; text.py, loras.py, finetune.py and dreambooth.py (24) left 6, 5 now caught (an
 encoder from a folder, the hub turned off, an unconditional pipeline's fine-tune, DreamBooth's size message, a LoRA
 checkpoint folder) and a config default; the page's limits, shelf and server (16, bounds too) left 1: a random seed
-drawn from one past max_seed (now tested).
+drawn from one past max_seed (now tested). devices.py (12, bounds too) left 2: cuda:N at N = the GPU count (now tested,
+with torch's GPU answers stubbed) and cpuinfo's split at a second colon (equivalent).
 """
 from __future__ import annotations
 

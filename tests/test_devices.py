@@ -25,6 +25,16 @@ def test_a_device_this_machine_lacks_is_one_clear_error(monkeypatch):
             devices.resolve_device(name)
 
 
+def test_a_gpu_index_past_the_last_is_refused_with_the_ones_there_are(monkeypatch):
+    """On a machine with 2 GPUs (torch's answers stubbed: there is none here), cuda:0 and cuda:1 resolve; cuda:2 is one
+    line naming the two."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert devices.resolve_device("cuda:1") == torch.device("cuda", 1) and devices.resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(UserError, match=r"^--device cuda:2: there are 2 CUDA devices \(cuda:0 .. cuda:1\)$"):
+        devices.resolve_device("cuda:2")
+
+
 def test_every_command_with_a_device_option_defaults_to_the_rule():
     sub = next(a for a in build_parser()._actions if isinstance(a, type(build_parser()._subparsers._group_actions[0])))
     with_device = {name: p for name, p in sub.choices.items() if any("--device" in a.option_strings for a in p._actions)}
