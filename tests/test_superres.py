@@ -273,7 +273,7 @@ def test_a_super_resolution_run_trains_previews_and_loads(tiny_cascade):
     assert log[-1]["done"] and log[-1]["elapsed_s"] > 0
 
 
-def test_cascade_and_upscale_from_the_command_line(tiny_cascade, tmp_path, capsys):
+def test_cascade_and_upscale_from_the_command_line(tiny_cascade, tmp_path, capsys, monkeypatch):
     base, sr = tiny_cascade
     code, out, err = _cli(capsys, "sample", base, "--then", f"{sr},sampler=dpmpp_2m,steps=3,aug=0.2,guidance=2", "--steps", "4",
                           "--n", "3", "--class", "7", "--out", tmp_path / "c")
@@ -288,11 +288,23 @@ def test_cascade_and_upscale_from_the_command_line(tiny_cascade, tmp_path, capsy
     assert code == 0, err
     torch.testing.assert_close(torch.load(tmp_path / "c2" / "samples.pt"), torch.load(tmp_path / "c" / "samples.pt"))
 
+    from ddpmkit import viz
+
+    labelled_rows, drawn = viz.labelled_rows, {}  # upscale.png's rows, as the command hands them to viz (which draws them, as it does)
+    monkeypatch.setattr(viz, "labelled_rows", lambda rows, path, **kw: drawn.update(rows=rows) or labelled_rows(rows, path, **kw))
     code, out, err = _cli(capsys, "upscale", sr, "digits:3", "digits:5", "--fit", "--n", "2", "--steps", "3", "--class", "3,3,5,5",
                           "--out", tmp_path / "u")
     assert code == 0, err
     assert "2 image(s) x 2 upscaled 4x4 -> 8x8" in out and (tmp_path / "u" / "upscale.png").is_file()
-    assert torch.load(tmp_path / "u" / "samples.pt").shape == (4, 1, 8, 8)
+    samples = torch.load(tmp_path / "u" / "samples.pt")
+    assert samples.shape == (4, 1, 8, 8)
+    from ddpmkit.images import load_image
+
+    inputs = torch.cat([downsample(load_image(s, channels=1), 4) for s in ("digits:3", "digits:5")])  # --fit: 8x8 digits to 4x4
+    (l0, x0), (l1, x1), (l2, x2), (l3, x3) = drawn["rows"]  # the inputs, their bicubic upsampling, sample 1, sample 2
+    assert (l0, l1, l2, l3) == ("input 4x4", "bicubic", "sample 1", "sample 2") and torch.equal(x0, inputs)
+    assert torch.equal(x1, upsample(inputs, 8, "bicubic").clamp(-1, 1)) and x1.std() > 0.1
+    assert torch.equal(x2, samples[[0, 2]]) and torch.equal(x3, samples[[1, 3]])
     # the command the training run ends with (it lacked --fit, so it failed on the 28x28 built-in digit)
     from ddpmkit.kinds import kind_of
 
