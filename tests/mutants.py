@@ -41,6 +41,8 @@ encoder from a folder, the hub turned off, an unconditional pipeline's fine-tune
 checkpoint folder) and a config default; the page's limits, shelf and server (16, bounds too) left 1: a random seed
 drawn from one past max_seed (now tested). devices.py (12, bounds too) left 2: cuda:N at N = the GPU count (now tested,
 with torch's GPU answers stubbed) and cpuinfo's split at a second colon (equivalent).
+The cascade and unCLIP commands (14) left 6: upscale.png's bicubic row clamped wrongly at either end (its rows are now
+checked against the inputs and samples; 2), and 4 settings (a GIF's frame cadence, a figure's columns).
 """
 from __future__ import annotations
 
