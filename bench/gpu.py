@@ -381,7 +381,7 @@ def overhead_at(bs: int, device: torch.device, tiny: bool, rounds: int, results:
         times["engine"].append(1000 * seconds(engine_step, device, reps))
         times["plain"].append(1000 * seconds(plain_step, device, reps))
     if bs > 1:  # the preset's batch: how many kernels a step launches, and how much of the step the device is busy
-        profile_step(engine_step, device, f"demo UNet, the engine's step at batch {bs}", results)
+        profile_step(engine_step, device, f"demo UNet, the engine's step at batch {bs}", results, calls=1 if tiny else 3)
         ops_by_phase(trainer, engine_step, results)
     trainer.log.close()
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -564,12 +564,13 @@ def unet_modes(device: torch.device, tiny: bool, rounds: int, compiled: bool, re
         print(f"  ddpmkit's bf16 norms / autocast's fp32 norms, train bf16: x{plain['images_per_s'] / before['images_per_s']:.2f}")
     for key, fn, _ in cases:  # where each eager bf16 step's time goes, kernel by kernel
         if key[1] == "train bf16" and "compiled" not in key[0]:
-            profile_step(fn, device, f"CIFAR-10 UNet {key[0]}, bf16 train step", results)
+            profile_step(fn, device, f"CIFAR-10 UNet {key[0]}, bf16 train step", results, calls=1 if tiny else 3)
 
 
 def profile_step(fn: Callable[[], object], device: torch.device, label: str, results: dict, calls: int = 3) -> None:
     """torch.profiler over `calls` calls of fn after one warm-up: the ops that take the most device time (CPU time on a
-    CPU), kernel launches per call and the host's time per call, printed and kept in results["profiles"]."""
+    CPU), kernel launches per call and the host's time per call, printed and kept in results["profiles"]. (Reading the
+    profile back takes seconds per call profiled on a CPU: --tiny profiles one.)"""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"

@@ -1,8 +1,11 @@
 """Every benchmark under bench/ stays runnable: each answers --help (its imports and argument parser work), and
 the ones with a tiny mode run it. No figure is checked here: benchmarks print figures, tests do not time."""
+import contextlib
 import importlib.util
+import io
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -310,7 +313,20 @@ def test_gpu_bench_judges_mnist_gpu_as_on_a_gpu_where_a_judge_is_cached(monkeypa
 
     monkeypatch.setenv("DDPMKIT_CACHE", str(tmp_path / "cache"))
     ensure_judge("mnist5k", progress=False, overrides=["train.steps=5", "train.warmup_steps=1", "train.log_every=5"])
+    real_run, started = subprocess.run, []
+
+    def in_this_process(cmd, **kwargs):  # digits_quality.py's main() on the command line gpu.py built; a fresh
+        if Path(cmd[1]).name != "digits_quality.py":  # interpreter for each costs seconds of imports (the GPU
+            return real_run(cmd, **kwargs)  # rehearsal, bench/gpu_rehearsal.sh, starts the real ones)
+        assert cmd[0] == sys.executable and kwargs == {"capture_output": True, "text": True}, (cmd, kwargs)
+        started.append(cmd)
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            code = run_main("digits_quality.py", cmd[2:], monkeypatch)
+        return subprocess.CompletedProcess(cmd, code, out.getvalue(), "")
+
+    monkeypatch.setattr(subprocess, "run", in_this_process)
     assert run_main("gpu.py", ["--tiny", "--parts", "preset", "--out", str(tmp_path / "gpu.json")], monkeypatch) == 0
+    assert ["--autoguide" in cmd for cmd in started] == [False, True], started
     judged = json.loads((tmp_path / "gpu.json").read_text())["mnist_gpu"]["judged"]
     assert set(judged) == {"dpmpp_2m", "autoguided"}, judged
     for j in judged.values():

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import ddpmkit
+import forked
 from conftest import needs_text, reads_per_call
 from ddpmkit.analytic import GaussianMixture, nearest_component
 from ddpmkit.checkpoint import list_checkpoints, read_config
@@ -97,18 +98,17 @@ def test_resume_after_kill_is_exact(tmp_path, capsys, kind):
     base = [*spec, f"train.steps={n}", "train.max_minutes=0", "train.keep_checkpoints=0", "train.mixed_precision=no"]
     if kind == "denoiser":
         base.append("network.dropout=0.2")  # the dropout masks are seeded by the step, so they repeat on resume
-    # the killed run in a process of its own with as many threads as this one, so that every run sums in the same
-    # order; the straight and the resumed runs in this process (a fresh one costs seconds of imports), the resumed
-    # one through the command line's own entry point
+    # the killed run in a process of its own (tests/forked.py) with as many threads as this one, so that every run
+    # sums in the same order; the straight and the resumed runs in this process, the resumed one through the command
+    # line's own entry point
     train(load_config(base[0], [*base[1:], f"train.run_dir={straight}", "train.checkpoint_every=1000"]), progress=False)
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen(_cli("train", *base, f"train.run_dir={killed}", f"train.checkpoint_every={n // 2}", "--quiet"), cwd=ROOT, env=env)
+    proc = forked.start(["train", *base, f"train.run_dir={killed}", f"train.checkpoint_every={n // 2}", "--quiet"])
     half = killed / f"ckpt-{n // 2:07d}"
     deadline = time.time() + 120
-    while not half.exists() and proc.poll() is None and time.time() < deadline:
+    while not half.exists() and proc.is_alive() and time.time() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.kill()  # SIGKILL
+    proc.join()
     assert half.exists()
     for later in list_checkpoints(killed):  # as if the kill came right after the half-way checkpoint
         if later != half:
@@ -135,16 +135,15 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_of_it_that_resumes_exactl
     n = 600
     base = ["toy2d", f"train.steps={n}", "train.batch_size=64", "train.log_every=10", "train.checkpoint_every=100000",
             "train.keep_checkpoints=0", "train.max_minutes=0"]
-    stopped = tmp_path / "stopped"
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same summation order as this process
-    proc = subprocess.Popen(_cli("train", *base, f"train.run_dir={stopped}", "--quiet"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    stopped, output = tmp_path / "stopped", tmp_path / "output.txt"
+    proc = forked.start(["train", *base, f"train.run_dir={stopped}", "--quiet"], output)  # the same summation order as this process
     log, deadline = stopped / "train_log.jsonl", time.time() + 120
-    while not (log.exists() and log.read_text().strip()) and proc.poll() is None and time.time() < deadline:
+    while not (log.exists() and log.read_text().strip()) and proc.is_alive() and time.time() < deadline:
         time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    said, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, said
+    os.kill(proc.pid, signal.SIGINT)
+    proc.join(timeout=120)
+    said = output.read_text()
+    assert proc.exitcode == 130, said
     at = [read_config(c)[1].step for c in list_checkpoints(stopped)]
     assert len(at) == 1 and 10 <= at[0] < n, (at, said)  # the step it stopped at, not a periodic one
     assert f"stopped at step {at[0]} of {n}, with a checkpoint of it: continue with `ddpmkit train {stopped / 'config.json'} --resume`" in said
@@ -365,20 +364,19 @@ def test_a_folder_a_run_is_training_in_refuses_a_second_run_until_the_first_ends
     nothing stale) the folder trains again."""
     from ddpmkit.cli import main
 
-    first = subprocess.Popen(_cli("train", "toy2d", f"train.run_dir={tmp_path}", "train.steps=1000000", "train.checkpoint_every=20",
-                                  "--quiet"), cwd=ROOT)
+    first = forked.start(["train", "toy2d", f"train.run_dir={tmp_path}", "train.steps=1000000", "train.checkpoint_every=20", "--quiet"])
     deadline = time.time() + 120
-    while not list_checkpoints(tmp_path) and first.poll() is None and time.time() < deadline:
+    while not list_checkpoints(tmp_path) and first.is_alive() and time.time() < deadline:
         time.sleep(0.05)
     try:
         code = main(["train", "toy2d", f"train.run_dir={tmp_path}", "train.steps=2", "--overwrite", "--quiet"])
         err = capsys.readouterr().err.strip()
         assert code == 2 and err == (f"ddpmkit train: error: {tmp_path} is being trained by another process (pid {first.pid}): let it "
                                      "finish (then continue it with --resume), or give another train.run_dir"), err
-        assert first.poll() is None and list_checkpoints(tmp_path) and (tmp_path / "config.json").is_file()  # it trains on
+        assert first.is_alive() and list_checkpoints(tmp_path) and (tmp_path / "config.json").is_file()  # it trains on
     finally:
-        first.send_signal(signal.SIGKILL)
-        first.wait()
+        first.kill()  # SIGKILL
+        first.join()
     assert main(["train", "toy2d", f"train.run_dir={tmp_path}", "train.steps=2", "--overwrite", "--quiet"]) == 0
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-0000002"]
 
@@ -655,11 +653,12 @@ def test_an_ordinary_training_step_reads_nothing_back_and_a_log_window_reads_onc
 def test_a_compiled_training_run_follows_the_eager_one_and_saves_plain_checkpoints(tmp_path):
     """train.compile compiles the network in place (on a GPU, "reduce-overhead" also captures CUDA graphs): the same
     losses within rounding (inductor fuses the arithmetic differently), the same checkpoint keys, and a run that loads
-    as an uncompiled one. The toy MLP keeps the compile to seconds."""
+    as an uncompiled one. The toy MLP with one block keeps the compile to seconds: inductor compiles each block's
+    fused kernels on their own (their names differ), about a second of the C++ compiler each on a cold cache."""
     runs = {}
     for mode in ("no", "default"):
         cfg = load_config("toy2d", [f"train.run_dir={tmp_path / mode}", "train.steps=6", "train.log_every=1", "train.batch_size=64",
-                                    f"train.compile={mode}", "train.sample_every=0"])
+                                    f"train.compile={mode}", "train.sample_every=0", "network.mlp_layers=1"])
         train(cfg, progress=False)
         runs[mode] = [e["loss"] for e in _log(tmp_path / mode) if "loss" in e]
     assert len(runs["default"]) == len(runs["no"]) == 6
