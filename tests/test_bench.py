@@ -7,7 +7,9 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -15,17 +17,27 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 SCRIPTS = sorted(p.name for p in BENCH.glob("*.py"))
 
 
-def run_main(name: str, argv: list[str], monkeypatch) -> int:
-    """bench/NAME's main() with argv, in this process (importing torch once for all of them keeps this to seconds)."""
+def run_main(name: str, argv: list[str], monkeypatch, patch: Callable[[ModuleType], None] | None = None) -> int:
+    """bench/NAME's main() with argv, in this process (importing torch once for all of them keeps this to seconds);
+    `patch` changes the module before main() runs."""
     monkeypatch.syspath_prepend(str(BENCH))
     spec = importlib.util.spec_from_file_location(f"bench_{Path(name).stem}", BENCH / name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if patch is not None:
+        patch(module)
     monkeypatch.setattr(sys, "argv", [name, *argv])
     try:
         return module.main() or 0
     except SystemExit as e:
         return e.code or 0
+
+
+def small_matmul(module: ModuleType) -> None:
+    """train_throughput.py's matmul rate (ten 2048^3 products: 2 s in fp32 on one core) at n = 256: these tests check
+    that the bench runs, not its figures."""
+    real = module.matmul_gflops
+    module.matmul_gflops = lambda dtype: real(dtype, n=256, reps=2)
 
 
 def test_every_bench_script_is_listed():
@@ -40,7 +52,7 @@ def test_bench_script_answers_help(name, monkeypatch, capsys):
 
 
 def test_train_throughput_tiny_mode(monkeypatch, capsys):
-    assert run_main("train_throughput.py", ["--presets", "toy2d", "--steps", "1"], monkeypatch) == 0
+    assert run_main("train_throughput.py", ["--presets", "toy2d", "--steps", "1"], monkeypatch, small_matmul) == 0
     out = capsys.readouterr().out
     assert "kind " in out and "toy2d" in out and "images/s" in out
 
@@ -52,7 +64,7 @@ def test_train_throughput_against_a_ref_times_both_trainers_and_refuses_too_few_
     assert run_main("train_throughput.py", ["--against", "HEAD", "--steps", "8"], monkeypatch) == 2
     assert "--steps 8: the whole trainer's images/s come from its log, every 10 steps" in capsys.readouterr().err
     assert run_main("train_throughput.py", ["--against", "HEAD", "--presets", "toy2d", "--steps", "30", "--rounds", "1",
-                                            "--precision", "no"], monkeypatch) == 0
+                                            "--precision", "no"], monkeypatch, small_matmul) == 0
     out = capsys.readouterr().out
     assert "round 0: before" in out and "round 0: after" in out and "`ddpmkit train toy2d` (no, " in out and "ratio " in out
 
