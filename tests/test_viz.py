@@ -69,3 +69,21 @@ def test_a_cosine_of_k_cycles_is_at_k_over_n_and_white_noise_is_flat_at_its_vari
     noise = 0.7 * torch.randn(400, 1, H, W, generator=torch.Generator().manual_seed(0))
     _, p = radial_power_spectrum(noise)
     assert np.allclose(p, 0.49, rtol=0.15) and np.mean(p) == pytest.approx(0.49, rel=0.03)
+
+
+def test_the_lessons_show_grey_levels_as_they_are_not_stretched(monkeypatch):
+    """lessons.show draws images in [-1, 1] as the grid's 8-bit grey levels on the fixed range 0..255: a level is itself
+    / 255 on screen (an image of a narrow range is not stretched to black and white), and the grid's white is white."""
+    import matplotlib.pyplot as plt
+
+    from ddpmkit import lessons
+
+    shown = []
+    monkeypatch.setattr(lessons.plt, "show", lambda: shown.append(plt.gcf()))
+    x = torch.linspace(-0.5, 0.5, 16).reshape(1, 1, 4, 4)
+    lessons.show(x, "a narrow range")
+    image = shown[0].axes[0].images[0]
+    levels = np.asarray(image.get_array(), dtype=np.float64)
+    assert levels.shape == (8, 8) and (levels[2:6, 2:6] == to_uint8(x)[0, ..., 0]).all()  # 64..191 inside a white border
+    assert np.allclose(image.norm(levels), levels / 255, rtol=0, atol=1e-12) and image.norm(255.0) == 1.0
+    plt.close(shown[0])
