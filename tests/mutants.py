@@ -43,6 +43,11 @@ drawn from one past max_seed (now tested). devices.py (12, bounds too) left 2: c
 with torch's GPU answers stubbed) and cpuinfo's split at a second colon (equivalent).
 The cascade and unCLIP commands (14) left 6: upscale.png's bicubic row clamped wrongly at either end (its rows are now
 checked against the inputs and samples; 2), and 4 settings (a GIF's frame cadence, a figure's columns).
+Two more (consts, swap, bounds; 2026-12-07, thirtieth session): lessons.py (14, the tests with the notebooks: run with
+PYTEST_ADDOPTS=--nbmake DDPMKIT_LESSONS_FAST=1 and an absolute PYTHONPATH, as the notebooks' kernels start in lessons/)
+left 8: show()'s display range off by one (0..255 is now checked: a grey level is itself / 255 on screen), a channel
+test matplotlib makes equivalent (it squeezes an (H, W, 1) image), and figure sizes and a font size; the page's layout
+(web/app.py, 12) left 3, all defaults (a column's width, the edit tab's digit index and posterior t).
 """
 from __future__ import annotations
 
