@@ -142,6 +142,9 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_of_it_that_resumes_exactl
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGINT)
     proc.join(timeout=120)
+    if proc.is_alive():  # it did not stop: end it, or this worker would wait for it at exit (multiprocessing joins its children)
+        proc.kill()
+        proc.join()
     said = output.read_text()
     assert proc.exitcode == 130, said
     at = [read_config(c)[1].step for c in list_checkpoints(stopped)]
