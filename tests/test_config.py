@@ -133,11 +133,12 @@ def test_the_distillation_presets_have_the_demo_models_settings(preset):
     ("dreambooth.class_steps=0", False), ("dreambooth.prior_loss_weight=0", True),
 ])
 def test_each_bound_of_the_config_at_its_end(override, taken):
+    overrides = ["data.name=folder", override]  # a folder: the one dataset that reads data.image_size
     if taken:
-        load_config(None, [override])
+        load_config(None, overrides)
     else:
         with pytest.raises(ConfigError, match=override.split("=")[0].split(".")[1]):  # the message names the key
-            load_config(None, [override])
+            load_config(None, overrides)
 
 
 def test_a_config_built_in_python_refuses_infinite_numbers_as_the_loader_does():

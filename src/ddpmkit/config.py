@@ -562,7 +562,28 @@ def read_values(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a TOML (or JSON) config file or a preset by name, apply overrides, and validate everything."""
     values = {} if path is None else read_values(path)
-    return build_config(merge(values, parse_overrides(overrides or [])))
+    given = parse_overrides(overrides or [])
+    cfg = build_config(merge(values, given))
+    check_data_keys_are_read(cfg.data, given.get("data", {}))
+    return cfg
+
+
+# which datasets read these [data] keys; any other dataset would train on without them
+READ_BY = {"path": ("folder", "npz"), "image_size": ("folder",), "channels": ("folder",)}
+
+
+def check_data_keys_are_read(data: DataConfig, given: dict[str, Any]) -> None:
+    """A user's data.path (from anywhere) or data.image_size / data.channels (on the command line) that the named
+    dataset would not read is an error: `train mnist data.path=my_photos` would otherwise train on the digits.
+    Only configs a user gives are checked; a checkpoint's config loads as it was saved."""
+    asked = {key for key in ("image_size", "channels") if key in given} | ({"path"} if data.path else set())
+    for key in sorted(asked):
+        if data.name in READ_BY[key]:
+            continue
+        hint = {"path": "; for your own images add data.name=folder (a folder) or data.name=npz (an .npz file)",
+                "image_size": "; data.resize=N area-downsamples any image dataset", "channels": ""}[key]
+        raise ConfigError(f"data.{key} is read only with data.name = {' or '.join(READ_BY[key])}; this config's data.name "
+                          f"{data.name!r} would train without it{hint}")
 
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
