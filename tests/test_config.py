@@ -1,8 +1,9 @@
 import math
+import re
 
 import pytest
 
-from ddpmkit.config import PRESET_DIR, ConfigError, load_config, parse_overrides
+from ddpmkit.config import PRESET_DIR, READ_ONLY_WHEN, Config, ConfigError, build_config, load_config, parse_overrides
 
 
 def test_presets_load():
@@ -133,12 +134,12 @@ def test_the_distillation_presets_have_the_demo_models_settings(preset):
     ("dreambooth.class_steps=0", False), ("dreambooth.prior_loss_weight=0", True),
 ])
 def test_each_bound_of_the_config_at_its_end(override, taken):
-    overrides = ["data.name=folder", override]  # a folder: the one dataset that reads data.image_size
+    values = parse_overrides([override])  # built alone: a default config need not read the key (check_overrides_are_read)
     if taken:
-        load_config(None, overrides)
+        build_config(values)
     else:
         with pytest.raises(ConfigError, match=override.split("=")[0].split(".")[1]):  # the message names the key
-            load_config(None, overrides)
+            build_config(values)
 
 
 def test_a_config_built_in_python_refuses_infinite_numbers_as_the_loader_does():
@@ -148,3 +149,49 @@ def test_a_config_built_in_python_refuses_infinite_numbers_as_the_loader_does():
                        (lambda: DistillConfig(autoguide_scale=math.inf), "autoguide_scale")):
         with pytest.raises(ConfigError, match=key):
             build()
+
+
+# each key a config reads only under a condition: a value for it, overrides of the default config under which it would not
+# be read, and overrides under which it would
+OFF = []
+READ_CASES = [
+    ("data.path", "photos", OFF, ["data.name=folder"]), ("data.path", "d.npz", OFF, ["data.name=npz"]),
+    ("data.image_size", "32", OFF, ["data.name=folder"]), ("data.channels", "1", OFF, ["data.name=folder"]),
+    ("diffusion.sigma_data", "0.7", OFF, ["diffusion.precondition=edm", "diffusion.prediction=x0"]),
+    ("diffusion.sigma_data", "0.7", OFF, ["diffusion.loss_weighting=edm"]),
+    *((f"diffusion.{kind}_{name}", "0.5", OFF, [f"diffusion.timestep_sampling={kind}"])
+      for kind in ("logit_normal", "log_normal") for name in ("mean", "std")),
+    ("diffusion.asymmetric_k", "2", OFF, ["diffusion.timestep_sampling=asymmetric"]),
+    ("diffusion.asymmetric_log_snr", "-3", OFF, ["diffusion.timestep_sampling=asymmetric"]),
+    ("train.posthoc_every", "5", OFF, ["train.posthoc_ema=[0.1]"]), ("train.budget_calibration", "20", OFF, ["train.fit_to_budget=true"]),
+    ("train.lora_alpha", "8", OFF, ["train.lora_rank=4", "train.init_from=runs/demo"]),
+    ("train.lora_targets", "qkv", OFF, ["train.lora_rank=4", "train.init_from=runs/demo"]),
+    *((f"network.{name}", value, ["network.kind=mlp"], OFF) for name, value in (
+        ("base_channels", "8"), ("channel_mult", "[1,2]"), ("num_res_blocks", "2"), ("attention_resolutions", "[14]"), ("num_heads", "2"),
+        ("patch_size", "2"), ("narrow_upsampling", "true"))),
+    *((f"network.{name}", "3", OFF, ["network.kind=mlp"]) for name in ("mlp_hidden", "mlp_layers")),
+]
+
+
+@pytest.mark.parametrize("key, value, unread, reads", READ_CASES)
+def test_a_command_lines_key_that_its_config_would_not_read_is_refused(key, value, unread, reads):
+    """`train mnist data.path=my_photos` trained on the digits; now each key of READ_ONLY_WHEN given where the config
+    would not read it is one line naming the condition and the config's value, and taken where it would."""
+    rule = READ_ONLY_WHEN[key]
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)} is read only with {re.escape(rule.condition)}; this config has "
+                                          rf"{re.escape(rule.governs)} = .* and would train without it"):
+        load_config(None, [*unread, f"{key}={value}"])
+    section, name = key.split(".")
+    taken = getattr(getattr(load_config(None, [*reads, f"{key}={value}"]), section), name)
+    saved = getattr(getattr(build_config(parse_overrides([*unread, f"{key}={value}"])), section), name)  # a run's config.json: every key
+    assert taken == saved != getattr(getattr(Config(), section), name)
+
+
+def test_a_task_of_its_own_may_read_any_network_key():
+    """The network rules hold for the denoiser, which builds network.kind's network; a registered kind (tests/test_kinds.py)
+    or a classifier builds its own and may read, say, mlp_hidden beside a UNet's kind."""
+    assert load_config(None, ["train.task=classifier", "network.mlp_hidden=3"]).network.mlp_hidden == 3
+
+
+def test_every_key_read_only_under_a_condition_is_tested():
+    assert {case[0] for case in READ_CASES} == set(READ_ONLY_WHEN)

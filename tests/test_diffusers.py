@@ -471,10 +471,11 @@ def captioned_images(tmp_path_factory):
     return folder
 
 
-def sd_lora(tiny_sd, images, run, *extra: str) -> list[str]:
+def sd_lora(tiny_sd, images, run, *extra: str, lora: bool = True) -> list[str]:
+    """The overrides of a tiny sd_lora run; lora=False: every weight trains (train.lora_alpha would be refused unread)."""
+    adapters = ["train.lora_rank=4", "train.lora_alpha=8"] if lora else ["train.lora_rank=0"]
     return [f"train.init_from={tiny_sd}", f"data.path={images}", "data.image_size=16", "data.hflip=false", "train.batch_size=4",
-            "train.lora_rank=4", "train.lora_alpha=8", "train.lr=1e-2", "train.mixed_precision=fp32", "train.log_every=5",
-            f"train.run_dir={run}", *extra]
+            *adapters, "train.lr=1e-2", "train.mixed_precision=fp32", "train.log_every=5", f"train.run_dir={run}", *extra]
 
 
 def test_an_unconditional_pipeline_fine_tunes_unconditionally_in_pixels(tiny_ddpm, captioned_images, tmp_path):
@@ -640,8 +641,8 @@ def test_a_stable_diffusion_folder_is_a_teacher_for_progressive_distillation(tin
     from ddpmkit.config import load_config
     from ddpmkit.train import train
 
-    run = train(load_config("sd_lora", [*sd_lora(tiny_sd, captioned_images, tmp_path / "pd", "train.steps=6", "train.checkpoint_every=0"),
-                                        "train.init_from=", "train.lora_rank=0", "train.task=progressive", f"distill.teacher={tiny_sd}",
+    run = train(load_config("sd_lora", [*sd_lora(tiny_sd, captioned_images, tmp_path / "pd", "train.steps=6", "train.checkpoint_every=0", lora=False),
+                                        "train.init_from=", "train.task=progressive", f"distill.teacher={tiny_sd}",
                                         "distill.student_steps=4", "train.lr=1e-4"]), progress=False)
     student = ddpmkit.load(run)
     assert student.config.network.kind == "diffusers" and student.kind == "progressive" and student.model_kind.sampler == "ddim_uniform"
@@ -656,8 +657,8 @@ def test_full_fine_tuning_of_a_stable_diffusion_folder_saves_and_loads_the_whole
     from ddpmkit.config import load_config
     from ddpmkit.train import train
 
-    run = train(load_config("sd_lora", [*sd_lora(tiny_sd, captioned_images, tmp_path / "full", "train.steps=3", "train.checkpoint_every=0"),
-                                        "train.lora_rank=0", "train.lr=1e-3"]), progress=False)
+    run = train(load_config("sd_lora", sd_lora(tiny_sd, captioned_images, tmp_path / "full", "train.steps=3", "train.checkpoint_every=0",
+                                               "train.lr=1e-3", lora=False)), progress=False)
     saved = load_file(list_checkpoints(run)[-1] / "ema.safetensors")
     base = ddpmkit.load(tiny_sd).network.state_dict()
     assert saved.keys() == base.keys(), "every UNet weight, no adapters"

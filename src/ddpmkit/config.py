@@ -10,6 +10,7 @@ import json
 import math
 import tomllib
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -564,26 +565,67 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     values = {} if path is None else read_values(path)
     given = parse_overrides(overrides or [])
     cfg = build_config(merge(values, given))
-    check_data_keys_are_read(cfg.data, given.get("data", {}))
+    check_overrides_are_read(cfg, given)
     return cfg
 
 
-# which datasets read these [data] keys; any other dataset would train on without them
-READ_BY = {"path": ("folder", "npz"), "image_size": ("folder",), "channels": ("folder",)}
+class ReadWhen(typing.NamedTuple):
+    """When a config reads a key: `reads(cfg)`, said as `condition`; `governs` names the key that decides it."""
+
+    reads: Callable[[Config], bool]
+    condition: str
+    governs: str
 
 
-def check_data_keys_are_read(data: DataConfig, given: dict[str, Any]) -> None:
-    """A user's data.path (from anywhere) or data.image_size / data.channels (on the command line) that the named
-    dataset would not read is an error: `train mnist data.path=my_photos` would otherwise train on the digits.
-    Only configs a user gives are checked; a checkpoint's config loads as it was saved."""
-    asked = {key for key in ("image_size", "channels") if key in given} | ({"path"} if data.path else set())
-    for key in sorted(asked):
-        if data.name in READ_BY[key]:
-            continue
-        hint = {"path": "; for your own images add data.name=folder (a folder) or data.name=npz (an .npz file)",
-                "image_size": "; data.resize=N area-downsamples any image dataset", "channels": ""}[key]
-        raise ConfigError(f"data.{key} is read only with data.name = {' or '.join(READ_BY[key])}; this config's data.name "
-                          f"{data.name!r} would train without it{hint}")
+def _timesteps(kind: str) -> ReadWhen:
+    return ReadWhen(lambda c: c.diffusion.timestep_sampling == kind, f"diffusion.timestep_sampling = {kind}", "diffusion.timestep_sampling")
+
+
+def _folder(*names: str) -> ReadWhen:
+    return ReadWhen(lambda c: c.data.name in names, f"data.name = {' or '.join(names)}", "data.name")
+
+
+def _network(kind: str) -> ReadWhen:
+    # the denoiser builds network.kind's network; other tasks (a classifier, a registered kind) may read any key
+    return ReadWhen(lambda c: c.network.kind == kind or c.train.task != "denoiser", f"network.kind = {kind}", "network.kind")
+
+
+def _lora() -> ReadWhen:
+    return ReadWhen(lambda c: c.train.lora_rank > 0, "train.lora_rank > 0", "train.lora_rank")
+
+
+# keys that only some configs read: a command line's key that its config would not read is refused
+READ_ONLY_WHEN: dict[str, ReadWhen] = {
+    "data.path": _folder("folder", "npz"), "data.image_size": _folder("folder"), "data.channels": _folder("folder"),
+    "diffusion.sigma_data": ReadWhen(lambda c: "edm" in (c.diffusion.precondition, c.diffusion.loss_weighting),
+                                     "diffusion.precondition = edm or diffusion.loss_weighting = edm", "diffusion.precondition"),
+    "diffusion.logit_normal_mean": _timesteps("logit_normal"), "diffusion.logit_normal_std": _timesteps("logit_normal"),
+    "diffusion.asymmetric_log_snr": _timesteps("asymmetric"), "diffusion.asymmetric_k": _timesteps("asymmetric"),
+    "diffusion.log_normal_mean": _timesteps("log_normal"), "diffusion.log_normal_std": _timesteps("log_normal"),
+    "train.posthoc_every": ReadWhen(lambda c: bool(c.train.posthoc_ema), "train.posthoc_ema (the snapshots' widths)", "train.posthoc_ema"),
+    "train.budget_calibration": ReadWhen(lambda c: c.train.fit_to_budget, "train.fit_to_budget = true", "train.fit_to_budget"),
+    "train.lora_alpha": _lora(), "train.lora_targets": _lora(),
+    **{f"network.{name}": _network("unet") for name in ("base_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
+                                                         "num_heads", "patch_size", "narrow_upsampling")},
+    "network.mlp_hidden": _network("mlp"), "network.mlp_layers": _network("mlp"),
+}
+READ_HINTS = {"data.path": "; for your own images add data.name=folder (a folder) or data.name=npz (an .npz file)",
+              "data.image_size": "; data.resize=N area-downsamples any image dataset"}
+
+
+def check_overrides_are_read(cfg: Config, given: dict[str, dict[str, Any]]) -> None:
+    """A key given on the command line that this config would not read is an error, not a silent no-op:
+    `train mnist data.path=my_photos` trained on the digits, and `diffusion.logit_normal_std=2` with asymmetric timesteps
+    changed nothing. Files are not checked: a preset or a run's config.json may hold every key."""
+    for section, values in given.items():
+        for name in values:
+            key = f"{section}.{name}"
+            rule = READ_ONLY_WHEN.get(key)
+            if rule is not None and not rule.reads(cfg):
+                section_of, name_of = rule.governs.split(".")
+                now = getattr(getattr(cfg, section_of), name_of)
+                raise ConfigError(f"{key} is read only with {rule.condition}; this config has {rule.governs} = {now!r} and would "
+                                  f"train without it{READ_HINTS.get(key, '')}")
 
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"

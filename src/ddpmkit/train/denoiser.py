@@ -91,6 +91,8 @@ class DenoiserTask(Task):
             self.dataset = encode_dataset(self.autoencoder, self.dataset)
         self.dataset = self.prepare(self.dataset)
         self.shape, self.num_examples = tuple(self.dataset.shape), len(self.dataset)
+        if cfg.data.hflip and len(self.shape) != 3:  # a (B, 2) batch would broadcast against (B, 1, 1, 1) flags, not flip
+            raise DataError(f"data.hflip flips images left to right; this run diffuses vectors of shape {self.shape}: leave data.hflip out")
         self.schedule = cfg.diffusion.noise_schedule()
         self.conditioning = self.training_conditions()
 
