@@ -3,7 +3,18 @@ import re
 
 import pytest
 
-from ddpmkit.config import PRESET_DIR, READ_ONLY_WHEN, Config, ConfigError, build_config, load_config, parse_overrides
+from ddpmkit.config import (
+    BUILTIN_TASKS,
+    PRESET_DIR,
+    READ_ONLY_WHEN,
+    SECTION_READ_BY,
+    SECTIONS,
+    Config,
+    ConfigError,
+    build_config,
+    load_config,
+    parse_overrides,
+)
 
 
 def test_presets_load():
@@ -191,6 +202,25 @@ def test_a_task_of_its_own_may_read_any_network_key():
     """The network rules hold for the denoiser, which builds network.kind's network; a registered kind (tests/test_kinds.py)
     or a classifier builds its own and may read, say, mlp_hidden beside a UNet's kind."""
     assert load_config(None, ["train.task=classifier", "network.mlp_hidden=3"]).network.mlp_hidden == 3
+
+
+@pytest.mark.parametrize("section, key", [("distill", "points=3"), ("superres", "low_res=7"), ("autoencoder", "kl_weight=0.5"),
+                                          ("clip", "embed_dim=8"), ("unclip", "embed_dim=8")])
+def test_a_section_that_other_tasks_read_is_refused_for_the_denoiser(section, key):
+    """`train mnist distill.points=3` trained a plain denoiser; a task of one's own (registered under its name) may read any section."""
+    tasks = SECTION_READ_BY[section]
+    with pytest.raises(ConfigError, match=rf"^{section}\.{key.split('=')[0]} is read only with train.task = {' or '.join(tasks)}; "
+                                          "this config has train.task = 'denoiser'"):
+        load_config(None, [f"{section}.{key}"])
+    for task in (*tasks, "my_own_task"):
+        load_config(None, [f"train.task={task}", f"{section}.{key}"])
+
+
+def test_the_built_in_tasks_are_the_ones_the_config_names():
+    from ddpmkit.train import TASKS
+
+    assert set(BUILTIN_TASKS) == {name for name, task in TASKS.items() if task.__module__.startswith("ddpmkit.")}
+    assert set(SECTION_READ_BY) | {"data", "diffusion", "network", "train", "dreambooth"} == set(SECTIONS)
 
 
 def test_every_key_read_only_under_a_condition_is_tested():

@@ -609,6 +609,16 @@ READ_ONLY_WHEN: dict[str, ReadWhen] = {
                                                          "num_heads", "patch_size", "narrow_upsampling")},
     "network.mlp_hidden": _network("mlp"), "network.mlp_layers": _network("mlp"),
 }
+# sections that only some of the built-in tasks read (a task of one's own, registered under another name, may read any)
+BUILTIN_TASKS = ("denoiser", "classifier", "judge", "clip", "autoencoder", "superres", "prior", "decoder", "progressive", "consistency")
+SECTION_READ_BY = {"distill": ("progressive", "consistency"), "superres": ("superres",), "autoencoder": ("autoencoder",), "clip": ("clip",),
+                   "unclip": ("prior", "decoder")}
+
+
+def _read_by_tasks(tasks: tuple[str, ...]) -> ReadWhen:
+    return ReadWhen(lambda c: c.train.task in tasks or c.train.task not in BUILTIN_TASKS, f"train.task = {' or '.join(tasks)}", "train.task")
+
+
 READ_HINTS = {"data.path": "; for your own images add data.name=folder (a folder) or data.name=npz (an .npz file)",
               "data.image_size": "; data.resize=N area-downsamples any image dataset"}
 
@@ -620,7 +630,7 @@ def check_overrides_are_read(cfg: Config, given: dict[str, dict[str, Any]]) -> N
     for section, values in given.items():
         for name in values:
             key = f"{section}.{name}"
-            rule = READ_ONLY_WHEN.get(key)
+            rule = READ_ONLY_WHEN.get(key) or (_read_by_tasks(SECTION_READ_BY[section]) if section in SECTION_READ_BY else None)
             if rule is not None and not rule.reads(cfg):
                 section_of, name_of = rule.governs.split(".")
                 now = getattr(getattr(cfg, section_of), name_of)
