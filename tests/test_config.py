@@ -181,6 +181,9 @@ READ_CASES = [
         ("base_channels", "8"), ("channel_mult", "[1,2]"), ("num_res_blocks", "2"), ("attention_resolutions", "[14]"), ("num_heads", "2"),
         ("patch_size", "2"), ("narrow_upsampling", "true"))),
     *((f"network.{name}", "3", OFF, ["network.kind=mlp"]) for name in ("mlp_hidden", "mlp_layers")),
+    *((f"dreambooth.{name}", value, OFF, ["dreambooth.instance_prompt=a sks digit"]) for name, value in (
+        ("prior_loss_weight", "0.5"), ("class_sampler", "ddim"), ("class_steps", "5"),
+        ("class_guidance", "2"))),
 ]
 
 

@@ -608,6 +608,9 @@ READ_ONLY_WHEN: dict[str, ReadWhen] = {
     **{f"network.{name}": _network("unet") for name in ("base_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
                                                          "num_heads", "patch_size", "narrow_upsampling")},
     "network.mlp_hidden": _network("mlp"), "network.mlp_layers": _network("mlp"),
+    **{f"dreambooth.{name}": ReadWhen(lambda c: bool(c.dreambooth.instance_prompt), "dreambooth.instance_prompt (DreamBooth on)",
+                                      "dreambooth.instance_prompt")
+       for name in ("prior_loss_weight", "class_sampler", "class_steps", "class_guidance")},  # (class_prompt, class_images: __post_init__)
 }
 # sections that only some of the built-in tasks read (a task of one's own, registered under another name, may read any)
 BUILTIN_TASKS = ("denoiser", "classifier", "judge", "clip", "autoencoder", "superres", "prior", "decoder", "progressive", "consistency")
