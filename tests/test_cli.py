@@ -341,10 +341,12 @@ def test_train_then_sample_writes_grid_pngs_and_gif(tmp_path, capsys):
     assert "[bits/dim (discretised decoder)], 2 examples of digits held-out split" in out, out  # which images the bits are of
     code, out, err = run(capsys, "eval", str(run_dir), "--metrics", "fd", "--out", str(report))
     assert code == 2 and "use --features inception" in err
-    code, out, err = run(capsys, "eval", str(run_dir), "--metrics", "copies", "--n", "4", "--sampler", "ddim", "--steps", "2",
+    code, out, err = run(capsys, "eval", str(run_dir), "--metrics", "copies", "--n", "4", "--n-bpd", "7", "--sampler", "ddim", "--steps", "2",
                          "--out", str(report))
     copied = json.loads(report.read_text())["metrics"]["copies"]
     assert code == 0 and 0 <= copied["value"] <= 1 and copied["real"] == 0.0, err  # digits' 300 held-out: none passes for a copy
+    # and --n-bpd without bits/dim: said too
+    assert "note: --n-bpd 7 counts the held-out examples of bits/dim, which this evaluation (copies) does not compute; it draws --n 4" in err
     assert 0 < copied["median_ratio"] <= 1 and 0.6 < copied["real_median_ratio"] <= 1
     assert "copies" in out and "of the 1497 training images of digits" in out and "held-out real images: 0" in out, out
     code, out, err = run(capsys, "eval", str(run_dir), "--metrics", "fid,psnr")

@@ -129,7 +129,7 @@ def add_commands(sub) -> None:
     e.add_argument("--n", type=int, default=None, help="samples for fd/kid/is/copies (default: 1000)")
     e.add_argument("--reference", default=None, help="a folder of real images to compare with (default: the run's held-out data; "
                                                      "needed for diffusers pipeline folders)")
-    e.add_argument("--n-bpd", type=int, default=100, help="held-out examples for bits/dim")
+    e.add_argument("--n-bpd", type=int, default=None, help="held-out examples for bits/dim (default: 100)")
     add_sampler_args(e, sampler=None)  # None: the run's own (a distilled run's few-step sampler), else ddpm
     e.add_argument("--out", default="eval_report.json", help=out_help("the JSON report"))
     add_guidance_args(e)

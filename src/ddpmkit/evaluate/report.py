@@ -109,7 +109,7 @@ def check_feature_weights(metrics: list[str] | None, features: str, inception_pa
 
 
 def evaluate_checkpoint(checkpoint: str | DiffusionModel, metrics: list[str] | None, sampler: str | None = None, steps: int | None = None,
-                        n: int | None = None, n_bpd: int = 100, seed: int = 0, features: str = "classifier",
+                        n: int | None = None, n_bpd: int | None = None, seed: int = 0, features: str = "classifier",
                         sampler_options: dict | None = None, batch_size: int | None = None, inception_path: str | None = None,
                         out: str | Path | None = None, request=None, reference: str | None = None,
                         prepare_judge: Callable[[str], object] | None = None, device: str | torch.device | None = None) -> dict:
@@ -120,7 +120,7 @@ def evaluate_checkpoint(checkpoint: str | DiffusionModel, metrics: list[str] | N
     prepare_judge(dataset): called before the cached judge is read (classifier features), e.g. to train it.
     metrics None: every metric that applies (applicable_metrics: a 2-D toy has no FD, a latent model no bits/dim).
     checkpoint: a path, or a model already loaded (then `device` is its own); sampler None: the run's own (a distilled
-    run's few-step sampler), else Algorithm 2. n: samples for fd/kid/is/copies (None: 1,000); n_bpd: examples for bits/dim."""
+    run's few-step sampler), else Algorithm 2. n: samples for fd/kid/is/copies (None: 1,000); n_bpd: examples for bits/dim (None: 100)."""
     check_feature_weights(metrics, features, inception_path)
     m = checkpoint if isinstance(checkpoint, DiffusionModel) else load_diffusion(checkpoint, device=device)  # None: the default device
     sampler, steps = m.sampler_or_own(sampler, steps)
@@ -136,10 +136,16 @@ def evaluate_checkpoint(checkpoint: str | DiffusionModel, metrics: list[str] | N
     metrics = applicable_metrics(m, data.name, features) if metrics is None else metrics
     sampled = [q for q in ("fd", "kid", "is", "copies") if q in metrics]
     quality = [q for q in sampled if q != "copies"]
-    if n is not None and not sampled:  # e.g. a 2-D toy, bits/dim only: its count is n_bpd, and n would go unused unsaid
+    likelihoods = [q for q in metrics if q.startswith("bpd")]
+    n_given, n_bpd_given = n, n_bpd
+    n, n_bpd = 1000 if n is None else n, 100 if n_bpd is None else n_bpd
+    # a count for metrics this evaluation does not compute would go unused unsaid (a 2-D toy: bits/dim only)
+    if n_given is not None and not sampled:
         warnings.warn(f"`n` {n} counts the samples of fd/kid/is/copies, which this evaluation ({', '.join(metrics)}) does not draw; "
                       f"bits/dim are of `n_bpd` {n_bpd} examples", Note, stacklevel=2)
-    n = 1000 if n is None else n
+    if n_bpd_given is not None and not likelihoods:
+        warnings.warn(f"`n_bpd` {n_bpd} counts the held-out examples of bits/dim, which this evaluation ({', '.join(metrics)}) does not "
+                      f"compute; it draws `n` {n} samples", Note, stacklevel=2)
     images = len(m.data_shape) == 3
     if sampled and not images:
         raise UserError(f"{'/'.join(sampled)} {'are' if len(sampled) > 1 else 'is'} defined for images; these samples are "
