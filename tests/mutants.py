@@ -48,6 +48,9 @@ PYTEST_ADDOPTS=--nbmake DDPMKIT_LESSONS_FAST=1 and an absolute PYTHONPATH, as th
 left 8: show()'s display range off by one (0..255 is now checked: a grey level is itself / 255 on screen), a channel
 test matplotlib makes equivalent (it squeezes an (H, W, 1) image), and figure sizes and a font size; the page's layout
 (web/app.py, 12) left 3, all defaults (a column's width, the edit tab's digit index and posterior t).
+One more (consts, swap, bounds; thirty-first session): config.py with its new rules of which keys a config reads (30, against
+tests/test_config.py) left 4: the lowest train.batch_size (and log_every, num_samples, sample_steps) and a small asymmetric_k,
+never taken in a test (now taken), and two equivalent (a close-match count of which only the first is used, a split's limit).
 """
 from __future__ import annotations
 

@@ -129,7 +129,9 @@ def test_the_distillation_presets_have_the_demo_models_settings(preset):
 @pytest.mark.parametrize("override, taken", [
     # each bound's end: taken where the message says "<=" or ">=", refused one step past it (tests/mutants.py --kinds bounds)
     ("data.image_size=1", True), ("diffusion.logit_normal_std=0", False), ("diffusion.log_normal_std=0", False),
-    ("diffusion.sigma_data=0", False), ("diffusion.asymmetric_k=0", False), ("network.dropout=0", True), ("network.dropout=1", False),
+    ("diffusion.sigma_data=0", False), ("diffusion.asymmetric_k=0", False), ("diffusion.asymmetric_k=0.5", True),
+    ("train.batch_size=1", True), ("train.log_every=1", True), ("train.num_samples=1", True), ("train.sample_steps=1", True),
+    ("network.dropout=0", True), ("network.dropout=1", False),
     ("superres.low_res=1", True), ("superres.low_res=0", False), ("superres.aug_level=0", True), ("superres.aug_level=1", True),
     ("superres.aug_max=0", True), ("superres.aug_max=1", True), ("superres.blur_prob=1", True), ("superres.blur_sigma=[0,0]", True),
     ("superres.blur_sigma=[0.6,0.4]", False), ("clip.embed_dim=2", True), ("clip.embed_dim=1", False), ("clip.text_hidden=1", True),
