@@ -172,6 +172,7 @@ READ_CASES = [
     ("data.image_size", "32", OFF, ["data.name=folder"]), ("data.channels", "1", OFF, ["data.name=folder"]),
     ("diffusion.sigma_data", "0.7", OFF, ["diffusion.precondition=edm", "diffusion.prediction=x0"]),
     ("diffusion.sigma_data", "0.7", OFF, ["diffusion.loss_weighting=edm"]),
+    ("diffusion.min_snr_gamma", "5", ["diffusion.loss=vlb"], OFF),
     *((f"diffusion.{kind}_{name}", "0.5", OFF, [f"diffusion.timestep_sampling={kind}"])
       for kind in ("logit_normal", "log_normal") for name in ("mean", "std")),
     ("diffusion.asymmetric_k", "2", OFF, ["diffusion.timestep_sampling=asymmetric"]),

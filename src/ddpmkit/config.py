@@ -599,6 +599,8 @@ READ_ONLY_WHEN: dict[str, ReadWhen] = {
     "data.path": _folder("folder", "npz"), "data.image_size": _folder("folder"), "data.channels": _folder("folder"),
     "diffusion.sigma_data": ReadWhen(lambda c: "edm" in (c.diffusion.precondition, c.diffusion.loss_weighting),
                                      "diffusion.precondition = edm or diffusion.loss_weighting = edm", "diffusion.precondition"),
+    "diffusion.min_snr_gamma": ReadWhen(lambda c: c.diffusion.loss == "simple", "diffusion.loss = simple (its per-example weight)",
+                                        "diffusion.loss"),
     "diffusion.logit_normal_mean": _timesteps("logit_normal"), "diffusion.logit_normal_std": _timesteps("logit_normal"),
     "diffusion.asymmetric_log_snr": _timesteps("asymmetric"), "diffusion.asymmetric_k": _timesteps("asymmetric"),
     "diffusion.log_normal_mean": _timesteps("log_normal"), "diffusion.log_normal_std": _timesteps("log_normal"),
