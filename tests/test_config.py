@@ -177,7 +177,9 @@ READ_CASES = [
       for kind in ("logit_normal", "log_normal") for name in ("mean", "std")),
     ("diffusion.asymmetric_k", "2", OFF, ["diffusion.timestep_sampling=asymmetric"]),
     ("diffusion.asymmetric_log_snr", "-3", OFF, ["diffusion.timestep_sampling=asymmetric"]),
-    ("train.posthoc_every", "5", OFF, ["train.posthoc_ema=[0.1]"]), ("train.budget_calibration", "20", OFF, ["train.fit_to_budget=true"]),
+    ("train.posthoc_every", "5", OFF, ["train.posthoc_ema=[0.1]"]),
+    ("train.budget_calibration", "20", OFF, ["train.fit_to_budget=true", "train.max_minutes=5"]),
+    ("train.fit_to_budget", "true", OFF, ["train.max_minutes=5"]),
     ("train.lora_alpha", "8", OFF, ["train.lora_rank=4", "train.init_from=runs/demo"]),
     ("train.lora_targets", "qkv", OFF, ["train.lora_rank=4", "train.init_from=runs/demo"]),
     *((f"network.{name}", value, ["network.kind=mlp"], OFF) for name, value in (
@@ -227,6 +229,11 @@ def test_the_built_in_tasks_are_the_ones_the_config_names():
 
     assert set(BUILTIN_TASKS) == {name for name, task in TASKS.items() if task.__module__.startswith("ddpmkit.")}
     assert set(SECTION_READ_BY) | {"data", "diffusion", "network", "train", "dreambooth"} == set(SECTIONS)
+
+
+def test_a_key_switched_off_is_taken_where_it_would_not_be_read():
+    """train.fit_to_budget=false needs no budget (bench/two_processes.py gives it beside one; a script may always give it)."""
+    assert not load_config(None, ["train.fit_to_budget=false"]).train.fit_to_budget
 
 
 def test_every_key_read_only_under_a_condition_is_tested():

@@ -605,6 +605,8 @@ READ_ONLY_WHEN: dict[str, ReadWhen] = {
     "diffusion.asymmetric_log_snr": _timesteps("asymmetric"), "diffusion.asymmetric_k": _timesteps("asymmetric"),
     "diffusion.log_normal_mean": _timesteps("log_normal"), "diffusion.log_normal_std": _timesteps("log_normal"),
     "train.posthoc_every": ReadWhen(lambda c: bool(c.train.posthoc_ema), "train.posthoc_ema (the snapshots' widths)", "train.posthoc_ema"),
+    "train.fit_to_budget": ReadWhen(lambda c: c.train.max_minutes > 0 or not c.train.fit_to_budget, "train.max_minutes > 0 (the budget it fits)",
+                                    "train.max_minutes"),
     "train.budget_calibration": ReadWhen(lambda c: c.train.fit_to_budget, "train.fit_to_budget = true", "train.fit_to_budget"),
     "train.lora_alpha": _lora(), "train.lora_targets": _lora(),
     **{f"network.{name}": _network("unet") for name in ("base_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
