@@ -180,6 +180,7 @@ READ_CASES = [
     ("train.posthoc_every", "5", OFF, ["train.posthoc_ema=[0.1]"]),
     ("train.budget_calibration", "20", OFF, ["train.fit_to_budget=true", "train.max_minutes=5"]),
     ("train.fit_to_budget", "true", OFF, ["train.max_minutes=5"]),
+    ("train.cond_drop_prob", "0.2", OFF, ["network.num_classes=10"]), ("train.cond_drop_prob", "0.2", OFF, ["network.text_encoder=x"]),
     ("train.lora_alpha", "8", OFF, ["train.lora_rank=4", "train.init_from=runs/demo"]),
     ("train.lora_targets", "qkv", OFF, ["train.lora_rank=4", "train.init_from=runs/demo"]),
     *((f"network.{name}", value, ["network.kind=mlp"], OFF) for name, value in (
@@ -232,8 +233,10 @@ def test_the_built_in_tasks_are_the_ones_the_config_names():
 
 
 def test_a_key_switched_off_is_taken_where_it_would_not_be_read():
-    """train.fit_to_budget=false needs no budget (bench/two_processes.py gives it beside one; a script may always give it)."""
+    """train.fit_to_budget=false needs no budget (bench/two_processes.py gives it beside one; a script may always give it), and
+    train.cond_drop_prob=0 no condition."""
     assert not load_config(None, ["train.fit_to_budget=false"]).train.fit_to_budget
+    assert load_config(None, ["train.cond_drop_prob=0"]).train.cond_drop_prob == 0  # docs/cascade.md's unconditional base
 
 
 def test_every_key_read_only_under_a_condition_is_tested():

@@ -609,6 +609,11 @@ READ_ONLY_WHEN: dict[str, ReadWhen] = {
                                     "train.max_minutes"),
     "train.budget_calibration": ReadWhen(lambda c: c.train.fit_to_budget, "train.fit_to_budget = true", "train.fit_to_budget"),
     "train.lora_alpha": _lora(), "train.lora_targets": _lora(),
+    # (a fine-tune's folder or another task may bring the condition: only a plain denoiser's missing one is known here)
+    "train.cond_drop_prob": ReadWhen(lambda c: bool(c.network.num_classes or c.network.text_encoder or c.train.init_from
+                                                    or c.train.task != "denoiser" or c.train.cond_drop_prob == 0),
+                                     "a class- or text-conditional model (network.num_classes > 0 or network.text_encoder)",
+                                     "network.num_classes"),
     **{f"network.{name}": _network("unet") for name in ("base_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
                                                          "num_heads", "patch_size", "narrow_upsampling")},
     "network.mlp_hidden": _network("mlp"), "network.mlp_layers": _network("mlp"),
