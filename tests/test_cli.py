@@ -426,6 +426,12 @@ def test_train_says_where_and_in_what_precision_it_trains(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[0] == f"train denoiser on {describe_cpu()}; {picked} (auto)"
     assert main(["train", "toy2d", "train.steps=2", f"train.run_dir={tmp_path / 'c'}", "--quiet"]) == 0
     assert "train denoiser on" not in capsys.readouterr().out  # --quiet: no bar, no line
+    # a run shorter than its warm-up: the learning rate it reaches (lr * 4 / 8 at the last step), said before the bar
+    assert main(["train", "toy2d", "train.steps=4", "train.warmup_steps=8", f"train.run_dir={tmp_path / 'd'}"]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == ("note: train.warmup_steps = 8 > train.steps = 4: the learning rate climbs to 50% of "
+                                                       "train.lr and no further; give train.warmup_steps=N below 4")
+    assert main(["train", "toy2d", "train.steps=4", "train.warmup_steps=4", f"train.run_dir={tmp_path / 'e'}"]) == 0
+    assert "warmup" not in capsys.readouterr().out  # its last step trains at train.lr
 
 
 def test_serve_on_a_busy_port_is_one_clear_line_and_leaves_no_folder(web_runs, capsys):

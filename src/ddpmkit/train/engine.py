@@ -227,6 +227,10 @@ class Trainer:
                 print(hint, flush=True)
             if names := self.task.class_names:  # which number is which class (the checkpoints record it too)
                 print(f"classes of {self.cfg.data.path}: {listed_classes(names)} (sample one: --class NAME or NUMBER)", flush=True)
+            if 0 < self.tc.steps < self.tc.warmup_steps:  # a preset shortened for a first try: its warm-up outlasts the run
+                peak = lr_at(self.tc.steps - 1, self.tc) / self.tc.lr
+                print(f"note: train.warmup_steps = {self.tc.warmup_steps} > train.steps = {self.tc.steps}: the learning rate climbs "
+                      f"to {peak:.0%} of train.lr and no further; give train.warmup_steps=N below {self.tc.steps}", flush=True)
         self.bar = progress_bar(total=self.tc.steps, initial=self.state.step, disable=not (self.progress and acc.is_main_process),
                                 desc=f"train {self.task.name}", dynamic_ncols=True)
         self.t_start = time.time()
