@@ -14,6 +14,7 @@ from ddpmkit.config import (
     build_config,
     load_config,
     parse_overrides,
+    preset_names,
 )
 
 
@@ -237,6 +238,25 @@ def test_a_key_switched_off_is_taken_where_it_would_not_be_read():
     train.cond_drop_prob=0 no condition."""
     assert not load_config(None, ["train.fit_to_budget=false"]).train.fit_to_budget
     assert load_config(None, ["train.cond_drop_prob=0"]).train.cond_drop_prob == 0  # docs/cascade.md's unconditional base
+
+
+def test_a_users_own_config_file_is_checked_as_the_command_line_is(tmp_path):
+    mine = tmp_path / "mine.toml"
+    mine.write_text('extends = "mnist"\n[data]\npath = "photos"\n')
+    with pytest.raises(ConfigError, match=r"^data\.path is read only with data\.name = folder or npz; this config has data\.name = 'mnist5k'"):
+        load_config(mine)
+    mine.write_text('extends = "mnist"\n[data]\nname = "folder"\npath = "photos"\n')
+    assert load_config(mine).data.path == "photos"
+    saved = tmp_path / "config.json"  # a run's config holds every key, read or not (toy2d's sigma_data, posthoc_every, ...)
+    saved.write_text(load_config("toy2d").to_json())
+    assert load_config(saved) == load_config("toy2d")
+
+
+@pytest.mark.parametrize("preset", sorted(set(preset_names()) - {"sd_lora"}))  # (sd_lora needs train.init_from to load at all)
+def test_a_preset_copied_whole_into_a_file_of_ones_own_loads_as_the_preset(preset, tmp_path):
+    copy = tmp_path / "copy.toml"
+    copy.write_text((PRESET_DIR / f"{preset}.toml").read_text())
+    assert load_config(copy) == load_config(preset)
 
 
 def test_every_key_read_only_under_a_condition_is_tested():

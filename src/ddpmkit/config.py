@@ -565,8 +565,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     values = {} if path is None else read_values(path)
     given = parse_overrides(overrides or [])
     cfg = build_config(merge(values, given))
-    check_overrides_are_read(cfg, given)
+    check_overrides_are_read(cfg, merge(own_values(path), given) if path is not None else given)
     return cfg
+
+
+def own_values(path: str | Path) -> dict:
+    """The keys a user's own config file sets, not those of the config it extends; none for a shipped preset or a
+    run's config.json, which hold keys their config may not read (a preset copied whole reads all of its own)."""
+    path = resolve_config_path(path)
+    if path.suffix == ".json" or path.resolve().parent == PRESET_DIR.resolve():
+        return {}
+    values = tomllib.loads(read_user_text(path, ConfigError))  # read_values has parsed it: no error is left to raise
+    values.pop("extends", None)
+    return values
 
 
 class ReadWhen(typing.NamedTuple):
@@ -636,9 +647,9 @@ READ_HINTS = {"data.path": "; for your own images add data.name=folder (a folder
 
 
 def check_overrides_are_read(cfg: Config, given: dict[str, dict[str, Any]]) -> None:
-    """A key given on the command line that this config would not read is an error, not a silent no-op:
-    `train mnist data.path=my_photos` trained on the digits, and `diffusion.logit_normal_std=2` with asymmetric timesteps
-    changed nothing. Files are not checked: a preset or a run's config.json may hold every key."""
+    """A key given on the command line or in a user's own config file that this config would not read is an error,
+    not a silent no-op: `train mnist data.path=my_photos` trained on the digits, and `diffusion.logit_normal_std=2`
+    with asymmetric timesteps changed nothing (own_values: a preset or a run's config.json is not checked)."""
     for section, values in given.items():
         for name in values:
             key = f"{section}.{name}"
