@@ -222,8 +222,9 @@ def test_a_section_that_other_tasks_read_is_refused_for_the_denoiser(section, ke
     with pytest.raises(ConfigError, match=rf"^{section}\.{key.split('=')[0]} is read only with train.task = {' or '.join(tasks)}; "
                                           "this config has train.task = 'denoiser'"):
         load_config(None, [f"{section}.{key}"])
+    name, value = key.split("=")
     for task in (*tasks, "my_own_task"):
-        load_config(None, [f"train.task={task}", f"{section}.{key}"])
+        assert getattr(getattr(load_config(None, [f"train.task={task}", f"{section}.{key}"]), section), name) == float(value)
 
 
 def test_the_built_in_tasks_are_the_ones_the_config_names():
@@ -234,9 +235,10 @@ def test_the_built_in_tasks_are_the_ones_the_config_names():
 
 
 def test_a_key_switched_off_is_taken_where_it_would_not_be_read():
-    """train.fit_to_budget=false needs no budget (bench/two_processes.py gives it beside one; a script may always give it), and
-    train.cond_drop_prob=0 no condition."""
+    """A key at its default changes nothing, so a script may always give it: train.fit_to_budget=false with no budget
+    (bench/two_processes.py gives it beside one), data.path= for the digits. And train.cond_drop_prob=0 needs no condition."""
     assert not load_config(None, ["train.fit_to_budget=false"]).train.fit_to_budget
+    assert load_config("mnist", ["data.path="]).data.path == ""
     assert load_config(None, ["train.cond_drop_prob=0"]).train.cond_drop_prob == 0  # docs/cascade.md's unconditional base
 
 

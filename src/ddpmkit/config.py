@@ -539,12 +539,8 @@ def resolve_config_path(spec: str | Path) -> Path:
     raise ConfigError(f"{what}{f' (did you mean {close[0]!r}?)' if close else ''}; presets: {', '.join(preset_names())}")
 
 
-def read_values(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
-    """The sections of a TOML (or JSON) config file or preset. A TOML file may begin with `extends = "NAME"`
-    (a preset or a file): its sections are that config's, with this file's keys on top."""
-    path = resolve_config_path(path)
-    if path.resolve() in seen:
-        raise ConfigError(f"{path} extends itself (through {' -> '.join(p.name for p in seen)})")
+def parse_config_file(path: Path) -> dict:
+    """One config file's own keys as written, its `extends` included; of a checkpoint's config.json, the sections."""
     text = read_user_text(path, ConfigError)
     try:
         values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
@@ -552,6 +548,21 @@ def read_values(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"cannot parse {path}: {e}") from None
     if path.suffix == ".json":  # a checkpoint's config.json: its bookkeeping (step, metrics...) sits beside the sections
         return {key: value for key, value in values.items() if key in SECTIONS}
+    return values
+
+
+def read_values(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The sections of a TOML (or JSON) config file or preset. A TOML file may begin with `extends = "NAME"`
+    (a preset or a file): its sections are that config's, with this file's keys on top."""
+    path = resolve_config_path(path)
+    if path.resolve() in seen:
+        raise ConfigError(f"{path} extends itself (through {' -> '.join(p.name for p in seen)})")
+    return on_its_base(path, parse_config_file(path), seen)
+
+
+def on_its_base(path: Path, own: dict, seen: tuple[Path, ...] = ()) -> dict:
+    """A file's own keys on top of the sections of the config it extends (if any)."""
+    values = dict(own)
     base = values.pop("extends", None)
     if base is None:
         return values
@@ -561,23 +572,19 @@ def read_values(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a TOML (or JSON) config file or a preset by name, apply overrides, and validate everything."""
-    values = {} if path is None else read_values(path)
-    given = parse_overrides(overrides or [])
+    """Read a TOML (or JSON) config file or a preset by name, apply overrides, and validate everything. The keys the
+    user gave (the overrides, and a file of their own: not a shipped preset or a run's config.json, which hold keys
+    their config may not read) must be ones the config reads (check_overrides_are_read)."""
+    values, given = {}, parse_overrides(overrides or [])
+    if path is not None:
+        path = resolve_config_path(path)
+        own = parse_config_file(path)
+        values = on_its_base(path, own)
+        if path.suffix != ".json" and path.resolve().parent != PRESET_DIR.resolve():
+            given = merge({k: v for k, v in own.items() if k != "extends"}, given)
     cfg = build_config(merge(values, given))
-    check_overrides_are_read(cfg, merge(own_values(path), given) if path is not None else given)
+    check_overrides_are_read(cfg, given)
     return cfg
-
-
-def own_values(path: str | Path) -> dict:
-    """The keys a user's own config file sets, not those of the config it extends; none for a shipped preset or a
-    run's config.json, which hold keys their config may not read (a preset copied whole reads all of its own)."""
-    path = resolve_config_path(path)
-    if path.suffix == ".json" or path.resolve().parent == PRESET_DIR.resolve():
-        return {}
-    values = tomllib.loads(read_user_text(path, ConfigError))  # read_values has parsed it: no error is left to raise
-    values.pop("extends", None)
-    return values
 
 
 class ReadWhen(typing.NamedTuple):
@@ -616,8 +623,7 @@ READ_ONLY_WHEN: dict[str, ReadWhen] = {
     "diffusion.asymmetric_log_snr": _timesteps("asymmetric"), "diffusion.asymmetric_k": _timesteps("asymmetric"),
     "diffusion.log_normal_mean": _timesteps("log_normal"), "diffusion.log_normal_std": _timesteps("log_normal"),
     "train.posthoc_every": ReadWhen(lambda c: bool(c.train.posthoc_ema), "train.posthoc_ema (the snapshots' widths)", "train.posthoc_ema"),
-    "train.fit_to_budget": ReadWhen(lambda c: c.train.max_minutes > 0 or not c.train.fit_to_budget, "train.max_minutes > 0 (the budget it fits)",
-                                    "train.max_minutes"),
+    "train.fit_to_budget": ReadWhen(lambda c: c.train.max_minutes > 0, "train.max_minutes > 0 (the budget it fits)", "train.max_minutes"),
     "train.budget_calibration": ReadWhen(lambda c: c.train.fit_to_budget, "train.fit_to_budget = true", "train.fit_to_budget"),
     "train.lora_alpha": _lora(), "train.lora_targets": _lora(),
     # (a fine-tune's folder or another task may bring the condition: only a plain denoiser's missing one is known here)
@@ -649,12 +655,15 @@ READ_HINTS = {"data.path": "; for your own images add data.name=folder (a folder
 def check_overrides_are_read(cfg: Config, given: dict[str, dict[str, Any]]) -> None:
     """A key given on the command line or in a user's own config file that this config would not read is an error,
     not a silent no-op: `train mnist data.path=my_photos` trained on the digits, and `diffusion.logit_normal_std=2`
-    with asymmetric timesteps changed nothing (own_values: a preset or a run's config.json is not checked)."""
+    with asymmetric timesteps changed nothing (load_config: a preset or a run's config.json is not checked). A key given
+    its default value (`train.fit_to_budget=false`, `data.path=`) changes nothing, so it is taken wherever it is given."""
+    defaults = Config()
     for section, values in given.items():
         for name in values:
             key = f"{section}.{name}"
             rule = READ_ONLY_WHEN.get(key) or (_read_by_tasks(SECTION_READ_BY[section]) if section in SECTION_READ_BY else None)
-            if rule is not None and not rule.reads(cfg):
+            at_default = getattr(getattr(cfg, section), name) == getattr(getattr(defaults, section), name)
+            if rule is not None and not at_default and not rule.reads(cfg):
                 section_of, name_of = rule.governs.split(".")
                 now = getattr(getattr(cfg, section_of), name_of)
                 raise ConfigError(f"{key} is read only with {rule.condition}; this config has {rule.governs} = {now!r} and would "
