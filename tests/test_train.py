@@ -384,6 +384,46 @@ def test_a_folder_a_run_is_training_in_refuses_a_second_run_until_the_first_ends
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-0000002"]
 
 
+def test_a_run_that_ends_before_it_writes_anything_leaves_no_folder_behind(tmp_path, capsys):
+    """A refused start (here --resume into a folder with no run) left the folders it made and RUN/.lock, an empty run
+    that `ls runs` then showed. They go; a folder that was there before, or holds anything else, stays."""
+    from ddpmkit.cli import main
+
+    new = tmp_path / "new" / "toy"
+    assert main(["train", "toy2d", f"train.run_dir={new}", "--resume", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == f"ddpmkit train: error: --resume: no checkpoint in {new}"
+    assert list(tmp_path.iterdir()) == []  # both folders it made
+    (tmp_path / "mine").mkdir()
+    assert main(["train", "toy2d", f"train.run_dir={tmp_path / 'mine'}", "--resume", "--quiet"]) == 2
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == [".lock"]  # the user's folder stays, with the lock file
+    assert main(["train", "toy2d", f"train.run_dir={new}", "train.steps=2", "--quiet"]) == 0  # a run that wrote stays whole
+    assert list_checkpoints(new) and (new / ".lock").is_file()
+
+
+def test_a_lock_file_unlinked_while_another_process_had_it_open_is_not_taken_as_the_lock(tmp_path, monkeypatch):
+    """The lock file a refused start removes may have been opened by a second process, which locks it just after: that
+    process must see the file is no longer the folder's (is_path_of) and lock the one now on the path, or two runs
+    would hold two locks."""
+    from ddpmkit.train import engine
+
+    run_dir = tmp_path / "run"
+    first = engine.RunLock(run_dir)
+    early = open(run_dir / ".lock", "a+")  # noqa: SIM115 -- the second process's open, before the first ends
+    first.release()
+    assert not run_dir.exists() and not engine.is_path_of(early, run_dir / ".lock")
+    opened = []
+
+    def open_early_first(*args, **kwargs):  # the second process's RunLock, resumed after its open
+        opened.append(early if not opened else open(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(engine, "open", open_early_first, raising=False)
+    second = engine.RunLock(run_dir)
+    assert len(opened) == 2 and early.closed and second.file is opened[1]  # locked the stale file, saw it, locked the path's
+    assert engine.is_path_of(second.file, run_dir / ".lock")
+    second.release()
+
+
 def test_a_damaged_newest_checkpoint_says_how_to_resume_from_the_one_before(tmp_path, capsys):
     """A checkpoint damaged from outside (a disk error, a copy cut short; ddpmkit's own writes are atomic) stopped
     `--resume` and loading with the file's error alone; both now name the checkpoint before, and resuming from it works."""

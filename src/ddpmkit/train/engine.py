@@ -566,25 +566,21 @@ class RunLock:
     """One training run at a time in a run folder: a second `ddpmkit train` into it (another terminal, a job started
     twice) would mix its checkpoints and logs into the first's, and with `overwrite` delete them. The launch's first
     process holds an exclusive lock on RUN/.lock while it trains; the system drops it when the process ends, however
-    it ends, so a killed run leaves nothing stale."""
+    it ends, so a killed run leaves nothing stale. A run that ends before it wrote anything (a setting refused when the
+    network is built) removes the lock file and the folders it made, so a mistyped command leaves no empty run behind."""
 
     def __init__(self, run_dir: Path):
         self.file = None
+        self.run_dir = run_dir
+        self.made: list[Path] = []  # the folders this run created, innermost first
         if int(os.environ.get("RANK", "0")) != 0:  # not the launch's first process
             return
-        run_dir.mkdir(parents=True, exist_ok=True)
+        self.made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
         if fcntl is None:  # no flock (Windows): no lock, but the folder is still tidied
+            run_dir.mkdir(parents=True, exist_ok=True)
             tidy_interrupted_writes(run_dir)
             return
-        f = open(run_dir / ".lock", "a+")  # noqa: SIM115 -- held open for the run's length, closed by release()
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            pid = f.read().strip()
-            f.close()
-            raise TrainingError(f"{run_dir} is being trained by another process{f' (pid {pid})' if pid else ''}: let it finish "
-                                "(then continue it with `resume`), or give another train.run_dir") from None
+        f = self._lock()
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")
@@ -592,10 +588,53 @@ class RunLock:
         self.file = f
         tidy_interrupted_writes(run_dir)  # what a killed run left of a checkpoint it was writing, before anyone lists them
 
+    def _lock(self):
+        """RUN/.lock, opened and locked. A run that failed before it began unlinks its lock file while it holds it; a
+        process that had opened that file then locks a file no longer on the path, so it opens the path's again."""
+        path = self.run_dir / ".lock"
+        while True:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                f = open(path, "a+")  # noqa: SIM115 -- held open for the run's length, closed by release()
+            except FileNotFoundError:  # the folder went between the two lines: made again
+                continue
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                pid = f.read().strip()
+                f.close()
+                raise TrainingError(f"{self.run_dir} is being trained by another process{f' (pid {pid})' if pid else ''}: let it finish "
+                                    "(then continue it with `resume`), or give another train.run_dir") from None
+            if is_path_of(f, path):
+                return f
+            f.close()
+
     def release(self) -> None:
-        if self.file is not None:
+        if self.file is None:
+            return
+        lock = self.run_dir / ".lock"
+        if self.made and [p.name for p in self.run_dir.iterdir()] == [".lock"]:  # the run wrote nothing: leave no trace
+            lock.unlink()  # while held, so no one locks it after (_lock); removing it later could let two processes lock two files
+            self.file.close()
+            for folder in self.made:
+                try:
+                    folder.rmdir()
+                except OSError:  # something else was put there meanwhile: it stays
+                    break
+        else:
             self.file.close()  # closing drops the lock; the file stays (removing it could let two processes lock two files)
-            self.file = None
+        self.file = None
+
+
+def is_path_of(f, path: Path) -> bool:
+    """Whether the open file f is the file now at path (not one unlinked, or replaced, since it was opened)."""
+    try:
+        on_path = path.stat()
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(f.fileno())
+    return (mine.st_dev, mine.st_ino) == (on_path.st_dev, on_path.st_ino)
 
 
 def run(task: Task, cfg: Config, resume: bool = False, progress: bool = True, overwrite: bool = False) -> Path:
