@@ -329,11 +329,15 @@ def test_train_then_sample_writes_grid_pngs_and_gif(tmp_path, capsys):
     code, out, err = run(capsys, "sample", str(run_dir), "--n", "2", "--steps", "2", "--dtype", "bf16", "--out", str(tmp_path / "d"))
     assert code == 2 and "is a ddpmkit run, whose float32 weights compute in bf16 or fp16 with --precision" in err
     report = tmp_path / "eval.json"
-    code, out, err = run(capsys, "eval", str(run_dir), "--metrics", "bpd", "--n", "50", "--n-bpd", "2", "--out", str(report))
+    code, out, err = run(capsys, "eval", str(run_dir), "--metrics", "bpd", "--n", "50", "--n-bpd", "2", "--sampler", "ddim", "--steps", "5",
+                         "--inception", "pt_inception.pth", "--out", str(report))
     assert code == 0, err
-    # --n counts samples, which bits/dim draw none of: said, not silently unused
+    # --n, --sampler, --steps and --inception are for sampled metrics, which bits/dim draw none of: said, not silently unused
     assert "note: --n 50 counts the samples of fd/kid/is/copies, which this evaluation (bpd_vlb, bpd_ode) does not draw; " \
            "bits/dim are of --n-bpd 2 examples" in err, err
+    assert "note: --sampler ddim and --steps 5 choose how fd/kid/is/copies draw their samples; this evaluation (bpd_vlb, bpd_ode) draws none" in err
+    assert "note: --inception pt_inception.pth: the Inception network is read only for fd/kid/is with --features inception; this " \
+           "evaluation (bpd_vlb, bpd_ode; --features classifier) reads none" in err, err
     import json
 
     metrics = json.loads(report.read_text())["metrics"]
@@ -342,11 +346,14 @@ def test_train_then_sample_writes_grid_pngs_and_gif(tmp_path, capsys):
     code, out, err = run(capsys, "eval", str(run_dir), "--metrics", "fd", "--out", str(report))
     assert code == 2 and "use --features inception" in err
     code, out, err = run(capsys, "eval", str(run_dir), "--metrics", "copies", "--n", "4", "--n-bpd", "7", "--sampler", "ddim", "--steps", "2",
-                         "--out", str(report))
+                         "--features", "inception", "--out", str(report))
     copied = json.loads(report.read_text())["metrics"]["copies"]
     assert code == 0 and 0 <= copied["value"] <= 1 and copied["real"] == 0.0, err  # digits' 300 held-out: none passes for a copy
     # and --n-bpd without bits/dim: said too
     assert "note: --n-bpd 7 counts the held-out examples of bits/dim, which this evaluation (copies) does not compute; it draws --n 4" in err
+    assert "note: --features inception: the Inception network is read only for fd/kid/is with --features inception; this evaluation " \
+           "(copies; --features inception) reads none" in err, err
+    assert "--sampler ddim" not in err  # copies are of samples: it drew them
     assert 0 < copied["median_ratio"] <= 1 and 0.6 < copied["real_median_ratio"] <= 1
     assert "copies" in out and "of the 1497 training images of digits" in out and "held-out real images: 0" in out, out
     code, out, err = run(capsys, "eval", str(run_dir), "--metrics", "fid,psnr")

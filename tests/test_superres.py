@@ -287,6 +287,14 @@ def test_cascade_and_upscale_from_the_command_line(tiny_cascade, tmp_path, capsy
                         "--n", "3", "--class", "7", "--batch-size", "2", "--no-gif", "--out", tmp_path / "c2")
     assert code == 0, err
     torch.testing.assert_close(torch.load(tmp_path / "c2" / "samples.pt"), torch.load(tmp_path / "c" / "samples.pt"))
+    # --precision and --compile reach the stages (a cascade took both and ignored them): bf16 moves the samples a little
+    code, _, err = _cli(capsys, "sample", base, "--then", f"{sr},sampler=dpmpp_2m,steps=3,aug=0.2,guidance=2", "--steps", "4",
+                        "--n", "3", "--class", "7", "--precision", "bf16", "--no-gif", "--out", tmp_path / "c3")
+    assert code == 0, err
+    bf16, fp32 = torch.load(tmp_path / "c3" / "samples.pt"), torch.load(tmp_path / "c" / "samples.pt")
+    assert not torch.equal(bf16, fp32) and (bf16 - fp32).abs().max() < 0.2, (bf16 - fp32).abs().max()
+    code, _, err = _cli(capsys, "sample", base, "--then", sr, "--compile", "cuda-graph", "--device", "cpu", "--out", tmp_path / "c4")
+    assert code == 2 and "--compile cuda-graph needs a CUDA GPU" in err
 
     from ddpmkit import viz
 

@@ -289,6 +289,9 @@ def test_text_to_image_variations_interpolation_and_text_diffs_from_the_command_
     code, out, err = _cli(capsys, "unclip-interpolate", d, "digits:3", "digits:7", "--frames", "4", "--steps", "3", "--out", tmp_path / "i")
     assert code == 0, err
     assert (tmp_path / "i" / "interpolation.png").is_file()
+    with pytest.raises(SystemExit):  # it writes one picture and no GIF: its --no-gif was taken and changed nothing
+        _cli(capsys, "unclip-interpolate", d, "digits:3", "digits:7", "--no-gif")
+    assert "unrecognized arguments: --no-gif" in capsys.readouterr().err
     code, out, err = _cli(capsys, "text-diff", d, "digits:3", "--from", "a three", "--to", "an eight", "--amounts", "0,0.5",
                           "--steps", "3", "--out", tmp_path / "t")
     assert code == 0, err

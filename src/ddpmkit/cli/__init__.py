@@ -30,7 +30,7 @@ FLAGS = {"classes": "--class", "prompts": "--prompt", "scale": "--guidance", "cl
          "autoguide": "--autoguide", "features": "--features", "reference": "--reference", "metrics": "--metrics",
          "mask": "--mask", "resume": "--resume", "overwrite": "--overwrite", "variance": "--variance", "dtype": "--dtype",
          "precision": "--precision", "n": "--n", "n_bpd": "--n-bpd", "eta": "--eta", "churn": "--churn",
-         "inception": "--inception", "source": "--from", "target": "--to"}
+         "inception": "--inception", "source": "--from", "target": "--to", "sampler": "--sampler", "steps": "--steps"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,9 +35,12 @@ def run_cascade(args: argparse.Namespace) -> None:
     args.sampler, args.steps = m.sampler_or_own(args.sampler, args.steps)  # a distilled base samples in its few steps by default
     base = Stage(m, args.sampler, args.steps, request.scale, request.threshold, None, options_from(args))
     stages = [base] + [parse_stage(spec, m.device) for spec in args.then]
+    if args.compile:  # every stage's network, as --precision below (both were taken and ignored here)
+        for stage in stages:
+            stage.model.compile(None if args.compile == "default" else args.compile)
     t0 = time.time()
     record = 0 if args.no_gif else max(1, (stages[-1].steps or stages[-1].model.schedule.T) // 50)
-    outs = cascade(stages, args.n, request, args.seed, args.batch_size, record_every=record)
+    outs = cascade(stages, args.n, request, args.seed, args.batch_size, record_every=record, precision=args.precision)
     elapsed = time.time() - t0
     folder = save_generated(outs[-1], args.out, args.seed, gif=not args.no_gif)
     rows = []

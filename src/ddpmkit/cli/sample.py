@@ -104,10 +104,10 @@ def add_commands(sub) -> None:
                    help="samples drawn at once (default: cache-sized chunks, 128 28x28 digits on a CPU; results do not depend on it)")
     s.add_argument("--no-gif", action="store_true", help=NO_GIF_HELP)
     s.add_argument("--compile", nargs="?", const="default", default=None, choices=SAMPLING_COMPILE_MODES,
-                   help="torch.compile the network first (about a minute on a CPU; pays off for long runs); reduce-overhead also "
-                        "captures CUDA graphs on a GPU; cuda-graph captures them without compiling (a GPU only, seconds)")
+                   help="torch.compile the network first (each stage's with --then; about a minute on a CPU; pays off for long runs); "
+                        "reduce-overhead also captures CUDA graphs on a GPU; cuda-graph captures them without compiling (a GPU only, seconds)")
     s.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="the network's arithmetic (bf16/fp16 autocast; the sampler's stays float32); auto = bf16 where the "
+                   help="the network's arithmetic (bf16/fp16 autocast; each stage's with --then; the sampler's stays float32); auto = bf16 where the "
                         "device computes it natively (GPUs with bf16, CPUs with AVX-512 BF16 / AMX)")
     add_device_args(s)
     s.add_argument("--out", default="samples", help=out_help())

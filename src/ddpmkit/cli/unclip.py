@@ -19,8 +19,9 @@ from .common import NO_GIF_HELP, add_device_option, add_sampler_args, options_fr
 
 def _decode_kwargs(args: argparse.Namespace) -> dict:
     steps = args.steps or 1000
+    gif = not getattr(args, "no_gif", True)  # the commands that draw one picture record no trajectory
     return dict(scale=args.guidance, sampler=args.sampler, steps=args.steps, options=options_from(args), batch_size=args.batch_size,
-                record_every=0 if args.no_gif else max(1, steps // 50))
+                record_every=max(1, steps // 50) if gif else 0)
 
 
 def _images(decoder, specs: list[str], fit: bool) -> torch.Tensor:
@@ -95,11 +96,14 @@ def cmd_text_diff(args: argparse.Namespace) -> None:
 DECODER_HELP = "a decoder run (ddpmkit train unclip_decoder)"
 
 
-def _decoder_args(p: argparse.ArgumentParser, out: str) -> None:
+def _decoder_args(p: argparse.ArgumentParser, out: str, gif: bool = True) -> None:
+    """The decoder's sampling flags; gif=False for the commands that write one picture and no reverse-process GIF
+    (their --no-gif was taken and changed nothing)."""
     add_sampler_args(p)
     p.add_argument("--guidance", type=float, default=unclip.DEFAULT_DECODER_SCALE, help="the decoder's classifier-free guidance scale")
     p.add_argument("--batch-size", type=int, default=None, help="samples drawn at once (default: cache-sized chunks; results do not depend on it)")
-    p.add_argument("--no-gif", action="store_true", help=NO_GIF_HELP)
+    if gif:
+        p.add_argument("--no-gif", action="store_true", help=NO_GIF_HELP)
     p.add_argument("--out", default=out, help=out_help())
     add_device_option(p)
 
@@ -135,7 +139,7 @@ def add_commands(sub) -> None:
     i.add_argument("b", help="second image")
     i.add_argument("--frames", type=int, default=8, help="frames, both ends included (default: %(default)s)")
     _fit_arg(i)
-    _decoder_args(i, "unclip_interpolation")
+    _decoder_args(i, "unclip_interpolation", gif=False)
     i.set_defaults(func=cmd_interpolate)
 
     d = sub.add_parser("text-diff", help="move an image's CLIP embedding toward a caption (DALL-E 2's text diffs)")
@@ -145,5 +149,5 @@ def add_commands(sub) -> None:
     d.add_argument("--to", dest="target", required=True, help="the caption to move toward, e.g. 'a handwritten eight'")
     d.add_argument("--amounts", default="0,0.2,0.4,0.6,0.8", help="slerp weights theta toward the text direction")
     _fit_arg(d)
-    _decoder_args(d, "text_diff")
+    _decoder_args(d, "text_diff", gif=False)
     d.set_defaults(func=cmd_text_diff)

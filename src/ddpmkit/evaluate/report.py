@@ -123,6 +123,7 @@ def evaluate_checkpoint(checkpoint: str | DiffusionModel, metrics: list[str] | N
     run's few-step sampler), else Algorithm 2. n: samples for fd/kid/is/copies (None: 1,000); n_bpd: examples for bits/dim (None: 100)."""
     check_feature_weights(metrics, features, inception_path)
     m = checkpoint if isinstance(checkpoint, DiffusionModel) else load_diffusion(checkpoint, device=device)  # None: the default device
+    sampling_given = [f"`{name}` {value}" for name, value in (("sampler", sampler), ("steps", steps)) if value is not None]
     sampler, steps = m.sampler_or_own(sampler, steps)
     if not isinstance(m, DiffusersModel) and m.model_kind.inputs:  # its samples need more than noise (it failed deep inside)
         raise UserError(f"{m.path} is a {m.kind} run (its network takes {m.model_kind.takes}): eval measures denoisers of images or points; "
@@ -143,6 +144,15 @@ def evaluate_checkpoint(checkpoint: str | DiffusionModel, metrics: list[str] | N
     if n_given is not None and not sampled:
         warnings.warn(f"`n` {n} counts the samples of fd/kid/is/copies, which this evaluation ({', '.join(metrics)}) does not draw; "
                       f"bits/dim are of `n_bpd` {n_bpd} examples", Note, stacklevel=2)
+    if sampling_given and not sampled:
+        warnings.warn(f"{' and '.join(sampling_given)} {'choose' if len(sampling_given) > 1 else 'chooses'} how fd/kid/is/copies draw their "
+                      f"samples; this evaluation ({', '.join(metrics)}) draws none", Note, stacklevel=2)
+    inception = features == "inception" and bool(quality)  # the only evaluation that reads the Inception network
+    unread = [what for what, given in (("`features` inception", features == "inception" and not quality),
+                                       (f"`inception` {inception_path}", inception_path is not None and not inception)) if given]
+    if unread:
+        warnings.warn(f"{' and '.join(unread)}: the Inception network is read only for fd/kid/is with `features` inception; this evaluation "
+                      f"({', '.join(metrics)}; `features` {features}) reads none", Note, stacklevel=2)
     if n_bpd_given is not None and not likelihoods:
         warnings.warn(f"`n_bpd` {n_bpd} counts the held-out examples of bits/dim, which this evaluation ({', '.join(metrics)}) does not "
                       f"compute; it draws `n` {n} samples", Note, stacklevel=2)

@@ -77,16 +77,16 @@ def check_low_res(sr: DiffusionModel, images: torch.Tensor, source: str = "the l
 
 def super_resolve(sr: DiffusionModel, low_res: torch.Tensor, request: GuidanceRequest | None = None, aug_level: float | None = None,
                   sampler: str = "ddpm", steps: int | None = None, seed: int = 0, options: dict | None = None, batch_size: int | None = None,
-                  record_every: int = 0, progress: bool = True, device: str | torch.device | None = None) -> Generated:
+                  record_every: int = 0, progress: bool = True, device: str | torch.device | None = None, precision: str = "fp32") -> Generated:
     """Samples of p(x | z) for low-res images z = low_res (n, C, h, w) in [-1, 1], one per image:
     z is noise-augmented to level aug_level (default: the stage's superres.aug_level) with sample
-    k's own seed, and given to the network with the level."""
+    k's own seed, and given to the network with the level. precision: the network's, as generate's."""
     check_low_res(sr, low_res)
     level = sr.config.superres.aug_level if aug_level is None else float(aug_level)
     n = len(low_res)
     extra = stage_inputs(low_res.float().cpu(), level, sr.schedule, list(range(seed, seed + n)))
     request = replace(request or GuidanceRequest(), extra=extra)
-    return generate(sr, n, request, sampler, steps, seed, options, batch_size, record_every, progress, device)
+    return generate(sr, n, request, sampler, steps, seed, options, batch_size, record_every, progress, device, precision=precision)
 
 
 def check_cascade(stages: list[Stage]) -> None:
@@ -120,9 +120,9 @@ def stage_request(stage: Stage, request: GuidanceRequest) -> GuidanceRequest:
 
 
 def cascade(stages: list[Stage], n: int, request: GuidanceRequest | None = None, seed: int = 0, batch_size: int | None = None,
-            record_every: int = 0, progress: bool = True, device: str | torch.device | None = None) -> list[Generated]:
+            record_every: int = 0, progress: bool = True, device: str | torch.device | None = None, precision: str = "fp32") -> list[Generated]:
     """n samples through every stage; returns each stage's output (the last is the final image).
-    record_every > 0 records the reverse process of every stage (for GIFs)."""
+    record_every > 0 records the reverse process of every stage (for GIFs). precision: every stage's network's, as generate's."""
     check_cascade(stages)
     request = request or GuidanceRequest()
     if request.rescale and not any(stage_request(stage, request).rescale for stage in stages):
@@ -131,7 +131,7 @@ def cascade(stages: list[Stage], n: int, request: GuidanceRequest | None = None,
     outs: list[Generated] = []
     for i, stage in enumerate(stages):
         common = dict(sampler=stage.sampler, steps=stage.steps, seed=seed + i * STAGE_SEED_OFFSET, options=stage.options,
-                      batch_size=batch_size, record_every=record_every, progress=progress, device=device)
+                      batch_size=batch_size, record_every=record_every, progress=progress, device=device, precision=precision)
         if i == 0:
             outs.append(generate(stage.model, n, stage_request(stage, request), **common))
         else:
