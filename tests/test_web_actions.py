@@ -180,8 +180,8 @@ def test_samplers_pause_while_a_light_request_runs(actions):
     waiter.join(5)
     assert order == ["light", "sampler"]
     t0 = time.perf_counter()
-    actions.yield_to_light()  # nothing light runs: no wait
-    assert time.perf_counter() - t0 < 0.1
+    actions.yield_to_light()  # nothing light runs: no wait (its timeout is 2 s; a loaded machine may still take a while)
+    assert time.perf_counter() - t0 < 1.0
 
 
 def test_forward_tab_shows_q_sample_of_the_digit(actions):
