@@ -416,6 +416,19 @@ def test_a_run_that_ends_before_it_writes_anything_leaves_no_folder_behind(tmp_p
     assert list_checkpoints(new) and (new / ".lock").is_file()
 
 
+def test_the_lock_of_a_run_folder_removed_by_hand_meanwhile_is_released_quietly(tmp_path):
+    """release() runs in run()'s `finally`: an error of its own there would replace the run's (the folder removed while
+    the run trained: its write's FileNotFoundError, then the tidying's)."""
+    import shutil
+
+    from ddpmkit.train.engine import RunLock
+
+    lock = RunLock(tmp_path / "new")
+    shutil.rmtree(tmp_path / "new")
+    lock.release()
+    assert lock.file is None and list(tmp_path.iterdir()) == []
+
+
 def test_a_lock_file_unlinked_while_another_process_had_it_open_is_not_taken_as_the_lock(tmp_path, monkeypatch):
     """The lock file a refused start removes may have been opened by a second process, which locks it just after: that
     process must see the file is no longer the folder's (is_path_of) and lock the one now on the path, or two runs

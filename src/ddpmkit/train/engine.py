@@ -614,7 +614,11 @@ class RunLock:
         if self.file is None:
             return
         lock = self.run_dir / ".lock"
-        if self.made and [p.name for p in self.run_dir.iterdir()] == [".lock"]:  # the run wrote nothing: leave no trace
+        try:
+            wrote_nothing = bool(self.made) and [p.name for p in self.run_dir.iterdir()] == [".lock"]
+        except OSError:  # the folder went meanwhile (removed by hand): nothing to tidy, and the run's own error stays the one shown
+            wrote_nothing = False
+        if wrote_nothing:  # leave no trace
             lock.unlink()  # while held, so no one locks it after (_lock); removing it later could let two processes lock two files
             self.file.close()
             for folder in self.made:
