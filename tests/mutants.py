@@ -51,6 +51,11 @@ test matplotlib makes equivalent (it squeezes an (H, W, 1) image), and figure si
 One more (consts, swap, bounds; thirty-first session): config.py with its new rules of which keys a config reads (30, against
 tests/test_config.py) left 4: the lowest train.batch_size (and log_every, num_samples, sample_steps) and a small asymmetric_k,
 never taken in a test (now taken), and two equivalent (a close-match count of which only the first is used, a split's limit).
+One more (consts, swap, bounds; thirty-second session): report.py again, with its new notes of flags an evaluation does not read
+(16, against the eval CLI test and tests/test_evaluate.py) left 9: the null label of a conditional model's bits/dim (its argument
+order; now tested against the bound at the null label, and apart from a class's), 3 caught by other files (tests/test_latent.py's
+applicable metrics, tests/test_diffusers.py's Inception eval), and 5 settings or equivalent (the default n, a warning's stacklevel,
+the report's JSON indent, the judge's chunk size and the clamp of samples already in [-1, 1]).
 """
 from __future__ import annotations
 

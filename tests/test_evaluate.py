@@ -386,3 +386,30 @@ def test_eval_measures_a_distilled_run_in_its_own_few_steps(web_runs, tmp_path, 
     assert sampling["sampler"] == "consistency" and sampling["nfe"] == ddpmkit.load(run).metrics["sample_steps"] <= 4, sampling
     assert main(["eval", str(run), "--metrics", "copies", "--n", "4", "--sampler", "ddim", "--steps", "3", "--out", str(report)]) == 0
     assert json.loads(report.read_text())["sampling"] | {"seconds": 0} == {**sampling, "sampler": "ddim", "nfe": 3, "seconds": 0}
+
+
+def test_bits_per_dim_of_a_class_conditional_model_are_those_of_its_unconditional_branch(tmp_path):
+    """evaluate_checkpoint's bits/dim of a conditional model run its null label (its docstring's promise): the same
+    bound at the same draws with the null label, and not with a class's."""
+    from conftest import TINY_DIGITS_RUN
+    from ddpmkit.config import load_config
+    from ddpmkit.data import dataset_for
+    from ddpmkit.evaluate.report import evaluate_checkpoint
+    from ddpmkit.models import load_diffusion
+    from ddpmkit.train import train
+
+    run = train(load_config("mnist_class", [*TINY_DIGITS_RUN, "train.steps=2", "diffusion.T=20", f"train.run_dir={tmp_path}"]), progress=False)
+    m = load_diffusion(run, device="cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():  # a 2-step run barely reads its label (its zero-initialised layers hide it): every weight moved
+        for w in m.network.parameters():
+            w += 0.1 * torch.randn_like(w)
+    report = evaluate_checkpoint(m, ["bpd_vlb"], n_bpd=3, seed=5)
+    x = dataset_for(m.config.data, "test").get_batch(torch.arange(3))
+
+    def bound(y: int) -> float:
+        labels = {"y": torch.full((3,), y)}
+        return vlb(m.denoiser, x, clip_x0=True, generator=torch.Generator().manual_seed(5), model_kwargs=labels).bits_per_dim.mean().item()
+
+    assert report["metrics"]["bpd_vlb"]["value"] == pytest.approx(bound(m.num_classes), rel=1e-6)  # the null label
+    assert abs(bound(3) - bound(m.num_classes)) > 1e-2  # a class's branch is another bound: the test tells them apart
