@@ -56,6 +56,10 @@ One more (consts, swap, bounds; thirty-second session): report.py again, with it
 order; now tested against the bound at the null label, and apart from a class's), 3 caught by other files (tests/test_latent.py's
 applicable metrics, tests/test_diffusers.py's Inception eval), and 5 settings or equivalent (the default n, a warning's stacklevel,
 the report's JSON indent, the judge's chunk size and the clamp of samples already in [-1, 1]).
+And the cascade (pipelines/cascade.py and cli/cascade.py, 12, against tests/test_superres.py) left 4: `upscale --fit` of an
+image smaller than the stage's input (never run: now tested) and the reverse process's recording cadence beside the progress flag
+(equal at 3 steps: now 10 steps recorded every 5), and 2 equivalent (a clamp of images already in [-1, 1], a shape comparison
+that only adds a resize to the same size).
 """
 from __future__ import annotations
 

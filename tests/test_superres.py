@@ -3,13 +3,15 @@ through the stage's sampling contract, the network's inputs, and clear errors.""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import needs_text
 from ddpmkit.analytic import GaussianSuperRes
 from ddpmkit.config import Config, SuperResConfig, TrainConfig, load_config
-from ddpmkit.models import DiffusionModel
+from ddpmkit.models import DiffusionModel, load_diffusion
 from ddpmkit.nets import UNet
 from ddpmkit.pipelines.cascade import CascadeError, Stage, cascade, check_cascade, stage_request, super_resolve
 from ddpmkit.pipelines.guided import GuidanceRequest, guided_model
@@ -320,6 +322,15 @@ def test_cascade_and_upscale_from_the_command_line(tiny_cascade, tmp_path, capsy
     assert hint == f"ddpmkit upscale {sr} mnist5k:7 --fit"
     code, out, err = _cli(capsys, *hint.split()[1:], "--steps", "2", "--out", tmp_path / "hint")
     assert code == 0 and "1 image(s) x 1 upscaled 4x4 -> 8x8" in out, err
+    # --fit also enlarges an image smaller than the stage's input (bicubic, clamped to [-1, 1])
+    Image.fromarray(np.array([[0, 255], [255, 0]], dtype=np.uint8)).save(tmp_path / "tiny.png")
+    code, out, err = _cli(capsys, "upscale", sr, tmp_path / "tiny.png", "--fit", "--steps", "2", "--class", "1", "--out", tmp_path / "up")
+    assert code == 0 and "1 image(s) x 1 upscaled 4x4 -> 8x8" in out, err
+    assert torch.equal(drawn["rows"][0][1], upsample(load_image(str(tmp_path / "tiny.png"), channels=1), 4, "bicubic").clamp(-1, 1))
+    # the reverse process is recorded every record_every steps, as asked (10 steps, every 5: 2 frames)
+    recorded = super_resolve(load_diffusion(sr), inputs, GuidanceRequest(classes=["3", "5"]), sampler="ddim", steps=10, record_every=5,
+                             progress=False)
+    assert len(recorded.xs) == len(recorded.x0s) == 2
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -375,8 +386,6 @@ def test_the_imagen_presets_train_on_a_captioned_image_folder(tmp_path, capsys):
     """Both Imagen stages on any folder of images with a caption .txt beside each, then a prompt
     through the whole cascade."""
     pytest.importorskip("sentence_transformers")
-    import numpy as np
-    from PIL import Image
 
     from ddpmkit.config import load_config
     from ddpmkit.train import train
