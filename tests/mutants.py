@@ -60,6 +60,8 @@ And the cascade (pipelines/cascade.py and cli/cascade.py, 12, against tests/test
 image smaller than the stage's input (never run: now tested) and the reverse process's recording cadence beside the progress flag
 (equal at 3 steps: now 10 steps recorded every 5), and 2 equivalent (a clamp of images already in [-1, 1], a shape comparison
 that only adds a resize to the same size).
+And stop.py, the Ctrl-C handler (11, all four kinds, against the three Ctrl-C tests) left 1: the initial t_requested,
+overwritten by the first request (equivalent).
 """
 from __future__ import annotations
 
