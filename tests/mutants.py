@@ -62,6 +62,8 @@ image smaller than the stage's input (never run: now tested) and the reverse pro
 that only adds a resize to the same size).
 And stop.py, the Ctrl-C handler (11, all four kinds, against the three Ctrl-C tests) left 1: the initial t_requested,
 overwritten by the first request (equivalent).
+And likelihood.py (30, arith, consts, swap, against its tests in test_evaluate.py, test_bounds.py and test_losses.py) left 1:
+the ODE likelihood's bits/dim (nats / ln 2) never checked (now against -log2 p(x) of the Gaussian mixture).
 """
 from __future__ import annotations
 

@@ -30,6 +30,8 @@ def test_ode_nll_equals_the_true_density(gm, n):
     t_start = S.t_at_sigma(1e-4).item()  # the exact model is defined below t = 0
     out = ode_nll(gm.eps_model(S), x, S, t_start=t_start, divergence="exact", rtol=1e-7, atol=1e-7)
     assert (out.nll - truth).abs().max().item() < 0.01
+    bits = -gm.log_prob(x) / np.log(2) / gm.dim  # -log2 p(x) per dimension: what eval reports of points
+    assert (out.bits_per_dim - bits).abs().max().item() < 0.01 / np.log(2)
 
 
 def test_hutchinson_divergence_is_unbiased():
