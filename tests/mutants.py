@@ -64,6 +64,8 @@ And stop.py, the Ctrl-C handler (11, all four kinds, against the three Ctrl-C te
 overwritten by the first request (equivalent).
 And likelihood.py (30, arith, consts, swap, against its tests in test_evaluate.py, test_bounds.py and test_losses.py) left 1:
 the ODE likelihood's bits/dim (nats / ln 2) never checked (now against -log2 p(x) of the Gaussian mixture).
+And posthoc_ema.py (30, arith, consts, swap) left 1: the profile fit's relative error (now the sine of the angle between a
+profile and the one snapshot fitting it).
 """
 from __future__ import annotations
 

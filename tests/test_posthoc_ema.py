@@ -15,7 +15,16 @@ from ddpmkit.cli import main
 from ddpmkit.config import load_config
 from ddpmkit.errors import Note
 from ddpmkit.models import load_diffusion
-from ddpmkit.posthoc_ema import POOR_FIT, PowerEMA, gamma_from_sigma_rel, list_snapshots, profile, reconstruct, sigma_rel_from_gamma
+from ddpmkit.posthoc_ema import (
+    POOR_FIT,
+    PowerEMA,
+    gamma_from_sigma_rel,
+    list_snapshots,
+    profile,
+    reconstruct,
+    sigma_rel_from_gamma,
+    solve_coefficients,
+)
 from ddpmkit.train import train
 
 
@@ -177,3 +186,13 @@ def test_folding_in_a_step_is_one_multi_tensor_op_per_average():
         a.zero_()
     fresh.update(model, 3)
     assert torch.equal(fresh.averages[0]["0.weight"], expected.expand_as(model[0].weight))
+
+
+def test_fitting_one_snapshot_is_a_projection_whose_relative_error_is_the_sine_of_the_angle():
+    """The least-squares fit of a profile w by one snapshot's p is the projection x = p.w / p.p, and its relative error
+    |x p - w| / |w| is the sine of the angle between them (what `posthoc-ema` prints as the profile fit error)."""
+    p, w = profile(100, 8.0, 120), profile(120, 5.0, 120)
+    x, error = solve_coefficients([(100, 8.0)], 120, 5.0)
+    cos = p @ w / (np.linalg.norm(p) * np.linalg.norm(w))
+    assert x[0] == pytest.approx(p @ w / (p @ p), rel=1e-9)
+    assert error == pytest.approx(math.sqrt(1 - cos**2), rel=1e-9) and 0.01 < error < 1
