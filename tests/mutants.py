@@ -66,6 +66,8 @@ And likelihood.py (30, arith, consts, swap, against its tests in test_evaluate.p
 the ODE likelihood's bits/dim (nats / ln 2) never checked (now against -log2 p(x) of the Gaussian mixture).
 And posthoc_ema.py (30, arith, consts, swap) left 1: the profile fit's relative error (now the sine of the angle between a
 profile and the one snapshot fitting it).
+And uncertainty.py (20, arith, consts, swap) left 4: the head's Fourier features (c = log-SNR / 8, f c, 2 pi) never written out
+(now, through a one-hot layer; 3), and the buffers' seed (saved with the weights: equivalent).
 """
 from __future__ import annotations
 

@@ -38,6 +38,22 @@ def test_fresh_head_is_zero_so_training_starts_from_the_plain_loss():
     assert torch.equal(u, torch.zeros_like(u))
 
 
+def test_the_heads_features_are_fourier_features_of_log_snr_over_8():
+    """u's features, written out from the docstring's parts: sqrt(2) cos(2 pi (f c + phi)) of c = log-SNR(t) / 8, each read
+    through a one-hot linear layer (the features' frequencies, scale and phases are the head's own buffers)."""
+    head = LevelUncertainty(S, features=4)
+    t = torch.tensor([0.0, 99.5, 500.0, 999.0])
+    ab = S.alpha_bar_at(t).double()
+    c = (ab / (1 - ab)).log() / 8
+    for k in range(4):
+        with torch.no_grad():
+            head.linear.weight.zero_()
+            head.linear.weight[0, k] = 1.0
+        f, phi = head.freqs[k].double(), head.phases[k].double()
+        expected = 2**0.5 * torch.cos(2 * torch.pi * (f * c + phi))
+        torch.testing.assert_close(head(t).double(), expected, atol=2e-5, rtol=0)
+
+
 def test_learned_u_is_the_log_of_the_expected_loss_at_each_level():
     """min_u E[L] exp(-u) + u is at u = ln E[L]: the head, trained on losses whose mean at level t is
     known (a factor of 40 across the chain), must learn that curve."""
