@@ -68,6 +68,8 @@ And posthoc_ema.py (30, arith, consts, swap) left 1: the profile fit's relative 
 profile and the one snapshot fitting it).
 And uncertainty.py (20, arith, consts, swap) left 4: the head's Fourier features (c = log-SNR / 8, f c, 2 pi) never written out
 (now, through a one-hot layer; 3), and the buffers' seed (saved with the weights: equivalent).
+And copies.py (20, all four kinds) left 2: two training images, the fewest the ratio test takes, never given (now, with the
+one-image refusal), and a top-k of 3 where 2 are kept (equivalent).
 """
 from __future__ import annotations
 

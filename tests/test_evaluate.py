@@ -415,3 +415,16 @@ def test_bits_per_dim_of_a_class_conditional_model_are_those_of_its_unconditiona
 
     assert report["metrics"]["bpd_vlb"]["value"] == pytest.approx(bound(m.num_classes), rel=1e-6)  # the null label
     assert abs(bound(3) - bound(m.num_classes)) > 1e-2  # a class's branch is another bound: the test tells them apart
+
+
+def test_the_copy_test_takes_two_training_images_and_refuses_one():
+    """Its ratio needs a nearest and a second-nearest training image: two are enough (read together or one at a time),
+    one is refused in one line."""
+    from ddpmkit.evaluate.copies import nearest_two
+
+    train, x = torch.tensor([[3.0, 4.0], [0.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    for chunk in (4096, 1):
+        d, nearest = nearest_two(x, train, chunk)
+        assert d.tolist() == [[1.0, pytest.approx(18**0.5, rel=1e-12)]] and nearest.tolist() == [1]
+    with pytest.raises(UserError, match="the copy test needs at least 2 training images, got 1"):
+        nearest_two(x, train[:1])
