@@ -588,11 +588,12 @@ class RunLock:
         self.file = f
         tidy_interrupted_writes(run_dir)  # what a killed run left of a checkpoint it was writing, before anyone lists them
 
-    def _lock(self):
+    def _lock(self, tries: int = 10):
         """RUN/.lock, opened and locked. A run that failed before it began unlinks its lock file while it holds it; a
-        process that had opened that file then locks a file no longer on the path, so it opens the path's again."""
+        process that had opened that file then locks a file no longer on the path, so it opens the path's again (a few
+        times at most: a file system whose inode numbers do not hold still keeps the lock it got, as before, not a hang)."""
         path = self.run_dir / ".lock"
-        while True:
+        for attempt in range(tries):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             try:
                 f = open(path, "a+")  # noqa: SIM115 -- held open for the run's length, closed by release()
@@ -606,9 +607,10 @@ class RunLock:
                 f.close()
                 raise TrainingError(f"{self.run_dir} is being trained by another process{f' (pid {pid})' if pid else ''}: let it finish "
                                     "(then continue it with `resume`), or give another train.run_dir") from None
-            if is_path_of(f, path):
+            if is_path_of(f, path) or attempt == tries - 1:
                 return f
             f.close()
+        raise TrainingError(f"cannot create {path}: its folder keeps disappearing")
 
     def release(self) -> None:
         if self.file is None:
