@@ -70,6 +70,11 @@ And uncertainty.py (20, arith, consts, swap) left 4: the head's Fourier features
 (now, through a one-hot layer; 3), and the buffers' seed (saved with the weights: equivalent).
 And copies.py (20, all four kinds) left 2: two training images, the fewest the ratio test takes, never given (now, with the
 one-image refusal), and a top-k of 3 where 2 are kept (equivalent).
+The thirty-third session: the per-sample noise, EDM's churn and the grid search (sampling/noise.py, churn.py, optimize.py; 30,
+all four kinds, against tests/test_samplers.py, test_bounds.py, test_noise.py) left 2: the block drawn ahead swapped with its key,
+so that every block was drawn again on the sampler's thread (the same numbers; now the test counts the draws on the spot), and
+the grid search's x_T moved with .to(dtype, device), which leaves it on the CPU (equivalent there; tests/test_cuda.py's tune-grid
+on a GPU catches it).
 """
 from __future__ import annotations
 

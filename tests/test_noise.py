@@ -58,6 +58,25 @@ def test_drawing_ahead_changes_no_number_even_when_the_shape_changes_midway(monk
     assert all(torch.equal(alone.randn(shape, dtype)[0], z[2]) for (shape, dtype), z in zip(requests, outs[1]))
 
 
+def test_the_block_drawn_ahead_is_the_one_used_while_the_shape_stays(monkeypatch):
+    """Drawing ahead pays only if the sampler takes the block the threads drew: for one shape, every block after the
+    first comes from them, none is drawn again on the sampler's thread (a changed shape, above, draws anew)."""
+    from ddpmkit.sampling import noise as module
+
+    fill, on_the_spot = module._fill, []
+
+    def counted(block, generators, lo, hi, save_states):
+        if not save_states:  # the sampler's own, synchronous draw
+            on_the_spot.append(block.shape)
+        return fill(block, generators, lo, hi, save_states)
+
+    monkeypatch.setattr(module, "_fill", counted)
+    noise = NoiseSource(2, [0, 1], prefetch=True)
+    for _ in range(8):  # blocks of 1, 1, 2, 4 draws
+        noise.randn((1, 4, 4))
+    assert noise._blocks_drawn == 4 and len(on_the_spot) == 1
+
+
 def test_a_block_is_one_call_per_sample(monkeypatch):
     calls, me = [], threading.current_thread()
     randn = torch.randn
