@@ -380,15 +380,19 @@ def test_demo_trains_and_draws_its_grid_autoguided_by_its_kept_checkpoint(tmp_pa
     assert sorted(p.name for p in run_dir.glob("ckpt-*")) == ["ckpt-0000002", "ckpt-0000004", "ckpt-0000006"]  # keep 2 + step 2
     # the grid is guided by the kept early checkpoint: the same digits as `ddpmkit sample` with that autoguidance
     assert f"with ddim_uniform, 3 steps, autoguided by {run_dir / 'ckpt-0000002'} (w = 1.5)" in out and "for 6 steps" in out
+    assert "note: no early checkpoint" not in out
     code, _, err = run(capsys, "sample", str(run_dir), "--n", "2", "--sampler", "ddim_uniform", "--steps", "3", "--autoguide",
                        str(run_dir / "ckpt-0000002"), "--autoguide-scale", "1.5", "--no-gif", "--out", str(tmp_path / "same"))
     assert code == 0, err
     same = [np.asarray(Image.open(d / "grid.png")) for d in (run_dir / "demo_samples", tmp_path / "same")]
     assert np.array_equal(*same)
     # the demo starts its own folder over (here with 2 steps: the 6 steps' checkpoints are gone), but not another run's
-    code, _, err = run(capsys, "demo", "--n", "2", "--steps", "3", "--run-dir", str(run_dir), "train.steps=2", "train.checkpoint_every=2",
-                       "train.keep_steps=[]", "train.sample_every=0", "train.eval_every=0", "train.warmup_steps=1", "--autoguide-scale", "1")
+    # with nothing kept to guide by, the grid is unguided, and the demo says so (w would be taken and unused)
+    code, out, err = run(capsys, "demo", "--n", "2", "--steps", "3", "--run-dir", str(run_dir), "train.steps=2", "train.checkpoint_every=2",
+                         "train.keep_steps=[]", "train.sample_every=0", "train.eval_every=0", "train.warmup_steps=1")
     assert code == 0, err
+    assert (f"note: no early checkpoint of {run_dir} before step 2 to guide by (train.keep_steps = []): the grid is unguided, "
+            "--autoguide-scale 1.5 unused") in out and "autoguided by" not in out
     assert sorted(p.name for p in run_dir.glob("ckpt-*")) == ["ckpt-0000002"]
     other = tmp_path / "other"
     code, _, err = run(capsys, "train", "toy2d", "train.steps=2", f"train.run_dir={other}", "--quiet")

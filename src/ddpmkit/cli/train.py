@@ -66,6 +66,9 @@ def draw_demo(run_dir: Path, keep_steps: tuple[int, ...], n: int, sampler: str, 
     weaker = kept[0] if kept and kept[0].is_dir() and autoguide_scale != 1 else None
     request = GuidanceRequest(autoguide=str(weaker), autoguide_scale=autoguide_scale) if weaker else None
     how = f", autoguided by {weaker} (w = {autoguide_scale:g})" if weaker else ""
+    if autoguide_scale != 1 and not weaker:  # else w would be taken and silently unused (e.g. `demo train.steps=100`)
+        print(f"note: no early checkpoint of {run_dir} before step {m.step} to guide by (train.keep_steps = {list(keep_steps)}): "
+              f"the grid is unguided, --autoguide-scale {autoguide_scale:g} unused")
     print(f"[demo] sampling {n} digits with {sampler}, {steps} steps{how}")
     gen = generate(m, n, request, sampler=sampler, steps=steps, options=sampler_options(sampler), record_every=max(1, steps // 50))
     out = run_dir / "demo_samples"
