@@ -589,7 +589,7 @@ def test_sdxl_folders_sample_as_diffusers_pipeline_does(tiny_sdxl, guidance):
     assert ref.abs().max() > 0.1 and (x - ref).abs().max() < 1e-4 * ref.abs().max()
 
 
-def test_a_9_channel_inpainting_folder_inpaints_as_diffusers_pipeline_does(tiny_inpainting, tmp_path):
+def test_a_9_channel_inpainting_folder_inpaints_as_diffusers_pipeline_does(tiny_inpainting, tmp_path, capsys):
     from ddpmkit.images import make_mask
     from ddpmkit.pipelines.edit import edit_inpaint
 
@@ -616,6 +616,10 @@ def test_a_9_channel_inpainting_folder_inpaints_as_diffusers_pipeline_does(tiny_
     assert main(["inpaint", str(tiny_inpainting), str(tmp_path / "image.png"), "--prompt", PROMPT, "--sampler", "dpmpp_2m", "--steps", "4",
                  "--n", "2", "--mask", "right", "--out", str(tmp_path / "edits")]) == 0
     assert (tmp_path / "edits" / "inpaint.png").is_file()
+    # it fills in one pass a step: RePaint's --resample would be taken and ignored
+    assert main(["inpaint", str(tiny_inpainting), str(tmp_path / "image.png"), "--prompt", PROMPT, "--resample", "3", "--out",
+                 str(tmp_path / "edits")]) == 2
+    assert "resample 3: a 9-channel inpainting UNet sees the mask and fills the image in one pass a step" in capsys.readouterr().err
 
 
 def test_unsupported_unets_say_what_is_supported(tiny_sd, tmp_path):

@@ -206,6 +206,17 @@ def test_editing_commands(tmp_path, capsys):
     assert (tmp_path / "karras" / "img2img.png").read_bytes() != (tmp_path / "uniform" / "img2img.png").read_bytes()
     assert main(["inpaint", str(run), "digits:3", "--sampler", "ddim", "--out", str(out)]) == 2
     assert "RePaint inpaints with Algorithm 2 (ddpm)" in capsys.readouterr().err
+    # of the solver's options RePaint reads --no-clip (the library's clip_x0=False); the others choose a 9-channel
+    # inpainting UNet's sampler and are refused here, not taken and ignored
+    assert main(["inpaint", str(run), "digits:3", "--eta", "0.5", "--grid", "karras", "--out", str(out)]) == 2
+    assert ("RePaint's respaced Algorithm 2 takes no sampler options but clipping (got grid=karras, eta=0.5)"
+            in capsys.readouterr().err)
+    unclipped = edit_inpaint(m, three, left, 3, steps=5, resample=2, options={"clip_x0": False})
+    assert not torch.equal(unclipped, filled)
+    assert main(["inpaint", str(run), "digits:3", "--mask", "left", "--steps", "5", "--resample", "2", "--no-clip", "--n", "3",
+                 "--out", str(tmp_path / "noclip")]) == 0
+    with Image.open(tmp_path / "noclip" / "inpaint.png") as im:
+        assert (np.asarray(im) == make_grid(torch.cat([three, three * left, unclipped]), nrow=5, upscale=2)[..., 0]).all()
     assert main(["inpaint", str(run), "digits:3", "--mask", "middle", "--out", str(out)]) == 2
     assert "--mask must be one of" in capsys.readouterr().err
     for t in ("0", "1000"):  # posterior refused them; interpolate mixed the images at t = 0, and failed past T

@@ -75,7 +75,7 @@ def cmd_img2img(args: argparse.Namespace) -> None:
 def cmd_inpaint(args: argparse.Namespace) -> None:
     m, image = _model_image(args)
     mask = make_mask(args.mask, image.shape)
-    x = edit_inpaint(m, image, mask, args.n, guidance_request(args), args.steps, args.resample, args.seed, args.sampler)
+    x = edit_inpaint(m, image, mask, args.n, guidance_request(args), args.steps, args.resample, args.seed, args.sampler, options_from(args))
     print(f"filled {1 - mask.mean().item():.0%} of the image (the mask's black part; white keeps)")  # a mask drawn inverted shows here
     _strip([image, image * mask, x], Path(args.out) / "inpaint.png", args.n + 2)
 
@@ -173,10 +173,11 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_img2img)
 
     p = sub.add_parser("inpaint", help="RePaint: fill the masked part of an image")
-    common(p, "ddpm", 100, "fillings")
+    common(p, "ddpm", 100, "fillings", solver=True)  # the solver's options: a 9-channel inpainting UNet's sampler (RePaint: --no-clip)
     p.add_argument("image", help=IMAGE_HELP)
     p.add_argument("--mask", default="right", help=f"{', '.join(MASK_HALVES)} (the half to fill) or a PNG (white = keep)")
-    p.add_argument("--resample", type=int, default=5, help="RePaint passes per step (1 = replace the known part only)")
+    p.add_argument("--resample", type=int, default=None,
+                   help="RePaint passes per step (default 5; 1 = replace the known part only); not for a 9-channel inpainting UNet")
     p.set_defaults(func=cmd_inpaint)
 
     p = sub.add_parser("posterior", help="noise an image to x_t once and draw several x_0 ~ p(x_0 | x_t)")

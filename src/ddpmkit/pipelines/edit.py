@@ -44,24 +44,35 @@ def check_partway_grid(grid: str | torch.Tensor | None) -> str | None:
 
 
 def edit_inpaint(m: DiffusionModel, image: torch.Tensor, mask: torch.Tensor, n: int, request: GuidanceRequest | None = None,
-                 steps: int = 100, resample: int = 5, seed: int = 0, sampler: str = "ddpm", options: dict | None = None) -> torch.Tensor:
+                 steps: int = 100, resample: int | None = None, seed: int = 0, sampler: str = "ddpm", options: dict | None = None) -> torch.Tensor:
     """n RePaint completions of one image: (1, C, H, W), mask (1, 1, H, W) with 1 = keep -> (n, C, H, W).
     Latent models inpaint in latent space with the mask area-downsampled to the latents (a latent
-    pixel is kept only where all its pixels are), as Stable Diffusion's legacy inpainting did.
+    pixel is kept only where all its pixels are), as Stable Diffusion's legacy inpainting did. RePaint noises back
+    `resample` times a step (None = 5); of the sampler options it reads clip_x0 alone.
     A 9-channel inpainting UNet (Stable Diffusion inpainting) is instead conditioned on the mask and the
-    masked image, and samples with any `sampler` and its `options` (resample is unused)."""
+    masked image, and samples with any `sampler` and its `options`, one pass a step (resample None or 1)."""
     if tuple(mask.shape[-2:]) != tuple(image.shape[-2:]):
         raise UserError(f"the mask is {tuple(mask.shape[-2:])} pixels, the image {tuple(image.shape[-2:])}")
+    options = dict(options or {})
     if getattr(m, "inpainting", False):
+        if resample not in (None, 1):  # else taken and ignored
+            raise UserError(f"resample {resample}: a 9-channel inpainting UNet sees the mask and fills the image in one pass a step; "
+                            "RePaint's resampling is for other models: leave it out")
         return _inpaint_conditioned(m, image, mask, n, request, sampler, steps, seed, options)
     if sampler != "ddpm":  # RePaint's steps are Algorithm 2's; another sampler was taken and ignored
         raise UserError(f"RePaint inpaints with Algorithm 2 (ddpm), noising back `resample` times a step; sampler {sampler!r} needs a "
                         "9-channel inpainting UNet (a Stable Diffusion inpainting folder): leave the sampler out")
+    clip_x0 = options.pop("clip_x0", True)
+    unread = {k: v for k, v in options.items() if (k, v) != ("variance", "auto")}  # RePaint's variance is the model's own
+    if unread:
+        got = ", ".join(f"{k}={v}" for k, v in unread.items())
+        raise UserError(f"RePaint's respaced Algorithm 2 takes no sampler options but clipping (got {got}); "
+                        "they choose a 9-channel inpainting UNet's sampler: leave them out")
     model, kwargs, _ = guided_model(m, n, request, "ddpm")
     z, mask = m.encode(image), mask.to(m.device)
     keep = mask if m.autoencoder is None else latent_mask(mask, tuple(z.shape[-2:]))
-    x = inpaint(model, z.expand(n, *z.shape[1:]), keep, steps=steps, resample=resample, generator=seed,
-                clip_x0=m.bounded_x0, model_kwargs=kwargs)
+    x = inpaint(model, z.expand(n, *z.shape[1:]), keep, steps=steps, resample=5 if resample is None else resample, generator=seed,
+                clip_x0=m.bounded_x0 and clip_x0, model_kwargs=kwargs)
     return m.decode(x)
 
 
