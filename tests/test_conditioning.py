@@ -302,6 +302,31 @@ def test_noisy_classifier_and_classifier_guidance_from_the_command_line(tmp_path
     assert code == 2 and "sees x_t of shape (1, 8, 8); the model's x_t has shape (1, 4, 4)" in capsys.readouterr().err
 
 
+def test_without_classes_every_class_of_the_model_or_of_its_classifier_comes_in_turn(tmp_path, capsys):
+    """Three classes (an .npz's): a class-conditional model's samples, and an unconditional model's guided by a
+    three-class classifier, take 0, 1, 2, 0, ... from the first sample on, in chunks as in one batch (the classifier's
+    default was 0..9, which failed past its third class: "`classes` must lie in 0..2")."""
+    from ddpmkit.pipelines.guided import GuidanceRequest, guided_model
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "three.npz", x=rng.integers(0, 256, (24, 8, 8), dtype=np.uint8), y=np.arange(24) % 3)
+    data = ["data.name=npz", f"data.path={tmp_path / 'three.npz'}", "network.num_classes=3", *TINY_DIGITS[1:]]
+    runs = {}
+    for name, preset, extra in (("clf", "mnist_classifier", []), ("cond", "mnist", []), ("uncond", "mnist", ["network.num_classes=0"])):
+        runs[name] = train(load_config(PRESET_DIR / f"{preset}.toml", [*data, *extra, "train.steps=1", f"train.run_dir={tmp_path / name}"]),
+                           progress=False)
+    cond, uncond = load_diffusion(runs["cond"]), load_diffusion(runs["uncond"])
+    _, kwargs, _ = guided_model(cond, 5, GuidanceRequest(scale=1.0))
+    assert kwargs["y"].tolist() == [0, 1, 2, 0, 1]
+    _, kwargs, _ = guided_model(cond, 3, GuidanceRequest(scale=1.0).slice(4, 3))  # samples 4..6 of a longer run
+    assert kwargs["y"].tolist() == [1, 2, 0]
+    _, kwargs, _ = guided_model(uncond, 4, GuidanceRequest(classifier=str(runs["clf"])).slice(2, 4), sampler="ddim")
+    assert kwargs["y"].tolist() == [2, 0, 1, 2]
+    code = main(["sample", str(runs["uncond"]), "--n", "5", "--batch-size", "2", "--steps", "2", "--sampler", "ddim", "--classifier",
+                 str(runs["clf"]), "--no-gif", "--out", str(tmp_path / "guided")])
+    assert code == 0, capsys.readouterr().err
+
+
 def test_the_guidance_door_means_what_it_says_for_every_scale(tiny_text_run):
     """Scale 0 is the unconditional branch alone (the raw network on the empty prompt), 1 the
     conditional model alone, s the CFG mix eps_u + s (eps_c - eps_u); precomputed conditions

@@ -214,7 +214,9 @@ def test_a_slice_of_a_request_cycles_its_classes_and_prompts_as_the_whole_batch_
     request = GuidanceRequest(classes=[0, 1, 2], prompts=["a", "b"], conditions={"c": torch.arange(10)})
     part = request.slice(5, 4)
     assert part.classes == [2, 0, 1, 2] and part.prompts == ["b", "a", "b", "a"] and part.conditions["c"].tolist() == [5, 6, 7, 8]
-    assert GuidanceRequest().slice(5, 3, num_classes=4).classes == [1, 2, 3]  # a class model's default: 0, 1, 2, ... in turn
+    # without classes, the default 0, 1, 2, ... in turn starts at the slice's first sample (guided_model knows how many
+    # classes there are: test_conditioning's three-class test)
+    assert GuidanceRequest().slice(5, 3).classes == [] and GuidanceRequest().slice(5, 3).slice(2, 1).class_offset == 7
 
 
 def test_only_pixel_models_clip_their_x0_prediction(tmp_path):

@@ -125,7 +125,7 @@ def generate(m: DiffusionModel, n: int, request: GuidanceRequest | None = None, 
 
     def draw(start: int, b: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], int]:
         try:
-            model, kwargs, extra = guided_model(m, b, request.slice(start, b, m.num_classes), sampler, device)
+            model, kwargs, extra = guided_model(m, b, request.slice(start, b), sampler, device)
             shown = max(0, min(b, GIF_SAMPLES - start))  # of this chunk's samples, those the GIFs show
             res = sample(model, (b, *m.data_shape), sampler=sampler, steps=steps, generator=seeds[start:start + b],
                          record_every=record_every if shown else 0, progress=progress and streams == 1, model_kwargs=kwargs,

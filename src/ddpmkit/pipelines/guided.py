@@ -42,6 +42,7 @@ class GuidanceRequest:
     # per-sample model inputs that are not guided, one row per sample, given to both branches of
     # classifier-free guidance: a super-resolution stage's low_res and aug_level
     extra: dict[str, torch.Tensor] | None = None
+    class_offset: int = 0  # without `classes`, the first sample's class: k, k+1, ... (slice() of a longer run)
 
     def __post_init__(self) -> None:
         # NaN or inf would sample silently: every sample would be NaN (or the scale ignored)
@@ -65,19 +66,17 @@ class GuidanceRequest:
         weaker one at w = 1), for counting network evaluations."""
         return 2 if self.autoguide and self.autoguide_scale != 1 else 1
 
-    def slice(self, start: int, n: int, num_classes: int = 0) -> GuidanceRequest:
+    def slice(self, start: int, n: int) -> GuidanceRequest:
         """The request for samples start .. start+n-1 of a longer run, so that batches cycle the
-        classes and prompts as one big batch would. num_classes: the model's (0 = unconditional)."""
+        classes and prompts as one big batch would (the default classes 0, 1, 2, ... too: guided_model knows how many)."""
         def from_start(values: list) -> list:
             return [values[(start + i) % len(values)] for i in range(n)] if values else []
 
-        classes = self.classes
-        if not classes and (num_classes > 0 or self.classifier):
-            classes = list(range(num_classes or 10))  # the default: 0, 1, 2, ... in turn
         def rows(values: dict | None) -> dict | None:
             return None if values is None else {k: v[start:start + n] for k, v in values.items()}
 
-        return replace(self, classes=from_start(classes), prompts=from_start(self.prompts), conditions=rows(self.conditions), extra=rows(self.extra))
+        return replace(self, classes=from_start(self.classes), prompts=from_start(self.prompts), conditions=rows(self.conditions),
+                       extra=rows(self.extra), class_offset=self.class_offset + start)
 
     def describe(self) -> str:
         parts = []
@@ -175,8 +174,12 @@ def guided_model(m: DiffusionModel, n: int, request: GuidanceRequest | None = No
                         + ("this unconditional model does not use" if m.conditioning == "none" else f"scale {scale:g} does not use")
                         + ": leave it out" + ("" if m.conditioning == "none" else ", or give a guidance scale other than 0 and 1"))
     clf = load_classifier(request.classifier, device=device) if request.classifier else None
-    named = clf if clf is not None and m.conditioning != "class" else m  # whose classes the names are
-    labels = torch.tensor(cycle(class_numbers(named, request.classes) or list(range(max(m.num_classes, 10))), n), device=device)
+    named = clf if clf is not None and m.conditioning != "class" else m  # whose classes the names (and the default ones) are
+    classes = class_numbers(named, request.classes)
+    if not classes:  # the default: every class in turn, the classifier's where it guides an unconditional model
+        count = max(1, clf.config.network.num_classes if named is clf else m.num_classes)
+        classes = [(request.class_offset + i) % count for i in range(n)]
+    labels = torch.tensor(cycle(classes, n), device=device)
     model: Denoiser = m.denoiser
     kwargs: dict = {}
     options: dict = {}
