@@ -21,8 +21,8 @@ from ..sampling.options import sampler_options
 
 def add_guidance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--class", dest="class_", default=None,
-                   help="class label(s) for conditional models or classifier guidance, e.g. 7 or 0,1,2 (cycled); an image folder's "
-                        "classes are its subfolders, by name (--class cat,dog) or numbered in sorted order")
+                   help="class label(s) for conditional models or classifier guidance, e.g. 7 or 0,1,2 (cycled; default: every class in "
+                        "turn); an image folder's classes are its subfolders, by name (--class cat,dog) or numbered in sorted order")
     p.add_argument("--prompt", action="append", default=None, help="prompt for a text-conditional model (repeat for several, cycled)")
     p.add_argument("--guidance", type=float, default=None,
                    help=f"classifier-free guidance scale s (0 = unconditional, 1 = conditional; default {DEFAULT_SCALE:g}, or 0 with --classifier)")
