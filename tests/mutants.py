@@ -75,6 +75,12 @@ all four kinds, against tests/test_samplers.py, test_bounds.py, test_noise.py) l
 so that every block was drawn again on the sampler's thread (the same numbers; now the test counts the draws on the spot), and
 the grid search's x_T moved with .to(dtype, device), which leaves it on the CPU (equivalent there; tests/test_cuda.py's tune-grid
 on a GPU catches it).
+And the guidance door and the voyage (pipelines/guided.py, voyage.py; 30, all four kinds, against test_conditioning.py,
+test_guidance.py, test_bounds.py, test_generate.py, test_editing.py) left 6: the default classes 0..9 (`10 -> 11`, and `> 0 ->
+> 1` in slice()'s guess of a count) hid a bug: a model or classifier of other than 10 classes got 0..9 (now every class of the
+model, or of the classifier guiding an unconditional one, in turn from the slice's first sample; tested with three classes),
+a keyframe file's line number in its error (now tested), CLIP guidance's argument order (2, caught by tests/test_unclip.py's
+command-line test, checked by hand) and the first frame's condition keys (those of every frame: equivalent).
 """
 from __future__ import annotations
 

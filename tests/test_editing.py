@@ -141,7 +141,8 @@ def test_keyframe_files(tmp_path):
     lines.write_text("3 a caf\u00e9\n7 a seven\n", encoding="cp1252")
     with pytest.raises(UserError, match=r"seq.txt is not UTF-8 text \(byte 0xe9 at 7\); save it as UTF-8"):
         read_keyframes(lines)
-    for bad, message in (("[3, 'a', 'b']", "alternate"), ("[(3, 'a'), ('b', 4)]", "alternate"), ("3 a\nx b\n", "SEED PROMPT"),
+    for bad, message in (("[3, 'a', 'b']", "alternate"), ("[(3, 'a'), ('b', 4)]", "alternate"),
+                         ("3 a\nx b\n", r"bad.txt:2: expected 'SEED PROMPT', got 'x b'"),
                          ("3 only one\n", "at least 2")):
         (tmp_path / "bad.txt").write_text(bad)
         with pytest.raises(ValueError, match=message):
