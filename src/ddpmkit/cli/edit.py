@@ -172,7 +172,7 @@ def add_commands(sub) -> None:
     p.add_argument("--strength", type=float, default=0.5, help="0 = keep the image, 1 = ignore it")
     p.set_defaults(func=cmd_img2img)
 
-    p = sub.add_parser("inpaint", help="RePaint: fill the masked part of an image")
+    p = sub.add_parser("inpaint", help="fill the masked part of an image: RePaint, or a 9-channel inpainting UNet (Stable Diffusion inpainting)")
     common(p, "ddpm", 100, "fillings", solver=True)  # the solver's options: a 9-channel inpainting UNet's sampler (RePaint: --no-clip)
     p.add_argument("image", help=IMAGE_HELP)
     p.add_argument("--mask", default="right", help=f"{', '.join(MASK_HALVES)} (the half to fill) or a PNG (white = keep)")
