@@ -81,6 +81,11 @@ test_guidance.py, test_bounds.py, test_generate.py, test_editing.py) left 6: the
 model, or of the classifier guiding an unconditional one, in turn from the slice's first sample; tested with three classes),
 a keyframe file's line number in its error (now tested), CLIP guidance's argument order (2, caught by tests/test_unclip.py's
 command-line test, checked by hand) and the first frame's condition keys (those of every frame: equivalent).
+And super-resolution and the distillation tasks (superres.py, train/superres.py, train/progressive.py; 30, all four kinds, against
+test_distillation.py and test_superres.py) left 6: consistency training's first interval t_0 < t_1 never drawn (`randint(1, ..)`:
+now the intervals are counted), the augmentation noise's seed k + AUG_SEED_OFFSET never written out (now, with a check that no
+two of a 4-stage cascade's streams meet below 10**8 samples), and 4 equivalent (a blur draw's `<` at a probability of 0 or 1,
+sigma's clamp under a zero-sigma delta kernel, `> 0` there, the preview's square side; its triples are now checked too).
 """
 from __future__ import annotations
 

@@ -189,6 +189,20 @@ def test_a_student_takes_at_most_half_of_t_steps_and_trains_on_every_grid_point(
     j = grid_points(5, 10_000, torch.Generator().manual_seed(0))
     counts = torch.bincount(j, minlength=7)  # 1..5, each about 2,000 times
     assert counts[0] == counts[6] == 0 and (counts[1:6] > 1900).all(), counts
+    # a consistency step's intervals t_n < t_{n+1}: every one of the N - 1 between N grid points, the first too
+    import ddpmkit.train.progressive as progressive
+    from ddpmkit.train.batches import step_batch
+
+    drawn = []
+    task = ConsistencyTask(load_config(config, ["train.task=consistency", f"distill.teacher={toy_teacher}", "distill.points=4",
+                                                 f"train.run_dir={tmp_path / 'cd'}"]))
+    task.denoiser = task.teacher_on = lambda _: None  # the draws alone: no network runs
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(progressive, "consistency_loss", lambda student, target, teacher, x0, n, N, noise, **_: drawn.append(n))
+        for step in range(20):
+            task.loss(None, step_batch(0, step, 64, len(task.dataset), torch.device("cpu")))
+    counts = torch.bincount(torch.cat(drawn), minlength=4)  # intervals 0, 1, 2 of 4 points, each about 427 times
+    assert counts[3] == 0 and (counts[:3] > 350).all(), counts
 
 
 def test_a_progressive_run_resumes_exactly(toy_teacher, tmp_path):

@@ -71,6 +71,16 @@ def test_stage_inputs_do_not_depend_on_the_batch():
     part = stage_inputs(z[2:], 0.2, schedule, [12, 13])
     torch.testing.assert_close(whole["low_res"][2:], part["low_res"])
     assert torch.equal(stage_inputs(z, 0.0, schedule, [0, 1, 2, 3])["low_res"], z)
+    # sample k's augmentation noise is its own stream, seed k + AUG_SEED_OFFSET (torch keeps a seed mod 2**32): in a
+    # cascade of up to 4 stages, stage i samples from k + i STAGE_SEED_OFFSET and augments from that + AUG_SEED_OFFSET,
+    # and no two of these streams meet in a run of fewer than 10**8 samples
+    from ddpmkit.pipelines.cascade import STAGE_SEED_OFFSET
+    from ddpmkit.superres import AUG_SEED_OFFSET
+
+    xi = torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(AUG_SEED_OFFSET + 12))
+    torch.testing.assert_close(part["low_res"][0], augment(z[2:3], torch.tensor([0.2], dtype=torch.float64), schedule, xi[None])[0])
+    starts = [i * STAGE_SEED_OFFSET % 2**32 for i in range(4)] + [(i * STAGE_SEED_OFFSET + AUG_SEED_OFFSET) % 2**32 for i in range(1, 4)]
+    assert min((a - b) % 2**32 for a in starts for b in starts if a != b) >= 10**8
 
 
 def _gaussian_super_res() -> GaussianSuperRes:
@@ -271,6 +281,12 @@ def test_a_super_resolution_run_trains_previews_and_loads(tiny_cascade):
     m = ddpmkit.load(sr)
     assert m.is_super_resolution and m.low_res_shape == (1, 4, 4) and m.data_shape == (1, 8, 8) and m.conditioning == "class"
     assert (sr / "samples" / "step-0000003.png").is_file()  # (low-res | super-resolved | original) triples
+    # a triple a held-out image: its low-res input (nearest-upsampled), the stage's sample, the image itself
+    task = SuperResTask(m.config)
+    rows = task.preview(m.network, sr / "preview.png")
+    x = task.held_out[:len(rows) // 3]
+    assert len(x) >= 2 and torch.equal(rows[2::3], x) and torch.equal(rows[0::3], upsample(downsample(x, 4), 8, "nearest"))
+    assert not torch.equal(rows[1::3], x) and rows[1::3].abs().max() <= 1
     log = [json.loads(line) for line in (sr / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["done"] and log[-1]["elapsed_s"] > 0
 
