@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from ddpmkit.errors import UserError
-from ddpmkit.graphs import CudaGraphed, TrainingGraphs, capture_training, signature
+from ddpmkit.graphs import Captured, CudaGraphed, TrainingGraphs, capture_training, signature
 from ddpmkit.models import compile_for_sampling
 
 
@@ -38,6 +39,51 @@ def test_calls_a_gpu_cannot_capture_run_as_they_are():
     out = graphed(x.requires_grad_())
     out.sum().backward()
     assert x.grad is not None
+
+
+class Recomputed(Captured):
+    """Captured on the CPU: recording runs the network on the captured inputs, and a replay runs it again into the
+    recorded outputs, as a graph's replay writes into its own; the CUDA parts alone are stood in for."""
+    made: list = []
+
+    def record(self, net):
+        self.net = net
+        Recomputed.made.append(self)
+        return net(*self.inputs[0], **self.inputs[1])
+
+    def replay(self):
+        fresh = tree_flatten(self.net(*self.inputs[0], **self.inputs[1]))[0]
+        for out, new in zip(tree_flatten(self.outputs)[0], fresh):
+            out.copy_(new)
+
+
+def test_sampling_calls_are_captured_after_the_warmup_per_signature_and_replayed_with_each_calls_tensors():
+    """The dispatch and the replay's inputs and outputs on the CPU (tests/test_cuda.py: the graphs on a GPU): a
+    signature runs eagerly `warmup` times, is captured at the next call, and each replay sees that call's tensors,
+    positional and keyword, and returns its own copy of the outputs (the next replay overwrites the graph's)."""
+    torch.manual_seed(0)
+    net, Recomputed.made = Net(), []
+    graphed = CudaGraphed(net, capture=Recomputed, device_type="cpu")
+    calls = [(torch.randn(4, 3), torch.rand(4), torch.randint(0, 4, (4,))) for _ in range(6)]
+    outs = []
+    with torch.no_grad():
+        for k, (x, t, y) in enumerate(calls):
+            outs.append(graphed(x, t, y=y, scale=2.0))
+            assert len(Recomputed.made) == (k >= 2), k  # two eager calls, then one capture for the rest
+        assert all(torch.equal(out, net(x, t, y=y, scale=2.0)) for out, (x, t, y) in zip(outs, calls))  # nothing overwritten
+        assert [len(c.static) for c in Recomputed.made] == [3] and list(graphed.calls.values()) == [3]
+        graphed(calls[0][0], calls[0][1], y=calls[0][2], scale=3.0)  # another value of a non-tensor argument: its own warm-up
+        assert len(Recomputed.made) == 1 and len(graphed.calls) == 2
+
+    class Failing(Recomputed):
+        def record(self, net):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    failing = CudaGraphed(net, capture=Failing, device_type="cpu")
+    x, t, y = calls[0]
+    with torch.no_grad(), pytest.warns(UserWarning, match="could not capture the network as a CUDA graph, running it eagerly"):
+        assert all(torch.equal(failing(x, t, y=y), net(x, t, y=y)) for _ in range(5))
+    assert list(failing.graphs.values()) == [None]
 
 
 # ---- training (train.compile = "cuda-graph"): the dispatch, on the CPU with a stand-in for the capture

@@ -47,11 +47,16 @@ def signature_of(leaves: list, spec: Any) -> tuple:
 
 
 class Captured:
-    """One signature's graph: its input tensors, the graph, and its output tensors."""
+    """One signature's graph: its input tensors, the graph, and its output tensors. A call copies its tensors into the
+    inputs, replays, and returns copies of the outputs (record and replay are the CUDA parts; the CPU tests stand in)."""
 
     def __init__(self, net: nn.Module, args: tuple, kwargs: dict):
         self.inputs = tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, (args, kwargs))
         self.static = [x for x in tree_flatten(self.inputs)[0] if isinstance(x, torch.Tensor)]  # where each call's tensors go
+        self.outputs = self.record(net)
+
+    def record(self, net: nn.Module) -> Any:
+        """Capture net's call on the inputs as self.graph; the outputs it writes to on each replay."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up off the main stream, as PyTorch's CUDA-graph notes advise
@@ -62,28 +67,32 @@ class Captured:
         # thread_local: other threads (the noise workers, a web server's requests) may go on meanwhile; the default
         # "global" mode would count their CUDA calls against this capture
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.outputs = net(*self.inputs[0], **self.inputs[1])
+            return net(*self.inputs[0], **self.inputs[1])
+
+    def replay(self) -> None:
+        self.graph.replay()
 
     def __call__(self, tensors: list[torch.Tensor]) -> Any:
         for static, x in zip(self.static, tensors):
             static.copy_(x)
-        self.graph.replay()
+        self.replay()
         return tree_map(lambda y: y.clone() if isinstance(y, torch.Tensor) else y, self.outputs)
 
 
 class CudaGraphed(nn.Module):
-    """net whose no-grad calls on a GPU are captured once per signature and replayed (module docstring)."""
+    """net whose no-grad calls on a GPU are captured once per signature and replayed (module docstring). `capture`
+    and `device_type` are Captured and "cuda"; the CPU tests pass a stand-in and "cpu"."""
 
-    def __init__(self, net: nn.Module, warmup: int = 2):
+    def __init__(self, net: nn.Module, warmup: int = 2, capture: type[Captured] = Captured, device_type: str = "cuda"):
         super().__init__()
-        self.net, self.warmup = net, warmup
+        self.net, self.warmup, self.capture, self.device_type = net, warmup, capture, device_type
         self.graphs: dict[tuple, Captured | None] = {}  # None: the capture failed, eager from then on
         self.calls: Counter = Counter()
 
     def forward(self, *args, **kwargs) -> Any:
         leaves, spec = tree_flatten((args, kwargs))
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
-        if torch.is_grad_enabled() or not all_on(tensors):
+        if torch.is_grad_enabled() or not all_on(tensors, self.device_type):
             return self.net(*args, **kwargs)
         key = signature_of(leaves, spec)
         if key not in self.graphs:
@@ -91,7 +100,7 @@ class CudaGraphed(nn.Module):
             if self.calls[key] <= self.warmup:  # eager first: lazy initialisation, cuDNN's choice of algorithms
                 return self.net(*args, **kwargs)
             try:
-                self.graphs[key] = Captured(self.net, args, kwargs)
+                self.graphs[key] = self.capture(self.net, args, kwargs)
             except RuntimeError as e:  # an op that cannot be captured (a host read, a copy from the CPU)
                 warnings.warn(f"ddpmkit: could not capture the network as a CUDA graph, running it eagerly: {e}", stacklevel=2)
                 self.graphs[key] = None
