@@ -86,6 +86,10 @@ test_distillation.py and test_superres.py) left 6: consistency training's first 
 now the intervals are counted), the augmentation noise's seed k + AUG_SEED_OFFSET never written out (now, with a check that no
 two of a 4-stage cascade's streams meet below 10**8 samples), and 4 equivalent (a blur draw's `<` at a probability of 0 or 1,
 sigma's clamp under a zero-sigma delta kernel, `> 0` there, the preview's square side; its triples are now checked too).
+And graphs.py, the CUDA graphs (30, all four kinds, against tests/test_graphs.py) left 13: no CPU test could run the sampling
+path (CudaGraphed captured with CUDA alone), so its warm-up count, signature, inputs and outputs went unchecked. Captured's
+record and replay are now its only CUDA parts and CudaGraphed takes a stand-in, as TrainingGraphs did; the same draw of 30
+again left 3: the capture's own call (2, run on a GPU by tests/test_cuda.py) and a warning's stacklevel.
 """
 from __future__ import annotations
 
