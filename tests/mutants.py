@@ -90,6 +90,12 @@ And graphs.py, the CUDA graphs (30, all four kinds, against tests/test_graphs.py
 path (CudaGraphed captured with CUDA alone), so its warm-up count, signature, inputs and outputs went unchecked. Captured's
 record and replay are now its only CUDA parts and CudaGraphed takes a stand-in, as TrainingGraphs did; the same draw of 30
 again left 3: the capture's own call (2, run on a GPU by tests/test_cuda.py) and a warning's stacklevel.
+And images.py, train/batches.py and evaluate/judge.py (30, all four kinds, against test_data.py, test_editing.py,
+test_host_waits.py, test_evaluate.py and the batch-index test) left 12: the noisy classifier's accuracy by t (its accuracy_tN
+metrics) never written out (4: now, x_t and t as the network sees them, against a recording classifier), the mask halves'
+exact rows (2: now all four), fit_image's downsampling (now against block means), a built-in image's name split at its first
+colon (now `mnist5k:1:2` is a clear error, not a traceback), step_batch's default slice (now caught by the consistency
+intervals' count in test_distillation.py), and 3 equivalent (an extra empty epoch, a square image's side, a stacklevel).
 """
 from __future__ import annotations
 

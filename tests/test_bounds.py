@@ -263,6 +263,8 @@ def test_a_models_classes_levels_and_images_at_their_ends(web_runs):
     assert load_image("mnist5k:4999").shape == (1, 1, 28, 28)
     with pytest.raises(UserError, match=r"mnist5k:5000: the index must be a number in 0..4999"):
         load_image("mnist5k:5000")
+    with pytest.raises(UserError, match=r"mnist5k:1:2: the index must be a number in 0..4999"):  # one colon is the name's
+        load_image("mnist5k:1:2")
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(downsample(x, 8), x) and downsample(x, 1).shape == (2, 3, 1, 1)
     for size in (0, 9):

@@ -214,6 +214,9 @@ def test_a_built_in_example_takes_the_size_and_channels_asked_for_as_a_file_does
     # RGB to grey is the mean of the channels
     colours = torch.rand(1, 3, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
     assert torch.equal(fit_image(colours, (1, 28, 28)), colours.mean(1, keepdim=True))
+    # a bigger image is area-downsampled: each pixel the mean of the block it covers
+    small = fit_image(colours, (3, 7, 7))
+    assert torch.allclose(small, colours.reshape(1, 3, 7, 4, 7, 4).mean((3, 5)), atol=1e-6)
 
 
 def test_an_npz_names_its_labels_for_class_conditional_runs(tmp_path, capsys):

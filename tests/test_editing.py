@@ -127,6 +127,16 @@ def test_image_interpolation_decodes_the_mixture_of_both_images_noised_alike_and
     assert torch.allclose(mixed["context"], torch.tensor([[[1.5, 1.0], [1.0, 2.0]]])) and mixed["context_mask"].tolist() == [[True, True]]
 
 
+def test_a_masks_half_is_exactly_the_half_it_names_filled():
+    """0 = fill: `left` fills columns 0..W//2-1 and keeps the rest, and so on (an odd side's middle line is in the second half)."""
+    from ddpmkit.images import make_mask
+
+    H, W = 5, 4
+    rows, cols = torch.arange(H)[:, None].expand(H, W), torch.arange(W)[None].expand(H, W)
+    for spec, filled in (("left", cols < W // 2), ("right", cols >= W // 2), ("top", rows < H // 2), ("bottom", rows >= H // 2)):
+        assert torch.equal(make_mask(spec, (1, 3, H, W))[0, 0], (~filled).float()), spec
+
+
 def test_keyframe_files(tmp_path):
     lecture = tmp_path / "seq.py"
     lecture.write_text("seed_and_prompt_sequence = [  \n  3764, 'in the beginning there was nothing',  \n  1537, 'the big bang',\n]\n")

@@ -263,6 +263,38 @@ def test_uniform_data_is_exactly_8_bits_per_dim():
     assert dequantized_bits_per_dim(torch.tensor([np.log(2.0)])).item() == pytest.approx(8.0, abs=1e-9)
 
 
+def test_a_noisy_classifiers_accuracy_by_t_is_measured_on_x_t_drawn_by_the_forward_process():
+    """accuracy_by_t (the classifier run's accuracy_tN metrics): at each t, x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) z
+    with z drawn from `seed` in the order of the timesteps, given to the network with t; the share it labels right."""
+    from ddpmkit.evaluate.judge import accuracy_by_t
+    from ddpmkit.schedules import NoiseSchedule
+
+    schedule = NoiseSchedule.from_name("linear", 1000)
+    x0, labels = torch.rand(6, 1, 2, 2) * 2 - 1, torch.tensor([0, 1, 0, 1, 0, 1])
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        """Labels x_t by the sign of its first pixel until t = 500, and every x_t 0 after."""
+
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, t):
+            seen.append((x, t))
+            by_sign = (x[:, 0, 0, 0] > 0).long()
+            return torch.nn.functional.one_hot(torch.where(t < 500, by_sign, 0), 2).float()
+
+    x0[:, 0, 0, 0] = torch.tensor([-0.9, 0.9, -0.8, 0.7, 0.6, -0.5])  # the last two are labelled against their sign
+    got = accuracy_by_t(Recorder(), x0, labels, schedule, timesteps=(0, 900), seed=4)
+    g = torch.Generator().manual_seed(4)
+    for (x, t), step in zip(seen, (0, 900)):
+        ab = schedule.alpha_bar[step].float()
+        torch.testing.assert_close(x, ab.sqrt() * x0 + (1 - ab).sqrt() * torch.randn(x0.shape, generator=g))
+        assert torch.equal(t, torch.full((6,), float(step)))
+    assert got == {0: pytest.approx(4 / 6), 900: pytest.approx(3 / 6)}
+
+
 def test_the_judge_trains_through_the_engine_into_the_cache_folder_once(tmp_path, monkeypatch, capsys):
     from ddpmkit.evaluate.cached_judge import judge_dir, load_judge
     from ddpmkit.evaluate.judge import judge
