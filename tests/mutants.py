@@ -96,6 +96,10 @@ metrics) never written out (4: now, x_t and t as the network sees them, against 
 exact rows (2: now all four), fit_image's downsampling (now against block means), a built-in image's name split at its first
 colon (now `mnist5k:1:2` is a clear error, not a traceback), step_batch's default slice (now caught by the consistency
 intervals' count in test_distillation.py), and 3 equivalent (an extra empty epoch, a square image's side, a stacklevel).
+And the exact references (analytic.py, process.py, reverse.py; 30, all four kinds, against test_analytic.py, test_process.py,
+test_reverse.py, test_sampling_exact.py, test_losses.py) left 2: the ring's angles (the 8gaussians toy's modes; now written
+out, which also found its stds and gaussian()'s kept as float32, 0.1 as 0.10000000149: now float64) and a lone component's
+weight (normalised: equivalent).
 """
 from __future__ import annotations
 

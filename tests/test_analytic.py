@@ -29,6 +29,14 @@ def points(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     return 2 * torch.randn(n, 2, generator=g, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64) * 0.98 + 0.01
 
 
+def test_the_ring_puts_n_equal_gaussians_at_equal_angles_from_0():
+    """The "8 Gaussians" toy (data 8gaussians): component k at radius (cos 2 pi k / n, sin 2 pi k / n)."""
+    ring = GaussianMixture.ring(4, radius=2.0, std=0.3)
+    expected = torch.tensor([[2.0, 0.0], [0.0, 2.0], [-2.0, 0.0], [0.0, -2.0]], dtype=torch.float64)
+    assert torch.allclose(ring.means, expected, atol=1e-12) and ring.stds.tolist() == [0.3] * 4
+    assert torch.allclose(ring.weights / ring.weights.sum(), torch.full((4,), 0.25, dtype=ring.weights.dtype))
+
+
 def test_the_noisy_mixtures_density_and_responsibilities_are_torch_distributions():
     x, ab = points()
     q = reference(ab)

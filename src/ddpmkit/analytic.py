@@ -42,14 +42,15 @@ class GaussianMixture:
 
     @classmethod
     def gaussian(cls, mean: torch.Tensor, std: float) -> GaussianMixture:
-        return cls(torch.as_tensor(mean, dtype=torch.float64)[None], torch.tensor([std]), torch.tensor([1.0]))
+        return cls(torch.as_tensor(mean, dtype=torch.float64)[None], torch.tensor([std], dtype=torch.float64), torch.tensor([1.0]))
 
     @classmethod
     def ring(cls, n: int = 8, radius: float = 2.0, std: float = 0.1, weights: torch.Tensor | None = None) -> GaussianMixture:
         """n equal Gaussians on a circle (the "8 Gaussians" toy when n = 8)."""
         angles = torch.arange(n, dtype=torch.float64) * 2 * math.pi / n
         means = radius * torch.stack([angles.cos(), angles.sin()], dim=1)
-        return cls(means, torch.full((n,), std), torch.ones(n) if weights is None else weights)
+        # float64 stds: a float32 0.1 is 0.10000000149, an error every exact test downstream would inherit
+        return cls(means, torch.full((n,), std, dtype=torch.float64), torch.ones(n) if weights is None else weights)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """n samples (n, D) float64 and their component labels (n,)."""
