@@ -445,3 +445,23 @@ def test_a_tuned_grid_file_sets_the_steps_and_names_its_sampler(tmp_path):
             assert options_from(args("--sampler", "unipc", *more))["grid"].tolist() == [999.0, 442.5, 44.8, 0.0]
     with pytest.warns(Note, match=r"grid.json was tuned for unipc, not ddim: another sampler's best grid may lie elsewhere"):
         options_from(args("--sampler", "ddim"))
+
+
+def test_a_commands_own_default_steps_yield_to_a_grid_file(tmp_path):
+    """inpaint (100 steps), interpolate (50) and voyage (20) have steps of their own: beside a grid file of 4 they
+    ended in "--grid F holds 4 steps, --steps says 100" though the user gave no --steps. The grid now sets them; a
+    --steps the user gave of another count is still refused, and without a grid file the default stands."""
+    from ddpmkit.cli import build_parser
+    from ddpmkit.cli.common import options_from
+
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"sampler": "ddim", "steps": 4, "timesteps": [999.0, 442.5, 44.8, 0.0]}))
+    for argv, default in ((["inpaint", "RUN", "IMG", "--sampler", "ddim"], 100), (["interpolate", "RUN", "--sampler", "ddim"], 50),
+                          (["voyage", "KEYS", "--model", "RUN"], 20)):
+        args = build_parser().parse_args([*argv, "--grid", str(grid)])
+        assert args.steps == default and options_from(args)["grid"].tolist() == [999.0, 442.5, 44.8, 0.0] and args.steps == 4, argv
+        args = build_parser().parse_args([*argv, "--grid", "karras"])
+        options_from(args)
+        assert args.steps == default, argv
+        with pytest.raises(UserError, match=rf"grid.json holds 4 steps, --steps says {default}: leave --steps out"):
+            options_from(build_parser().parse_args([*argv, "--grid", str(grid), "--steps", str(default)]))

@@ -151,14 +151,18 @@ def load_model(args: argparse.Namespace):
     return load_diffusion(path, device=args.device, dtype=args.dtype, loras=args.lora)
 
 
+class DefaultSteps(int):
+    """A command's own --steps, which the user did not give: a grid file's count takes its place (options_from)."""
+
+
 def add_sampler_args(p: argparse.ArgumentParser, sampler: str | None = "ddpm", steps: int | None = None, full: bool = True,
                      sampler_help: str = SAMPLER_HELP) -> None:
     """--sampler/--steps/--seed, and with full=True the solver options too; sampler_help="" leaves --sampler out (a
     command whose sampler is its definition's)."""
     if sampler_help:
         p.add_argument("--sampler", default=sampler, choices=sorted(SAMPLERS), help=sampler_help)
-    p.add_argument("--steps", type=int, default=steps,
-                   help=f"grid points, one network evaluation each (default: {'all T' if steps is None else steps})")
+    p.add_argument("--steps", type=int, default=None if steps is None else DefaultSteps(steps),
+                   help=f"grid points, one network evaluation each (default: {'all T' if steps is None else steps}; a --grid file's own count)")
     p.add_argument("--seed", type=int, default=0, help="sample k uses seed + k")
     if full:
         add_solver_args(p)
@@ -177,12 +181,15 @@ def add_solver_args(p: argparse.ArgumentParser, grid_files: bool = True) -> None
 
 
 def options_from(args: argparse.Namespace) -> dict:
-    """The sampler options the command line asked for; a grid file fixes the steps (--steps was ignored beside it)."""
+    """The sampler options the command line asked for; a grid file fixes the steps: it sets args.steps where the user
+    gave none (a command's own default steps aside), and refuses a --steps of another count."""
     options = sampler_options(args.sampler, getattr(args, "grid", None), getattr(args, "variance", "auto"),
                               not getattr(args, "no_clip", False), getattr(args, "eta", None), getattr(args, "order", None),
                               getattr(args, "churn", None))
     points = len(options["grid"]) if isinstance(options.get("grid"), torch.Tensor) else None
-    if points is not None and getattr(args, "steps", None) not in (None, points):
+    if points is not None and isinstance(getattr(args, "steps", None), DefaultSteps):
+        args.steps = points
+    elif points is not None and getattr(args, "steps", None) not in (None, points):
         raise UserError(f"--grid {args.grid} holds {points} steps, --steps says {args.steps}: leave --steps out (the grid sets them)")
     return options
 

@@ -28,6 +28,7 @@ from .common import (
     IMAGE_HELP,
     RUN_HELP,
     SAMPLER_HELP,
+    DefaultSteps,
     add_device_args,
     add_guidance_args,
     add_sampler_args,
@@ -75,7 +76,8 @@ def cmd_img2img(args: argparse.Namespace) -> None:
 def cmd_inpaint(args: argparse.Namespace) -> None:
     m, image = _model_image(args)
     mask = make_mask(args.mask, image.shape)
-    x = edit_inpaint(m, image, mask, args.n, guidance_request(args), args.steps, args.resample, args.seed, args.sampler, options_from(args))
+    options = options_from(args)  # first: a grid file sets args.steps
+    x = edit_inpaint(m, image, mask, args.n, guidance_request(args), args.steps, args.resample, args.seed, args.sampler, options)
     print(f"filled {1 - mask.mean().item():.0%} of the image (the mask's black part; white keeps)")  # a mask drawn inverted shows here
     _strip([image, image * mask, x], Path(args.out) / "inpaint.png", args.n + 2)
 
@@ -126,10 +128,11 @@ def cmd_interpolate(args: argparse.Namespace) -> None:
         a, b = (load_image_as(s, m.image_shape) for s in images)
         x = interpolation_images(m, a, b, args.t, args.n, request, args.steps, args.seed)
         return _strip([x], out / f"interpolate_images_t{args.t}.png", args.n)
+    options = options_from(args)  # first: a grid file sets args.steps
     if args.prompts:
-        x = interpolation_prompts(m, args.prompts[0], args.prompts[1], args.n, seeds[0], request, args.sampler, args.steps, options_from(args))
+        x = interpolation_prompts(m, args.prompts[0], args.prompts[1], args.n, seeds[0], request, args.sampler, args.steps, options)
         return _strip([x], out / "interpolate_prompts.png", args.n)
-    x = interpolation_seeds(m, seeds[0], seeds[1], args.n, request, args.sampler, args.steps, options_from(args))
+    x = interpolation_seeds(m, seeds[0], seeds[1], args.n, request, args.sampler, args.steps, options)
     _strip([x], out / f"interpolate_seeds_{seeds[0]}_{seeds[1]}.png", args.n)
 
 
@@ -137,9 +140,9 @@ def cmd_voyage(args: argparse.Namespace) -> None:
     """Render the keyframe file as a GIF (and MP4 when imageio's ffmpeg is installed) plus a keyframe strip."""
     keyframes = read_keyframes(args.file)
     m = load_model(args)
-    t0 = time.time()
+    options, t0 = options_from(args), time.time()  # options first: a grid file sets args.steps
     frames = render_voyage(m, keyframes, frames_between=args.frames, guidance=args.guidance, sampler=args.sampler, steps=args.steps,
-                           device=args.device, options=options_from(args))
+                           device=args.device, options=options)
     out = Path(args.out)
     images = [viz.make_grid(f[None], nrow=1, pad=0, upscale=args.upscale) for f in frames]
     gif = viz.save_gif(images, out / "voyage.gif", duration_ms=args.frame_ms, hold_last_ms=args.frame_ms * 4)
@@ -201,7 +204,8 @@ def add_commands(sub) -> None:
     p.add_argument("--frames", type=int, default=8, help="frames from one keyframe to the next")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default: %(default)s)")
     p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="each frame's sampler (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=20, help="each frame's steps, one network evaluation each (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=DefaultSteps(20),
+                   help="each frame's steps, one network evaluation each (default: %(default)s; a --grid file's own count)")
     add_solver_args(p)
     p.add_argument("--frame-ms", type=int, default=120, help="milliseconds each frame shows (default: %(default)s)")
     p.add_argument("--upscale", type=int, default=4, help="each pixel shown as upscale x upscale pixels (default: %(default)s)")
