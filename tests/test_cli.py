@@ -70,6 +70,13 @@ def test_forward_writes_strip_and_spectrum(tmp_path, capsys):
     strip = Image.open(tmp_path / "forward_strip.png")
     assert strip.width > 3 * strip.height / 2
     assert (tmp_path / "spectrum.png").stat().st_size > 1000
+    # the default --t is spread over the schedule's own T: a fixed 0..999 ended in "timesteps [100, ...] outside [0, 99]"
+    from ddpmkit.cli.forward import default_timesteps
+
+    assert default_timesteps(1000) == [0, 50, 100, 200, 400, 700, 999] and default_timesteps(100) == [0, 5, 10, 20, 40, 70, 99]
+    assert default_timesteps(4) == [0, 1, 2, 3] and default_timesteps(1) == [0]
+    code, out, err = run(capsys, "forward", "mnist5k:7", "--out", str(tmp_path / "T100"), "--T", "100")
+    assert code == 0 and (tmp_path / "T100" / "forward_strip.png").is_file(), err
 
 
 def test_forward_spectrum_whitens_with_t():
