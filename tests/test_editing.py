@@ -1,5 +1,6 @@
 """Editing and interpolation with exact denoisers: SDEdit's grid, p(x_0 | x_t) for Gaussian data,
 RePaint on a Gaussian mixture, slerp, and the voyage keyframe files."""
+import json
 import math
 
 import numpy as np
@@ -249,3 +250,32 @@ def test_editing_commands(tmp_path, capsys):
     assert "note: the mask" in said.err and "fills every pixel" in said.err and "filled 100% of the image" in said.out
     assert main(["inpaint", str(run), "digits:3", "--mask", str(tmp_path / "left.png"), "--steps", "2", "--out", str(out)]) == 0
     assert "filled 50% of the image (the mask's black part; white keeps)" in capsys.readouterr().out
+
+
+def test_a_commands_own_defaults_fit_a_model_of_few_timesteps(tmp_path, capsys):
+    """The edit commands' defaults were numbers for T = 1000: on a model of T = 8, `posterior` and `interpolate
+    --images` ended in "t must lie in 1..7, got 500" and `inpaint` in "steps must lie in [1, 8], got 100", though the
+    user gave neither. Now --t defaults to T/2 and a command's own --steps to T at most; a --steps the user gave is
+    still checked against T."""
+    from conftest import TINY_DIGITS_RUN
+    from ddpmkit.cli import main
+    from ddpmkit.config import load_config
+    from ddpmkit.train import train
+
+    run = tmp_path / "run"
+    train(load_config("mnist", [*TINY_DIGITS_RUN, "train.steps=2", "diffusion.T=8", f"train.run_dir={run}"]), progress=False)
+    out = tmp_path / "edits"
+    for argv, made, evaluations in ((["posterior", str(run), "digits:3"], "posterior_t4.png", None),
+                                    (["interpolate", str(run), "--images", "digits:0,digits:1"], "interpolate_images_t4.png", None),
+                                    (["inpaint", str(run), "digits:3", "--resample", "1"], "inpaint.png", None),
+                                    (["img2img", str(run), "digits:3"], "img2img.png", None),
+                                    (["sample", str(run), "--sampler", "ddim", "--no-gif"], "grid.png", "8 network evaluations")):
+        code = main([*argv, "--n", "2", "--out", str(out)])
+        std = capsys.readouterr()
+        assert code == 0 and (out / made).is_file(), (argv, std.err)
+        assert evaluations is None or evaluations in std.out, std.out
+    grid = tmp_path / "grid.json"
+    assert main(["tune-grid", str(run), "--n", "2", "--evals", "2", "--out", str(grid)]) == 0, capsys.readouterr().err
+    assert len(json.loads(grid.read_text())["timesteps"]) == 8  # its default 10 steps, the model's 8 at most
+    assert main(["posterior", str(run), "digits:3", "--steps", "60", "--n", "1", "--out", str(out)]) == 2
+    assert "steps must lie in [1, 8], got 60" in capsys.readouterr().err

@@ -144,15 +144,20 @@ def path_error(e: OSError) -> str:
     return f"{e.filename}: {why.get(e.errno, e.strerror)}"
 
 
+class DefaultSteps(int):
+    """A command's own --steps, which the user did not give: a grid file's count takes its place (options_from), and a
+    model of fewer timesteps than the default its T (load_model)."""
+
+
 def load_model(args: argparse.Namespace):
     """The model a command samples (args.checkpoint, or args.model), with its device, dtype and LoRAs."""
     path = getattr(args, "checkpoint", None) or args.model
     args.device = resolve_device(args.device)  # "auto": where training would run; the rest of the command follows the model
-    return load_diffusion(path, device=args.device, dtype=args.dtype, loras=args.lora)
-
-
-class DefaultSteps(int):
-    """A command's own --steps, which the user did not give: a grid file's count takes its place (options_from)."""
+    m = load_diffusion(path, device=args.device, dtype=args.dtype, loras=args.lora)
+    steps = getattr(args, "steps", None)
+    if isinstance(steps, DefaultSteps) and steps > m.schedule.T:  # the command's own default, not the user's: T at most
+        args.steps = DefaultSteps(m.schedule.T)
+    return m
 
 
 def add_sampler_args(p: argparse.ArgumentParser, sampler: str | None = "ddpm", steps: int | None = None, full: bool = True,

@@ -84,6 +84,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
 
 def cmd_posterior(args: argparse.Namespace) -> None:
     m, image = _model_image(args)
+    args.t = m.schedule.T // 2 if args.t is None else args.t  # halfway down the model's own schedule: 500 of 1000
     shown_x_t, xs = edit_posterior(m, image, args.t, args.n, guidance_request(args), args.steps, args.seed)
     _strip([image, shown_x_t, xs], Path(args.out) / f"posterior_t{args.t}.png", args.n + 2)
 
@@ -120,9 +121,10 @@ def cmd_interpolate(args: argparse.Namespace) -> None:
     seeds = [check_seed(s, "--seeds") for s in two(args.seeds or "0,1", "--seeds", "seeds", "3,14", int)]  # before the model loads
     images = two(args.images, "--images", "images", "mnist5k:0,mnist5k:1") if args.images else None
     check_interpolation_flags(args, bool(images))
-    args.sampler, args.seed, args.t = args.sampler or "ddim", args.seed or 0, 500 if args.t is None else args.t
+    args.sampler, args.seed = args.sampler or "ddim", args.seed or 0
     request = guidance_request(args)
     m = image_model(args)
+    args.t = m.schedule.T // 2 if args.t is None else args.t  # --images' noise level: halfway down the model's schedule
     out = Path(args.out)
     if images:
         a, b = (load_image_as(s, m.image_shape) for s in images)
@@ -186,7 +188,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("posterior", help="noise an image to x_t once and draw several x_0 ~ p(x_0 | x_t)")
     common(p, None, 100, "draws of x_0, each by Algorithm 2 from the same x_t", sampler_help="")
     p.add_argument("image", help=IMAGE_HELP)
-    p.add_argument("--t", type=int, default=500, help="the timestep x_t is drawn at, in 0..T-1 (default: %(default)s)")
+    p.add_argument("--t", type=int, default=None, help="the timestep x_t is drawn at, in 1..T-1 (default: T/2, 500 of 1000)")
     p.set_defaults(func=cmd_posterior)
 
     p = sub.add_parser("interpolate", help="between two seeds (slerp of x_T), two images (through x_t) or two prompts")
@@ -194,7 +196,7 @@ def add_commands(sub) -> None:
            sampler_help="default: ddim for --seeds and --prompts; --images runs Algorithm 2 (ddpm) from x_t, as DDPM's Fig. 8", solver=True)
     p.add_argument("--seeds", default=None, help="two seeds, e.g. 3,14 (default: 0,1): the slerp between their x_T")
     p.add_argument("--images", default=None, help="two images, e.g. mnist5k:0,mnist5k:1 (DDPM Fig. 8), mixed at x_t")
-    p.add_argument("--t", type=int, default=None, help="noise level for --images (default: 500)")
+    p.add_argument("--t", type=int, default=None, help="noise level for --images, in 1..T-1 (default: T/2, 500 of 1000)")
     p.add_argument("--prompts", nargs=2, default=None, help="two prompts (text models), from the first of --seeds")
     p.set_defaults(func=cmd_interpolate, seed=None)  # --seed is --images' noise; --seeds gives the other modes theirs
 

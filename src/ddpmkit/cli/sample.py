@@ -22,6 +22,7 @@ from .cascade import run_cascade
 from .common import (
     NO_GIF_HELP,
     RUN_HELP,
+    DefaultSteps,
     add_device_args,
     add_device_option,
     add_guidance_args,
@@ -140,7 +141,7 @@ def add_commands(sub) -> None:
     g.add_argument("checkpoint", help=RUN_HELP)
     g.add_argument("--sampler", default="unipc", choices=sorted(set(SAMPLERS) - {"dopri5"} - STOCHASTIC),
                    help="the ODE solver the grid is for (default: %(default)s)")
-    g.add_argument("--steps", type=int, default=10, help="grid points, one network evaluation each (default: %(default)s)")
+    g.add_argument("--steps", type=int, default=DefaultSteps(10), help="grid points, one network evaluation each (default: %(default)s)")
     g.add_argument("--order", type=int, default=None, help="order of unipc / ipndm / dpmpp solvers")
     g.add_argument("--n", type=int, default=16, help="training trajectories")
     g.add_argument("--evals", type=int, default=300, help="sampler runs the search may spend")
