@@ -395,9 +395,10 @@ def test_demo_trains_and_draws_its_grid_autoguided_by_its_kept_checkpoint(tmp_pa
     assert np.array_equal(*same)
     # the demo starts its own folder over (here with 2 steps: the 6 steps' checkpoints are gone), but not another run's
     # with nothing kept to guide by, the grid is unguided, and the demo says so (w would be taken and unused)
-    code, out, err = run(capsys, "demo", "--n", "2", "--steps", "3", "--run-dir", str(run_dir), "train.steps=2", "train.checkpoint_every=2",
-                         "train.keep_steps=[]", "train.sample_every=0", "train.eval_every=0", "train.warmup_steps=1")
-    assert code == 0, err
+    # and its own --steps (16) fit a diffusion.T below them: "--steps 16: the demo's model has T = 8 steps" named a flag not given
+    code, out, err = run(capsys, "demo", "--n", "2", "--run-dir", str(run_dir), "train.steps=2", "train.checkpoint_every=2",
+                         "train.keep_steps=[]", "train.sample_every=0", "train.eval_every=0", "train.warmup_steps=1", "diffusion.T=8")
+    assert code == 0 and "sampling 2 digits with ddim_uniform, 8 steps" in out, err
     assert (f"note: no early checkpoint of {run_dir} before step 2 to guide by (train.keep_steps = []): the grid is unguided, "
             "--autoguide-scale 1.5 unused") in out and "autoguided by" not in out
     assert sorted(p.name for p in run_dir.glob("ckpt-*")) == ["ckpt-0000002"]

@@ -18,7 +18,7 @@ from ..posthoc_ema import write_checkpoint
 from ..sampling import SAMPLERS
 from ..sampling.options import sampler_options
 from ..train import train
-from .common import add_device_option
+from .common import DefaultSteps, add_device_option
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -44,7 +44,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     """Train the digit model for the preset's fixed number of steps, then sample a grid and its reverse process."""
     cfg = load_config("mnist", [f"train.run_dir={args.run_dir}", f"train.max_minutes={args.minutes}"] + list(args.overrides))
     GuidanceRequest(autoguide_scale=args.autoguide_scale)  # its checks before minutes of training, not after them
-    if args.steps > cfg.diffusion.T:  # likewise: the grid's sampler refused it after the training
+    if args.steps > cfg.diffusion.T and isinstance(args.steps, DefaultSteps):  # not the user's: a diffusion.T below 16
+        args.steps = DefaultSteps(cfg.diffusion.T)
+    elif args.steps > cfg.diffusion.T:  # likewise: the grid's sampler refused it after the training
         raise UserError(f"--steps {args.steps}: the demo's model has T = {cfg.diffusion.T} steps")
     if Path(args.run_dir) != Path(DEMO_DIR):
         claim_run_folder(Path(args.run_dir), "the demo",
@@ -124,7 +126,7 @@ def add_commands(sub) -> None:
     d.add_argument("--minutes", type=float, default=0.0, help="stop training after this long (default 0: no limit, the same steps everywhere)")
     d.add_argument("--n", type=int, default=64, help="digits in the grid (default: %(default)s)")
     d.add_argument("--sampler", default="ddim_uniform", choices=sorted(SAMPLERS), help="ddpm = Algorithm 2 (then --steps 1000)")
-    d.add_argument("--steps", type=int, default=16, help="sampler steps (Algorithm 2 over all T: --sampler ddpm --steps 1000)")
+    d.add_argument("--steps", type=int, default=DefaultSteps(16), help="sampler steps (Algorithm 2 over all T: --sampler ddpm --steps 1000)")
     d.add_argument("--autoguide-scale", type=float, default=1.5,
                    help="autoguidance weight w by the early checkpoint the preset keeps (1 = unguided; each step then costs one evaluation, not two)")
     d.add_argument("--run-dir", default=DEMO_DIR, help="the demo's run folder, started over each time (default: %(default)s); "
