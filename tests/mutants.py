@@ -100,6 +100,11 @@ And the exact references (analytic.py, process.py, reverse.py; 30, all four kind
 test_reverse.py, test_sampling_exact.py, test_losses.py) left 2: the ring's angles (the 8gaussians toy's modes; now written
 out, which also found its stds and gaussian()'s kept as float32, 0.1 as 0.10000000149: now float64) and a lone component's
 weight (normalised: equivalent).
+The thirty-fourth session: the parameterizations, EDM's preconditioning and the continuous-time samplers (parameterization.py,
+preconditioning.py, sampling/continuous.py; 30, all four kinds, against test_parameterization.py, test_preconditioning.py,
+test_samplers.py, test_losses.py, test_sampling_exact.py, test_bounds.py) left 1: Denoiser.with_x0's eps from (x_t, x0) with
+the two swapped, which thresholding and guidance rescale go through (now with_x0 and with_eps against the sample's true eps
+and x0, in every prediction).
 """
 from __future__ import annotations
 

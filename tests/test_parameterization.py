@@ -59,3 +59,17 @@ def test_denoiser_contract_and_errors():
         Denoiser(lambda x, t: torch.zeros(3, 3, 4), s, "eps", learned_variance=True)(torch.ones(3, 2, 4), 10)
     with pytest.raises(ValueError, match="integer"):
         Denoiser(lambda x, t: x, s, "mu")(torch.ones(3, 2), 10.5)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_an_edited_x0_or_eps_keeps_x_t_on_the_forward_process(setup, prediction):
+    """Wrappers that edit x0 (thresholding, guidance rescale) or eps (classifier guidance) get the other from
+    x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, whatever the network predicts: with_x0's eps and with_eps's x0 are the
+    true ones of the sample drawn."""
+    s, x0, eps, t, x_t = setup
+    d = Denoiser(lambda x, tt: target_for(prediction, x0, eps, x, tt.long(), s), s, prediction)
+    tt = t.double()
+    out = d.with_x0(x_t, tt, x0)
+    assert torch.equal(out.x0, x0) and torch.allclose(out.eps[1:], eps[1:], atol=1e-6)
+    out = d.with_eps(x_t, tt, eps)
+    assert torch.equal(out.eps, eps) and torch.allclose(out.x0, x0, atol=1e-6)
