@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ddpmkit.config import Config, DiffusionConfig, NetworkConfig, TrainConfig, UnCLIPConfig
 from ddpmkit.guidance import CLIPGuidance
@@ -220,7 +221,7 @@ def tiny_unclip(tmp_path_factory):
     runs["noisy"] = train(load_config("clip_noisy", [*TINY, "clip.embed_dim=8", "train.steps=2", f"train.run_dir={root / 'noisy'}"]),
                           progress=False)
     runs["prior"] = train(load_config("unclip_prior", [*TINY[:1], *TINY[4:], f"unclip.clip={runs['clip']}", "unclip.embed_dim=8",
-                                                       "unclip.prior_width=16", "unclip.prior_layers=1", "train.steps=3",
+                                                       "unclip.prior_width=16", "unclip.prior_layers=1", "train.steps=3", "diffusion.T=50",
                                                        f"train.run_dir={root / 'prior'}"]), progress=False)
     runs["decoder"] = train(load_config("unclip_decoder", [*TINY, f"unclip.clip={runs['clip']}", "unclip.embed_dim=8", "diffusion.T=100",
                                                            "train.steps=3", "train.sample_every=3", "train.sample_steps=2",
@@ -275,6 +276,12 @@ def test_text_to_image_variations_interpolation_and_text_diffs_from_the_command_
     assert (tmp_path / "u" / "unclip.png").is_file() and torch.load(tmp_path / "u" / "samples.pt").shape == (4, 1, 8, 8)
     embeds = torch.load(tmp_path / "u" / "image_embeds.pt")
     torch.testing.assert_close(embeds.norm(dim=-1), torch.ones(4))
+    # a command's own --prior-steps (64) yield to a prior of T = 50 ("--prior-steps 64: the prior has T = 50" named a flag not
+    # given), and the decoder's 100 ancestral steps (all its T) are recorded every 2 for the GIF, not every 1000 // 50
+    code, out, err = _cli(capsys, "unclip", p, d, "--prompt", "a one", "--n", "1", "--out", tmp_path / "all")
+    assert code == 0, err
+    with Image.open(tmp_path / "all" / "reverse_process.gif") as gif:
+        assert gif.n_frames == 50, gif.n_frames
     code, out, err = _cli(capsys, "variations", d, "digits:3", "digits:7", "--n", "3", "--steps", "3", "--out", tmp_path / "v")
     assert code == 0, err
     assert torch.load(tmp_path / "v" / "samples.pt").shape == (6, 1, 8, 8) and (tmp_path / "v" / "variations.png").is_file()

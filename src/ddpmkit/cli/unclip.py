@@ -10,15 +10,15 @@ import torch
 from .. import viz
 from ..errors import UserError
 from ..images import load_image, load_image_as
-from ..models import load_diffusion
+from ..models import DiffusionModel, load_diffusion
 from ..pipelines import unclip
 from ..pipelines.generate import save_generated
 from ..utils import side
-from .common import NO_GIF_HELP, add_device_option, add_sampler_args, options_from, out_help, parse_stage
+from .common import NO_GIF_HELP, DefaultSteps, add_device_option, add_sampler_args, options_from, out_help, parse_stage
 
 
-def _decode_kwargs(args: argparse.Namespace) -> dict:
-    steps = args.steps or 1000
+def _decode_kwargs(args: argparse.Namespace, decoder: DiffusionModel) -> dict:
+    steps = args.steps or decoder.schedule.T  # None: all of the decoder's T
     gif = not getattr(args, "no_gif", True)  # the commands that draw one picture record no trajectory
     return dict(scale=args.guidance, sampler=args.sampler, steps=args.steps, options=options_from(args), batch_size=args.batch_size,
                 record_every=max(1, steps // 50) if gif else 0)
@@ -40,11 +40,13 @@ def _images(decoder, specs: list[str], fit: bool) -> torch.Tensor:
 def cmd_unclip(args: argparse.Namespace) -> None:
     prior, decoder = load_diffusion(args.prior, device=args.device), load_diffusion(args.decoder, device=args.device)
     unclip.check_pair(prior, decoder)
-    if args.prior_steps > prior.schedule.T:  # else the sampler's "steps must lie in [1, 1000]", which names no flag
+    if args.prior_steps > prior.schedule.T and isinstance(args.prior_steps, DefaultSteps):  # not the user's: T at most
+        args.prior_steps = DefaultSteps(prior.schedule.T)
+    elif args.prior_steps > prior.schedule.T:  # else the sampler's "steps must lie in [1, 1000]", which names no flag
         raise UserError(f"--prior-steps {args.prior_steps}: the prior has T = {prior.schedule.T} steps")
     t0 = time.time()
     result = unclip.text_to_image(prior, decoder, args.prompt, args.n, args.prior_guidance, args.best_of, args.prior_steps,
-                                  seed=args.seed, then=[parse_stage(s, decoder.device) for s in args.then], **_decode_kwargs(args))
+                                  seed=args.seed, then=[parse_stage(s, decoder.device) for s in args.then], **_decode_kwargs(args, decoder))
     folder = save_generated(result.stages[-1], args.out, args.seed, gif=not args.no_gif)
     torch.save(result.embeds, folder / "image_embeds.pt")
     prompts = [args.prompt[i % len(args.prompt)] for i in range(args.n)]
@@ -59,7 +61,7 @@ def cmd_variations(args: argparse.Namespace) -> None:
     decoder = load_diffusion(args.decoder, device=args.device)
     images = _images(decoder, args.images, args.fit)
     t0 = time.time()
-    out = unclip.variations(decoder, images, args.n, seed=args.seed, **_decode_kwargs(args))
+    out = unclip.variations(decoder, images, args.n, seed=args.seed, **_decode_kwargs(args, decoder))
     folder = save_generated(out, args.out, args.seed, gif=not args.no_gif)
     per_image = out.images.reshape(len(images), args.n, *out.images.shape[1:])
     rows = [("source", images)] + [(f"variation {k + 1}", per_image[:, k]) for k in range(args.n)]
@@ -70,7 +72,7 @@ def cmd_variations(args: argparse.Namespace) -> None:
 def cmd_interpolate(args: argparse.Namespace) -> None:
     decoder = load_diffusion(args.decoder, device=args.device)
     a, b = _images(decoder, [args.a], args.fit), _images(decoder, [args.b], args.fit)
-    out = unclip.interpolate(decoder, a, b, args.frames, seed=args.seed, **_decode_kwargs(args))
+    out = unclip.interpolate(decoder, a, b, args.frames, seed=args.seed, **_decode_kwargs(args, decoder))
     folder = save_generated(out, args.out, args.seed, gif=False)
     viz.labelled_rows([("A", a), ("slerp", out.images), ("B", b)], folder / "interpolation.png", n=args.frames,
                       title="unCLIP: slerp between two images' CLIP embeddings, same noise")
@@ -86,7 +88,7 @@ def cmd_text_diff(args: argparse.Namespace) -> None:
         raise UserError(f"--amounts takes numbers in [0, 1] separated by commas; got {args.amounts!r}") from None
     decoder = load_diffusion(args.decoder, device=args.device)
     image = _images(decoder, [args.image], args.fit)
-    out = unclip.text_diff(decoder, image, args.source, args.target, amounts, seed=args.seed, **_decode_kwargs(args))
+    out = unclip.text_diff(decoder, image, args.source, args.target, amounts, seed=args.seed, **_decode_kwargs(args, decoder))
     folder = save_generated(out, args.out, args.seed, gif=False)
     viz.labelled_rows([("source", image), ("theta " + ", ".join(f"{a:g}" for a in amounts), out.images)], folder / "text_diff.png",
                       n=len(amounts), title=f"text diff: {args.source!r} -> {args.target!r}")
@@ -120,7 +122,8 @@ def add_commands(sub) -> None:
     u.add_argument("--n", type=int, default=16, help="samples (default: %(default)s)")
     u.add_argument("--prior-guidance", type=float, default=unclip.DEFAULT_PRIOR_SCALE, help="the prior's classifier-free guidance scale")
     u.add_argument("--best-of", type=int, default=1, help="prior samples per image; the one closest to the caption in CLIP space is kept")
-    u.add_argument("--prior-steps", type=int, default=64, help="deterministic DDIM steps of the prior")
+    u.add_argument("--prior-steps", type=int, default=DefaultSteps(64), help="deterministic DDIM steps of the prior (default: 64, "
+                                                                                 "or the prior's T if fewer)")
     u.add_argument("--then", action="append", default=[], metavar="STAGE", help="a super-resolution stage after the decoder (as in sample --then)")
     _decoder_args(u, "unclip")
     u.set_defaults(func=cmd_unclip)
