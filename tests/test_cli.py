@@ -329,9 +329,10 @@ def test_train_then_sample_writes_grid_pngs_and_gif(tmp_path, capsys):
     grid = tmp_path / "grid.json"
     code, out, err = run(capsys, "tune-grid", str(run_dir), "--steps", "4", "--n", "2", "--evals", "8", "--out", str(grid))
     assert code == 0 and grid.is_file(), err
-    code, out, err = run(capsys, "sample", str(run_dir), "--n", "2", "--sampler", "unipc", "--grid", str(grid), "--no-gif",
-                         "--out", str(tmp_path / "g"))
+    code, out, err = run(capsys, "sample", str(run_dir), "--n", "2", "--sampler", "unipc", "--grid", str(grid), "--out", str(tmp_path / "g"))
     assert code == 0 and "4 network evaluations" in out, err
+    with Image.open(tmp_path / "g" / "reverse_process.gif") as gif:  # each of the grid's 4 steps, not every T // 50 = 2nd
+        assert gif.n_frames == 4, gif.n_frames
     # --dtype is a diffusers folder's weights' type: for a ddpmkit run it was ignored; --precision is what computes in bf16
     code, out, err = run(capsys, "sample", str(run_dir), "--n", "2", "--steps", "2", "--dtype", "bf16", "--out", str(tmp_path / "d"))
     assert code == 2 and "is a ddpmkit run, whose float32 weights compute in bf16 or fp16 with --precision" in err

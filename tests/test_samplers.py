@@ -465,3 +465,16 @@ def test_a_commands_own_default_steps_yield_to_a_grid_file(tmp_path):
         assert args.steps == default, argv
         with pytest.raises(UserError, match=rf"grid.json holds 4 steps, --steps says {default}: leave --steps out"):
             options_from(build_parser().parse_args([*argv, "--grid", str(grid), "--steps", str(default)]))
+    # sample's all-T default and a distilled run's own steps yield too; both are read after options_from (the reverse
+    # process was recorded every T // 50 steps: once in a grid of 4 on a T = 1000 model)
+    from ddpmkit.cli.common import own_sampler
+    from ddpmkit.models import DiffusionModel
+
+    class Distilled(DiffusionModel):
+        own_sampler = ("ddim_uniform", 2)  # a run distilled for 2 steps
+
+    args = build_parser().parse_args(["sample", "RUN", "--grid", str(grid)])
+    args.sampler, args.steps = own_sampler(object.__new__(Distilled), args)
+    assert (args.sampler, args.steps) == ("ddim_uniform", 2) and options_from(args)["grid"].numel() == 4 and args.steps == 4
+    args = build_parser().parse_args(["sample", "RUN", "--grid", str(grid), "--sampler", "ddim"])
+    assert args.steps is None and options_from(args)["grid"].numel() == 4 and args.steps == 4

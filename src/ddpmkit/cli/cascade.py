@@ -23,6 +23,7 @@ from .common import (
     load_model,
     options_from,
     out_help,
+    own_sampler,
     parse_stage,
 )
 
@@ -32,8 +33,9 @@ def run_cascade(args: argparse.Namespace) -> None:
     stages side by side (cascade.png), and the last stage's samples and reverse process."""
     request = guidance_request(args)
     m = load_model(args)
-    args.sampler, args.steps = m.sampler_or_own(args.sampler, args.steps)  # a distilled base samples in its few steps by default
-    base = Stage(m, args.sampler, args.steps, request.scale, request.threshold, None, options_from(args))
+    args.sampler, args.steps = own_sampler(m, args)  # a distilled base samples in its few steps by default
+    options = options_from(args)  # before args.steps is read: a grid file sets them
+    base = Stage(m, args.sampler, args.steps, request.scale, request.threshold, None, options)
     stages = [base] + [parse_stage(spec, m.device) for spec in args.then]
     if args.compile:  # every stage's network, as --precision below (both were taken and ignored here)
         for stage in stages:
@@ -66,9 +68,9 @@ def cmd_upscale(args: argparse.Namespace) -> None:
     inputs = torch.cat(images)
     low = inputs.repeat_interleave(args.n, dim=0)  # n samples of each input, side by side
     request = guidance_request(args)
-    t0 = time.time()
+    t0, options = time.time(), options_from(args)  # options before args.steps is read: a grid file sets them
     steps = args.steps or sr.schedule.T
-    out = super_resolve(sr, low, request, args.aug, args.sampler, args.steps, args.seed, options_from(args), args.batch_size,
+    out = super_resolve(sr, low, request, args.aug, args.sampler, args.steps, args.seed, options, args.batch_size,
                         record_every=0 if args.no_gif else max(1, steps // 50))
     folder = save_generated(out, args.out, args.seed, gif=not args.no_gif)
     per_input = out.images.reshape(len(inputs), args.n, *out.images.shape[1:])

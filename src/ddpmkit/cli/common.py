@@ -12,7 +12,7 @@ import torch
 from ..checkpoint import inside_a_run
 from ..devices import resolve_device
 from ..errors import UserError
-from ..models import load_diffusion
+from ..models import DiffusionModel, load_diffusion
 from ..pipelines.cascade import CascadeError, Stage
 from ..pipelines.guided import DEFAULT_SCALE, GuidanceRequest
 from ..sampling import GRIDS, SAMPLERS
@@ -149,6 +149,13 @@ class DefaultSteps(int):
     model of fewer timesteps than the default its T (load_model)."""
 
 
+def own_sampler(m: DiffusionModel, args: argparse.Namespace) -> tuple[str, int | None]:
+    """--sampler and --steps, or where the user gave none the run's own (a distilled run's few-step sampler); its own
+    steps are a default, which a grid file's count replaces (options_from)."""
+    sampler, steps = m.sampler_or_own(args.sampler, args.steps)
+    return sampler, DefaultSteps(steps) if args.steps is None and steps is not None else steps
+
+
 def load_model(args: argparse.Namespace):
     """The model a command samples (args.checkpoint, or args.model), with its device, dtype and LoRAs."""
     path = getattr(args, "checkpoint", None) or args.model
@@ -187,12 +194,13 @@ def add_solver_args(p: argparse.ArgumentParser, grid_files: bool = True) -> None
 
 def options_from(args: argparse.Namespace) -> dict:
     """The sampler options the command line asked for; a grid file fixes the steps: it sets args.steps where the user
-    gave none (a command's own default steps aside), and refuses a --steps of another count."""
+    gave none (None, all T, or a command's own default), and refuses a --steps of another count. Call it before
+    reading args.steps."""
     options = sampler_options(args.sampler, getattr(args, "grid", None), getattr(args, "variance", "auto"),
                               not getattr(args, "no_clip", False), getattr(args, "eta", None), getattr(args, "order", None),
                               getattr(args, "churn", None))
     points = len(options["grid"]) if isinstance(options.get("grid"), torch.Tensor) else None
-    if points is not None and isinstance(getattr(args, "steps", None), DefaultSteps):
+    if points is not None and (getattr(args, "steps", None) is None or isinstance(args.steps, DefaultSteps)):
         args.steps = points
     elif points is not None and getattr(args, "steps", None) not in (None, points):
         raise UserError(f"--grid {args.grid} holds {points} steps, --steps says {args.steps}: leave --steps out (the grid sets them)")

@@ -31,6 +31,7 @@ from .common import (
     load_model,
     options_from,
     out_help,
+    own_sampler,
 )
 
 
@@ -39,12 +40,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
         return run_cascade(args)
     request = guidance_request(args)  # first: a bad scale fails before the model loads
     m = load_model(args)
-    args.sampler, args.steps = m.sampler_or_own(args.sampler, args.steps)  # a distilled run's few-step sampler by default
+    args.sampler, args.steps = own_sampler(m, args)  # a distilled run's few-step sampler by default
     if args.compile:
         m.compile(None if args.compile == "default" else args.compile)
+    options = options_from(args)  # before args.steps is read: a grid file sets them
     total = args.steps or m.schedule.T
     t0 = time.time()
-    gen = generate(m, args.n, request, args.sampler, args.steps, args.seed, options_from(args), args.batch_size,
+    gen = generate(m, args.n, request, args.sampler, args.steps, args.seed, options, args.batch_size,
                    record_every=0 if args.no_gif else max(1, total // 50), device=args.device, precision=args.precision)
     elapsed = time.time() - t0
     out = save_generated(gen, args.out, args.seed, gif=not args.no_gif, reference=training_points(m))

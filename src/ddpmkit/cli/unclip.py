@@ -18,9 +18,10 @@ from .common import NO_GIF_HELP, DefaultSteps, add_device_option, add_sampler_ar
 
 
 def _decode_kwargs(args: argparse.Namespace, decoder: DiffusionModel) -> dict:
+    options = options_from(args)  # before args.steps is read: a grid file sets them
     steps = args.steps or decoder.schedule.T  # None: all of the decoder's T
     gif = not getattr(args, "no_gif", True)  # the commands that draw one picture record no trajectory
-    return dict(scale=args.guidance, sampler=args.sampler, steps=args.steps, options=options_from(args), batch_size=args.batch_size,
+    return dict(scale=args.guidance, sampler=args.sampler, steps=args.steps, options=options, batch_size=args.batch_size,
                 record_every=max(1, steps // 50) if gif else 0)
 
 
