@@ -74,9 +74,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     metrics, request = parse_metrics(args.metrics), guidance_request(args)
     check_feature_weights(metrics, args.features, args.inception)  # before the model loads
     m = load_diffusion(args.checkpoint, device=resolve_device(args.device))
-    args.sampler, args.steps = m.sampler_or_own(args.sampler, args.steps)  # a distilled run is measured in its own few steps
+    args.sampler, args.steps = own_sampler(m, args)  # a distilled run is measured in its own few steps
+    options = options_from(args)  # before args.steps is read: a grid file sets them
     report = evaluate_checkpoint(m, metrics, sampler=args.sampler, steps=args.steps, n=args.n, n_bpd=args.n_bpd, seed=args.seed,
-                                 features=args.features, sampler_options=options_from(args), inception_path=args.inception, out=args.out,
+                                 features=args.features, sampler_options=options, inception_path=args.inception, out=args.out,
                                  request=request, reference=args.reference,
                                  prepare_judge=ensure_judge)  # evaluation reads the cached judge; this trains it on first use
     print(format_report(report))
