@@ -475,15 +475,27 @@ def test_a_damaged_newest_checkpoint_says_how_to_resume_from_the_one_before(tmp_
     with pytest.raises(CheckpointError, match=rf"; the checkpoint before it, {tmp_path / 'ckpt-0000002'}, can be given instead$"):
         load_diffusion(tmp_path)  # sample, eval, the edits and the page load it so
     newest.rename(tmp_path.parent / f"{tmp_path.name}-damaged")
-    train(more, resume=True, progress=False)
+    import warnings
+
+    from ddpmkit.errors import Note
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # more steps, another checkpoint cadence: the steps to come are the same, no note
+        train(more, resume=True, progress=False)
     assert [p.name for p in list_checkpoints(tmp_path)][-1] == "ckpt-0000006"
     # a resume already at train.steps says so (it ended at once without a word)
     capsys.readouterr()
     train(load_config(PRESET_DIR / "toy2d.toml", [*overrides[:1], "train.steps=4"]), resume=True, progress=False)
     assert f"{tmp_path} is at step 6, train.steps = 4: nothing more to train (give a larger train.steps to go on)" in capsys.readouterr().out
+    # a resume with another lr or seed goes on otherwise than the run would have: allowed, and said
+    with pytest.warns(Note, match=r"resuming with train settings other than ckpt-0000006's: train.lr = 0.0005 here, 0.005 there; "
+                                  r"train.seed = 3 here, 0 there; the run goes on with them, not as it would have gone on$"):
+        train(load_config(PRESET_DIR / "toy2d.toml", [*overrides[:1], "train.steps=7", "train.lr=5e-4", "train.seed=3"]), resume=True,
+              progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path)][-1] == "ckpt-0000007"
     # a resume whose settings would change the weights or the data names each key that differs (it named five sections)
     changed = load_config(PRESET_DIR / "toy2d.toml", [*overrides[:1], "train.steps=8", "diffusion.T=50", "network.mlp_hidden=64"])
-    with pytest.raises(TrainingError, match=r"differ from .*ckpt-0000006/config.json: network.mlp_hidden = 64 here, 128 there; "
+    with pytest.raises(TrainingError, match=r"differ from .*ckpt-0000007/config.json: network.mlp_hidden = 64 here, 128 there; "
                                             r"diffusion.T = 50 here, 1000 there$"):
         train(changed, resume=True, progress=False)
 

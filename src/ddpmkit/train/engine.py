@@ -34,6 +34,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,7 @@ from ..checkpoint import (
 from ..conditioning import listed_classes
 from ..config import Config
 from ..devices import describe_device, has_accelerator, unused_gpu
+from ..errors import Note
 from ..graphs import capture_training
 from ..posthoc_ema import PowerEMA
 from ..precision import resolve_precision
@@ -118,10 +120,21 @@ def seed_dropout(device: torch.device, seed: int) -> None:
         torch.manual_seed(seed)
 
 
+# train settings a resume may change without changing the steps still to come: how long, where, and how often it
+# logs, samples, evaluates, keeps and snapshots; the others (lr, batch size, seed, precision, ...) change the run's path
+RESUME_FREE = frozenset({"task", "run_dir", "steps", "max_minutes", "fit_to_budget", "budget_calibration", "log_every", "sample_every",
+                         "sample_steps", "eval_every", "num_samples", "checkpoint_every", "keep_checkpoints", "keep_steps", "posthoc_ema",
+                         "posthoc_every", "nan_patience", "max_rollbacks", "compile", "init_from"})
+
+
 def _check_resumable(cfg: Config, ckpt: Path) -> CheckpointInfo:
     saved, info = read_config(ckpt)
     if differ := cfg.differences(saved, ("network", "diffusion", "data", "autoencoder")):  # the weights or the data would not be the run's
         raise TrainingError(f"`resume`: settings that define the run differ from {ckpt / 'config.json'}: {'; '.join(differ)}")
+    changed = [d for d in cfg.differences(saved, ("train",)) if d.split(" ", 1)[0].removeprefix("train.") not in RESUME_FREE]
+    if changed:  # allowed (a lower lr to go on with is common), but the resume is then not exact: said, not silent
+        warnings.warn(f"resuming with train settings other than {ckpt.name}'s: {'; '.join(changed)}; the run goes on with them, "
+                      "not as it would have gone on", Note, stacklevel=2)
     return info
 
 
