@@ -278,3 +278,17 @@ def test_a_float_image_is_read_as_0_to_1_up_to_exactly_1_and_as_0_to_255_above(t
         Image.fromarray(np.full((6, 6), top, dtype=np.float32), "F").save(folder / "f.tif")
         images = load_dataset("folder", path=str(folder), image_size=6, channels=1)  # the size asked for, not 64
         assert images.shape == (1, 6, 6) and round((images.get_batch(torch.arange(1)).max().item() + 1) / 2 * 255) == level, top
+
+
+def test_an_encoded_dataset_keeps_the_labels_files_and_class_names(tmp_path):
+    """map_dataset (latents, CLIP embeddings) carries a class folder's labels, its files (whose captions text runs
+    read) and its class names over to the encoded dataset, and applies the encoder to every example."""
+    from ddpmkit.train.denoiser import map_dataset
+
+    for i, name in enumerate(["blue", "blue", "red"]):
+        (tmp_path / name).mkdir(exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), 60 * i, dtype=np.uint8)).save(tmp_path / name / f"im{i}.png")
+    ds = ImageFolder(tmp_path, image_size=8, channels=3)
+    encoded = map_dataset(lambda x: x.mean(dim=(2, 3)), ds)
+    assert torch.equal(encoded.x, ds.get_batch(torch.arange(3)).mean(dim=(2, 3))) and encoded.x.shape == (3, 3)
+    assert encoded.labels.tolist() == [0, 0, 1] and encoded.classes == ds.classes == ("blue", "red") and encoded.files == ds.files

@@ -841,3 +841,19 @@ def test_a_stop_writes_its_checkpoint_whatever_the_folder_already_shows(tmp_path
     monkeypatch.setattr(engine.Trainer, "checkpoint", lambda self, metrics=None: calls.append(self.state.step))
     trainer.stop_here()
     assert calls == [3]
+
+
+def test_a_2d_runs_preview_is_a_scatter_of_its_samples_over_its_data(tmp_path, monkeypatch):
+    """A toy run's previews (train.sample_every) plot its samples over its training points; no test had trained a 2-D
+    run with previews on. The plot is viz.scatter_2d's own (tested in test_generate); here, what it is given."""
+    from ddpmkit import viz
+    from ddpmkit.data import load_dataset
+
+    given, scatter = [], viz.scatter_2d
+    monkeypatch.setattr(viz, "scatter_2d", lambda *args, **kw: given.append(args) or scatter(*args, **kw))
+    train(load_config(PRESET_DIR / "toy2d.toml", [f"train.run_dir={tmp_path}", "train.steps=2", "train.sample_every=2",
+                                                  "train.num_samples=50", "train.sample_steps=5"]), progress=False)
+    (x, path, reference), = given
+    assert x.shape == (50, 2) and path == tmp_path / "samples" / "step-0000002.png" and path.is_file()
+    data = load_dataset(load_config(PRESET_DIR / "toy2d.toml").data.name)
+    assert torch.equal(reference, data.get_batch(torch.arange(min(len(data), 5000))))
