@@ -253,6 +253,22 @@ def test_training_logs_the_held_out_bits_per_dim(tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     bpd = [r["bpd_vlb_estimate"] for r in logged if "bpd_vlb_estimate" in r]
     assert len(bpd) == 2 and all(np.isfinite(bpd))
+    # an image run's: the discretised decoder's bound with clipped x_0, of the EMA weights on the first 64 held-out
+    # digits, with the noise of train.seed's generator (the same every time), in bits
+    from conftest import TINY_DIGITS_RUN
+    from ddpmkit.data import load_dataset
+    from ddpmkit.evaluate.likelihood import vlb_estimate
+    from ddpmkit.models import load_diffusion
+
+    run = tmp_path / "digits"
+    train(load_config(PRESET_DIR / "mnist.toml", [*TINY_DIGITS_RUN, "train.steps=2", "train.eval_every=2", "train.seed=5",
+                                                  f"train.run_dir={run}"]), progress=False)
+    logged = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    bpd = [r["bpd_vlb_estimate"] for r in logged if "bpd_vlb_estimate" in r]
+    x0 = load_dataset("digits", split="test").get_batch(torch.arange(64))
+    nats = vlb_estimate(load_diffusion(run).denoiser, x0, draws=8, decoder="discretized", clip_x0=True,
+                        generator=torch.Generator().manual_seed(5))
+    assert bpd == [pytest.approx(nats.mean().item() / np.log(2), rel=1e-5)]
 
 
 def test_uniform_data_is_exactly_8_bits_per_dim():
