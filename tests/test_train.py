@@ -857,3 +857,22 @@ def test_a_2d_runs_preview_is_a_scatter_of_its_samples_over_its_data(tmp_path, m
     assert x.shape == (50, 2) and path == tmp_path / "samples" / "step-0000002.png" and path.is_file()
     data = load_dataset(load_config(PRESET_DIR / "toy2d.toml").data.name)
     assert torch.equal(reference, data.get_batch(torch.arange(min(len(data), 5000))))
+
+
+def test_an_image_runs_preview_is_algorithm_2_respaced_to_sample_steps_with_clipped_x0(tmp_path):
+    """The previews (samples/step-N.png) are the EMA's samples by respaced ancestral sampling in train.sample_steps with
+    x_0 clipped to [-1, 1] (pixels only), seeds from 0: the library's own sample, pixel for pixel."""
+    from PIL import Image
+
+    from conftest import TINY_DIGITS_RUN
+    from ddpmkit import sample
+    from ddpmkit.viz import make_grid
+
+    train(load_config(PRESET_DIR / "mnist.toml", [*TINY_DIGITS_RUN, "train.steps=2", "train.sample_every=2", "train.num_samples=4",
+                                                  "train.sample_steps=5", f"train.run_dir={tmp_path}"]), progress=False)
+    m = load_diffusion(tmp_path)
+    x = sample(m.denoiser, (4, *m.data_shape), sampler="ddpm", steps=5, clip_x0=True, generator=0).x
+    with Image.open(tmp_path / "samples" / "step-0000002.png") as im:
+        assert np.array_equal(np.asarray(im), make_grid(x, upscale=2)[..., 0])
+    unclipped = sample(m.denoiser, (4, *m.data_shape), sampler="ddpm", steps=5, clip_x0=False, generator=0).x
+    assert not torch.equal(unclipped, x)  # the clip matters here: the test would see it gone
