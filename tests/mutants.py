@@ -105,6 +105,13 @@ preconditioning.py, sampling/continuous.py; 30, all four kinds, against test_par
 test_samplers.py, test_losses.py, test_sampling_exact.py, test_bounds.py) left 1: Denoiser.with_x0's eps from (x_t, x0) with
 the two swapped, which thresholding and guidance rescale go through (now with_x0 and with_eps against the sample's true eps
 and x0, in every prediction).
+And the denoiser's training task (train/denoiser.py, train/task.py, precision.py; 30, all four kinds, against test_losses.py,
+test_kinds.py, test_host_waits.py, test_preconditioning.py, test_train.py) left 10: the held-out bits/dim during training had
+been run on a 2-D toy only, and checked for finiteness (3: the image branch's discretised decoder and clip, its 64 examples and
+the estimate's arguments; now an image run's logged value is recomputed from its EMA), an image run's preview never compared
+with a sample (its clipped x_0; now pixel for pixel), a 2-D run's preview never drawn in a test (now its samples and data are
+checked), map_dataset's labels and class names carried to an encoded dataset (2: one caught by test_latent.py, both now by
+test_data.py), and 3 equivalent on a CPU (the 2 GB limit of the copy of the data kept on a GPU).
 """
 from __future__ import annotations
 
