@@ -143,14 +143,14 @@ TINY_DIGITS_RUN = ["data.name=digits", "network.base_channels=8", "network.chann
 
 @pytest.fixture(scope="session")
 def web_runs(tmp_path_factory):
-    """A folder of tiny runs on the 8x8 digits, `uncond`, `class` (class-conditional) and `consistency` (distilled from
-    `uncond`), for the web page's tests."""
+    """A folder of tiny runs on the 8x8 digits, `uncond`, `class` (class-conditional, T = 100) and `consistency`
+    (distilled from `uncond`), for the web page's tests."""
     from ddpmkit.config import PRESET_DIR, load_config
     from ddpmkit.train import train
 
     root = tmp_path_factory.mktemp("web") / "runs"
-    for name, preset in (("uncond", "mnist.toml"), ("class", "mnist_class.toml")):
-        train(load_config(PRESET_DIR / preset, [*TINY_DIGITS_RUN, f"train.run_dir={root / name}"]), progress=False)
+    for name, preset, T in (("uncond", "mnist.toml", 1000), ("class", "mnist_class.toml", 100)):  # two T: the page's t sliders follow
+        train(load_config(PRESET_DIR / preset, [*TINY_DIGITS_RUN, f"diffusion.T={T}", f"train.run_dir={root / name}"]), progress=False)
     # and `consistency`, distilled from `uncond` in 2 steps: the page switches to its own sampler
     train(load_config(root / "uncond" / "config.json", ["train.task=consistency", f"distill.teacher={root / 'uncond'}", "distill.points=10",
                                                         "train.steps=2", "train.ema_decay=0.9", f"train.run_dir={root / 'consistency'}"]),

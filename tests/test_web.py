@@ -199,6 +199,9 @@ def test_unconditional_generate_shows_live_preview_result_command_and_downloads(
 
 def test_random_seed_is_drawn_and_shown(page, runs):
     choose_model(page, runs / "uncond", "unconditional")
+    page.get_by_role("tab", name="Edit").click()
+    assert page.locator("#edit-t input[type=range]").get_attribute("max") == "999" and value_of(page, "edit-t") == "500"  # T = 1000
+    page.get_by_role("tab", name="Generate").click()
     command = generate(page, steps=2, n=1, seed=-1)
     seed = int(value_of(page, "gen-seed-used"))
     assert seed >= 0 and f"--seed {seed} " in command
@@ -207,6 +210,11 @@ def test_random_seed_is_drawn_and_shown(page, runs):
 def test_class_generate_conditions_on_the_class(page, runs):
     choose_model(page, runs / "class", "class-conditional (10 classes)")
     assert "class numbers 0..9" in field(page, "condition").get_attribute("placeholder")
+    # the edit's and the interpolation's t span this model's T = 100 (a fixed 1..999 ran past it), T / 2 to start
+    for tab, slider in (("Edit", "edit-t"), ("Interpolate / voyage", "interp-t")):
+        page.get_by_role("tab", name=tab).click()
+        assert page.locator(f"#{slider} input[type=range]").get_attribute("max") == "99" and value_of(page, slider) == "50"
+    page.get_by_role("tab", name="Generate").click()
     command = generate(page, steps=5, n=4, seed=0, condition="3")
     assert "--class 3 --guidance 3" in command
     assert shown_image(page, "gen-result").std() > 0

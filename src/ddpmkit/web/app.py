@@ -151,7 +151,7 @@ def build_app(actions: Actions, concurrency: int = 1) -> gr.Blocks:
                     with gr.Row():
                         i_digit_a = gr.Number(0, label="digit A (images)", precision=0)
                         i_digit_b = gr.Number(1, label="digit B", precision=0)
-                    i_t = gr.Slider(1, 999, value=500, step=1, label="images: mixed at t")
+                    i_t = gr.Slider(1, 999, value=500, step=1, label="images: mixed at t", elem_id="interp-t")
                     with gr.Row():
                         i_prompt_a = gr.Textbox("a handwritten one", label="prompt A", max_lines=1)
                         i_prompt_b = gr.Textbox("a handwritten seven", label="prompt B", max_lines=1)
@@ -177,12 +177,15 @@ def build_app(actions: Actions, concurrency: int = 1) -> gr.Blocks:
             modes = actions.interpolations(run_)  # prompts and voyages for a text-conditional model only
             text_modes = "prompts" in modes
             prompts = gr.update(visible=text_modes)
-            return (text, gr.update(label=label, placeholder=placeholder), gr.update(value=own[0]) if own else gr.update(),
+            T = actions.timesteps(run_)  # the t sliders span the model's own schedule (a fixed 1..999 ran past a T of 100)
+            t_range = {"maximum": T - 1, "value": T // 2}  # one update each: gradio takes the value out of the one it reads
+            return (gr.update(**t_range), gr.update(**t_range), text, gr.update(label=label, placeholder=placeholder),
+                    gr.update(value=own[0]) if own else gr.update(),
                     gr.update(value=own[1]) if own else gr.update(), gr.update(choices=modes, value=modes[0]), prompts, prompts, prompts,
                     gr.update(label=SEED_A_LABEL if text_modes else "seed A"),
                     gr.update(label=FRAMES_LABEL if text_modes else "frames"))
 
-        described = [about, condition, sampler, steps, i_mode, i_prompt_a, i_prompt_b, i_keys, i_seed_a, i_frames]
+        described = [e_t, i_t, about, condition, sampler, steps, i_mode, i_prompt_a, i_prompt_b, i_keys, i_seed_a, i_frames]
         run.change(describe, run, described, concurrency_id=LIGHT, concurrency_limit=None)
         app.load(describe, run, described, concurrency_id=LIGHT, concurrency_limit=None)
 
