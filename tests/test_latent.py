@@ -80,7 +80,7 @@ def test_autoencoder_then_latent_diffusion_from_the_command_line(tmp_path, capsy
     ae_run, ldm_run = tmp_path / "ae", tmp_path / "ldm"
     code = main(["train-autoencoder", str(PRESET_DIR / "mnist_autoencoder.toml"), "data.name=digits", "autoencoder.pad_to=8",
                  "autoencoder.channel_mult=1,2", "autoencoder.base_channels=8", "train.steps=20", "train.batch_size=32",
-                 "train.warmup_steps=5", f"train.run_dir={ae_run}", "--quiet"])
+                 "train.warmup_steps=5", "train.sample_every=20", "train.eval_every=20", f"train.run_dir={ae_run}", "--quiet"])
     assert code == 0, capsys.readouterr().err
     assert "PSNR" in capsys.readouterr().out
     ae = load_autoencoder(ae_run)
@@ -91,6 +91,22 @@ def test_autoencoder_then_latent_diffusion_from_the_command_line(tmp_path, capsy
     assert ae.metrics["psnr_db"] == pytest.approx(psnr(recon, held_out).mean().item(), rel=1e-4)
     train_latents = ae.network.to_latent(load_dataset("digits").x)
     assert abs(train_latents.std().item() - 1.0) < 1e-3  # the stored scale factor gives unit variance
+    # during training: the preview is 8 held-out digits over their reconstructions (the posterior mean decoded, clipped to
+    # [-1, 1]), and the logged PSNR is of the held-out set's
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from ddpmkit.viz import make_grid
+
+    with torch.no_grad():
+        clipped = ae.network.decode(ae.network.encode(held_out)[0]).clamp(-1, 1)
+    with Image.open(ae_run / "samples" / "step-0000020.png") as im:
+        assert np.array_equal(np.asarray(im), make_grid(torch.cat([held_out[:8], clipped[:8]]), nrow=8, upscale=2)[..., 0])
+    logged = [json.loads(line) for line in (ae_run / "train_log.jsonl").read_text().splitlines()]
+    evaluated = [r["psnr_db"] for r in logged if "psnr_db" in r and not r.get("done")]  # the last line is the finished run's
+    assert evaluated == [pytest.approx(psnr(clipped, held_out).mean().item(), rel=1e-5)]
 
     code = main(["train", str(PRESET_DIR / "mnist_latent.toml"), "data.name=digits", f"data.autoencoder={ae_run}",
                  "network.base_channels=8", "network.attention_resolutions=2", "train.steps=4", "train.batch_size=16",
