@@ -1,6 +1,8 @@
 """Latent diffusion: the KL autoencoder (its loss terms, latent scale, clear errors) and diffusion
 trained and sampled in its latent space from the command line."""
 import math
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,6 +54,16 @@ def test_the_autoencoder_loss_is_the_squared_error_of_a_reparameterised_sample_p
     # latent diffusion's decoder: LDM's num_res_blocks + 1 blocks a level going up (the encoder has num_res_blocks)
     blocks = [sum(isinstance(m, ResBlock) for m in part.modules()) for part in (ae.encoder, ae.decoder)]
     assert blocks == [2 + 2 * cfg.autoencoder.num_res_blocks, 2 + 2 * (cfg.autoencoder.num_res_blocks + 1)]
+    # the preview's and the held-out PSNR's reconstructions: the posterior mean decoded and clipped to [-1, 1] (this
+    # network, its output layer scaled, reaches past both ends)
+    x = task.held_out
+    with torch.no_grad():
+        ae.decoder.net[-1].weight.mul_(10)  # the output layer's reach past [-1, 1]
+        unclipped = ae.decode(ae.encode(x)[0])
+        shown = task.preview(ae, Path(tempfile.mkdtemp()) / "preview.png")
+    assert unclipped.max() > 1 and unclipped.min() < -1
+    assert torch.equal(shown, torch.cat([x[:8], unclipped[:8].clamp(-1, 1)]))
+    assert task.evaluate(ae)["psnr_db"] == pytest.approx(psnr(unclipped.clamp(-1, 1), x).mean().item(), rel=1e-6)
 
 
 def test_the_encoders_log_variance_is_clamped_to_minus_30_and_20():
