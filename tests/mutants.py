@@ -113,7 +113,7 @@ with a sample (its clipped x_0; now pixel for pixel), a 2-D run's preview never 
 checked), map_dataset's labels and class names carried to an encoded dataset (2: one caught by test_latent.py, both now by
 test_data.py), and 3 equivalent on a CPU (the 2 GB limit of the copy of the data kept on a GPU).
 And the captions, the model kinds and the autoencoder task (captions.py, kinds.py, train/autoencoder.py, all four kinds, against
-test_kinds.py, test_data.py, test_conditioning.py, test_latent.py; 25 of a draw of 30 ran: I removed its worktree under the
+test_kinds.py, test_data.py, test_conditioning.py, test_latent.py; 25 of a draw of 30 ran: its worktree was removed under the
 last 5) left 10, all in the autoencoder's preview and held-out PSNR during training, which no test had switched on (6: the
 preview's 8 digits, its arguments and the reconstruction's, the clip's order and its upper end, evaluate's arguments; now the
 preview and the PSNR are checked against the clipped reconstructions of a network that reaches past both ends, and a trained
