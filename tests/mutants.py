@@ -119,6 +119,11 @@ preview's 8 digits, its arguments and the reconstruction's, the clip's order and
 preview and the PSNR are checked against the clipped reconstructions of a network that reaches past both ends, and a trained
 run's preview pixel for pixel), and 4 equivalent (PSNR's arguments, which it treats alike, two chunk sizes, and 500 held-out
 where digits has 300).
+And the metrics, unCLIP's prior network and the tensor helpers (evaluate/metrics.py, nets/prior.py, utils.py; 30, all four
+kinds, against test_evaluate.py, test_schedules.py, test_nets.py, test_unclip.py) left 10: the prior never written out (3:
+its time MLP's order, the query token as the output, a dropout of 1 in training; now the prior is its parts, in training
+mode too), KID's smallest set and its unbiased denominator (2, caught by test_bounds.py), and 5 settings or equivalent (the
+query's initial scale twice, IS's row-sum tolerance and log floor, and np.clip's arguments, which it treats alike here).
 """
 from __future__ import annotations
 

@@ -181,6 +181,28 @@ def test_the_prior_without_a_context_mask_attends_to_every_caption_token():
     assert not torch.allclose(prior(x, t, h, context), prior(x, t, h, context, torch.tensor([[1, 0, 0], [1, 1, 0]]).bool()))
 
 
+def test_the_prior_written_out_from_its_parts():
+    """DALL-E 2's prior: a transformer over [caption tokens, text embedding, time, noisy x, a learned query], each projected
+    to the width, plus learned positions, padding masked; the output is the query's token, normalised and projected back.
+    The time token is Linear -> SiLU -> Linear of the sinusoidal embedding."""
+    from ddpmkit.nets.layers import timestep_embedding
+
+    torch.manual_seed(0)
+    prior = PriorTransformer(embed_dim=6, context_dim=5, width=16, layers=1, heads=2).eval()
+    B, L = 2, 3
+    x, t, h, context = torch.randn(B, 6), torch.tensor([10.0, 500.0]), torch.randn(B, 6), torch.randn(B, L, 5)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]]).bool()
+    first, act, second = prior.time_mlp
+    assert isinstance(act, torch.nn.SiLU)
+    time = second(F.silu(first(timestep_embedding(t, 16))))
+    tokens = torch.cat([prior.context_proj(context), prior.text_embed_proj(h)[:, None], time[:, None], prior.x_proj(x)[:, None],
+                        prior.query.expand(B, 1, 16)], dim=1) + prior.position[:L + 4]
+    ignore = torch.cat([~mask, torch.zeros(B, 4, dtype=torch.bool)], dim=1)
+    expected = prior.out(prior.out_norm(prior.transformer(tokens, src_key_padding_mask=ignore)[:, -1]))
+    torch.testing.assert_close(prior(x, t, h, context, mask), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(prior.train()(x, t, h, context, mask), expected, rtol=1e-5, atol=1e-6)  # no dropout in training
+
+
 def test_the_decoder_unet_takes_the_embedding_as_time_embedding_and_tokens():
     from ddpmkit.nets import UNet
 
