@@ -124,6 +124,12 @@ kinds, against test_evaluate.py, test_schedules.py, test_nets.py, test_unclip.py
 its time MLP's order, the query token as the output, a dropout of 1 in training; now the prior is its parts, in training
 mode too), KID's smallest set and its unbiased denominator (2, caught by test_bounds.py), and 5 settings or equivalent (the
 query's initial scale twice, IS's row-sum tolerance and log floor, and np.clip's arguments, which it treats alike here).
+And the training commands and the command line's door (cli/train.py, cli/forward.py, cli/__init__.py; 30, all four kinds,
+against test_cli.py and test_devices.py) left 11: the demo's `--steps` equal to T (Algorithm 2 over all T) refused under `>=`,
+a checkpoint kept at the last step taken as the weaker guide under `<=`, `--autoguide-scale 1` still loading a guide, a
+warning other than a Note passed on with its file and line swapped, and posthoc-ema's `--out` with one width (now each is
+tested), 2 caught by test_posthoc_ema.py, and 4 settings or multi-process only (the forward noise's default seed, the demo's
+default minutes and GIF cadence, the hint printed by rank 0).
 """
 from __future__ import annotations
 

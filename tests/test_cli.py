@@ -394,20 +394,28 @@ def test_demo_trains_and_draws_its_grid_autoguided_by_its_kept_checkpoint(tmp_pa
     assert code == 0, err
     same = [np.asarray(Image.open(d / "grid.png")) for d in (run_dir / "demo_samples", tmp_path / "same")]
     assert np.array_equal(*same)
+    # --autoguide-scale 1 is unguided: no guide loaded, one evaluation a step, and no hint to turn it off
+    from ddpmkit.cli.train import draw_demo
+
+    draw_demo(run_dir, (2,), 2, "ddim_uniform", 3, 1.0)
+    out = capsys.readouterr().out
+    assert "sampling 2 digits with ddim_uniform, 3 steps\n" in out and "autoguided" not in out and "--autoguide-scale 1" not in out, out
     # the demo starts its own folder over (here with 2 steps: the 6 steps' checkpoints are gone), but not another run's
-    # with nothing kept to guide by, the grid is unguided, and the demo says so (w would be taken and unused)
-    # and its own --steps (16) fit a diffusion.T below them: "--steps 16: the demo's model has T = 8 steps" named a flag not given
+    # with nothing kept before the last step to guide by (the last step's own is no weaker model), the grid is unguided, and
+    # the demo says so (w would be taken and unused); and its own --steps (16) fit a diffusion.T below them: "--steps 16:
+    # the demo's model has T = 8 steps" named a flag not given
     code, out, err = run(capsys, "demo", "--n", "2", "--run-dir", str(run_dir), "train.steps=2", "train.checkpoint_every=2",
-                         "train.keep_steps=[]", "train.sample_every=0", "train.eval_every=0", "train.warmup_steps=1", "diffusion.T=8")
+                         "train.keep_steps=[2]", "train.sample_every=0", "train.eval_every=0", "train.warmup_steps=1", "diffusion.T=8")
     assert code == 0 and "sampling 2 digits with ddim_uniform, 8 steps" in out, err
-    assert (f"note: no early checkpoint of {run_dir} before step 2 to guide by (train.keep_steps = []): the grid is unguided, "
+    assert (f"note: no early checkpoint of {run_dir} before step 2 to guide by (train.keep_steps = [2]): the grid is unguided, "
             "--autoguide-scale 1.5 unused") in out and "autoguided by" not in out
     assert sorted(p.name for p in run_dir.glob("ckpt-*")) == ["ckpt-0000002"]
     other = tmp_path / "other"
     code, _, err = run(capsys, "train", "toy2d", "train.steps=2", f"train.run_dir={other}", "--quiet")
     assert code == 0, err
-    code, _, err = run(capsys, "demo", "--run-dir", str(other), "train.steps=2")
-    assert code == 2 and err.strip().splitlines()[-1].startswith(f"ddpmkit demo: error: {other} holds a run the demo did not make "), err
+    for steps in ([], ["--steps", "1000"]):  # --steps = T (Algorithm 2 over all T, as its help says) passes the demo's check
+        code, _, err = run(capsys, "demo", *steps, "--run-dir", str(other), "train.steps=2")
+        assert code == 2 and err.strip().splitlines()[-1].startswith(f"ddpmkit demo: error: {other} holds a run the demo did not make "), err
     assert [p.name for p in other.glob("ckpt-*")] == ["ckpt-0000002"] and not (other / ".made-by-the-demo").exists()
 
 
@@ -593,3 +601,19 @@ def test_an_out_path_among_a_runs_own_files_is_refused_and_the_run_kept(web_runs
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
     code, out, err = run(capsys, "sample", str(folder), "--n", "2", "--steps", "2", "--no-gif", "--out", str(folder / "mine"))
     assert code == 0, err  # beside the run's files is fine
+
+
+def test_the_command_line_shows_a_note_as_one_line_and_passes_any_other_warning_on(capsys):
+    """notes_as_lines: ddpmkit's Notes become one "note: ..." line with the flags' names; any other warning goes to the
+    showwarning it wraps with its own file and line."""
+
+    from ddpmkit.cli import notes_as_lines
+    from ddpmkit.errors import Note
+
+    shown = []
+    show = notes_as_lines(lambda *args: shown.append(args))
+    show(Note("a note"), Note, "f.py", 3)
+    show(UserWarning("other"), UserWarning, "g.py", 7)
+    assert capsys.readouterr().err == "note: a note\n"
+    (message, category, filename, lineno, file, line), = shown
+    assert (str(message), category, filename, lineno, file, line) == ("other", UserWarning, "g.py", 7, None, None)

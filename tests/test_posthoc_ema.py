@@ -140,6 +140,8 @@ def test_training_keeps_snapshots_resumes_exactly_and_posthoc_ema_samples(tmp_pa
 
     assert main(["posthoc-ema", str(straight), "--sigma-rel", "0.05,0.1", "--out", str(tmp_path / "x")]) == 2  # --out names one run
     assert not (tmp_path / "x").exists()
+    assert main(["posthoc-ema", str(straight), "--sigma-rel", "0.07", "--out", str(tmp_path / "one")]) == 0  # one width: its --out
+    assert [p.name for p in list_checkpoints(tmp_path / "one")] == ["ckpt-0000012"]
     with pytest.raises(SystemExit):
         main(["posthoc-ema", str(straight), "--sigma-rel", "wide"])
     assert main(["posthoc-ema", str(straight), "--sigma-rel", "0.1"]) == 0
