@@ -130,6 +130,9 @@ a checkpoint kept at the last step taken as the weaker guide under `<=`, `--auto
 warning other than a Note passed on with its file and line swapped, and posthoc-ema's `--out` with one width (now each is
 tested), 2 caught by test_posthoc_ema.py, and 4 settings or multi-process only (the forward noise's default seed, the demo's
 default minutes and GIF cadence, the hint printed by rank 0).
+And the command line's plumbing again after the day's DefaultSteps and grid-file changes (cli/common.py, cli/edit.py; 25, all
+four kinds, against test_samplers.py, test_editing.py, test_cli.py) left 3: a cascade stage's variance default and its steps
+and guidance order (2, caught by test_superres.py) and the voyage GIF's last-frame hold (a setting).
 """
 from __future__ import annotations
 
