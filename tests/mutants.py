@@ -133,6 +133,11 @@ default minutes and GIF cadence, the hint printed by rank 0).
 And the command line's plumbing again after the day's DefaultSteps and grid-file changes (cli/common.py, cli/edit.py; 25, all
 four kinds, against test_samplers.py, test_editing.py, test_cli.py) left 3: a cascade stage's variance default and its steps
 and guidance order (2, caught by test_superres.py) and the voyage GIF's last-frame hold (a setting).
+And the sampling, cascade and unCLIP commands (cli/sample.py, cli/cascade.py, cli/unclip.py; 25, all four kinds, against
+test_superres.py, test_unclip.py, test_samplers.py, test_cli.py) left 6: `unclip`'s arguments to text_to_image in their order
+and its GIF's cadence at fewer than 100 steps (2: now its samples are the library's, bit for bit, with best-of and prior steps
+that differ, and its 3 steps give 3 frames), and 4 settings (the cascade's printed time, its GIF cadence and its figure's
+columns, unclip-interpolate's default frames).
 """
 from __future__ import annotations
 

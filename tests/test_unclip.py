@@ -298,6 +298,22 @@ def test_text_to_image_variations_interpolation_and_text_diffs_from_the_command_
     assert (tmp_path / "u" / "unclip.png").is_file() and torch.load(tmp_path / "u" / "samples.pt").shape == (4, 1, 8, 8)
     embeds = torch.load(tmp_path / "u" / "image_embeds.pt")
     torch.testing.assert_close(embeds.norm(dim=-1), torch.ones(4))
+    # the command's samples are the library's text_to_image with the command's prompts, counts, guidance, best-of and prior
+    # steps, in that order (best-of 2 and 3 prior steps: a swap of the two differs), and its reverse process is recorded
+    # at each of the decoder's 3 steps
+    import ddpmkit
+    from ddpmkit.cli import build_parser
+    from ddpmkit.cli.unclip import _decode_kwargs
+    from ddpmkit.pipelines import unclip
+
+    args = build_parser().parse_args(["unclip", str(p), str(d), "--prompt", "a handwritten seven", "--prompt", "a one", "--n", "4",
+                                      "--steps", "3", "--prior-steps", "3", "--best-of", "2"])
+    prior, decoder = ddpmkit.load(p), ddpmkit.load(d)
+    expected = unclip.text_to_image(prior, decoder, args.prompt, 4, args.prior_guidance, 2, 3, seed=0, progress=False,
+                                    **_decode_kwargs(args, decoder))
+    torch.testing.assert_close(torch.load(tmp_path / "u" / "samples.pt"), expected.images, rtol=0, atol=0)
+    with Image.open(tmp_path / "u" / "reverse_process.gif") as gif:
+        assert gif.n_frames == 3, gif.n_frames
     # a command's own --prior-steps (64) yield to a prior of T = 50 ("--prior-steps 64: the prior has T = 50" named a flag not
     # given), and the decoder's 100 ancestral steps (all its T) are recorded every 2 for the GIF, not every 1000 // 50
     code, out, err = _cli(capsys, "unclip", p, d, "--prompt", "a one", "--n", "1", "--out", tmp_path / "all")
