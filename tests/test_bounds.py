@@ -258,7 +258,7 @@ def test_a_models_classes_levels_and_images_at_their_ends(web_runs):
     for t in (1, m.schedule.T - 1):
         check_level(m, t)
     for t in (0, m.schedule.T):
-        with pytest.raises(UserError, match=rf"t must lie in 1..999, got {t}"):
+        with pytest.raises(UserError, match=rf"t must lie in 1..{m.schedule.T - 1}, got {t}"):  # the class run's T = 100
             check_level(m, t)
     assert load_image("mnist5k:4999").shape == (1, 1, 28, 28)
     with pytest.raises(UserError, match=r"mnist5k:5000: the index must be a number in 0..4999"):
