@@ -138,6 +138,10 @@ test_superres.py, test_unclip.py, test_samplers.py, test_cli.py) left 6: `unclip
 and its GIF's cadence at fewer than 100 steps (2: now its samples are the library's, bit for bit, with best-of and prior steps
 that differ, and its 3 steps give 3 frames), and 4 settings (the cascade's printed time, its GIF cadence and its figure's
 columns, unclip-interpolate's default frames).
+And the page's actions (web/actions.py; 20, all four kinds, against test_web_actions.py) left 8: the inpainting canvas of a
+grey image in RGB and the warm-up's forward request (2, now tested), and 6 settings or equivalent (three display upscales
+at these sizes, a distilled run's step count where it records none, the GIF cadence, and the warm-up's upload and digit
+order, whose result is thrown away).
 """
 from __future__ import annotations
 

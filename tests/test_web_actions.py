@@ -471,3 +471,20 @@ def test_the_pages_other_limits_take_their_ends(actions, web_runs):
     drawn[:15, 32:48, 3] = 255  # a little less of the next one
     keep = Actions.mask("drawn", drawn, (1, 1, 8, 8))[0, 0]
     assert keep[0, 0] == 0 and keep[0, 1] == 1 and keep.sum() == 63
+
+
+def test_the_inpainting_canvas_is_the_image_enlarged_in_rgb():
+    """The canvas the page paints a mask on: a grey digit becomes three equal channels (the brush is red), an RGB
+    image stays itself; both enlarged by whole pixels to about 256 (8 x 32)."""
+    grey, rgb = torch.rand(1, 1, 8, 8) * 2 - 1, torch.rand(1, 3, 8, 8) * 2 - 1
+    canvas = Actions.canvas(grey)
+    assert canvas.shape[-1] == 3 and np.array_equal(canvas, np.repeat(picture(grey, upscale=32, nrow=1)[..., None], 3, axis=-1))
+    assert np.array_equal(Actions.canvas(rgb), picture(rgb, upscale=32, nrow=1)) and Actions.canvas(rgb).shape[-1] == 3
+
+
+def test_warm_up_loads_the_first_model_and_the_built_in_digits(web_runs, tmp_path):
+    """`ddpmkit serve` warms up before the first visitor: the first run's model is loaded, and the forward tab's default
+    request (digit 0, linear schedule, t = 0) runs."""
+    shelf = Shelf(find_runs([web_runs]))
+    Actions(shelf, Limits(), tmp_path).warm_up()
+    assert list(shelf._models) == [shelf.runs[0]]
