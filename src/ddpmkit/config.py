@@ -380,12 +380,15 @@ class Config:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
-    def differences(self, other: Config, sections: tuple[str, ...]) -> list[str]:
-        """"section.key = value here, value there" for train.task and every key of `sections` that differs from other's."""
-        differ = [f"train.task = {self.train.task!r} here, {other.train.task!r} there"] if self.train.task != other.train.task else []
+    def differences(self, other: Config, sections: tuple[str, ...], ignore: frozenset[str] = frozenset()) -> list[str]:
+        """"section.key = value here, value there" for train.task and every key of `sections` that differs from other's,
+        but the keys named in `ignore`."""
+        differ = [f"train.task = {self.train.task!r} here, {other.train.task!r} there"] \
+            if self.train.task != other.train.task and "task" not in ignore else []
         for section in sections:
             here, there = dataclasses.asdict(getattr(self, section)), dataclasses.asdict(getattr(other, section))
-            differ += [f"{section}.{key} = {here[key]!r} here, {there[key]!r} there" for key in here if here[key] != there[key]]
+            differ += [f"{section}.{key} = {here[key]!r} here, {there[key]!r} there" for key in here
+                       if here[key] != there[key] and key not in ignore]
         return differ
 
 

@@ -149,6 +149,11 @@ class DefaultSteps(int):
     model of fewer timesteps than the default its T (load_model)."""
 
 
+def capped(steps: int | None, T: int) -> int | None:
+    """A command's own default steps, T at most (a model of fewer timesteps); steps the user gave are left to be checked."""
+    return DefaultSteps(T) if isinstance(steps, DefaultSteps) and steps > T else steps
+
+
 def own_sampler(m: DiffusionModel, args: argparse.Namespace) -> tuple[str, int | None]:
     """--sampler and --steps, or where the user gave none the run's own (a distilled run's few-step sampler); its own
     steps are a default, which a grid file's count replaces (options_from)."""
@@ -161,9 +166,8 @@ def load_model(args: argparse.Namespace):
     path = getattr(args, "checkpoint", None) or args.model
     args.device = resolve_device(args.device)  # "auto": where training would run; the rest of the command follows the model
     m = load_diffusion(path, device=args.device, dtype=args.dtype, loras=args.lora)
-    steps = getattr(args, "steps", None)
-    if isinstance(steps, DefaultSteps) and steps > m.schedule.T:  # the command's own default, not the user's: T at most
-        args.steps = DefaultSteps(m.schedule.T)
+    if hasattr(args, "steps"):
+        args.steps = capped(args.steps, m.schedule.T)
     return m
 
 
@@ -199,10 +203,10 @@ def options_from(args: argparse.Namespace) -> dict:
     options = sampler_options(args.sampler, getattr(args, "grid", None), getattr(args, "variance", "auto"),
                               not getattr(args, "no_clip", False), getattr(args, "eta", None), getattr(args, "order", None),
                               getattr(args, "churn", None))
-    points = len(options["grid"]) if isinstance(options.get("grid"), torch.Tensor) else None
-    if points is not None and (getattr(args, "steps", None) is None or isinstance(args.steps, DefaultSteps)):
+    points, steps = len(options["grid"]) if isinstance(options.get("grid"), torch.Tensor) else None, getattr(args, "steps", None)
+    if points is not None and (steps is None or isinstance(steps, DefaultSteps)):  # the user gave no count: the grid's
         args.steps = points
-    elif points is not None and getattr(args, "steps", None) not in (None, points):
+    elif points is not None and steps != points:
         raise UserError(f"--grid {args.grid} holds {points} steps, --steps says {args.steps}: leave --steps out (the grid sets them)")
     return options
 

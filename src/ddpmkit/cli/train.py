@@ -18,7 +18,7 @@ from ..posthoc_ema import write_checkpoint
 from ..sampling import SAMPLERS
 from ..sampling.options import sampler_options
 from ..train import train
-from .common import DefaultSteps, add_device_option
+from .common import DefaultSteps, add_device_option, capped
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -44,9 +44,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     """Train the digit model for the preset's fixed number of steps, then sample a grid and its reverse process."""
     cfg = load_config("mnist", [f"train.run_dir={args.run_dir}", f"train.max_minutes={args.minutes}"] + list(args.overrides))
     GuidanceRequest(autoguide_scale=args.autoguide_scale)  # its checks before minutes of training, not after them
-    if args.steps > cfg.diffusion.T and isinstance(args.steps, DefaultSteps):  # not the user's: a diffusion.T below 16
-        args.steps = DefaultSteps(cfg.diffusion.T)
-    elif args.steps > cfg.diffusion.T:  # likewise: the grid's sampler refused it after the training
+    args.steps = capped(args.steps, cfg.diffusion.T)  # its own 16 steps fit a diffusion.T below them; the user's are checked
+    if args.steps > cfg.diffusion.T:  # likewise: the grid's sampler refused it after the training
         raise UserError(f"--steps {args.steps}: the demo's model has T = {cfg.diffusion.T} steps")
     if Path(args.run_dir) != Path(DEMO_DIR):
         claim_run_folder(Path(args.run_dir), "the demo",

@@ -14,7 +14,7 @@ from ..models import DiffusionModel, load_diffusion
 from ..pipelines import unclip
 from ..pipelines.generate import save_generated
 from ..utils import side
-from .common import NO_GIF_HELP, DefaultSteps, add_device_option, add_sampler_args, options_from, out_help, parse_stage
+from .common import NO_GIF_HELP, DefaultSteps, add_device_option, add_sampler_args, capped, options_from, out_help, parse_stage
 
 
 def _decode_kwargs(args: argparse.Namespace, decoder: DiffusionModel) -> dict:
@@ -41,9 +41,8 @@ def _images(decoder, specs: list[str], fit: bool) -> torch.Tensor:
 def cmd_unclip(args: argparse.Namespace) -> None:
     prior, decoder = load_diffusion(args.prior, device=args.device), load_diffusion(args.decoder, device=args.device)
     unclip.check_pair(prior, decoder)
-    if args.prior_steps > prior.schedule.T and isinstance(args.prior_steps, DefaultSteps):  # not the user's: T at most
-        args.prior_steps = DefaultSteps(prior.schedule.T)
-    elif args.prior_steps > prior.schedule.T:  # else the sampler's "steps must lie in [1, 1000]", which names no flag
+    args.prior_steps = capped(args.prior_steps, prior.schedule.T)  # its own 64 steps fit a prior of fewer
+    if args.prior_steps > prior.schedule.T:  # else the sampler's "steps must lie in [1, 1000]", which names no flag
         raise UserError(f"--prior-steps {args.prior_steps}: the prior has T = {prior.schedule.T} steps")
     t0 = time.time()
     result = unclip.text_to_image(prior, decoder, args.prompt, args.n, args.prior_guidance, args.best_of, args.prior_steps,

@@ -131,8 +131,8 @@ def _check_resumable(cfg: Config, ckpt: Path) -> CheckpointInfo:
     saved, info = read_config(ckpt)
     if differ := cfg.differences(saved, ("network", "diffusion", "data", "autoencoder")):  # the weights or the data would not be the run's
         raise TrainingError(f"`resume`: settings that define the run differ from {ckpt / 'config.json'}: {'; '.join(differ)}")
-    changed = [d for d in cfg.differences(saved, ("train",)) if d.split(" ", 1)[0].removeprefix("train.") not in RESUME_FREE]
-    if changed:  # allowed (a lower lr to go on with is common), but the resume is then not exact: said, not silent
+    # another lr (say) is allowed, a lower one to go on with being common, but the resume is then not exact: said, not silent
+    if changed := cfg.differences(saved, ("train",), ignore=RESUME_FREE):
         warnings.warn(f"resuming with train settings other than {ckpt.name}'s: {'; '.join(changed)}; the run goes on with them, "
                       "not as it would have gone on", Note, stacklevel=2)
     return info

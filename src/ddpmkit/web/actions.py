@@ -135,6 +135,10 @@ class Actions:
             shutil.rmtree(self.work_dir, ignore_errors=True)
 
     # -- models -------------------------------------------------------------------------------
+    def timesteps(self, run: str) -> int:
+        """The run's T: the edit and interpolation sliders' range of t is 1..T-1 (T / 2 to start, 500 of 1000)."""
+        return self.shelf.get(run).schedule.T
+
     def own_sampler(self, run: str) -> tuple[str, int] | None:
         """A distilled run's own few-step sampler and step count (what the page switches to), else None."""
         own = self.shelf.get(run).own_sampler
@@ -332,10 +336,6 @@ class Actions:
         return (painted < 0.25).float()  # a pixel mostly painted over is filled in
 
     # -- interpolate / voyage -----------------------------------------------------------------
-    def timesteps(self, run: str) -> int:
-        """The run's T: the edit and interpolation sliders' range of t is 1..T-1 (T / 2 to start, 500 of 1000)."""
-        return self.shelf.get(run).schedule.T
-
     def interpolations(self, run: str) -> list[str]:
         """The interpolations the run's model takes (what the page offers): prompts and voyages need a text-conditional one."""
         return [*INTERPOLATIONS[:2], *(INTERPOLATIONS[2:] if self.shelf.get(run).conditioning == "text" else ())]
